@@ -1,0 +1,126 @@
+//! Events: what happened to an asset, persisted, streamed to watchers and replicated.
+
+use std::fmt;
+
+use crate::asset::AssetPath;
+use crate::value::Timestamp;
+
+/// Severity of events and alarms, ordered from least to most severe.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, serde::Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    #[default]
+    Info,
+    Low,
+    Medium,
+    High,
+    Critical,
+}
+
+impl Severity {
+    pub const ALL: [Severity; 5] = [
+        Severity::Info,
+        Severity::Low,
+        Severity::Medium,
+        Severity::High,
+        Severity::Critical,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Info => "info",
+            Severity::Low => "low",
+            Severity::Medium => "medium",
+            Severity::High => "high",
+            Severity::Critical => "critical",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Severity> {
+        Severity::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for Severity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What kind of thing happened. A small closed set: it is a filter and a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    /// An alarm changed state (raised, acked, returned, cleared, shelved).
+    Alarm,
+    /// A twin's quality changed (e.g. turned stale).
+    Quality,
+    /// A machine changed state (running, idle, ...).
+    State,
+    /// A reading was rejected (NaN, wrong type, future timestamp).
+    Rejected,
+    /// Twin lifecycle: restarted after a crash, restored, removed.
+    Lifecycle,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 5] = [
+        EventKind::Alarm,
+        EventKind::Quality,
+        EventKind::State,
+        EventKind::Rejected,
+        EventKind::Lifecycle,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Alarm => "alarm",
+            EventKind::Quality => "quality",
+            EventKind::State => "state",
+            EventKind::Rejected => "rejected",
+            EventKind::Lifecycle => "lifecycle",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<EventKind> {
+        EventKind::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+}
+
+/// An event. `seq` is assigned by the store when it is persisted (0 before).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub seq: u64,
+    pub asset: AssetPath,
+    pub ts: Timestamp,
+    pub kind: EventKind,
+    pub severity: Severity,
+    /// For alarm events: the alarm's name (e.g. `high`); empty otherwise.
+    pub alarm: String,
+    pub message: String,
+}
+
+impl Event {
+    pub fn new(
+        asset: AssetPath,
+        ts: Timestamp,
+        kind: EventKind,
+        severity: Severity,
+        message: impl Into<String>,
+    ) -> Event {
+        Event {
+            seq: 0,
+            asset,
+            ts,
+            kind,
+            severity,
+            alarm: String::new(),
+            message: message.into(),
+        }
+    }
+}

@@ -1,0 +1,601 @@
+//! Plant spec: asset types and the instance tree, in TOML, validated once.
+//!
+//! ```toml
+//! version = 1
+//! enterprise = "acme"
+//!
+//! [machine_types.press]
+//! ideal_cycle_ms = 4000
+//! [[machine_types.press.sensors]]
+//! name = "temp"
+//! unit = "degC"
+//! min = 0.0
+//! max = 150.0
+//! period_ms = 1000
+//! alarms = [{ name = "high", kind = "high", limit = 90.0, deadband = 2.0, severity = "high" }]
+//!
+//! [[sites]]
+//! name = "berlin"
+//! [[sites.areas]]
+//! name = "assembly"
+//! [[sites.areas.lines]]
+//! name = "line-1"
+//! machines = [{ name = "press", type = "press", count = 3 }]   # press-1 .. press-3
+//! ```
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use crate::alarm::AlarmLimit;
+use crate::asset::{AssetPath, Level, is_slug};
+use crate::value::ValueType;
+
+/// The spec format version this code reads.
+pub const SPEC_VERSION: u32 = 1;
+
+/// What a sensor measures; drives the simulator's signal model and the UI's formatting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SensorKind {
+    #[default]
+    Generic,
+    Temperature,
+    Vibration,
+    Speed,
+    Power,
+    Pressure,
+    Flow,
+}
+
+impl SensorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SensorKind::Generic => "generic",
+            SensorKind::Temperature => "temperature",
+            SensorKind::Vibration => "vibration",
+            SensorKind::Speed => "speed",
+            SensorKind::Power => "power",
+            SensorKind::Pressure => "pressure",
+            SensorKind::Flow => "flow",
+        }
+    }
+}
+
+fn default_period_ms() -> u64 {
+    1000
+}
+fn default_stale_periods() -> u32 {
+    3
+}
+fn default_value_type() -> ValueType {
+    ValueType::Float
+}
+
+/// A sensor of a machine type.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SensorSpec {
+    pub name: String,
+    #[serde(default)]
+    pub kind: SensorKind,
+    #[serde(default)]
+    pub unit: String,
+    #[serde(default = "default_value_type")]
+    pub value_type: ValueType,
+    /// Expected range; a value outside it is applied with quality Uncertain (out of range).
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+    /// Expected sampling period of the source.
+    #[serde(default = "default_period_ms")]
+    pub period_ms: u64,
+    /// The twin turns Uncertain (stale) after this many periods without a reading.
+    #[serde(default = "default_stale_periods")]
+    pub stale_after_periods: u32,
+    #[serde(default)]
+    pub alarms: Vec<AlarmLimit>,
+}
+
+impl SensorSpec {
+    pub fn stale_after_ms(&self) -> u64 {
+        self.period_ms
+            .saturating_mul(u64::from(self.stale_after_periods))
+    }
+}
+
+/// A machine type: the sensors every machine of the type has, and its ideal cycle time.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineType {
+    #[serde(default)]
+    pub description: String,
+    /// Ideal time per part, for OEE performance.
+    pub ideal_cycle_ms: f64,
+    #[serde(default)]
+    pub sensors: Vec<SensorSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineInstance {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub machine_type: String,
+    /// With `count = N`, N machines named `{name}-1` .. `{name}-N`.
+    pub count: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LineSpec {
+    pub name: String,
+    #[serde(default)]
+    pub machines: Vec<MachineInstance>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AreaSpec {
+    pub name: String,
+    #[serde(default)]
+    pub lines: Vec<LineSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteSpec {
+    pub name: String,
+    #[serde(default)]
+    pub areas: Vec<AreaSpec>,
+}
+
+/// The plant spec file as written.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlantSpec {
+    pub version: u32,
+    pub enterprise: String,
+    #[serde(default)]
+    pub machine_types: BTreeMap<String, MachineType>,
+    #[serde(default)]
+    pub sites: Vec<SiteSpec>,
+}
+
+/// Most assets a plant may have; bigger specs are refused instead of exhausting memory.
+pub const MAX_ASSETS: usize = 5_000_000;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SpecError {
+    #[error("{source_name}: not a valid plant spec: {message}")]
+    Syntax { source_name: String, message: String },
+    #[error("{source_name}: spec version {found} is not supported (this build reads version {SPEC_VERSION})")]
+    Version { source_name: String, found: u32 },
+    #[error("{source_name}: {} problem(s):\n{}", .problems.len(), Problems(.problems))]
+    Invalid {
+        source_name: String,
+        problems: Vec<String>,
+    },
+}
+
+struct Problems<'a>(&'a [String]);
+impl fmt::Display for Problems<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What a concrete asset is. Types are shared (`Arc`): a million sensors of one type hold
+/// one copy of its config.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AssetKind {
+    Enterprise,
+    Site,
+    Area,
+    Line,
+    Machine {
+        type_name: Arc<str>,
+        spec: Arc<MachineType>,
+    },
+    Sensor {
+        type_name: Arc<str>,
+        spec: Arc<SensorSpec>,
+    },
+}
+
+impl AssetKind {
+    pub fn level(&self) -> Level {
+        match self {
+            AssetKind::Enterprise => Level::Enterprise,
+            AssetKind::Site => Level::Site,
+            AssetKind::Area => Level::Area,
+            AssetKind::Line => Level::Line,
+            AssetKind::Machine { .. } => Level::Machine,
+            AssetKind::Sensor { .. } => Level::Sensor,
+        }
+    }
+
+    /// Asset type name: the machine type for machines and their sensors
+    /// (`press` / `press.temp`), the level name otherwise.
+    pub fn type_name(&self) -> &str {
+        match self {
+            AssetKind::Machine { type_name, .. } | AssetKind::Sensor { type_name, .. } => type_name,
+            other => other.level().as_str(),
+        }
+    }
+}
+
+/// One concrete asset of the plant.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AssetDef {
+    pub path: AssetPath,
+    pub kind: AssetKind,
+}
+
+impl PlantSpec {
+    /// Parses and validates. `source_name` (usually the file path) prefixes every error.
+    pub fn from_toml(text: &str, source_name: &str) -> Result<PlantSpec, SpecError> {
+        let spec: PlantSpec = toml::from_str(text).map_err(|e| SpecError::Syntax {
+            source_name: source_name.to_string(),
+            message: e.to_string(),
+        })?;
+        if spec.version != SPEC_VERSION {
+            return Err(SpecError::Version {
+                source_name: source_name.to_string(),
+                found: spec.version,
+            });
+        }
+        spec.validate(source_name)?;
+        Ok(spec)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a plant spec always serialises to TOML")
+    }
+
+    /// Checks names, types, ranges and alarm limits; every problem names the asset path (or
+    /// the type) and the field.
+    pub fn validate(&self, source_name: &str) -> Result<(), SpecError> {
+        let mut problems = Vec::new();
+        if !is_slug(&self.enterprise) {
+            problems.push(format!("enterprise: name {:?} is not a slug", self.enterprise));
+        }
+        for (tname, mt) in &self.machine_types {
+            let at = format!("machine type {tname:?}");
+            if !is_slug(tname) {
+                problems.push(format!("{at}: name is not a slug"));
+            }
+            if !(mt.ideal_cycle_ms.is_finite() && mt.ideal_cycle_ms > 0.0) {
+                problems.push(format!(
+                    "{at}: ideal_cycle_ms must be a positive number, got {}",
+                    mt.ideal_cycle_ms
+                ));
+            }
+            let mut seen = HashSet::new();
+            for s in &mt.sensors {
+                let at = format!("{at}: sensor {:?}", s.name);
+                if !is_slug(&s.name) {
+                    problems.push(format!("{at}: name is not a slug"));
+                }
+                if !seen.insert(s.name.as_str()) {
+                    problems.push(format!("{at}: defined twice"));
+                }
+                if s.period_ms == 0 {
+                    problems.push(format!("{at}: period_ms must be > 0"));
+                }
+                if s.stale_after_periods == 0 {
+                    problems.push(format!("{at}: stale_after_periods must be > 0"));
+                }
+                match (s.min, s.max) {
+                    (Some(lo), Some(hi)) if !(lo.is_finite() && hi.is_finite() && lo < hi) => {
+                        problems.push(format!("{at}: min {lo} must be below max {hi}, both finite"))
+                    }
+                    (Some(v), None) | (None, Some(v)) if !v.is_finite() => {
+                        problems.push(format!("{at}: min/max must be finite"))
+                    }
+                    _ => {}
+                }
+                let mut alarm_names = HashSet::new();
+                for a in &s.alarms {
+                    if !alarm_names.insert(a.name.as_str()) {
+                        problems.push(format!("{at}: alarm {:?} defined twice", a.name));
+                    }
+                    if let Err(e) = a.validate() {
+                        problems.push(format!("{at}: alarm {:?}: {e}", a.name));
+                    }
+                    if s.value_type == ValueType::Bool && a.limit.fract() != 0.0 {
+                        problems.push(format!(
+                            "{at}: alarm {:?}: limit {} on a bool sensor",
+                            a.name, a.limit
+                        ));
+                    }
+                }
+            }
+        }
+        let known = self
+            .machine_types
+            .keys()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut sites = HashSet::new();
+        let mut total = 1usize;
+        for site in &self.sites {
+            let sp = format!("{}/{}", self.enterprise, site.name);
+            check_name(&mut problems, &sp, &site.name, &mut sites);
+            let mut areas = HashSet::new();
+            for area in &site.areas {
+                let ap = format!("{sp}/{}", area.name);
+                check_name(&mut problems, &ap, &area.name, &mut areas);
+                let mut lines = HashSet::new();
+                for line in &area.lines {
+                    let lp = format!("{ap}/{}", line.name);
+                    check_name(&mut problems, &lp, &line.name, &mut lines);
+                    let mut machines = HashSet::new();
+                    for m in &line.machines {
+                        let mp = format!("{lp}/{}", m.name);
+                        match self.machine_types.get(&m.machine_type) {
+                            None => problems.push(format!(
+                                "{mp}: unknown machine type {:?} (defined: {})",
+                                m.machine_type,
+                                if known.is_empty() { "none" } else { &known }
+                            )),
+                            Some(mt) => {
+                                let n = m.count.unwrap_or(1) as usize;
+                                total = total.saturating_add(n.saturating_mul(1 + mt.sensors.len()));
+                            }
+                        }
+                        if m.count == Some(0) {
+                            problems.push(format!("{mp}: count must be at least 1"));
+                        }
+                        match m.count {
+                            None => check_name(&mut problems, &mp, &m.name, &mut machines),
+                            Some(n) => {
+                                for i in 1..=n {
+                                    let name = format!("{}-{i}", m.name);
+                                    check_name(&mut problems, &format!("{lp}/{name}"), &name, &mut machines);
+                                }
+                            }
+                        }
+                        if problems.len() > 100 {
+                            break;
+                        }
+                    }
+                    total += 1;
+                }
+                total += 1;
+            }
+            total += 1;
+        }
+        if total > MAX_ASSETS {
+            problems.push(format!(
+                "plant has {total} assets, more than the limit of {MAX_ASSETS}"
+            ));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            problems.truncate(100);
+            Err(SpecError::Invalid {
+                source_name: source_name.to_string(),
+                problems,
+            })
+        }
+    }
+
+    /// Every asset of the plant, parents before children. The spec must be valid.
+    pub fn assets(&self) -> Vec<AssetDef> {
+        let types: HashMap<&str, (Arc<str>, Arc<MachineType>, Vec<(Arc<str>, Arc<SensorSpec>)>)> = self
+            .machine_types
+            .iter()
+            .map(|(name, mt)| {
+                let sensors = mt
+                    .sensors
+                    .iter()
+                    .map(|s| (Arc::from(format!("{name}.{}", s.name)), Arc::new(s.clone())))
+                    .collect();
+                (name.as_str(), (Arc::from(name.as_str()), Arc::new(mt.clone()), sensors))
+            })
+            .collect();
+        let path = |s: &str| AssetPath::parse(s).expect("a validated spec has valid paths");
+        let mut out = Vec::new();
+        let ent = path(&self.enterprise);
+        out.push(AssetDef {
+            path: ent.clone(),
+            kind: AssetKind::Enterprise,
+        });
+        for site in &self.sites {
+            let sp = child(&ent, &site.name);
+            out.push(AssetDef {
+                path: sp.clone(),
+                kind: AssetKind::Site,
+            });
+            for area in &site.areas {
+                let ap = child(&sp, &area.name);
+                out.push(AssetDef {
+                    path: ap.clone(),
+                    kind: AssetKind::Area,
+                });
+                for line in &area.lines {
+                    let lp = child(&ap, &line.name);
+                    out.push(AssetDef {
+                        path: lp.clone(),
+                        kind: AssetKind::Line,
+                    });
+                    for m in &line.machines {
+                        let Some((tname, mt, sensors)) = types.get(m.machine_type.as_str()) else {
+                            continue;
+                        };
+                        let names: Vec<String> = match m.count {
+                            None => vec![m.name.clone()],
+                            Some(n) => (1..=n).map(|i| format!("{}-{i}", m.name)).collect(),
+                        };
+                        for name in names {
+                            let mp = child(&lp, &name);
+                            out.push(AssetDef {
+                                path: mp.clone(),
+                                kind: AssetKind::Machine {
+                                    type_name: tname.clone(),
+                                    spec: mt.clone(),
+                                },
+                            });
+                            for (stype, s) in sensors {
+                                out.push(AssetDef {
+                                    path: child(&mp, &s.name),
+                                    kind: AssetKind::Sensor {
+                                        type_name: stype.clone(),
+                                        spec: s.clone(),
+                                    },
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+fn child(parent: &AssetPath, name: &str) -> AssetPath {
+    parent
+        .child(name)
+        .expect("a validated spec has valid paths")
+}
+
+fn check_name(problems: &mut Vec<String>, at: &str, name: &str, seen: &mut HashSet<String>) {
+    if !is_slug(name) {
+        problems.push(format!(
+            "{at}: name {name:?} is not a slug ([a-z0-9][a-z0-9_-]*)"
+        ));
+    } else if !seen.insert(name.to_string()) {
+        problems.push(format!("{at}: defined twice"));
+    }
+}
+
+/// Difference between two expansions of a plant: what to start, stop and re-type. Cold start
+/// is the diff of the spec against an empty plant.
+#[derive(Debug, Default, PartialEq)]
+pub struct PlantDiff {
+    pub added: Vec<AssetDef>,
+    pub removed: Vec<AssetPath>,
+    /// Same path, different kind or config.
+    pub changed: Vec<AssetDef>,
+}
+
+pub fn diff(old: &[AssetDef], new: &[AssetDef]) -> PlantDiff {
+    let old_by_path: HashMap<&AssetPath, &AssetDef> = old.iter().map(|a| (&a.path, a)).collect();
+    let new_paths: HashSet<&AssetPath> = new.iter().map(|a| &a.path).collect();
+    let mut d = PlantDiff::default();
+    for a in new {
+        match old_by_path.get(&a.path) {
+            None => d.added.push(a.clone()),
+            Some(o) if o.kind != a.kind => d.changed.push(a.clone()),
+            Some(_) => {}
+        }
+    }
+    // Children before parents, so a subtree is stopped from the leaves up.
+    for a in old.iter().rev() {
+        if !new_paths.contains(&a.path) {
+            d.removed.push(a.path.clone());
+        }
+    }
+    d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) const SMALL: &str = r#"
+version = 1
+enterprise = "acme"
+
+[machine_types.press]
+ideal_cycle_ms = 4000
+[[machine_types.press.sensors]]
+name = "temp"
+kind = "temperature"
+unit = "degC"
+min = 0.0
+max = 150.0
+alarms = [{ name = "high", kind = "high", limit = 90.0, deadband = 2.0, severity = "high" }]
+[[machine_types.press.sensors]]
+name = "force"
+unit = "kN"
+
+[[sites]]
+name = "berlin"
+[[sites.areas]]
+name = "assembly"
+[[sites.areas.lines]]
+name = "line-1"
+machines = [{ name = "press", type = "press", count = 2 }, { name = "hydro", type = "press" }]
+"#;
+
+    #[test]
+    fn expands_instances_parents_first() {
+        let spec = PlantSpec::from_toml(SMALL, "small.toml").expect("valid");
+        let assets = spec.assets();
+        let paths: Vec<&str> = assets.iter().map(|a| a.path.as_str()).collect();
+        assert_eq!(paths[0], "acme");
+        assert!(paths.contains(&"acme/berlin/assembly/line-1/press-2/force"));
+        assert!(paths.contains(&"acme/berlin/assembly/line-1/hydro/temp"));
+        assert_eq!(assets.len(), 1 + 1 + 1 + 1 + 3 * 3);
+        for (i, a) in assets.iter().enumerate() {
+            if let Some(parent) = a.path.parent() {
+                assert!(paths[..i].contains(&parent.as_str()), "{} before its parent", a.path);
+            }
+            assert_eq!(a.kind.level(), a.path.level());
+        }
+    }
+
+    #[test]
+    fn unknown_machine_type_names_the_asset_and_the_known_types() {
+        let text = SMALL.replace(r#"type = "press" }]"#, r#"type = "pres" }]"#);
+        let err = PlantSpec::from_toml(&text, "plant.toml").expect_err("invalid");
+        let msg = err.to_string();
+        assert!(
+            msg.contains(r#"acme/berlin/assembly/line-1/hydro: unknown machine type "pres" (defined: press)"#),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn rejects_bad_names_duplicates_versions_and_unknown_keys() {
+        let dup = SMALL.replace(r#"name = "hydro""#, r#"name = "press-1""#);
+        let msg = PlantSpec::from_toml(&dup, "p").expect_err("dup").to_string();
+        assert!(msg.contains("acme/berlin/assembly/line-1/press-1: defined twice"), "{msg}");
+        let bad = SMALL.replace(r#"name = "line-1""#, r#"name = "Line 1""#);
+        let msg = PlantSpec::from_toml(&bad, "p").expect_err("bad").to_string();
+        assert!(msg.contains("is not a slug"), "{msg}");
+        let v2 = SMALL.replace("version = 1", "version = 2");
+        assert!(matches!(
+            PlantSpec::from_toml(&v2, "p"),
+            Err(SpecError::Version { found: 2, .. })
+        ));
+        let typo = SMALL.replace("ideal_cycle_ms", "ideal_cycle");
+        assert!(matches!(
+            PlantSpec::from_toml(&typo, "p"),
+            Err(SpecError::Syntax { .. })
+        ));
+    }
+
+    #[test]
+    fn diff_of_spec_against_empty_adds_everything_and_removal_goes_leaves_first() {
+        let spec = PlantSpec::from_toml(SMALL, "p").expect("valid");
+        let all = spec.assets();
+        let d = diff(&[], &all);
+        assert_eq!(d.added.len(), all.len());
+        let d = diff(&all, &all[..4]);
+        assert_eq!(d.removed.len(), all.len() - 4);
+        assert_eq!(d.removed[0], all[all.len() - 1].path);
+    }
+}

@@ -1,0 +1,494 @@
+//! The gRPC API: `ferrotwin.v1.TwinService`, plus `grpc.health.v1` and server reflection
+//! (v1 and v1alpha, so every grpcurl lists our services without the .proto files).
+
+pub mod convert;
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferrotwin_models::query::{Query, QueryError};
+use ferrotwin_models::{AssetId, AssetPath, EventKind, PathError, Property, Timestamp};
+use ferrotwin_proto::v1 as pb;
+use ferrotwin_proto::v1::twin_service_server::{TwinService, TwinServiceServer};
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::registry::TwinEntry;
+use crate::select::TwinSubject;
+use crate::store::{EventFilter, StoreError};
+use crate::twin::{TwinCtx, TwinError, TwinMsg, ask, now};
+use crate::watch::Change;
+
+/// Largest request we decode.
+pub const MAX_REQUEST_BYTES: usize = 4 << 20;
+const DEFAULT_PAGE: usize = 1000;
+const MAX_PAGE: usize = 10_000;
+const MAX_HISTORY_POINTS: usize = 100_000;
+const DEFAULT_HISTORY_POINTS: usize = 1000;
+/// Messages buffered per Watch stream before the watcher counts as slow.
+const WATCH_STREAM_BUFFER: usize = 1024;
+const TWIN_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Everything the API can refuse, mapped to a gRPC status in one place (`status`).
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{field}: {source}")]
+    BadPath { field: &'static str, source: PathError },
+    #[error("{0}")]
+    BadArgument(String),
+    #[error("no asset at {path}{}", nearest.as_ref().map(|n| format!(" (nearest existing parent: {n})")).unwrap_or_default())]
+    NotFound { path: String, nearest: Option<String> },
+    #[error(transparent)]
+    BadQuery(#[from] QueryError),
+    #[error(transparent)]
+    Twin(#[from] TwinError),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl ApiError {
+    pub fn status(&self) -> Status {
+        let msg = self.to_string();
+        match self {
+            ApiError::BadPath { .. } | ApiError::BadArgument(_) | ApiError::BadQuery(_) => {
+                Status::invalid_argument(msg)
+            }
+            ApiError::NotFound { .. } => Status::not_found(msg),
+            ApiError::Twin(TwinError::UnknownAlarm { .. }) => Status::not_found(msg),
+            ApiError::Twin(TwinError::Ack { .. }) => Status::failed_precondition(msg),
+            ApiError::Twin(TwinError::NoAlarms { .. }) => Status::invalid_argument(msg),
+            ApiError::Unavailable(_) => Status::unavailable(msg),
+            ApiError::Store(_) => Status::internal(msg),
+        }
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Status {
+        e.status()
+    }
+}
+
+#[derive(Clone)]
+pub struct TwinApi {
+    ctx: Arc<TwinCtx>,
+    token: CancellationToken,
+}
+
+impl TwinApi {
+    pub fn new(ctx: Arc<TwinCtx>) -> TwinApi {
+        TwinApi {
+            ctx,
+            token: CancellationToken::new(),
+        }
+    }
+
+    fn parse_path(field: &'static str, s: &str) -> Result<AssetPath, ApiError> {
+        AssetPath::parse(s).map_err(|source| ApiError::BadPath { field, source })
+    }
+
+    /// The entry at `path`, or NOT_FOUND naming the nearest existing parent.
+    fn entry(&self, path: &AssetPath) -> Result<Arc<TwinEntry>, ApiError> {
+        if let Some(e) = self.ctx.registry.by_path(path) {
+            return Ok(e);
+        }
+        let mut p = path.parent();
+        while let Some(cur) = p {
+            if self.ctx.registry.by_path(&cur).is_some() {
+                return Err(ApiError::NotFound {
+                    path: path.to_string(),
+                    nearest: Some(cur.to_string()),
+                });
+            }
+            p = cur.parent();
+        }
+        Err(ApiError::NotFound {
+            path: path.to_string(),
+            nearest: None,
+        })
+    }
+
+    /// Optional subtree: empty = everything.
+    fn subtree(&self, field: &'static str, s: &str) -> Result<Option<AssetPath>, ApiError> {
+        if s.trim_matches('/').is_empty() {
+            return Ok(None);
+        }
+        let p = Self::parse_path(field, s)?;
+        self.entry(&p)?;
+        Ok(Some(p))
+    }
+
+    fn page(size: u32) -> Result<usize, ApiError> {
+        match size as usize {
+            0 => Ok(DEFAULT_PAGE),
+            n if n > MAX_PAGE => Err(ApiError::BadArgument(format!(
+                "page_size: {n} is above the limit of {MAX_PAGE}"
+            ))),
+            n => Ok(n),
+        }
+    }
+
+    fn token(s: &str) -> Result<Option<AssetPath>, ApiError> {
+        if s.is_empty() {
+            Ok(None)
+        } else {
+            Self::parse_path("page_token", s).map(Some)
+        }
+    }
+
+    fn twin_of(&self, e: &TwinEntry) -> pb::Twin {
+        convert::twin(e, &e.snapshot())
+    }
+
+    fn sensor_actor(&self, path: &str) -> Result<(Arc<TwinEntry>, ractor::ActorRef<TwinMsg>), ApiError> {
+        let e = self.entry(&Self::parse_path("path", path)?)?;
+        let a = e
+            .actor()
+            .ok_or_else(|| ApiError::Unavailable(format!("{}: twin is restarting, retry", e.path())))?;
+        Ok((e, a))
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl TwinService for TwinApi {
+    async fn get_twin(&self, req: Request<pb::GetTwinRequest>) -> Result<Response<pb::Twin>, Status> {
+        let e = match req.into_inner().key {
+            Some(pb::get_twin_request::Key::Path(p)) => self.entry(&Self::parse_path("path", &p)?)?,
+            Some(pb::get_twin_request::Key::Id(id)) => {
+                let uuid = uuid::Uuid::parse_str(&id)
+                    .map_err(|e| ApiError::BadArgument(format!("id: {id:?} is not a UUID: {e}")))?;
+                self.ctx
+                    .registry
+                    .get(&AssetId(uuid))
+                    .ok_or(ApiError::NotFound { path: format!("id {id}"), nearest: None })?
+            }
+            None => return Err(ApiError::BadArgument("give a path or an id".into()).into()),
+        };
+        Ok(Response::new(self.twin_of(&e)))
+    }
+
+    async fn browse(&self, req: Request<pb::BrowseRequest>) -> Result<Response<pb::BrowseResponse>, Status> {
+        let req = req.into_inner();
+        let root = match self.subtree("path", &req.path)? {
+            Some(p) => p,
+            None => self
+                .ctx
+                .plant
+                .root
+                .as_ref()
+                .map(|r| r.path.clone())
+                .ok_or_else(|| ApiError::Unavailable("the plant is empty".into()))?,
+        };
+        let limit = Self::page(req.page_size)?;
+        let after = Self::token(&req.page_token)?;
+        let max_depth = root.depth() + req.depth as usize;
+        let (entries, more) = self
+            .ctx
+            .registry
+            .scan(Some(&root), after.as_ref(), limit, |e| e.path().depth() <= max_depth);
+        let next = if more {
+            entries.last().map(|e| e.path().to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::BrowseResponse {
+            twins: entries.iter().map(|e| self.twin_of(e)).collect(),
+            next_page_token: next,
+        }))
+    }
+
+    async fn query(&self, req: Request<pb::QueryRequest>) -> Result<Response<pb::QueryResponse>, Status> {
+        let req = req.into_inner();
+        let q = Query::parse(&req.query).map_err(ApiError::from)?;
+        let limit = Self::page(req.page_size)?;
+        let after = Self::token(&req.page_token)?;
+        let prefix = q
+            .pinned_path_glob()
+            .and_then(|g| g.literal_prefix())
+            .and_then(|p| AssetPath::parse(&p).ok());
+        let level = q.pinned_level().map(str::to_string);
+        let registry = &self.ctx.registry;
+        let (entries, more) = registry.scan(prefix.as_ref(), after.as_ref(), limit, |e| {
+            if level.as_deref().is_some_and(|l| l != e.level().as_str()) {
+                return false;
+            }
+            q.matches(&TwinSubject {
+                entry: e,
+                snap: e.snapshot(),
+                registry,
+            })
+        });
+        let next = if more {
+            entries.last().map(|e| e.path().to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::QueryResponse {
+            twins: entries.iter().map(|e| self.twin_of(e)).collect(),
+            next_page_token: next,
+        }))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<WatchStream>, Status> {
+        let req = req.into_inner();
+        let prefix = self.subtree("path", &req.path)?;
+        let (tx, rx) = mpsc::channel(WATCH_STREAM_BUFFER);
+        let sub = self.ctx.hub.subscribe();
+        let ctx = self.ctx.clone();
+        let token = self.token.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = token.cancelled() => {}
+                _ = forward_changes(ctx, sub, tx, prefix, req.events, !req.skip_snapshot) => {}
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_history(
+        &self,
+        req: Request<pb::GetHistoryRequest>,
+    ) -> Result<Response<pb::GetHistoryResponse>, Status> {
+        let req = req.into_inner();
+        let (e, actor) = self.sensor_actor(&req.path)?;
+        let prop_name = if req.property.is_empty() { "value" } else { req.property.as_str() };
+        let property = Property::parse(prop_name).ok_or_else(|| {
+            ApiError::BadArgument(format!("property: {prop_name:?} is not recorded (recorded: value)"))
+        })?;
+        let to = if req.to_us == 0 { now() } else { Timestamp(req.to_us) };
+        let from = Timestamp(req.from_us);
+        if from > to {
+            return Err(ApiError::BadArgument(format!("range: from {from} is after to {to}")).into());
+        }
+        let max = match req.max_points as usize {
+            0 => DEFAULT_HISTORY_POINTS,
+            n if n > MAX_HISTORY_POINTS => {
+                return Err(ApiError::BadArgument(format!(
+                    "max_points: {n} is above the limit of {MAX_HISTORY_POINTS}"
+                ))
+                .into());
+            }
+            n => n,
+        };
+        let ctx = self.ctx.clone();
+        let id = e.id;
+        let mut points = tokio::task::spawn_blocking(move || ctx.store.read_history(id, property, from, to))
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("history read failed: {e}")))?
+            .map_err(ApiError::from)?;
+        let tail = ask(&actor, TwinMsg::HistoryTail, TWIN_CALL_TIMEOUT).await.unwrap_or_default();
+        let last = points.last().map(|p| p.ts);
+        points.extend(
+            tail.into_iter()
+                .filter(|p| p.ts >= from && p.ts <= to && last.is_none_or(|l| p.ts > l)),
+        );
+        points.sort_by_key(|p| p.ts);
+        let raw = points.len();
+        let out = convert::downsample(&points, max);
+        Ok(Response::new(pb::GetHistoryResponse {
+            downsampled: out.len() < raw,
+            points: out,
+            raw_points: raw as u64,
+        }))
+    }
+
+    async fn list_events(
+        &self,
+        req: Request<pb::ListEventsRequest>,
+    ) -> Result<Response<pb::ListEventsResponse>, Status> {
+        let req = req.into_inner();
+        let prefix = self.subtree("path", &req.path)?;
+        let kind = if req.kind.is_empty() {
+            None
+        } else {
+            Some(EventKind::parse(&req.kind).ok_or_else(|| {
+                ApiError::BadArgument(format!(
+                    "kind: {:?} is not an event kind (alarm, quality, state, rejected, lifecycle)",
+                    req.kind
+                ))
+            })?)
+        };
+        let limit = match req.limit as usize {
+            0 => 100,
+            n if n > MAX_PAGE => {
+                return Err(ApiError::BadArgument(format!("limit: {n} is above the limit of {MAX_PAGE}")).into());
+            }
+            n => n,
+        };
+        let filter = EventFilter {
+            prefix,
+            after_seq: req.after_seq,
+            limit,
+            kind,
+            min_severity: convert::severity_from(req.min_severity),
+        };
+        let ctx = self.ctx.clone();
+        let (events, next) = tokio::task::spawn_blocking(move || ctx.store.list_events(&filter))
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("event read failed: {e}")))?
+            .map_err(ApiError::from)?;
+        Ok(Response::new(pb::ListEventsResponse {
+            events: events.iter().map(convert::event).collect(),
+            next_after_seq: next,
+        }))
+    }
+
+    async fn acknowledge_alarm(
+        &self,
+        req: Request<pb::AcknowledgeAlarmRequest>,
+    ) -> Result<Response<pb::AcknowledgeAlarmResponse>, Status> {
+        let req = req.into_inner();
+        if req.by.trim().is_empty() {
+            return Err(ApiError::BadArgument("by: say who acknowledges".into()).into());
+        }
+        let (e, actor) = self.sensor_actor(&req.path)?;
+        let alarm = req.alarm.clone();
+        let status = ask(
+            &actor,
+            |reply| TwinMsg::Acknowledge {
+                alarm,
+                by: req.by,
+                comment: req.comment,
+                reply,
+            },
+            TWIN_CALL_TIMEOUT,
+        )
+        .await
+        .ok_or_else(|| ApiError::Unavailable(format!("{}: twin did not answer", e.path())))?
+        .map_err(ApiError::from)?;
+        Ok(Response::new(pb::AcknowledgeAlarmResponse {
+            alarm: Some(alarm_proto(&e, &req.alarm, &status)),
+        }))
+    }
+
+    async fn shelve_alarm(
+        &self,
+        req: Request<pb::ShelveAlarmRequest>,
+    ) -> Result<Response<pb::ShelveAlarmResponse>, Status> {
+        let req = req.into_inner();
+        if req.by.trim().is_empty() {
+            return Err(ApiError::BadArgument("by: say who shelves".into()).into());
+        }
+        let (e, actor) = self.sensor_actor(&req.path)?;
+        let until = (req.duration_ms > 0).then(|| now().plus_ms(req.duration_ms.min(i64::MAX as u64) as i64));
+        let alarm = req.alarm.clone();
+        let status = ask(
+            &actor,
+            |reply| TwinMsg::Shelve {
+                alarm,
+                until,
+                by: req.by,
+                reply,
+            },
+            TWIN_CALL_TIMEOUT,
+        )
+        .await
+        .ok_or_else(|| ApiError::Unavailable(format!("{}: twin did not answer", e.path())))?
+        .map_err(ApiError::from)?;
+        Ok(Response::new(pb::ShelveAlarmResponse {
+            alarm: Some(alarm_proto(&e, &req.alarm, &status)),
+        }))
+    }
+}
+
+fn alarm_proto(e: &TwinEntry, name: &str, status: &ferrotwin_models::alarm::AlarmStatus) -> pb::Alarm {
+    match &e.def.kind {
+        ferrotwin_models::spec::AssetKind::Sensor { spec, .. } => spec
+            .alarms
+            .iter()
+            .find(|a| a.name == name)
+            .map(|l| convert::alarm(l, status))
+            .unwrap_or_default(),
+        _ => pb::Alarm::default(),
+    }
+}
+
+fn in_scope(prefix: &Option<AssetPath>, path: &AssetPath) -> bool {
+    prefix.as_ref().is_none_or(|p| path.starts_with(p))
+}
+
+/// Streams a snapshot of the subtree, then its changes. A watcher that falls behind the
+/// ring is told so and gets a fresh snapshot: twins never wait for it.
+async fn forward_changes(
+    ctx: Arc<TwinCtx>,
+    mut sub: broadcast::Receiver<Change>,
+    tx: mpsc::Sender<Result<pb::WatchResponse, Status>>,
+    prefix: Option<AssetPath>,
+    events: bool,
+    snapshot: bool,
+) {
+    use pb::watch_response::Item;
+    let send_snapshot = |tx: mpsc::Sender<Result<pb::WatchResponse, Status>>| {
+        let ctx = ctx.clone();
+        let prefix = prefix.clone();
+        async move {
+            let (entries, _) = ctx.registry.scan(prefix.as_ref(), None, usize::MAX, |_| true);
+            let n = entries.len() as u32;
+            for e in entries {
+                let item = Item::Snapshot(convert::twin(&e, &e.snapshot()));
+                if tx.send(Ok(pb::WatchResponse { item: Some(item) })).await.is_err() {
+                    return false;
+                }
+            }
+            let end = Item::SnapshotEnd(pb::SnapshotEnd { twins: n });
+            tx.send(Ok(pb::WatchResponse { item: Some(end) })).await.is_ok()
+        }
+    };
+    if snapshot && !send_snapshot(tx.clone()).await {
+        return;
+    }
+    loop {
+        let item = match sub.recv().await {
+            Ok(Change::Twin(e, s)) if in_scope(&prefix, e.path()) => Item::Change(convert::twin(&e, &s)),
+            Ok(Change::Event(ev)) if events && in_scope(&prefix, &ev.asset) => Item::Event(convert::event(&ev)),
+            Ok(_) => continue,
+            Err(broadcast::error::RecvError::Lagged(skipped)) => {
+                let lag = Item::Lagged(pb::Lagged { skipped });
+                if tx.send(Ok(pb::WatchResponse { item: Some(lag) })).await.is_err()
+                    || !send_snapshot(tx.clone()).await
+                {
+                    return;
+                }
+                continue;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        if tx.send(Ok(pb::WatchResponse { item: Some(item) })).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Serves the API, health and reflection on `listener` until `token` is cancelled.
+pub async fn serve(mut api: TwinApi, listener: TcpListener, token: CancellationToken) -> Result<(), String> {
+    api.token = token.clone();
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<TwinServiceServer<TwinApi>>().await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(ferrotwin_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| format!("reflection: {e}"))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(ferrotwin_proto::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| format!("reflection: {e}"))?;
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(TwinServiceServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), token.cancelled_owned())
+        .await
+        .map_err(|e| e.to_string())
+}

@@ -1,0 +1,18 @@
+//! The ferrotwin runtime: twin actors and supervision, registry, ingest router, store,
+//! gRPC API, CLI client, demo and benchmark.
+
+pub mod bench;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod grpc;
+pub mod metrics;
+pub mod registry;
+pub mod router;
+pub mod runtime;
+pub mod select;
+pub mod store;
+pub mod twin;
+pub mod watch;
+
+pub use runtime::{Runtime, RuntimeError, RuntimeOptions};

@@ -1,0 +1,228 @@
+//! Registry of live twins: id → entry for O(1) routing, path index for prefix browsing.
+//!
+//! An entry outlives the actor it names: a crashed twin is restarted into the same entry, so
+//! its latest published snapshot, pending counter and route survive the crash. Routing a
+//! reading is one hash lookup here; it never walks the asset tree.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use ferrotwin_models::spec::{AssetDef, AssetKind};
+use ferrotwin_models::{AssetId, AssetPath, Level};
+use ractor::ActorRef;
+
+use crate::twin::{TwinMsg, TwinSnapshot};
+
+/// One asset known to the runtime.
+pub struct TwinEntry {
+    pub id: AssetId,
+    pub def: AssetDef,
+    actor: Mutex<Option<ActorRef<TwinMsg>>>,
+    /// `Apply` messages sent by the router and not yet handled (bounds the mailbox).
+    pub pending: AtomicU32,
+    /// Readings in those messages (returned to the router's in-flight budget when handled,
+    /// or when the twin crashes and its mailbox is lost).
+    pub pending_readings: AtomicU32,
+    /// Wall-clock µs of the last reading routed here (staleness sweeper).
+    pub last_seen_us: AtomicI64,
+    /// Set by the twin when it turned stale, cleared on the next reading.
+    pub stale: AtomicBool,
+    snapshot: Mutex<Arc<TwinSnapshot>>,
+    dirty: AtomicBool,
+}
+
+impl TwinEntry {
+    pub fn path(&self) -> &AssetPath {
+        &self.def.path
+    }
+
+    pub fn level(&self) -> Level {
+        self.def.kind.level()
+    }
+
+    pub fn actor(&self) -> Option<ActorRef<TwinMsg>> {
+        self.actor.lock().expect("entry lock is never poisoned").clone()
+    }
+
+    pub fn set_actor(&self, actor: Option<ActorRef<TwinMsg>>) {
+        *self.actor.lock().expect("entry lock is never poisoned") = actor;
+    }
+
+    /// The latest state the twin published.
+    pub fn snapshot(&self) -> Arc<TwinSnapshot> {
+        self.snapshot.lock().expect("entry lock is never poisoned").clone()
+    }
+
+    /// Stale threshold of a sensor, 0 for other levels.
+    pub fn stale_after_ms(&self) -> u64 {
+        match &self.def.kind {
+            AssetKind::Sensor { spec, .. } => spec.stale_after_ms(),
+            _ => 0,
+        }
+    }
+}
+
+/// Stripes of the id map: the router takes a read lock per batch, spawns take write locks.
+const SHARDS: usize = 16;
+
+#[derive(Default)]
+pub struct Registry {
+    by_id: [RwLock<HashMap<AssetId, Arc<TwinEntry>>>; SHARDS],
+    by_path: RwLock<BTreeMap<AssetPath, Arc<TwinEntry>>>,
+    /// Entries whose snapshot changed since the store writer last took them.
+    dirty: Mutex<Vec<Arc<TwinEntry>>>,
+}
+
+fn shard(id: &AssetId) -> usize {
+    usize::from(id.as_bytes()[15]) % SHARDS
+}
+
+impl Registry {
+    /// Adds (or replaces) the entry of an asset with its initial snapshot.
+    pub fn insert(&self, def: AssetDef, snapshot: TwinSnapshot, now_us: i64) -> Arc<TwinEntry> {
+        let id = def.path.id();
+        let entry = Arc::new(TwinEntry {
+            id,
+            def,
+            actor: Mutex::new(None),
+            pending: AtomicU32::new(0),
+            pending_readings: AtomicU32::new(0),
+            last_seen_us: AtomicI64::new(now_us),
+            stale: AtomicBool::new(false),
+            snapshot: Mutex::new(Arc::new(snapshot)),
+            dirty: AtomicBool::new(false),
+        });
+        self.by_id[shard(&id)]
+            .write()
+            .expect("registry lock is never poisoned")
+            .insert(id, entry.clone());
+        self.by_path
+            .write()
+            .expect("registry lock is never poisoned")
+            .insert(entry.path().clone(), entry.clone());
+        entry
+    }
+
+    pub fn remove(&self, path: &AssetPath) -> Option<Arc<TwinEntry>> {
+        let e = self
+            .by_path
+            .write()
+            .expect("registry lock is never poisoned")
+            .remove(path)?;
+        self.by_id[shard(&e.id)]
+            .write()
+            .expect("registry lock is never poisoned")
+            .remove(&e.id);
+        Some(e)
+    }
+
+    pub fn get(&self, id: &AssetId) -> Option<Arc<TwinEntry>> {
+        self.by_id[shard(id)]
+            .read()
+            .expect("registry lock is never poisoned")
+            .get(id)
+            .cloned()
+    }
+
+    pub fn by_path(&self, path: &AssetPath) -> Option<Arc<TwinEntry>> {
+        self.by_path
+            .read()
+            .expect("registry lock is never poisoned")
+            .get(path)
+            .cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_path.read().expect("registry lock is never poisoned").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Runs `f` on each id → entry map shard under its read lock (the router groups a batch
+    /// per shard this way, one lock per shard per batch).
+    pub fn with_shard<R>(&self, i: usize, f: impl FnOnce(&HashMap<AssetId, Arc<TwinEntry>>) -> R) -> R {
+        f(&self.by_id[i].read().expect("registry lock is never poisoned"))
+    }
+
+    pub const SHARDS: usize = SHARDS;
+
+    pub fn shard_of(id: &AssetId) -> usize {
+        shard(id)
+    }
+
+    /// Entries at or below `prefix` (all when `None`), in path order, strictly after `after`,
+    /// at most `limit`, keeping those `keep` accepts. Returns the entries and whether more remain.
+    pub fn scan(
+        &self,
+        prefix: Option<&AssetPath>,
+        after: Option<&AssetPath>,
+        limit: usize,
+        mut keep: impl FnMut(&TwinEntry) -> bool,
+    ) -> (Vec<Arc<TwinEntry>>, bool) {
+        let map = self.by_path.read().expect("registry lock is never poisoned");
+        let start = match (after, prefix) {
+            (Some(a), _) => Bound::Excluded(a.clone()),
+            (None, Some(p)) => Bound::Included(p.clone()),
+            (None, None) => Bound::Unbounded,
+        };
+        let mut out = Vec::new();
+        for (path, e) in map.range((start, Bound::Unbounded)) {
+            if let Some(p) = prefix {
+                // Paths sort so that a subtree is contiguous after its root, except that
+                // "a/b-x" sorts between "a/b" and "a/b/c"; skip those, stop past the subtree.
+                if !path.starts_with(p) {
+                    if path.as_str().starts_with(p.as_str()) {
+                        continue;
+                    }
+                    break;
+                }
+            }
+            if keep(e) {
+                if out.len() == limit {
+                    return (out, true);
+                }
+                out.push(e.clone());
+            }
+        }
+        (out, false)
+    }
+
+    /// Publishes a twin's new state and queues it for the store.
+    pub fn publish(&self, entry: &Arc<TwinEntry>, snapshot: Arc<TwinSnapshot>) {
+        *entry.snapshot.lock().expect("entry lock is never poisoned") = snapshot;
+        if !entry.dirty.swap(true, Ordering::AcqRel) {
+            self.dirty
+                .lock()
+                .expect("dirty lock is never poisoned")
+                .push(entry.clone());
+        }
+    }
+
+    /// Takes every dirty entry, clearing the flags first so a concurrent publish re-queues.
+    pub fn take_dirty(&self) -> Vec<Arc<TwinEntry>> {
+        let v = std::mem::take(&mut *self.dirty.lock().expect("dirty lock is never poisoned"));
+        for e in &v {
+            e.dirty.store(false, Ordering::Release);
+        }
+        v
+    }
+
+    /// Every entry (for sweeps); a copy of the Arcs, taken under one lock.
+    pub fn all(&self) -> Vec<Arc<TwinEntry>> {
+        self.by_path
+            .read()
+            .expect("registry lock is never poisoned")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub fn children_of(&self, path: &AssetPath) -> Vec<Arc<TwinEntry>> {
+        let depth = path.depth() + 1;
+        self.scan(Some(path), None, usize::MAX, |e| e.path().depth() == depth).0
+    }
+}

@@ -1,0 +1,256 @@
+//! A running site: store, registry, twin tree, router, sweeper and (optionally) the gRPC
+//! server, wired together with one shutdown path.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use ferrotwin_models::spec::{AssetKind, PlantSpec};
+use ferrotwin_models::{QualityCode, QualityReason};
+use ractor::ActorRef;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::router::{Credits, IngestRouter};
+use crate::store::{Store, StoreConfig, StoreError, codec};
+use crate::twin::{Plant, TwinCtx, TwinMsg, TwinSettings, TwinSnapshot, TwinState, now, spawn_twin};
+use crate::watch::{WATCH_RING, WatchHub};
+
+/// Settings of a runtime that do not come from the plant spec.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeOptions {
+    #[serde(default)]
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub twins: TwinSettings,
+    /// Readings in twin mailboxes, in all; the router pushes back beyond it.
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight_readings: usize,
+    /// Staleness sweep period.
+    #[serde(default = "default_stale_sweep_ms")]
+    pub stale_sweep_ms: u64,
+    /// Changes buffered per watcher before it is told it lagged.
+    #[serde(default = "default_watch_ring")]
+    pub watch_ring: usize,
+}
+
+fn default_max_inflight() -> usize {
+    1 << 20
+}
+fn default_stale_sweep_ms() -> u64 {
+    1000
+}
+fn default_watch_ring() -> usize {
+    WATCH_RING
+}
+
+impl Default for RuntimeOptions {
+    fn default() -> Self {
+        RuntimeOptions {
+            store: StoreConfig::default(),
+            twins: TwinSettings::default(),
+            max_inflight_readings: default_max_inflight(),
+            stale_sweep_ms: default_stale_sweep_ms(),
+            watch_ring: default_watch_ring(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot start the twin tree: {0}")]
+    Spawn(String),
+    #[error("plant spec has no enterprise")]
+    EmptyPlant,
+    #[error("grpc server on {addr}: {message}")]
+    Serve { addr: SocketAddr, message: String },
+}
+
+pub struct Runtime {
+    pub registry: Arc<Registry>,
+    pub store: Arc<Store>,
+    pub hub: Arc<WatchHub>,
+    pub metrics: Arc<Metrics>,
+    pub router: Arc<IngestRouter>,
+    pub ctx: Arc<TwinCtx>,
+    pub data_dir: PathBuf,
+    root: ActorRef<TwinMsg>,
+    writer: Option<std::thread::JoinHandle<()>>,
+    token: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Runtime {
+    /// Opens the store in `data_dir`, restores every twin from its snapshot and starts the
+    /// tree. When this returns, every twin runs and ingest may start.
+    pub async fn start(spec: &PlantSpec, data_dir: &Path, opts: RuntimeOptions) -> Result<Runtime, RuntimeError> {
+        let store = Arc::new(Store::open(data_dir, opts.store.clone())?);
+        let mut records = store.load_snapshots()?;
+        let registry = Arc::new(Registry::default());
+        let assets = spec.assets();
+        let start_us = now().0;
+        for def in &assets {
+            let snap = match records.remove(&def.path.id()) {
+                Some(r) => codec::decode_snapshot(&def.kind, &r),
+                None => TwinSnapshot::initial(&def.kind),
+            };
+            registry.insert(def.clone(), snap, start_us);
+        }
+        if !records.is_empty() {
+            tracing::info!(count = records.len(), "snapshots of assets no longer in the plant spec kept on disk");
+        }
+        let plant = Arc::new(Plant::new(&assets));
+        let root_def = plant.root.clone().ok_or(RuntimeError::EmptyPlant)?;
+        let hub = Arc::new(WatchHub::new(opts.watch_ring));
+        let metrics = Arc::new(Metrics::default());
+        let credits = Credits(Arc::new(AtomicUsize::new(0)));
+        let router = Arc::new(IngestRouter::new(
+            registry.clone(),
+            metrics.clone(),
+            credits.clone(),
+            opts.max_inflight_readings,
+        ));
+        let ctx = Arc::new(TwinCtx {
+            registry: registry.clone(),
+            store: store.clone(),
+            hub: hub.clone(),
+            plant,
+            settings: opts.twins.clone(),
+            metrics: metrics.clone(),
+            credits,
+        });
+        let writer = store.start_writer(registry.clone());
+        let root_entry = registry
+            .by_path(&root_def.path)
+            .expect("the root was inserted above");
+        let root = spawn_twin(ctx.clone(), root_entry, None, None)
+            .await
+            .map_err(|e| RuntimeError::Spawn(e.to_string()))?;
+        let token = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        tracker.spawn(sweep_stale(registry.clone(), opts.stale_sweep_ms, token.child_token()));
+        tracing::info!(twins = registry.len(), data_dir = %data_dir.display(), "runtime started");
+        Ok(Runtime {
+            registry,
+            store,
+            hub,
+            metrics,
+            router,
+            ctx,
+            data_dir: data_dir.to_path_buf(),
+            root,
+            writer: Some(writer),
+            token,
+            tracker,
+        })
+    }
+
+    /// Serves the gRPC API on `listener` until shutdown.
+    pub fn serve_grpc(&self, listener: TcpListener) {
+        let service = crate::grpc::TwinApi::new(self.ctx.clone());
+        let token = self.token.child_token();
+        self.tracker.spawn(async move {
+            if let Err(e) = crate::grpc::serve(service, listener, token).await {
+                tracing::error!(error = %e, "grpc server stopped");
+            }
+        });
+    }
+
+    pub fn token(&self) -> CancellationToken {
+        self.token.clone()
+    }
+
+    /// Clean stop: refuse new readings, write every history tail, stop the tree, flush.
+    pub async fn shutdown(mut self) {
+        self.router.close();
+        self.token.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+        // Let queued readings drain (bounded wait), then write every history tail.
+        for _ in 0..200 {
+            if self.router.inflight() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for e in self.registry.all() {
+            if matches!(e.def.kind, AssetKind::Sensor { .. })
+                && let Some(a) = e.actor()
+            {
+                let _ = crate::twin::ask(&a, TwinMsg::FlushHistory, Duration::from_secs(5)).await;
+            }
+        }
+        let _ = self
+            .root
+            .stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(30)))
+            .await;
+        self.store.stop();
+        if let Some(w) = self.writer.take() {
+            let _ = tokio::task::spawn_blocking(move || w.join()).await;
+        }
+        tracing::info!("runtime stopped");
+    }
+
+    /// Stops without any flush, as a power cut would (tests of crash recovery): actors are
+    /// killed, the writer ends without writing what it holds, and every handle on the store
+    /// is released so the data dir can be opened again.
+    pub async fn abort(mut self) {
+        self.router.close();
+        self.token.cancel();
+        self.store.abort();
+        self.root.kill();
+        self.tracker.close();
+        self.tracker.wait().await;
+        if let Some(w) = self.writer.take() {
+            let _ = tokio::task::spawn_blocking(move || w.join()).await;
+        }
+        let ctx = self.ctx.clone();
+        drop(self);
+        for _ in 0..1000 {
+            if Arc::strong_count(&ctx) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// Turns sensors stale when no reading came within their threshold. One scan of the
+/// registry per period; a message only to the twins that turned stale.
+async fn sweep_stale(registry: Arc<Registry>, period_ms: u64, token: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_millis(period_ms.max(10)));
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let at = now();
+        for e in registry.all() {
+            let stale_ms = e.stale_after_ms() as i64;
+            if stale_ms == 0 || e.stale.load(Ordering::Relaxed) {
+                continue;
+            }
+            if at.0 - e.last_seen_us.load(Ordering::Relaxed) < stale_ms * 1000 {
+                continue;
+            }
+            let snap = e.snapshot();
+            if let TwinState::Sensor(s) = &snap.state
+                && (s.quality.reason == QualityReason::Stale || s.quality.code == QualityCode::Bad)
+            {
+                continue;
+            }
+            if let Some(a) = e.actor() {
+                e.stale.store(true, Ordering::Relaxed);
+                let _ = a.cast(TwinMsg::CheckStale(at));
+            }
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! Selecting twins: the query language's `Subject` over a twin's published snapshot.
+//!
+//! Fields: `path`, `name`, `level`, `type`, `quality` (good/uncertain/bad), `stale`,
+//! `value`, `unit`, `kind`, `rejected`, `restarts`; `alarm` (active/returned/normal),
+//! `alarms` (active count), `unacked`, `severity` (worst active: info..critical);
+//! machines: `state`, `oee`, `availability`, `performance`, `good_count`, `scrap_count`;
+//! every level above sensors: `machines`, `running`, `sensors`, `throughput`, `mean_oee`.
+//! On a machine, any other name is looked up as one of its sensors: `temp > 80`.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use ferrotwin_models::alarm::AlarmState;
+use ferrotwin_models::query::{FieldValue, Subject};
+use ferrotwin_models::spec::AssetKind;
+use ferrotwin_models::{QualityCode, QualityReason, Severity};
+
+use crate::registry::{Registry, TwinEntry};
+use crate::twin::{TwinSnapshot, TwinState};
+
+pub struct TwinSubject<'a> {
+    pub entry: &'a TwinEntry,
+    pub snap: Arc<TwinSnapshot>,
+    pub registry: &'a Registry,
+}
+
+fn quality_word(c: QualityCode) -> &'static str {
+    match c {
+        QualityCode::Good => "good",
+        QualityCode::Uncertain => "uncertain",
+        QualityCode::Bad => "bad",
+    }
+}
+
+impl TwinSubject<'_> {
+    fn alarm_word(&self) -> &'static str {
+        match &self.snap.state {
+            TwinState::Sensor(s) => {
+                if s.alarms.iter().any(|a| a.state.is_active()) {
+                    "active"
+                } else if s.alarms.iter().any(|a| a.state == AlarmState::ReturnedUnacked) {
+                    "returned"
+                } else {
+                    "normal"
+                }
+            }
+            _ => {
+                let r = self.snap.rollup(&self.entry.def.kind);
+                if r.active_alarms() > 0 {
+                    "active"
+                } else if r.unacked_alarms > 0 {
+                    "returned"
+                } else {
+                    "normal"
+                }
+            }
+        }
+    }
+}
+
+impl Subject for TwinSubject<'_> {
+    fn field(&self, name: &str) -> Option<FieldValue<'_>> {
+        let text = |s: &'static str| Some(FieldValue::Text(Cow::Borrowed(s)));
+        let num = |v: f64| Some(FieldValue::Num(v));
+        let kind = &self.entry.def.kind;
+        let rollup = self.snap.rollup(kind);
+        match name {
+            "path" => return Some(FieldValue::Text(Cow::Borrowed(self.entry.path().as_str()))),
+            "name" => return Some(FieldValue::Text(Cow::Borrowed(self.entry.path().name()))),
+            "level" => return text(self.entry.level().as_str()),
+            "type" => return Some(FieldValue::Text(Cow::Borrowed(kind.type_name()))),
+            "restarts" => return num(f64::from(self.snap.restarts)),
+            "alarm" => return text(self.alarm_word()),
+            "alarms" => return num(f64::from(rollup.active_alarms())),
+            "unacked" => return num(f64::from(rollup.unacked_alarms)),
+            "severity" => return rollup.worst_alarm().map(|s| FieldValue::Num(s.index() as f64)),
+            "quality" => return text(quality_word(rollup.worst_quality)),
+            _ => {}
+        }
+        match (&self.snap.state, kind) {
+            (TwinState::Sensor(s), AssetKind::Sensor { spec, .. }) => match name {
+                "value" => s.value.map(|v| FieldValue::Num(v.as_f64())),
+                "unit" => Some(FieldValue::Text(Cow::Borrowed(spec.unit.as_str()))),
+                "kind" => text(spec.kind.as_str()),
+                "stale" => Some(FieldValue::Bool(s.quality.reason == QualityReason::Stale)),
+                "rejected" => num(s.rejected as f64),
+                _ => None,
+            },
+            (state, kind) => {
+                let group = match name {
+                    "machines" => Some(f64::from(rollup.machines)),
+                    "running" => Some(f64::from(rollup.running)),
+                    "sensors" => Some(f64::from(rollup.sensors)),
+                    "throughput" => Some(rollup.throughput_per_h),
+                    "mean_oee" => rollup.mean_oee(),
+                    _ => None,
+                };
+                if let Some(v) = group {
+                    return num(v);
+                }
+                let (TwinState::Machine(m), AssetKind::Machine { spec, .. }) = (state, kind) else {
+                    return None;
+                };
+                let o = m.tracker.oee(spec.ideal_cycle_ms);
+                match name {
+                    "state" => text(m.tracker.state.as_str()),
+                    "oee" => num(o.oee),
+                    "availability" => num(o.availability),
+                    "performance" => num(o.performance),
+                    "good_count" => num(m.tracker.good_parts as f64),
+                    "scrap_count" => num(m.tracker.scrap_parts as f64),
+                    sensor => {
+                        let path = self.entry.path().child(sensor).ok()?;
+                        let e = self.registry.by_path(&path)?;
+                        match &e.snapshot().state {
+                            TwinState::Sensor(s) => s.value.map(|v| FieldValue::Num(v.as_f64())),
+                            _ => None,
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn ordinal(&self, field: &str, word: &str) -> Option<f64> {
+        match field {
+            "severity" => Severity::parse(word).map(|s| s.index() as f64),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! Domain ↔ on-disk records (prost messages of `ferrotwin.store.v1`). The records are the
+//! versioned format; domain types are never serialised directly.
+
+use ferrotwin_models::alarm::{AlarmState, AlarmStatus};
+use ferrotwin_models::oee::{MachineState, OeeTracker};
+use ferrotwin_models::spec::AssetKind;
+use ferrotwin_models::stats::RunningStats;
+use ferrotwin_models::{
+    AssetPath, Event, EventKind, Quality, QualityCode, QualityReason, Severity, Timestamp, Value,
+};
+use ferrotwin_proto::store::v1 as rec;
+use prost::Message;
+
+use super::HistPoint;
+use crate::registry::TwinEntry;
+use crate::twin::{MachineSnap, SensorSnap, TwinSnapshot, TwinState};
+
+fn quality_code(c: QualityCode) -> u32 {
+    match c {
+        QualityCode::Good => 0,
+        QualityCode::Uncertain => 1,
+        QualityCode::Bad => 2,
+    }
+}
+
+fn quality_from(c: u32) -> QualityCode {
+    match c {
+        0 => QualityCode::Good,
+        1 => QualityCode::Uncertain,
+        _ => QualityCode::Bad,
+    }
+}
+
+fn opt_ts(v: Option<Timestamp>) -> (i64, bool) {
+    v.map_or((0, false), |t| (t.0, true))
+}
+
+/// Record of a twin's published snapshot; `None` for roll-up twins (derived state).
+pub fn encode_snapshot(entry: &TwinEntry) -> Option<Vec<u8>> {
+    let snap = entry.snapshot();
+    let mut r = rec::TwinRecord {
+        path: entry.path().to_string(),
+        restarts: snap.restarts,
+        updated_us: snap.updated.0,
+        ..Default::default()
+    };
+    let AssetKind::Sensor { spec, .. } = &entry.def.kind else {
+        if let TwinState::Machine(m) = &snap.state {
+            let t = &m.tracker;
+            let (last_ts_us, has_last_ts) = opt_ts(t.last_ts);
+            r.machine = Some(rec::MachineRecord {
+                state: t.state.code() as u32,
+                state_since_us: t.state_since.0,
+                last_ts_us,
+                has_last_ts,
+                time_in_state_ms: t.time_in_state_ms.to_vec(),
+                good_parts: t.good_parts,
+                scrap_parts: t.scrap_parts,
+                last_good_counter: t.last_good_counter.unwrap_or(0),
+                has_last_good: t.last_good_counter.is_some(),
+                last_scrap_counter: t.last_scrap_counter.unwrap_or(0),
+                has_last_scrap: t.last_scrap_counter.is_some(),
+            });
+            return Some(r.encode_to_vec());
+        }
+        return None;
+    };
+    let TwinState::Sensor(s) = &snap.state else {
+        return None;
+    };
+    let (value_kind, float_value, int_value) = match s.value {
+        None => (0, 0.0, 0),
+        Some(Value::Float(v)) => (1, v, 0),
+        Some(Value::Int(v)) => (2, 0.0, v),
+        Some(Value::Bool(v)) => (3, 0.0, i64::from(v)),
+    };
+    r.sensor = Some(rec::SensorRecord {
+        value_kind,
+        float_value,
+        int_value,
+        quality_code: quality_code(s.quality.code),
+        quality_reason: s.quality.reason.as_str().to_string(),
+        source_ts_us: s.source_ts.0,
+        server_ts_us: s.server_ts.0,
+        stats_count: s.stats.count,
+        stats_mean: s.stats.mean,
+        stats_m2: s.stats.m2,
+        stats_min: s.stats.min,
+        stats_max: s.stats.max,
+        alarms: s
+            .alarms
+            .iter()
+            .zip(&spec.alarms)
+            .map(|(a, limit)| {
+                let (pending_since_us, has_pending) = opt_ts(a.pending_since);
+                let (shelved_until_us, has_shelved) = opt_ts(a.shelved_until);
+                rec::AlarmRecord {
+                    name: limit.name.clone(),
+                    state: u32::from(a.state.code()),
+                    condition: a.condition,
+                    pending_since_us,
+                    has_pending,
+                    shelved_until_us,
+                    has_shelved,
+                    since_us: a.since.0,
+                }
+            })
+            .collect(),
+        rejected: s.rejected,
+    });
+    Some(r.encode_to_vec())
+}
+
+/// Rebuilds a twin's snapshot from its record. Alarms are matched by name against the
+/// current spec, so a spec that gained or lost an alarm restores the rest.
+pub fn decode_snapshot(kind: &AssetKind, r: &rec::TwinRecord) -> TwinSnapshot {
+    let mut snap = TwinSnapshot::initial(kind);
+    snap.restarts = r.restarts;
+    snap.updated = Timestamp(r.updated_us);
+    match (&mut snap.state, kind, &r.sensor, &r.machine) {
+        (TwinState::Sensor(s), AssetKind::Sensor { spec, .. }, Some(sr), _) => {
+            *s = SensorSnap {
+                value: match sr.value_kind {
+                    1 => Some(Value::Float(sr.float_value)),
+                    2 => Some(Value::Int(sr.int_value)),
+                    3 => Some(Value::Bool(sr.int_value != 0)),
+                    _ => None,
+                },
+                quality: Quality {
+                    code: quality_from(sr.quality_code),
+                    reason: QualityReason::parse(&sr.quality_reason),
+                },
+                source_ts: Timestamp(sr.source_ts_us),
+                server_ts: Timestamp(sr.server_ts_us),
+                stats: RunningStats {
+                    count: sr.stats_count,
+                    mean: sr.stats_mean,
+                    m2: sr.stats_m2,
+                    min: sr.stats_min,
+                    max: sr.stats_max,
+                },
+                alarms: spec
+                    .alarms
+                    .iter()
+                    .map(|limit| {
+                        sr.alarms
+                            .iter()
+                            .find(|a| a.name == limit.name)
+                            .map(|a| AlarmStatus {
+                                state: u8::try_from(a.state)
+                                    .ok()
+                                    .and_then(AlarmState::from_code)
+                                    .unwrap_or_default(),
+                                condition: a.condition,
+                                pending_since: a.has_pending.then_some(Timestamp(a.pending_since_us)),
+                                shelved_until: a.has_shelved.then_some(Timestamp(a.shelved_until_us)),
+                                since: Timestamp(a.since_us),
+                            })
+                            .unwrap_or_default()
+                    })
+                    .collect(),
+                rejected: sr.rejected,
+            };
+        }
+        (TwinState::Machine(m), AssetKind::Machine { .. }, _, Some(mr)) => {
+            let mut time_in_state_ms = [0u64; 4];
+            for (t, v) in time_in_state_ms.iter_mut().zip(&mr.time_in_state_ms) {
+                *t = *v;
+            }
+            *m = MachineSnap {
+                tracker: OeeTracker {
+                    state: MachineState::from_code(i64::from(mr.state)).unwrap_or_default(),
+                    state_since: Timestamp(mr.state_since_us),
+                    last_ts: mr.has_last_ts.then_some(Timestamp(mr.last_ts_us)),
+                    time_in_state_ms,
+                    good_parts: mr.good_parts,
+                    scrap_parts: mr.scrap_parts,
+                    last_good_counter: mr.has_last_good.then_some(mr.last_good_counter),
+                    last_scrap_counter: mr.has_last_scrap.then_some(mr.last_scrap_counter),
+                },
+                rollup: Default::default(),
+            };
+        }
+        _ => {}
+    }
+    snap
+}
+
+pub fn encode_chunk(points: &[HistPoint]) -> Vec<u8> {
+    let first = points.first().map_or(0, |p| p.ts.0);
+    let mut prev = first;
+    let mut c = rec::HistoryChunk {
+        first_ts_us: first,
+        ts_delta_us: Vec::with_capacity(points.len()),
+        values: Vec::with_capacity(points.len()),
+        qualities: Vec::with_capacity(points.len()),
+    };
+    for p in points {
+        c.ts_delta_us.push(p.ts.0 - prev);
+        prev = p.ts.0;
+        c.values.push(p.value);
+        c.qualities.push(quality_code(p.quality) as u8);
+    }
+    c.encode_to_vec()
+}
+
+pub fn decode_chunk(bytes: &[u8]) -> Result<Vec<HistPoint>, String> {
+    let c = rec::HistoryChunk::decode(bytes).map_err(|e| e.to_string())?;
+    if c.ts_delta_us.len() != c.values.len() || c.values.len() != c.qualities.len() {
+        return Err(format!(
+            "chunk has {} timestamps, {} values and {} qualities",
+            c.ts_delta_us.len(),
+            c.values.len(),
+            c.qualities.len()
+        ));
+    }
+    let mut ts = c.first_ts_us;
+    Ok(c.ts_delta_us
+        .iter()
+        .zip(&c.values)
+        .zip(&c.qualities)
+        .map(|((d, v), q)| {
+            ts += d;
+            HistPoint {
+                ts: Timestamp(ts),
+                value: *v,
+                quality: quality_from(u32::from(*q)),
+            }
+        })
+        .collect())
+}
+
+pub fn encode_event(e: &Event) -> Vec<u8> {
+    rec::EventRecord {
+        path: e.asset.to_string(),
+        ts_us: e.ts.0,
+        kind: e.kind.as_str().to_string(),
+        severity: e.severity.index() as u32,
+        alarm: e.alarm.clone(),
+        message: e.message.clone(),
+    }
+    .encode_to_vec()
+}
+
+pub fn decode_event(seq: u64, bytes: &[u8]) -> Result<Event, String> {
+    let r = rec::EventRecord::decode(bytes).map_err(|e| e.to_string())?;
+    Ok(Event {
+        seq,
+        asset: AssetPath::parse(&r.path).map_err(|e| e.to_string())?,
+        ts: Timestamp(r.ts_us),
+        kind: EventKind::parse(&r.kind).ok_or_else(|| format!("unknown event kind {:?}", r.kind))?,
+        severity: Severity::ALL
+            .get(r.severity as usize)
+            .copied()
+            .unwrap_or(Severity::Critical),
+        alarm: r.alarm,
+        message: r.message,
+    })
+}

@@ -1,0 +1,601 @@
+//! The embedded store (sled): twin snapshots, history chunks with retention, events.
+//!
+//! One writer thread does group commit: every `flush_interval_ms` it takes the dirty twins'
+//! snapshots from the registry, the queued history chunks and events, writes them in one
+//! batch per tree and flushes. Queued bytes are bounded by a semaphore: a twin that would
+//! exceed it waits (back-pressure to the router), nothing is dropped.
+//!
+//! Keys (all big-endian so that sled's order is time order):
+//! - `snapshots`: asset id (16) → `TwinRecord`
+//! - `history`: asset id (16) ‖ property (1) ‖ chunk first ts µs (8) → `HistoryChunk`
+//! - `history_by_time`: chunk first ts µs (8) ‖ asset id (16) ‖ property (1) → () (retention)
+//! - `events`: seq (8) → `EventRecord`
+//! - `meta`: "meta" → `Meta` (format version)
+
+pub mod codec;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use ferrotwin_models::{AssetId, AssetPath, Event, EventKind, Property, QualityCode, Severity, Timestamp};
+use ferrotwin_proto::store::v1 as rec;
+use prost::Message;
+use tokio::sync::Semaphore;
+
+use crate::registry::Registry;
+
+/// On-disk format version of this build. Bump on an incompatible change of keys or records.
+pub const STORE_FORMAT: u32 = 1;
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Group commit interval: at most this much acknowledged state is lost on a crash.
+    #[serde(default = "defaults::flush_interval_ms")]
+    pub flush_interval_ms: u64,
+    /// History older than this is deleted (the enterprise keeps the long history).
+    #[serde(default = "defaults::history_retention_hours")]
+    pub history_retention_hours: u64,
+    /// Most bytes of history and events waiting for the writer; twins wait beyond it.
+    #[serde(default = "defaults::max_queued_bytes")]
+    pub max_queued_bytes: usize,
+}
+
+mod defaults {
+    pub fn flush_interval_ms() -> u64 {
+        200
+    }
+    pub fn history_retention_hours() -> u64 {
+        24 * 7
+    }
+    pub fn max_queued_bytes() -> usize {
+        64 << 20
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            flush_interval_ms: defaults::flush_interval_ms(),
+            history_retention_hours: defaults::history_retention_hours(),
+            max_queued_bytes: defaults::max_queued_bytes(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("data dir {dir}: cannot open the store: {source}")]
+    Open { dir: PathBuf, source: sled::Error },
+    #[error("data dir {dir}: {what}")]
+    NotOurs { dir: PathBuf, what: String },
+    #[error("data dir {dir}: store format {found} is not supported by this build (reads format {STORE_FORMAT})")]
+    Format { dir: PathBuf, found: u32 },
+    #[error("data dir {dir}: tree {tree:?}: record {key} is corrupt: {what}")]
+    Corrupt {
+        dir: PathBuf,
+        tree: &'static str,
+        key: String,
+        what: String,
+    },
+    #[error("data dir {dir}: {source}")]
+    Io { dir: PathBuf, source: sled::Error },
+}
+
+/// One point of history.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HistPoint {
+    pub ts: Timestamp,
+    pub value: f64,
+    pub quality: QualityCode,
+}
+
+/// Filter of `list_events`.
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    pub prefix: Option<AssetPath>,
+    pub after_seq: u64,
+    pub limit: usize,
+    pub kind: Option<EventKind>,
+    pub min_severity: Severity,
+}
+
+/// Most records scanned by one `list_events` call before it returns a continuation.
+const MAX_EVENT_SCAN: usize = 200_000;
+
+#[derive(Default)]
+struct Queue {
+    history: Vec<(Vec<u8>, Vec<u8>)>,
+    events: Vec<(u64, Vec<u8>)>,
+    bytes: usize,
+}
+
+/// Writer statistics (for metrics and the benchmark).
+#[derive(Debug, Default)]
+pub struct StoreStats {
+    pub flushes: AtomicU64,
+    pub snapshots_written: AtomicU64,
+    pub chunks_written: AtomicU64,
+    pub events_written: AtomicU64,
+    pub write_errors: AtomicU64,
+    pub last_flush_us: AtomicU64,
+}
+
+pub struct Store {
+    dir: PathBuf,
+    db: sled::Db,
+    snapshots: sled::Tree,
+    history: sled::Tree,
+    history_by_time: sled::Tree,
+    events: sled::Tree,
+    cfg: StoreConfig,
+    queue: Mutex<Queue>,
+    room: Semaphore,
+    next_seq: AtomicU64,
+    wake: Condvar,
+    wake_lock: Mutex<bool>,
+    stopping: AtomicBool,
+    aborting: AtomicBool,
+    pub stats: StoreStats,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`. A directory that holds something other than a
+    /// ferrotwin store, or a store of another format, is an error naming the directory:
+    /// never a silent empty start.
+    pub fn open(dir: &Path, cfg: StoreConfig) -> Result<Store, StoreError> {
+        let dir = dir.to_path_buf();
+        let existing_files = std::fs::read_dir(&dir)
+            .map(|d| d.count())
+            .unwrap_or(0);
+        let db = sled::Config::new()
+            .path(&dir)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|source| StoreError::Open {
+                dir: dir.clone(),
+                source,
+            })?;
+        let io = |source| StoreError::Io {
+            dir: dir.clone(),
+            source,
+        };
+        let meta = db.open_tree("meta").map_err(io)?;
+        match meta.get("meta").map_err(io)? {
+            None if existing_files > 0 && db.was_recovered() && !db.tree_names().is_empty() && db.len() > 0 => {
+                return Err(StoreError::NotOurs {
+                    dir,
+                    what: "holds a sled database that is not a ferrotwin store (no meta record)".into(),
+                });
+            }
+            None => {
+                let m = rec::Meta {
+                    format: STORE_FORMAT,
+                    created_by: format!("ferrotwin {}", env!("CARGO_PKG_VERSION")),
+                };
+                meta.insert("meta", m.encode_to_vec()).map_err(io)?;
+                db.flush().map_err(io)?;
+            }
+            Some(bytes) => {
+                let m = rec::Meta::decode(&*bytes).map_err(|e| StoreError::Corrupt {
+                    dir: dir.clone(),
+                    tree: "meta",
+                    key: "meta".into(),
+                    what: e.to_string(),
+                })?;
+                if m.format != STORE_FORMAT {
+                    return Err(StoreError::Format {
+                        dir,
+                        found: m.format,
+                    });
+                }
+            }
+        }
+        let snapshots = db.open_tree("snapshots").map_err(io)?;
+        let history = db.open_tree("history").map_err(io)?;
+        let history_by_time = db.open_tree("history_by_time").map_err(io)?;
+        let events = db.open_tree("events").map_err(io)?;
+        let next_seq = match events.last().map_err(io)? {
+            Some((k, _)) => seq_of(&k).unwrap_or(0) + 1,
+            None => 1,
+        };
+        let room = Semaphore::new(cfg.max_queued_bytes);
+        Ok(Store {
+            dir,
+            db,
+            snapshots,
+            history,
+            history_by_time,
+            events,
+            cfg,
+            queue: Mutex::new(Queue::default()),
+            room,
+            next_seq: AtomicU64::new(next_seq),
+            wake: Condvar::new(),
+            wake_lock: Mutex::new(false),
+            stopping: AtomicBool::new(false),
+            aborting: AtomicBool::new(false),
+            stats: StoreStats::default(),
+        })
+    }
+
+    pub fn config(&self) -> &StoreConfig {
+        &self.cfg
+    }
+
+    /// Every snapshot on disk, decoded. A corrupt record is an error naming it.
+    pub fn load_snapshots(&self) -> Result<HashMap<AssetId, rec::TwinRecord>, StoreError> {
+        let mut out = HashMap::new();
+        for kv in self.snapshots.iter() {
+            let (k, v) = kv.map_err(|source| StoreError::Io {
+                dir: self.dir.clone(),
+                source,
+            })?;
+            let corrupt = |what: String| StoreError::Corrupt {
+                dir: self.dir.clone(),
+                tree: "snapshots",
+                key: hex(&k),
+                what,
+            };
+            let id: [u8; 16] = (*k)
+                .try_into()
+                .map_err(|_| corrupt(format!("key has {} bytes, expected 16", k.len())))?;
+            let r = rec::TwinRecord::decode(&*v).map_err(|e| corrupt(e.to_string()))?;
+            out.insert(AssetId::from_bytes(id), r);
+        }
+        Ok(out)
+    }
+
+    async fn reserve(&self, bytes: usize) {
+        let n = u32::try_from(bytes.min(self.cfg.max_queued_bytes)).unwrap_or(u32::MAX);
+        match self.room.acquire_many(n).await {
+            Ok(p) => p.forget(),
+            Err(_) => {} // closed at shutdown: write anyway
+        }
+    }
+
+    /// Queues a history chunk of one property; waits while the queue is full.
+    pub async fn append_history(&self, id: AssetId, property: Property, points: &[HistPoint]) {
+        let Some(first) = points.first() else {
+            return;
+        };
+        let value = codec::encode_chunk(points);
+        let key = history_key(id, property, first.ts);
+        let bytes = key.len() + value.len();
+        self.reserve(bytes).await;
+        let mut q = self.queue.lock().expect("queue lock is never poisoned");
+        q.bytes += bytes;
+        q.history.push((key, value));
+    }
+
+    /// Assigns the event its sequence number and queues it; waits while the queue is full.
+    pub async fn put_event(&self, event: &mut Event) {
+        let value = codec::encode_event(event);
+        self.reserve(value.len() + 8).await;
+        let mut q = self.queue.lock().expect("queue lock is never poisoned");
+        // Seq assigned under the queue lock so the queue is in seq order.
+        event.seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        q.bytes += value.len() + 8;
+        q.events.push((event.seq, value));
+    }
+
+    /// Highest sequence number assigned so far (0 if none).
+    pub fn last_event_seq(&self) -> u64 {
+        self.next_seq.load(Ordering::Relaxed).saturating_sub(1)
+    }
+
+    /// Starts the writer thread. It runs until `stop` is called.
+    pub fn start_writer(self: &Arc<Self>, registry: Arc<Registry>) -> std::thread::JoinHandle<()> {
+        let store = self.clone();
+        std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || store.writer_loop(&registry))
+            .expect("spawning the store writer thread")
+    }
+
+    fn writer_loop(&self, registry: &Registry) {
+        let interval = Duration::from_millis(self.cfg.flush_interval_ms.max(1));
+        let mut last_retention = Instant::now();
+        loop {
+            {
+                let guard = self.wake_lock.lock().expect("wake lock is never poisoned");
+                let (mut woken, _) = self
+                    .wake
+                    .wait_timeout_while(guard, interval, |w| !*w)
+                    .expect("wake lock is never poisoned");
+                *woken = false;
+            }
+            if self.aborting.load(Ordering::Acquire) {
+                return;
+            }
+            let stopping = self.stopping.load(Ordering::Acquire);
+            if let Err(e) = self.flush_once(registry) {
+                self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "store flush failed; retrying at the next interval");
+            }
+            if last_retention.elapsed() > Duration::from_secs(60) {
+                last_retention = Instant::now();
+                if let Err(e) = self.apply_retention(crate::twin::now()) {
+                    tracing::warn!(error = %e, "history retention sweep failed");
+                }
+            }
+            if stopping {
+                return;
+            }
+        }
+    }
+
+    /// Writes everything dirty or queued now, then flushes sled to disk.
+    pub fn flush_once(&self, registry: &Registry) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let dirty = registry.take_dirty();
+        let mut snaps = sled::Batch::default();
+        let mut n_snaps = 0u64;
+        for e in &dirty {
+            if let Some(bytes) = codec::encode_snapshot(e) {
+                snaps.insert(e.id.as_bytes().as_slice(), bytes);
+                n_snaps += 1;
+            }
+        }
+        let q = std::mem::take(&mut *self.queue.lock().expect("queue lock is never poisoned"));
+        let mut hist = sled::Batch::default();
+        let mut by_time = sled::Batch::default();
+        for (k, v) in &q.history {
+            let mut tk = Vec::with_capacity(25);
+            tk.extend_from_slice(&k[17..25]);
+            tk.extend_from_slice(&k[..17]);
+            by_time.insert(tk, &[][..]);
+            hist.insert(k.as_slice(), v.as_slice());
+        }
+        let mut evs = sled::Batch::default();
+        for (seq, v) in &q.events {
+            evs.insert(&seq.to_be_bytes(), v.as_slice());
+        }
+        let io = |source| StoreError::Io {
+            dir: self.dir.clone(),
+            source,
+        };
+        let result = (|| {
+            self.snapshots.apply_batch(snaps).map_err(io)?;
+            self.history.apply_batch(hist).map_err(io)?;
+            self.history_by_time.apply_batch(by_time).map_err(io)?;
+            self.events.apply_batch(evs).map_err(io)?;
+            self.db.flush().map_err(io)?;
+            Ok(())
+        })();
+        self.room.add_permits(q.bytes.min(self.cfg.max_queued_bytes));
+        if result.is_err() {
+            // Put the snapshots back so they are retried; history and events of this round
+            // are lost (logged as an error by the caller: the disk is failing).
+            for e in &dirty {
+                registry.publish(e, e.snapshot());
+            }
+            return result;
+        }
+        self.stats.flushes.fetch_add(1, Ordering::Relaxed);
+        self.stats.snapshots_written.fetch_add(n_snaps, Ordering::Relaxed);
+        self.stats
+            .chunks_written
+            .fetch_add(q.history.len() as u64, Ordering::Relaxed);
+        self.stats
+            .events_written
+            .fetch_add(q.events.len() as u64, Ordering::Relaxed);
+        self.stats
+            .last_flush_us
+            .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Asks the writer for a flush now (and waits for nothing).
+    pub fn nudge(&self) {
+        *self.wake_lock.lock().expect("wake lock is never poisoned") = true;
+        self.wake.notify_one();
+    }
+
+    /// Ends the writer after one final flush.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+        self.nudge();
+    }
+
+    /// Ends the writer without writing what it holds (crash tests).
+    pub fn abort(&self) {
+        self.aborting.store(true, Ordering::Release);
+        self.room.close();
+        self.nudge();
+    }
+
+    /// Deletes history chunks that start before `now - retention`.
+    pub fn apply_retention(&self, now: Timestamp) -> Result<usize, StoreError> {
+        let cutoff = now.0 - (self.cfg.history_retention_hours as i64) * 3_600_000_000;
+        let end = ts_key(Timestamp(cutoff));
+        let mut n = 0;
+        let io = |source| StoreError::Io {
+            dir: self.dir.clone(),
+            source,
+        };
+        for kv in self.history_by_time.range(..end.as_slice()) {
+            let (k, _) = kv.map_err(io)?;
+            if k.len() != 25 {
+                continue;
+            }
+            let mut hk = Vec::with_capacity(25);
+            hk.extend_from_slice(&k[8..25]);
+            hk.extend_from_slice(&k[..8]);
+            self.history.remove(hk).map_err(io)?;
+            self.history_by_time.remove(&k).map_err(io)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Stored history of one property in `[from, to]`, in time order.
+    pub fn read_history(
+        &self,
+        id: AssetId,
+        property: Property,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<Vec<HistPoint>, StoreError> {
+        let mut prefix = Vec::with_capacity(17);
+        prefix.extend_from_slice(id.as_bytes());
+        prefix.push(property.code());
+        let io = |source| StoreError::Io {
+            dir: self.dir.clone(),
+            source,
+        };
+        // A chunk that starts before `from` may reach into the range: start one chunk earlier.
+        let from_key = history_key(id, property, from);
+        let mut start = prefix.clone();
+        if let Some((k, _)) = self.history.range(prefix.clone()..from_key.clone()).next_back().transpose().map_err(io)? {
+            start = k.to_vec();
+        }
+        let end = history_key(id, property, Timestamp(to.0.saturating_add(1)));
+        let mut out = Vec::new();
+        for kv in self.history.range(start..end) {
+            let (k, v) = kv.map_err(io)?;
+            let points = codec::decode_chunk(&v).map_err(|what| StoreError::Corrupt {
+                dir: self.dir.clone(),
+                tree: "history",
+                key: hex(&k),
+                what,
+            })?;
+            out.extend(points.into_iter().filter(|p| p.ts >= from && p.ts <= to));
+        }
+        out.sort_by_key(|p| p.ts);
+        Ok(out)
+    }
+
+    /// Stored events matching `filter`, in seq order. Returns them and the seq to continue
+    /// after (0 = nothing more).
+    pub fn list_events(&self, filter: &EventFilter) -> Result<(Vec<Event>, u64), StoreError> {
+        let start = filter.after_seq.saturating_add(1).to_be_bytes();
+        let mut out = Vec::new();
+        let limit = filter.limit.max(1);
+        for (scanned, kv) in self.events.range(start..).enumerate() {
+            let (k, v) = kv.map_err(|source| StoreError::Io {
+                dir: self.dir.clone(),
+                source,
+            })?;
+            let seq = seq_of(&k).unwrap_or(0);
+            if scanned >= MAX_EVENT_SCAN {
+                return Ok((out, seq - 1));
+            }
+            let ev = codec::decode_event(seq, &v).map_err(|what| StoreError::Corrupt {
+                dir: self.dir.clone(),
+                tree: "events",
+                key: seq.to_string(),
+                what,
+            })?;
+            if filter.prefix.as_ref().is_some_and(|p| !ev.asset.starts_with(p))
+                || filter.kind.is_some_and(|k| k != ev.kind)
+                || ev.severity < filter.min_severity
+            {
+                continue;
+            }
+            out.push(ev);
+            if out.len() == limit {
+                return Ok((out, seq));
+            }
+        }
+        Ok((out, 0))
+    }
+}
+
+fn ts_key(ts: Timestamp) -> [u8; 8] {
+    // Offset so negative times sort before positive ones.
+    ((ts.0 as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+fn history_key(id: AssetId, property: Property, ts: Timestamp) -> Vec<u8> {
+    let mut k = Vec::with_capacity(25);
+    k.extend_from_slice(id.as_bytes());
+    k.push(property.code());
+    k.extend_from_slice(&ts_key(ts));
+    k
+}
+
+fn seq_of(k: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(k.try_into().ok()?))
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_a_store_of_another_format() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let s = Store::open(dir.path(), StoreConfig::default()).expect("open");
+            let meta = s.db.open_tree("meta").expect("meta");
+            let m = rec::Meta {
+                format: 99,
+                created_by: "future".into(),
+            };
+            meta.insert("meta", m.encode_to_vec()).expect("insert");
+            s.db.flush().expect("flush");
+        }
+        let err = Store::open(dir.path(), StoreConfig::default()).err().expect("must fail");
+        assert!(matches!(err, StoreError::Format { found: 99, .. }), "{err}");
+    }
+
+    #[test]
+    fn a_corrupt_data_dir_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let _s = Store::open(dir.path(), StoreConfig::default()).expect("open");
+        }
+        for entry in std::fs::read_dir(dir.path()).expect("read dir") {
+            let p = entry.expect("entry").path();
+            if p.is_file() {
+                std::fs::write(&p, b"garbage that is not a sled file").expect("write");
+            }
+        }
+        let err = Store::open(dir.path(), StoreConfig::default()).err().expect("must fail");
+        assert!(err.to_string().contains(&dir.path().display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn history_chunks_read_back_in_range_and_expire() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(Store::open(dir.path(), StoreConfig::default()).expect("open"));
+        let registry = Registry::default();
+        let id = AssetPath::parse("a/b/c/d/e/f").expect("path").id();
+        let rt = tokio::runtime::Builder::new_current_thread().build().expect("rt");
+        rt.block_on(async {
+            for chunk in 0..3i64 {
+                let pts: Vec<HistPoint> = (0..10)
+                    .map(|i| HistPoint {
+                        ts: Timestamp::from_millis(1_000 + chunk * 100 + i * 10),
+                        value: (chunk * 10 + i) as f64,
+                        quality: QualityCode::Good,
+                    })
+                    .collect();
+                store.append_history(id, Property::Value, &pts).await;
+            }
+        });
+        store.flush_once(&registry).expect("flush");
+        let pts = store
+            .read_history(id, Property::Value, Timestamp::from_millis(1_050), Timestamp::from_millis(1_250))
+            .expect("read");
+        assert_eq!(pts.first().map(|p| p.value), Some(5.0));
+        assert_eq!(pts.last().map(|p| p.value), Some(25.0));
+        assert_eq!(pts.len(), 21);
+        let removed = store
+            .apply_retention(Timestamp::from_millis(1_150).plus_ms(7 * 24 * 3_600_000))
+            .expect("retention");
+        assert_eq!(removed, 2);
+        let pts = store
+            .read_history(id, Property::Value, Timestamp::ZERO, Timestamp::from_millis(5_000))
+            .expect("read");
+        assert_eq!(pts.len(), 10);
+    }
+}

@@ -1,0 +1,127 @@
+//! Twins of lines, areas, sites and the enterprise: debounced roll-ups of their children.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferrotwin_models::rollup::RollUp;
+use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
+
+use super::supervise::Children;
+use super::{TwinArgs, TwinCtx, TwinMsg, TwinSnapshot, TwinState, now};
+use crate::registry::TwinEntry;
+
+pub struct GroupTwin;
+
+pub struct GroupState {
+    ctx: Arc<TwinCtx>,
+    entry: Arc<TwinEntry>,
+    children: Children,
+    restarts: u32,
+    published: RollUp,
+    publish_scheduled: bool,
+}
+
+impl Actor for GroupTwin {
+    type Msg = TwinMsg;
+    type State = GroupState;
+    type Arguments = TwinArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<TwinMsg>,
+        args: TwinArgs,
+    ) -> Result<GroupState, ActorProcessingErr> {
+        let TwinArgs {
+            ctx,
+            entry,
+            restarted_after,
+        } = args;
+        let mut restarts = entry.snapshot().restarts;
+        if let Some(why) = restarted_after {
+            restarts += 1;
+            super::machine::record_restart(&ctx, &entry, restarts, &why).await;
+        }
+        let children = Children::spawn_all(&ctx, &myself, entry.path()).await?;
+        let mut state = GroupState {
+            ctx,
+            entry,
+            children,
+            restarts,
+            published: RollUp::default(),
+            publish_scheduled: false,
+        };
+        state.publish();
+        Ok(state)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<TwinMsg>,
+        msg: TwinMsg,
+        state: &mut GroupState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            TwinMsg::ChildChanged { id, rollup } => {
+                if state.children.set(id, rollup) && !state.publish_scheduled {
+                    state.publish_scheduled = true;
+                    let debounce = Duration::from_millis(state.ctx.settings.rollup_debounce_ms);
+                    myself.send_after(debounce, || TwinMsg::PublishRollUp);
+                }
+            }
+            TwinMsg::PublishRollUp => {
+                state.publish_scheduled = false;
+                state.publish();
+            }
+            TwinMsg::Apply(readings) => {
+                // Nothing is measured on a line or above: count as rejected.
+                state.ctx.metrics.rejected_unknown_property.fetch_add(readings.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                state.ctx.handled(&state.entry, readings.len());
+            }
+            TwinMsg::Acknowledge { reply, .. } | TwinMsg::Shelve { reply, .. } => {
+                let _ = reply.send(Err(super::TwinError::NoAlarms {
+                    asset: state.entry.path().clone(),
+                    level: state.entry.level().as_str(),
+                }));
+            }
+            TwinMsg::HistoryTail(reply) => {
+                let _ = reply.send(Vec::new());
+            }
+            TwinMsg::FlushHistory(reply) => {
+                let _ = reply.send(());
+            }
+            TwinMsg::CheckStale(_) => {}
+            TwinMsg::Crash => panic!("{}: crash requested (test hook)", state.entry.path()),
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<TwinMsg>,
+        evt: SupervisionEvent,
+        state: &mut GroupState,
+    ) -> Result<(), ActorProcessingErr> {
+        let ctx = state.ctx.clone();
+        let path = state.entry.path().clone();
+        state.children.on_supervision(&ctx, &myself, &path, evt).await
+    }
+}
+
+impl GroupState {
+    fn publish(&mut self) {
+        let rollup = self.children.rollup();
+        let at = now();
+        self.ctx.publish(
+            &self.entry,
+            TwinSnapshot {
+                restarts: self.restarts,
+                updated: at,
+                state: TwinState::Group(rollup),
+            },
+        );
+        if rollup != self.published {
+            self.published = rollup;
+            self.ctx.notify_parent(&self.entry, rollup);
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! Twin of one machine: state from its state signal, part counters → OEE, the roll-up of
+//! its sensors (alarms, worst quality), debounced to its line.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use ferrotwin_models::oee::MachineState;
+use ferrotwin_models::rollup::RollUp;
+use ferrotwin_models::spec::{AssetKind, MachineType};
+use ferrotwin_models::{Event, EventKind, Property, Reading, RejectReason, Severity, Timestamp, Value};
+use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
+
+use super::supervise::Children;
+use super::{MachineSnap, TwinArgs, TwinCtx, TwinError, TwinMsg, TwinSnapshot, TwinState, now};
+use crate::registry::TwinEntry;
+
+pub struct MachineTwin;
+
+pub struct MachineTwinState {
+    ctx: Arc<TwinCtx>,
+    entry: Arc<TwinEntry>,
+    spec: Arc<MachineType>,
+    snap: MachineSnap,
+    children: Children,
+    restarts: u32,
+    published: RollUp,
+    publish_scheduled: bool,
+}
+
+/// Records a restart of a parent twin: counter, log, lifecycle event.
+pub(super) async fn record_restart(ctx: &TwinCtx, entry: &TwinEntry, restarts: u32, why: &str) {
+    ctx.metrics.restarts.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(asset = %entry.path(), error = %why, "twin restarted");
+    ctx.emit(Event::new(
+        entry.path().clone(),
+        now(),
+        EventKind::Lifecycle,
+        Severity::Medium,
+        format!("twin restarted after a crash (restart {restarts}): {why}"),
+    ))
+    .await;
+}
+
+impl Actor for MachineTwin {
+    type Msg = TwinMsg;
+    type State = MachineTwinState;
+    type Arguments = TwinArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<TwinMsg>,
+        args: TwinArgs,
+    ) -> Result<MachineTwinState, ActorProcessingErr> {
+        let TwinArgs {
+            ctx,
+            entry,
+            restarted_after,
+        } = args;
+        let AssetKind::Machine { spec, .. } = &entry.def.kind else {
+            return Err(format!("{}: not a machine", entry.path()).into());
+        };
+        let spec = spec.clone();
+        let base = entry.snapshot();
+        let snap = match &base.state {
+            TwinState::Machine(m) => m.clone(),
+            _ => MachineSnap::default(),
+        };
+        let mut restarts = base.restarts;
+        if let Some(why) = restarted_after {
+            restarts += 1;
+            record_restart(&ctx, &entry, restarts, &why).await;
+        }
+        let children = Children::spawn_all(&ctx, &myself, entry.path()).await?;
+        let mut state = MachineTwinState {
+            ctx,
+            entry,
+            spec,
+            snap,
+            children,
+            restarts,
+            published: RollUp::default(),
+            publish_scheduled: false,
+        };
+        state.publish(now(), true);
+        Ok(state)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<TwinMsg>,
+        msg: TwinMsg,
+        state: &mut MachineTwinState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            TwinMsg::Apply(readings) => {
+                let n = readings.len();
+                for r in &readings {
+                    state.apply(r).await;
+                }
+                state.ctx.handled(&state.entry, n);
+                state.publish(now(), false);
+                state.schedule(&myself);
+            }
+            TwinMsg::ChildChanged { id, rollup } => {
+                if state.children.set(id, rollup) {
+                    state.schedule(&myself);
+                }
+            }
+            TwinMsg::PublishRollUp => {
+                state.publish_scheduled = false;
+                state.publish(now(), true);
+            }
+            TwinMsg::Acknowledge { reply, .. } | TwinMsg::Shelve { reply, .. } => {
+                let _ = reply.send(Err(TwinError::NoAlarms {
+                    asset: state.entry.path().clone(),
+                    level: "machine (acknowledge the sensor's alarm)",
+                }));
+            }
+            TwinMsg::HistoryTail(reply) => {
+                let _ = reply.send(Vec::new());
+            }
+            TwinMsg::FlushHistory(reply) => {
+                let _ = reply.send(());
+            }
+            TwinMsg::CheckStale(_) => {}
+            TwinMsg::Crash => panic!("{}: crash requested (test hook)", state.entry.path()),
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<TwinMsg>,
+        evt: SupervisionEvent,
+        state: &mut MachineTwinState,
+    ) -> Result<(), ActorProcessingErr> {
+        let ctx = state.ctx.clone();
+        let path = state.entry.path().clone();
+        state.children.on_supervision(&ctx, &myself, &path, evt).await
+    }
+}
+
+impl MachineTwinState {
+    async fn reject(&mut self, reason: RejectReason) {
+        self.ctx.metrics.count_reject(reason.label());
+        tracing::debug!(asset = %self.entry.path(), reason = %reason, "machine reading rejected");
+        self.ctx
+            .emit(Event::new(
+                self.entry.path().clone(),
+                now(),
+                EventKind::Rejected,
+                Severity::Low,
+                format!("reading rejected: {reason}"),
+            ))
+            .await;
+    }
+
+    async fn apply(&mut self, r: &Reading) {
+        let asset = self.entry.path().clone();
+        let ahead_ms = r.source_ts.millis_since(now());
+        if ahead_ms > self.ctx.settings.max_future_skew_ms {
+            return self
+                .reject(RejectReason::FromTheFuture {
+                    asset,
+                    property: r.property,
+                    ts: r.source_ts,
+                    ahead_ms,
+                    max_skew_ms: self.ctx.settings.max_future_skew_ms,
+                })
+                .await;
+        }
+        let int = match r.value {
+            Value::Int(v) => v,
+            other => {
+                return self
+                    .reject(RejectReason::WrongType {
+                        asset,
+                        property: r.property,
+                        got: other.value_type().as_str(),
+                        declared: "int",
+                    })
+                    .await;
+            }
+        };
+        let t = &mut self.snap.tracker;
+        match r.property {
+            Property::State => {
+                let Some(new) = MachineState::from_code(int) else {
+                    return self
+                        .reject(RejectReason::WrongType {
+                            asset,
+                            property: r.property,
+                            got: "unknown state code",
+                            declared: "state code 0..=3",
+                        })
+                        .await;
+                };
+                let old = t.state;
+                if t.on_state(new, r.source_ts) {
+                    let severity = if new == MachineState::Down { Severity::Medium } else { Severity::Info };
+                    self.ctx
+                        .emit(Event::new(
+                            asset,
+                            r.source_ts,
+                            EventKind::State,
+                            severity,
+                            format!("machine {} -> {}", old.as_str(), new.as_str()),
+                        ))
+                        .await;
+                }
+            }
+            Property::GoodCount | Property::ScrapCount if int < 0 => {
+                self.reject(RejectReason::WrongType {
+                    asset,
+                    property: r.property,
+                    got: "negative count",
+                    declared: "count >= 0",
+                })
+                .await
+            }
+            Property::GoodCount => t.on_good_counter(int as u64, r.source_ts),
+            Property::ScrapCount => t.on_scrap_counter(int as u64, r.source_ts),
+            Property::Value => {
+                self.reject(RejectReason::UnknownProperty {
+                    asset,
+                    property: r.property,
+                    level: "machine",
+                })
+                .await
+            }
+        }
+    }
+
+    fn schedule(&mut self, myself: &ActorRef<TwinMsg>) {
+        if !self.publish_scheduled {
+            self.publish_scheduled = true;
+            let debounce = Duration::from_millis(self.ctx.settings.rollup_debounce_ms);
+            myself.send_after(debounce, || TwinMsg::PublishRollUp);
+        }
+    }
+
+    /// The machine's own contribution plus its sensors'.
+    fn rollup(&self, at: Timestamp) -> RollUp {
+        let mut t = self.snap.tracker;
+        t.advance(at);
+        let mut own = RollUp {
+            machines: 1,
+            running: u32::from(t.state == MachineState::Running),
+            ..RollUp::default()
+        };
+        let accounted_ms: u64 = t.time_in_state_ms.iter().sum();
+        if accounted_ms > 0 {
+            own.throughput_per_h = t.good_parts as f64 / (accounted_ms as f64 / 3_600_000.0);
+            let planned = accounted_ms - t.time_in_state_ms[MachineState::Idle.code() as usize];
+            if planned > 0 {
+                own.oee_sum = t.oee(self.spec.ideal_cycle_ms).oee;
+                own.oee_count = 1;
+            }
+        }
+        own.merge(&self.children.rollup());
+        own
+    }
+
+    fn publish(&mut self, at: Timestamp, to_parent: bool) {
+        self.snap.rollup = self.rollup(at);
+        self.ctx.publish(
+            &self.entry,
+            TwinSnapshot {
+                restarts: self.restarts,
+                updated: at,
+                state: TwinState::Machine(self.snap.clone()),
+            },
+        );
+        if to_parent && self.snap.rollup != self.published {
+            self.published = self.snap.rollup;
+            self.ctx.notify_parent(&self.entry, self.snap.rollup);
+        }
+    }
+}

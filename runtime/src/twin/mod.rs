@@ -1,0 +1,343 @@
+//! Twin actors: one ractor actor per asset, linked parent → child so the supervision tree is
+//! the ISA-95 tree.
+//!
+//! ractor's defaults work against us and are overridden here: an `Err` from `handle` stops
+//! an actor, so bad input is counted and evented, never returned; the default supervisor
+//! handling stops the parent when a child dies, so every parent restarts its failed children
+//! (from the snapshot in the registry) within a budget and escalates past it.
+
+pub mod group;
+pub mod machine;
+pub mod sensor;
+pub mod supervise;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use ferrotwin_models::alarm::AlarmStatus;
+use ferrotwin_models::oee::OeeTracker;
+use ferrotwin_models::rollup::RollUp;
+use ferrotwin_models::spec::{AssetDef, AssetKind};
+use ferrotwin_models::stats::RunningStats;
+use ferrotwin_models::{AssetId, AssetPath, Event, Quality, Reading, Timestamp, Value};
+use ractor::{Actor, ActorCell, ActorRef, RpcReplyPort, SpawnErr};
+
+use crate::metrics::Metrics;
+use crate::registry::{Registry, TwinEntry};
+use crate::router::Credits;
+use crate::store::{HistPoint, Store};
+use crate::watch::WatchHub;
+
+/// Wall clock in µs since the epoch: the runtime's `server_ts`.
+pub fn now() -> Timestamp {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    Timestamp(i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+/// Limits and timings of twins (the `[twins]` section of the runtime config).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TwinSettings {
+    /// Readings whose source timestamp is further ahead of the server clock are rejected.
+    pub max_future_skew_ms: i64,
+    /// A parent publishes its roll-up at most this often.
+    pub rollup_debounce_ms: u64,
+    /// Restart budget: at most `max_restarts` restarts of one child within `restart_window_ms`,
+    /// then the parent fails too (escalation, as in OTP).
+    pub max_restarts: usize,
+    pub restart_window_ms: u64,
+    /// Readings per history chunk, and the age at which a partial chunk is written anyway.
+    pub history_chunk_points: usize,
+    pub history_chunk_max_age_ms: i64,
+    /// A twin raises at most one `rejected` event per this interval; the others are counted
+    /// into the next one.
+    pub reject_event_interval_ms: i64,
+}
+
+impl Default for TwinSettings {
+    fn default() -> Self {
+        TwinSettings {
+            max_future_skew_ms: 5_000,
+            rollup_debounce_ms: 200,
+            max_restarts: 5,
+            restart_window_ms: 10_000,
+            history_chunk_points: 32,
+            history_chunk_max_age_ms: 10_000,
+            reject_event_interval_ms: 10_000,
+        }
+    }
+}
+
+/// The plant's shape: children of each asset, for spawning and restarting subtrees.
+#[derive(Default)]
+pub struct Plant {
+    children: HashMap<AssetPath, Vec<AssetDef>>,
+    pub root: Option<AssetDef>,
+}
+
+impl Plant {
+    pub fn new(assets: &[AssetDef]) -> Plant {
+        let mut p = Plant::default();
+        for a in assets {
+            match a.path.parent() {
+                Some(parent) => p.children.entry(parent).or_default().push(a.clone()),
+                None => p.root = Some(a.clone()),
+            }
+        }
+        p
+    }
+
+    pub fn children(&self, path: &AssetPath) -> &[AssetDef] {
+        self.children.get(path).map(Vec::as_slice).unwrap_or(&[])
+    }
+}
+
+/// What every twin shares.
+pub struct TwinCtx {
+    pub registry: Arc<Registry>,
+    pub store: Arc<Store>,
+    pub hub: Arc<WatchHub>,
+    pub plant: Arc<Plant>,
+    pub settings: TwinSettings,
+    pub metrics: Arc<Metrics>,
+    /// The router's in-flight budget (readings sent to twins and not yet handled).
+    pub credits: Credits,
+}
+
+impl TwinCtx {
+    /// A twin handled one `Apply` of `n` readings: return the router's credits.
+    pub fn handled(&self, entry: &TwinEntry, n: usize) {
+        entry.pending.fetch_sub(1, Ordering::AcqRel);
+        entry.pending_readings.fetch_sub(n as u32, Ordering::AcqRel);
+        self.credits.0.fetch_sub(n, Ordering::AcqRel);
+        self.metrics
+            .readings_applied
+            .fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// A twin crashed: its mailbox is gone, and with it the readings queued there (at most
+    /// `MAX_PENDING_PER_TWIN` batches). Return their credits so ingest does not stall.
+    pub fn forget_pending(&self, entry: &TwinEntry) -> usize {
+        entry.set_actor(None);
+        let lost = entry.pending_readings.swap(0, Ordering::AcqRel) as usize;
+        entry.pending.store(0, Ordering::Release);
+        self.credits.0.fetch_sub(lost, Ordering::AcqRel);
+        lost
+    }
+
+    /// Persists an event (assigning its seq) and streams it to watchers. Never drops it:
+    /// waits for room in the store's queue instead.
+    pub async fn emit(&self, mut event: Event) {
+        self.store.put_event(&mut event).await;
+        self.metrics.count_event(event.kind);
+        self.hub.event(Arc::new(event));
+    }
+
+    /// Publishes a new snapshot: registry (readers, store writer) and watchers.
+    pub fn publish(&self, entry: &Arc<TwinEntry>, snapshot: TwinSnapshot) {
+        let snapshot = Arc::new(snapshot);
+        self.registry.publish(entry, snapshot.clone());
+        self.hub.twin(entry.clone(), snapshot);
+    }
+
+    /// Tells `entry`'s parent that this child's roll-up changed.
+    pub fn notify_parent(&self, entry: &TwinEntry, rollup: RollUp) {
+        let Some(parent) = entry.path().parent() else {
+            return;
+        };
+        if let Some(actor) = self.registry.by_path(&parent).and_then(|p| p.actor()) {
+            // A parent that is gone (restarting) re-reads its children's snapshots on start.
+            let _ = actor.cast(TwinMsg::ChildChanged {
+                id: entry.id,
+                rollup,
+            });
+        }
+    }
+}
+
+/// Latest state of a twin, as readers and the store see it. Static facts (path, type, spec)
+/// live in the registry entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TwinSnapshot {
+    pub restarts: u32,
+    pub updated: Timestamp,
+    pub state: TwinState,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum TwinState {
+    Sensor(SensorSnap),
+    Machine(MachineSnap),
+    Group(RollUp),
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SensorSnap {
+    pub value: Option<Value>,
+    pub quality: Quality,
+    pub source_ts: Timestamp,
+    pub server_ts: Timestamp,
+    pub stats: RunningStats,
+    /// Parallel to the sensor spec's `alarms`.
+    pub alarms: Vec<AlarmStatus>,
+    pub rejected: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct MachineSnap {
+    pub tracker: OeeTracker,
+    /// Machine itself plus its sensors.
+    pub rollup: RollUp,
+}
+
+impl TwinSnapshot {
+    /// State of a twin that has never run.
+    pub fn initial(kind: &AssetKind) -> TwinSnapshot {
+        let state = match kind {
+            AssetKind::Sensor { spec, .. } => TwinState::Sensor(SensorSnap {
+                quality: Quality::uncertain(ferrotwin_models::QualityReason::NoData),
+                alarms: vec![AlarmStatus::default(); spec.alarms.len()],
+                ..SensorSnap::default()
+            }),
+            AssetKind::Machine { .. } => TwinState::Machine(MachineSnap::default()),
+            _ => TwinState::Group(RollUp::default()),
+        };
+        TwinSnapshot {
+            restarts: 0,
+            updated: Timestamp::ZERO,
+            state,
+        }
+    }
+
+    /// The roll-up this twin contributes to its parent.
+    pub fn rollup(&self, kind: &AssetKind) -> RollUp {
+        match &self.state {
+            TwinState::Sensor(s) => {
+                let mut r = RollUp {
+                    sensors: 1,
+                    worst_quality: s.quality.code,
+                    ..RollUp::default()
+                };
+                if let AssetKind::Sensor { spec, .. } = kind {
+                    for (a, limit) in s.alarms.iter().zip(&spec.alarms) {
+                        if a.state.is_active() {
+                            r.count_alarm(limit.severity);
+                        }
+                        if a.state.is_unacked() {
+                            r.unacked_alarms += 1;
+                        }
+                    }
+                }
+                r
+            }
+            TwinState::Machine(m) => m.rollup,
+            TwinState::Group(r) => *r,
+        }
+    }
+}
+
+/// Messages of every twin kind. One enum so the registry routes to any twin by id; each
+/// actor handles the variants of its kind and counts the rest as misrouted.
+pub enum TwinMsg {
+    /// Readings for this twin (from the router). Fire-and-forget, bounded by `pending`.
+    Apply(Vec<Reading>),
+    /// A child's roll-up changed.
+    ChildChanged { id: AssetId, rollup: RollUp },
+    /// Debounce timer: publish the roll-up to the parent now.
+    PublishRollUp,
+    /// Sweeper: no reading since the stale threshold.
+    CheckStale(Timestamp),
+    Acknowledge {
+        alarm: String,
+        by: String,
+        comment: String,
+        reply: RpcReplyPort<Result<AlarmStatus, TwinError>>,
+    },
+    Shelve {
+        alarm: String,
+        until: Option<Timestamp>,
+        by: String,
+        reply: RpcReplyPort<Result<AlarmStatus, TwinError>>,
+    },
+    /// The readings not yet written as a history chunk.
+    HistoryTail(RpcReplyPort<Vec<HistPoint>>),
+    /// Write the history tail now (clean shutdown).
+    FlushHistory(RpcReplyPort<()>),
+    /// Test hook: panic inside the handler, as a bug would.
+    #[doc(hidden)]
+    Crash,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TwinError {
+    #[error("{asset}: no alarm named {alarm:?} (alarms: {known})")]
+    UnknownAlarm {
+        asset: AssetPath,
+        alarm: String,
+        known: String,
+    },
+    #[error("{asset}: alarm {alarm:?}: {source}")]
+    Ack {
+        asset: AssetPath,
+        alarm: String,
+        source: ferrotwin_models::alarm::AckError,
+    },
+    #[error("{asset}: a {level} has no alarms")]
+    NoAlarms { asset: AssetPath, level: &'static str },
+}
+
+/// Arguments of every twin actor.
+pub struct TwinArgs {
+    pub ctx: Arc<TwinCtx>,
+    pub entry: Arc<TwinEntry>,
+    /// Set when this start is a restart after a crash: the failure text.
+    pub restarted_after: Option<String>,
+}
+
+/// Stop reason that marks a deliberate removal: the parent does not restart the child.
+pub const STOP_REMOVED: &str = "removed";
+
+/// Spawns the twin of `entry` (linked to `supervisor` when given) and records the actor in
+/// the registry entry.
+pub async fn spawn_twin(
+    ctx: Arc<TwinCtx>,
+    entry: Arc<TwinEntry>,
+    supervisor: Option<ActorCell>,
+    restarted_after: Option<String>,
+) -> Result<ActorRef<TwinMsg>, SpawnErr> {
+    let args = TwinArgs {
+        ctx,
+        entry: entry.clone(),
+        restarted_after,
+    };
+    let actor = match (&entry.def.kind, supervisor) {
+        (AssetKind::Sensor { .. }, Some(sup)) => {
+            Actor::spawn_linked(None, sensor::SensorTwin, args, sup).await?.0
+        }
+        (AssetKind::Sensor { .. }, None) => Actor::spawn(None, sensor::SensorTwin, args).await?.0,
+        (AssetKind::Machine { .. }, Some(sup)) => {
+            Actor::spawn_linked(None, machine::MachineTwin, args, sup).await?.0
+        }
+        (AssetKind::Machine { .. }, None) => Actor::spawn(None, machine::MachineTwin, args).await?.0,
+        (_, Some(sup)) => Actor::spawn_linked(None, group::GroupTwin, args, sup).await?.0,
+        (_, None) => Actor::spawn(None, group::GroupTwin, args).await?.0,
+    };
+    entry.set_actor(Some(actor.clone()));
+    Ok(actor)
+}
+
+/// Asks a twin and waits at most `timeout` for the answer.
+pub async fn ask<R: Send + 'static>(
+    actor: &ActorRef<TwinMsg>,
+    msg: impl FnOnce(RpcReplyPort<R>) -> TwinMsg,
+    timeout: Duration,
+) -> Option<R> {
+    match actor.call(msg, Some(timeout)).await {
+        Ok(ractor::rpc::CallResult::Success(r)) => Some(r),
+        _ => None,
+    }
+}

@@ -1,0 +1,444 @@
+//! Live twin of one sensor: value, quality, timestamps, running stats, limit alarms,
+//! staleness and the history tail not yet written as a chunk.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use ferrotwin_models::alarm::{AlarmLimit, AlarmTransition, LimitKind};
+use ferrotwin_models::rollup::RollUp;
+use ferrotwin_models::spec::{AssetKind, SensorSpec};
+use ferrotwin_models::{
+    Event, EventKind, Property, Quality, QualityCode, QualityReason, Reading, RejectReason,
+    Severity, Timestamp,
+};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+
+use super::{SensorSnap, TwinArgs, TwinCtx, TwinError, TwinMsg, TwinSnapshot, TwinState, now};
+use crate::registry::TwinEntry;
+use crate::store::HistPoint;
+
+pub struct SensorTwin;
+
+pub struct SensorState {
+    ctx: Arc<TwinCtx>,
+    entry: Arc<TwinEntry>,
+    spec: Arc<SensorSpec>,
+    snap: SensorSnap,
+    restarts: u32,
+    tail: Vec<HistPoint>,
+    last_rollup: RollUp,
+    rejects_unreported: u32,
+    last_reject_event: Timestamp,
+}
+
+impl Actor for SensorTwin {
+    type Msg = TwinMsg;
+    type State = SensorState;
+    type Arguments = TwinArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<TwinMsg>,
+        args: TwinArgs,
+    ) -> Result<SensorState, ActorProcessingErr> {
+        let TwinArgs {
+            ctx,
+            entry,
+            restarted_after,
+        } = args;
+        let AssetKind::Sensor { spec, .. } = &entry.def.kind else {
+            return Err(format!("{}: not a sensor", entry.path()).into());
+        };
+        let spec = spec.clone();
+        let base = entry.snapshot();
+        let (snap, restarts) = match &base.state {
+            TwinState::Sensor(s) => (s.clone(), base.restarts),
+            _ => (SensorSnap::default(), 0),
+        };
+        let mut state = SensorState {
+            last_rollup: base.rollup(&entry.def.kind),
+            ctx,
+            entry,
+            spec,
+            snap,
+            restarts,
+            tail: Vec::new(),
+            rejects_unreported: 0,
+            last_reject_event: Timestamp::ZERO,
+        };
+        if let Some(why) = restarted_after {
+            state.restarts += 1;
+            state.ctx.metrics.restarts.fetch_add(1, Ordering::Relaxed);
+            let msg = format!(
+                "twin restarted after a crash (restart {}): {why}",
+                state.restarts
+            );
+            tracing::warn!(asset = %state.entry.path(), error = %why, "sensor twin restarted");
+            state
+                .ctx
+                .emit(Event::new(
+                    state.entry.path().clone(),
+                    now(),
+                    EventKind::Lifecycle,
+                    Severity::Medium,
+                    msg,
+                ))
+                .await;
+            state.publish(now());
+        }
+        Ok(state)
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<TwinMsg>,
+        msg: TwinMsg,
+        state: &mut SensorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            TwinMsg::Apply(readings) => {
+                let n = readings.len();
+                state.apply(&readings).await;
+                state.ctx.handled(&state.entry, n);
+            }
+            TwinMsg::CheckStale(at) => state.check_stale(at).await,
+            TwinMsg::Acknowledge {
+                alarm,
+                by,
+                comment,
+                reply,
+            } => {
+                let r = state.acknowledge(&alarm, &by, &comment).await;
+                let _ = reply.send(r);
+            }
+            TwinMsg::Shelve {
+                alarm,
+                until,
+                by,
+                reply,
+            } => {
+                let r = state.shelve(&alarm, until, &by).await;
+                let _ = reply.send(r);
+            }
+            TwinMsg::HistoryTail(reply) => {
+                let _ = reply.send(state.tail.clone());
+            }
+            TwinMsg::FlushHistory(reply) => {
+                state.flush_tail().await;
+                let _ = reply.send(());
+            }
+            TwinMsg::Crash => panic!("{}: crash requested (test hook)", state.entry.path()),
+            TwinMsg::ChildChanged { .. } | TwinMsg::PublishRollUp => {
+                tracing::warn!(asset = %state.entry.path(), "sensor twin got a parent-only message");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl SensorState {
+    fn check(&self, r: &Reading, now: Timestamp) -> Result<(), RejectReason> {
+        let asset = || self.entry.path().clone();
+        if r.property != Property::Value {
+            return Err(RejectReason::UnknownProperty {
+                asset: asset(),
+                property: r.property,
+                level: "sensor",
+            });
+        }
+        if !r.value.is_finite() {
+            return Err(RejectReason::NotFinite {
+                asset: asset(),
+                property: r.property,
+            });
+        }
+        if !r.value.fits(self.spec.value_type) {
+            return Err(RejectReason::WrongType {
+                asset: asset(),
+                property: r.property,
+                got: r.value.value_type().as_str(),
+                declared: self.spec.value_type.as_str(),
+            });
+        }
+        let ahead_ms = r.source_ts.millis_since(now);
+        let max_skew_ms = self.ctx.settings.max_future_skew_ms;
+        if ahead_ms > max_skew_ms {
+            return Err(RejectReason::FromTheFuture {
+                asset: asset(),
+                property: r.property,
+                ts: r.source_ts,
+                ahead_ms,
+                max_skew_ms,
+            });
+        }
+        Ok(())
+    }
+
+    async fn apply(&mut self, readings: &[Reading]) {
+        let now = now();
+        let mut touched = false;
+        let rejected_before = self.snap.rejected;
+        for r in readings {
+            if let Err(reason) = self.check(r, now) {
+                self.reject(reason, now).await;
+                continue;
+            }
+            let v = r.value.as_f64();
+            let mut quality = r.quality;
+            let out_of_range = self.spec.min.is_some_and(|lo| v < lo) || self.spec.max.is_some_and(|hi| v > hi);
+            if out_of_range && quality.is_good() {
+                quality = Quality::uncertain(QualityReason::OutOfRange);
+            }
+            self.tail.push(HistPoint {
+                ts: r.source_ts,
+                value: v,
+                quality: quality.code,
+            });
+            if self.tail.len() >= self.ctx.settings.history_chunk_points {
+                self.flush_tail().await;
+            }
+            if r.source_ts < self.snap.source_ts {
+                // Late reading: kept in history, the live value stays the newer one.
+                continue;
+            }
+            touched = true;
+            self.set_quality(quality, r.source_ts).await;
+            self.snap.value = Some(r.value);
+            self.snap.source_ts = r.source_ts;
+            self.snap.server_ts = now;
+            self.snap.stats.push(v);
+            if quality.code != QualityCode::Bad {
+                self.evaluate_alarms(v, r.source_ts).await;
+            }
+        }
+        self.entry.stale.store(false, Ordering::Relaxed);
+        if self
+            .tail
+            .first()
+            .is_some_and(|p| now.millis_since(p.ts) > self.ctx.settings.history_chunk_max_age_ms)
+        {
+            self.flush_tail().await;
+        }
+        if touched || self.snap.rejected != rejected_before {
+            self.publish(now);
+        }
+    }
+
+    async fn set_quality(&mut self, q: Quality, at: Timestamp) {
+        let old = self.snap.quality;
+        if old == q {
+            return;
+        }
+        self.snap.quality = q;
+        // Quality events for what an engineer must see: bad data and staleness, and the
+        // recovery from them. Range excursions are the alarms' business; the first value
+        // after start-up is not news.
+        let noteworthy = |x: Quality| x.code == QualityCode::Bad || x.reason == QualityReason::Stale;
+        if old.reason != QualityReason::NoData && (noteworthy(old) || noteworthy(q)) {
+            let severity = if q.code == QualityCode::Bad { Severity::High } else { Severity::Low };
+            self.ctx
+                .emit(Event::new(
+                    self.entry.path().clone(),
+                    at,
+                    EventKind::Quality,
+                    severity,
+                    format!("quality {old} -> {q}"),
+                ))
+                .await;
+        }
+    }
+
+    async fn evaluate_alarms(&mut self, v: f64, at: Timestamp) {
+        for i in 0..self.spec.alarms.len() {
+            let limit = &self.spec.alarms[i];
+            if let Some(t) = self.snap.alarms[i].evaluate(limit, v, at) {
+                let msg = describe(limit, t, Some(v), &self.spec.unit);
+                let ev = alarm_event(self.entry.path(), limit, t, at, msg);
+                self.ctx.emit(ev).await;
+            }
+        }
+    }
+
+    async fn reject(&mut self, reason: RejectReason, now: Timestamp) {
+        self.snap.rejected += 1;
+        self.ctx.metrics.count_reject(reason.label());
+        if now.millis_since(self.last_reject_event) < self.ctx.settings.reject_event_interval_ms {
+            self.rejects_unreported += 1;
+            return;
+        }
+        let mut msg = format!("reading rejected: {reason}");
+        if self.rejects_unreported > 0 {
+            msg.push_str(&format!(
+                " ({} more rejected since the last such event)",
+                self.rejects_unreported
+            ));
+        }
+        tracing::warn!(asset = %self.entry.path(), reason = reason.label(), "reading rejected");
+        self.rejects_unreported = 0;
+        self.last_reject_event = now;
+        self.ctx
+            .emit(Event::new(
+                self.entry.path().clone(),
+                now,
+                EventKind::Rejected,
+                Severity::Low,
+                msg,
+            ))
+            .await;
+    }
+
+    async fn check_stale(&mut self, at: Timestamp) {
+        let last_us = self.entry.last_seen_us.load(Ordering::Relaxed);
+        let stale_ms = self.spec.stale_after_ms() as i64;
+        if at.0 - last_us < stale_ms * 1000 {
+            // A reading came in after the sweeper looked: not stale, let it look again.
+            self.entry.stale.store(false, Ordering::Relaxed);
+            return;
+        }
+        if self.snap.quality.reason == QualityReason::Stale {
+            return;
+        }
+        if self.snap.quality.code == QualityCode::Bad {
+            self.entry.stale.store(true, Ordering::Relaxed);
+            return;
+        }
+        self.entry.stale.store(true, Ordering::Relaxed);
+        self.set_quality(Quality::uncertain(QualityReason::Stale), at).await;
+        self.flush_tail().await;
+        self.publish(at);
+    }
+
+    fn alarm_index(&self, name: &str) -> Result<usize, TwinError> {
+        self.spec
+            .alarms
+            .iter()
+            .position(|a| a.name == name)
+            .ok_or_else(|| TwinError::UnknownAlarm {
+                asset: self.entry.path().clone(),
+                alarm: name.to_string(),
+                known: self
+                    .spec
+                    .alarms
+                    .iter()
+                    .map(|a| a.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    async fn acknowledge(
+        &mut self,
+        name: &str,
+        by: &str,
+        comment: &str,
+    ) -> Result<ferrotwin_models::alarm::AlarmStatus, TwinError> {
+        let i = self.alarm_index(name)?;
+        let at = now();
+        let t = self.snap.alarms[i]
+            .acknowledge(at)
+            .map_err(|source| TwinError::Ack {
+                asset: self.entry.path().clone(),
+                alarm: name.to_string(),
+                source,
+            })?;
+        let limit = &self.spec.alarms[i];
+        let mut msg = format!("{} by {by}", describe(limit, t, None, &self.spec.unit));
+        if !comment.is_empty() {
+            msg.push_str(&format!(": {comment}"));
+        }
+        let ev = alarm_event(self.entry.path(), limit, t, at, msg);
+        self.ctx.emit(ev).await;
+        self.publish(at);
+        Ok(self.snap.alarms[i])
+    }
+
+    async fn shelve(
+        &mut self,
+        name: &str,
+        until: Option<Timestamp>,
+        by: &str,
+    ) -> Result<ferrotwin_models::alarm::AlarmStatus, TwinError> {
+        let i = self.alarm_index(name)?;
+        let at = now();
+        let t = match until {
+            Some(u) => Some(self.snap.alarms[i].shelve(u, at)),
+            None => self.snap.alarms[i].unshelve(at),
+        };
+        if let Some(t) = t {
+            let limit = &self.spec.alarms[i];
+            let msg = match until {
+                Some(u) => format!("alarm {:?} shelved until {u} by {by}", limit.name),
+                None => format!("alarm {:?} unshelved by {by}", limit.name),
+            };
+            let ev = alarm_event(self.entry.path(), limit, t, at, msg);
+            self.ctx.emit(ev).await;
+            self.publish(at);
+        }
+        Ok(self.snap.alarms[i])
+    }
+
+    async fn flush_tail(&mut self) {
+        if self.tail.is_empty() {
+            return;
+        }
+        let points = std::mem::take(&mut self.tail);
+        self.ctx
+            .store
+            .append_history(self.entry.id, Property::Value, &points)
+            .await;
+        // Keep the allocation for the next chunk.
+        self.tail = points;
+        self.tail.clear();
+    }
+
+    fn publish(&mut self, at: Timestamp) {
+        let snapshot = TwinSnapshot {
+            restarts: self.restarts,
+            updated: at,
+            state: TwinState::Sensor(self.snap.clone()),
+        };
+        let rollup = snapshot.rollup(&self.entry.def.kind);
+        self.ctx.publish(&self.entry, snapshot);
+        if rollup != self.last_rollup {
+            self.last_rollup = rollup;
+            self.ctx.notify_parent(&self.entry, rollup);
+        }
+    }
+}
+
+fn describe(limit: &AlarmLimit, t: AlarmTransition, value: Option<f64>, unit: &str) -> String {
+    let side = match limit.kind {
+        LimitKind::High => "above",
+        LimitKind::Low => "below",
+    };
+    match (t, value) {
+        (AlarmTransition::Raised, Some(v)) => format!(
+            "alarm {:?} raised: {v:.3} {unit} {side} limit {} {unit}",
+            limit.name, limit.limit
+        ),
+        (AlarmTransition::ReturnedToNormal, Some(v)) => format!(
+            "alarm {:?} returned to normal (unacknowledged): {v:.3} {unit}",
+            limit.name
+        ),
+        (AlarmTransition::Cleared, Some(v)) => {
+            format!("alarm {:?} cleared: {v:.3} {unit}", limit.name)
+        }
+        (t, _) => format!("alarm {:?} {}", limit.name, t.as_str()),
+    }
+}
+
+fn alarm_event(
+    asset: &ferrotwin_models::AssetPath,
+    limit: &AlarmLimit,
+    t: AlarmTransition,
+    at: Timestamp,
+    message: String,
+) -> Event {
+    let severity = match t {
+        AlarmTransition::Raised => limit.severity,
+        _ => Severity::Info,
+    };
+    let mut ev = Event::new(asset.clone(), at, EventKind::Alarm, severity, message);
+    ev.alarm = limit.name.clone();
+    ev
+}

@@ -1,0 +1,131 @@
+//! What every parent twin does for its children: spawn them linked, keep their roll-ups,
+//! restart a failed child from its last snapshot within a budget, escalate past it.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferrotwin_models::rollup::RollUp;
+use ferrotwin_models::{AssetId, AssetPath};
+use ractor::{ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
+
+use super::{STOP_REMOVED, TwinCtx, TwinMsg, spawn_twin};
+use crate::registry::TwinEntry;
+
+#[derive(Default)]
+pub struct Children {
+    by_actor: HashMap<ActorId, Arc<TwinEntry>>,
+    rollups: HashMap<AssetId, RollUp>,
+    restarts: HashMap<AssetId, VecDeque<Instant>>,
+}
+
+impl Children {
+    /// Spawns every child of `path` (as the plant says) linked to `myself`.
+    pub async fn spawn_all(
+        ctx: &Arc<TwinCtx>,
+        myself: &ActorRef<TwinMsg>,
+        path: &AssetPath,
+    ) -> Result<Children, ActorProcessingErr> {
+        let mut c = Children::default();
+        for def in ctx.plant.children(path) {
+            let Some(entry) = ctx.registry.by_path(&def.path) else {
+                return Err(format!("{}: child {} is not in the registry", path, def.path).into());
+            };
+            let actor = spawn_twin(ctx.clone(), entry.clone(), Some(myself.get_cell()), None)
+                .await
+                .map_err(|e| format!("{}: cannot start child: {e}", def.path))?;
+            c.rollups
+                .insert(entry.id, entry.snapshot().rollup(&entry.def.kind));
+            c.by_actor.insert(actor.get_id(), entry);
+        }
+        Ok(c)
+    }
+
+    pub fn rollup(&self) -> RollUp {
+        RollUp::of_children(self.rollups.values())
+    }
+
+    /// Records a child's roll-up; true if it changed.
+    pub fn set(&mut self, id: AssetId, rollup: RollUp) -> bool {
+        match self.rollups.get_mut(&id) {
+            Some(r) if *r == rollup => false,
+            Some(r) => {
+                *r = rollup;
+                true
+            }
+            // Not (or no longer) our child: ignore.
+            None => false,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_actor.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_actor.is_empty()
+    }
+
+    /// Handles a supervision event. A failed child is restarted from the snapshot in its
+    /// registry entry; past the budget the error is returned, which fails this parent and
+    /// hands the problem to its own parent.
+    pub async fn on_supervision(
+        &mut self,
+        ctx: &Arc<TwinCtx>,
+        myself: &ActorRef<TwinMsg>,
+        me: &AssetPath,
+        evt: SupervisionEvent,
+    ) -> Result<(), ActorProcessingErr> {
+        match evt {
+            SupervisionEvent::ActorFailed(cell, err) => {
+                let Some(entry) = self.by_actor.remove(&cell.get_id()) else {
+                    return Ok(());
+                };
+                let lost = ctx.forget_pending(&entry);
+                let s = &ctx.settings;
+                let window = Duration::from_millis(s.restart_window_ms);
+                let history = self.restarts.entry(entry.id).or_default();
+                let now = Instant::now();
+                while history.front().is_some_and(|t| now.duration_since(*t) > window) {
+                    history.pop_front();
+                }
+                if history.len() >= s.max_restarts {
+                    tracing::error!(asset = %entry.path(), parent = %me, error = %err,
+                        "twin exceeded its restart budget; escalating");
+                    return Err(format!(
+                        "{me}: child {} failed {} times within {} ms (last: {err}); escalating",
+                        entry.path(),
+                        history.len() + 1,
+                        s.restart_window_ms
+                    )
+                    .into());
+                }
+                history.push_back(now);
+                tracing::warn!(asset = %entry.path(), error = %err, lost_readings = lost, "twin failed; restarting from its last snapshot");
+                let why = if lost > 0 {
+                    format!("{err} ({lost} queued readings lost)")
+                } else {
+                    err.to_string()
+                };
+                let actor = spawn_twin(ctx.clone(), entry.clone(), Some(myself.get_cell()), Some(why))
+                    .await
+                    .map_err(|e| format!("{}: restart failed: {e}", entry.path()))?;
+                self.by_actor.insert(actor.get_id(), entry);
+            }
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                if let Some(entry) = self.by_actor.remove(&cell.get_id()) {
+                    if reason.as_deref() == Some(STOP_REMOVED) {
+                        self.rollups.remove(&entry.id);
+                    }
+                    entry.set_actor(None);
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    pub fn entries(&self) -> impl Iterator<Item = &Arc<TwinEntry>> {
+        self.by_actor.values()
+    }
+}

@@ -1,0 +1,1149 @@
+//! The plant in motion: machine state machines, sensor signal models and random faults, all
+//! advanced in simulated time by `PlantSim::step`.
+//!
+//! Determinism: each machine owns a ChaCha8 stream seeded from the plant seed and a stable
+//! (FNV-1a) hash of its path, and draws from it only for its own events, in time order.
+//! Per-sample noise is not drawn from a stream but hashed from (sensor key, sample number):
+//! it needs no state, costs a few nanoseconds, and makes a sample's noise independent of how
+//! `step` calls are spaced. So the same spec and seed give the same readings for any step
+//! schedule that does not trigger the catch-up bound.
+
+use std::f64::consts::TAU;
+use std::ops::Range;
+
+use ferrotwin_models::alarm::LimitKind;
+use ferrotwin_models::oee::MachineState;
+use ferrotwin_models::spec::{AssetKind, PlantSpec, SensorKind, SensorSpec};
+use ferrotwin_models::{AssetId, AssetPath, Property, Reading, Timestamp, Value, ValueType};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// A step that jumps further than this many periods emits only the last this-many periods of
+/// each sensor; older machine state and counter changes are coalesced into one reading each.
+pub const MAX_CATCH_UP_PERIODS: i64 = 10;
+
+/// Mean time between fault starts per machine, in seconds of simulated time.
+const OVERHEAT_MEAN_S: f64 = 3600.0;
+const SPIKE_MEAN_S: f64 = 1800.0;
+const STUCK_MEAN_S: f64 = 6.0 * 3600.0;
+const BREAKDOWN_MEAN_S: f64 = 12.0 * 3600.0;
+const BEARING_MEAN_S: f64 = 48.0 * 3600.0;
+
+const SCRAP_RATE: f64 = 0.02;
+const SCRAP_RATE_OVERHEATING: f64 = 0.15;
+const SETUP_AFTER_IDLE: f64 = 0.08;
+/// Vibration grows to `1 + BEARING_GAIN × wear` times its healthy level; a failing bearing
+/// (wear 1) is at 5×, past the alarm limit that healthy machines stay at a third of.
+const BEARING_GAIN: f64 = 4.0;
+
+const NEVER: i64 = i64::MAX;
+const US: f64 = 1e6;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FaultKind {
+    /// A temperature pushed over its high alarm limit for 30–120 s (label on the sensor).
+    Overheating,
+    /// Vibration rising over hours until the machine breaks down (label on the machine).
+    BearingWear,
+    /// A sensor repeating its last value for minutes (label on the sensor).
+    StuckSensor,
+    /// One outlier sample (label on the sensor, `end == start`).
+    Spike,
+    /// The machine is Down until repaired (label on the machine).
+    Breakdown,
+}
+
+impl FaultKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FaultKind::Overheating => "overheating",
+            FaultKind::BearingWear => "bearing_wear",
+            FaultKind::StuckSensor => "stuck_sensor",
+            FaultKind::Spike => "spike",
+            FaultKind::Breakdown => "breakdown",
+        }
+    }
+}
+
+/// Ground truth of one fault; `end` is `None` while it lasts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FaultLabel {
+    pub asset: AssetPath,
+    pub kind: FaultKind,
+    pub start: Timestamp,
+    pub end: Option<Timestamp>,
+}
+
+/// The simulated plant: every machine and sensor of a spec, with their physical state.
+pub struct PlantSim {
+    machines: Vec<MachineSim>,
+    /// Grouped by machine (`MachineSim::sensors`), in spec order.
+    sensors: Vec<SensorSim>,
+    machine_paths: Vec<AssetPath>,
+    sensor_paths: Vec<AssetPath>,
+    faults: Vec<FaultLabel>,
+    now: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Model {
+    Temperature,
+    Vibration,
+    Speed,
+    Power,
+    /// Pressure and flow: a nominal level with noise.
+    Level,
+    Generic,
+}
+
+struct SensorSim {
+    id: AssetId,
+    model: Model,
+    value_type: ValueType,
+    period_us: i64,
+    next_due: i64,
+    last_due: i64,
+    lo: f64,
+    hi: f64,
+    /// Per model: temperature reference (high limit or max), healthy running vibration,
+    /// speed setpoint, nominal level; unused for power and generic.
+    level: f64,
+    /// Generic: sine period in seconds.
+    sine_period_s: f64,
+    high_limit: f64,
+    /// Lag factor for one nominal period.
+    alpha: f64,
+    tau_s: f64,
+    value: f64,
+    drift: f64,
+    /// Overheating offset on top of the thermal model.
+    excess: f64,
+    /// While overheating: the value the temperature is pushed to; NaN otherwise.
+    fault_target: f64,
+    noise_key: u64,
+    sample: u64,
+    stuck: bool,
+    spike: bool,
+    last_out: f64,
+}
+
+struct Active {
+    sensor: usize,
+    until: i64,
+    label: usize,
+}
+
+struct MachineSim {
+    id: AssetId,
+    index: usize,
+    rng: ChaCha8Rng,
+    sensors: Range<usize>,
+    ideal_cycle_ms: f64,
+    state: MachineState,
+    state_until: i64,
+    next_part: i64,
+    good: i64,
+    scrap: i64,
+    wear_since: i64,
+    wear_per_us: f64,
+    bearing_label: Option<usize>,
+    next_bearing: i64,
+    next_overheat: i64,
+    overheat: Option<Active>,
+    next_spike: i64,
+    next_stuck: i64,
+    stuck: Option<Active>,
+    next_breakdown: i64,
+    breakdown_label: Option<usize>,
+    next_event: i64,
+    /// Machine readings older than the catch-up window are coalesced: these say which
+    /// properties changed and when last.
+    dirty_state: bool,
+    dirty_counts: bool,
+    dirty_ts: i64,
+    window_us: i64,
+}
+
+/// FNV-1a 64: stable across runs and platforms, unlike std's randomly keyed hasher.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// SplitMix64 finaliser: a counter-based source of 64 random bits.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Approximately standard normal from 64 bits: the sum of four 16-bit uniforms (Irwin–Hall),
+/// centred and scaled to unit variance; bounded to ±3.46, which keeps noise from ever
+/// reaching an alarm limit on its own.
+fn normal(h: u64) -> f64 {
+    let sum = (h & 0xffff) + ((h >> 16) & 0xffff) + ((h >> 32) & 0xffff) + (h >> 48);
+    (sum as f64 / 65536.0 - 2.0) * 3f64.sqrt()
+}
+
+fn unit(h: u64) -> f64 {
+    (h >> 11) as f64 / (1u64 << 53) as f64
+}
+
+fn exp_us(rng: &mut ChaCha8Rng, mean_s: f64) -> i64 {
+    let u: f64 = rng.random();
+    ((-mean_s * (1.0 - u).ln() * US) as i64).max(1000)
+}
+
+fn uniform_us(rng: &mut ChaCha8Rng, lo_s: f64, hi_s: f64) -> i64 {
+    (rng.random_range(lo_s..hi_s) * US) as i64
+}
+
+fn default_range(kind: SensorKind) -> (f64, f64) {
+    match kind {
+        SensorKind::Temperature => (0.0, 150.0),
+        SensorKind::Vibration => (0.0, 50.0),
+        SensorKind::Speed => (0.0, 3000.0),
+        SensorKind::Pressure => (0.0, 10.0),
+        SensorKind::Power | SensorKind::Flow | SensorKind::Generic => (0.0, 100.0),
+    }
+}
+
+impl SensorSim {
+    fn new(id: AssetId, spec: &SensorSpec, noise_key: u64) -> SensorSim {
+        let (dlo, dhi) = default_range(spec.kind);
+        let (lo, hi) = match (spec.min, spec.max) {
+            (Some(lo), Some(hi)) => (lo, hi),
+            (Some(lo), None) => (lo, lo + (dhi - dlo)),
+            (None, Some(hi)) => (hi - (dhi - dlo), hi),
+            (None, None) => (dlo, dhi),
+        };
+        let span = hi - lo;
+        let limit = |kind: LimitKind| {
+            spec.alarms
+                .iter()
+                .filter(|a| a.kind == kind)
+                .map(|a| a.limit)
+                .reduce(|a, b| match kind {
+                    LimitKind::High => a.min(b),
+                    LimitKind::Low => a.max(b),
+                })
+        };
+        let (high, low) = (limit(LimitKind::High), limit(LimitKind::Low));
+        let (model, tau_s, level) = match spec.kind {
+            SensorKind::Temperature => (Model::Temperature, 90.0, high.unwrap_or(hi).min(hi)),
+            SensorKind::Vibration => (
+                Model::Vibration,
+                2.0,
+                high.map_or(0.06 * span, |h| 0.3 * (h - lo)),
+            ),
+            SensorKind::Speed => (Model::Speed, 3.0, lo + 0.6 * span),
+            SensorKind::Power => (Model::Power, 1.0, 0.0),
+            SensorKind::Pressure | SensorKind::Flow => {
+                let nominal = match (low, high) {
+                    (Some(l), Some(h)) => (l + h) / 2.0,
+                    (Some(l), None) => (lo + 0.6 * span).max(l + 0.25 * span),
+                    (None, Some(h)) => lo + 0.6 * (h - lo),
+                    (None, None) => lo + 0.6 * span,
+                };
+                (Model::Level, 2.0, nominal)
+            }
+            SensorKind::Generic => (Model::Generic, 5.0, lo + 0.5 * span),
+        };
+        let period_us = i64::try_from(spec.period_ms.saturating_mul(1000)).unwrap_or(i64::MAX / 4);
+        SensorSim {
+            id,
+            model,
+            value_type: spec.value_type,
+            period_us,
+            next_due: 0,
+            last_due: 0,
+            lo,
+            hi,
+            level,
+            sine_period_s: 300.0 + 1500.0 * unit(mix(noise_key ^ 1)),
+            high_limit: high.unwrap_or(f64::NAN),
+            alpha: 1.0 - (-(period_us as f64) / US / tau_s).exp(),
+            tau_s,
+            value: lo,
+            drift: 0.0,
+            excess: 0.0,
+            fault_target: f64::NAN,
+            noise_key,
+            sample: 0,
+            stuck: false,
+            spike: false,
+            last_out: lo,
+        }
+    }
+
+    /// Where the physical quantity settles in this machine state.
+    fn target(&self, state: MachineState, wear: f64) -> f64 {
+        let span = self.hi - self.lo;
+        match self.model {
+            Model::Temperature => {
+                let frac = match state {
+                    MachineState::Running => 0.85,
+                    MachineState::Idle => 0.6,
+                    MachineState::Setup => 0.55,
+                    MachineState::Down => 0.25,
+                };
+                self.lo + frac * (self.level - self.lo)
+            }
+            Model::Vibration => {
+                let frac = match state {
+                    MachineState::Running => 1.0,
+                    MachineState::Setup => 0.4,
+                    MachineState::Idle => 0.15,
+                    MachineState::Down => 0.02,
+                };
+                self.lo + self.level * frac * (1.0 + BEARING_GAIN * wear)
+            }
+            Model::Speed => match state {
+                MachineState::Running => self.level,
+                _ => self.lo,
+            },
+            Model::Power => {
+                let frac = match state {
+                    MachineState::Running => 0.6,
+                    MachineState::Idle => 0.15,
+                    MachineState::Setup => 0.1,
+                    MachineState::Down => 0.02,
+                };
+                self.lo + frac * span
+            }
+            Model::Level | Model::Generic => self.level,
+        }
+    }
+
+    /// Advances the sensor to its due time `t` and returns the value it reports there, and
+    /// whether that value is a spike.
+    fn sample(&mut self, state: MachineState, wear: f64, t: i64) -> (Value, bool) {
+        let dt_us = t - self.last_due;
+        self.last_due = t;
+        let dt_s = dt_us as f64 / US;
+        let alpha = if dt_us == self.period_us {
+            self.alpha
+        } else {
+            1.0 - (-dt_s / self.tau_s).exp()
+        };
+        let h = mix(self.noise_key ^ self.sample.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        self.sample += 1;
+        let n = normal(h);
+        let h2 = mix(h);
+        let span = self.hi - self.lo;
+        self.drift =
+            (self.drift * 0.9995 + normal(h2) * 0.0004 * span).clamp(-0.01 * span, 0.01 * span);
+        let target = self.target(state, wear);
+        self.value += (target - self.value) * alpha;
+        let mut v = match self.model {
+            Model::Temperature => self.value + self.drift + 0.003 * span * n,
+            Model::Vibration => self.value * (1.0 + 0.08 * n),
+            Model::Speed if state == MachineState::Running => self.value + 0.002 * span * n,
+            // Coasting down: snap to standstill instead of creeping toward it forever.
+            Model::Speed if self.value - self.lo < 1e-3 * span => self.lo,
+            Model::Speed => self.value,
+            Model::Power => self.value + self.drift + 0.015 * span * n,
+            Model::Level => self.value + self.drift + 0.01 * span * n,
+            Model::Generic => {
+                let phase = TAU * unit(self.noise_key);
+                let secs = t as f64 / US;
+                self.value
+                    + 0.2 * span * (TAU * secs / self.sine_period_s + phase).sin()
+                    + self.drift
+                    + 0.01 * span * n
+            }
+        };
+        if self.fault_target.is_finite() {
+            let goal = self.fault_target - self.value;
+            self.excess += (goal - self.excess) * (1.0 - (-dt_s / 8.0).exp());
+        } else if self.excess != 0.0 {
+            // Cools back within seconds: the label ends when the cause does.
+            self.excess *= (-dt_s / 6.0).exp();
+            if self.excess.abs() < 1e-3 {
+                self.excess = 0.0;
+            }
+        }
+        v = (v + self.excess).clamp(self.lo, self.hi);
+        if self.stuck {
+            v = self.last_out;
+        } else {
+            self.last_out = v;
+        }
+        let spiked = self.spike && !self.stuck;
+        self.spike = false;
+        if spiked {
+            v = (v + span * (0.3 + 0.4 * unit(mix(h2)))).min(self.hi + 0.1 * span);
+        }
+        let value = match self.value_type {
+            ValueType::Float => Value::Float(v),
+            ValueType::Int => Value::Int(v.round() as i64),
+            ValueType::Bool => Value::Bool(v > self.lo + 0.5 * span),
+        };
+        (value, spiked)
+    }
+}
+
+/// Where a machine's events go: readings out, labels into the plant's list.
+struct Sink<'a> {
+    out: &'a mut Vec<Reading>,
+    faults: &'a mut Vec<FaultLabel>,
+    machine_path: &'a AssetPath,
+    sensor_paths: &'a [AssetPath],
+    /// Machine readings before this are coalesced (catch-up).
+    cutoff: i64,
+}
+
+impl Sink<'_> {
+    fn label(&mut self, asset: AssetPath, kind: FaultKind, start: i64, end: Option<i64>) -> usize {
+        self.faults.push(FaultLabel {
+            asset,
+            kind,
+            start: Timestamp(start),
+            end: end.map(Timestamp),
+        });
+        self.faults.len() - 1
+    }
+
+    fn end_label(&mut self, label: usize, t: i64) {
+        self.faults[label].end = Some(Timestamp(t));
+    }
+}
+
+impl MachineSim {
+    fn wear(&self, t: i64) -> f64 {
+        if self.bearing_label.is_some() {
+            ((t - self.wear_since) as f64 * self.wear_per_us).clamp(0.0, 1.2)
+        } else {
+            0.0
+        }
+    }
+
+    fn cycle_us(&mut self) -> i64 {
+        let slowdown: f64 = self.rng.random_range(0.0..0.15);
+        ((self.ideal_cycle_ms * 1000.0 * (1.0 + slowdown)) as i64).max(1000)
+    }
+
+    fn refresh_next_event(&mut self) {
+        self.next_event = [
+            self.state_until,
+            self.next_part,
+            self.next_overheat,
+            self.overheat.as_ref().map_or(NEVER, |a| a.until),
+            self.next_spike,
+            self.next_stuck,
+            self.stuck.as_ref().map_or(NEVER, |a| a.until),
+            self.next_breakdown,
+            self.next_bearing,
+        ]
+        .into_iter()
+        .min()
+        .unwrap_or(NEVER);
+    }
+
+    fn emit_state(&mut self, t: i64, sink: &mut Sink) {
+        if t >= sink.cutoff {
+            let v = Value::Int(self.state.code());
+            sink.out
+                .push(Reading::good(self.id, Property::State, v, Timestamp(t)));
+        } else {
+            self.dirty_state = true;
+            self.dirty_ts = t;
+        }
+    }
+
+    fn emit_count(&mut self, property: Property, t: i64, sink: &mut Sink) {
+        if t >= sink.cutoff {
+            let n = if property == Property::GoodCount {
+                self.good
+            } else {
+                self.scrap
+            };
+            sink.out.push(Reading::good(
+                self.id,
+                property,
+                Value::Int(n),
+                Timestamp(t),
+            ));
+        } else {
+            self.dirty_counts = true;
+            self.dirty_ts = t;
+        }
+    }
+
+    fn flush_dirty(&mut self, sink: &mut Sink) {
+        let ts = Timestamp(self.dirty_ts);
+        if self.dirty_state {
+            let v = Value::Int(self.state.code());
+            sink.out
+                .push(Reading::good(self.id, Property::State, v, ts));
+        }
+        if self.dirty_counts {
+            sink.out.push(Reading::good(
+                self.id,
+                Property::GoodCount,
+                Value::Int(self.good),
+                ts,
+            ));
+            sink.out.push(Reading::good(
+                self.id,
+                Property::ScrapCount,
+                Value::Int(self.scrap),
+                ts,
+            ));
+        }
+        self.dirty_state = false;
+        self.dirty_counts = false;
+    }
+
+    /// Puts the machine in `state` from `t` for a random dwell; true if the state changed.
+    fn begin(&mut self, state: MachineState, t: i64, sensors: &mut [SensorSim]) -> bool {
+        let dwell = match state {
+            MachineState::Running => {
+                (120 * 1_000_000 + exp_us(&mut self.rng, 360.0)).min(1800 * 1_000_000)
+            }
+            MachineState::Idle => uniform_us(&mut self.rng, 10.0, 60.0),
+            MachineState::Setup => uniform_us(&mut self.rng, 120.0, 480.0),
+            MachineState::Down => uniform_us(&mut self.rng, 300.0, 1800.0),
+        };
+        if state == MachineState::Setup {
+            // A changeover to another product: new setpoints.
+            for s in sensors.iter_mut().filter(|s| s.model == Model::Speed) {
+                s.level = s.lo + (s.hi - s.lo) * self.rng.random_range(0.45..0.8);
+            }
+        }
+        self.next_part = if state == MachineState::Running {
+            t + self.cycle_us()
+        } else {
+            NEVER
+        };
+        let changed = self.state != state;
+        self.state = state;
+        self.state_until = t + dwell;
+        changed
+    }
+
+    fn enter(&mut self, state: MachineState, t: i64, sensors: &mut [SensorSim], sink: &mut Sink) {
+        if self.begin(state, t, sensors) {
+            self.emit_state(t, sink);
+        }
+    }
+
+    /// Handles the machine event due at `t == self.next_event`.
+    fn handle_event(&mut self, t: i64, sensors: &mut [SensorSim], sink: &mut Sink) {
+        if self.state_until == t {
+            match self.state {
+                MachineState::Running => self.enter(MachineState::Idle, t, sensors, sink),
+                MachineState::Idle if self.rng.random_bool(SETUP_AFTER_IDLE) => {
+                    self.enter(MachineState::Setup, t, sensors, sink)
+                }
+                MachineState::Idle | MachineState::Setup => {
+                    self.enter(MachineState::Running, t, sensors, sink)
+                }
+                MachineState::Down => {
+                    // Repaired; a worn bearing is replaced on the way.
+                    if let Some(l) = self.breakdown_label.take() {
+                        sink.end_label(l, t);
+                    }
+                    if let Some(l) = self.bearing_label.take() {
+                        sink.end_label(l, t);
+                    }
+                    self.enter(MachineState::Idle, t, sensors, sink);
+                }
+            }
+        } else if self.next_part == t {
+            let rate = if self.overheat.is_some() {
+                SCRAP_RATE_OVERHEATING
+            } else {
+                SCRAP_RATE
+            };
+            if self.rng.random_bool(rate) {
+                self.scrap += 1;
+                self.emit_count(Property::ScrapCount, t, sink);
+            } else {
+                self.good += 1;
+                self.emit_count(Property::GoodCount, t, sink);
+            }
+            self.next_part = t + self.cycle_us();
+        } else if self.next_overheat == t {
+            self.next_overheat = t + exp_us(&mut self.rng, OVERHEAT_MEAN_S);
+            let hot = |s: &SensorSim| s.model == Model::Temperature && s.high_limit.is_finite();
+            let candidates = sensors.iter().filter(|s| hot(s)).count();
+            if self.overheat.is_none() && self.state != MachineState::Down && candidates > 0 {
+                let nth = self.rng.random_range(0..candidates);
+                let (i, s) = sensors
+                    .iter_mut()
+                    .enumerate()
+                    .filter(|(_, s)| hot(s))
+                    .nth(nth)
+                    .expect("nth < number of candidates");
+                s.fault_target = s.high_limit + self.rng.random_range(4.0..12.0);
+                let until = t + uniform_us(&mut self.rng, 50.0, 140.0);
+                let sensor = self.sensors.start + i;
+                let path = sink.sensor_paths[sensor].clone();
+                let label = sink.label(path, FaultKind::Overheating, t, None);
+                self.overheat = Some(Active {
+                    sensor,
+                    until,
+                    label,
+                });
+            }
+        } else if self.overheat.as_ref().is_some_and(|a| a.until == t) {
+            let a = self.overheat.take().expect("checked above");
+            sensors[a.sensor - self.sensors.start].fault_target = f64::NAN;
+            sink.end_label(a.label, t);
+        } else if self.next_spike == t {
+            self.next_spike = t + exp_us(&mut self.rng, SPIKE_MEAN_S);
+            if !sensors.is_empty() {
+                let i = self.rng.random_range(0..sensors.len());
+                sensors[i].spike = true;
+            }
+        } else if self.next_stuck == t {
+            self.next_stuck = t + exp_us(&mut self.rng, STUCK_MEAN_S);
+            if self.stuck.is_none() && !sensors.is_empty() {
+                let i = self.rng.random_range(0..sensors.len());
+                sensors[i].stuck = true;
+                let until = t + uniform_us(&mut self.rng, 120.0, 1200.0);
+                let sensor = self.sensors.start + i;
+                let path = sink.sensor_paths[sensor].clone();
+                let label = sink.label(path, FaultKind::StuckSensor, t, None);
+                self.stuck = Some(Active {
+                    sensor,
+                    until,
+                    label,
+                });
+            }
+        } else if self.stuck.as_ref().is_some_and(|a| a.until == t) {
+            let a = self.stuck.take().expect("checked above");
+            sensors[a.sensor - self.sensors.start].stuck = false;
+            sink.end_label(a.label, t);
+        } else if self.next_breakdown == t {
+            self.next_breakdown = t + exp_us(&mut self.rng, BREAKDOWN_MEAN_S);
+            if self.state != MachineState::Down {
+                let path = sink.machine_path.clone();
+                self.breakdown_label = Some(sink.label(path, FaultKind::Breakdown, t, None));
+                self.enter(MachineState::Down, t, sensors, sink);
+            }
+        } else if self.next_bearing == t {
+            self.next_bearing = t + exp_us(&mut self.rng, BEARING_MEAN_S);
+            if self.bearing_label.is_none() {
+                let to_failure = uniform_us(&mut self.rng, 3600.0, 4.0 * 3600.0);
+                self.wear_since = t;
+                self.wear_per_us = 1.0 / to_failure as f64;
+                let path = sink.machine_path.clone();
+                self.bearing_label = Some(sink.label(path, FaultKind::BearingWear, t, None));
+                self.next_breakdown = self.next_breakdown.min(t + to_failure);
+            }
+        }
+        self.refresh_next_event();
+    }
+
+    /// Runs this machine up to `now`: events and sensor samples in time order.
+    fn advance(&mut self, now: i64, sensors: &mut [SensorSim], sink: &mut Sink) {
+        for s in sensors.iter_mut() {
+            let window = MAX_CATCH_UP_PERIODS * s.period_us;
+            let oldest = now - window;
+            if s.next_due <= oldest {
+                let skip = (oldest - s.next_due) / s.period_us + 1;
+                s.next_due += skip * s.period_us;
+                s.sample += skip as u64;
+            }
+        }
+        loop {
+            let due = sensors.iter().map(|s| s.next_due).min().unwrap_or(NEVER);
+            let t = self.next_event.min(due);
+            if t > now {
+                break;
+            }
+            if (self.dirty_state || self.dirty_counts) && t >= sink.cutoff {
+                self.flush_dirty(sink);
+            }
+            if self.next_event <= due {
+                self.handle_event(t, sensors, sink);
+                continue;
+            }
+            let wear = self.wear(t);
+            for (i, s) in sensors.iter_mut().enumerate() {
+                if s.next_due != t {
+                    continue;
+                }
+                let (value, spiked) = s.sample(self.state, wear, t);
+                sink.out
+                    .push(Reading::good(s.id, Property::Value, value, Timestamp(t)));
+                s.next_due = t + s.period_us;
+                if spiked {
+                    let path = sink.sensor_paths[self.sensors.start + i].clone();
+                    sink.label(path, FaultKind::Spike, t, Some(t));
+                }
+            }
+        }
+        if self.dirty_state || self.dirty_counts {
+            self.flush_dirty(sink);
+        }
+    }
+}
+
+impl PlantSim {
+    /// Builds the simulation of a validated spec, every machine and sensor at rest in its
+    /// initial state at `start`.
+    pub fn new(spec: &PlantSpec, seed: u64, start: Timestamp) -> PlantSim {
+        let mut machines: Vec<MachineSim> = Vec::new();
+        let mut sensors = Vec::new();
+        let mut machine_paths = Vec::new();
+        let mut sensor_paths = Vec::new();
+        for asset in spec.assets() {
+            match asset.kind {
+                AssetKind::Machine { spec: mt, .. } => {
+                    let rng = ChaCha8Rng::seed_from_u64(mix(
+                        seed ^ fnv1a(asset.path.as_str().as_bytes())
+                    ));
+                    machines.push(MachineSim {
+                        id: asset.path.id(),
+                        index: machines.len(),
+                        rng,
+                        sensors: sensors.len()..sensors.len(),
+                        ideal_cycle_ms: mt.ideal_cycle_ms,
+                        state: MachineState::Idle,
+                        state_until: NEVER,
+                        next_part: NEVER,
+                        good: 0,
+                        scrap: 0,
+                        wear_since: 0,
+                        wear_per_us: 0.0,
+                        bearing_label: None,
+                        next_bearing: NEVER,
+                        next_overheat: NEVER,
+                        overheat: None,
+                        next_spike: NEVER,
+                        next_stuck: NEVER,
+                        stuck: None,
+                        next_breakdown: NEVER,
+                        breakdown_label: None,
+                        next_event: NEVER,
+                        dirty_state: true,
+                        dirty_counts: true,
+                        dirty_ts: start.0,
+                        window_us: 0,
+                    });
+                    machine_paths.push(asset.path);
+                }
+                AssetKind::Sensor { spec: s, .. } => {
+                    let m = machines
+                        .last_mut()
+                        .expect("a sensor follows its machine in spec.assets()");
+                    let key = m.rng.random::<u64>();
+                    sensors.push(SensorSim::new(asset.path.id(), &s, key));
+                    sensor_paths.push(asset.path);
+                    m.sensors.end = sensors.len();
+                }
+                _ => {}
+            }
+        }
+        for m in &mut machines {
+            let own = &mut sensors[m.sensors.clone()];
+            m.init(start.0, own);
+        }
+        PlantSim {
+            machines,
+            sensors,
+            machine_paths,
+            sensor_paths,
+            faults: Vec::new(),
+            now: start.0,
+        }
+    }
+
+    pub fn sensor_count(&self) -> usize {
+        self.sensors.len()
+    }
+
+    pub fn machine_count(&self) -> usize {
+        self.machines.len()
+    }
+
+    /// Simulated time of the last `step` (the start time before the first).
+    pub fn now(&self) -> Timestamp {
+        Timestamp(self.now)
+    }
+
+    /// Advances simulated time to `now` (an earlier `now` is a no-op) and appends every
+    /// reading that fell due since the last call, stamped with its due time. Each sensor
+    /// reports every `period_ms`; each machine reports its state when it changes and its
+    /// cumulative good or scrap count when a part completes. A jump of more than
+    /// `MAX_CATCH_UP_PERIODS` periods emits only the last that-many periods per sensor.
+    pub fn step(&mut self, now: Timestamp, out: &mut Vec<Reading>) {
+        let now = now.0;
+        if now < self.now {
+            return;
+        }
+        self.now = now;
+        let PlantSim {
+            machines,
+            sensors,
+            machine_paths,
+            sensor_paths,
+            faults,
+            ..
+        } = self;
+        for m in machines.iter_mut() {
+            let mut sink = Sink {
+                out: &mut *out,
+                faults: &mut *faults,
+                machine_path: &machine_paths[m.index],
+                sensor_paths,
+                cutoff: now - m.window_us,
+            };
+            let own = &mut sensors[m.sensors.clone()];
+            m.advance(now, own, &mut sink);
+        }
+    }
+
+    /// Ground truth: every fault that has started so far, in order of start per machine.
+    pub fn faults(&self) -> &[FaultLabel] {
+        &self.faults
+    }
+}
+
+impl MachineSim {
+    fn init(&mut self, start: i64, sensors: &mut [SensorSim]) {
+        let longest = sensors
+            .iter()
+            .map(|s| s.period_us)
+            .max()
+            .unwrap_or(1_000_000);
+        let shortest = sensors
+            .iter()
+            .map(|s| s.period_us)
+            .min()
+            .unwrap_or(1_000_000);
+        self.window_us = MAX_CATCH_UP_PERIODS * longest;
+        // Machines (PLCs) scan out of phase with each other, so a plant's readings spread
+        // over the period instead of arriving in one burst.
+        let phase_ms = self.rng.random_range(0..(shortest / 1000).max(1));
+        for s in sensors.iter_mut() {
+            s.next_due = start + phase_ms * 1000;
+            s.last_due = s.next_due - s.period_us;
+            if s.model == Model::Speed {
+                s.level = s.lo + (s.hi - s.lo) * self.rng.random_range(0.45..0.8);
+            }
+        }
+        self.state = if self.rng.random_bool(0.75) {
+            MachineState::Running
+        } else {
+            MachineState::Idle
+        };
+        let state = self.state;
+        self.begin(state, start, sensors);
+        for s in sensors.iter_mut() {
+            // Start at rest in the initial state: no warm-up transient.
+            s.value = s.target(self.state, 0.0);
+            s.last_out = s.value;
+        }
+        self.next_overheat = start + exp_us(&mut self.rng, OVERHEAT_MEAN_S);
+        self.next_spike = start + exp_us(&mut self.rng, SPIKE_MEAN_S);
+        self.next_stuck = start + exp_us(&mut self.rng, STUCK_MEAN_S);
+        self.next_breakdown = start + exp_us(&mut self.rng, BREAKDOWN_MEAN_S);
+        self.next_bearing = start + exp_us(&mut self.rng, BEARING_MEAN_S);
+        self.refresh_next_event();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use ferrotwin_models::spec::AssetDef;
+
+    use super::*;
+    use crate::generate::{PlantSize, generate};
+
+    const START: Timestamp = Timestamp(1_764_000_000_000_000);
+
+    /// Steps `sim` from its current time to `secs` after `START` in steps of `step_ms`.
+    fn run(sim: &mut PlantSim, secs: i64, step_ms: i64) -> Vec<Reading> {
+        let mut out = Vec::new();
+        let end = START.plus_ms(secs * 1000);
+        let mut t = sim.now();
+        while t < end {
+            t = t.plus_ms(step_ms).min(end);
+            sim.step(t, &mut out);
+        }
+        out
+    }
+
+    fn demo() -> (PlantSpec, Vec<AssetDef>) {
+        let spec = generate(PlantSize::DEMO, 7);
+        let assets = spec.assets();
+        (spec, assets)
+    }
+
+    #[test]
+    fn same_seed_gives_identical_readings_and_another_seed_differs() {
+        let (spec, _) = demo();
+        let a = run(&mut PlantSim::new(&spec, 7, START), 600, 1000);
+        let b = run(&mut PlantSim::new(&spec, 7, START), 600, 1000);
+        let c = run(&mut PlantSim::new(&spec, 8, START), 600, 1000);
+        assert!(a.len() > 600 * 100);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn readings_do_not_depend_on_how_steps_are_spaced() {
+        let (spec, _) = demo();
+        let mut a = run(&mut PlantSim::new(&spec, 3, START), 600, 1000);
+        let mut b = run(&mut PlantSim::new(&spec, 3, START), 600, 170);
+        let key = |r: &Reading| (r.asset, r.property, r.source_ts);
+        a.sort_by_key(key);
+        b.sort_by_key(key);
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn readings_are_finite_fit_value_types_and_address_plant_assets() {
+        let (spec, assets) = demo();
+        let declared: HashMap<AssetId, Option<ValueType>> = assets
+            .iter()
+            .filter_map(|a| match &a.kind {
+                AssetKind::Sensor { spec, .. } => Some((a.path.id(), Some(spec.value_type))),
+                AssetKind::Machine { .. } => Some((a.path.id(), None)),
+                _ => None,
+            })
+            .collect();
+        let mut sim = PlantSim::new(&spec, 11, START);
+        for r in run(&mut sim, 3600, 1000) {
+            assert!(r.value.is_finite(), "{r:?}");
+            assert!(r.quality.is_good());
+            match declared
+                .get(&r.asset)
+                .expect("reading addresses a machine or sensor")
+            {
+                Some(vt) => {
+                    assert_eq!(r.property, Property::Value);
+                    assert_eq!(r.value.value_type(), *vt, "{r:?}");
+                }
+                None => {
+                    assert!(matches!(r.value, Value::Int(_)), "{r:?}");
+                    assert_ne!(r.property, Property::Value);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_sensor_reports_at_its_period() {
+        let (spec, assets) = demo();
+        let mut sim = PlantSim::new(&spec, 5, START);
+        let mut by_asset: HashMap<AssetId, Vec<i64>> = HashMap::new();
+        for r in run(&mut sim, 600, 1000)
+            .iter()
+            .filter(|r| r.property == Property::Value)
+        {
+            by_asset.entry(r.asset).or_default().push(r.source_ts.0);
+        }
+        let mut sensors = 0;
+        for a in &assets {
+            let AssetKind::Sensor { spec: s, .. } = &a.kind else {
+                continue;
+            };
+            sensors += 1;
+            let ts = &by_asset[&a.path.id()];
+            let period_us = s.period_ms as i64 * 1000;
+            assert!(
+                ts.windows(2).all(|w| w[1] - w[0] == period_us),
+                "{}",
+                a.path
+            );
+            assert!(ts[0] >= START.0 && ts[0] < START.0 + period_us);
+            assert_eq!(ts.len() as i64, 600_000 / s.period_ms as i64, "{}", a.path);
+        }
+        assert_eq!(sensors, sim.sensor_count());
+    }
+
+    #[test]
+    fn part_counters_never_decrease_and_parts_get_made() {
+        let (spec, _) = demo();
+        let mut sim = PlantSim::new(&spec, 9, START);
+        let mut last: HashMap<(AssetId, Property), i64> = HashMap::new();
+        let mut states = 0;
+        for r in run(&mut sim, 3600, 1000) {
+            match (r.property, r.value) {
+                (Property::GoodCount | Property::ScrapCount, Value::Int(n)) => {
+                    let prev = last.insert((r.asset, r.property), n).unwrap_or(0);
+                    assert!(n >= prev, "{r:?} after {prev}");
+                }
+                (Property::State, Value::Int(code)) => {
+                    assert!(MachineState::from_code(code).is_some());
+                    states += 1;
+                }
+                _ => {}
+            }
+        }
+        let good: i64 = last
+            .iter()
+            .filter(|(k, _)| k.1 == Property::GoodCount)
+            .map(|(_, n)| n)
+            .sum();
+        let scrap: i64 = last
+            .iter()
+            .filter(|(k, _)| k.1 == Property::ScrapCount)
+            .map(|(_, n)| n)
+            .sum();
+        assert!(good > 1000, "good {good}");
+        assert!(scrap > 0 && scrap * 10 < good, "scrap {scrap} of {good}");
+        assert!(
+            states > sim.machine_count(),
+            "machines change state within an hour"
+        );
+    }
+
+    #[test]
+    fn overheating_pushes_a_temperature_over_its_high_alarm_limit_and_is_labelled() {
+        let (spec, assets) = demo();
+        let high_limits: HashMap<AssetId, (&AssetPath, f64)> = assets
+            .iter()
+            .filter_map(|a| match &a.kind {
+                AssetKind::Sensor { spec, .. } if spec.kind == SensorKind::Temperature => spec
+                    .alarms
+                    .iter()
+                    .find(|l| l.kind == LimitKind::High)
+                    .map(|l| (a.path.id(), (&a.path, l.limit))),
+                _ => None,
+            })
+            .collect();
+        let mut sim = PlantSim::new(&spec, 1, START);
+        let readings = run(&mut sim, 3 * 3600, 1000);
+        let over: Vec<(&AssetPath, Timestamp)> = readings
+            .iter()
+            .filter_map(|r| {
+                let (path, limit) = high_limits.get(&r.asset)?;
+                (r.value.as_f64() > *limit).then_some((*path, r.source_ts))
+            })
+            .collect();
+        assert!(
+            !over.is_empty(),
+            "no temperature crossed its high limit in 3 h"
+        );
+        let overheats: Vec<&FaultLabel> = sim
+            .faults()
+            .iter()
+            .filter(|f| f.kind == FaultKind::Overheating)
+            .collect();
+        // Roughly one per machine-hour: 24 machines × 3 h.
+        assert!((30..=130).contains(&overheats.len()), "{}", overheats.len());
+        for (path, ts) in &over {
+            let explained = sim.faults().iter().any(|f| {
+                &f.asset == *path
+                    && f.start <= *ts
+                    && match f.kind {
+                        FaultKind::Overheating => f.end.is_none_or(|e| *ts <= e.plus_ms(10_000)),
+                        FaultKind::Spike => f.start == *ts,
+                        _ => false,
+                    }
+            });
+            let labels: Vec<_> = sim.faults().iter().filter(|f| &f.asset == *path).collect();
+            assert!(
+                explained,
+                "{path} over its limit at {ts} without a fault label: {labels:?}"
+            );
+        }
+        // Each ended episode kept the temperature over the limit for tens of seconds.
+        let ended = overheats.iter().filter(|f| f.end.is_some()).count();
+        assert!(ended >= overheats.len() - 24);
+        assert!(
+            over.len() >= ended * 20,
+            "{} samples over for {ended} episodes",
+            over.len()
+        );
+    }
+
+    #[test]
+    fn far_jump_emits_at_most_ten_periods_per_sensor_and_coalesces_machine_readings() {
+        let (spec, _) = demo();
+        let mut sim = PlantSim::new(&spec, 2, START);
+        let mut out = Vec::new();
+        sim.step(START.plus_ms(6 * 3600 * 1000), &mut out);
+        let mut per_asset: HashMap<(AssetId, Property), usize> = HashMap::new();
+        for r in &out {
+            *per_asset.entry((r.asset, r.property)).or_default() += 1;
+        }
+        let sensor_max = per_asset
+            .iter()
+            .filter(|(k, _)| k.1 == Property::Value)
+            .map(|(_, n)| *n)
+            .max();
+        assert_eq!(sensor_max, Some(10));
+        assert_eq!(
+            per_asset
+                .iter()
+                .filter(|(k, _)| k.1 == Property::Value)
+                .count(),
+            sim.sensor_count()
+        );
+        // State and counters: one coalesced reading plus whatever changed in the last window.
+        assert!(
+            out.len() < sim.sensor_count() * 10 + sim.machine_count() * 30,
+            "{}",
+            out.len()
+        );
+        assert!(out.iter().all(|r| r.source_ts <= sim.now()));
+    }
+
+    #[test]
+    fn stepping_to_an_earlier_or_the_same_time_emits_nothing() {
+        let (spec, _) = demo();
+        let mut sim = PlantSim::new(&spec, 2, START);
+        let mut out = Vec::new();
+        sim.step(START.plus_ms(5000), &mut out);
+        let n = out.len();
+        assert!(n > 0);
+        sim.step(START.plus_ms(5000), &mut out);
+        sim.step(START.plus_ms(1000), &mut out);
+        assert_eq!(out.len(), n);
+        assert_eq!(sim.now(), START.plus_ms(5000));
+    }
+
+    #[test]
+    fn stable_hash_is_fnv1a() {
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
+
+    /// `cargo test --release -p ferrotwin-sim step_time -- --nocapture` prints the time of
+    /// one-second steps of a 100k-sensor plant.
+    #[test]
+    fn step_time_of_a_100k_sensor_plant() {
+        let spec = generate(
+            PlantSize {
+                sites: 1,
+                areas: 10,
+                lines: 20,
+                machines: 50,
+                sensors_per_machine: 10,
+            },
+            1,
+        );
+        let built = std::time::Instant::now();
+        let mut sim = PlantSim::new(&spec, 1, START);
+        let build_ms = built.elapsed().as_secs_f64() * 1e3;
+        assert_eq!(sim.sensor_count(), 100_000);
+        let mut out = Vec::with_capacity(200_000);
+        sim.step(START, &mut out);
+        let mut times = Vec::new();
+        for s in 1..=5 {
+            out.clear();
+            let t0 = std::time::Instant::now();
+            sim.step(START.plus_ms(s * 1000), &mut out);
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+            assert!(out.len() >= 100_000);
+        }
+        println!(
+            "100k sensors: build {build_ms:.0} ms, 1 s steps {times:.1?} ms ({} readings per step)",
+            out.len()
+        );
+    }
+}
