@@ -1,1 +1,370 @@
-//! (being written)
+//! The CLI's client commands: thin clients of the gRPC API (`tree`, `get`, `watch`, `query`,
+//! `history`, `events`, `ack`). They print for people; errors carry the server's message.
+
+use std::fmt::Write;
+
+use anyhow::{Context, Result};
+use ferrotwin_proto::v1 as pb;
+use ferrotwin_proto::v1::twin_service_client::TwinServiceClient;
+use tonic::transport::Channel;
+
+pub type Client = TwinServiceClient<Channel>;
+
+pub async fn connect(addr: &str) -> Result<Client> {
+    let url = if addr.starts_with("http://") || addr.starts_with("https://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    TwinServiceClient::connect(url.clone())
+        .await
+        .with_context(|| format!("cannot reach a ferrotwin runtime at {url}"))
+}
+
+fn status(e: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}: {}", e.code(), e.message())
+}
+
+fn value_text(v: &Option<pb::Value>) -> String {
+    match v.as_ref().and_then(|v| v.kind.as_ref()) {
+        Some(pb::value::Kind::Float(f)) => format!("{f:.2}"),
+        Some(pb::value::Kind::Int(i)) => i.to_string(),
+        Some(pb::value::Kind::Bool(b)) => b.to_string(),
+        None => "-".into(),
+    }
+}
+
+fn quality_text(q: &Option<pb::Quality>) -> String {
+    let Some(q) = q else { return "?".into() };
+    let code = match pb::QualityCode::try_from(q.code).unwrap_or_default() {
+        pb::QualityCode::Good => "good",
+        pb::QualityCode::Uncertain => "uncertain",
+        pb::QualityCode::Bad => "bad",
+        pb::QualityCode::Unspecified => "?",
+    };
+    if q.reason.is_empty() {
+        code.into()
+    } else {
+        format!("{code}: {}", q.reason)
+    }
+}
+
+fn severity_text(s: i32) -> &'static str {
+    match pb::Severity::try_from(s).unwrap_or_default() {
+        pb::Severity::Info => "info",
+        pb::Severity::Low => "low",
+        pb::Severity::Medium => "medium",
+        pb::Severity::High => "high",
+        pb::Severity::Critical => "critical",
+        pb::Severity::Unspecified => "-",
+    }
+}
+
+fn alarm_state_text(s: i32) -> &'static str {
+    match pb::AlarmState::try_from(s).unwrap_or_default() {
+        pb::AlarmState::Normal => "normal",
+        pb::AlarmState::ActiveUnacked => "ACTIVE (unacked)",
+        pb::AlarmState::ActiveAcked => "active (acked)",
+        pb::AlarmState::ReturnedUnacked => "returned (unacked)",
+        pb::AlarmState::Unspecified => "?",
+    }
+}
+
+fn rollup_text(r: &pb::RollUp) -> String {
+    let mut s = String::new();
+    if r.machines > 0 {
+        let _ = write!(s, "{}/{} running", r.running, r.machines);
+    }
+    if let Some(o) = r.mean_oee {
+        let _ = write!(s, "  OEE {:.0}%", o * 100.0);
+    }
+    if r.throughput_per_h > 0.0 {
+        let _ = write!(s, "  {:.0} parts/h", r.throughput_per_h);
+    }
+    if r.active_alarms > 0 {
+        let names = ["info", "low", "medium", "high", "critical"];
+        let parts: Vec<String> = r
+            .alarms_by_severity
+            .iter()
+            .zip(names)
+            .filter(|(n, _)| **n > 0)
+            .map(|(n, name)| format!("{n} {name}"))
+            .collect();
+        let _ = write!(s, "  ! alarms: {}", parts.join(", "));
+    }
+    if r.worst_quality > pb::QualityCode::Good as i32 {
+        let _ = write!(s, "  ~ worst quality: {}", quality_text(&Some(pb::Quality { code: r.worst_quality, reason: String::new() })));
+    }
+    s
+}
+
+/// One line describing a twin (without indentation).
+pub fn twin_line(t: &pb::Twin) -> String {
+    if let Some(s) = &t.sensor {
+        let mut line = format!("{}  {} {}", t.name, value_text(&s.value), s.unit);
+        let q = quality_text(&s.quality);
+        if q != "good" {
+            let _ = write!(line, "  [{q}]");
+        }
+        for a in &s.alarms {
+            if a.state != pb::AlarmState::Normal as i32 {
+                let _ = write!(line, "  ! {} {} ({})", a.name, alarm_state_text(a.state), severity_text(a.severity));
+            }
+        }
+        return line;
+    }
+    let mut line = t.name.clone();
+    if let Some(m) = &t.machine {
+        let _ = write!(line, " ({})  {}", t.r#type, m.state);
+        if let Some(o) = &m.oee {
+            let _ = write!(line, "  OEE {:.0}%", o.oee * 100.0);
+        }
+        let _ = write!(line, "  parts {}/{} scrap", m.good_count, m.scrap_count);
+        if let Some(r) = &t.rollup
+            && r.active_alarms > 0
+        {
+            let _ = write!(line, "  ! {} alarm(s)", r.active_alarms);
+        }
+    } else if let Some(r) = &t.rollup {
+        let _ = write!(line, " [{}]  {}", level_text(t.level), rollup_text(r));
+    }
+    if t.restarts > 0 {
+        let _ = write!(line, "  (restarted {}x)", t.restarts);
+    }
+    line
+}
+
+fn level_text(l: i32) -> &'static str {
+    match pb::Level::try_from(l).unwrap_or_default() {
+        pb::Level::Enterprise => "enterprise",
+        pb::Level::Site => "site",
+        pb::Level::Area => "area",
+        pb::Level::Line => "line",
+        pb::Level::Machine => "machine",
+        pb::Level::Sensor => "sensor",
+        pb::Level::Unspecified => "?",
+    }
+}
+
+/// Renders `ferrotwin tree`: every twin under `path` down to `depth`, indented.
+pub async fn tree(client: &mut Client, path: &str, depth: u32) -> Result<String> {
+    let mut out = String::new();
+    let mut token = String::new();
+    let mut base: Option<usize> = None;
+    loop {
+        let resp = client
+            .browse(pb::BrowseRequest {
+                path: path.to_string(),
+                depth,
+                page_size: 5000,
+                page_token: token.clone(),
+            })
+            .await
+            .map_err(status)?
+            .into_inner();
+        for t in &resp.twins {
+            let d = t.path.split('/').count();
+            let b = *base.get_or_insert(d);
+            let _ = writeln!(out, "{}{}", "  ".repeat(d.saturating_sub(b)), twin_line(t));
+        }
+        if resp.next_page_token.is_empty() {
+            return Ok(out);
+        }
+        token = resp.next_page_token;
+    }
+}
+
+pub async fn get(client: &mut Client, path: &str) -> Result<String> {
+    let t = client
+        .get_twin(pb::GetTwinRequest {
+            key: Some(pb::get_twin_request::Key::Path(path.to_string())),
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let mut out = format!("{}  [{}] {}  id {}\n", t.path, level_text(t.level), t.r#type, t.id);
+    if let Some(s) = &t.sensor {
+        let _ = writeln!(out, "  value    {} {}", value_text(&s.value), s.unit);
+        let _ = writeln!(out, "  quality  {}", quality_text(&s.quality));
+        let _ = writeln!(out, "  source   {}", fmt_us(s.source_ts_us));
+        let _ = writeln!(out, "  server   {}", fmt_us(s.server_ts_us));
+        if let Some(st) = &s.stats {
+            let _ = writeln!(
+                out,
+                "  stats    n={} mean={:.3} sd={:.3} min={:.3} max={:.3}",
+                st.count, st.mean, st.stddev, st.min, st.max
+            );
+        }
+        for a in &s.alarms {
+            let _ = writeln!(
+                out,
+                "  alarm    {} ({} {} {}, deadband {}, {}): {}",
+                a.name,
+                a.kind,
+                if a.kind == "high" { ">" } else { "<" },
+                a.limit,
+                a.deadband,
+                severity_text(a.severity),
+                alarm_state_text(a.state)
+            );
+        }
+        if s.rejected > 0 {
+            let _ = writeln!(out, "  rejected {}", s.rejected);
+        }
+    }
+    if let Some(m) = &t.machine {
+        let _ = writeln!(out, "  state    {} since {}", m.state, fmt_us(m.state_since_us));
+        if let Some(o) = &m.oee {
+            let _ = writeln!(
+                out,
+                "  OEE      {:.1}% (availability {:.1}%, performance {:.1}%, quality {:.1}%)",
+                o.oee * 100.0,
+                o.availability * 100.0,
+                o.performance * 100.0,
+                o.quality * 100.0
+            );
+        }
+        let _ = writeln!(out, "  parts    {} good, {} scrap", m.good_count, m.scrap_count);
+    }
+    if let Some(r) = &t.rollup {
+        let _ = writeln!(out, "  roll-up  {}", rollup_text(r));
+    }
+    if t.restarts > 0 {
+        let _ = writeln!(out, "  restarts {}", t.restarts);
+    }
+    Ok(out)
+}
+
+pub async fn query(client: &mut Client, expr: &str, limit: u32) -> Result<String> {
+    let resp = client
+        .query(pb::QueryRequest {
+            query: expr.to_string(),
+            page_size: limit,
+            page_token: String::new(),
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let mut out = String::new();
+    for t in &resp.twins {
+        let _ = writeln!(out, "{}  {}", t.path, twin_line(t).split_once("  ").map_or("", |x| x.1));
+    }
+    let _ = writeln!(
+        out,
+        "{} twin(s){}",
+        resp.twins.len(),
+        if resp.next_page_token.is_empty() { "" } else { " (more: raise --limit)" }
+    );
+    Ok(out)
+}
+
+pub async fn history(client: &mut Client, path: &str, property: &str, since_s: u64, max_points: u32) -> Result<String> {
+    let now_us = crate::twin::now().0;
+    let resp = client
+        .get_history(pb::GetHistoryRequest {
+            path: path.to_string(),
+            property: property.to_string(),
+            from_us: now_us - (since_s as i64) * 1_000_000,
+            to_us: 0,
+            max_points,
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let mut out = String::new();
+    for p in &resp.points {
+        if p.count > 1 {
+            let _ = writeln!(out, "{}  {:.3}  (min {:.3} max {:.3}, {} pts)", fmt_us(p.ts_us), p.value, p.min, p.max, p.count);
+        } else {
+            let _ = writeln!(out, "{}  {:.3}", fmt_us(p.ts_us), p.value);
+        }
+    }
+    let _ = writeln!(
+        out,
+        "{} point(s) from {} raw{}",
+        resp.points.len(),
+        resp.raw_points,
+        if resp.downsampled { ", downsampled" } else { "" }
+    );
+    Ok(out)
+}
+
+pub async fn events(client: &mut Client, path: &str, limit: u32) -> Result<String> {
+    let mut out = String::new();
+    let mut after = 0;
+    let mut all = Vec::new();
+    // Page to the end and show the newest `limit`.
+    loop {
+        let resp = client
+            .list_events(pb::ListEventsRequest {
+                path: path.to_string(),
+                after_seq: after,
+                limit: 10_000,
+                kind: String::new(),
+                min_severity: 0,
+            })
+            .await
+            .map_err(status)?
+            .into_inner();
+        all.extend(resp.events);
+        if all.len() > limit as usize {
+            let cut = all.len() - limit as usize;
+            all.drain(..cut);
+        }
+        if resp.next_after_seq == 0 {
+            break;
+        }
+        after = resp.next_after_seq;
+    }
+    for e in &all {
+        let _ = writeln!(out, "{}  #{}  {:<8} {:<9} {}  {}", fmt_us(e.ts_us), e.seq, severity_text(e.severity), e.kind, e.path, e.message);
+    }
+    Ok(out)
+}
+
+pub async fn ack(client: &mut Client, path: &str, alarm: &str, by: &str, comment: &str) -> Result<String> {
+    let a = client
+        .acknowledge_alarm(pb::AcknowledgeAlarmRequest {
+            path: path.to_string(),
+            alarm: alarm.to_string(),
+            by: by.to_string(),
+            comment: comment.to_string(),
+        })
+        .await
+        .map_err(status)?
+        .into_inner()
+        .alarm
+        .unwrap_or_default();
+    Ok(format!("{path}: alarm {} is now {}\n", a.name, alarm_state_text(a.state)))
+}
+
+/// Prints changes under `path` as they come, until the stream ends or `max` items.
+pub async fn watch(client: &mut Client, path: &str, events: bool, max: Option<usize>) -> Result<()> {
+    let mut stream = client
+        .watch(pb::WatchRequest {
+            path: path.to_string(),
+            events,
+            skip_snapshot: true,
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let mut n = 0;
+    while let Some(item) = stream.message().await.map_err(status)? {
+        match item.item {
+            Some(pb::watch_response::Item::Change(t)) => println!("{}  {}", fmt_us(t.updated_us), t.path.clone() + "  " + twin_line(&t).split_once("  ").map_or("", |x| x.1)),
+            Some(pb::watch_response::Item::Event(e)) => println!("{}  EVENT {} {} {}: {}", fmt_us(e.ts_us), severity_text(e.severity), e.kind, e.path, e.message),
+            Some(pb::watch_response::Item::Lagged(l)) => println!("-- lagged: {} change(s) skipped, resyncing", l.skipped),
+            _ => {}
+        }
+        n += 1;
+        if max.is_some_and(|m| n >= m) {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn fmt_us(us: i64) -> String {
+    ferrotwin_models::Timestamp(us).to_string()
+}

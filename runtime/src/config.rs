@@ -1,1 +1,156 @@
-//! (being written)
+//! The site config file of `ferrotwin run --config FILE`: typed, strict, loaded once.
+//!
+//! ```toml
+//! version = 1
+//! plant = "plant.toml"          # relative to this file
+//! data_dir = "data"             # relative to this file
+//! grpc_addr = "127.0.0.1:50051"
+//! [store]
+//! flush_interval_ms = 200
+//! [twins]
+//! max_future_skew_ms = 5000
+//! [ingest]
+//! max_inflight_readings = 1048576
+//! ```
+//! Environment overrides: `FERROTWIN_GRPC_ADDR`, `FERROTWIN_DATA_DIR`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use ferrotwin_models::spec::{PlantSpec, SpecError};
+
+use crate::runtime::{IngestOptions, RuntimeOptions};
+use crate::store::StoreConfig;
+use crate::twin::TwinSettings;
+
+pub const CONFIG_VERSION: u32 = 1;
+
+fn default_grpc_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 50051))
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteConfig {
+    pub version: u32,
+    pub plant: PathBuf,
+    pub data_dir: PathBuf,
+    #[serde(default = "default_grpc_addr")]
+    pub grpc_addr: SocketAddr,
+    #[serde(default)]
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub twins: TwinSettings,
+    #[serde(default)]
+    pub ingest: IngestOptions,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read { file: PathBuf, source: std::io::Error },
+    #[error("{file}: {message}")]
+    Syntax { file: PathBuf, message: String },
+    #[error("{file}: config version {found} is not supported (this build reads version {CONFIG_VERSION})")]
+    Version { file: PathBuf, found: u32 },
+    #[error("{file}: {var}: {message}")]
+    Env { file: PathBuf, var: &'static str, message: String },
+    #[error("{file}: {field}: {message}")]
+    Invalid { file: PathBuf, field: &'static str, message: String },
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+}
+
+impl SiteConfig {
+    /// Parses, applies environment overrides, resolves relative paths, validates.
+    pub fn load(file: &Path) -> Result<SiteConfig, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+            file: file.to_path_buf(),
+            source,
+        })?;
+        let mut c: SiteConfig = toml::from_str(&text).map_err(|e| ConfigError::Syntax {
+            file: file.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        if c.version != CONFIG_VERSION {
+            return Err(ConfigError::Version {
+                file: file.to_path_buf(),
+                found: c.version,
+            });
+        }
+        if let Ok(v) = std::env::var("FERROTWIN_GRPC_ADDR") {
+            c.grpc_addr = v.parse().map_err(|e| ConfigError::Env {
+                file: file.to_path_buf(),
+                var: "FERROTWIN_GRPC_ADDR",
+                message: format!("{v:?}: {e}"),
+            })?;
+        }
+        if let Ok(v) = std::env::var("FERROTWIN_DATA_DIR") {
+            c.data_dir = PathBuf::from(v);
+        }
+        let base = file.parent().unwrap_or(Path::new("."));
+        if c.plant.is_relative() {
+            c.plant = base.join(&c.plant);
+        }
+        if c.data_dir.is_relative() {
+            c.data_dir = base.join(&c.data_dir);
+        }
+        if c.store.flush_interval_ms == 0 {
+            return Err(ConfigError::Invalid {
+                file: file.to_path_buf(),
+                field: "store.flush_interval_ms",
+                message: "must be > 0".into(),
+            });
+        }
+        if c.ingest.max_inflight_readings == 0 {
+            return Err(ConfigError::Invalid {
+                file: file.to_path_buf(),
+                field: "ingest.max_inflight_readings",
+                message: "must be > 0".into(),
+            });
+        }
+        Ok(c)
+    }
+
+    pub fn load_plant(&self) -> Result<PlantSpec, ConfigError> {
+        let text = std::fs::read_to_string(&self.plant).map_err(|source| ConfigError::Read {
+            file: self.plant.clone(),
+            source,
+        })?;
+        Ok(PlantSpec::from_toml(&text, &self.plant.display().to_string())?)
+    }
+
+    pub fn options(&self) -> RuntimeOptions {
+        RuntimeOptions {
+            store: self.store.clone(),
+            twins: self.twins.clone(),
+            ingest: self.ingest.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_misspelt_key_fails_at_load_naming_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("site.toml");
+        std::fs::write(&f, "version = 1\nplant = \"p.toml\"\ndata_dir = \"d\"\n[store]\nflush_intervall_ms = 5\n")
+            .expect("write");
+        let err = SiteConfig::load(&f).expect_err("typo");
+        let msg = err.to_string();
+        assert!(msg.contains("site.toml") && msg.contains("flush_intervall_ms"), "{msg}");
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("site.toml");
+        std::fs::write(&f, "version = 1\nplant = \"p.toml\"\ndata_dir = \"d\"\n").expect("write");
+        let c = SiteConfig::load(&f).expect("valid");
+        assert_eq!(c.plant, dir.path().join("p.toml"));
+        assert_eq!(c.grpc_addr, default_grpc_addr());
+    }
+}

@@ -15,4 +15,4 @@ pub mod store;
 pub mod twin;
 pub mod watch;
 
-pub use runtime::{Runtime, RuntimeError, RuntimeOptions};
+pub use runtime::{IngestOptions, Runtime, RuntimeError, RuntimeOptions};

@@ -1,1 +1,239 @@
-fn main() {}
+//! `ferrotwin`: the runtime (demo, run) and a CLI client of its gRPC API.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use ferrotwin_runtime::config::SiteConfig;
+use ferrotwin_runtime::{Runtime, bench, cli, demo};
+
+#[derive(Parser)]
+#[command(name = "ferrotwin", version, about = "Actor-based digital twin runtime for manufacturing plants")]
+struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args)]
+struct Remote {
+    /// Address of a running ferrotwin gRPC API.
+    #[arg(long, env = "FERROTWIN_ADDR", default_value = "127.0.0.1:50051")]
+    addr: String,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate a plant, drive it with the simulator and serve it over gRPC.
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        grpc_addr: SocketAddr,
+        /// Data directory (default: a temporary one, removed at exit).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Simulated seconds per second.
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+        /// Stop after this many seconds (default: run until Ctrl-C).
+        #[arg(long = "for")]
+        for_s: Option<u64>,
+    },
+    /// Run a site from a config file (plant spec, data dir, listen address).
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Print the asset tree with live values, quality and alarms.
+    Tree {
+        /// Subtree to print (default: the whole plant).
+        #[arg(default_value = "")]
+        path: String,
+        #[arg(long, default_value_t = 6)]
+        depth: u32,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Print one twin.
+    Get {
+        path: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Stream changes (and events) under a path.
+    Watch {
+        #[arg(default_value = "")]
+        path: String,
+        /// Also print events.
+        #[arg(long)]
+        events: bool,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Find twins, e.g. `level = sensor and value > 80`.
+    Query {
+        expr: String,
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Print a sensor's history.
+    History {
+        path: String,
+        #[arg(default_value = "value")]
+        property: String,
+        /// Seconds back from now.
+        #[arg(long, default_value_t = 900)]
+        since: u64,
+        #[arg(long, default_value_t = 60)]
+        max_points: u32,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Print the latest events under a path.
+    Events {
+        #[arg(default_value = "")]
+        path: String,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Acknowledge an alarm of a sensor.
+    Ack {
+        path: String,
+        alarm: String,
+        #[arg(long)]
+        by: String,
+        #[arg(long, default_value = "")]
+        comment: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Drive the real ingest path and print readings/s, latency to a watcher, RSS per twin.
+    Ingest {
+        #[arg(long, default_value_t = 100_000)]
+        sensors: u64,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    match args.cmd {
+        Cmd::Demo {
+            grpc_addr,
+            data_dir,
+            seed,
+            speed,
+            for_s,
+        } => {
+            init_tracing("info,sled=warn");
+            demo::run(demo::DemoOptions {
+                grpc_addr,
+                data_dir,
+                seed,
+                speed,
+                duration: for_s.map(Duration::from_secs),
+            })
+            .await
+        }
+        Cmd::Run { config } => {
+            init_tracing("info,sled=warn");
+            let cfg = SiteConfig::load(&config)?;
+            let spec = cfg.load_plant()?;
+            std::fs::create_dir_all(&cfg.data_dir)
+                .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
+            let listener = tokio::net::TcpListener::bind(cfg.grpc_addr)
+                .await
+                .with_context(|| format!("cannot listen on {}", cfg.grpc_addr))?;
+            let rt = Runtime::start(&spec, &cfg.data_dir, cfg.options()).await?;
+            println!("ferrotwin site: {} twins, gRPC on {}", rt.registry.len(), listener.local_addr()?);
+            rt.serve_grpc(listener);
+            let _ = tokio::signal::ctrl_c().await;
+            rt.shutdown().await;
+            Ok(())
+        }
+        Cmd::Tree { path, depth, remote } => {
+            init_tracing("warn");
+            let mut c = cli::connect(&remote.addr).await?;
+            print!("{}", cli::tree(&mut c, &path, depth).await?);
+            Ok(())
+        }
+        Cmd::Get { path, remote } => {
+            init_tracing("warn");
+            let mut c = cli::connect(&remote.addr).await?;
+            print!("{}", cli::get(&mut c, &path).await?);
+            Ok(())
+        }
+        Cmd::Watch { path, events, remote } => {
+            init_tracing("warn");
+            let mut c = cli::connect(&remote.addr).await?;
+            cli::watch(&mut c, &path, events, None).await
+        }
+        Cmd::Query { expr, limit, remote } => {
+            init_tracing("warn");
+            let mut c = cli::connect(&remote.addr).await?;
+            print!("{}", cli::query(&mut c, &expr, limit).await?);
+            Ok(())
+        }
+        Cmd::History {
+            path,
+            property,
+            since,
+            max_points,
+            remote,
+        } => {
+            init_tracing("warn");
+            let mut c = cli::connect(&remote.addr).await?;
+            print!("{}", cli::history(&mut c, &path, &property, since, max_points).await?);
+            Ok(())
+        }
+        Cmd::Events { path, limit, remote } => {
+            init_tracing("warn");
+            let mut c = cli::connect(&remote.addr).await?;
+            print!("{}", cli::events(&mut c, &path, limit).await?);
+            Ok(())
+        }
+        Cmd::Ack {
+            path,
+            alarm,
+            by,
+            comment,
+            remote,
+        } => {
+            init_tracing("warn");
+            let mut c = cli::connect(&remote.addr).await?;
+            print!("{}", cli::ack(&mut c, &path, &alarm, &by, &comment).await?);
+            Ok(())
+        }
+        Cmd::Bench {
+            what: BenchCmd::Ingest { sensors, seconds },
+        } => {
+            init_tracing("warn,sled=warn");
+            let report = bench::ingest(bench::IngestBench { sensors, seconds }).await?;
+            print!("{report}");
+            Ok(())
+        }
+    }
+}

@@ -22,42 +22,35 @@ use crate::twin::{Plant, TwinCtx, TwinMsg, TwinSettings, TwinSnapshot, TwinState
 use crate::watch::{WATCH_RING, WatchHub};
 
 /// Settings of a runtime that do not come from the plant spec.
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuntimeOptions {
     #[serde(default)]
     pub store: StoreConfig,
     #[serde(default)]
     pub twins: TwinSettings,
+    #[serde(default)]
+    pub ingest: IngestOptions,
+}
+
+/// The `[ingest]` section.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngestOptions {
     /// Readings in twin mailboxes, in all; the router pushes back beyond it.
-    #[serde(default = "default_max_inflight")]
     pub max_inflight_readings: usize,
     /// Staleness sweep period.
-    #[serde(default = "default_stale_sweep_ms")]
     pub stale_sweep_ms: u64,
     /// Changes buffered per watcher before it is told it lagged.
-    #[serde(default = "default_watch_ring")]
     pub watch_ring: usize,
 }
 
-fn default_max_inflight() -> usize {
-    1 << 20
-}
-fn default_stale_sweep_ms() -> u64 {
-    1000
-}
-fn default_watch_ring() -> usize {
-    WATCH_RING
-}
-
-impl Default for RuntimeOptions {
+impl Default for IngestOptions {
     fn default() -> Self {
-        RuntimeOptions {
-            store: StoreConfig::default(),
-            twins: TwinSettings::default(),
-            max_inflight_readings: default_max_inflight(),
-            stale_sweep_ms: default_stale_sweep_ms(),
-            watch_ring: default_watch_ring(),
+        IngestOptions {
+            max_inflight_readings: 1 << 20,
+            stale_sweep_ms: 1000,
+            watch_ring: WATCH_RING,
         }
     }
 }
@@ -109,14 +102,14 @@ impl Runtime {
         }
         let plant = Arc::new(Plant::new(&assets));
         let root_def = plant.root.clone().ok_or(RuntimeError::EmptyPlant)?;
-        let hub = Arc::new(WatchHub::new(opts.watch_ring));
+        let hub = Arc::new(WatchHub::new(opts.ingest.watch_ring));
         let metrics = Arc::new(Metrics::default());
         let credits = Credits(Arc::new(AtomicUsize::new(0)));
         let router = Arc::new(IngestRouter::new(
             registry.clone(),
             metrics.clone(),
             credits.clone(),
-            opts.max_inflight_readings,
+            opts.ingest.max_inflight_readings,
         ));
         let ctx = Arc::new(TwinCtx {
             registry: registry.clone(),
@@ -136,7 +129,7 @@ impl Runtime {
             .map_err(|e| RuntimeError::Spawn(e.to_string()))?;
         let token = CancellationToken::new();
         let tracker = TaskTracker::new();
-        tracker.spawn(sweep_stale(registry.clone(), opts.stale_sweep_ms, token.child_token()));
+        tracker.spawn(sweep_stale(registry.clone(), opts.ingest.stale_sweep_ms, token.child_token()));
         tracing::info!(twins = registry.len(), data_dir = %data_dir.display(), "runtime started");
         Ok(Runtime {
             registry,
