@@ -66,7 +66,9 @@ impl fmt::Display for Level {
 pub enum PathError {
     #[error("asset path is empty")]
     Empty,
-    #[error("asset path {path:?} has {depth} segments; at most 6 (enterprise/site/area/line/machine/sensor)")]
+    #[error(
+        "asset path {path:?} has {depth} segments; at most 6 (enterprise/site/area/line/machine/sensor)"
+    )]
     TooDeep { path: String, depth: usize },
     #[error(
         "asset path {path:?}: segment {index} {segment:?} is not a slug ([a-z0-9][a-z0-9_-]*, at most 64 chars)"
@@ -90,8 +92,7 @@ pub fn is_slug(s: &str) -> bool {
     !b.is_empty()
         && b.len() <= MAX_SEGMENT_LEN
         && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
-        && b
-            .iter()
+        && b.iter()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_' || *c == b'-')
 }
 
@@ -220,7 +221,9 @@ mod tests {
         assert!(p.starts_with(&parent));
         assert!(!parent.starts_with(&p));
         let other = AssetPath::parse("acme/berlin/assembly/line-10").expect("valid");
-        assert!(!other.starts_with(&AssetPath::parse("acme/berlin/assembly/line-1").expect("valid")));
+        assert!(
+            !other.starts_with(&AssetPath::parse("acme/berlin/assembly/line-1").expect("valid"))
+        );
     }
 
     #[test]
@@ -240,7 +243,10 @@ mod tests {
     #[test]
     fn ids_are_stable_v5_of_the_path() {
         let p = AssetPath::parse("acme/berlin").expect("valid");
-        assert_eq!(p.id(), AssetPath::parse("/acme/berlin/").expect("valid").id());
+        assert_eq!(
+            p.id(),
+            AssetPath::parse("/acme/berlin/").expect("valid").id()
+        );
         assert_eq!(p.id().0.get_version_num(), 5);
         assert_ne!(p.id(), AssetPath::parse("acme/paris").expect("valid").id());
     }

@@ -15,5 +15,7 @@ pub mod value;
 
 pub use asset::{AssetId, AssetPath, Level, PathError};
 pub use event::{Event, EventKind, Severity};
-pub use reading::{IngestSink, Property, PushBack, PushBackReason, Reading, RecordingSink, RejectReason};
+pub use reading::{
+    IngestSink, Property, PushBack, PushBackReason, Reading, RecordingSink, RejectReason,
+};
 pub use value::{Quality, QualityCode, QualityReason, Timestamp, Value, ValueType};

@@ -81,7 +81,10 @@ impl Reading {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum RejectReason {
     #[error("{asset}: {property}: value is not finite")]
-    NotFinite { asset: AssetPath, property: Property },
+    NotFinite {
+        asset: AssetPath,
+        property: Property,
+    },
     #[error("{asset}: {property}: value type {got} does not fit declared type {declared}")]
     WrongType {
         asset: AssetPath,
@@ -89,7 +92,9 @@ pub enum RejectReason {
         got: &'static str,
         declared: &'static str,
     },
-    #[error("{asset}: {property}: source timestamp {ts} is {ahead_ms} ms in the future (allowed skew {max_skew_ms} ms)")]
+    #[error(
+        "{asset}: {property}: source timestamp {ts} is {ahead_ms} ms in the future (allowed skew {max_skew_ms} ms)"
+    )]
     FromTheFuture {
         asset: AssetPath,
         property: Property,
@@ -156,13 +161,21 @@ impl RecordingSink {
     }
 
     pub fn take(&self) -> Vec<Reading> {
-        std::mem::take(&mut *self.readings.lock().expect("recorder lock is never poisoned"))
+        std::mem::take(
+            &mut *self
+                .readings
+                .lock()
+                .expect("recorder lock is never poisoned"),
+        )
     }
 }
 
 impl IngestSink for RecordingSink {
     fn try_push(&self, batch: Vec<Reading>) -> Result<(), PushBack> {
-        let mut r = self.readings.lock().expect("recorder lock is never poisoned");
+        let mut r = self
+            .readings
+            .lock()
+            .expect("recorder lock is never poisoned");
         if r.len() + batch.len() > self.limit {
             return Err(PushBack {
                 batch,

@@ -30,7 +30,11 @@ impl RollUp {
         self.throughput_per_h += other.throughput_per_h;
         self.oee_sum += other.oee_sum;
         self.oee_count += other.oee_count;
-        for (a, b) in self.alarms_by_severity.iter_mut().zip(other.alarms_by_severity) {
+        for (a, b) in self
+            .alarms_by_severity
+            .iter_mut()
+            .zip(other.alarms_by_severity)
+        {
             *a += b;
         }
         self.unacked_alarms += other.unacked_alarms;

@@ -169,8 +169,13 @@ pub const MAX_ASSETS: usize = 5_000_000;
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SpecError {
     #[error("{source_name}: not a valid plant spec: {message}")]
-    Syntax { source_name: String, message: String },
-    #[error("{source_name}: spec version {found} is not supported (this build reads version {SPEC_VERSION})")]
+    Syntax {
+        source_name: String,
+        message: String,
+    },
+    #[error(
+        "{source_name}: spec version {found} is not supported (this build reads version {SPEC_VERSION})"
+    )]
     Version { source_name: String, found: u32 },
     #[error("{source_name}: {} problem(s):\n{}", .problems.len(), Problems(.problems))]
     Invalid {
@@ -239,6 +244,9 @@ pub struct AssetDef {
     pub kind: AssetKind,
 }
 
+/// A machine type shared by all its instances: name, type, and each sensor's type name and spec.
+type SharedType = (Arc<str>, Arc<MachineType>, Vec<(Arc<str>, Arc<SensorSpec>)>);
+
 impl PlantSpec {
     /// Parses and validates. `source_name` (usually the file path) prefixes every error.
     pub fn from_toml(text: &str, source_name: &str) -> Result<PlantSpec, SpecError> {
@@ -265,7 +273,10 @@ impl PlantSpec {
     pub fn validate(&self, source_name: &str) -> Result<(), SpecError> {
         let mut problems = Vec::new();
         if !is_slug(&self.enterprise) {
-            problems.push(format!("enterprise: name {:?} is not a slug", self.enterprise));
+            problems.push(format!(
+                "enterprise: name {:?} is not a slug",
+                self.enterprise
+            ));
         }
         for (tname, mt) in &self.machine_types {
             let at = format!("machine type {tname:?}");
@@ -295,7 +306,9 @@ impl PlantSpec {
                 }
                 match (s.min, s.max) {
                     (Some(lo), Some(hi)) if !(lo.is_finite() && hi.is_finite() && lo < hi) => {
-                        problems.push(format!("{at}: min {lo} must be below max {hi}, both finite"))
+                        problems.push(format!(
+                            "{at}: min {lo} must be below max {hi}, both finite"
+                        ))
                     }
                     (Some(v), None) | (None, Some(v)) if !v.is_finite() => {
                         problems.push(format!("{at}: min/max must be finite"))
@@ -349,7 +362,8 @@ impl PlantSpec {
                             )),
                             Some(mt) => {
                                 let n = m.count.unwrap_or(1) as usize;
-                                total = total.saturating_add(n.saturating_mul(1 + mt.sensors.len()));
+                                total =
+                                    total.saturating_add(n.saturating_mul(1 + mt.sensors.len()));
                             }
                         }
                         if m.count == Some(0) {
@@ -360,7 +374,12 @@ impl PlantSpec {
                             Some(n) => {
                                 for i in 1..=n {
                                     let name = format!("{}-{i}", m.name);
-                                    check_name(&mut problems, &format!("{lp}/{name}"), &name, &mut machines);
+                                    check_name(
+                                        &mut problems,
+                                        &format!("{lp}/{name}"),
+                                        &name,
+                                        &mut machines,
+                                    );
                                 }
                             }
                         }
@@ -392,7 +411,7 @@ impl PlantSpec {
 
     /// Every asset of the plant, parents before children. The spec must be valid.
     pub fn assets(&self) -> Vec<AssetDef> {
-        let types: HashMap<&str, (Arc<str>, Arc<MachineType>, Vec<(Arc<str>, Arc<SensorSpec>)>)> = self
+        let types: HashMap<&str, SharedType> = self
             .machine_types
             .iter()
             .map(|(name, mt)| {
@@ -401,7 +420,10 @@ impl PlantSpec {
                     .iter()
                     .map(|s| (Arc::from(format!("{name}.{}", s.name)), Arc::new(s.clone())))
                     .collect();
-                (name.as_str(), (Arc::from(name.as_str()), Arc::new(mt.clone()), sensors))
+                (
+                    name.as_str(),
+                    (Arc::from(name.as_str()), Arc::new(mt.clone()), sensors),
+                )
             })
             .collect();
         let path = |s: &str| AssetPath::parse(s).expect("a validated spec has valid paths");
@@ -551,7 +573,11 @@ machines = [{ name = "press", type = "press", count = 2 }, { name = "hydro", typ
         assert_eq!(assets.len(), 1 + 1 + 1 + 1 + 3 * 3);
         for (i, a) in assets.iter().enumerate() {
             if let Some(parent) = a.path.parent() {
-                assert!(paths[..i].contains(&parent.as_str()), "{} before its parent", a.path);
+                assert!(
+                    paths[..i].contains(&parent.as_str()),
+                    "{} before its parent",
+                    a.path
+                );
             }
             assert_eq!(a.kind.level(), a.path.level());
         }
@@ -563,7 +589,9 @@ machines = [{ name = "press", type = "press", count = 2 }, { name = "hydro", typ
         let err = PlantSpec::from_toml(&text, "plant.toml").expect_err("invalid");
         let msg = err.to_string();
         assert!(
-            msg.contains(r#"acme/berlin/assembly/line-1/hydro: unknown machine type "pres" (defined: press)"#),
+            msg.contains(
+                r#"acme/berlin/assembly/line-1/hydro: unknown machine type "pres" (defined: press)"#
+            ),
             "{msg}"
         );
     }
@@ -571,10 +599,17 @@ machines = [{ name = "press", type = "press", count = 2 }, { name = "hydro", typ
     #[test]
     fn rejects_bad_names_duplicates_versions_and_unknown_keys() {
         let dup = SMALL.replace(r#"name = "hydro""#, r#"name = "press-1""#);
-        let msg = PlantSpec::from_toml(&dup, "p").expect_err("dup").to_string();
-        assert!(msg.contains("acme/berlin/assembly/line-1/press-1: defined twice"), "{msg}");
+        let msg = PlantSpec::from_toml(&dup, "p")
+            .expect_err("dup")
+            .to_string();
+        assert!(
+            msg.contains("acme/berlin/assembly/line-1/press-1: defined twice"),
+            "{msg}"
+        );
         let bad = SMALL.replace(r#"name = "line-1""#, r#"name = "Line 1""#);
-        let msg = PlantSpec::from_toml(&bad, "p").expect_err("bad").to_string();
+        let msg = PlantSpec::from_toml(&bad, "p")
+            .expect_err("bad")
+            .to_string();
         assert!(msg.contains("is not a slug"), "{msg}");
         let v2 = SMALL.replace("version = 1", "version = 2");
         assert!(matches!(

@@ -11,4 +11,5 @@ pub mod store {
 }
 
 /// Encoded `FileDescriptorSet` of every ferrotwin proto, for server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ferrotwin_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/ferrotwin_descriptor.bin"));

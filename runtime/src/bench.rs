@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use ferrotwin_models::{AssetId, IngestSink, Property, PushBackReason, Reading, Value};
 use ferrotwin_models::spec::AssetKind;
+use ferrotwin_models::{AssetId, IngestSink, Property, PushBackReason, Reading, Value};
 use ferrotwin_sim::generate::{PlantSize, generate};
 use tokio::sync::{broadcast, mpsc};
 
@@ -69,7 +69,7 @@ fn spawn_watcher(mut rx: broadcast::Receiver<Change>) -> Watcher {
             match rx.recv().await {
                 Ok(Change::Twin(_, snap)) => {
                     n += 1;
-                    if n % 16 == 0
+                    if n.is_multiple_of(16)
                         && let TwinState::Sensor(sv) = &snap.state
                     {
                         let lat = (now().0 - sv.source_ts.0).max(0) as u64;
@@ -84,7 +84,11 @@ fn spawn_watcher(mut rx: broadcast::Receiver<Change>) -> Watcher {
             }
         }
     });
-    Watcher { samples, lagged, stop }
+    Watcher {
+        samples,
+        lagged,
+        stop,
+    }
 }
 
 fn percentile(v: &mut [u64], p: f64) -> f64 {
@@ -115,7 +119,12 @@ fn load(sink: &dyn IngestSink, ids: &[AssetId], dur: Duration, rate: Option<f64>
         let mut batch = Vec::with_capacity(BATCH);
         for _ in 0..BATCH.min(ids.len()) {
             v += 0.01;
-            batch.push(Reading::good(ids[i], Property::Value, Value::Float(20.0 + (v % 10.0)), ts));
+            batch.push(Reading::good(
+                ids[i],
+                Property::Value,
+                Value::Float(20.0 + (v % 10.0)),
+                ts,
+            ));
             i = (i + 1) % ids.len();
         }
         let n = batch.len() as u64;

@@ -93,7 +93,14 @@ fn rollup_text(r: &pb::RollUp) -> String {
         let _ = write!(s, "  ! alarms: {}", parts.join(", "));
     }
     if r.worst_quality > pb::QualityCode::Good as i32 {
-        let _ = write!(s, "  ~ worst quality: {}", quality_text(&Some(pb::Quality { code: r.worst_quality, reason: String::new() })));
+        let _ = write!(
+            s,
+            "  ~ worst quality: {}",
+            quality_text(&Some(pb::Quality {
+                code: r.worst_quality,
+                reason: String::new()
+            }))
+        );
     }
     s
 }
@@ -108,7 +115,13 @@ pub fn twin_line(t: &pb::Twin) -> String {
         }
         for a in &s.alarms {
             if a.state != pb::AlarmState::Normal as i32 {
-                let _ = write!(line, "  ! {} {} ({})", a.name, alarm_state_text(a.state), severity_text(a.severity));
+                let _ = write!(
+                    line,
+                    "  ! {} {} ({})",
+                    a.name,
+                    alarm_state_text(a.state),
+                    severity_text(a.severity)
+                );
             }
         }
         return line;
@@ -182,7 +195,13 @@ pub async fn get(client: &mut Client, path: &str) -> Result<String> {
         .await
         .map_err(status)?
         .into_inner();
-    let mut out = format!("{}  [{}] {}  id {}\n", t.path, level_text(t.level), t.r#type, t.id);
+    let mut out = format!(
+        "{}  [{}] {}  id {}\n",
+        t.path,
+        level_text(t.level),
+        t.r#type,
+        t.id
+    );
     if let Some(s) = &t.sensor {
         let _ = writeln!(out, "  value    {} {}", value_text(&s.value), s.unit);
         let _ = writeln!(out, "  quality  {}", quality_text(&s.quality));
@@ -213,7 +232,12 @@ pub async fn get(client: &mut Client, path: &str) -> Result<String> {
         }
     }
     if let Some(m) = &t.machine {
-        let _ = writeln!(out, "  state    {} since {}", m.state, fmt_us(m.state_since_us));
+        let _ = writeln!(
+            out,
+            "  state    {} since {}",
+            m.state,
+            fmt_us(m.state_since_us)
+        );
         if let Some(o) = &m.oee {
             let _ = writeln!(
                 out,
@@ -224,7 +248,11 @@ pub async fn get(client: &mut Client, path: &str) -> Result<String> {
                 o.quality * 100.0
             );
         }
-        let _ = writeln!(out, "  parts    {} good, {} scrap", m.good_count, m.scrap_count);
+        let _ = writeln!(
+            out,
+            "  parts    {} good, {} scrap",
+            m.good_count, m.scrap_count
+        );
     }
     if let Some(r) = &t.rollup {
         let _ = writeln!(out, "  roll-up  {}", rollup_text(r));
@@ -247,18 +275,33 @@ pub async fn query(client: &mut Client, expr: &str, limit: u32) -> Result<String
         .into_inner();
     let mut out = String::new();
     for t in &resp.twins {
-        let _ = writeln!(out, "{}  {}", t.path, twin_line(t).split_once("  ").map_or("", |x| x.1));
+        let _ = writeln!(
+            out,
+            "{}  {}",
+            t.path,
+            twin_line(t).split_once("  ").map_or("", |x| x.1)
+        );
     }
     let _ = writeln!(
         out,
         "{} twin(s){}",
         resp.twins.len(),
-        if resp.next_page_token.is_empty() { "" } else { " (more: raise --limit)" }
+        if resp.next_page_token.is_empty() {
+            ""
+        } else {
+            " (more: raise --limit)"
+        }
     );
     Ok(out)
 }
 
-pub async fn history(client: &mut Client, path: &str, property: &str, since_s: u64, max_points: u32) -> Result<String> {
+pub async fn history(
+    client: &mut Client,
+    path: &str,
+    property: &str,
+    since_s: u64,
+    max_points: u32,
+) -> Result<String> {
     let now_us = crate::twin::now().0;
     let resp = client
         .get_history(pb::GetHistoryRequest {
@@ -274,7 +317,15 @@ pub async fn history(client: &mut Client, path: &str, property: &str, since_s: u
     let mut out = String::new();
     for p in &resp.points {
         if p.count > 1 {
-            let _ = writeln!(out, "{}  {:.3}  (min {:.3} max {:.3}, {} pts)", fmt_us(p.ts_us), p.value, p.min, p.max, p.count);
+            let _ = writeln!(
+                out,
+                "{}  {:.3}  (min {:.3} max {:.3}, {} pts)",
+                fmt_us(p.ts_us),
+                p.value,
+                p.min,
+                p.max,
+                p.count
+            );
         } else {
             let _ = writeln!(out, "{}  {:.3}", fmt_us(p.ts_us), p.value);
         }
@@ -284,7 +335,11 @@ pub async fn history(client: &mut Client, path: &str, property: &str, since_s: u
         "{} point(s) from {} raw{}",
         resp.points.len(),
         resp.raw_points,
-        if resp.downsampled { ", downsampled" } else { "" }
+        if resp.downsampled {
+            ", downsampled"
+        } else {
+            ""
+        }
     );
     Ok(out)
 }
@@ -317,12 +372,27 @@ pub async fn events(client: &mut Client, path: &str, limit: u32) -> Result<Strin
         after = resp.next_after_seq;
     }
     for e in &all {
-        let _ = writeln!(out, "{}  #{}  {:<8} {:<9} {}  {}", fmt_us(e.ts_us), e.seq, severity_text(e.severity), e.kind, e.path, e.message);
+        let _ = writeln!(
+            out,
+            "{}  #{}  {:<8} {:<9} {}  {}",
+            fmt_us(e.ts_us),
+            e.seq,
+            severity_text(e.severity),
+            e.kind,
+            e.path,
+            e.message
+        );
     }
     Ok(out)
 }
 
-pub async fn ack(client: &mut Client, path: &str, alarm: &str, by: &str, comment: &str) -> Result<String> {
+pub async fn ack(
+    client: &mut Client,
+    path: &str,
+    alarm: &str,
+    by: &str,
+    comment: &str,
+) -> Result<String> {
     let a = client
         .acknowledge_alarm(pb::AcknowledgeAlarmRequest {
             path: path.to_string(),
@@ -335,11 +405,20 @@ pub async fn ack(client: &mut Client, path: &str, alarm: &str, by: &str, comment
         .into_inner()
         .alarm
         .unwrap_or_default();
-    Ok(format!("{path}: alarm {} is now {}\n", a.name, alarm_state_text(a.state)))
+    Ok(format!(
+        "{path}: alarm {} is now {}\n",
+        a.name,
+        alarm_state_text(a.state)
+    ))
 }
 
 /// Prints changes under `path` as they come, until the stream ends or `max` items.
-pub async fn watch(client: &mut Client, path: &str, events: bool, max: Option<usize>) -> Result<()> {
+pub async fn watch(
+    client: &mut Client,
+    path: &str,
+    events: bool,
+    max: Option<usize>,
+) -> Result<()> {
     let mut stream = client
         .watch(pb::WatchRequest {
             path: path.to_string(),
@@ -352,9 +431,22 @@ pub async fn watch(client: &mut Client, path: &str, events: bool, max: Option<us
     let mut n = 0;
     while let Some(item) = stream.message().await.map_err(status)? {
         match item.item {
-            Some(pb::watch_response::Item::Change(t)) => println!("{}  {}", fmt_us(t.updated_us), t.path.clone() + "  " + twin_line(&t).split_once("  ").map_or("", |x| x.1)),
-            Some(pb::watch_response::Item::Event(e)) => println!("{}  EVENT {} {} {}: {}", fmt_us(e.ts_us), severity_text(e.severity), e.kind, e.path, e.message),
-            Some(pb::watch_response::Item::Lagged(l)) => println!("-- lagged: {} change(s) skipped, resyncing", l.skipped),
+            Some(pb::watch_response::Item::Change(t)) => println!(
+                "{}  {}",
+                fmt_us(t.updated_us),
+                t.path.clone() + "  " + twin_line(&t).split_once("  ").map_or("", |x| x.1)
+            ),
+            Some(pb::watch_response::Item::Event(e)) => println!(
+                "{}  EVENT {} {} {}: {}",
+                fmt_us(e.ts_us),
+                severity_text(e.severity),
+                e.kind,
+                e.path,
+                e.message
+            ),
+            Some(pb::watch_response::Item::Lagged(l)) => {
+                println!("-- lagged: {} change(s) skipped, resyncing", l.skipped)
+            }
             _ => {}
         }
         n += 1;

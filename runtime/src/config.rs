@@ -48,15 +48,28 @@ pub struct SiteConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{file}: cannot read: {source}")]
-    Read { file: PathBuf, source: std::io::Error },
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{file}: {message}")]
     Syntax { file: PathBuf, message: String },
-    #[error("{file}: config version {found} is not supported (this build reads version {CONFIG_VERSION})")]
+    #[error(
+        "{file}: config version {found} is not supported (this build reads version {CONFIG_VERSION})"
+    )]
     Version { file: PathBuf, found: u32 },
     #[error("{file}: {var}: {message}")]
-    Env { file: PathBuf, var: &'static str, message: String },
+    Env {
+        file: PathBuf,
+        var: &'static str,
+        message: String,
+    },
     #[error("{file}: {field}: {message}")]
-    Invalid { file: PathBuf, field: &'static str, message: String },
+    Invalid {
+        file: PathBuf,
+        field: &'static str,
+        message: String,
+    },
     #[error(transparent)]
     Spec(#[from] SpecError),
 }
@@ -117,7 +130,10 @@ impl SiteConfig {
             file: self.plant.clone(),
             source,
         })?;
-        Ok(PlantSpec::from_toml(&text, &self.plant.display().to_string())?)
+        Ok(PlantSpec::from_toml(
+            &text,
+            &self.plant.display().to_string(),
+        )?)
     }
 
     pub fn options(&self) -> RuntimeOptions {
@@ -137,11 +153,17 @@ mod tests {
     fn a_misspelt_key_fails_at_load_naming_the_file() {
         let dir = tempfile::tempdir().expect("tempdir");
         let f = dir.path().join("site.toml");
-        std::fs::write(&f, "version = 1\nplant = \"p.toml\"\ndata_dir = \"d\"\n[store]\nflush_intervall_ms = 5\n")
-            .expect("write");
+        std::fs::write(
+            &f,
+            "version = 1\nplant = \"p.toml\"\ndata_dir = \"d\"\n[store]\nflush_intervall_ms = 5\n",
+        )
+        .expect("write");
         let err = SiteConfig::load(&f).expect_err("typo");
         let msg = err.to_string();
-        assert!(msg.contains("site.toml") && msg.contains("flush_intervall_ms"), "{msg}");
+        assert!(
+            msg.contains("site.toml") && msg.contains("flush_intervall_ms"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -30,7 +30,8 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
     let spec = generate(PlantSize::DEMO, opts.seed);
     let (dir, _temp) = match &opts.data_dir {
         Some(d) => {
-            std::fs::create_dir_all(d).with_context(|| format!("cannot create data dir {}", d.display()))?;
+            std::fs::create_dir_all(d)
+                .with_context(|| format!("cannot create data dir {}", d.display()))?;
             (d.clone(), None)
         }
         None => {
@@ -41,13 +42,21 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
             (t.path().to_path_buf(), Some(t))
         }
     };
-    let listener = TcpListener::bind(opts.grpc_addr)
-        .await
-        .with_context(|| format!("cannot listen on {} (is another demo running? try --grpc-addr 127.0.0.1:0)", opts.grpc_addr))?;
+    let listener = TcpListener::bind(opts.grpc_addr).await.with_context(|| {
+        format!(
+            "cannot listen on {} (is another demo running? try --grpc-addr 127.0.0.1:0)",
+            opts.grpc_addr
+        )
+    })?;
     let addr = listener.local_addr()?;
     let rt = Runtime::start(&spec, &dir, RuntimeOptions::default()).await?;
     rt.serve_grpc(listener);
-    println!("ferrotwin demo: {} twins of {} machines, data in {}", rt.registry.len(), spec.sites.len(), dir.display());
+    println!(
+        "ferrotwin demo: {} twins of {} machines, data in {}",
+        rt.registry.len(),
+        spec.sites.len(),
+        dir.display()
+    );
     println!("gRPC API on {addr} (health and reflection included)");
     println!("try:");
     println!("  cargo run --release -- tree --addr {addr}");

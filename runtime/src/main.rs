@@ -10,7 +10,11 @@ use ferrotwin_runtime::config::SiteConfig;
 use ferrotwin_runtime::{Runtime, bench, cli, demo};
 
 #[derive(Parser)]
-#[command(name = "ferrotwin", version, about = "Actor-based digital twin runtime for manufacturing plants")]
+#[command(
+    name = "ferrotwin",
+    version,
+    about = "Actor-based digital twin runtime for manufacturing plants"
+)]
 struct Args {
     #[command(subcommand)]
     cmd: Cmd,
@@ -134,7 +138,10 @@ enum BenchCmd {
 fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
 }
 
 #[tokio::main]
@@ -168,13 +175,21 @@ async fn main() -> Result<()> {
                 .await
                 .with_context(|| format!("cannot listen on {}", cfg.grpc_addr))?;
             let rt = Runtime::start(&spec, &cfg.data_dir, cfg.options()).await?;
-            println!("ferrotwin site: {} twins, gRPC on {}", rt.registry.len(), listener.local_addr()?);
+            println!(
+                "ferrotwin site: {} twins, gRPC on {}",
+                rt.registry.len(),
+                listener.local_addr()?
+            );
             rt.serve_grpc(listener);
             let _ = tokio::signal::ctrl_c().await;
             rt.shutdown().await;
             Ok(())
         }
-        Cmd::Tree { path, depth, remote } => {
+        Cmd::Tree {
+            path,
+            depth,
+            remote,
+        } => {
             init_tracing("warn");
             let mut c = cli::connect(&remote.addr).await?;
             print!("{}", cli::tree(&mut c, &path, depth).await?);
@@ -186,12 +201,20 @@ async fn main() -> Result<()> {
             print!("{}", cli::get(&mut c, &path).await?);
             Ok(())
         }
-        Cmd::Watch { path, events, remote } => {
+        Cmd::Watch {
+            path,
+            events,
+            remote,
+        } => {
             init_tracing("warn");
             let mut c = cli::connect(&remote.addr).await?;
             cli::watch(&mut c, &path, events, None).await
         }
-        Cmd::Query { expr, limit, remote } => {
+        Cmd::Query {
+            expr,
+            limit,
+            remote,
+        } => {
             init_tracing("warn");
             let mut c = cli::connect(&remote.addr).await?;
             print!("{}", cli::query(&mut c, &expr, limit).await?);
@@ -206,10 +229,17 @@ async fn main() -> Result<()> {
         } => {
             init_tracing("warn");
             let mut c = cli::connect(&remote.addr).await?;
-            print!("{}", cli::history(&mut c, &path, &property, since, max_points).await?);
+            print!(
+                "{}",
+                cli::history(&mut c, &path, &property, since, max_points).await?
+            );
             Ok(())
         }
-        Cmd::Events { path, limit, remote } => {
+        Cmd::Events {
+            path,
+            limit,
+            remote,
+        } => {
             init_tracing("warn");
             let mut c = cli::connect(&remote.addr).await?;
             print!("{}", cli::events(&mut c, &path, limit).await?);

@@ -50,9 +50,17 @@ impl Metrics {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut s = String::new();
         let _ = writeln!(s, "# TYPE ferrotwin_readings_received_total counter");
-        let _ = writeln!(s, "ferrotwin_readings_received_total {}", g(&self.readings_received));
+        let _ = writeln!(
+            s,
+            "ferrotwin_readings_received_total {}",
+            g(&self.readings_received)
+        );
         let _ = writeln!(s, "# TYPE ferrotwin_readings_applied_total counter");
-        let _ = writeln!(s, "ferrotwin_readings_applied_total {}", g(&self.readings_applied));
+        let _ = writeln!(
+            s,
+            "ferrotwin_readings_applied_total {}",
+            g(&self.readings_applied)
+        );
         let _ = writeln!(s, "# TYPE ferrotwin_readings_rejected_total counter");
         for (reason, c) in [
             ("not_finite", &self.rejected_not_finite),
@@ -61,15 +69,28 @@ impl Metrics {
             ("unknown_property", &self.rejected_unknown_property),
             ("unknown_asset", &self.unknown_asset),
         ] {
-            let _ = writeln!(s, "ferrotwin_readings_rejected_total{{reason=\"{reason}\"}} {}", g(c));
+            let _ = writeln!(
+                s,
+                "ferrotwin_readings_rejected_total{{reason=\"{reason}\"}} {}",
+                g(c)
+            );
         }
         let _ = writeln!(s, "# TYPE ferrotwin_ingest_push_backs_total counter");
-        let _ = writeln!(s, "ferrotwin_ingest_push_backs_total {}", g(&self.push_backs));
+        let _ = writeln!(
+            s,
+            "ferrotwin_ingest_push_backs_total {}",
+            g(&self.push_backs)
+        );
         let _ = writeln!(s, "# TYPE ferrotwin_twin_restarts_total counter");
         let _ = writeln!(s, "ferrotwin_twin_restarts_total {}", g(&self.restarts));
         let _ = writeln!(s, "# TYPE ferrotwin_events_total counter");
         for (k, c) in EventKind::ALL.iter().zip(&self.events) {
-            let _ = writeln!(s, "ferrotwin_events_total{{kind=\"{}\"}} {}", k.as_str(), g(c));
+            let _ = writeln!(
+                s,
+                "ferrotwin_events_total{{kind=\"{}\"}} {}",
+                k.as_str(),
+                g(c)
+            );
         }
         s
     }

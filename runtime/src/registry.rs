@@ -43,7 +43,10 @@ impl TwinEntry {
     }
 
     pub fn actor(&self) -> Option<ActorRef<TwinMsg>> {
-        self.actor.lock().expect("entry lock is never poisoned").clone()
+        self.actor
+            .lock()
+            .expect("entry lock is never poisoned")
+            .clone()
     }
 
     pub fn set_actor(&self, actor: Option<ActorRef<TwinMsg>>) {
@@ -52,7 +55,10 @@ impl TwinEntry {
 
     /// The latest state the twin published.
     pub fn snapshot(&self) -> Arc<TwinSnapshot> {
-        self.snapshot.lock().expect("entry lock is never poisoned").clone()
+        self.snapshot
+            .lock()
+            .expect("entry lock is never poisoned")
+            .clone()
     }
 
     /// Stale threshold of a sensor, 0 for other levels.
@@ -135,7 +141,10 @@ impl Registry {
     }
 
     pub fn len(&self) -> usize {
-        self.by_path.read().expect("registry lock is never poisoned").len()
+        self.by_path
+            .read()
+            .expect("registry lock is never poisoned")
+            .len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -144,8 +153,14 @@ impl Registry {
 
     /// Runs `f` on each id → entry map shard under its read lock (the router groups a batch
     /// per shard this way, one lock per shard per batch).
-    pub fn with_shard<R>(&self, i: usize, f: impl FnOnce(&HashMap<AssetId, Arc<TwinEntry>>) -> R) -> R {
-        f(&self.by_id[i].read().expect("registry lock is never poisoned"))
+    pub fn with_shard<R>(
+        &self,
+        i: usize,
+        f: impl FnOnce(&HashMap<AssetId, Arc<TwinEntry>>) -> R,
+    ) -> R {
+        f(&self.by_id[i]
+            .read()
+            .expect("registry lock is never poisoned"))
     }
 
     pub const SHARDS: usize = SHARDS;
@@ -163,7 +178,10 @@ impl Registry {
         limit: usize,
         mut keep: impl FnMut(&TwinEntry) -> bool,
     ) -> (Vec<Arc<TwinEntry>>, bool) {
-        let map = self.by_path.read().expect("registry lock is never poisoned");
+        let map = self
+            .by_path
+            .read()
+            .expect("registry lock is never poisoned");
         let start = match (after, prefix) {
             (Some(a), _) => Bound::Excluded(a.clone()),
             (None, Some(p)) => Bound::Included(p.clone()),
@@ -223,6 +241,7 @@ impl Registry {
 
     pub fn children_of(&self, path: &AssetPath) -> Vec<Arc<TwinEntry>> {
         let depth = path.depth() + 1;
-        self.scan(Some(path), None, usize::MAX, |e| e.path().depth() == depth).0
+        self.scan(Some(path), None, usize::MAX, |e| e.path().depth() == depth)
+            .0
     }
 }

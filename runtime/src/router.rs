@@ -33,7 +33,12 @@ pub struct IngestRouter {
 pub struct Credits(pub Arc<AtomicUsize>);
 
 impl IngestRouter {
-    pub fn new(registry: Arc<Registry>, metrics: Arc<Metrics>, inflight: Credits, max_inflight: usize) -> IngestRouter {
+    pub fn new(
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+        inflight: Credits,
+        max_inflight: usize,
+    ) -> IngestRouter {
         IngestRouter {
             registry,
             metrics,
@@ -90,7 +95,8 @@ impl IngestSink for IngestRouter {
         }
         // Group by target. A batch usually holds one reading per sensor, so the map holds
         // one small Vec per target.
-        let mut groups: HashMap<AssetId, (Arc<TwinEntry>, Vec<Reading>)> = HashMap::with_capacity(n.min(4096));
+        let mut groups: HashMap<AssetId, (Arc<TwinEntry>, Vec<Reading>)> =
+            HashMap::with_capacity(n.min(4096));
         let mut unknown = 0u64;
         for r in &batch {
             if let Some((_, v)) = groups.get_mut(&r.asset) {
@@ -115,17 +121,23 @@ impl IngestSink for IngestRouter {
             });
         }
         if unknown > 0 {
-            self.metrics.unknown_asset.fetch_add(unknown, Ordering::Relaxed);
+            self.metrics
+                .unknown_asset
+                .fetch_add(unknown, Ordering::Relaxed);
             tracing::debug!(count = unknown, "readings for unknown assets refused");
         }
-        self.metrics.readings_received.fetch_add(n as u64, Ordering::Relaxed);
+        self.metrics
+            .readings_received
+            .fetch_add(n as u64, Ordering::Relaxed);
         self.metrics.batches_routed.fetch_add(1, Ordering::Relaxed);
         let now_us = crate::twin::now().0;
         for (_, (entry, readings)) in groups {
             let Some(actor) = entry.actor() else {
                 // Between crash and restart: the reading has nowhere to go yet. Count it
                 // as unknown rather than hold it.
-                self.metrics.unknown_asset.fetch_add(readings.len() as u64, Ordering::Relaxed);
+                self.metrics
+                    .unknown_asset
+                    .fetch_add(readings.len() as u64, Ordering::Relaxed);
                 continue;
             };
             let k = readings.len();
@@ -137,7 +149,9 @@ impl IngestSink for IngestRouter {
                 entry.pending.fetch_sub(1, Ordering::AcqRel);
                 entry.pending_readings.fetch_sub(k as u32, Ordering::AcqRel);
                 self.inflight.fetch_sub(k, Ordering::AcqRel);
-                self.metrics.unknown_asset.fetch_add(k as u64, Ordering::Relaxed);
+                self.metrics
+                    .unknown_asset
+                    .fetch_add(k as u64, Ordering::Relaxed);
             }
         }
         Ok(())

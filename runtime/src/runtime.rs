@@ -18,7 +18,9 @@ use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::router::{Credits, IngestRouter};
 use crate::store::{Store, StoreConfig, StoreError, codec};
-use crate::twin::{Plant, TwinCtx, TwinMsg, TwinSettings, TwinSnapshot, TwinState, now, spawn_twin};
+use crate::twin::{
+    Plant, TwinCtx, TwinMsg, TwinSettings, TwinSnapshot, TwinState, now, spawn_twin,
+};
 use crate::watch::{WATCH_RING, WatchHub};
 
 /// Settings of a runtime that do not come from the plant spec.
@@ -84,7 +86,11 @@ pub struct Runtime {
 impl Runtime {
     /// Opens the store in `data_dir`, restores every twin from its snapshot and starts the
     /// tree. When this returns, every twin runs and ingest may start.
-    pub async fn start(spec: &PlantSpec, data_dir: &Path, opts: RuntimeOptions) -> Result<Runtime, RuntimeError> {
+    pub async fn start(
+        spec: &PlantSpec,
+        data_dir: &Path,
+        opts: RuntimeOptions,
+    ) -> Result<Runtime, RuntimeError> {
         let store = Arc::new(Store::open(data_dir, opts.store.clone())?);
         let mut records = store.load_snapshots()?;
         let registry = Arc::new(Registry::default());
@@ -98,7 +104,10 @@ impl Runtime {
             registry.insert(def.clone(), snap, start_us);
         }
         if !records.is_empty() {
-            tracing::info!(count = records.len(), "snapshots of assets no longer in the plant spec kept on disk");
+            tracing::info!(
+                count = records.len(),
+                "snapshots of assets no longer in the plant spec kept on disk"
+            );
         }
         let plant = Arc::new(Plant::new(&assets));
         let root_def = plant.root.clone().ok_or(RuntimeError::EmptyPlant)?;
@@ -129,7 +138,11 @@ impl Runtime {
             .map_err(|e| RuntimeError::Spawn(e.to_string()))?;
         let token = CancellationToken::new();
         let tracker = TaskTracker::new();
-        tracker.spawn(sweep_stale(registry.clone(), opts.ingest.stale_sweep_ms, token.child_token()));
+        tracker.spawn(sweep_stale(
+            registry.clone(),
+            opts.ingest.stale_sweep_ms,
+            token.child_token(),
+        ));
         tracing::info!(twins = registry.len(), data_dir = %data_dir.display(), "runtime started");
         Ok(Runtime {
             registry,

@@ -38,7 +38,11 @@ impl TwinSubject<'_> {
             TwinState::Sensor(s) => {
                 if s.alarms.iter().any(|a| a.state.is_active()) {
                     "active"
-                } else if s.alarms.iter().any(|a| a.state == AlarmState::ReturnedUnacked) {
+                } else if s
+                    .alarms
+                    .iter()
+                    .any(|a| a.state == AlarmState::ReturnedUnacked)
+                {
                     "returned"
                 } else {
                     "normal"
@@ -73,7 +77,11 @@ impl Subject for TwinSubject<'_> {
             "alarm" => return text(self.alarm_word()),
             "alarms" => return num(f64::from(rollup.active_alarms())),
             "unacked" => return num(f64::from(rollup.unacked_alarms)),
-            "severity" => return rollup.worst_alarm().map(|s| FieldValue::Num(s.index() as f64)),
+            "severity" => {
+                return rollup
+                    .worst_alarm()
+                    .map(|s| FieldValue::Num(s.index() as f64));
+            }
             "quality" => return text(quality_word(rollup.worst_quality)),
             _ => {}
         }

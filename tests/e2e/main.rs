@@ -1,1 +1,9 @@
+//! End-to-end tests: a real runtime (actors, sled store, gRPC over loopback) driven from
+//! outside. One test binary with modules.
 
+mod alarms;
+mod api;
+mod common;
+mod ingest;
+mod recovery;
+mod supervision;

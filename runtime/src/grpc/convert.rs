@@ -236,7 +236,11 @@ mod tests {
             .map(|i| HistPoint {
                 ts: Timestamp::from_millis(i),
                 value: if i == 500 { 1e6 } else { i as f64 },
-                quality: if i == 10 { QualityCode::Bad } else { QualityCode::Good },
+                quality: if i == 5 {
+                    QualityCode::Bad
+                } else {
+                    QualityCode::Good
+                },
             })
             .collect();
         let out = downsample(&pts, 100);

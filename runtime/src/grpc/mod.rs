@@ -38,11 +38,17 @@ const TWIN_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("{field}: {source}")]
-    BadPath { field: &'static str, source: PathError },
+    BadPath {
+        field: &'static str,
+        source: PathError,
+    },
     #[error("{0}")]
     BadArgument(String),
     #[error("no asset at {path}{}", nearest.as_ref().map(|n| format!(" (nearest existing parent: {n})")).unwrap_or_default())]
-    NotFound { path: String, nearest: Option<String> },
+    NotFound {
+        path: String,
+        nearest: Option<String>,
+    },
     #[error(transparent)]
     BadQuery(#[from] QueryError),
     #[error(transparent)]
@@ -147,11 +153,14 @@ impl TwinApi {
         convert::twin(e, &e.snapshot())
     }
 
-    fn sensor_actor(&self, path: &str) -> Result<(Arc<TwinEntry>, ractor::ActorRef<TwinMsg>), ApiError> {
+    fn sensor_actor(
+        &self,
+        path: &str,
+    ) -> Result<(Arc<TwinEntry>, ractor::ActorRef<TwinMsg>), ApiError> {
         let e = self.entry(&Self::parse_path("path", path)?)?;
-        let a = e
-            .actor()
-            .ok_or_else(|| ApiError::Unavailable(format!("{}: twin is restarting, retry", e.path())))?;
+        let a = e.actor().ok_or_else(|| {
+            ApiError::Unavailable(format!("{}: twin is restarting, retry", e.path()))
+        })?;
         Ok((e, a))
     }
 }
@@ -160,23 +169,34 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> 
 
 #[tonic::async_trait]
 impl TwinService for TwinApi {
-    async fn get_twin(&self, req: Request<pb::GetTwinRequest>) -> Result<Response<pb::Twin>, Status> {
+    async fn get_twin(
+        &self,
+        req: Request<pb::GetTwinRequest>,
+    ) -> Result<Response<pb::Twin>, Status> {
         let e = match req.into_inner().key {
-            Some(pb::get_twin_request::Key::Path(p)) => self.entry(&Self::parse_path("path", &p)?)?,
+            Some(pb::get_twin_request::Key::Path(p)) => {
+                self.entry(&Self::parse_path("path", &p)?)?
+            }
             Some(pb::get_twin_request::Key::Id(id)) => {
                 let uuid = uuid::Uuid::parse_str(&id)
                     .map_err(|e| ApiError::BadArgument(format!("id: {id:?} is not a UUID: {e}")))?;
                 self.ctx
                     .registry
                     .get(&AssetId(uuid))
-                    .ok_or(ApiError::NotFound { path: format!("id {id}"), nearest: None })?
+                    .ok_or(ApiError::NotFound {
+                        path: format!("id {id}"),
+                        nearest: None,
+                    })?
             }
             None => return Err(ApiError::BadArgument("give a path or an id".into()).into()),
         };
         Ok(Response::new(self.twin_of(&e)))
     }
 
-    async fn browse(&self, req: Request<pb::BrowseRequest>) -> Result<Response<pb::BrowseResponse>, Status> {
+    async fn browse(
+        &self,
+        req: Request<pb::BrowseRequest>,
+    ) -> Result<Response<pb::BrowseResponse>, Status> {
         let req = req.into_inner();
         let root = match self.subtree("path", &req.path)? {
             Some(p) => p,
@@ -194,9 +214,14 @@ impl TwinService for TwinApi {
         let (entries, more) = self
             .ctx
             .registry
-            .scan(Some(&root), after.as_ref(), limit, |e| e.path().depth() <= max_depth);
+            .scan(Some(&root), after.as_ref(), limit, |e| {
+                e.path().depth() <= max_depth
+            });
         let next = if more {
-            entries.last().map(|e| e.path().to_string()).unwrap_or_default()
+            entries
+                .last()
+                .map(|e| e.path().to_string())
+                .unwrap_or_default()
         } else {
             String::new()
         };
@@ -206,7 +231,10 @@ impl TwinService for TwinApi {
         }))
     }
 
-    async fn query(&self, req: Request<pb::QueryRequest>) -> Result<Response<pb::QueryResponse>, Status> {
+    async fn query(
+        &self,
+        req: Request<pb::QueryRequest>,
+    ) -> Result<Response<pb::QueryResponse>, Status> {
         let req = req.into_inner();
         let q = Query::parse(&req.query).map_err(ApiError::from)?;
         let limit = Self::page(req.page_size)?;
@@ -228,7 +256,10 @@ impl TwinService for TwinApi {
             })
         });
         let next = if more {
-            entries.last().map(|e| e.path().to_string()).unwrap_or_default()
+            entries
+                .last()
+                .map(|e| e.path().to_string())
+                .unwrap_or_default()
         } else {
             String::new()
         };
@@ -262,14 +293,26 @@ impl TwinService for TwinApi {
     ) -> Result<Response<pb::GetHistoryResponse>, Status> {
         let req = req.into_inner();
         let (e, actor) = self.sensor_actor(&req.path)?;
-        let prop_name = if req.property.is_empty() { "value" } else { req.property.as_str() };
+        let prop_name = if req.property.is_empty() {
+            "value"
+        } else {
+            req.property.as_str()
+        };
         let property = Property::parse(prop_name).ok_or_else(|| {
-            ApiError::BadArgument(format!("property: {prop_name:?} is not recorded (recorded: value)"))
+            ApiError::BadArgument(format!(
+                "property: {prop_name:?} is not recorded (recorded: value)"
+            ))
         })?;
-        let to = if req.to_us == 0 { now() } else { Timestamp(req.to_us) };
+        let to = if req.to_us == 0 {
+            now()
+        } else {
+            Timestamp(req.to_us)
+        };
         let from = Timestamp(req.from_us);
         if from > to {
-            return Err(ApiError::BadArgument(format!("range: from {from} is after to {to}")).into());
+            return Err(
+                ApiError::BadArgument(format!("range: from {from} is after to {to}")).into(),
+            );
         }
         let max = match req.max_points as usize {
             0 => DEFAULT_HISTORY_POINTS,
@@ -283,11 +326,14 @@ impl TwinService for TwinApi {
         };
         let ctx = self.ctx.clone();
         let id = e.id;
-        let mut points = tokio::task::spawn_blocking(move || ctx.store.read_history(id, property, from, to))
+        let mut points =
+            tokio::task::spawn_blocking(move || ctx.store.read_history(id, property, from, to))
+                .await
+                .map_err(|e| ApiError::Unavailable(format!("history read failed: {e}")))?
+                .map_err(ApiError::from)?;
+        let tail = ask(&actor, TwinMsg::HistoryTail, TWIN_CALL_TIMEOUT)
             .await
-            .map_err(|e| ApiError::Unavailable(format!("history read failed: {e}")))?
-            .map_err(ApiError::from)?;
-        let tail = ask(&actor, TwinMsg::HistoryTail, TWIN_CALL_TIMEOUT).await.unwrap_or_default();
+            .unwrap_or_default();
         let last = points.last().map(|p| p.ts);
         points.extend(
             tail.into_iter()
@@ -322,7 +368,10 @@ impl TwinService for TwinApi {
         let limit = match req.limit as usize {
             0 => 100,
             n if n > MAX_PAGE => {
-                return Err(ApiError::BadArgument(format!("limit: {n} is above the limit of {MAX_PAGE}")).into());
+                return Err(ApiError::BadArgument(format!(
+                    "limit: {n} is above the limit of {MAX_PAGE}"
+                ))
+                .into());
             }
             n => n,
         };
@@ -381,7 +430,8 @@ impl TwinService for TwinApi {
             return Err(ApiError::BadArgument("by: say who shelves".into()).into());
         }
         let (e, actor) = self.sensor_actor(&req.path)?;
-        let until = (req.duration_ms > 0).then(|| now().plus_ms(req.duration_ms.min(i64::MAX as u64) as i64));
+        let until = (req.duration_ms > 0)
+            .then(|| now().plus_ms(req.duration_ms.min(i64::MAX as u64) as i64));
         let alarm = req.alarm.clone();
         let status = ask(
             &actor,
@@ -402,7 +452,11 @@ impl TwinService for TwinApi {
     }
 }
 
-fn alarm_proto(e: &TwinEntry, name: &str, status: &ferrotwin_models::alarm::AlarmStatus) -> pb::Alarm {
+fn alarm_proto(
+    e: &TwinEntry,
+    name: &str,
+    status: &ferrotwin_models::alarm::AlarmStatus,
+) -> pb::Alarm {
     match &e.def.kind {
         ferrotwin_models::spec::AssetKind::Sensor { spec, .. } => spec
             .alarms
@@ -433,16 +487,24 @@ async fn forward_changes(
         let ctx = ctx.clone();
         let prefix = prefix.clone();
         async move {
-            let (entries, _) = ctx.registry.scan(prefix.as_ref(), None, usize::MAX, |_| true);
+            let (entries, _) = ctx
+                .registry
+                .scan(prefix.as_ref(), None, usize::MAX, |_| true);
             let n = entries.len() as u32;
             for e in entries {
                 let item = Item::Snapshot(convert::twin(&e, &e.snapshot()));
-                if tx.send(Ok(pb::WatchResponse { item: Some(item) })).await.is_err() {
+                if tx
+                    .send(Ok(pb::WatchResponse { item: Some(item) }))
+                    .await
+                    .is_err()
+                {
                     return false;
                 }
             }
             let end = Item::SnapshotEnd(pb::SnapshotEnd { twins: n });
-            tx.send(Ok(pb::WatchResponse { item: Some(end) })).await.is_ok()
+            tx.send(Ok(pb::WatchResponse { item: Some(end) }))
+                .await
+                .is_ok()
         }
     };
     if snapshot && !send_snapshot(tx.clone()).await {
@@ -450,12 +512,19 @@ async fn forward_changes(
     }
     loop {
         let item = match sub.recv().await {
-            Ok(Change::Twin(e, s)) if in_scope(&prefix, e.path()) => Item::Change(convert::twin(&e, &s)),
-            Ok(Change::Event(ev)) if events && in_scope(&prefix, &ev.asset) => Item::Event(convert::event(&ev)),
+            Ok(Change::Twin(e, s)) if in_scope(&prefix, e.path()) => {
+                Item::Change(convert::twin(&e, &s))
+            }
+            Ok(Change::Event(ev)) if events && in_scope(&prefix, &ev.asset) => {
+                Item::Event(convert::event(&ev))
+            }
             Ok(_) => continue,
             Err(broadcast::error::RecvError::Lagged(skipped)) => {
                 let lag = Item::Lagged(pb::Lagged { skipped });
-                if tx.send(Ok(pb::WatchResponse { item: Some(lag) })).await.is_err()
+                if tx
+                    .send(Ok(pb::WatchResponse { item: Some(lag) }))
+                    .await
+                    .is_err()
                     || !send_snapshot(tx.clone()).await
                 {
                     return;
@@ -464,14 +533,22 @@ async fn forward_changes(
             }
             Err(broadcast::error::RecvError::Closed) => return,
         };
-        if tx.send(Ok(pb::WatchResponse { item: Some(item) })).await.is_err() {
+        if tx
+            .send(Ok(pb::WatchResponse { item: Some(item) }))
+            .await
+            .is_err()
+        {
             return;
         }
     }
 }
 
 /// Serves the API, health and reflection on `listener` until `token` is cancelled.
-pub async fn serve(mut api: TwinApi, listener: TcpListener, token: CancellationToken) -> Result<(), String> {
+pub async fn serve(
+    mut api: TwinApi,
+    listener: TcpListener,
+    token: CancellationToken,
+) -> Result<(), String> {
     api.token = token.clone();
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<TwinServiceServer<TwinApi>>().await;

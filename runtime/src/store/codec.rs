@@ -152,8 +152,12 @@ pub fn decode_snapshot(kind: &AssetKind, r: &rec::TwinRecord) -> TwinSnapshot {
                                     .and_then(AlarmState::from_code)
                                     .unwrap_or_default(),
                                 condition: a.condition,
-                                pending_since: a.has_pending.then_some(Timestamp(a.pending_since_us)),
-                                shelved_until: a.has_shelved.then_some(Timestamp(a.shelved_until_us)),
+                                pending_since: a
+                                    .has_pending
+                                    .then_some(Timestamp(a.pending_since_us)),
+                                shelved_until: a
+                                    .has_shelved
+                                    .then_some(Timestamp(a.shelved_until_us)),
                                 since: Timestamp(a.since_us),
                             })
                             .unwrap_or_default()
@@ -248,7 +252,8 @@ pub fn decode_event(seq: u64, bytes: &[u8]) -> Result<Event, String> {
         seq,
         asset: AssetPath::parse(&r.path).map_err(|e| e.to_string())?,
         ts: Timestamp(r.ts_us),
-        kind: EventKind::parse(&r.kind).ok_or_else(|| format!("unknown event kind {:?}", r.kind))?,
+        kind: EventKind::parse(&r.kind)
+            .ok_or_else(|| format!("unknown event kind {:?}", r.kind))?,
         severity: Severity::ALL
             .get(r.severity as usize)
             .copied()

@@ -20,7 +20,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use ferrotwin_models::{AssetId, AssetPath, Event, EventKind, Property, QualityCode, Severity, Timestamp};
+use ferrotwin_models::{
+    AssetId, AssetPath, Event, EventKind, Property, QualityCode, Severity, Timestamp,
+};
 use ferrotwin_proto::store::v1 as rec;
 use prost::Message;
 use tokio::sync::Semaphore;
@@ -72,7 +74,9 @@ pub enum StoreError {
     Open { dir: PathBuf, source: sled::Error },
     #[error("data dir {dir}: {what}")]
     NotOurs { dir: PathBuf, what: String },
-    #[error("data dir {dir}: store format {found} is not supported by this build (reads format {STORE_FORMAT})")]
+    #[error(
+        "data dir {dir}: store format {found} is not supported by this build (reads format {STORE_FORMAT})"
+    )]
     Format { dir: PathBuf, found: u32 },
     #[error("data dir {dir}: tree {tree:?}: record {key} is corrupt: {what}")]
     Corrupt {
@@ -133,6 +137,9 @@ pub struct Store {
     events: sled::Tree,
     cfg: StoreConfig,
     queue: Mutex<Queue>,
+    /// What the writer took from `queue` and has not finished writing: readers look at
+    /// queue, then this, then sled, so a record is always visible somewhere.
+    in_flight: Mutex<Option<Arc<Queue>>>,
     room: Semaphore,
     next_seq: AtomicU64,
     wake: Condvar,
@@ -148,9 +155,7 @@ impl Store {
     /// never a silent empty start.
     pub fn open(dir: &Path, cfg: StoreConfig) -> Result<Store, StoreError> {
         let dir = dir.to_path_buf();
-        let existing_files = std::fs::read_dir(&dir)
-            .map(|d| d.count())
-            .unwrap_or(0);
+        let existing_files = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
         let db = sled::Config::new()
             .path(&dir)
             .mode(sled::Mode::HighThroughput)
@@ -165,10 +170,11 @@ impl Store {
         };
         let meta = db.open_tree("meta").map_err(io)?;
         match meta.get("meta").map_err(io)? {
-            None if existing_files > 0 && db.was_recovered() && !db.tree_names().is_empty() && db.len() > 0 => {
+            None if existing_files > 0 && db.was_recovered() && has_data(&db) => {
                 return Err(StoreError::NotOurs {
                     dir,
-                    what: "holds a sled database that is not a ferrotwin store (no meta record)".into(),
+                    what: "holds a sled database that is not a ferrotwin store (no meta record)"
+                        .into(),
                 });
             }
             None => {
@@ -212,6 +218,7 @@ impl Store {
             events,
             cfg,
             queue: Mutex::new(Queue::default()),
+            in_flight: Mutex::new(None),
             room,
             next_seq: AtomicU64::new(next_seq),
             wake: Condvar::new(),
@@ -251,9 +258,9 @@ impl Store {
 
     async fn reserve(&self, bytes: usize) {
         let n = u32::try_from(bytes.min(self.cfg.max_queued_bytes)).unwrap_or(u32::MAX);
-        match self.room.acquire_many(n).await {
-            Ok(p) => p.forget(),
-            Err(_) => {} // closed at shutdown: write anyway
+        // Closed only by `abort`: then nothing will be written anyway.
+        if let Ok(p) = self.room.acquire_many(n).await {
+            p.forget();
         }
     }
 
@@ -340,7 +347,15 @@ impl Store {
                 n_snaps += 1;
             }
         }
-        let q = std::mem::take(&mut *self.queue.lock().expect("queue lock is never poisoned"));
+        let q = {
+            let mut queue = self.queue.lock().expect("queue lock is never poisoned");
+            let q = Arc::new(std::mem::take(&mut *queue));
+            *self
+                .in_flight
+                .lock()
+                .expect("in-flight lock is never poisoned") = Some(q.clone());
+            q
+        };
         let mut hist = sled::Batch::default();
         let mut by_time = sled::Batch::default();
         for (k, v) in &q.history {
@@ -366,7 +381,12 @@ impl Store {
             self.db.flush().map_err(io)?;
             Ok(())
         })();
-        self.room.add_permits(q.bytes.min(self.cfg.max_queued_bytes));
+        *self
+            .in_flight
+            .lock()
+            .expect("in-flight lock is never poisoned") = None;
+        self.room
+            .add_permits(q.bytes.min(self.cfg.max_queued_bytes));
         if result.is_err() {
             // Put the snapshots back so they are retried; history and events of this round
             // are lost (logged as an error by the caller: the disk is failing).
@@ -376,7 +396,9 @@ impl Store {
             return result;
         }
         self.stats.flushes.fetch_add(1, Ordering::Relaxed);
-        self.stats.snapshots_written.fetch_add(n_snaps, Ordering::Relaxed);
+        self.stats
+            .snapshots_written
+            .fetch_add(n_snaps, Ordering::Relaxed);
         self.stats
             .chunks_written
             .fetch_add(q.history.len() as u64, Ordering::Relaxed);
@@ -450,11 +472,44 @@ impl Store {
         // A chunk that starts before `from` may reach into the range: start one chunk earlier.
         let from_key = history_key(id, property, from);
         let mut start = prefix.clone();
-        if let Some((k, _)) = self.history.range(prefix.clone()..from_key.clone()).next_back().transpose().map_err(io)? {
+        if let Some((k, _)) = self
+            .history
+            .range(prefix.clone()..from_key.clone())
+            .next_back()
+            .transpose()
+            .map_err(io)?
+        {
             start = k.to_vec();
         }
         let end = history_key(id, property, Timestamp(to.0.saturating_add(1)));
         let mut out = Vec::new();
+        // Queued and in-flight chunks first (see `in_flight` for why this order).
+        let mut pending: Vec<Vec<u8>> = Vec::new();
+        let mut collect = |q: &Queue| {
+            for (k, v) in &q.history {
+                if k.starts_with(&prefix) {
+                    pending.push(v.clone());
+                }
+            }
+        };
+        collect(&self.queue.lock().expect("queue lock is never poisoned"));
+        if let Some(q) = self
+            .in_flight
+            .lock()
+            .expect("in-flight lock is never poisoned")
+            .clone()
+        {
+            collect(&q);
+        }
+        for v in pending {
+            let points = codec::decode_chunk(&v).map_err(|what| StoreError::Corrupt {
+                dir: self.dir.clone(),
+                tree: "history",
+                key: "(queued)".into(),
+                what,
+            })?;
+            out.extend(points.into_iter().filter(|p| p.ts >= from && p.ts <= to));
+        }
         for kv in self.history.range(start..end) {
             let (k, v) = kv.map_err(io)?;
             let points = codec::decode_chunk(&v).map_err(|what| StoreError::Corrupt {
@@ -466,6 +521,7 @@ impl Store {
             out.extend(points.into_iter().filter(|p| p.ts >= from && p.ts <= to));
         }
         out.sort_by_key(|p| p.ts);
+        out.dedup_by(|a, b| a.ts == b.ts && a.value.to_bits() == b.value.to_bits());
         Ok(out)
     }
 
@@ -473,9 +529,71 @@ impl Store {
     /// after (0 = nothing more).
     pub fn list_events(&self, filter: &EventFilter) -> Result<(Vec<Event>, u64), StoreError> {
         let start = filter.after_seq.saturating_add(1).to_be_bytes();
-        let mut out = Vec::new();
         let limit = filter.limit.max(1);
-        for (scanned, kv) in self.events.range(start..).enumerate() {
+        // Queued and in-flight events first (see `in_flight` for why this order); they are
+        // all newer than what is on disk.
+        let mut pending: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut collect = |q: &Queue| {
+            pending.extend(
+                q.events
+                    .iter()
+                    .filter(|(seq, _)| *seq > filter.after_seq)
+                    .cloned(),
+            );
+        };
+        collect(&self.queue.lock().expect("queue lock is never poisoned"));
+        if let Some(q) = self
+            .in_flight
+            .lock()
+            .expect("in-flight lock is never poisoned")
+            .clone()
+        {
+            collect(&q);
+        }
+        let (mut out, next) = self.list_stored_events(filter, &start, limit)?;
+        if next != 0 {
+            return Ok((out, next));
+        }
+        pending.sort_by_key(|(seq, _)| *seq);
+        pending.dedup_by_key(|(seq, _)| *seq);
+        let last_stored = out.last().map_or(filter.after_seq, |e| e.seq);
+        for (seq, v) in pending {
+            if seq <= last_stored || out.iter().any(|e| e.seq == seq) {
+                continue;
+            }
+            let ev = codec::decode_event(seq, &v).map_err(|what| StoreError::Corrupt {
+                dir: self.dir.clone(),
+                tree: "events",
+                key: format!("{seq} (queued)"),
+                what,
+            })?;
+            if Self::event_matches(filter, &ev) {
+                out.push(ev);
+                if out.len() == limit {
+                    return Ok((out, seq));
+                }
+            }
+        }
+        Ok((out, 0))
+    }
+
+    fn event_matches(filter: &EventFilter, ev: &Event) -> bool {
+        filter
+            .prefix
+            .as_ref()
+            .is_none_or(|p| ev.asset.starts_with(p))
+            && filter.kind.is_none_or(|k| k == ev.kind)
+            && ev.severity >= filter.min_severity
+    }
+
+    fn list_stored_events(
+        &self,
+        filter: &EventFilter,
+        start: &[u8; 8],
+        limit: usize,
+    ) -> Result<(Vec<Event>, u64), StoreError> {
+        let mut out = Vec::new();
+        for (scanned, kv) in self.events.range(*start..).enumerate() {
             let (k, v) = kv.map_err(|source| StoreError::Io {
                 dir: self.dir.clone(),
                 source,
@@ -490,10 +608,7 @@ impl Store {
                 key: seq.to_string(),
                 what,
             })?;
-            if filter.prefix.as_ref().is_some_and(|p| !ev.asset.starts_with(p))
-                || filter.kind.is_some_and(|k| k != ev.kind)
-                || ev.severity < filter.min_severity
-            {
+            if !Self::event_matches(filter, &ev) {
                 continue;
             }
             out.push(ev);
@@ -503,6 +618,13 @@ impl Store {
         }
         Ok((out, 0))
     }
+}
+
+/// Whether any tree of a sled database holds a record.
+fn has_data(db: &sled::Db) -> bool {
+    db.tree_names()
+        .iter()
+        .any(|name| db.open_tree(name).map(|t| !t.is_empty()).unwrap_or(true))
 }
 
 fn ts_key(ts: Timestamp) -> [u8; 8] {
@@ -543,7 +665,9 @@ mod tests {
             meta.insert("meta", m.encode_to_vec()).expect("insert");
             s.db.flush().expect("flush");
         }
-        let err = Store::open(dir.path(), StoreConfig::default()).err().expect("must fail");
+        let err = Store::open(dir.path(), StoreConfig::default())
+            .err()
+            .expect("must fail");
         assert!(matches!(err, StoreError::Format { found: 99, .. }), "{err}");
     }
 
@@ -559,8 +683,13 @@ mod tests {
                 std::fs::write(&p, b"garbage that is not a sled file").expect("write");
             }
         }
-        let err = Store::open(dir.path(), StoreConfig::default()).err().expect("must fail");
-        assert!(err.to_string().contains(&dir.path().display().to_string()), "{err}");
+        let err = Store::open(dir.path(), StoreConfig::default())
+            .err()
+            .expect("must fail");
+        assert!(
+            err.to_string().contains(&dir.path().display().to_string()),
+            "{err}"
+        );
     }
 
     #[test]
@@ -569,7 +698,9 @@ mod tests {
         let store = Arc::new(Store::open(dir.path(), StoreConfig::default()).expect("open"));
         let registry = Registry::default();
         let id = AssetPath::parse("a/b/c/d/e/f").expect("path").id();
-        let rt = tokio::runtime::Builder::new_current_thread().build().expect("rt");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("rt");
         rt.block_on(async {
             for chunk in 0..3i64 {
                 let pts: Vec<HistPoint> = (0..10)
@@ -584,7 +715,12 @@ mod tests {
         });
         store.flush_once(&registry).expect("flush");
         let pts = store
-            .read_history(id, Property::Value, Timestamp::from_millis(1_050), Timestamp::from_millis(1_250))
+            .read_history(
+                id,
+                Property::Value,
+                Timestamp::from_millis(1_050),
+                Timestamp::from_millis(1_250),
+            )
             .expect("read");
         assert_eq!(pts.first().map(|p| p.value), Some(5.0));
         assert_eq!(pts.last().map(|p| p.value), Some(25.0));
@@ -594,7 +730,12 @@ mod tests {
             .expect("retention");
         assert_eq!(removed, 2);
         let pts = store
-            .read_history(id, Property::Value, Timestamp::ZERO, Timestamp::from_millis(5_000))
+            .read_history(
+                id,
+                Property::Value,
+                Timestamp::ZERO,
+                Timestamp::from_millis(5_000),
+            )
             .expect("read");
         assert_eq!(pts.len(), 10);
     }

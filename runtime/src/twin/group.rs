@@ -74,7 +74,11 @@ impl Actor for GroupTwin {
             }
             TwinMsg::Apply(readings) => {
                 // Nothing is measured on a line or above: count as rejected.
-                state.ctx.metrics.rejected_unknown_property.fetch_add(readings.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                state
+                    .ctx
+                    .metrics
+                    .rejected_unknown_property
+                    .fetch_add(readings.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 state.ctx.handled(&state.entry, readings.len());
             }
             TwinMsg::Acknowledge { reply, .. } | TwinMsg::Shelve { reply, .. } => {
@@ -103,7 +107,10 @@ impl Actor for GroupTwin {
     ) -> Result<(), ActorProcessingErr> {
         let ctx = state.ctx.clone();
         let path = state.entry.path().clone();
-        state.children.on_supervision(&ctx, &myself, &path, evt).await
+        state
+            .children
+            .on_supervision(&ctx, &myself, &path, evt)
+            .await
     }
 }
 

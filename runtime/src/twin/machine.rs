@@ -8,7 +8,9 @@ use std::time::Duration;
 use ferrotwin_models::oee::MachineState;
 use ferrotwin_models::rollup::RollUp;
 use ferrotwin_models::spec::{AssetKind, MachineType};
-use ferrotwin_models::{Event, EventKind, Property, Reading, RejectReason, Severity, Timestamp, Value};
+use ferrotwin_models::{
+    Event, EventKind, Property, Reading, RejectReason, Severity, Timestamp, Value,
+};
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 
 use super::supervise::Children;
@@ -137,7 +139,10 @@ impl Actor for MachineTwin {
     ) -> Result<(), ActorProcessingErr> {
         let ctx = state.ctx.clone();
         let path = state.entry.path().clone();
-        state.children.on_supervision(&ctx, &myself, &path, evt).await
+        state
+            .children
+            .on_supervision(&ctx, &myself, &path, evt)
+            .await
     }
 }
 
@@ -198,7 +203,11 @@ impl MachineTwinState {
                 };
                 let old = t.state;
                 if t.on_state(new, r.source_ts) {
-                    let severity = if new == MachineState::Down { Severity::Medium } else { Severity::Info };
+                    let severity = if new == MachineState::Down {
+                        Severity::Medium
+                    } else {
+                        Severity::Info
+                    };
                     self.ctx
                         .emit(Event::new(
                             asset,

@@ -267,8 +267,7 @@ pub enum TwinMsg {
     HistoryTail(RpcReplyPort<Vec<HistPoint>>),
     /// Write the history tail now (clean shutdown).
     FlushHistory(RpcReplyPort<()>),
-    /// Test hook: panic inside the handler, as a bug would.
-    #[doc(hidden)]
+    /// Panic inside the handler, as a bug would (tests of supervision).
     Crash,
 }
 
@@ -287,7 +286,10 @@ pub enum TwinError {
         source: ferrotwin_models::alarm::AckError,
     },
     #[error("{asset}: a {level} has no alarms")]
-    NoAlarms { asset: AssetPath, level: &'static str },
+    NoAlarms {
+        asset: AssetPath,
+        level: &'static str,
+    },
 }
 
 /// Arguments of every twin actor.
@@ -316,14 +318,24 @@ pub async fn spawn_twin(
     };
     let actor = match (&entry.def.kind, supervisor) {
         (AssetKind::Sensor { .. }, Some(sup)) => {
-            Actor::spawn_linked(None, sensor::SensorTwin, args, sup).await?.0
+            Actor::spawn_linked(None, sensor::SensorTwin, args, sup)
+                .await?
+                .0
         }
         (AssetKind::Sensor { .. }, None) => Actor::spawn(None, sensor::SensorTwin, args).await?.0,
         (AssetKind::Machine { .. }, Some(sup)) => {
-            Actor::spawn_linked(None, machine::MachineTwin, args, sup).await?.0
+            Actor::spawn_linked(None, machine::MachineTwin, args, sup)
+                .await?
+                .0
         }
-        (AssetKind::Machine { .. }, None) => Actor::spawn(None, machine::MachineTwin, args).await?.0,
-        (_, Some(sup)) => Actor::spawn_linked(None, group::GroupTwin, args, sup).await?.0,
+        (AssetKind::Machine { .. }, None) => {
+            Actor::spawn(None, machine::MachineTwin, args).await?.0
+        }
+        (_, Some(sup)) => {
+            Actor::spawn_linked(None, group::GroupTwin, args, sup)
+                .await?
+                .0
+        }
         (_, None) => Actor::spawn(None, group::GroupTwin, args).await?.0,
     };
     entry.set_actor(Some(actor.clone()));

@@ -185,7 +185,8 @@ impl SensorState {
             }
             let v = r.value.as_f64();
             let mut quality = r.quality;
-            let out_of_range = self.spec.min.is_some_and(|lo| v < lo) || self.spec.max.is_some_and(|hi| v > hi);
+            let out_of_range =
+                self.spec.min.is_some_and(|lo| v < lo) || self.spec.max.is_some_and(|hi| v > hi);
             if out_of_range && quality.is_good() {
                 quality = Quality::uncertain(QualityReason::OutOfRange);
             }
@@ -233,9 +234,14 @@ impl SensorState {
         // Quality events for what an engineer must see: bad data and staleness, and the
         // recovery from them. Range excursions are the alarms' business; the first value
         // after start-up is not news.
-        let noteworthy = |x: Quality| x.code == QualityCode::Bad || x.reason == QualityReason::Stale;
+        let noteworthy =
+            |x: Quality| x.code == QualityCode::Bad || x.reason == QualityReason::Stale;
         if old.reason != QualityReason::NoData && (noteworthy(old) || noteworthy(q)) {
-            let severity = if q.code == QualityCode::Bad { Severity::High } else { Severity::Low };
+            let severity = if q.code == QualityCode::Bad {
+                Severity::High
+            } else {
+                Severity::Low
+            };
             self.ctx
                 .emit(Event::new(
                     self.entry.path().clone(),
@@ -303,7 +309,8 @@ impl SensorState {
             return;
         }
         self.entry.stale.store(true, Ordering::Relaxed);
-        self.set_quality(Quality::uncertain(QualityReason::Stale), at).await;
+        self.set_quality(Quality::uncertain(QualityReason::Stale), at)
+            .await;
         self.flush_tail().await;
         self.publish(at);
     }

@@ -86,7 +86,10 @@ impl Children {
                 let window = Duration::from_millis(s.restart_window_ms);
                 let history = self.restarts.entry(entry.id).or_default();
                 let now = Instant::now();
-                while history.front().is_some_and(|t| now.duration_since(*t) > window) {
+                while history
+                    .front()
+                    .is_some_and(|t| now.duration_since(*t) > window)
+                {
                     history.pop_front();
                 }
                 if history.len() >= s.max_restarts {
@@ -107,9 +110,14 @@ impl Children {
                 } else {
                     err.to_string()
                 };
-                let actor = spawn_twin(ctx.clone(), entry.clone(), Some(myself.get_cell()), Some(why))
-                    .await
-                    .map_err(|e| format!("{}: restart failed: {e}", entry.path()))?;
+                let actor = spawn_twin(
+                    ctx.clone(),
+                    entry.clone(),
+                    Some(myself.get_cell()),
+                    Some(why),
+                )
+                .await
+                .map_err(|e| format!("{}: restart failed: {e}", entry.path()))?;
                 self.by_actor.insert(actor.get_id(), entry);
             }
             SupervisionEvent::ActorTerminated(cell, _, reason) => {

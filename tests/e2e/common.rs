@@ -1,0 +1,180 @@
+//! Shared helpers: a small plant, a runtime on a temp dir with gRPC on 127.0.0.1:0, a client,
+//! and condition waits with timeouts (never fixed sleeps).
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferrotwin_models::spec::PlantSpec;
+use ferrotwin_models::{AssetPath, IngestSink, Property, Reading, Timestamp, Value};
+use ferrotwin_proto::v1 as pb;
+use ferrotwin_proto::v1::twin_service_client::TwinServiceClient;
+use ferrotwin_runtime::{Runtime, RuntimeOptions};
+use tonic::transport::Channel;
+
+/// One line with one press (temp with a high alarm, force) and one oven.
+pub const PLANT: &str = r#"
+version = 1
+enterprise = "acme"
+
+[machine_types.press]
+ideal_cycle_ms = 1000
+[[machine_types.press.sensors]]
+name = "temp"
+kind = "temperature"
+unit = "degC"
+min = -50.0
+max = 300.0
+period_ms = 100
+alarms = [{ name = "high", kind = "high", limit = 90.0, deadband = 5.0, severity = "high" }]
+[[machine_types.press.sensors]]
+name = "force"
+unit = "kN"
+period_ms = 100
+[[machine_types.press.sensors]]
+name = "count"
+value_type = "int"
+period_ms = 100
+
+[machine_types.oven]
+ideal_cycle_ms = 60000
+[[machine_types.oven.sensors]]
+name = "zone-temp"
+unit = "degC"
+period_ms = 100
+
+[[sites]]
+name = "berlin"
+[[sites.areas]]
+name = "assembly"
+[[sites.areas.lines]]
+name = "line-1"
+machines = [{ name = "press-1", type = "press" }, { name = "oven-1", type = "oven" }]
+"#;
+
+pub const TEMP: &str = "acme/berlin/assembly/line-1/press-1/temp";
+pub const FORCE: &str = "acme/berlin/assembly/line-1/press-1/force";
+pub const COUNT: &str = "acme/berlin/assembly/line-1/press-1/count";
+pub const PRESS: &str = "acme/berlin/assembly/line-1/press-1";
+
+pub fn spec() -> PlantSpec {
+    PlantSpec::from_toml(PLANT, "test plant").expect("test plant is valid")
+}
+
+/// Options for tests: fast flushes, small history chunks, fast staleness sweeps.
+pub fn options() -> RuntimeOptions {
+    let mut o = RuntimeOptions::default();
+    o.store.flush_interval_ms = 20;
+    o.twins.history_chunk_points = 4;
+    o.twins.rollup_debounce_ms = 20;
+    o.ingest.stale_sweep_ms = 50;
+    o
+}
+
+pub struct Site {
+    pub rt: Runtime,
+    pub client: TwinServiceClient<Channel>,
+    pub addr: std::net::SocketAddr,
+}
+
+pub async fn start_in(dir: &Path, opts: RuntimeOptions) -> Site {
+    let rt = Runtime::start(&spec(), dir, opts)
+        .await
+        .expect("runtime starts");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    rt.serve_grpc(listener);
+    let client = TwinServiceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    Site { rt, client, addr }
+}
+
+pub fn path(s: &str) -> AssetPath {
+    AssetPath::parse(s).expect("test path")
+}
+
+pub fn now() -> Timestamp {
+    ferrotwin_runtime::twin::now()
+}
+
+pub fn float(p: &str, v: f64) -> Reading {
+    Reading::good(path(p).id(), Property::Value, Value::Float(v), now())
+}
+
+/// Pushes readings through the real router, waiting while it pushes back.
+pub async fn push(site: &Site, readings: Vec<Reading>) {
+    let router: Arc<_> = site.rt.router.clone();
+    let mut batch = readings;
+    loop {
+        match router.try_push(batch) {
+            Ok(()) => return,
+            Err(pb) => {
+                batch = pb.batch;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+}
+
+/// Waits until `check` returns Some, polling, at most `secs` seconds.
+pub async fn wait_for<T, F, Fut>(secs: u64, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {secs} s waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+pub async fn get(client: &mut TwinServiceClient<Channel>, p: &str) -> pb::Twin {
+    client
+        .get_twin(pb::GetTwinRequest {
+            key: Some(pb::get_twin_request::Key::Path(p.to_string())),
+        })
+        .await
+        .expect("get_twin")
+        .into_inner()
+}
+
+pub fn float_of(t: &pb::Twin) -> Option<f64> {
+    match t.sensor.as_ref()?.value.as_ref()?.kind.as_ref()? {
+        pb::value::Kind::Float(f) => Some(*f),
+        pb::value::Kind::Int(i) => Some(*i as f64),
+        pb::value::Kind::Bool(b) => Some(f64::from(u8::from(*b))),
+    }
+}
+
+pub fn alarm_state(t: &pb::Twin, name: &str) -> pb::AlarmState {
+    let a = t
+        .sensor
+        .as_ref()
+        .and_then(|s| s.alarms.iter().find(|a| a.name == name))
+        .expect("alarm exists");
+    pb::AlarmState::try_from(a.state).expect("known state")
+}
+
+/// Events under `path`, all of them.
+pub async fn events(client: &mut TwinServiceClient<Channel>, p: &str) -> Vec<pb::Event> {
+    client
+        .list_events(pb::ListEventsRequest {
+            path: p.to_string(),
+            limit: 10_000,
+            ..Default::default()
+        })
+        .await
+        .expect("list_events")
+        .into_inner()
+        .events
+}

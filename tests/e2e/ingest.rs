@@ -1,0 +1,158 @@
+//! Bad input is rejected with a reason, counted and evented; the twin keeps running.
+//! Staleness and push-back.
+
+use std::sync::atomic::Ordering;
+
+use ferrotwin_models::{IngestSink, Property, PushBackReason, Reading, Value};
+use ferrotwin_proto::v1 as pb;
+
+use crate::common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nan_wrong_type_and_future_readings_are_rejected_counted_and_evented() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut opts = options();
+    opts.twins.reject_event_interval_ms = 0;
+    let site = start_in(dir.path(), opts).await;
+    let c = site.client.clone();
+    let id = path(TEMP).id();
+    let count_id = path(COUNT).id();
+    push(
+        &site,
+        vec![
+            Reading::good(id, Property::Value, Value::Float(f64::NAN), now()),
+            Reading::good(id, Property::Value, Value::Bool(true), now()),
+            Reading::good(count_id, Property::Value, Value::Float(1.5), now()),
+            Reading::good(
+                id,
+                Property::Value,
+                Value::Float(20.0),
+                now().plus_ms(3_600_000),
+            ),
+            Reading::good(id, Property::State, Value::Int(1), now()),
+            Reading::good(
+                path("acme/nowhere").id(),
+                Property::Value,
+                Value::Float(1.0),
+                now(),
+            ),
+        ],
+    )
+    .await;
+    let m = site.rt.metrics.clone();
+    wait_for(5, "rejections counted", || {
+        let m = m.clone();
+        async move { (m.rejected_total() == 5).then_some(()) }
+    })
+    .await;
+    assert_eq!(m.rejected_not_finite.load(Ordering::Relaxed), 1);
+    assert_eq!(m.rejected_wrong_type.load(Ordering::Relaxed), 2);
+    assert_eq!(m.rejected_future.load(Ordering::Relaxed), 1);
+    assert_eq!(m.rejected_unknown_property.load(Ordering::Relaxed), 1);
+    assert_eq!(m.unknown_asset.load(Ordering::Relaxed), 1);
+
+    // The twin keeps running and takes the next good value.
+    push(&site, vec![float(TEMP, 21.5)]).await;
+    let t = wait_for(5, "good value after garbage", || {
+        let mut c = c.clone();
+        async move {
+            let t = get(&mut c, TEMP).await;
+            (float_of(&t) == Some(21.5)).then_some(t)
+        }
+    })
+    .await;
+    assert_eq!(t.sensor.as_ref().expect("sensor").rejected, 4);
+    let evs = wait_for(5, "rejection events stored", || {
+        let mut c = c.clone();
+        async move {
+            let e: Vec<pb::Event> = events(&mut c, TEMP)
+                .await
+                .into_iter()
+                .filter(|e| e.kind == "rejected")
+                .collect();
+            (e.len() == 4).then_some(e)
+        }
+    })
+    .await;
+    let text: Vec<&str> = evs.iter().map(|e| e.message.as_str()).collect();
+    assert!(
+        text.iter()
+            .any(|m| m.contains("value is not finite") && m.contains(TEMP)),
+        "{text:?}"
+    );
+    assert!(
+        text.iter()
+            .any(|m| m.contains("value type bool does not fit declared type float")),
+        "{text:?}"
+    );
+    assert!(text.iter().any(|m| m.contains("in the future")), "{text:?}");
+    assert!(
+        text.iter()
+            .any(|m| m.contains("property state does not exist on a sensor")),
+        "{text:?}"
+    );
+    site.rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sensor_without_readings_turns_stale_and_recovers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let site = start_in(dir.path(), options()).await;
+    let mut c = site.client.clone();
+    push(&site, vec![float(FORCE, 3.0)]).await;
+    // Period 100 ms × 3: stale after 300 ms without a reading.
+    let q = wait_for(10, "force turns stale", || {
+        let mut c = c.clone();
+        async move {
+            let t = get(&mut c, FORCE).await;
+            let q = t.sensor.and_then(|s| s.quality).expect("quality");
+            (q.reason == "stale").then_some(q)
+        }
+    })
+    .await;
+    assert_eq!(q.code, pb::QualityCode::Uncertain as i32);
+    let evs = events(&mut c, FORCE).await;
+    assert!(
+        evs.iter()
+            .any(|e| e.kind == "quality" && e.message.contains("stale")),
+        "{evs:?}"
+    );
+    push(&site, vec![float(FORCE, 4.0)]).await;
+    wait_for(5, "force good again", || {
+        let mut c = c.clone();
+        async move {
+            let t = get(&mut c, FORCE).await;
+            (t.sensor.and_then(|s| s.quality).expect("quality").code
+                == pb::QualityCode::Good as i32)
+                .then_some(())
+        }
+    })
+    .await;
+    site.rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_router_pushes_back_a_batch_beyond_the_inflight_limit_untouched() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut opts = options();
+    opts.ingest.max_inflight_readings = 8;
+    let site = start_in(dir.path(), opts).await;
+    let batch: Vec<Reading> = (0..9).map(|i| float(FORCE, f64::from(i))).collect();
+    let err = site
+        .rt
+        .router
+        .try_push(batch.clone())
+        .expect_err("over the limit");
+    assert_eq!(err.why, PushBackReason::Busy);
+    assert_eq!(err.batch, batch);
+    assert_eq!(site.rt.metrics.push_backs.load(Ordering::Relaxed), 1);
+    // Within the limit it is taken; after shutdown the router says closed.
+    site.rt
+        .router
+        .try_push(batch[..8].to_vec())
+        .expect("within the limit");
+    let router = site.rt.router.clone();
+    site.rt.shutdown().await;
+    let err = router.try_push(batch).expect_err("closed");
+    assert_eq!(err.why, PushBackReason::Closed);
+}

@@ -1,0 +1,143 @@
+//! A crashed twin is restarted by its parent from its last state; siblings never stop; past
+//! the restart budget the failure escalates to the grandparent.
+
+use ferrotwin_proto::v1 as pb;
+use ferrotwin_runtime::twin::TwinMsg;
+use ractor::ActorId;
+
+use crate::common::*;
+
+fn actor_id(site: &Site, p: &str) -> Option<ActorId> {
+    site.rt
+        .registry
+        .by_path(&path(p))
+        .and_then(|e| e.actor())
+        .map(|a| a.get_id())
+}
+
+fn crash(site: &Site, p: &str) {
+    let a = site
+        .rt
+        .registry
+        .by_path(&path(p))
+        .and_then(|e| e.actor())
+        .expect("twin is running");
+    a.cast(TwinMsg::Crash).expect("cast");
+}
+
+async fn wait_restarted(site: &Site, p: &str, old: Option<ActorId>) -> ActorId {
+    wait_for(10, "twin restarted", || async {
+        actor_id(site, p).filter(|id| Some(*id) != old)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_sensor_restarts_with_its_last_value_and_alarm_and_siblings_keep_running() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let site = start_in(dir.path(), options()).await;
+    let mut c = site.client.clone();
+    push(&site, vec![float(TEMP, 97.0), float(FORCE, 5.0)]).await;
+    wait_for(5, "alarm active", || {
+        let mut c = c.clone();
+        async move {
+            let t = get(&mut c, TEMP).await;
+            (alarm_state(&t, "high") == pb::AlarmState::ActiveUnacked).then_some(())
+        }
+    })
+    .await;
+    let before_temp = actor_id(&site, TEMP);
+    let siblings = [FORCE, COUNT, PRESS].map(|p| actor_id(&site, p));
+
+    crash(&site, TEMP);
+    wait_restarted(&site, TEMP, before_temp).await;
+
+    let t = get(&mut c, TEMP).await;
+    assert_eq!(float_of(&t), Some(97.0), "last value kept");
+    assert_eq!(
+        alarm_state(&t, "high"),
+        pb::AlarmState::ActiveUnacked,
+        "alarm state kept"
+    );
+    assert_eq!(t.restarts, 1);
+    assert_eq!(
+        [FORCE, COUNT, PRESS].map(|p| actor_id(&site, p)),
+        siblings,
+        "siblings and parent never stopped"
+    );
+    // The restarted twin works: the alarm clears through it.
+    push(&site, vec![float(TEMP, 20.0)]).await;
+    wait_for(5, "alarm returned", || {
+        let mut c = c.clone();
+        async move {
+            let t = get(&mut c, TEMP).await;
+            (alarm_state(&t, "high") == pb::AlarmState::ReturnedUnacked).then_some(())
+        }
+    })
+    .await;
+    let evs = events(&mut c, TEMP).await;
+    assert!(
+        evs.iter()
+            .any(|e| e.kind == "lifecycle" && e.message.contains("restarted after a crash")),
+        "{evs:?}"
+    );
+    assert_eq!(
+        site.rt
+            .metrics
+            .restarts
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    site.rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_its_restart_budget_a_failure_escalates_and_the_grandparent_restarts_the_subtree() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut opts = options();
+    opts.twins.max_restarts = 2;
+    opts.twins.restart_window_ms = 60_000;
+    let site = start_in(dir.path(), opts).await;
+    let mut c = site.client.clone();
+    push(&site, vec![float(FORCE, 7.0)]).await;
+    wait_for(5, "force applied", || {
+        let mut c = c.clone();
+        async move { (float_of(&get(&mut c, FORCE).await) == Some(7.0)).then_some(()) }
+    })
+    .await;
+    let press = actor_id(&site, PRESS);
+    let oven = actor_id(&site, "acme/berlin/assembly/line-1/oven-1");
+    let mut temp = actor_id(&site, TEMP);
+    for _ in 0..2 {
+        crash(&site, TEMP);
+        temp = Some(wait_restarted(&site, TEMP, temp).await);
+    }
+    assert_eq!(
+        actor_id(&site, PRESS),
+        press,
+        "within budget the machine is untouched"
+    );
+    // Third crash within the window: the press gives up and fails; the line restarts it.
+    crash(&site, TEMP);
+    wait_restarted(&site, PRESS, press).await;
+    let p = wait_for(10, "press restarted and published", || {
+        let mut c = c.clone();
+        async move {
+            let t = get(&mut c, PRESS).await;
+            (t.restarts == 1).then_some(t)
+        }
+    })
+    .await;
+    assert_eq!(p.level, pb::Level::Machine as i32);
+    // Its sensors came back from their snapshots, the sibling machine was never touched.
+    wait_restarted(&site, FORCE, None).await;
+    assert_eq!(float_of(&get(&mut c, FORCE).await), Some(7.0));
+    assert_eq!(actor_id(&site, "acme/berlin/assembly/line-1/oven-1"), oven);
+    push(&site, vec![float(FORCE, 8.0)]).await;
+    wait_for(5, "force applied after subtree restart", || {
+        let mut c = c.clone();
+        async move { (float_of(&get(&mut c, FORCE).await) == Some(8.0)).then_some(()) }
+    })
+    .await;
+    site.rt.shutdown().await;
+}
