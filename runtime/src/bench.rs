@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use ferrotwin_models::spec::AssetKind;
-use ferrotwin_models::{AssetId, IngestSink, Property, PushBackReason, Reading, Value};
+use ferrotwin_models::{AssetId, IngestSink, Property, PushBackReason, Reading, Value, ValueType};
 use ferrotwin_sim::generate::{PlantSize, generate};
 use tokio::sync::{broadcast, mpsc};
 
@@ -71,6 +71,7 @@ fn spawn_watcher(mut rx: broadcast::Receiver<Change>) -> Watcher {
                     n += 1;
                     if n.is_multiple_of(16)
                         && let TwinState::Sensor(sv) = &snap.state
+                        && sv.source_ts.0 > 0
                     {
                         let lat = (now().0 - sv.source_ts.0).max(0) as u64;
                         s.lock().expect("samples lock").push(lat);
@@ -102,7 +103,12 @@ fn percentile(v: &mut [u64], p: f64) -> f64 {
 
 /// Pushes batches of one reading per sensor, round robin, for `dur`; `rate` readings/s
 /// (None = as fast as the sink takes them). Returns readings accepted.
-fn load(sink: &dyn IngestSink, ids: &[AssetId], dur: Duration, rate: Option<f64>) -> u64 {
+fn load(
+    sink: &dyn IngestSink,
+    ids: &[(AssetId, ValueType)],
+    dur: Duration,
+    rate: Option<f64>,
+) -> u64 {
     let start = Instant::now();
     let mut sent = 0u64;
     let mut i = 0usize;
@@ -119,12 +125,13 @@ fn load(sink: &dyn IngestSink, ids: &[AssetId], dur: Duration, rate: Option<f64>
         let mut batch = Vec::with_capacity(BATCH);
         for _ in 0..BATCH.min(ids.len()) {
             v += 0.01;
-            batch.push(Reading::good(
-                ids[i],
-                Property::Value,
-                Value::Float(20.0 + (v % 10.0)),
-                ts,
-            ));
+            let (id, vt) = ids[i];
+            let value = match vt {
+                ValueType::Float => Value::Float(20.0 + (v % 10.0)),
+                ValueType::Int => Value::Int((v % 10.0) as i64),
+                ValueType::Bool => Value::Bool(v % 2.0 > 1.0),
+            };
+            batch.push(Reading::good(id, Property::Value, value, ts));
             i = (i + 1) % ids.len();
         }
         let n = batch.len() as u64;
@@ -227,12 +234,14 @@ pub async fn ingest(b: IngestBench) -> Result<String> {
     let rt = Runtime::start(&spec, dir.path(), opts).await?;
     let spawn_s = t0.elapsed().as_secs_f64();
     let rss1 = rss_bytes();
-    let ids: Vec<AssetId> = rt
+    let ids: Vec<(AssetId, ValueType)> = rt
         .registry
         .all()
         .iter()
-        .filter(|e| matches!(e.def.kind, AssetKind::Sensor { .. }))
-        .map(|e| e.id)
+        .filter_map(|e| match &e.def.kind {
+            AssetKind::Sensor { spec, .. } => Some((e.id, spec.value_type)),
+            _ => None,
+        })
         .collect();
     let twins = rt.registry.len();
     let _ = writeln!(

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use ferrotwin_models::spec::{AssetDef, AssetKind};
-use ferrotwin_models::{AssetId, AssetPath, Level};
+use ferrotwin_models::{AssetId, AssetPath, Level, Reading};
 use ractor::ActorRef;
 
 use crate::twin::{TwinMsg, TwinSnapshot};
@@ -20,11 +20,15 @@ pub struct TwinEntry {
     pub id: AssetId,
     pub def: AssetDef,
     actor: Mutex<Option<ActorRef<TwinMsg>>>,
-    /// `Apply` messages sent by the router and not yet handled (bounds the mailbox).
-    pub pending: AtomicU32,
-    /// Readings in those messages (returned to the router's in-flight budget when handled,
-    /// or when the twin crashes and its mailbox is lost).
-    pub pending_readings: AtomicU32,
+    /// Readings routed here and not yet taken by the twin. The router appends; the twin
+    /// takes them all on `TwinMsg::Drain`. Under load one message carries every reading
+    /// that arrived while the twin was busy. Bounded by `MAX_INBOX_PER_TWIN`; it survives
+    /// a crash of the twin (the restarted twin drains it).
+    inbox: Mutex<Vec<Reading>>,
+    /// Readings in `inbox`, readable without its lock (the router's room check).
+    queued: AtomicU32,
+    /// A `Drain` is on its way (or being handled): the router need not send another.
+    scheduled: AtomicBool,
     /// Wall-clock µs of the last reading routed here (staleness sweeper).
     pub last_seen_us: AtomicI64,
     /// Set by the twin when it turned stale, cleared on the next reading.
@@ -49,8 +53,47 @@ impl TwinEntry {
             .clone()
     }
 
+    /// Sends `msg` to the twin's actor; false if there is none (restarting) or it is gone.
+    pub fn send(&self, msg: TwinMsg) -> bool {
+        self.actor
+            .lock()
+            .expect("entry lock is never poisoned")
+            .as_ref()
+            .is_some_and(|a| a.cast(msg).is_ok())
+    }
+
     pub fn set_actor(&self, actor: Option<ActorRef<TwinMsg>>) {
         *self.actor.lock().expect("entry lock is never poisoned") = actor;
+    }
+
+    /// Readings waiting in the inbox.
+    pub fn inbox_len(&self) -> usize {
+        self.queued.load(Ordering::Acquire) as usize
+    }
+
+    /// Appends readings; true if the twin must be told (no `Drain` is on its way).
+    pub fn deliver(&self, readings: &[Reading]) -> bool {
+        let mut inbox = self.inbox.lock().expect("inbox lock is never poisoned");
+        inbox.extend_from_slice(readings);
+        self.queued.store(inbox.len() as u32, Ordering::Release);
+        drop(inbox);
+        !self.scheduled.swap(true, Ordering::AcqRel)
+    }
+
+    /// Takes every waiting reading. Clears `scheduled` first, so readings delivered after
+    /// the take send a new `Drain`: none is left behind.
+    pub fn take_inbox(&self) -> Vec<Reading> {
+        self.scheduled.store(false, Ordering::Release);
+        let mut inbox = self.inbox.lock().expect("inbox lock is never poisoned");
+        self.queued.store(0, Ordering::Release);
+        std::mem::take(&mut *inbox)
+    }
+
+    /// After a (re)start: if readings wait, tell the new actor.
+    pub fn kick(&self, actor: &ActorRef<TwinMsg>) {
+        if self.inbox_len() > 0 && !self.scheduled.swap(true, Ordering::AcqRel) {
+            let _ = actor.cast(TwinMsg::Drain);
+        }
     }
 
     /// The latest state the twin published.
@@ -70,18 +113,45 @@ impl TwinEntry {
     }
 }
 
+/// Hasher for asset ids: they are UUID v5 (SHA-1 output), already uniformly random, so the
+/// first 8 bytes are the hash. SipHash over 16 bytes per reading was a visible share of the
+/// router's time.
+#[derive(Default, Clone, Copy)]
+pub struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8).take(1) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.0 ^= u64::from_le_bytes(b);
+        }
+    }
+
+    fn write_usize(&mut self, _len: usize) {
+        // Slice length prefix: always 16 for an id, carries no information.
+    }
+}
+
+pub type IdMap<V> = HashMap<AssetId, V, std::hash::BuildHasherDefault<IdHasher>>;
+
 /// Stripes of the id map: the router takes a read lock per batch, spawns take write locks.
 const SHARDS: usize = 16;
 
 #[derive(Default)]
 pub struct Registry {
-    by_id: [RwLock<HashMap<AssetId, Arc<TwinEntry>>>; SHARDS],
+    by_id: [RwLock<IdMap<Arc<TwinEntry>>>; SHARDS],
     by_path: RwLock<BTreeMap<AssetPath, Arc<TwinEntry>>>,
     /// Entries whose snapshot changed since the store writer last took them.
     dirty: Mutex<Vec<Arc<TwinEntry>>>,
 }
 
 fn shard(id: &AssetId) -> usize {
+    // The last byte: independent of the bytes `IdHasher` uses.
     usize::from(id.as_bytes()[15]) % SHARDS
 }
 
@@ -93,8 +163,9 @@ impl Registry {
             id,
             def,
             actor: Mutex::new(None),
-            pending: AtomicU32::new(0),
-            pending_readings: AtomicU32::new(0),
+            inbox: Mutex::new(Vec::new()),
+            queued: AtomicU32::new(0),
+            scheduled: AtomicBool::new(false),
             last_seen_us: AtomicI64::new(now_us),
             stale: AtomicBool::new(false),
             snapshot: Mutex::new(Arc::new(snapshot)),
@@ -153,11 +224,7 @@ impl Registry {
 
     /// Runs `f` on each id → entry map shard under its read lock (the router groups a batch
     /// per shard this way, one lock per shard per batch).
-    pub fn with_shard<R>(
-        &self,
-        i: usize,
-        f: impl FnOnce(&HashMap<AssetId, Arc<TwinEntry>>) -> R,
-    ) -> R {
+    pub fn with_shard<R>(&self, i: usize, f: impl FnOnce(&IdMap<Arc<TwinEntry>>) -> R) -> R {
         f(&self.by_id[i]
             .read()
             .expect("registry lock is never poisoned"))
@@ -227,6 +294,25 @@ impl Registry {
             e.dirty.store(false, Ordering::Release);
         }
         v
+    }
+
+    /// Puts entries taken by `take_dirty` back, ahead of newer ones (they were not written).
+    pub fn requeue_dirty(&self, entries: Vec<Arc<TwinEntry>>) {
+        let mut dirty = self.dirty.lock().expect("dirty lock is never poisoned");
+        let newer = std::mem::take(&mut *dirty);
+        for e in entries {
+            if !e.dirty.swap(true, Ordering::AcqRel) {
+                dirty.push(e);
+            }
+        }
+        dirty.extend(newer);
+    }
+
+    pub fn dirty_len(&self) -> usize {
+        self.dirty
+            .lock()
+            .expect("dirty lock is never poisoned")
+            .len()
     }
 
     /// Every entry (for sweeps); a copy of the Arcs, taken under one lock.

@@ -1,24 +1,25 @@
-//! Ingest router: the runtime's `IngestSink`. Groups a batch by target twin and sends each
-//! twin one `Apply` message. One hash lookup per reading; never walks the asset tree.
+//! Ingest router: the runtime's `IngestSink`. Groups a batch by target twin, appends each
+//! group to the twin's registry inbox and sends the twin a `Drain` only if none is on its way.
+//! One hash lookup per reading; it never walks the asset tree.
 //!
-//! Bounds: a twin holds at most `MAX_PENDING_PER_TWIN` unhandled `Apply` messages, and the
-//! runtime at most `max_inflight_readings` readings in mailboxes. A batch that would exceed
-//! either is handed back untouched (`PushBack::Busy`): the source pauses, nothing is dropped
-//! and no mailbox grows without limit.
+//! Bounds: a twin's inbox holds at most `MAX_INBOX_PER_TWIN` readings, and all inboxes
+//! together at most `max_inflight_readings`. A batch that would exceed either is handed back
+//! untouched (`PushBack::Busy`): the source pauses, nothing is dropped and no mailbox or inbox
+//! grows without limit. Under load a twin gets one message for everything that arrived while
+//! it was busy, so the actor hop is paid per drain, not per reading.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use ferrotwin_models::{AssetId, IngestSink, PushBack, PushBackReason, Reading};
+use ferrotwin_models::{IngestSink, PushBack, PushBackReason, Reading};
 
 use crate::metrics::Metrics;
 use crate::registry::{Registry, TwinEntry};
 use crate::twin::TwinMsg;
 
-/// `Apply` messages a twin may have queued. A twin that is this far behind pushes back on
-/// the whole batch that targets it.
-pub const MAX_PENDING_PER_TWIN: u32 = 8;
+/// Readings a twin's inbox may hold. A twin that is this far behind pushes back on the
+/// whole batch that targets it.
+pub const MAX_INBOX_PER_TWIN: usize = 1024;
 
 pub struct IngestRouter {
     registry: Arc<Registry>,
@@ -93,27 +94,33 @@ impl IngestSink for IngestRouter {
                 why: PushBackReason::Busy,
             });
         }
-        // Group by target. A batch usually holds one reading per sensor, so the map holds
-        // one small Vec per target.
-        let mut groups: HashMap<AssetId, (Arc<TwinEntry>, Vec<Reading>)> =
-            HashMap::with_capacity(n.min(4096));
+        // Pass 1: find every target (one registry shard lock per shard touched) and check
+        // room, so a batch that is pushed back is untouched. No grouping: the inbox coalesces
+        // readings of one twin, and only the first delivery sends a message.
+        let mut by_shard: [Vec<u32>; Registry::SHARDS] = Default::default();
+        for (i, r) in batch.iter().enumerate() {
+            by_shard[Registry::shard_of(&r.asset)].push(i as u32);
+        }
+        let mut targets: Vec<Option<Arc<TwinEntry>>> = vec![None; n];
         let mut unknown = 0u64;
-        for r in &batch {
-            if let Some((_, v)) = groups.get_mut(&r.asset) {
-                v.push(*r);
+        let mut full = false;
+        for (shard, idx) in by_shard.iter().enumerate() {
+            if idx.is_empty() {
                 continue;
             }
-            match self.registry.get(&r.asset) {
-                Some(e) => {
-                    groups.insert(r.asset, (e, vec![*r]));
+            self.registry.with_shard(shard, |map| {
+                for &i in idx {
+                    match map.get(&batch[i as usize].asset) {
+                        Some(e) => {
+                            full |= e.inbox_len() >= MAX_INBOX_PER_TWIN;
+                            targets[i as usize] = Some(e.clone());
+                        }
+                        None => unknown += 1,
+                    }
                 }
-                None => unknown += 1,
-            }
+            });
         }
-        if groups
-            .values()
-            .any(|(e, _)| e.pending.load(Ordering::Relaxed) >= MAX_PENDING_PER_TWIN)
-        {
+        if full {
             self.metrics.push_backs.fetch_add(1, Ordering::Relaxed);
             return Err(PushBack {
                 batch,
@@ -126,32 +133,21 @@ impl IngestSink for IngestRouter {
                 .fetch_add(unknown, Ordering::Relaxed);
             tracing::debug!(count = unknown, "readings for unknown assets refused");
         }
+        let accepted = n - unknown as usize;
         self.metrics
             .readings_received
-            .fetch_add(n as u64, Ordering::Relaxed);
+            .fetch_add(accepted as u64, Ordering::Relaxed);
         self.metrics.batches_routed.fetch_add(1, Ordering::Relaxed);
+        self.inflight.fetch_add(accepted, Ordering::AcqRel);
         let now_us = crate::twin::now().0;
-        for (_, (entry, readings)) in groups {
-            let Some(actor) = entry.actor() else {
-                // Between crash and restart: the reading has nowhere to go yet. Count it
-                // as unknown rather than hold it.
-                self.metrics
-                    .unknown_asset
-                    .fetch_add(readings.len() as u64, Ordering::Relaxed);
-                continue;
-            };
-            let k = readings.len();
-            entry.pending.fetch_add(1, Ordering::AcqRel);
-            entry.pending_readings.fetch_add(k as u32, Ordering::AcqRel);
+        // Pass 2: deliver, in batch order (a twin sees its readings in source order).
+        for (r, target) in batch.iter().zip(targets) {
+            let Some(entry) = target else { continue };
             entry.last_seen_us.store(now_us, Ordering::Relaxed);
-            self.inflight.fetch_add(k, Ordering::AcqRel);
-            if actor.cast(TwinMsg::Apply(readings)).is_err() {
-                entry.pending.fetch_sub(1, Ordering::AcqRel);
-                entry.pending_readings.fetch_sub(k as u32, Ordering::AcqRel);
-                self.inflight.fetch_sub(k, Ordering::AcqRel);
-                self.metrics
-                    .unknown_asset
-                    .fetch_add(k as u64, Ordering::Relaxed);
+            // With no actor (between a crash and its restart) the readings wait in the
+            // inbox; the restarted twin drains them.
+            if entry.deliver(std::slice::from_ref(r)) {
+                entry.send(TwinMsg::Drain);
             }
         }
         Ok(())

@@ -7,8 +7,9 @@
 //!
 //! Keys (all big-endian so that sled's order is time order):
 //! - `snapshots`: asset id (16) → `TwinRecord`
-//! - `history`: asset id (16) ‖ property (1) ‖ chunk first ts µs (8) → `HistoryChunk`
-//! - `history_by_time`: chunk first ts µs (8) ‖ asset id (16) ‖ property (1) → () (retention)
+//! - `history-D` (one tree per UTC day D since the epoch, by the chunk's first timestamp):
+//!   asset id (16) ‖ property (1) ‖ chunk first ts µs (8) → `HistoryChunk`. Retention drops
+//!   whole day trees: no per-chunk index, no per-chunk delete.
 //! - `events`: seq (8) → `EventRecord`
 //! - `meta`: "meta" → `Meta` (format version)
 
@@ -44,6 +45,11 @@ pub struct StoreConfig {
     /// Most bytes of history and events waiting for the writer; twins wait beyond it.
     #[serde(default = "defaults::max_queued_bytes")]
     pub max_queued_bytes: usize,
+    /// Most twin snapshots written per flush (each is a sled insert, ~10 µs). Beyond it the
+    /// rest stay dirty for the next flush, oldest first: under heavy load a twin's state on
+    /// disk lags by (dirty twins / this) flush intervals instead of the writer falling behind.
+    #[serde(default = "defaults::max_snapshots_per_flush")]
+    pub max_snapshots_per_flush: usize,
 }
 
 mod defaults {
@@ -56,6 +62,9 @@ mod defaults {
     pub fn max_queued_bytes() -> usize {
         64 << 20
     }
+    pub fn max_snapshots_per_flush() -> usize {
+        20_000
+    }
 }
 
 impl Default for StoreConfig {
@@ -64,6 +73,7 @@ impl Default for StoreConfig {
             flush_interval_ms: defaults::flush_interval_ms(),
             history_retention_hours: defaults::history_retention_hours(),
             max_queued_bytes: defaults::max_queued_bytes(),
+            max_snapshots_per_flush: defaults::max_snapshots_per_flush(),
         }
     }
 }
@@ -112,7 +122,8 @@ const MAX_EVENT_SCAN: usize = 200_000;
 
 #[derive(Default)]
 struct Queue {
-    history: Vec<(Vec<u8>, Vec<u8>)>,
+    /// (day partition, key, chunk)
+    history: Vec<(i64, Vec<u8>, Vec<u8>)>,
     events: Vec<(u64, Vec<u8>)>,
     bytes: usize,
 }
@@ -132,8 +143,8 @@ pub struct Store {
     dir: PathBuf,
     db: sled::Db,
     snapshots: sled::Tree,
-    history: sled::Tree,
-    history_by_time: sled::Tree,
+    /// Open day partitions of history, by day since the epoch.
+    history: Mutex<std::collections::BTreeMap<i64, sled::Tree>>,
     events: sled::Tree,
     cfg: StoreConfig,
     queue: Mutex<Queue>,
@@ -201,8 +212,16 @@ impl Store {
             }
         }
         let snapshots = db.open_tree("snapshots").map_err(io)?;
-        let history = db.open_tree("history").map_err(io)?;
-        let history_by_time = db.open_tree("history_by_time").map_err(io)?;
+        let mut history = std::collections::BTreeMap::new();
+        for name in db.tree_names() {
+            if let Some(day) = std::str::from_utf8(&name)
+                .ok()
+                .and_then(|n| n.strip_prefix(HISTORY_TREE_PREFIX))
+                .and_then(|d| d.parse::<i64>().ok())
+            {
+                history.insert(day, db.open_tree(&name).map_err(io)?);
+            }
+        }
         let events = db.open_tree("events").map_err(io)?;
         let next_seq = match events.last().map_err(io)? {
             Some((k, _)) => seq_of(&k).unwrap_or(0) + 1,
@@ -213,8 +232,7 @@ impl Store {
             dir,
             db,
             snapshots,
-            history,
-            history_by_time,
+            history: Mutex::new(history),
             events,
             cfg,
             queue: Mutex::new(Queue::default()),
@@ -275,7 +293,7 @@ impl Store {
         self.reserve(bytes).await;
         let mut q = self.queue.lock().expect("queue lock is never poisoned");
         q.bytes += bytes;
-        q.history.push((key, value));
+        q.history.push((day_of(first.ts), key, value));
     }
 
     /// Assigns the event its sequence number and queues it; waits while the queue is full.
@@ -338,7 +356,11 @@ impl Store {
     /// Writes everything dirty or queued now, then flushes sled to disk.
     pub fn flush_once(&self, registry: &Registry) -> Result<(), StoreError> {
         let started = Instant::now();
-        let dirty = registry.take_dirty();
+        let mut dirty = registry.take_dirty();
+        if dirty.len() > self.cfg.max_snapshots_per_flush {
+            let rest = dirty.split_off(self.cfg.max_snapshots_per_flush);
+            registry.requeue_dirty(rest);
+        }
         let mut snaps = sled::Batch::default();
         let mut n_snaps = 0u64;
         for e in &dirty {
@@ -356,14 +378,11 @@ impl Store {
                 .expect("in-flight lock is never poisoned") = Some(q.clone());
             q
         };
-        let mut hist = sled::Batch::default();
-        let mut by_time = sled::Batch::default();
-        for (k, v) in &q.history {
-            let mut tk = Vec::with_capacity(25);
-            tk.extend_from_slice(&k[17..25]);
-            tk.extend_from_slice(&k[..17]);
-            by_time.insert(tk, &[][..]);
-            hist.insert(k.as_slice(), v.as_slice());
+        let mut hist: std::collections::BTreeMap<i64, sled::Batch> = Default::default();
+        for (day, k, v) in &q.history {
+            hist.entry(*day)
+                .or_default()
+                .insert(k.as_slice(), v.as_slice());
         }
         let mut evs = sled::Batch::default();
         for (seq, v) in &q.events {
@@ -375,8 +394,9 @@ impl Store {
         };
         let result = (|| {
             self.snapshots.apply_batch(snaps).map_err(io)?;
-            self.history.apply_batch(hist).map_err(io)?;
-            self.history_by_time.apply_batch(by_time).map_err(io)?;
+            for (day, batch) in hist {
+                self.partition(day)?.apply_batch(batch).map_err(io)?;
+            }
             self.events.apply_batch(evs).map_err(io)?;
             self.db.flush().map_err(io)?;
             Ok(())
@@ -390,9 +410,7 @@ impl Store {
         if result.is_err() {
             // Put the snapshots back so they are retried; history and events of this round
             // are lost (logged as an error by the caller: the disk is failing).
-            for e in &dirty {
-                registry.publish(e, e.snapshot());
-            }
+            registry.requeue_dirty(dirty);
             return result;
         }
         self.stats.flushes.fetch_add(1, Ordering::Relaxed);
@@ -430,28 +448,44 @@ impl Store {
         self.nudge();
     }
 
-    /// Deletes history chunks that start before `now - retention`.
+    /// The history tree of `day`, opened on first use.
+    fn partition(&self, day: i64) -> Result<sled::Tree, StoreError> {
+        let mut parts = self.history.lock().expect("history lock is never poisoned");
+        if let Some(t) = parts.get(&day) {
+            return Ok(t.clone());
+        }
+        let t = self
+            .db
+            .open_tree(format!("{HISTORY_TREE_PREFIX}{day}"))
+            .map_err(|source| StoreError::Io {
+                dir: self.dir.clone(),
+                source,
+            })?;
+        parts.insert(day, t.clone());
+        Ok(t)
+    }
+
+    /// Drops the day partitions that lie wholly before `now - retention`. Returns how many.
+    /// Retention is therefore exact to a day: history is kept between `retention` and
+    /// `retention` + 1 day.
     pub fn apply_retention(&self, now: Timestamp) -> Result<usize, StoreError> {
         let cutoff = now.0 - (self.cfg.history_retention_hours as i64) * 3_600_000_000;
-        let end = ts_key(Timestamp(cutoff));
-        let mut n = 0;
-        let io = |source| StoreError::Io {
-            dir: self.dir.clone(),
-            source,
-        };
-        for kv in self.history_by_time.range(..end.as_slice()) {
-            let (k, _) = kv.map_err(io)?;
-            if k.len() != 25 {
-                continue;
-            }
-            let mut hk = Vec::with_capacity(25);
-            hk.extend_from_slice(&k[8..25]);
-            hk.extend_from_slice(&k[..8]);
-            self.history.remove(hk).map_err(io)?;
-            self.history_by_time.remove(&k).map_err(io)?;
-            n += 1;
+        let mut parts = self.history.lock().expect("history lock is never poisoned");
+        let old: Vec<i64> = parts
+            .keys()
+            .copied()
+            .filter(|d| (d + 1) * DAY_US <= cutoff)
+            .collect();
+        for d in &old {
+            parts.remove(d);
+            self.db
+                .drop_tree(format!("{HISTORY_TREE_PREFIX}{d}"))
+                .map_err(|source| StoreError::Io {
+                    dir: self.dir.clone(),
+                    source,
+                })?;
         }
-        Ok(n)
+        Ok(old.len())
     }
 
     /// Stored history of one property in `[from, to]`, in time order.
@@ -469,24 +503,34 @@ impl Store {
             dir: self.dir.clone(),
             source,
         };
-        // A chunk that starts before `from` may reach into the range: start one chunk earlier.
-        let from_key = history_key(id, property, from);
-        let mut start = prefix.clone();
-        if let Some((k, _)) = self
-            .history
-            .range(prefix.clone()..from_key.clone())
-            .next_back()
-            .transpose()
-            .map_err(io)?
-        {
-            start = k.to_vec();
-        }
         let end = history_key(id, property, Timestamp(to.0.saturating_add(1)));
+        let from_key = history_key(id, property, from);
+        let parts: Vec<(i64, sled::Tree)> = self
+            .history
+            .lock()
+            .expect("history lock is never poisoned")
+            .range(..=day_of(to))
+            .map(|(d, t)| (*d, t.clone()))
+            .collect();
+        // A chunk that starts before `from` may reach into the range: find the last one
+        // before `from` (in `from`'s day or the newest earlier day that has one).
+        let mut earlier: Option<Vec<u8>> = None;
+        for (_, t) in parts.iter().rev().filter(|(d, _)| *d <= day_of(from)) {
+            if let Some((_, v)) = t
+                .range(prefix.clone()..from_key.clone())
+                .next_back()
+                .transpose()
+                .map_err(io)?
+            {
+                earlier = Some(v.to_vec());
+                break;
+            }
+        }
         let mut out = Vec::new();
         // Queued and in-flight chunks first (see `in_flight` for why this order).
         let mut pending: Vec<Vec<u8>> = Vec::new();
         let mut collect = |q: &Queue| {
-            for (k, v) in &q.history {
+            for (_, k, v) in &q.history {
                 if k.starts_with(&prefix) {
                     pending.push(v.clone());
                 }
@@ -510,7 +554,15 @@ impl Store {
             })?;
             out.extend(points.into_iter().filter(|p| p.ts >= from && p.ts <= to));
         }
-        for kv in self.history.range(start..end) {
+        let stored = parts
+            .iter()
+            .filter(|(d, _)| *d >= day_of(from))
+            .map(|(_, t)| t.range(from_key.clone()..end.clone()));
+        for kv in earlier
+            .into_iter()
+            .map(|v| Ok((sled::IVec::from(&[][..]), sled::IVec::from(v))))
+            .chain(stored.flatten())
+        {
             let (k, v) = kv.map_err(io)?;
             let points = codec::decode_chunk(&v).map_err(|what| StoreError::Corrupt {
                 dir: self.dir.clone(),
@@ -627,6 +679,13 @@ fn has_data(db: &sled::Db) -> bool {
         .any(|name| db.open_tree(name).map(|t| !t.is_empty()).unwrap_or(true))
 }
 
+const HISTORY_TREE_PREFIX: &str = "history-";
+const DAY_US: i64 = 86_400_000_000;
+
+fn day_of(ts: Timestamp) -> i64 {
+    ts.0.div_euclid(DAY_US)
+}
+
 fn ts_key(ts: Timestamp) -> [u8; 8] {
     // Offset so negative times sort before positive ones.
     ((ts.0 as u64) ^ (1 << 63)).to_be_bytes()
@@ -693,50 +752,51 @@ mod tests {
     }
 
     #[test]
-    fn history_chunks_read_back_in_range_and_expire() {
+    fn history_chunks_read_back_across_days_and_whole_old_days_expire() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Arc::new(Store::open(dir.path(), StoreConfig::default()).expect("open"));
         let registry = Registry::default();
         let id = AssetPath::parse("a/b/c/d/e/f").expect("path").id();
+        let day_ms = DAY_US / 1000;
+        // Three chunks of 10 points, 100 ms apart; the second straddles midnight.
+        let starts = [day_ms - 2_000, day_ms - 50, day_ms + 1_000];
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .expect("rt");
         rt.block_on(async {
-            for chunk in 0..3i64 {
+            for (c, start) in starts.iter().enumerate() {
                 let pts: Vec<HistPoint> = (0..10)
                     .map(|i| HistPoint {
-                        ts: Timestamp::from_millis(1_000 + chunk * 100 + i * 10),
-                        value: (chunk * 10 + i) as f64,
+                        ts: Timestamp::from_millis(start + i * 10),
+                        value: (c * 10) as f64 + i as f64,
                         quality: QualityCode::Good,
                     })
                     .collect();
                 store.append_history(id, Property::Value, &pts).await;
             }
         });
+        let read = |from: i64, to: i64| {
+            store
+                .read_history(
+                    id,
+                    Property::Value,
+                    Timestamp::from_millis(from),
+                    Timestamp::from_millis(to),
+                )
+                .expect("read")
+        };
+        // Queued (not yet written) chunks are visible too.
+        assert_eq!(read(0, 2 * day_ms).len(), 30);
         store.flush_once(&registry).expect("flush");
-        let pts = store
-            .read_history(
-                id,
-                Property::Value,
-                Timestamp::from_millis(1_050),
-                Timestamp::from_millis(1_250),
-            )
-            .expect("read");
-        assert_eq!(pts.first().map(|p| p.value), Some(5.0));
+        let pts = read(day_ms, day_ms + 1_050);
+        // 5 points of the straddling chunk after midnight, 6 of the third.
+        assert_eq!(pts.len(), 11, "{pts:?}");
+        assert_eq!(pts.first().map(|p| p.value), Some(15.0));
         assert_eq!(pts.last().map(|p| p.value), Some(25.0));
-        assert_eq!(pts.len(), 21);
-        let removed = store
-            .apply_retention(Timestamp::from_millis(1_150).plus_ms(7 * 24 * 3_600_000))
+        let dropped = store
+            .apply_retention(Timestamp::from_millis(day_ms + 7 * 24 * 3_600_000 + 1))
             .expect("retention");
-        assert_eq!(removed, 2);
-        let pts = store
-            .read_history(
-                id,
-                Property::Value,
-                Timestamp::ZERO,
-                Timestamp::from_millis(5_000),
-            )
-            .expect("read");
-        assert_eq!(pts.len(), 10);
+        assert_eq!(dropped, 1, "day 0 is wholly past the retention window");
+        assert_eq!(read(0, 2 * day_ms).len(), 10, "day 1 kept");
     }
 }

@@ -72,14 +72,15 @@ impl Actor for GroupTwin {
                 state.publish_scheduled = false;
                 state.publish();
             }
-            TwinMsg::Apply(readings) => {
+            TwinMsg::Drain => {
                 // Nothing is measured on a line or above: count as rejected.
+                let readings = state.entry.take_inbox();
                 state
                     .ctx
                     .metrics
                     .rejected_unknown_property
                     .fetch_add(readings.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                state.ctx.handled(&state.entry, readings.len());
+                state.ctx.handled(readings.len());
             }
             TwinMsg::Acknowledge { reply, .. } | TwinMsg::Shelve { reply, .. } => {
                 let _ = reply.send(Err(super::TwinError::NoAlarms {

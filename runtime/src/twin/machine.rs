@@ -95,12 +95,12 @@ impl Actor for MachineTwin {
         state: &mut MachineTwinState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            TwinMsg::Apply(readings) => {
-                let n = readings.len();
+            TwinMsg::Drain => {
+                let readings = state.entry.take_inbox();
                 for r in &readings {
                     state.apply(r).await;
                 }
-                state.ctx.handled(&state.entry, n);
+                state.ctx.handled(readings.len());
                 state.publish(now(), false);
                 state.schedule(&myself);
             }

@@ -21,7 +21,7 @@ use ferrotwin_models::oee::OeeTracker;
 use ferrotwin_models::rollup::RollUp;
 use ferrotwin_models::spec::{AssetDef, AssetKind};
 use ferrotwin_models::stats::RunningStats;
-use ferrotwin_models::{AssetId, AssetPath, Event, Quality, Reading, Timestamp, Value};
+use ferrotwin_models::{AssetId, AssetPath, Event, Quality, Timestamp, Value};
 use ractor::{Actor, ActorCell, ActorRef, RpcReplyPort, SpawnErr};
 
 use crate::metrics::Metrics;
@@ -65,7 +65,7 @@ impl Default for TwinSettings {
             rollup_debounce_ms: 200,
             max_restarts: 5,
             restart_window_ms: 10_000,
-            history_chunk_points: 32,
+            history_chunk_points: 64,
             history_chunk_max_age_ms: 10_000,
             reject_event_interval_ms: 10_000,
         }
@@ -109,24 +109,12 @@ pub struct TwinCtx {
 }
 
 impl TwinCtx {
-    /// A twin handled one `Apply` of `n` readings: return the router's credits.
-    pub fn handled(&self, entry: &TwinEntry, n: usize) {
-        entry.pending.fetch_sub(1, Ordering::AcqRel);
-        entry.pending_readings.fetch_sub(n as u32, Ordering::AcqRel);
+    /// A twin took `n` readings from its inbox: return them to the router's budget.
+    pub fn handled(&self, n: usize) {
         self.credits.0.fetch_sub(n, Ordering::AcqRel);
         self.metrics
             .readings_applied
             .fetch_add(n as u64, Ordering::Relaxed);
-    }
-
-    /// A twin crashed: its mailbox is gone, and with it the readings queued there (at most
-    /// `MAX_PENDING_PER_TWIN` batches). Return their credits so ingest does not stall.
-    pub fn forget_pending(&self, entry: &TwinEntry) -> usize {
-        entry.set_actor(None);
-        let lost = entry.pending_readings.swap(0, Ordering::AcqRel) as usize;
-        entry.pending.store(0, Ordering::Release);
-        self.credits.0.fetch_sub(lost, Ordering::AcqRel);
-        lost
     }
 
     /// Persists an event (assigning its seq) and streams it to watchers. Never drops it:
@@ -243,8 +231,8 @@ impl TwinSnapshot {
 /// Messages of every twin kind. One enum so the registry routes to any twin by id; each
 /// actor handles the variants of its kind and counts the rest as misrouted.
 pub enum TwinMsg {
-    /// Readings for this twin (from the router). Fire-and-forget, bounded by `pending`.
-    Apply(Vec<Reading>),
+    /// Readings wait in the twin's registry inbox: take and apply them.
+    Drain,
     /// A child's roll-up changed.
     ChildChanged { id: AssetId, rollup: RollUp },
     /// Debounce timer: publish the roll-up to the parent now.
@@ -339,6 +327,7 @@ pub async fn spawn_twin(
         (_, None) => Actor::spawn(None, group::GroupTwin, args).await?.0,
     };
     entry.set_actor(Some(actor.clone()));
+    entry.kick(&actor);
     Ok(actor)
 }
 

@@ -96,10 +96,10 @@ impl Actor for SensorTwin {
         state: &mut SensorState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            TwinMsg::Apply(readings) => {
-                let n = readings.len();
+            TwinMsg::Drain => {
+                let readings = state.entry.take_inbox();
                 state.apply(&readings).await;
-                state.ctx.handled(&state.entry, n);
+                state.ctx.handled(readings.len());
             }
             TwinMsg::CheckStale(at) => state.check_stale(at).await,
             TwinMsg::Acknowledge {

@@ -81,7 +81,7 @@ impl Children {
                 let Some(entry) = self.by_actor.remove(&cell.get_id()) else {
                     return Ok(());
                 };
-                let lost = ctx.forget_pending(&entry);
+                entry.set_actor(None);
                 let s = &ctx.settings;
                 let window = Duration::from_millis(s.restart_window_ms);
                 let history = self.restarts.entry(entry.id).or_default();
@@ -104,12 +104,8 @@ impl Children {
                     .into());
                 }
                 history.push_back(now);
-                tracing::warn!(asset = %entry.path(), error = %err, lost_readings = lost, "twin failed; restarting from its last snapshot");
-                let why = if lost > 0 {
-                    format!("{err} ({lost} queued readings lost)")
-                } else {
-                    err.to_string()
-                };
+                tracing::warn!(asset = %entry.path(), error = %err, "twin failed; restarting from its last snapshot");
+                let why = err.to_string();
                 let actor = spawn_twin(
                     ctx.clone(),
                     entry.clone(),
