@@ -108,7 +108,10 @@ fn rollup_text(r: &pb::RollUp) -> String {
 /// One line describing a twin (without indentation).
 pub fn twin_line(t: &pb::Twin) -> String {
     if let Some(s) = &t.sensor {
-        let mut line = format!("{}  {} {}", t.name, value_text(&s.value), s.unit);
+        let mut line = format!("{}  {}", t.name, value_text(&s.value));
+        if !s.unit.is_empty() {
+            let _ = write!(line, " {}", s.unit);
+        }
         let q = quality_text(&s.quality);
         if q != "good" {
             let _ = write!(line, "  [{q}]");
@@ -132,7 +135,7 @@ pub fn twin_line(t: &pb::Twin) -> String {
         if let Some(o) = &m.oee {
             let _ = write!(line, "  OEE {:.0}%", o.oee * 100.0);
         }
-        let _ = write!(line, "  parts {}/{} scrap", m.good_count, m.scrap_count);
+        let _ = write!(line, "  good {}, scrap {}", m.good_count, m.scrap_count);
         if let Some(r) = &t.rollup
             && r.active_alarms > 0
         {
@@ -303,6 +306,14 @@ pub async fn history(
     max_points: u32,
 ) -> Result<String> {
     let now_us = crate::twin::now().0;
+    let twin = client
+        .get_twin(pb::GetTwinRequest {
+            key: Some(pb::get_twin_request::Key::Path(path.to_string())),
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let unit = twin.sensor.as_ref().map(|s| s.unit.clone()).unwrap_or_default();
     let resp = client
         .get_history(pb::GetHistoryRequest {
             path: path.to_string(),
@@ -319,7 +330,7 @@ pub async fn history(
         if p.count > 1 {
             let _ = writeln!(
                 out,
-                "{}  {:.3}  (min {:.3} max {:.3}, {} pts)",
+                "{}  {:>12.3} {unit}  (min {:.3} max {:.3}, {} pts)",
                 fmt_us(p.ts_us),
                 p.value,
                 p.min,
@@ -327,7 +338,7 @@ pub async fn history(
                 p.count
             );
         } else {
-            let _ = writeln!(out, "{}  {:.3}", fmt_us(p.ts_us), p.value);
+            let _ = writeln!(out, "{}  {:>12.3} {unit}", fmt_us(p.ts_us), p.value);
         }
     }
     let _ = writeln!(

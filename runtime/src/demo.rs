@@ -15,6 +15,10 @@ use tokio::net::TcpListener;
 
 use crate::runtime::{Runtime, RuntimeOptions};
 
+/// Faults are this many times as frequent as in the simulator's default plant, so that an
+/// alarm shows up within a minute or two of starting the demo.
+const DEMO_FAULT_RATE: f64 = 20.0;
+
 pub struct DemoOptions {
     pub grpc_addr: SocketAddr,
     /// `None`: a temporary directory, removed at exit.
@@ -77,7 +81,7 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
         std::thread::Builder::new()
             .name("sim-driver".into())
             .spawn(move || {
-                let mut sim = PlantSim::new(&spec, seed, start);
+                let mut sim = PlantSim::with_fault_rate(&spec, seed, start, DEMO_FAULT_RATE);
                 run_realtime(&mut sim, router.as_ref(), &drive, &stop)
             })
             .context("cannot start the simulator thread")?

@@ -162,6 +162,8 @@ struct MachineSim {
     dirty_counts: bool,
     dirty_ts: i64,
     window_us: i64,
+    /// Multiplies the rate of every fault kind (1.0 = the documented means).
+    fault_rate: f64,
 }
 
 /// FNV-1a 64: stable across runs and platforms, unlike std's randomly keyed hasher.
@@ -570,7 +572,7 @@ impl MachineSim {
             }
             self.next_part = t + self.cycle_us();
         } else if self.next_overheat == t {
-            self.next_overheat = t + exp_us(&mut self.rng, OVERHEAT_MEAN_S);
+            self.next_overheat = t + exp_us(&mut self.rng, OVERHEAT_MEAN_S / self.fault_rate);
             let hot = |s: &SensorSim| s.model == Model::Temperature && s.high_limit.is_finite();
             let candidates = sensors.iter().filter(|s| hot(s)).count();
             if self.overheat.is_none() && self.state != MachineState::Down && candidates > 0 {
@@ -597,13 +599,13 @@ impl MachineSim {
             sensors[a.sensor - self.sensors.start].fault_target = f64::NAN;
             sink.end_label(a.label, t);
         } else if self.next_spike == t {
-            self.next_spike = t + exp_us(&mut self.rng, SPIKE_MEAN_S);
+            self.next_spike = t + exp_us(&mut self.rng, SPIKE_MEAN_S / self.fault_rate);
             if !sensors.is_empty() {
                 let i = self.rng.random_range(0..sensors.len());
                 sensors[i].spike = true;
             }
         } else if self.next_stuck == t {
-            self.next_stuck = t + exp_us(&mut self.rng, STUCK_MEAN_S);
+            self.next_stuck = t + exp_us(&mut self.rng, STUCK_MEAN_S / self.fault_rate);
             if self.stuck.is_none() && !sensors.is_empty() {
                 let i = self.rng.random_range(0..sensors.len());
                 sensors[i].stuck = true;
@@ -622,14 +624,14 @@ impl MachineSim {
             sensors[a.sensor - self.sensors.start].stuck = false;
             sink.end_label(a.label, t);
         } else if self.next_breakdown == t {
-            self.next_breakdown = t + exp_us(&mut self.rng, BREAKDOWN_MEAN_S);
+            self.next_breakdown = t + exp_us(&mut self.rng, BREAKDOWN_MEAN_S / self.fault_rate);
             if self.state != MachineState::Down {
                 let path = sink.machine_path.clone();
                 self.breakdown_label = Some(sink.label(path, FaultKind::Breakdown, t, None));
                 self.enter(MachineState::Down, t, sensors, sink);
             }
         } else if self.next_bearing == t {
-            self.next_bearing = t + exp_us(&mut self.rng, BEARING_MEAN_S);
+            self.next_bearing = t + exp_us(&mut self.rng, BEARING_MEAN_S / self.fault_rate);
             if self.bearing_label.is_none() {
                 let to_failure = uniform_us(&mut self.rng, 3600.0, 4.0 * 3600.0);
                 self.wear_since = t;
@@ -691,6 +693,13 @@ impl PlantSim {
     /// Builds the simulation of a validated spec, every machine and sensor at rest in its
     /// initial state at `start`.
     pub fn new(spec: &PlantSpec, seed: u64, start: Timestamp) -> PlantSim {
+        PlantSim::with_fault_rate(spec, seed, start, 1.0)
+    }
+
+    /// As `new`, with every fault `fault_rate` times as frequent (the demo uses more
+    /// faults than a real plant so an engineer sees alarms within minutes). Must be > 0.
+    pub fn with_fault_rate(spec: &PlantSpec, seed: u64, start: Timestamp, fault_rate: f64) -> PlantSim {
+        let fault_rate = if fault_rate.is_finite() && fault_rate > 0.0 { fault_rate } else { 1.0 };
         let mut machines: Vec<MachineSim> = Vec::new();
         let mut sensors = Vec::new();
         let mut machine_paths = Vec::new();
@@ -728,6 +737,7 @@ impl PlantSim {
                         dirty_counts: true,
                         dirty_ts: start.0,
                         window_us: 0,
+                        fault_rate,
                     });
                     machine_paths.push(asset.path);
                 }
@@ -843,11 +853,11 @@ impl MachineSim {
             s.value = s.target(self.state, 0.0);
             s.last_out = s.value;
         }
-        self.next_overheat = start + exp_us(&mut self.rng, OVERHEAT_MEAN_S);
-        self.next_spike = start + exp_us(&mut self.rng, SPIKE_MEAN_S);
-        self.next_stuck = start + exp_us(&mut self.rng, STUCK_MEAN_S);
-        self.next_breakdown = start + exp_us(&mut self.rng, BREAKDOWN_MEAN_S);
-        self.next_bearing = start + exp_us(&mut self.rng, BEARING_MEAN_S);
+        self.next_overheat = start + exp_us(&mut self.rng, OVERHEAT_MEAN_S / self.fault_rate);
+        self.next_spike = start + exp_us(&mut self.rng, SPIKE_MEAN_S / self.fault_rate);
+        self.next_stuck = start + exp_us(&mut self.rng, STUCK_MEAN_S / self.fault_rate);
+        self.next_breakdown = start + exp_us(&mut self.rng, BREAKDOWN_MEAN_S / self.fault_rate);
+        self.next_bearing = start + exp_us(&mut self.rng, BEARING_MEAN_S / self.fault_rate);
         self.refresh_next_event();
     }
 }

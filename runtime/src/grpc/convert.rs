@@ -80,6 +80,8 @@ pub fn alarm(limit: &AlarmLimit, status: &AlarmStatus) -> pb::Alarm {
         deadband: limit.deadband,
         since_us: status.since.0,
         shelved_until_us: status.shelved_until.map_or(0, |t| t.0),
+        on_delay_ms: limit.on_delay_ms,
+        off_delay_ms: limit.off_delay_ms,
     }
 }
 

@@ -244,6 +244,14 @@ impl TwinService for TwinApi {
             .and_then(|g| g.literal_prefix())
             .and_then(|p| AssetPath::parse(&p).ok());
         let level = q.pinned_level().map(str::to_string);
+        if let Some(l) = &level
+            && ferrotwin_models::Level::parse(l).is_none()
+        {
+            return Err(ApiError::BadArgument(format!(
+                "query: level {l:?} is not a level (enterprise, site, area, line, machine, sensor)"
+            ))
+            .into());
+        }
         let registry = &self.ctx.registry;
         let (entries, more) = registry.scan(prefix.as_ref(), after.as_ref(), limit, |e| {
             if level.as_deref().is_some_and(|l| l != e.level().as_str()) {
@@ -293,6 +301,14 @@ impl TwinService for TwinApi {
     ) -> Result<Response<pb::GetHistoryResponse>, Status> {
         let req = req.into_inner();
         let (e, actor) = self.sensor_actor(&req.path)?;
+        if e.level() != ferrotwin_models::Level::Sensor {
+            return Err(ApiError::BadArgument(format!(
+                "path: {} is a {}; history is recorded for sensors",
+                e.path(),
+                e.level()
+            ))
+            .into());
+        }
         let prop_name = if req.property.is_empty() {
             "value"
         } else {
@@ -401,6 +417,9 @@ impl TwinService for TwinApi {
         if req.by.trim().is_empty() {
             return Err(ApiError::BadArgument("by: say who acknowledges".into()).into());
         }
+        if req.alarm.is_empty() {
+            return Err(ApiError::BadArgument("alarm: name the alarm to acknowledge".into()).into());
+        }
         let (e, actor) = self.sensor_actor(&req.path)?;
         let alarm = req.alarm.clone();
         let status = ask(
@@ -428,6 +447,9 @@ impl TwinService for TwinApi {
         let req = req.into_inner();
         if req.by.trim().is_empty() {
             return Err(ApiError::BadArgument("by: say who shelves".into()).into());
+        }
+        if req.alarm.is_empty() {
+            return Err(ApiError::BadArgument("alarm: name the alarm to shelve".into()).into());
         }
         let (e, actor) = self.sensor_actor(&req.path)?;
         let until = (req.duration_ms > 0)
@@ -554,10 +576,12 @@ pub async fn serve(
     health.set_serving::<TwinServiceServer<TwinApi>>().await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(ferrotwin_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| format!("reflection: {e}"))?;
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(ferrotwin_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .map_err(|e| format!("reflection: {e}"))?;
     tonic::transport::Server::builder()
