@@ -313,7 +313,11 @@ pub async fn history(
         .await
         .map_err(status)?
         .into_inner();
-    let unit = twin.sensor.as_ref().map(|s| s.unit.clone()).unwrap_or_default();
+    let unit = twin
+        .sensor
+        .as_ref()
+        .map(|s| s.unit.clone())
+        .unwrap_or_default();
     let resp = client
         .get_history(pb::GetHistoryRequest {
             path: path.to_string(),

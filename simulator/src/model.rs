@@ -698,8 +698,17 @@ impl PlantSim {
 
     /// As `new`, with every fault `fault_rate` times as frequent (the demo uses more
     /// faults than a real plant so an engineer sees alarms within minutes). Must be > 0.
-    pub fn with_fault_rate(spec: &PlantSpec, seed: u64, start: Timestamp, fault_rate: f64) -> PlantSim {
-        let fault_rate = if fault_rate.is_finite() && fault_rate > 0.0 { fault_rate } else { 1.0 };
+    pub fn with_fault_rate(
+        spec: &PlantSpec,
+        seed: u64,
+        start: Timestamp,
+        fault_rate: f64,
+    ) -> PlantSim {
+        let fault_rate = if fault_rate.is_finite() && fault_rate > 0.0 {
+            fault_rate
+        } else {
+            1.0
+        };
         let mut machines: Vec<MachineSim> = Vec::new();
         let mut sensors = Vec::new();
         let mut machine_paths = Vec::new();

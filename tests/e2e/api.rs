@@ -250,3 +250,61 @@ async fn health_reports_serving() {
     );
     site.rt.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_that_falls_behind_is_told_it_lagged_and_gets_a_fresh_snapshot() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut opts = options();
+    opts.ingest.watch_ring = 16;
+    let mut site = start_in(dir.path(), opts).await;
+    let mut stream = site
+        .client
+        .watch(pb::WatchRequest {
+            path: PRESS.into(),
+            events: false,
+            skip_snapshot: true,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    // The client reads nothing while far more changes than the ring and the stream buffer
+    // hold go by; the twins never wait for it.
+    for i in 0..3000 {
+        push(&site, vec![float(FORCE, f64::from(i))]).await;
+        tokio::task::yield_now().await;
+    }
+    let mut c = site.client.clone();
+    wait_for(
+        10,
+        "last value applied without waiting for the watcher",
+        || {
+            let mut c = c.clone();
+            async move { (float_of(&get(&mut c, FORCE).await) == Some(2999.0)).then_some(()) }
+        },
+    )
+    .await;
+    let mut lagged = false;
+    let mut resynced = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::time::Instant::now() < deadline {
+        let Ok(item) = tokio::time::timeout(Duration::from_secs(2), stream.message()).await else {
+            break;
+        };
+        match item.expect("stream ok").expect("stream open").item {
+            Some(pb::watch_response::Item::Lagged(l)) => {
+                assert!(l.skipped > 0);
+                lagged = true;
+            }
+            Some(pb::watch_response::Item::Snapshot(_)) if lagged => resynced += 1,
+            Some(pb::watch_response::Item::SnapshotEnd(_)) if lagged => break,
+            _ => {}
+        }
+    }
+    assert!(lagged, "the watcher was told it lagged");
+    assert_eq!(
+        resynced, 4,
+        "a fresh snapshot of the press subtree followed"
+    );
+    assert_eq!(float_of(&get(&mut c, FORCE).await), Some(2999.0));
+    site.rt.shutdown().await;
+}

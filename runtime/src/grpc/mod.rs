@@ -418,7 +418,9 @@ impl TwinService for TwinApi {
             return Err(ApiError::BadArgument("by: say who acknowledges".into()).into());
         }
         if req.alarm.is_empty() {
-            return Err(ApiError::BadArgument("alarm: name the alarm to acknowledge".into()).into());
+            return Err(
+                ApiError::BadArgument("alarm: name the alarm to acknowledge".into()).into(),
+            );
         }
         let (e, actor) = self.sensor_actor(&req.path)?;
         let alarm = req.alarm.clone();
