@@ -222,8 +222,52 @@ async fn bare_channel_rate(sensors: usize, dur: Duration) -> f64 {
     (after - before) as f64 / elapsed.as_secs_f64()
 }
 
+/// An actor that does nothing: what ractor itself costs per actor in this build.
+struct Idle;
+
+impl ractor::Actor for Idle {
+    type Msg = ();
+    type State = ();
+    type Arguments = ();
+
+    async fn pre_start(
+        &self,
+        _myself: ractor::ActorRef<()>,
+        _args: (),
+    ) -> Result<(), ractor::ActorProcessingErr> {
+        Ok(())
+    }
+}
+
+/// RSS per idle ractor actor, spawning `n` of them (`ferrotwin bench actors`). Run in a
+/// process of its own: memory freed by one measurement would be reused by the next.
+pub async fn bare_actor_bytes(n: usize) -> Result<f64> {
+    let before = rss_bytes();
+    let mut actors = Vec::with_capacity(n);
+    for _ in 0..n {
+        actors.push(ractor::Actor::spawn(None, Idle, ()).await?.0);
+    }
+    let per = (rss_bytes().saturating_sub(before)) as f64 / n as f64;
+    for a in &actors {
+        a.stop(None);
+    }
+    Ok(per)
+}
+
 pub async fn ingest(b: IngestBench) -> Result<String> {
     let mut out = String::new();
+    let idle = std::process::Command::new(std::env::current_exe()?)
+        .args(["bench", "actors", "--count"])
+        .arg(b.sensors.clamp(1_000, 1_000_000).to_string())
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .unwrap_or(f64::NAN);
     let size = plant_size(b.sensors);
     let spec = generate(size, 1);
     let dir = tempfile::tempdir()?;
@@ -253,10 +297,11 @@ pub async fn ingest(b: IngestBench) -> Result<String> {
     );
     let _ = writeln!(
         out,
-        "memory: RSS {:.0} MiB after start, {:.0} B per twin ({:.2} KiB)",
+        "memory: RSS {:.0} MiB after start, {:.0} B per twin ({:.2} KiB); an idle ractor actor alone: {:.0} B",
         rss1 as f64 / 1048576.0,
         (rss1 - rss0) as f64 / twins as f64,
-        (rss1 - rss0) as f64 / twins as f64 / 1024.0
+        (rss1 - rss0) as f64 / twins as f64 / 1024.0,
+        idle
     );
 
     let dur = Duration::from_secs(b.seconds.max(1));
@@ -319,6 +364,12 @@ pub async fn ingest(b: IngestBench) -> Result<String> {
         st.events_written.load(Ordering::Relaxed),
         st.last_flush_us.load(Ordering::Relaxed) as f64 / 1000.0
     );
+    let kinds: Vec<String> = ferrotwin_models::EventKind::ALL
+        .iter()
+        .zip(&rt.metrics.events)
+        .map(|(k, c)| format!("{} {}", k.as_str(), c.load(Ordering::Relaxed)))
+        .collect();
+    let _ = writeln!(out, "events raised: {}", kinds.join(", "));
     rt.shutdown().await;
 
     let bare = bare_channel_rate(ids.len(), dur).await;

@@ -133,6 +133,11 @@ enum BenchCmd {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+    /// Print the RSS in bytes of one idle ractor actor (spawning `count` of them).
+    Actors {
+        #[arg(long, default_value_t = 100_000)]
+        count: usize,
+    },
 }
 
 fn init_tracing(default: &str) {
@@ -263,6 +268,12 @@ async fn main() -> Result<()> {
             init_tracing("warn,sled=warn");
             let report = bench::ingest(bench::IngestBench { sensors, seconds }).await?;
             print!("{report}");
+            Ok(())
+        }
+        Cmd::Bench {
+            what: BenchCmd::Actors { count },
+        } => {
+            println!("{:.0}", bench::bare_actor_bytes(count).await?);
             Ok(())
         }
     }

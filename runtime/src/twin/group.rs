@@ -31,27 +31,32 @@ impl Actor for GroupTwin {
         myself: ActorRef<TwinMsg>,
         args: TwinArgs,
     ) -> Result<GroupState, ActorProcessingErr> {
-        let TwinArgs {
-            ctx,
-            entry,
-            restarted_after,
-        } = args;
-        let mut restarts = entry.snapshot().restarts;
-        if let Some(why) = restarted_after {
-            restarts += 1;
-            super::machine::record_restart(&ctx, &entry, restarts, &why).await;
-        }
-        let children = Children::spawn_all(&ctx, &myself, entry.path()).await?;
-        let mut state = GroupState {
-            ctx,
-            entry,
-            children,
-            restarts,
-            published: RollUp::default(),
-            publish_scheduled: false,
-        };
-        state.publish();
-        Ok(state)
+        // Boxed: an actor's task holds its largest handler future inline for its
+        // whole life; boxing keeps an idle twin small, for one allocation per call.
+        Box::pin(async move {
+            let TwinArgs {
+                ctx,
+                entry,
+                restarted_after,
+            } = args;
+            let mut restarts = entry.snapshot().restarts;
+            if let Some(why) = restarted_after {
+                restarts += 1;
+                super::machine::record_restart(&ctx, &entry, restarts, &why).await;
+            }
+            let children = Children::spawn_all(&ctx, &myself, entry.path()).await?;
+            let mut state = GroupState {
+                ctx,
+                entry,
+                children,
+                restarts,
+                published: RollUp::default(),
+                publish_scheduled: false,
+            };
+            state.publish();
+            Ok(state)
+        })
+        .await
     }
 
     async fn handle(
@@ -60,44 +65,49 @@ impl Actor for GroupTwin {
         msg: TwinMsg,
         state: &mut GroupState,
     ) -> Result<(), ActorProcessingErr> {
-        match msg {
-            TwinMsg::ChildChanged { id, rollup } => {
-                if state.children.set(id, rollup) && !state.publish_scheduled {
-                    state.publish_scheduled = true;
-                    let debounce = Duration::from_millis(state.ctx.settings.rollup_debounce_ms);
-                    myself.send_after(debounce, || TwinMsg::PublishRollUp);
+        // Boxed: an actor's task holds its largest handler future inline for its
+        // whole life; boxing keeps an idle twin small, for one allocation per call.
+        Box::pin(async move {
+            match msg {
+                TwinMsg::ChildChanged { id, rollup } => {
+                    if state.children.set(id, rollup) && !state.publish_scheduled {
+                        state.publish_scheduled = true;
+                        let debounce = Duration::from_millis(state.ctx.settings.rollup_debounce_ms);
+                        myself.send_after(debounce, || TwinMsg::PublishRollUp);
+                    }
                 }
+                TwinMsg::PublishRollUp => {
+                    state.publish_scheduled = false;
+                    state.publish();
+                }
+                TwinMsg::Drain => {
+                    // Nothing is measured on a line or above: count as rejected.
+                    let readings = state.entry.take_inbox();
+                    state
+                        .ctx
+                        .metrics
+                        .rejected_unknown_property
+                        .fetch_add(readings.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    state.ctx.handled(readings.len());
+                }
+                TwinMsg::Acknowledge { reply, .. } | TwinMsg::Shelve { reply, .. } => {
+                    let _ = reply.send(Err(super::TwinError::NoAlarms {
+                        asset: state.entry.path().clone(),
+                        level: state.entry.level().as_str(),
+                    }));
+                }
+                TwinMsg::HistoryTail(reply) => {
+                    let _ = reply.send(Vec::new());
+                }
+                TwinMsg::FlushHistory(reply) => {
+                    let _ = reply.send(());
+                }
+                TwinMsg::CheckStale(_) => {}
+                TwinMsg::Crash => panic!("{}: crash requested (test hook)", state.entry.path()),
             }
-            TwinMsg::PublishRollUp => {
-                state.publish_scheduled = false;
-                state.publish();
-            }
-            TwinMsg::Drain => {
-                // Nothing is measured on a line or above: count as rejected.
-                let readings = state.entry.take_inbox();
-                state
-                    .ctx
-                    .metrics
-                    .rejected_unknown_property
-                    .fetch_add(readings.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                state.ctx.handled(readings.len());
-            }
-            TwinMsg::Acknowledge { reply, .. } | TwinMsg::Shelve { reply, .. } => {
-                let _ = reply.send(Err(super::TwinError::NoAlarms {
-                    asset: state.entry.path().clone(),
-                    level: state.entry.level().as_str(),
-                }));
-            }
-            TwinMsg::HistoryTail(reply) => {
-                let _ = reply.send(Vec::new());
-            }
-            TwinMsg::FlushHistory(reply) => {
-                let _ = reply.send(());
-            }
-            TwinMsg::CheckStale(_) => {}
-            TwinMsg::Crash => panic!("{}: crash requested (test hook)", state.entry.path()),
-        }
-        Ok(())
+            Ok(())
+        })
+        .await
     }
 
     async fn handle_supervisor_evt(
@@ -106,12 +116,17 @@ impl Actor for GroupTwin {
         evt: SupervisionEvent,
         state: &mut GroupState,
     ) -> Result<(), ActorProcessingErr> {
-        let ctx = state.ctx.clone();
-        let path = state.entry.path().clone();
-        state
-            .children
-            .on_supervision(&ctx, &myself, &path, evt)
-            .await
+        // Boxed: an actor's task holds its largest handler future inline for its
+        // whole life; boxing keeps an idle twin small, for one allocation per call.
+        Box::pin(async move {
+            let ctx = state.ctx.clone();
+            let path = state.entry.path().clone();
+            state
+                .children
+                .on_supervision(&ctx, &myself, &path, evt)
+                .await
+        })
+        .await
     }
 }
 

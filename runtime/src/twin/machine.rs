@@ -54,38 +54,43 @@ impl Actor for MachineTwin {
         myself: ActorRef<TwinMsg>,
         args: TwinArgs,
     ) -> Result<MachineTwinState, ActorProcessingErr> {
-        let TwinArgs {
-            ctx,
-            entry,
-            restarted_after,
-        } = args;
-        let AssetKind::Machine { spec, .. } = &entry.def.kind else {
-            return Err(format!("{}: not a machine", entry.path()).into());
-        };
-        let spec = spec.clone();
-        let base = entry.snapshot();
-        let snap = match &base.state {
-            TwinState::Machine(m) => m.clone(),
-            _ => MachineSnap::default(),
-        };
-        let mut restarts = base.restarts;
-        if let Some(why) = restarted_after {
-            restarts += 1;
-            record_restart(&ctx, &entry, restarts, &why).await;
-        }
-        let children = Children::spawn_all(&ctx, &myself, entry.path()).await?;
-        let mut state = MachineTwinState {
-            ctx,
-            entry,
-            spec,
-            snap,
-            children,
-            restarts,
-            published: RollUp::default(),
-            publish_scheduled: false,
-        };
-        state.publish(now(), true);
-        Ok(state)
+        // Boxed: an actor's task holds its largest handler future inline for its
+        // whole life; boxing keeps an idle twin small, for one allocation per call.
+        Box::pin(async move {
+            let TwinArgs {
+                ctx,
+                entry,
+                restarted_after,
+            } = args;
+            let AssetKind::Machine { spec, .. } = &entry.def.kind else {
+                return Err(format!("{}: not a machine", entry.path()).into());
+            };
+            let spec = spec.clone();
+            let base = entry.snapshot();
+            let snap = match &base.state {
+                TwinState::Machine(m) => m.clone(),
+                _ => MachineSnap::default(),
+            };
+            let mut restarts = base.restarts;
+            if let Some(why) = restarted_after {
+                restarts += 1;
+                record_restart(&ctx, &entry, restarts, &why).await;
+            }
+            let children = Children::spawn_all(&ctx, &myself, entry.path()).await?;
+            let mut state = MachineTwinState {
+                ctx,
+                entry,
+                spec,
+                snap,
+                children,
+                restarts,
+                published: RollUp::default(),
+                publish_scheduled: false,
+            };
+            state.publish(now(), true);
+            Ok(state)
+        })
+        .await
     }
 
     async fn handle(
@@ -94,41 +99,46 @@ impl Actor for MachineTwin {
         msg: TwinMsg,
         state: &mut MachineTwinState,
     ) -> Result<(), ActorProcessingErr> {
-        match msg {
-            TwinMsg::Drain => {
-                let readings = state.entry.take_inbox();
-                for r in &readings {
-                    state.apply(r).await;
-                }
-                state.ctx.handled(readings.len());
-                state.publish(now(), false);
-                state.schedule(&myself);
-            }
-            TwinMsg::ChildChanged { id, rollup } => {
-                if state.children.set(id, rollup) {
+        // Boxed: an actor's task holds its largest handler future inline for its
+        // whole life; boxing keeps an idle twin small, for one allocation per call.
+        Box::pin(async move {
+            match msg {
+                TwinMsg::Drain => {
+                    let readings = state.entry.take_inbox();
+                    for r in &readings {
+                        state.apply(r).await;
+                    }
+                    state.ctx.handled(readings.len());
+                    state.publish(now(), false);
                     state.schedule(&myself);
                 }
+                TwinMsg::ChildChanged { id, rollup } => {
+                    if state.children.set(id, rollup) {
+                        state.schedule(&myself);
+                    }
+                }
+                TwinMsg::PublishRollUp => {
+                    state.publish_scheduled = false;
+                    state.publish(now(), true);
+                }
+                TwinMsg::Acknowledge { reply, .. } | TwinMsg::Shelve { reply, .. } => {
+                    let _ = reply.send(Err(TwinError::NoAlarms {
+                        asset: state.entry.path().clone(),
+                        level: "machine (acknowledge the sensor's alarm)",
+                    }));
+                }
+                TwinMsg::HistoryTail(reply) => {
+                    let _ = reply.send(Vec::new());
+                }
+                TwinMsg::FlushHistory(reply) => {
+                    let _ = reply.send(());
+                }
+                TwinMsg::CheckStale(_) => {}
+                TwinMsg::Crash => panic!("{}: crash requested (test hook)", state.entry.path()),
             }
-            TwinMsg::PublishRollUp => {
-                state.publish_scheduled = false;
-                state.publish(now(), true);
-            }
-            TwinMsg::Acknowledge { reply, .. } | TwinMsg::Shelve { reply, .. } => {
-                let _ = reply.send(Err(TwinError::NoAlarms {
-                    asset: state.entry.path().clone(),
-                    level: "machine (acknowledge the sensor's alarm)",
-                }));
-            }
-            TwinMsg::HistoryTail(reply) => {
-                let _ = reply.send(Vec::new());
-            }
-            TwinMsg::FlushHistory(reply) => {
-                let _ = reply.send(());
-            }
-            TwinMsg::CheckStale(_) => {}
-            TwinMsg::Crash => panic!("{}: crash requested (test hook)", state.entry.path()),
-        }
-        Ok(())
+            Ok(())
+        })
+        .await
     }
 
     async fn handle_supervisor_evt(
@@ -137,12 +147,17 @@ impl Actor for MachineTwin {
         evt: SupervisionEvent,
         state: &mut MachineTwinState,
     ) -> Result<(), ActorProcessingErr> {
-        let ctx = state.ctx.clone();
-        let path = state.entry.path().clone();
-        state
-            .children
-            .on_supervision(&ctx, &myself, &path, evt)
-            .await
+        // Boxed: an actor's task holds its largest handler future inline for its
+        // whole life; boxing keeps an idle twin small, for one allocation per call.
+        Box::pin(async move {
+            let ctx = state.ctx.clone();
+            let path = state.entry.path().clone();
+            state
+                .children
+                .on_supervision(&ctx, &myself, &path, evt)
+                .await
+        })
+        .await
     }
 }
 

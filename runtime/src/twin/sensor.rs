@@ -41,52 +41,57 @@ impl Actor for SensorTwin {
         _myself: ActorRef<TwinMsg>,
         args: TwinArgs,
     ) -> Result<SensorState, ActorProcessingErr> {
-        let TwinArgs {
-            ctx,
-            entry,
-            restarted_after,
-        } = args;
-        let AssetKind::Sensor { spec, .. } = &entry.def.kind else {
-            return Err(format!("{}: not a sensor", entry.path()).into());
-        };
-        let spec = spec.clone();
-        let base = entry.snapshot();
-        let (snap, restarts) = match &base.state {
-            TwinState::Sensor(s) => (s.clone(), base.restarts),
-            _ => (SensorSnap::default(), 0),
-        };
-        let mut state = SensorState {
-            last_rollup: base.rollup(&entry.def.kind),
-            ctx,
-            entry,
-            spec,
-            snap,
-            restarts,
-            tail: Vec::new(),
-            rejects_unreported: 0,
-            last_reject_event: Timestamp::ZERO,
-        };
-        if let Some(why) = restarted_after {
-            state.restarts += 1;
-            state.ctx.metrics.restarts.fetch_add(1, Ordering::Relaxed);
-            let msg = format!(
-                "twin restarted after a crash (restart {}): {why}",
-                state.restarts
-            );
-            tracing::warn!(asset = %state.entry.path(), error = %why, "sensor twin restarted");
-            state
-                .ctx
-                .emit(Event::new(
-                    state.entry.path().clone(),
-                    now(),
-                    EventKind::Lifecycle,
-                    Severity::Medium,
-                    msg,
-                ))
-                .await;
-            state.publish(now());
-        }
-        Ok(state)
+        // Boxed: an actor's task holds its largest handler future inline for its
+        // whole life; boxing keeps an idle twin small, for one allocation per call.
+        Box::pin(async move {
+            let TwinArgs {
+                ctx,
+                entry,
+                restarted_after,
+            } = args;
+            let AssetKind::Sensor { spec, .. } = &entry.def.kind else {
+                return Err(format!("{}: not a sensor", entry.path()).into());
+            };
+            let spec = spec.clone();
+            let base = entry.snapshot();
+            let (snap, restarts) = match &base.state {
+                TwinState::Sensor(s) => (s.clone(), base.restarts),
+                _ => (SensorSnap::default(), 0),
+            };
+            let mut state = SensorState {
+                last_rollup: base.rollup(&entry.def.kind),
+                ctx,
+                entry,
+                spec,
+                snap,
+                restarts,
+                tail: Vec::new(),
+                rejects_unreported: 0,
+                last_reject_event: Timestamp::ZERO,
+            };
+            if let Some(why) = restarted_after {
+                state.restarts += 1;
+                state.ctx.metrics.restarts.fetch_add(1, Ordering::Relaxed);
+                let msg = format!(
+                    "twin restarted after a crash (restart {}): {why}",
+                    state.restarts
+                );
+                tracing::warn!(asset = %state.entry.path(), error = %why, "sensor twin restarted");
+                state
+                    .ctx
+                    .emit(Event::new(
+                        state.entry.path().clone(),
+                        now(),
+                        EventKind::Lifecycle,
+                        Severity::Medium,
+                        msg,
+                    ))
+                    .await;
+                state.publish(now());
+            }
+            Ok(state)
+        })
+        .await
     }
 
     async fn handle(
@@ -95,44 +100,49 @@ impl Actor for SensorTwin {
         msg: TwinMsg,
         state: &mut SensorState,
     ) -> Result<(), ActorProcessingErr> {
-        match msg {
-            TwinMsg::Drain => {
-                let readings = state.entry.take_inbox();
-                state.apply(&readings).await;
-                state.ctx.handled(readings.len());
+        // Boxed: an actor's task holds its largest handler future inline for its
+        // whole life; boxing keeps an idle twin small, for one allocation per call.
+        Box::pin(async move {
+            match msg {
+                TwinMsg::Drain => {
+                    let readings = state.entry.take_inbox();
+                    state.apply(&readings).await;
+                    state.ctx.handled(readings.len());
+                }
+                TwinMsg::CheckStale(at) => state.check_stale(at).await,
+                TwinMsg::Acknowledge {
+                    alarm,
+                    by,
+                    comment,
+                    reply,
+                } => {
+                    let r = state.acknowledge(&alarm, &by, &comment).await;
+                    let _ = reply.send(r);
+                }
+                TwinMsg::Shelve {
+                    alarm,
+                    until,
+                    by,
+                    reply,
+                } => {
+                    let r = state.shelve(&alarm, until, &by).await;
+                    let _ = reply.send(r);
+                }
+                TwinMsg::HistoryTail(reply) => {
+                    let _ = reply.send(state.tail.clone());
+                }
+                TwinMsg::FlushHistory(reply) => {
+                    state.flush_tail().await;
+                    let _ = reply.send(());
+                }
+                TwinMsg::Crash => panic!("{}: crash requested (test hook)", state.entry.path()),
+                TwinMsg::ChildChanged { .. } | TwinMsg::PublishRollUp => {
+                    tracing::warn!(asset = %state.entry.path(), "sensor twin got a parent-only message");
+                }
             }
-            TwinMsg::CheckStale(at) => state.check_stale(at).await,
-            TwinMsg::Acknowledge {
-                alarm,
-                by,
-                comment,
-                reply,
-            } => {
-                let r = state.acknowledge(&alarm, &by, &comment).await;
-                let _ = reply.send(r);
-            }
-            TwinMsg::Shelve {
-                alarm,
-                until,
-                by,
-                reply,
-            } => {
-                let r = state.shelve(&alarm, until, &by).await;
-                let _ = reply.send(r);
-            }
-            TwinMsg::HistoryTail(reply) => {
-                let _ = reply.send(state.tail.clone());
-            }
-            TwinMsg::FlushHistory(reply) => {
-                state.flush_tail().await;
-                let _ = reply.send(());
-            }
-            TwinMsg::Crash => panic!("{}: crash requested (test hook)", state.entry.path()),
-            TwinMsg::ChildChanged { .. } | TwinMsg::PublishRollUp => {
-                tracing::warn!(asset = %state.entry.path(), "sensor twin got a parent-only message");
-            }
-        }
-        Ok(())
+            Ok(())
+        })
+        .await
     }
 }
 
