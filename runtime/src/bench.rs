@@ -52,13 +52,13 @@ fn plant_size(sensors: u64) -> PlantSize {
 }
 
 /// Latency samples from a watcher, in µs from reading creation to the watcher.
-struct Watcher {
+struct WatchStats {
     samples: Arc<std::sync::Mutex<Vec<u64>>>,
     lagged: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
 }
 
-fn spawn_watcher(mut rx: broadcast::Receiver<Change>) -> Watcher {
+fn spawn_watcher(mut w: crate::watch::Watcher) -> WatchStats {
     let samples = Arc::new(std::sync::Mutex::new(Vec::with_capacity(1 << 20)));
     let lagged = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -66,26 +66,25 @@ fn spawn_watcher(mut rx: broadcast::Receiver<Change>) -> Watcher {
     tokio::spawn(async move {
         let mut n = 0u64;
         while !st.load(Ordering::Relaxed) {
-            match rx.recv().await {
-                Ok(Change::Twin(_, snap)) => {
-                    n += 1;
-                    if n.is_multiple_of(16)
-                        && let TwinState::Sensor(sv) = &snap.state
-                        && sv.source_ts.0 > 0
-                    {
-                        let lat = (now().0 - sv.source_ts.0).max(0) as u64;
-                        s.lock().expect("samples lock").push(lat);
-                    }
+            l.fetch_add(w.take_missed(), Ordering::Relaxed);
+            let Ok(Some(change)) =
+                tokio::time::timeout(Duration::from_millis(100), w.rx.recv()).await
+            else {
+                continue;
+            };
+            if let Change::Twin(_, snap) = change {
+                n += 1;
+                if n.is_multiple_of(16)
+                    && let TwinState::Sensor(sv) = &snap.state
+                    && sv.source_ts.0 > 0
+                {
+                    let lat = (now().0 - sv.source_ts.0).max(0) as u64;
+                    s.lock().expect("samples lock").push(lat);
                 }
-                Ok(_) => {}
-                Err(broadcast::error::RecvError::Lagged(k)) => {
-                    l.fetch_add(k, Ordering::Relaxed);
-                }
-                Err(_) => return,
             }
         }
     });
-    Watcher {
+    WatchStats {
         samples,
         lagged,
         stop,
@@ -305,8 +304,8 @@ pub async fn ingest(b: IngestBench) -> Result<String> {
     );
 
     let dur = Duration::from_secs(b.seconds.max(1));
-    // Phase 1: as fast as the runtime takes readings, with one watcher attached.
-    let w = spawn_watcher(rt.hub.subscribe());
+    // Phase 1: as fast as the runtime takes readings, with one watcher of the whole plant.
+    let w = spawn_watcher(rt.hub.subscribe(None, false));
     let router = rt.router.clone();
     let ids = Arc::new(ids);
     let applied0 = rt.metrics.readings_applied.load(Ordering::Relaxed);
@@ -333,9 +332,25 @@ pub async fn ingest(b: IngestBench) -> Result<String> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
-    // Phase 2: half the max rate, paced: latency from reading creation to the watcher.
+    // Phase 2: half the max rate, paced: latency from reading creation to a watcher of one
+    // line (an engineer's view), and a watcher of the whole plant alongside.
     let half = max_rate / 2.0;
-    let w = spawn_watcher(rt.hub.subscribe());
+    let line = rt
+        .registry
+        .all()
+        .into_iter()
+        .find(|e| e.level() == ferrotwin_models::Level::Line)
+        .map(|e| e.path().clone());
+    let line_sensors = line.as_ref().map_or(0, |l| {
+        rt.registry
+            .scan(Some(l), None, usize::MAX, |e| {
+                e.level() == ferrotwin_models::Level::Sensor
+            })
+            .0
+            .len()
+    });
+    let w = spawn_watcher(rt.hub.subscribe(line, false));
+    let wall = spawn_watcher(rt.hub.subscribe(None, false));
     let (r2, i2) = (router.clone(), ids.clone());
     let t = Instant::now();
     let applied0 = rt.metrics.readings_applied.load(Ordering::Relaxed);
@@ -343,16 +358,21 @@ pub async fn ingest(b: IngestBench) -> Result<String> {
     let secs = t.elapsed().as_secs_f64();
     let applied = rt.metrics.readings_applied.load(Ordering::Relaxed) - applied0;
     w.stop.store(true, Ordering::Relaxed);
+    wall.stop.store(true, Ordering::Relaxed);
     let mut lat = std::mem::take(&mut *w.samples.lock().expect("samples lock"));
+    let mut lat_all = std::mem::take(&mut *wall.samples.lock().expect("samples lock"));
     let _ = writeln!(
         out,
-        "half rate: {:.0} readings/s offered, {:.0} applied; watcher p50 {:.2} ms p99 {:.2} ms ({} samples), lagged {}",
+        "half rate: {:.0} readings/s offered, {:.0} applied; line watcher ({line_sensors} sensors) p50 {:.2} ms p99 {:.2} ms ({} samples, lagged {}); plant watcher p50 {:.2} ms p99 {:.2} ms (lagged {})",
         half,
         applied as f64 / secs,
         percentile(&mut lat, 0.5),
         percentile(&mut lat, 0.99),
         lat.len(),
-        w.lagged.load(Ordering::Relaxed)
+        w.lagged.load(Ordering::Relaxed),
+        percentile(&mut lat_all, 0.5),
+        percentile(&mut lat_all, 0.99),
+        wall.lagged.load(Ordering::Relaxed)
     );
     let st = &rt.store.stats;
     let _ = writeln!(

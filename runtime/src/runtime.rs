@@ -232,7 +232,14 @@ impl Runtime {
 /// Turns sensors stale when no reading came within their threshold. One scan of the
 /// registry per period; a message only to the twins that turned stale.
 async fn sweep_stale(registry: Arc<Registry>, period_ms: u64, token: CancellationToken) {
+    // Staleness counts from when the tree is up (a restored twin has had no chance to hear
+    // from its source yet), not from when its registry entry was made.
+    let start_us = now().0;
+    for e in registry.all() {
+        e.last_seen_us.fetch_max(start_us, Ordering::Relaxed);
+    }
     let mut tick = tokio::time::interval(Duration::from_millis(period_ms.max(10)));
+    tick.tick().await;
     loop {
         tokio::select! {
             _ = token.cancelled() => return,

@@ -12,7 +12,7 @@ use ferrotwin_models::{AssetId, AssetPath, EventKind, PathError, Property, Times
 use ferrotwin_proto::v1 as pb;
 use ferrotwin_proto::v1::twin_service_server::{TwinService, TwinServiceServer};
 use tokio::net::TcpListener;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_util::sync::CancellationToken;
@@ -22,7 +22,7 @@ use crate::registry::TwinEntry;
 use crate::select::TwinSubject;
 use crate::store::{EventFilter, StoreError};
 use crate::twin::{TwinCtx, TwinError, TwinMsg, ask, now};
-use crate::watch::Change;
+use crate::watch::{Change, Watcher};
 
 /// Largest request we decode.
 pub const MAX_REQUEST_BYTES: usize = 4 << 20;
@@ -283,13 +283,13 @@ impl TwinService for TwinApi {
         let req = req.into_inner();
         let prefix = self.subtree("path", &req.path)?;
         let (tx, rx) = mpsc::channel(WATCH_STREAM_BUFFER);
-        let sub = self.ctx.hub.subscribe();
+        let sub = self.ctx.hub.subscribe(prefix.clone(), req.events);
         let ctx = self.ctx.clone();
         let token = self.token.clone();
         tokio::spawn(async move {
             tokio::select! {
                 _ = token.cancelled() => {}
-                _ = forward_changes(ctx, sub, tx, prefix, req.events, !req.skip_snapshot) => {}
+                _ = forward_changes(ctx, sub, tx, prefix, !req.skip_snapshot) => {}
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -492,76 +492,56 @@ fn alarm_proto(
     }
 }
 
-fn in_scope(prefix: &Option<AssetPath>, path: &AssetPath) -> bool {
-    prefix.as_ref().is_none_or(|p| path.starts_with(p))
-}
-
-/// Streams a snapshot of the subtree, then its changes. A watcher that falls behind the
-/// ring is told so and gets a fresh snapshot: twins never wait for it.
+/// Streams a snapshot of the subtree, then its changes. A watcher that falls behind its
+/// queue is told so and gets a fresh snapshot: twins never wait for it.
 async fn forward_changes(
     ctx: Arc<TwinCtx>,
-    mut sub: broadcast::Receiver<Change>,
+    mut sub: Watcher,
     tx: mpsc::Sender<Result<pb::WatchResponse, Status>>,
     prefix: Option<AssetPath>,
-    events: bool,
     snapshot: bool,
 ) {
     use pb::watch_response::Item;
-    let send_snapshot = |tx: mpsc::Sender<Result<pb::WatchResponse, Status>>| {
-        let ctx = ctx.clone();
-        let prefix = prefix.clone();
+    let send = |item: Item| {
+        let tx = tx.clone();
         async move {
-            let (entries, _) = ctx
-                .registry
-                .scan(prefix.as_ref(), None, usize::MAX, |_| true);
-            let n = entries.len() as u32;
-            for e in entries {
-                let item = Item::Snapshot(convert::twin(&e, &e.snapshot()));
-                if tx
-                    .send(Ok(pb::WatchResponse { item: Some(item) }))
-                    .await
-                    .is_err()
-                {
-                    return false;
-                }
-            }
-            let end = Item::SnapshotEnd(pb::SnapshotEnd { twins: n });
-            tx.send(Ok(pb::WatchResponse { item: Some(end) }))
+            tx.send(Ok(pb::WatchResponse { item: Some(item) }))
                 .await
                 .is_ok()
         }
     };
-    if snapshot && !send_snapshot(tx.clone()).await {
+    let send_snapshot = || async {
+        let (entries, _) = ctx
+            .registry
+            .scan(prefix.as_ref(), None, usize::MAX, |_| true);
+        let n = entries.len() as u32;
+        for e in entries {
+            if !send(Item::Snapshot(convert::twin(&e, &e.snapshot()))).await {
+                return false;
+            }
+        }
+        send(Item::SnapshotEnd(pb::SnapshotEnd { twins: n })).await
+    };
+    if snapshot && !send_snapshot().await {
         return;
     }
     loop {
-        let item = match sub.recv().await {
-            Ok(Change::Twin(e, s)) if in_scope(&prefix, e.path()) => {
-                Item::Change(convert::twin(&e, &s))
+        let missed = sub.take_missed();
+        if missed > 0 {
+            sub.clear();
+            if !send(Item::Lagged(pb::Lagged { skipped: missed })).await || !send_snapshot().await {
+                return;
             }
-            Ok(Change::Event(ev)) if events && in_scope(&prefix, &ev.asset) => {
-                Item::Event(convert::event(&ev))
-            }
-            Ok(_) => continue,
-            Err(broadcast::error::RecvError::Lagged(skipped)) => {
-                let lag = Item::Lagged(pb::Lagged { skipped });
-                if tx
-                    .send(Ok(pb::WatchResponse { item: Some(lag) }))
-                    .await
-                    .is_err()
-                    || !send_snapshot(tx.clone()).await
-                {
-                    return;
-                }
-                continue;
-            }
-            Err(broadcast::error::RecvError::Closed) => return,
+            continue;
+        }
+        let Some(change) = sub.rx.recv().await else {
+            return;
         };
-        if tx
-            .send(Ok(pb::WatchResponse { item: Some(item) }))
-            .await
-            .is_err()
-        {
+        let item = match change {
+            Change::Twin(e, s) => Item::Change(convert::twin(&e, &s)),
+            Change::Event(ev) => Item::Event(convert::event(&ev)),
+        };
+        if !send(item).await {
             return;
         }
     }
