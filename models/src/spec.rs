@@ -163,6 +163,9 @@ pub struct PlantSpec {
     pub sites: Vec<SiteSpec>,
 }
 
+/// Longest sampling period a sensor may declare (one day).
+pub const MAX_PERIOD_MS: u64 = 86_400_000;
+
 /// Most assets a plant may have; bigger specs are refused instead of exhausting memory.
 pub const MAX_ASSETS: usize = 5_000_000;
 
@@ -298,8 +301,13 @@ impl PlantSpec {
                 if !seen.insert(s.name.as_str()) {
                     problems.push(format!("{at}: defined twice"));
                 }
-                if s.period_ms == 0 {
-                    problems.push(format!("{at}: period_ms must be > 0"));
+                if s.period_ms == 0 || s.period_ms > MAX_PERIOD_MS {
+                    problems.push(format!(
+                        "{at}: period_ms must be between 1 and {MAX_PERIOD_MS} (one day)"
+                    ));
+                }
+                if s.stale_after_periods > 1000 {
+                    problems.push(format!("{at}: stale_after_periods must be at most 1000"));
                 }
                 if s.stale_after_periods == 0 {
                     problems.push(format!("{at}: stale_after_periods must be > 0"));
@@ -371,6 +379,9 @@ impl PlantSpec {
                         }
                         match m.count {
                             None => check_name(&mut problems, &mp, &m.name, &mut machines),
+                            Some(n) if n as usize > MAX_ASSETS => problems.push(format!(
+                                "{mp}: count {n} is above the limit of {MAX_ASSETS} assets"
+                            )),
                             Some(n) => {
                                 for i in 1..=n {
                                     let name = format!("{}-{i}", m.name);

@@ -27,7 +27,7 @@ impl Timestamp {
 
     /// `self - earlier` in milliseconds (negative if `earlier` is later).
     pub fn millis_since(self, earlier: Timestamp) -> i64 {
-        (self.0 - earlier.0) / 1000
+        self.0.saturating_sub(earlier.0) / 1000
     }
 }
 

@@ -90,10 +90,22 @@ impl TwinEntry {
     }
 
     /// After a (re)start: if readings wait, tell the new actor.
+    ///
+    /// A `Drain` that was in the dead actor's mailbox is lost with it, and `scheduled` may
+    /// still say one is on its way: reset it first, then schedule anew if readings wait.
+    /// (A delivery racing with this either sees `scheduled` false and sends its own
+    /// `Drain`, or left its readings in the inbox before the check below.)
     pub fn kick(&self, actor: &ActorRef<TwinMsg>) {
+        self.scheduled.store(false, Ordering::Release);
         if self.inbox_len() > 0 && !self.scheduled.swap(true, Ordering::AcqRel) {
             let _ = actor.cast(TwinMsg::Drain);
         }
+    }
+
+    /// A `Drain` could not be sent (no actor, or a dead one): the next delivery or the
+    /// restart's `kick` must send one.
+    pub fn unschedule(&self) {
+        self.scheduled.store(false, Ordering::Release);
     }
 
     /// The latest state the twin published.
@@ -279,6 +291,10 @@ impl Registry {
     /// Publishes a twin's new state and queues it for the store.
     pub fn publish(&self, entry: &Arc<TwinEntry>, snapshot: Arc<TwinSnapshot>) {
         *entry.snapshot.lock().expect("entry lock is never poisoned") = snapshot;
+        // Roll-ups of lines and above are derived, rebuilt from children at start: not stored.
+        if !matches!(entry.level(), Level::Sensor | Level::Machine) {
+            return;
+        }
         if !entry.dirty.swap(true, Ordering::AcqRel) {
             self.dirty
                 .lock()

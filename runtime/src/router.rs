@@ -87,7 +87,10 @@ impl IngestSink for IngestRouter {
         if n == 0 {
             return Ok(());
         }
-        if self.inflight.load(Ordering::Relaxed) + n > self.max_inflight {
+        // A batch larger than the whole budget still passes when nothing is in flight, so an
+        // oversized batch is slow rather than refused forever.
+        let inflight = self.inflight.load(Ordering::Relaxed);
+        if inflight > 0 && inflight + n > self.max_inflight {
             self.metrics.push_backs.fetch_add(1, Ordering::Relaxed);
             return Err(PushBack {
                 batch,
@@ -146,10 +149,105 @@ impl IngestSink for IngestRouter {
             entry.last_seen_us.store(now_us, Ordering::Relaxed);
             // With no actor (between a crash and its restart) the readings wait in the
             // inbox; the restarted twin drains them.
-            if entry.deliver(std::slice::from_ref(r)) {
-                entry.send(TwinMsg::Drain);
+            if entry.deliver(std::slice::from_ref(r)) && !entry.send(TwinMsg::Drain) {
+                entry.unschedule();
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use ferrotwin_models::spec::PlantSpec;
+    use ferrotwin_models::{AssetPath, Property, Timestamp, Value};
+
+    use super::*;
+    use crate::twin::TwinSnapshot;
+
+    /// A registry of one line with one machine and two sensors, and no actors: nothing
+    /// drains, so what the router holds is exactly what it accepted.
+    fn router(max_inflight: usize) -> (IngestRouter, Arc<Registry>) {
+        let spec = PlantSpec::from_toml(
+            r#"
+version = 1
+enterprise = "e"
+[machine_types.m]
+ideal_cycle_ms = 1000
+sensors = [{ name = "a" }, { name = "b" }]
+[[sites]]
+name = "s"
+[[sites.areas]]
+name = "a"
+[[sites.areas.lines]]
+name = "l"
+machines = [{ name = "m1", type = "m" }]
+"#,
+            "test",
+        )
+        .expect("valid");
+        let registry = Arc::new(Registry::default());
+        for def in spec.assets() {
+            let snap = TwinSnapshot::initial(&def.kind);
+            registry.insert(def, snap, 0);
+        }
+        let metrics = Arc::new(Metrics::default());
+        let credits = Credits(Arc::new(AtomicUsize::new(0)));
+        (
+            IngestRouter::new(registry.clone(), metrics, credits, max_inflight),
+            registry,
+        )
+    }
+
+    fn reading(path: &str) -> Reading {
+        let id = AssetPath::parse(path).expect("path").id();
+        Reading::good(
+            id,
+            Property::Value,
+            Value::Float(1.0),
+            Timestamp::from_millis(1),
+        )
+    }
+
+    #[test]
+    fn a_batch_beyond_the_inflight_budget_comes_back_untouched() {
+        let (r, _) = router(8);
+        let five: Vec<Reading> = (0..5).map(|_| reading("e/s/a/l/m1/a")).collect();
+        r.try_push(five.clone()).expect("within budget");
+        assert_eq!(r.inflight(), 5);
+        let err = r.try_push(five.clone()).expect_err("over budget");
+        assert_eq!(err.why, PushBackReason::Busy);
+        assert_eq!(err.batch, five);
+        assert_eq!(r.inflight(), 5, "nothing of the refused batch was taken");
+    }
+
+    #[test]
+    fn a_full_twin_inbox_pushes_back_the_whole_batch() {
+        let (r, registry) = router(1 << 20);
+        let full: Vec<Reading> = (0..MAX_INBOX_PER_TWIN)
+            .map(|_| reading("e/s/a/l/m1/a"))
+            .collect();
+        r.try_push(full).expect("fills the inbox");
+        let mixed = vec![reading("e/s/a/l/m1/b"), reading("e/s/a/l/m1/a")];
+        let err = r.try_push(mixed).expect_err("a is full");
+        assert_eq!(err.why, PushBackReason::Busy);
+        let b = registry
+            .by_path(&AssetPath::parse("e/s/a/l/m1/b").expect("path"))
+            .expect("entry");
+        assert_eq!(b.inbox_len(), 0, "b got nothing of the refused batch");
+    }
+
+    #[test]
+    fn readings_for_unknown_assets_are_counted_and_the_rest_delivered() {
+        let (r, registry) = router(100);
+        r.try_push(vec![reading("e/s/a/l/m1/a"), reading("e/s/a/l/nope")])
+            .expect("taken");
+        assert_eq!(r.metrics.unknown_asset.load(Ordering::Relaxed), 1);
+        let a = registry
+            .by_path(&AssetPath::parse("e/s/a/l/m1/a").expect("path"))
+            .expect("entry");
+        assert_eq!(a.inbox_len(), 1);
     }
 }

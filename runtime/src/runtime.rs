@@ -18,9 +18,8 @@ use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::router::{Credits, IngestRouter};
 use crate::store::{Store, StoreConfig, StoreError, codec};
-use crate::twin::{
-    Plant, TwinCtx, TwinMsg, TwinSettings, TwinSnapshot, TwinState, now, spawn_twin,
-};
+use crate::twin::plant::{PlantMsg, PlantSupervisor};
+use crate::twin::{Plant, TwinCtx, TwinMsg, TwinSettings, TwinSnapshot, TwinState, now};
 use crate::watch::{WATCH_RING, WatchHub};
 
 /// Settings of a runtime that do not come from the plant spec.
@@ -77,7 +76,8 @@ pub struct Runtime {
     pub router: Arc<IngestRouter>,
     pub ctx: Arc<TwinCtx>,
     pub data_dir: PathBuf,
-    root: ActorRef<TwinMsg>,
+    /// Supervisor of the enterprise twin (and so of the whole tree).
+    root: ActorRef<PlantMsg>,
     writer: Option<std::thread::JoinHandle<()>>,
     token: CancellationToken,
     tracker: TaskTracker,
@@ -133,7 +133,7 @@ impl Runtime {
         let root_entry = registry
             .by_path(&root_def.path)
             .expect("the root was inserted above");
-        let root = spawn_twin(ctx.clone(), root_entry, None, None)
+        let (root, _) = ractor::Actor::spawn(None, PlantSupervisor, (ctx.clone(), root_entry))
             .await
             .map_err(|e| RuntimeError::Spawn(e.to_string()))?;
         let token = CancellationToken::new();
@@ -247,11 +247,13 @@ async fn sweep_stale(registry: Arc<Registry>, period_ms: u64, token: Cancellatio
         }
         let at = now();
         for e in registry.all() {
-            let stale_ms = e.stale_after_ms() as i64;
+            let stale_ms = i64::try_from(e.stale_after_ms()).unwrap_or(i64::MAX / 1000);
             if stale_ms == 0 || e.stale.load(Ordering::Relaxed) {
                 continue;
             }
-            if at.0 - e.last_seen_us.load(Ordering::Relaxed) < stale_ms * 1000 {
+            if at.0.saturating_sub(e.last_seen_us.load(Ordering::Relaxed))
+                < stale_ms.saturating_mul(1000)
+            {
                 continue;
             }
             let snap = e.snapshot();
@@ -260,9 +262,10 @@ async fn sweep_stale(registry: Arc<Registry>, period_ms: u64, token: Cancellatio
             {
                 continue;
             }
-            if let Some(a) = e.actor() {
-                e.stale.store(true, Ordering::Relaxed);
-                let _ = a.cast(TwinMsg::CheckStale(at));
+            e.stale.store(true, Ordering::Relaxed);
+            if !e.send(TwinMsg::CheckStale(at)) {
+                // Restarting: look again at the next sweep.
+                e.stale.store(false, Ordering::Relaxed);
             }
         }
     }

@@ -126,6 +126,11 @@ impl WatchHub {
         self.offer(&event.asset, true, || Change::Event(event.clone()));
     }
 
+    /// Queue length of each watcher.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     pub fn watchers(&self) -> usize {
         self.count.load(Ordering::Acquire)
     }

@@ -256,9 +256,17 @@ async fn a_watcher_that_falls_behind_is_told_it_lagged_and_gets_a_fresh_snapshot
     let dir = tempfile::tempdir().expect("tempdir");
     let mut opts = options();
     opts.ingest.watch_ring = 16;
-    let mut site = start_in(dir.path(), opts).await;
-    let mut stream = site
-        .client
+    let site = start_in(dir.path(), opts).await;
+    // A client with a tiny HTTP/2 window: it cannot take more than a few messages ahead.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", site.addr))
+        .expect("uri")
+        .initial_stream_window_size(Some(2048))
+        .initial_connection_window_size(Some(2048))
+        .connect()
+        .await
+        .expect("connect");
+    let mut slow = ferrotwin_proto::v1::twin_service_client::TwinServiceClient::new(channel);
+    let mut stream = slow
         .watch(pb::WatchRequest {
             path: PRESS.into(),
             events: false,
@@ -267,8 +275,8 @@ async fn a_watcher_that_falls_behind_is_told_it_lagged_and_gets_a_fresh_snapshot
         .await
         .expect("watch")
         .into_inner();
-    // The client reads nothing while far more changes than the ring and the stream buffer
-    // hold go by; the twins never wait for it.
+    // The client reads nothing while far more changes than its queue, the stream buffer and
+    // the HTTP/2 window hold go by; the twins never wait for it.
     for i in 0..3000 {
         push(&site, vec![float(FORCE, f64::from(i))]).await;
         tokio::task::yield_now().await;

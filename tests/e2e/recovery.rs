@@ -149,3 +149,37 @@ async fn a_data_dir_that_is_not_a_store_is_a_clear_error() {
     let msg = err.to_string();
     assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_shutdown_writes_every_snapshot_past_the_per_flush_budget() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut opts = options();
+    opts.store.max_snapshots_per_flush = 1;
+    opts.store.flush_interval_ms = 60_000;
+    let site = start_in(dir.path(), opts.clone()).await;
+    let c = site.client.clone();
+    push(
+        &site,
+        vec![
+            float(TEMP, 1.0),
+            float(FORCE, 2.0),
+            float("acme/berlin/assembly/line-1/oven-1/zone-temp", 3.0),
+        ],
+    )
+    .await;
+    wait_for(5, "values applied", || {
+        let mut c = c.clone();
+        async move { (float_of(&get(&mut c, FORCE).await) == Some(2.0)).then_some(()) }
+    })
+    .await;
+    site.rt.shutdown().await;
+    let site = start_in(dir.path(), opts).await;
+    let mut c = site.client.clone();
+    assert_eq!(float_of(&get(&mut c, TEMP).await), Some(1.0));
+    assert_eq!(float_of(&get(&mut c, FORCE).await), Some(2.0));
+    assert_eq!(
+        float_of(&get(&mut c, "acme/berlin/assembly/line-1/oven-1/zone-temp").await),
+        Some(3.0)
+    );
+    site.rt.shutdown().await;
+}

@@ -141,3 +141,63 @@ async fn past_its_restart_budget_a_failure_escalates_and_the_grandparent_restart
     .await;
     site.rt.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_that_arrive_while_a_twin_restarts_are_applied_after_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let site = start_in(dir.path(), options()).await;
+    let mut c = site.client.clone();
+    for round in 0..5 {
+        let before = actor_id(&site, FORCE);
+        crash(&site, FORCE);
+        // Pushed while the twin is dying or restarting: must wait in its inbox, not vanish
+        // or wedge the inbox.
+        push(&site, vec![float(FORCE, f64::from(round))]).await;
+        wait_restarted(&site, FORCE, before).await;
+        let v = f64::from(round) + 0.5;
+        push(&site, vec![float(FORCE, v)]).await;
+        wait_for(5, "value after restart applied", || {
+            let mut c = c.clone();
+            async move { (float_of(&get(&mut c, FORCE).await) == Some(v)).then_some(()) }
+        })
+        .await;
+    }
+    assert_eq!(get(&mut c, FORCE).await.restarts, 5);
+    site.rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_that_escalates_to_the_enterprise_restarts_the_whole_tree() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let site = start_in(dir.path(), options()).await;
+    let mut c = site.client.clone();
+    push(&site, vec![float(TEMP, 42.0)]).await;
+    wait_for(5, "temp applied", || {
+        let mut c = c.clone();
+        async move { (float_of(&get(&mut c, TEMP).await) == Some(42.0)).then_some(()) }
+    })
+    .await;
+    let root = actor_id(&site, "acme");
+    let temp = actor_id(&site, TEMP);
+    crash(&site, "acme");
+    wait_restarted(&site, "acme", root).await;
+    wait_restarted(&site, TEMP, temp).await;
+    assert_eq!(
+        float_of(&get(&mut c, TEMP).await),
+        Some(42.0),
+        "state survives"
+    );
+    push(&site, vec![float(TEMP, 43.0)]).await;
+    wait_for(5, "ingest works after the tree restart", || {
+        let mut c = c.clone();
+        async move { (float_of(&get(&mut c, TEMP).await) == Some(43.0)).then_some(()) }
+    })
+    .await;
+    let evs = events(&mut c, "acme").await;
+    assert!(
+        evs.iter()
+            .any(|e| e.path == "acme" && e.kind == "lifecycle"),
+        "{evs:?}"
+    );
+    site.rt.shutdown().await;
+}

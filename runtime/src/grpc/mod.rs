@@ -30,9 +30,17 @@ const DEFAULT_PAGE: usize = 1000;
 const MAX_PAGE: usize = 10_000;
 const MAX_HISTORY_POINTS: usize = 100_000;
 const DEFAULT_HISTORY_POINTS: usize = 1000;
-/// Messages buffered per Watch stream before the watcher counts as slow.
+/// Raw points one history request may read before it is refused (narrow the range).
+const MAX_RAW_HISTORY_POINTS: usize = 5_000_000;
+/// Messages buffered per Watch stream (besides the watcher's queue, at most as many).
 const WATCH_STREAM_BUFFER: usize = 1024;
 const TWIN_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a shutdown waits for open gRPC connections to finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// Entries copied out of the path index per lock while a query scans.
+const QUERY_WINDOW: usize = 4096;
+/// Open Watch streams at most: each costs a queue and a check on every change.
+const MAX_WATCHERS: usize = 256;
 
 /// Everything the API can refuse, mapped to a gRPC status in one place (`status`).
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +79,7 @@ impl ApiError {
             ApiError::Twin(TwinError::Ack { .. }) => Status::failed_precondition(msg),
             ApiError::Twin(TwinError::NoAlarms { .. }) => Status::invalid_argument(msg),
             ApiError::Unavailable(_) => Status::unavailable(msg),
+            ApiError::Store(StoreError::TooMuchHistory { .. }) => Status::resource_exhausted(msg),
             ApiError::Store(_) => Status::internal(msg),
         }
     }
@@ -252,17 +261,40 @@ impl TwinService for TwinApi {
             ))
             .into());
         }
-        let registry = &self.ctx.registry;
-        let (entries, more) = registry.scan(prefix.as_ref(), after.as_ref(), limit, |e| {
-            if level.as_deref().is_some_and(|l| l != e.level().as_str()) {
-                return false;
+        // Scan in windows: the path index lock is held only to copy a window of entries,
+        // and the query (which may read other twins, e.g. a machine's sensors) runs
+        // outside it. On a blocking thread: a full-plant query may take a while.
+        let ctx = self.ctx.clone();
+        let (entries, more) = tokio::task::spawn_blocking(move || {
+            let registry = &ctx.registry;
+            let mut cursor = after;
+            let mut found = Vec::new();
+            loop {
+                let (window, more) =
+                    registry.scan(prefix.as_ref(), cursor.as_ref(), QUERY_WINDOW, |e| {
+                        level.as_deref().is_none_or(|l| l == e.level().as_str())
+                    });
+                cursor = window.last().map(|e| e.path().clone());
+                for e in window {
+                    let hit = q.matches(&TwinSubject {
+                        entry: &e,
+                        snap: e.snapshot(),
+                        registry,
+                    });
+                    if hit {
+                        if found.len() == limit {
+                            return (found, true);
+                        }
+                        found.push(e);
+                    }
+                }
+                if !more {
+                    return (found, false);
+                }
             }
-            q.matches(&TwinSubject {
-                entry: e,
-                snap: e.snapshot(),
-                registry,
-            })
-        });
+        })
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("query failed: {e}")))?;
         let next = if more {
             entries
                 .last()
@@ -282,7 +314,12 @@ impl TwinService for TwinApi {
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<WatchStream>, Status> {
         let req = req.into_inner();
         let prefix = self.subtree("path", &req.path)?;
-        let (tx, rx) = mpsc::channel(WATCH_STREAM_BUFFER);
+        if self.ctx.hub.watchers() >= MAX_WATCHERS {
+            return Err(Status::resource_exhausted(format!(
+                "{MAX_WATCHERS} watch streams are open, the limit; close one or watch a wider subtree"
+            )));
+        }
+        let (tx, rx) = mpsc::channel(WATCH_STREAM_BUFFER.min(self.ctx.hub.capacity()));
         let sub = self.ctx.hub.subscribe(prefix.clone(), req.events);
         let ctx = self.ctx.clone();
         let token = self.token.clone();
@@ -300,7 +337,7 @@ impl TwinService for TwinApi {
         req: Request<pb::GetHistoryRequest>,
     ) -> Result<Response<pb::GetHistoryResponse>, Status> {
         let req = req.into_inner();
-        let (e, actor) = self.sensor_actor(&req.path)?;
+        let e = self.entry(&Self::parse_path("path", &req.path)?)?;
         if e.level() != ferrotwin_models::Level::Sensor {
             return Err(ApiError::BadArgument(format!(
                 "path: {} is a {}; history is recorded for sensors",
@@ -340,22 +377,27 @@ impl TwinService for TwinApi {
             }
             n => n,
         };
+        // The twin's unwritten tail first, then the store: a tail flushed in between is
+        // then in the store (duplicates are removed), never in neither. A restarting twin
+        // has no tail to give; the store still answers.
+        let tail = match e.actor() {
+            Some(actor) => ask(&actor, TwinMsg::HistoryTail, TWIN_CALL_TIMEOUT)
+                .await
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
         let ctx = self.ctx.clone();
         let id = e.id;
-        let mut points =
-            tokio::task::spawn_blocking(move || ctx.store.read_history(id, property, from, to))
-                .await
-                .map_err(|e| ApiError::Unavailable(format!("history read failed: {e}")))?
-                .map_err(ApiError::from)?;
-        let tail = ask(&actor, TwinMsg::HistoryTail, TWIN_CALL_TIMEOUT)
-            .await
-            .unwrap_or_default();
-        let last = points.last().map(|p| p.ts);
-        points.extend(
-            tail.into_iter()
-                .filter(|p| p.ts >= from && p.ts <= to && last.is_none_or(|l| p.ts > l)),
-        );
+        let mut points = tokio::task::spawn_blocking(move || {
+            ctx.store
+                .read_history(id, property, from, to, MAX_RAW_HISTORY_POINTS)
+        })
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("history read failed: {e}")))?
+        .map_err(ApiError::from)?;
+        points.extend(tail.into_iter().filter(|p| p.ts >= from && p.ts <= to));
         points.sort_by_key(|p| p.ts);
+        points.dedup_by(|a, b| a.ts == b.ts && a.value.to_bits() == b.value.to_bits());
         let raw = points.len();
         let out = convert::downsample(&points, max);
         Ok(Response::new(pb::GetHistoryResponse {
@@ -510,6 +552,7 @@ async fn forward_changes(
                 .is_ok()
         }
     };
+    let mut last_event_seq = 0u64;
     let send_snapshot = || async {
         let (entries, _) = ctx
             .registry
@@ -529,7 +572,11 @@ async fn forward_changes(
         let missed = sub.take_missed();
         if missed > 0 {
             sub.clear();
-            if !send(Item::Lagged(pb::Lagged { skipped: missed })).await || !send_snapshot().await {
+            let lag = pb::Lagged {
+                skipped: missed,
+                events_after_seq: last_event_seq,
+            };
+            if !send(Item::Lagged(lag)).await || !send_snapshot().await {
                 return;
             }
             continue;
@@ -539,7 +586,10 @@ async fn forward_changes(
         };
         let item = match change {
             Change::Twin(e, s) => Item::Change(convert::twin(&e, &s)),
-            Change::Event(ev) => Item::Event(convert::event(&ev)),
+            Change::Event(ev) => {
+                last_event_seq = ev.seq;
+                Item::Event(convert::event(&ev))
+            }
         };
         if !send(item).await {
             return;
@@ -566,12 +616,25 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .map_err(|e| format!("reflection: {e}"))?;
-    tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(TwinServiceServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), token.cancelled_owned())
-        .await
-        .map_err(|e| e.to_string())
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            token.clone().cancelled_owned(),
+        );
+    // Graceful shutdown waits for open connections; a client that stopped reading would
+    // hold it forever. Give them a grace period, then drop them.
+    tokio::select! {
+        r = server => r.map_err(|e| e.to_string()),
+        _ = async {
+            token.cancelled().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            tracing::warn!("grpc connections still open {SHUTDOWN_GRACE:?} after shutdown; dropping them");
+            Ok(())
+        }
+    }
 }

@@ -8,7 +8,7 @@
 //! Keys (all big-endian so that sled's order is time order):
 //! - `snapshots`: asset id (16) → `TwinRecord`
 //! - `history-D` (one tree per UTC day D since the epoch, by the chunk's first timestamp):
-//!   asset id (16) ‖ property (1) ‖ chunk first ts µs (8) → `HistoryChunk`. Retention drops
+//!   asset id (16) ‖ property (1) ‖ chunk first ts µs (8) ‖ uniquifier (4) → `HistoryChunk`. Retention drops
 //!   whole day trees: no per-chunk index, no per-chunk delete.
 //! - `events`: seq (8) → `EventRecord`
 //! - `meta`: "meta" → `Meta` (format version)
@@ -42,6 +42,9 @@ pub struct StoreConfig {
     /// History older than this is deleted (the enterprise keeps the long history).
     #[serde(default = "defaults::history_retention_hours")]
     pub history_retention_hours: u64,
+    /// Events older than this are deleted.
+    #[serde(default = "defaults::event_retention_hours")]
+    pub event_retention_hours: u64,
     /// Most bytes of history and events waiting for the writer; twins wait beyond it.
     #[serde(default = "defaults::max_queued_bytes")]
     pub max_queued_bytes: usize,
@@ -59,6 +62,9 @@ mod defaults {
     pub fn history_retention_hours() -> u64 {
         24 * 7
     }
+    pub fn event_retention_hours() -> u64 {
+        24 * 30
+    }
     pub fn max_queued_bytes() -> usize {
         64 << 20
     }
@@ -72,6 +78,7 @@ impl Default for StoreConfig {
         StoreConfig {
             flush_interval_ms: defaults::flush_interval_ms(),
             history_retention_hours: defaults::history_retention_hours(),
+            event_retention_hours: defaults::event_retention_hours(),
             max_queued_bytes: defaults::max_queued_bytes(),
             max_snapshots_per_flush: defaults::max_snapshots_per_flush(),
         }
@@ -97,6 +104,8 @@ pub enum StoreError {
     },
     #[error("data dir {dir}: {source}")]
     Io { dir: PathBuf, source: sled::Error },
+    #[error("the range holds more than {max_raw} raw points; narrow it")]
+    TooMuchHistory { max_raw: usize },
 }
 
 /// One point of history.
@@ -120,7 +129,7 @@ pub struct EventFilter {
 /// Most records scanned by one `list_events` call before it returns a continuation.
 const MAX_EVENT_SCAN: usize = 200_000;
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Queue {
     /// (day partition, key, chunk)
     history: Vec<(i64, Vec<u8>, Vec<u8>)>,
@@ -153,6 +162,10 @@ pub struct Store {
     in_flight: Mutex<Option<Arc<Queue>>>,
     room: Semaphore,
     next_seq: AtomicU64,
+    chunk_counter: std::sync::atomic::AtomicU32,
+    /// Event seqs below this are durably reserved (see `put_event`).
+    seq_reserved: AtomicU64,
+    meta: sled::Tree,
     wake: Condvar,
     wake_lock: Mutex<bool>,
     stopping: AtomicBool,
@@ -223,10 +236,18 @@ impl Store {
             }
         }
         let events = db.open_tree("events").map_err(io)?;
-        let next_seq = match events.last().map_err(io)? {
+        // Seqs are streamed to watchers before they are durable; after a crash, start past
+        // every seq that may have been handed out, never reuse one.
+        let after_events = match events.last().map_err(io)? {
             Some((k, _)) => seq_of(&k).unwrap_or(0) + 1,
             None => 1,
         };
+        let reserved = meta
+            .get(SEQ_RESERVED_KEY)
+            .map_err(io)?
+            .and_then(|v| seq_of(&v))
+            .unwrap_or(0);
+        let next_seq = after_events.max(reserved);
         let room = Semaphore::new(cfg.max_queued_bytes);
         Ok(Store {
             dir,
@@ -239,6 +260,11 @@ impl Store {
             in_flight: Mutex::new(None),
             room,
             next_seq: AtomicU64::new(next_seq),
+            // Start where an earlier run is unlikely to have been, so a restart does not
+            // reuse (id, ts, uniquifier) of a chunk written before it.
+            chunk_counter: std::sync::atomic::AtomicU32::new(crate::twin::now().0 as u32),
+            seq_reserved: AtomicU64::new(next_seq),
+            meta,
             wake: Condvar::new(),
             wake_lock: Mutex::new(false),
             stopping: AtomicBool::new(false),
@@ -288,7 +314,15 @@ impl Store {
             return;
         };
         let value = codec::encode_chunk(points);
-        let key = history_key(id, property, first.ts);
+        // A uniquifier after the time: two chunks may start at the same source time (a
+        // source that repeats timestamps, a replay); neither may overwrite the other.
+        let mut key = history_key(id, property, first.ts);
+        key.extend_from_slice(
+            &self
+                .chunk_counter
+                .fetch_add(1, Ordering::Relaxed)
+                .to_be_bytes(),
+        );
         let bytes = key.len() + value.len();
         self.reserve(bytes).await;
         let mut q = self.queue.lock().expect("queue lock is never poisoned");
@@ -303,6 +337,20 @@ impl Store {
         let mut q = self.queue.lock().expect("queue lock is never poisoned");
         // Seq assigned under the queue lock so the queue is in seq order.
         event.seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        if event.seq >= self.seq_reserved.load(Ordering::Relaxed) {
+            // Once per SEQ_BLOCK events: make the next block durable before using it.
+            let upto = event.seq + SEQ_BLOCK;
+            let durable = self
+                .meta
+                .insert(SEQ_RESERVED_KEY, &upto.to_be_bytes())
+                .and_then(|_| self.meta.flush().map(|_| ()));
+            match durable {
+                Ok(()) => self.seq_reserved.store(upto, Ordering::Relaxed),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot reserve event seqs; a crash may reuse some")
+                }
+            }
+        }
         q.bytes += value.len() + 8;
         q.events.push((event.seq, value));
     }
@@ -337,6 +385,17 @@ impl Store {
                 return;
             }
             let stopping = self.stopping.load(Ordering::Acquire);
+            if stopping {
+                // A clean stop writes everything, past the per-flush snapshot budget.
+                let mut rounds = 0;
+                while registry.dirty_len() > 0 && rounds < 10_000 {
+                    if let Err(e) = self.flush_once(registry) {
+                        tracing::error!(error = %e, "final store flush failed");
+                        break;
+                    }
+                    rounds += 1;
+                }
+            }
             if let Err(e) = self.flush_once(registry) {
                 self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %e, "store flush failed; retrying at the next interval");
@@ -401,18 +460,31 @@ impl Store {
             self.db.flush().map_err(io)?;
             Ok(())
         })();
+        if result.is_err() {
+            // Nothing of this round is lost: snapshots, chunks and events go back to the
+            // front of the queue (keeping their bytes reserved) and are retried next time.
+            registry.requeue_dirty(dirty);
+            let failed = Arc::unwrap_or_clone(q);
+            let mut queue = self.queue.lock().expect("queue lock is never poisoned");
+            let newer = std::mem::take(&mut *queue);
+            queue.history = failed.history;
+            queue.history.extend(newer.history);
+            queue.events = failed.events;
+            queue.events.extend(newer.events);
+            queue.bytes = failed.bytes + newer.bytes;
+            drop(queue);
+            *self
+                .in_flight
+                .lock()
+                .expect("in-flight lock is never poisoned") = None;
+            return result;
+        }
         *self
             .in_flight
             .lock()
             .expect("in-flight lock is never poisoned") = None;
         self.room
             .add_permits(q.bytes.min(self.cfg.max_queued_bytes));
-        if result.is_err() {
-            // Put the snapshots back so they are retried; history and events of this round
-            // are lost (logged as an error by the caller: the disk is failing).
-            registry.requeue_dirty(dirty);
-            return result;
-        }
         self.stats.flushes.fetch_add(1, Ordering::Relaxed);
         self.stats
             .snapshots_written
@@ -465,10 +537,32 @@ impl Store {
         Ok(t)
     }
 
-    /// Drops the day partitions that lie wholly before `now - retention`. Returns how many.
-    /// Retention is therefore exact to a day: history is kept between `retention` and
-    /// `retention` + 1 day.
-    pub fn apply_retention(&self, now: Timestamp) -> Result<usize, StoreError> {
+    /// Drops the history day partitions that lie wholly before `now - retention` (so history
+    /// is kept between `retention` and `retention` + 1 day) and the events older than their
+    /// retention (at most `MAX_EVENTS_PER_SWEEP` per call). Returns (days, events) removed.
+    pub fn apply_retention(&self, now: Timestamp) -> Result<(usize, usize), StoreError> {
+        let days = self.drop_old_history(now)?;
+        let cutoff = now.0 - (self.cfg.event_retention_hours as i64) * 3_600_000_000;
+        let mut events = 0;
+        for kv in self.events.iter().take(MAX_EVENTS_PER_SWEEP) {
+            let (k, v) = kv.map_err(|source| StoreError::Io {
+                dir: self.dir.clone(),
+                source,
+            })?;
+            let ts = rec::EventRecord::decode(&*v).map_or(i64::MIN, |r| r.ts_us);
+            if ts >= cutoff {
+                break;
+            }
+            self.events.remove(k).map_err(|source| StoreError::Io {
+                dir: self.dir.clone(),
+                source,
+            })?;
+            events += 1;
+        }
+        Ok((days, events))
+    }
+
+    fn drop_old_history(&self, now: Timestamp) -> Result<usize, StoreError> {
         let cutoff = now.0 - (self.cfg.history_retention_hours as i64) * 3_600_000_000;
         let mut parts = self.history.lock().expect("history lock is never poisoned");
         let old: Vec<i64> = parts
@@ -489,12 +583,14 @@ impl Store {
     }
 
     /// Stored history of one property in `[from, to]`, in time order.
+    /// Refuses (`TooMuchHistory`) once more than `max_raw` points would be read.
     pub fn read_history(
         &self,
         id: AssetId,
         property: Property,
         from: Timestamp,
         to: Timestamp,
+        max_raw: usize,
     ) -> Result<Vec<HistPoint>, StoreError> {
         let mut prefix = Vec::with_capacity(17);
         prefix.extend_from_slice(id.as_bytes());
@@ -571,6 +667,9 @@ impl Store {
                 what,
             })?;
             out.extend(points.into_iter().filter(|p| p.ts >= from && p.ts <= to));
+            if out.len() > max_raw {
+                return Err(StoreError::TooMuchHistory { max_raw });
+            }
         }
         out.sort_by_key(|p| p.ts);
         out.dedup_by(|a, b| a.ts == b.ts && a.value.to_bits() == b.value.to_bits());
@@ -680,6 +779,9 @@ fn has_data(db: &sled::Db) -> bool {
 }
 
 const HISTORY_TREE_PREFIX: &str = "history-";
+const SEQ_RESERVED_KEY: &str = "seq_reserved";
+const SEQ_BLOCK: u64 = 10_000;
+const MAX_EVENTS_PER_SWEEP: usize = 100_000;
 const DAY_US: i64 = 86_400_000_000;
 
 fn day_of(ts: Timestamp) -> i64 {
@@ -782,6 +884,7 @@ mod tests {
                     Property::Value,
                     Timestamp::from_millis(from),
                     Timestamp::from_millis(to),
+                    usize::MAX,
                 )
                 .expect("read")
         };
@@ -796,7 +899,7 @@ mod tests {
         let dropped = store
             .apply_retention(Timestamp::from_millis(day_ms + 7 * 24 * 3_600_000 + 1))
             .expect("retention");
-        assert_eq!(dropped, 1, "day 0 is wholly past the retention window");
+        assert_eq!(dropped, (1, 0), "day 0 is wholly past the retention window");
         assert_eq!(read(0, 2 * day_ms).len(), 10, "day 1 kept");
     }
 }

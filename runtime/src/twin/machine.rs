@@ -14,7 +14,10 @@ use ferrotwin_models::{
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 
 use super::supervise::Children;
-use super::{MachineSnap, TwinArgs, TwinCtx, TwinError, TwinMsg, TwinSnapshot, TwinState, now};
+use super::{
+    MachineSnap, RejectThrottle, TwinArgs, TwinCtx, TwinError, TwinMsg, TwinSnapshot, TwinState,
+    now,
+};
 use crate::registry::TwinEntry;
 
 pub struct MachineTwin;
@@ -28,6 +31,7 @@ pub struct MachineTwinState {
     restarts: u32,
     published: RollUp,
     publish_scheduled: bool,
+    rejects: RejectThrottle,
 }
 
 /// Records a restart of a parent twin: counter, log, lifecycle event.
@@ -86,6 +90,7 @@ impl Actor for MachineTwin {
                 restarts,
                 published: RollUp::default(),
                 publish_scheduled: false,
+                rejects: RejectThrottle::default(),
             };
             state.publish(now(), true);
             Ok(state)
@@ -105,10 +110,10 @@ impl Actor for MachineTwin {
             match msg {
                 TwinMsg::Drain => {
                     let readings = state.entry.take_inbox();
+                    state.ctx.handled(readings.len());
                     for r in &readings {
                         state.apply(r).await;
                     }
-                    state.ctx.handled(readings.len());
                     state.publish(now(), false);
                     state.schedule(&myself);
                 }
@@ -164,14 +169,21 @@ impl Actor for MachineTwin {
 impl MachineTwinState {
     async fn reject(&mut self, reason: RejectReason) {
         self.ctx.metrics.count_reject(reason.label());
-        tracing::debug!(asset = %self.entry.path(), reason = %reason, "machine reading rejected");
+        let at = now();
+        let Some(msg) = self
+            .rejects
+            .note(&reason, at, self.ctx.settings.reject_event_interval_ms)
+        else {
+            return;
+        };
+        tracing::warn!(asset = %self.entry.path(), reason = reason.label(), "machine reading rejected");
         self.ctx
             .emit(Event::new(
                 self.entry.path().clone(),
-                now(),
+                at,
                 EventKind::Rejected,
                 Severity::Low,
-                format!("reading rejected: {reason}"),
+                msg,
             ))
             .await;
     }

@@ -8,6 +8,7 @@
 
 pub mod group;
 pub mod machine;
+pub mod plant;
 pub mod sensor;
 pub mod supervise;
 
@@ -144,6 +145,39 @@ impl TwinCtx {
                 rollup,
             });
         }
+    }
+}
+
+/// Rejected readings become at most one event per twin per interval, carrying the count of
+/// the ones in between: a PLC sending garbage at 100 Hz must not flood the event log.
+#[derive(Debug, Default)]
+pub struct RejectThrottle {
+    unreported: u32,
+    last_event: Timestamp,
+}
+
+impl RejectThrottle {
+    /// Counts a rejection and says whether to raise an event now, with its message.
+    pub fn note(
+        &mut self,
+        reason: &ferrotwin_models::RejectReason,
+        now: Timestamp,
+        interval_ms: i64,
+    ) -> Option<String> {
+        if self.last_event != Timestamp::ZERO && now.millis_since(self.last_event) < interval_ms {
+            self.unreported += 1;
+            return None;
+        }
+        let mut msg = format!("reading rejected: {reason}");
+        if self.unreported > 0 {
+            msg.push_str(&format!(
+                " ({} more rejected since the last such event)",
+                self.unreported
+            ));
+        }
+        self.unreported = 0;
+        self.last_event = now;
+        Some(msg)
     }
 }
 

@@ -13,7 +13,9 @@ use ferrotwin_models::{
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
-use super::{SensorSnap, TwinArgs, TwinCtx, TwinError, TwinMsg, TwinSnapshot, TwinState, now};
+use super::{
+    RejectThrottle, SensorSnap, TwinArgs, TwinCtx, TwinError, TwinMsg, TwinSnapshot, TwinState, now,
+};
 use crate::registry::TwinEntry;
 use crate::store::HistPoint;
 
@@ -26,9 +28,11 @@ pub struct SensorState {
     snap: SensorSnap,
     restarts: u32,
     tail: Vec<HistPoint>,
+    /// Server time the first point of `tail` arrived (chunk age is server time: a source
+    /// clock far behind must not turn every reading into a chunk of its own).
+    tail_since: Timestamp,
     last_rollup: RollUp,
-    rejects_unreported: u32,
-    last_reject_event: Timestamp,
+    rejects: RejectThrottle,
 }
 
 impl Actor for SensorTwin {
@@ -66,8 +70,8 @@ impl Actor for SensorTwin {
                 snap,
                 restarts,
                 tail: Vec::new(),
-                rejects_unreported: 0,
-                last_reject_event: Timestamp::ZERO,
+                tail_since: Timestamp::ZERO,
+                rejects: RejectThrottle::default(),
             };
             if let Some(why) = restarted_after {
                 state.restarts += 1;
@@ -106,8 +110,10 @@ impl Actor for SensorTwin {
             match msg {
                 TwinMsg::Drain => {
                     let readings = state.entry.take_inbox();
-                    state.apply(&readings).await;
+                    // The readings left the bounded inbox: return their credits now, so a
+                    // panic while applying them cannot leak the router's budget.
                     state.ctx.handled(readings.len());
+                    state.apply(&readings).await;
                 }
                 TwinMsg::CheckStale(at) => state.check_stale(at).await,
                 TwinMsg::Acknowledge {
@@ -200,6 +206,9 @@ impl SensorState {
             if out_of_range && quality.is_good() {
                 quality = Quality::uncertain(QualityReason::OutOfRange);
             }
+            if self.tail.is_empty() {
+                self.tail_since = now;
+            }
             self.tail.push(HistPoint {
                 ts: r.source_ts,
                 value: v,
@@ -223,11 +232,9 @@ impl SensorState {
             }
         }
         self.entry.stale.store(false, Ordering::Relaxed);
-        if self
-            .tail
-            .first()
-            .is_some_and(|p| now.millis_since(p.ts) > self.ctx.settings.history_chunk_max_age_ms)
-        {
+        if self.tail.first().is_some_and(|_| {
+            now.millis_since(self.tail_since) > self.ctx.settings.history_chunk_max_age_ms
+        }) {
             self.flush_tail().await;
         }
         if touched || self.snap.rejected != rejected_before {
@@ -278,20 +285,13 @@ impl SensorState {
     async fn reject(&mut self, reason: RejectReason, now: Timestamp) {
         self.snap.rejected += 1;
         self.ctx.metrics.count_reject(reason.label());
-        if now.millis_since(self.last_reject_event) < self.ctx.settings.reject_event_interval_ms {
-            self.rejects_unreported += 1;
+        let Some(msg) = self
+            .rejects
+            .note(&reason, now, self.ctx.settings.reject_event_interval_ms)
+        else {
             return;
-        }
-        let mut msg = format!("reading rejected: {reason}");
-        if self.rejects_unreported > 0 {
-            msg.push_str(&format!(
-                " ({} more rejected since the last such event)",
-                self.rejects_unreported
-            ));
-        }
+        };
         tracing::warn!(asset = %self.entry.path(), reason = reason.label(), "reading rejected");
-        self.rejects_unreported = 0;
-        self.last_reject_event = now;
         self.ctx
             .emit(Event::new(
                 self.entry.path().clone(),
@@ -305,8 +305,8 @@ impl SensorState {
 
     async fn check_stale(&mut self, at: Timestamp) {
         let last_us = self.entry.last_seen_us.load(Ordering::Relaxed);
-        let stale_ms = self.spec.stale_after_ms() as i64;
-        if at.0 - last_us < stale_ms * 1000 {
+        let stale_ms = i64::try_from(self.spec.stale_after_ms()).unwrap_or(i64::MAX / 1000);
+        if at.0.saturating_sub(last_us) < stale_ms.saturating_mul(1000) {
             // A reading came in after the sweeper looked: not stale, let it look again.
             self.entry.stale.store(false, Ordering::Relaxed);
             return;
