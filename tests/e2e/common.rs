@@ -66,6 +66,7 @@ pub fn spec() -> PlantSpec {
 pub fn options() -> RuntimeOptions {
     let mut o = RuntimeOptions::default();
     o.store.flush_interval_ms = 20;
+    o.store.snapshot_interval_ms = 20;
     o.twins.history_chunk_points = 4;
     o.twins.rollup_debounce_ms = 20;
     o.ingest.stale_sweep_ms = 50;

@@ -36,9 +36,13 @@ pub const STORE_FORMAT: u32 = 1;
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
-    /// Group commit interval: at most this much acknowledged state is lost on a crash.
+    /// Group commit interval of history and events: at most this much is lost on a crash.
     #[serde(default = "defaults::flush_interval_ms")]
     pub flush_interval_ms: u64,
+    /// Twin snapshots (latest value, alarm states, counters) are written at most this often
+    /// (rounded up to a flush): each is a sled insert, and every twin changes all the time.
+    #[serde(default = "defaults::snapshot_interval_ms")]
+    pub snapshot_interval_ms: u64,
     /// History older than this is deleted (the enterprise keeps the long history).
     #[serde(default = "defaults::history_retention_hours")]
     pub history_retention_hours: u64,
@@ -59,6 +63,9 @@ mod defaults {
     pub fn flush_interval_ms() -> u64 {
         200
     }
+    pub fn snapshot_interval_ms() -> u64 {
+        1000
+    }
     pub fn history_retention_hours() -> u64 {
         24 * 7
     }
@@ -77,6 +84,7 @@ impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             flush_interval_ms: defaults::flush_interval_ms(),
+            snapshot_interval_ms: defaults::snapshot_interval_ms(),
             history_retention_hours: defaults::history_retention_hours(),
             event_retention_hours: defaults::event_retention_hours(),
             max_queued_bytes: defaults::max_queued_bytes(),
@@ -372,6 +380,8 @@ impl Store {
     fn writer_loop(&self, registry: &Registry) {
         let interval = Duration::from_millis(self.cfg.flush_interval_ms.max(1));
         let mut last_retention = Instant::now();
+        let snapshot_every = Duration::from_millis(self.cfg.snapshot_interval_ms);
+        let mut last_snapshots = Instant::now();
         loop {
             {
                 let guard = self.wake_lock.lock().expect("wake lock is never poisoned");
@@ -389,14 +399,18 @@ impl Store {
                 // A clean stop writes everything, past the per-flush snapshot budget.
                 let mut rounds = 0;
                 while registry.dirty_len() > 0 && rounds < 10_000 {
-                    if let Err(e) = self.flush_once(registry) {
+                    if let Err(e) = self.flush_once(registry, true) {
                         tracing::error!(error = %e, "final store flush failed");
                         break;
                     }
                     rounds += 1;
                 }
             }
-            if let Err(e) = self.flush_once(registry) {
+            let snapshots = stopping || last_snapshots.elapsed() >= snapshot_every;
+            if snapshots {
+                last_snapshots = Instant::now();
+            }
+            if let Err(e) = self.flush_once(registry, snapshots) {
                 self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %e, "store flush failed; retrying at the next interval");
             }
@@ -413,9 +427,13 @@ impl Store {
     }
 
     /// Writes everything dirty or queued now, then flushes sled to disk.
-    pub fn flush_once(&self, registry: &Registry) -> Result<(), StoreError> {
+    pub fn flush_once(&self, registry: &Registry, snapshots: bool) -> Result<(), StoreError> {
         let started = Instant::now();
-        let mut dirty = registry.take_dirty();
+        let mut dirty = if snapshots {
+            registry.take_dirty()
+        } else {
+            Vec::new()
+        };
         if dirty.len() > self.cfg.max_snapshots_per_flush {
             let rest = dirty.split_off(self.cfg.max_snapshots_per_flush);
             registry.requeue_dirty(rest);
@@ -890,7 +908,7 @@ mod tests {
         };
         // Queued (not yet written) chunks are visible too.
         assert_eq!(read(0, 2 * day_ms).len(), 30);
-        store.flush_once(&registry).expect("flush");
+        store.flush_once(&registry, true).expect("flush");
         let pts = read(day_ms, day_ms + 1_050);
         // 5 points of the straddling chunk after midnight, 6 of the third.
         assert_eq!(pts.len(), 11, "{pts:?}");

@@ -214,9 +214,6 @@ impl SensorState {
                 value: v,
                 quality: quality.code,
             });
-            if self.tail.len() >= self.ctx.settings.history_chunk_points {
-                self.flush_tail().await;
-            }
             if r.source_ts < self.snap.source_ts {
                 // Late reading: kept in history, the live value stays the newer one.
                 continue;
@@ -232,13 +229,17 @@ impl SensorState {
             }
         }
         self.entry.stale.store(false, Ordering::Relaxed);
-        if self.tail.first().is_some_and(|_| {
-            now.millis_since(self.tail_since) > self.ctx.settings.history_chunk_max_age_ms
-        }) {
-            self.flush_tail().await;
-        }
+        // Publish before writing history: the store may make us wait for room, watchers
+        // and readers must not wait with it. (The tail may pass a chunk's size within one
+        // drain; the chunk is then that much larger.)
         if touched || self.snap.rejected != rejected_before {
             self.publish(now);
+        }
+        let old = self.tail.first().is_some_and(|_| {
+            now.millis_since(self.tail_since) > self.ctx.settings.history_chunk_max_age_ms
+        });
+        if old || self.tail.len() >= self.ctx.settings.history_chunk_points {
+            self.flush_tail().await;
         }
     }
 
