@@ -55,16 +55,23 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
     let addr = listener.local_addr()?;
     let rt = Runtime::start(&spec, &dir, RuntimeOptions::default()).await?;
     rt.serve_grpc(listener);
+    let machines = rt
+        .registry
+        .all()
+        .iter()
+        .filter(|e| e.level() == ferrotwin_models::Level::Machine)
+        .count();
     println!(
-        "ferrotwin demo: {} twins of {} machines, data in {}",
+        "ferrotwin demo: {} twins ({machines} machines in {} sites), data in {}",
         rt.registry.len(),
         spec.sites.len(),
         dir.display()
     );
     println!("gRPC API on {addr} (health and reflection included)");
-    println!("try:");
-    println!("  cargo run --release -- tree --addr {addr}");
-    println!("  cargo run --release -- query --addr {addr} 'level = sensor and alarm = active'");
+    println!("try (from the repo, `cargo run --release --` in place of `ferrotwin`):");
+    println!("  ferrotwin tree --addr {addr}");
+    println!("  ferrotwin query --addr {addr} 'level = sensor and alarm = active'");
+    println!("  ferrotwin watch --addr {addr} acme/berlin --events");
     println!("  grpcurl -plaintext {addr} list");
     println!("stop with Ctrl-C");
 
