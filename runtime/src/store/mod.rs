@@ -538,6 +538,20 @@ impl Store {
         self.nudge();
     }
 
+    /// Visits what is not on disk yet: the queue, then what the writer is writing. In that
+    /// order a record moving from one to the other (and on to sled) is seen at least once.
+    fn each_unwritten(&self, mut f: impl FnMut(&Queue)) {
+        f(&self.queue.lock().expect("queue lock is never poisoned"));
+        let writing = self
+            .in_flight
+            .lock()
+            .expect("in-flight lock is never poisoned")
+            .clone();
+        if let Some(q) = writing {
+            f(&q);
+        }
+    }
+
     /// The history tree of `day`, opened on first use.
     fn partition(&self, day: i64) -> Result<sled::Tree, StoreError> {
         let mut parts = self.history.lock().expect("history lock is never poisoned");
@@ -643,22 +657,13 @@ impl Store {
         let mut out = Vec::new();
         // Queued and in-flight chunks first (see `in_flight` for why this order).
         let mut pending: Vec<Vec<u8>> = Vec::new();
-        let mut collect = |q: &Queue| {
+        self.each_unwritten(|q| {
             for (_, k, v) in &q.history {
                 if k.starts_with(&prefix) {
                     pending.push(v.clone());
                 }
             }
-        };
-        collect(&self.queue.lock().expect("queue lock is never poisoned"));
-        if let Some(q) = self
-            .in_flight
-            .lock()
-            .expect("in-flight lock is never poisoned")
-            .clone()
-        {
-            collect(&q);
-        }
+        });
         for v in pending {
             let points = codec::decode_chunk(&v).map_err(|what| StoreError::Corrupt {
                 dir: self.dir.clone(),
@@ -702,23 +707,14 @@ impl Store {
         // Queued and in-flight events first (see `in_flight` for why this order); they are
         // all newer than what is on disk.
         let mut pending: Vec<(u64, Vec<u8>)> = Vec::new();
-        let mut collect = |q: &Queue| {
+        self.each_unwritten(|q| {
             pending.extend(
                 q.events
                     .iter()
                     .filter(|(seq, _)| *seq > filter.after_seq)
                     .cloned(),
             );
-        };
-        collect(&self.queue.lock().expect("queue lock is never poisoned"));
-        if let Some(q) = self
-            .in_flight
-            .lock()
-            .expect("in-flight lock is never poisoned")
-            .clone()
-        {
-            collect(&q);
-        }
+        });
         let (mut out, next) = self.list_stored_events(filter, &start, limit)?;
         if next != 0 {
             return Ok((out, next));
