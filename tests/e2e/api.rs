@@ -171,9 +171,16 @@ async fn query_filters_by_level_property_and_a_malformed_query_names_the_positio
     let err = c.query(q("value >> 3")).await.expect_err("syntax error");
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("position 7"), "{}", err.message());
-    let err = c.query(q("level = sensr")).await.expect_err("unknown level");
+    let err = c
+        .query(q("level = sensr"))
+        .await
+        .expect_err("unknown level");
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("\"sensr\" is not a level"), "{}", err.message());
+    assert!(
+        err.message().contains("\"sensr\" is not a level"),
+        "{}",
+        err.message()
+    );
     let err = c
         .get_history(pb::GetHistoryRequest {
             path: PRESS.into(),
