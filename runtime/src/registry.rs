@@ -10,9 +10,10 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use ferrotwin_models::spec::{AssetDef, AssetKind};
-use ferrotwin_models::{AssetId, AssetPath, Level, Reading};
+use ferrotwin_models::{AssetId, AssetPath, Level, Reading, Timestamp};
 use ractor::ActorRef;
 
+use crate::store::HistPoint;
 use crate::twin::{TwinMsg, TwinSnapshot};
 
 /// One asset known to the runtime.
@@ -35,6 +36,18 @@ pub struct TwinEntry {
     pub stale: AtomicBool,
     snapshot: Mutex<Arc<TwinSnapshot>>,
     dirty: AtomicBool,
+    /// A sensor's readings not yet written as a history chunk. Here rather than in the
+    /// actor so that a crash does not lose them and readers need not ask the twin.
+    pub tail: Mutex<HistTail>,
+}
+
+/// The unwritten end of a sensor's history.
+#[derive(Debug, Default)]
+pub struct HistTail {
+    pub points: Vec<HistPoint>,
+    /// Server time the first of `points` arrived (chunk age is server time: a source clock
+    /// far behind must not turn every reading into a chunk of its own).
+    pub since: Timestamp,
 }
 
 impl TwinEntry {
@@ -106,6 +119,15 @@ impl TwinEntry {
     /// restart's `kick` must send one.
     pub fn unschedule(&self) {
         self.scheduled.store(false, Ordering::Release);
+    }
+
+    /// A copy of the unwritten history tail.
+    pub fn tail_points(&self) -> Vec<HistPoint> {
+        self.tail
+            .lock()
+            .expect("tail lock is never poisoned")
+            .points
+            .clone()
     }
 
     /// The latest state the twin published.
@@ -182,6 +204,7 @@ impl Registry {
             stale: AtomicBool::new(false),
             snapshot: Mutex::new(Arc::new(snapshot)),
             dirty: AtomicBool::new(false),
+            tail: Mutex::new(HistTail::default()),
         });
         self.by_id[shard(&id)]
             .write()

@@ -177,3 +177,47 @@ async fn a_flood_of_bad_readings_is_counted_in_full_but_raises_one_event() {
     assert_eq!(rejected.len(), 1, "{rejected:?}");
     site.rt.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_reading_goes_to_history_but_a_clock_step_back_is_taken_as_current() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let site = start_in(dir.path(), options()).await;
+    let c = site.client.clone();
+    let id = path(FORCE).id();
+    let t0 = now();
+    let at = |ms: i64, v: f64| Reading::good(id, Property::Value, Value::Float(v), t0.plus_ms(ms));
+    push(&site, vec![at(0, 1.0)]).await;
+    push(&site, vec![at(-500, 2.0)]).await; // late by 0.5 s
+    push(&site, vec![at(-3_600_000, 3.0)]).await; // an hour back: the clock stepped
+    let t = wait_for(5, "clock step taken as current", || {
+        let mut c = c.clone();
+        async move {
+            let t = get(&mut c, FORCE).await;
+            (float_of(&t) == Some(3.0)).then_some(t)
+        }
+    })
+    .await;
+    assert_eq!(
+        t.sensor.expect("sensor").source_ts_us,
+        t0.plus_ms(-3_600_000).0
+    );
+    let mut c = c.clone();
+    let evs = events(&mut c, FORCE).await;
+    assert!(
+        evs.iter()
+            .any(|e| e.message.contains("source clock went back")),
+        "{evs:?}"
+    );
+    let h = c
+        .get_history(pb::GetHistoryRequest {
+            path: FORCE.into(),
+            from_us: t0.plus_ms(-7_200_000).0,
+            ..Default::default()
+        })
+        .await
+        .expect("history")
+        .into_inner();
+    let values: Vec<f64> = h.points.iter().map(|p| p.value).collect();
+    assert_eq!(values, vec![3.0, 2.0, 1.0], "all three kept, in time order");
+    site.rt.shutdown().await;
+}

@@ -201,3 +201,43 @@ async fn a_failure_that_escalates_to_the_enterprise_restarts_the_whole_tree() {
     );
     site.rt.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unwritten_history_tail_survives_a_twin_crash() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let site = start_in(dir.path(), options()).await;
+    let mut c = site.client.clone();
+    // Fewer readings than a chunk (4 in tests): they sit in the tail.
+    for v in [1.0, 2.0, 3.0] {
+        push(&site, vec![float(FORCE, v)]).await;
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    wait_for(5, "last value", || {
+        let mut c = c.clone();
+        async move { (float_of(&get(&mut c, FORCE).await) == Some(3.0)).then_some(()) }
+    })
+    .await;
+    let before = actor_id(&site, FORCE);
+    crash(&site, FORCE);
+    wait_restarted(&site, FORCE, before).await;
+    push(&site, vec![float(FORCE, 4.0)]).await;
+    let h = wait_for(5, "history with the tail from before the crash", || {
+        let mut c = c.clone();
+        async move {
+            let h = c
+                .get_history(pb::GetHistoryRequest {
+                    path: FORCE.into(),
+                    ..Default::default()
+                })
+                .await
+                .expect("history")
+                .into_inner();
+            (h.raw_points == 4).then_some(h)
+        }
+    })
+    .await;
+    let values: Vec<f64> = h.points.iter().map(|p| p.value).collect();
+    assert_eq!(values, vec![1.0, 2.0, 3.0, 4.0]);
+    assert_eq!(get(&mut c, FORCE).await.restarts, 1);
+    site.rt.shutdown().await;
+}

@@ -380,12 +380,7 @@ impl TwinService for TwinApi {
         // The twin's unwritten tail first, then the store: a tail flushed in between is
         // then in the store (duplicates are removed), never in neither. A restarting twin
         // has no tail to give; the store still answers.
-        let tail = match e.actor() {
-            Some(actor) => ask(&actor, TwinMsg::HistoryTail, TWIN_CALL_TIMEOUT)
-                .await
-                .unwrap_or_default(),
-            None => Vec::new(),
-        };
+        let tail = e.tail_points();
         let ctx = self.ctx.clone();
         let id = e.id;
         let mut points = tokio::task::spawn_blocking(move || {

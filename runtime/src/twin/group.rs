@@ -96,9 +96,6 @@ impl Actor for GroupTwin {
                         level: state.entry.level().as_str(),
                     }));
                 }
-                TwinMsg::HistoryTail(reply) => {
-                    let _ = reply.send(Vec::new());
-                }
                 TwinMsg::FlushHistory(reply) => {
                     let _ = reply.send(());
                 }

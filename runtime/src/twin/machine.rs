@@ -132,9 +132,6 @@ impl Actor for MachineTwin {
                         level: "machine (acknowledge the sensor's alarm)",
                     }));
                 }
-                TwinMsg::HistoryTail(reply) => {
-                    let _ = reply.send(Vec::new());
-                }
                 TwinMsg::FlushHistory(reply) => {
                     let _ = reply.send(());
                 }

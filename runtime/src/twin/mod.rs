@@ -28,7 +28,7 @@ use ractor::{Actor, ActorCell, ActorRef, RpcReplyPort, SpawnErr};
 use crate::metrics::Metrics;
 use crate::registry::{Registry, TwinEntry};
 use crate::router::Credits;
-use crate::store::{HistPoint, Store};
+use crate::store::Store;
 use crate::watch::WatchHub;
 
 /// Wall clock in µs since the epoch: the runtime's `server_ts`.
@@ -57,6 +57,9 @@ pub struct TwinSettings {
     /// A twin raises at most one `rejected` event per this interval; the others are counted
     /// into the next one.
     pub reject_event_interval_ms: i64,
+    /// A reading older than the live value by at most this much is late (history only);
+    /// further back, the source's clock went back and the reading is taken as current.
+    pub clock_step_back_ms: i64,
 }
 
 impl Default for TwinSettings {
@@ -69,6 +72,7 @@ impl Default for TwinSettings {
             history_chunk_points: 64,
             history_chunk_max_age_ms: 10_000,
             reject_event_interval_ms: 10_000,
+            clock_step_back_ms: 60_000,
         }
     }
 }
@@ -285,8 +289,6 @@ pub enum TwinMsg {
         by: String,
         reply: RpcReplyPort<Result<AlarmStatus, TwinError>>,
     },
-    /// The readings not yet written as a history chunk.
-    HistoryTail(RpcReplyPort<Vec<HistPoint>>),
     /// Write the history tail now (clean shutdown).
     FlushHistory(RpcReplyPort<()>),
     /// Panic inside the handler, as a bug would (tests of supervision).

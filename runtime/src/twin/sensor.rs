@@ -27,10 +27,6 @@ pub struct SensorState {
     spec: Arc<SensorSpec>,
     snap: SensorSnap,
     restarts: u32,
-    tail: Vec<HistPoint>,
-    /// Server time the first point of `tail` arrived (chunk age is server time: a source
-    /// clock far behind must not turn every reading into a chunk of its own).
-    tail_since: Timestamp,
     last_rollup: RollUp,
     rejects: RejectThrottle,
 }
@@ -69,8 +65,6 @@ impl Actor for SensorTwin {
                 spec,
                 snap,
                 restarts,
-                tail: Vec::new(),
-                tail_since: Timestamp::ZERO,
                 rejects: RejectThrottle::default(),
             };
             if let Some(why) = restarted_after {
@@ -134,9 +128,6 @@ impl Actor for SensorTwin {
                     let r = state.shelve(&alarm, until, &by).await;
                     let _ = reply.send(r);
                 }
-                TwinMsg::HistoryTail(reply) => {
-                    let _ = reply.send(state.tail.clone());
-                }
                 TwinMsg::FlushHistory(reply) => {
                     state.flush_tail().await;
                     let _ = reply.send(());
@@ -194,6 +185,8 @@ impl SensorState {
         let now = now();
         let mut touched = false;
         let rejected_before = self.snap.rejected;
+        // Points of this drain, appended to the entry's tail in one lock below.
+        let mut tail: Vec<HistPoint> = Vec::with_capacity(readings.len());
         for r in readings {
             if let Err(reason) = self.check(r, now) {
                 self.reject(reason, now).await;
@@ -206,17 +199,31 @@ impl SensorState {
             if out_of_range && quality.is_good() {
                 quality = Quality::uncertain(QualityReason::OutOfRange);
             }
-            if self.tail.is_empty() {
-                self.tail_since = now;
-            }
-            self.tail.push(HistPoint {
+            tail.push(HistPoint {
                 ts: r.source_ts,
                 value: v,
                 quality: quality.code,
             });
             if r.source_ts < self.snap.source_ts {
-                // Late reading: kept in history, the live value stays the newer one.
-                continue;
+                let behind_ms = self.snap.source_ts.millis_since(r.source_ts);
+                if behind_ms <= self.ctx.settings.clock_step_back_ms {
+                    // Late reading: kept in history, the live value stays the newer one.
+                    continue;
+                }
+                // Far behind the live value: the source's clock went back (NTP step, a
+                // replaced PLC). Holding on to the "newer" value would freeze the twin.
+                self.ctx
+                    .emit(Event::new(
+                        self.entry.path().clone(),
+                        now,
+                        EventKind::Quality,
+                        Severity::Low,
+                        format!(
+                            "source clock went back {behind_ms} ms (from {} to {}); value taken as current",
+                            self.snap.source_ts, r.source_ts
+                        ),
+                    ))
+                    .await;
             }
             touched = true;
             self.set_quality(quality, r.source_ts).await;
@@ -235,10 +242,17 @@ impl SensorState {
         if touched || self.snap.rejected != rejected_before {
             self.publish(now);
         }
-        let old = self.tail.first().is_some_and(|_| {
-            now.millis_since(self.tail_since) > self.ctx.settings.history_chunk_max_age_ms
-        });
-        if old || self.tail.len() >= self.ctx.settings.history_chunk_points {
+        let full = {
+            let mut t = self.entry.tail.lock().expect("tail lock is never poisoned");
+            if t.points.is_empty() {
+                t.since = now;
+            }
+            t.points.extend_from_slice(&tail);
+            !t.points.is_empty()
+                && (t.points.len() >= self.ctx.settings.history_chunk_points
+                    || now.millis_since(t.since) > self.ctx.settings.history_chunk_max_age_ms)
+        };
+        if full {
             self.flush_tail().await;
         }
     }
@@ -395,18 +409,22 @@ impl SensorState {
         Ok(self.snap.alarms[i])
     }
 
+    /// Writes the tail as a chunk. The points leave the tail only once they are queued in
+    /// the store, so a reader (tail first, then store) always finds them somewhere, and a
+    /// crash in between leaves them in the tail (written again; readers drop duplicates).
     async fn flush_tail(&mut self) {
-        if self.tail.is_empty() {
+        let points = self.entry.tail_points();
+        if points.is_empty() {
             return;
         }
-        let points = std::mem::take(&mut self.tail);
         self.ctx
             .store
             .append_history(self.entry.id, Property::Value, &points)
             .await;
-        // Keep the allocation for the next chunk.
-        self.tail = points;
-        self.tail.clear();
+        let mut t = self.entry.tail.lock().expect("tail lock is never poisoned");
+        let n = points.len().min(t.points.len());
+        t.points.drain(..n);
+        t.since = crate::twin::now();
     }
 
     fn publish(&mut self, at: Timestamp) {
