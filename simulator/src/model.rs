@@ -8,15 +8,18 @@
 //! `step` calls are spaced. So the same spec and seed give the same readings for any step
 //! schedule that does not trigger the catch-up bound.
 
+use std::collections::HashMap;
 use std::f64::consts::TAU;
 use std::ops::Range;
 
 use ferrotwin_models::alarm::LimitKind;
 use ferrotwin_models::oee::MachineState;
 use ferrotwin_models::spec::{AssetKind, PlantSpec, SensorKind, SensorSpec};
-use ferrotwin_models::{AssetId, AssetPath, Property, Reading, Timestamp, Value, ValueType};
+use ferrotwin_models::{AssetId, AssetPath, Level, Property, Reading, Timestamp, Value, ValueType};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+
+use crate::scenario::Scenario;
 
 /// A step that jumps further than this many periods emits only the last this-many periods of
 /// each sensor; older machine state and counter changes are coalesced into one reading each.
@@ -35,6 +38,10 @@ const SETUP_AFTER_IDLE: f64 = 0.08;
 /// Vibration grows to `1 + BEARING_GAIN × wear` times its healthy level; a failing bearing
 /// (wear 1) is at 5×, past the alarm limit that healthy machines stay at a third of.
 const BEARING_GAIN: f64 = 4.0;
+/// A scheduled overheating pushes its temperature this far over the high alarm limit: the
+/// middle of the random faults' 4–12, and fixed so a scenario draws nothing from the machine's
+/// stream (its random faults stay where they were).
+const PLANNED_OVERHEAT_EXCESS: f64 = 8.0;
 
 const NEVER: i64 = i64::MAX;
 const US: f64 = 1e6;
@@ -51,9 +58,26 @@ pub enum FaultKind {
     Spike,
     /// The machine is Down until repaired (label on the machine).
     Breakdown,
+    /// The machine's PLC is unreachable: none of its readings arrive for the window (label
+    /// on the machine). Only scheduled, never drawn at random.
+    NetworkLoss,
 }
 
 impl FaultKind {
+    pub const ALL: [FaultKind; 6] = [
+        FaultKind::Overheating,
+        FaultKind::BearingWear,
+        FaultKind::StuckSensor,
+        FaultKind::Spike,
+        FaultKind::Breakdown,
+        FaultKind::NetworkLoss,
+    ];
+
+    /// The name used in scenario and label files (`as_str`'s inverse).
+    pub fn parse(s: &str) -> Option<FaultKind> {
+        FaultKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             FaultKind::Overheating => "overheating",
@@ -61,6 +85,7 @@ impl FaultKind {
             FaultKind::StuckSensor => "stuck_sensor",
             FaultKind::Spike => "spike",
             FaultKind::Breakdown => "breakdown",
+            FaultKind::NetworkLoss => "network_loss",
         }
     }
 }
@@ -133,6 +158,22 @@ struct Active {
     label: usize,
 }
 
+/// A scenario's fault, resolved to this plant's indices.
+#[derive(Debug, Clone, Copy)]
+struct Planned {
+    at: i64,
+    duration_us: i64,
+    kind: FaultKind,
+    /// Global sensor index for the sensor kinds; `None` for the machine kinds.
+    sensor: Option<usize>,
+}
+
+/// A network loss in progress: the machine's readings are held back until `until`.
+struct Outage {
+    until: i64,
+    label: usize,
+}
+
 struct MachineSim {
     id: AssetId,
     index: usize,
@@ -164,6 +205,12 @@ struct MachineSim {
     window_us: i64,
     /// Multiplies the rate of every fault kind (1.0 = the documented means).
     fault_rate: f64,
+    /// False: no fault is drawn at random (`next_*` stay `NEVER`), only `planned` ones happen.
+    random_faults: bool,
+    /// Scheduled faults in time order; `next_planned` is the first not yet started.
+    planned: Vec<Planned>,
+    next_planned: usize,
+    outage: Option<Outage>,
 }
 
 /// FNV-1a 64: stable across runs and platforms, unlike std's randomly keyed hasher.
@@ -441,6 +488,8 @@ impl MachineSim {
             self.stuck.as_ref().map_or(NEVER, |a| a.until),
             self.next_breakdown,
             self.next_bearing,
+            self.planned.get(self.next_planned).map_or(NEVER, |p| p.at),
+            self.outage.as_ref().map_or(NEVER, |o| o.until),
         ]
         .into_iter()
         .min()
@@ -448,7 +497,7 @@ impl MachineSim {
     }
 
     fn emit_state(&mut self, t: i64, sink: &mut Sink) {
-        if t >= sink.cutoff {
+        if t >= sink.cutoff && self.outage.is_none() {
             let v = Value::Int(self.state.code());
             sink.out
                 .push(Reading::good(self.id, Property::State, v, Timestamp(t)));
@@ -459,7 +508,7 @@ impl MachineSim {
     }
 
     fn emit_count(&mut self, property: Property, t: i64, sink: &mut Sink) {
-        if t >= sink.cutoff {
+        if t >= sink.cutoff && self.outage.is_none() {
             let n = if property == Property::GoodCount {
                 self.good
             } else {
@@ -572,7 +621,7 @@ impl MachineSim {
             }
             self.next_part = t + self.cycle_us();
         } else if self.next_overheat == t {
-            self.next_overheat = t + exp_us(&mut self.rng, OVERHEAT_MEAN_S / self.fault_rate);
+            self.next_overheat = self.next_random(t, OVERHEAT_MEAN_S);
             let hot = |s: &SensorSim| s.model == Model::Temperature && s.high_limit.is_finite();
             let candidates = sensors.iter().filter(|s| hot(s)).count();
             if self.overheat.is_none() && self.state != MachineState::Down && candidates > 0 {
@@ -599,13 +648,13 @@ impl MachineSim {
             sensors[a.sensor - self.sensors.start].fault_target = f64::NAN;
             sink.end_label(a.label, t);
         } else if self.next_spike == t {
-            self.next_spike = t + exp_us(&mut self.rng, SPIKE_MEAN_S / self.fault_rate);
+            self.next_spike = self.next_random(t, SPIKE_MEAN_S);
             if !sensors.is_empty() {
                 let i = self.rng.random_range(0..sensors.len());
                 sensors[i].spike = true;
             }
         } else if self.next_stuck == t {
-            self.next_stuck = t + exp_us(&mut self.rng, STUCK_MEAN_S / self.fault_rate);
+            self.next_stuck = self.next_random(t, STUCK_MEAN_S);
             if self.stuck.is_none() && !sensors.is_empty() {
                 let i = self.rng.random_range(0..sensors.len());
                 sensors[i].stuck = true;
@@ -624,14 +673,14 @@ impl MachineSim {
             sensors[a.sensor - self.sensors.start].stuck = false;
             sink.end_label(a.label, t);
         } else if self.next_breakdown == t {
-            self.next_breakdown = t + exp_us(&mut self.rng, BREAKDOWN_MEAN_S / self.fault_rate);
+            self.next_breakdown = self.next_random(t, BREAKDOWN_MEAN_S);
             if self.state != MachineState::Down {
                 let path = sink.machine_path.clone();
                 self.breakdown_label = Some(sink.label(path, FaultKind::Breakdown, t, None));
                 self.enter(MachineState::Down, t, sensors, sink);
             }
         } else if self.next_bearing == t {
-            self.next_bearing = t + exp_us(&mut self.rng, BEARING_MEAN_S / self.fault_rate);
+            self.next_bearing = self.next_random(t, BEARING_MEAN_S);
             if self.bearing_label.is_none() {
                 let to_failure = uniform_us(&mut self.rng, 3600.0, 4.0 * 3600.0);
                 self.wear_since = t;
@@ -640,8 +689,103 @@ impl MachineSim {
                 self.bearing_label = Some(sink.label(path, FaultKind::BearingWear, t, None));
                 self.next_breakdown = self.next_breakdown.min(t + to_failure);
             }
+        } else if self.outage.as_ref().is_some_and(|o| o.until == t) {
+            let o = self.outage.take().expect("checked above");
+            sink.end_label(o.label, t);
+            // Back online: what changed during the loss is reported as of now, the way an
+            // adapter reads a PLC's current registers when it reconnects.
+            if self.dirty_state || self.dirty_counts {
+                self.dirty_ts = t;
+            }
+        } else if self
+            .planned
+            .get(self.next_planned)
+            .is_some_and(|p| p.at == t)
+        {
+            let p = self.planned[self.next_planned];
+            self.next_planned += 1;
+            self.start_planned(p, t, sensors, sink);
         }
         self.refresh_next_event();
+    }
+
+    /// When the next random fault of a kind with mean interval `mean_s` starts after `t`.
+    fn next_random(&mut self, t: i64, mean_s: f64) -> i64 {
+        if self.random_faults {
+            t + exp_us(&mut self.rng, mean_s / self.fault_rate)
+        } else {
+            NEVER
+        }
+    }
+
+    /// Starts a scheduled fault at `t`. It happens whatever the machine is doing: a fault of
+    /// the same kind in progress on the machine is ended at `t` first. Draws nothing from the
+    /// machine's stream except through the state change a breakdown makes.
+    fn start_planned(&mut self, p: Planned, t: i64, sensors: &mut [SensorSim], sink: &mut Sink) {
+        let until = t.saturating_add(p.duration_us);
+        let first = self.sensors.start;
+        match (p.kind, p.sensor) {
+            (FaultKind::Overheating, Some(sensor)) => {
+                if let Some(a) = self.overheat.take() {
+                    sensors[a.sensor - first].fault_target = f64::NAN;
+                    sink.end_label(a.label, t);
+                }
+                let s = &mut sensors[sensor - first];
+                s.fault_target = s.high_limit + PLANNED_OVERHEAT_EXCESS;
+                let path = sink.sensor_paths[sensor].clone();
+                let label = sink.label(path, FaultKind::Overheating, t, None);
+                self.overheat = Some(Active {
+                    sensor,
+                    until,
+                    label,
+                });
+            }
+            (FaultKind::StuckSensor, Some(sensor)) => {
+                if let Some(a) = self.stuck.take() {
+                    sensors[a.sensor - first].stuck = false;
+                    sink.end_label(a.label, t);
+                }
+                sensors[sensor - first].stuck = true;
+                let path = sink.sensor_paths[sensor].clone();
+                let label = sink.label(path, FaultKind::StuckSensor, t, None);
+                self.stuck = Some(Active {
+                    sensor,
+                    until,
+                    label,
+                });
+            }
+            // Labelled by `advance` at the sensor's next sample, when the outlier is emitted.
+            (FaultKind::Spike, Some(sensor)) => sensors[sensor - first].spike = true,
+            (FaultKind::Breakdown, _) => {
+                if let Some(l) = self.breakdown_label.take() {
+                    sink.end_label(l, t);
+                }
+                let path = sink.machine_path.clone();
+                self.breakdown_label = Some(sink.label(path, FaultKind::Breakdown, t, None));
+                self.enter(MachineState::Down, t, sensors, sink);
+                self.state_until = until;
+            }
+            (FaultKind::BearingWear, _) => {
+                if let Some(l) = self.bearing_label.take() {
+                    sink.end_label(l, t);
+                }
+                self.wear_since = t;
+                self.wear_per_us = 1.0 / p.duration_us.max(1) as f64;
+                let path = sink.machine_path.clone();
+                self.bearing_label = Some(sink.label(path, FaultKind::BearingWear, t, None));
+                self.next_breakdown = self.next_breakdown.min(until);
+            }
+            (FaultKind::NetworkLoss, _) => {
+                if let Some(o) = self.outage.take() {
+                    sink.end_label(o.label, t);
+                }
+                let path = sink.machine_path.clone();
+                let label = sink.label(path, FaultKind::NetworkLoss, t, None);
+                self.outage = Some(Outage { until, label });
+            }
+            // Sensor kinds without a sensor: `with_scenario` never builds these.
+            (FaultKind::Overheating | FaultKind::StuckSensor | FaultKind::Spike, None) => {}
+        }
     }
 
     /// Runs this machine up to `now`: events and sensor samples in time order.
@@ -661,7 +805,8 @@ impl MachineSim {
             if t > now {
                 break;
             }
-            if (self.dirty_state || self.dirty_counts) && t >= sink.cutoff {
+            if (self.dirty_state || self.dirty_counts) && t >= sink.cutoff && self.outage.is_none()
+            {
                 self.flush_dirty(sink);
             }
             if self.next_event <= due {
@@ -669,21 +814,27 @@ impl MachineSim {
                 continue;
             }
             let wear = self.wear(t);
+            // During a network loss the physics goes on but nothing is reported (a spike
+            // nobody saw is not labelled either).
+            let silent = self.outage.is_some();
             for (i, s) in sensors.iter_mut().enumerate() {
                 if s.next_due != t {
                     continue;
                 }
                 let (value, spiked) = s.sample(self.state, wear, t);
+                s.next_due = t + s.period_us;
+                if silent {
+                    continue;
+                }
                 sink.out
                     .push(Reading::good(s.id, Property::Value, value, Timestamp(t)));
-                s.next_due = t + s.period_us;
                 if spiked {
                     let path = sink.sensor_paths[self.sensors.start + i].clone();
                     sink.label(path, FaultKind::Spike, t, Some(t));
                 }
             }
         }
-        if self.dirty_state || self.dirty_counts {
+        if (self.dirty_state || self.dirty_counts) && self.outage.is_none() {
             self.flush_dirty(sink);
         }
     }
@@ -703,6 +854,82 @@ impl PlantSim {
         seed: u64,
         start: Timestamp,
         fault_rate: f64,
+    ) -> PlantSim {
+        PlantSim::build(spec, seed, start, fault_rate, true)
+    }
+
+    /// As `new`, with the faults `scenario` schedules happening at their time after `start`,
+    /// and its random-fault settings. `seed` is used unless the scenario sets its own. The
+    /// scenario must have been validated against this spec (`Scenario::from_toml`): a fault
+    /// on an asset the spec does not have is skipped.
+    pub fn with_scenario(
+        spec: &PlantSpec,
+        seed: u64,
+        start: Timestamp,
+        scenario: &Scenario,
+    ) -> PlantSim {
+        let seed = scenario.seed.unwrap_or(seed);
+        let mut sim = PlantSim::build(
+            spec,
+            seed,
+            start,
+            scenario.fault_rate,
+            scenario.random_faults,
+        );
+        if scenario.faults.is_empty() {
+            return sim;
+        }
+        let machine_index: HashMap<&AssetPath, usize> = sim
+            .machine_paths
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p, i))
+            .collect();
+        for f in &scenario.faults {
+            let on_sensor = f.asset.level() == Level::Sensor;
+            let machine_path = if on_sensor {
+                f.asset.parent()
+            } else {
+                Some(f.asset.clone())
+            };
+            let Some(&m) = machine_path.as_ref().and_then(|p| machine_index.get(p)) else {
+                continue;
+            };
+            let machine = &mut sim.machines[m];
+            let sensor = if on_sensor {
+                match machine
+                    .sensors
+                    .clone()
+                    .find(|&i| sim.sensor_paths[i] == f.asset)
+                {
+                    Some(i) => Some(i),
+                    None => continue,
+                }
+            } else {
+                None
+            };
+            let ms = |ms: u64| i64::try_from(ms.saturating_mul(1000)).unwrap_or(NEVER / 2);
+            machine.planned.push(Planned {
+                at: start.0.saturating_add(ms(f.at_ms)),
+                duration_us: ms(f.duration_ms),
+                kind: f.kind,
+                sensor,
+            });
+        }
+        for m in &mut sim.machines {
+            // Stable: faults at the same time start in file order.
+            m.planned.sort_by_key(|p| p.at);
+            m.refresh_next_event();
+        }
+        sim
+    }
+
+    fn build(
+        spec: &PlantSpec,
+        seed: u64,
+        start: Timestamp,
+        fault_rate: f64,
+        random_faults: bool,
     ) -> PlantSim {
         let fault_rate = if fault_rate.is_finite() && fault_rate > 0.0 {
             fault_rate
@@ -747,6 +974,10 @@ impl PlantSim {
                         dirty_ts: start.0,
                         window_us: 0,
                         fault_rate,
+                        random_faults,
+                        planned: Vec::new(),
+                        next_planned: 0,
+                        outage: None,
                     });
                     machine_paths.push(asset.path);
                 }
@@ -825,6 +1056,18 @@ impl PlantSim {
     pub fn faults(&self) -> &[FaultLabel] {
         &self.faults
     }
+
+    /// `faults()` for the end of a run: faults still in progress end at `now()`.
+    pub fn final_labels(&self) -> Vec<FaultLabel> {
+        let now = self.now();
+        self.faults
+            .iter()
+            .map(|f| FaultLabel {
+                end: Some(f.end.unwrap_or(now)),
+                ..f.clone()
+            })
+            .collect()
+    }
 }
 
 impl MachineSim {
@@ -862,11 +1105,11 @@ impl MachineSim {
             s.value = s.target(self.state, 0.0);
             s.last_out = s.value;
         }
-        self.next_overheat = start + exp_us(&mut self.rng, OVERHEAT_MEAN_S / self.fault_rate);
-        self.next_spike = start + exp_us(&mut self.rng, SPIKE_MEAN_S / self.fault_rate);
-        self.next_stuck = start + exp_us(&mut self.rng, STUCK_MEAN_S / self.fault_rate);
-        self.next_breakdown = start + exp_us(&mut self.rng, BREAKDOWN_MEAN_S / self.fault_rate);
-        self.next_bearing = start + exp_us(&mut self.rng, BEARING_MEAN_S / self.fault_rate);
+        self.next_overheat = self.next_random(start, OVERHEAT_MEAN_S);
+        self.next_spike = self.next_random(start, SPIKE_MEAN_S);
+        self.next_stuck = self.next_random(start, STUCK_MEAN_S);
+        self.next_breakdown = self.next_random(start, BREAKDOWN_MEAN_S);
+        self.next_bearing = self.next_random(start, BEARING_MEAN_S);
         self.refresh_next_event();
     }
 }
@@ -879,6 +1122,7 @@ mod tests {
 
     use super::*;
     use crate::generate::{PlantSize, generate};
+    use crate::scenario::Scenario;
 
     const START: Timestamp = Timestamp(1_764_000_000_000_000);
 
@@ -1124,6 +1368,187 @@ mod tests {
         sim.step(START.plus_ms(1000), &mut out);
         assert_eq!(out.len(), n);
         assert_eq!(sim.now(), START.plus_ms(5000));
+    }
+
+    fn line_plant() -> PlantSpec {
+        generate(
+            PlantSize {
+                sites: 1,
+                areas: 1,
+                lines: 1,
+                machines: 3,
+                sensors_per_machine: 0,
+            },
+            1,
+        )
+    }
+
+    const OVEN: &str = "acme/berlin/assembly/line-1/oven-1";
+
+    fn scenario(spec: &PlantSpec, text: &str) -> Scenario {
+        Scenario::from_toml(text, std::path::Path::new("test.toml"), spec).expect("valid scenario")
+    }
+
+    fn fault(asset: &str, kind: &str, at: &str, duration: &str) -> String {
+        format!(
+            "[[faults]]\nasset = \"{asset}\"\nkind = \"{kind}\"\nat = \"{at}\"\nduration = \"{duration}\"\n"
+        )
+    }
+
+    #[test]
+    fn scheduled_overheating_is_labelled_at_its_time_and_pushes_the_sensor_over_its_limit() {
+        let spec = line_plant();
+        let text = format!("version = 1\n{}", fault(OVEN, "overheating", "10m", "2m"));
+        let mut sim = PlantSim::with_scenario(&spec, 3, START, &scenario(&spec, &text));
+        let readings = run(&mut sim, 20 * 60, 1000);
+        let sensor = AssetPath::parse(&format!("{OVEN}/zone-1-temp")).expect("valid");
+        let label = sim
+            .faults()
+            .iter()
+            .find(|f| f.kind == FaultKind::Overheating && f.start == START.plus_ms(600_000))
+            .expect("the scheduled overheating is labelled");
+        assert_eq!(label.asset, sensor);
+        assert_eq!(label.end, Some(START.plus_ms(720_000)));
+        let over: Vec<Timestamp> = readings
+            .iter()
+            .filter(|r| r.asset == sensor.id() && r.value.as_f64() > 260.0)
+            .map(|r| r.source_ts)
+            .collect();
+        assert!(over.len() >= 60, "{} samples over 260", over.len());
+        assert!(
+            over.iter()
+                .all(|t| *t > START.plus_ms(600_000) && *t < START.plus_ms(750_000)),
+            "{over:?}"
+        );
+    }
+
+    #[test]
+    fn without_random_faults_only_the_scheduled_ones_are_labelled() {
+        let spec = line_plant();
+        let press = "acme/berlin/assembly/line-1/press-1";
+        let text = format!(
+            "version = 1\nrandom_faults = false\nfault_rate = 50.0\n{}{}{}[[faults]]\nasset = \"{OVEN}/fan-speed\"\nkind = \"spike\"\nat = \"5m\"\n",
+            fault(press, "breakdown", "30m", "10m"),
+            fault(&format!("{press}/oil-temp"), "stuck_sensor", "1h", "5m"),
+            fault(press, "bearing_wear", "2h", "1h"),
+        );
+        let mut sim = PlantSim::with_scenario(&spec, 3, START, &scenario(&spec, &text));
+        let readings = run(&mut sim, 4 * 3600, 1000);
+        let got: Vec<(&str, FaultKind, i64, Option<i64>)> = sim
+            .faults()
+            .iter()
+            .map(|f| {
+                (
+                    f.asset.as_str(),
+                    f.kind,
+                    f.start.millis_since(START),
+                    f.end.map(|e| e.millis_since(START)),
+                )
+            })
+            .collect();
+        let spike_at = got
+            .iter()
+            .find(|f| f.1 == FaultKind::Spike)
+            .expect("the spike is labelled")
+            .2;
+        // At the fan sensor's first sample at or after 5 min.
+        assert!((300_000..301_000).contains(&spike_at), "{spike_at}");
+        let fan = format!("{OVEN}/fan-speed");
+        let stuck = format!("{press}/oil-temp");
+        assert_eq!(
+            got,
+            vec![
+                (fan.as_str(), FaultKind::Spike, spike_at, Some(spike_at)),
+                (press, FaultKind::Breakdown, 1_800_000, Some(2_400_000)),
+                (
+                    stuck.as_str(),
+                    FaultKind::StuckSensor,
+                    3_600_000,
+                    Some(3_900_000)
+                ),
+                // Wear ends in a breakdown; the repair replaces the bearing.
+                (press, FaultKind::BearingWear, 7_200_000, got[4].3),
+                (press, FaultKind::Breakdown, 10_800_000, got[4].3),
+            ]
+        );
+        let repaired = got[4].3.expect("repaired within the hour");
+        assert!((10_800_000 + 300_000..=10_800_000 + 1_800_000).contains(&repaired));
+        let down = Value::Int(MachineState::Down.code());
+        let press_id = AssetPath::parse(press).expect("valid").id();
+        assert!(readings.iter().any(|r| r.asset == press_id
+            && r.property == Property::State
+            && r.value == down
+            && r.source_ts == START.plus_ms(1_800_000)));
+    }
+
+    #[test]
+    fn network_loss_window_has_no_readings_from_the_machine() {
+        let spec = line_plant();
+        let text = format!("version = 1\n{}", fault(OVEN, "network_loss", "5m", "3m"));
+        let mut sim = PlantSim::with_scenario(&spec, 3, START, &scenario(&spec, &text));
+        let readings = run(&mut sim, 15 * 60, 1000);
+        let oven = AssetPath::parse(OVEN).expect("valid");
+        let ids: Vec<AssetId> = spec
+            .assets()
+            .iter()
+            .filter(|a| a.path.starts_with(&oven))
+            .map(|a| a.path.id())
+            .collect();
+        let (from, to) = (START.plus_ms(300_000), START.plus_ms(480_000));
+        let of_oven = |r: &&Reading| ids.contains(&r.asset);
+        assert!(
+            !readings
+                .iter()
+                .filter(of_oven)
+                .any(|r| r.source_ts >= from && r.source_ts < to)
+        );
+        assert!(readings.iter().filter(of_oven).any(|r| r.source_ts < from));
+        assert!(readings.iter().filter(of_oven).any(|r| r.source_ts >= to));
+        // The other machines keep reporting.
+        assert!(
+            readings
+                .iter()
+                .any(|r| !ids.contains(&r.asset) && r.source_ts >= from && r.source_ts < to)
+        );
+        assert!(sim.faults().contains(&FaultLabel {
+            asset: oven,
+            kind: FaultKind::NetworkLoss,
+            start: from,
+            end: Some(to),
+        }));
+    }
+
+    #[test]
+    fn a_scenario_without_faults_runs_like_the_plain_simulation() {
+        let spec = line_plant();
+        let plain = run(&mut PlantSim::new(&spec, 5, START), 3600, 1000);
+        let s = scenario(&spec, "version = 1\n");
+        let same = run(
+            &mut PlantSim::with_scenario(&spec, 5, START, &s),
+            3600,
+            1000,
+        );
+        assert_eq!(plain, same);
+        let seeded = scenario(&spec, "version = 1\nseed = 5\n");
+        let overridden = run(
+            &mut PlantSim::with_scenario(&spec, 99, START, &seeded),
+            3600,
+            1000,
+        );
+        assert_eq!(plain, overridden);
+    }
+
+    #[test]
+    fn final_labels_end_open_faults_at_the_end_of_the_run() {
+        let spec = line_plant();
+        let text = format!(
+            "version = 1\nrandom_faults = false\n{}",
+            fault(OVEN, "network_loss", "1m", "1h")
+        );
+        let mut sim = PlantSim::with_scenario(&spec, 3, START, &scenario(&spec, &text));
+        run(&mut sim, 120, 1000);
+        assert_eq!(sim.faults()[0].end, None);
+        assert_eq!(sim.final_labels()[0].end, Some(START.plus_ms(120_000)));
     }
 
     #[test]
