@@ -472,6 +472,11 @@ pub async fn watch(
     Ok(())
 }
 
+/// A timestamp for people; 0 (never set) is "-".
 fn fmt_us(us: i64) -> String {
-    ferrotwin_models::Timestamp(us).to_string()
+    if us == 0 {
+        "-".into()
+    } else {
+        ferrotwin_models::Timestamp(us).to_string()
+    }
 }
