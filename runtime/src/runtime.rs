@@ -187,12 +187,23 @@ impl Runtime {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        for e in self.registry.all() {
-            if matches!(e.def.kind, AssetKind::Sensor { .. })
-                && let Some(a) = e.actor()
-            {
-                let _ = crate::twin::ask(&a, TwinMsg::FlushHistory, Duration::from_secs(5)).await;
+        // Each sensor finishes what it is applying, then queues its tail; many at a time.
+        let sensors: Vec<_> = self
+            .registry
+            .all()
+            .into_iter()
+            .filter(|e| matches!(e.def.kind, AssetKind::Sensor { .. }))
+            .filter_map(|e| e.actor())
+            .collect();
+        for chunk in sensors.chunks(10_000) {
+            let mut set = tokio::task::JoinSet::new();
+            for a in chunk {
+                let a = a.clone();
+                set.spawn(async move {
+                    crate::twin::ask(&a, TwinMsg::FlushHistory, Duration::from_secs(5)).await
+                });
             }
+            while set.join_next().await.is_some() {}
         }
         let _ = self
             .root
