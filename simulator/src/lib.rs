@@ -15,3 +15,4 @@ pub mod modbus;
 pub mod model;
 pub mod run;
 pub mod scenario;
+pub mod serve;
