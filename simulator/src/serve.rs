@@ -120,17 +120,15 @@ impl ModbusPlant {
                 registers,
             });
         }
-        let mut plant = ModbusPlant {
+        // The images hold zeros until the first `step_to` (`run_realtime` takes it at once).
+        Ok(ModbusPlant {
             sim: PlantSim::new(spec, seed, RUN_START),
             per_line: (0..lines.len()).map(|_| Vec::new()).collect(),
             lines,
             line_of,
             readings: Vec::new(),
             servers,
-        };
-        // Initial states and counters into the images before any client reads.
-        plant.step_to(RUN_START);
-        Ok(plant)
+        })
     }
 
     pub fn lines(&self) -> &[ServedLine] {
@@ -233,4 +231,283 @@ pub async fn serve(
     std::fs::write(&file, plant.endpoints_toml())
         .map_err(|source| ServeError::WriteEndpoints { file, source })?;
     plant.run_realtime(speed, shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use ferrotwin_models::{Property, Value};
+    use tokio_modbus::ExceptionCode;
+    use tokio_modbus::client::{Context, Reader, Writer};
+
+    use super::*;
+    use crate::generate::{PlantSize, generate};
+    use crate::mapping::{RegisterKind, SPEED_SETPOINT, TagMap};
+    use crate::modbus::{decode_f32, decode_u32};
+
+    /// One line of three machines (a press, a conveyor, an oven).
+    fn line_plant() -> PlantSpec {
+        generate(
+            PlantSize {
+                sites: 1,
+                areas: 1,
+                lines: 1,
+                machines: 3,
+                sensors_per_machine: 0,
+            },
+            1,
+        )
+    }
+
+    async fn started() -> (ModbusPlant, Mapping, Context) {
+        let spec = line_plant();
+        let plant = ModbusPlant::start(&spec, 5).await.expect("servers start");
+        let client = tokio_modbus::client::tcp::connect(plant.lines()[0].addr)
+            .await
+            .expect("connects");
+        (plant, Mapping::of(&spec).expect("fits"), client)
+    }
+
+    fn find<'a>(m: &'a Mapping, asset_ends: &str, property: &str) -> &'a TagMap {
+        m.lines[0]
+            .tags
+            .iter()
+            .find(|t| t.asset.ends_with(asset_ends) && t.property == property)
+            .expect("tag in the mapping")
+    }
+
+    /// The last value of `property` of the asset at `path` in `readings`.
+    fn last(readings: &[Reading], path: &str, property: Property) -> Option<Value> {
+        let id = AssetPath::parse(path).expect("valid").id();
+        readings
+            .iter()
+            .rev()
+            .find(|r| r.asset == id && r.property == property)
+            .map(|r| r.value)
+    }
+
+    #[tokio::test]
+    async fn client_reads_state_and_sensor_float_the_simulation_produced() {
+        let (mut plant, mapping, mut client) = started().await;
+        let state_tag = find(&mapping, "press-1", "state");
+        let temp_tag = mapping.lines[0]
+            .tags
+            .iter()
+            .find(|t| t.property == "value" && t.asset.starts_with(&state_tag.asset))
+            .expect("the press has sensors")
+            .clone();
+        let mut all = Vec::new();
+        for s in 0..=5 {
+            all.extend_from_slice(plant.step_to(RUN_START.plus_ms(s * 1000)));
+        }
+        let state = client
+            .read_holding_registers(state_tag.address, 1)
+            .await
+            .expect("transport")
+            .expect("no exception");
+        let expected = last(&all, &state_tag.asset, Property::State).expect("state reported");
+        assert_eq!(Value::Int(i64::from(state[0])), expected);
+        let words = client
+            .read_input_registers(temp_tag.address, 2)
+            .await
+            .expect("transport")
+            .expect("no exception");
+        let got = decode_f32([words[0], words[1]]);
+        let expected = last(&all, &temp_tag.asset, Property::Value).expect("sensor sampled");
+        assert_eq!(got, expected.as_f64() as f32);
+        assert!(got != 0.0, "a real value, not the empty image");
+        // Values move: after another minute the float is the newest sample's.
+        let later = plant.step_to(RUN_START.plus_ms(65_000)).to_vec();
+        let words = client
+            .read_input_registers(temp_tag.address, 2)
+            .await
+            .expect("transport")
+            .expect("no exception");
+        let newest = last(&later, &temp_tag.asset, Property::Value).expect("sampled");
+        assert_eq!(decode_f32([words[0], words[1]]), newest.as_f64() as f32);
+        // Counters decode as u32, high word first.
+        let good = find(&mapping, "press-1", "good_count");
+        let words = client
+            .read_input_registers(good.address, 2)
+            .await
+            .expect("transport")
+            .expect("no exception");
+        let mut everything = all;
+        everything.extend(later);
+        let expected = last(&everything, &good.asset, Property::GoodCount).expect("counted");
+        assert_eq!(
+            Value::Int(i64::from(decode_u32([words[0], words[1]]))),
+            expected
+        );
+    }
+
+    #[tokio::test]
+    async fn out_of_range_read_is_illegal_data_address_and_the_server_keeps_serving() {
+        let (plant, _, mut client) = started().await;
+        let line = &plant.lines()[0];
+        let inputs = {
+            let m = Mapping::of(&line_plant()).expect("fits");
+            m.lines[0].input_registers as u16
+        };
+        let err = client
+            .read_input_registers(inputs - 1, 2)
+            .await
+            .expect("transport");
+        assert_eq!(err, Err(ExceptionCode::IllegalDataAddress));
+        let err = client
+            .read_holding_registers(60_000, 1)
+            .await
+            .expect("transport");
+        assert_eq!(err, Err(ExceptionCode::IllegalDataAddress));
+        let err = client.read_input_registers(0, 0).await.expect("transport");
+        assert_eq!(err, Err(ExceptionCode::IllegalDataValue));
+        // Same connection, and a second client, still served.
+        let ok = client
+            .read_input_registers(0, inputs)
+            .await
+            .expect("transport");
+        assert_eq!(ok.map(|w| w.len()), Ok(usize::from(inputs)));
+        let mut other = tokio_modbus::client::tcp::connect(line.addr)
+            .await
+            .expect("connects");
+        assert!(
+            other
+                .read_holding_registers(0, 2)
+                .await
+                .expect("transport")
+                .is_ok()
+        );
+    }
+
+    #[tokio::test]
+    async fn unserved_functions_are_illegal_function() {
+        let (_plant, _, mut client) = started().await;
+        assert_eq!(
+            client.read_coils(0, 1).await.expect("transport"),
+            Err(ExceptionCode::IllegalFunction)
+        );
+        assert_eq!(
+            client.write_single_coil(0, true).await.expect("transport"),
+            Err(ExceptionCode::IllegalFunction)
+        );
+        assert!(
+            client
+                .read_holding_registers(0, 1)
+                .await
+                .expect("transport")
+                .is_ok()
+        );
+    }
+
+    #[tokio::test]
+    async fn setpoint_write_speeds_the_machine_up_and_bad_writes_are_refused() {
+        let (mut plant, mapping, mut client) = started().await;
+        let press = find(&mapping, "press-1", "state").asset.clone();
+        let setpoint = find(&mapping, "press-1", SPEED_SETPOINT);
+        let state = find(&mapping, "press-1", "state");
+        assert_eq!(setpoint.register, RegisterKind::Holding);
+        assert_eq!(
+            client
+                .read_holding_registers(setpoint.address, 1)
+                .await
+                .expect("transport"),
+            Ok(vec![100])
+        );
+        assert_eq!(
+            client
+                .write_single_register(setpoint.address, 999)
+                .await
+                .expect("transport"),
+            Err(ExceptionCode::IllegalDataValue)
+        );
+        assert_eq!(
+            client
+                .write_single_register(state.address, 1)
+                .await
+                .expect("transport"),
+            Err(ExceptionCode::IllegalDataValue)
+        );
+        // All or nothing: the state register in the range refuses the whole write.
+        assert_eq!(
+            client
+                .write_multiple_registers(state.address, &[0, 150])
+                .await
+                .expect("transport"),
+            Err(ExceptionCode::IllegalDataValue)
+        );
+        assert_eq!(
+            client
+                .write_single_register(60_000, 100)
+                .await
+                .expect("transport"),
+            Err(ExceptionCode::IllegalDataAddress)
+        );
+        assert_eq!(
+            client
+                .read_holding_registers(setpoint.address, 1)
+                .await
+                .expect("transport"),
+            Ok(vec![100])
+        );
+        assert_eq!(
+            client
+                .write_multiple_registers(setpoint.address, &[200])
+                .await
+                .expect("transport"),
+            Ok(())
+        );
+        assert_eq!(
+            client
+                .read_holding_registers(setpoint.address, 1)
+                .await
+                .expect("transport"),
+            Ok(vec![200])
+        );
+        // The same plant and seed without the write, for comparison.
+        let mut nominal = ModbusPlant::start(&line_plant(), 5).await.expect("starts");
+        let parts = |p: &mut ModbusPlant| {
+            let mut all = Vec::new();
+            for s in 0..=4 * 3600 {
+                all.extend_from_slice(p.step_to(RUN_START.plus_ms(s * 1000)));
+            }
+            let n = |prop| match last(&all, &press, prop) {
+                Some(Value::Int(n)) => n,
+                _ => 0,
+            };
+            n(Property::GoodCount) + n(Property::ScrapCount)
+        };
+        let fast = parts(&mut plant);
+        let slow = parts(&mut nominal);
+        assert!(slow > 100, "the press makes parts: {slow}");
+        assert!(
+            fast * 10 > slow * 17,
+            "200 % makes ~2x the parts: {fast} vs {slow}"
+        );
+    }
+
+    #[tokio::test]
+    async fn endpoints_toml_lists_every_line_with_its_port() {
+        let plant = ModbusPlant::start(&line_plant(), 1).await.expect("starts");
+        let text = plant.endpoints_toml();
+        let value: toml::Value = toml::from_str(&text).expect("valid TOML");
+        let entries = value["modbus"].as_array().expect("array");
+        assert_eq!(entries.len(), 1);
+        assert_eq!(
+            entries[0]["endpoint"].as_str(),
+            Some(plant.lines()[0].addr.to_string().as_str())
+        );
+        assert_ne!(plant.lines()[0].addr.port(), 0);
+    }
+
+    #[tokio::test]
+    async fn serve_without_a_plant_names_the_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let err = serve(dir.path(), 1.0, 1, async {})
+            .await
+            .expect_err("no plant");
+        assert!(matches!(err, ServeError::ReadPlant { .. }));
+        let err = serve(dir.path(), 0.0, 1, async {})
+            .await
+            .expect_err("bad speed");
+        assert!(matches!(err, ServeError::Speed(_)));
+    }
 }
