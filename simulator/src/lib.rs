@@ -2,12 +2,17 @@
 //! time (machine states, part counters, physics-like sensor signals, random faults with
 //! ground-truth labels) and drives the readings into an `IngestSink`.
 //!
-//! Depends on `ferrotwin-models` only: no async runtime. File I/O only where a file is the
-//! point: `scenario::Scenario::load`, `labels` and `run`.
+//! Serves the plant on Modbus TCP (`mapping`, `modbus`, `serve`): one tokio-modbus server per
+//! line. Depends on `ferrotwin-models` only among our crates (never on the runtime); tokio is
+//! used only by `modbus` and `serve`, the model and driver stay synchronous. File I/O only
+//! where a file is the point: `scenario::Scenario::load`, `labels`, `run` and `serve`.
 
 pub mod driver;
 pub mod generate;
 pub mod labels;
+pub mod mapping;
+pub mod modbus;
 pub mod model;
 pub mod run;
 pub mod scenario;
+pub mod serve;

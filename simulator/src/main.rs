@@ -1,11 +1,12 @@
-//! `ferrotwin-sim`: generates plant specs and runs them offline with scenarios (serving
-//! simulated PLCs comes later).
+//! `ferrotwin-sim`: generates plant specs, runs them offline with scenarios, and serves them
+//! as simulated PLCs on Modbus TCP.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ferrotwin_sim::generate::{PlantSize, count_assets, generate};
+use ferrotwin_sim::mapping::Mapping;
 use ferrotwin_sim::run::{Pace, RunOptions, RunSummary, run};
 use ferrotwin_sim::scenario::parse_duration_ms;
 
@@ -18,7 +19,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Write a generated plant spec to DIR/plant.toml.
+    /// Write a generated plant spec to DIR/plant.toml and its Modbus register map to
+    /// DIR/mapping.toml.
     Generate {
         #[arg(long, default_value_t = PlantSize::DEMO.sites)]
         sites: u32,
@@ -65,6 +67,18 @@ enum Command {
         /// Label file; default DIR/labels.csv.
         #[arg(long)]
         labels: Option<PathBuf>,
+    },
+    /// Serve DIR/plant.toml on Modbus TCP: one server per line on 127.0.0.1, addresses
+    /// printed and written to DIR/endpoints.toml; runs in real time until Ctrl-C.
+    Serve {
+        /// Directory holding plant.toml.
+        #[arg(long)]
+        plant: PathBuf,
+        /// Simulated seconds per wall-clock second.
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
     },
 }
 
@@ -117,6 +131,16 @@ fn main() -> anyhow::Result<()> {
             let file = out.join("plant.toml");
             std::fs::write(&file, spec.to_toml())
                 .with_context(|| format!("writing {}", file.display()))?;
+            // A line too large for one Modbus unit still gets its spec: it can be run and
+            // driven in-process, just not served.
+            match Mapping::of(&spec) {
+                Ok(mapping) => {
+                    let file = out.join("mapping.toml");
+                    std::fs::write(&file, mapping.to_toml())
+                        .with_context(|| format!("writing {}", file.display()))?;
+                }
+                Err(e) => eprintln!("no mapping.toml: {e}"),
+            }
             let c = count_assets(&spec);
             println!(
                 "wrote {}: {} sites, {} areas, {} lines, {} machines, {} sensors",
@@ -150,6 +174,17 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("running the plant in {}", opts.plant_dir.display()))?;
             print_summary(&summary);
             Ok(())
+        }
+        Command::Serve { plant, speed, seed } => {
+            let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+            runtime
+                .block_on(ferrotwin_sim::serve::serve(&plant, speed, seed, async {
+                    // No Ctrl-C handler (an unusual platform): serve until killed.
+                    if tokio::signal::ctrl_c().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }))
+                .with_context(|| format!("serving the plant in {}", plant.display()))
         }
     }
 }

@@ -150,6 +150,8 @@ struct SensorSim {
     stuck: bool,
     spike: bool,
     last_out: f64,
+    /// Speed: the machine's speed setpoint as a fraction of nominal (1.0 = 100 %).
+    speed_factor: f64,
 }
 
 struct Active {
@@ -180,6 +182,8 @@ struct MachineSim {
     rng: ChaCha8Rng,
     sensors: Range<usize>,
     ideal_cycle_ms: f64,
+    /// Speed setpoint in percent of nominal: scales the cycle time; 0 stops production.
+    speed_pct: u16,
     state: MachineState,
     state_until: i64,
     next_part: i64,
@@ -327,6 +331,7 @@ impl SensorSim {
             stuck: false,
             spike: false,
             last_out: lo,
+            speed_factor: 1.0,
         }
     }
 
@@ -353,7 +358,12 @@ impl SensorSim {
                 self.lo + self.level * frac * (1.0 + BEARING_GAIN * wear)
             }
             Model::Speed => match state {
-                MachineState::Running => self.level,
+                // At 100 % exactly `level`, not `lo + (level - lo)`: the same bits as before
+                // setpoints existed, so plain runs keep their readings.
+                MachineState::Running if self.speed_factor == 1.0 => self.level,
+                MachineState::Running => {
+                    (self.lo + (self.level - self.lo) * self.speed_factor).min(self.hi)
+                }
                 _ => self.lo,
             },
             Model::Power => {
@@ -472,9 +482,17 @@ impl MachineSim {
         }
     }
 
-    fn cycle_us(&mut self) -> i64 {
+    /// When the part started at `t` completes; `NEVER` at speed 0. Draws the same from the
+    /// machine's stream whatever the speed.
+    fn part_done_after(&mut self, t: i64) -> i64 {
         let slowdown: f64 = self.rng.random_range(0.0..0.15);
-        ((self.ideal_cycle_ms * 1000.0 * (1.0 + slowdown)) as i64).max(1000)
+        if self.speed_pct == 0 {
+            return NEVER;
+        }
+        let factor = f64::from(self.speed_pct) / 100.0;
+        let cycle_us =
+            ((self.ideal_cycle_ms * 1000.0 * (1.0 + slowdown) / factor) as i64).max(1000);
+        t.saturating_add(cycle_us)
     }
 
     fn refresh_next_event(&mut self) {
@@ -568,7 +586,7 @@ impl MachineSim {
             }
         }
         self.next_part = if state == MachineState::Running {
-            t + self.cycle_us()
+            self.part_done_after(t)
         } else {
             NEVER
         };
@@ -619,7 +637,7 @@ impl MachineSim {
                 self.good += 1;
                 self.emit_count(Property::GoodCount, t, sink);
             }
-            self.next_part = t + self.cycle_us();
+            self.next_part = self.part_done_after(t);
         } else if self.next_overheat == t {
             self.next_overheat = self.next_random(t, OVERHEAT_MEAN_S);
             let hot = |s: &SensorSim| s.model == Model::Temperature && s.high_limit.is_finite();
@@ -952,6 +970,7 @@ impl PlantSim {
                         rng,
                         sensors: sensors.len()..sensors.len(),
                         ideal_cycle_ms: mt.ideal_cycle_ms,
+                        speed_pct: 100,
                         state: MachineState::Idle,
                         state_until: NEVER,
                         next_part: NEVER,
@@ -1050,6 +1069,29 @@ impl PlantSim {
             let own = &mut sensors[m.sensors.clone()];
             m.advance(now, own, &mut sink);
         }
+    }
+
+    /// Sets a machine's speed setpoint in percent of nominal (a PLC's override, 0..=200 on
+    /// the Modbus map), from `now()`: the cycle time is divided by `pct / 100` and its speed
+    /// sensors (spindle, belt) run towards their setpoint times the same factor. A part in
+    /// progress finishes at its old pace, unless production stops (0) or restarts from 0.
+    /// Returns false if `machine` is not a machine of this plant.
+    pub fn set_speed_pct(&mut self, machine: AssetId, pct: u16) -> bool {
+        let Some(m) = self.machines.iter_mut().find(|m| m.id == machine) else {
+            return false;
+        };
+        if m.speed_pct == pct {
+            return true;
+        }
+        m.speed_pct = pct;
+        for s in &mut self.sensors[m.sensors.clone()] {
+            s.speed_factor = f64::from(pct) / 100.0;
+        }
+        if m.state == MachineState::Running && (pct == 0 || m.next_part == NEVER) {
+            m.next_part = m.part_done_after(self.now);
+        }
+        m.refresh_next_event();
+        true
     }
 
     /// Ground truth: every fault that has started so far, in order of start per machine.
@@ -1549,6 +1591,62 @@ mod tests {
         run(&mut sim, 120, 1000);
         assert_eq!(sim.faults()[0].end, None);
         assert_eq!(sim.final_labels()[0].end, Some(START.plus_ms(120_000)));
+    }
+
+    /// Parts (good + scrap) the machine at `path` made in the readings.
+    fn parts_of(readings: &[Reading], id: AssetId) -> i64 {
+        let last = |p: Property| {
+            readings
+                .iter()
+                .rev()
+                .find(|r| r.asset == id && r.property == p)
+                .map_or(0, |r| match r.value {
+                    Value::Int(n) => n,
+                    _ => 0,
+                })
+        };
+        last(Property::GoodCount) + last(Property::ScrapCount)
+    }
+
+    #[test]
+    fn speed_setpoint_scales_the_part_rate_and_stops_production_at_zero() {
+        let spec = line_plant();
+        let press = AssetPath::parse("acme/berlin/assembly/line-1/press-1")
+            .expect("valid")
+            .id();
+        let mut nominal = PlantSim::with_scenario(
+            &spec,
+            3,
+            START,
+            &scenario(&spec, "version = 1\nrandom_faults = false\n"),
+        );
+        let mut fast = PlantSim::with_scenario(
+            &spec,
+            3,
+            START,
+            &scenario(&spec, "version = 1\nrandom_faults = false\n"),
+        );
+        assert!(fast.set_speed_pct(press, 200));
+        assert!(!fast.set_speed_pct(AssetPath::parse("acme/nope").expect("valid").id(), 50));
+        let a = parts_of(&run(&mut nominal, 4 * 3600, 1000), press);
+        let b = parts_of(&run(&mut fast, 4 * 3600, 1000), press);
+        assert!(a > 100, "the press makes parts: {a}");
+        assert!(b * 10 > a * 17, "200 % makes ~2x the parts: {b} vs {a}");
+        // Stopped: the counters stay where they are.
+        let mut stopped = PlantSim::with_scenario(
+            &spec,
+            3,
+            START,
+            &scenario(&spec, "version = 1\nrandom_faults = false\n"),
+        );
+        run(&mut stopped, 600, 1000);
+        assert!(stopped.set_speed_pct(press, 0));
+        let later = run(&mut stopped, 3600, 1000);
+        assert!(
+            !later
+                .iter()
+                .any(|r| r.asset == press && r.property == Property::GoodCount)
+        );
     }
 
     #[test]

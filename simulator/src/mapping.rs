@@ -1,0 +1,345 @@
+//! The Modbus register map of a plant, derived from the spec alone (same spec, same map):
+//! one virtual PLC, so one Modbus TCP server, per line; `mapping.toml` is what an adapter
+//! reads to poll it.
+//!
+//! Layout of a line, machines in spec order (`PlantSpec::assets`), `i` the machine's index
+//! in its line:
+//! - holding registers: `2i` = `state` (u16: 0 idle, 1 running, 2 setup, 3 down; read-only),
+//!   `2i + 1` = `speed_setpoint_pct` (u16, 0..=200, default 100; writable);
+//! - input registers, one block per machine in the same order: `good_count` and
+//!   `scrap_count` (u32, two registers each), then per sensor in spec order its `value`
+//!   (IEEE-754 f32, two registers).
+//!
+//! 32-bit values are big-endian in both senses: the high word first (at the lower address),
+//! each word high byte first as Modbus sends every register. Counters wrap at 2^32 like a
+//! PLC's. Scale is 1 everywhere for now: engineering value = raw × scale.
+
+use std::collections::HashSet;
+use std::fmt::Write as _;
+
+use ferrotwin_models::spec::{AssetKind, PlantSpec};
+use ferrotwin_models::{AssetPath, Property};
+use serde::{Deserialize, Serialize};
+
+pub const MAPPING_VERSION: u32 = 1;
+
+/// Where `mapping.toml` says a line's endpoint is before `serve` binds it: the real port is
+/// chosen at bind time and written to `endpoints.toml`.
+pub const ENDPOINT_PLACEHOLDER: &str = "127.0.0.1:0";
+
+/// The tag name of the writable speed override (not a reading `Property`: nothing reports it).
+pub const SPEED_SETPOINT: &str = "speed_setpoint_pct";
+
+/// Highest value `speed_setpoint_pct` accepts.
+pub const MAX_SPEED_PCT: u16 = 200;
+
+/// Registers a Modbus unit can address (16-bit addresses).
+const ADDRESS_SPACE: usize = 1 << 16;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RegisterKind {
+    Holding,
+    Input,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataType {
+    U16,
+    U32,
+    F32,
+}
+
+impl DataType {
+    pub fn words(self) -> u16 {
+        match self {
+            DataType::U16 => 1,
+            DataType::U32 | DataType::F32 => 2,
+        }
+    }
+}
+
+/// Order of the two words of a 32-bit value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WordOrder {
+    /// High word at the lower address.
+    BigEndian,
+}
+
+/// One value a line's PLC serves.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TagMap {
+    /// The machine or sensor.
+    pub asset: String,
+    /// A reading property (`state`, `good_count`, `scrap_count`, `value`) or
+    /// `speed_setpoint_pct`.
+    pub property: String,
+    pub register: RegisterKind,
+    pub address: u16,
+    pub data_type: DataType,
+    pub word_order: WordOrder,
+    pub scale: f64,
+    #[serde(default)]
+    pub writable: bool,
+}
+
+/// The register map of one line's PLC.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LineMap {
+    pub line: String,
+    /// `ENDPOINT_PLACEHOLDER` until served; see `endpoints.toml`.
+    pub endpoint: String,
+    pub unit_id: u8,
+    pub holding_registers: u32,
+    pub input_registers: u32,
+    pub tags: Vec<TagMap>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mapping {
+    pub version: u32,
+    pub lines: Vec<LineMap>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MappingError {
+    #[error(
+        "line {line}: needs {registers} input registers, a Modbus unit addresses {ADDRESS_SPACE} \
+         (split the line or use fewer sensors per machine)"
+    )]
+    LineTooLarge { line: String, registers: usize },
+}
+
+fn tag(asset: &AssetPath, property: &str, register: RegisterKind, address: usize) -> TagMap {
+    let data_type = match (register, property) {
+        (RegisterKind::Holding, _) => DataType::U16,
+        (RegisterKind::Input, "value") => DataType::F32,
+        (RegisterKind::Input, _) => DataType::U32,
+    };
+    TagMap {
+        asset: asset.as_str().to_string(),
+        property: property.to_string(),
+        register,
+        address: u16::try_from(address).expect("checked against ADDRESS_SPACE"),
+        data_type,
+        word_order: WordOrder::BigEndian,
+        scale: 1.0,
+        writable: property == SPEED_SETPOINT,
+    }
+}
+
+impl Mapping {
+    /// The map of a validated spec. Fails only if a line has more registers than a Modbus
+    /// unit can address.
+    pub fn of(spec: &PlantSpec) -> Result<Mapping, MappingError> {
+        let mut lines: Vec<LineMap> = Vec::new();
+        // Next free holding and input address of the current line.
+        let (mut holding, mut input) = (0usize, 0usize);
+        let finish = |line: &mut LineMap, holding: usize, input: usize| {
+            if holding.max(input) > ADDRESS_SPACE {
+                return Err(MappingError::LineTooLarge {
+                    line: line.line.clone(),
+                    registers: holding.max(input),
+                });
+            }
+            line.holding_registers = holding as u32;
+            line.input_registers = input as u32;
+            Ok(())
+        };
+        for asset in spec.assets() {
+            let words = match asset.kind {
+                AssetKind::Line => {
+                    if let Some(last) = lines.last_mut() {
+                        finish(last, holding, input)?;
+                    }
+                    lines.push(LineMap {
+                        line: asset.path.as_str().to_string(),
+                        endpoint: ENDPOINT_PLACEHOLDER.to_string(),
+                        unit_id: 1,
+                        holding_registers: 0,
+                        input_registers: 0,
+                        tags: Vec::new(),
+                    });
+                    (holding, input) = (0, 0);
+                    continue;
+                }
+                AssetKind::Machine { .. } => {
+                    vec![
+                        (Property::State.as_str(), RegisterKind::Holding),
+                        (SPEED_SETPOINT, RegisterKind::Holding),
+                        (Property::GoodCount.as_str(), RegisterKind::Input),
+                        (Property::ScrapCount.as_str(), RegisterKind::Input),
+                    ]
+                }
+                AssetKind::Sensor { .. } => {
+                    vec![(Property::Value.as_str(), RegisterKind::Input)]
+                }
+                _ => continue,
+            };
+            let line = lines.last_mut().expect("machines follow their line");
+            for (property, register) in words {
+                // Stop counting addresses past the space (error at `finish`), so a huge
+                // line cannot overflow `u16::try_from`.
+                let next = match register {
+                    RegisterKind::Holding => &mut holding,
+                    RegisterKind::Input => &mut input,
+                };
+                let t = tag(&asset.path, property, register, (*next).min(0xffff));
+                *next += usize::from(t.data_type.words());
+                if *next <= ADDRESS_SPACE {
+                    line.tags.push(t);
+                }
+            }
+        }
+        if let Some(last) = lines.last_mut() {
+            finish(last, holding, input)?;
+        }
+        Ok(Mapping {
+            version: MAPPING_VERSION,
+            lines,
+        })
+    }
+
+    pub fn to_toml(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# Modbus register map written by ferrotwin-sim: one PLC (Modbus TCP server) per \
+             line.\n# 32-bit values: high word first (word_order = \"big_endian\"); value = raw \
+             * scale.\n# endpoint {ENDPOINT_PLACEHOLDER:?} is assigned by `ferrotwin-sim serve` \
+             (see endpoints.toml)."
+        );
+        out.push_str(&toml::to_string(self).expect("a mapping serializes to TOML"));
+        out
+    }
+
+    pub fn from_toml(text: &str) -> Result<Mapping, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// Every tag once: no two tags of a line share a register.
+    pub fn is_consistent(&self) -> bool {
+        self.lines.iter().all(|line| {
+            let mut used = HashSet::new();
+            line.tags.iter().all(|t| {
+                (0..t.data_type.words())
+                    .all(|w| used.insert((t.register, u32::from(t.address) + u32::from(w))))
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::generate::{PlantSize, generate};
+
+    fn plant() -> PlantSpec {
+        generate(
+            PlantSize {
+                sites: 1,
+                areas: 2,
+                lines: 2,
+                machines: 3,
+                sensors_per_machine: 0,
+            },
+            3,
+        )
+    }
+
+    #[test]
+    fn mapping_is_deterministic_and_covers_every_sensor_once() {
+        let spec = plant();
+        let a = Mapping::of(&spec).expect("fits");
+        assert_eq!(a, Mapping::of(&spec).expect("fits"));
+        assert_eq!(a.to_toml(), Mapping::of(&spec).expect("fits").to_toml());
+        assert_eq!(a.lines.len(), 4);
+        assert!(a.is_consistent());
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        for t in a.lines.iter().flat_map(|l| &l.tags) {
+            if t.property == "value" {
+                *seen.entry(t.asset.as_str()).or_default() += 1;
+                assert_eq!(t.data_type, DataType::F32);
+                assert_eq!(t.register, RegisterKind::Input);
+            }
+        }
+        let sensors: Vec<String> = spec
+            .assets()
+            .into_iter()
+            .filter(|a| matches!(a.kind, AssetKind::Sensor { .. }))
+            .map(|a| a.path.as_str().to_string())
+            .collect();
+        assert_eq!(seen.len(), sensors.len());
+        assert!(sensors.iter().all(|s| seen.get(s.as_str()) == Some(&1)));
+    }
+
+    #[test]
+    fn machine_block_is_state_and_setpoint_then_counters_and_sensors() {
+        let m = Mapping::of(&plant()).expect("fits");
+        let line = &m.lines[0];
+        let first = &line.tags[0].asset;
+        let of_first: Vec<(&str, RegisterKind, u16)> = line
+            .tags
+            .iter()
+            .filter(|t| t.asset == *first)
+            .map(|t| (t.property.as_str(), t.register, t.address))
+            .collect();
+        assert_eq!(
+            of_first,
+            vec![
+                ("state", RegisterKind::Holding, 0),
+                (SPEED_SETPOINT, RegisterKind::Holding, 1),
+                ("good_count", RegisterKind::Input, 0),
+                ("scrap_count", RegisterKind::Input, 2),
+            ]
+        );
+        // The first sensor follows the counters.
+        let sensor = line
+            .tags
+            .iter()
+            .find(|t| t.property == "value")
+            .expect("machines have sensors");
+        assert_eq!((sensor.address, sensor.asset.starts_with(first)), (4, true));
+        assert_eq!(
+            line.holding_registers,
+            2 * line.tags.iter().filter(|t| t.property == "state").count() as u32
+        );
+    }
+
+    #[test]
+    fn mapping_toml_round_trips() {
+        let m = Mapping::of(&plant()).expect("fits");
+        let text = m.to_toml();
+        assert!(text.contains("word_order = \"big_endian\""));
+        assert_eq!(Mapping::from_toml(&text).expect("parses"), m);
+    }
+
+    #[test]
+    fn a_line_beyond_the_address_space_is_an_error() {
+        let spec = generate(
+            PlantSize {
+                sites: 1,
+                areas: 1,
+                lines: 1,
+                machines: 200,
+                sensors_per_machine: 200,
+            },
+            1,
+        );
+        let err = Mapping::of(&spec).expect_err("80,800 input registers do not fit");
+        assert!(matches!(
+            err,
+            MappingError::LineTooLarge {
+                registers: 80_800,
+                ..
+            }
+        ));
+    }
+}

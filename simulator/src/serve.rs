@@ -1,0 +1,513 @@
+//! `ferrotwin-sim serve`: the plant on Modbus TCP. One `modbus::serve_line` server per line on
+//! 127.0.0.1 (port chosen by the OS), a simulation stepped in real time whose readings update
+//! the register images, and setpoints written by clients applied to the machines.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferrotwin_models::spec::PlantSpec;
+use ferrotwin_models::{AssetId, AssetPath, Reading, Timestamp};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+use crate::mapping::{Mapping, MappingError};
+use crate::modbus::{LineMapError, LineRegisters, serve_line};
+use crate::model::PlantSim;
+use crate::run::RUN_START;
+
+/// Wall-clock time between simulation steps: registers are at most this stale.
+pub const STEP_INTERVAL: Duration = Duration::from_millis(100);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("{}: cannot read the plant spec", .file.display())]
+    ReadPlant {
+        file: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Plant(#[from] ferrotwin_models::spec::SpecError),
+    #[error(transparent)]
+    Mapping(#[from] MappingError),
+    #[error(transparent)]
+    LineMap(#[from] LineMapError),
+    #[error("line {line}: cannot bind a Modbus server on 127.0.0.1")]
+    Bind {
+        line: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{}: cannot write the endpoints", .file.display())]
+    WriteEndpoints {
+        file: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("speed {0} is not a finite number > 0")]
+    Speed(f64),
+    #[error("a Modbus server stopped accepting connections")]
+    ServerEnded {
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// One line's PLC being served.
+pub struct ServedLine {
+    pub line: String,
+    pub addr: SocketAddr,
+    pub registers: Arc<LineRegisters>,
+}
+
+/// A simulated plant with a Modbus server per line. Dropping it stops the servers.
+pub struct ModbusPlant {
+    sim: PlantSim,
+    lines: Vec<ServedLine>,
+    /// Which line serves an asset's readings.
+    line_of: HashMap<AssetId, usize>,
+    readings: Vec<Reading>,
+    per_line: Vec<Vec<Reading>>,
+    servers: JoinSet<io::Result<()>>,
+}
+
+pub fn load_plant(dir: &Path) -> Result<PlantSpec, ServeError> {
+    let file = dir.join("plant.toml");
+    let text = std::fs::read_to_string(&file).map_err(|source| ServeError::ReadPlant {
+        file: file.clone(),
+        source,
+    })?;
+    Ok(PlantSpec::from_toml(&text, &file.display().to_string())?)
+}
+
+impl ModbusPlant {
+    /// Binds and starts one server per line of `spec` (on a tokio runtime), the simulation at
+    /// `RUN_START` with `seed`.
+    pub async fn start(spec: &PlantSpec, seed: u64) -> Result<ModbusPlant, ServeError> {
+        let mapping = Mapping::of(spec)?;
+        let mut lines = Vec::new();
+        let mut line_of = HashMap::new();
+        let mut servers = JoinSet::new();
+        for (i, map) in mapping.lines.iter().enumerate() {
+            let registers = Arc::new(LineRegisters::new(map)?);
+            for t in &map.tags {
+                let id = AssetPath::parse(&t.asset)
+                    .expect("LineRegisters::new checked the paths")
+                    .id();
+                line_of.insert(id, i);
+            }
+            let listener =
+                TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .map_err(|source| ServeError::Bind {
+                        line: map.line.clone(),
+                        source,
+                    })?;
+            let addr = listener.local_addr().map_err(|source| ServeError::Bind {
+                line: map.line.clone(),
+                source,
+            })?;
+            servers.spawn(serve_line(listener, Arc::clone(&registers)));
+            lines.push(ServedLine {
+                line: map.line.clone(),
+                addr,
+                registers,
+            });
+        }
+        // The images hold zeros until the first `step_to` (`run_realtime` takes it at once).
+        Ok(ModbusPlant {
+            sim: PlantSim::new(spec, seed, RUN_START),
+            per_line: (0..lines.len()).map(|_| Vec::new()).collect(),
+            lines,
+            line_of,
+            readings: Vec::new(),
+            servers,
+        })
+    }
+
+    pub fn lines(&self) -> &[ServedLine] {
+        &self.lines
+    }
+
+    pub fn sim(&self) -> &PlantSim {
+        &self.sim
+    }
+
+    /// `endpoints.toml`: the address of each line's server.
+    pub fn endpoints_toml(&self) -> String {
+        let mut out = String::from("version = 1\n");
+        for l in &self.lines {
+            let _ = write!(
+                out,
+                "\n[[modbus]]\nline = {:?}\nendpoint = \"{}\"\n",
+                l.line, l.addr
+            );
+        }
+        out
+    }
+
+    /// Applies the setpoints clients wrote, advances the simulation to `t` and writes what it
+    /// read into the register images. Returns the readings of the step.
+    pub fn step_to(&mut self, t: Timestamp) -> &[Reading] {
+        for l in &self.lines {
+            for w in l.registers.take_setpoint_writes() {
+                self.sim.set_speed_pct(w.machine, w.pct);
+            }
+        }
+        self.readings.clear();
+        self.sim.step(t, &mut self.readings);
+        for r in &self.readings {
+            if let Some(&i) = self.line_of.get(&r.asset) {
+                self.per_line[i].push(*r);
+            }
+        }
+        for (l, batch) in self.lines.iter().zip(&mut self.per_line) {
+            l.registers.update_from(batch);
+            batch.clear();
+        }
+        &self.readings
+    }
+
+    /// Steps the simulation every `STEP_INTERVAL`, simulated time running `speed` times as
+    /// fast as the wall clock, until `shutdown` completes or a server fails.
+    pub async fn run_realtime(
+        &mut self,
+        speed: f64,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), ServeError> {
+        if !(speed.is_finite() && speed > 0.0) {
+            return Err(ServeError::Speed(speed));
+        }
+        let wall_start = tokio::time::Instant::now();
+        let sim_start = self.sim.now();
+        let mut tick = tokio::time::interval(STEP_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => return Ok(()),
+                _ = tick.tick() => {
+                    let micros = wall_start.elapsed().as_micros() as f64 * speed;
+                    self.step_to(Timestamp(sim_start.0.saturating_add(micros as i64)));
+                }
+                Some(ended) = self.servers.join_next() => {
+                    // A server only ends when accepting fails: the PLC is gone.
+                    let source = match ended {
+                        Ok(Err(e)) => e,
+                        Ok(Ok(())) => io::Error::other("server ended"),
+                        Err(e) => io::Error::other(e),
+                    };
+                    return Err(ServeError::ServerEnded { source });
+                }
+            }
+        }
+    }
+}
+
+/// What `ferrotwin-sim serve` does: loads DIR/plant.toml, starts the servers, prints
+/// `modbus <line> <addr>` per line and writes the same to DIR/endpoints.toml, runs until
+/// `shutdown`.
+pub async fn serve(
+    plant_dir: &Path,
+    speed: f64,
+    seed: u64,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    if !(speed.is_finite() && speed > 0.0) {
+        return Err(ServeError::Speed(speed));
+    }
+    let spec = load_plant(plant_dir)?;
+    let mut plant = ModbusPlant::start(&spec, seed).await?;
+    for l in plant.lines() {
+        println!("modbus {} {}", l.line, l.addr);
+    }
+    let file = plant_dir.join("endpoints.toml");
+    std::fs::write(&file, plant.endpoints_toml())
+        .map_err(|source| ServeError::WriteEndpoints { file, source })?;
+    plant.run_realtime(speed, shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use ferrotwin_models::{Property, Value};
+    use tokio_modbus::ExceptionCode;
+    use tokio_modbus::client::{Context, Reader, Writer};
+
+    use super::*;
+    use crate::generate::{PlantSize, generate};
+    use crate::mapping::{RegisterKind, SPEED_SETPOINT, TagMap};
+    use crate::modbus::{decode_f32, decode_u32};
+
+    /// One line of three machines (a press, a conveyor, an oven).
+    fn line_plant() -> PlantSpec {
+        generate(
+            PlantSize {
+                sites: 1,
+                areas: 1,
+                lines: 1,
+                machines: 3,
+                sensors_per_machine: 0,
+            },
+            1,
+        )
+    }
+
+    async fn started() -> (ModbusPlant, Mapping, Context) {
+        let spec = line_plant();
+        let plant = ModbusPlant::start(&spec, 5).await.expect("servers start");
+        let client = tokio_modbus::client::tcp::connect(plant.lines()[0].addr)
+            .await
+            .expect("connects");
+        (plant, Mapping::of(&spec).expect("fits"), client)
+    }
+
+    fn find<'a>(m: &'a Mapping, asset_ends: &str, property: &str) -> &'a TagMap {
+        m.lines[0]
+            .tags
+            .iter()
+            .find(|t| t.asset.ends_with(asset_ends) && t.property == property)
+            .expect("tag in the mapping")
+    }
+
+    /// The last value of `property` of the asset at `path` in `readings`.
+    fn last(readings: &[Reading], path: &str, property: Property) -> Option<Value> {
+        let id = AssetPath::parse(path).expect("valid").id();
+        readings
+            .iter()
+            .rev()
+            .find(|r| r.asset == id && r.property == property)
+            .map(|r| r.value)
+    }
+
+    #[tokio::test]
+    async fn client_reads_state_and_sensor_float_the_simulation_produced() {
+        let (mut plant, mapping, mut client) = started().await;
+        let state_tag = find(&mapping, "press-1", "state");
+        let temp_tag = mapping.lines[0]
+            .tags
+            .iter()
+            .find(|t| t.property == "value" && t.asset.starts_with(&state_tag.asset))
+            .expect("the press has sensors")
+            .clone();
+        let mut all = Vec::new();
+        for s in 0..=5 {
+            all.extend_from_slice(plant.step_to(RUN_START.plus_ms(s * 1000)));
+        }
+        let state = client
+            .read_holding_registers(state_tag.address, 1)
+            .await
+            .expect("transport")
+            .expect("no exception");
+        let expected = last(&all, &state_tag.asset, Property::State).expect("state reported");
+        assert_eq!(Value::Int(i64::from(state[0])), expected);
+        let words = client
+            .read_input_registers(temp_tag.address, 2)
+            .await
+            .expect("transport")
+            .expect("no exception");
+        let got = decode_f32([words[0], words[1]]);
+        let expected = last(&all, &temp_tag.asset, Property::Value).expect("sensor sampled");
+        assert_eq!(got, expected.as_f64() as f32);
+        assert!(got != 0.0, "a real value, not the empty image");
+        // Values move: after another minute the float is the newest sample's.
+        let later = plant.step_to(RUN_START.plus_ms(65_000)).to_vec();
+        let words = client
+            .read_input_registers(temp_tag.address, 2)
+            .await
+            .expect("transport")
+            .expect("no exception");
+        let newest = last(&later, &temp_tag.asset, Property::Value).expect("sampled");
+        assert_eq!(decode_f32([words[0], words[1]]), newest.as_f64() as f32);
+        // Counters decode as u32, high word first.
+        let good = find(&mapping, "press-1", "good_count");
+        let words = client
+            .read_input_registers(good.address, 2)
+            .await
+            .expect("transport")
+            .expect("no exception");
+        let mut everything = all;
+        everything.extend(later);
+        let expected = last(&everything, &good.asset, Property::GoodCount).expect("counted");
+        assert_eq!(
+            Value::Int(i64::from(decode_u32([words[0], words[1]]))),
+            expected
+        );
+    }
+
+    #[tokio::test]
+    async fn out_of_range_read_is_illegal_data_address_and_the_server_keeps_serving() {
+        let (plant, _, mut client) = started().await;
+        let line = &plant.lines()[0];
+        let inputs = {
+            let m = Mapping::of(&line_plant()).expect("fits");
+            m.lines[0].input_registers as u16
+        };
+        let err = client
+            .read_input_registers(inputs - 1, 2)
+            .await
+            .expect("transport");
+        assert_eq!(err, Err(ExceptionCode::IllegalDataAddress));
+        let err = client
+            .read_holding_registers(60_000, 1)
+            .await
+            .expect("transport");
+        assert_eq!(err, Err(ExceptionCode::IllegalDataAddress));
+        let err = client.read_input_registers(0, 0).await.expect("transport");
+        assert_eq!(err, Err(ExceptionCode::IllegalDataValue));
+        // Same connection, and a second client, still served.
+        let ok = client
+            .read_input_registers(0, inputs)
+            .await
+            .expect("transport");
+        assert_eq!(ok.map(|w| w.len()), Ok(usize::from(inputs)));
+        let mut other = tokio_modbus::client::tcp::connect(line.addr)
+            .await
+            .expect("connects");
+        assert!(
+            other
+                .read_holding_registers(0, 2)
+                .await
+                .expect("transport")
+                .is_ok()
+        );
+    }
+
+    #[tokio::test]
+    async fn unserved_functions_are_illegal_function() {
+        let (_plant, _, mut client) = started().await;
+        assert_eq!(
+            client.read_coils(0, 1).await.expect("transport"),
+            Err(ExceptionCode::IllegalFunction)
+        );
+        assert_eq!(
+            client.write_single_coil(0, true).await.expect("transport"),
+            Err(ExceptionCode::IllegalFunction)
+        );
+        assert!(
+            client
+                .read_holding_registers(0, 1)
+                .await
+                .expect("transport")
+                .is_ok()
+        );
+    }
+
+    #[tokio::test]
+    async fn setpoint_write_speeds_the_machine_up_and_bad_writes_are_refused() {
+        let (mut plant, mapping, mut client) = started().await;
+        let press = find(&mapping, "press-1", "state").asset.clone();
+        let setpoint = find(&mapping, "press-1", SPEED_SETPOINT);
+        let state = find(&mapping, "press-1", "state");
+        assert_eq!(setpoint.register, RegisterKind::Holding);
+        assert_eq!(
+            client
+                .read_holding_registers(setpoint.address, 1)
+                .await
+                .expect("transport"),
+            Ok(vec![100])
+        );
+        assert_eq!(
+            client
+                .write_single_register(setpoint.address, 999)
+                .await
+                .expect("transport"),
+            Err(ExceptionCode::IllegalDataValue)
+        );
+        assert_eq!(
+            client
+                .write_single_register(state.address, 1)
+                .await
+                .expect("transport"),
+            Err(ExceptionCode::IllegalDataValue)
+        );
+        // All or nothing: the state register in the range refuses the whole write.
+        assert_eq!(
+            client
+                .write_multiple_registers(state.address, &[0, 150])
+                .await
+                .expect("transport"),
+            Err(ExceptionCode::IllegalDataValue)
+        );
+        assert_eq!(
+            client
+                .write_single_register(60_000, 100)
+                .await
+                .expect("transport"),
+            Err(ExceptionCode::IllegalDataAddress)
+        );
+        assert_eq!(
+            client
+                .read_holding_registers(setpoint.address, 1)
+                .await
+                .expect("transport"),
+            Ok(vec![100])
+        );
+        assert_eq!(
+            client
+                .write_multiple_registers(setpoint.address, &[200])
+                .await
+                .expect("transport"),
+            Ok(())
+        );
+        assert_eq!(
+            client
+                .read_holding_registers(setpoint.address, 1)
+                .await
+                .expect("transport"),
+            Ok(vec![200])
+        );
+        // The same plant and seed without the write, for comparison.
+        let mut nominal = ModbusPlant::start(&line_plant(), 5).await.expect("starts");
+        let parts = |p: &mut ModbusPlant| {
+            let mut all = Vec::new();
+            for s in 0..=4 * 3600 {
+                all.extend_from_slice(p.step_to(RUN_START.plus_ms(s * 1000)));
+            }
+            let n = |prop| match last(&all, &press, prop) {
+                Some(Value::Int(n)) => n,
+                _ => 0,
+            };
+            n(Property::GoodCount) + n(Property::ScrapCount)
+        };
+        let fast = parts(&mut plant);
+        let slow = parts(&mut nominal);
+        assert!(slow > 100, "the press makes parts: {slow}");
+        assert!(
+            fast * 10 > slow * 17,
+            "200 % makes ~2x the parts: {fast} vs {slow}"
+        );
+    }
+
+    #[tokio::test]
+    async fn endpoints_toml_lists_every_line_with_its_port() {
+        let plant = ModbusPlant::start(&line_plant(), 1).await.expect("starts");
+        let text = plant.endpoints_toml();
+        let value: toml::Value = toml::from_str(&text).expect("valid TOML");
+        let entries = value["modbus"].as_array().expect("array");
+        assert_eq!(entries.len(), 1);
+        assert_eq!(
+            entries[0]["endpoint"].as_str(),
+            Some(plant.lines()[0].addr.to_string().as_str())
+        );
+        assert_ne!(plant.lines()[0].addr.port(), 0);
+    }
+
+    #[tokio::test]
+    async fn serve_without_a_plant_names_the_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let err = serve(dir.path(), 1.0, 1, async {})
+            .await
+            .expect_err("no plant");
+        assert!(matches!(err, ServeError::ReadPlant { .. }));
+        let err = serve(dir.path(), 0.0, 1, async {})
+            .await
+            .expect_err("bad speed");
+        assert!(matches!(err, ServeError::Speed(_)));
+    }
+}
