@@ -158,6 +158,15 @@ impl TwinApi {
         }
     }
 
+    /// A page of twins and the token of the next page (the last path; empty at the end).
+    fn page_of(&self, entries: &[Arc<TwinEntry>], more: bool) -> (Vec<pb::Twin>, String) {
+        let next = match (more, entries.last()) {
+            (true, Some(e)) => e.path().to_string(),
+            _ => String::new(),
+        };
+        (entries.iter().map(|e| self.twin_of(e)).collect(), next)
+    }
+
     fn twin_of(&self, e: &TwinEntry) -> pb::Twin {
         convert::twin(e, &e.snapshot())
     }
@@ -226,17 +235,10 @@ impl TwinService for TwinApi {
             .scan(Some(&root), after.as_ref(), limit, |e| {
                 e.path().depth() <= max_depth
             });
-        let next = if more {
-            entries
-                .last()
-                .map(|e| e.path().to_string())
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let (twins, next_page_token) = self.page_of(&entries, more);
         Ok(Response::new(pb::BrowseResponse {
-            twins: entries.iter().map(|e| self.twin_of(e)).collect(),
-            next_page_token: next,
+            twins,
+            next_page_token,
         }))
     }
 
@@ -295,17 +297,10 @@ impl TwinService for TwinApi {
         })
         .await
         .map_err(|e| ApiError::Unavailable(format!("query failed: {e}")))?;
-        let next = if more {
-            entries
-                .last()
-                .map(|e| e.path().to_string())
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let (twins, next_page_token) = self.page_of(&entries, more);
         Ok(Response::new(pb::QueryResponse {
-            twins: entries.iter().map(|e| self.twin_of(e)).collect(),
-            next_page_token: next,
+            twins,
+            next_page_token,
         }))
     }
 

@@ -68,9 +68,15 @@ impl Actor for GroupTwin {
         // Boxed: an actor's task holds its largest handler future inline for its
         // whole life; boxing keeps an idle twin small, for one allocation per call.
         Box::pin(async move {
+            let Some(msg) =
+                super::answer_as_parent(&state.entry, msg, state.entry.level().as_str())
+            else {
+                return Ok(());
+            };
             match msg {
                 TwinMsg::ChildChanged { id, rollup } => {
-                    if state.children.set(id, rollup) && !state.publish_scheduled {
+                    let changed = state.children.set(id, rollup);
+                    if changed && !state.publish_scheduled {
                         state.publish_scheduled = true;
                         let debounce = Duration::from_millis(state.ctx.settings.rollup_debounce_ms);
                         myself.send_after(debounce, || TwinMsg::PublishRollUp);
@@ -90,17 +96,7 @@ impl Actor for GroupTwin {
                         .fetch_add(readings.len() as u64, std::sync::atomic::Ordering::Relaxed);
                     state.ctx.handled(readings.len());
                 }
-                TwinMsg::Acknowledge { reply, .. } | TwinMsg::Shelve { reply, .. } => {
-                    let _ = reply.send(Err(super::TwinError::NoAlarms {
-                        asset: state.entry.path().clone(),
-                        level: state.entry.level().as_str(),
-                    }));
-                }
-                TwinMsg::FlushHistory(reply) => {
-                    let _ = reply.send(());
-                }
-                TwinMsg::CheckStale(_) => {}
-                TwinMsg::Crash => panic!("{}: crash requested (test hook)", state.entry.path()),
+                _ => {}
             }
             Ok(())
         })

@@ -15,8 +15,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 
 use super::supervise::Children;
 use super::{
-    MachineSnap, RejectThrottle, TwinArgs, TwinCtx, TwinError, TwinMsg, TwinSnapshot, TwinState,
-    now,
+    MachineSnap, RejectThrottle, TwinArgs, TwinCtx, TwinMsg, TwinSnapshot, TwinState, now,
 };
 use crate::registry::TwinEntry;
 
@@ -107,6 +106,13 @@ impl Actor for MachineTwin {
         // Boxed: an actor's task holds its largest handler future inline for its
         // whole life; boxing keeps an idle twin small, for one allocation per call.
         Box::pin(async move {
+            let Some(msg) = super::answer_as_parent(
+                &state.entry,
+                msg,
+                "machine (acknowledge the sensor's alarm)",
+            ) else {
+                return Ok(());
+            };
             match msg {
                 TwinMsg::Drain => {
                     let readings = state.entry.take_inbox();
@@ -118,7 +124,8 @@ impl Actor for MachineTwin {
                     state.schedule(&myself);
                 }
                 TwinMsg::ChildChanged { id, rollup } => {
-                    if state.children.set(id, rollup) {
+                    let changed = state.children.set(id, rollup);
+                    if changed {
                         state.schedule(&myself);
                     }
                 }
@@ -126,17 +133,7 @@ impl Actor for MachineTwin {
                     state.publish_scheduled = false;
                     state.publish(now(), true);
                 }
-                TwinMsg::Acknowledge { reply, .. } | TwinMsg::Shelve { reply, .. } => {
-                    let _ = reply.send(Err(TwinError::NoAlarms {
-                        asset: state.entry.path().clone(),
-                        level: "machine (acknowledge the sensor's alarm)",
-                    }));
-                }
-                TwinMsg::FlushHistory(reply) => {
-                    let _ = reply.send(());
-                }
-                TwinMsg::CheckStale(_) => {}
-                TwinMsg::Crash => panic!("{}: crash requested (test hook)", state.entry.path()),
+                _ => {}
             }
             Ok(())
         })

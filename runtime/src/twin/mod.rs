@@ -324,6 +324,31 @@ pub struct TwinArgs {
     pub restarted_after: Option<String>,
 }
 
+/// Answers the messages every parent twin (machine and above) treats alike: it has no
+/// alarms of its own and no history. Gives back the messages that are its own business.
+pub(crate) fn answer_as_parent(
+    entry: &TwinEntry,
+    msg: TwinMsg,
+    alarms_at: &'static str,
+) -> Option<TwinMsg> {
+    match msg {
+        TwinMsg::Acknowledge { reply, .. } | TwinMsg::Shelve { reply, .. } => {
+            let _ = reply.send(Err(TwinError::NoAlarms {
+                asset: entry.path().clone(),
+                level: alarms_at,
+            }));
+            None
+        }
+        TwinMsg::FlushHistory(reply) => {
+            let _ = reply.send(());
+            None
+        }
+        TwinMsg::CheckStale(_) => None,
+        TwinMsg::Crash => panic!("{}: crash requested (test hook)", entry.path()),
+        own => Some(own),
+    }
+}
+
 /// Stop reason that marks a deliberate removal: the parent does not restart the child.
 pub const STOP_REMOVED: &str = "removed";
 
