@@ -13,6 +13,7 @@ pub mod labels;
 pub mod mapping;
 pub mod modbus;
 pub mod model;
+pub mod mqtt;
 pub mod run;
 pub mod scenario;
 pub mod serve;
