@@ -3,8 +3,9 @@
 //! ground-truth labels) and drives the readings into an `IngestSink`.
 //!
 //! Serves the plant on Modbus TCP (`mapping`, `modbus`, `serve`): one tokio-modbus server per
-//! line. Depends on `ferrotwin-models` only among our crates (never on the runtime); tokio is
-//! used only by `modbus` and `serve`, the model and driver stay synchronous. File I/O only
+//! line; and on MQTT (`mqtt`): JSON on ISA-95 topics, to a given broker or an embedded rumqttd.
+//! Depends on `ferrotwin-models` only among our crates (never on the runtime); tokio is used
+//! only by `modbus`, `mqtt` and `serve`, the model and driver stay synchronous. File I/O only
 //! where a file is the point: `scenario::Scenario::load`, `labels`, `run` and `serve`.
 
 pub mod driver;
@@ -13,6 +14,7 @@ pub mod labels;
 pub mod mapping;
 pub mod modbus;
 pub mod model;
+pub mod mqtt;
 pub mod run;
 pub mod scenario;
 pub mod serve;

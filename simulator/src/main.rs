@@ -1,5 +1,5 @@
 //! `ferrotwin-sim`: generates plant specs, runs them offline with scenarios, and serves them
-//! as simulated PLCs on Modbus TCP.
+//! as simulated PLCs on Modbus TCP and as publishers on MQTT.
 
 use std::path::PathBuf;
 
@@ -68,8 +68,9 @@ enum Command {
         #[arg(long)]
         labels: Option<PathBuf>,
     },
-    /// Serve DIR/plant.toml on Modbus TCP: one server per line on 127.0.0.1, addresses
-    /// printed and written to DIR/endpoints.toml; runs in real time until Ctrl-C.
+    /// Serve DIR/plant.toml on Modbus TCP (one server per line on 127.0.0.1) and MQTT (JSON on
+    /// ISA-95 topics), addresses printed and written to DIR/endpoints.toml; runs in real time
+    /// until Ctrl-C.
     Serve {
         /// Directory holding plant.toml.
         #[arg(long)]
@@ -79,6 +80,10 @@ enum Command {
         speed: f64,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Publish readings as JSON to the MQTT broker at HOST:PORT; without it, an embedded
+        /// broker is started on 127.0.0.1.
+        #[arg(long, value_name = "HOST:PORT")]
+        mqtt: Option<String>,
     },
 }
 
@@ -175,15 +180,26 @@ fn main() -> anyhow::Result<()> {
             print_summary(&summary);
             Ok(())
         }
-        Command::Serve { plant, speed, seed } => {
+        Command::Serve {
+            plant,
+            speed,
+            seed,
+            mqtt,
+        } => {
             let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
             runtime
-                .block_on(ferrotwin_sim::serve::serve(&plant, speed, seed, async {
-                    // No Ctrl-C handler (an unusual platform): serve until killed.
-                    if tokio::signal::ctrl_c().await.is_err() {
-                        std::future::pending::<()>().await;
-                    }
-                }))
+                .block_on(ferrotwin_sim::serve::serve(
+                    &plant,
+                    speed,
+                    seed,
+                    mqtt.as_deref(),
+                    async {
+                        // No Ctrl-C handler (an unusual platform): serve until killed.
+                        if tokio::signal::ctrl_c().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    },
+                ))
                 .with_context(|| format!("serving the plant in {}", plant.display()))
         }
     }

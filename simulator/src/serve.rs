@@ -1,6 +1,7 @@
-//! `ferrotwin-sim serve`: the plant on Modbus TCP. One `modbus::serve_line` server per line on
-//! 127.0.0.1 (port chosen by the OS), a simulation stepped in real time whose readings update
-//! the register images, and setpoints written by clients applied to the machines.
+//! `ferrotwin-sim serve`: the plant on Modbus TCP and MQTT. One `modbus::serve_line` server per
+//! line on 127.0.0.1 (port chosen by the OS), a simulation stepped in real time whose readings
+//! update the register images and are published as JSON on MQTT (`mqtt`: to the broker given,
+//! or to an embedded one), and setpoints written by clients applied to the machines.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -19,6 +20,7 @@ use tokio::task::JoinSet;
 use crate::mapping::{Mapping, MappingError};
 use crate::modbus::{LineMapError, LineRegisters, serve_line};
 use crate::model::PlantSim;
+use crate::mqtt::{EmbeddedBroker, MqttError, MqttPublisher, Topics, parse_endpoint};
 use crate::run::RUN_START;
 
 /// Wall-clock time between simulation steps: registers are at most this stale.
@@ -52,6 +54,8 @@ pub enum ServeError {
     },
     #[error("speed {0} is not a finite number > 0")]
     Speed(f64),
+    #[error(transparent)]
+    Mqtt(#[from] MqttError),
     #[error("a Modbus server stopped accepting connections")]
     ServerEnded {
         #[source]
@@ -75,6 +79,14 @@ pub struct ModbusPlant {
     readings: Vec<Reading>,
     per_line: Vec<Vec<Reading>>,
     servers: JoinSet<io::Result<()>>,
+    mqtt: Option<MqttOut>,
+}
+
+/// Where the plant's readings go on MQTT.
+struct MqttOut {
+    endpoint: String,
+    publisher: MqttPublisher,
+    topics: Topics,
 }
 
 pub fn load_plant(dir: &Path) -> Result<PlantSpec, ServeError> {
@@ -128,6 +140,7 @@ impl ModbusPlant {
             line_of,
             readings: Vec::new(),
             servers,
+            mqtt: None,
         })
     }
 
@@ -139,7 +152,17 @@ impl ModbusPlant {
         &self.sim
     }
 
-    /// `endpoints.toml`: the address of each line's server.
+    /// From now on `run_realtime` publishes every step's readings with `publisher` (connected
+    /// to `endpoint`, which `endpoints_toml` lists).
+    pub fn publish_mqtt(&mut self, spec: &PlantSpec, endpoint: String, publisher: MqttPublisher) {
+        self.mqtt = Some(MqttOut {
+            endpoint,
+            publisher,
+            topics: Topics::of(spec),
+        });
+    }
+
+    /// `endpoints.toml`: the address of each line's server and the MQTT broker's.
     pub fn endpoints_toml(&self) -> String {
         let mut out = String::from("version = 1\n");
         for l in &self.lines {
@@ -148,6 +171,9 @@ impl ModbusPlant {
                 "\n[[modbus]]\nline = {:?}\nendpoint = \"{}\"\n",
                 l.line, l.addr
             );
+        }
+        if let Some(m) = &self.mqtt {
+            let _ = write!(out, "\n[mqtt]\nendpoint = {:?}\n", m.endpoint);
         }
         out
     }
@@ -175,7 +201,9 @@ impl ModbusPlant {
     }
 
     /// Steps the simulation every `STEP_INTERVAL`, simulated time running `speed` times as
-    /// fast as the wall clock, until `shutdown` completes or a server fails.
+    /// fast as the wall clock, until `shutdown` completes or a server fails. With MQTT, each
+    /// step's readings are published before the next step: a broker that cannot keep up slows
+    /// the steps down (the registers then update less often) rather than filling memory.
     pub async fn run_realtime(
         &mut self,
         speed: f64,
@@ -191,10 +219,18 @@ impl ModbusPlant {
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
-                () = &mut shutdown => return Ok(()),
+                () = &mut shutdown => break,
                 _ = tick.tick() => {
                     let micros = wall_start.elapsed().as_micros() as f64 * speed;
                     self.step_to(Timestamp(sim_start.0.saturating_add(micros as i64)));
+                    if let Some(m) = &self.mqtt {
+                        tokio::select! {
+                            () = &mut shutdown => break,
+                            sent = m.publisher.publish(&self.readings, &m.topics) => {
+                                sent?;
+                            }
+                        }
+                    }
                 }
                 Some(ended) = self.servers.join_next() => {
                     // A server only ends when accepting fails: the PLC is gone.
@@ -207,16 +243,22 @@ impl ModbusPlant {
                 }
             }
         }
+        if let Some(m) = self.mqtt.take() {
+            m.publisher.disconnect().await;
+        }
+        Ok(())
     }
 }
 
-/// What `ferrotwin-sim serve` does: loads DIR/plant.toml, starts the servers, prints
-/// `modbus <line> <addr>` per line and writes the same to DIR/endpoints.toml, runs until
-/// `shutdown`.
+/// What `ferrotwin-sim serve` does: loads DIR/plant.toml, starts the servers, connects to the
+/// MQTT broker at `mqtt` (`HOST:PORT`) or, without one, starts an embedded broker on
+/// 127.0.0.1, prints `modbus <line> <addr>` per line and `mqtt <addr>`, writes the same to
+/// DIR/endpoints.toml, runs until `shutdown`.
 pub async fn serve(
     plant_dir: &Path,
     speed: f64,
     seed: u64,
+    mqtt: Option<&str>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     if !(speed.is_finite() && speed > 0.0) {
@@ -224,9 +266,26 @@ pub async fn serve(
     }
     let spec = load_plant(plant_dir)?;
     let mut plant = ModbusPlant::start(&spec, seed).await?;
+    // The embedded broker runs until the process exits (rumqttd has no shutdown).
+    let (host, port) = match mqtt {
+        Some(endpoint) => parse_endpoint(endpoint)?,
+        None => {
+            let broker = EmbeddedBroker::start()?;
+            (broker.addr().ip().to_string(), broker.addr().port())
+        }
+    };
+    let client_id = format!("ferrotwin-sim-{}-{seed}", std::process::id());
+    let publisher = MqttPublisher::connect(&host, port, &client_id).await?;
+    let endpoint = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
     for l in plant.lines() {
         println!("modbus {} {}", l.line, l.addr);
     }
+    println!("mqtt {endpoint}");
+    plant.publish_mqtt(&spec, endpoint, publisher);
     let file = plant_dir.join("endpoints.toml");
     std::fs::write(&file, plant.endpoints_toml())
         .map_err(|source| ServeError::WriteEndpoints { file, source })?;
@@ -498,14 +557,116 @@ mod tests {
         assert_ne!(plant.lines()[0].addr.port(), 0);
     }
 
+    /// The three-machine plant in DIR/plant.toml.
+    fn plant_dir() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("plant.toml"), line_plant().to_toml()).expect("written");
+        dir
+    }
+
+    /// DIR/endpoints.toml, parsed.
+    fn endpoints(dir: &Path) -> toml::Value {
+        let text = std::fs::read_to_string(dir.join("endpoints.toml")).expect("written");
+        toml::from_str(&text).expect("valid TOML")
+    }
+
+    /// Subscribes to `acme/#` at `endpoint` and returns the first message: (topic, payload).
+    async fn first_message(endpoint: &str) -> (String, Vec<u8>) {
+        use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+        let (host, port) = crate::mqtt::parse_endpoint(endpoint).expect("HOST:PORT");
+        let (client, mut eventloop) =
+            AsyncClient::new(MqttOptions::new("serve-test-sub", host, port), 10);
+        client
+            .subscribe("acme/#", QoS::AtLeastOnce)
+            .await
+            .expect("queued");
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Event::Incoming(Packet::Publish(p)) =
+                    eventloop.poll().await.expect("subscriber connected")
+                {
+                    return (p.topic.clone(), p.payload.to_vec());
+                }
+            }
+        })
+        .await
+        .expect("a message within 10 s")
+    }
+
+    /// Runs `serve` at 60x until a subscriber at the MQTT endpoint of endpoints.toml received
+    /// a message; returns the endpoint, the message and the file.
+    async fn serve_until_a_message(mqtt: Option<&str>) -> (String, (String, Vec<u8>), toml::Value) {
+        let dir = plant_dir();
+        let mut got = None;
+        let run = serve(dir.path(), 60.0, 1, mqtt, async {
+            // The file is written before the shutdown future is first polled.
+            let file = endpoints(dir.path());
+            let endpoint = file["mqtt"]["endpoint"]
+                .as_str()
+                .expect("an MQTT endpoint")
+                .to_string();
+            let message = first_message(&endpoint).await;
+            got = Some((endpoint, message, file));
+        });
+        tokio::time::timeout(Duration::from_secs(20), run)
+            .await
+            .expect("within 20 s")
+            .expect("serves");
+        got.expect("a message arrived")
+    }
+
+    fn assert_a_reading(topic: &str, payload: &[u8]) {
+        assert!(topic.starts_with("acme/berlin/"), "{topic}");
+        let depth = topic.split('/').count();
+        assert!(depth == 6, "a sensor or machine property topic: {topic}");
+        let json: serde_json::Value = serde_json::from_slice(payload).expect("JSON");
+        assert!(
+            json["value"].is_number() || json["value"].is_boolean(),
+            "{json}"
+        );
+        assert!(json["ts_us"].as_i64().expect("ts_us") >= RUN_START.as_micros());
+        assert_eq!(json["quality"], "good");
+    }
+
+    #[tokio::test]
+    async fn serve_without_mqtt_starts_an_embedded_broker_and_publishes_to_it() {
+        let (endpoint, (topic, payload), file) = serve_until_a_message(None).await;
+        assert!(endpoint.starts_with("127.0.0.1:"), "{endpoint}");
+        assert_eq!(file["modbus"].as_array().map(Vec::len), Some(1));
+        assert_a_reading(&topic, &payload);
+    }
+
+    #[tokio::test]
+    async fn serve_with_mqtt_publishes_to_that_broker() {
+        let broker = crate::mqtt::EmbeddedBroker::start().expect("broker starts");
+        let addr = broker.addr().to_string();
+        let (endpoint, (topic, payload), file) = serve_until_a_message(Some(&addr)).await;
+        assert_eq!(endpoint, addr);
+        assert_eq!(file["modbus"].as_array().map(Vec::len), Some(1));
+        assert_a_reading(&topic, &payload);
+    }
+
+    #[tokio::test]
+    async fn serve_with_an_unreachable_mqtt_broker_fails() {
+        let dir = plant_dir();
+        let err = serve(dir.path(), 1.0, 1, Some("127.0.0.1:1"), async {})
+            .await
+            .expect_err("nothing listens on port 1");
+        assert!(matches!(err, ServeError::Mqtt(_)), "{err}");
+        let err = serve(dir.path(), 1.0, 1, Some("no-port"), async {})
+            .await
+            .expect_err("not HOST:PORT");
+        assert!(matches!(err, ServeError::Mqtt(_)), "{err}");
+    }
+
     #[tokio::test]
     async fn serve_without_a_plant_names_the_file() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let err = serve(dir.path(), 1.0, 1, async {})
+        let err = serve(dir.path(), 1.0, 1, None, async {})
             .await
             .expect_err("no plant");
         assert!(matches!(err, ServeError::ReadPlant { .. }));
-        let err = serve(dir.path(), 0.0, 1, async {})
+        let err = serve(dir.path(), 0.0, 1, None, async {})
             .await
             .expect_err("bad speed");
         assert!(matches!(err, ServeError::Speed(_)));

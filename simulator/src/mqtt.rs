@@ -1,0 +1,547 @@
+//! The plant on MQTT: readings published as JSON on ISA-95 topics, to any broker or to an
+//! embedded rumqttd broker started on 127.0.0.1.
+//!
+//! Topics: a sensor's value on its path, `enterprise/site/area/line/machine/sensor`; a
+//! machine's properties under its path, `.../machine/state`, `.../machine/good_count`,
+//! `.../machine/scrap_count`. Payload: `{"value": 12.5, "ts_us": 1735689600000000,
+//! "quality": "good"}` with the value a JSON number or bool, `ts_us` the source timestamp in
+//! microseconds since the Unix epoch, and `quality` one of `good`, `uncertain`, `bad` (a
+//! non-good quality adds `"reason"`).
+//!
+//! QoS 1: the broker acknowledges every publish, so at most `IN_FLIGHT` publishes are
+//! unacknowledged and at most `REQUEST_CAPACITY` more wait in rumqttc's request channel; when
+//! both are full `MqttPublisher::publish` waits. A slow broker slows the publisher down instead
+//! of the publisher buffering without bound, and (unlike QoS 0, where only the socket buffer
+//! pushes back) nothing is lost on the way to a broker that is up.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::time::{Duration, Instant};
+
+use ferrotwin_models::spec::{AssetKind, PlantSpec};
+use ferrotwin_models::{AssetId, AssetPath, Property, QualityCode, QualityReason, Reading, Value};
+use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Outgoing, Packet, QoS};
+use tokio::task::JoinHandle;
+
+/// Publishes sent to the broker and not yet acknowledged.
+pub const IN_FLIGHT: u16 = 100;
+/// Publishes queued in the client before `publish` has to wait.
+pub const REQUEST_CAPACITY: usize = 1000;
+/// How long `connect` waits for the broker's CONNACK.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The QoS of every message (see the module docs).
+pub const QOS: QoS = QoS::AtLeastOnce;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MqttError {
+    #[error("cannot start the embedded MQTT broker on 127.0.0.1")]
+    BrokerStart {
+        #[source]
+        source: io::Error,
+    },
+    #[error("the embedded MQTT broker did not accept connections on {addr} within 5 s")]
+    BrokerNotListening { addr: SocketAddr },
+    #[error("cannot connect to the MQTT broker at {endpoint}")]
+    Connect {
+        endpoint: String,
+        #[source]
+        source: Box<ConnectionError>,
+    },
+    #[error("no CONNACK from the MQTT broker at {endpoint} within {CONNECT_TIMEOUT:?}")]
+    ConnectTimeout { endpoint: String },
+    #[error("the MQTT client stopped")]
+    ClientGone {
+        #[source]
+        source: rumqttc::ClientError,
+    },
+    #[error("{0:?} is not HOST:PORT")]
+    Endpoint(String),
+}
+
+/// Splits `HOST:PORT` (the host may be a name, an IPv4 address or a bracketed IPv6 address).
+pub fn parse_endpoint(s: &str) -> Result<(String, u16), MqttError> {
+    let s = s.strip_prefix("mqtt://").unwrap_or(s);
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| MqttError::Endpoint(s.to_string()))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = port
+        .parse::<u16>()
+        .map_err(|_| MqttError::Endpoint(s.to_string()))?;
+    if host.is_empty() || port == 0 {
+        return Err(MqttError::Endpoint(s.to_string()));
+    }
+    Ok((host.to_string(), port))
+}
+
+/// An MQTT 3.1.1 broker (rumqttd) on 127.0.0.1, running on its own threads.
+///
+/// rumqttd has no shutdown: the broker runs until the process exits. rumqttd binds its
+/// listener itself and does not report the port, so `start` picks a free port by binding
+/// 127.0.0.1:0, releases it and hands it to the broker (another process could take the port in
+/// between; `start` then fails or, at worst, finds the other listener).
+pub struct EmbeddedBroker {
+    addr: SocketAddr,
+}
+
+impl EmbeddedBroker {
+    pub fn start() -> Result<EmbeddedBroker, MqttError> {
+        let port = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .and_then(|l| l.local_addr())
+            .map_err(|source| MqttError::BrokerStart { source })?
+            .port();
+        let addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port));
+        let server = rumqttd::ServerSettings {
+            name: "ferrotwin-sim-v4".to_string(),
+            listen: addr,
+            tls: None,
+            next_connection_delay_ms: 1,
+            connections: rumqttd::ConnectionSettings {
+                connection_timeout_ms: 60_000,
+                max_payload_size: 20_480,
+                max_inflight_count: 100,
+                auth: None,
+                external_auth: None,
+                dynamic_filters: true,
+            },
+        };
+        let config = rumqttd::Config {
+            id: 0,
+            router: rumqttd::RouterConfig {
+                max_connections: 1000,
+                max_outgoing_packet_count: 200,
+                // The router keeps at most count × size bytes of messages per filter.
+                max_segment_size: 1 << 20,
+                max_segment_count: 10,
+                custom_segment: None,
+                initialized_filters: None,
+                shared_subscriptions_strategy: Default::default(),
+            },
+            v4: Some(HashMap::from([("1".to_string(), server)])),
+            ..Default::default()
+        };
+        let mut broker = rumqttd::Broker::new(config);
+        std::thread::Builder::new()
+            .name("mqtt-broker".to_string())
+            .spawn(move || {
+                if let Err(e) = broker.start() {
+                    eprintln!("embedded MQTT broker stopped: {e}");
+                }
+            })
+            .map_err(|source| MqttError::BrokerStart { source })?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+            if Instant::now() > deadline {
+                return Err(MqttError::BrokerNotListening { addr });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(EmbeddedBroker { addr })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+/// The topic of each machine and sensor of a plant.
+pub struct Topics {
+    paths: HashMap<AssetId, AssetPath>,
+}
+
+impl Topics {
+    pub fn of(spec: &PlantSpec) -> Topics {
+        let paths = spec
+            .assets()
+            .into_iter()
+            .filter(|a| matches!(a.kind, AssetKind::Machine { .. } | AssetKind::Sensor { .. }))
+            .map(|a| (a.path.id(), a.path))
+            .collect();
+        Topics { paths }
+    }
+
+    /// A sensor's value on the sensor's path, a machine's properties below the machine's;
+    /// `None` for an asset not in the plant.
+    pub fn topic(&self, r: &Reading) -> Option<String> {
+        let path = self.paths.get(&r.asset)?;
+        Some(match r.property {
+            Property::Value => path.as_str().to_string(),
+            p => format!("{}/{}", path.as_str(), p.as_str()),
+        })
+    }
+}
+
+/// The JSON payload of a reading (see the module docs).
+pub fn payload(r: &Reading) -> Vec<u8> {
+    let value = match r.value {
+        // NaN and infinities have no JSON number: they become null.
+        Value::Float(v) => {
+            serde_json::Number::from_f64(v).map_or(serde_json::Value::Null, Into::into)
+        }
+        Value::Int(v) => v.into(),
+        Value::Bool(b) => b.into(),
+    };
+    let quality = match r.quality.code {
+        QualityCode::Good => "good",
+        QualityCode::Uncertain => "uncertain",
+        QualityCode::Bad => "bad",
+    };
+    let mut json = serde_json::json!({
+        "value": value,
+        "ts_us": r.source_ts.as_micros(),
+        "quality": quality,
+    });
+    if r.quality.reason != QualityReason::None {
+        json["reason"] = r.quality.reason.as_str().into();
+    }
+    serde_json::to_vec(&json).expect("a JSON value always serialises")
+}
+
+/// An MQTT 3.1.1 client (rumqttc) publishing readings; its event loop runs as a tokio task
+/// and reconnects (every second) when the connection drops.
+pub struct MqttPublisher {
+    client: AsyncClient,
+    driver: JoinHandle<()>,
+}
+
+impl MqttPublisher {
+    /// Connects and waits for the broker's CONNACK (at most `CONNECT_TIMEOUT`). Call inside a
+    /// tokio runtime.
+    pub async fn connect(
+        host: &str,
+        port: u16,
+        client_id: &str,
+    ) -> Result<MqttPublisher, MqttError> {
+        let endpoint = format!("{host}:{port}");
+        let mut options = MqttOptions::new(client_id, host, port);
+        options.set_keep_alive(Duration::from_secs(30));
+        options.set_inflight(IN_FLIGHT);
+        let (client, mut eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
+        let connack = async {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+                    Ok(_) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, connack).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(MqttError::Connect {
+                    endpoint,
+                    source: Box::new(e),
+                });
+            }
+            Err(_) => return Err(MqttError::ConnectTimeout { endpoint }),
+        }
+        let driver = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Outgoing(Outgoing::Disconnect))
+                    | Err(ConnectionError::RequestsDone) => return,
+                    Ok(_) => {}
+                    Err(e) => {
+                        eprintln!("mqtt {endpoint}: {e}; reconnecting in 1 s");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        });
+        Ok(MqttPublisher { client, driver })
+    }
+
+    /// Publishes each reading of an asset in `topics` on its topic (QoS 1, not retained);
+    /// waits while the client's queue is full. Returns how many were published.
+    pub async fn publish(&self, readings: &[Reading], topics: &Topics) -> Result<usize, MqttError> {
+        let mut sent = 0;
+        for r in readings {
+            let Some(topic) = topics.topic(r) else {
+                continue;
+            };
+            self.client
+                .publish(topic, QOS, false, payload(r))
+                .await
+                .map_err(|source| MqttError::ClientGone { source })?;
+            sent += 1;
+        }
+        Ok(sent)
+    }
+
+    /// Sends what is queued, disconnects and stops the event loop (waits at most 2 s).
+    pub async fn disconnect(mut self) {
+        if self.client.disconnect().await.is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), &mut self.driver).await;
+        }
+        // `Drop` aborts the event loop if it has not ended.
+    }
+}
+
+impl Drop for MqttPublisher {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use ferrotwin_models::{Quality, Timestamp};
+    use rumqttc::EventLoop;
+
+    use super::*;
+    use crate::generate::{PlantSize, generate};
+    use crate::model::PlantSim;
+    use crate::run::RUN_START;
+
+    /// One line of three machines (a press, a conveyor with an int sensor, an oven with a
+    /// bool sensor).
+    fn line_plant() -> PlantSpec {
+        generate(
+            PlantSize {
+                sites: 1,
+                areas: 1,
+                lines: 1,
+                machines: 3,
+                sensors_per_machine: 0,
+            },
+            1,
+        )
+    }
+
+    /// A client subscribed to `acme/#` (QoS 1), SUBACK received.
+    async fn subscriber(broker: &EmbeddedBroker) -> EventLoop {
+        let addr = broker.addr();
+        let mut options = MqttOptions::new("test-sub", addr.ip().to_string(), addr.port());
+        options.set_keep_alive(Duration::from_secs(30));
+        let (client, mut eventloop) = AsyncClient::new(options, 10);
+        client.subscribe("acme/#", QOS).await.expect("queued");
+        tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                if let Event::Incoming(Packet::SubAck(_)) =
+                    eventloop.poll().await.expect("subscriber connected")
+                {
+                    return;
+                }
+            }
+        })
+        .await
+        .expect("SUBACK within 5 s");
+        // The client handle may go: the event loop keeps its request channel alive.
+        std::mem::forget(client);
+        eventloop
+    }
+
+    /// Receives publishes until `n` have arrived or nothing comes for 3 s: topic → payloads
+    /// in arrival order.
+    async fn receive(eventloop: &mut EventLoop, n: usize) -> BTreeMap<String, Vec<Vec<u8>>> {
+        let mut got: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
+        let mut count = 0;
+        while count < n {
+            let event = tokio::time::timeout(Duration::from_secs(3), eventloop.poll()).await;
+            match event {
+                Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                    got.entry(p.topic.clone())
+                        .or_default()
+                        .push(p.payload.to_vec());
+                    count += 1;
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => panic!("subscriber: {e}"),
+                Err(_) => break,
+            }
+        }
+        got
+    }
+
+    fn json(bytes: &[u8]) -> serde_json::Value {
+        serde_json::from_slice(bytes).expect("payload is JSON")
+    }
+
+    #[tokio::test]
+    async fn subscriber_receives_each_reading_as_json_on_its_isa95_topic() {
+        let broker = EmbeddedBroker::start().expect("broker starts");
+        assert_eq!(broker.addr().ip(), Ipv4Addr::LOCALHOST);
+        assert_ne!(broker.addr().port(), 0);
+        let mut sub = subscriber(&broker).await;
+        let spec = line_plant();
+        let topics = Topics::of(&spec);
+        let publisher = MqttPublisher::connect("127.0.0.1", broker.addr().port(), "test-pub")
+            .await
+            .expect("publisher connects");
+        let mut sim = PlantSim::new(&spec, 3, RUN_START);
+        let mut all = Vec::new();
+        let mut readings = Vec::new();
+        for s in 0..=5 {
+            readings.clear();
+            sim.step(RUN_START.plus_ms(s * 1000), &mut readings);
+            let sent = publisher
+                .publish(&readings, &topics)
+                .await
+                .expect("published");
+            assert_eq!(sent, readings.len(), "every reading has a topic");
+            all.extend_from_slice(&readings);
+        }
+        let got = receive(&mut sub, all.len()).await;
+        assert_eq!(got.values().map(Vec::len).sum::<usize>(), all.len());
+
+        // Every reading arrived, in order per topic, with the simulated value, time, quality.
+        let mut expected: BTreeMap<String, Vec<&Reading>> = BTreeMap::new();
+        for r in &all {
+            expected
+                .entry(topics.topic(r).expect("topic"))
+                .or_default()
+                .push(r);
+        }
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            expected.keys().collect::<Vec<_>>()
+        );
+        for (topic, rs) in &expected {
+            assert_eq!(topic.split('/').next(), Some("acme"));
+            let payloads = &got[topic];
+            assert_eq!(payloads.len(), rs.len(), "{topic}");
+            for (p, r) in payloads.iter().zip(rs) {
+                let j = json(p);
+                assert_eq!(
+                    j["ts_us"].as_i64(),
+                    Some(r.source_ts.as_micros()),
+                    "{topic}"
+                );
+                assert_eq!(j["quality"], "good", "{topic}");
+                match r.value {
+                    Value::Float(v) => assert_eq!(j["value"].as_f64(), Some(v), "{topic}"),
+                    Value::Int(v) => assert_eq!(j["value"].as_i64(), Some(v), "{topic}"),
+                    Value::Bool(v) => assert_eq!(j["value"].as_bool(), Some(v), "{topic}"),
+                }
+            }
+        }
+
+        // One named sensor on its exact six-level topic, and each kind of payload present.
+        let press = spec
+            .assets()
+            .into_iter()
+            .find(|a| a.path.as_str().ends_with("press-1"))
+            .expect("a press")
+            .path;
+        let temp = format!("{}/oil-temp", press.as_str());
+        assert_eq!(temp.split('/').count(), 6, "{temp}");
+        let last = all
+            .iter()
+            .rev()
+            .find(|r| r.asset == AssetPath::parse(&temp).expect("path").id())
+            .expect("oil temperature sampled");
+        let Value::Float(v) = last.value else {
+            panic!("oil-temp is a float: {:?}", last.value)
+        };
+        let newest = json(got[&temp].last().expect("received"));
+        assert_eq!(newest["value"].as_f64(), Some(v));
+        assert!(v != 0.0, "a simulated value");
+        let state = json(&got[&format!("{}/state", press.as_str())][0]);
+        assert!(state["value"].is_i64(), "machine state is an int: {state}");
+        let kinds = |f: fn(&serde_json::Value) -> bool| {
+            got.values().flatten().any(|p| f(&json(p)["value"]))
+        };
+        assert!(kinds(|v| v.is_f64()), "a float sensor");
+        assert!(kinds(|v| v.is_boolean()), "the oven's bool sensor");
+        let belt = got
+            .iter()
+            .find(|(t, _)| t.ends_with("/parts-on-belt"))
+            .expect("the conveyor's int sensor");
+        assert!(
+            belt.1.iter().all(|p| json(p)["value"].is_i64()),
+            "{}",
+            belt.0
+        );
+        publisher.disconnect().await;
+    }
+
+    #[test]
+    fn payloads_of_each_kind_parse_as_json() {
+        let id = AssetPath::parse("acme/s/a/l/m/x").expect("path").id();
+        let ts = Timestamp(1_735_689_600_000_000);
+        let r = |value| Reading::good(id, Property::Value, value, ts);
+        let f = json(&payload(&r(Value::Float(12.5))));
+        assert_eq!(
+            f,
+            serde_json::json!({"value": 12.5, "ts_us": 1_735_689_600_000_000_i64, "quality": "good"})
+        );
+        assert_eq!(json(&payload(&r(Value::Int(-7))))["value"], -7);
+        assert_eq!(json(&payload(&r(Value::Bool(true))))["value"], true);
+        assert!(json(&payload(&r(Value::Float(f64::NAN))))["value"].is_null());
+        let state = Reading::good(id, Property::State, Value::Int(1), ts);
+        assert_eq!(json(&payload(&state))["value"], 1);
+        let bad = Reading {
+            quality: Quality::bad(QualityReason::CommFailure),
+            ..state
+        };
+        let j = json(&payload(&bad));
+        assert_eq!(j["quality"], "bad");
+        assert_eq!(j["reason"], "communication failure");
+    }
+
+    #[test]
+    fn machine_properties_go_below_the_machine_and_unknown_assets_nowhere() {
+        let spec = line_plant();
+        let topics = Topics::of(&spec);
+        let machine = spec
+            .assets()
+            .into_iter()
+            .find(|a| matches!(a.kind, AssetKind::Machine { .. }))
+            .expect("a machine")
+            .path;
+        let ts = RUN_START;
+        for (p, suffix) in [
+            (Property::State, "state"),
+            (Property::GoodCount, "good_count"),
+            (Property::ScrapCount, "scrap_count"),
+        ] {
+            let r = Reading::good(machine.id(), p, Value::Int(0), ts);
+            assert_eq!(
+                topics.topic(&r),
+                Some(format!("{}/{suffix}", machine.as_str()))
+            );
+        }
+        let stranger = AssetPath::parse("other/s/a/l/m").expect("path").id();
+        let r = Reading::good(stranger, Property::State, Value::Int(0), ts);
+        assert_eq!(topics.topic(&r), None);
+    }
+
+    #[test]
+    fn endpoints_parse_as_host_and_port() {
+        assert_eq!(
+            parse_endpoint("127.0.0.1:1883").expect("valid"),
+            ("127.0.0.1".to_string(), 1883)
+        );
+        assert_eq!(
+            parse_endpoint("mqtt://broker.local:1884").expect("valid"),
+            ("broker.local".to_string(), 1884)
+        );
+        assert_eq!(
+            parse_endpoint("[::1]:1883").expect("valid"),
+            ("::1".to_string(), 1883)
+        );
+        for bad in ["broker", ":1883", "host:", "host:0", "host:99999"] {
+            assert!(parse_endpoint(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn connecting_to_nothing_fails_with_the_endpoint() {
+        let port = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let err = MqttPublisher::connect("127.0.0.1", port, "nobody")
+            .await
+            .err()
+            .expect("nothing listens");
+        assert!(
+            err.to_string().contains(&format!("127.0.0.1:{port}")),
+            "{err}"
+        );
+    }
+}
