@@ -41,6 +41,15 @@ impl PlantSize {
         sensors_per_machine: 0,
     };
 
+    /// One site, area and line with three machines: the smallest plant that shows a line.
+    pub const ONE_LINE: PlantSize = PlantSize {
+        sites: 1,
+        areas: 1,
+        lines: 1,
+        machines: 3,
+        sensors_per_machine: 0,
+    };
+
     pub fn machine_count(&self) -> u64 {
         u64::from(self.sites)
             * u64::from(self.areas)

@@ -1413,16 +1413,7 @@ mod tests {
     }
 
     fn line_plant() -> PlantSpec {
-        generate(
-            PlantSize {
-                sites: 1,
-                areas: 1,
-                lines: 1,
-                machines: 3,
-                sensors_per_machine: 0,
-            },
-            1,
-        )
+        generate(PlantSize::ONE_LINE, 1)
     }
 
     const OVEN: &str = "acme/berlin/assembly/line-1/oven-1";

@@ -300,16 +300,7 @@ mod tests {
     /// One line of three machines (a press, a conveyor with an int sensor, an oven with a
     /// bool sensor).
     fn line_plant() -> PlantSpec {
-        generate(
-            PlantSize {
-                sites: 1,
-                areas: 1,
-                lines: 1,
-                machines: 3,
-                sensors_per_machine: 0,
-            },
-            1,
-        )
+        generate(PlantSize::ONE_LINE, 1)
     }
 
     /// A client subscribed to `acme/#` (QoS 1), SUBACK received.

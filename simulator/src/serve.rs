@@ -305,16 +305,7 @@ mod tests {
 
     /// One line of three machines (a press, a conveyor, an oven).
     fn line_plant() -> PlantSpec {
-        generate(
-            PlantSize {
-                sites: 1,
-                areas: 1,
-                lines: 1,
-                machines: 3,
-                sensors_per_machine: 0,
-            },
-            1,
-        )
+        generate(PlantSize::ONE_LINE, 1)
     }
 
     async fn started() -> (ModbusPlant, Mapping, Context) {
