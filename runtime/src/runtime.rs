@@ -22,15 +22,12 @@ use crate::twin::plant::{PlantMsg, PlantSupervisor};
 use crate::twin::{Plant, TwinCtx, TwinMsg, TwinSettings, TwinSnapshot, TwinState, now};
 use crate::watch::{WATCH_RING, WatchHub};
 
-/// Settings of a runtime that do not come from the plant spec.
-#[derive(Debug, Clone, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Settings of a runtime that do not come from the plant spec. Read from a file as the
+/// `[store]`, `[twins]` and `[ingest]` sections of `config::SiteConfig`.
+#[derive(Debug, Clone, Default)]
 pub struct RuntimeOptions {
-    #[serde(default)]
     pub store: StoreConfig,
-    #[serde(default)]
     pub twins: TwinSettings,
-    #[serde(default)]
     pub ingest: IngestOptions,
 }
 
