@@ -1,1 +1,147 @@
+//! PLC adapters: clients that turn PLC data into `Reading`s pushed through the models'
+//! `IngestSink`, and carry writes back to the PLC. They know nothing of actors: the runtime
+//! hands each one a sink, an event channel and a cancellation token.
+//!
+//! Shape shared by every protocol (one module each):
+//! - a connection config (`config::ConnectionConfig`, one `[[connections]]` entry of the site
+//!   config, `protocol = "modbus" | "opcua" | "mqtt"`), validated once into `TagTarget`s;
+//! - a task started by `start` that connects, reconnects with `backoff::Backoff`, pushes
+//!   batches with `push::push_batch` (waiting, not buffering, while the sink pushes back),
+//!   keeps `status::AdapterStatus` counters and reports `status::AdapterEvent`s;
+//! - writes arrive as `write::WriteCommand`s on a bounded channel and are answered with the
+//!   protocol's own result.
 
+pub mod backoff;
+pub mod config;
+pub mod push;
+pub mod status;
+pub mod write;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use ferrotwin_models::{AssetPath, IngestSink};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use config::{ConfigError, ConnectionConfig, TagKind, TagTarget};
+pub use status::{AdapterEvent, AdapterEventKind, AdapterStatus, LinkState, StatusSnapshot};
+pub use write::{WriteCommand, WriteError, WriteRequest};
+
+/// Writes waiting for one adapter. At the limit `AdapterHandle::write` answers
+/// `WriteError::Busy` at once instead of queueing behind a PLC that is not answering.
+pub const MAX_PENDING_WRITES: usize = 64;
+
+/// Adapter events waiting for the runtime. At the limit the adapter waits (it stops
+/// polling): events are never dropped.
+pub const EVENT_QUEUE: usize = 1024;
+
+/// What an adapter task gets from whoever starts it.
+pub struct AdapterIo {
+    pub sink: Arc<dyn IngestSink>,
+    pub events: mpsc::Sender<AdapterEvent>,
+    pub status: Arc<AdapterStatus>,
+    pub writes: mpsc::Receiver<WriteCommand>,
+    pub token: CancellationToken,
+}
+
+/// A running adapter. Dropping the handle does not stop it: cancel the token given to
+/// `start`, then await `join`.
+pub struct AdapterHandle {
+    name: String,
+    status: Arc<AdapterStatus>,
+    writes: mpsc::Sender<WriteCommand>,
+    writable: HashSet<(AssetPath, String)>,
+    pub join: JoinHandle<()>,
+}
+
+impl AdapterHandle {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn status(&self) -> &Arc<AdapterStatus> {
+        &self.status
+    }
+
+    /// Whether this adapter carries writes of `property` of `asset`.
+    pub fn writes_to(&self, asset: &AssetPath, property: &str) -> bool {
+        self.writable
+            .contains(&(asset.clone(), property.to_owned()))
+    }
+
+    /// Sends `req` to the PLC and waits for the protocol's answer.
+    pub async fn write(&self, req: WriteRequest) -> Result<(), WriteError> {
+        if !self.writes_to(&req.asset, &req.property) {
+            return Err(WriteError::NotWritable {
+                asset: req.asset,
+                property: req.property,
+            });
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let cmd = WriteCommand { req, reply };
+        match self.writes.try_send(cmd) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                return Err(WriteError::Busy {
+                    connection: self.name.clone(),
+                });
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                return Err(WriteError::Stopped {
+                    connection: self.name.clone(),
+                });
+            }
+        }
+        answer.await.unwrap_or_else(|_| {
+            Err(WriteError::Stopped {
+                connection: self.name.clone(),
+            })
+        })
+    }
+}
+
+/// Validates `config` and starts its adapter task on the current tokio runtime.
+pub fn start(
+    config: ConnectionConfig,
+    sink: Arc<dyn IngestSink>,
+    events: mpsc::Sender<AdapterEvent>,
+    token: CancellationToken,
+) -> Result<AdapterHandle, ConfigError> {
+    let targets = config.targets()?;
+    let name = config.name().to_owned();
+    let writable = targets
+        .iter()
+        .filter(|t| t.writable)
+        .map(|t| (t.asset.clone(), t.property_name().to_owned()))
+        .collect();
+    let status = Arc::new(AdapterStatus::new(&name));
+    let (writes_tx, writes) = mpsc::channel(MAX_PENDING_WRITES);
+    let io = AdapterIo {
+        sink,
+        events,
+        status: Arc::clone(&status),
+        writes,
+        token,
+    };
+    let join = spawn_protocol(config, targets, io);
+    Ok(AdapterHandle {
+        name,
+        status,
+        writes: writes_tx,
+        writable,
+        join,
+    })
+}
+
+/// The one place that matches on the protocol.
+fn spawn_protocol(
+    config: ConnectionConfig,
+    _targets: Vec<TagTarget>,
+    _io: AdapterIo,
+) -> JoinHandle<()> {
+    // Each protocol module adds its arm, e.g. `ConnectionConfig::Modbus(c) =>
+    // tokio::spawn(modbus::run(c, targets, io))`.
+    match config {}
+}

@@ -21,7 +21,6 @@ use crate::mapping::{Mapping, MappingError};
 use crate::modbus::{LineMapError, LineRegisters, serve_line};
 use crate::model::PlantSim;
 use crate::mqtt::{EmbeddedBroker, MqttError, MqttPublisher, Topics, parse_endpoint};
-use crate::run::RUN_START;
 
 /// Wall-clock time between simulation steps: registers are at most this stale.
 pub const STEP_INTERVAL: Duration = Duration::from_millis(100);
@@ -71,7 +70,7 @@ pub struct ServedLine {
 }
 
 /// A simulated plant with a Modbus server per line. Dropping it stops the servers.
-pub struct ModbusPlant {
+pub struct ServedPlant {
     sim: PlantSim,
     lines: Vec<ServedLine>,
     /// Which line serves an asset's readings.
@@ -98,10 +97,14 @@ pub fn load_plant(dir: &Path) -> Result<PlantSpec, ServeError> {
     Ok(PlantSpec::from_toml(&text, &file.display().to_string())?)
 }
 
-impl ModbusPlant {
+impl ServedPlant {
     /// Binds and starts one server per line of `spec` (on a tokio runtime), the simulation at
-    /// `RUN_START` with `seed`.
-    pub async fn start(spec: &PlantSpec, seed: u64) -> Result<ModbusPlant, ServeError> {
+    /// `start` with `seed`.
+    pub async fn start(
+        spec: &PlantSpec,
+        seed: u64,
+        start: Timestamp,
+    ) -> Result<ServedPlant, ServeError> {
         let mapping = Mapping::of(spec)?;
         let mut lines = Vec::new();
         let mut line_of = HashMap::new();
@@ -133,8 +136,8 @@ impl ModbusPlant {
             });
         }
         // The images hold zeros until the first `step_to` (`run_realtime` takes it at once).
-        Ok(ModbusPlant {
-            sim: PlantSim::new(spec, seed, RUN_START),
+        Ok(ServedPlant {
+            sim: PlantSim::new(spec, seed, start),
             per_line: (0..lines.len()).map(|_| Vec::new()).collect(),
             lines,
             line_of,
@@ -265,7 +268,10 @@ pub async fn serve(
         return Err(ServeError::Speed(speed));
     }
     let spec = load_plant(plant_dir)?;
-    let mut plant = ModbusPlant::start(&spec, seed).await?;
+    // Wall-clock time: a runtime fed by these servers takes the source timestamps as they
+    // are (at `--speed` above 1 they run ahead of the clock, and a runtime rejects readings
+    // further ahead than its allowed skew).
+    let mut plant = ServedPlant::start(&spec, seed, wall_clock_now()).await?;
     // The embedded broker runs until the process exits (rumqttd has no shutdown).
     let (host, port) = match mqtt {
         Some(endpoint) => parse_endpoint(endpoint)?,
@@ -292,6 +298,14 @@ pub async fn serve(
     plant.run_realtime(speed, shutdown).await
 }
 
+/// Now, from the system clock (the simulation itself reads no clock).
+pub fn wall_clock_now() -> Timestamp {
+    let micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros());
+    Timestamp(i64::try_from(micros).unwrap_or(i64::MAX))
+}
+
 #[cfg(test)]
 mod tests {
     use ferrotwin_models::{Property, Value};
@@ -302,15 +316,18 @@ mod tests {
     use crate::generate::{PlantSize, generate};
     use crate::mapping::{RegisterKind, SPEED_SETPOINT, TagMap};
     use crate::modbus::{decode_f32, decode_u32};
+    use crate::run::RUN_START;
 
     /// One line of three machines (a press, a conveyor, an oven).
     fn line_plant() -> PlantSpec {
         generate(PlantSize::ONE_LINE, 1)
     }
 
-    async fn started() -> (ModbusPlant, Mapping, Context) {
+    async fn started() -> (ServedPlant, Mapping, Context) {
         let spec = line_plant();
-        let plant = ModbusPlant::start(&spec, 5).await.expect("servers start");
+        let plant = ServedPlant::start(&spec, 5, RUN_START)
+            .await
+            .expect("servers start");
         let client = tokio_modbus::client::tcp::connect(plant.lines()[0].addr)
             .await
             .expect("connects");
@@ -513,8 +530,10 @@ mod tests {
             Ok(vec![200])
         );
         // The same plant and seed without the write, for comparison.
-        let mut nominal = ModbusPlant::start(&line_plant(), 5).await.expect("starts");
-        let parts = |p: &mut ModbusPlant| {
+        let mut nominal = ServedPlant::start(&line_plant(), 5, RUN_START)
+            .await
+            .expect("starts");
+        let parts = |p: &mut ServedPlant| {
             let mut all = Vec::new();
             for s in 0..=4 * 3600 {
                 all.extend_from_slice(p.step_to(RUN_START.plus_ms(s * 1000)));
@@ -536,7 +555,9 @@ mod tests {
 
     #[tokio::test]
     async fn endpoints_toml_lists_every_line_with_its_port() {
-        let plant = ModbusPlant::start(&line_plant(), 1).await.expect("starts");
+        let plant = ServedPlant::start(&line_plant(), 1, RUN_START)
+            .await
+            .expect("starts");
         let text = plant.endpoints_toml();
         let value: toml::Value = toml::from_str(&text).expect("valid TOML");
         let entries = value["modbus"].as_array().expect("array");
