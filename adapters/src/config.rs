@@ -143,7 +143,8 @@ mod tests {
 
     #[test]
     fn refuses_unknown_read_only_property_naming_connection_and_tag() {
-        let e = TagTarget::parse("plc", "hr 2", "acme/s/a/l/m", "speed", false).expect_err("refused");
+        let e =
+            TagTarget::parse("plc", "hr 2", "acme/s/a/l/m", "speed", false).expect_err("refused");
         let msg = e.to_string();
         assert!(msg.contains("\"plc\"") && msg.contains("hr 2") && msg.contains("speed"));
     }

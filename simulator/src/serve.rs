@@ -62,6 +62,27 @@ pub enum ServeError {
     },
 }
 
+/// Speed setpoints written over any protocol other than Modbus (whose register images keep
+/// their own), applied at the next step. Coalesced to the latest per machine, so bounded by
+/// the number of machines however fast clients write.
+#[derive(Debug, Clone, Default)]
+pub struct SetpointInbox(Arc<std::sync::Mutex<std::collections::BTreeMap<AssetId, u16>>>);
+
+impl SetpointInbox {
+    /// Records `pct` for `machine`; the simulation checks the machine and the range when it
+    /// applies it (`PlantSim::set_speed_pct`).
+    pub fn write(&self, machine: AssetId, pct: u16) {
+        self.0
+            .lock()
+            .expect("setpoint lock is never poisoned")
+            .insert(machine, pct);
+    }
+
+    fn take(&self) -> std::collections::BTreeMap<AssetId, u16> {
+        std::mem::take(&mut *self.0.lock().expect("setpoint lock is never poisoned"))
+    }
+}
+
 /// One line's PLC being served.
 pub struct ServedLine {
     pub line: String,
@@ -79,6 +100,7 @@ pub struct ServedPlant {
     per_line: Vec<Vec<Reading>>,
     servers: JoinSet<io::Result<()>>,
     mqtt: Option<MqttOut>,
+    setpoints: SetpointInbox,
 }
 
 /// Where the plant's readings go on MQTT.
@@ -144,6 +166,7 @@ impl ServedPlant {
             readings: Vec::new(),
             servers,
             mqtt: None,
+            setpoints: SetpointInbox::default(),
         })
     }
 
@@ -153,6 +176,11 @@ impl ServedPlant {
 
     pub fn sim(&self) -> &PlantSim {
         &self.sim
+    }
+
+    /// Where OPC UA and MQTT servers put the setpoints their clients write.
+    pub fn setpoints(&self) -> SetpointInbox {
+        self.setpoints.clone()
     }
 
     /// From now on `run_realtime` publishes every step's readings with `publisher` (connected
@@ -188,6 +216,9 @@ impl ServedPlant {
             for w in l.registers.take_setpoint_writes() {
                 self.sim.set_speed_pct(w.machine, w.pct);
             }
+        }
+        for (machine, pct) in self.setpoints.take() {
+            self.sim.set_speed_pct(machine, pct);
         }
         self.readings.clear();
         self.sim.step(t, &mut self.readings);
