@@ -18,6 +18,16 @@ impl ConnectionConfig {
         match *self {}
     }
 
+    /// `modbus`, `opcua` or `mqtt` (as in the config's `protocol`).
+    pub fn protocol(&self) -> &'static str {
+        match *self {}
+    }
+
+    /// Where it connects, for status and events.
+    pub fn endpoint(&self) -> String {
+        match *self {}
+    }
+
     /// The validated tags of this connection: every asset path parses, every property is a
     /// reading property or a writable setpoint, no (asset, property) twice.
     pub fn targets(&self) -> Result<Vec<TagTarget>, ConfigError> {

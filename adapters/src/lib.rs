@@ -47,18 +47,39 @@ pub struct AdapterIo {
 }
 
 /// A running adapter. Dropping the handle does not stop it: cancel the token given to
-/// `start`, then await `join`.
+/// `start`, then await the task from `take_join`.
 pub struct AdapterHandle {
     name: String,
+    protocol: &'static str,
+    endpoint: String,
+    targets: Vec<TagTarget>,
     status: Arc<AdapterStatus>,
     writes: mpsc::Sender<WriteCommand>,
     writable: HashSet<(AssetPath, String)>,
-    pub join: JoinHandle<()>,
+    join: Option<JoinHandle<()>>,
 }
 
 impl AdapterHandle {
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    pub fn protocol(&self) -> &'static str {
+        self.protocol
+    }
+
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// The validated tags of the connection.
+    pub fn targets(&self) -> &[TagTarget] {
+        &self.targets
+    }
+
+    /// The adapter's task (once): it ends after the token given to `start` is cancelled.
+    pub fn take_join(&mut self) -> Option<JoinHandle<()>> {
+        self.join.take()
     }
 
     pub fn status(&self) -> &Arc<AdapterStatus> {
@@ -111,6 +132,8 @@ pub fn start(
 ) -> Result<AdapterHandle, ConfigError> {
     let targets = config.targets()?;
     let name = config.name().to_owned();
+    let protocol = config.protocol();
+    let endpoint = config.endpoint();
     let writable = targets
         .iter()
         .filter(|t| t.writable)
@@ -125,13 +148,16 @@ pub fn start(
         writes,
         token,
     };
-    let join = spawn_protocol(config, targets, io);
+    let join = spawn_protocol(config, targets.clone(), io);
     Ok(AdapterHandle {
         name,
+        protocol,
+        endpoint,
+        targets,
         status,
         writes: writes_tx,
         writable,
-        join,
+        join: Some(join),
     })
 }
 

@@ -76,15 +76,22 @@ pub enum EventKind {
     Rejected,
     /// Twin lifecycle: restarted after a crash, restored, removed.
     Lifecycle,
+    /// A PLC connection changed: connected, disconnected, a tag failing or recovered, values
+    /// from a source no tag maps.
+    Connection,
+    /// A write-back to a PLC, with who asked and the PLC's answer.
+    Write,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 5] = [
+    pub const ALL: [EventKind; 7] = [
         EventKind::Alarm,
         EventKind::Quality,
         EventKind::State,
         EventKind::Rejected,
         EventKind::Lifecycle,
+        EventKind::Connection,
+        EventKind::Write,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -94,6 +101,8 @@ impl EventKind {
             EventKind::State => "state",
             EventKind::Rejected => "rejected",
             EventKind::Lifecycle => "lifecycle",
+            EventKind::Connection => "connection",
+            EventKind::Write => "write",
         }
     }
 

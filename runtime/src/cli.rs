@@ -427,6 +427,81 @@ pub async fn ack(
     ))
 }
 
+/// Parses a value as given on the command line: `true`/`false`, an integer, else a float.
+pub fn parse_value(s: &str) -> Result<pb::Value> {
+    let kind = match s {
+        "true" => pb::value::Kind::Bool(true),
+        "false" => pb::value::Kind::Bool(false),
+        _ => match s.parse::<i64>() {
+            Ok(i) => pb::value::Kind::Int(i),
+            Err(_) => pb::value::Kind::Float(
+                s.parse::<f64>()
+                    .with_context(|| format!("{s:?} is not a number, true or false"))?,
+            ),
+        },
+    };
+    Ok(pb::Value { kind: Some(kind) })
+}
+
+pub async fn write(
+    client: &mut Client,
+    path: &str,
+    property: &str,
+    value: &str,
+    by: &str,
+) -> Result<String> {
+    let r = client
+        .write_property(pb::WritePropertyRequest {
+            path: path.to_string(),
+            property: property.to_string(),
+            value: Some(parse_value(value)?),
+            by: by.to_string(),
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    Ok(format!(
+        "{path}: {property} = {value} written through {}\n",
+        r.connection
+    ))
+}
+
+pub async fn connections(client: &mut Client) -> Result<String> {
+    let list = client
+        .list_connections(pb::ListConnectionsRequest {})
+        .await
+        .map_err(status)?
+        .into_inner()
+        .connections;
+    if list.is_empty() {
+        return Ok("no PLC connections configured\n".into());
+    }
+    let mut out = String::new();
+    for c in list {
+        let _ = writeln!(
+            out,
+            "{:<24} {:<6} {:<13} {:<28} tags {:>6}  received {:>10}  rejected {:>6}  errors {:>6}  connects {:>4}  writes {}/{}{}",
+            c.name,
+            c.protocol,
+            c.link,
+            c.endpoint,
+            c.tags,
+            c.received,
+            c.rejected,
+            c.errors,
+            c.connects,
+            c.writes_ok,
+            c.writes_ok + c.writes_failed,
+            if c.last_error.is_empty() {
+                String::new()
+            } else {
+                format!("  last error: {}", c.last_error)
+            }
+        );
+    }
+    Ok(out)
+}
+
 /// Prints changes under `path` as they come, until the stream ends or `max` items.
 pub async fn watch(
     client: &mut Client,

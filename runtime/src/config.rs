@@ -17,6 +17,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use ferrotwin_adapters::ConnectionConfig;
 use ferrotwin_models::spec::{PlantSpec, SpecError};
 
 use crate::runtime::{IngestOptions, RuntimeOptions};
@@ -43,6 +44,9 @@ pub struct SiteConfig {
     pub twins: TwinSettings,
     #[serde(default)]
     pub ingest: IngestOptions,
+    /// PLC connections (`protocol = "modbus" | "opcua" | "mqtt"`, see the adapters crate).
+    #[serde(default)]
+    pub connections: Vec<ConnectionConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +145,7 @@ impl SiteConfig {
             store: self.store.clone(),
             twins: self.twins.clone(),
             ingest: self.ingest.clone(),
+            connections: self.connections.clone(),
         }
     }
 }

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod connections;
 pub mod demo;
 pub mod grpc;
 pub mod metrics;

@@ -117,6 +117,21 @@ enum Cmd {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Write a setpoint to the PLC, e.g. `write acme/.../press-1 speed_setpoint_pct 120 --by ann`.
+    Write {
+        path: String,
+        property: String,
+        value: String,
+        #[arg(long)]
+        by: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List the site's PLC connections with their state and counters.
+    Connections {
+        #[command(flatten)]
+        remote: Remote,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -260,6 +275,27 @@ async fn main() -> Result<()> {
             init_tracing("warn");
             let mut c = cli::connect(&remote.addr).await?;
             print!("{}", cli::ack(&mut c, &path, &alarm, &by, &comment).await?);
+            Ok(())
+        }
+        Cmd::Write {
+            path,
+            property,
+            value,
+            by,
+            remote,
+        } => {
+            init_tracing("warn");
+            let mut c = cli::connect(&remote.addr).await?;
+            print!(
+                "{}",
+                cli::write(&mut c, &path, &property, &value, &by).await?
+            );
+            Ok(())
+        }
+        Cmd::Connections { remote } => {
+            init_tracing("warn");
+            let mut c = cli::connect(&remote.addr).await?;
+            print!("{}", cli::connections(&mut c).await?);
             Ok(())
         }
         Cmd::Bench {

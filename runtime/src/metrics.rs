@@ -19,7 +19,7 @@ pub struct Metrics {
     pub rejected_future: AtomicU64,
     pub rejected_unknown_property: AtomicU64,
     pub restarts: AtomicU64,
-    pub events: [AtomicU64; 5],
+    pub events: [AtomicU64; EventKind::ALL.len()],
 }
 
 impl Metrics {

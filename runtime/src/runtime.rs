@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use ferrotwin_adapters::ConnectionConfig;
 use ferrotwin_models::spec::{AssetKind, PlantSpec};
 use ferrotwin_models::{QualityCode, QualityReason};
 use ractor::ActorRef;
@@ -14,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::connections::{ConnectionError, Connections};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::router::{Credits, IngestRouter};
@@ -23,12 +25,14 @@ use crate::twin::{Plant, TwinCtx, TwinMsg, TwinSettings, TwinSnapshot, TwinState
 use crate::watch::{WATCH_RING, WatchHub};
 
 /// Settings of a runtime that do not come from the plant spec. Read from a file as the
-/// `[store]`, `[twins]` and `[ingest]` sections of `config::SiteConfig`.
+/// `[store]`, `[twins]`, `[ingest]` and `[[connections]]` sections of `config::SiteConfig`.
 #[derive(Debug, Clone, Default)]
 pub struct RuntimeOptions {
     pub store: StoreConfig,
     pub twins: TwinSettings,
     pub ingest: IngestOptions,
+    /// PLC connections, started once every twin runs.
+    pub connections: Vec<ConnectionConfig>,
 }
 
 /// The `[ingest]` section.
@@ -61,6 +65,8 @@ pub enum RuntimeError {
     Spawn(String),
     #[error("plant spec has no enterprise")]
     EmptyPlant,
+    #[error(transparent)]
+    Connection(#[from] ConnectionError),
     #[error("grpc server on {addr}: {message}")]
     Serve { addr: SocketAddr, message: String },
 }
@@ -72,6 +78,7 @@ pub struct Runtime {
     pub metrics: Arc<Metrics>,
     pub router: Arc<IngestRouter>,
     pub ctx: Arc<TwinCtx>,
+    pub connections: Arc<Connections>,
     pub data_dir: PathBuf,
     /// Supervisor of the enterprise twin (and so of the whole tree).
     root: ActorRef<PlantMsg>,
@@ -140,6 +147,26 @@ impl Runtime {
             opts.ingest.stale_sweep_ms,
             token.child_token(),
         ));
+        // Adapters start last: every twin is restored before the first reading arrives.
+        let connections = match Connections::start(
+            opts.connections,
+            &registry,
+            router.clone(),
+            ctx.clone(),
+            &tracker,
+            &token,
+        ) {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                token.cancel();
+                let _ = root
+                    .stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(30)))
+                    .await;
+                store.stop();
+                let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+                return Err(e.into());
+            }
+        };
         tracing::info!(twins = registry.len(), data_dir = %data_dir.display(), "runtime started");
         Ok(Runtime {
             registry,
@@ -148,6 +175,7 @@ impl Runtime {
             metrics,
             router,
             ctx,
+            connections,
             data_dir: data_dir.to_path_buf(),
             root,
             writer: Some(writer),
@@ -158,7 +186,7 @@ impl Runtime {
 
     /// Serves the gRPC API on `listener` until shutdown.
     pub fn serve_grpc(&self, listener: TcpListener) {
-        let service = crate::grpc::TwinApi::new(self.ctx.clone());
+        let service = crate::grpc::TwinApi::new(self.ctx.clone(), self.connections.clone());
         let token = self.token.child_token();
         self.tracker.spawn(async move {
             if let Err(e) = crate::grpc::serve(service, listener, token).await {

@@ -70,6 +70,15 @@ pub fn value(v: Value) -> pb::Value {
     }
 }
 
+/// The domain value of `v`; `None` when it holds no value.
+pub fn value_from_proto(v: &pb::Value) -> Option<Value> {
+    match v.kind? {
+        pb::value::Kind::Float(f) => Some(Value::Float(f)),
+        pb::value::Kind::Int(i) => Some(Value::Int(i)),
+        pb::value::Kind::Bool(b) => Some(Value::Bool(b)),
+    }
+}
+
 pub fn alarm(limit: &AlarmLimit, status: &AlarmStatus) -> pb::Alarm {
     pb::Alarm {
         name: limit.name.clone(),

@@ -7,6 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferrotwin_adapters::{WriteError, WriteRequest};
 use ferrotwin_models::query::{Query, QueryError};
 use ferrotwin_models::{AssetId, AssetPath, EventKind, PathError, Property, Timestamp};
 use ferrotwin_proto::v1 as pb;
@@ -18,6 +19,7 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use crate::connections::Connections;
 use crate::registry::TwinEntry;
 use crate::select::TwinSubject;
 use crate::store::{EventFilter, StoreError};
@@ -65,6 +67,8 @@ pub enum ApiError {
     Unavailable(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Write(#[from] WriteError),
 }
 
 impl ApiError {
@@ -81,6 +85,17 @@ impl ApiError {
             ApiError::Unavailable(_) => Status::unavailable(msg),
             ApiError::Store(StoreError::TooMuchHistory { .. }) => Status::resource_exhausted(msg),
             ApiError::Store(_) => Status::internal(msg),
+            ApiError::Write(w) => match w {
+                WriteError::NotWritable { .. } | WriteError::Refused { .. } => {
+                    Status::failed_precondition(msg)
+                }
+                WriteError::BadValue { .. } => Status::invalid_argument(msg),
+                WriteError::NotConnected { .. } | WriteError::Stopped { .. } => {
+                    Status::unavailable(msg)
+                }
+                WriteError::Busy { .. } => Status::resource_exhausted(msg),
+                WriteError::Timeout { .. } => Status::deadline_exceeded(msg),
+            },
         }
     }
 }
@@ -94,13 +109,15 @@ impl From<ApiError> for Status {
 #[derive(Clone)]
 pub struct TwinApi {
     ctx: Arc<TwinCtx>,
+    connections: Arc<Connections>,
     token: CancellationToken,
 }
 
 impl TwinApi {
-    pub fn new(ctx: Arc<TwinCtx>) -> TwinApi {
+    pub fn new(ctx: Arc<TwinCtx>, connections: Arc<Connections>) -> TwinApi {
         TwinApi {
             ctx,
+            connections,
             token: CancellationToken::new(),
         }
     }
@@ -472,6 +489,68 @@ impl TwinService for TwinApi {
         Ok(Response::new(pb::AcknowledgeAlarmResponse {
             alarm: Some(alarm_proto(&e, &req.alarm, &status)),
         }))
+    }
+
+    async fn write_property(
+        &self,
+        req: Request<pb::WritePropertyRequest>,
+    ) -> Result<Response<pb::WritePropertyResponse>, Status> {
+        let req = req.into_inner();
+        if req.by.trim().is_empty() {
+            return Err(ApiError::BadArgument("by: say who writes".into()).into());
+        }
+        let path = Self::parse_path("path", &req.path)?;
+        self.entry(&path)?;
+        if req.property.is_empty() {
+            return Err(
+                ApiError::BadArgument("property: name the property to write".into()).into(),
+            );
+        }
+        let value = req
+            .value
+            .as_ref()
+            .and_then(convert::value_from_proto)
+            .ok_or_else(|| ApiError::BadArgument("value: give a float, int or bool".into()))?;
+        if !value.is_finite() {
+            return Err(ApiError::BadArgument("value: must be finite".into()).into());
+        }
+        let connection = self
+            .connections
+            .write(WriteRequest {
+                asset: path,
+                property: req.property,
+                value,
+                by: req.by,
+            })
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(pb::WritePropertyResponse { connection }))
+    }
+
+    async fn list_connections(
+        &self,
+        _req: Request<pb::ListConnectionsRequest>,
+    ) -> Result<Response<pb::ListConnectionsResponse>, Status> {
+        let connections = self
+            .connections
+            .statuses()
+            .into_iter()
+            .map(|(s, protocol, endpoint, tags)| pb::Connection {
+                name: s.name,
+                protocol: protocol.to_owned(),
+                endpoint,
+                link: s.link.as_str().to_owned(),
+                last_error: s.last_error.unwrap_or_default(),
+                received: s.received,
+                rejected: s.rejected,
+                errors: s.errors,
+                connects: s.connects,
+                writes_ok: s.writes_ok,
+                writes_failed: s.writes_failed,
+                tags: u32::try_from(tags).unwrap_or(u32::MAX),
+            })
+            .collect();
+        Ok(Response::new(pb::ListConnectionsResponse { connections }))
     }
 
     async fn shelve_alarm(

@@ -1,0 +1,315 @@
+//! The site's PLC connections: starts one adapter per `[[connections]]` entry after the twin
+//! tree is up, records what adapters report as events on the plant's assets, and routes
+//! write-back requests to the adapter that maps the property.
+//!
+//! Every tag must name an asset of the plant spec with a property its level has: adapters
+//! never create twins, and a tag that does not fit is a config error naming connection and
+//! tag, at start.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferrotwin_adapters::{
+    AdapterEvent, AdapterEventKind, AdapterHandle, ConnectionConfig, StatusSnapshot, TagKind,
+    WriteError, WriteRequest,
+};
+use ferrotwin_models::spec::AssetKind;
+use ferrotwin_models::{AssetPath, Event, EventKind, IngestSink, Property, Severity};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::registry::Registry;
+use crate::twin::TwinCtx;
+
+/// How long shutdown waits for an adapter task to end after its token is cancelled.
+const ADAPTER_STOP_WAIT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    #[error(transparent)]
+    Config(#[from] ferrotwin_adapters::ConfigError),
+    #[error("connection {connection:?}: tag {asset} {property}: {what}")]
+    Tag {
+        connection: String,
+        asset: AssetPath,
+        property: String,
+        what: String,
+    },
+    #[error("connection name {0:?} is used twice")]
+    DuplicateName(String),
+    #[error(
+        "{asset} {property} is written by two connections ({first:?} and {second:?}): a write \
+         must have one way to the PLC"
+    )]
+    TwoWriters {
+        asset: AssetPath,
+        property: String,
+        first: String,
+        second: String,
+    },
+}
+
+/// One running adapter and the asset its connection-wide events go to.
+struct Connection {
+    handle: AdapterHandle,
+    home: AssetPath,
+}
+
+/// The running adapters of a site.
+#[derive(Default)]
+pub struct Connections {
+    all: Vec<Connection>,
+    /// (asset, property) → index in `all` of the connection that writes it.
+    writers: HashMap<(AssetPath, String), usize>,
+}
+
+impl Connections {
+    /// Checks every connection against the plant (`registry`), then starts the adapters,
+    /// pushing into `sink` and reporting to `ctx`'s event log. Nothing starts if any
+    /// connection is wrong.
+    pub fn start(
+        configs: Vec<ConnectionConfig>,
+        registry: &Registry,
+        sink: Arc<dyn IngestSink>,
+        ctx: Arc<TwinCtx>,
+        tracker: &TaskTracker,
+        token: &CancellationToken,
+    ) -> Result<Connections, ConnectionError> {
+        let mut homes = Vec::with_capacity(configs.len());
+        let mut writers = HashMap::new();
+        let mut names: HashMap<String, ()> = HashMap::new();
+        for (i, c) in configs.iter().enumerate() {
+            if names.insert(c.name().to_owned(), ()).is_some() {
+                return Err(ConnectionError::DuplicateName(c.name().to_owned()));
+            }
+            let targets = c.targets()?;
+            for t in &targets {
+                check_target(c.name(), registry, &t.asset, &t.kind)?;
+                if t.writable {
+                    let key = (t.asset.clone(), t.property_name().to_owned());
+                    if let Some(&first) = writers.get(&key) {
+                        let first: &ConnectionConfig = &configs[first];
+                        return Err(ConnectionError::TwoWriters {
+                            asset: key.0,
+                            property: key.1,
+                            first: first.name().to_owned(),
+                            second: c.name().to_owned(),
+                        });
+                    }
+                    writers.insert(key, i);
+                }
+            }
+            homes.push(common_ancestor(targets.iter().map(|t| &t.asset)));
+        }
+        let (events_tx, events_rx) = mpsc::channel(ferrotwin_adapters::EVENT_QUEUE);
+        let mut all = Vec::with_capacity(configs.len());
+        for (config, home) in configs.into_iter().zip(homes) {
+            let mut handle = ferrotwin_adapters::start(
+                config,
+                sink.clone(),
+                events_tx.clone(),
+                token.child_token(),
+            )?;
+            let home = home.unwrap_or_else(|| {
+                ctx.plant
+                    .root
+                    .as_ref()
+                    .map(|r| r.path.clone())
+                    .expect("a started runtime has a root")
+            });
+            tracing::info!(
+                connection = handle.name(),
+                protocol = handle.protocol(),
+                endpoint = handle.endpoint(),
+                tags = handle.targets().len(),
+                "adapter started"
+            );
+            if let Some(join) = handle.take_join() {
+                let name = handle.name().to_owned();
+                let stopped = token.clone();
+                // The runtime's shutdown waits on the tracker: a bounded wait per adapter
+                // once the token is cancelled.
+                tracker.spawn(async move {
+                    tokio::pin!(join);
+                    tokio::select! {
+                        _ = &mut join => return,
+                        () = stopped.cancelled() => {}
+                    }
+                    if tokio::time::timeout(ADAPTER_STOP_WAIT, join).await.is_err() {
+                        tracing::warn!(connection = name, "adapter did not stop in time");
+                    }
+                });
+            }
+            all.push(Connection { handle, home });
+        }
+        drop(events_tx);
+        let homes: HashMap<String, AssetPath> = all
+            .iter()
+            .map(|c| (c.handle.name().to_owned(), c.home.clone()))
+            .collect();
+        tracker.spawn(record_events(events_rx, homes, ctx));
+        Ok(Connections { all, writers })
+    }
+
+    /// Sends a write to the PLC through the connection that maps it; the connection's name
+    /// on success.
+    pub async fn write(&self, req: WriteRequest) -> Result<String, WriteError> {
+        let Some(&i) = self.writers.get(&(req.asset.clone(), req.property.clone())) else {
+            return Err(WriteError::NotWritable {
+                asset: req.asset,
+                property: req.property,
+            });
+        };
+        let c = &self.all[i].handle;
+        c.write(req).await.map(|()| c.name().to_owned())
+    }
+
+    /// Name, protocol, endpoint, tag count and status of every connection.
+    pub fn statuses(&self) -> Vec<(StatusSnapshot, &'static str, String, usize)> {
+        self.all
+            .iter()
+            .map(|c| {
+                (
+                    c.handle.status().snapshot(),
+                    c.handle.protocol(),
+                    c.handle.endpoint().to_owned(),
+                    c.handle.targets().len(),
+                )
+            })
+            .collect()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.all.is_empty()
+    }
+}
+
+/// The tag's asset exists and its level has the property.
+fn check_target(
+    connection: &str,
+    registry: &Registry,
+    asset: &AssetPath,
+    kind: &TagKind,
+) -> Result<(), ConnectionError> {
+    let err = |what: String| ConnectionError::Tag {
+        connection: connection.to_owned(),
+        asset: asset.clone(),
+        property: match kind {
+            TagKind::Reading(p) => p.as_str().to_owned(),
+            TagKind::Setpoint(s) => s.clone(),
+        },
+        what,
+    };
+    let Some(entry) = registry.by_path(asset) else {
+        return Err(err("no such asset in the plant spec".into()));
+    };
+    match (kind, &entry.def.kind) {
+        (TagKind::Reading(Property::Value), AssetKind::Sensor { .. }) => Ok(()),
+        (
+            TagKind::Reading(Property::State | Property::GoodCount | Property::ScrapCount),
+            AssetKind::Machine { .. },
+        ) => Ok(()),
+        (TagKind::Setpoint(_), AssetKind::Machine { .. } | AssetKind::Sensor { .. }) => Ok(()),
+        (_, other) => Err(err(format!(
+            "a {} has no such property",
+            other.level().as_str()
+        ))),
+    }
+}
+
+/// The deepest asset that holds all of `paths` (`None` for no paths).
+fn common_ancestor<'a>(mut paths: impl Iterator<Item = &'a AssetPath>) -> Option<AssetPath> {
+    let mut common = paths.next()?.clone();
+    for p in paths {
+        while !p.starts_with(&common) {
+            common = common.parent()?;
+        }
+    }
+    Some(common)
+}
+
+/// Turns adapter events into events on the plant's assets. Ends when every adapter is gone.
+async fn record_events(
+    mut rx: mpsc::Receiver<AdapterEvent>,
+    homes: HashMap<String, AssetPath>,
+    ctx: Arc<TwinCtx>,
+) {
+    while let Some(ev) = rx.recv().await {
+        let Some(asset) = ev
+            .asset
+            .clone()
+            .or_else(|| homes.get(&ev.connection).cloned())
+        else {
+            continue;
+        };
+        let c = &ev.connection;
+        let (kind, severity, message) = match ev.kind {
+            AdapterEventKind::Connected { endpoint } => (
+                EventKind::Connection,
+                Severity::Info,
+                format!("connection {c}: connected to {endpoint}"),
+            ),
+            AdapterEventKind::Disconnected { reason } => (
+                EventKind::Connection,
+                Severity::Medium,
+                format!("connection {c}: disconnected: {reason}"),
+            ),
+            AdapterEventKind::TagFailed { tag, error } => (
+                EventKind::Connection,
+                Severity::Low,
+                format!("connection {c}: tag {tag} failing: {error}"),
+            ),
+            AdapterEventKind::TagRecovered { tag } => (
+                EventKind::Connection,
+                Severity::Info,
+                format!("connection {c}: tag {tag} reads again"),
+            ),
+            AdapterEventKind::Unmapped { source, count } => (
+                EventKind::Connection,
+                Severity::Low,
+                format!("connection {c}: {count} values from {source} refused: no tag maps it"),
+            ),
+            AdapterEventKind::Written {
+                property,
+                value,
+                by,
+                error,
+            } => match error {
+                None => (
+                    EventKind::Write,
+                    Severity::Info,
+                    format!("{property} = {value} written by {by} through {c}"),
+                ),
+                Some(e) => (
+                    EventKind::Write,
+                    Severity::Low,
+                    format!("{property} = {value} by {by} through {c} refused: {e}"),
+                ),
+            },
+        };
+        ctx.emit(Event::new(asset, ev.at, kind, severity, message))
+            .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> AssetPath {
+        AssetPath::parse(s).expect("valid")
+    }
+
+    #[test]
+    fn common_ancestor_is_the_deepest_shared_asset() {
+        let a = [p("e/s/a/l1/m1/t"), p("e/s/a/l1/m2"), p("e/s/a/l1/m1")];
+        assert_eq!(common_ancestor(a.iter()), Some(p("e/s/a/l1")));
+        let b = [p("e/s/a/l1/m1"), p("e/s2")];
+        assert_eq!(common_ancestor(b.iter()), Some(p("e")));
+        let c = [p("e/s/a/l1/m1")];
+        assert_eq!(common_ancestor(c.iter()), Some(p("e/s/a/l1/m1")));
+        assert_eq!(common_ancestor([].iter()), None);
+    }
+}
