@@ -35,8 +35,13 @@ fn opt_ts(v: Option<Timestamp>) -> (i64, bool) {
     v.map_or((0, false), |t| (t.0, true))
 }
 
-/// Record of a twin's published snapshot; `None` for roll-up twins (derived state).
+/// Record of a twin's published snapshot, encoded; `None` for roll-up twins (derived state).
 pub fn encode_snapshot(entry: &TwinEntry) -> Option<Vec<u8>> {
+    snapshot_record(entry).map(|r| r.encode_to_vec())
+}
+
+/// Record of a twin's published snapshot; `None` for roll-up twins (derived state).
+pub fn snapshot_record(entry: &TwinEntry) -> Option<rec::TwinRecord> {
     let snap = entry.snapshot();
     let mut r = rec::TwinRecord {
         path: entry.path().to_string(),
@@ -61,7 +66,7 @@ pub fn encode_snapshot(entry: &TwinEntry) -> Option<Vec<u8>> {
                 last_scrap_counter: t.last_scrap_counter.unwrap_or(0),
                 has_last_scrap: t.last_scrap_counter.is_some(),
             });
-            return Some(r.encode_to_vec());
+            return Some(r);
         }
         return None;
     };
@@ -108,7 +113,7 @@ pub fn encode_snapshot(entry: &TwinEntry) -> Option<Vec<u8>> {
             .collect(),
         rejected: s.rejected,
     });
-    Some(r.encode_to_vec())
+    Some(r)
 }
 
 /// Rebuilds a twin's snapshot from its record. Alarms are matched by name against the

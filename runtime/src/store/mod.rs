@@ -12,8 +12,10 @@
 //!   whole day trees: no per-chunk index, no per-chunk delete.
 //! - `events`: seq (8) → `EventRecord`
 //! - `meta`: "meta" → `Meta` (format version)
+//! - `outbox` (when replication is on, see `outbox`): outbox seq (8) → `OutboxBatch`
 
 pub mod codec;
+pub mod outbox;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -178,8 +180,17 @@ pub struct Store {
     wake_lock: Mutex<bool>,
     stopping: AtomicBool,
     aborting: AtomicBool,
+    /// The replication outbox, once `enable_outbox` was called.
+    outbox: std::sync::OnceLock<outbox::Outbox>,
+    /// Events on disk that the outbox may not hold (see `enable_outbox`), staged with the
+    /// next flush.
+    outbox_recovery: Mutex<Vec<rec::OutboxEvent>>,
     pub stats: StoreStats,
 }
+
+/// Most events `enable_outbox` re-stages; older ones past the outbox's mark are reported to
+/// the enterprise as a dropped range.
+const MAX_RECOVERY_EVENTS: usize = 100_000;
 
 impl Store {
     /// Opens (or creates) the store in `dir`. A directory that holds something other than a
@@ -277,12 +288,74 @@ impl Store {
             wake_lock: Mutex::new(false),
             stopping: AtomicBool::new(false),
             aborting: AtomicBool::new(false),
+            outbox: std::sync::OnceLock::new(),
+            outbox_recovery: Mutex::new(Vec::new()),
             stats: StoreStats::default(),
         })
     }
 
     pub fn config(&self) -> &StoreConfig {
         &self.cfg
+    }
+
+    /// Turns the replication outbox on (before the writer starts): from now on every flush
+    /// also stages what it wrote for the enterprise. Events on disk past the outbox's
+    /// high-water mark (a crash between the two writes) are staged again.
+    pub fn enable_outbox(&self, max_bytes: u64) -> Result<&outbox::Outbox, StoreError> {
+        if let Some(o) = self.outbox.get() {
+            return Ok(o);
+        }
+        let ob = outbox::Outbox::open(
+            &self.db,
+            self.meta.clone(),
+            max_bytes,
+            self.last_event_seq(),
+        )
+        .map_err(|e| StoreError::Corrupt {
+            dir: self.dir.clone(),
+            tree: "outbox",
+            key: String::new(),
+            what: e.to_string(),
+        })?;
+        let hwm = ob.event_hwm();
+        let mut recovery = Vec::new();
+        for kv in self.events.range((hwm + 1).to_be_bytes()..) {
+            let (k, v) = kv.map_err(|source| StoreError::Io {
+                dir: self.dir.clone(),
+                source,
+            })?;
+            let (Some(seq), Ok(event)) = (seq_of(&k), rec::EventRecord::decode(&*v)) else {
+                continue;
+            };
+            recovery.push(rec::OutboxEvent {
+                seq,
+                event: Some(event),
+            });
+        }
+        if recovery.len() > MAX_RECOVERY_EVENTS {
+            let cut = recovery.len() - MAX_RECOVERY_EVENTS;
+            tracing::error!(
+                from = recovery[0].seq,
+                to = recovery[cut - 1].seq,
+                "more events than the outbox re-stages after a crash; the oldest are reported dropped"
+            );
+            recovery.drain(..cut);
+        }
+        if !recovery.is_empty() {
+            tracing::info!(
+                events = recovery.len(),
+                "outbox: re-staging events written before a crash"
+            );
+        }
+        *self
+            .outbox_recovery
+            .lock()
+            .expect("recovery lock is never poisoned") = recovery;
+        Ok(self.outbox.get_or_init(|| ob))
+    }
+
+    pub fn outbox(&self) -> Option<&outbox::Outbox> {
+        self.outbox.get()
     }
 
     /// Every snapshot on disk, decoded. A corrupt record is an error naming it.
@@ -465,6 +538,10 @@ impl Store {
         for (seq, v) in &q.events {
             evs.insert(&seq.to_be_bytes(), v.as_slice());
         }
+        let (staged, full, recovered) = match self.outbox.get() {
+            Some(ob) => self.stage_outbox(ob, registry, &dirty, &q, snapshots),
+            None => (Vec::new(), false, Vec::new()),
+        };
         let io = |source| StoreError::Io {
             dir: self.dir.clone(),
             source,
@@ -475,9 +552,38 @@ impl Store {
                 self.partition(day)?.apply_batch(batch).map_err(io)?;
             }
             self.events.apply_batch(evs).map_err(io)?;
+            if let Some(ob) = self.outbox.get()
+                && !staged.is_empty()
+            {
+                ob.apply(ob.stage(&staged)).map_err(|e| match e {
+                    outbox::OutboxError::Io(source) => io(source),
+                    other => StoreError::Corrupt {
+                        dir: self.dir.clone(),
+                        tree: "outbox",
+                        key: String::new(),
+                        what: other.to_string(),
+                    },
+                })?;
+            }
             self.db.flush().map_err(io)?;
             Ok(())
         })();
+        if let Some(ob) = self.outbox.get() {
+            if result.is_ok() {
+                ob.commit(staged);
+            } else {
+                ob.abandon(staged);
+                if full {
+                    ob.set_full_pending();
+                }
+                let mut r = self
+                    .outbox_recovery
+                    .lock()
+                    .expect("recovery lock is never poisoned");
+                let newer = std::mem::replace(&mut *r, recovered);
+                r.extend(newer);
+            }
+        }
         if result.is_err() {
             // Nothing of this round is lost: snapshots, chunks and events go back to the
             // front of the queue (keeping their bytes reserved) and are retried next time.
@@ -517,6 +623,59 @@ impl Store {
             .last_flush_us
             .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// The outbox batches of one flush: the twins whose snapshots it writes (every twin when
+    /// a full snapshot is due), the events it writes and any events recovered at open.
+    /// Returns the batches, whether they are a full snapshot, and the recovered events (put
+    /// back if the flush fails).
+    fn stage_outbox(
+        &self,
+        ob: &outbox::Outbox,
+        registry: &Registry,
+        dirty: &[Arc<crate::registry::TwinEntry>],
+        q: &Queue,
+        snapshots: bool,
+    ) -> (Vec<outbox::Prepared>, bool, Vec<rec::OutboxEvent>) {
+        // A full snapshot goes with a snapshot round (it encodes every twin).
+        let full = snapshots && ob.take_full_pending();
+        let all;
+        let twins_of: &[Arc<crate::registry::TwinEntry>] = if full {
+            all = registry.all();
+            &all
+        } else {
+            dirty
+        };
+        let twins = twins_of
+            .iter()
+            .filter_map(|e| {
+                codec::snapshot_record(e).map(|r| rec::TwinDelta {
+                    id: e.id.as_bytes().to_vec(),
+                    record: Some(r),
+                })
+            })
+            .collect();
+        let recovered = std::mem::take(
+            &mut *self
+                .outbox_recovery
+                .lock()
+                .expect("recovery lock is never poisoned"),
+        );
+        let mut events = recovered.clone();
+        for (seq, v) in &q.events {
+            match rec::EventRecord::decode(v.as_slice()) {
+                Ok(event) => events.push(rec::OutboxEvent {
+                    seq: *seq,
+                    event: Some(event),
+                }),
+                Err(e) => tracing::error!(seq, error = %e, "event record does not decode"),
+            }
+        }
+        (
+            ob.prepare(twins, events, full, crate::twin::now().0),
+            full,
+            recovered,
+        )
     }
 
     /// Asks the writer for a flush now (and waits for nothing).
