@@ -6,6 +6,7 @@ use std::path::PathBuf;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/ferrotwin/v1/twin.proto",
+        "proto/ferrotwin/v1/replication.proto",
         "proto/ferrotwin/store/v1/store.proto",
     ];
     for f in files {

@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use ferrotwin_adapters::ConnectionConfig;
 use ferrotwin_models::spec::{PlantSpec, SpecError};
 
+use crate::replication::{EnterpriseRole, SiteReplication};
 use crate::runtime::{IngestOptions, RuntimeOptions};
 use crate::store::StoreConfig;
 use crate::twin::TwinSettings;
@@ -47,6 +48,12 @@ pub struct SiteConfig {
     /// PLC connections (`protocol = "modbus" | "opcua" | "mqtt"`, see the adapters crate).
     #[serde(default)]
     pub connections: Vec<ConnectionConfig>,
+    /// Site role: the enterprise this site replicates to (none: the site runs alone).
+    #[serde(default)]
+    pub replication: Option<SiteReplication>,
+    /// Enterprise role: the sites whose replication this runtime accepts.
+    #[serde(default)]
+    pub enterprise: Option<EnterpriseRole>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +126,15 @@ impl SiteConfig {
                 message: "must be > 0".into(),
             });
         }
+        if c.replication.is_some() && c.enterprise.is_some() {
+            return Err(ConfigError::Invalid {
+                file: file.to_path_buf(),
+                field: "replication",
+                message:
+                    "a runtime is a site ([replication]) or an enterprise ([enterprise]), not both"
+                        .into(),
+            });
+        }
         if c.ingest.max_inflight_readings == 0 {
             return Err(ConfigError::Invalid {
                 file: file.to_path_buf(),
@@ -146,6 +162,8 @@ impl SiteConfig {
             twins: self.twins.clone(),
             ingest: self.ingest.clone(),
             connections: self.connections.clone(),
+            replication: self.replication.clone(),
+            enterprise: self.enterprise.clone(),
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod demo;
 pub mod grpc;
 pub mod metrics;
 pub mod registry;
+pub mod replication;
 pub mod router;
 pub mod runtime;
 pub mod select;

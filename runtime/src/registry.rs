@@ -182,6 +182,9 @@ pub struct Registry {
     by_path: RwLock<BTreeMap<AssetPath, Arc<TwinEntry>>>,
     /// Entries whose snapshot changed since the store writer last took them.
     dirty: Mutex<Vec<Arc<TwinEntry>>>,
+    /// Enterprise role: mirrors are persisted from their site's records (in replication
+    /// order, with the cursor), never from what the actors publish, which may lag behind.
+    mirrors_only: std::sync::atomic::AtomicBool,
 }
 
 fn shard(id: &AssetId) -> usize {
@@ -315,7 +318,9 @@ impl Registry {
     pub fn publish(&self, entry: &Arc<TwinEntry>, snapshot: Arc<TwinSnapshot>) {
         *entry.snapshot.lock().expect("entry lock is never poisoned") = snapshot;
         // Roll-ups of lines and above are derived, rebuilt from children at start: not stored.
-        if !matches!(entry.level(), Level::Sensor | Level::Machine) {
+        if !matches!(entry.level(), Level::Sensor | Level::Machine)
+            || self.mirrors_only.load(Ordering::Relaxed)
+        {
             return;
         }
         if !entry.dirty.swap(true, Ordering::AcqRel) {
@@ -324,6 +329,11 @@ impl Registry {
                 .expect("dirty lock is never poisoned")
                 .push(entry.clone());
         }
+    }
+
+    /// Enterprise role: published snapshots are not queued for the store (see `mirrors_only`).
+    pub fn set_mirrors_only(&self) {
+        self.mirrors_only.store(true, Ordering::Relaxed);
     }
 
     /// Takes every dirty entry, clearing the flags first so a concurrent publish re-queues.

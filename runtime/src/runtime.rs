@@ -18,6 +18,9 @@ use tokio_util::task::TaskTracker;
 use crate::connections::{ConnectionError, Connections};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
+use crate::replication::enterprise::{EnterpriseReceiver, ReplicationApi};
+use crate::replication::site::{SenderStatus, run_sender};
+use crate::replication::{EnterpriseRole, SiteReplication};
 use crate::router::{Credits, IngestRouter};
 use crate::store::{Store, StoreConfig, StoreError, codec};
 use crate::twin::plant::{PlantMsg, PlantSupervisor};
@@ -33,6 +36,10 @@ pub struct RuntimeOptions {
     pub ingest: IngestOptions,
     /// PLC connections, started once every twin runs.
     pub connections: Vec<ConnectionConfig>,
+    /// Site role: replicate to this enterprise.
+    pub replication: Option<SiteReplication>,
+    /// Enterprise role: accept these sites' replication (mirror twins, no stale sweep).
+    pub enterprise: Option<EnterpriseRole>,
 }
 
 /// The `[ingest]` section.
@@ -67,6 +74,8 @@ pub enum RuntimeError {
     EmptyPlant,
     #[error(transparent)]
     Connection(#[from] ConnectionError),
+    #[error("replication: {0}")]
+    Replication(String),
     #[error("grpc server on {addr}: {message}")]
     Serve { addr: SocketAddr, message: String },
 }
@@ -79,6 +88,10 @@ pub struct Runtime {
     pub router: Arc<IngestRouter>,
     pub ctx: Arc<TwinCtx>,
     pub connections: Arc<Connections>,
+    /// Site role with replication: the sender's status.
+    pub replication: Option<Arc<SenderStatus>>,
+    /// Enterprise role: the receiver of the sites' streams.
+    pub enterprise: Option<Arc<EnterpriseReceiver>>,
     pub data_dir: PathBuf,
     /// Supervisor of the enterprise twin (and so of the whole tree).
     root: ActorRef<PlantMsg>,
@@ -96,8 +109,19 @@ impl Runtime {
         opts: RuntimeOptions,
     ) -> Result<Runtime, RuntimeError> {
         let store = Arc::new(Store::open(data_dir, opts.store.clone())?);
+        let replicate_as = match &opts.replication {
+            Some(r) => {
+                let site = replicated_site(spec, r)?;
+                store.enable_outbox(r.max_outbox_bytes)?;
+                Some((site, r.clone()))
+            }
+            None => None,
+        };
         let mut records = store.load_snapshots()?;
         let registry = Arc::new(Registry::default());
+        if opts.enterprise.is_some() {
+            registry.set_mirrors_only();
+        }
         let assets = spec.assets();
         let start_us = now().0;
         for def in &assets {
@@ -142,11 +166,37 @@ impl Runtime {
             .map_err(|e| RuntimeError::Spawn(e.to_string()))?;
         let token = CancellationToken::new();
         let tracker = TaskTracker::new();
-        tracker.spawn(sweep_stale(
-            registry.clone(),
-            opts.ingest.stale_sweep_ms,
-            token.child_token(),
-        ));
+        let enterprise = match &opts.enterprise {
+            Some(role) => Some(Arc::new(
+                EnterpriseReceiver::new(
+                    ctx.clone(),
+                    &role.accept,
+                    token.child_token(),
+                    tracker.clone(),
+                )
+                .map_err(RuntimeError::Replication)?,
+            )),
+            None => None,
+        };
+        // Mirrors take their quality from their site: staleness is the site's to judge.
+        if enterprise.is_none() {
+            tracker.spawn(sweep_stale(
+                registry.clone(),
+                opts.ingest.stale_sweep_ms,
+                token.child_token(),
+            ));
+        }
+        let replication = replicate_as.map(|(site, cfg)| {
+            let status = Arc::new(SenderStatus::default());
+            tracker.spawn(run_sender(
+                store.clone(),
+                site,
+                cfg,
+                status.clone(),
+                token.child_token(),
+            ));
+            status
+        });
         // Adapters start last: every twin is restored before the first reading arrives.
         let connections = match Connections::start(
             opts.connections,
@@ -176,6 +226,8 @@ impl Runtime {
             router,
             ctx,
             connections,
+            replication,
+            enterprise,
             data_dir: data_dir.to_path_buf(),
             root,
             writer: Some(writer),
@@ -187,9 +239,10 @@ impl Runtime {
     /// Serves the gRPC API on `listener` until shutdown.
     pub fn serve_grpc(&self, listener: TcpListener) {
         let service = crate::grpc::TwinApi::new(self.ctx.clone(), self.connections.clone());
+        let replication = self.enterprise.clone().map(ReplicationApi);
         let token = self.token.child_token();
         self.tracker.spawn(async move {
-            if let Err(e) = crate::grpc::serve(service, listener, token).await {
+            if let Err(e) = crate::grpc::serve(service, replication, listener, token).await {
                 tracing::error!(error = %e, "grpc server stopped");
             }
         });
@@ -262,6 +315,28 @@ impl Runtime {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+}
+
+/// The site this runtime replicates as: the configured one, else the spec's only site.
+fn replicated_site(spec: &PlantSpec, r: &SiteReplication) -> Result<String, RuntimeError> {
+    let sites: Vec<String> = spec
+        .assets()
+        .into_iter()
+        .filter(|a| matches!(a.kind, AssetKind::Site))
+        .map(|a| a.path.as_str().to_owned())
+        .collect();
+    match &r.site {
+        Some(s) if sites.contains(s) => Ok(s.clone()),
+        Some(s) => Err(RuntimeError::Replication(format!(
+            "replication.site {s:?} is not a site of the plant spec (sites: {})",
+            sites.join(", ")
+        ))),
+        None if sites.len() == 1 => Ok(sites[0].clone()),
+        None => Err(RuntimeError::Replication(format!(
+            "the plant has {} sites: say which one this runtime is with replication.site",
+            sites.len()
+        ))),
     }
 }
 

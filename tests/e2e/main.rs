@@ -6,4 +6,5 @@ mod api;
 mod common;
 mod ingest;
 mod recovery;
+mod replication;
 mod supervision;

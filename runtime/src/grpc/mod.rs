@@ -11,16 +11,19 @@ use ferrotwin_adapters::{WriteError, WriteRequest};
 use ferrotwin_models::query::{Query, QueryError};
 use ferrotwin_models::{AssetId, AssetPath, EventKind, PathError, Property, Timestamp};
 use ferrotwin_proto::v1 as pb;
+use ferrotwin_proto::v1::replication_service_server::ReplicationServiceServer;
 use ferrotwin_proto::v1::twin_service_server::{TwinService, TwinServiceServer};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_util::sync::CancellationToken;
+use tonic::codec::CompressionEncoding;
 use tonic::{Request, Response, Status};
 
 use crate::connections::Connections;
 use crate::registry::TwinEntry;
+use crate::replication::enterprise::ReplicationApi;
 use crate::select::TwinSubject;
 use crate::store::{EventFilter, StoreError};
 use crate::twin::{TwinCtx, TwinError, TwinMsg, ask, now};
@@ -28,6 +31,9 @@ use crate::watch::{Change, Watcher};
 
 /// Largest request we decode.
 pub const MAX_REQUEST_BYTES: usize = 4 << 20;
+/// Largest replication message (one outbox batch: a full-snapshot chunk of 10,000 twins is
+/// a few MB).
+pub const MAX_BATCH_BYTES: usize = 64 << 20;
 const DEFAULT_PAGE: usize = 1000;
 const MAX_PAGE: usize = 10_000;
 const MAX_HISTORY_POINTS: usize = 100_000;
@@ -669,6 +675,7 @@ async fn forward_changes(
 /// Serves the API, health and reflection on `listener` until `token` is cancelled.
 pub async fn serve(
     mut api: TwinApi,
+    replication: Option<ReplicationApi>,
     listener: TcpListener,
     token: CancellationToken,
 ) -> Result<(), String> {
@@ -690,6 +697,12 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(TwinServiceServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES))
+        .add_optional_service(replication.map(|r| {
+            ReplicationServiceServer::new(r)
+                .accept_compressed(CompressionEncoding::Gzip)
+                .send_compressed(CompressionEncoding::Gzip)
+                .max_decoding_message_size(MAX_BATCH_BYTES)
+        }))
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(listener),
             token.clone().cancelled_owned(),

@@ -144,6 +144,10 @@ struct Queue {
     /// (day partition, key, chunk)
     history: Vec<(i64, Vec<u8>, Vec<u8>)>,
     events: Vec<(u64, Vec<u8>)>,
+    /// Snapshot records given as such (mirrors of another site's twins): (id, record).
+    records: Vec<(Vec<u8>, Vec<u8>)>,
+    /// `meta` entries written after everything else of the flush (replication cursors).
+    meta: Vec<(Vec<u8>, Vec<u8>)>,
     bytes: usize,
 }
 
@@ -185,6 +189,10 @@ pub struct Store {
     /// Events on disk that the outbox may not hold (see `enable_outbox`), staged with the
     /// next flush.
     outbox_recovery: Mutex<Vec<rec::OutboxEvent>>,
+    /// Number of the flush the queue goes out with; a flush publishes it on `flushed` once
+    /// durable.
+    queue_gen: AtomicU64,
+    flushed: tokio::sync::watch::Sender<u64>,
     pub stats: StoreStats,
 }
 
@@ -290,6 +298,8 @@ impl Store {
             aborting: AtomicBool::new(false),
             outbox: std::sync::OnceLock::new(),
             outbox_recovery: Mutex::new(Vec::new()),
+            queue_gen: AtomicU64::new(1),
+            flushed: tokio::sync::watch::channel(0).0,
             stats: StoreStats::default(),
         })
     }
@@ -436,6 +446,51 @@ impl Store {
         q.events.push((event.seq, value));
     }
 
+    /// Queues snapshot records as they are (a mirror's state from its site) and `meta`
+    /// entries written after them in the same flush; returns the flush they go out with
+    /// (see `wait_flushed`). Waits while the queue is full.
+    pub async fn put_records(
+        &self,
+        records: Vec<(AssetId, Vec<u8>)>,
+        meta: Vec<(Vec<u8>, Vec<u8>)>,
+    ) -> u64 {
+        let bytes: usize = records.iter().map(|(_, r)| 16 + r.len()).sum::<usize>()
+            + meta.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+        self.reserve(bytes).await;
+        let mut q = self.queue.lock().expect("queue lock is never poisoned");
+        q.bytes += bytes;
+        q.records.extend(
+            records
+                .into_iter()
+                .map(|(id, r)| (id.as_bytes().to_vec(), r)),
+        );
+        q.meta.extend(meta);
+        self.queue_gen.load(Ordering::Acquire)
+    }
+
+    /// The flush that what is queued now goes out with.
+    pub fn queue_generation(&self) -> u64 {
+        self.queue_gen.load(Ordering::Acquire)
+    }
+
+    /// Waits until flush `generation` (or a later one) is durable. Nudges the writer.
+    pub async fn wait_flushed(&self, generation: u64) {
+        let mut rx = self.flushed.subscribe();
+        self.nudge();
+        let _ = rx.wait_for(|g| *g >= generation).await;
+    }
+
+    /// A `meta` value (replication cursors); `None` if absent.
+    pub fn meta_value(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.meta
+            .get(key)
+            .map(|v| v.map(|v| v.to_vec()))
+            .map_err(|source| StoreError::Io {
+                dir: self.dir.clone(),
+                source,
+            })
+    }
+
     /// Highest sequence number assigned so far (0 if none).
     pub fn last_event_seq(&self) -> u64 {
         self.next_seq.load(Ordering::Relaxed).saturating_sub(1)
@@ -519,14 +574,17 @@ impl Store {
                 n_snaps += 1;
             }
         }
-        let q = {
+        let mut meta = sled::Batch::default();
+        let (q, generation) = {
             let mut queue = self.queue.lock().expect("queue lock is never poisoned");
             let q = Arc::new(std::mem::take(&mut *queue));
+            // Taken under the queue lock: whatever was queued before is in this flush.
+            let generation = self.queue_gen.fetch_add(1, Ordering::AcqRel);
             *self
                 .in_flight
                 .lock()
                 .expect("in-flight lock is never poisoned") = Some(q.clone());
-            q
+            (q, generation)
         };
         let mut hist: std::collections::BTreeMap<i64, sled::Batch> = Default::default();
         for (day, k, v) in &q.history {
@@ -537,6 +595,12 @@ impl Store {
         let mut evs = sled::Batch::default();
         for (seq, v) in &q.events {
             evs.insert(&seq.to_be_bytes(), v.as_slice());
+        }
+        for (id, r) in &q.records {
+            snaps.insert(id.as_slice(), r.as_slice());
+        }
+        for (k, v) in &q.meta {
+            meta.insert(k.as_slice(), v.as_slice());
         }
         let (staged, full, recovered) = match self.outbox.get() {
             Some(ob) => self.stage_outbox(ob, registry, &dirty, &q, snapshots),
@@ -565,6 +629,8 @@ impl Store {
                     },
                 })?;
             }
+            // Last: a cursor on disk means what it counts is on disk too.
+            self.meta.apply_batch(meta).map_err(io)?;
             self.db.flush().map_err(io)?;
             Ok(())
         })();
@@ -595,6 +661,10 @@ impl Store {
             queue.history.extend(newer.history);
             queue.events = failed.events;
             queue.events.extend(newer.events);
+            queue.records = failed.records;
+            queue.records.extend(newer.records);
+            queue.meta = failed.meta;
+            queue.meta.extend(newer.meta);
             queue.bytes = failed.bytes + newer.bytes;
             drop(queue);
             *self
@@ -609,6 +679,7 @@ impl Store {
             .expect("in-flight lock is never poisoned") = None;
         self.room
             .add_permits(q.bytes.min(self.cfg.max_queued_bytes));
+        self.flushed.send_replace(generation);
         self.stats.flushes.fetch_add(1, Ordering::Relaxed);
         self.stats
             .snapshots_written

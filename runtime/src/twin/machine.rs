@@ -133,6 +133,14 @@ impl Actor for MachineTwin {
                     state.publish_scheduled = false;
                     state.publish(now(), true);
                 }
+                TwinMsg::Mirror(snap) => {
+                    if let TwinState::Machine(m) = &snap.state {
+                        state.snap = m.clone();
+                        state.restarts = snap.restarts;
+                        state.publish(snap.updated, false);
+                        state.schedule(&myself);
+                    }
+                }
                 _ => {}
             }
             Ok(())

@@ -291,6 +291,9 @@ pub enum TwinMsg {
     },
     /// Write the history tail now (clean shutdown).
     FlushHistory(RpcReplyPort<()>),
+    /// Enterprise role: the state of this twin's original at its site (replication).
+    /// Sensors and machines take it as their own; roll-ups follow as usual.
+    Mirror(Arc<TwinSnapshot>),
     /// Panic inside the handler, as a bug would (tests of supervision).
     Crash,
 }
@@ -343,7 +346,7 @@ pub(crate) fn answer_as_parent(
             let _ = reply.send(());
             None
         }
-        TwinMsg::CheckStale(_) => None,
+        TwinMsg::CheckStale(_) | TwinMsg::Mirror(_) => None,
         TwinMsg::Crash => panic!("{}: crash requested (test hook)", entry.path()),
         own => Some(own),
     }

@@ -110,6 +110,13 @@ impl Actor for SensorTwin {
                     state.apply(&readings).await;
                 }
                 TwinMsg::CheckStale(at) => state.check_stale(at).await,
+                TwinMsg::Mirror(snap) => {
+                    if let TwinState::Sensor(s) = &snap.state {
+                        state.snap = s.clone();
+                        state.restarts = snap.restarts;
+                        state.publish(snap.updated);
+                    }
+                }
                 TwinMsg::Acknowledge {
                     alarm,
                     by,

@@ -1,0 +1,342 @@
+//! The enterprise's side of replication: one stream per site, applied to the mirror twins.
+//!
+//! Idempotent: a batch at or below the site's cursor is acked again and not applied; an
+//! event at or below the site's event cursor is skipped (a site that crashed may stage an
+//! event twice). Durable before ack: the mirror records, the events and the cursors go out
+//! in one store flush, and a seq is acked once that flush is on disk.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use ferrotwin_models::spec::AssetKind;
+use ferrotwin_models::{AssetId, AssetPath, Event, EventKind, Severity, Timestamp};
+use ferrotwin_proto::store::v1 as rec;
+use ferrotwin_proto::v1 as pb;
+use ferrotwin_proto::v1::replication_service_server::ReplicationService;
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{PROTOCOL_VERSION, cursor_key, event_cursor_key, u64_of};
+use crate::store::codec;
+use crate::twin::{TwinCtx, TwinMsg, now};
+
+/// Applied batches whose ack waits for a flush, per stream.
+const PENDING_ACKS: usize = 1024;
+
+/// What the enterprise knows about one site it accepts.
+#[derive(Debug, Default)]
+pub struct SiteMirror {
+    pub applied_seq: AtomicU64,
+    pub event_seq: AtomicU64,
+    /// When a batch of this site was last applied (µs since the epoch; 0 = never).
+    pub synced_us: AtomicU64,
+    pub batches: AtomicU64,
+    pub duplicates: AtomicU64,
+    /// Twin deltas for assets the enterprise's plant does not have.
+    pub unknown_twins: AtomicU64,
+    /// One stream per site at a time: a second waits for the first to end.
+    stream: Arc<tokio::sync::Mutex<()>>,
+}
+
+pub struct EnterpriseReceiver {
+    ctx: Arc<TwinCtx>,
+    sites: HashMap<String, Arc<SiteMirror>>,
+    /// Streams end when the runtime stops, and its shutdown waits for them.
+    token: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl EnterpriseReceiver {
+    /// Accepts the sites of `accept` (each must be a site of the plant), with their cursors
+    /// from the store.
+    pub fn new(
+        ctx: Arc<TwinCtx>,
+        accept: &[String],
+        token: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Result<EnterpriseReceiver, String> {
+        let mut sites = HashMap::new();
+        for s in accept {
+            let path = AssetPath::parse(s).map_err(|e| format!("enterprise.accept: {s:?}: {e}"))?;
+            if ctx
+                .registry
+                .by_path(&path)
+                .is_none_or(|e| !matches!(e.def.kind, AssetKind::Site))
+            {
+                return Err(format!(
+                    "enterprise.accept: {s:?} is not a site of the plant spec"
+                ));
+            }
+            let m = SiteMirror::default();
+            let read = |k: Vec<u8>| ctx.store.meta_value(&k).map(u64_of);
+            m.applied_seq.store(
+                read(cursor_key(s)).map_err(|e| e.to_string())?,
+                Ordering::Relaxed,
+            );
+            m.event_seq.store(
+                read(event_cursor_key(s)).map_err(|e| e.to_string())?,
+                Ordering::Relaxed,
+            );
+            sites.insert(path.as_str().to_owned(), Arc::new(m));
+        }
+        Ok(EnterpriseReceiver {
+            ctx,
+            sites,
+            token,
+            tracker,
+        })
+    }
+
+    pub fn site(&self, site: &str) -> Option<&Arc<SiteMirror>> {
+        self.sites.get(site)
+    }
+
+    /// Applies one batch of `site`; returns the store flush its effects go out with, or
+    /// `None` for a duplicate.
+    async fn apply(
+        &self,
+        site: &AssetPath,
+        mirror: &SiteMirror,
+        seq: u64,
+        bytes: &[u8],
+    ) -> Result<Option<u64>, Status> {
+        if seq <= mirror.applied_seq.load(Ordering::Acquire) {
+            mirror.duplicates.fetch_add(1, Ordering::Relaxed);
+            return Ok(None);
+        }
+        let batch = rec::OutboxBatch::decode(bytes).map_err(|e| {
+            Status::invalid_argument(format!("batch {seq}: not an outbox batch: {e}"))
+        })?;
+        let mut records = Vec::with_capacity(batch.twins.len());
+        for d in &batch.twins {
+            let (Ok(id), Some(r)) = (<[u8; 16]>::try_from(d.id.as_slice()), &d.record) else {
+                return Err(Status::invalid_argument(format!(
+                    "batch {seq}: a twin delta without a 16-byte id or a record"
+                )));
+            };
+            let id = AssetId::from_bytes(id);
+            let Some(entry) = self.ctx.registry.get(&id) else {
+                mirror.unknown_twins.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            if !entry.path().starts_with(site) {
+                return Err(Status::permission_denied(format!(
+                    "batch {seq}: twin {} is not under site {site}",
+                    entry.path()
+                )));
+            }
+            let snap = Arc::new(codec::decode_snapshot(&entry.def.kind, r));
+            match entry.actor() {
+                Some(a) => {
+                    let _ = a.cast(TwinMsg::Mirror(snap));
+                }
+                // Restarting: it starts from the registry's snapshot.
+                None => self.ctx.publish(&entry, (*snap).clone()),
+            }
+            records.push((id, r.encode_to_vec()));
+        }
+        let mut event_seq = mirror.event_seq.load(Ordering::Acquire);
+        for e in &batch.events {
+            if e.seq <= event_seq {
+                continue;
+            }
+            let Some(r) = &e.event else { continue };
+            match codec::decode_event(e.seq, &r.encode_to_vec()) {
+                Ok(ev) if ev.asset.starts_with(site) => {
+                    let mut ev = ev;
+                    ev.seq = 0;
+                    self.ctx.emit(ev).await;
+                }
+                Ok(ev) => {
+                    return Err(Status::permission_denied(format!(
+                        "batch {seq}: event on {} is not under site {site}",
+                        ev.asset
+                    )));
+                }
+                Err(what) => {
+                    return Err(Status::invalid_argument(format!(
+                        "batch {seq}: event {}: {what}",
+                        e.seq
+                    )));
+                }
+            }
+            event_seq = e.seq;
+        }
+        if batch.dropped_events_from > 0 {
+            self.ctx
+                .emit(Event::new(
+                    site.clone(),
+                    now(),
+                    EventKind::Lifecycle,
+                    Severity::High,
+                    format!(
+                        "site outbox was full: events {}..={} were dropped before reaching the enterprise",
+                        batch.dropped_events_from, batch.dropped_events_to
+                    ),
+                ))
+                .await;
+        }
+        let key = site.as_str();
+        let generation = self
+            .ctx
+            .store
+            .put_records(
+                records,
+                vec![
+                    (cursor_key(key), seq.to_be_bytes().to_vec()),
+                    (event_cursor_key(key), event_seq.to_be_bytes().to_vec()),
+                ],
+            )
+            .await;
+        mirror.applied_seq.store(seq, Ordering::Release);
+        mirror.event_seq.store(event_seq, Ordering::Release);
+        mirror.batches.fetch_add(1, Ordering::Relaxed);
+        mirror
+            .synced_us
+            .store(u64::try_from(now().0).unwrap_or(0), Ordering::Relaxed);
+        Ok(Some(generation))
+    }
+}
+
+type ReplicateStream = Pin<Box<dyn Stream<Item = Result<pb::ReplicateResponse, Status>> + Send>>;
+
+/// The gRPC face of an `EnterpriseReceiver`.
+#[derive(Clone)]
+pub struct ReplicationApi(pub Arc<EnterpriseReceiver>);
+
+#[tonic::async_trait]
+impl ReplicationService for ReplicationApi {
+    type ReplicateStream = ReplicateStream;
+
+    async fn replicate(
+        &self,
+        req: Request<Streaming<pb::ReplicateRequest>>,
+    ) -> Result<Response<ReplicateStream>, Status> {
+        let mut incoming = req.into_inner();
+        let first = incoming
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("stream ended before the hello"))?;
+        let Some(pb::replicate_request::Msg::Hello(hello)) = first.msg else {
+            return Err(Status::invalid_argument(
+                "the first message must be a hello",
+            ));
+        };
+        if hello.protocol_version < PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "site speaks replication protocol {}, the enterprise needs {PROTOCOL_VERSION}",
+                hello.protocol_version
+            )));
+        }
+        let site = AssetPath::parse(&hello.site)
+            .map_err(|e| Status::invalid_argument(format!("hello.site: {e}")))?;
+        let Some(mirror) = self.0.sites.get(site.as_str()).cloned() else {
+            tracing::warn!(site = %site, "replication refused: site not accepted");
+            return Err(Status::permission_denied(format!(
+                "site {site} is not accepted by this enterprise"
+            )));
+        };
+        let guard = mirror.stream.clone().lock_owned().await;
+        let (tx, rx) = mpsc::channel(16);
+        let welcome = pb::ReplicateResponse {
+            msg: Some(pb::replicate_response::Msg::Welcome(
+                pb::EnterpriseWelcome {
+                    protocol_version: PROTOCOL_VERSION,
+                    last_applied_seq: mirror.applied_seq.load(Ordering::Acquire),
+                },
+            )),
+        };
+        tx.send(Ok(welcome))
+            .await
+            .map_err(|_| Status::cancelled("site went away"))?;
+        tracing::info!(site = %site, agent = hello.agent, "replication stream accepted");
+        let this = self.0.clone();
+        let tracker = self.0.tracker.clone();
+        let token = self.0.token.clone();
+        tracker.spawn(async move {
+            let _guard = guard;
+            // Acks go out in order, each once its flush is durable.
+            let (acks_tx, mut acks_rx) = mpsc::channel::<(u64, Option<u64>)>(PENDING_ACKS);
+            let store = this.ctx.store.clone();
+            let ack_out = tx.clone();
+            let stopping = token.clone();
+            let acker = this.tracker.spawn(async move {
+                while let Some((seq, generation)) = acks_rx.recv().await {
+                    if let Some(g) = generation {
+                        tokio::select! {
+                            () = stopping.cancelled() => return,
+                            () = store.wait_flushed(g) => {}
+                        }
+                    }
+                    let ack = pb::ReplicateResponse {
+                        msg: Some(pb::replicate_response::Msg::Ack(seq)),
+                    };
+                    if ack_out.send(Ok(ack)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            loop {
+                let next = tokio::select! {
+                    () = token.cancelled() => break,
+                    m = incoming.message() => m,
+                };
+                let m = match next {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::info!(site = %site, error = %e, "replication stream ended");
+                        break;
+                    }
+                };
+                let Some(pb::replicate_request::Msg::Batch(b)) = m.msg else {
+                    let _ = tx
+                        .send(Err(Status::invalid_argument(
+                            "only batches after the hello",
+                        )))
+                        .await;
+                    break;
+                };
+                match this.apply(&site, &mirror, b.seq, &b.batch).await {
+                    Ok(generation) => {
+                        if acks_tx.send((b.seq, generation)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(status) => {
+                        tracing::warn!(site = %site, error = %status, "replication batch refused");
+                        let _ = tx.send(Err(status)).await;
+                        break;
+                    }
+                }
+            }
+            drop(acks_tx);
+            let _ = acker.await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Freshness of a site's mirrors: ms since its last applied batch (`None`: never synced).
+pub fn freshness_ms(mirror: &SiteMirror, at: Timestamp) -> Option<i64> {
+    let synced = mirror.synced_us.load(Ordering::Relaxed);
+    (synced > 0).then(|| (at.0 - synced as i64) / 1000)
+}
+
+/// Mirrors of every site, for status output.
+pub fn sites(rx: &EnterpriseReceiver) -> Vec<(String, Arc<SiteMirror>)> {
+    let mut v: Vec<_> = rx
+        .sites
+        .iter()
+        .map(|(k, m)| (k.clone(), m.clone()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}

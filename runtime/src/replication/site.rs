@@ -1,0 +1,210 @@
+//! The site's sender: streams the outbox to the enterprise, resumes after the enterprise's
+//! last applied seq on every (re)connect, trims the outbox up to each ack. The site's twins
+//! and ingest never wait for it: a slow or absent enterprise only makes the outbox longer.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferrotwin_adapters::backoff::Backoff;
+use ferrotwin_proto::v1 as pb;
+use ferrotwin_proto::v1::replication_service_client::ReplicationServiceClient;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use super::{PROTOCOL_VERSION, SiteReplication};
+use crate::store::Store;
+use crate::store::outbox::Outbox;
+
+/// Most bytes of outbox read per step of the sender.
+const READ_BYTES: usize = 4 << 20;
+/// How long the enterprise has to answer the hello.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the sender reports (API, metrics, tests).
+#[derive(Debug, Default)]
+pub struct SenderStatus {
+    pub connected: std::sync::atomic::AtomicBool,
+    pub connects: AtomicU64,
+    pub batches_sent: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub acked_seq: AtomicU64,
+    pub last_error: Mutex<Option<String>>,
+}
+
+impl SenderStatus {
+    fn failed(&self, e: &str) {
+        self.connected.store(false, Ordering::Relaxed);
+        *self
+            .last_error
+            .lock()
+            .expect("status lock is never poisoned") = Some(e.to_owned());
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    #[error("cannot connect to {endpoint}: {source}")]
+    Connect {
+        endpoint: String,
+        source: tonic::transport::Error,
+    },
+    #[error("enterprise refused the stream: {0}")]
+    Refused(tonic::Status),
+    #[error("stream broke: {0}")]
+    Stream(tonic::Status),
+    #[error("enterprise closed the stream")]
+    Closed,
+    #[error("no welcome from the enterprise within {WELCOME_TIMEOUT:?}")]
+    NoWelcome,
+    #[error("enterprise speaks protocol {0}, this site {PROTOCOL_VERSION}")]
+    Version(u32),
+    #[error("outbox: {0}")]
+    Outbox(String),
+}
+
+/// Runs until `token` is cancelled: connect, stream, on any failure back off and reconnect.
+pub async fn run_sender(
+    store: Arc<Store>,
+    site: String,
+    cfg: SiteReplication,
+    status: Arc<SenderStatus>,
+    token: CancellationToken,
+) {
+    let Some(outbox) = store.outbox() else {
+        tracing::error!("replication sender started without an outbox");
+        return;
+    };
+    let mut backoff = Backoff::new(cfg.reconnect_min_ms, cfg.reconnect_max_ms);
+    loop {
+        let result = tokio::select! {
+            () = token.cancelled() => return,
+            r = stream_once(outbox, &site, &cfg, &status, &token) => r,
+        };
+        match result {
+            Ok(()) => return,
+            Err(e) => {
+                if status.connected.load(Ordering::Relaxed) {
+                    backoff.reset();
+                }
+                tracing::warn!(error = %e, enterprise = %cfg.enterprise, "replication stream down");
+                status.failed(&e.to_string());
+            }
+        }
+        tokio::select! {
+            () = token.cancelled() => return,
+            () = tokio::time::sleep(backoff.next_delay()) => {}
+        }
+    }
+}
+
+/// One connection: hello, welcome, then batches out and acks in until something breaks.
+async fn stream_once(
+    outbox: &Outbox,
+    site: &str,
+    cfg: &SiteReplication,
+    status: &SenderStatus,
+    token: &CancellationToken,
+) -> Result<(), SendError> {
+    let endpoint = cfg.enterprise.clone();
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())
+        .map_err(|source| SendError::Connect {
+            endpoint: endpoint.clone(),
+            source,
+        })?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|source| SendError::Connect { endpoint, source })?;
+    let mut client = ReplicationServiceClient::new(channel)
+        .send_compressed(tonic::codec::CompressionEncoding::Gzip)
+        .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+        .max_decoding_message_size(64 << 20);
+    let (tx, rx) = mpsc::channel::<pb::ReplicateRequest>(cfg.max_unacked_batches.max(1));
+    let hello = pb::ReplicateRequest {
+        msg: Some(pb::replicate_request::Msg::Hello(pb::SiteHello {
+            protocol_version: PROTOCOL_VERSION,
+            site: site.to_owned(),
+            agent: format!("ferrotwin {}", env!("CARGO_PKG_VERSION")),
+        })),
+    };
+    tx.send(hello).await.map_err(|_| SendError::Closed)?;
+    let mut responses = client
+        .replicate(ReceiverStream::new(rx))
+        .await
+        .map_err(SendError::Refused)?
+        .into_inner();
+    let welcome = tokio::time::timeout(WELCOME_TIMEOUT, responses.message())
+        .await
+        .map_err(|_| SendError::NoWelcome)?
+        .map_err(SendError::Refused)?
+        .ok_or(SendError::Closed)?;
+    let Some(pb::replicate_response::Msg::Welcome(w)) = welcome.msg else {
+        return Err(SendError::NoWelcome);
+    };
+    if w.protocol_version != PROTOCOL_VERSION {
+        return Err(SendError::Version(w.protocol_version));
+    }
+    outbox
+        .trim_to(w.last_applied_seq)
+        .map_err(|e| SendError::Outbox(e.to_string()))?;
+    status.connected.store(true, Ordering::Relaxed);
+    status.connects.fetch_add(1, Ordering::Relaxed);
+    status
+        .acked_seq
+        .store(w.last_applied_seq, Ordering::Relaxed);
+    tracing::info!(
+        site,
+        resume_after = w.last_applied_seq,
+        "replication stream up"
+    );
+    // Resume after what the enterprise has, or after what the outbox no longer holds.
+    let mut sent = w.last_applied_seq.max(outbox.lag().acked_seq);
+    let mut in_flight: VecDeque<u64> = VecDeque::new();
+    loop {
+        let room = cfg.max_unacked_batches.saturating_sub(in_flight.len());
+        if room > 0 {
+            let batches = outbox
+                .read_after(sent, READ_BYTES)
+                .map_err(|e| SendError::Outbox(e.to_string()))?;
+            if !batches.is_empty() {
+                for (seq, bytes) in batches.into_iter().take(room) {
+                    let n = bytes.len() as u64;
+                    let req = pb::ReplicateRequest {
+                        msg: Some(pb::replicate_request::Msg::Batch(pb::SiteBatch {
+                            seq,
+                            batch: bytes,
+                        })),
+                    };
+                    tokio::select! {
+                        () = token.cancelled() => return Ok(()),
+                        r = tx.send(req) => r.map_err(|_| SendError::Closed)?,
+                    }
+                    sent = seq;
+                    in_flight.push_back(seq);
+                    status.batches_sent.fetch_add(1, Ordering::Relaxed);
+                    status.bytes_sent.fetch_add(n, Ordering::Relaxed);
+                }
+                continue;
+            }
+        }
+        // Nothing to send (or the window is full): wait for an ack or a new batch.
+        tokio::select! {
+            () = token.cancelled() => return Ok(()),
+            () = outbox.wait_after(sent), if room > 0 => {}
+            m = responses.message() => {
+                let m = m.map_err(SendError::Stream)?.ok_or(SendError::Closed)?;
+                if let Some(pb::replicate_response::Msg::Ack(seq)) = m.msg {
+                    outbox.trim_to(seq).map_err(|e| SendError::Outbox(e.to_string()))?;
+                    status.acked_seq.fetch_max(seq, Ordering::Relaxed);
+                    while in_flight.front().is_some_and(|s| *s <= seq) {
+                        in_flight.pop_front();
+                    }
+                }
+            }
+        }
+    }
+}

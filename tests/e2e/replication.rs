@@ -1,0 +1,386 @@
+//! Site → enterprise replication over real gRPC on loopback: state and events arrive, once,
+//! whatever dies in between.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use ferrotwin_proto::store::v1 as rec;
+use ferrotwin_proto::v1 as pb;
+use ferrotwin_proto::v1::replication_service_client::ReplicationServiceClient;
+use ferrotwin_runtime::replication::{EnterpriseRole, SiteReplication};
+use ferrotwin_runtime::{Runtime, RuntimeOptions};
+use prost::Message;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::common::*;
+
+fn enterprise_options() -> RuntimeOptions {
+    let mut o = options();
+    o.enterprise = Some(EnterpriseRole {
+        accept: vec!["acme/berlin".into()],
+    });
+    o
+}
+
+fn site_options(enterprise: SocketAddr) -> RuntimeOptions {
+    let mut o = options();
+    let mut r = SiteReplication::new(format!("http://{enterprise}"));
+    r.reconnect_min_ms = 20;
+    r.reconnect_max_ms = 200;
+    o.replication = Some(r);
+    o
+}
+
+/// Starts a runtime serving gRPC on `addr` (a port freed a moment ago: retried while the OS
+/// still holds it).
+async fn start_on(dir: &Path, opts: RuntimeOptions, addr: SocketAddr) -> Site {
+    let rt = Runtime::start(&spec(), dir, opts)
+        .await
+        .expect("runtime starts");
+    let listener = wait_for(20, "the port to be free again", || async {
+        tokio::net::TcpListener::bind(addr).await.ok()
+    })
+    .await;
+    rt.serve_grpc(listener);
+    let client = ferrotwin_proto::v1::twin_service_client::TwinServiceClient::connect(format!(
+        "http://{addr}"
+    ))
+    .await
+    .expect("connect");
+    Site { rt, client, addr }
+}
+
+/// Waits until the site's outbox is empty and everything it staged is acked.
+async fn wait_all_acked(site: &Site) {
+    let ob = site
+        .rt
+        .store
+        .outbox()
+        .expect("a replicating site has an outbox");
+    wait_for(30, "the enterprise to ack everything", || async {
+        if site.rt.registry.dirty_len() > 0 {
+            site.rt.store.nudge();
+            return None;
+        }
+        // The flush after this moment has staged every twin that was dirty before it.
+        site.rt
+            .store
+            .wait_flushed(site.rt.store.queue_generation())
+            .await;
+        let lag = ob.lag();
+        (lag.count == 0 && lag.acked_seq == lag.last_seq).then_some(())
+    })
+    .await;
+}
+
+/// (asset, ts, message) of every event under the site, counted.
+async fn event_counts(site: &mut Site) -> HashMap<(String, i64, String), usize> {
+    let mut counts = HashMap::new();
+    for e in events(&mut site.client, "acme/berlin").await {
+        *counts
+            .entry((e.path.clone(), e.ts_us, e.message.clone()))
+            .or_default() += 1;
+    }
+    counts
+}
+
+fn assert_same_events_once(
+    site: &HashMap<(String, i64, String), usize>,
+    ent: &HashMap<(String, i64, String), usize>,
+) {
+    for (k, n) in ent {
+        assert_eq!(*n, 1, "event applied {n} times at the enterprise: {k:?}");
+    }
+    for k in site.keys() {
+        assert!(
+            ent.contains_key(k),
+            "event missing at the enterprise: {k:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn site_state_and_events_reach_the_enterprise_and_acks_trim_the_outbox() {
+    let (ed, sd) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let ent = start_in(ed.path(), enterprise_options()).await;
+    let site = start_in(sd.path(), site_options(ent.addr)).await;
+    push(&site, vec![float(TEMP, 95.0), float(FORCE, 12.5)]).await;
+    wait_for(20, "the mirror to show the value and the alarm", || {
+        let mut c = ent.client.clone();
+        async move {
+            let t = get(&mut c, TEMP).await;
+            (float_of(&t) == Some(95.0) && alarm_state(&t, "high") == pb::AlarmState::ActiveUnacked)
+                .then_some(())
+        }
+    })
+    .await;
+    wait_for(20, "the alarm event at the enterprise", || {
+        let mut c = ent.client.clone();
+        async move {
+            events(&mut c, TEMP)
+                .await
+                .iter()
+                .any(|e| e.message.contains("raised"))
+                .then_some(())
+        }
+    })
+    .await;
+    // Roll-ups are computed at the enterprise from the mirrors.
+    wait_for(
+        20,
+        "the line's roll-up at the enterprise to count the alarm",
+        || {
+            let mut c = ent.client.clone();
+            async move {
+                let line = get(&mut c, "acme/berlin/assembly/line-1").await;
+                line.rollup
+                    .is_some_and(|r| r.active_alarms >= 1)
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    wait_all_acked(&site).await;
+    let status = site.rt.replication.as_ref().expect("sender");
+    assert!(status.connected.load(Ordering::Relaxed));
+    assert!(status.bytes_sent.load(Ordering::Relaxed) > 0);
+    site.rt.shutdown().await;
+    ent.rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enterprise_down_under_load_then_back_gets_every_event_once_and_the_final_state() {
+    let (ed, sd) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let ent = start_in(ed.path(), enterprise_options()).await;
+    let ent_addr = ent.addr;
+    let mut site = start_in(sd.path(), site_options(ent_addr)).await;
+    push(&site, vec![float(TEMP, 20.0)]).await;
+    wait_all_acked(&site).await;
+    ent.rt.shutdown().await;
+
+    // Under load while the enterprise is away: alarms raised and cleared, values moving.
+    for i in 0..60 {
+        let v = if i % 2 == 0 { 95.0 } else { 40.0 };
+        push(&site, vec![float(TEMP, v), float(FORCE, f64::from(i))]).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    push(&site, vec![float(TEMP, 33.0), float(FORCE, 1234.0)]).await;
+    wait_for(10, "the site to apply the last values", || {
+        let mut c = site.client.clone();
+        async move { (float_of(&get(&mut c, FORCE).await) == Some(1234.0)).then_some(()) }
+    })
+    .await;
+    assert!(
+        site.rt.store.outbox().expect("outbox").lag().count > 0,
+        "the outbox holds the backlog"
+    );
+
+    let mut ent = start_on(ed.path(), enterprise_options(), ent_addr).await;
+    wait_all_acked(&site).await;
+    assert_eq!(float_of(&get(&mut ent.client, FORCE).await), Some(1234.0));
+    assert_eq!(float_of(&get(&mut ent.client, TEMP).await), Some(33.0));
+    let site_events = event_counts(&mut site).await;
+    let ent_events = event_counts(&mut ent).await;
+    assert!(
+        site_events.len() >= 60,
+        "alarm churn made events: {}",
+        site_events.len()
+    );
+    assert_same_events_once(&site_events, &ent_events);
+    site.rt.shutdown().await;
+    ent.rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_site_resumes_from_the_last_ack_without_loss_or_duplicates() {
+    let (ed, sd) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let mut ent = start_in(ed.path(), enterprise_options()).await;
+    let site = start_in(sd.path(), site_options(ent.addr)).await;
+    for i in 0..20 {
+        let v = if i % 2 == 0 { 95.0 } else { 40.0 };
+        push(&site, vec![float(TEMP, v)]).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Power cut mid-stream: no clean shutdown, whatever was not flushed is gone.
+    site.rt.abort().await;
+    let mut site = start_in(sd.path(), site_options(ent.addr)).await;
+    for i in 0..20 {
+        let v = if i % 2 == 0 { 96.0 } else { 41.0 };
+        push(&site, vec![float(TEMP, v)]).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    push(&site, vec![float(FORCE, 77.0)]).await;
+    wait_for(20, "the last value at the enterprise", || {
+        let mut c = ent.client.clone();
+        async move { (float_of(&get(&mut c, FORCE).await) == Some(77.0)).then_some(()) }
+    })
+    .await;
+    wait_all_acked(&site).await;
+    assert_same_events_once(
+        &event_counts(&mut site).await,
+        &event_counts(&mut ent).await,
+    );
+    site.rt.shutdown().await;
+    ent.rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_enterprise_restarts_with_everything_it_acked() {
+    let (ed, sd) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let ent = start_in(ed.path(), enterprise_options()).await;
+    let ent_addr = ent.addr;
+    let mut site = start_in(sd.path(), site_options(ent_addr)).await;
+    for i in 0..20 {
+        let v = if i % 2 == 0 { 95.0 } else { 40.0 };
+        push(&site, vec![float(TEMP, v), float(FORCE, f64::from(i))]).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    wait_for(10, "the site to apply the last values", || {
+        let mut c = site.client.clone();
+        async move { (float_of(&get(&mut c, FORCE).await) == Some(19.0)).then_some(()) }
+    })
+    .await;
+    wait_all_acked(&site).await;
+    ent.rt.abort().await;
+    // Restarted on its data dir and a new port the site does not know: what it has is only
+    // what it acked before the kill.
+    let mut ent = start_in(ed.path(), enterprise_options()).await;
+    assert_eq!(float_of(&get(&mut ent.client, FORCE).await), Some(19.0));
+    assert_same_events_once(
+        &event_counts(&mut site).await,
+        &event_counts(&mut ent).await,
+    );
+    site.rt.shutdown().await;
+    ent.rt.shutdown().await;
+}
+
+/// A raw client speaking the protocol.
+async fn raw_stream(
+    ent: SocketAddr,
+    site: &str,
+    batches: Vec<pb::ReplicateRequest>,
+) -> Result<Vec<pb::ReplicateResponse>, tonic::Status> {
+    let mut client = ReplicationServiceClient::connect(format!("http://{ent}"))
+        .await
+        .expect("connect");
+    let mut msgs = vec![pb::ReplicateRequest {
+        msg: Some(pb::replicate_request::Msg::Hello(pb::SiteHello {
+            protocol_version: 1,
+            site: site.into(),
+            agent: "test".into(),
+        })),
+    }];
+    let expected_acks = batches.len();
+    msgs.extend(batches);
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    for m in msgs {
+        tx.send(m).await.expect("queue");
+    }
+    let mut responses = client
+        .replicate(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let mut out = Vec::new();
+    while out.len() < expected_acks + 1 {
+        match tokio::time::timeout(Duration::from_secs(20), responses.message()).await {
+            Ok(Ok(Some(m))) => out.push(m),
+            Ok(Ok(None)) => break,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => panic!("no answer from the enterprise"),
+        }
+    }
+    drop(tx);
+    Ok(out)
+}
+
+fn batch_with_event(seq: u64, event_seq: u64, message: &str) -> pb::ReplicateRequest {
+    let b = rec::OutboxBatch {
+        seq,
+        created_us: now().0,
+        events: vec![rec::OutboxEvent {
+            seq: event_seq,
+            event: Some(rec::EventRecord {
+                path: TEMP.into(),
+                ts_us: now().0,
+                kind: "lifecycle".into(),
+                severity: 0,
+                alarm: String::new(),
+                message: message.into(),
+            }),
+        }],
+        ..Default::default()
+    };
+    pb::ReplicateRequest {
+        msg: Some(pb::replicate_request::Msg::Batch(pb::SiteBatch {
+            seq,
+            batch: b.encode_to_vec(),
+        })),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_batch_is_applied_once_and_acked_again() {
+    let ed = tempfile::tempdir().expect("dir");
+    let mut ent = start_in(ed.path(), enterprise_options()).await;
+    let answers = raw_stream(
+        ent.addr,
+        "acme/berlin",
+        vec![
+            batch_with_event(1, 10, "replayed once"),
+            batch_with_event(1, 10, "replayed once"),
+            batch_with_event(2, 10, "same event seq in a new batch"),
+        ],
+    )
+    .await
+    .expect("stream");
+    let acks: Vec<u64> = answers
+        .iter()
+        .filter_map(|a| match a.msg {
+            Some(pb::replicate_response::Msg::Ack(s)) => Some(s),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(acks, vec![1, 1, 2]);
+    let evs = events(&mut ent.client, TEMP).await;
+    assert_eq!(
+        evs.iter().filter(|e| e.message == "replayed once").count(),
+        1
+    );
+    assert!(!evs.iter().any(|e| e.message.contains("same event seq")));
+    // A new stream resumes after what was applied.
+    let again = raw_stream(ent.addr, "acme/berlin", vec![])
+        .await
+        .expect("stream");
+    match &again[0].msg {
+        Some(pb::replicate_response::Msg::Welcome(w)) => assert_eq!(w.last_applied_seq, 2),
+        other => panic!("expected a welcome, got {other:?}"),
+    }
+    ent.rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_the_enterprise_does_not_accept_is_refused_with_permission_denied() {
+    let ed = tempfile::tempdir().expect("dir");
+    let ent = start_in(ed.path(), enterprise_options()).await;
+    let err = raw_stream(ent.addr, "acme/paris", vec![])
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    assert!(err.message().contains("acme/paris"), "{err}");
+    ent.rt.shutdown().await;
+}
