@@ -466,6 +466,60 @@ pub async fn write(
     ))
 }
 
+pub async fn replication(client: &mut Client) -> Result<String> {
+    let s = client
+        .get_replication_status(pb::GetReplicationStatusRequest {})
+        .await
+        .map_err(status)?
+        .into_inner();
+    let mut out = format!("role: {}\n", s.role);
+    if let Some(l) = s.link {
+        let _ = writeln!(
+            out,
+            "site {} -> {} ({}){}",
+            l.site,
+            l.enterprise,
+            if l.connected {
+                "connected"
+            } else {
+                "not connected"
+            },
+            if l.last_error.is_empty() {
+                String::new()
+            } else {
+                format!(", last error: {}", l.last_error)
+            }
+        );
+        let _ = writeln!(
+            out,
+            "outbox: {} batches, {} bytes, oldest unacked {} ms; seq {} acked {}; sent {} batches / {} bytes in {} connections; compacted {}, events dropped {}",
+            l.outbox_batches,
+            l.outbox_bytes,
+            l.oldest_unacked_age_ms,
+            l.last_seq,
+            l.acked_seq,
+            l.batches_sent,
+            l.bytes_sent,
+            l.connects,
+            l.compacted,
+            l.dropped_events
+        );
+    }
+    for m in s.sites {
+        let age = if m.age_ms < 0 {
+            "never synced".to_string()
+        } else {
+            format!("synced {} ms ago", m.age_ms)
+        };
+        let _ = writeln!(
+            out,
+            "{:<24} applied seq {:>8}  {age}  batches {}  duplicates {}  unknown twins {}",
+            m.site, m.applied_seq, m.batches, m.duplicates, m.unknown_twins
+        );
+    }
+    Ok(out)
+}
+
 pub async fn connections(client: &mut Client) -> Result<String> {
     let list = client
         .list_connections(pb::ListConnectionsRequest {})

@@ -45,10 +45,20 @@ enum Cmd {
         #[arg(long = "for")]
         for_s: Option<u64>,
     },
-    /// Run a site from a config file (plant spec, data dir, listen address).
+    /// Run a site or an enterprise from a config file (plant spec, data dir, listen address,
+    /// PLC connections, replication).
     Run {
         #[arg(long)]
         config: PathBuf,
+        /// Checked against the config: a site has no `[enterprise]` section, an enterprise
+        /// has one.
+        #[arg(long, value_enum, default_value = "site")]
+        role: Role,
+    },
+    /// Show replication: a site's link and outbox, or an enterprise's mirrored sites.
+    Replication {
+        #[command(flatten)]
+        remote: Remote,
     },
     /// Print the asset tree with live values, quality and alarms.
     Tree {
@@ -139,6 +149,12 @@ enum Cmd {
     },
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Role {
+    Site,
+    Enterprise,
+}
+
 #[derive(Subcommand)]
 enum BenchCmd {
     /// Drive the real ingest path and print readings/s, latency to a watcher, RSS per twin.
@@ -185,9 +201,20 @@ async fn main() -> Result<()> {
             })
             .await
         }
-        Cmd::Run { config } => {
+        Cmd::Run { config, role } => {
             init_tracing("info,sled=warn");
             let cfg = SiteConfig::load(&config)?;
+            match (role, cfg.enterprise.is_some()) {
+                (Role::Site, true) => anyhow::bail!(
+                    "{}: has an [enterprise] section: run it with --role enterprise",
+                    config.display()
+                ),
+                (Role::Enterprise, false) => anyhow::bail!(
+                    "{}: an enterprise needs an [enterprise] section listing the sites it accepts",
+                    config.display()
+                ),
+                _ => {}
+            }
             let spec = cfg.load_plant()?;
             std::fs::create_dir_all(&cfg.data_dir)
                 .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
@@ -196,7 +223,11 @@ async fn main() -> Result<()> {
                 .with_context(|| format!("cannot listen on {}", cfg.grpc_addr))?;
             let rt = Runtime::start(&spec, &cfg.data_dir, cfg.options()).await?;
             println!(
-                "ferrotwin site: {} twins, gRPC on {}",
+                "ferrotwin {}: {} twins, gRPC on {}",
+                match role {
+                    Role::Site => "site",
+                    Role::Enterprise => "enterprise",
+                },
                 rt.registry.len(),
                 listener.local_addr()?
             );
@@ -290,6 +321,12 @@ async fn main() -> Result<()> {
                 "{}",
                 cli::write(&mut c, &path, &property, &value, &by).await?
             );
+            Ok(())
+        }
+        Cmd::Replication { remote } => {
+            init_tracing("warn");
+            let mut c = cli::connect(&remote.addr).await?;
+            print!("{}", cli::replication(&mut c).await?);
             Ok(())
         }
         Cmd::Connections { remote } => {

@@ -187,7 +187,7 @@ impl Runtime {
             ));
         }
         let replication = replicate_as.map(|(site, cfg)| {
-            let status = Arc::new(SenderStatus::default());
+            let status = Arc::new(SenderStatus::new(&site, &cfg.enterprise));
             tracker.spawn(run_sender(
                 store.clone(),
                 site,
@@ -238,7 +238,8 @@ impl Runtime {
 
     /// Serves the gRPC API on `listener` until shutdown.
     pub fn serve_grpc(&self, listener: TcpListener) {
-        let service = crate::grpc::TwinApi::new(self.ctx.clone(), self.connections.clone());
+        let service = crate::grpc::TwinApi::new(self.ctx.clone(), self.connections.clone())
+            .with_replication(self.replication.clone(), self.enterprise.clone());
         let replication = self.enterprise.clone().map(ReplicationApi);
         let token = self.token.child_token();
         self.tracker.spawn(async move {

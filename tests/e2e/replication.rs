@@ -108,7 +108,7 @@ async fn site_state_and_events_reach_the_enterprise_and_acks_trim_the_outbox() {
         tempfile::tempdir().expect("dir"),
         tempfile::tempdir().expect("dir"),
     );
-    let ent = start_in(ed.path(), enterprise_options()).await;
+    let mut ent = start_in(ed.path(), enterprise_options()).await;
     let site = start_in(sd.path(), site_options(ent.addr)).await;
     push(&site, vec![float(TEMP, 95.0), float(FORCE, 12.5)]).await;
     wait_for(20, "the mirror to show the value and the alarm", || {
@@ -150,6 +150,28 @@ async fn site_state_and_events_reach_the_enterprise_and_acks_trim_the_outbox() {
     let status = site.rt.replication.as_ref().expect("sender");
     assert!(status.connected.load(Ordering::Relaxed));
     assert!(status.bytes_sent.load(Ordering::Relaxed) > 0);
+    // Both ends say so over the API; mirrors carry their freshness.
+    let mut sc = site.client.clone();
+    let s = sc
+        .get_replication_status(pb::GetReplicationStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    let link = s.link.expect("a site link");
+    assert_eq!((s.role.as_str(), link.connected), ("site", true));
+    assert_eq!((link.outbox_batches, link.acked_seq), (0, link.last_seq));
+    let e = ent
+        .client
+        .get_replication_status(pb::GetReplicationStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!(e.role, "enterprise");
+    assert_eq!(e.sites.len(), 1);
+    assert_eq!(e.sites[0].applied_seq, link.acked_seq);
+    assert!(e.sites[0].age_ms >= 0);
+    assert!(get(&mut ent.client, TEMP).await.mirror_age_ms.is_some());
+    assert!(get(&mut sc, TEMP).await.mirror_age_ms.is_none());
     site.rt.shutdown().await;
     ent.rt.shutdown().await;
 }

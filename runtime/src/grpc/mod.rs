@@ -23,7 +23,8 @@ use tonic::{Request, Response, Status};
 
 use crate::connections::Connections;
 use crate::registry::TwinEntry;
-use crate::replication::enterprise::ReplicationApi;
+use crate::replication::enterprise::{EnterpriseReceiver, ReplicationApi, freshness_ms};
+use crate::replication::site::SenderStatus;
 use crate::select::TwinSubject;
 use crate::store::{EventFilter, StoreError};
 use crate::twin::{TwinCtx, TwinError, TwinMsg, ask, now};
@@ -116,6 +117,8 @@ impl From<ApiError> for Status {
 pub struct TwinApi {
     ctx: Arc<TwinCtx>,
     connections: Arc<Connections>,
+    sender: Option<Arc<SenderStatus>>,
+    enterprise: Option<Arc<EnterpriseReceiver>>,
     token: CancellationToken,
 }
 
@@ -124,8 +127,21 @@ impl TwinApi {
         TwinApi {
             ctx,
             connections,
+            sender: None,
+            enterprise: None,
             token: CancellationToken::new(),
         }
+    }
+
+    /// The site role's sender and the enterprise role's receiver, when this runtime has them.
+    pub fn with_replication(
+        mut self,
+        sender: Option<Arc<SenderStatus>>,
+        enterprise: Option<Arc<EnterpriseReceiver>>,
+    ) -> TwinApi {
+        self.sender = sender;
+        self.enterprise = enterprise;
+        self
     }
 
     fn parse_path(field: &'static str, s: &str) -> Result<AssetPath, ApiError> {
@@ -191,7 +207,11 @@ impl TwinApi {
     }
 
     fn twin_of(&self, e: &TwinEntry) -> pb::Twin {
-        convert::twin(e, &e.snapshot())
+        let mut t = convert::twin(e, &e.snapshot());
+        if let Some(m) = self.enterprise.as_ref().and_then(|r| r.site_of(e.path())) {
+            t.mirror_age_ms = freshness_ms(m, now());
+        }
+        t
     }
 
     fn sensor_actor(
@@ -531,6 +551,56 @@ impl TwinService for TwinApi {
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(pb::WritePropertyResponse { connection }))
+    }
+
+    async fn get_replication_status(
+        &self,
+        _req: Request<pb::GetReplicationStatusRequest>,
+    ) -> Result<Response<pb::ReplicationStatus>, Status> {
+        let at = now();
+        let mut out = pb::ReplicationStatus {
+            role: "standalone".into(),
+            ..Default::default()
+        };
+        if let Some(s) = &self.sender {
+            use std::sync::atomic::Ordering::Relaxed;
+            let lag = self.ctx.store.outbox().map(|o| o.lag()).unwrap_or_default();
+            out.role = "site".into();
+            out.link = Some(pb::SiteLink {
+                site: s.site.clone(),
+                enterprise: s.enterprise.clone(),
+                connected: s.connected.load(Relaxed),
+                last_error: s.last_error().unwrap_or_default(),
+                outbox_batches: lag.count,
+                outbox_bytes: lag.bytes,
+                oldest_unacked_age_ms: lag
+                    .oldest_unacked_us
+                    .map_or(0, |t| (at.0 - t).max(0) / 1000),
+                last_seq: lag.last_seq,
+                acked_seq: lag.acked_seq,
+                batches_sent: s.batches_sent.load(Relaxed),
+                bytes_sent: s.bytes_sent.load(Relaxed),
+                connects: s.connects.load(Relaxed),
+                compacted: lag.compacted,
+                dropped_events: lag.dropped_events,
+            });
+        }
+        if let Some(r) = &self.enterprise {
+            use std::sync::atomic::Ordering::Relaxed;
+            out.role = "enterprise".into();
+            out.sites = crate::replication::enterprise::sites(r)
+                .into_iter()
+                .map(|(site, m)| pb::MirroredSite {
+                    site,
+                    applied_seq: m.applied_seq.load(Relaxed),
+                    age_ms: freshness_ms(&m, at).unwrap_or(-1),
+                    batches: m.batches.load(Relaxed),
+                    duplicates: m.duplicates.load(Relaxed),
+                    unknown_twins: m.unknown_twins.load(Relaxed),
+                })
+                .collect();
+        }
+        Ok(Response::new(out))
     }
 
     async fn list_connections(

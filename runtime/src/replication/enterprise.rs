@@ -98,6 +98,12 @@ impl EnterpriseReceiver {
         self.sites.get(site)
     }
 
+    /// The accepted site `path` lies in, with its mirror state.
+    pub fn site_of(&self, path: &AssetPath) -> Option<&Arc<SiteMirror>> {
+        let site: String = path.segments().take(2).collect::<Vec<_>>().join("/");
+        self.sites.get(&site)
+    }
+
     /// Applies one batch of `site`; returns the store flush its effects go out with, or
     /// `None` for a duplicate.
     async fn apply(

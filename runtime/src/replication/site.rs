@@ -26,6 +26,8 @@ const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 /// What the sender reports (API, metrics, tests).
 #[derive(Debug, Default)]
 pub struct SenderStatus {
+    pub site: String,
+    pub enterprise: String,
     pub connected: std::sync::atomic::AtomicBool,
     pub connects: AtomicU64,
     pub batches_sent: AtomicU64,
@@ -35,6 +37,21 @@ pub struct SenderStatus {
 }
 
 impl SenderStatus {
+    pub fn new(site: &str, enterprise: &str) -> SenderStatus {
+        SenderStatus {
+            site: site.to_owned(),
+            enterprise: enterprise.to_owned(),
+            ..SenderStatus::default()
+        }
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .expect("status lock is never poisoned")
+            .clone()
+    }
+
     fn failed(&self, e: &str) {
         self.connected.store(false, Ordering::Relaxed);
         *self
