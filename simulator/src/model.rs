@@ -1140,6 +1140,14 @@ impl PlantSim {
         true
     }
 
+    /// A machine's speed setpoint in percent, `None` if `machine` is not one of this plant.
+    pub fn speed_pct(&self, machine: AssetId) -> Option<u16> {
+        self.machines
+            .iter()
+            .find(|m| m.id == machine)
+            .map(|m| m.speed_pct)
+    }
+
     /// Per machine (spec order) whether a fault is in progress and which sensors read bad.
     pub fn machine_statuses(&self) -> impl Iterator<Item = MachineStatus> + '_ {
         self.machines.iter().map(|m| {
