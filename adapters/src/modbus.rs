@@ -26,7 +26,9 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ferrotwin_models::{AssetPath, Property, Quality, QualityReason, Reading, Timestamp, Value};
+use ferrotwin_models::{
+    AssetPath, Property, Quality, QualityReason, Reading, Timestamp, Value, ValueType,
+};
 use serde::Deserialize;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_modbus::ExceptionCode;
@@ -185,6 +187,10 @@ pub struct ModbusTag {
     pub max: Option<f64>,
     #[serde(default)]
     pub bad_when: Option<StatusBit>,
+    /// What the value is reported as: `bool` data reads as bool, a sensor's `value` as
+    /// float, machine properties as int, unless set here (an int sensor served as f32).
+    #[serde(default)]
+    pub value_type: Option<ValueType>,
 }
 
 impl ModbusTag {
@@ -398,7 +404,7 @@ fn check_tag(t: &ModbusTag) -> Result<(), String> {
         return Err("scale must be finite and not 0, offset finite".into());
     }
     if let (Some(lo), Some(hi)) = (t.min, t.max)
-        && !(lo <= hi)
+        && (lo.is_nan() || hi.is_nan() || lo > hi)
     {
         return Err(format!("min {lo} is above max {hi}"));
     }
@@ -681,12 +687,22 @@ fn common_ancestor<'a>(mut paths: impl Iterator<Item = &'a AssetPath>) -> Option
     Some(common)
 }
 
-/// A zero of the type a tag's property reads as, for a failing tag never read.
+/// What a tag's values are reported as.
+fn value_type_of(tag: &ModbusTag, property: Property) -> ValueType {
+    match (tag.value_type, tag.data_type, property) {
+        (Some(t), _, _) => t,
+        (None, DataType::Bool, _) => ValueType::Bool,
+        (None, _, Property::Value) => ValueType::Float,
+        (None, _, _) => ValueType::Int,
+    }
+}
+
+/// A zero of the type a tag reads as, for a failing tag never read.
 fn zero_of(p: &Polled) -> Value {
-    match (p.tag.data_type, p.property) {
-        (DataType::Bool, _) => Value::Bool(false),
-        (_, Property::Value) => Value::Float(0.0),
-        _ => Value::Int(0),
+    match value_type_of(&p.tag, p.property) {
+        ValueType::Bool => Value::Bool(false),
+        ValueType::Float => Value::Float(0.0),
+        ValueType::Int => Value::Int(0),
     }
 }
 
@@ -699,10 +715,10 @@ impl Adapter {
         if !eng.is_finite() {
             return None;
         }
-        let value = match (p.tag.data_type, p.property) {
-            (DataType::Bool, _) => Value::Bool(raw != 0.0),
-            (_, Property::Value) => Value::Float(eng),
-            _ => Value::Int(eng.round() as i64),
+        let value = match value_type_of(&p.tag, p.property) {
+            ValueType::Bool => Value::Bool(eng != 0.0),
+            ValueType::Float => Value::Float(eng),
+            ValueType::Int => Value::Int(eng.round() as i64),
         };
         let bad = p.status.is_some_and(|(g, at, bit)| {
             answers[g]
@@ -1127,6 +1143,7 @@ mod tests {
             min: None,
             max: None,
             bad_when: None,
+            value_type: None,
         }
     }
 

@@ -13,7 +13,7 @@
 //!   in `bad_when`, so an adapter can turn that tag Bad;
 //! - input registers, one block per machine in the same order: `good_count` and
 //!   `scrap_count` (u32, two registers each), then per sensor in spec order its `value`
-//!   (IEEE-754 f32, two registers);
+//!   (IEEE-754 f32, two registers; a sensor declared int or bool says so in `value_type`);
 //! - coils: `i` = `run_enable` (bool, writable, default true): false puts the machine in idle
 //!   and keeps it there (no parts) until set true again (`PlantSim::set_run_enable`);
 //! - discrete inputs: `i` = `fault_active` (bool): true while any fault of the machine or of
@@ -35,7 +35,7 @@ use std::collections::HashSet;
 use std::fmt::Write as _;
 
 use ferrotwin_models::spec::{AssetKind, PlantSpec};
-use ferrotwin_models::{AssetPath, Property};
+use ferrotwin_models::{AssetPath, Property, ValueType};
 use serde::{Deserialize, Serialize};
 
 pub const MAPPING_VERSION: u32 = 1;
@@ -160,6 +160,10 @@ pub struct TagMap {
     /// The tag reads bad while this bit is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bad_when: Option<StatusBit>,
+    /// The sensor's declared value type when it is not a float (its register still holds
+    /// an f32): an adapter reports `Value::Int`/`Value::Bool` for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_type: Option<ValueType>,
 }
 
 /// The register map of one line's PLC.
@@ -212,6 +216,7 @@ fn tag(asset: &AssetPath, property: &str, register: RegisterKind, address: usize
         scale: 1.0,
         writable: property == SPEED_SETPOINT || property == RUN_ENABLE,
         bad_when: None,
+        value_type: None,
     }
 }
 
@@ -286,6 +291,7 @@ impl Mapping {
             Ok(())
         };
         for asset in spec.assets() {
+            let mut value_type = None;
             let words = match asset.kind {
                 AssetKind::Line => {
                     if let Some(last) = lines.last_mut() {
@@ -312,7 +318,8 @@ impl Mapping {
                         (Property::ScrapCount.as_str(), RegisterKind::Input),
                     ]
                 }
-                AssetKind::Sensor { .. } => {
+                AssetKind::Sensor { spec: s, .. } => {
+                    value_type = (s.value_type != ValueType::Float).then_some(s.value_type);
                     vec![(Property::Value.as_str(), RegisterKind::Input)]
                 }
                 _ => continue,
@@ -325,7 +332,8 @@ impl Mapping {
                     RegisterKind::Holding => &mut holding,
                     _ => &mut input,
                 };
-                let t = tag(&asset.path, property, register, (*next).min(0xffff));
+                let mut t = tag(&asset.path, property, register, (*next).min(0xffff));
+                t.value_type = value_type;
                 *next += usize::from(t.data_type.words());
                 if *next <= ADDRESS_SPACE {
                     line.tags.push(t);
