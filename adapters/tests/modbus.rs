@@ -580,3 +580,188 @@ async fn a_connection_reads_a_line_from_the_simulators_mapping_file() {
         .expect_err("no such line");
     assert!(err.to_string().contains("acme/nope"), "{err}");
 }
+
+/// A TCP proxy in front of `upstream` that stops forwarding (keeping connections open, as
+/// a hung PLC does) while `frozen` is set, and counts the requests it forwards.
+async fn freezable_proxy(
+    upstream: SocketAddr,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+    forwarded: Arc<std::sync::atomic::AtomicUsize>,
+) -> (SocketAddr, JoinHandle<()>) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("binds");
+    let addr = listener.local_addr().expect("bound");
+    let task = tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                continue;
+            };
+            let frozen = Arc::clone(&frozen);
+            let forwarded = Arc::clone(&forwarded);
+            tokio::spawn(async move {
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let mut buf = [0u8; 1024];
+                let mut back = [0u8; 1024];
+                loop {
+                    // Requests and answers alternate: forward one request, then its answer.
+                    let Ok(n @ 1..) = cr.read(&mut buf).await else {
+                        return;
+                    };
+                    if frozen.load(Ordering::SeqCst) {
+                        // Swallow it and every later byte: the connection hangs.
+                        while let Ok(1..) = cr.read(&mut buf).await {}
+                        return;
+                    }
+                    if sw.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                    forwarded.fetch_add(1, Ordering::SeqCst);
+                    let Ok(m @ 1..) = sr.read(&mut back).await else {
+                        return;
+                    };
+                    if cw.write_all(&back[..m]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn a_plc_that_stops_answering_times_out_into_comm_failure_and_writes_time_out() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (plant, mapping, addr) = served(WordOrder::BigEndian).await;
+    let stepper = step_in_background(Arc::clone(&plant));
+    let frozen = Arc::new(AtomicBool::new(false));
+    let forwarded = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (proxy, proxy_task) = freezable_proxy(addr, Arc::clone(&frozen), forwarded).await;
+    let mut config = config_for(&mapping, proxy);
+    // One poll at connect, the next far away: the write below meets an idle link.
+    config.poll_interval_ms = 60_000;
+    config.timeout_ms = 300;
+    let mut run = start(config);
+    run.event(|k| matches!(k, AdapterEventKind::Connected { .. }))
+        .await;
+    let sink = Arc::clone(&run.sink);
+    wait_until("the first poll", || sink.count() >= 1).await;
+    frozen.store(true, Ordering::SeqCst);
+    let press = AssetPath::parse(PRESS).expect("valid");
+    let err = run
+        .handle
+        .write(WriteRequest {
+            asset: press,
+            property: "speed_setpoint_pct".into(),
+            value: Value::Int(120),
+            by: "operator-7".into(),
+        })
+        .await
+        .expect_err("no answer");
+    assert_eq!(
+        err,
+        WriteError::Timeout {
+            connection: "line-1-plc".into(),
+            timeout_ms: 300
+        }
+    );
+    run.event(|k| matches!(k, AdapterEventKind::Disconnected { .. }))
+        .await;
+    wait_until("CommFailure readings of the last values", || {
+        let b = sink.batches();
+        b.len() >= 2
+            && b[1].len() == b[0].len()
+            && b[1].iter().zip(&b[0]).all(|(bad, last)| {
+                bad.quality == Quality::bad(QualityReason::CommFailure) && bad.value == last.value
+            })
+    })
+    .await;
+    frozen.store(false, Ordering::SeqCst);
+    run.event(|k| matches!(k, AdapterEventKind::Connected { .. }))
+        .await;
+    wait_until("good values again", || {
+        sink.batches()
+            .last()
+            .is_some_and(|b| b.iter().all(|r| r.quality.is_good()))
+    })
+    .await;
+    run.stop().await;
+    proxy_task.abort();
+    stepper.abort();
+}
+
+/// Refuses every batch while `closed`.
+struct GateSink {
+    closed: std::sync::atomic::AtomicBool,
+    inner: BatchSink,
+}
+
+impl IngestSink for GateSink {
+    fn try_push(&self, batch: Vec<Reading>) -> Result<(), PushBack> {
+        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(PushBack {
+                batch,
+                why: PushBackReason::Busy,
+            });
+        }
+        self.inner.try_push(batch)
+    }
+}
+
+#[tokio::test]
+async fn while_the_sink_pushes_back_the_plc_is_not_read_and_nothing_is_lost() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let (plant, mapping, addr) = served(WordOrder::BigEndian).await;
+    let stepper = step_in_background(Arc::clone(&plant));
+    let forwarded = Arc::new(AtomicUsize::new(0));
+    let (proxy, proxy_task) = freezable_proxy(
+        addr,
+        Arc::new(AtomicBool::new(false)),
+        Arc::clone(&forwarded),
+    )
+    .await;
+    let config = config_for(&mapping, proxy);
+    let sink = Arc::new(GateSink {
+        closed: AtomicBool::new(true),
+        inner: BatchSink::default(),
+    });
+    let (tx, mut events) = mpsc::channel(64);
+    let token = CancellationToken::new();
+    let handle = ferrotwin_adapters::start(
+        ConnectionConfig::Modbus(config),
+        Arc::clone(&sink) as Arc<dyn IngestSink>,
+        tx,
+        token.clone(),
+    )
+    .expect("valid");
+    let connected = tokio::time::timeout(WAIT, events.recv())
+        .await
+        .expect("an event")
+        .expect("running");
+    assert!(matches!(connected.kind, AdapterEventKind::Connected { .. }));
+    wait_until("the first poll", || forwarded.load(Ordering::SeqCst) >= 1).await;
+    // Ten poll intervals of push-back: the one poll's batch waits, no request goes out.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let during = forwarded.load(Ordering::SeqCst);
+    assert!(
+        during <= 4,
+        "{during} requests while pushed back (one poll's groups)"
+    );
+    assert_eq!(sink.inner.count(), 0);
+    sink.closed.store(false, Ordering::SeqCst);
+    wait_until("polling resumes", || sink.inner.count() >= 3).await;
+    let first = sink.inner.batches().remove(0);
+    assert!(!first.is_empty() && first.iter().all(|r| r.quality.is_good()));
+    assert!(
+        handle.status().snapshot().overruns >= 1,
+        "the held poll overran"
+    );
+    token.cancel();
+    let _ = handle.join.await;
+    proxy_task.abort();
+    stepper.abort();
+}
