@@ -14,6 +14,10 @@
 //!   Bad(`CommFailure`), `Disconnected`, reconnect with backoff, `Connected`.
 //! - Polls start every `poll_interval_ms` from the start of the previous one; one that
 //!   overruns skips the missed starts (counted in `overruns`) instead of bunching them.
+//!   While the sink pushes back the poll's batch waits and nothing is read (writes wait in
+//!   their bounded queue too).
+//! - A merged group also reads the unmapped registers between its tags: a PLC that has no
+//!   register there answers IllegalDataAddress for the whole group (set `max_gap = 0`).
 //! - A tag with `bad_when` reads Bad(`SensorFailure`) while that bit of a PLC status word is
 //!   set (the simulator's per-machine sensor-status word); values outside `min`/`max` read
 //!   Uncertain(`OutOfRange`).
@@ -1050,7 +1054,14 @@ async fn wait_disconnected(io: &mut AdapterIo, name: &str, delay: Duration) -> b
 }
 
 /// The adapter task: connect, poll, reconnect, until `io.token` is cancelled.
-pub async fn run(config: ModbusConfig, _targets: Vec<TagTarget>, mut io: AdapterIo) {
+pub async fn run(config: ModbusConfig, targets: Vec<TagTarget>, io: AdapterIo) {
+    use tracing::Instrument as _;
+    let span =
+        tracing::info_span!("modbus", connection = %config.name, endpoint = %config.endpoint);
+    run_connection(config, targets, io).instrument(span).await;
+}
+
+async fn run_connection(config: ModbusConfig, _targets: Vec<TagTarget>, mut io: AdapterIo) {
     // `targets` were validated by `start`; the plan needs the tags themselves, so the
     // config (and its mapping file) is resolved again.
     let plan = match Plan::build(&config) {
