@@ -765,3 +765,34 @@ async fn while_the_sink_pushes_back_the_plc_is_not_read_and_nothing_is_lost() {
     proxy_task.abort();
     stepper.abort();
 }
+
+#[tokio::test]
+async fn values_outside_min_max_read_uncertain_and_still_arrive() {
+    let (plant, mapping, addr) = served(WordOrder::BigEndian).await;
+    let stepper = step_in_background(Arc::clone(&plant));
+    let mut config = config_for(&mapping, addr);
+    let sensor = first_sensor_of_press(&mapping);
+    let tag = config
+        .tags
+        .iter_mut()
+        .find(|t| t.asset == sensor && t.property == "value")
+        .expect("imported");
+    // Below any value the sensor reads once the simulation runs.
+    tag.max = Some(-1e6);
+    let run = start(config);
+    let sink = Arc::clone(&run.sink);
+    wait_until("an out-of-range reading", || {
+        sink.of(id(&sensor), Property::Value)
+            .iter()
+            .any(|r| r.quality == Quality::uncertain(QualityReason::OutOfRange))
+    })
+    .await;
+    let last = sink.batches().pop().expect("polled");
+    assert!(
+        last.iter()
+            .filter(|r| r.asset != id(&sensor))
+            .all(|r| r.quality.is_good())
+    );
+    run.stop().await;
+    stepper.abort();
+}
