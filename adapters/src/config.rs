@@ -11,11 +11,15 @@ pub const MAX_NAME_LEN: usize = 64;
 /// rejects unknown keys.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "protocol", rename_all = "lowercase")]
-pub enum ConnectionConfig {}
+pub enum ConnectionConfig {
+    Modbus(crate::modbus::ModbusConfig),
+}
 
 impl ConnectionConfig {
     pub fn name(&self) -> &str {
-        match *self {}
+        match self {
+            ConnectionConfig::Modbus(c) => &c.name,
+        }
     }
 
     /// `modbus`, `opcua` or `mqtt` (as in the config's `protocol`).
@@ -31,7 +35,9 @@ impl ConnectionConfig {
     /// The validated tags of this connection: every asset path parses, every property is a
     /// reading property or a writable setpoint, no (asset, property) twice.
     pub fn targets(&self) -> Result<Vec<TagTarget>, ConfigError> {
-        match *self {}
+        match self {
+            ConnectionConfig::Modbus(c) => c.targets(),
+        }
     }
 }
 

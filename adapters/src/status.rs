@@ -43,6 +43,9 @@ pub struct AdapterStatus {
     pub connects: AtomicU64,
     pub writes_ok: AtomicU64,
     pub writes_failed: AtomicU64,
+    /// Polls that took longer than the poll interval (the next one was skipped, not
+    /// bunched up); 0 for protocols that do not poll.
+    pub overruns: AtomicU64,
 }
 
 /// A copy of an adapter's status at one moment.
@@ -57,6 +60,7 @@ pub struct StatusSnapshot {
     pub connects: u64,
     pub writes_ok: u64,
     pub writes_failed: u64,
+    pub overruns: u64,
 }
 
 impl AdapterStatus {
@@ -70,6 +74,7 @@ impl AdapterStatus {
             connects: AtomicU64::new(0),
             writes_ok: AtomicU64::new(0),
             writes_failed: AtomicU64::new(0),
+            overruns: AtomicU64::new(0),
         }
     }
 
@@ -110,6 +115,7 @@ impl AdapterStatus {
             connects: get(&self.connects),
             writes_ok: get(&self.writes_ok),
             writes_failed: get(&self.writes_failed),
+            overruns: get(&self.overruns),
         }
     }
 }

@@ -6,19 +6,36 @@
 //! in its line:
 //! - holding registers: `2i` = `state` (u16: 0 idle, 1 running, 2 setup, 3 down; read-only),
 //!   `2i + 1` = `speed_setpoint_pct` (u16, 0..=200, default 100; writable);
+//!   then, after every machine's pair, `2n + i` = `status` (u16, read-only; `n` machines in
+//!   the line): bit `k` is set while the machine's `k`-th sensor (spec order) reads bad:
+//!   stuck (a `stuck_sensor` fault) or not reported at all (the machine's `network_loss`).
+//!   Only the first 16 sensors of a machine have a bit; a sensor's `value` tag names its bit
+//!   in `bad_when`, so an adapter can turn that tag Bad;
 //! - input registers, one block per machine in the same order: `good_count` and
 //!   `scrap_count` (u32, two registers each), then per sensor in spec order its `value`
-//!   (IEEE-754 f32, two registers).
+//!   (IEEE-754 f32, two registers; a sensor declared int or bool says so in `value_type`);
+//! - coils: `i` = `run_enable` (bool, writable, default true): false puts the machine in idle
+//!   and keeps it there (no parts) until set true again (`PlantSim::set_run_enable`);
+//! - discrete inputs: `i` = `fault_active` (bool): true while any fault of the machine or of
+//!   its sensors is in progress (overheating, bearing wear, stuck sensor, breakdown, network
+//!   loss; a spike is a single sample and never shows).
 //!
-//! 32-bit values are big-endian in both senses: the high word first (at the lower address),
-//! each word high byte first as Modbus sends every register. Counters wrap at 2^32 like a
-//! PLC's. Scale is 1 everywhere for now: engineering value = raw × scale.
+//! The status words sit after the machines' pairs (not in each machine's block) and bits in
+//! their own address spaces, so every address of the first layout is unchanged: a
+//! `mapping.toml` written before them still parses and still addresses the same values
+//! (the new `LineMap` counts and `bad_when` default to empty), hence version 1 still.
+//!
+//! 32-bit values are big-endian in both senses by default: the high word first (at the lower
+//! address), each word high byte first as Modbus sends every register; `word_order =
+//! "little_endian"` puts the low word first (`Mapping::set_word_order`, for testing adapters
+//! against both). Counters wrap at 2^32 like a PLC's. Scale is 1 everywhere for now:
+//! engineering value = raw × scale.
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
 
 use ferrotwin_models::spec::{AssetKind, PlantSpec};
-use ferrotwin_models::{AssetPath, Property};
+use ferrotwin_models::{AssetPath, Property, ValueType};
 use serde::{Deserialize, Serialize};
 
 pub const MAPPING_VERSION: u32 = 1;
@@ -33,6 +50,18 @@ pub const SPEED_SETPOINT: &str = "speed_setpoint_pct";
 /// Highest value `speed_setpoint_pct` accepts.
 pub const MAX_SPEED_PCT: u16 = 200;
 
+/// The tag name of a machine's run-enable coil.
+pub const RUN_ENABLE: &str = "run_enable";
+
+/// The tag name of a machine's sensor-status word.
+pub const STATUS: &str = "status";
+
+/// The tag name of a machine's fault discrete input.
+pub const FAULT_ACTIVE: &str = "fault_active";
+
+/// Sensors of a machine that have a bit in its status word.
+pub const STATUS_BITS: usize = 16;
+
 /// Registers a Modbus unit can address (16-bit addresses).
 const ADDRESS_SPACE: usize = 1 << 16;
 
@@ -41,6 +70,15 @@ const ADDRESS_SPACE: usize = 1 << 16;
 pub enum RegisterKind {
     Holding,
     Input,
+    Coil,
+    DiscreteInput,
+}
+
+impl RegisterKind {
+    /// Coils and discrete inputs hold bits, the others 16-bit words.
+    pub fn is_bit(self) -> bool {
+        matches!(self, RegisterKind::Coil | RegisterKind::DiscreteInput)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,12 +87,15 @@ pub enum DataType {
     U16,
     U32,
     F32,
+    /// A coil or discrete input.
+    Bool,
 }
 
 impl DataType {
+    /// Registers (or bits, for `Bool`) the value takes.
     pub fn words(self) -> u16 {
         match self {
-            DataType::U16 => 1,
+            DataType::U16 | DataType::Bool => 1,
             DataType::U32 | DataType::F32 => 2,
         }
     }
@@ -66,6 +107,38 @@ impl DataType {
 pub enum WordOrder {
     /// High word at the lower address.
     BigEndian,
+    /// Low word at the lower address.
+    LittleEndian,
+}
+
+impl WordOrder {
+    /// The two registers of `v` in address order.
+    pub fn split(self, v: u32) -> [u16; 2] {
+        let (hi, lo) = ((v >> 16) as u16, v as u16);
+        match self {
+            WordOrder::BigEndian => [hi, lo],
+            WordOrder::LittleEndian => [lo, hi],
+        }
+    }
+
+    /// `split`'s inverse.
+    pub fn join(self, words: [u16; 2]) -> u32 {
+        let (hi, lo) = match self {
+            WordOrder::BigEndian => (words[0], words[1]),
+            WordOrder::LittleEndian => (words[1], words[0]),
+        };
+        (u32::from(hi) << 16) | u32::from(lo)
+    }
+}
+
+/// A bit of a status word that says a tag reads bad.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusBit {
+    pub register: RegisterKind,
+    pub address: u16,
+    /// 0 = least significant.
+    pub bit: u8,
 }
 
 /// One value a line's PLC serves.
@@ -84,6 +157,13 @@ pub struct TagMap {
     pub scale: f64,
     #[serde(default)]
     pub writable: bool,
+    /// The tag reads bad while this bit is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bad_when: Option<StatusBit>,
+    /// The sensor's declared value type when it is not a float (its register still holds
+    /// an f32): an adapter reports `Value::Int`/`Value::Bool` for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_type: Option<ValueType>,
 }
 
 /// The register map of one line's PLC.
@@ -96,6 +176,10 @@ pub struct LineMap {
     pub unit_id: u8,
     pub holding_registers: u32,
     pub input_registers: u32,
+    #[serde(default)]
+    pub coils: u32,
+    #[serde(default)]
+    pub discrete_inputs: u32,
     pub tags: Vec<TagMap>,
 }
 
@@ -120,6 +204,7 @@ fn tag(asset: &AssetPath, property: &str, register: RegisterKind, address: usize
         (RegisterKind::Holding, _) => DataType::U16,
         (RegisterKind::Input, "value") => DataType::F32,
         (RegisterKind::Input, _) => DataType::U32,
+        (RegisterKind::Coil | RegisterKind::DiscreteInput, _) => DataType::Bool,
     };
     TagMap {
         asset: asset.as_str().to_string(),
@@ -129,8 +214,61 @@ fn tag(asset: &AssetPath, property: &str, register: RegisterKind, address: usize
         data_type,
         word_order: WordOrder::BigEndian,
         scale: 1.0,
-        writable: property == SPEED_SETPOINT,
+        writable: property == SPEED_SETPOINT || property == RUN_ENABLE,
+        bad_when: None,
+        value_type: None,
     }
+}
+
+/// Appends the status words, coils and discrete inputs of a finished line (see the module
+/// comment) and links each sensor's value to its status bit.
+fn add_machine_bits(line: &mut LineMap) {
+    let machines: Vec<String> = line
+        .tags
+        .iter()
+        .filter(|t| t.property == Property::State.as_str())
+        .map(|t| t.asset.clone())
+        .collect();
+    let n = machines.len();
+    let index: std::collections::HashMap<&str, usize> = machines
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (m.as_str(), i))
+        .collect();
+    let mut sensors_seen = vec![0usize; n];
+    for t in &mut line.tags {
+        if t.property != Property::Value.as_str() {
+            continue;
+        }
+        let Some(&m) = t
+            .asset
+            .rsplit_once('/')
+            .and_then(|(machine, _)| index.get(machine))
+        else {
+            continue;
+        };
+        let k = sensors_seen[m];
+        sensors_seen[m] += 1;
+        if k < STATUS_BITS {
+            t.bad_when = Some(StatusBit {
+                register: RegisterKind::Holding,
+                address: u16::try_from(2 * n + m).expect("3n fits: n <= 65536 / 4"),
+                bit: k as u8,
+            });
+        }
+    }
+    for (i, m) in machines.iter().enumerate() {
+        let path = AssetPath::parse(m).expect("tags of a validated spec");
+        line.tags
+            .push(tag(&path, STATUS, RegisterKind::Holding, 2 * n + i));
+        line.tags
+            .push(tag(&path, RUN_ENABLE, RegisterKind::Coil, i));
+        line.tags
+            .push(tag(&path, FAULT_ACTIVE, RegisterKind::DiscreteInput, i));
+    }
+    line.holding_registers = 3 * n as u32;
+    line.coils = n as u32;
+    line.discrete_inputs = n as u32;
 }
 
 impl Mapping {
@@ -149,9 +287,11 @@ impl Mapping {
             }
             line.holding_registers = holding as u32;
             line.input_registers = input as u32;
+            add_machine_bits(line);
             Ok(())
         };
         for asset in spec.assets() {
+            let mut value_type = None;
             let words = match asset.kind {
                 AssetKind::Line => {
                     if let Some(last) = lines.last_mut() {
@@ -163,6 +303,8 @@ impl Mapping {
                         unit_id: 1,
                         holding_registers: 0,
                         input_registers: 0,
+                        coils: 0,
+                        discrete_inputs: 0,
                         tags: Vec::new(),
                     });
                     (holding, input) = (0, 0);
@@ -176,7 +318,8 @@ impl Mapping {
                         (Property::ScrapCount.as_str(), RegisterKind::Input),
                     ]
                 }
-                AssetKind::Sensor { .. } => {
+                AssetKind::Sensor { spec: s, .. } => {
+                    value_type = (s.value_type != ValueType::Float).then_some(s.value_type);
                     vec![(Property::Value.as_str(), RegisterKind::Input)]
                 }
                 _ => continue,
@@ -187,9 +330,10 @@ impl Mapping {
                 // line cannot overflow `u16::try_from`.
                 let next = match register {
                     RegisterKind::Holding => &mut holding,
-                    RegisterKind::Input => &mut input,
+                    _ => &mut input,
                 };
-                let t = tag(&asset.path, property, register, (*next).min(0xffff));
+                let mut t = tag(&asset.path, property, register, (*next).min(0xffff));
+                t.value_type = value_type;
                 *next += usize::from(t.data_type.words());
                 if *next <= ADDRESS_SPACE {
                     line.tags.push(t);
@@ -216,6 +360,13 @@ impl Mapping {
         );
         out.push_str(&toml::to_string(self).expect("a mapping serializes to TOML"));
         out
+    }
+
+    /// Serves (and describes) every 32-bit value with `order`.
+    pub fn set_word_order(&mut self, order: WordOrder) {
+        for t in self.lines.iter_mut().flat_map(|l| &mut l.tags) {
+            t.word_order = order;
+        }
     }
 
     pub fn from_toml(text: &str) -> Result<Mapping, toml::de::Error> {
@@ -298,6 +449,9 @@ mod tests {
                 (SPEED_SETPOINT, RegisterKind::Holding, 1),
                 ("good_count", RegisterKind::Input, 0),
                 ("scrap_count", RegisterKind::Input, 2),
+                (STATUS, RegisterKind::Holding, 6),
+                (RUN_ENABLE, RegisterKind::Coil, 0),
+                (FAULT_ACTIVE, RegisterKind::DiscreteInput, 0),
             ]
         );
         // The first sensor follows the counters.
@@ -307,10 +461,71 @@ mod tests {
             .find(|t| t.property == "value")
             .expect("machines have sensors");
         assert_eq!((sensor.address, sensor.asset.starts_with(first)), (4, true));
-        assert_eq!(
-            line.holding_registers,
-            2 * line.tags.iter().filter(|t| t.property == "state").count() as u32
-        );
+        let machines = line.tags.iter().filter(|t| t.property == "state").count() as u32;
+        assert_eq!(machines, 3);
+        assert_eq!(line.holding_registers, 3 * machines);
+        assert_eq!((line.coils, line.discrete_inputs), (machines, machines));
+    }
+
+    #[test]
+    fn each_sensor_value_names_its_bit_in_its_machines_status_word() {
+        let m = Mapping::of(&plant()).expect("fits");
+        let line = &m.lines[0];
+        let status_of = |machine: &str| {
+            line.tags
+                .iter()
+                .find(|t| t.asset == machine && t.property == STATUS)
+                .map(|t| t.address)
+                .expect("every machine has a status word")
+        };
+        let mut bits: HashMap<&str, Vec<u8>> = HashMap::new();
+        for t in line.tags.iter().filter(|t| t.property == "value") {
+            let machine = t.asset.rsplit_once('/').expect("a sensor path").0;
+            let b = t.bad_when.expect("few sensors: every one has a bit");
+            assert_eq!(
+                (b.register, b.address),
+                (RegisterKind::Holding, status_of(machine))
+            );
+            bits.entry(machine).or_default().push(b.bit);
+        }
+        assert!(!bits.is_empty());
+        for v in bits.values() {
+            assert_eq!(*v, (0..v.len() as u8).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn a_mapping_written_before_bits_and_status_words_still_parses() {
+        let old = r#"
+version = 1
+[[lines]]
+line = "acme/berlin/a/l1"
+endpoint = "127.0.0.1:0"
+unit_id = 1
+holding_registers = 2
+input_registers = 4
+[[lines.tags]]
+asset = "acme/berlin/a/l1/press-1"
+property = "state"
+register = "holding"
+address = 0
+data_type = "u16"
+word_order = "big_endian"
+scale = 1.0
+"#;
+        let m = Mapping::from_toml(old).expect("old files parse");
+        assert_eq!((m.lines[0].coils, m.lines[0].discrete_inputs), (0, 0));
+        assert_eq!(m.lines[0].tags[0].bad_when, None);
+    }
+
+    #[test]
+    fn word_orders_split_and_join() {
+        let v = 0x1234_5678;
+        assert_eq!(WordOrder::BigEndian.split(v), [0x1234, 0x5678]);
+        assert_eq!(WordOrder::LittleEndian.split(v), [0x5678, 0x1234]);
+        for o in [WordOrder::BigEndian, WordOrder::LittleEndian] {
+            assert_eq!(o.join(o.split(v)), v);
+        }
     }
 
     #[test]

@@ -99,6 +99,18 @@ pub struct FaultLabel {
     pub end: Option<Timestamp>,
 }
 
+/// What a machine's PLC knows about its health, for its status registers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MachineStatus {
+    pub machine: AssetId,
+    /// A fault of the machine or one of its sensors is in progress.
+    pub fault_active: bool,
+    /// Bit `k`: the machine's `k`-th sensor reads bad (stuck, or not reported during a
+    /// network loss); sensors past 64 are not represented.
+    pub bad_sensors: u64,
+    pub run_enabled: bool,
+}
+
 /// The simulated plant: every machine and sensor of a spec, with their physical state.
 pub struct PlantSim {
     machines: Vec<MachineSim>,
@@ -184,6 +196,9 @@ struct MachineSim {
     ideal_cycle_ms: f64,
     /// Speed setpoint in percent of nominal: scales the cycle time; 0 stops production.
     speed_pct: u16,
+    /// False: the machine is held idle (the run-enable coil); it leaves Down and finishes
+    /// setup into idle, and does not run until enabled again.
+    run_enabled: bool,
     state: MachineState,
     state_until: i64,
     next_part: i64,
@@ -607,6 +622,10 @@ impl MachineSim {
         if self.state_until == t {
             match self.state {
                 MachineState::Running => self.enter(MachineState::Idle, t, sensors, sink),
+                // Held idle: a new idle dwell, no state change (nothing emitted).
+                MachineState::Idle | MachineState::Setup if !self.run_enabled => {
+                    self.enter(MachineState::Idle, t, sensors, sink)
+                }
                 MachineState::Idle if self.rng.random_bool(SETUP_AFTER_IDLE) => {
                     self.enter(MachineState::Setup, t, sensors, sink)
                 }
@@ -971,6 +990,7 @@ impl PlantSim {
                         sensors: sensors.len()..sensors.len(),
                         ideal_cycle_ms: mt.ideal_cycle_ms,
                         speed_pct: 100,
+                        run_enabled: true,
                         state: MachineState::Idle,
                         state_until: NEVER,
                         next_part: NEVER,
@@ -1092,6 +1112,71 @@ impl PlantSim {
         }
         m.refresh_next_event();
         true
+    }
+
+    /// The run-enable coil of a PLC: false puts the machine in idle at `now()` (a part in
+    /// progress is abandoned) and keeps it there; a breakdown still happens and is repaired
+    /// into idle. True lets the idle dwell end as usual, then the machine runs again. The
+    /// state change is reported at the next `step`. Returns false if `machine` is not a
+    /// machine of this plant. A plant whose run enables are never cleared draws exactly what
+    /// it drew before the coil existed.
+    pub fn set_run_enable(&mut self, machine: AssetId, enabled: bool) -> bool {
+        let now = self.now;
+        let Some(m) = self.machines.iter_mut().find(|m| m.id == machine) else {
+            return false;
+        };
+        if m.run_enabled == enabled {
+            return true;
+        }
+        m.run_enabled = enabled;
+        if !enabled && matches!(m.state, MachineState::Running | MachineState::Setup) {
+            let own = &mut self.sensors[m.sensors.clone()];
+            m.begin(MachineState::Idle, now, own);
+            // Reported by the next `advance` (`flush_dirty`), stamped now.
+            m.dirty_state = true;
+            m.dirty_ts = now;
+        }
+        m.refresh_next_event();
+        true
+    }
+
+    /// A machine's speed setpoint in percent, `None` if `machine` is not one of this plant.
+    pub fn speed_pct(&self, machine: AssetId) -> Option<u16> {
+        self.machines
+            .iter()
+            .find(|m| m.id == machine)
+            .map(|m| m.speed_pct)
+    }
+
+    /// Per machine (spec order) whether a fault is in progress and which sensors read bad.
+    pub fn machine_statuses(&self) -> impl Iterator<Item = MachineStatus> + '_ {
+        self.machines.iter().map(|m| {
+            let all = if m.sensors.len() >= 64 {
+                u64::MAX
+            } else {
+                (1u64 << m.sensors.len()) - 1
+            };
+            let mut bad = 0u64;
+            if m.outage.is_some() {
+                bad = all;
+            }
+            if let Some(a) = &m.stuck {
+                let k = a.sensor - m.sensors.start;
+                if k < 64 {
+                    bad |= 1 << k;
+                }
+            }
+            MachineStatus {
+                machine: m.id,
+                fault_active: m.overheat.is_some()
+                    || m.stuck.is_some()
+                    || m.breakdown_label.is_some()
+                    || m.bearing_label.is_some()
+                    || m.outage.is_some(),
+                bad_sensors: bad,
+                run_enabled: m.run_enabled,
+            }
+        })
     }
 
     /// Ground truth: every fault that has started so far, in order of start per machine.
@@ -1638,6 +1723,83 @@ mod tests {
                 .iter()
                 .any(|r| r.asset == press && r.property == Property::GoodCount)
         );
+    }
+
+    #[test]
+    fn run_enable_false_holds_the_machine_idle_and_true_lets_it_run_again() {
+        let spec = line_plant();
+        let press = AssetPath::parse("acme/berlin/assembly/line-1/press-1")
+            .expect("valid")
+            .id();
+        let quiet = scenario(&spec, "version = 1\nrandom_faults = false\n");
+        let mut sim = PlantSim::with_scenario(&spec, 3, START, &quiet);
+        run(&mut sim, 600, 1000);
+        assert!(sim.set_run_enable(press, false));
+        assert!(!sim.set_run_enable(AssetPath::parse("acme/nope").expect("valid").id(), false));
+        let held = run(&mut sim, 2 * 3600, 1000);
+        let states: Vec<i64> = held
+            .iter()
+            .filter(|r| r.asset == press && r.property == Property::State)
+            .map(|r| match r.value {
+                Value::Int(n) => n,
+                _ => -1,
+            })
+            .collect();
+        assert!(
+            states.iter().all(|s| *s == MachineState::Idle.code()),
+            "{states:?}"
+        );
+        assert_eq!(parts_of(&held, press), 0, "no parts while disabled");
+        assert!(
+            sim.machine_statuses()
+                .any(|s| s.machine == press && !s.run_enabled)
+        );
+        assert!(sim.set_run_enable(press, true));
+        let again = run(&mut sim, 4 * 3600, 1000);
+        assert!(parts_of(&again, press) > 50, "runs again");
+    }
+
+    #[test]
+    fn machine_status_marks_a_stuck_sensor_and_a_network_loss_while_they_last() {
+        let spec = line_plant();
+        let press = "acme/berlin/assembly/line-1/press-1";
+        let text = format!(
+            "version = 1\nrandom_faults = false\n{}{}",
+            fault(&format!("{press}/oil-temp"), "stuck_sensor", "10m", "5m"),
+            fault(press, "network_loss", "30m", "5m"),
+        );
+        let mut sim = PlantSim::with_scenario(&spec, 3, START, &scenario(&spec, &text));
+        let id = AssetPath::parse(press).expect("valid").id();
+        let status = |sim: &PlantSim| {
+            sim.machine_statuses()
+                .find(|s| s.machine == id)
+                .expect("the press")
+        };
+        run(&mut sim, 9 * 60, 1000);
+        assert_eq!(
+            (status(&sim).fault_active, status(&sim).bad_sensors),
+            (false, 0)
+        );
+        run(&mut sim, 12 * 60, 1000);
+        let stuck = status(&sim);
+        assert!(stuck.fault_active);
+        assert_eq!(stuck.bad_sensors.count_ones(), 1, "{:b}", stuck.bad_sensors);
+        run(&mut sim, 20 * 60, 1000);
+        assert_eq!(
+            (status(&sim).fault_active, status(&sim).bad_sensors),
+            (false, 0)
+        );
+        run(&mut sim, 32 * 60, 1000);
+        let lost = status(&sim);
+        let sensors = spec
+            .assets()
+            .iter()
+            .filter(|a| a.path.as_str().starts_with(&format!("{press}/")))
+            .count();
+        assert!(lost.fault_active);
+        assert_eq!(lost.bad_sensors, (1u64 << sensors) - 1);
+        run(&mut sim, 40 * 60, 1000);
+        assert!(!status(&sim).fault_active);
     }
 
     #[test]

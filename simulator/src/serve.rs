@@ -17,7 +17,7 @@ use ferrotwin_models::{AssetId, AssetPath, Reading, Timestamp};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
-use crate::mapping::{Mapping, MappingError};
+use crate::mapping::{Mapping, MappingError, WordOrder};
 use crate::modbus::{LineMapError, LineRegisters, serve_line};
 use crate::model::PlantSim;
 use crate::mqtt::{EmbeddedBroker, MqttError, MqttPublisher, Topics, parse_endpoint};
@@ -127,7 +127,19 @@ impl ServedPlant {
         seed: u64,
         start: Timestamp,
     ) -> Result<ServedPlant, ServeError> {
-        let mapping = Mapping::of(spec)?;
+        ServedPlant::start_with_word_order(spec, seed, start, WordOrder::BigEndian).await
+    }
+
+    /// As `start`, every 32-bit value served with `order` (for testing adapters against a
+    /// low-word-first PLC; `Mapping::of(spec)` with `set_word_order(order)` describes it).
+    pub async fn start_with_word_order(
+        spec: &PlantSpec,
+        seed: u64,
+        start: Timestamp,
+        order: WordOrder,
+    ) -> Result<ServedPlant, ServeError> {
+        let mut mapping = Mapping::of(spec)?;
+        mapping.set_word_order(order);
         let mut lines = Vec::new();
         let mut line_of = HashMap::new();
         let mut servers = JoinSet::new();
@@ -216,6 +228,9 @@ impl ServedPlant {
             for w in l.registers.take_setpoint_writes() {
                 self.sim.set_speed_pct(w.machine, w.pct);
             }
+            for w in l.registers.take_run_enable_writes() {
+                self.sim.set_run_enable(w.machine, w.enabled);
+            }
         }
         for (machine, pct) in self.setpoints.take() {
             self.sim.set_speed_pct(machine, pct);
@@ -230,6 +245,11 @@ impl ServedPlant {
         for (l, batch) in self.lines.iter().zip(&mut self.per_line) {
             l.registers.update_from(batch);
             batch.clear();
+        }
+        for status in self.sim.machine_statuses() {
+            if let Some(&i) = self.line_of.get(&status.machine) {
+                self.lines[i].registers.update_status(&status);
+            }
         }
         &self.readings
     }
@@ -480,11 +500,17 @@ mod tests {
     async fn unserved_functions_are_illegal_function() {
         let (_plant, _, mut client) = started().await;
         assert_eq!(
-            client.read_coils(0, 1).await.expect("transport"),
+            client
+                .masked_write_register(0, 0xffff, 0)
+                .await
+                .expect("transport"),
             Err(ExceptionCode::IllegalFunction)
         );
         assert_eq!(
-            client.write_single_coil(0, true).await.expect("transport"),
+            client
+                .read_write_multiple_registers(0, 1, 1, &[100])
+                .await
+                .expect("transport"),
             Err(ExceptionCode::IllegalFunction)
         );
         assert!(
@@ -582,6 +608,103 @@ mod tests {
             fast * 10 > slow * 17,
             "200 % makes ~2x the parts: {fast} vs {slow}"
         );
+    }
+
+    #[tokio::test]
+    async fn run_enable_coil_idles_the_machine_and_bits_past_the_image_are_refused() {
+        let (mut plant, mapping, mut client) = started().await;
+        let coil = find(&mapping, "press-1", crate::mapping::RUN_ENABLE);
+        let fault = find(&mapping, "press-1", crate::mapping::FAULT_ACTIVE);
+        let status = find(&mapping, "press-1", crate::mapping::STATUS);
+        let state = find(&mapping, "press-1", "state");
+        assert_eq!(coil.register, RegisterKind::Coil);
+        assert_eq!(
+            client.read_coils(0, 3).await.expect("transport"),
+            Ok(vec![true; 3])
+        );
+        plant.step_to(RUN_START.plus_ms(1000));
+        assert_eq!(
+            client
+                .read_discrete_inputs(fault.address, 1)
+                .await
+                .expect("transport"),
+            Ok(vec![false])
+        );
+        assert_eq!(
+            client
+                .read_holding_registers(status.address, 1)
+                .await
+                .expect("transport"),
+            Ok(vec![0])
+        );
+        assert_eq!(
+            client.read_coils(2, 2).await.expect("transport"),
+            Err(ExceptionCode::IllegalDataAddress)
+        );
+        assert_eq!(
+            client.read_discrete_inputs(0, 0).await.expect("transport"),
+            Err(ExceptionCode::IllegalDataValue)
+        );
+        assert_eq!(
+            client.write_single_coil(3, false).await.expect("transport"),
+            Err(ExceptionCode::IllegalDataAddress)
+        );
+        assert_eq!(
+            client
+                .write_single_coil(coil.address, false)
+                .await
+                .expect("transport"),
+            Ok(())
+        );
+        for s in 2..=3600 {
+            plant.step_to(RUN_START.plus_ms(s * 1000));
+        }
+        assert_eq!(
+            client
+                .read_holding_registers(state.address, 1)
+                .await
+                .expect("transport"),
+            Ok(vec![0]),
+            "held idle"
+        );
+        assert_eq!(
+            client
+                .write_multiple_coils(0, &[true, true, true])
+                .await
+                .expect("transport"),
+            Ok(())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_little_endian_plant_serves_the_low_word_first() {
+        let spec = line_plant();
+        let mut plant =
+            ServedPlant::start_with_word_order(&spec, 5, RUN_START, WordOrder::LittleEndian)
+                .await
+                .expect("starts");
+        let mut client = tokio_modbus::client::tcp::connect(plant.lines()[0].addr)
+            .await
+            .expect("connects");
+        let mapping = Mapping::of(&spec).expect("fits");
+        let temp = mapping.lines[0]
+            .tags
+            .iter()
+            .find(|t| t.property == "value")
+            .expect("a sensor")
+            .clone();
+        let mut all = Vec::new();
+        for s in 0..=5 {
+            all.extend_from_slice(plant.step_to(RUN_START.plus_ms(s * 1000)));
+        }
+        let words = client
+            .read_input_registers(temp.address, 2)
+            .await
+            .expect("transport")
+            .expect("no exception");
+        let expected = last(&all, &temp.asset, Property::Value).expect("sampled");
+        let got = f32::from_bits(WordOrder::LittleEndian.join([words[0], words[1]]));
+        assert_eq!(got, expected.as_f64() as f32);
     }
 
     #[tokio::test]
