@@ -24,12 +24,29 @@ impl ConnectionConfig {
 
     /// `modbus`, `opcua` or `mqtt` (as in the config's `protocol`).
     pub fn protocol(&self) -> &'static str {
-        match *self {}
+        match self {
+            ConnectionConfig::Modbus(_) => "modbus",
+        }
     }
 
     /// Where it connects, for status and events.
     pub fn endpoint(&self) -> String {
-        match *self {}
+        match self {
+            ConnectionConfig::Modbus(c) => c.endpoint.clone(),
+        }
+    }
+
+    /// Makes file paths in the connection relative to `base` (the config file's folder).
+    pub fn resolve_paths(&mut self, base: &std::path::Path) {
+        match self {
+            ConnectionConfig::Modbus(c) => {
+                if let Some(f) = &mut c.mapping_file
+                    && f.is_relative()
+                {
+                    *f = base.join(&*f);
+                }
+            }
+        }
     }
 
     /// The validated tags of this connection: every asset path parses, every property is a

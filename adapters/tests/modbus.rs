@@ -125,9 +125,10 @@ fn start(config: ModbusConfig) -> Running {
 }
 
 impl Running {
-    async fn stop(self) {
+    async fn stop(mut self) {
         self.token.cancel();
-        tokio::time::timeout(WAIT, self.handle.join)
+        let join = self.handle.take_join().expect("joined once");
+        tokio::time::timeout(WAIT, join)
             .await
             .expect("stops when cancelled")
             .expect("no panic");
@@ -731,7 +732,7 @@ async fn while_the_sink_pushes_back_the_plc_is_not_read_and_nothing_is_lost() {
     });
     let (tx, mut events) = mpsc::channel(64);
     let token = CancellationToken::new();
-    let handle = ferrotwin_adapters::start(
+    let mut handle = ferrotwin_adapters::start(
         ConnectionConfig::Modbus(config),
         Arc::clone(&sink) as Arc<dyn IngestSink>,
         tx,
@@ -761,7 +762,9 @@ async fn while_the_sink_pushes_back_the_plc_is_not_read_and_nothing_is_lost() {
         "the held poll overran"
     );
     token.cancel();
-    let _ = handle.join.await;
+    if let Some(join) = handle.take_join() {
+        let _ = join.await;
+    }
     proxy_task.abort();
     stepper.abort();
 }

@@ -119,6 +119,9 @@ impl SiteConfig {
         if c.data_dir.is_relative() {
             c.data_dir = base.join(&c.data_dir);
         }
+        for conn in &mut c.connections {
+            conn.resolve_paths(base);
+        }
         if c.store.flush_interval_ms == 0 {
             return Err(ConfigError::Invalid {
                 file: file.to_path_buf(),
