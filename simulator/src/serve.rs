@@ -88,6 +88,8 @@ pub struct ServedLine {
     pub line: String,
     pub addr: SocketAddr,
     pub registers: Arc<LineRegisters>,
+    /// The line's server task; `None` while the PLC is off the network (`stop_line`).
+    server: Option<tokio::task::AbortHandle>,
 }
 
 /// A simulated plant with a Modbus server per line. Dropping it stops the servers.
@@ -162,15 +164,16 @@ impl ServedPlant {
                 line: map.line.clone(),
                 source,
             })?;
-            servers.spawn(serve_line(listener, Arc::clone(&registers)));
+            let server = servers.spawn(serve_line(listener, Arc::clone(&registers)));
             lines.push(ServedLine {
                 line: map.line.clone(),
                 addr,
                 registers,
+                server: Some(server),
             });
         }
-        // The images hold zeros until the first `step_to` (`run_realtime` takes it at once).
-        Ok(ServedPlant {
+        // The first step fills the images before anyone can connect and read zeros.
+        let mut plant = ServedPlant {
             sim: PlantSim::new(spec, seed, start),
             per_line: (0..lines.len()).map(|_| Vec::new()).collect(),
             lines,
@@ -179,15 +182,64 @@ impl ServedPlant {
             servers,
             mqtt: None,
             setpoints: SetpointInbox::default(),
-        })
+        };
+        plant.step_to(start);
+        Ok(plant)
     }
 
     pub fn lines(&self) -> &[ServedLine] {
         &self.lines
     }
 
+    /// Takes line `i`'s PLC off the network, as a cut cable or a powered-down PLC would: its
+    /// server and open connections end; the simulation goes on. False if there is no such
+    /// line or it is already off.
+    pub fn stop_line(&mut self, i: usize) -> bool {
+        match self.lines.get_mut(i).and_then(|l| l.server.take()) {
+            Some(server) => {
+                server.abort();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Puts line `i`'s PLC back on its address (waiting up to 10 s while the OS still holds
+    /// the port) with the register image it had.
+    pub async fn restart_line(&mut self, i: usize) -> Result<(), ServeError> {
+        let Some(l) = self.lines.get_mut(i) else {
+            return Ok(());
+        };
+        if l.server.is_some() {
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let listener = loop {
+            match TcpListener::bind(l.addr).await {
+                Ok(listener) => break listener,
+                Err(source) if tokio::time::Instant::now() > deadline => {
+                    return Err(ServeError::Bind {
+                        line: l.line.clone(),
+                        source,
+                    });
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        l.server = Some(
+            self.servers
+                .spawn(serve_line(listener, Arc::clone(&l.registers))),
+        );
+        Ok(())
+    }
+
     pub fn sim(&self) -> &PlantSim {
         &self.sim
+    }
+
+    /// The readings of the latest step (the first is taken by `start`).
+    pub fn last_step(&self) -> &[Reading] {
+        &self.readings
     }
 
     /// Where OPC UA and MQTT servers put the setpoints their clients write.
@@ -287,6 +339,10 @@ impl ServedPlant {
                     }
                 }
                 Some(ended) = self.servers.join_next() => {
+                    // Taken off the network on purpose (`stop_line`).
+                    if ended.as_ref().is_err_and(tokio::task::JoinError::is_cancelled) {
+                        continue;
+                    }
                     // A server only ends when accepting fails: the PLC is gone.
                     let source = match ended {
                         Ok(Err(e)) => e,
@@ -413,8 +469,9 @@ mod tests {
             .find(|t| t.property == "value" && t.asset.starts_with(&state_tag.asset))
             .expect("the press has sensors")
             .clone();
-        let mut all = Vec::new();
-        for s in 0..=5 {
+        // `start` took the first step.
+        let mut all = plant.readings.clone();
+        for s in 1..=5 {
             all.extend_from_slice(plant.step_to(RUN_START.plus_ms(s * 1000)));
         }
         let state = client

@@ -80,7 +80,11 @@ pub struct Site {
 }
 
 pub async fn start_in(dir: &Path, opts: RuntimeOptions) -> Site {
-    let rt = Runtime::start(&spec(), dir, opts)
+    start_plant_in(&spec(), dir, opts).await
+}
+
+pub async fn start_plant_in(spec: &PlantSpec, dir: &Path, opts: RuntimeOptions) -> Site {
+    let rt = Runtime::start(spec, dir, opts)
         .await
         .expect("runtime starts");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

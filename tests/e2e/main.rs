@@ -5,6 +5,7 @@ mod alarms;
 mod api;
 mod common;
 mod ingest;
+mod plc;
 mod recovery;
 mod replication;
 mod supervision;
