@@ -1,5 +1,6 @@
-//! `ferrotwin demo`: a generated plant driven in-process by the simulator, served over gRPC,
-//! with nothing to install.
+//! `ferrotwin demo`: a generated plant of two sites, each a site runtime fed by the simulator
+//! (in-process, or over real protocols through the adapters), replicating over gRPC on
+//! loopback to an enterprise runtime that mirrors both. Nothing to install.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,18 +9,35 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use ferrotwin_sim::driver::{DriveOptions, run_realtime};
+use ferrotwin_adapters::ConnectionConfig;
+use ferrotwin_adapters::modbus::ModbusConfig;
+use ferrotwin_models::spec::PlantSpec;
+use ferrotwin_sim::driver::{DriveOptions, DriverStats, run_realtime};
 use ferrotwin_sim::generate::{PlantSize, generate};
+use ferrotwin_sim::mapping::Mapping;
 use ferrotwin_sim::model::PlantSim;
+use ferrotwin_sim::serve::{ServeError, ServedPlant, wall_clock_now};
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
+use crate::replication::{EnterpriseRole, SiteReplication};
 use crate::runtime::{Runtime, RuntimeOptions};
 
 /// Faults are this many times as frequent as in the simulator's default plant, so that an
 /// alarm shows up within a minute or two of starting the demo.
 const DEMO_FAULT_RATE: f64 = 20.0;
 
+/// How the simulator's readings reach the site runtimes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Via {
+    /// Pushed straight into the ingest router (the fastest path, no network).
+    InProcess,
+    /// A Modbus TCP server per line, polled by the Modbus adapter.
+    Modbus,
+}
+
 pub struct DemoOptions {
+    /// The enterprise's gRPC address (the sites take free ports).
     pub grpc_addr: SocketAddr,
     /// `None`: a temporary directory, removed at exit.
     pub data_dir: Option<PathBuf>,
@@ -28,6 +46,42 @@ pub struct DemoOptions {
     pub speed: f64,
     /// Stop after this long (`None`: until Ctrl-C).
     pub duration: Option<Duration>,
+    pub via: Via,
+}
+
+/// What feeds one site.
+enum Feed {
+    Driver {
+        stop: Arc<AtomicBool>,
+        thread: std::thread::JoinHandle<DriverStats>,
+    },
+    Served {
+        stop: CancellationToken,
+        task: tokio::task::JoinHandle<Result<(), ServeError>>,
+    },
+}
+
+struct DemoSite {
+    path: String,
+    rt: Runtime,
+    addr: SocketAddr,
+    feed: Feed,
+}
+
+/// `spec` with only the site named `site`.
+fn site_spec(spec: &PlantSpec, site: &str) -> PlantSpec {
+    let mut s = spec.clone();
+    s.sites.retain(|x| x.name == site);
+    s
+}
+
+async fn serve_on(rt: &Runtime, addr: SocketAddr) -> Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await.with_context(|| {
+        format!("cannot listen on {addr} (is another demo running? try --grpc-addr 127.0.0.1:0)")
+    })?;
+    let bound = listener.local_addr()?;
+    rt.serve_grpc(listener);
+    Ok(bound)
 }
 
 pub async fn run(opts: DemoOptions) -> Result<()> {
@@ -46,53 +100,88 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
             (t.path().to_path_buf(), Some(t))
         }
     };
-    let listener = TcpListener::bind(opts.grpc_addr).await.with_context(|| {
-        format!(
-            "cannot listen on {} (is another demo running? try --grpc-addr 127.0.0.1:0)",
-            opts.grpc_addr
-        )
-    })?;
-    let addr = listener.local_addr()?;
-    let rt = Runtime::start(&spec, &dir, RuntimeOptions::default()).await?;
-    rt.serve_grpc(listener);
-    let machines = rt
-        .registry
-        .all()
+    let site_paths: Vec<String> = spec
+        .sites
         .iter()
-        .filter(|e| e.level() == ferrotwin_models::Level::Machine)
-        .count();
+        .map(|s| format!("{}/{}", spec.enterprise, s.name))
+        .collect();
+
+    let enterprise = {
+        let mut o = RuntimeOptions::default();
+        o.enterprise = Some(EnterpriseRole {
+            accept: site_paths.clone(),
+        });
+        let d = dir.join("enterprise");
+        std::fs::create_dir_all(&d)?;
+        Runtime::start(&spec, &d, o).await?
+    };
+    let enterprise_addr = serve_on(&enterprise, opts.grpc_addr).await?;
+
+    let mut sites = Vec::new();
+    for (s, path) in spec.sites.iter().zip(&site_paths) {
+        let sspec = site_spec(&spec, &s.name);
+        let d = dir.join(&s.name);
+        std::fs::create_dir_all(&d)?;
+        let mut o = RuntimeOptions::default();
+        let mut r = SiteReplication::new(format!("http://{enterprise_addr}"));
+        r.site = Some(path.clone());
+        o.replication = Some(r);
+        let seed = opts.seed.wrapping_add(sites.len() as u64);
+        let (rt, feed) = match opts.via {
+            Via::InProcess => {
+                let rt = Runtime::start(&sspec, &d, o).await?;
+                let feed = drive_in_process(&rt, sspec.clone(), seed, opts.speed)?;
+                (rt, feed)
+            }
+            Via::Modbus => {
+                let plant = ServedPlant::start(&sspec, seed, wall_clock_now())
+                    .await
+                    .context("simulator PLCs")?;
+                o.connections = modbus_connections(&sspec, &plant)?;
+                let rt = Runtime::start(&sspec, &d, o).await?;
+                (rt, serve_plant(plant, opts.speed))
+            }
+        };
+        let addr = serve_on(&rt, "127.0.0.1:0".parse().expect("an address")).await?;
+        sites.push(DemoSite {
+            path: path.clone(),
+            rt,
+            addr,
+            feed,
+        });
+    }
+
     println!(
-        "ferrotwin demo: {} twins ({machines} machines in {} sites), data in {}",
-        rt.registry.len(),
-        spec.sites.len(),
+        "ferrotwin demo: {} sites, {} twins in all, fed {}, data in {}",
+        sites.len(),
+        enterprise.registry.len(),
+        match opts.via {
+            Via::InProcess => "in-process by the simulator",
+            Via::Modbus => "over Modbus TCP (a simulated PLC per line)",
+        },
         dir.display()
     );
-    println!("gRPC API on {addr} (health and reflection included)");
+    println!(
+        "enterprise gRPC API on {enterprise_addr} (mirrors of every site; health and reflection included)"
+    );
+    for s in &sites {
+        println!(
+            "site {} gRPC API on {} (replicating to the enterprise)",
+            s.path, s.addr
+        );
+    }
     println!("try (from the repo, `cargo run --release --` in place of `ferrotwin`):");
-    println!("  ferrotwin tree --addr {addr}");
-    println!("  ferrotwin query --addr {addr} 'level = sensor and alarm = active'");
-    println!("  ferrotwin watch --addr {addr} acme/berlin --events");
-    println!("  grpcurl -plaintext {addr} list");
+    println!("  ferrotwin tree --addr {enterprise_addr} --depth 3");
+    println!("  ferrotwin replication --addr {enterprise_addr}");
+    if let Some(s) = sites.first() {
+        println!("  ferrotwin replication --addr {}", s.addr);
+        println!("  ferrotwin connections --addr {}", s.addr);
+        println!("  ferrotwin watch --addr {} {} --events", s.addr, s.path);
+    }
+    println!("  ferrotwin query --addr {enterprise_addr} 'level = sensor and alarm = active'");
+    println!("  grpcurl -plaintext {enterprise_addr} list");
     println!("stop with Ctrl-C");
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let driver = {
-        let stop = stop.clone();
-        let router = rt.router.clone();
-        let start = crate::twin::now();
-        let drive = DriveOptions {
-            speed: opts.speed,
-            ..DriveOptions::default()
-        };
-        let seed = opts.seed;
-        std::thread::Builder::new()
-            .name("sim-driver".into())
-            .spawn(move || {
-                let mut sim = PlantSim::with_fault_rate(&spec, seed, start, DEMO_FAULT_RATE);
-                run_realtime(&mut sim, router.as_ref(), &drive, &stop)
-            })
-            .context("cannot start the simulator thread")?
-    };
     match opts.duration {
         Some(d) => tokio::select! {
             _ = tokio::time::sleep(d) => {}
@@ -102,15 +191,82 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
-    stop.store(true, Ordering::Release);
-    let stats = tokio::task::spawn_blocking(move || driver.join())
-        .await
-        .context("simulator thread")?
-        .map_err(|_| anyhow::anyhow!("simulator thread panicked"))?;
-    println!(
-        "simulator pushed {} readings in {} batches ({} push-backs); shutting down",
-        stats.readings, stats.pushed_batches, stats.push_backs
-    );
-    rt.shutdown().await;
+    for s in sites {
+        stop_feed(&s.path, s.feed).await?;
+        s.rt.shutdown().await;
+    }
+    enterprise.shutdown().await;
+    Ok(())
+}
+
+fn drive_in_process(rt: &Runtime, spec: PlantSpec, seed: u64, speed: f64) -> Result<Feed> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let router = rt.router.clone();
+    let start = crate::twin::now();
+    let drive = DriveOptions {
+        speed,
+        ..DriveOptions::default()
+    };
+    let thread = {
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("sim-driver".into())
+            .spawn(move || {
+                let mut sim = PlantSim::with_fault_rate(&spec, seed, start, DEMO_FAULT_RATE);
+                run_realtime(&mut sim, router.as_ref(), &drive, &stop)
+            })
+            .context("cannot start the simulator thread")?
+    };
+    Ok(Feed::Driver { stop, thread })
+}
+
+fn serve_plant(mut plant: ServedPlant, speed: f64) -> Feed {
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    let task = tokio::spawn(async move { plant.run_realtime(speed, token.cancelled()).await });
+    Feed::Served { stop, task }
+}
+
+/// One Modbus connection per line of `spec`, from the simulator's mapping.
+fn modbus_connections(spec: &PlantSpec, plant: &ServedPlant) -> Result<Vec<ConnectionConfig>> {
+    let mapping = Mapping::of(spec)?;
+    let text = mapping.to_toml();
+    mapping
+        .lines
+        .iter()
+        .zip(plant.lines())
+        .map(|(l, served)| {
+            // `berlin-line-1`: site and line (line names repeat across areas: add the area).
+            let seg: Vec<&str> = l.line.split('/').collect();
+            let name = seg[1..].join("-");
+            let mut c =
+                ModbusConfig::from_sim_mapping(&name, &served.addr.to_string(), &text, &l.line)
+                    .with_context(|| format!("mapping of {}", l.line))?;
+            c.poll_interval_ms = 500;
+            Ok(ConnectionConfig::Modbus(c))
+        })
+        .collect()
+}
+
+async fn stop_feed(site: &str, feed: Feed) -> Result<()> {
+    match feed {
+        Feed::Driver { stop, thread } => {
+            stop.store(true, Ordering::Release);
+            let stats = tokio::task::spawn_blocking(move || thread.join())
+                .await
+                .context("simulator thread")?
+                .map_err(|_| anyhow::anyhow!("simulator thread panicked"))?;
+            println!(
+                "{site}: simulator pushed {} readings in {} batches ({} push-backs)",
+                stats.readings, stats.pushed_batches, stats.push_backs
+            );
+        }
+        Feed::Served { stop, task } => {
+            stop.cancel();
+            task.await
+                .context("simulator task")?
+                .with_context(|| format!("{site}: simulator"))?;
+        }
+    }
     Ok(())
 }

@@ -44,6 +44,9 @@ enum Cmd {
         /// Stop after this many seconds (default: run until Ctrl-C).
         #[arg(long = "for")]
         for_s: Option<u64>,
+        /// How the simulator's readings reach the sites.
+        #[arg(long, value_enum, default_value = "in-process")]
+        via: demo::Via,
     },
     /// Run a site or an enterprise from a config file (plant spec, data dir, listen address,
     /// PLC connections, replication).
@@ -190,6 +193,7 @@ async fn main() -> Result<()> {
             seed,
             speed,
             for_s,
+            via,
         } => {
             init_tracing("info,sled=warn");
             demo::run(demo::DemoOptions {
@@ -198,6 +202,7 @@ async fn main() -> Result<()> {
                 seed,
                 speed,
                 duration: for_s.map(Duration::from_secs),
+                via,
             })
             .await
         }
