@@ -1094,6 +1094,15 @@ impl PlantSim {
         true
     }
 
+    /// A machine's speed setpoint in percent; `None` if `machine` is not a machine of this
+    /// plant.
+    pub fn speed_pct(&self, machine: AssetId) -> Option<u16> {
+        self.machines
+            .iter()
+            .find(|m| m.id == machine)
+            .map(|m| m.speed_pct)
+    }
+
     /// Ground truth: every fault that has started so far, in order of start per machine.
     pub fn faults(&self) -> &[FaultLabel] {
         &self.faults

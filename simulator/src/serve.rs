@@ -1,7 +1,8 @@
 //! `ferrotwin-sim serve`: the plant on Modbus TCP and MQTT. One `modbus::serve_line` server per
 //! line on 127.0.0.1 (port chosen by the OS), a simulation stepped in real time whose readings
-//! update the register images and are published as JSON on MQTT (`mqtt`: to the broker given,
-//! or to an embedded one), and setpoints written by clients applied to the machines.
+//! update the register images and are published on MQTT as JSON (`mqtt`) and Sparkplug B
+//! (`sparkplug`), to the broker given or to an embedded one, and setpoints written by clients
+//! (Modbus registers, JSON commands, Sparkplug DCMDs) applied to the machines.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -20,7 +21,11 @@ use tokio::task::JoinSet;
 use crate::mapping::{Mapping, MappingError};
 use crate::modbus::{LineMapError, LineRegisters, serve_line};
 use crate::model::PlantSim;
-use crate::mqtt::{EmbeddedBroker, MqttError, MqttPublisher, Topics, parse_endpoint};
+use crate::mqtt::{
+    CommandStats, EmbeddedBroker, INBOUND_QUEUE, Inbound, MqttError, MqttPublisher,
+    SPEED_COMMAND_FILTER, Session, Topics, parse_endpoint, parse_json_command,
+};
+use crate::sparkplug::{Command, SparkplugOut};
 
 /// Wall-clock time between simulation steps: registers are at most this stale.
 pub const STEP_INTERVAL: Duration = Duration::from_millis(100);
@@ -62,6 +67,30 @@ pub enum ServeError {
     },
 }
 
+/// Which MQTT payloads `serve` publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MqttFormat {
+    /// JSON on ISA-95 topics.
+    Json,
+    /// Sparkplug B, one edge node per line.
+    Sparkplug,
+    /// Both, side by side.
+    Both,
+}
+
+impl MqttFormat {
+    fn json(self) -> bool {
+        matches!(self, MqttFormat::Json | MqttFormat::Both)
+    }
+
+    fn sparkplug(self) -> bool {
+        matches!(self, MqttFormat::Sparkplug | MqttFormat::Both)
+    }
+}
+
+/// Client number of the JSON publisher on the inbound channel; Sparkplug nodes follow.
+const JSON_CLIENT: usize = 0;
+
 /// Speed setpoints written over any protocol other than Modbus (whose register images keep
 /// their own), applied at the next step. Coalesced to the latest per machine, so bounded by
 /// the number of machines however fast clients write.
@@ -100,7 +129,16 @@ pub struct ServedPlant {
     per_line: Vec<Vec<Reading>>,
     servers: JoinSet<io::Result<()>>,
     mqtt: Option<MqttOut>,
+    sparkplug: Option<SparkplugOut>,
+    /// Commands from MQTT clients (JSON and Sparkplug), bounded by `INBOUND_QUEUE`.
+    inbound_tx: tokio::sync::mpsc::Sender<Inbound>,
+    inbound: tokio::sync::mpsc::Receiver<Inbound>,
+    commands: Arc<CommandStats>,
+    /// Machine path → id, for JSON commands.
+    machines: HashMap<String, AssetId>,
     setpoints: SetpointInbox,
+    /// The broker when only Sparkplug B is published (JSON's `MqttOut` names it otherwise).
+    mqtt_endpoint: Option<String>,
 }
 
 /// Where the plant's readings go on MQTT.
@@ -157,8 +195,21 @@ impl ServedPlant {
                 registers,
             });
         }
+        let machines = spec
+            .assets()
+            .into_iter()
+            .filter(|a| matches!(a.kind, ferrotwin_models::spec::AssetKind::Machine { .. }))
+            .map(|a| (a.path.as_str().to_string(), a.path.id()))
+            .collect();
+        let (inbound_tx, inbound) = tokio::sync::mpsc::channel(INBOUND_QUEUE);
         // The images hold zeros until the first `step_to` (`run_realtime` takes it at once).
         Ok(ServedPlant {
+            sparkplug: None,
+            inbound_tx,
+            inbound,
+            commands: Arc::default(),
+            machines,
+            mqtt_endpoint: None,
             sim: PlantSim::new(spec, seed, start),
             per_line: (0..lines.len()).map(|_| Vec::new()).collect(),
             lines,
@@ -193,6 +244,159 @@ impl ServedPlant {
         });
     }
 
+    /// Connects to the MQTT broker at `host:port` and, from now on, publishes in `format`
+    /// (`endpoint` is what `endpoints_toml` lists): JSON through a client subscribed to the
+    /// JSON speed commands, Sparkplug B through one client per line, births sent here.
+    pub async fn connect_mqtt(
+        &mut self,
+        spec: &PlantSpec,
+        host: &str,
+        port: u16,
+        client_prefix: &str,
+        format: MqttFormat,
+    ) -> Result<(), MqttError> {
+        let endpoint = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        if format.json() {
+            let session = Session {
+                will: None,
+                subscriptions: vec![SPEED_COMMAND_FILTER.to_string()],
+                inbound: Some((JSON_CLIENT, self.inbound_tx.clone(), self.commands.clone())),
+            };
+            let publisher =
+                MqttPublisher::connect_with(host, port, &format!("{client_prefix}-json"), session)
+                    .await?;
+            self.publish_mqtt(spec, endpoint.clone(), publisher);
+        }
+        if format.sparkplug() {
+            let now = self.sim.now();
+            let mut out = SparkplugOut::connect(
+                spec,
+                host,
+                port,
+                client_prefix,
+                now,
+                JSON_CLIENT + 1,
+                &self.inbound_tx,
+                &self.commands,
+            )
+            .await?;
+            let sim = &self.sim;
+            out.birth_all(now, |m| sim.speed_pct(m)).await?;
+            self.sparkplug = Some(out);
+            if self.mqtt.is_none() {
+                self.mqtt_endpoint = Some(endpoint);
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts of the commands MQTT clients sent.
+    pub fn command_stats(&self) -> Arc<CommandStats> {
+        Arc::clone(&self.commands)
+    }
+
+    /// The Sparkplug naming of this plant, when publishing Sparkplug B.
+    pub fn sparkplug_layout(&self) -> Option<&crate::sparkplug::Layout> {
+        self.sparkplug.as_ref().map(SparkplugOut::layout)
+    }
+
+    /// Handles one command or reconnection from an MQTT client; bad commands are counted and
+    /// logged, never fatal.
+    async fn handle_inbound(&mut self, msg: Inbound) -> Result<(), MqttError> {
+        let now = self.sim.now();
+        match msg {
+            Inbound::Message {
+                client: JSON_CLIENT,
+                topic,
+                payload,
+            } => match parse_json_command(&topic, &payload, &self.machines) {
+                Ok((machine, pct)) => {
+                    self.setpoints.write(machine, pct);
+                    CommandStats::count(&self.commands.applied);
+                }
+                Err(e) => {
+                    CommandStats::count(&self.commands.rejected);
+                    eprintln!("mqtt command refused: {e}");
+                }
+            },
+            Inbound::Message {
+                client,
+                topic,
+                payload,
+            } => {
+                let Some(out) = self.sparkplug.as_mut() else {
+                    return Ok(());
+                };
+                let Some(node) = out.node_of_client(client) else {
+                    return Ok(());
+                };
+                match out.command(node, &topic, &payload) {
+                    Ok(Command::Rebirth { node }) => {
+                        let sim = &self.sim;
+                        out.birth(node, now, |m| sim.speed_pct(m)).await?;
+                        CommandStats::count(&self.commands.applied);
+                    }
+                    Ok(Command::Speed { machine, pct }) => {
+                        self.setpoints.write(machine, pct);
+                        out.publish_setpoint(machine, pct, now).await?;
+                        CommandStats::count(&self.commands.applied);
+                    }
+                    Err(e) => {
+                        CommandStats::count(&self.commands.rejected);
+                        eprintln!("sparkplug command refused: {e}");
+                    }
+                }
+            }
+            Inbound::Reconnected { client } => {
+                if let Some(out) = self.sparkplug.as_mut()
+                    && let Some(node) = out.node_of_client(client)
+                {
+                    // The host may have missed anything since: births again (spec: a node
+                    // births on every new connection).
+                    let sim = &self.sim;
+                    out.birth(node, now, |m| sim.speed_pct(m)).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes `readings` in every format connected (JSON, Sparkplug DDATA).
+    async fn publish_step(&mut self) -> Result<(), MqttError> {
+        if let Some(m) = &self.mqtt {
+            m.publisher.publish(&self.readings, &m.topics).await?;
+        }
+        if let Some(out) = self.sparkplug.as_mut() {
+            out.publish(&self.readings, self.sim.now()).await?;
+        }
+        Ok(())
+    }
+
+    /// Stops MQTT: Sparkplug DDEATHs and NDEATHs, then every client disconnects.
+    pub async fn stop_mqtt(&mut self) {
+        if let Some(out) = self.sparkplug.take() {
+            out.shutdown(self.sim.now()).await;
+        }
+        if let Some(m) = self.mqtt.take() {
+            m.publisher.disconnect().await;
+        }
+    }
+
+    /// Drops the MQTT connections without DISCONNECT, as a crash would: the broker publishes
+    /// the Sparkplug nodes' Wills (NDEATH).
+    pub fn abort_mqtt(&mut self) {
+        if let Some(out) = self.sparkplug.take() {
+            out.abort();
+        }
+        if let Some(m) = self.mqtt.take() {
+            m.publisher.abort();
+        }
+    }
+
     /// `endpoints.toml`: the address of each line's server and the MQTT broker's.
     pub fn endpoints_toml(&self) -> String {
         let mut out = String::from("version = 1\n");
@@ -203,8 +407,36 @@ impl ServedPlant {
                 l.line, l.addr
             );
         }
-        if let Some(m) = &self.mqtt {
-            let _ = write!(out, "\n[mqtt]\nendpoint = {:?}\n", m.endpoint);
+        let endpoint = self
+            .mqtt
+            .as_ref()
+            .map(|m| &m.endpoint)
+            .or(self.mqtt_endpoint.as_ref());
+        if let Some(endpoint) = endpoint {
+            let _ = write!(out, "\n[mqtt]\nendpoint = {endpoint:?}\n");
+            if let Some(out_sp) = &self.sparkplug {
+                let mut groups: Vec<&str> = out_sp
+                    .layout()
+                    .nodes
+                    .iter()
+                    .map(|n| n.group.as_str())
+                    .collect();
+                groups.dedup();
+                let _ = write!(
+                    out,
+                    "# Sparkplug B: group id = site path joined with '-', edge node = \
+                     <area>-<line>, device = machine\nsparkplug_groups = {groups:?}\n"
+                );
+                for n in &out_sp.layout().nodes {
+                    let _ = write!(
+                        out,
+                        "\n[[mqtt.sparkplug_nodes]]\ngroup = {:?}\nnode = {:?}\nline = {:?}\n",
+                        n.group,
+                        n.id,
+                        n.line.as_str()
+                    );
+                }
+            }
         }
         out
     }
@@ -257,13 +489,15 @@ impl ServedPlant {
                 _ = tick.tick() => {
                     let micros = wall_start.elapsed().as_micros() as f64 * speed;
                     self.step_to(Timestamp(sim_start.0.saturating_add(micros as i64)));
-                    if let Some(m) = &self.mqtt {
-                        tokio::select! {
-                            () = &mut shutdown => break,
-                            sent = m.publisher.publish(&self.readings, &m.topics) => {
-                                sent?;
-                            }
-                        }
+                    tokio::select! {
+                        () = &mut shutdown => break,
+                        sent = self.publish_step() => sent?,
+                    }
+                }
+                Some(msg) = self.inbound.recv() => {
+                    tokio::select! {
+                        () = &mut shutdown => break,
+                        done = self.handle_inbound(msg) => done?,
                     }
                 }
                 Some(ended) = self.servers.join_next() => {
@@ -277,9 +511,7 @@ impl ServedPlant {
                 }
             }
         }
-        if let Some(m) = self.mqtt.take() {
-            m.publisher.disconnect().await;
-        }
+        self.stop_mqtt().await;
         Ok(())
     }
 }
@@ -293,6 +525,18 @@ pub async fn serve(
     speed: f64,
     seed: u64,
     mqtt: Option<&str>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    serve_with(plant_dir, speed, seed, mqtt, MqttFormat::Both, shutdown).await
+}
+
+/// `serve` publishing MQTT in `format`.
+pub async fn serve_with(
+    plant_dir: &Path,
+    speed: f64,
+    seed: u64,
+    mqtt: Option<&str>,
+    format: MqttFormat,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     if !(speed.is_finite() && speed > 0.0) {
@@ -312,7 +556,9 @@ pub async fn serve(
         }
     };
     let client_id = format!("ferrotwin-sim-{}-{seed}", std::process::id());
-    let publisher = MqttPublisher::connect(&host, port, &client_id).await?;
+    plant
+        .connect_mqtt(&spec, &host, port, &client_id, format)
+        .await?;
     let endpoint = if host.contains(':') {
         format!("[{host}]:{port}")
     } else {
@@ -322,7 +568,6 @@ pub async fn serve(
         println!("modbus {} {}", l.line, l.addr);
     }
     println!("mqtt {endpoint}");
-    plant.publish_mqtt(&spec, endpoint, publisher);
     let file = plant_dir.join("endpoints.toml");
     std::fs::write(&file, plant.endpoints_toml())
         .map_err(|source| ServeError::WriteEndpoints { file, source })?;
