@@ -25,7 +25,7 @@ use crate::mqtt::{
     CommandStats, EmbeddedBroker, INBOUND_QUEUE, Inbound, MqttError, MqttPublisher,
     SPEED_COMMAND_FILTER, Session, Topics, parse_endpoint, parse_json_command,
 };
-use crate::sparkplug::{Command, SparkplugOut};
+use crate::sparkplug::{Command, CommandRoute, SparkplugOut};
 
 /// Wall-clock time between simulation steps: registers are at most this stale.
 pub const STEP_INTERVAL: Duration = Duration::from_millis(100);
@@ -279,9 +279,11 @@ impl ServedPlant {
                 port,
                 client_prefix,
                 now,
-                JSON_CLIENT + 1,
-                &self.inbound_tx,
-                &self.commands,
+                CommandRoute {
+                    first_client: JSON_CLIENT + 1,
+                    inbound: self.inbound_tx.clone(),
+                    stats: self.commands.clone(),
+                },
             )
             .await?;
             let sim = &self.sim;
@@ -945,6 +947,241 @@ mod tests {
             .await
             .expect_err("not HOST:PORT");
         assert!(matches!(err, ServeError::Mqtt(_)), "{err}");
+    }
+
+    /// A plant publishing both MQTT formats to `broker`, running at 60x in a task; stop it
+    /// with the sender and get it back from the handle.
+    async fn running_with_mqtt(
+        broker: &crate::mqtt::EmbeddedBroker,
+    ) -> (
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<(ServedPlant, Result<(), ServeError>)>,
+        Arc<CommandStats>,
+        crate::sparkplug::Layout,
+    ) {
+        let spec = line_plant();
+        let mut plant = ServedPlant::start(&spec, 5, RUN_START)
+            .await
+            .expect("starts");
+        plant
+            .connect_mqtt(
+                &spec,
+                "127.0.0.1",
+                broker.addr().port(),
+                "cmd-test",
+                MqttFormat::Both,
+            )
+            .await
+            .expect("connects");
+        let stats = plant.command_stats();
+        let layout = plant.sparkplug_layout().expect("sparkplug").clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let run = tokio::spawn(async move {
+            let r = plant
+                .run_realtime(60.0, async {
+                    let _ = stopped.await;
+                })
+                .await;
+            (plant, r)
+        });
+        (stop, run, stats, layout)
+    }
+
+    async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while !cond() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{what} within 20 s"));
+    }
+
+    #[tokio::test]
+    async fn dcmd_and_json_commands_set_machine_speeds_and_bad_commands_are_counted() {
+        use ferrotwin_proto::sparkplug::Payload;
+        use ferrotwin_proto::sparkplug::payload::{Metric, metric};
+        use prost::Message;
+        use rumqttc::{AsyncClient, MqttOptions, QoS};
+        let broker = crate::mqtt::EmbeddedBroker::start().expect("broker starts");
+        let (stop, run, stats, layout) = running_with_mqtt(&broker).await;
+        let (client, mut eventloop) = AsyncClient::new(
+            MqttOptions::new("commander", "127.0.0.1", broker.addr().port()),
+            10,
+        );
+        let driver = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+        let node = &layout.nodes[0];
+        let (press, conveyor) = (&node.devices[0], &node.devices[1]);
+        let dcmd = Payload {
+            metrics: vec![Metric {
+                name: Some("speed_setpoint_pct".into()),
+                value: Some(metric::Value::IntValue(150)),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let topic = crate::sparkplug::topic(&node.group, "DCMD", &node.id, Some(&press.id));
+        client
+            .publish(topic.clone(), QoS::AtLeastOnce, false, dcmd.encode_to_vec())
+            .await
+            .expect("queued");
+        client
+            .publish(
+                format!("{}/set/speed_setpoint_pct", conveyor.machine.as_str()),
+                QoS::AtLeastOnce,
+                false,
+                br#"{"value": 40}"#.to_vec(),
+            )
+            .await
+            .expect("queued");
+        // Garbage on both command paths.
+        client
+            .publish(topic, QoS::AtLeastOnce, false, b"\x08\xff\xff".to_vec())
+            .await
+            .expect("queued");
+        client
+            .publish(
+                format!("{}/set/speed_setpoint_pct", conveyor.machine.as_str()),
+                QoS::AtLeastOnce,
+                false,
+                br#"{"value": "fast"}"#.to_vec(),
+            )
+            .await
+            .expect("queued");
+        client
+            .publish(
+                "acme/berlin/x/y/nobody/set/speed_setpoint_pct",
+                QoS::AtLeastOnce,
+                false,
+                br#"{"value": 50}"#.to_vec(),
+            )
+            .await
+            .expect("queued");
+        let get = |c: &std::sync::atomic::AtomicU64| CommandStats::get(c);
+        wait_for("2 applied, 3 refused", || {
+            get(&stats.applied) == 2 && get(&stats.rejected) == 3
+        })
+        .await;
+        stop.send(()).expect("running");
+        let (mut plant, result) = run.await.expect("no panic");
+        result.expect("served");
+        // Commands wait in the inbox for the next step.
+        plant.step_to(plant.sim().now());
+        assert_eq!(plant.sim().speed_pct(press.machine.id()), Some(150));
+        assert_eq!(plant.sim().speed_pct(conveyor.machine.id()), Some(40));
+        assert_eq!(
+            plant.sim().speed_pct(node.devices[2].machine.id()),
+            Some(100)
+        );
+        driver.abort();
+    }
+
+    #[tokio::test]
+    async fn ncmd_rebirth_republishes_nbirth_and_dbirths() {
+        use ferrotwin_proto::sparkplug::Payload;
+        use ferrotwin_proto::sparkplug::payload::{Metric, metric};
+        use prost::Message;
+        use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+        let broker = crate::mqtt::EmbeddedBroker::start().expect("broker starts");
+        let (stop, run, stats, layout) = running_with_mqtt(&broker).await;
+        let node = &layout.nodes[0];
+        let (client, mut eventloop) = AsyncClient::new(
+            MqttOptions::new("host-app", "127.0.0.1", broker.addr().port()),
+            10,
+        );
+        client
+            .subscribe(
+                format!("spBv1.0/{}/+/{}/#", node.group, node.id),
+                QoS::AtLeastOnce,
+            )
+            .await
+            .expect("queued");
+        let mut subscribed = false;
+        let mut births = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match eventloop.poll().await.expect("connected") {
+                    Event::Incoming(Packet::SubAck(_)) => {
+                        subscribed = true;
+                        let rebirth = Payload {
+                            metrics: vec![Metric {
+                                name: Some(crate::sparkplug::REBIRTH.into()),
+                                value: Some(metric::Value::BooleanValue(true)),
+                                ..Default::default()
+                            }],
+                            ..Default::default()
+                        };
+                        client
+                            .publish(
+                                crate::sparkplug::topic(&node.group, "NCMD", &node.id, None),
+                                QoS::AtLeastOnce,
+                                false,
+                                rebirth.encode_to_vec(),
+                            )
+                            .await
+                            .expect("queued");
+                    }
+                    Event::Incoming(Packet::Publish(p)) if subscribed => {
+                        let kind = p.topic.split('/').nth(2).unwrap_or_default().to_string();
+                        let seq = Payload::decode(&p.payload[..]).expect("payload").seq;
+                        if kind.ends_with("BIRTH") {
+                            births.push((kind, seq));
+                        }
+                        if births.len() == 4 {
+                            return;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        })
+        .await
+        .expect("a rebirth within 20 s");
+        assert_eq!(
+            births,
+            vec![
+                ("NBIRTH".to_string(), Some(0)),
+                ("DBIRTH".to_string(), Some(1)),
+                ("DBIRTH".to_string(), Some(2)),
+                ("DBIRTH".to_string(), Some(3)),
+            ]
+        );
+        assert_eq!(CommandStats::get(&stats.applied), 1);
+        stop.send(()).expect("running");
+        run.await.expect("no panic").1.expect("served");
+    }
+
+    #[tokio::test]
+    async fn endpoints_toml_names_the_sparkplug_group_and_nodes() {
+        let broker = crate::mqtt::EmbeddedBroker::start().expect("broker starts");
+        let spec = line_plant();
+        let mut plant = ServedPlant::start(&spec, 5, RUN_START)
+            .await
+            .expect("starts");
+        plant
+            .connect_mqtt(
+                &spec,
+                "127.0.0.1",
+                broker.addr().port(),
+                "ep-test",
+                MqttFormat::Sparkplug,
+            )
+            .await
+            .expect("connects");
+        let value: toml::Value = toml::from_str(&plant.endpoints_toml()).expect("valid TOML");
+        assert_eq!(
+            value["mqtt"]["endpoint"].as_str(),
+            Some(broker.addr().to_string().as_str())
+        );
+        let node = &value["mqtt"]["sparkplug_nodes"][0];
+        assert_eq!(node["group"].as_str(), Some("acme-berlin"));
+        assert!(
+            node["line"]
+                .as_str()
+                .expect("line")
+                .starts_with("acme/berlin/")
+        );
+        plant.stop_mqtt().await;
     }
 
     #[tokio::test]

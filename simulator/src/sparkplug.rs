@@ -334,6 +334,14 @@ pub enum SparkplugCommandError {
     },
 }
 
+/// Where the nodes' connections send the commands they receive: node `i` as client number
+/// `first_client + i`.
+pub struct CommandRoute {
+    pub first_client: usize,
+    pub inbound: tokio::sync::mpsc::Sender<crate::mqtt::Inbound>,
+    pub stats: std::sync::Arc<crate::mqtt::CommandStats>,
+}
+
 /// The plant's Sparkplug B edge nodes, connected.
 pub struct SparkplugOut {
     layout: Layout,
@@ -354,10 +362,13 @@ impl SparkplugOut {
         port: u16,
         client_prefix: &str,
         now: Timestamp,
-        first_client: usize,
-        inbound: &tokio::sync::mpsc::Sender<crate::mqtt::Inbound>,
-        stats: &std::sync::Arc<crate::mqtt::CommandStats>,
+        commands: CommandRoute,
     ) -> Result<SparkplugOut, MqttError> {
+        let CommandRoute {
+            first_client,
+            inbound,
+            stats,
+        } = commands;
         let layout = Layout::of(spec);
         let mut nodes = Vec::new();
         for (i, def) in layout.nodes.iter().enumerate() {
@@ -716,5 +727,351 @@ impl SparkplugOut {
         for n in self.nodes {
             n.publisher.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet};
+
+    use super::*;
+    use crate::generate::{PlantSize, generate};
+    use crate::model::PlantSim;
+    use crate::mqtt::{CommandStats, EmbeddedBroker, Inbound};
+    use crate::run::RUN_START;
+
+    fn line_plant() -> PlantSpec {
+        generate(PlantSize::ONE_LINE, 1)
+    }
+
+    /// A client subscribed to `filter`, SUBACK received.
+    async fn subscriber(
+        broker: &EmbeddedBroker,
+        id: &str,
+        filter: &str,
+    ) -> (AsyncClient, EventLoop) {
+        let addr = broker.addr();
+        let mut options = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+        options.set_keep_alive(Duration::from_secs(30));
+        let (client, mut eventloop) = AsyncClient::new(options, 100);
+        client.subscribe(filter, QOS).await.expect("queued");
+        tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                if let Event::Incoming(Packet::SubAck(_)) =
+                    eventloop.poll().await.expect("subscriber connected")
+                {
+                    return;
+                }
+            }
+        })
+        .await
+        .expect("SUBACK within 5 s");
+        (client, eventloop)
+    }
+
+    /// Messages until `done` says so (or 10 s pass): (topic, payload) in arrival order.
+    async fn receive_until(
+        eventloop: &mut EventLoop,
+        mut done: impl FnMut(&[(String, Payload)]) -> bool,
+    ) -> Vec<(String, Payload)> {
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), async {
+            while !done(&got) {
+                if let Event::Incoming(Packet::Publish(p)) =
+                    eventloop.poll().await.expect("subscriber connected")
+                {
+                    let payload = Payload::decode(&p.payload[..]).expect("a Sparkplug payload");
+                    got.push((p.topic.clone(), payload));
+                }
+            }
+        })
+        .await;
+        got
+    }
+
+    fn kind(topic: &str) -> &str {
+        topic.split('/').nth(2).expect("spBv1.0/group/kind/...")
+    }
+
+    async fn connected(
+        broker: &EmbeddedBroker,
+        spec: &PlantSpec,
+    ) -> (SparkplugOut, tokio::sync::mpsc::Receiver<Inbound>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let out = SparkplugOut::connect(
+            spec,
+            "127.0.0.1",
+            broker.addr().port(),
+            "sp-test",
+            RUN_START,
+            CommandRoute {
+                first_client: 1,
+                inbound: tx,
+                stats: Arc::new(CommandStats::default()),
+            },
+        )
+        .await
+        .expect("nodes connect");
+        (out, rx)
+    }
+
+    #[test]
+    fn names_follow_the_plant() {
+        let spec = line_plant();
+        let layout = Layout::of(&spec);
+        assert_eq!(layout.nodes.len(), 1);
+        let node = &layout.nodes[0];
+        assert_eq!(node.group, "acme-berlin");
+        assert_eq!(node.id, format!("{}", node_id(&node.line)));
+        assert_eq!(node.devices.len(), 3);
+        let mut aliases = std::collections::HashSet::new();
+        for d in &node.devices {
+            assert_eq!(d.id, d.machine.name());
+            for m in &d.metrics {
+                assert!(
+                    aliases.insert(m.alias),
+                    "alias {} unique in the node",
+                    m.alias
+                );
+            }
+            let names: Vec<&str> = d.metrics.iter().map(|m| m.name.as_str()).collect();
+            for n in ["state", "good_count", "scrap_count", "speed_setpoint_pct"] {
+                assert!(names.contains(&n), "{n} in {names:?}");
+            }
+            assert!(names.iter().any(|n| n.ends_with("/value")));
+        }
+    }
+
+    #[tokio::test]
+    async fn births_come_first_and_data_aliases_resolve_to_birth_names_with_seq_wrapping() {
+        let broker = EmbeddedBroker::start().expect("broker starts");
+        let (_c, mut sub) = subscriber(&broker, "sp-sub", "spBv1.0/#").await;
+        let spec = line_plant();
+        let (mut out, _rx) = connected(&broker, &spec).await;
+        let mut sim = PlantSim::new(&spec, 3, RUN_START);
+        out.birth_all(RUN_START, |m| sim.speed_pct(m))
+            .await
+            .expect("births");
+        let mut readings = Vec::new();
+        let mut published = 1 + 3;
+        let mut sent_readings = Vec::new();
+        let mut s = 1;
+        // Enough messages for seq to wrap past 255.
+        while published < 300 {
+            readings.clear();
+            sim.step(RUN_START.plus_ms(s * 1000), &mut readings);
+            published += out.publish(&readings, sim.now()).await.expect("published");
+            sent_readings.extend_from_slice(&readings);
+            s += 1;
+        }
+        let got = receive_until(&mut sub, |g| g.len() >= published).await;
+        assert_eq!(got.len(), published);
+        assert_eq!(kind(&got[0].0), "NBIRTH");
+        assert!(got[1..4].iter().all(|(t, _)| kind(t) == "DBIRTH"));
+        assert!(got[4..].iter().all(|(t, _)| kind(t) == "DDATA"));
+        let nbirth = &got[0].1;
+        assert_eq!(nbirth.seq, Some(0));
+        let names: Vec<_> = nbirth
+            .metrics
+            .iter()
+            .filter_map(|m| m.name.clone())
+            .collect();
+        assert_eq!(names, vec![BD_SEQ.to_string(), REBIRTH.to_string()]);
+
+        // seq: +1 per message of the node, wrapping after 255.
+        for (i, (t, p)) in got.iter().enumerate() {
+            assert_eq!(p.seq, Some((i % 256) as u64), "{t} #{i}");
+        }
+
+        // Every DDATA metric: alias only, known from that device's DBIRTH, a timestamp.
+        let mut births: HashMap<String, HashMap<u64, (String, u32)>> = HashMap::new();
+        for (t, p) in &got[1..4] {
+            let device = t.rsplit('/').next().expect("device").to_string();
+            let table = p
+                .metrics
+                .iter()
+                .map(|m| {
+                    (
+                        m.alias.expect("alias"),
+                        (m.name.clone().expect("name"), m.datatype.expect("datatype")),
+                    )
+                })
+                .collect();
+            births.insert(device, table);
+        }
+        let layout = out.layout().clone();
+        let mut resolved = 0;
+        for (t, p) in &got[4..] {
+            let device = t.rsplit('/').next().expect("device");
+            let table = &births[device];
+            for m in &p.metrics {
+                assert!(m.name.is_none(), "data by alias only");
+                let (name, datatype) = &table[&m.alias.expect("alias")];
+                assert!(m.timestamp.is_some());
+                if name == "state" {
+                    assert_eq!(*datatype, DataType::Int32 as u32);
+                    assert!(matches!(m.value, Some(metric::Value::IntValue(_))));
+                }
+                resolved += 1;
+            }
+        }
+        assert_eq!(resolved, sent_readings.len(), "every reading went out once");
+        // One reading's value and time arrive as sent.
+        let last = sent_readings
+            .iter()
+            .rev()
+            .find(|r| r.property == Property::Value && matches!(r.value, Value::Float(_)))
+            .expect("a float sensor reading");
+        let (n, d, m) = layout.locate(last).expect("in the layout");
+        let def = &layout.nodes[n].devices[d];
+        let alias = def.metrics[m].alias;
+        let seen = got
+            .iter()
+            .rev()
+            .filter(|(t, _)| t.ends_with(&format!("/{}", def.id)) && kind(t) == "DDATA")
+            .flat_map(|(_, p)| p.metrics.iter())
+            .find(|x| x.alias == Some(alias))
+            .expect("sent");
+        assert_eq!(
+            seen.value,
+            Some(metric::Value::DoubleValue(last.value.as_f64()))
+        );
+        assert_eq!(seen.timestamp, Some(last.source_ts.as_millis() as u64));
+        out.shutdown(sim.now()).await;
+    }
+
+    #[tokio::test]
+    async fn clean_shutdown_publishes_ddeaths_then_ndeath_with_the_birth_bdseq() {
+        let broker = EmbeddedBroker::start().expect("broker starts");
+        let (_c, mut sub) = subscriber(&broker, "sp-sub2", "spBv1.0/#").await;
+        let spec = line_plant();
+        let (mut out, _rx) = connected(&broker, &spec).await;
+        out.birth_all(RUN_START, |_| Some(100))
+            .await
+            .expect("births");
+        out.shutdown(RUN_START).await;
+        let got = receive_until(&mut sub, |g| g.iter().any(|(t, _)| kind(t) == "NDEATH")).await;
+        let kinds: Vec<&str> = got.iter().map(|(t, _)| kind(t)).collect();
+        assert_eq!(
+            kinds,
+            [
+                "NBIRTH", "DBIRTH", "DBIRTH", "DBIRTH", "DDEATH", "DDEATH", "DDEATH", "NDEATH"
+            ]
+        );
+        let bd = |p: &Payload| {
+            p.metrics
+                .iter()
+                .find(|m| m.name.as_deref() == Some(BD_SEQ))
+                .and_then(|m| m.value.clone())
+        };
+        assert_eq!(bd(&got[0].1), bd(&got[7].1));
+        assert!(bd(&got[7].1).is_some());
+        assert_eq!(got[7].1.seq, None, "NDEATH has no seq");
+    }
+
+    #[tokio::test]
+    async fn dropped_connection_makes_the_broker_publish_the_ndeath_will() {
+        let broker = EmbeddedBroker::start().expect("broker starts");
+        let (_c, mut sub) = subscriber(&broker, "sp-sub3", "spBv1.0/+/NDEATH/#").await;
+        let spec = line_plant();
+        let (mut out, _rx) = connected(&broker, &spec).await;
+        out.birth_all(RUN_START, |_| Some(100))
+            .await
+            .expect("births");
+        out.abort();
+        let got = receive_until(&mut sub, |g| !g.is_empty()).await;
+        assert_eq!(got.len(), 1, "the Will arrived");
+        let (t, p) = &got[0];
+        assert_eq!(kind(t), "NDEATH");
+        assert_eq!(p.metrics[0].name.as_deref(), Some(BD_SEQ));
+        assert_eq!(p.metrics[0].value, Some(metric::Value::LongValue(0)));
+    }
+
+    #[tokio::test]
+    async fn commands_parse_by_name_or_alias_and_bad_ones_are_refused() {
+        let broker = EmbeddedBroker::start().expect("broker starts");
+        let spec = line_plant();
+        let (out, _rx) = connected(&broker, &spec).await;
+        let node = &out.layout().nodes[0];
+        let dev = &node.devices[0];
+        let sp = dev
+            .metrics
+            .iter()
+            .find(|m| m.name == SPEED_SETPOINT)
+            .expect("setpoint");
+        let dcmd = topic(&node.group, "DCMD", &node.id, Some(&dev.id));
+        let ncmd = topic(&node.group, "NCMD", &node.id, None);
+        let payload = |m: Metric| {
+            Payload {
+                metrics: vec![m],
+                ..Default::default()
+            }
+            .encode_to_vec()
+        };
+        let by_name = payload(Metric {
+            name: Some(SPEED_SETPOINT.into()),
+            value: Some(metric::Value::IntValue(150)),
+            ..Default::default()
+        });
+        assert_eq!(
+            out.command(0, &dcmd, &by_name),
+            Ok(Command::Speed {
+                machine: dev.machine.id(),
+                pct: 150
+            })
+        );
+        let by_alias = payload(Metric {
+            alias: Some(sp.alias),
+            value: Some(metric::Value::LongValue(0)),
+            ..Default::default()
+        });
+        assert_eq!(
+            out.command(0, &dcmd, &by_alias),
+            Ok(Command::Speed {
+                machine: dev.machine.id(),
+                pct: 0
+            })
+        );
+        let rebirth = payload(Metric {
+            name: Some(REBIRTH.into()),
+            value: Some(metric::Value::BooleanValue(true)),
+            ..Default::default()
+        });
+        assert_eq!(
+            out.command(0, &ncmd, &rebirth),
+            Ok(Command::Rebirth { node: 0 })
+        );
+        let too_fast = payload(Metric {
+            name: Some(SPEED_SETPOINT.into()),
+            value: Some(metric::Value::IntValue(201)),
+            ..Default::default()
+        });
+        assert!(matches!(
+            out.command(0, &dcmd, &too_fast),
+            Err(SparkplugCommandError::Value { .. })
+        ));
+        let state = payload(Metric {
+            name: Some("state".into()),
+            value: Some(metric::Value::IntValue(1)),
+            ..Default::default()
+        });
+        assert!(matches!(
+            out.command(0, &dcmd, &state),
+            Err(SparkplugCommandError::Metric { .. })
+        ));
+        assert!(matches!(
+            out.command(0, &dcmd, b"\xff\xff garbage"),
+            Err(SparkplugCommandError::Payload { .. })
+        ));
+        let stranger = topic(&node.group, "DCMD", &node.id, Some("no-such-machine"));
+        assert!(matches!(
+            out.command(0, &stranger, &by_name),
+            Err(SparkplugCommandError::Topic { .. })
+        ));
+        out.abort();
     }
 }
