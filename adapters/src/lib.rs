@@ -13,7 +13,9 @@
 
 pub mod backoff;
 pub mod config;
+pub mod mqtt;
 pub mod push;
+pub mod sparkplug;
 pub mod status;
 pub mod write;
 
@@ -138,10 +140,10 @@ pub fn start(
 /// The one place that matches on the protocol.
 fn spawn_protocol(
     config: ConnectionConfig,
-    _targets: Vec<TagTarget>,
-    _io: AdapterIo,
+    targets: Vec<TagTarget>,
+    io: AdapterIo,
 ) -> JoinHandle<()> {
-    // Each protocol module adds its arm, e.g. `ConnectionConfig::Modbus(c) =>
-    // tokio::spawn(modbus::run(c, targets, io))`.
-    match config {}
+    match config {
+        ConnectionConfig::Mqtt(c) => tokio::spawn(mqtt::run(c, targets, io)),
+    }
 }
