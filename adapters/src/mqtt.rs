@@ -1075,3 +1075,195 @@ impl Adapter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::config::ConnectionConfig;
+
+    const NOW: Timestamp = Timestamp(1_735_689_600_000_000);
+
+    fn parse(text: &str) -> Result<ConnectionConfig, toml::de::Error> {
+        #[derive(Deserialize)]
+        struct File {
+            connections: Vec<ConnectionConfig>,
+        }
+        toml::from_str::<File>(text).map(|mut f| f.connections.remove(0))
+    }
+
+    const SPARKPLUG: &str = r#"
+        [[connections]]
+        protocol = "mqtt"
+        name = "berlin-mqtt"
+        broker = "127.0.0.1:1883"
+        [connections.format]
+        type = "sparkplug"
+        group_id = "acme-berlin"
+        writable_metrics = ["speed_setpoint_pct"]
+        [[connections.format.nodes]]
+        node = "assembly-line-1"
+        line = "acme/berlin/assembly/line-1"
+        devices = ["press-1", "conveyor-1"]
+    "#;
+
+    #[test]
+    fn sparkplug_config_lists_machine_tags_and_writable_setpoints() {
+        let c = parse(SPARKPLUG).expect("valid");
+        assert_eq!(c.name(), "berlin-mqtt");
+        let targets = c.targets().expect("valid");
+        assert_eq!(targets.len(), 2 * 4);
+        let press = AssetPath::parse("acme/berlin/assembly/line-1/press-1").expect("path");
+        assert!(targets.iter().any(|t| t.asset == press
+            && t.writable
+            && t.kind == TagKind::Setpoint("speed_setpoint_pct".into())));
+    }
+
+    #[test]
+    fn json_config_defaults_topics_and_refuses_wildcards() {
+        // The struct itself: tests stay valid whatever other protocols join the enum.
+        let m: MqttConfig = toml::from_str(
+            r#"
+            name = "json"
+            broker = "localhost:1883"
+            [format]
+            type = "json"
+            topic_prefixes = ["acme/berlin"]
+            [[format.tags]]
+            asset = "acme/berlin/a/l/m"
+            property = "speed_setpoint_pct"
+            writable = true
+            [[format.tags]]
+            asset = "acme/berlin/a/l/m"
+            property = "state"
+        "#,
+        )
+        .expect("valid");
+        let (_, topics) = m.checked().expect("valid");
+        assert_eq!(
+            topics,
+            [
+                "acme/berlin/a/l/m/set/speed_setpoint_pct",
+                "acme/berlin/a/l/m/state"
+            ]
+        );
+        let mut bad = m.clone();
+        if let PayloadFormat::Json(j) = &mut bad.format {
+            j.topic_prefixes = vec!["acme/#".into()];
+        }
+        assert!(bad.checked().is_err());
+    }
+
+    #[test]
+    fn mqtt5_is_refused_with_a_clear_error_and_unknown_keys_fail() {
+        let text = SPARKPLUG.replace("broker =", "protocol_version = \"5\"\nbroker =");
+        let e = parse(&text)
+            .expect("parses")
+            .targets()
+            .expect_err("refused");
+        assert!(e.to_string().contains("only MQTT 3.1.1"), "{e}");
+        assert!(parse(&SPARKPLUG.replace("broker =", "brokr = \"x\"\nbroker =")).is_err());
+        let no_port = SPARKPLUG.replace("127.0.0.1:1883", "localhost");
+        assert!(parse(&no_port).expect("parses").targets().is_err());
+    }
+
+    #[test]
+    fn json_payloads_decode_like_the_simulator_writes_them() {
+        let (v, q, ts) =
+            decode_json(br#"{"value": 12.5, "ts_us": 5, "quality": "good"}"#, NOW).expect("valid");
+        assert_eq!(
+            (v, q, ts),
+            (Value::Float(12.5), Quality::GOOD, Timestamp(5))
+        );
+        let (v, _, ts) = decode_json(br#"{"value": 3}"#, NOW).expect("valid");
+        assert_eq!((v, ts), (Value::Int(3), NOW));
+        let (v, q, _) = decode_json(
+            br#"{"value": true, "quality": "bad", "reason": "communication failure"}"#,
+            NOW,
+        )
+        .expect("valid");
+        assert_eq!(
+            (v, q),
+            (Value::Bool(true), Quality::bad(QualityReason::CommFailure))
+        );
+        for bad in [
+            &br#"{"value": null}"#[..],
+            br#"{"value": "1"}"#,
+            br#"{"ts_us": 1}"#,
+            br#"{"value": 1, "ts_us": 1.5}"#,
+            br#"{"value": 1, "quality": "great"}"#,
+            br#"{"value": 18446744073709551615}"#,
+            br#"[1]"#,
+            b"\xff",
+        ] {
+            assert!(
+                decode_json(bad, NOW).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn prefix_topics_map_by_the_simulator_naming() {
+        let m = AssetPath::parse("acme/berlin/a/l/press-1").expect("path");
+        assert_eq!(
+            topic_rule("acme/berlin/a/l/press-1/state"),
+            Some((m.id(), Property::State))
+        );
+        let s = AssetPath::parse("acme/berlin/a/l/press-1/oil-temp").expect("path");
+        assert_eq!(
+            topic_rule("acme/berlin/a/l/press-1/oil-temp"),
+            Some((s.id(), Property::Value))
+        );
+        assert_eq!(
+            topic_rule("acme/berlin/a/l/press-1/set/speed_setpoint_pct"),
+            None
+        );
+        assert_eq!(topic_rule("acme/berlin/a/l"), None);
+        assert_eq!(topic_rule("Acme/BAD PATH/a/l/m/x"), None);
+    }
+
+    #[test]
+    fn unmapped_sources_are_reported_once_then_once_a_minute_with_the_count() {
+        let mut u = UnmappedThrottle::default();
+        let t0 = Instant::now();
+        assert_eq!(u.report("x".into(), t0), Some(("x".into(), 1)));
+        assert_eq!(u.report("x".into(), t0), None);
+        assert_eq!(u.report("x".into(), t0), None);
+        assert!(u.due(t0 + Duration::from_secs(1)).is_empty());
+        assert_eq!(u.due(t0 + UNMAPPED_EVERY), vec![("x".to_string(), 2)]);
+        assert!(u.due(t0 + UNMAPPED_EVERY * 3).is_empty());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        #[test]
+        fn json_decoder_takes_any_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            if let Ok((v, _, _)) = decode_json(&bytes, NOW) {
+                prop_assert!(v.is_finite());
+            }
+        }
+
+        #[test]
+        fn json_decoder_takes_mutated_valid_payloads(
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 1..8)
+        ) {
+            let mut p = br#"{"value": 12.5, "ts_us": 1735689600000000, "quality": "bad", "reason": "stale"}"#.to_vec();
+            for (at, byte, op) in edits {
+                if p.is_empty() { break; }
+                let i = at.index(p.len());
+                match op {
+                    0 => p[i] = byte,
+                    1 => p.insert(i, byte),
+                    _ => { p.remove(i); }
+                }
+            }
+            if let Ok((v, _, _)) = decode_json(&p, NOW) {
+                prop_assert!(v.is_finite());
+            }
+        }
+    }
+}

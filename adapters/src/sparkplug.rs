@@ -647,3 +647,410 @@ pub fn set_metric_value(m: &mut Metric, datatype: u32, value: Value) -> Result<(
     m.datatype = Some(dt as u32);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use ferrotwin_models::QualityCode;
+    use ferrotwin_proto::sparkplug::payload::{PropertySet, PropertyValue};
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const LINE: &str = "acme/berlin/assembly/line-1";
+    const T0: Timestamp = Timestamp(1_735_689_600_000_000);
+
+    fn state() -> SparkplugState {
+        SparkplugState::new(
+            "acme-berlin",
+            vec![NodeRule {
+                node: "assembly-line-1".into(),
+                line: AssetPath::parse(LINE).expect("path"),
+                devices: Some(["press-1".to_string()].into()),
+            }],
+            ["speed_setpoint_pct".to_string()].into(),
+        )
+    }
+
+    fn t(kind: &str, device: Option<&str>) -> String {
+        topic("acme-berlin", kind, "assembly-line-1", device)
+    }
+
+    fn metric(name: Option<&str>, alias: u64, datatype: DataType, value: metric::Value) -> Metric {
+        Metric {
+            name: name.map(str::to_string),
+            alias: Some(alias),
+            datatype: name.map(|_| datatype as u32),
+            timestamp: Some(1_735_689_601_000),
+            value: Some(value),
+            ..Default::default()
+        }
+    }
+
+    fn payload(seq: Option<u64>, metrics: Vec<Metric>) -> Vec<u8> {
+        Payload {
+            timestamp: Some(1_735_689_601_000),
+            seq,
+            metrics,
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    fn nbirth(seq: u64, bd: u64) -> Vec<u8> {
+        payload(
+            Some(seq),
+            vec![metric(
+                Some(BD_SEQ),
+                0,
+                DataType::UInt64,
+                metric::Value::LongValue(bd),
+            )],
+        )
+    }
+
+    fn dbirth(seq: u64) -> Vec<u8> {
+        payload(
+            Some(seq),
+            vec![
+                metric(
+                    Some("state"),
+                    2,
+                    DataType::Int32,
+                    metric::Value::IntValue(1),
+                ),
+                metric(
+                    Some("good_count"),
+                    3,
+                    DataType::UInt64,
+                    metric::Value::LongValue(7),
+                ),
+                metric(
+                    Some("speed_setpoint_pct"),
+                    4,
+                    DataType::UInt16,
+                    metric::Value::IntValue(100),
+                ),
+                metric(
+                    Some("oil-temp/value"),
+                    5,
+                    DataType::Double,
+                    metric::Value::DoubleValue(40.5),
+                ),
+            ],
+        )
+    }
+
+    fn ddata(seq: u64, temp: f64) -> Vec<u8> {
+        payload(
+            Some(seq),
+            vec![metric(
+                None,
+                5,
+                DataType::Double,
+                metric::Value::DoubleValue(temp),
+            )],
+        )
+    }
+
+    fn run(s: &mut SparkplugState, topic: &str, p: &[u8]) -> Decoded {
+        let mut d = Decoded::default();
+        s.handle(topic, p, T0, &mut d);
+        d
+    }
+
+    fn press() -> AssetPath {
+        AssetPath::parse(&format!("{LINE}/press-1")).expect("path")
+    }
+
+    fn temp() -> AssetId {
+        AssetPath::parse(&format!("{LINE}/press-1/oil-temp"))
+            .expect("path")
+            .id()
+    }
+
+    /// A state that has seen NBIRTH (seq 0) and the press's DBIRTH (seq 1).
+    fn born() -> SparkplugState {
+        let mut s = state();
+        run(&mut s, &t("NBIRTH", None), &nbirth(0, 3));
+        let d = run(&mut s, &t("DBIRTH", Some("press-1")), &dbirth(1));
+        assert_eq!(d.readings.len(), 3, "{d:?}");
+        s
+    }
+
+    #[test]
+    fn births_give_values_and_data_resolves_aliases_to_birth_names() {
+        let mut s = state();
+        let d = run(&mut s, &t("NBIRTH", None), &nbirth(0, 3));
+        assert!(d.readings.is_empty() && d.error.is_none());
+        let d = run(&mut s, &t("DBIRTH", Some("press-1")), &dbirth(1));
+        let state_reading = d
+            .readings
+            .iter()
+            .find(|r| r.property == Property::State)
+            .expect("state");
+        assert_eq!(state_reading.asset, press().id());
+        assert_eq!(state_reading.value, Value::Int(1));
+        assert_eq!(state_reading.source_ts, Timestamp(1_735_689_601_000_000));
+        assert!(
+            !d.readings
+                .iter()
+                .any(|r| r.asset == press().id() && r.value == Value::Int(100)),
+            "the setpoint is not a reading"
+        );
+        let d = run(&mut s, &t("DDATA", Some("press-1")), &ddata(2, 41.25));
+        assert_eq!(d.readings.len(), 1);
+        assert_eq!(d.readings[0].asset, temp());
+        assert_eq!(d.readings[0].property, Property::Value);
+        assert_eq!(d.readings[0].value, Value::Float(41.25));
+        assert!(d.readings[0].quality.is_good());
+        assert_eq!(d.rejected, 0);
+        assert_eq!(
+            s.write_address(&press(), "speed_setpoint_pct"),
+            Some(WriteAddress {
+                node: "assembly-line-1".into(),
+                device: "press-1".into(),
+                alias: Some(4),
+                datatype: DataType::UInt16 as u32,
+            })
+        );
+    }
+
+    #[test]
+    fn seq_wraps_after_255_without_a_gap() {
+        let mut s = born();
+        for i in 2..600u64 {
+            let d = run(&mut s, &t("DDATA", Some("press-1")), &ddata(i % 256, 1.0));
+            assert!(!d.seq_gap, "message {i}");
+            assert_eq!(d.readings.len(), 1);
+        }
+    }
+
+    #[test]
+    fn seq_gap_asks_for_a_rebirth_and_ignores_data_until_it_comes() {
+        let mut s = born();
+        let d = run(&mut s, &t("DDATA", Some("press-1")), &ddata(5, 1.0));
+        assert!(d.seq_gap);
+        assert_eq!(d.rebirth.as_deref(), Some("assembly-line-1"));
+        assert!(d.readings.is_empty());
+        // Further data is ignored and does not ask again right away.
+        let d = run(&mut s, &t("DDATA", Some("press-1")), &ddata(6, 1.0));
+        assert!(d.readings.is_empty() && d.rebirth.is_none() && d.rejected == 1);
+        // ... but asks again once REBIRTH_RETRY_US passed.
+        let mut again = Decoded::default();
+        s.handle(
+            &t("DDATA", Some("press-1")),
+            &ddata(7, 1.0),
+            Timestamp(T0.0 + REBIRTH_RETRY_US),
+            &mut again,
+        );
+        assert!(again.rebirth.is_some());
+        run(&mut s, &t("NBIRTH", None), &nbirth(0, 3));
+        run(&mut s, &t("DBIRTH", Some("press-1")), &dbirth(1));
+        let d = run(&mut s, &t("DDATA", Some("press-1")), &ddata(2, 2.0));
+        assert_eq!(d.readings.len(), 1, "recovered");
+    }
+
+    #[test]
+    fn data_before_any_birth_asks_for_one() {
+        let mut s = state();
+        let d = run(&mut s, &t("DDATA", Some("press-1")), &ddata(9, 1.0));
+        assert_eq!(d.rebirth.as_deref(), Some("assembly-line-1"));
+        assert!(d.readings.is_empty());
+    }
+
+    #[test]
+    fn ndeath_with_the_birth_bdseq_turns_every_twin_bad_with_its_last_value() {
+        let mut s = born();
+        run(&mut s, &t("DDATA", Some("press-1")), &ddata(2, 42.0));
+        // A stale Will of an older session changes nothing.
+        let d = run(&mut s, &t("NDEATH", None), &nbirth(0, 2));
+        assert!(d.readings.is_empty());
+        let d = run(&mut s, &t("NDEATH", None), &nbirth(0, 3));
+        assert_eq!(d.readings.len(), 3, "state, good_count, oil-temp");
+        assert!(d.readings.iter().all(|r| r.quality == Quality::bad(QualityReason::CommFailure)
+            && r.source_ts == T0));
+        let temp_r = d.readings.iter().find(|r| r.asset == temp()).expect("temp");
+        assert_eq!(temp_r.value, Value::Float(42.0));
+        // Dead: data is ignored until a birth.
+        let d = run(&mut s, &t("DDATA", Some("press-1")), &ddata(3, 1.0));
+        assert!(d.readings.is_empty());
+    }
+
+    #[test]
+    fn ddeath_turns_the_device_bad() {
+        let mut s = born();
+        let d = run(
+            &mut s,
+            &t("DDEATH", Some("press-1")),
+            &payload(Some(2), vec![]),
+        );
+        assert_eq!(d.readings.len(), 3);
+        assert!(
+            d.readings
+                .iter()
+                .all(|r| r.quality.code == QualityCode::Bad)
+        );
+        let d = run(&mut s, &t("DDATA", Some("press-1")), &ddata(3, 1.0));
+        assert!(d.readings.is_empty() && d.rejected == 1);
+    }
+
+    #[test]
+    fn unknown_nodes_devices_and_metrics_are_refused_and_reported() {
+        let mut s = born();
+        let other = topic("acme-berlin", "NBIRTH", "paint-line-9", None);
+        let d = run(&mut s, &other, &nbirth(0, 1));
+        assert_eq!(
+            (d.rejected, d.unmapped.clone()),
+            (1, vec!["paint-line-9".to_string()])
+        );
+        let d = run(&mut s, &t("DBIRTH", Some("robot-7")), &dbirth(2));
+        assert!(d.readings.is_empty() && d.rejected == 4);
+        assert_eq!(d.unmapped, vec!["assembly-line-1/robot-7".to_string()]);
+        let d = run(
+            &mut s,
+            &t("DDATA", Some("press-1")),
+            &payload(
+                Some(3),
+                vec![metric(
+                    None,
+                    99,
+                    DataType::Double,
+                    metric::Value::DoubleValue(1.0),
+                )],
+            ),
+        );
+        assert!(d.readings.is_empty() && d.rejected == 1);
+        assert_eq!(
+            d.unmapped,
+            vec!["assembly-line-1/press-1/alias 99".to_string()]
+        );
+        let d = run(&mut s, "spBv1.0/other-group/NBIRTH/x", &nbirth(0, 1));
+        assert_eq!(d.rejected, 1);
+    }
+
+    #[test]
+    fn wrong_types_nan_and_garbage_are_errors_not_readings() {
+        let mut s = born();
+        let nan = ddata(2, f64::NAN);
+        let d = run(&mut s, &t("DDATA", Some("press-1")), &nan);
+        assert!(d.readings.is_empty() && d.error.is_some() && d.rejected == 1);
+        let wrong = payload(
+            Some(3),
+            vec![metric(
+                None,
+                2,
+                DataType::Int32,
+                metric::Value::StringValue("x".into()),
+            )],
+        );
+        let d = run(&mut s, &t("DDATA", Some("press-1")), &wrong);
+        assert!(d.readings.is_empty() && d.error.is_some());
+        let d = run(
+            &mut s,
+            &t("DDATA", Some("press-1")),
+            b"\xff\xff\xff not protobuf",
+        );
+        assert!(d.error.is_some() && d.rejected == 1);
+        let ok = run(&mut s, &t("DDATA", Some("press-1")), &ddata(4, 3.0));
+        assert_eq!(ok.readings.len(), 1, "keeps going");
+    }
+
+    #[test]
+    fn quality_property_and_signed_ints_decode() {
+        let mut m = metric(
+            Some("x"),
+            1,
+            DataType::Int8,
+            metric::Value::IntValue(0xFFFF_FFFF),
+        );
+        assert_eq!(metric_value(DataType::Int8 as u32, &m), Ok(Value::Int(-1)));
+        m.value = Some(metric::Value::IntValue((-5i32) as u32));
+        assert_eq!(metric_value(DataType::Int32 as u32, &m), Ok(Value::Int(-5)));
+        m.properties = Some(PropertySet {
+            keys: vec!["Quality".into()],
+            values: vec![PropertyValue {
+                r#type: Some(DataType::Int32 as u32),
+                is_null: None,
+                value: Some(property_value::Value::IntValue(0)),
+            }],
+        });
+        assert_eq!(quality_of(&m).code, QualityCode::Bad);
+        let mut w = Metric::default();
+        assert!(set_metric_value(&mut w, DataType::UInt16 as u32, Value::Int(150)).is_ok());
+        assert_eq!(w.value, Some(metric::Value::IntValue(150)));
+        assert!(set_metric_value(&mut w, DataType::UInt16 as u32, Value::Int(70_000)).is_err());
+        assert!(set_metric_value(&mut w, DataType::UInt16 as u32, Value::Float(1.5)).is_err());
+    }
+
+    #[test]
+    fn topics_parse_only_in_the_namespace_shape() {
+        assert_eq!(
+            parse_topic("spBv1.0/g/DDATA/n/d"),
+            Some(Topic {
+                group: "g",
+                kind: Kind::DData,
+                node: "n",
+                device: Some("d")
+            })
+        );
+        for bad in [
+            "spBv1.0/g/DDATA/n",
+            "spBv1.0/g/NDATA/n/d",
+            "spBv1.0/g/XDATA/n",
+            "spAv1.0/g/NDATA/n",
+            "spBv1.0/g/DDATA/n/d/e",
+        ] {
+            assert_eq!(parse_topic(bad), None, "{bad}");
+        }
+    }
+
+    /// Valid messages of every kind, for mutation.
+    fn valid_messages() -> Vec<(String, Vec<u8>)> {
+        vec![
+            (t("NBIRTH", None), nbirth(0, 3)),
+            (t("DBIRTH", Some("press-1")), dbirth(1)),
+            (t("DDATA", Some("press-1")), ddata(2, 1.5)),
+            (t("NDEATH", None), nbirth(0, 3)),
+            (t("DDEATH", Some("press-1")), payload(Some(3), vec![])),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(kind in 0usize..5, bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut s = born();
+            let (topic, _) = &valid_messages()[kind];
+            let mut d = Decoded::default();
+            s.handle(topic, &bytes, T0, &mut d);
+            for r in &d.readings {
+                prop_assert!(r.value.is_finite());
+            }
+        }
+
+        #[test]
+        fn mutated_valid_payloads_never_panic(
+            edits in proptest::collection::vec((0usize..5, any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 1..40)
+        ) {
+            let mut s = state();
+            let messages = valid_messages();
+            for (which, at, byte, op) in edits {
+                let (topic, mut p) = messages[which].clone();
+                if !p.is_empty() {
+                    let i = at.index(p.len());
+                    match op {
+                        0 => p[i] = byte,
+                        1 => p.insert(i, byte),
+                        _ => { p.remove(i); }
+                    }
+                }
+                let mut d = Decoded::default();
+                s.handle(&topic, &p, T0, &mut d);
+                for r in &d.readings {
+                    prop_assert!(r.value.is_finite());
+                }
+            }
+        }
+    }
+}
