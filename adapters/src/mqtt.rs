@@ -416,23 +416,9 @@ impl Decoder {
                 .cloned()
                 .chain(prefixes.iter().map(|p| format!("{p}/#")))
                 .collect(),
-            Decoder::Sparkplug(s) => {
-                let group = s.group();
-                let mut f: Vec<String> = s
-                    .node_ids()
-                    .flat_map(|n| {
-                        ["NBIRTH", "NDATA", "NDEATH"]
-                            .map(|k| sparkplug::topic(group, k, n, None))
-                            .into_iter()
-                            .chain(
-                                ["DBIRTH", "DDATA", "DDEATH"]
-                                    .map(|k| sparkplug::topic(group, k, n, Some("+"))),
-                            )
-                    })
-                    .collect();
-                f.sort();
-                f
-            }
+            // The whole group: data of nodes or devices nobody listed is then counted and
+            // reported as unmapped (a gap in the config) instead of passing unseen.
+            Decoder::Sparkplug(s) => vec![format!("{}/{}/#", sparkplug::NAMESPACE, s.group())],
         }
     }
 }
