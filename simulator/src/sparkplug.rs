@@ -348,8 +348,8 @@ pub struct SparkplugOut {
     nodes: Vec<EdgeNode>,
     /// Client numbers of the nodes' connections on the inbound channel: `first_client + i`.
     first_client: usize,
-    /// DDATA under construction, per device of the node being published.
-    scratch: Vec<Vec<Metric>>,
+    /// DDATA under construction, per node and device.
+    scratch: Vec<Vec<Vec<Metric>>>,
 }
 
 impl SparkplugOut {
@@ -515,37 +515,40 @@ impl SparkplugOut {
         now: Timestamp,
     ) -> Result<usize, MqttError> {
         let mut sent = 0;
-        for node in 0..self.nodes.len() {
+        // One pass over the step's readings, into [node][device] metric lists.
+        self.scratch.resize_with(self.layout.nodes.len(), Vec::new);
+        for (scratch, def) in self.scratch.iter_mut().zip(&self.layout.nodes) {
+            scratch.resize_with(def.devices.len(), Vec::new);
+        }
+        for r in readings {
+            let Some((n, d, m)) = self.layout.locate(r) else {
+                continue;
+            };
+            let latest = Latest {
+                value: r.value,
+                quality: r.quality.code,
+                at: r.source_ts,
+            };
+            self.nodes[n].latest[d][m] = Some(latest);
+            let def = &self.layout.nodes[n].devices[d].metrics[m];
+            self.scratch[n][d].push(metric_of(def, Some(latest), false));
+        }
+        for (node, (n, scratch)) in self.nodes.iter_mut().zip(&mut self.scratch).enumerate() {
             let def = &self.layout.nodes[node];
-            self.scratch.clear();
-            self.scratch.resize_with(def.devices.len(), Vec::new);
-            for r in readings {
-                let Some((n, d, m)) = self.layout.locate(r) else {
-                    continue;
-                };
-                if n != node {
+            for (d, metrics) in scratch.iter_mut().enumerate() {
+                if metrics.is_empty() {
                     continue;
                 }
-                let latest = Latest {
-                    value: r.value,
-                    quality: r.quality.code,
-                    at: r.source_ts,
-                };
-                self.nodes[node].latest[d][m] = Some(latest);
-                self.scratch[d].push(metric_of(&def.devices[d].metrics[m], Some(latest), false));
-            }
-            let n = &mut self.nodes[node];
-            if !n.born {
-                continue;
-            }
-            for (d, metrics) in self.scratch.iter_mut().enumerate() {
-                if metrics.is_empty() {
+                let metrics = std::mem::take(metrics);
+                // Before the birth there is no alias table to refer to: values only update
+                // what the birth will report.
+                if !n.born {
                     continue;
                 }
                 let ddata = Payload {
                     timestamp: Some(ms(now)),
                     seq: Some(n.next_seq()),
-                    metrics: std::mem::take(metrics),
+                    metrics,
                     ..Default::default()
                 };
                 n.publisher
