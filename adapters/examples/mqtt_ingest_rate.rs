@@ -50,8 +50,8 @@ async fn main() {
     let (events, mut rx) = tokio::sync::mpsc::channel(1024);
     tokio::spawn(async move { while rx.recv().await.is_some() {} });
     let token = CancellationToken::new();
-    let handle = ferrotwin_adapters::start(config, sink.clone(), events, token.clone())
-        .expect("valid");
+    let handle =
+        ferrotwin_adapters::start(config, sink.clone(), events, token.clone()).expect("valid");
     while handle.status().snapshot().connects == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -76,8 +76,24 @@ async fn main() {
     let mut seq = 0u64;
     if sparkplug {
         // The adapter asks for a rebirth on connect; we give births ourselves.
-        let p = |seq, metrics| Payload { seq: Some(seq), timestamp: Some(1), metrics, ..Default::default() }.encode_to_vec();
-        client.publish(node_topic("NBIRTH", None), QoS::AtLeastOnce, false, p(0, vec![])).await.expect("q");
+        let p = |seq, metrics| {
+            Payload {
+                seq: Some(seq),
+                timestamp: Some(1),
+                metrics,
+                ..Default::default()
+            }
+            .encode_to_vec()
+        };
+        client
+            .publish(
+                node_topic("NBIRTH", None),
+                QoS::AtLeastOnce,
+                false,
+                p(0, vec![]),
+            )
+            .await
+            .expect("q");
         let metrics = (0..10)
             .map(|i| Metric {
                 name: Some(format!("s{i}/value")),
@@ -87,7 +103,15 @@ async fn main() {
                 ..Default::default()
             })
             .collect();
-        client.publish(node_topic("DBIRTH", Some("press-1")), QoS::AtLeastOnce, false, p(1, metrics)).await.expect("q");
+        client
+            .publish(
+                node_topic("DBIRTH", Some("press-1")),
+                QoS::AtLeastOnce,
+                false,
+                p(1, metrics),
+            )
+            .await
+            .expect("q");
         seq = 2;
     }
     let base = sink.0.load(Ordering::Relaxed);
@@ -107,12 +131,21 @@ async fn main() {
             };
             seq += 1;
             client
-                .publish(node_topic("DDATA", Some("press-1")), QoS::AtLeastOnce, false, p.encode_to_vec())
+                .publish(
+                    node_topic("DDATA", Some("press-1")),
+                    QoS::AtLeastOnce,
+                    false,
+                    p.encode_to_vec(),
+                )
                 .await
                 .expect("queued");
         } else {
             let topic = format!("{line}/press-1/s{}", i % 10);
-            let payload = format!("{{\"value\":{}.5,\"ts_us\":{},\"quality\":\"good\"}}", i, ts + i as i64);
+            let payload = format!(
+                "{{\"value\":{}.5,\"ts_us\":{},\"quality\":\"good\"}}",
+                i,
+                ts + i as i64
+            );
             client
                 .publish(topic, QoS::AtLeastOnce, false, payload.into_bytes())
                 .await
