@@ -1,4 +1,4 @@
-//! MQTT adapter (3.1.1, rumqttc): subscribes to a broker and turns JSON or Sparkplug B
+//! MQTT adapter (3.1.1 or 5, rumqttc): subscribes to a broker and turns JSON or Sparkplug B
 //! payloads into readings; writes go back as JSON command topics or Sparkplug DCMDs.
 //!
 //! ```toml
@@ -54,7 +54,7 @@ use ferrotwin_models::{
 use ferrotwin_proto::sparkplug::Payload;
 use ferrotwin_proto::sparkplug::payload::Metric;
 use prost::Message;
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS, SubscribeFilter};
+use rumqttc::{Event, Outgoing, Packet, QoS};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -111,7 +111,7 @@ pub struct MqttConfig {
     /// Default `ferrotwin-<name>`.
     #[serde(default)]
     pub client_id: Option<String>,
-    /// Only "3.1.1" (or "3.1.1"'s alias "4") is implemented; "5" is refused at validation.
+    /// "3.1.1" (or "4") or "5".
     #[serde(default = "defaults::protocol_version")]
     pub protocol_version: String,
     #[serde(default = "defaults::keep_alive_s")]
@@ -209,6 +209,10 @@ impl MqttConfig {
         }
     }
 
+    fn is_v5(&self) -> bool {
+        matches!(self.protocol_version.as_str(), "5" | "5.0")
+    }
+
     pub fn client_id(&self) -> String {
         self.client_id
             .clone()
@@ -218,13 +222,12 @@ impl MqttConfig {
     /// Validates the connection and returns its tags; the JSON tags with their topics.
     fn checked(&self) -> Result<(Vec<TagTarget>, Vec<String>), ConfigError> {
         match self.protocol_version.as_str() {
-            "3.1.1" | "4" => {}
-            "5" | "5.0" => {
-                return Err(self.err(
-                    "protocol_version \"5\": only MQTT 3.1.1 is implemented (use \"3.1.1\")",
-                ));
+            "3.1.1" | "4" | "5" | "5.0" => {}
+            v => {
+                return Err(self.err(format!(
+                    "protocol_version {v:?}: expected \"3.1.1\" or \"5\""
+                )));
             }
-            v => return Err(self.err(format!("protocol_version {v:?}: expected \"3.1.1\""))),
         }
         if parse_broker(&self.broker).is_none() {
             return Err(self.err(format!("broker {:?} is not HOST:PORT", self.broker)));
@@ -471,7 +474,7 @@ struct Adapter {
     name: String,
     endpoint: String,
     io: AdapterIo,
-    client: AsyncClient,
+    client: Client,
     decoder: Decoder,
     connected: bool,
     failing: HashSet<String>,
@@ -498,22 +501,37 @@ pub async fn run(config: MqttConfig, _targets: Vec<TagTarget>, io: AdapterIo) {
         );
         return;
     };
-    let mut options = MqttOptions::new(config.client_id(), host.clone(), port);
-    options.set_keep_alive(Duration::from_secs(config.keep_alive_s));
-    options.set_clean_session(true);
-    options.set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
-    if let Some(user) = &config.username {
-        options.set_credentials(user.clone(), config.password.clone().unwrap_or_default());
-    }
-    let (client, eventloop) = AsyncClient::new(options, REQUEST_QUEUE);
     let (tx, mut rx) = mpsc::channel(EVENT_QUEUE);
     let poller_token = io.token.child_token();
-    let poller = tokio::spawn(poll_broker(
-        eventloop,
-        tx,
-        poller_token.clone(),
-        Backoff::new(config.reconnect_min_ms, config.reconnect_max_ms),
-    ));
+    let backoff = Backoff::new(config.reconnect_min_ms, config.reconnect_max_ms);
+    let keep_alive = Duration::from_secs(config.keep_alive_s);
+    let credentials = config
+        .username
+        .clone()
+        .map(|u| (u, config.password.clone().unwrap_or_default()));
+    let (client, poller) = if config.is_v5() {
+        let mut options = rumqttc::v5::MqttOptions::new(config.client_id(), host.clone(), port);
+        options.set_keep_alive(keep_alive);
+        options.set_clean_start(true);
+        options.set_max_packet_size(Some(MAX_PACKET_BYTES as u32));
+        if let Some((u, p)) = credentials {
+            options.set_credentials(u, p);
+        }
+        let (client, eventloop) = rumqttc::v5::AsyncClient::new(options, REQUEST_QUEUE);
+        let poller = tokio::spawn(poll_broker_v5(eventloop, tx, poller_token.clone(), backoff));
+        (Client::V5(client), poller)
+    } else {
+        let mut options = rumqttc::MqttOptions::new(config.client_id(), host.clone(), port);
+        options.set_keep_alive(keep_alive);
+        options.set_clean_session(true);
+        options.set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
+        if let Some((u, p)) = credentials {
+            options.set_credentials(u, p);
+        }
+        let (client, eventloop) = rumqttc::AsyncClient::new(options, REQUEST_QUEUE);
+        let poller = tokio::spawn(poll_broker(eventloop, tx, poller_token.clone(), backoff));
+        (Client::V4(client), poller)
+    };
     let mut a = Adapter {
         name: config.name.clone(),
         endpoint: format!("{host}:{port}"),
@@ -557,7 +575,7 @@ pub async fn run(config: MqttConfig, _targets: Vec<TagTarget>, io: AdapterIo) {
         }
     }
     poller_token.cancel();
-    let _ = a.client.try_disconnect();
+    a.client.try_disconnect();
     for p in a.pending.drain(..) {
         if let Some((_, reply)) = p.write {
             let _ = reply.send(Err(WriteError::Stopped {
@@ -610,11 +628,102 @@ fn build_decoder(config: &MqttConfig) -> Result<Decoder, ConfigError> {
     })
 }
 
-/// Owns rumqttc's event loop: forwards every event (waiting while the adapter is busy) and,
-/// after an error, waits a backoff delay before the next poll (which reconnects).
+/// What the adapter takes from a broker, whichever the protocol version.
+#[derive(Debug)]
+enum BrokerEvent {
+    ConnAck,
+    Publish {
+        topic: String,
+        payload: Vec<u8>,
+    },
+    /// Our publish left with this packet id.
+    Sent(u16),
+    PubAck(u16),
+    /// The connection failed (rumqttc reconnects on the next poll).
+    Lost(String),
+}
+
+const QOS_V5: rumqttc::v5::mqttbytes::QoS = rumqttc::v5::mqttbytes::QoS::AtLeastOnce;
+
+/// The client half, MQTT 3.1.1 or 5.
+enum Client {
+    V4(rumqttc::AsyncClient),
+    V5(rumqttc::v5::AsyncClient),
+}
+
+impl Client {
+    /// Queues a QoS 1 publish without waiting (the poller may itself be waiting for us).
+    fn try_publish(&self, topic: String, payload: Vec<u8>) -> Result<(), String> {
+        match self {
+            Client::V4(c) => c
+                .try_publish(topic, QoS::AtLeastOnce, false, payload)
+                .map_err(|e| e.to_string()),
+            Client::V5(c) => c
+                .try_publish(topic, QOS_V5, false, payload)
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    fn try_subscribe_many(&self, filters: Vec<String>) -> Result<(), String> {
+        match self {
+            Client::V4(c) => c
+                .try_subscribe_many(
+                    filters
+                        .into_iter()
+                        .map(|f| rumqttc::SubscribeFilter::new(f, QoS::AtLeastOnce)),
+                )
+                .map_err(|e| e.to_string()),
+            Client::V5(c) => c
+                .try_subscribe_many(
+                    filters
+                        .into_iter()
+                        .map(|f| rumqttc::v5::mqttbytes::v5::Filter::new(f, QOS_V5)),
+                )
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Best effort: the poller stops right after.
+    fn try_disconnect(&self) {
+        match self {
+            Client::V4(c) => drop(c.try_disconnect()),
+            Client::V5(c) => drop(c.try_disconnect()),
+        }
+    }
+}
+
+/// Hands `ev` to the adapter and, after an error, waits a backoff delay; false: stop.
+async fn forward(
+    ev: Option<BrokerEvent>,
+    tx: &mpsc::Sender<BrokerEvent>,
+    token: &CancellationToken,
+    backoff: &mut Backoff,
+) -> bool {
+    let Some(ev) = ev else {
+        return true;
+    };
+    let lost = matches!(ev, BrokerEvent::Lost(_));
+    if matches!(ev, BrokerEvent::ConnAck) {
+        backoff.reset();
+    }
+    if tx.send(ev).await.is_err() {
+        return false;
+    }
+    if lost {
+        tokio::select! {
+            () = token.cancelled() => return false,
+            () = tokio::time::sleep(backoff.next_delay()) => {}
+        }
+    }
+    true
+}
+
+/// Owns rumqttc's (3.1.1) event loop: forwards the events the adapter needs (waiting while it
+/// is busy) and, after an error, waits a backoff delay before the next poll (which
+/// reconnects).
 async fn poll_broker(
-    mut eventloop: EventLoop,
-    tx: mpsc::Sender<Result<Event, String>>,
+    mut eventloop: rumqttc::EventLoop,
+    tx: mpsc::Sender<BrokerEvent>,
     token: CancellationToken,
     mut backoff: Backoff,
 ) {
@@ -623,24 +732,51 @@ async fn poll_broker(
             () = token.cancelled() => return,
             ev = eventloop.poll() => ev,
         };
-        match ev {
-            Ok(ev) => {
-                if matches!(ev, Event::Incoming(Packet::ConnAck(_))) {
-                    backoff.reset();
-                }
-                if tx.send(Ok(ev)).await.is_err() {
-                    return;
-                }
-            }
-            Err(e) => {
-                if tx.send(Err(e.to_string())).await.is_err() {
-                    return;
-                }
-                tokio::select! {
-                    () = token.cancelled() => return,
-                    () = tokio::time::sleep(backoff.next_delay()) => {}
-                }
-            }
+        let ev = match ev {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => Some(BrokerEvent::ConnAck),
+            Ok(Event::Incoming(Packet::Publish(p))) => Some(BrokerEvent::Publish {
+                topic: p.topic,
+                payload: p.payload.to_vec(),
+            }),
+            Ok(Event::Incoming(Packet::PubAck(a))) => Some(BrokerEvent::PubAck(a.pkid)),
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => Some(BrokerEvent::Sent(pkid)),
+            Ok(_) => None,
+            Err(e) => Some(BrokerEvent::Lost(e.to_string())),
+        };
+        if !forward(ev, &tx, &token, &mut backoff).await {
+            return;
+        }
+    }
+}
+
+/// `poll_broker` for MQTT 5.
+async fn poll_broker_v5(
+    mut eventloop: rumqttc::v5::EventLoop,
+    tx: mpsc::Sender<BrokerEvent>,
+    token: CancellationToken,
+    mut backoff: Backoff,
+) {
+    use rumqttc::v5::Event as E5;
+    use rumqttc::v5::mqttbytes::v5::Packet as P5;
+    loop {
+        let ev = tokio::select! {
+            () = token.cancelled() => return,
+            ev = eventloop.poll() => ev,
+        };
+        let ev = match ev {
+            Ok(E5::Incoming(P5::ConnAck(_))) => Some(BrokerEvent::ConnAck),
+            // MQTT 5 topics are UTF-8 (a broker forwards nothing else).
+            Ok(E5::Incoming(P5::Publish(p))) => Some(BrokerEvent::Publish {
+                topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                payload: p.payload.to_vec(),
+            }),
+            Ok(E5::Incoming(P5::PubAck(a))) => Some(BrokerEvent::PubAck(a.pkid)),
+            Ok(E5::Outgoing(Outgoing::Publish(pkid))) => Some(BrokerEvent::Sent(pkid)),
+            Ok(_) => None,
+            Err(e) => Some(BrokerEvent::Lost(e.to_string())),
+        };
+        if !forward(ev, &tx, &token, &mut backoff).await {
+            return;
         }
     }
 }
@@ -657,19 +793,19 @@ impl Adapter {
         let _ = self.io.events.send(ev).await;
     }
 
-    async fn handle(&mut self, ev: Result<Event, String>) {
+    async fn handle(&mut self, ev: BrokerEvent) {
         match ev {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => self.on_connected().await,
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                self.on_message(&p.topic, &p.payload).await;
+            BrokerEvent::ConnAck => self.on_connected().await,
+            BrokerEvent::Publish { topic, payload } => {
+                self.on_message(&topic, &payload).await;
             }
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+            BrokerEvent::Sent(pkid) => {
                 if let Some(p) = self.pending.iter_mut().find(|p| p.pkid.is_none()) {
                     p.pkid = Some(pkid);
                 }
             }
-            Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                let Some(i) = self.pending.iter().position(|p| p.pkid == Some(ack.pkid)) else {
+            BrokerEvent::PubAck(pkid) => {
+                let Some(i) = self.pending.iter().position(|p| p.pkid == Some(pkid)) else {
                     return;
                 };
                 let p = self.pending.remove(i).expect("index from position");
@@ -688,8 +824,7 @@ impl Adapter {
                     .await;
                 }
             }
-            Ok(_) => {}
-            Err(e) => self.on_link_error(e).await,
+            BrokerEvent::Lost(e) => self.on_link_error(e).await,
         }
     }
 
@@ -704,12 +839,7 @@ impl Adapter {
             },
         )
         .await;
-        let filters = self
-            .decoder
-            .filters()
-            .into_iter()
-            .map(|f| SubscribeFilter::new(f, QoS::AtLeastOnce));
-        if let Err(e) = self.client.try_subscribe_many(filters) {
+        if let Err(e) = self.client.try_subscribe_many(self.decoder.filters()) {
             AdapterStatus::add(&self.io.status.errors, 1);
             tracing::warn!(connection = %self.name, error = %e, "cannot subscribe");
         }
@@ -742,10 +872,7 @@ impl Adapter {
             ..Default::default()
         };
         let topic = sparkplug::topic(s.group(), "NCMD", node, None);
-        match self
-            .client
-            .try_publish(topic, QoS::AtLeastOnce, false, payload.encode_to_vec())
-        {
+        match self.client.try_publish(topic, payload.encode_to_vec()) {
             Ok(()) => self.pending.push_back(Pending {
                 write: None,
                 pkid: None,
@@ -1043,10 +1170,7 @@ impl Adapter {
             Ok(m) => m,
             Err(e) => return self.write_failed(req, reply, e).await,
         };
-        match self
-            .client
-            .try_publish(topic, QoS::AtLeastOnce, false, payload)
-        {
+        match self.client.try_publish(topic, payload) {
             Ok(()) => self.pending.push_back(Pending {
                 write: Some((req, reply)),
                 pkid: None,
@@ -1142,13 +1266,15 @@ mod tests {
     }
 
     #[test]
-    fn mqtt5_is_refused_with_a_clear_error_and_unknown_keys_fail() {
+    fn protocol_versions_are_3_1_1_or_5_and_unknown_keys_fail() {
         let text = SPARKPLUG.replace("broker =", "protocol_version = \"5\"\nbroker =");
+        assert!(parse(&text).expect("parses").targets().is_ok());
+        let text = SPARKPLUG.replace("broker =", "protocol_version = \"3.1\"\nbroker =");
         let e = parse(&text)
             .expect("parses")
             .targets()
             .expect_err("refused");
-        assert!(e.to_string().contains("only MQTT 3.1.1"), "{e}");
+        assert!(e.to_string().contains("expected \"3.1.1\" or \"5\""), "{e}");
         assert!(parse(&SPARKPLUG.replace("broker =", "brokr = \"x\"\nbroker =")).is_err());
         let no_port = SPARKPLUG.replace("127.0.0.1:1883", "localhost");
         assert!(parse(&no_port).expect("parses").targets().is_err());

@@ -631,3 +631,57 @@ async fn broker_loss_turns_readings_bad_then_the_adapter_reconnects() {
     a.stop().await;
     plant.stop().await;
 }
+
+/// `config` speaking MQTT 5 to the broker's v5 listener.
+fn over_mqtt5(config: &str, broker: &EmbeddedBroker) -> String {
+    config
+        .replace(
+            &format!("127.0.0.1:{}", broker.addr().port()),
+            &format!("127.0.0.1:{}", broker.addr_v5().port()),
+        )
+        .replace("broker =", "protocol_version = \"5\"\n        broker =")
+}
+
+#[tokio::test]
+async fn mqtt5_adapters_read_json_and_sparkplug_and_write_a_dcmd() {
+    let broker = EmbeddedBroker::start().expect("broker");
+    let mut plant = Plant::start(&broker, MqttFormat::Both, "v5-sim").await;
+    let port = broker.addr().port();
+    let press = plant.machine(0).clone();
+    let mut json = Adapter::start(&over_mqtt5(
+        &json_config("v5-json", port, plant.line().as_str(), None),
+        &broker,
+    ));
+    let mut sp = Adapter::start(&over_mqtt5(
+        &sparkplug_config("v5-sp", port, &plant),
+        &broker,
+    ));
+    let sensors = plant.sensors();
+    json.readings_until("json sensor values over MQTT 5", |rs| {
+        rs.iter().any(|r| sensors.contains(&r.asset))
+    })
+    .await;
+    sp.readings_until("sparkplug sensor values over MQTT 5", |rs| {
+        rs.iter().any(|r| sensors.contains(&r.asset))
+    })
+    .await;
+    let stats = Arc::clone(&plant.commands);
+    let before = CommandStats::get(&stats.applied);
+    sp.handle
+        .write(WriteRequest {
+            asset: press.clone(),
+            property: "speed_setpoint_pct".into(),
+            value: Value::Int(175),
+            by: "test".into(),
+        })
+        .await
+        .expect("DCMD acked over MQTT 5");
+    sp.until("the command applied", |_| {
+        CommandStats::get(&stats.applied) > before
+    })
+    .await;
+    let served = plant.stop().await;
+    assert_eq!(served.sim().speed_pct(press.id()), Some(175));
+    json.stop().await;
+    sp.stop().await;
+}

@@ -185,7 +185,7 @@ pub fn parse_endpoint(s: &str) -> Result<(String, u16), MqttError> {
     Ok((host.to_string(), port))
 }
 
-/// An MQTT 3.1.1 broker (rumqttd) on 127.0.0.1, running on its own threads.
+/// An MQTT broker (rumqttd) on 127.0.0.1, running on its own threads.
 ///
 /// rumqttd has no shutdown: the broker runs until the process exits. rumqttd binds its
 /// listener itself and does not report the port, so `start` picks a free port by binding
@@ -193,18 +193,30 @@ pub fn parse_endpoint(s: &str) -> Result<(String, u16), MqttError> {
 /// between; `start` then fails or, at worst, finds the other listener).
 pub struct EmbeddedBroker {
     addr: SocketAddr,
+    addr_v5: SocketAddr,
+}
+
+/// A free port on 127.0.0.1 (released again: see `EmbeddedBroker`).
+fn free_local_addr() -> Result<SocketAddr, MqttError> {
+    let port = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map_err(|source| MqttError::BrokerStart { source })?
+        .port();
+    Ok(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)))
 }
 
 impl EmbeddedBroker {
+    /// Starts the broker with an MQTT 3.1.1 listener (`addr`) and an MQTT 5 one (`addr_v5`)
+    /// sharing one router.
     pub fn start() -> Result<EmbeddedBroker, MqttError> {
-        let port = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .and_then(|l| l.local_addr())
-            .map_err(|source| MqttError::BrokerStart { source })?
-            .port();
-        let addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port));
-        let server = rumqttd::ServerSettings {
-            name: "ferrotwin-sim-v4".to_string(),
-            listen: addr,
+        let addr = free_local_addr()?;
+        let mut addr_v5 = free_local_addr()?;
+        while addr_v5 == addr {
+            addr_v5 = free_local_addr()?;
+        }
+        let server = |name: &str, listen| rumqttd::ServerSettings {
+            name: name.to_string(),
+            listen,
             tls: None,
             next_connection_delay_ms: 1,
             connections: rumqttd::ConnectionSettings {
@@ -228,7 +240,14 @@ impl EmbeddedBroker {
                 initialized_filters: None,
                 shared_subscriptions_strategy: Default::default(),
             },
-            v4: Some(HashMap::from([("1".to_string(), server)])),
+            v4: Some(HashMap::from([(
+                "1".to_string(),
+                server("ferrotwin-sim-v4", addr),
+            )])),
+            v5: Some(HashMap::from([(
+                "1".to_string(),
+                server("ferrotwin-sim-v5", addr_v5),
+            )])),
             ..Default::default()
         };
         let mut broker = rumqttd::Broker::new(config);
@@ -241,17 +260,25 @@ impl EmbeddedBroker {
             })
             .map_err(|source| MqttError::BrokerStart { source })?;
         let deadline = Instant::now() + Duration::from_secs(5);
-        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-            if Instant::now() > deadline {
-                return Err(MqttError::BrokerNotListening { addr });
+        for a in [addr, addr_v5] {
+            while TcpStream::connect_timeout(&a, Duration::from_millis(200)).is_err() {
+                if Instant::now() > deadline {
+                    return Err(MqttError::BrokerNotListening { addr: a });
+                }
+                std::thread::sleep(Duration::from_millis(10));
             }
-            std::thread::sleep(Duration::from_millis(10));
         }
-        Ok(EmbeddedBroker { addr })
+        Ok(EmbeddedBroker { addr, addr_v5 })
     }
 
+    /// The MQTT 3.1.1 listener.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The MQTT 5 listener.
+    pub fn addr_v5(&self) -> SocketAddr {
+        self.addr_v5
     }
 }
 
@@ -313,6 +340,10 @@ pub fn payload(r: &Reading) -> Vec<u8> {
 pub struct MqttPublisher {
     client: AsyncClient,
     driver: JoinHandle<()>,
+    /// Publishes handed to the client, and those the broker acknowledged: `disconnect` waits
+    /// for them to meet (rumqttd can drop publishes that arrive right before a DISCONNECT).
+    queued: AtomicU64,
+    acked: Arc<AtomicU64>,
 }
 
 impl MqttPublisher {
@@ -396,6 +427,8 @@ impl MqttPublisher {
             }
         }
         let resubscribe = client.clone();
+        let acked = Arc::new(AtomicU64::new(0));
+        let acks = Arc::clone(&acked);
         let driver = tokio::spawn(async move {
             let forward = |m: Inbound| {
                 if let Some((_, tx, stats)) = &inbound
@@ -417,6 +450,9 @@ impl MqttPublisher {
                 match eventloop.poll().await {
                     Ok(Event::Outgoing(Outgoing::Disconnect))
                     | Err(ConnectionError::RequestsDone) => return,
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        acks.fetch_add(1, Ordering::Relaxed);
+                    }
                     Ok(Event::Incoming(Packet::Publish(p))) => forward(Inbound::Message {
                         client: number,
                         topic: p.topic,
@@ -441,7 +477,12 @@ impl MqttPublisher {
                 }
             }
         });
-        Ok(MqttPublisher { client, driver })
+        Ok(MqttPublisher {
+            client,
+            driver,
+            queued: AtomicU64::new(0),
+            acked,
+        })
     }
 
     /// Publishes `payload` on `topic` (QoS 1, not retained); waits while the client's queue
@@ -450,7 +491,9 @@ impl MqttPublisher {
         self.client
             .publish(topic, QOS, false, payload)
             .await
-            .map_err(|source| MqttError::ClientGone { source })
+            .map_err(|source| MqttError::ClientGone { source })?;
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Publishes each reading of an asset in `topics` on its topic (QoS 1, not retained);
@@ -465,12 +508,14 @@ impl MqttPublisher {
                 .publish(topic, QOS, false, payload(r))
                 .await
                 .map_err(|source| MqttError::ClientGone { source })?;
+            self.queued.fetch_add(1, Ordering::Relaxed);
             sent += 1;
         }
         Ok(sent)
     }
 
-    /// Sends what is queued, disconnects and stops the event loop (waits at most 2 s).
+    /// Waits until the broker acknowledged what is queued, disconnects and stops the event
+    /// loop (waits at most 2 s for each).
     pub async fn disconnect(mut self) {
         self.disconnect_in_place().await;
     }
@@ -480,6 +525,13 @@ impl MqttPublisher {
         if self.driver.is_finished() {
             return;
         }
+        let queued = self.queued.load(Ordering::Relaxed);
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while self.acked.load(Ordering::Relaxed) < queued {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .await;
         if self.client.disconnect().await.is_ok() {
             let _ = tokio::time::timeout(Duration::from_secs(2), &mut self.driver).await;
         }
