@@ -15,9 +15,12 @@
 //! [[connections.format.nodes]]
 //! node = "assembly-line-1"                  # edge node id
 //! line = "acme/berlin/assembly/line-1"      # device d = machine <line>/<d>
-//! devices = ["press-1", "conveyor-1"]       # optional allowlist; omitted: any device
+//! devices = ["press-1", "conveyor-1"]       # allowlist; omitted: any device (whose tags
+//!                                           # `targets()` cannot list: not writable)
 //! ```
-//! Sparkplug mapping rule: see `sparkplug`. JSON instead:
+//! `protocol_version = "5"` speaks MQTT 5 (same behaviour). Sparkplug: the adapter subscribes
+//! to the whole group, so nodes, devices and metrics nobody mapped are counted as rejected and
+//! reported as `Unmapped`; mapping rule: see `sparkplug`. JSON instead:
 //! ```toml
 //! [connections.format]
 //! type = "json"
@@ -37,7 +40,7 @@
 //! and `quality` optional; `reason` with a non-good quality), as the simulator publishes.
 //!
 //! Flow: a poller task owns rumqttc's event loop and hands events over a bounded channel
-//! (`EVENT_QUEUE`); while the sink pushes back we stop taking them, the channel fills, the
+//! (`BROKER_EVENT_QUEUE`); while the sink pushes back we stop taking them, the channel fills, the
 //! poller stops polling and TCP pushes back on the broker. After a connection error the poller
 //! waits a `Backoff` delay before polling again (rumqttc reconnects on the next poll); on every
 //! CONNACK we subscribe again (clean session) and, for Sparkplug, ask each node to rebirth.
@@ -68,7 +71,7 @@ use crate::status::{AdapterEvent, AdapterEventKind, AdapterStatus, LinkState};
 use crate::write::{WriteCommand, WriteError, WriteRequest};
 
 /// Broker events waiting for the adapter task (see the module docs for the push-back).
-pub const EVENT_QUEUE: usize = 256;
+pub const BROKER_EVENT_QUEUE: usize = 256;
 /// Requests waiting in rumqttc's channel (publishes of writes, subscriptions). Full: a write
 /// is answered `Busy`.
 pub const REQUEST_QUEUE: usize = 64;
@@ -485,6 +488,8 @@ struct Adapter {
 }
 
 /// The adapter task: see the module docs.
+/// `_targets` are `config.targets()`; the task derives its routes from `config` again, since
+/// JSON tags need their topics and Sparkplug sensors come from the births.
 pub async fn run(config: MqttConfig, _targets: Vec<TagTarget>, io: AdapterIo) {
     let decoder = match build_decoder(&config) {
         Ok(x) => x,
@@ -501,7 +506,7 @@ pub async fn run(config: MqttConfig, _targets: Vec<TagTarget>, io: AdapterIo) {
         );
         return;
     };
-    let (tx, mut rx) = mpsc::channel(EVENT_QUEUE);
+    let (tx, mut rx) = mpsc::channel(BROKER_EVENT_QUEUE);
     let poller_token = io.token.child_token();
     let backoff = Backoff::new(config.reconnect_min_ms, config.reconnect_max_ms);
     let keep_alive = Duration::from_secs(config.keep_alive_s);
