@@ -40,8 +40,8 @@
 //! and `quality` optional; `reason` with a non-good quality), as the simulator publishes.
 //!
 //! Flow: a poller task owns rumqttc's event loop and hands events over a bounded channel
-//! (`BROKER_EVENT_QUEUE`); while the sink pushes back we stop taking them, the channel fills, the
-//! poller stops polling and TCP pushes back on the broker. After a connection error the poller
+//! (`BROKER_EVENT_QUEUE`); while the sink pushes back we stop taking them, the channel fills,
+//! the poller stops polling and TCP pushes back on the broker. After a connection error the poller
 //! waits a `Backoff` delay before polling again (rumqttc reconnects on the next poll); on every
 //! CONNACK we subscribe again (clean session) and, for Sparkplug, ask each node to rebirth.
 //!

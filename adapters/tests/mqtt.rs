@@ -685,3 +685,115 @@ async fn mqtt5_adapters_read_json_and_sparkplug_and_write_a_dcmd() {
     json.stop().await;
     sp.stop().await;
 }
+
+/// A sink that pushes back until opened.
+struct Gate {
+    open: std::sync::atomic::AtomicBool,
+    inner: RecordingSink,
+}
+
+impl ferrotwin_models::IngestSink for Gate {
+    fn try_push(&self, batch: Vec<Reading>) -> Result<(), ferrotwin_models::PushBack> {
+        if !self.open.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(ferrotwin_models::PushBack {
+                batch,
+                why: ferrotwin_models::PushBackReason::Busy,
+            });
+        }
+        self.inner.try_push(batch)
+    }
+}
+
+#[tokio::test]
+async fn a_sink_pushing_back_holds_the_adapter_and_loses_nothing() {
+    const N: usize = 5_000;
+    let broker = EmbeddedBroker::start().expect("broker");
+    let prefix = "acme/berlin/assembly/line-1";
+    let config: ConnectionConfig =
+        toml::from_str(&json_config("gate-in", broker.addr().port(), prefix, None))
+            .expect("config");
+    let gate = Arc::new(Gate {
+        open: std::sync::atomic::AtomicBool::new(true),
+        inner: RecordingSink::with_limit(usize::MAX),
+    });
+    let (tx, mut rx) = mpsc::channel::<AdapterEvent>(ferrotwin_adapters::EVENT_QUEUE);
+    tokio::spawn(async move { while rx.recv().await.is_some() {} });
+    let token = CancellationToken::new();
+    let sink: Arc<dyn ferrotwin_models::IngestSink> = gate.clone();
+    let handle = ferrotwin_adapters::start(config, sink, tx, token.clone()).expect("valid");
+    let (client, mut eventloop) = AsyncClient::new(
+        MqttOptions::new("flood", "127.0.0.1", broker.addr().port()),
+        100,
+    );
+    let acks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = Arc::clone(&acks);
+    let driver = tokio::spawn(async move {
+        while let Ok(ev) = eventloop.poll().await {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) = ev {
+                counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    });
+    let topic = format!("{prefix}/press-1/oil-temp");
+    let publish = |value: String| {
+        let client = client.clone();
+        let topic = topic.clone();
+        async move {
+            client
+                .publish(
+                    topic,
+                    QoS::AtLeastOnce,
+                    false,
+                    format!("{{\"value\": {value}}}").into_bytes(),
+                )
+                .await
+                .expect("queued");
+        }
+    };
+    // Probe until a value gets through: the adapter's subscription is in place.
+    tokio::time::timeout(WAIT, async {
+        loop {
+            publish("-1.5".into()).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if !gate.inner.take().is_empty() {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the adapter subscribed");
+    gate.open.store(false, std::sync::atomic::Ordering::Relaxed);
+    let probes = acks.load(std::sync::atomic::Ordering::Relaxed);
+    let received_before = handle.status().snapshot().received;
+    for i in 0..N {
+        publish(format!("{i}.5")).await;
+    }
+    tokio::time::timeout(WAIT, async {
+        while acks.load(std::sync::atomic::Ordering::Relaxed) < probes + N {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the broker took every publish");
+    // At most the probes still on their way passed the gate before it shut.
+    assert!(handle.status().snapshot().received <= received_before + probes as u64);
+    gate.open.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut values = HashSet::new();
+    tokio::time::timeout(WAIT, async {
+        while values.len() < N {
+            for r in gate.inner.take() {
+                if let Value::Float(v) = r.value
+                    && v >= 0.0
+                {
+                    values.insert(v as usize);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("all {N} values after opening, got {}", values.len()));
+    driver.abort();
+    token.cancel();
+    let _ = handle.join.await;
+}
