@@ -1,5 +1,5 @@
 //! Compiles the .proto files with protox (no `protoc` needed) and writes the descriptor set
-//! that server reflection serves.
+//! that server reflection serves. The Sparkplug B payload compiles on its own: messages only.
 
 use std::path::PathBuf;
 
@@ -21,6 +21,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        .compile_fds(fds)?;
+
+    // Sparkplug B: messages only, kept out of the reflection descriptor (it is a wire
+    // format of the MQTT adapters and the simulator, not part of our API).
+    let sparkplug = "proto/sparkplug_b/sparkplug_b.proto";
+    println!("cargo:rerun-if-changed={sparkplug}");
+    let fds = protox::compile([sparkplug], ["proto"])?;
+    tonic_prost_build::configure()
+        .build_client(false)
+        .build_server(false)
         .compile_fds(fds)?;
     Ok(())
 }

@@ -13,12 +13,14 @@ pub const MAX_NAME_LEN: usize = 64;
 #[serde(tag = "protocol", rename_all = "lowercase")]
 pub enum ConnectionConfig {
     Modbus(crate::modbus::ModbusConfig),
+    Mqtt(crate::mqtt::MqttConfig),
 }
 
 impl ConnectionConfig {
     pub fn name(&self) -> &str {
         match self {
             ConnectionConfig::Modbus(c) => &c.name,
+            ConnectionConfig::Mqtt(c) => &c.name,
         }
     }
 
@@ -26,6 +28,7 @@ impl ConnectionConfig {
     pub fn protocol(&self) -> &'static str {
         match self {
             ConnectionConfig::Modbus(_) => "modbus",
+            ConnectionConfig::Mqtt(_) => "mqtt",
         }
     }
 
@@ -33,6 +36,7 @@ impl ConnectionConfig {
     pub fn endpoint(&self) -> String {
         match self {
             ConnectionConfig::Modbus(c) => c.endpoint.clone(),
+            ConnectionConfig::Mqtt(c) => c.broker.clone(),
         }
     }
 
@@ -46,6 +50,7 @@ impl ConnectionConfig {
                     *f = base.join(&*f);
                 }
             }
+            ConnectionConfig::Mqtt(_) => {}
         }
     }
 
@@ -54,6 +59,7 @@ impl ConnectionConfig {
     pub fn targets(&self) -> Result<Vec<TagTarget>, ConfigError> {
         match self {
             ConnectionConfig::Modbus(c) => c.targets(),
+            ConnectionConfig::Mqtt(c) => c.targets(),
         }
     }
 }

@@ -14,7 +14,9 @@
 pub mod backoff;
 pub mod config;
 pub mod modbus;
+pub mod mqtt;
 pub mod push;
+pub mod sparkplug;
 pub mod status;
 pub mod write;
 
@@ -170,5 +172,6 @@ fn spawn_protocol(
 ) -> JoinHandle<()> {
     match config {
         ConnectionConfig::Modbus(c) => tokio::spawn(modbus::run(c, targets, io)),
+        ConnectionConfig::Mqtt(c) => tokio::spawn(mqtt::run(c, targets, io)),
     }
 }

@@ -107,10 +107,12 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
         .collect();
 
     let enterprise = {
-        let mut o = RuntimeOptions::default();
-        o.enterprise = Some(EnterpriseRole {
-            accept: site_paths.clone(),
-        });
+        let o = RuntimeOptions {
+            enterprise: Some(EnterpriseRole {
+                accept: site_paths.clone(),
+            }),
+            ..RuntimeOptions::default()
+        };
         let d = dir.join("enterprise");
         std::fs::create_dir_all(&d)?;
         Runtime::start(&spec, &d, o).await?

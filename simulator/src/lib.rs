@@ -3,9 +3,10 @@
 //! ground-truth labels) and drives the readings into an `IngestSink`.
 //!
 //! Serves the plant on Modbus TCP (`mapping`, `modbus`, `serve`): one tokio-modbus server per
-//! line; and on MQTT (`mqtt`): JSON on ISA-95 topics, to a given broker or an embedded rumqttd.
-//! Depends on `ferrotwin-models` only among our crates (never on the runtime); tokio is used
-//! only by `modbus`, `mqtt` and `serve`, the model and driver stay synchronous. File I/O only
+//! line; and on MQTT: JSON on ISA-95 topics (`mqtt`) and Sparkplug B (`sparkplug`, one edge
+//! node per line), to a given broker or an embedded rumqttd, taking speed commands back.
+//! Depends on `ferrotwin-models` and, for the Sparkplug B messages, `ferrotwin-proto` among our
+//! crates (never on the runtime); tokio is used only by `modbus`, `mqtt`, `sparkplug` and `serve`, the model and driver stay synchronous. File I/O only
 //! where a file is the point: `scenario::Scenario::load`, `labels`, `run` and `serve`.
 
 pub mod driver;
@@ -18,3 +19,4 @@ pub mod mqtt;
 pub mod run;
 pub mod scenario;
 pub mod serve;
+pub mod sparkplug;

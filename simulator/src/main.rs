@@ -69,7 +69,7 @@ enum Command {
         labels: Option<PathBuf>,
     },
     /// Serve DIR/plant.toml on Modbus TCP (one server per line on 127.0.0.1) and MQTT (JSON on
-    /// ISA-95 topics), addresses printed and written to DIR/endpoints.toml; runs in real time
+    /// ISA-95 topics and Sparkplug B; speed commands accepted on both), addresses printed and written to DIR/endpoints.toml; runs in real time
     /// until Ctrl-C.
     Serve {
         /// Directory holding plant.toml.
@@ -84,6 +84,10 @@ enum Command {
         /// broker is started on 127.0.0.1.
         #[arg(long, value_name = "HOST:PORT")]
         mqtt: Option<String>,
+        /// MQTT payloads: JSON on ISA-95 topics, Sparkplug B (group = site path joined with
+        /// '-', edge node = <area>-<line>, device = machine), or both.
+        #[arg(long, value_enum, default_value = "both")]
+        mqtt_format: ferrotwin_sim::serve::MqttFormat,
     },
 }
 
@@ -185,14 +189,16 @@ fn main() -> anyhow::Result<()> {
             speed,
             seed,
             mqtt,
+            mqtt_format,
         } => {
             let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
             runtime
-                .block_on(ferrotwin_sim::serve::serve(
+                .block_on(ferrotwin_sim::serve::serve_with(
                     &plant,
                     speed,
                     seed,
                     mqtt.as_deref(),
+                    mqtt_format,
                     async {
                         // No Ctrl-C handler (an unusual platform): serve until killed.
                         if tokio::signal::ctrl_c().await.is_err() {

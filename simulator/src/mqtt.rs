@@ -8,6 +8,11 @@
 //! microseconds since the Unix epoch, and `quality` one of `good`, `uncertain`, `bad` (a
 //! non-good quality adds `"reason"`).
 //!
+//! Commands (see `parse_json_command`): a client sets a machine's speed by publishing
+//! `{"value": 150}` on `<machine path>/set/speed_setpoint_pct` (0..=200, percent of nominal).
+//! The publisher subscribes to those topics; the Sparkplug B edge nodes (`sparkplug`) use the
+//! same client with their own subscriptions and Will.
+//!
 //! QoS 1: the broker acknowledges every publish, so at most `IN_FLIGHT` publishes are
 //! unacknowledged and at most `REQUEST_CAPACITY` more wait in rumqttc's request channel; when
 //! both are full `MqttPublisher::publish` waits. A slow broker slows the publisher down instead
@@ -17,11 +22,14 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ferrotwin_models::spec::{AssetKind, PlantSpec};
 use ferrotwin_models::{AssetId, AssetPath, Property, QualityCode, QualityReason, Reading, Value};
-use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::{AsyncClient, ConnectionError, Event, LastWill, MqttOptions, Outgoing, Packet, QoS};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 /// Publishes sent to the broker and not yet acknowledged.
@@ -32,6 +40,14 @@ pub const REQUEST_CAPACITY: usize = 1000;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The QoS of every message (see the module docs).
 pub const QOS: QoS = QoS::AtLeastOnce;
+/// Messages that arrived on a subscription and wait for the serve loop. The client's event
+/// loop never waits for the serve loop (which may itself wait for the event loop to take a
+/// publish): beyond this bound commands are dropped and counted in `CommandStats::dropped`.
+pub const INBOUND_QUEUE: usize = 256;
+/// The JSON command topic of a machine's speed setpoint, below the machine's path.
+pub const SPEED_COMMAND_SUFFIX: &str = "set/speed_setpoint_pct";
+/// Highest speed setpoint in percent (the Modbus map refuses more too).
+pub const MAX_SPEED_PCT: u16 = 200;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MqttError {
@@ -57,7 +73,101 @@ pub enum MqttError {
     },
     #[error("{0:?} is not HOST:PORT")]
     Endpoint(String),
+    #[error("no SUBACK from the MQTT broker at {endpoint} within {CONNECT_TIMEOUT:?}")]
+    SubscribeTimeout { endpoint: String },
 }
+
+/// A message that arrived on one of a client's subscriptions, or news that the client's
+/// connection came back (its subscriptions are renewed; Sparkplug nodes then rebirth).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Inbound {
+    Message {
+        client: usize,
+        topic: String,
+        payload: Vec<u8>,
+    },
+    Reconnected {
+        client: usize,
+    },
+}
+
+/// What happened to the commands clients sent to the simulator.
+#[derive(Debug, Default)]
+pub struct CommandStats {
+    /// Setpoints handed to the simulation, rebirths done.
+    pub applied: AtomicU64,
+    /// Malformed, unknown machine or metric, value out of range.
+    pub rejected: AtomicU64,
+    /// Lost because `INBOUND_QUEUE` was full.
+    pub dropped: AtomicU64,
+}
+
+impl CommandStats {
+    pub fn count(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// What a client subscribes to and leaves behind.
+#[derive(Default)]
+pub struct Session {
+    /// Published by the broker when the connection dies without a DISCONNECT.
+    pub will: Option<LastWill>,
+    /// Topic filters, subscribed at QoS 1 on every (re)connection.
+    pub subscriptions: Vec<String>,
+    /// Where arriving messages go, tagged with the client number.
+    pub inbound: Option<(usize, mpsc::Sender<Inbound>, Arc<CommandStats>)>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum CommandError {
+    #[error("topic {0:?} is not <machine path>/{SPEED_COMMAND_SUFFIX}")]
+    Topic(String),
+    #[error("{topic}: no machine {machine:?} in the plant")]
+    UnknownMachine { topic: String, machine: String },
+    #[error("{topic}: payload is not {{\"value\": <integer 0..={MAX_SPEED_PCT}>}}: {why}")]
+    Payload { topic: String, why: String },
+}
+
+/// The machine and percent of a JSON speed command: `{"value": 150}` on
+/// `<machine path>/set/speed_setpoint_pct`; `machines` maps machine paths to ids.
+pub fn parse_json_command(
+    topic: &str,
+    payload: &[u8],
+    machines: &HashMap<String, AssetId>,
+) -> Result<(AssetId, u16), CommandError> {
+    let machine = topic
+        .strip_suffix(SPEED_COMMAND_SUFFIX)
+        .and_then(|m| m.strip_suffix('/'))
+        .ok_or_else(|| CommandError::Topic(topic.to_string()))?;
+    let &id = machines
+        .get(machine)
+        .ok_or_else(|| CommandError::UnknownMachine {
+            topic: topic.to_string(),
+            machine: machine.to_string(),
+        })?;
+    let bad = |why: String| CommandError::Payload {
+        topic: topic.to_string(),
+        why,
+    };
+    let json: serde_json::Value =
+        serde_json::from_slice(payload).map_err(|e| bad(e.to_string()))?;
+    let value = json
+        .get("value")
+        .ok_or_else(|| bad("no \"value\"".into()))?;
+    let pct = value
+        .as_u64()
+        .filter(|&v| v <= u64::from(MAX_SPEED_PCT))
+        .ok_or_else(|| bad(format!("value {value}")))?;
+    Ok((id, pct as u16))
+}
+
+/// The topic filter of every machine's JSON speed command (machines are five levels deep).
+pub const SPEED_COMMAND_FILTER: &str = "+/+/+/+/+/set/speed_setpoint_pct";
 
 /// Splits `HOST:PORT` (the host may be a name, an IPv4 address or a bracketed IPv6 address).
 pub fn parse_endpoint(s: &str) -> Result<(String, u16), MqttError> {
@@ -75,7 +185,7 @@ pub fn parse_endpoint(s: &str) -> Result<(String, u16), MqttError> {
     Ok((host.to_string(), port))
 }
 
-/// An MQTT 3.1.1 broker (rumqttd) on 127.0.0.1, running on its own threads.
+/// An MQTT broker (rumqttd) on 127.0.0.1, running on its own threads.
 ///
 /// rumqttd has no shutdown: the broker runs until the process exits. rumqttd binds its
 /// listener itself and does not report the port, so `start` picks a free port by binding
@@ -83,18 +193,30 @@ pub fn parse_endpoint(s: &str) -> Result<(String, u16), MqttError> {
 /// between; `start` then fails or, at worst, finds the other listener).
 pub struct EmbeddedBroker {
     addr: SocketAddr,
+    addr_v5: SocketAddr,
+}
+
+/// A free port on 127.0.0.1 (released again: see `EmbeddedBroker`).
+fn free_local_addr() -> Result<SocketAddr, MqttError> {
+    let port = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map_err(|source| MqttError::BrokerStart { source })?
+        .port();
+    Ok(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)))
 }
 
 impl EmbeddedBroker {
+    /// Starts the broker with an MQTT 3.1.1 listener (`addr`) and an MQTT 5 one (`addr_v5`)
+    /// sharing one router.
     pub fn start() -> Result<EmbeddedBroker, MqttError> {
-        let port = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .and_then(|l| l.local_addr())
-            .map_err(|source| MqttError::BrokerStart { source })?
-            .port();
-        let addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port));
-        let server = rumqttd::ServerSettings {
-            name: "ferrotwin-sim-v4".to_string(),
-            listen: addr,
+        let addr = free_local_addr()?;
+        let mut addr_v5 = free_local_addr()?;
+        while addr_v5 == addr {
+            addr_v5 = free_local_addr()?;
+        }
+        let server = |name: &str, listen| rumqttd::ServerSettings {
+            name: name.to_string(),
+            listen,
             tls: None,
             next_connection_delay_ms: 1,
             connections: rumqttd::ConnectionSettings {
@@ -118,7 +240,14 @@ impl EmbeddedBroker {
                 initialized_filters: None,
                 shared_subscriptions_strategy: Default::default(),
             },
-            v4: Some(HashMap::from([("1".to_string(), server)])),
+            v4: Some(HashMap::from([(
+                "1".to_string(),
+                server("ferrotwin-sim-v4", addr),
+            )])),
+            v5: Some(HashMap::from([(
+                "1".to_string(),
+                server("ferrotwin-sim-v5", addr_v5),
+            )])),
             ..Default::default()
         };
         let mut broker = rumqttd::Broker::new(config);
@@ -131,17 +260,25 @@ impl EmbeddedBroker {
             })
             .map_err(|source| MqttError::BrokerStart { source })?;
         let deadline = Instant::now() + Duration::from_secs(5);
-        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-            if Instant::now() > deadline {
-                return Err(MqttError::BrokerNotListening { addr });
+        for a in [addr, addr_v5] {
+            while TcpStream::connect_timeout(&a, Duration::from_millis(200)).is_err() {
+                if Instant::now() > deadline {
+                    return Err(MqttError::BrokerNotListening { addr: a });
+                }
+                std::thread::sleep(Duration::from_millis(10));
             }
-            std::thread::sleep(Duration::from_millis(10));
         }
-        Ok(EmbeddedBroker { addr })
+        Ok(EmbeddedBroker { addr, addr_v5 })
     }
 
+    /// The MQTT 3.1.1 listener.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The MQTT 5 listener.
+    pub fn addr_v5(&self) -> SocketAddr {
+        self.addr_v5
     }
 }
 
@@ -203,6 +340,10 @@ pub fn payload(r: &Reading) -> Vec<u8> {
 pub struct MqttPublisher {
     client: AsyncClient,
     driver: JoinHandle<()>,
+    /// Publishes handed to the client, and those the broker acknowledged: `disconnect` waits
+    /// for them to meet (rumqttd can drop publishes that arrive right before a DISCONNECT).
+    queued: AtomicU64,
+    acked: Arc<AtomicU64>,
 }
 
 impl MqttPublisher {
@@ -213,10 +354,24 @@ impl MqttPublisher {
         port: u16,
         client_id: &str,
     ) -> Result<MqttPublisher, MqttError> {
+        MqttPublisher::connect_with(host, port, client_id, Session::default()).await
+    }
+
+    /// `connect` with a Will and subscriptions: returns once the broker acknowledged the
+    /// connection and every subscription (each at most `CONNECT_TIMEOUT`).
+    pub async fn connect_with(
+        host: &str,
+        port: u16,
+        client_id: &str,
+        session: Session,
+    ) -> Result<MqttPublisher, MqttError> {
         let endpoint = format!("{host}:{port}");
         let mut options = MqttOptions::new(client_id, host, port);
         options.set_keep_alive(Duration::from_secs(30));
         options.set_inflight(IN_FLIGHT);
+        if let Some(will) = session.will {
+            options.set_last_will(will);
+        }
         let (client, mut eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
         let connack = async {
             loop {
@@ -237,20 +392,108 @@ impl MqttPublisher {
             }
             Err(_) => return Err(MqttError::ConnectTimeout { endpoint }),
         }
+        let filters = session.subscriptions;
+        let inbound = session.inbound;
+        // Messages that arrive before the SUBACKs are kept for the serve loop too.
+        let mut early = Vec::new();
+        if !filters.is_empty() {
+            for f in &filters {
+                client
+                    .subscribe(f.clone(), QOS)
+                    .await
+                    .map_err(|source| MqttError::ClientGone { source })?;
+            }
+            let mut acked = 0;
+            let subacks = async {
+                while acked < filters.len() {
+                    match eventloop.poll().await {
+                        Ok(Event::Incoming(Packet::SubAck(_))) => acked += 1,
+                        Ok(Event::Incoming(Packet::Publish(p))) => early.push(p),
+                        Ok(_) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(())
+            };
+            match tokio::time::timeout(CONNECT_TIMEOUT, subacks).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    return Err(MqttError::Connect {
+                        endpoint,
+                        source: Box::new(e),
+                    });
+                }
+                Err(_) => return Err(MqttError::SubscribeTimeout { endpoint }),
+            }
+        }
+        let resubscribe = client.clone();
+        let acked = Arc::new(AtomicU64::new(0));
+        let acks = Arc::clone(&acked);
         let driver = tokio::spawn(async move {
+            let forward = |m: Inbound| {
+                if let Some((_, tx, stats)) = &inbound
+                    && tx.try_send(m).is_err()
+                {
+                    CommandStats::count(&stats.dropped);
+                }
+            };
+            let number = inbound.as_ref().map_or(0, |(n, _, _)| *n);
+            for p in early {
+                forward(Inbound::Message {
+                    client: number,
+                    topic: p.topic,
+                    payload: p.payload.to_vec(),
+                });
+            }
+            let mut lost = false;
             loop {
                 match eventloop.poll().await {
                     Ok(Event::Outgoing(Outgoing::Disconnect))
                     | Err(ConnectionError::RequestsDone) => return,
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        acks.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => forward(Inbound::Message {
+                        client: number,
+                        topic: p.topic,
+                        payload: p.payload.to_vec(),
+                    }),
+                    Ok(Event::Incoming(Packet::ConnAck(_))) if lost => {
+                        lost = false;
+                        // A clean session forgets subscriptions: renew them.
+                        for f in &filters {
+                            if let Err(e) = resubscribe.try_subscribe(f.clone(), QOS) {
+                                eprintln!("mqtt {endpoint}: cannot resubscribe to {f}: {e}");
+                            }
+                        }
+                        forward(Inbound::Reconnected { client: number });
+                    }
                     Ok(_) => {}
                     Err(e) => {
+                        lost = true;
                         eprintln!("mqtt {endpoint}: {e}; reconnecting in 1 s");
                         tokio::time::sleep(Duration::from_secs(1)).await;
                     }
                 }
             }
         });
-        Ok(MqttPublisher { client, driver })
+        Ok(MqttPublisher {
+            client,
+            driver,
+            queued: AtomicU64::new(0),
+            acked,
+        })
+    }
+
+    /// Publishes `payload` on `topic` (QoS 1, not retained); waits while the client's queue
+    /// is full.
+    pub async fn publish_to(&self, topic: String, payload: Vec<u8>) -> Result<(), MqttError> {
+        self.client
+            .publish(topic, QOS, false, payload)
+            .await
+            .map_err(|source| MqttError::ClientGone { source })?;
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Publishes each reading of an asset in `topics` on its topic (QoS 1, not retained);
@@ -265,17 +508,40 @@ impl MqttPublisher {
                 .publish(topic, QOS, false, payload(r))
                 .await
                 .map_err(|source| MqttError::ClientGone { source })?;
+            self.queued.fetch_add(1, Ordering::Relaxed);
             sent += 1;
         }
         Ok(sent)
     }
 
-    /// Sends what is queued, disconnects and stops the event loop (waits at most 2 s).
+    /// Waits until the broker acknowledged what is queued, disconnects and stops the event
+    /// loop (waits at most 2 s for each).
     pub async fn disconnect(mut self) {
+        self.disconnect_in_place().await;
+    }
+
+    /// `disconnect` for a publisher that is borrowed; it publishes nothing after.
+    pub async fn disconnect_in_place(&mut self) {
+        if self.driver.is_finished() {
+            return;
+        }
+        let queued = self.queued.load(Ordering::Relaxed);
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while self.acked.load(Ordering::Relaxed) < queued {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .await;
         if self.client.disconnect().await.is_ok() {
             let _ = tokio::time::timeout(Duration::from_secs(2), &mut self.driver).await;
         }
         // `Drop` aborts the event loop if it has not ended.
+    }
+
+    /// Ends the connection without a DISCONNECT, as a crash would: the broker publishes the
+    /// Will (when it notices: at once for a closed socket).
+    pub fn abort(self) {
+        self.driver.abort();
     }
 }
 

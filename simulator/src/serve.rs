@@ -1,7 +1,8 @@
 //! `ferrotwin-sim serve`: the plant on Modbus TCP and MQTT. One `modbus::serve_line` server per
 //! line on 127.0.0.1 (port chosen by the OS), a simulation stepped in real time whose readings
-//! update the register images and are published as JSON on MQTT (`mqtt`: to the broker given,
-//! or to an embedded one), and setpoints written by clients applied to the machines.
+//! update the register images and are published on MQTT as JSON (`mqtt`) and Sparkplug B
+//! (`sparkplug`), to the broker given or to an embedded one, and setpoints written by clients
+//! (Modbus registers, JSON commands, Sparkplug DCMDs) applied to the machines.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -20,7 +21,11 @@ use tokio::task::JoinSet;
 use crate::mapping::{Mapping, MappingError, WordOrder};
 use crate::modbus::{LineMapError, LineRegisters, serve_line};
 use crate::model::PlantSim;
-use crate::mqtt::{EmbeddedBroker, MqttError, MqttPublisher, Topics, parse_endpoint};
+use crate::mqtt::{
+    CommandStats, EmbeddedBroker, INBOUND_QUEUE, Inbound, MqttError, MqttPublisher,
+    SPEED_COMMAND_FILTER, Session, Topics, parse_endpoint, parse_json_command,
+};
+use crate::sparkplug::{Command, CommandRoute, SparkplugOut};
 
 /// Wall-clock time between simulation steps: registers are at most this stale.
 pub const STEP_INTERVAL: Duration = Duration::from_millis(100);
@@ -62,6 +67,30 @@ pub enum ServeError {
     },
 }
 
+/// Which MQTT payloads `serve` publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MqttFormat {
+    /// JSON on ISA-95 topics.
+    Json,
+    /// Sparkplug B, one edge node per line.
+    Sparkplug,
+    /// Both, side by side.
+    Both,
+}
+
+impl MqttFormat {
+    fn json(self) -> bool {
+        matches!(self, MqttFormat::Json | MqttFormat::Both)
+    }
+
+    fn sparkplug(self) -> bool {
+        matches!(self, MqttFormat::Sparkplug | MqttFormat::Both)
+    }
+}
+
+/// Client number of the JSON publisher on the inbound channel; Sparkplug nodes follow.
+const JSON_CLIENT: usize = 0;
+
 /// Speed setpoints written over any protocol other than Modbus (whose register images keep
 /// their own), applied at the next step. Coalesced to the latest per machine, so bounded by
 /// the number of machines however fast clients write.
@@ -102,7 +131,19 @@ pub struct ServedPlant {
     per_line: Vec<Vec<Reading>>,
     servers: JoinSet<io::Result<()>>,
     mqtt: Option<MqttOut>,
+    sparkplug: Option<SparkplugOut>,
+    /// Commands from MQTT clients (JSON and Sparkplug), bounded by `INBOUND_QUEUE`.
+    inbound_tx: tokio::sync::mpsc::Sender<Inbound>,
+    inbound: tokio::sync::mpsc::Receiver<Inbound>,
+    commands: Arc<CommandStats>,
+    /// Machine path → id, for JSON commands.
+    machines: HashMap<String, AssetId>,
     setpoints: SetpointInbox,
+    /// The latest reading of every (asset, property) served: what a late subscriber (a
+    /// Sparkplug birth) reports.
+    latest: HashMap<(AssetId, ferrotwin_models::Property), Reading>,
+    /// The broker when only Sparkplug B is published (JSON's `MqttOut` names it otherwise).
+    mqtt_endpoint: Option<String>,
 }
 
 /// Where the plant's readings go on MQTT.
@@ -172,8 +213,21 @@ impl ServedPlant {
                 server: Some(server),
             });
         }
+        let machines = spec
+            .assets()
+            .into_iter()
+            .filter(|a| matches!(a.kind, ferrotwin_models::spec::AssetKind::Machine { .. }))
+            .map(|a| (a.path.as_str().to_string(), a.path.id()))
+            .collect();
+        let (inbound_tx, inbound) = tokio::sync::mpsc::channel(INBOUND_QUEUE);
         // The first step fills the images before anyone can connect and read zeros.
         let mut plant = ServedPlant {
+            sparkplug: None,
+            inbound_tx,
+            inbound,
+            commands: Arc::default(),
+            machines,
+            mqtt_endpoint: None,
             sim: PlantSim::new(spec, seed, start),
             per_line: (0..lines.len()).map(|_| Vec::new()).collect(),
             lines,
@@ -182,6 +236,7 @@ impl ServedPlant {
             servers,
             mqtt: None,
             setpoints: SetpointInbox::default(),
+            latest: HashMap::new(),
         };
         plant.step_to(start);
         Ok(plant)
@@ -257,6 +312,164 @@ impl ServedPlant {
         });
     }
 
+    /// Connects to the MQTT broker at `host:port` and, from now on, publishes in `format`
+    /// (`endpoint` is what `endpoints_toml` lists): JSON through a client subscribed to the
+    /// JSON speed commands, Sparkplug B through one client per line, births sent here.
+    pub async fn connect_mqtt(
+        &mut self,
+        spec: &PlantSpec,
+        host: &str,
+        port: u16,
+        client_prefix: &str,
+        format: MqttFormat,
+    ) -> Result<(), MqttError> {
+        let endpoint = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        if format.json() {
+            let session = Session {
+                will: None,
+                subscriptions: vec![SPEED_COMMAND_FILTER.to_string()],
+                inbound: Some((JSON_CLIENT, self.inbound_tx.clone(), self.commands.clone())),
+            };
+            let publisher =
+                MqttPublisher::connect_with(host, port, &format!("{client_prefix}-json"), session)
+                    .await?;
+            self.publish_mqtt(spec, endpoint.clone(), publisher);
+        }
+        if format.sparkplug() {
+            let now = self.sim.now();
+            let mut out = SparkplugOut::connect(
+                spec,
+                host,
+                port,
+                client_prefix,
+                now,
+                CommandRoute {
+                    first_client: JSON_CLIENT + 1,
+                    inbound: self.inbound_tx.clone(),
+                    stats: self.commands.clone(),
+                },
+            )
+            .await?;
+            // Births report every value served so far (a machine's state is only read when
+            // it changes).
+            out.remember(self.latest.values());
+            let sim = &self.sim;
+            out.birth_all(now, |m| sim.speed_pct(m)).await?;
+            self.sparkplug = Some(out);
+            if self.mqtt.is_none() {
+                self.mqtt_endpoint = Some(endpoint);
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts of the commands MQTT clients sent.
+    pub fn command_stats(&self) -> Arc<CommandStats> {
+        Arc::clone(&self.commands)
+    }
+
+    /// The Sparkplug naming of this plant, when publishing Sparkplug B.
+    pub fn sparkplug_layout(&self) -> Option<&crate::sparkplug::Layout> {
+        self.sparkplug.as_ref().map(SparkplugOut::layout)
+    }
+
+    /// Handles one command or reconnection from an MQTT client; bad commands are counted and
+    /// logged, never fatal.
+    async fn handle_inbound(&mut self, msg: Inbound) -> Result<(), MqttError> {
+        let now = self.sim.now();
+        match msg {
+            Inbound::Message {
+                client: JSON_CLIENT,
+                topic,
+                payload,
+            } => match parse_json_command(&topic, &payload, &self.machines) {
+                Ok((machine, pct)) => {
+                    self.setpoints.write(machine, pct);
+                    CommandStats::count(&self.commands.applied);
+                }
+                Err(e) => {
+                    CommandStats::count(&self.commands.rejected);
+                    eprintln!("mqtt command refused: {e}");
+                }
+            },
+            Inbound::Message {
+                client,
+                topic,
+                payload,
+            } => {
+                let Some(out) = self.sparkplug.as_mut() else {
+                    return Ok(());
+                };
+                let Some(node) = out.node_of_client(client) else {
+                    return Ok(());
+                };
+                match out.command(node, &topic, &payload) {
+                    Ok(Command::Rebirth { node }) => {
+                        let sim = &self.sim;
+                        out.birth(node, now, |m| sim.speed_pct(m)).await?;
+                        CommandStats::count(&self.commands.applied);
+                    }
+                    Ok(Command::Speed { machine, pct }) => {
+                        self.setpoints.write(machine, pct);
+                        out.publish_setpoint(machine, pct, now).await?;
+                        CommandStats::count(&self.commands.applied);
+                    }
+                    Err(e) => {
+                        CommandStats::count(&self.commands.rejected);
+                        eprintln!("sparkplug command refused: {e}");
+                    }
+                }
+            }
+            Inbound::Reconnected { client } => {
+                if let Some(out) = self.sparkplug.as_mut()
+                    && let Some(node) = out.node_of_client(client)
+                {
+                    // The host may have missed anything since: births again (spec: a node
+                    // births on every new connection).
+                    let sim = &self.sim;
+                    out.birth(node, now, |m| sim.speed_pct(m)).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes `readings` in every format connected (JSON, Sparkplug DDATA).
+    async fn publish_step(&mut self) -> Result<(), MqttError> {
+        if let Some(m) = &self.mqtt {
+            m.publisher.publish(&self.readings, &m.topics).await?;
+        }
+        if let Some(out) = self.sparkplug.as_mut() {
+            out.publish(&self.readings, self.sim.now()).await?;
+        }
+        Ok(())
+    }
+
+    /// Stops MQTT: Sparkplug DDEATHs and NDEATHs, then every client disconnects.
+    pub async fn stop_mqtt(&mut self) {
+        if let Some(out) = self.sparkplug.take() {
+            out.shutdown(self.sim.now()).await;
+        }
+        if let Some(m) = self.mqtt.take() {
+            m.publisher.disconnect().await;
+        }
+    }
+
+    /// Drops the MQTT connections without DISCONNECT, as a crash would: the broker publishes
+    /// the Sparkplug nodes' Wills (NDEATH).
+    pub fn abort_mqtt(&mut self) {
+        if let Some(out) = self.sparkplug.take() {
+            out.abort();
+        }
+        if let Some(m) = self.mqtt.take() {
+            m.publisher.abort();
+        }
+    }
+
     /// `endpoints.toml`: the address of each line's server and the MQTT broker's.
     pub fn endpoints_toml(&self) -> String {
         let mut out = String::from("version = 1\n");
@@ -267,8 +480,36 @@ impl ServedPlant {
                 l.line, l.addr
             );
         }
-        if let Some(m) = &self.mqtt {
-            let _ = write!(out, "\n[mqtt]\nendpoint = {:?}\n", m.endpoint);
+        let endpoint = self
+            .mqtt
+            .as_ref()
+            .map(|m| &m.endpoint)
+            .or(self.mqtt_endpoint.as_ref());
+        if let Some(endpoint) = endpoint {
+            let _ = write!(out, "\n[mqtt]\nendpoint = {endpoint:?}\n");
+            if let Some(out_sp) = &self.sparkplug {
+                let mut groups: Vec<&str> = out_sp
+                    .layout()
+                    .nodes
+                    .iter()
+                    .map(|n| n.group.as_str())
+                    .collect();
+                groups.dedup();
+                let _ = write!(
+                    out,
+                    "# Sparkplug B: group id = site path joined with '-', edge node = \
+                     <area>-<line>, device = machine\nsparkplug_groups = {groups:?}\n"
+                );
+                for n in &out_sp.layout().nodes {
+                    let _ = write!(
+                        out,
+                        "\n[[mqtt.sparkplug_nodes]]\ngroup = {:?}\nnode = {:?}\nline = {:?}\n",
+                        n.group,
+                        n.id,
+                        n.line.as_str()
+                    );
+                }
+            }
         }
         out
     }
@@ -289,6 +530,9 @@ impl ServedPlant {
         }
         self.readings.clear();
         self.sim.step(t, &mut self.readings);
+        for r in &self.readings {
+            self.latest.insert((r.asset, r.property), *r);
+        }
         for r in &self.readings {
             if let Some(&i) = self.line_of.get(&r.asset) {
                 self.per_line[i].push(*r);
@@ -329,13 +573,15 @@ impl ServedPlant {
                 _ = tick.tick() => {
                     let micros = wall_start.elapsed().as_micros() as f64 * speed;
                     self.step_to(Timestamp(sim_start.0.saturating_add(micros as i64)));
-                    if let Some(m) = &self.mqtt {
-                        tokio::select! {
-                            () = &mut shutdown => break,
-                            sent = m.publisher.publish(&self.readings, &m.topics) => {
-                                sent?;
-                            }
-                        }
+                    tokio::select! {
+                        () = &mut shutdown => break,
+                        sent = self.publish_step() => sent?,
+                    }
+                }
+                Some(msg) = self.inbound.recv() => {
+                    tokio::select! {
+                        () = &mut shutdown => break,
+                        done = self.handle_inbound(msg) => done?,
                     }
                 }
                 Some(ended) = self.servers.join_next() => {
@@ -353,9 +599,7 @@ impl ServedPlant {
                 }
             }
         }
-        if let Some(m) = self.mqtt.take() {
-            m.publisher.disconnect().await;
-        }
+        self.stop_mqtt().await;
         Ok(())
     }
 }
@@ -369,6 +613,18 @@ pub async fn serve(
     speed: f64,
     seed: u64,
     mqtt: Option<&str>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    serve_with(plant_dir, speed, seed, mqtt, MqttFormat::Both, shutdown).await
+}
+
+/// `serve` publishing MQTT in `format`.
+pub async fn serve_with(
+    plant_dir: &Path,
+    speed: f64,
+    seed: u64,
+    mqtt: Option<&str>,
+    format: MqttFormat,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     if !(speed.is_finite() && speed > 0.0) {
@@ -388,7 +644,9 @@ pub async fn serve(
         }
     };
     let client_id = format!("ferrotwin-sim-{}-{seed}", std::process::id());
-    let publisher = MqttPublisher::connect(&host, port, &client_id).await?;
+    plant
+        .connect_mqtt(&spec, &host, port, &client_id, format)
+        .await?;
     let endpoint = if host.contains(':') {
         format!("[{host}]:{port}")
     } else {
@@ -398,7 +656,6 @@ pub async fn serve(
         println!("modbus {} {}", l.line, l.addr);
     }
     println!("mqtt {endpoint}");
-    plant.publish_mqtt(&spec, endpoint, publisher);
     let file = plant_dir.join("endpoints.toml");
     std::fs::write(&file, plant.endpoints_toml())
         .map_err(|source| ServeError::WriteEndpoints { file, source })?;
@@ -880,6 +1137,241 @@ mod tests {
             .await
             .expect_err("not HOST:PORT");
         assert!(matches!(err, ServeError::Mqtt(_)), "{err}");
+    }
+
+    /// A plant publishing both MQTT formats to `broker`, running at 60x in a task; stop it
+    /// with the sender and get it back from the handle.
+    async fn running_with_mqtt(
+        broker: &crate::mqtt::EmbeddedBroker,
+    ) -> (
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<(ServedPlant, Result<(), ServeError>)>,
+        Arc<CommandStats>,
+        crate::sparkplug::Layout,
+    ) {
+        let spec = line_plant();
+        let mut plant = ServedPlant::start(&spec, 5, RUN_START)
+            .await
+            .expect("starts");
+        plant
+            .connect_mqtt(
+                &spec,
+                "127.0.0.1",
+                broker.addr().port(),
+                "cmd-test",
+                MqttFormat::Both,
+            )
+            .await
+            .expect("connects");
+        let stats = plant.command_stats();
+        let layout = plant.sparkplug_layout().expect("sparkplug").clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let run = tokio::spawn(async move {
+            let r = plant
+                .run_realtime(60.0, async {
+                    let _ = stopped.await;
+                })
+                .await;
+            (plant, r)
+        });
+        (stop, run, stats, layout)
+    }
+
+    async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while !cond() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{what} within 20 s"));
+    }
+
+    #[tokio::test]
+    async fn dcmd_and_json_commands_set_machine_speeds_and_bad_commands_are_counted() {
+        use ferrotwin_proto::sparkplug::Payload;
+        use ferrotwin_proto::sparkplug::payload::{Metric, metric};
+        use prost::Message;
+        use rumqttc::{AsyncClient, MqttOptions, QoS};
+        let broker = crate::mqtt::EmbeddedBroker::start().expect("broker starts");
+        let (stop, run, stats, layout) = running_with_mqtt(&broker).await;
+        let (client, mut eventloop) = AsyncClient::new(
+            MqttOptions::new("commander", "127.0.0.1", broker.addr().port()),
+            10,
+        );
+        let driver = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+        let node = &layout.nodes[0];
+        let (press, conveyor) = (&node.devices[0], &node.devices[1]);
+        let dcmd = Payload {
+            metrics: vec![Metric {
+                name: Some("speed_setpoint_pct".into()),
+                value: Some(metric::Value::IntValue(150)),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let topic = crate::sparkplug::topic(&node.group, "DCMD", &node.id, Some(&press.id));
+        client
+            .publish(topic.clone(), QoS::AtLeastOnce, false, dcmd.encode_to_vec())
+            .await
+            .expect("queued");
+        client
+            .publish(
+                format!("{}/set/speed_setpoint_pct", conveyor.machine.as_str()),
+                QoS::AtLeastOnce,
+                false,
+                br#"{"value": 40}"#.to_vec(),
+            )
+            .await
+            .expect("queued");
+        // Garbage on both command paths.
+        client
+            .publish(topic, QoS::AtLeastOnce, false, b"\x08\xff\xff".to_vec())
+            .await
+            .expect("queued");
+        client
+            .publish(
+                format!("{}/set/speed_setpoint_pct", conveyor.machine.as_str()),
+                QoS::AtLeastOnce,
+                false,
+                br#"{"value": "fast"}"#.to_vec(),
+            )
+            .await
+            .expect("queued");
+        client
+            .publish(
+                "acme/berlin/x/y/nobody/set/speed_setpoint_pct",
+                QoS::AtLeastOnce,
+                false,
+                br#"{"value": 50}"#.to_vec(),
+            )
+            .await
+            .expect("queued");
+        let get = |c: &std::sync::atomic::AtomicU64| CommandStats::get(c);
+        wait_for("2 applied, 3 refused", || {
+            get(&stats.applied) == 2 && get(&stats.rejected) == 3
+        })
+        .await;
+        stop.send(()).expect("running");
+        let (mut plant, result) = run.await.expect("no panic");
+        result.expect("served");
+        // Commands wait in the inbox for the next step.
+        plant.step_to(plant.sim().now());
+        assert_eq!(plant.sim().speed_pct(press.machine.id()), Some(150));
+        assert_eq!(plant.sim().speed_pct(conveyor.machine.id()), Some(40));
+        assert_eq!(
+            plant.sim().speed_pct(node.devices[2].machine.id()),
+            Some(100)
+        );
+        driver.abort();
+    }
+
+    #[tokio::test]
+    async fn ncmd_rebirth_republishes_nbirth_and_dbirths() {
+        use ferrotwin_proto::sparkplug::Payload;
+        use ferrotwin_proto::sparkplug::payload::{Metric, metric};
+        use prost::Message;
+        use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+        let broker = crate::mqtt::EmbeddedBroker::start().expect("broker starts");
+        let (stop, run, stats, layout) = running_with_mqtt(&broker).await;
+        let node = &layout.nodes[0];
+        let (client, mut eventloop) = AsyncClient::new(
+            MqttOptions::new("host-app", "127.0.0.1", broker.addr().port()),
+            10,
+        );
+        client
+            .subscribe(
+                format!("spBv1.0/{}/+/{}/#", node.group, node.id),
+                QoS::AtLeastOnce,
+            )
+            .await
+            .expect("queued");
+        let mut subscribed = false;
+        let mut births = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match eventloop.poll().await.expect("connected") {
+                    Event::Incoming(Packet::SubAck(_)) => {
+                        subscribed = true;
+                        let rebirth = Payload {
+                            metrics: vec![Metric {
+                                name: Some(crate::sparkplug::REBIRTH.into()),
+                                value: Some(metric::Value::BooleanValue(true)),
+                                ..Default::default()
+                            }],
+                            ..Default::default()
+                        };
+                        client
+                            .publish(
+                                crate::sparkplug::topic(&node.group, "NCMD", &node.id, None),
+                                QoS::AtLeastOnce,
+                                false,
+                                rebirth.encode_to_vec(),
+                            )
+                            .await
+                            .expect("queued");
+                    }
+                    Event::Incoming(Packet::Publish(p)) if subscribed => {
+                        let kind = p.topic.split('/').nth(2).unwrap_or_default().to_string();
+                        let seq = Payload::decode(&p.payload[..]).expect("payload").seq;
+                        if kind.ends_with("BIRTH") {
+                            births.push((kind, seq));
+                        }
+                        if births.len() == 4 {
+                            return;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        })
+        .await
+        .expect("a rebirth within 20 s");
+        assert_eq!(
+            births,
+            vec![
+                ("NBIRTH".to_string(), Some(0)),
+                ("DBIRTH".to_string(), Some(1)),
+                ("DBIRTH".to_string(), Some(2)),
+                ("DBIRTH".to_string(), Some(3)),
+            ]
+        );
+        assert_eq!(CommandStats::get(&stats.applied), 1);
+        stop.send(()).expect("running");
+        run.await.expect("no panic").1.expect("served");
+    }
+
+    #[tokio::test]
+    async fn endpoints_toml_names_the_sparkplug_group_and_nodes() {
+        let broker = crate::mqtt::EmbeddedBroker::start().expect("broker starts");
+        let spec = line_plant();
+        let mut plant = ServedPlant::start(&spec, 5, RUN_START)
+            .await
+            .expect("starts");
+        plant
+            .connect_mqtt(
+                &spec,
+                "127.0.0.1",
+                broker.addr().port(),
+                "ep-test",
+                MqttFormat::Sparkplug,
+            )
+            .await
+            .expect("connects");
+        let value: toml::Value = toml::from_str(&plant.endpoints_toml()).expect("valid TOML");
+        assert_eq!(
+            value["mqtt"]["endpoint"].as_str(),
+            Some(broker.addr().to_string().as_str())
+        );
+        let node = &value["mqtt"]["sparkplug_nodes"][0];
+        assert_eq!(node["group"].as_str(), Some("acme-berlin"));
+        assert!(
+            node["line"]
+                .as_str()
+                .expect("line")
+                .starts_with("acme/berlin/")
+        );
+        plant.stop_mqtt().await;
     }
 
     #[tokio::test]

@@ -1,0 +1,1386 @@
+//! MQTT adapter (3.1.1 or 5, rumqttc): subscribes to a broker and turns JSON or Sparkplug B
+//! payloads into readings; writes go back as JSON command topics or Sparkplug DCMDs.
+//!
+//! ```toml
+//! [[connections]]
+//! protocol = "mqtt"
+//! name = "berlin-mqtt"
+//! broker = "127.0.0.1:1883"
+//! # client_id = "ferrotwin-berlin-mqtt"   protocol_version = "3.1.1"   keep_alive_s = 30
+//! # username = "..."   password = "..."   write_timeout_ms = 5000
+//! [connections.format]
+//! type = "sparkplug"
+//! group_id = "acme-berlin"
+//! writable_metrics = ["speed_setpoint_pct"]
+//! [[connections.format.nodes]]
+//! node = "assembly-line-1"                  # edge node id
+//! line = "acme/berlin/assembly/line-1"      # device d = machine <line>/<d>
+//! devices = ["press-1", "conveyor-1"]       # allowlist; omitted: any device (whose tags
+//!                                           # `targets()` cannot list: not writable)
+//! ```
+//! `protocol_version = "5"` speaks MQTT 5 (same behaviour). Sparkplug: the adapter subscribes
+//! to the whole group, so nodes, devices and metrics nobody mapped are counted as rejected and
+//! reported as `Unmapped`; mapping rule: see `sparkplug`. JSON instead:
+//! ```toml
+//! [connections.format]
+//! type = "json"
+//! # Topic == asset path under these prefixes (the simulator's naming): a sensor's value on
+//! # the sensor's path, machine properties on `<machine>/state|good_count|scrap_count`.
+//! topic_prefixes = ["acme/berlin/assembly/line-1"]
+//! [[connections.format.tags]]                # explicit tags, on any topic
+//! topic = "plant/press1/temp"
+//! asset = "acme/berlin/assembly/line-1/press-1/oil-temp"
+//! property = "value"
+//! [[connections.format.tags]]                # a write: `{"value": 150}` on the topic,
+//! asset = "acme/berlin/assembly/line-1/press-1"   # default `<asset>/set/<property>`
+//! property = "speed_setpoint_pct"
+//! writable = true
+//! ```
+//! JSON payload: `{"value": 12.5, "ts_us": 1735689600000000, "quality": "good"}` (`ts_us`
+//! and `quality` optional; `reason` with a non-good quality), as the simulator publishes.
+//!
+//! Flow: a poller task owns rumqttc's event loop and hands events over a bounded channel
+//! (`BROKER_EVENT_QUEUE`); while the sink pushes back we stop taking them, the channel fills,
+//! the poller stops polling and TCP pushes back on the broker. After a connection error the poller
+//! waits a `Backoff` delay before polling again (rumqttc reconnects on the next poll); on every
+//! CONNACK we subscribe again (clean session) and, for Sparkplug, ask each node to rebirth.
+//!
+//! Writes are published at QoS 1 and answered Ok once the broker acknowledged them (PUBACK):
+//! that is all MQTT can confirm; whether the PLC applied the value shows in its data.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use ferrotwin_models::{
+    AssetId, AssetPath, Property, Quality, QualityReason, Reading, Timestamp, Value,
+};
+use ferrotwin_proto::sparkplug::Payload;
+use ferrotwin_proto::sparkplug::payload::Metric;
+use prost::Message;
+use rumqttc::{Event, Outgoing, Packet, QoS};
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::AdapterIo;
+use crate::backoff::Backoff;
+use crate::config::{ConfigError, TagKind, TagTarget, check_connection};
+use crate::push::push_batch;
+use crate::sparkplug::{self, Decoded, NodeRule, SparkplugState};
+use crate::status::{AdapterEvent, AdapterEventKind, AdapterStatus, LinkState};
+use crate::write::{WriteCommand, WriteError, WriteRequest};
+
+/// Broker events waiting for the adapter task (see the module docs for the push-back).
+pub const BROKER_EVENT_QUEUE: usize = 256;
+/// Requests waiting in rumqttc's channel (publishes of writes, subscriptions). Full: a write
+/// is answered `Busy`.
+pub const REQUEST_QUEUE: usize = 64;
+/// Messages decoded into one batch before it is pushed.
+pub const MESSAGES_PER_BATCH: usize = 256;
+/// Largest MQTT packet taken or sent: bounds what one message can make us allocate.
+pub const MAX_PACKET_BYTES: usize = 1 << 20;
+/// Sources (topics, nodes) remembered for `Unmapped` throttling and `TagFailed` changes.
+/// Beyond it new ones are counted but not evented: a flood of random topics cannot grow us.
+pub const MAX_TRACKED_SOURCES: usize = 4096;
+/// An unmapped source is reported once, then at most this often with its count.
+pub const UNMAPPED_EVERY: Duration = Duration::from_secs(60);
+/// The JSON command topic of a writable tag without its own: `<asset>/set/<property>`.
+pub const COMMAND_INFIX: &str = "set";
+
+mod defaults {
+    pub fn protocol_version() -> String {
+        "3.1.1".to_string()
+    }
+    pub fn keep_alive_s() -> u64 {
+        30
+    }
+    pub fn write_timeout_ms() -> u64 {
+        5_000
+    }
+    pub fn reconnect_min_ms() -> u64 {
+        200
+    }
+    pub fn reconnect_max_ms() -> u64 {
+        10_000
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    pub name: String,
+    /// `host:port` (`mqtt://` optional).
+    pub broker: String,
+    /// Default `ferrotwin-<name>`.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// "3.1.1" (or "4") or "5".
+    #[serde(default = "defaults::protocol_version")]
+    pub protocol_version: String,
+    #[serde(default = "defaults::keep_alive_s")]
+    pub keep_alive_s: u64,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    /// How long a write waits for the broker's PUBACK.
+    #[serde(default = "defaults::write_timeout_ms")]
+    pub write_timeout_ms: u64,
+    #[serde(default = "defaults::reconnect_min_ms")]
+    pub reconnect_min_ms: u64,
+    #[serde(default = "defaults::reconnect_max_ms")]
+    pub reconnect_max_ms: u64,
+    pub format: PayloadFormat,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum PayloadFormat {
+    Json(JsonFormat),
+    Sparkplug(SparkplugFormat),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonFormat {
+    #[serde(default)]
+    pub topic_prefixes: Vec<String>,
+    #[serde(default)]
+    pub tags: Vec<JsonTag>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonTag {
+    /// Read tags: the topic the value arrives on (default: the simulator's naming).
+    /// Writable tags: the command topic (default `<asset>/set/<property>`).
+    #[serde(default)]
+    pub topic: Option<String>,
+    pub asset: String,
+    pub property: String,
+    #[serde(default)]
+    pub writable: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SparkplugFormat {
+    pub group_id: String,
+    pub nodes: Vec<SparkplugNode>,
+    /// Device metrics the adapter writes with DCMD (setpoints; never read as readings).
+    #[serde(default)]
+    pub writable_metrics: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SparkplugNode {
+    pub node: String,
+    pub line: String,
+    #[serde(default)]
+    pub devices: Option<Vec<String>>,
+}
+
+/// Splits `HOST:PORT`.
+pub fn parse_broker(s: &str) -> Option<(String, u16)> {
+    let s = s.strip_prefix("mqtt://").unwrap_or(s);
+    let (host, port) = s.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = port.parse::<u16>().ok().filter(|&p| p != 0)?;
+    (!host.is_empty()).then(|| (host.to_string(), port))
+}
+
+/// A topic level without MQTT wildcards or separators.
+fn is_topic_level(s: &str) -> bool {
+    !s.is_empty() && !s.contains(['/', '+', '#', '\0'])
+}
+
+/// The simulator's topic of a reading property of `asset`.
+fn default_topic(asset: &str, property: &str) -> String {
+    if property == Property::Value.as_str() {
+        asset.to_string()
+    } else {
+        format!("{asset}/{property}")
+    }
+}
+
+impl MqttConfig {
+    fn err(&self, what: impl Into<String>) -> ConfigError {
+        ConfigError::Connection {
+            connection: self.name.clone(),
+            what: what.into(),
+        }
+    }
+
+    fn is_v5(&self) -> bool {
+        matches!(self.protocol_version.as_str(), "5" | "5.0")
+    }
+
+    pub fn client_id(&self) -> String {
+        self.client_id
+            .clone()
+            .unwrap_or_else(|| format!("ferrotwin-{}", self.name))
+    }
+
+    /// Validates the connection and returns its tags; the JSON tags with their topics.
+    fn checked(&self) -> Result<(Vec<TagTarget>, Vec<String>), ConfigError> {
+        match self.protocol_version.as_str() {
+            "3.1.1" | "4" | "5" | "5.0" => {}
+            v => {
+                return Err(self.err(format!(
+                    "protocol_version {v:?}: expected \"3.1.1\" or \"5\""
+                )));
+            }
+        }
+        if parse_broker(&self.broker).is_none() {
+            return Err(self.err(format!("broker {:?} is not HOST:PORT", self.broker)));
+        }
+        if self.keep_alive_s == 0 || self.keep_alive_s > 65_535 {
+            return Err(self.err("keep_alive_s must be 1..=65535"));
+        }
+        if self.password.is_some() && self.username.is_none() {
+            return Err(self.err("password without username"));
+        }
+        let mut targets = Vec::new();
+        let mut topics = Vec::new();
+        match &self.format {
+            PayloadFormat::Json(j) => {
+                if j.tags.is_empty() && j.topic_prefixes.is_empty() {
+                    return Err(self.err("format json needs tags or topic_prefixes"));
+                }
+                for p in &j.topic_prefixes {
+                    if p.is_empty() || !p.split('/').all(is_topic_level) {
+                        return Err(self.err(format!(
+                            "topic prefix {p:?} must be topic levels without wildcards"
+                        )));
+                    }
+                }
+                for t in &j.tags {
+                    let topic = t.topic.clone().unwrap_or_else(|| {
+                        if t.writable {
+                            format!("{}/{COMMAND_INFIX}/{}", t.asset, t.property)
+                        } else {
+                            default_topic(&t.asset, &t.property)
+                        }
+                    });
+                    if topic.is_empty() || !topic.split('/').all(is_topic_level) {
+                        return Err(ConfigError::Tag {
+                            connection: self.name.clone(),
+                            tag: topic,
+                            what: "not a topic without wildcards".to_string(),
+                        });
+                    }
+                    targets.push(TagTarget::parse(
+                        &self.name,
+                        &topic,
+                        &t.asset,
+                        &t.property,
+                        t.writable,
+                    )?);
+                    topics.push(topic);
+                }
+            }
+            PayloadFormat::Sparkplug(s) => {
+                if !is_topic_level(&s.group_id) {
+                    return Err(self.err(format!(
+                        "group_id {:?} must be one topic level without wildcards",
+                        s.group_id
+                    )));
+                }
+                if s.nodes.is_empty() {
+                    return Err(self.err("format sparkplug needs at least one node"));
+                }
+                let mut seen = HashSet::new();
+                for n in &s.nodes {
+                    if !is_topic_level(&n.node) || !seen.insert(&n.node) {
+                        return Err(self.err(format!(
+                            "node {:?} must be one topic level, listed once",
+                            n.node
+                        )));
+                    }
+                    let line = AssetPath::parse(&n.line).map_err(|e| ConfigError::Tag {
+                        connection: self.name.clone(),
+                        tag: n.node.clone(),
+                        what: format!("line {:?}: {e}", n.line),
+                    })?;
+                    for d in n.devices.iter().flatten() {
+                        let address = format!("{}/{d}", n.node);
+                        let machine = format!("{}/{d}", line.as_str());
+                        for p in [Property::State, Property::GoodCount, Property::ScrapCount] {
+                            targets.push(TagTarget::parse(
+                                &self.name,
+                                &format!("{address}/{}", p.as_str()),
+                                &machine,
+                                p.as_str(),
+                                false,
+                            )?);
+                        }
+                        for w in &s.writable_metrics {
+                            targets.push(TagTarget::parse(
+                                &self.name,
+                                &format!("{address}/{w}"),
+                                &machine,
+                                w,
+                                true,
+                            )?);
+                        }
+                    }
+                }
+            }
+        }
+        check_connection(&self.name, &targets)?;
+        Ok((targets, topics))
+    }
+
+    /// The validated tags of this connection. Sparkplug: the machine properties and writable
+    /// metrics of every listed device (sensors appear with the births, by the naming rule);
+    /// JSON: the explicit tags (topics under a prefix map by the naming rule).
+    pub fn targets(&self) -> Result<Vec<TagTarget>, ConfigError> {
+        self.checked().map(|(t, _)| t)
+    }
+}
+
+/// A JSON payload: value, quality, source time (`now` without `ts_us`).
+pub fn decode_json(payload: &[u8], now: Timestamp) -> Result<(Value, Quality, Timestamp), String> {
+    let json: serde_json::Value =
+        serde_json::from_slice(payload).map_err(|e| format!("not JSON: {e}"))?;
+    let obj = json.as_object().ok_or("not a JSON object")?;
+    let value = match obj.get("value") {
+        Some(serde_json::Value::Bool(b)) => Value::Bool(*b),
+        Some(serde_json::Value::Number(n)) => match n.as_i64() {
+            Some(i) => Value::Int(i),
+            None => match n.as_f64() {
+                // u64 above i64::MAX, or a float (always finite in JSON).
+                Some(f) if n.is_f64() && f.is_finite() => Value::Float(f),
+                _ => return Err(format!("value {n} does not fit an i64 or f64")),
+            },
+        },
+        Some(other) => return Err(format!("value {other} is not a number or bool")),
+        None => return Err("no \"value\"".to_string()),
+    };
+    let source_ts = match obj.get("ts_us") {
+        None => now,
+        Some(t) => Timestamp(
+            t.as_i64()
+                .ok_or_else(|| format!("ts_us {t} is not an integer"))?,
+        ),
+    };
+    let reason = match obj.get("reason") {
+        None => QualityReason::None,
+        Some(serde_json::Value::String(r)) => QualityReason::parse(r),
+        Some(r) => return Err(format!("reason {r} is not a string")),
+    };
+    let quality = match obj.get("quality").map(|q| q.as_str()) {
+        None | Some(Some("good")) => Quality::GOOD,
+        Some(Some("uncertain")) => Quality::uncertain(reason),
+        Some(Some("bad")) => Quality::bad(reason),
+        Some(q) => return Err(format!("quality {q:?} is not good, uncertain or bad")),
+    };
+    Ok((value, quality, source_ts))
+}
+
+/// The reading a topic under a prefix feeds, by the simulator's naming; `None` for anything
+/// else (commands below a machine, deeper or shallower topics).
+pub fn topic_rule(topic: &str) -> Option<(AssetId, Property)> {
+    let (parent, last) = topic.rsplit_once('/')?;
+    if let Some(p) = Property::parse(last).filter(|&p| p != Property::Value) {
+        let machine = AssetPath::parse(parent).ok()?;
+        return (machine.depth() == 5).then(|| (machine.id(), p));
+    }
+    let sensor = AssetPath::parse(topic).ok()?;
+    (sensor.depth() == 6).then(|| (sensor.id(), Property::Value))
+}
+
+fn now() -> Timestamp {
+    let micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros());
+    Timestamp(i64::try_from(micros).unwrap_or(i64::MAX))
+}
+
+/// How payloads turn into readings.
+enum Decoder {
+    Json {
+        exact: HashMap<String, (AssetId, Property)>,
+        prefixes: Vec<String>,
+        /// (asset, property) → command topic.
+        commands: HashMap<(AssetPath, String), String>,
+        /// Last value per target, for the Bad readings of a link loss. Bounded by the mapped
+        /// tags plus `MAX_TRACKED_SOURCES` for prefix-mapped ones.
+        last: HashMap<(AssetId, Property), Value>,
+    },
+    Sparkplug(SparkplugState),
+}
+
+impl Decoder {
+    fn filters(&self) -> Vec<String> {
+        match self {
+            Decoder::Json {
+                exact, prefixes, ..
+            } => exact
+                .keys()
+                .cloned()
+                .chain(prefixes.iter().map(|p| format!("{p}/#")))
+                .collect(),
+            // The whole group: data of nodes or devices nobody listed is then counted and
+            // reported as unmapped (a gap in the config) instead of passing unseen.
+            Decoder::Sparkplug(s) => vec![format!("{}/{}/#", sparkplug::NAMESPACE, s.group())],
+        }
+    }
+}
+
+/// A write on its way: waiting for rumqttc to give its publish a packet id, then the PUBACK.
+struct Pending {
+    /// `None` for our own publishes (rebirth requests), kept to match ids in order.
+    write: Option<(
+        WriteRequest,
+        tokio::sync::oneshot::Sender<Result<(), WriteError>>,
+    )>,
+    pkid: Option<u16>,
+    deadline: Instant,
+}
+
+/// `Unmapped` events: once per source, then at most every `UNMAPPED_EVERY` with the count.
+#[derive(Default)]
+struct UnmappedThrottle {
+    sources: HashMap<String, (Instant, u64)>,
+}
+
+impl UnmappedThrottle {
+    /// The event to send now, if any.
+    fn report(&mut self, source: String, at: Instant) -> Option<(String, u64)> {
+        if let Some((_, pending)) = self.sources.get_mut(&source) {
+            *pending += 1;
+            return None;
+        }
+        if self.sources.len() >= MAX_TRACKED_SOURCES {
+            return None;
+        }
+        self.sources.insert(source.clone(), (at, 0));
+        Some((source, 1))
+    }
+
+    fn due(&mut self, at: Instant) -> Vec<(String, u64)> {
+        let mut out = Vec::new();
+        for (s, (sent, pending)) in &mut self.sources {
+            if *pending > 0 && at.duration_since(*sent) >= UNMAPPED_EVERY {
+                out.push((s.clone(), *pending));
+                *pending = 0;
+                *sent = at;
+            }
+        }
+        out
+    }
+}
+
+struct Adapter {
+    name: String,
+    endpoint: String,
+    io: AdapterIo,
+    client: Client,
+    decoder: Decoder,
+    connected: bool,
+    failing: HashSet<String>,
+    unmapped: UnmappedThrottle,
+    pending: VecDeque<Pending>,
+    write_timeout: Duration,
+    batch: Vec<Reading>,
+}
+
+/// The adapter task: see the module docs.
+/// `_targets` are `config.targets()`; the task derives its routes from `config` again, since
+/// JSON tags need their topics and Sparkplug sensors come from the births.
+pub async fn run(config: MqttConfig, _targets: Vec<TagTarget>, io: AdapterIo) {
+    let decoder = match build_decoder(&config) {
+        Ok(x) => x,
+        Err(e) => {
+            // `start` validated the config: only a changed file could get here.
+            io.status.set_link(LinkState::Stopped, Some(e.to_string()));
+            return;
+        }
+    };
+    let Some((host, port)) = parse_broker(&config.broker) else {
+        io.status.set_link(
+            LinkState::Stopped,
+            Some(format!("broker {:?}", config.broker)),
+        );
+        return;
+    };
+    let (tx, mut rx) = mpsc::channel(BROKER_EVENT_QUEUE);
+    let poller_token = io.token.child_token();
+    let backoff = Backoff::new(config.reconnect_min_ms, config.reconnect_max_ms);
+    let keep_alive = Duration::from_secs(config.keep_alive_s);
+    let credentials = config
+        .username
+        .clone()
+        .map(|u| (u, config.password.clone().unwrap_or_default()));
+    let (client, poller) = if config.is_v5() {
+        let mut options = rumqttc::v5::MqttOptions::new(config.client_id(), host.clone(), port);
+        options.set_keep_alive(keep_alive);
+        options.set_clean_start(true);
+        options.set_max_packet_size(Some(MAX_PACKET_BYTES as u32));
+        if let Some((u, p)) = credentials {
+            options.set_credentials(u, p);
+        }
+        let (client, eventloop) = rumqttc::v5::AsyncClient::new(options, REQUEST_QUEUE);
+        let poller = tokio::spawn(poll_broker_v5(eventloop, tx, poller_token.clone(), backoff));
+        (Client::V5(client), poller)
+    } else {
+        let mut options = rumqttc::MqttOptions::new(config.client_id(), host.clone(), port);
+        options.set_keep_alive(keep_alive);
+        options.set_clean_session(true);
+        options.set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
+        if let Some((u, p)) = credentials {
+            options.set_credentials(u, p);
+        }
+        let (client, eventloop) = rumqttc::AsyncClient::new(options, REQUEST_QUEUE);
+        let poller = tokio::spawn(poll_broker(eventloop, tx, poller_token.clone(), backoff));
+        (Client::V4(client), poller)
+    };
+    let mut a = Adapter {
+        name: config.name.clone(),
+        endpoint: format!("{host}:{port}"),
+        client,
+        decoder,
+        connected: false,
+        failing: HashSet::new(),
+        unmapped: UnmappedThrottle::default(),
+        pending: VecDeque::new(),
+        write_timeout: Duration::from_millis(config.write_timeout_ms),
+        batch: Vec::new(),
+        io,
+    };
+    a.io.status.set_link(LinkState::Connecting, None);
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let token = a.io.token.clone();
+    loop {
+        tokio::select! {
+            () = token.cancelled() => break,
+            ev = rx.recv() => {
+                let Some(ev) = ev else { break };
+                a.handle(ev).await;
+                // Take what else is waiting into the same batch.
+                for _ in 1..MESSAGES_PER_BATCH {
+                    match rx.try_recv() {
+                        Ok(ev) => a.handle(ev).await,
+                        Err(_) => break,
+                    }
+                }
+                if !a.flush().await {
+                    break;
+                }
+            }
+            cmd = a.io.writes.recv() => {
+                if let Some(cmd) = cmd {
+                    a.start_write(cmd).await;
+                }
+            }
+            _ = tick.tick() => a.on_tick().await,
+        }
+    }
+    poller_token.cancel();
+    a.client.try_disconnect();
+    for p in a.pending.drain(..) {
+        if let Some((_, reply)) = p.write {
+            let _ = reply.send(Err(WriteError::Stopped {
+                connection: a.name.clone(),
+            }));
+        }
+    }
+    let _ = poller.await;
+    a.io.status.set_link(LinkState::Stopped, None);
+}
+
+fn build_decoder(config: &MqttConfig) -> Result<Decoder, ConfigError> {
+    let (targets, topics) = config.checked()?;
+    Ok(match &config.format {
+        PayloadFormat::Json(j) => {
+            let mut exact = HashMap::new();
+            let mut commands = HashMap::new();
+            for (t, topic) in targets.iter().zip(&topics) {
+                match t.kind {
+                    TagKind::Reading(p) => {
+                        exact.insert(topic.clone(), (t.asset.id(), p));
+                    }
+                    TagKind::Setpoint(ref s) => {
+                        commands.insert((t.asset.clone(), s.clone()), topic.clone());
+                    }
+                }
+            }
+            Decoder::Json {
+                exact,
+                prefixes: j.topic_prefixes.clone(),
+                commands,
+                last: HashMap::new(),
+            }
+        }
+        PayloadFormat::Sparkplug(s) => {
+            let rules = s
+                .nodes
+                .iter()
+                .map(|n| {
+                    Ok(NodeRule {
+                        node: n.node.clone(),
+                        line: AssetPath::parse(&n.line).map_err(|e| config.err(e.to_string()))?,
+                        devices: n.devices.as_ref().map(|d| d.iter().cloned().collect()),
+                    })
+                })
+                .collect::<Result<Vec<_>, ConfigError>>()?;
+            let writable = s.writable_metrics.iter().cloned().collect();
+            Decoder::Sparkplug(SparkplugState::new(&s.group_id, rules, writable))
+        }
+    })
+}
+
+/// What the adapter takes from a broker, whichever the protocol version.
+#[derive(Debug)]
+enum BrokerEvent {
+    ConnAck,
+    Publish {
+        topic: String,
+        payload: Vec<u8>,
+    },
+    /// Our publish left with this packet id.
+    Sent(u16),
+    PubAck(u16),
+    /// The connection failed (rumqttc reconnects on the next poll).
+    Lost(String),
+}
+
+const QOS_V5: rumqttc::v5::mqttbytes::QoS = rumqttc::v5::mqttbytes::QoS::AtLeastOnce;
+
+/// The client half, MQTT 3.1.1 or 5.
+enum Client {
+    V4(rumqttc::AsyncClient),
+    V5(rumqttc::v5::AsyncClient),
+}
+
+impl Client {
+    /// Queues a QoS 1 publish without waiting (the poller may itself be waiting for us).
+    fn try_publish(&self, topic: String, payload: Vec<u8>) -> Result<(), String> {
+        match self {
+            Client::V4(c) => c
+                .try_publish(topic, QoS::AtLeastOnce, false, payload)
+                .map_err(|e| e.to_string()),
+            Client::V5(c) => c
+                .try_publish(topic, QOS_V5, false, payload)
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    fn try_subscribe_many(&self, filters: Vec<String>) -> Result<(), String> {
+        match self {
+            Client::V4(c) => c
+                .try_subscribe_many(
+                    filters
+                        .into_iter()
+                        .map(|f| rumqttc::SubscribeFilter::new(f, QoS::AtLeastOnce)),
+                )
+                .map_err(|e| e.to_string()),
+            Client::V5(c) => c
+                .try_subscribe_many(
+                    filters
+                        .into_iter()
+                        .map(|f| rumqttc::v5::mqttbytes::v5::Filter::new(f, QOS_V5)),
+                )
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Best effort: the poller stops right after.
+    fn try_disconnect(&self) {
+        match self {
+            Client::V4(c) => drop(c.try_disconnect()),
+            Client::V5(c) => drop(c.try_disconnect()),
+        }
+    }
+}
+
+/// Hands `ev` to the adapter and, after an error, waits a backoff delay; false: stop.
+async fn forward(
+    ev: Option<BrokerEvent>,
+    tx: &mpsc::Sender<BrokerEvent>,
+    token: &CancellationToken,
+    backoff: &mut Backoff,
+) -> bool {
+    let Some(ev) = ev else {
+        return true;
+    };
+    let lost = matches!(ev, BrokerEvent::Lost(_));
+    if matches!(ev, BrokerEvent::ConnAck) {
+        backoff.reset();
+    }
+    if tx.send(ev).await.is_err() {
+        return false;
+    }
+    if lost {
+        tokio::select! {
+            () = token.cancelled() => return false,
+            () = tokio::time::sleep(backoff.next_delay()) => {}
+        }
+    }
+    true
+}
+
+/// Owns rumqttc's (3.1.1) event loop: forwards the events the adapter needs (waiting while it
+/// is busy) and, after an error, waits a backoff delay before the next poll (which
+/// reconnects).
+async fn poll_broker(
+    mut eventloop: rumqttc::EventLoop,
+    tx: mpsc::Sender<BrokerEvent>,
+    token: CancellationToken,
+    mut backoff: Backoff,
+) {
+    loop {
+        let ev = tokio::select! {
+            () = token.cancelled() => return,
+            ev = eventloop.poll() => ev,
+        };
+        let ev = match ev {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => Some(BrokerEvent::ConnAck),
+            Ok(Event::Incoming(Packet::Publish(p))) => Some(BrokerEvent::Publish {
+                topic: p.topic,
+                payload: p.payload.to_vec(),
+            }),
+            Ok(Event::Incoming(Packet::PubAck(a))) => Some(BrokerEvent::PubAck(a.pkid)),
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => Some(BrokerEvent::Sent(pkid)),
+            Ok(_) => None,
+            Err(e) => Some(BrokerEvent::Lost(e.to_string())),
+        };
+        if !forward(ev, &tx, &token, &mut backoff).await {
+            return;
+        }
+    }
+}
+
+/// `poll_broker` for MQTT 5.
+async fn poll_broker_v5(
+    mut eventloop: rumqttc::v5::EventLoop,
+    tx: mpsc::Sender<BrokerEvent>,
+    token: CancellationToken,
+    mut backoff: Backoff,
+) {
+    use rumqttc::v5::Event as E5;
+    use rumqttc::v5::mqttbytes::v5::Packet as P5;
+    loop {
+        let ev = tokio::select! {
+            () = token.cancelled() => return,
+            ev = eventloop.poll() => ev,
+        };
+        let ev = match ev {
+            Ok(E5::Incoming(P5::ConnAck(_))) => Some(BrokerEvent::ConnAck),
+            // MQTT 5 topics are UTF-8 (a broker forwards nothing else).
+            Ok(E5::Incoming(P5::Publish(p))) => Some(BrokerEvent::Publish {
+                topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                payload: p.payload.to_vec(),
+            }),
+            Ok(E5::Incoming(P5::PubAck(a))) => Some(BrokerEvent::PubAck(a.pkid)),
+            Ok(E5::Outgoing(Outgoing::Publish(pkid))) => Some(BrokerEvent::Sent(pkid)),
+            Ok(_) => None,
+            Err(e) => Some(BrokerEvent::Lost(e.to_string())),
+        };
+        if !forward(ev, &tx, &token, &mut backoff).await {
+            return;
+        }
+    }
+}
+
+impl Adapter {
+    async fn event(&self, asset: Option<AssetPath>, kind: AdapterEventKind) {
+        let ev = AdapterEvent {
+            connection: self.name.clone(),
+            asset,
+            at: now(),
+            kind,
+        };
+        // Events are never dropped: wait for room (a closed channel means nobody listens).
+        let _ = self.io.events.send(ev).await;
+    }
+
+    async fn handle(&mut self, ev: BrokerEvent) {
+        match ev {
+            BrokerEvent::ConnAck => self.on_connected().await,
+            BrokerEvent::Publish { topic, payload } => {
+                self.on_message(&topic, &payload).await;
+            }
+            BrokerEvent::Sent(pkid) => {
+                if let Some(p) = self.pending.iter_mut().find(|p| p.pkid.is_none()) {
+                    p.pkid = Some(pkid);
+                }
+            }
+            BrokerEvent::PubAck(pkid) => {
+                let Some(i) = self.pending.iter().position(|p| p.pkid == Some(pkid)) else {
+                    return;
+                };
+                let p = self.pending.remove(i).expect("index from position");
+                if let Some((req, reply)) = p.write {
+                    AdapterStatus::add(&self.io.status.writes_ok, 1);
+                    let _ = reply.send(Ok(()));
+                    self.event(
+                        Some(req.asset.clone()),
+                        AdapterEventKind::Written {
+                            property: req.property,
+                            value: req.value.to_string(),
+                            by: req.by,
+                            error: None,
+                        },
+                    )
+                    .await;
+                }
+            }
+            BrokerEvent::Lost(e) => self.on_link_error(e).await,
+        }
+    }
+
+    async fn on_connected(&mut self) {
+        self.connected = true;
+        AdapterStatus::add(&self.io.status.connects, 1);
+        self.io.status.set_link(LinkState::Connected, None);
+        self.event(
+            None,
+            AdapterEventKind::Connected {
+                endpoint: self.endpoint.clone(),
+            },
+        )
+        .await;
+        if let Err(e) = self.client.try_subscribe_many(self.decoder.filters()) {
+            AdapterStatus::add(&self.io.status.errors, 1);
+            tracing::warn!(connection = %self.name, error = %e, "cannot subscribe");
+        }
+        if let Decoder::Sparkplug(s) = &mut self.decoder {
+            // We may have missed births while away: ask every node for them.
+            s.forget_births();
+            let nodes: Vec<String> = s.node_ids().map(str::to_string).collect();
+            for n in nodes {
+                self.request_rebirth(&n);
+            }
+        }
+    }
+
+    /// NCMD `Node Control/Rebirth` = true to `node`.
+    fn request_rebirth(&mut self, node: &str) {
+        let Decoder::Sparkplug(s) = &mut self.decoder else {
+            return;
+        };
+        let t = now();
+        s.rebirth_requested(node, t);
+        let payload = Payload {
+            timestamp: u64::try_from(t.as_millis()).ok(),
+            metrics: vec![Metric {
+                name: Some(sparkplug::REBIRTH.to_string()),
+                timestamp: u64::try_from(t.as_millis()).ok(),
+                datatype: Some(ferrotwin_proto::sparkplug::DataType::Boolean as u32),
+                value: Some(ferrotwin_proto::sparkplug::payload::metric::Value::BooleanValue(true)),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let topic = sparkplug::topic(s.group(), "NCMD", node, None);
+        match self.client.try_publish(topic, payload.encode_to_vec()) {
+            Ok(()) => self.pending.push_back(Pending {
+                write: None,
+                pkid: None,
+                deadline: Instant::now() + self.write_timeout,
+            }),
+            Err(e) => {
+                AdapterStatus::add(&self.io.status.errors, 1);
+                tracing::warn!(connection = %self.name, node, error = %e, "cannot request a rebirth");
+            }
+        }
+    }
+
+    async fn on_link_error(&mut self, error: String) {
+        AdapterStatus::add(&self.io.status.errors, 1);
+        if !self.connected {
+            self.io
+                .status
+                .set_link(LinkState::Disconnected, Some(error));
+            return;
+        }
+        self.connected = false;
+        tracing::warn!(connection = %self.name, error = %error, "broker connection lost");
+        self.io
+            .status
+            .set_link(LinkState::Disconnected, Some(error.clone()));
+        self.event(None, AdapterEventKind::Disconnected { reason: error })
+            .await;
+        let t = now();
+        match &mut self.decoder {
+            Decoder::Json { last, .. } => {
+                for (&(asset, property), &value) in last.iter() {
+                    self.batch.push(Reading {
+                        asset,
+                        property,
+                        value,
+                        quality: Quality::bad(QualityReason::CommFailure),
+                        source_ts: t,
+                    });
+                }
+            }
+            Decoder::Sparkplug(s) => {
+                s.all_bad(t, &mut self.batch);
+                s.forget_births();
+            }
+        }
+        for p in self.pending.drain(..) {
+            if let Some((req, reply)) = p.write {
+                AdapterStatus::add(&self.io.status.writes_failed, 1);
+                let _ = reply.send(Err(WriteError::NotConnected {
+                    connection: self.name.clone(),
+                }));
+                let _ = req;
+            }
+        }
+    }
+
+    async fn on_message(&mut self, topic: &str, payload: &[u8]) {
+        let t = now();
+        match &mut self.decoder {
+            Decoder::Json {
+                exact,
+                prefixes,
+                last,
+                ..
+            } => {
+                let target = exact.get(topic).copied().or_else(|| {
+                    prefixes
+                        .iter()
+                        .any(|p| {
+                            topic
+                                .strip_prefix(p.as_str())
+                                .is_some_and(|r| r.starts_with('/'))
+                        })
+                        .then(|| topic_rule(topic))
+                        .flatten()
+                });
+                let Some((asset, property)) = target else {
+                    // Commands under a prefix are ours or another writer's, not data.
+                    if !topic.contains(&format!("/{COMMAND_INFIX}/")) {
+                        AdapterStatus::add(&self.io.status.rejected, 1);
+                        self.unmapped(topic.to_string()).await;
+                    }
+                    return;
+                };
+                let decoded = decode_json(payload, t).and_then(|(value, quality, ts)| {
+                    if property != Property::Value && !matches!(value, Value::Int(_)) {
+                        return Err(format!("{property} must be an integer, got {value:?}"));
+                    }
+                    Ok((value, quality, ts))
+                });
+                match decoded {
+                    Ok((value, quality, source_ts)) => {
+                        if last.len() < exact.len() + MAX_TRACKED_SOURCES
+                            || last.contains_key(&(asset, property))
+                        {
+                            last.insert((asset, property), value);
+                        }
+                        self.batch.push(Reading {
+                            asset,
+                            property,
+                            value,
+                            quality,
+                            source_ts,
+                        });
+                        self.recovered(topic).await;
+                    }
+                    Err(e) => {
+                        AdapterStatus::add(&self.io.status.rejected, 1);
+                        self.failed(topic, e).await;
+                    }
+                }
+            }
+            Decoder::Sparkplug(s) => {
+                let mut d = Decoded {
+                    readings: std::mem::take(&mut self.batch),
+                    ..Default::default()
+                };
+                s.handle(topic, payload, t, &mut d);
+                self.batch = std::mem::take(&mut d.readings);
+                AdapterStatus::add(&self.io.status.rejected, d.rejected);
+                if d.seq_gap {
+                    AdapterStatus::add(&self.io.status.errors, 1);
+                    tracing::warn!(connection = %self.name, topic, "sparkplug seq gap: rebirth requested");
+                }
+                if let Some(node) = d.rebirth {
+                    self.request_rebirth(&node);
+                }
+                for u in d.unmapped {
+                    self.unmapped(u).await;
+                }
+                match d.error {
+                    Some(e) => self.failed(topic, e).await,
+                    None => self.recovered(topic).await,
+                }
+            }
+        }
+    }
+
+    async fn unmapped(&mut self, source: String) {
+        if let Some((source, count)) = self.unmapped.report(source, Instant::now()) {
+            self.event(None, AdapterEventKind::Unmapped { source, count })
+                .await;
+        }
+    }
+
+    async fn failed(&mut self, tag: &str, error: String) {
+        tracing::debug!(connection = %self.name, tag, error = %error, "message refused");
+        if self.failing.len() < MAX_TRACKED_SOURCES && self.failing.insert(tag.to_string()) {
+            self.event(
+                None,
+                AdapterEventKind::TagFailed {
+                    tag: tag.to_string(),
+                    error,
+                },
+            )
+            .await;
+        }
+    }
+
+    async fn recovered(&mut self, tag: &str) {
+        if self.failing.remove(tag) {
+            self.event(
+                None,
+                AdapterEventKind::TagRecovered {
+                    tag: tag.to_string(),
+                },
+            )
+            .await;
+        }
+    }
+
+    /// Pushes the batch; false when the adapter must stop (cancelled, sink closed).
+    async fn flush(&mut self) -> bool {
+        if self.batch.is_empty() {
+            return true;
+        }
+        let batch = std::mem::take(&mut self.batch);
+        let n = batch.len() as u64;
+        match push_batch(&*self.io.sink, batch, &self.io.token).await {
+            Ok(()) => {
+                AdapterStatus::add(&self.io.status.received, n);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    async fn on_tick(&mut self) {
+        let at = Instant::now();
+        for (source, count) in self.unmapped.due(at) {
+            self.event(None, AdapterEventKind::Unmapped { source, count })
+                .await;
+        }
+        while self.pending.front().is_some_and(|p| p.deadline <= at) {
+            let p = self.pending.pop_front().expect("front checked");
+            if let Some((req, reply)) = p.write {
+                let timeout_ms = self.write_timeout.as_millis() as u64;
+                let err = WriteError::Timeout {
+                    connection: self.name.clone(),
+                    timeout_ms,
+                };
+                self.write_failed(req, reply, err).await;
+            }
+        }
+    }
+
+    async fn write_failed(
+        &mut self,
+        req: WriteRequest,
+        reply: tokio::sync::oneshot::Sender<Result<(), WriteError>>,
+        err: WriteError,
+    ) {
+        AdapterStatus::add(&self.io.status.writes_failed, 1);
+        let _ = reply.send(Err(err.clone()));
+        self.event(
+            Some(req.asset.clone()),
+            AdapterEventKind::Written {
+                property: req.property,
+                value: req.value.to_string(),
+                by: req.by,
+                error: Some(err.to_string()),
+            },
+        )
+        .await;
+    }
+
+    /// Publishes the write (QoS 1); its answer comes with the PUBACK.
+    async fn start_write(&mut self, cmd: WriteCommand) {
+        let WriteCommand { req, reply } = cmd;
+        if !self.connected {
+            let err = WriteError::NotConnected {
+                connection: self.name.clone(),
+            };
+            return self.write_failed(req, reply, err).await;
+        }
+        let bad = |why: String| WriteError::BadValue {
+            asset: req.asset.clone(),
+            property: req.property.clone(),
+            value: req.value.to_string(),
+            why,
+        };
+        let not_writable = || WriteError::NotWritable {
+            asset: req.asset.clone(),
+            property: req.property.clone(),
+        };
+        let message = match &self.decoder {
+            Decoder::Json { commands, .. } => {
+                match commands.get(&(req.asset.clone(), req.property.clone())) {
+                    None => Err(not_writable()),
+                    Some(topic) => {
+                        let value = match req.value {
+                            Value::Int(i) => serde_json::Value::from(i),
+                            Value::Bool(b) => serde_json::Value::from(b),
+                            Value::Float(f) => match serde_json::Number::from_f64(f) {
+                                Some(n) => serde_json::Value::Number(n),
+                                None => {
+                                    let err = bad("not finite".to_string());
+                                    return self.write_failed(req, reply, err).await;
+                                }
+                            },
+                        };
+                        let body =
+                            serde_json::json!({ "value": value, "ts_us": now().as_micros() });
+                        Ok((topic.clone(), body.to_string().into_bytes()))
+                    }
+                }
+            }
+            Decoder::Sparkplug(s) => match s.write_address(&req.asset, &req.property) {
+                None => Err(not_writable()),
+                Some(addr) => {
+                    let t = u64::try_from(now().as_millis()).ok();
+                    let mut m = Metric {
+                        name: Some(req.property.clone()),
+                        alias: addr.alias,
+                        timestamp: t,
+                        ..Default::default()
+                    };
+                    match sparkplug::set_metric_value(&mut m, addr.datatype, req.value) {
+                        Err(why) => Err(bad(why)),
+                        Ok(()) => {
+                            let payload = Payload {
+                                timestamp: t,
+                                metrics: vec![m],
+                                ..Default::default()
+                            };
+                            let topic =
+                                sparkplug::topic(s.group(), "DCMD", &addr.node, Some(&addr.device));
+                            Ok((topic, payload.encode_to_vec()))
+                        }
+                    }
+                }
+            },
+        };
+        let (topic, payload) = match message {
+            Ok(m) => m,
+            Err(e) => return self.write_failed(req, reply, e).await,
+        };
+        match self.client.try_publish(topic, payload) {
+            Ok(()) => self.pending.push_back(Pending {
+                write: Some((req, reply)),
+                pkid: None,
+                deadline: Instant::now() + self.write_timeout,
+            }),
+            Err(_) => {
+                let err = WriteError::Busy {
+                    connection: self.name.clone(),
+                };
+                self.write_failed(req, reply, err).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::config::ConnectionConfig;
+
+    const NOW: Timestamp = Timestamp(1_735_689_600_000_000);
+
+    fn parse(text: &str) -> Result<ConnectionConfig, toml::de::Error> {
+        #[derive(Deserialize)]
+        struct File {
+            connections: Vec<ConnectionConfig>,
+        }
+        toml::from_str::<File>(text).map(|mut f| f.connections.remove(0))
+    }
+
+    const SPARKPLUG: &str = r#"
+        [[connections]]
+        protocol = "mqtt"
+        name = "berlin-mqtt"
+        broker = "127.0.0.1:1883"
+        [connections.format]
+        type = "sparkplug"
+        group_id = "acme-berlin"
+        writable_metrics = ["speed_setpoint_pct"]
+        [[connections.format.nodes]]
+        node = "assembly-line-1"
+        line = "acme/berlin/assembly/line-1"
+        devices = ["press-1", "conveyor-1"]
+    "#;
+
+    #[test]
+    fn sparkplug_config_lists_machine_tags_and_writable_setpoints() {
+        let c = parse(SPARKPLUG).expect("valid");
+        assert_eq!(c.name(), "berlin-mqtt");
+        let targets = c.targets().expect("valid");
+        assert_eq!(targets.len(), 2 * 4);
+        let press = AssetPath::parse("acme/berlin/assembly/line-1/press-1").expect("path");
+        assert!(targets.iter().any(|t| t.asset == press
+            && t.writable
+            && t.kind == TagKind::Setpoint("speed_setpoint_pct".into())));
+    }
+
+    #[test]
+    fn json_config_defaults_topics_and_refuses_wildcards() {
+        // The struct itself: tests stay valid whatever other protocols join the enum.
+        let m: MqttConfig = toml::from_str(
+            r#"
+            name = "json"
+            broker = "localhost:1883"
+            [format]
+            type = "json"
+            topic_prefixes = ["acme/berlin"]
+            [[format.tags]]
+            asset = "acme/berlin/a/l/m"
+            property = "speed_setpoint_pct"
+            writable = true
+            [[format.tags]]
+            asset = "acme/berlin/a/l/m"
+            property = "state"
+        "#,
+        )
+        .expect("valid");
+        let (_, topics) = m.checked().expect("valid");
+        assert_eq!(
+            topics,
+            [
+                "acme/berlin/a/l/m/set/speed_setpoint_pct",
+                "acme/berlin/a/l/m/state"
+            ]
+        );
+        let mut bad = m.clone();
+        if let PayloadFormat::Json(j) = &mut bad.format {
+            j.topic_prefixes = vec!["acme/#".into()];
+        }
+        assert!(bad.checked().is_err());
+    }
+
+    #[test]
+    fn protocol_versions_are_3_1_1_or_5_and_unknown_keys_fail() {
+        let text = SPARKPLUG.replace("broker =", "protocol_version = \"5\"\nbroker =");
+        assert!(parse(&text).expect("parses").targets().is_ok());
+        let text = SPARKPLUG.replace("broker =", "protocol_version = \"3.1\"\nbroker =");
+        let e = parse(&text)
+            .expect("parses")
+            .targets()
+            .expect_err("refused");
+        assert!(e.to_string().contains("expected \"3.1.1\" or \"5\""), "{e}");
+        assert!(parse(&SPARKPLUG.replace("broker =", "brokr = \"x\"\nbroker =")).is_err());
+        let no_port = SPARKPLUG.replace("127.0.0.1:1883", "localhost");
+        assert!(parse(&no_port).expect("parses").targets().is_err());
+    }
+
+    #[test]
+    fn json_payloads_decode_like_the_simulator_writes_them() {
+        let (v, q, ts) =
+            decode_json(br#"{"value": 12.5, "ts_us": 5, "quality": "good"}"#, NOW).expect("valid");
+        assert_eq!(
+            (v, q, ts),
+            (Value::Float(12.5), Quality::GOOD, Timestamp(5))
+        );
+        let (v, _, ts) = decode_json(br#"{"value": 3}"#, NOW).expect("valid");
+        assert_eq!((v, ts), (Value::Int(3), NOW));
+        let (v, q, _) = decode_json(
+            br#"{"value": true, "quality": "bad", "reason": "communication failure"}"#,
+            NOW,
+        )
+        .expect("valid");
+        assert_eq!(
+            (v, q),
+            (Value::Bool(true), Quality::bad(QualityReason::CommFailure))
+        );
+        for bad in [
+            &br#"{"value": null}"#[..],
+            br#"{"value": "1"}"#,
+            br#"{"ts_us": 1}"#,
+            br#"{"value": 1, "ts_us": 1.5}"#,
+            br#"{"value": 1, "quality": "great"}"#,
+            br#"{"value": 18446744073709551615}"#,
+            br#"[1]"#,
+            b"\xff",
+        ] {
+            assert!(
+                decode_json(bad, NOW).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn prefix_topics_map_by_the_simulator_naming() {
+        let m = AssetPath::parse("acme/berlin/a/l/press-1").expect("path");
+        assert_eq!(
+            topic_rule("acme/berlin/a/l/press-1/state"),
+            Some((m.id(), Property::State))
+        );
+        let s = AssetPath::parse("acme/berlin/a/l/press-1/oil-temp").expect("path");
+        assert_eq!(
+            topic_rule("acme/berlin/a/l/press-1/oil-temp"),
+            Some((s.id(), Property::Value))
+        );
+        assert_eq!(
+            topic_rule("acme/berlin/a/l/press-1/set/speed_setpoint_pct"),
+            None
+        );
+        assert_eq!(topic_rule("acme/berlin/a/l"), None);
+        assert_eq!(topic_rule("Acme/BAD PATH/a/l/m/x"), None);
+    }
+
+    #[test]
+    fn unmapped_sources_are_reported_once_then_once_a_minute_with_the_count() {
+        let mut u = UnmappedThrottle::default();
+        let t0 = Instant::now();
+        assert_eq!(u.report("x".into(), t0), Some(("x".into(), 1)));
+        assert_eq!(u.report("x".into(), t0), None);
+        assert_eq!(u.report("x".into(), t0), None);
+        assert!(u.due(t0 + Duration::from_secs(1)).is_empty());
+        assert_eq!(u.due(t0 + UNMAPPED_EVERY), vec![("x".to_string(), 2)]);
+        assert!(u.due(t0 + UNMAPPED_EVERY * 3).is_empty());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        #[test]
+        fn json_decoder_takes_any_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            if let Ok((v, _, _)) = decode_json(&bytes, NOW) {
+                prop_assert!(v.is_finite());
+            }
+        }
+
+        #[test]
+        fn json_decoder_takes_mutated_valid_payloads(
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 1..8)
+        ) {
+            let mut p = br#"{"value": 12.5, "ts_us": 1735689600000000, "quality": "bad", "reason": "stale"}"#.to_vec();
+            for (at, byte, op) in edits {
+                if p.is_empty() { break; }
+                let i = at.index(p.len());
+                match op {
+                    0 => p[i] = byte,
+                    1 => p.insert(i, byte),
+                    _ => { p.remove(i); }
+                }
+            }
+            if let Ok((v, _, _)) = decode_json(&p, NOW) {
+                prop_assert!(v.is_finite());
+            }
+        }
+    }
+}
