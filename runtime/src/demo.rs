@@ -9,17 +9,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use ferrotwin_adapters::ConnectionConfig;
-use ferrotwin_adapters::modbus::ModbusConfig;
 use ferrotwin_models::spec::PlantSpec;
 use ferrotwin_sim::driver::{DriveOptions, DriverStats, run_realtime};
 use ferrotwin_sim::generate::{PlantSize, generate};
-use ferrotwin_sim::mapping::Mapping;
 use ferrotwin_sim::model::PlantSim;
-use ferrotwin_sim::serve::{ServeError, ServedPlant, wall_clock_now};
+use ferrotwin_sim::mqtt::EmbeddedBroker;
+use ferrotwin_sim::serve::{MqttFormat, ServeError, ServedPlant, wall_clock_now};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::feeds;
 use crate::replication::{EnterpriseRole, SiteReplication};
 use crate::runtime::{Runtime, RuntimeOptions};
 
@@ -34,6 +33,9 @@ pub enum Via {
     InProcess,
     /// A Modbus TCP server per line, polled by the Modbus adapter.
     Modbus,
+    /// Sparkplug B on an embedded MQTT broker (an edge node per line), read by the MQTT
+    /// adapter.
+    Mqtt,
 }
 
 pub struct DemoOptions {
@@ -119,6 +121,11 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
     };
     let enterprise_addr = serve_on(&enterprise, opts.grpc_addr).await?;
 
+    // rumqttd has no shutdown: the broker's threads end with the process.
+    let broker = match opts.via {
+        Via::Mqtt => Some(EmbeddedBroker::start().context("embedded MQTT broker")?),
+        _ => None,
+    };
     let mut sites = Vec::new();
     for (s, path) in spec.sites.iter().zip(&site_paths) {
         let sspec = site_spec(&spec, &s.name);
@@ -139,7 +146,26 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
                 let plant = ServedPlant::start(&sspec, seed, wall_clock_now())
                     .await
                     .context("simulator PLCs")?;
-                o.connections = modbus_connections(&sspec, &plant)?;
+                o.connections = feeds::modbus_connections(&sspec, &plant, |_| true)?;
+                let rt = Runtime::start(&sspec, &d, o).await?;
+                (rt, serve_plant(plant, opts.speed))
+            }
+            Via::Mqtt => {
+                let broker = broker.as_ref().expect("started above for MQTT").addr();
+                let mut plant = ServedPlant::start(&sspec, seed, wall_clock_now())
+                    .await
+                    .context("simulator PLCs")?;
+                plant
+                    .connect_mqtt(
+                        &sspec,
+                        &broker.ip().to_string(),
+                        broker.port(),
+                        &format!("demo-sim-{}", s.name),
+                        MqttFormat::Sparkplug,
+                    )
+                    .await
+                    .context("simulator MQTT publisher")?;
+                o.connections = feeds::sparkplug_connections(&plant, broker, |_| true)?;
                 let rt = Runtime::start(&sspec, &d, o).await?;
                 (rt, serve_plant(plant, opts.speed))
             }
@@ -160,6 +186,7 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
         match opts.via {
             Via::InProcess => "in-process by the simulator",
             Via::Modbus => "over Modbus TCP (a simulated PLC per line)",
+            Via::Mqtt => "over MQTT Sparkplug B (an edge node per line, embedded broker)",
         },
         dir.display()
     );
@@ -227,27 +254,6 @@ fn serve_plant(mut plant: ServedPlant, speed: f64) -> Feed {
     let token = stop.clone();
     let task = tokio::spawn(async move { plant.run_realtime(speed, token.cancelled()).await });
     Feed::Served { stop, task }
-}
-
-/// One Modbus connection per line of `spec`, from the simulator's mapping.
-fn modbus_connections(spec: &PlantSpec, plant: &ServedPlant) -> Result<Vec<ConnectionConfig>> {
-    let mapping = Mapping::of(spec)?;
-    let text = mapping.to_toml();
-    mapping
-        .lines
-        .iter()
-        .zip(plant.lines())
-        .map(|(l, served)| {
-            // `berlin-line-1`: site and line (line names repeat across areas: add the area).
-            let seg: Vec<&str> = l.line.split('/').collect();
-            let name = seg[1..].join("-");
-            let mut c =
-                ModbusConfig::from_sim_mapping(&name, &served.addr.to_string(), &text, &l.line)
-                    .with_context(|| format!("mapping of {}", l.line))?;
-            c.poll_interval_ms = 500;
-            Ok(ConnectionConfig::Modbus(c))
-        })
-        .collect()
 }
 
 async fn stop_feed(site: &str, feed: Feed) -> Result<()> {

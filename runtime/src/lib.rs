@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod connections;
 pub mod demo;
+pub mod feeds;
 pub mod grpc;
 pub mod metrics;
 pub mod registry;

@@ -195,7 +195,8 @@ async fn main() -> Result<()> {
             for_s,
             via,
         } => {
-            init_tracing("info,sled=warn");
+            // The embedded broker logs every readiness probe as an error: quiet in the demo.
+            init_tracing("info,sled=warn,rumqttd=off");
             demo::run(demo::DemoOptions {
                 grpc_addr,
                 data_dir,

@@ -449,6 +449,18 @@ impl ServedPlant {
         Ok(())
     }
 
+    /// One step driven by the caller instead of `run_realtime`: applies the commands MQTT
+    /// clients sent since the last tick, steps to `t`, publishes the step on MQTT. Returns
+    /// the step's readings.
+    pub async fn tick(&mut self, t: Timestamp) -> Result<&[Reading], ServeError> {
+        while let Ok(msg) = self.inbound.try_recv() {
+            self.handle_inbound(msg).await?;
+        }
+        self.step_to(t);
+        self.publish_step().await?;
+        Ok(&self.readings)
+    }
+
     /// Stops MQTT: Sparkplug DDEATHs and NDEATHs, then every client disconnects.
     pub async fn stop_mqtt(&mut self) {
         if let Some(out) = self.sparkplug.take() {

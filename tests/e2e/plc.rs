@@ -1,18 +1,20 @@
-//! Real PLCs into real twins: the simulator's Modbus TCP servers → the Modbus adapter (wired
-//! from the runtime's connection config) → twins → gRPC; link loss; write-back.
+//! Real PLCs into real twins: the simulator's Modbus TCP servers and MQTT publishers (JSON
+//! and Sparkplug B, on an embedded broker) → the adapters wired from the runtime's
+//! connection config → twins → gRPC; link loss; write-back.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferrotwin_adapters::ConnectionConfig;
-use ferrotwin_adapters::modbus::ModbusConfig;
 use ferrotwin_models::spec::PlantSpec;
 use ferrotwin_models::{AssetId, AssetPath};
 use ferrotwin_proto::v1 as pb;
+use ferrotwin_runtime::feeds;
 use ferrotwin_sim::generate::{PlantSize, generate};
 use ferrotwin_sim::mapping::Mapping;
-use ferrotwin_sim::serve::{ServedPlant, wall_clock_now};
+use ferrotwin_sim::mqtt::EmbeddedBroker;
+use ferrotwin_sim::serve::{MqttFormat, ServedPlant, wall_clock_now};
 use tokio::task::JoinHandle;
 
 use crate::common::*;
@@ -26,45 +28,80 @@ const TWO_LINES: PlantSize = PlantSize {
     sensors_per_machine: 0,
 };
 
+/// How the plant reaches the runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Feed {
+    Modbus,
+    Json,
+    Sparkplug,
+}
+
 struct Rig {
-    plant: Arc<Mutex<ServedPlant>>,
+    plant: Arc<tokio::sync::Mutex<ServedPlant>>,
     /// Every value the simulator served, per sensor, as the f32 its register holds.
     served: Arc<Mutex<HashMap<AssetId, HashSet<u64>>>>,
     stepper: JoinHandle<()>,
     site: Site,
     mapping: Mapping,
+    spec: PlantSpec,
+    /// The embedded broker's port (MQTT feeds).
+    broker_port: Option<u16>,
     _dir: tempfile::TempDir,
 }
 
-async fn rig() -> Rig {
+async fn rig(feed: Feed) -> Rig {
     let spec: PlantSpec = generate(TWO_LINES, 3);
-    let plant = ServedPlant::start(&spec, 5, wall_clock_now())
+    let mut plant = ServedPlant::start(&spec, 5, wall_clock_now())
         .await
         .expect("PLCs start");
     let mapping = Mapping::of(&spec).expect("fits");
     let mut opts = options();
-    for (i, l) in mapping.lines.iter().enumerate() {
-        let mut c = ModbusConfig::from_sim_mapping(
-            &format!("line-{i}-plc"),
-            &plant.lines()[i].addr.to_string(),
-            &mapping.to_toml(),
-            &l.line,
-        )
-        .expect("the simulator's mapping is valid input");
-        c.poll_interval_ms = 50;
-        c.timeout_ms = 500;
-        opts.connections.push(ConnectionConfig::Modbus(c));
-    }
+    let mut broker_port = None;
+    opts.connections = match feed {
+        Feed::Modbus => {
+            let mut c = feeds::modbus_connections(&spec, &plant, |_| true).expect("configs");
+            for c in &mut c {
+                if let ConnectionConfig::Modbus(m) = c {
+                    m.poll_interval_ms = 50;
+                    m.timeout_ms = 500;
+                }
+            }
+            c
+        }
+        Feed::Json | Feed::Sparkplug => {
+            // rumqttd has no shutdown: the broker's threads end with the test process.
+            let broker = EmbeddedBroker::start().expect("broker");
+            broker_port = Some(broker.addr().port());
+            let format = if feed == Feed::Json {
+                MqttFormat::Json
+            } else {
+                MqttFormat::Sparkplug
+            };
+            plant
+                .connect_mqtt(&spec, "127.0.0.1", broker.addr().port(), "sim", format)
+                .await
+                .expect("publisher connects");
+            if feed == Feed::Json {
+                vec![
+                    feeds::json_connection("plant-json", &spec, broker.addr(), |_| true)
+                        .expect("config"),
+                ]
+            } else {
+                feeds::sparkplug_connections(&plant, broker.addr(), |_| true).expect("configs")
+            }
+        }
+    };
     let served: Arc<Mutex<HashMap<AssetId, HashSet<u64>>>> = Arc::default();
     record(&served, plant.last_step());
-    let plant = Arc::new(Mutex::new(plant));
+    let plant = Arc::new(tokio::sync::Mutex::new(plant));
     let stepper = {
         let (plant, served) = (plant.clone(), served.clone());
         tokio::spawn(async move {
             loop {
                 {
-                    let mut p = plant.lock().expect("not poisoned");
-                    record(&served, p.step_to(wall_clock_now()));
+                    let mut p = plant.lock().await;
+                    let step = p.tick(wall_clock_now()).await.expect("the plant steps");
+                    record(&served, step);
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -78,6 +115,8 @@ async fn rig() -> Rig {
         stepper,
         site,
         mapping,
+        spec,
+        broker_port,
         _dir: dir,
     }
 }
@@ -85,8 +124,11 @@ async fn rig() -> Rig {
 fn record(served: &Mutex<HashMap<AssetId, HashSet<u64>>>, readings: &[ferrotwin_models::Reading]) {
     let mut s = served.lock().expect("not poisoned");
     for r in readings {
-        let v = f64::from(r.value.as_f64() as f32);
-        s.entry(r.asset).or_default().insert(v.to_bits());
+        // Modbus serves an f32, MQTT the f64 itself.
+        let v = r.value.as_f64();
+        let e = s.entry(r.asset).or_default();
+        e.insert(v.to_bits());
+        e.insert(f64::from(v as f32).to_bits());
     }
 }
 
@@ -142,15 +184,14 @@ fn source_ts(t: &pb::Twin) -> i64 {
     t.sensor.as_ref().map_or(0, |s| s.source_ts_us)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn modbus_plc_values_reach_the_twins_and_the_grpc_api() {
-    let rig = rig().await;
-    let sensor = rig.sensor(0);
-    let mut c = rig.site.client.clone();
-    // Until a sensor's first sample its register holds the PLC's boot value (0); then the
-    // twin shows what the simulation served.
-    let twin = wait_for(20, "a simulated value in the twin", || {
-        let (mut c, sensor, rig) = (c.clone(), sensor.clone(), &rig);
+/// Waits until the first sensor of line `i` shows a value the plant served, good.
+async fn wait_served_value(rig: &Rig, i: usize) -> pb::Twin {
+    let sensor = rig.sensor(i);
+    let c = rig.site.client.clone();
+    // Until a sensor's first sample a PLC register holds its boot value (0); then the twin
+    // shows what the simulation served.
+    wait_for(20, "a simulated value in the twin", || {
+        let (mut c, sensor) = (c.clone(), sensor.clone());
         async move {
             let t = get(&mut c, &sensor).await;
             let v = float_of(&t)?;
@@ -158,39 +199,72 @@ async fn modbus_plc_values_reach_the_twins_and_the_grpc_api() {
                 .then_some(t)
         }
     })
-    .await;
-    let age_ms = (now().0 - source_ts(&twin)) / 1000;
-    assert!(age_ms < 60_000, "source time is the PLC's, {age_ms} ms old");
-    // The connections say what they do.
-    let list = c
-        .list_connections(pb::ListConnectionsRequest {})
+    .await
+}
+
+async fn connections(
+    c: &mut pb::twin_service_client::TwinServiceClient<tonic::transport::Channel>,
+) -> Vec<pb::Connection> {
+    c.list_connections(pb::ListConnectionsRequest {})
         .await
         .expect("list")
         .into_inner()
-        .connections;
-    assert_eq!(list.len(), 2);
-    assert!(list.iter().all(|l| l.protocol == "modbus" && l.tags > 0));
-    wait_for(20, "both connections connected and reading", || {
+        .connections
+}
+
+async fn wait_connected(rig: &Rig) {
+    let c = rig.site.client.clone();
+    wait_for(20, "every connection connected and reading", || {
         let mut c = c.clone();
         async move {
-            let l = c
-                .list_connections(pb::ListConnectionsRequest {})
+            connections(&mut c)
                 .await
-                .ok()?
-                .into_inner()
-                .connections;
-            l.iter()
+                .iter()
                 .all(|l| l.link == "connected" && l.received > 0)
                 .then_some(())
         }
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modbus_plc_values_reach_the_twins_and_the_grpc_api() {
+    let rig = rig(Feed::Modbus).await;
+    for line in 0..2 {
+        let twin = wait_served_value(&rig, line).await;
+        let age_ms = (now().0 - source_ts(&twin)) / 1000;
+        assert!(age_ms < 60_000, "source time is the PLC's, {age_ms} ms old");
+    }
+    let list = connections(&mut rig.site.client.clone()).await;
+    assert_eq!(list.len(), 2, "a connection per line's PLC");
+    assert!(list.iter().all(|l| l.protocol == "modbus" && l.tags > 0));
+    wait_connected(&rig).await;
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_json_values_reach_the_twins() {
+    let rig = rig(Feed::Json).await;
+    wait_served_value(&rig, 0).await;
+    wait_served_value(&rig, 1).await;
+    wait_connected(&rig).await;
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sparkplug_values_reach_the_twins_with_aliases_resolved() {
+    let rig = rig(Feed::Sparkplug).await;
+    wait_served_value(&rig, 0).await;
+    wait_served_value(&rig, 1).await;
+    let list = connections(&mut rig.site.client.clone()).await;
+    assert_eq!(list.len(), 1, "one connection per Sparkplug group");
+    assert_eq!(list[0].protocol, "mqtt");
     rig.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plc_that_goes_away_turns_its_twins_bad_and_back_while_the_other_line_flows() {
-    let rig = rig().await;
+    let rig = rig(Feed::Modbus).await;
     let (lost, other) = (rig.sensor(0), rig.sensor(1));
     let c = rig.site.client.clone();
     for s in [&lost, &other] {
@@ -200,7 +274,7 @@ async fn a_plc_that_goes_away_turns_its_twins_bad_and_back_while_the_other_line_
         })
         .await;
     }
-    assert!(rig.plant.lock().expect("not poisoned").stop_line(0));
+    assert!(rig.plant.lock().await.stop_line(0));
     let cut = now().0;
     wait_for(20, "the lost line's twin to turn bad", || {
         let (mut c, s) = (c.clone(), lost.clone());
@@ -235,13 +309,12 @@ async fn a_plc_that_goes_away_turns_its_twins_bad_and_back_while_the_other_line_
         }
     })
     .await;
-    let restart = {
-        let mut p = rig.plant.lock().expect("not poisoned");
-        // Not awaited under the lock: restart_line binds, which needs no stepping.
-        let fut = p.restart_line(0);
-        futures_lite_block(fut)
-    };
-    restart.expect("the PLC comes back on its port");
+    rig.plant
+        .lock()
+        .await
+        .restart_line(0)
+        .await
+        .expect("the PLC comes back on its port");
     let back = now().0;
     wait_for(20, "the lost line's twin good again", || {
         let (mut c, s) = (c.clone(), lost.clone());
@@ -254,58 +327,71 @@ async fn a_plc_that_goes_away_turns_its_twins_bad_and_back_while_the_other_line_
     rig.stop().await;
 }
 
-/// Runs a future that does not need the runtime's other tasks to progress (a bind loop) to
-/// completion on this thread.
-fn futures_lite_block<F: std::future::Future>(f: F) -> F::Output {
-    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sparkplug_node_that_dies_turns_its_twins_bad_and_its_rebirth_brings_them_back() {
+    let rig = rig(Feed::Sparkplug).await;
+    let sensor = rig.sensor(0);
+    wait_served_value(&rig, 0).await;
+    let c = rig.site.client.clone();
+    // The edge node's connection drops without a goodbye: the broker sends its NDEATH Will.
+    rig.plant.lock().await.abort_mqtt();
+    wait_for(20, "the node's twins bad", || {
+        let (mut c, s) = (c.clone(), sensor.clone());
+        async move {
+            let (code, reason) = quality(&get(&mut c, &s).await);
+            (code == pb::QualityCode::Bad && reason.contains("communication")).then_some(())
+        }
+    })
+    .await;
+    // The node comes back: new births, values flow again.
+    let port = rig.broker_port.expect("an MQTT feed");
+    rig.plant
+        .lock()
+        .await
+        .connect_mqtt(
+            &rig.spec,
+            "127.0.0.1",
+            port,
+            "sim-again",
+            MqttFormat::Sparkplug,
+        )
+        .await
+        .expect("reconnects");
+    let back = now().0;
+    wait_for(20, "the node's twins good again", || {
+        let (mut c, s) = (c.clone(), sensor.clone());
+        async move {
+            let t = get(&mut c, &s).await;
+            (quality(&t).0 == pb::QualityCode::Good && source_ts(&t) > back).then_some(())
+        }
+    })
+    .await;
+    rig.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn setpoints_written_over_grpc_reach_the_simulated_machine() {
-    let rig = rig().await;
+    let rig = rig(Feed::Modbus).await;
     let machine = rig.machine(0);
     let machine_id = AssetPath::parse(&machine).expect("valid").id();
     let mut c = rig.site.client.clone();
-    wait_for(20, "the connection up", || {
-        let mut c = c.clone();
-        async move {
-            let l = c
-                .list_connections(pb::ListConnectionsRequest {})
-                .await
-                .ok()?
-                .into_inner()
-                .connections;
-            l.iter().all(|l| l.link == "connected").then_some(())
-        }
-    })
-    .await;
-    let write = |property: &str, value: pb::value::Kind| pb::WritePropertyRequest {
-        path: machine.clone(),
-        property: property.into(),
-        value: Some(pb::Value { kind: Some(value) }),
-        by: "ann".into(),
-    };
+    wait_connected(&rig).await;
     let r = c
-        .write_property(write("speed_setpoint_pct", pb::value::Kind::Int(150)))
+        .write_property(write(
+            &machine,
+            "speed_setpoint_pct",
+            pb::value::Kind::Int(150),
+        ))
         .await
         .expect("written")
         .into_inner();
-    assert_eq!(r.connection, "line-0-plc");
-    wait_for(20, "the simulated machine at 150 %", || {
-        let plant = rig.plant.clone();
-        async move {
-            (plant
-                .lock()
-                .expect("not poisoned")
-                .sim()
-                .speed_pct(machine_id)
-                == Some(150))
-            .then_some(())
-        }
-    })
-    .await;
+    assert_eq!(
+        r.connection,
+        feeds::line_connection_name(&rig.mapping.lines[0].line)
+    );
+    wait_speed(&rig, machine_id, 150).await;
     // Stopping the machine over the run-enable coil shows in its next state reading.
-    c.write_property(write("run_enable", pb::value::Kind::Bool(false)))
+    c.write_property(write(&machine, "run_enable", pb::value::Kind::Bool(false)))
         .await
         .expect("written");
     wait_for(30, "the machine twin idle", || {
@@ -318,7 +404,11 @@ async fn setpoints_written_over_grpc_reach_the_simulated_machine() {
     .await;
     // Refusals come back with the reason.
     let err = c
-        .write_property(write("speed_setpoint_pct", pb::value::Kind::Int(999)))
+        .write_property(write(
+            &machine,
+            "speed_setpoint_pct",
+            pb::value::Kind::Int(999),
+        ))
         .await
         .expect_err("out of range");
     assert!(
@@ -329,15 +419,16 @@ async fn setpoints_written_over_grpc_reach_the_simulated_machine() {
         "{err}"
     );
     let err = c
-        .write_property(write("state", pb::value::Kind::Int(1)))
+        .write_property(write(&machine, "state", pb::value::Kind::Int(1)))
         .await
         .expect_err("not writable");
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
     let err = c
-        .write_property(pb::WritePropertyRequest {
-            path: "acme/nowhere".into(),
-            ..write("speed_setpoint_pct", pb::value::Kind::Int(100))
-        })
+        .write_property(write(
+            "acme/nowhere",
+            "speed_setpoint_pct",
+            pb::value::Kind::Int(100),
+        ))
         .await
         .expect_err("no such asset");
     assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
@@ -351,4 +442,40 @@ async fn setpoints_written_over_grpc_reach_the_simulated_machine() {
         "{writes:?}"
     );
     rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setpoints_written_over_grpc_reach_the_machine_over_json_and_sparkplug() {
+    for (feed, pct) in [(Feed::Json, 140), (Feed::Sparkplug, 60)] {
+        let rig = rig(feed).await;
+        let machine = rig.machine(1);
+        let machine_id = AssetPath::parse(&machine).expect("valid").id();
+        wait_served_value(&rig, 1).await;
+        let mut c = rig.site.client.clone();
+        c.write_property(write(
+            &machine,
+            "speed_setpoint_pct",
+            pb::value::Kind::Int(pct),
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("{feed:?}: written: {e}"));
+        wait_speed(&rig, machine_id, pct as u16).await;
+        rig.stop().await;
+    }
+}
+
+fn write(path: &str, property: &str, value: pb::value::Kind) -> pb::WritePropertyRequest {
+    pb::WritePropertyRequest {
+        path: path.into(),
+        property: property.into(),
+        value: Some(pb::Value { kind: Some(value) }),
+        by: "ann".into(),
+    }
+}
+
+async fn wait_speed(rig: &Rig, machine: AssetId, pct: u16) {
+    wait_for(20, "the simulated machine at the new speed", || async {
+        (rig.plant.lock().await.sim().speed_pct(machine) == Some(pct)).then_some(())
+    })
+    .await;
 }
