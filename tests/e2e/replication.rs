@@ -406,3 +406,89 @@ async fn a_site_the_enterprise_does_not_accept_is_refused_with_permission_denied
     assert!(err.message().contains("acme/paris"), "{err}");
     ent.rt.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_reset_mid_batch_again_and_again_apply_every_batch_once() {
+    let (ed, sd) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let mut ent = start_in(ed.path(), enterprise_options()).await;
+    let cable = Cable::to(ent.addr).await;
+    let mut site = start_in(sd.path(), site_options(cable.addr)).await;
+    for round in 0..6 {
+        for i in 0..10 {
+            let v = if i % 2 == 0 { 95.0 } else { 40.0 };
+            push(
+                &site,
+                vec![float(TEMP, v), float(FORCE, f64::from(round * 10 + i))],
+            )
+            .await;
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        // Reset whatever is in flight, then let it reconnect.
+        cable.cut();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        cable.restore();
+    }
+    push(&site, vec![float(FORCE, 999.0)]).await;
+    wait_all_acked(&site).await;
+    wait_for(20, "the final value at the enterprise", || {
+        let mut c = ent.client.clone();
+        async move { (float_of(&get(&mut c, FORCE).await) == Some(999.0)).then_some(()) }
+    })
+    .await;
+    let status = site.rt.replication.as_ref().expect("sender");
+    assert!(
+        status.connects.load(Ordering::Relaxed) >= 2,
+        "the stream was reset and resumed"
+    );
+    assert_same_events_once(
+        &event_counts(&mut site).await,
+        &event_counts(&mut ent).await,
+    );
+    site.rt.shutdown().await;
+    ent.rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_enterprise_does_not_slow_the_site_and_its_lag_grows_then_shrinks() {
+    let (ed, sd) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let mut ent = start_in(ed.path(), enterprise_options()).await;
+    let cable = Cable::to(ent.addr).await;
+    let site = start_in(sd.path(), site_options(cable.addr)).await;
+    push(&site, vec![float(FORCE, 1.0)]).await;
+    wait_all_acked(&site).await;
+    // A link of a few hundred bytes per second: far below what the site produces.
+    cable.throttle(300);
+    for i in 0..200 {
+        let v = if i % 2 == 0 { 95.0 } else { 40.0 };
+        push(&site, vec![float(TEMP, v), float(FORCE, f64::from(i))]).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // The site applied everything at its own pace...
+    wait_for(10, "the site to apply the last value", || {
+        let mut c = site.client.clone();
+        async move { (float_of(&get(&mut c, FORCE).await) == Some(199.0)).then_some(()) }
+    })
+    .await;
+    // ...while the enterprise is behind: the outbox holds the difference, visibly.
+    let ob = site.rt.store.outbox().expect("outbox");
+    let backlog = wait_for(10, "a backlog in the outbox", || async {
+        site.rt.store.nudge();
+        let lag = ob.lag();
+        (lag.count >= 2 && lag.oldest_unacked_us.is_some()).then_some(lag)
+    })
+    .await;
+    assert!(backlog.bytes > 0);
+    assert_ne!(float_of(&get(&mut ent.client, FORCE).await), Some(199.0));
+    // The link recovers: the lag shrinks to nothing and the enterprise has it all.
+    cable.throttle(0);
+    wait_all_acked(&site).await;
+    assert_eq!(float_of(&get(&mut ent.client, FORCE).await), Some(199.0));
+    site.rt.shutdown().await;
+    ent.rt.shutdown().await;
+}
