@@ -22,6 +22,7 @@ use crate::replication::enterprise::{EnterpriseReceiver, ReplicationApi};
 use crate::replication::site::{SenderStatus, run_sender};
 use crate::replication::{EnterpriseRole, SiteReplication};
 use crate::router::{Credits, IngestRouter};
+use crate::store::outbox::HistorySettings;
 use crate::store::{Store, StoreConfig, StoreError, codec};
 use crate::twin::plant::{PlantMsg, PlantSupervisor};
 use crate::twin::{Plant, TwinCtx, TwinMsg, TwinSettings, TwinSnapshot, TwinState, now};
@@ -112,7 +113,8 @@ impl Runtime {
         let replicate_as = match &opts.replication {
             Some(r) => {
                 let site = replicated_site(spec, r)?;
-                store.enable_outbox(r.max_outbox_bytes)?;
+                let outbox = store.enable_outbox(r.max_outbox_bytes)?;
+                outbox.set_history(history_settings(spec, r)?);
                 Some((site, r.clone()))
             }
             None => None,
@@ -317,6 +319,54 @@ impl Runtime {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+}
+
+/// Each sensor's history policy from its machine's type.
+fn history_settings(
+    spec: &PlantSpec,
+    r: &SiteReplication,
+) -> Result<HistorySettings, RuntimeError> {
+    for t in r.history_by_type.keys() {
+        if !spec.machine_types.contains_key(t) {
+            return Err(RuntimeError::Replication(format!(
+                "replication.history_by_type: {t:?} is not a machine type of the plant (types: {})",
+                spec.machine_types
+                    .keys()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+    }
+    let assets = spec.assets();
+    let type_of: std::collections::HashMap<_, _> = assets
+        .iter()
+        .filter_map(|a| match &a.kind {
+            AssetKind::Machine { type_name, .. } => Some((a.path.clone(), type_name.to_string())),
+            _ => None,
+        })
+        .collect();
+    let mut by_sensor = std::collections::HashMap::new();
+    for a in &assets {
+        if !matches!(a.kind, AssetKind::Sensor { .. }) {
+            continue;
+        }
+        let policy = a
+            .path
+            .parent()
+            .and_then(|m| type_of.get(&m))
+            .and_then(|t| r.history_by_type.get(t))
+            .copied()
+            .unwrap_or(r.history);
+        if policy != r.history {
+            by_sensor.insert(a.path.id(), policy);
+        }
+    }
+    Ok(HistorySettings {
+        default: r.history,
+        by_sensor,
+        window_ms: r.aggregate_window_ms,
+    })
 }
 
 /// The site this runtime replicates as: the configured one, else the spec's only site.

@@ -10,7 +10,7 @@ use std::time::Duration;
 use ferrotwin_proto::store::v1 as rec;
 use ferrotwin_proto::v1 as pb;
 use ferrotwin_proto::v1::replication_service_client::ReplicationServiceClient;
-use ferrotwin_runtime::replication::{EnterpriseRole, SiteReplication};
+use ferrotwin_runtime::replication::{EnterpriseRole, HistoryPolicy, SiteReplication};
 use ferrotwin_runtime::{Runtime, RuntimeOptions};
 use prost::Message;
 use tokio_stream::wrappers::ReceiverStream;
@@ -489,6 +489,81 @@ async fn a_slow_enterprise_does_not_slow_the_site_and_its_lag_grows_then_shrinks
     cable.throttle(0);
     wait_all_acked(&site).await;
     assert_eq!(float_of(&get(&mut ent.client, FORCE).await), Some(199.0));
+    site.rt.shutdown().await;
+    ent.rt.shutdown().await;
+}
+
+async fn history_len(
+    c: &mut ferrotwin_proto::v1::twin_service_client::TwinServiceClient<tonic::transport::Channel>,
+    p: &str,
+) -> usize {
+    c.get_history(pb::GetHistoryRequest {
+        path: p.into(),
+        property: String::new(),
+        from_us: 0,
+        to_us: 0,
+        max_points: 0,
+    })
+    .await
+    .expect("history")
+    .into_inner()
+    .points
+    .len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_replicates_as_each_machine_types_policy_says() {
+    let (ed, sd) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let mut ent = start_in(ed.path(), enterprise_options()).await;
+    let mut opts = site_options(ent.addr);
+    let r = opts.replication.as_mut().expect("replication");
+    r.history = HistoryPolicy::StateOnly;
+    r.history_by_type.insert("press".into(), HistoryPolicy::Raw);
+    let site = start_in(sd.path(), opts).await;
+    const ZONE: &str = "acme/berlin/assembly/line-1/oven-1/zone-temp";
+    let t0 = now();
+    // Sixteen readings each, 10 ms apart in source time: four full chunks of four.
+    for i in 0..16 {
+        let ts = t0.plus_ms(i * 10);
+        push(
+            &site,
+            vec![
+                ferrotwin_models::Reading::good(
+                    path(TEMP).id(),
+                    ferrotwin_models::Property::Value,
+                    ferrotwin_models::Value::Float(20.0 + i as f64),
+                    ts,
+                ),
+                ferrotwin_models::Reading::good(
+                    path(ZONE).id(),
+                    ferrotwin_models::Property::Value,
+                    ferrotwin_models::Value::Float(200.0 + i as f64),
+                    ts,
+                ),
+            ],
+        )
+        .await;
+    }
+    wait_for(20, "the press's raw history at the enterprise", || {
+        let mut c = ent.client.clone();
+        async move { (history_len(&mut c, TEMP).await == 16).then_some(()) }
+    })
+    .await;
+    wait_all_acked(&site).await;
+    assert_eq!(
+        history_len(&mut ent.client, ZONE).await,
+        0,
+        "state only for ovens"
+    );
+    let mut sc = site.client.clone();
+    assert_eq!(
+        history_len(&mut sc, ZONE).await,
+        16,
+        "the site keeps its own"
+    );
     site.rt.shutdown().await;
     ent.rt.shutdown().await;
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use ferrotwin_models::spec::AssetKind;
-use ferrotwin_models::{AssetId, AssetPath, Event, EventKind, Severity, Timestamp};
+use ferrotwin_models::{AssetId, AssetPath, Event, EventKind, Property, Severity, Timestamp};
 use ferrotwin_proto::store::v1 as rec;
 use ferrotwin_proto::v1 as pb;
 use ferrotwin_proto::v1::replication_service_server::ReplicationService;
@@ -148,6 +148,36 @@ impl EnterpriseReceiver {
             }
             records.push((id, r.encode_to_vec()));
         }
+        let mut history = Vec::with_capacity(batch.history.len());
+        for h in &batch.history {
+            let bad = |what: &str| {
+                Status::invalid_argument(format!("batch {seq}: history chunk: {what}"))
+            };
+            let id = <[u8; 16]>::try_from(h.id.as_slice())
+                .map(AssetId::from_bytes)
+                .map_err(|_| bad("id is not 16 bytes"))?;
+            let property = u8::try_from(h.property)
+                .ok()
+                .and_then(Property::from_code)
+                .ok_or_else(|| bad("unknown property"))?;
+            let Some(entry) = self.ctx.registry.get(&id) else {
+                mirror.unknown_twins.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            if !entry.path().starts_with(site) {
+                return Err(Status::permission_denied(format!(
+                    "batch {seq}: history of {} is not under site {site}",
+                    entry.path()
+                )));
+            }
+            let first = codec::decode_chunk(&h.chunk)
+                .map_err(|e| bad(&e))?
+                .first()
+                .map(|p| p.ts);
+            if let Some(first) = first {
+                history.push((id, property, first, h.chunk.clone()));
+            }
+        }
         let mut event_seq = mirror.event_seq.load(Ordering::Acquire);
         for e in &batch.events {
             if e.seq <= event_seq {
@@ -195,6 +225,7 @@ impl EnterpriseReceiver {
             .store
             .put_records(
                 records,
+                history,
                 vec![
                     (cursor_key(key), seq.to_be_bytes().to_vec()),
                     (event_cursor_key(key), event_seq.to_be_bytes().to_vec()),

@@ -30,6 +30,16 @@ pub struct SiteReplication {
     /// Batches in flight without an ack; the sender waits beyond.
     #[serde(default = "defaults::max_unacked_batches")]
     pub max_unacked_batches: usize,
+    /// What of a sensor's history goes to the enterprise, by default. Twin state and events
+    /// always go.
+    #[serde(default)]
+    pub history: HistoryPolicy,
+    /// Per machine type (the types of the plant spec): its sensors' policy.
+    #[serde(default)]
+    pub history_by_type: std::collections::BTreeMap<String, HistoryPolicy>,
+    /// Window of `aggregated`.
+    #[serde(default = "defaults::aggregate_window_ms")]
+    pub aggregate_window_ms: i64,
     /// Reconnect back-off, first and longest delay.
     #[serde(default = "defaults::reconnect_min_ms")]
     pub reconnect_min_ms: u64,
@@ -45,7 +55,24 @@ pub struct EnterpriseRole {
     pub accept: Vec<String>,
 }
 
+/// How much of a sensor's history a site replicates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HistoryPolicy {
+    /// Every reading, in the chunks the site stores.
+    Raw,
+    /// One point per `aggregate_window_ms`: the window's mean at its last reading's time,
+    /// with the window's worst quality (min, max and last are not carried).
+    #[default]
+    Aggregated,
+    /// No history: the enterprise mirrors the live state and the events only.
+    StateOnly,
+}
+
 mod defaults {
+    pub fn aggregate_window_ms() -> i64 {
+        60_000
+    }
     pub fn max_outbox_bytes() -> u64 {
         1 << 30
     }
@@ -67,6 +94,9 @@ impl SiteReplication {
             site: None,
             max_outbox_bytes: defaults::max_outbox_bytes(),
             max_unacked_batches: defaults::max_unacked_batches(),
+            history: HistoryPolicy::default(),
+            history_by_type: Default::default(),
+            aggregate_window_ms: defaults::aggregate_window_ms(),
             reconnect_min_ms: defaults::reconnect_min_ms(),
             reconnect_max_ms: defaults::reconnect_max_ms(),
         }

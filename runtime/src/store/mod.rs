@@ -452,13 +452,25 @@ impl Store {
     pub async fn put_records(
         &self,
         records: Vec<(AssetId, Vec<u8>)>,
+        history: Vec<(AssetId, Property, Timestamp, Vec<u8>)>,
         meta: Vec<(Vec<u8>, Vec<u8>)>,
     ) -> u64 {
         let bytes: usize = records.iter().map(|(_, r)| 16 + r.len()).sum::<usize>()
+            + history.iter().map(|h| 29 + h.3.len()).sum::<usize>()
             + meta.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
         self.reserve(bytes).await;
         let mut q = self.queue.lock().expect("queue lock is never poisoned");
         q.bytes += bytes;
+        for (id, property, first, chunk) in history {
+            let mut key = history_key(id, property, first);
+            key.extend_from_slice(
+                &self
+                    .chunk_counter
+                    .fetch_add(1, Ordering::Relaxed)
+                    .to_be_bytes(),
+            );
+            q.history.push((day_of(first), key, chunk));
+        }
         q.records.extend(
             records
                 .into_iter()
@@ -742,8 +754,9 @@ impl Store {
                 Err(e) => tracing::error!(seq, error = %e, "event record does not decode"),
             }
         }
+        let history = ob.history_of(&q.history);
         (
-            ob.prepare(twins, events, full, crate::twin::now().0),
+            ob.prepare(twins, events, history, full, crate::twin::now().0),
             full,
             recovered,
         )

@@ -20,8 +20,14 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use std::collections::HashMap;
+
+use ferrotwin_models::{AssetId, QualityCode};
 use ferrotwin_proto::store::v1 as rec;
 use prost::Message;
+
+use crate::replication::HistoryPolicy;
+use crate::store::{HistPoint, codec};
 
 /// `meta` key: highest event seq the outbox has ever held (trimmed or not).
 const EVENT_HWM_KEY: &str = "outbox-event-hwm";
@@ -80,8 +86,18 @@ pub struct Prepared {
     dropped: Option<(u64, u64)>,
 }
 
+/// Which history goes out (see `replication::HistoryPolicy`).
+#[derive(Debug, Default)]
+pub struct HistorySettings {
+    pub default: HistoryPolicy,
+    /// Sensors whose policy is not the default.
+    pub by_sensor: HashMap<AssetId, HistoryPolicy>,
+    pub window_ms: i64,
+}
+
 pub struct Outbox {
     tree: sled::Tree,
+    history: std::sync::RwLock<HistorySettings>,
     meta: sled::Tree,
     state: Mutex<State>,
     max_bytes: AtomicU64,
@@ -163,6 +179,10 @@ impl Outbox {
         let (committed, _) = tokio::sync::watch::channel(st.next_seq - 1);
         Ok(Outbox {
             tree,
+            history: std::sync::RwLock::new(HistorySettings {
+                default: HistoryPolicy::StateOnly,
+                ..HistorySettings::default()
+            }),
             meta,
             state: Mutex::new(st),
             max_bytes: AtomicU64::new(max_bytes.max(1)),
@@ -174,6 +194,43 @@ impl Outbox {
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().expect("outbox lock is never poisoned")
+    }
+
+    /// Sets which history is replicated (before the writer starts).
+    pub fn set_history(&self, settings: HistorySettings) {
+        *self.history.write().expect("policy lock is never poisoned") = settings;
+    }
+
+    /// The outbox form of the history chunks of one flush, each as its sensor's policy says:
+    /// `(key, chunk)` as the store queues them.
+    pub fn history_of(&self, chunks: &[(i64, Vec<u8>, Vec<u8>)]) -> Vec<rec::OutboxChunk> {
+        let h = self.history.read().expect("policy lock is never poisoned");
+        let mut out = Vec::new();
+        for (_, key, chunk) in chunks {
+            let (Some(id), Some(&property)) = (key.get(..16), key.get(16)) else {
+                continue;
+            };
+            let id16: [u8; 16] = id.try_into().expect("16 bytes");
+            let policy = h
+                .by_sensor
+                .get(&AssetId::from_bytes(id16))
+                .copied()
+                .unwrap_or(h.default);
+            let chunk = match policy {
+                HistoryPolicy::StateOnly => continue,
+                HistoryPolicy::Raw => chunk.clone(),
+                HistoryPolicy::Aggregated => match aggregate(chunk, h.window_ms) {
+                    Some(c) => c,
+                    None => continue,
+                },
+            };
+            out.push(rec::OutboxChunk {
+                id: id.to_vec(),
+                property: u32::from(property),
+                chunk,
+            });
+        }
+        out
     }
 
     /// Highest event seq the outbox holds or held: the store re-stages events past it.
@@ -198,12 +255,14 @@ impl Outbox {
         &self,
         twins: Vec<rec::TwinDelta>,
         events: Vec<rec::OutboxEvent>,
+        history: Vec<rec::OutboxChunk>,
         full: bool,
         now_us: i64,
     ) -> Vec<Prepared> {
         let mut st = self.state();
         let dropped = st.dropped.take();
-        if twins.is_empty() && events.is_empty() && dropped.is_none() && !full {
+        if twins.is_empty() && events.is_empty() && history.is_empty() && dropped.is_none() && !full
+        {
             return Vec::new();
         }
         let full_id = if full {
@@ -215,6 +274,7 @@ impl Outbox {
         let mut out = Vec::new();
         let mut twins = twins.into_iter().peekable();
         let mut events = Some(events);
+        let mut history = Some(history);
         let mut dropped = dropped;
         loop {
             let chunk: Vec<_> = twins.by_ref().take(FULL_SNAPSHOT_CHUNK).collect();
@@ -228,6 +288,7 @@ impl Outbox {
                 full_snapshot_id: full_id,
                 dropped_events_from: d.map_or(0, |d| d.0),
                 dropped_events_to: d.map_or(0, |d| d.1),
+                history: history.take().unwrap_or_default(),
             };
             st.next_seq += 1;
             let bytes = b.encode_to_vec();
@@ -394,6 +455,7 @@ impl Outbox {
                 what: e.to_string(),
             })?;
             b.twins.clear();
+            b.history.clear();
             b.full_snapshot_id = 0;
             let bytes = b.encode_to_vec();
             self.tree.insert(key(seq), bytes.as_slice())?;
@@ -446,9 +508,53 @@ fn held_of(b: &rec::OutboxBatch, bytes: usize) -> Held {
     Held {
         bytes: bytes as u64,
         created_us: b.created_us,
-        has_twins: !b.twins.is_empty(),
+        has_twins: !b.twins.is_empty() || !b.history.is_empty(),
         max_event: b.events.iter().map(|e| e.seq).max().unwrap_or(0),
     }
+}
+
+/// One point per `window_ms` of the chunk: the window's mean at its last reading's time,
+/// with its worst quality. `None` for a chunk that does not decode.
+fn aggregate(chunk: &[u8], window_ms: i64) -> Option<Vec<u8>> {
+    let points = codec::decode_chunk(chunk).ok()?;
+    let window_us = window_ms.max(1) * 1000;
+    let mut out: Vec<HistPoint> = Vec::new();
+    let (mut sum, mut n, mut window) = (0.0, 0u32, None::<i64>);
+    let mut last = None::<HistPoint>;
+    let flush = |sum: f64, n: u32, last: Option<HistPoint>, out: &mut Vec<HistPoint>| {
+        if let Some(mut p) = last
+            && n > 0
+        {
+            p.value = sum / f64::from(n);
+            out.push(p);
+        }
+    };
+    for p in points {
+        let w = p.ts.0.div_euclid(window_us);
+        if window.is_some_and(|x| x != w) {
+            flush(sum, n, last, &mut out);
+            (sum, n, last) = (0.0, 0, None);
+        }
+        window = Some(w);
+        sum += p.value;
+        n += 1;
+        let worst = last.map_or(p.quality, |l| worst_quality(l.quality, p.quality));
+        last = Some(HistPoint {
+            quality: worst,
+            ..p
+        });
+    }
+    flush(sum, n, last, &mut out);
+    (!out.is_empty()).then(|| codec::encode_chunk(&out))
+}
+
+fn worst_quality(a: QualityCode, b: QualityCode) -> QualityCode {
+    let rank = |q: QualityCode| match q {
+        QualityCode::Good => 0,
+        QualityCode::Uncertain => 1,
+        QualityCode::Bad => 2,
+    };
+    if rank(a) >= rank(b) { a } else { b }
 }
 
 fn merge_range(a: Option<(u64, u64)>, b: (u64, u64)) -> (u64, u64) {
@@ -662,5 +768,39 @@ mod tests {
             (reported.dropped_events_from, reported.dropped_events_to),
             (seqs[0], seqs[1])
         );
+    }
+}
+
+#[cfg(test)]
+mod aggregate_tests {
+    use ferrotwin_models::Timestamp;
+
+    use super::*;
+
+    #[test]
+    fn aggregation_keeps_one_mean_per_window_with_its_worst_quality() {
+        let p = |ms: i64, v: f64, q: QualityCode| HistPoint {
+            ts: Timestamp::from_millis(ms),
+            value: v,
+            quality: q,
+        };
+        let chunk = codec::encode_chunk(&[
+            p(0, 1.0, QualityCode::Good),
+            p(400, 3.0, QualityCode::Uncertain),
+            p(1_000, 10.0, QualityCode::Good),
+            p(1_900, 20.0, QualityCode::Good),
+            p(2_500, 7.0, QualityCode::Bad),
+        ]);
+        let out =
+            codec::decode_chunk(&aggregate(&chunk, 1_000).expect("aggregates")).expect("decodes");
+        assert_eq!(
+            out,
+            vec![
+                p(400, 2.0, QualityCode::Uncertain),
+                p(1_900, 15.0, QualityCode::Good),
+                p(2_500, 7.0, QualityCode::Bad),
+            ]
+        );
+        assert!(aggregate(b"not a chunk", 1_000).is_none());
     }
 }
