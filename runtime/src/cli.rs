@@ -266,12 +266,27 @@ pub async fn get(client: &mut Client, path: &str) -> Result<String> {
     Ok(out)
 }
 
-pub async fn query(client: &mut Client, expr: &str, limit: u32) -> Result<String> {
+/// `rank`: a field to rank by, highest first (`-field`: lowest first).
+pub async fn query(
+    client: &mut Client,
+    expr: &str,
+    limit: u32,
+    rank: Option<&str>,
+) -> Result<String> {
+    let (order_by, ascending) = match rank {
+        Some(r) => match r.strip_prefix('-') {
+            Some(f) => (f.to_string(), true),
+            None => (r.to_string(), false),
+        },
+        None => (String::new(), false),
+    };
     let resp = client
         .query(pb::QueryRequest {
             query: expr.to_string(),
             page_size: limit,
             page_token: String::new(),
+            order_by,
+            ascending,
         })
         .await
         .map_err(status)?

@@ -94,6 +94,9 @@ enum Cmd {
         expr: String,
         #[arg(long, default_value_t = 1000)]
         limit: u32,
+        /// Rank by a field, highest first (`-FIELD`: lowest first), e.g. `--rank oee`.
+        #[arg(long, allow_hyphen_values = true)]
+        rank: Option<String>,
         #[command(flatten)]
         remote: Remote,
     },
@@ -166,6 +169,20 @@ enum BenchCmd {
         sensors: u64,
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+    },
+    /// A site replicating to an enterprise over loopback gRPC: rate, bytes per reading,
+    /// lag, catch-up after an outage.
+    Replication {
+        #[arg(long, default_value_t = 10_000)]
+        sensors: u64,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Cut the link this long after the steady state, then measure the catch-up.
+        #[arg(long, default_value_t = 30)]
+        outage: u64,
+        /// raw, aggregated or state-only.
+        #[arg(long, default_value = "aggregated")]
+        history: String,
     },
     /// Print the RSS in bytes of one idle ractor actor (spawning `count` of them).
     Actors {
@@ -270,11 +287,15 @@ async fn main() -> Result<()> {
         Cmd::Query {
             expr,
             limit,
+            rank,
             remote,
         } => {
             init_tracing("warn");
             let mut c = cli::connect(&remote.addr).await?;
-            print!("{}", cli::query(&mut c, &expr, limit).await?);
+            print!(
+                "{}",
+                cli::query(&mut c, &expr, limit, rank.as_deref()).await?
+            );
             Ok(())
         }
         Cmd::History {
@@ -339,6 +360,34 @@ async fn main() -> Result<()> {
             init_tracing("warn");
             let mut c = cli::connect(&remote.addr).await?;
             print!("{}", cli::connections(&mut c).await?);
+            Ok(())
+        }
+        Cmd::Bench {
+            what:
+                BenchCmd::Replication {
+                    sensors,
+                    seconds,
+                    outage,
+                    history,
+                },
+        } => {
+            init_tracing("warn,sled=warn");
+            let history = match history.as_str() {
+                "raw" => ferrotwin_runtime::replication::HistoryPolicy::Raw,
+                "aggregated" => ferrotwin_runtime::replication::HistoryPolicy::Aggregated,
+                "state-only" => ferrotwin_runtime::replication::HistoryPolicy::StateOnly,
+                other => anyhow::bail!("--history {other:?}: raw, aggregated or state-only"),
+            };
+            let report = ferrotwin_runtime::bench_replication::replication(
+                ferrotwin_runtime::bench_replication::ReplicationBench {
+                    sensors,
+                    seconds,
+                    outage_seconds: outage,
+                    history,
+                },
+            )
+            .await?;
+            print!("{report}");
             Ok(())
         }
         Cmd::Bench {

@@ -138,8 +138,7 @@ async fn query_filters_by_level_property_and_a_malformed_query_names_the_positio
     .await;
     let q = |text: &str| pb::QueryRequest {
         query: text.into(),
-        page_size: 0,
-        page_token: String::new(),
+        ..Default::default()
     };
     let hot = c
         .query(q("level = sensor and value > 80"))

@@ -567,3 +567,85 @@ async fn history_replicates_as_each_machine_types_policy_says() {
     site.rt.shutdown().await;
     ent.rt.shutdown().await;
 }
+
+/// The test plant with a second site, `paris`, of the same shape.
+fn two_site_spec() -> ferrotwin_models::spec::PlantSpec {
+    let text = format!(
+        "{PLANT}\n[[sites]]\nname = \"paris\"\n[[sites.areas]]\nname = \"assembly\"\n\
+         [[sites.areas.lines]]\nname = \"line-1\"\nmachines = [{{ name = \"press-1\", type = \"press\" }}, \
+         {{ name = \"oven-1\", type = \"oven\" }}]\n"
+    );
+    ferrotwin_models::spec::PlantSpec::from_toml(&text, "two sites").expect("valid")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_enterprise_ranks_machines_of_one_type_across_sites() {
+    let full = two_site_spec();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().expect("dir")).collect();
+    let mut eo = options();
+    eo.enterprise = Some(EnterpriseRole {
+        accept: vec!["acme/berlin".into(), "acme/paris".into()],
+    });
+    let mut ent = start_plant_in(&full, dirs[0].path(), eo).await;
+    let mut sites = Vec::new();
+    for (i, name) in ["berlin", "paris"].iter().enumerate() {
+        let mut spec = full.clone();
+        spec.sites.retain(|s| s.name == *name);
+        let site = start_plant_in(&spec, dirs[i + 1].path(), site_options(ent.addr)).await;
+        let temp = TEMP.replace("berlin", name);
+        push(&site, vec![float(&temp, if i == 0 { 70.0 } else { 90.0 })]).await;
+        sites.push(site);
+    }
+    let ranked = wait_for(20, "both presses ranked at the enterprise", || {
+        let mut c = ent.client.clone();
+        async move {
+            let r = c
+                .query(pb::QueryRequest {
+                    query: "type = press".into(),
+                    order_by: "temp".into(),
+                    ..Default::default()
+                })
+                .await
+                .expect("query")
+                .into_inner()
+                .twins;
+            let paths: Vec<String> = r.into_iter().map(|t| t.path).collect();
+            (paths
+                == [
+                    "acme/paris/assembly/line-1/press-1",
+                    "acme/berlin/assembly/line-1/press-1",
+                ])
+            .then_some(paths)
+        }
+    })
+    .await;
+    assert_eq!(ranked.len(), 2);
+    let asc = ent
+        .client
+        .query(pb::QueryRequest {
+            query: "type = press".into(),
+            order_by: "temp".into(),
+            ascending: true,
+            ..Default::default()
+        })
+        .await
+        .expect("query")
+        .into_inner()
+        .twins;
+    assert_eq!(asc[0].path, "acme/berlin/assembly/line-1/press-1");
+    let err = ent
+        .client
+        .query(pb::QueryRequest {
+            query: "type = press".into(),
+            order_by: "temp".into(),
+            page_token: "acme".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("no paging of ranked results");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    for s in sites {
+        s.rt.shutdown().await;
+    }
+    ent.rt.shutdown().await;
+}

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferrotwin_adapters::{WriteError, WriteRequest};
-use ferrotwin_models::query::{Query, QueryError};
+use ferrotwin_models::query::{FieldValue, Query, QueryError, Subject};
 use ferrotwin_models::{AssetId, AssetPath, EventKind, PathError, Property, Timestamp};
 use ferrotwin_proto::v1 as pb;
 use ferrotwin_proto::v1::replication_service_server::ReplicationServiceServer;
@@ -298,6 +298,13 @@ impl TwinService for TwinApi {
             .and_then(|g| g.literal_prefix())
             .and_then(|p| AssetPath::parse(&p).ok());
         let level = q.pinned_level().map(str::to_string);
+        let order_by = (!req.order_by.is_empty()).then(|| req.order_by.clone());
+        if order_by.is_some() && !req.page_token.is_empty() {
+            return Err(ApiError::BadArgument(
+                "page_token: ranked results are a single page (no token)".into(),
+            )
+            .into());
+        }
         if let Some(l) = &level
             && ferrotwin_models::Level::parse(l).is_none()
         {
@@ -310,10 +317,13 @@ impl TwinService for TwinApi {
         // and the query (which may read other twins, e.g. a machine's sensors) runs
         // outside it. On a blocking thread: a full-plant query may take a while.
         let ctx = self.ctx.clone();
+        let ascending = req.ascending;
         let (entries, more) = tokio::task::spawn_blocking(move || {
             let registry = &ctx.registry;
             let mut cursor = after;
             let mut found = Vec::new();
+            // Ranked: every match with its key, the top `limit` at the end.
+            let mut ranked: Vec<(Option<f64>, Arc<TwinEntry>)> = Vec::new();
             loop {
                 let (window, more) =
                     registry.scan(prefix.as_ref(), cursor.as_ref(), QUERY_WINDOW, |e| {
@@ -327,6 +337,22 @@ impl TwinService for TwinApi {
                         registry,
                     });
                     if hit {
+                        if let Some(field) = &order_by {
+                            let key = TwinSubject {
+                                entry: &e,
+                                snap: e.snapshot(),
+                                registry,
+                            }
+                            .field(field)
+                            .and_then(|v| match v {
+                                FieldValue::Num(n) => Some(n),
+                                FieldValue::Bool(b) => Some(f64::from(u8::from(b))),
+                                FieldValue::Text(_) => None,
+                            })
+                            .filter(|n| n.is_finite());
+                            ranked.push((key, e));
+                            continue;
+                        }
                         if found.len() == limit {
                             return (found, true);
                         }
@@ -334,6 +360,17 @@ impl TwinService for TwinApi {
                     }
                 }
                 if !more {
+                    if order_by.is_some() {
+                        ranked.sort_by(|a, b| match (a.0, b.0) {
+                            (Some(x), Some(y)) if ascending => x.total_cmp(&y),
+                            (Some(x), Some(y)) => y.total_cmp(&x),
+                            (Some(_), None) => std::cmp::Ordering::Less,
+                            (None, Some(_)) => std::cmp::Ordering::Greater,
+                            (None, None) => std::cmp::Ordering::Equal,
+                        });
+                        ranked.truncate(limit);
+                        return (ranked.into_iter().map(|(_, e)| e).collect(), false);
+                    }
                     return (found, false);
                 }
             }

@@ -117,6 +117,19 @@ pub async fn run_sender(
     }
 }
 
+/// The enterprise said no (its answer), or the link failed before it could answer.
+fn refused_or_broken(s: tonic::Status) -> SendError {
+    use tonic::Code;
+    match s.code() {
+        Code::PermissionDenied
+        | Code::FailedPrecondition
+        | Code::InvalidArgument
+        | Code::Unimplemented
+        | Code::Unauthenticated => SendError::Refused(s),
+        _ => SendError::Stream(s),
+    }
+}
+
 /// One connection: hello, welcome, then batches out and acks in until something breaks.
 async fn stream_once(
     outbox: &Outbox,
@@ -152,12 +165,12 @@ async fn stream_once(
     let mut responses = client
         .replicate(ReceiverStream::new(rx))
         .await
-        .map_err(SendError::Refused)?
+        .map_err(refused_or_broken)?
         .into_inner();
     let welcome = tokio::time::timeout(WELCOME_TIMEOUT, responses.message())
         .await
         .map_err(|_| SendError::NoWelcome)?
-        .map_err(SendError::Refused)?
+        .map_err(refused_or_broken)?
         .ok_or(SendError::Closed)?;
     let Some(pb::replicate_response::Msg::Welcome(w)) = welcome.msg else {
         return Err(SendError::NoWelcome);
