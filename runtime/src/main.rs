@@ -184,6 +184,19 @@ enum BenchCmd {
         #[arg(long, default_value = "aggregated")]
         history: String,
     },
+    /// Latency from a value changing in a simulated PLC to a gRPC Watch subscriber, over a
+    /// real protocol and adapter.
+    Plc {
+        #[arg(long, value_enum, default_value = "modbus")]
+        via: demo::Via,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Modbus poll interval.
+        #[arg(long, default_value_t = 100)]
+        poll_ms: u64,
+        #[arg(long, default_value_t = 4)]
+        lines: u32,
+    },
     /// Print the RSS in bytes of one idle ractor actor (spawning `count` of them).
     Actors {
         #[arg(long, default_value_t = 100_000)]
@@ -387,6 +400,27 @@ async fn main() -> Result<()> {
                 },
             )
             .await?;
+            print!("{report}");
+            Ok(())
+        }
+        Cmd::Bench {
+            what:
+                BenchCmd::Plc {
+                    via,
+                    seconds,
+                    poll_ms,
+                    lines,
+                },
+        } => {
+            init_tracing("warn,sled=warn,rumqttd=off");
+            let report =
+                ferrotwin_runtime::bench_plc::plc(ferrotwin_runtime::bench_plc::PlcBench {
+                    via,
+                    seconds,
+                    poll_ms,
+                    lines,
+                })
+                .await?;
             print!("{report}");
             Ok(())
         }
