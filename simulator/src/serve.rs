@@ -1,7 +1,8 @@
-//! `ferrotwin-sim serve`: the plant on Modbus TCP and MQTT. One `modbus::serve_line` server per
-//! line on 127.0.0.1 (port chosen by the OS), a simulation stepped in real time whose readings
-//! update the register images and are published as JSON on MQTT (`mqtt`: to the broker given,
-//! or to an embedded one), and setpoints written by clients applied to the machines.
+//! `ferrotwin-sim serve`: the plant on Modbus TCP, OPC UA and MQTT. One `modbus::serve_line`
+//! server per line and one OPC UA server per site (`opcua`) on 127.0.0.1 (ports chosen by the
+//! OS), a simulation stepped in real time whose readings update the register images and the
+//! OPC UA variables and are published as JSON on MQTT (`mqtt`: to the broker given, or to an
+//! embedded one), and setpoints written by clients applied to the machines.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -21,6 +22,7 @@ use crate::mapping::{Mapping, MappingError};
 use crate::modbus::{LineMapError, LineRegisters, serve_line};
 use crate::model::PlantSim;
 use crate::mqtt::{EmbeddedBroker, MqttError, MqttPublisher, Topics, parse_endpoint};
+use crate::opcua::{OpcUaError, OpcUaPlant};
 
 /// Wall-clock time between simulation steps: registers are at most this stale.
 pub const STEP_INTERVAL: Duration = Duration::from_millis(100);
@@ -55,6 +57,8 @@ pub enum ServeError {
     Speed(f64),
     #[error(transparent)]
     Mqtt(#[from] MqttError),
+    #[error(transparent)]
+    OpcUa(#[from] OpcUaError),
     #[error("a Modbus server stopped accepting connections")]
     ServerEnded {
         #[source]
@@ -100,6 +104,7 @@ pub struct ServedPlant {
     per_line: Vec<Vec<Reading>>,
     servers: JoinSet<io::Result<()>>,
     mqtt: Option<MqttOut>,
+    opcua: Option<OpcUaPlant>,
     setpoints: SetpointInbox,
 }
 
@@ -166,6 +171,7 @@ impl ServedPlant {
             readings: Vec::new(),
             servers,
             mqtt: None,
+            opcua: None,
             setpoints: SetpointInbox::default(),
         })
     }
@@ -193,7 +199,24 @@ impl ServedPlant {
         });
     }
 
-    /// `endpoints.toml`: the address of each line's server and the MQTT broker's.
+    /// Starts an OPC UA server per site of `spec` (the plant this was started with); from the
+    /// next `step_to` on they serve its readings, and their setpoint writes are applied.
+    pub async fn serve_opcua(&mut self, spec: &PlantSpec) -> Result<(), ServeError> {
+        self.opcua = Some(OpcUaPlant::start(spec, self.setpoints()).await?);
+        Ok(())
+    }
+
+    /// The OPC UA servers, once `serve_opcua` started them.
+    pub fn opcua(&self) -> Option<&OpcUaPlant> {
+        self.opcua.as_ref()
+    }
+
+    pub fn opcua_mut(&mut self) -> Option<&mut OpcUaPlant> {
+        self.opcua.as_mut()
+    }
+
+    /// `endpoints.toml`: the address of each line's server, each site's OPC UA server and the
+    /// MQTT broker's.
     pub fn endpoints_toml(&self) -> String {
         let mut out = String::from("version = 1\n");
         for l in &self.lines {
@@ -201,6 +224,13 @@ impl ServedPlant {
                 out,
                 "\n[[modbus]]\nline = {:?}\nendpoint = \"{}\"\n",
                 l.line, l.addr
+            );
+        }
+        for s in self.opcua.iter().flat_map(OpcUaPlant::sites) {
+            let _ = write!(
+                out,
+                "\n[[opcua]]\nsite = {:?}\nendpoint = {:?}\n",
+                s.site, s.endpoint
             );
         }
         if let Some(m) = &self.mqtt {
@@ -230,6 +260,9 @@ impl ServedPlant {
         for (l, batch) in self.lines.iter().zip(&mut self.per_line) {
             l.registers.update_from(batch);
             batch.clear();
+        }
+        if let Some(o) = &mut self.opcua {
+            o.update(&self.readings, &self.sim, t);
         }
         &self.readings
     }
@@ -286,8 +319,8 @@ impl ServedPlant {
 
 /// What `ferrotwin-sim serve` does: loads DIR/plant.toml, starts the servers, connects to the
 /// MQTT broker at `mqtt` (`HOST:PORT`) or, without one, starts an embedded broker on
-/// 127.0.0.1, prints `modbus <line> <addr>` per line and `mqtt <addr>`, writes the same to
-/// DIR/endpoints.toml, runs until `shutdown`.
+/// 127.0.0.1, prints `modbus <line> <addr>` per line, `opcua <site> <endpoint>` per site and
+/// `mqtt <addr>`, writes the same to DIR/endpoints.toml, runs until `shutdown`.
 pub async fn serve(
     plant_dir: &Path,
     speed: f64,
@@ -303,6 +336,7 @@ pub async fn serve(
     // are (at `--speed` above 1 they run ahead of the clock, and a runtime rejects readings
     // further ahead than its allowed skew).
     let mut plant = ServedPlant::start(&spec, seed, wall_clock_now()).await?;
+    plant.serve_opcua(&spec).await?;
     // The embedded broker runs until the process exits (rumqttd has no shutdown).
     let (host, port) = match mqtt {
         Some(endpoint) => parse_endpoint(endpoint)?,
@@ -320,6 +354,9 @@ pub async fn serve(
     };
     for l in plant.lines() {
         println!("modbus {} {}", l.line, l.addr);
+    }
+    for s in plant.opcua().iter().flat_map(|o| o.sites()) {
+        println!("opcua {} {}", s.site, s.endpoint);
     }
     println!("mqtt {endpoint}");
     plant.publish_mqtt(&spec, endpoint, publisher);
@@ -676,6 +713,7 @@ mod tests {
         let (endpoint, (topic, payload), file) = serve_until_a_message(None).await;
         assert!(endpoint.starts_with("127.0.0.1:"), "{endpoint}");
         assert_eq!(file["modbus"].as_array().map(Vec::len), Some(1));
+        assert_eq!(file["opcua"].as_array().map(Vec::len), Some(1));
         assert_a_reading(&topic, &payload);
     }
 
@@ -686,6 +724,7 @@ mod tests {
         let (endpoint, (topic, payload), file) = serve_until_a_message(Some(&addr)).await;
         assert_eq!(endpoint, addr);
         assert_eq!(file["modbus"].as_array().map(Vec::len), Some(1));
+        assert_eq!(file["opcua"].as_array().map(Vec::len), Some(1));
         assert_a_reading(&topic, &payload);
     }
 
