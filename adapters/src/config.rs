@@ -11,17 +11,23 @@ pub const MAX_NAME_LEN: usize = 64;
 /// rejects unknown keys.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "protocol", rename_all = "lowercase")]
-pub enum ConnectionConfig {}
+pub enum ConnectionConfig {
+    OpcUa(crate::opcua::OpcUaConfig),
+}
 
 impl ConnectionConfig {
     pub fn name(&self) -> &str {
-        match *self {}
+        match self {
+            ConnectionConfig::OpcUa(c) => &c.name,
+        }
     }
 
     /// The validated tags of this connection: every asset path parses, every property is a
     /// reading property or a writable setpoint, no (asset, property) twice.
     pub fn targets(&self) -> Result<Vec<TagTarget>, ConfigError> {
-        match *self {}
+        match self {
+            ConnectionConfig::OpcUa(c) => c.targets(),
+        }
     }
 }
 

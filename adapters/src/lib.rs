@@ -13,6 +13,7 @@
 
 pub mod backoff;
 pub mod config;
+pub mod opcua;
 pub mod push;
 pub mod status;
 pub mod write;
@@ -138,10 +139,12 @@ pub fn start(
 /// The one place that matches on the protocol.
 fn spawn_protocol(
     config: ConnectionConfig,
-    _targets: Vec<TagTarget>,
-    _io: AdapterIo,
+    targets: Vec<TagTarget>,
+    io: AdapterIo,
 ) -> JoinHandle<()> {
     // Each protocol module adds its arm, e.g. `ConnectionConfig::Modbus(c) =>
     // tokio::spawn(modbus::run(c, targets, io))`.
-    match config {}
+    match config {
+        ConnectionConfig::OpcUa(c) => tokio::spawn(opcua::run(c, targets, io)),
+    }
 }

@@ -183,9 +183,21 @@ pub struct OpcUaPlant {
 }
 
 impl OpcUaPlant {
-    /// Binds and starts one server per site of `spec`; setpoint writes go to `setpoints`.
-    /// Values are empty (`BadWaitingForInitialData`) until the first `update`.
+    /// Binds and starts one server per site of `spec` on 127.0.0.1 (ports chosen by the OS);
+    /// setpoint writes go to `setpoints`. Values are empty (`BadWaitingForInitialData`) until
+    /// the first `update`.
     pub async fn start(spec: &PlantSpec, setpoints: SetpointInbox) -> Result<Self, OpcUaError> {
+        Self::start_on(spec, setpoints, &[]).await
+    }
+
+    /// `start`, the server of the `i`th site bound to `addrs[i]` (port 0: chosen by the OS);
+    /// sites past the end of `addrs` on 127.0.0.1:0. Tests bring a stopped server back on
+    /// its old port with it.
+    pub async fn start_on(
+        spec: &PlantSpec,
+        setpoints: SetpointInbox,
+        addrs: &[SocketAddr],
+    ) -> Result<Self, OpcUaError> {
         let assets = spec.assets();
         let mut sites = Vec::new();
         let mut slots = Vec::new();
@@ -197,7 +209,12 @@ impl OpcUaPlant {
             .find(|a| a.path.level() == Level::Enterprise)
             .map(|a| a.path.clone());
         for site in assets.iter().filter(|a| a.path.level() == Level::Site) {
-            let (server, listener, endpoint, handle, nodes, ns) = build_server(&site.path).await?;
+            let bind = addrs
+                .get(sites.len())
+                .copied()
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+            let (server, listener, endpoint, handle, nodes, ns) =
+                build_server(&site.path, bind).await?;
             let addr = listener.local_addr().map_err(|source| OpcUaError::Bind {
                 site: site.path.to_string(),
                 source,
@@ -543,7 +560,7 @@ type Built = (
 
 /// Builds (does not start) the server of the site at `site` and binds its listener: the
 /// listener first, since the endpoint descriptions the server hands out carry its port.
-async fn build_server(site: &AssetPath) -> Result<Built, OpcUaError> {
+async fn build_server(site: &AssetPath, bind: SocketAddr) -> Result<Built, OpcUaError> {
     let bind_err = |source| OpcUaError::Bind {
         site: site.to_string(),
         source,
@@ -552,7 +569,7 @@ async fn build_server(site: &AssetPath) -> Result<Built, OpcUaError> {
         site: site.to_string(),
         what,
     };
-    let listener = TcpListener::bind("127.0.0.1:0").await.map_err(bind_err)?;
+    let listener = TcpListener::bind(bind).await.map_err(bind_err)?;
     let addr = listener.local_addr().map_err(bind_err)?;
     let endpoint = format!("opc.tcp://{addr}/");
     // Security None needs no certificate, but the crate still opens a PKI folder: keep it out

@@ -202,7 +202,20 @@ impl ServedPlant {
     /// Starts an OPC UA server per site of `spec` (the plant this was started with); from the
     /// next `step_to` on they serve its readings, and their setpoint writes are applied.
     pub async fn serve_opcua(&mut self, spec: &PlantSpec) -> Result<(), ServeError> {
-        self.opcua = Some(OpcUaPlant::start(spec, self.setpoints()).await?);
+        self.serve_opcua_on(spec, &[]).await
+    }
+
+    /// `serve_opcua` with the servers bound to `addrs` (`OpcUaPlant::start_on`), replacing
+    /// any running ones.
+    pub async fn serve_opcua_on(
+        &mut self,
+        spec: &PlantSpec,
+        addrs: &[SocketAddr],
+    ) -> Result<(), ServeError> {
+        if let Some(old) = self.opcua.take() {
+            old.shutdown().await;
+        }
+        self.opcua = Some(OpcUaPlant::start_on(spec, self.setpoints(), addrs).await?);
         Ok(())
     }
 
