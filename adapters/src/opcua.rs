@@ -74,8 +74,19 @@ use crate::write::{WriteCommand, WriteError};
 const LOOP_QUEUE: usize = 2;
 
 /// Notifications per Publish response, so one response (what the buffer holds at most
-/// between two polls) stays bounded.
-const MAX_NOTIFICATIONS_PER_PUBLISH: u32 = 10_000;
+/// between two polls) stays bounded. 1000 is also the array length a default async-opcua
+/// peer decodes: more in one response and its decoder fails the whole connection.
+const MAX_NOTIFICATIONS_PER_PUBLISH: u32 = 1000;
+
+/// Decoding limits of our side: the crate's defaults (arrays of 1000, messages of 320 KiB)
+/// are below what a Browse, Read or create result of a large server can be.
+const MAX_ARRAY_LENGTH: usize = 100_000;
+const MAX_MESSAGE_SIZE: usize = 16 << 20;
+const MAX_CHUNK_COUNT: usize = 256;
+
+/// How long the server keeps a session we lost without closing it (the link died): short,
+/// so that a flapping link does not fill the server's session table with orphans.
+const SESSION_TIMEOUT_MS: u32 = 30_000;
 
 /// Monitored items per CreateMonitoredItems call: async-opcua servers refuse more by default
 /// (`max_monitored_items_per_call`), and other servers' limits are rarely lower.
@@ -450,6 +461,10 @@ impl Ctx<'_> {
             .request_timeout(timeout)
             .keep_alive_interval(timeout.max(Duration::from_secs(1)))
             .max_failed_keep_alive_count(MAX_FAILED_KEEP_ALIVES)
+            .session_timeout(SESSION_TIMEOUT_MS)
+            .max_array_length(MAX_ARRAY_LENGTH)
+            .max_message_size(MAX_MESSAGE_SIZE)
+            .max_chunk_count(MAX_CHUNK_COUNT)
             // Reconnects are ours (module doc): the crate gives up at once.
             .session_retry_limit(0);
         if let (Some(cert), Some(key)) = (&c.client_cert, &c.client_key) {
@@ -683,7 +698,12 @@ impl Ctx<'_> {
                 .flatten()
                 .find(|d| !d.is_null())
                 .map_or_else(now, from_ua_time);
-            let value = dv.value.as_ref().and_then(|v| value_of(v, property));
+            // No value with a usable status: nothing to report (not a failure either).
+            let raw = dv.value.as_ref().filter(|v| !matches!(v, Variant::Empty));
+            if raw.is_none() && !code.is_bad() {
+                continue;
+            }
+            let value = raw.and_then(|v| value_of(v, property));
             if code.is_bad() {
                 if code_of(code) == StatusCode::BadWaitingForInitialData {
                     continue;
@@ -703,12 +723,9 @@ impl Ctx<'_> {
                 continue;
             }
             let Some(value) = value else {
-                // Good or uncertain but no value we can use: the tag is misconfigured.
+                // Good or uncertain but a value we cannot use: the tag is misconfigured.
                 rejected += 1;
-                let why = format!(
-                    "value {:?} is not a number or boolean for {property}",
-                    dv.value
-                );
+                let why = format!("{raw:?} is not a number or boolean for {property}");
                 self.fail_with(i, why, state).await;
                 if let Some(last) = state.last[i] {
                     batch.push(Reading {

@@ -596,10 +596,13 @@ async fn build_server(site: &AssetPath, bind: SocketAddr) -> Result<Built, OpcUa
             },
             "ferrotwin-sim",
         ));
-    builder
-        .limits_mut()
-        .subscriptions
-        .max_monitored_items_per_sub = MAX_MONITORED_ITEMS_PER_SUB;
+    let limits = builder.limits_mut();
+    limits.subscriptions.max_monitored_items_per_sub = MAX_MONITORED_ITEMS_PER_SUB;
+    // The crate's defaults (arrays of 1000, messages of 320 KiB) cut off a Read or Browse of
+    // a large site.
+    limits.max_array_length = 100_000;
+    limits.max_message_size = 16 << 20;
+    limits.max_chunk_count = 256;
     let (server, handle) = builder.build().map_err(build_err)?;
     let nodes = handle
         .node_managers()
