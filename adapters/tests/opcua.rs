@@ -458,3 +458,95 @@ fn config_errors_name_the_connection_and_the_tag() {
     );
     assert!(matches!(ok, Ok(Ok(_))));
 }
+
+/// Takes batches only while open; counts the refused attempts.
+#[derive(Default)]
+struct GateSink {
+    closed: std::sync::atomic::AtomicBool,
+    refused: std::sync::atomic::AtomicU64,
+    first_refused: Mutex<Option<Vec<Reading>>>,
+    taken: Mutex<Vec<Reading>>,
+}
+
+impl ferrotwin_models::IngestSink for GateSink {
+    fn try_push(&self, batch: Vec<Reading>) -> Result<(), ferrotwin_models::PushBack> {
+        use std::sync::atomic::Ordering;
+        if self.closed.load(Ordering::SeqCst) {
+            self.refused.fetch_add(1, Ordering::SeqCst);
+            self.first_refused
+                .lock()
+                .expect("not poisoned")
+                .get_or_insert_with(|| batch.clone());
+            return Err(ferrotwin_models::PushBack {
+                batch,
+                why: ferrotwin_models::PushBackReason::Busy,
+            });
+        }
+        self.taken.lock().expect("not poisoned").extend(batch);
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_pushing_back_holds_the_adapter_and_the_held_batch_arrives_later() {
+    use std::sync::atomic::Ordering;
+    let sim = Sim::start().await;
+    let sensors = sim.sensors_of(PRESS);
+    let tags: String = sensors.iter().map(value_tag).collect();
+    let sink = Arc::new(GateSink::default());
+    let (tx, mut rx) = mpsc::channel(ferrotwin_adapters::EVENT_QUEUE);
+    tokio::spawn(async move { while rx.recv().await.is_some() {} });
+    let token = CancellationToken::new();
+    let handle = ferrotwin_adapters::start(
+        config(&sim.endpoint().await, &tags),
+        sink.clone(),
+        tx,
+        token.clone(),
+    )
+    .expect("valid");
+    wait_until("first values", || {
+        let n = sink.taken.lock().expect("not poisoned").len();
+        async move { n > 0 }
+    })
+    .await;
+    sink.closed.store(true, Ordering::SeqCst);
+    wait_until("the adapter retries its batch", || {
+        let n = sink.refused.load(Ordering::SeqCst);
+        async move { n >= 10 }
+    })
+    .await;
+    let received = handle.status().snapshot().received;
+    let before = sink.taken.lock().expect("not poisoned").len();
+    wait_until("more retries", || {
+        let n = sink.refused.load(Ordering::SeqCst);
+        async move { n >= 20 }
+    })
+    .await;
+    assert_eq!(
+        handle.status().snapshot().received,
+        received,
+        "nothing taken"
+    );
+    assert_eq!(sink.taken.lock().expect("not poisoned").len(), before);
+    sink.closed.store(false, Ordering::SeqCst);
+    wait_until("values again", || {
+        let n = sink.taken.lock().expect("not poisoned").len();
+        async move { n > before }
+    })
+    .await;
+    let taken = sink.taken.lock().expect("not poisoned").clone();
+    // The batch held while the sink was closed came through first, untouched.
+    let held = sink
+        .first_refused
+        .lock()
+        .expect("not poisoned")
+        .clone()
+        .expect("a batch was refused");
+    assert_eq!(&taken[before..before + held.len()], held.as_slice());
+    assert_eq!(handle.status().link(), LinkState::Connected);
+    token.cancel();
+    tokio::time::timeout(WAIT, handle.join)
+        .await
+        .expect("stops")
+        .expect("no panic");
+}
