@@ -550,3 +550,100 @@ async fn a_sink_pushing_back_holds_the_adapter_and_the_held_batch_arrives_later(
         .expect("stops")
         .expect("no panic");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn basic256sha256_sign_and_encrypt_needs_only_config() {
+    use opcua::crypto::{CertificateStore, SecurityPolicy, X509Data};
+    use opcua::server::address_space::VariableBuilder;
+    use opcua::server::diagnostics::NamespaceMetadata;
+    use opcua::server::node_manager::memory::{SimpleNodeManager, simple_node_manager};
+    use opcua::server::{ANONYMOUS_USER_TOKEN_ID, ServerBuilder, ServerEndpoint};
+    use opcua::types::{ApplicationDescription, DataTypeId, MessageSecurityMode, NodeId, ObjectId};
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (cert, key) = (dir.path().join("client.der"), dir.path().join("client.pem"));
+    // The certificate carries the adapter's application URI, as servers check.
+    let desc = ApplicationDescription {
+        application_uri: "urn:ferrotwin:adapter:secure".into(),
+        application_name: "ferrotwin secure".into(),
+        ..Default::default()
+    };
+    CertificateStore::create_certificate_and_key(
+        &X509Data::from((desc, Some(vec!["127.0.0.1".to_owned()]))),
+        true,
+        &cert,
+        &key,
+    )
+    .expect("client certificate");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("binds");
+    let port = listener.local_addr().expect("addr").port();
+    let endpoint = format!("opc.tcp://127.0.0.1:{port}/");
+    let (server, handle) = ServerBuilder::new()
+        .application_name("secure test server")
+        .application_uri("urn:ferrotwin:secure-test")
+        .host("127.0.0.1")
+        .port(port)
+        .pki_dir(dir.path().join("server-pki"))
+        .create_sample_keypair(true)
+        .trust_client_certs(true)
+        .discovery_urls(vec![endpoint.clone()])
+        .add_endpoint(
+            "b256",
+            ServerEndpoint::new(
+                "/",
+                SecurityPolicy::Basic256Sha256,
+                MessageSecurityMode::SignAndEncrypt,
+                &[ANONYMOUS_USER_TOKEN_ID.to_owned()],
+            ),
+        )
+        .with_node_manager(simple_node_manager(
+            NamespaceMetadata {
+                namespace_uri: "urn:ferrotwin:secure-test:plant".into(),
+                ..Default::default()
+            },
+            "secure",
+        ))
+        .build()
+        .expect("server config");
+    let nodes = handle
+        .node_managers()
+        .get_of_type::<SimpleNodeManager>()
+        .expect("node manager");
+    let ns = handle
+        .get_namespace_index("urn:ferrotwin:secure-test:plant")
+        .expect("namespace");
+    let sensor = "acme/s/a/l/m/t";
+    VariableBuilder::new(
+        &NodeId::new(ns, format!("{sensor}/value")),
+        "value",
+        "value",
+    )
+    .data_type(DataTypeId::Double)
+    .value(42.5)
+    .organized_by(ObjectId::ObjectsFolder)
+    .insert(&mut *nodes.address_space().write());
+    let _stop = handle.token().clone().drop_guard();
+    tokio::spawn(server.run_with(listener));
+    let text = format!(
+        "protocol = \"opcua\"\nname = \"secure\"\nendpoint = \"{endpoint}\"\n\
+         security_policy = \"basic256sha256\"\nsecurity_mode = \"sign_and_encrypt\"\n\
+         client_cert = {cert:?}\nclient_key = {key:?}\npki_dir = {pki:?}\ntrust_server_cert = true\n{tags}",
+        pki = dir.path().join("client-pki"),
+        tags = tag(&format!("{sensor}/value"), sensor, "value", false)
+            .replace("ns=2", &format!("ns={ns}")),
+    );
+    let run = Running::start(toml::from_str(&text).expect("valid config"));
+    let id = AssetPath::parse(sensor).expect("valid").id();
+    wait_until("the value over an encrypted channel", || {
+        let got = run
+            .sink
+            .take()
+            .iter()
+            .any(|r| r.asset == id && r.value == Value::Float(42.5));
+        async move { got }
+    })
+    .await;
+    run.stop().await;
+}
