@@ -13,7 +13,13 @@
 //! callback only appends to a buffer, and the task polling the loop hands the buffer over on a
 //! channel of `LOOP_QUEUE` before polling again. While the sink pushes back, that channel is
 //! full, the loop is not polled, no Publish requests go out, and the server holds (and, past
-//! its queues, coalesces) the changes: nothing piles up here.
+//! its queues, coalesces) the changes: nothing piles up here. Writes travel over the same
+//! event loop, so during a long push-back they wait too and answer `Timeout` after
+//! `timeout_ms`.
+//!
+//! Security: `none`, or `basic256sha256` with `sign` / `sign_and_encrypt`, the client's
+//! certificate and key, and a PKI folder; the server's certificate must be in
+//! `pki_dir/trusted` unless `trust_server_cert = true`. The identity is anonymous.
 //!
 //! Config, one `[[connections]]` entry:
 //! ```toml
@@ -324,6 +330,7 @@ pub async fn run(config: OpcUaConfig, targets: Vec<TagTarget>, io: AdapterIo) {
             .iter()
             .zip(targets)
             .map(|(t, target)| Tag {
+                // `targets` checked every node id; a null one would only fail its tag.
                 node: NodeId::from_str(&t.node_id).unwrap_or_else(|_| NodeId::null()),
                 address: t.node_id.clone(),
                 target,
