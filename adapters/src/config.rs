@@ -14,6 +14,7 @@ pub const MAX_NAME_LEN: usize = 64;
 pub enum ConnectionConfig {
     Modbus(crate::modbus::ModbusConfig),
     Mqtt(crate::mqtt::MqttConfig),
+    OpcUa(crate::opcua::OpcUaConfig),
 }
 
 impl ConnectionConfig {
@@ -21,6 +22,7 @@ impl ConnectionConfig {
         match self {
             ConnectionConfig::Modbus(c) => &c.name,
             ConnectionConfig::Mqtt(c) => &c.name,
+            ConnectionConfig::OpcUa(c) => &c.name,
         }
     }
 
@@ -29,6 +31,7 @@ impl ConnectionConfig {
         match self {
             ConnectionConfig::Modbus(_) => "modbus",
             ConnectionConfig::Mqtt(_) => "mqtt",
+            ConnectionConfig::OpcUa(_) => "opcua",
         }
     }
 
@@ -37,6 +40,7 @@ impl ConnectionConfig {
         match self {
             ConnectionConfig::Modbus(c) => c.endpoint.clone(),
             ConnectionConfig::Mqtt(c) => c.broker.clone(),
+            ConnectionConfig::OpcUa(c) => c.endpoint.clone(),
         }
     }
 
@@ -50,7 +54,7 @@ impl ConnectionConfig {
                     *f = base.join(&*f);
                 }
             }
-            ConnectionConfig::Mqtt(_) => {}
+            ConnectionConfig::Mqtt(_) | ConnectionConfig::OpcUa(_) => {}
         }
     }
 
@@ -60,6 +64,7 @@ impl ConnectionConfig {
         match self {
             ConnectionConfig::Modbus(c) => c.targets(),
             ConnectionConfig::Mqtt(c) => c.targets(),
+            ConnectionConfig::OpcUa(c) => c.targets(),
         }
     }
 }

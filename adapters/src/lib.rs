@@ -15,6 +15,7 @@ pub mod backoff;
 pub mod config;
 pub mod modbus;
 pub mod mqtt;
+pub mod opcua;
 pub mod push;
 pub mod sparkplug;
 pub mod status;
@@ -173,5 +174,6 @@ fn spawn_protocol(
     match config {
         ConnectionConfig::Modbus(c) => tokio::spawn(modbus::run(c, targets, io)),
         ConnectionConfig::Mqtt(c) => tokio::spawn(mqtt::run(c, targets, io)),
+        ConnectionConfig::OpcUa(c) => tokio::spawn(opcua::run(c, targets, io)),
     }
 }

@@ -16,6 +16,7 @@ pub mod mapping;
 pub mod modbus;
 pub mod model;
 pub mod mqtt;
+pub mod opcua;
 pub mod run;
 pub mod scenario;
 pub mod serve;

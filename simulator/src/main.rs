@@ -1,5 +1,5 @@
 //! `ferrotwin-sim`: generates plant specs, runs them offline with scenarios, and serves them
-//! as simulated PLCs on Modbus TCP and as publishers on MQTT.
+//! as simulated PLCs on Modbus TCP and OPC UA and as publishers on MQTT.
 
 use std::path::PathBuf;
 
@@ -68,9 +68,10 @@ enum Command {
         #[arg(long)]
         labels: Option<PathBuf>,
     },
-    /// Serve DIR/plant.toml on Modbus TCP (one server per line on 127.0.0.1) and MQTT (JSON on
-    /// ISA-95 topics and Sparkplug B; speed commands accepted on both), addresses printed and written to DIR/endpoints.toml; runs in real time
-    /// until Ctrl-C.
+    /// Serve DIR/plant.toml on Modbus TCP (one server per line on 127.0.0.1), OPC UA (one
+    /// server per site on 127.0.0.1, security None) and MQTT (JSON on ISA-95 topics and
+    /// Sparkplug B; speed commands accepted on both), addresses printed and written to
+    /// DIR/endpoints.toml; runs in real time until Ctrl-C.
     Serve {
         /// Directory holding plant.toml.
         #[arg(long)]

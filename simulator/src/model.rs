@@ -1179,6 +1179,12 @@ impl PlantSim {
         })
     }
 
+    /// Each machine's speed setpoint in percent (`set_speed_pct`; 100 until set), in spec
+    /// order: what a PLC would report back for its speed override.
+    pub fn speed_pcts(&self) -> impl Iterator<Item = (AssetId, u16)> + '_ {
+        self.machines.iter().map(|m| (m.id, m.speed_pct))
+    }
+
     /// Ground truth: every fault that has started so far, in order of start per machine.
     pub fn faults(&self) -> &[FaultLabel] {
         &self.faults

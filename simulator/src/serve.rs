@@ -1,8 +1,9 @@
-//! `ferrotwin-sim serve`: the plant on Modbus TCP and MQTT. One `modbus::serve_line` server per
-//! line on 127.0.0.1 (port chosen by the OS), a simulation stepped in real time whose readings
-//! update the register images and are published on MQTT as JSON (`mqtt`) and Sparkplug B
-//! (`sparkplug`), to the broker given or to an embedded one, and setpoints written by clients
-//! (Modbus registers, JSON commands, Sparkplug DCMDs) applied to the machines.
+//! `ferrotwin-sim serve`: the plant on Modbus TCP, OPC UA and MQTT. One `modbus::serve_line`
+//! server per line and one OPC UA server per site (`opcua`) on 127.0.0.1 (ports chosen by the
+//! OS), a simulation stepped in real time whose readings update the register images and the
+//! OPC UA variables and are published on MQTT as JSON (`mqtt`) and Sparkplug B (`sparkplug`),
+//! to the broker given or to an embedded one, and setpoints written by clients (Modbus
+//! registers, OPC UA writes, JSON commands, Sparkplug DCMDs) applied to the machines.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -25,6 +26,7 @@ use crate::mqtt::{
     CommandStats, EmbeddedBroker, INBOUND_QUEUE, Inbound, MqttError, MqttPublisher,
     SPEED_COMMAND_FILTER, Session, Topics, parse_endpoint, parse_json_command,
 };
+use crate::opcua::{OpcUaError, OpcUaPlant};
 use crate::sparkplug::{Command, CommandRoute, SparkplugOut};
 
 /// Wall-clock time between simulation steps: registers are at most this stale.
@@ -60,6 +62,8 @@ pub enum ServeError {
     Speed(f64),
     #[error(transparent)]
     Mqtt(#[from] MqttError),
+    #[error(transparent)]
+    OpcUa(#[from] OpcUaError),
     #[error("a Modbus server stopped accepting connections")]
     ServerEnded {
         #[source]
@@ -138,6 +142,7 @@ pub struct ServedPlant {
     commands: Arc<CommandStats>,
     /// Machine path → id, for JSON commands.
     machines: HashMap<String, AssetId>,
+    opcua: Option<OpcUaPlant>,
     setpoints: SetpointInbox,
     /// The latest reading of every (asset, property) served: what a late subscriber (a
     /// Sparkplug birth) reports.
@@ -235,6 +240,7 @@ impl ServedPlant {
             readings: Vec::new(),
             servers,
             mqtt: None,
+            opcua: None,
             setpoints: SetpointInbox::default(),
             latest: HashMap::new(),
         };
@@ -482,7 +488,37 @@ impl ServedPlant {
         }
     }
 
-    /// `endpoints.toml`: the address of each line's server and the MQTT broker's.
+    /// Starts an OPC UA server per site of `spec` (the plant this was started with); from the
+    /// next `step_to` on they serve its readings, and their setpoint writes are applied.
+    pub async fn serve_opcua(&mut self, spec: &PlantSpec) -> Result<(), ServeError> {
+        self.serve_opcua_on(spec, &[]).await
+    }
+
+    /// `serve_opcua` with the servers bound to `addrs` (`OpcUaPlant::start_on`), replacing
+    /// any running ones.
+    pub async fn serve_opcua_on(
+        &mut self,
+        spec: &PlantSpec,
+        addrs: &[SocketAddr],
+    ) -> Result<(), ServeError> {
+        if let Some(old) = self.opcua.take() {
+            old.shutdown().await;
+        }
+        self.opcua = Some(OpcUaPlant::start_on(spec, self.setpoints(), addrs).await?);
+        Ok(())
+    }
+
+    /// The OPC UA servers, once `serve_opcua` started them.
+    pub fn opcua(&self) -> Option<&OpcUaPlant> {
+        self.opcua.as_ref()
+    }
+
+    pub fn opcua_mut(&mut self) -> Option<&mut OpcUaPlant> {
+        self.opcua.as_mut()
+    }
+
+    /// `endpoints.toml`: the address of each line's server, each site's OPC UA server and the
+    /// MQTT broker's.
     pub fn endpoints_toml(&self) -> String {
         let mut out = String::from("version = 1\n");
         for l in &self.lines {
@@ -490,6 +526,13 @@ impl ServedPlant {
                 out,
                 "\n[[modbus]]\nline = {:?}\nendpoint = \"{}\"\n",
                 l.line, l.addr
+            );
+        }
+        for s in self.opcua.iter().flat_map(OpcUaPlant::sites) {
+            let _ = write!(
+                out,
+                "\n[[opcua]]\nsite = {:?}\nendpoint = {:?}\n",
+                s.site, s.endpoint
             );
         }
         let endpoint = self
@@ -559,6 +602,9 @@ impl ServedPlant {
                 self.lines[i].registers.update_status(&status);
             }
         }
+        if let Some(o) = &mut self.opcua {
+            o.update(&self.readings, &self.sim, t);
+        }
         &self.readings
     }
 
@@ -618,8 +664,8 @@ impl ServedPlant {
 
 /// What `ferrotwin-sim serve` does: loads DIR/plant.toml, starts the servers, connects to the
 /// MQTT broker at `mqtt` (`HOST:PORT`) or, without one, starts an embedded broker on
-/// 127.0.0.1, prints `modbus <line> <addr>` per line and `mqtt <addr>`, writes the same to
-/// DIR/endpoints.toml, runs until `shutdown`.
+/// 127.0.0.1, prints `modbus <line> <addr>` per line, `opcua <site> <endpoint>` per site and
+/// `mqtt <addr>`, writes the same to DIR/endpoints.toml, runs until `shutdown`.
 pub async fn serve(
     plant_dir: &Path,
     speed: f64,
@@ -647,6 +693,7 @@ pub async fn serve_with(
     // are (at `--speed` above 1 they run ahead of the clock, and a runtime rejects readings
     // further ahead than its allowed skew).
     let mut plant = ServedPlant::start(&spec, seed, wall_clock_now()).await?;
+    plant.serve_opcua(&spec).await?;
     // The embedded broker runs until the process exits (rumqttd has no shutdown).
     let (host, port) = match mqtt {
         Some(endpoint) => parse_endpoint(endpoint)?,
@@ -666,6 +713,9 @@ pub async fn serve_with(
     };
     for l in plant.lines() {
         println!("modbus {} {}", l.line, l.addr);
+    }
+    for s in plant.opcua().iter().flat_map(|o| o.sites()) {
+        println!("opcua {} {}", s.site, s.endpoint);
     }
     println!("mqtt {endpoint}");
     let file = plant_dir.join("endpoints.toml");
@@ -1125,6 +1175,7 @@ mod tests {
         let (endpoint, (topic, payload), file) = serve_until_a_message(None).await;
         assert!(endpoint.starts_with("127.0.0.1:"), "{endpoint}");
         assert_eq!(file["modbus"].as_array().map(Vec::len), Some(1));
+        assert_eq!(file["opcua"].as_array().map(Vec::len), Some(1));
         assert_a_reading(&topic, &payload);
     }
 
@@ -1135,6 +1186,7 @@ mod tests {
         let (endpoint, (topic, payload), file) = serve_until_a_message(Some(&addr)).await;
         assert_eq!(endpoint, addr);
         assert_eq!(file["modbus"].as_array().map(Vec::len), Some(1));
+        assert_eq!(file["opcua"].as_array().map(Vec::len), Some(1));
         assert_a_reading(&topic, &payload);
     }
 
