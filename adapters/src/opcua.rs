@@ -171,7 +171,8 @@ pub struct OpcUaConfig {
     #[serde(default = "defaults::sampling_interval_ms")]
     pub sampling_interval_ms: u64,
     /// Absolute deadband: a value moving less than this since the last one reported is not
-    /// reported.
+    /// reported (so a flat value then sends nothing and its twin turns stale; without a
+    /// deadband every new sample is reported, changed or not).
     pub deadband: Option<f64>,
     /// Per request (connect, create, write); keep-alives every `timeout_ms` too.
     #[serde(default = "defaults::timeout_ms")]
@@ -611,7 +612,14 @@ impl Ctx<'_> {
                 deadband_type: DeadbandType::Absolute as u32,
                 deadband_value: d,
             }),
-            None => ExtensionObject::null(),
+            // Every new sample, even of an unchanged value: the server's source timestamp
+            // moving is what tells the twin its sensor is alive (a twin turns stale after
+            // its period × N without a reading; a flat value is not a dead sensor).
+            None => ExtensionObject::from_message(DataChangeFilter {
+                trigger: DataChangeTrigger::StatusValueTimestamp,
+                deadband_type: DeadbandType::None as u32,
+                deadband_value: 0.0,
+            }),
         };
         let items: Vec<(usize, MonitoredItemCreateRequest)> = self
             .tags

@@ -81,7 +81,13 @@ pub async fn plc(b: PlcBench) -> Result<String> {
                 .await?;
             feeds::sparkplug_connections(&plant, addr, |_| true)?
         }
-        Via::InProcess => anyhow::bail!("bench plc measures a protocol: --via modbus or mqtt"),
+        Via::Opcua => {
+            plant.serve_opcua(&spec).await?;
+            feeds::opcua_connections(&spec, &plant, |_| true)?
+        }
+        Via::InProcess | Via::All => {
+            anyhow::bail!("bench plc measures one protocol: --via modbus, opcua or mqtt")
+        }
     };
     let dir = tempfile::tempdir()?;
     let rt = Runtime::start(&spec, dir.path(), opts).await?;

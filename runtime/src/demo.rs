@@ -36,6 +36,10 @@ pub enum Via {
     /// Sparkplug B on an embedded MQTT broker (an edge node per line), read by the MQTT
     /// adapter.
     Mqtt,
+    /// An OPC UA server per site, subscribed to by the OPC UA adapter.
+    Opcua,
+    /// Every protocol at once, lines shared out in turn: Modbus, OPC UA, Sparkplug B.
+    All,
 }
 
 pub struct DemoOptions {
@@ -123,7 +127,7 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
 
     // rumqttd has no shutdown: the broker's threads end with the process.
     let broker = match opts.via {
-        Via::Mqtt => Some(EmbeddedBroker::start().context("embedded MQTT broker")?),
+        Via::Mqtt | Via::All => Some(EmbeddedBroker::start().context("embedded MQTT broker")?),
         _ => None,
     };
     let mut sites = Vec::new();
@@ -150,22 +154,52 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
                 let rt = Runtime::start(&sspec, &d, o).await?;
                 (rt, serve_plant(plant, opts.speed))
             }
-            Via::Mqtt => {
-                let broker = broker.as_ref().expect("started above for MQTT").addr();
+            Via::Mqtt | Via::Opcua | Via::All => {
                 let mut plant = ServedPlant::start(&sspec, seed, wall_clock_now())
                     .await
                     .context("simulator PLCs")?;
-                plant
-                    .connect_mqtt(
-                        &sspec,
-                        &broker.ip().to_string(),
-                        broker.port(),
-                        &format!("demo-sim-{}", s.name),
-                        MqttFormat::Sparkplug,
-                    )
-                    .await
-                    .context("simulator MQTT publisher")?;
-                o.connections = feeds::sparkplug_connections(&plant, broker, |_| true)?;
+                // Lines in spec order; `--via all` shares them out in turn.
+                let lines: Vec<String> = sspec
+                    .assets()
+                    .into_iter()
+                    .filter(|a| matches!(a.kind, ferrotwin_models::spec::AssetKind::Line))
+                    .map(|a| a.path.to_string())
+                    .collect();
+                let turn = |line: &str, k: usize| {
+                    opts.via != Via::All
+                        || lines
+                            .iter()
+                            .position(|l| l == line)
+                            .is_some_and(|i| i % 3 == k)
+                };
+                if matches!(opts.via, Via::Opcua | Via::All) {
+                    plant
+                        .serve_opcua(&sspec)
+                        .await
+                        .context("simulator OPC UA servers")?;
+                    o.connections
+                        .extend(feeds::opcua_connections(&sspec, &plant, |l| turn(l, 1))?);
+                }
+                if let Some(broker) = broker.as_ref().map(EmbeddedBroker::addr) {
+                    plant
+                        .connect_mqtt(
+                            &sspec,
+                            &broker.ip().to_string(),
+                            broker.port(),
+                            &format!("demo-sim-{}", s.name),
+                            MqttFormat::Sparkplug,
+                        )
+                        .await
+                        .context("simulator MQTT publisher")?;
+                    o.connections
+                        .extend(feeds::sparkplug_connections(&plant, broker, |l| {
+                            turn(l, 2)
+                        })?);
+                }
+                if opts.via == Via::All {
+                    o.connections
+                        .extend(feeds::modbus_connections(&sspec, &plant, |l| turn(l, 0))?);
+                }
                 let rt = Runtime::start(&sspec, &d, o).await?;
                 (rt, serve_plant(plant, opts.speed))
             }
@@ -187,6 +221,8 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
             Via::InProcess => "in-process by the simulator",
             Via::Modbus => "over Modbus TCP (a simulated PLC per line)",
             Via::Mqtt => "over MQTT Sparkplug B (an edge node per line, embedded broker)",
+            Via::Opcua => "over OPC UA (a server per site, subscriptions)",
+            Via::All => "over Modbus TCP, OPC UA and Sparkplug B (lines shared out in turn)",
         },
         dir.display()
     );

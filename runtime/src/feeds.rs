@@ -116,3 +116,66 @@ pub fn json_connection(
     );
     toml::from_str::<ConnectionConfig>(&text).with_context(|| format!("json connection {name}"))
 }
+
+/// One OPC UA connection per site server, subscribing to every reading of the selected
+/// lines' machines and sensors by their path-shaped node ids, each machine's speed setpoint
+/// writable.
+pub fn opcua_connections(
+    spec: &PlantSpec,
+    plant: &ServedPlant,
+    lines: impl Fn(&str) -> bool,
+) -> Result<Vec<ConnectionConfig>> {
+    use ferrotwin_models::spec::AssetKind;
+    let servers = plant
+        .opcua()
+        .context("the simulator does not serve OPC UA (serve_opcua)")?;
+    let assets = spec.assets();
+    let mut out = Vec::new();
+    for s in servers.sites() {
+        let mut tags = String::new();
+        for a in &assets {
+            let Some(line) = a.path.parent() else {
+                continue;
+            };
+            let in_site = a.path.as_str().starts_with(&format!("{}/", s.site));
+            let mut tag = |property: &str, writable: bool| {
+                tags.push_str(&format!(
+                    "[[tags]]\nnode_id = \"ns=2;s={}/{property}\"\nasset = {:?}\nproperty = \"{property}\"\nwritable = {writable}\n",
+                    a.path.as_str(),
+                    a.path.as_str()
+                ));
+            };
+            match &a.kind {
+                AssetKind::Machine { .. } if in_site && lines(line.as_str()) => {
+                    for p in ["state", "good_count", "scrap_count"] {
+                        tag(p, false);
+                    }
+                    tag("speed_setpoint_pct", true);
+                }
+                AssetKind::Sensor { .. }
+                    if in_site && line.parent().is_some_and(|l| lines(l.as_str())) =>
+                {
+                    tag("value", false);
+                }
+                _ => {}
+            }
+        }
+        if tags.is_empty() {
+            continue;
+        }
+        let name = format!(
+            "{}-opcua",
+            s.site.split('/').skip(1).collect::<Vec<_>>().join("-")
+        );
+        let text = format!(
+            "protocol = \"opcua\"\nname = \"{name}\"\nendpoint = {:?}\n\
+             publishing_interval_ms = 100\nsampling_interval_ms = 100\n{tags}",
+            s.endpoint
+        );
+        out.push(
+            toml::from_str::<ConnectionConfig>(&text)
+                .with_context(|| format!("opcua connection of {}", s.site))?,
+        );
+    }
+    Ok(out)
+}

@@ -32,6 +32,7 @@ const TWO_LINES: PlantSize = PlantSize {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Feed {
     Modbus,
+    OpcUa,
     Json,
     Sparkplug,
 }
@@ -67,6 +68,13 @@ async fn rig(feed: Feed) -> Rig {
                 }
             }
             c
+        }
+        Feed::OpcUa => {
+            plant
+                .serve_opcua(&spec)
+                .await
+                .expect("OPC UA servers start");
+            feeds::opcua_connections(&spec, &plant, |_| true).expect("configs")
         }
         Feed::Json | Feed::Sparkplug => {
             // rumqttd has no shutdown: the broker's threads end with the test process.
@@ -239,6 +247,60 @@ async fn modbus_plc_values_reach_the_twins_and_the_grpc_api() {
     assert_eq!(list.len(), 2, "a connection per line's PLC");
     assert!(list.iter().all(|l| l.protocol == "modbus" && l.tags > 0));
     wait_connected(&rig).await;
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opcua_subscription_values_reach_the_twins_with_source_timestamps() {
+    let rig = rig(Feed::OpcUa).await;
+    for line in 0..2 {
+        let twin = wait_served_value(&rig, line).await;
+        let age_ms = (now().0 - source_ts(&twin)) / 1000;
+        assert!(age_ms < 60_000, "the server's source time, {age_ms} ms old");
+    }
+    let list = connections(&mut rig.site.client.clone()).await;
+    assert_eq!(list.len(), 1, "one connection per site server");
+    assert_eq!(list[0].protocol, "opcua");
+    wait_connected(&rig).await;
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_opcua_server_that_goes_away_turns_its_twins_bad_and_back() {
+    let rig = rig(Feed::OpcUa).await;
+    let sensor = rig.sensor(0);
+    wait_served_value(&rig, 0).await;
+    let c = rig.site.client.clone();
+    let addrs: Vec<std::net::SocketAddr> = {
+        let mut p = rig.plant.lock().await;
+        let o = p.opcua_mut().expect("serving OPC UA");
+        let addrs = o.sites().iter().map(|s| s.addr).collect();
+        o.stop_site(0).await;
+        addrs
+    };
+    wait_for(30, "the twins bad", || {
+        let (mut c, s) = (c.clone(), sensor.clone());
+        async move {
+            let (code, reason) = quality(&get(&mut c, &s).await);
+            (code == pb::QualityCode::Bad && reason.contains("communication")).then_some(())
+        }
+    })
+    .await;
+    rig.plant
+        .lock()
+        .await
+        .serve_opcua_on(&rig.spec, &addrs)
+        .await
+        .expect("the server comes back on its port");
+    let back = now().0;
+    wait_for(30, "the twins good again", || {
+        let (mut c, s) = (c.clone(), sensor.clone());
+        async move {
+            let t = get(&mut c, &s).await;
+            (quality(&t).0 == pb::QualityCode::Good && source_ts(&t) > back).then_some(())
+        }
+    })
+    .await;
     rig.stop().await;
 }
 
@@ -445,8 +507,8 @@ async fn setpoints_written_over_grpc_reach_the_simulated_machine() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn setpoints_written_over_grpc_reach_the_machine_over_json_and_sparkplug() {
-    for (feed, pct) in [(Feed::Json, 140), (Feed::Sparkplug, 60)] {
+async fn setpoints_written_over_grpc_reach_the_machine_over_json_sparkplug_and_opcua() {
+    for (feed, pct) in [(Feed::Json, 140), (Feed::Sparkplug, 60), (Feed::OpcUa, 170)] {
         let rig = rig(feed).await;
         let machine = rig.machine(1);
         let machine_id = AssetPath::parse(&machine).expect("valid").id();
