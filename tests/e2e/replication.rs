@@ -171,6 +171,14 @@ async fn site_state_and_events_reach_the_enterprise_and_acks_trim_the_outbox() {
     assert_eq!(e.sites[0].applied_seq, link.acked_seq);
     assert!(e.sites[0].age_ms >= 0);
     assert!(get(&mut ent.client, TEMP).await.mirror_age_ms.is_some());
+    // And in the metrics.
+    let m = site.rt.render_metrics();
+    assert!(m.contains("ferrotwin_outbox_batches 0"), "{m}");
+    let m = ent.rt.render_metrics();
+    assert!(
+        m.contains("ferrotwin_site_sync_age_seconds{site=\"acme/berlin\"}"),
+        "{m}"
+    );
     assert!(get(&mut sc, TEMP).await.mirror_age_ms.is_none());
     site.rt.shutdown().await;
     ent.rt.shutdown().await;
