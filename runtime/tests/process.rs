@@ -40,20 +40,28 @@ fn start_demo(data_dir: &std::path::Path) -> (Demo, String) {
         .spawn()
         .expect("demo starts");
     let stdout = child.stdout.take().expect("stdout");
-    let mut lines = BufReader::new(stdout).lines();
+    // Lines are read on their own thread (which keeps draining stdout so the demo never
+    // blocks on a full pipe); the wait for the address has a deadline even if none comes.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
     let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        let Some(Ok(line)) = lines.next() else { break };
-        if let Some(rest) = line.strip_prefix("gRPC API on ") {
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        let Ok(line) = rx.recv_timeout(left) else {
+            break;
+        };
+        // The enterprise mirrors both sites: the CLI talks to it.
+        if let Some(rest) = line.strip_prefix("enterprise gRPC API on ") {
             let addr = rest.split_whitespace().next().expect("address").to_string();
-            // Keep draining stdout so the demo never blocks on a full pipe.
-            std::thread::spawn(move || for _ in lines {});
             return (Demo(child), addr);
         }
     }
     let _ = child.kill();
     let _ = child.wait();
-    panic!("the demo did not print its address");
+    panic!("the demo did not print its address within 60 s");
 }
 
 fn cli(args: &[&str], addr: &str) -> String {
