@@ -692,7 +692,12 @@ scale = 1.0
         assert_eq!(Mapping::from_toml(&text).expect("parses"), m);
         // One tag per text line.
         let tags: usize = m.lines.iter().map(|l| l.tags.len()).sum();
-        assert_eq!(text.lines().filter(|l| l.starts_with("  { asset = ")).count(), tags);
+        assert_eq!(
+            text.lines()
+                .filter(|l| l.starts_with("  { asset = "))
+                .count(),
+            tags
+        );
     }
 
     #[test]

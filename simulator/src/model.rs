@@ -1506,7 +1506,11 @@ mod tests {
                 .map(|f| (f.start.0, f.end.map_or(i64::MAX, |e| e.0)))
                 .collect();
             let silent = |t: i64| gaps.iter().any(|(from, to)| (*from..*to).contains(&t));
-            assert!(ts.iter().all(|t| !silent(*t)), "{} reported while dropped out", a.path);
+            assert!(
+                ts.iter().all(|t| !silent(*t)),
+                "{} reported while dropped out",
+                a.path
+            );
             // Due times run on at the period; the ones inside a dropout are missing.
             let due: Vec<i64> = (0..600_000 / s.period_ms as i64)
                 .map(|k| ts[0] - (ts[0] - START.0) / period_us * period_us + k * period_us)
@@ -1985,14 +1989,26 @@ mod tests {
             FaultKind::NetworkLoss,
         ];
         for f in sim.faults().iter().filter(|f| older.contains(&f.kind)) {
-            text.push_str(&format!("{} {} {} {:?}\n", f.asset, f.kind.as_str(), f.start.0, f.end));
+            text.push_str(&format!(
+                "{} {} {} {:?}\n",
+                f.asset,
+                f.kind.as_str(),
+                f.start.0,
+                f.end
+            ));
         }
         let labels = text.lines().count();
         for r in readings.iter().filter(|r| r.property != Property::Value) {
-            text.push_str(&format!("{:?} {:?} {:?} {}\n", r.asset, r.property, r.value, r.source_ts.0));
+            text.push_str(&format!(
+                "{:?} {:?} {:?} {}\n",
+                r.asset, r.property, r.value, r.source_ts.0
+            ));
         }
         println!("{labels} labels, hash {:#x}", fnv1a(text.as_bytes()));
-        assert_eq!((labels, fnv1a(text.as_bytes())), (434, 0x31e5_0644_8c92_2dd4));
+        assert_eq!(
+            (labels, fnv1a(text.as_bytes())),
+            (434, 0x31e5_0644_8c92_2dd4)
+        );
     }
 
     /// Readings of `sensor` as (time, value) in the readings' order.
@@ -2026,10 +2042,16 @@ mod tests {
         // oil-temp is the press's first sensor: bit 0.
         assert_eq!(during.bad_sensors, 1);
         readings.extend(run(&mut sim, 10 * 60, 1000));
-        assert_eq!((status(&sim).fault_active, status(&sim).bad_sensors), (false, 0));
+        assert_eq!(
+            (status(&sim).fault_active, status(&sim).bad_sensors),
+            (false, 0)
+        );
         let (from, to) = (START.plus_ms(300_000).0, START.plus_ms(420_000).0);
         let oil_ts: Vec<i64> = series(&readings, &oil).iter().map(|(t, _)| *t).collect();
-        assert!(!oil_ts.iter().any(|t| (from..to).contains(t)), "silent in the window");
+        assert!(
+            !oil_ts.iter().any(|t| (from..to).contains(t)),
+            "silent in the window"
+        );
         assert!(oil_ts.iter().any(|t| *t < from) && oil_ts.iter().any(|t| *t >= to));
         // 2 min of 1 s samples missing out of 10 min, nothing else.
         assert_eq!(oil_ts.len(), 600 - 120);
@@ -2057,7 +2079,10 @@ mod tests {
         let press = "acme/berlin/assembly/line-1/press-1";
         let pressure = AssetPath::parse(&format!("{press}/hydraulic-pressure")).expect("valid");
         let quiet = "version = 1\nrandom_faults = false\n";
-        let text = format!("{quiet}{}", fault(pressure.as_str(), "sensor_bias", "5m", "10m"));
+        let text = format!(
+            "{quiet}{}",
+            fault(pressure.as_str(), "sensor_bias", "5m", "10m")
+        );
         let mut biased = PlantSim::with_scenario(&spec, 3, START, &scenario(&spec, &text));
         let mut truth = PlantSim::with_scenario(&spec, 3, START, &scenario(&spec, quiet));
         let mut got = run(&mut biased, 10 * 60, 1000);
@@ -2085,7 +2110,10 @@ mod tests {
             (0.02 * span..=0.05 * span).contains(&offset.abs()),
             "{offset} is 2-5 % of the range"
         );
-        assert!(offsets.iter().all(|o| (o - offset).abs() < 1e-9), "constant");
+        assert!(
+            offsets.iter().all(|o| (o - offset).abs() < 1e-9),
+            "constant"
+        );
         // True outside the window, and every other sensor untouched.
         assert!(
             a.iter()
@@ -2144,7 +2172,10 @@ mod tests {
         }
         for f in dropouts.iter().filter(|f| f.end.is_some()) {
             let window = f.start.0..f.end.expect("filtered").0;
-            let ts: Vec<i64> = series(&readings, &f.asset).iter().map(|(t, _)| *t).collect();
+            let ts: Vec<i64> = series(&readings, &f.asset)
+                .iter()
+                .map(|(t, _)| *t)
+                .collect();
             assert!(!ts.iter().any(|t| window.contains(t)), "{f:?}");
             assert!(ts.iter().any(|t| *t >= window.end), "{f:?} resumes");
         }
