@@ -8,8 +8,8 @@
 //!   `2i + 1` = `speed_setpoint_pct` (u16, 0..=200, default 100; writable);
 //!   then, after every machine's pair, `2n + i` = `status` (u16, read-only; `n` machines in
 //!   the line): bit `k` is set while the machine's `k`-th sensor (spec order) reads bad:
-//!   stuck (a `stuck_sensor` fault) or not reported at all (the machine's `network_loss`).
-//!   Only the first 16 sensors of a machine have a bit; a sensor's `value` tag names its bit
+//!   stuck (a `stuck_sensor` fault) or not reported at all (its `dropout`, or the machine's
+//!   `network_loss`); a `sensor_bias` sets no bit (a miscalibration looks healthy). Only the first 16 sensors of a machine have a bit; a sensor's `value` tag names its bit
 //!   in `bad_when`, so an adapter can turn that tag Bad;
 //! - input registers, one block per machine in the same order: `good_count` and
 //!   `scrap_count` (u32, two registers each), then per sensor in spec order its `value`
@@ -17,8 +17,9 @@
 //! - coils: `i` = `run_enable` (bool, writable, default true): false puts the machine in idle
 //!   and keeps it there (no parts) until set true again (`PlantSim::set_run_enable`);
 //! - discrete inputs: `i` = `fault_active` (bool): true while any fault of the machine or of
-//!   its sensors is in progress (overheating, bearing wear, stuck sensor, breakdown, network
-//!   loss; a spike is a single sample and never shows).
+//!   its sensors is in progress (overheating, bearing wear, stuck sensor, dropout, breakdown,
+//!   network loss; a spike is a single sample and never shows, a sensor bias is invisible
+//!   to the PLC).
 //!
 //! The status words sit after the machines' pairs (not in each machine's block) and bits in
 //! their own address spaces, so every address of the first layout is unchanged: a
