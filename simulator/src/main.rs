@@ -1,7 +1,9 @@
 //! `ferrotwin-sim`: generates plant specs, runs them offline with scenarios, and serves them
 //! as simulated PLCs on Modbus TCP and OPC UA and as publishers on MQTT.
 
-use std::path::PathBuf;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -115,6 +117,31 @@ fn print_summary(s: &RunSummary) {
     println!("labels: {}", s.labels_path.display());
 }
 
+/// Plants from this many sensors on report their progress even when stderr is not a terminal
+/// (a CI log then shows the run is alive).
+const PROGRESS_FROM_SENSORS: u64 = 100_000;
+
+/// Streams `mapping` into `file`; with a terminal on stderr or a large plant, prints how many
+/// PLC lines are written at most once a second.
+fn write_mapping(mapping: &Mapping, file: &Path, sensors: u64) -> std::io::Result<()> {
+    let show = std::io::stderr().is_terminal() || sensors >= PROGRESS_FROM_SENSORS;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(file)?);
+    let started = Instant::now();
+    let mut last = started;
+    mapping.write_toml(&mut out, |done, total| {
+        if show && (last.elapsed() >= Duration::from_secs(1) || (done == total && last != started))
+        {
+            last = Instant::now();
+            eprintln!(
+                "{}: {done}/{total} lines written ({:.1} s)",
+                file.display(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+    })?;
+    out.flush()
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Generate {
@@ -146,7 +173,7 @@ fn main() -> anyhow::Result<()> {
             match Mapping::of(&spec) {
                 Ok(mapping) => {
                     let file = out.join("mapping.toml");
-                    std::fs::write(&file, mapping.to_toml())
+                    write_mapping(&mapping, &file, size.sensor_count())
                         .with_context(|| format!("writing {}", file.display()))?;
                 }
                 Err(e) => eprintln!("no mapping.toml: {e}"),

@@ -8,8 +8,8 @@
 //!   `2i + 1` = `speed_setpoint_pct` (u16, 0..=200, default 100; writable);
 //!   then, after every machine's pair, `2n + i` = `status` (u16, read-only; `n` machines in
 //!   the line): bit `k` is set while the machine's `k`-th sensor (spec order) reads bad:
-//!   stuck (a `stuck_sensor` fault) or not reported at all (the machine's `network_loss`).
-//!   Only the first 16 sensors of a machine have a bit; a sensor's `value` tag names its bit
+//!   stuck (a `stuck_sensor` fault) or not reported at all (its `dropout`, or the machine's
+//!   `network_loss`); a `sensor_bias` sets no bit (a miscalibration looks healthy). Only the first 16 sensors of a machine have a bit; a sensor's `value` tag names its bit
 //!   in `bad_when`, so an adapter can turn that tag Bad;
 //! - input registers, one block per machine in the same order: `good_count` and
 //!   `scrap_count` (u32, two registers each), then per sensor in spec order its `value`
@@ -17,8 +17,9 @@
 //! - coils: `i` = `run_enable` (bool, writable, default true): false puts the machine in idle
 //!   and keeps it there (no parts) until set true again (`PlantSim::set_run_enable`);
 //! - discrete inputs: `i` = `fault_active` (bool): true while any fault of the machine or of
-//!   its sensors is in progress (overheating, bearing wear, stuck sensor, breakdown, network
-//!   loss; a spike is a single sample and never shows).
+//!   its sensors is in progress (overheating, bearing wear, stuck sensor, dropout, breakdown,
+//!   network loss; a spike is a single sample and never shows, a sensor bias is invisible
+//!   to the PLC).
 //!
 //! The status words sit after the machines' pairs (not in each machine's block) and bits in
 //! their own address spaces, so every address of the first layout is unchanged: a
@@ -32,7 +33,7 @@
 //! engineering value = raw × scale.
 
 use std::collections::HashSet;
-use std::fmt::Write as _;
+use std::io::{self, Write};
 
 use ferrotwin_models::spec::{AssetKind, PlantSpec};
 use ferrotwin_models::{AssetPath, Property, ValueType};
@@ -75,6 +76,16 @@ pub enum RegisterKind {
 }
 
 impl RegisterKind {
+    /// The name in `mapping.toml` (serde's).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RegisterKind::Holding => "holding",
+            RegisterKind::Input => "input",
+            RegisterKind::Coil => "coil",
+            RegisterKind::DiscreteInput => "discrete_input",
+        }
+    }
+
     /// Coils and discrete inputs hold bits, the others 16-bit words.
     pub fn is_bit(self) -> bool {
         matches!(self, RegisterKind::Coil | RegisterKind::DiscreteInput)
@@ -92,6 +103,16 @@ pub enum DataType {
 }
 
 impl DataType {
+    /// The name in `mapping.toml` (serde's).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataType::U16 => "u16",
+            DataType::U32 => "u32",
+            DataType::F32 => "f32",
+            DataType::Bool => "bool",
+        }
+    }
+
     /// Registers (or bits, for `Bool`) the value takes.
     pub fn words(self) -> u16 {
         match self {
@@ -112,6 +133,14 @@ pub enum WordOrder {
 }
 
 impl WordOrder {
+    /// The name in `mapping.toml` (serde's).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WordOrder::BigEndian => "big_endian",
+            WordOrder::LittleEndian => "little_endian",
+        }
+    }
+
     /// The two registers of `v` in address order.
     pub fn split(self, v: u32) -> [u16; 2] {
         let (hi, lo) = ((v >> 16) as u16, v as u16);
@@ -271,6 +300,70 @@ fn add_machine_bits(line: &mut LineMap) {
     line.discrete_inputs = n as u32;
 }
 
+/// A TOML basic string: quoted, with `"`, `\\` and control characters escaped.
+fn write_toml_str(out: &mut impl Write, s: &str) -> io::Result<()> {
+    out.write_all(b"\"")?;
+    let mut rest = s;
+    while let Some(i) = rest.find(|c: char| c == '"' || c == '\\' || c.is_control()) {
+        out.write_all(&rest.as_bytes()[..i])?;
+        let c = rest[i..].chars().next().expect("found at i");
+        match c {
+            '"' => out.write_all(b"\\\"")?,
+            '\\' => out.write_all(b"\\\\")?,
+            c => write!(out, "\\u{:04X}", u32::from(c))?,
+        }
+        rest = &rest[i + c.len_utf8()..];
+    }
+    out.write_all(rest.as_bytes())?;
+    out.write_all(b"\"")
+}
+
+/// A TOML float: always with a fraction or exponent (`1.0`, not `1`, which is an integer).
+fn write_toml_f64(out: &mut impl Write, v: f64) -> io::Result<()> {
+    if v.is_nan() {
+        out.write_all(b"nan")
+    } else if v.is_infinite() {
+        out.write_all(if v > 0.0 { b"inf" } else { b"-inf" })
+    } else {
+        // Debug prints the shortest text that reads back to the same bits, with a `.0` or
+        // an exponent.
+        write!(out, "{v:?}")
+    }
+}
+
+/// One tag as an inline table on its own line, an element of its line's `tags` array.
+fn write_tag(out: &mut impl Write, t: &TagMap) -> io::Result<()> {
+    out.write_all(b"  { asset = ")?;
+    write_toml_str(out, &t.asset)?;
+    out.write_all(b", property = ")?;
+    write_toml_str(out, &t.property)?;
+    write!(
+        out,
+        ", register = \"{}\", address = {}, data_type = \"{}\", word_order = \"{}\", scale = ",
+        t.register.as_str(),
+        t.address,
+        t.data_type.as_str(),
+        t.word_order.as_str()
+    )?;
+    write_toml_f64(out, t.scale)?;
+    if t.writable {
+        out.write_all(b", writable = true")?;
+    }
+    if let Some(b) = t.bad_when {
+        write!(
+            out,
+            ", bad_when = {{ register = \"{}\", address = {}, bit = {} }}",
+            b.register.as_str(),
+            b.address,
+            b.bit
+        )?;
+    }
+    if let Some(v) = t.value_type {
+        write!(out, ", value_type = \"{}\"", v.as_str())?;
+    }
+    out.write_all(b" },\n")
+}
+
 impl Mapping {
     /// The map of a validated spec. Fails only if a line has more registers than a Modbus
     /// unit can address.
@@ -349,17 +442,54 @@ impl Mapping {
         })
     }
 
+    /// `mapping.toml`'s text (`write_toml` into memory).
     pub fn to_toml(&self) -> String {
-        let mut out = String::new();
-        let _ = writeln!(
+        let mut out = Vec::new();
+        self.write_toml(&mut out, |_, _| {})
+            .expect("writing into a Vec cannot fail");
+        String::from_utf8(out).expect("the writer writes UTF-8 only")
+    }
+
+    /// Writes `mapping.toml` to `out` a line at a time, calling `progress(done, total)` after
+    /// each PLC line. A million-sensor map is ~150 MB of text: building it as one string
+    /// through `toml::to_string` (a document tree first) took 6 GB, this takes nothing
+    /// beyond the `Mapping`. One tag per text line as an inline table, so `grep` on a sensor
+    /// path shows its whole tag; `from_toml` reads it back into the same `Mapping`.
+    pub fn write_toml(
+        &self,
+        out: &mut impl Write,
+        mut progress: impl FnMut(usize, usize),
+    ) -> io::Result<()> {
+        writeln!(
             out,
             "# Modbus register map written by ferrotwin-sim: one PLC (Modbus TCP server) per \
              line.\n# 32-bit values: high word first (word_order = \"big_endian\"); value = raw \
              * scale.\n# endpoint {ENDPOINT_PLACEHOLDER:?} is assigned by `ferrotwin-sim serve` \
-             (see endpoints.toml)."
-        );
-        out.push_str(&toml::to_string(self).expect("a mapping serializes to TOML"));
-        out
+             (see endpoints.toml).\nversion = {}",
+            self.version
+        )?;
+        for (i, line) in self.lines.iter().enumerate() {
+            out.write_all(b"\n[[lines]]\nline = ")?;
+            write_toml_str(out, &line.line)?;
+            out.write_all(b"\nendpoint = ")?;
+            write_toml_str(out, &line.endpoint)?;
+            writeln!(
+                out,
+                "\nunit_id = {}\nholding_registers = {}\ninput_registers = {}\ncoils = {}\n\
+                 discrete_inputs = {}\ntags = [",
+                line.unit_id,
+                line.holding_registers,
+                line.input_registers,
+                line.coils,
+                line.discrete_inputs
+            )?;
+            for t in &line.tags {
+                write_tag(out, t)?;
+            }
+            out.write_all(b"]\n")?;
+            progress(i + 1, self.lines.len());
+        }
+        Ok(())
     }
 
     /// Serves (and describes) every 32-bit value with `order`.
@@ -534,6 +664,41 @@ scale = 1.0
         let text = m.to_toml();
         assert!(text.contains("word_order = \"big_endian\""));
         assert_eq!(Mapping::from_toml(&text).expect("parses"), m);
+        // What serde's own writer makes of it reads back the same too.
+        let serde_text = toml::to_string(&m).expect("serializes");
+        assert_eq!(Mapping::from_toml(&serde_text).expect("parses"), m);
+    }
+
+    #[test]
+    fn streamed_toml_reads_back_every_field_and_reports_progress_per_line() {
+        let mut m = Mapping::of(&plant()).expect("fits");
+        m.set_word_order(WordOrder::LittleEndian);
+        let line = &mut m.lines[1];
+        line.endpoint = "127.0.0.1:5020".to_string();
+        line.unit_id = 7;
+        line.tags[0].asset = "odd \"quoted\" \\ name\ttab é".to_string();
+        line.tags[0].scale = 0.1;
+        line.tags[1].scale = 1e-7;
+        line.tags[2].scale = -250.0;
+        line.tags[3].value_type = Some(ValueType::Bool);
+        line.tags[4].value_type = Some(ValueType::Int);
+        assert!(line.tags.iter().any(|t| t.writable));
+        assert!(line.tags.iter().any(|t| t.bad_when.is_some()));
+        let mut calls = Vec::new();
+        let mut out = Vec::new();
+        m.write_toml(&mut out, |done, total| calls.push((done, total)))
+            .expect("writes");
+        assert_eq!(calls, vec![(1, 4), (2, 4), (3, 4), (4, 4)]);
+        let text = String::from_utf8(out).expect("utf-8");
+        assert_eq!(Mapping::from_toml(&text).expect("parses"), m);
+        // One tag per text line.
+        let tags: usize = m.lines.iter().map(|l| l.tags.len()).sum();
+        assert_eq!(
+            text.lines()
+                .filter(|l| l.starts_with("  { asset = "))
+                .count(),
+            tags
+        );
     }
 
     #[test]

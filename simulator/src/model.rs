@@ -7,6 +7,10 @@
 //! it needs no state, costs a few nanoseconds, and makes a sample's noise independent of how
 //! `step` calls are spaced. So the same spec and seed give the same readings for any step
 //! schedule that does not trigger the catch-up bound.
+//!
+//! The sensor faults added later (dropout, sensor bias) draw from a second per-machine stream
+//! (`MachineSim::sensor_fault_rng`), so adding them left every draw of the first stream, and so
+//! the other faults, machine states and counters of a seed, where they were.
 
 use std::collections::HashMap;
 use std::f64::consts::TAU;
@@ -31,6 +35,20 @@ const SPIKE_MEAN_S: f64 = 1800.0;
 const STUCK_MEAN_S: f64 = 6.0 * 3600.0;
 const BREAKDOWN_MEAN_S: f64 = 12.0 * 3600.0;
 const BEARING_MEAN_S: f64 = 48.0 * 3600.0;
+/// Rare enough that a test watching a small plant for minutes seldom sees a sensor vanish.
+const DROPOUT_MEAN_S: f64 = 12.0 * 3600.0;
+const BIAS_MEAN_S: f64 = 24.0 * 3600.0;
+/// A dropout lasts 30 s – 5 min: long enough for every consumer to see the sensor go stale
+/// (generated sensors are stale after 3 periods of 1 s).
+const DROPOUT_S: (f64, f64) = (30.0, 300.0);
+/// A miscalibration lasts 10 min – 1 h.
+const BIAS_S: (f64, f64) = (600.0, 3600.0);
+/// Bias magnitude as a fraction of the sensor's range: small enough to look plausible (a
+/// healthy temperature stays under its high alarm limit), large enough for a detector that
+/// compares a sensor with its history or its neighbours to find.
+const BIAS_SPAN: (f64, f64) = (0.02, 0.05);
+/// Seeds a machine's sensor-fault stream apart from its main stream ("sensflt").
+const SENSOR_FAULT_STREAM: u64 = 0x0073_656e_7366_6c74;
 
 const SCRAP_RATE: f64 = 0.02;
 const SCRAP_RATE_OVERHEATING: f64 = 0.15;
@@ -61,16 +79,25 @@ pub enum FaultKind {
     /// The machine's PLC is unreachable: none of its readings arrive for the window (label
     /// on the machine). Only scheduled, never drawn at random.
     NetworkLoss,
+    /// A sensor stops reporting for 30 s – 5 min, then resumes (label on the sensor): no
+    /// readings at all, so consumers see it go stale; its PLC status bit reads bad.
+    Dropout,
+    /// A sensor reads its true value plus a constant offset of 2–5 % of its range (sign from
+    /// the seed) for 10 min – 1 h, then true again (label on the sensor). A miscalibration:
+    /// the values look plausible and the PLC does not flag the sensor.
+    SensorBias,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 6] = [
+    pub const ALL: [FaultKind; 8] = [
         FaultKind::Overheating,
         FaultKind::BearingWear,
         FaultKind::StuckSensor,
         FaultKind::Spike,
         FaultKind::Breakdown,
         FaultKind::NetworkLoss,
+        FaultKind::Dropout,
+        FaultKind::SensorBias,
     ];
 
     /// The name used in scenario and label files (`as_str`'s inverse).
@@ -86,6 +113,8 @@ impl FaultKind {
             FaultKind::Spike => "spike",
             FaultKind::Breakdown => "breakdown",
             FaultKind::NetworkLoss => "network_loss",
+            FaultKind::Dropout => "dropout",
+            FaultKind::SensorBias => "sensor_bias",
         }
     }
 }
@@ -103,10 +132,11 @@ pub struct FaultLabel {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MachineStatus {
     pub machine: AssetId,
-    /// A fault of the machine or one of its sensors is in progress.
+    /// A fault of the machine or one of its sensors that its PLC can know of is in progress:
+    /// every kind but `sensor_bias` (a miscalibrated sensor looks healthy to its PLC).
     pub fault_active: bool,
-    /// Bit `k`: the machine's `k`-th sensor reads bad (stuck, or not reported during a
-    /// network loss); sensors past 64 are not represented.
+    /// Bit `k`: the machine's `k`-th sensor reads bad (stuck, dropped out, or not reported
+    /// during a network loss); sensors past 64 are not represented. A biased sensor does not.
     pub bad_sensors: u64,
     pub run_enabled: bool,
 }
@@ -161,6 +191,10 @@ struct SensorSim {
     sample: u64,
     stuck: bool,
     spike: bool,
+    /// Dropped out: sampled (its physics goes on) but not reported.
+    dropped: bool,
+    /// Miscalibration added to what it reports; 0 when calibrated.
+    bias: f64,
     last_out: f64,
     /// Speed: the machine's speed setpoint as a fraction of nominal (1.0 = 100 %).
     speed_factor: f64,
@@ -230,6 +264,12 @@ struct MachineSim {
     planned: Vec<Planned>,
     next_planned: usize,
     outage: Option<Outage>,
+    /// Draws the random dropouts and biases, and only them (see the module comment).
+    sensor_fault_rng: ChaCha8Rng,
+    next_dropout: i64,
+    dropout: Option<Active>,
+    next_bias: i64,
+    bias: Option<Active>,
 }
 
 /// FNV-1a 64: stable across runs and platforms, unlike std's randomly keyed hasher.
@@ -269,6 +309,15 @@ fn exp_us(rng: &mut ChaCha8Rng, mean_s: f64) -> i64 {
 
 fn uniform_us(rng: &mut ChaCha8Rng, lo_s: f64, hi_s: f64) -> i64 {
     (rng.random_range(lo_s..hi_s) * US) as i64
+}
+
+/// The offset of a scheduled bias on a sensor with `noise_key` starting at `t`: magnitude and
+/// sign hashed from both, so a scenario draws nothing from any stream and the same scenario
+/// and seed give the same offset.
+fn planned_bias(noise_key: u64, t: i64, span: f64) -> f64 {
+    let h = mix(noise_key ^ mix(t as u64 ^ SENSOR_FAULT_STREAM));
+    let magnitude = span * (BIAS_SPAN.0 + (BIAS_SPAN.1 - BIAS_SPAN.0) * unit(h));
+    if h & 1 == 0 { magnitude } else { -magnitude }
 }
 
 fn default_range(kind: SensorKind) -> (f64, f64) {
@@ -345,6 +394,8 @@ impl SensorSim {
             sample: 0,
             stuck: false,
             spike: false,
+            dropped: false,
+            bias: 0.0,
             last_out: lo,
             speed_factor: 1.0,
         }
@@ -443,6 +494,10 @@ impl SensorSim {
             }
         }
         v = (v + self.excess).clamp(self.lo, self.hi);
+        // Only while biased: `+ 0.0` would turn a -0.0 into 0.0 and change the bytes.
+        if self.bias != 0.0 {
+            v = (v + self.bias).clamp(self.lo, self.hi);
+        }
         if self.stuck {
             v = self.last_out;
         } else {
@@ -523,6 +578,10 @@ impl MachineSim {
             self.next_bearing,
             self.planned.get(self.next_planned).map_or(NEVER, |p| p.at),
             self.outage.as_ref().map_or(NEVER, |o| o.until),
+            self.next_dropout,
+            self.dropout.as_ref().map_or(NEVER, |a| a.until),
+            self.next_bias,
+            self.bias.as_ref().map_or(NEVER, |a| a.until),
         ]
         .into_iter()
         .min()
@@ -742,8 +801,65 @@ impl MachineSim {
             let p = self.planned[self.next_planned];
             self.next_planned += 1;
             self.start_planned(p, t, sensors, sink);
+        } else if self.next_dropout == t {
+            self.next_dropout = self.next_sensor_fault(t, DROPOUT_MEAN_S);
+            if self.dropout.is_none() && !sensors.is_empty() {
+                let rng = &mut self.sensor_fault_rng;
+                let i = rng.random_range(0..sensors.len());
+                let until = t + uniform_us(rng, DROPOUT_S.0, DROPOUT_S.1);
+                sensors[i].dropped = true;
+                self.dropout = Some(self.sensor_fault(i, until, FaultKind::Dropout, t, sink));
+            }
+        } else if self.dropout.as_ref().is_some_and(|a| a.until == t) {
+            let a = self.dropout.take().expect("checked above");
+            sensors[a.sensor - self.sensors.start].dropped = false;
+            sink.end_label(a.label, t);
+        } else if self.next_bias == t {
+            self.next_bias = self.next_sensor_fault(t, BIAS_MEAN_S);
+            if self.bias.is_none() && !sensors.is_empty() {
+                let rng = &mut self.sensor_fault_rng;
+                let i = rng.random_range(0..sensors.len());
+                let until = t + uniform_us(rng, BIAS_S.0, BIAS_S.1);
+                let fraction = rng.random_range(BIAS_SPAN.0..BIAS_SPAN.1);
+                let sign = if rng.random_bool(0.5) { 1.0 } else { -1.0 };
+                let s = &mut sensors[i];
+                s.bias = sign * fraction * (s.hi - s.lo);
+                self.bias = Some(self.sensor_fault(i, until, FaultKind::SensorBias, t, sink));
+            }
+        } else if self.bias.as_ref().is_some_and(|a| a.until == t) {
+            let a = self.bias.take().expect("checked above");
+            sensors[a.sensor - self.sensors.start].bias = 0.0;
+            sink.end_label(a.label, t);
         }
         self.refresh_next_event();
+    }
+
+    /// Labels a fault of kind `kind` starting at `t` on the machine's `i`-th sensor.
+    fn sensor_fault(
+        &self,
+        i: usize,
+        until: i64,
+        kind: FaultKind,
+        t: i64,
+        sink: &mut Sink,
+    ) -> Active {
+        let sensor = self.sensors.start + i;
+        let path = sink.sensor_paths[sensor].clone();
+        let label = sink.label(path, kind, t, None);
+        Active {
+            sensor,
+            until,
+            label,
+        }
+    }
+
+    /// As `next_random`, from the sensor-fault stream.
+    fn next_sensor_fault(&mut self, t: i64, mean_s: f64) -> i64 {
+        if self.random_faults {
+            t + exp_us(&mut self.sensor_fault_rng, mean_s / self.fault_rate)
+        } else {
+            NEVER
+        }
     }
 
     /// When the next random fault of a kind with mean interval `mean_s` starts after `t`.
@@ -820,8 +936,32 @@ impl MachineSim {
                 let label = sink.label(path, FaultKind::NetworkLoss, t, None);
                 self.outage = Some(Outage { until, label });
             }
+            (FaultKind::Dropout, Some(sensor)) => {
+                if let Some(a) = self.dropout.take() {
+                    sensors[a.sensor - first].dropped = false;
+                    sink.end_label(a.label, t);
+                }
+                sensors[sensor - first].dropped = true;
+                self.dropout = Some(self.sensor_fault(sensor - first, until, p.kind, t, sink));
+            }
+            (FaultKind::SensorBias, Some(sensor)) => {
+                if let Some(a) = self.bias.take() {
+                    sensors[a.sensor - first].bias = 0.0;
+                    sink.end_label(a.label, t);
+                }
+                let s = &mut sensors[sensor - first];
+                s.bias = planned_bias(s.noise_key, t, s.hi - s.lo);
+                self.bias = Some(self.sensor_fault(sensor - first, until, p.kind, t, sink));
+            }
             // Sensor kinds without a sensor: `with_scenario` never builds these.
-            (FaultKind::Overheating | FaultKind::StuckSensor | FaultKind::Spike, None) => {}
+            (
+                FaultKind::Overheating
+                | FaultKind::StuckSensor
+                | FaultKind::Spike
+                | FaultKind::Dropout
+                | FaultKind::SensorBias,
+                None,
+            ) => {}
         }
     }
 
@@ -851,8 +991,8 @@ impl MachineSim {
                 continue;
             }
             let wear = self.wear(t);
-            // During a network loss the physics goes on but nothing is reported (a spike
-            // nobody saw is not labelled either).
+            // During a network loss (or a sensor's dropout) the physics goes on but nothing
+            // is reported (a spike nobody saw is not labelled either).
             let silent = self.outage.is_some();
             for (i, s) in sensors.iter_mut().enumerate() {
                 if s.next_due != t {
@@ -860,7 +1000,7 @@ impl MachineSim {
                 }
                 let (value, spiked) = s.sample(self.state, wear, t);
                 s.next_due = t + s.period_us;
-                if silent {
+                if silent || s.dropped {
                     continue;
                 }
                 sink.out
@@ -1017,6 +1157,13 @@ impl PlantSim {
                         planned: Vec::new(),
                         next_planned: 0,
                         outage: None,
+                        sensor_fault_rng: ChaCha8Rng::seed_from_u64(mix(seed
+                            ^ fnv1a(asset.path.as_str().as_bytes())
+                            ^ SENSOR_FAULT_STREAM)),
+                        next_dropout: NEVER,
+                        dropout: None,
+                        next_bias: NEVER,
+                        bias: None,
                     });
                     machine_paths.push(asset.path);
                 }
@@ -1160,7 +1307,7 @@ impl PlantSim {
             if m.outage.is_some() {
                 bad = all;
             }
-            if let Some(a) = &m.stuck {
+            for a in [&m.stuck, &m.dropout].into_iter().flatten() {
                 let k = a.sensor - m.sensors.start;
                 if k < 64 {
                     bad |= 1 << k;
@@ -1170,6 +1317,7 @@ impl PlantSim {
                 machine: m.id,
                 fault_active: m.overheat.is_some()
                     || m.stuck.is_some()
+                    || m.dropout.is_some()
                     || m.breakdown_label.is_some()
                     || m.bearing_label.is_some()
                     || m.outage.is_some(),
@@ -1243,6 +1391,8 @@ impl MachineSim {
         self.next_stuck = self.next_random(start, STUCK_MEAN_S);
         self.next_breakdown = self.next_random(start, BREAKDOWN_MEAN_S);
         self.next_bearing = self.next_random(start, BEARING_MEAN_S);
+        self.next_dropout = self.next_sensor_fault(start, DROPOUT_MEAN_S);
+        self.next_bias = self.next_sensor_fault(start, BIAS_MEAN_S);
         self.refresh_next_event();
     }
 }
@@ -1331,7 +1481,7 @@ mod tests {
     }
 
     #[test]
-    fn every_sensor_reports_at_its_period() {
+    fn every_sensor_reports_at_its_period_except_while_dropped_out() {
         let (spec, assets) = demo();
         let mut sim = PlantSim::new(&spec, 5, START);
         let mut by_asset: HashMap<AssetId, Vec<i64>> = HashMap::new();
@@ -1341,6 +1491,13 @@ mod tests {
         {
             by_asset.entry(r.asset).or_default().push(r.source_ts.0);
         }
+        let final_labels = sim.final_labels();
+        let dropouts: Vec<&FaultLabel> = final_labels
+            .iter()
+            .filter(|f| f.kind == FaultKind::Dropout)
+            .collect();
+        // Seed 5 drops one sensor out within these 10 minutes; the others report throughout.
+        assert_eq!(dropouts.len(), 1, "{dropouts:?}");
         let mut sensors = 0;
         for a in &assets {
             let AssetKind::Sensor { spec: s, .. } = &a.kind else {
@@ -1349,13 +1506,24 @@ mod tests {
             sensors += 1;
             let ts = &by_asset[&a.path.id()];
             let period_us = s.period_ms as i64 * 1000;
+            let gaps: Vec<(i64, i64)> = dropouts
+                .iter()
+                .filter(|f| f.asset == a.path)
+                .map(|f| (f.start.0, f.end.map_or(i64::MAX, |e| e.0)))
+                .collect();
+            let silent = |t: i64| gaps.iter().any(|(from, to)| (*from..*to).contains(&t));
             assert!(
-                ts.windows(2).all(|w| w[1] - w[0] == period_us),
-                "{}",
+                ts.iter().all(|t| !silent(*t)),
+                "{} reported while dropped out",
                 a.path
             );
+            // Due times run on at the period; the ones inside a dropout are missing.
+            let due: Vec<i64> = (0..600_000 / s.period_ms as i64)
+                .map(|k| ts[0] - (ts[0] - START.0) / period_us * period_us + k * period_us)
+                .filter(|t| !silent(*t))
+                .collect();
+            assert_eq!(*ts, due, "{}", a.path);
             assert!(ts[0] >= START.0 && ts[0] < START.0 + period_us);
-            assert_eq!(ts.len() as i64, 600_000 / s.period_ms as i64, "{}", a.path);
         }
         assert_eq!(sensors, sim.sensor_count());
     }
@@ -1806,6 +1974,234 @@ mod tests {
         assert_eq!(lost.bad_sensors, (1u64 << sensors) - 1);
         run(&mut sim, 40 * 60, 1000);
         assert!(!status(&sim).fault_active);
+    }
+
+    /// FNV-1a of the labels of the kinds that existed before dropout and sensor_bias, and of
+    /// every machine reading (state, counters: no sensor fault touches them), over 6 h of the
+    /// demo plant at seed 1. Pinned from the code before those kinds were added: they draw
+    /// from their own stream, so adding them moved nothing of the others.
+    #[test]
+    fn older_fault_kinds_and_machine_readings_are_what_they_were_before_dropout_and_bias() {
+        let (spec, _) = demo();
+        let mut sim = PlantSim::new(&spec, 1, START);
+        let readings = run(&mut sim, 6 * 3600, 1000);
+        let mut text = String::new();
+        let older = [
+            FaultKind::Overheating,
+            FaultKind::BearingWear,
+            FaultKind::StuckSensor,
+            FaultKind::Spike,
+            FaultKind::Breakdown,
+            FaultKind::NetworkLoss,
+        ];
+        for f in sim.faults().iter().filter(|f| older.contains(&f.kind)) {
+            text.push_str(&format!(
+                "{} {} {} {:?}\n",
+                f.asset,
+                f.kind.as_str(),
+                f.start.0,
+                f.end
+            ));
+        }
+        let labels = text.lines().count();
+        for r in readings.iter().filter(|r| r.property != Property::Value) {
+            text.push_str(&format!(
+                "{:?} {:?} {:?} {}\n",
+                r.asset, r.property, r.value, r.source_ts.0
+            ));
+        }
+        println!("{labels} labels, hash {:#x}", fnv1a(text.as_bytes()));
+        assert_eq!(
+            (labels, fnv1a(text.as_bytes())),
+            (434, 0x31e5_0644_8c92_2dd4)
+        );
+    }
+
+    /// Readings of `sensor` as (time, value) in the readings' order.
+    fn series(readings: &[Reading], sensor: &AssetPath) -> Vec<(i64, f64)> {
+        readings
+            .iter()
+            .filter(|r| r.asset == sensor.id() && r.property == Property::Value)
+            .map(|r| (r.source_ts.0, r.value.as_f64()))
+            .collect()
+    }
+
+    #[test]
+    fn scheduled_dropout_silences_one_sensor_for_its_window_and_marks_it_bad() {
+        let spec = line_plant();
+        let press = "acme/berlin/assembly/line-1/press-1";
+        let oil = AssetPath::parse(&format!("{press}/oil-temp")).expect("valid");
+        let text = format!(
+            "version = 1\nrandom_faults = false\n{}",
+            fault(oil.as_str(), "dropout", "5m", "2m")
+        );
+        let mut sim = PlantSim::with_scenario(&spec, 3, START, &scenario(&spec, &text));
+        let id = AssetPath::parse(press).expect("valid").id();
+        let status = |sim: &PlantSim| {
+            sim.machine_statuses()
+                .find(|s| s.machine == id)
+                .expect("the press")
+        };
+        let mut readings = run(&mut sim, 6 * 60, 1000);
+        let during = status(&sim);
+        assert!(during.fault_active);
+        // oil-temp is the press's first sensor: bit 0.
+        assert_eq!(during.bad_sensors, 1);
+        readings.extend(run(&mut sim, 10 * 60, 1000));
+        assert_eq!(
+            (status(&sim).fault_active, status(&sim).bad_sensors),
+            (false, 0)
+        );
+        let (from, to) = (START.plus_ms(300_000).0, START.plus_ms(420_000).0);
+        let oil_ts: Vec<i64> = series(&readings, &oil).iter().map(|(t, _)| *t).collect();
+        assert!(
+            !oil_ts.iter().any(|t| (from..to).contains(t)),
+            "silent in the window"
+        );
+        assert!(oil_ts.iter().any(|t| *t < from) && oil_ts.iter().any(|t| *t >= to));
+        // 2 min of 1 s samples missing out of 10 min, nothing else.
+        assert_eq!(oil_ts.len(), 600 - 120);
+        // The press's other sensors keep reporting through it.
+        let vibration = AssetPath::parse(&format!("{press}/vibration")).expect("valid");
+        assert!(
+            series(&readings, &vibration)
+                .iter()
+                .any(|(t, _)| (from..to).contains(t))
+        );
+        assert_eq!(
+            sim.faults(),
+            [FaultLabel {
+                asset: oil,
+                kind: FaultKind::Dropout,
+                start: Timestamp(from),
+                end: Some(Timestamp(to)),
+            }]
+        );
+    }
+
+    #[test]
+    fn scheduled_sensor_bias_offsets_one_sensor_by_a_constant_and_its_plc_does_not_flag_it() {
+        let spec = line_plant();
+        let press = "acme/berlin/assembly/line-1/press-1";
+        let pressure = AssetPath::parse(&format!("{press}/hydraulic-pressure")).expect("valid");
+        let quiet = "version = 1\nrandom_faults = false\n";
+        let text = format!(
+            "{quiet}{}",
+            fault(pressure.as_str(), "sensor_bias", "5m", "10m")
+        );
+        let mut biased = PlantSim::with_scenario(&spec, 3, START, &scenario(&spec, &text));
+        let mut truth = PlantSim::with_scenario(&spec, 3, START, &scenario(&spec, quiet));
+        let mut got = run(&mut biased, 10 * 60, 1000);
+        let id = AssetPath::parse(press).expect("valid").id();
+        let status = biased
+            .machine_statuses()
+            .find(|s| s.machine == id)
+            .expect("the press");
+        assert_eq!((status.fault_active, status.bad_sensors), (false, 0));
+        got.extend(run(&mut biased, 20 * 60, 1000));
+        let want = run(&mut truth, 20 * 60, 1000);
+        let (from, to) = (START.plus_ms(300_000).0, START.plus_ms(900_000).0);
+        let (a, b) = (series(&got, &pressure), series(&want, &pressure));
+        assert_eq!(a.len(), b.len(), "a biased sensor keeps reporting");
+        let offsets: Vec<f64> = a
+            .iter()
+            .zip(&b)
+            .filter(|((t, _), _)| (from..to).contains(t))
+            .map(|((_, x), (_, y))| x - y)
+            .collect();
+        assert_eq!(offsets.len(), 600);
+        let span = 350.0;
+        let offset = offsets[0];
+        assert!(
+            (0.02 * span..=0.05 * span).contains(&offset.abs()),
+            "{offset} is 2-5 % of the range"
+        );
+        assert!(
+            offsets.iter().all(|o| (o - offset).abs() < 1e-9),
+            "constant"
+        );
+        // True outside the window, and every other sensor untouched.
+        assert!(
+            a.iter()
+                .zip(&b)
+                .filter(|((t, _), _)| !(from..to).contains(t))
+                .all(|(x, y)| x == y)
+        );
+        let others = |r: &&Reading| r.asset != pressure.id();
+        assert!(got.iter().filter(others).eq(want.iter().filter(others)));
+        assert_eq!(
+            biased.faults(),
+            [FaultLabel {
+                asset: pressure,
+                kind: FaultKind::SensorBias,
+                start: Timestamp(from),
+                end: Some(Timestamp(to)),
+            }]
+        );
+    }
+
+    #[test]
+    fn random_dropouts_and_biases_come_from_the_seed_and_are_labelled_on_sensors() {
+        let (spec, assets) = demo();
+        let sensors: HashMap<&AssetPath, (f64, f64)> = assets
+            .iter()
+            .filter_map(|a| match &a.kind {
+                AssetKind::Sensor { spec, .. } => {
+                    Some((&a.path, (spec.min.unwrap_or(0.0), spec.max.unwrap_or(0.0))))
+                }
+                _ => None,
+            })
+            .collect();
+        // Ten times the usual rates keeps the run short (debug builds run these tests).
+        let often = scenario(&spec, "version = 1\nfault_rate = 10.0\n");
+        let mut sim = PlantSim::with_scenario(&spec, 1, START, &often);
+        let readings = run(&mut sim, 2 * 3600, 1000);
+        let of = |kind| -> Vec<FaultLabel> {
+            sim.faults()
+                .iter()
+                .filter(|f| f.kind == kind)
+                .cloned()
+                .collect()
+        };
+        let (dropouts, biases) = (of(FaultKind::Dropout), of(FaultKind::SensorBias));
+        // 24 machines × 2 h × 10: about 40 dropouts (one per 12 h each) and 20 biases.
+        assert!((20..=70).contains(&dropouts.len()), "{}", dropouts.len());
+        assert!((8..=40).contains(&biases.len()), "{}", biases.len());
+        for f in dropouts.iter().chain(&biases) {
+            assert!(sensors.contains_key(&f.asset), "{f:?} is on a sensor");
+            let Some(end) = f.end else { continue };
+            let secs = (end.0 - f.start.0) / 1_000_000;
+            let (lo, hi) = if f.kind == FaultKind::Dropout {
+                DROPOUT_S
+            } else {
+                BIAS_S
+            };
+            assert!((lo as i64..=hi as i64).contains(&secs), "{f:?}");
+        }
+        let mut times: HashMap<AssetId, Vec<i64>> = dropouts
+            .iter()
+            .map(|f| (f.asset.id(), Vec::new()))
+            .collect();
+        for r in readings.iter().filter(|r| r.property == Property::Value) {
+            if let Some(ts) = times.get_mut(&r.asset) {
+                ts.push(r.source_ts.0);
+            }
+        }
+        for f in dropouts.iter().filter(|f| f.end.is_some()) {
+            let window = f.start.0..f.end.expect("filtered").0;
+            let ts = &times[&f.asset.id()];
+            assert!(!ts.iter().any(|t| window.contains(t)), "{f:?}");
+            assert!(ts.iter().any(|t| *t >= window.end), "{f:?} resumes");
+        }
+        // Same seed, same faults.
+        let mut again = PlantSim::with_scenario(&spec, 1, START, &often);
+        run(&mut again, 2 * 3600, 1000);
+        assert_eq!(again.faults(), sim.faults());
+        // Scheduled-only runs draw none.
+        let quiet = scenario(&spec, "version = 1\nrandom_faults = false\n");
+        let mut none = PlantSim::with_scenario(&spec, 1, START, &quiet);
+        run(&mut none, 3600, 1000);
+        assert!(none.faults().is_empty());
     }
 
     #[test]

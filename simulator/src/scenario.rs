@@ -12,7 +12,17 @@
 //! kind = "overheating"
 //! at = "10m"            # simulated time after the start
 //! duration = "2m"       # every kind but spike
+//! [[faults]]
+//! asset = "acme/berlin/assembly/line-1/oven-1/fan-speed"
+//! kind = "dropout"      # or sensor_bias: both on a sensor
+//! at = "1h"
+//! duration = "3m"
 //! ```
+//!
+//! Kinds: overheating (a machine or a temperature sensor with a high limit), stuck_sensor,
+//! spike, dropout, sensor_bias (a sensor), bearing_wear, breakdown, network_loss (a machine).
+//! A scheduled sensor_bias's offset (2–5 % of the sensor's range, either sign) is hashed
+//! from the seed, the sensor and its start time.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -56,8 +66,8 @@ impl Default for Scenario {
 /// One scheduled fault.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScheduledFault {
-    /// The asset the fault acts on and is labelled on: a sensor for overheating, stuck_sensor
-    /// and spike (an overheating written on a machine is resolved to the machine's first
+    /// The asset the fault acts on and is labelled on: a sensor for overheating, stuck_sensor,
+    /// spike, dropout and sensor_bias (an overheating written on a machine is resolved to the machine's first
     /// temperature sensor with a high alarm limit), a machine for the other kinds.
     pub asset: AssetPath,
     pub kind: FaultKind,
@@ -392,8 +402,14 @@ fn resolve_asset(
             Err(FaultProblem::NothingToOverheat { path })
         }
         (FaultKind::Overheating, Target::Other) => Err(wrong("a machine or a temperature sensor")),
-        (FaultKind::StuckSensor | FaultKind::Spike, Target::Sensor { .. }) => Ok(path),
-        (FaultKind::StuckSensor | FaultKind::Spike, _) => Err(wrong("a sensor")),
+        (
+            FaultKind::StuckSensor | FaultKind::Spike | FaultKind::Dropout | FaultKind::SensorBias,
+            Target::Sensor { .. },
+        ) => Ok(path),
+        (
+            FaultKind::StuckSensor | FaultKind::Spike | FaultKind::Dropout | FaultKind::SensorBias,
+            _,
+        ) => Err(wrong("a sensor")),
         (
             FaultKind::BearingWear | FaultKind::Breakdown | FaultKind::NetworkLoss,
             Target::Machine { .. },
@@ -509,7 +525,7 @@ mod tests {
         assert_eq!(
             error(&text),
             "s.toml:4: faults[0].kind: unknown fault kind \"overheat\" (known: overheating, \
-             bearing_wear, stuck_sensor, spike, breakdown, network_loss)"
+             bearing_wear, stuck_sensor, spike, breakdown, network_loss, dropout, sensor_bias)"
         );
     }
 

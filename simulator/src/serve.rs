@@ -625,16 +625,19 @@ impl ServedPlant {
         let mut tick = tokio::time::interval(STEP_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
+        let mut load = StepLoad::default();
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
                 _ = tick.tick() => {
+                    let began = std::time::Instant::now();
                     let micros = wall_start.elapsed().as_micros() as f64 * speed;
                     self.step_to(Timestamp(sim_start.0.saturating_add(micros as i64)));
                     tokio::select! {
                         () = &mut shutdown => break,
                         sent = self.publish_step() => sent?,
                     }
+                    load.add(began.elapsed(), self.readings.len());
                 }
                 Some(msg) = self.inbound.recv() => {
                     tokio::select! {
@@ -658,7 +661,49 @@ impl ServedPlant {
             }
         }
         self.stop_mqtt().await;
+        eprintln!("{load}");
         Ok(())
+    }
+}
+
+/// How long `run_realtime`'s steps (simulation, registers, MQTT publishing) took against
+/// `STEP_INTERVAL`: the plant is served in real time while steps rarely overrun it. A few
+/// counters, printed when serving ends.
+#[derive(Debug, Default)]
+struct StepLoad {
+    steps: u64,
+    overruns: u64,
+    readings: u64,
+    busy: Duration,
+    longest: Duration,
+}
+
+impl StepLoad {
+    fn add(&mut self, took: Duration, readings: usize) {
+        self.steps += 1;
+        self.readings += readings as u64;
+        self.busy += took;
+        self.longest = self.longest.max(took);
+        if took > STEP_INTERVAL {
+            self.overruns += 1;
+        }
+    }
+}
+
+impl std::fmt::Display for StepLoad {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mean_ms = self.busy.as_secs_f64() * 1e3 / self.steps.max(1) as f64;
+        write!(
+            f,
+            "steps: {} of {} ms, {} took longer; mean {mean_ms:.1} ms, longest {:.1} ms; \
+             {} readings ({:.0} per second of stepping)",
+            self.steps,
+            STEP_INTERVAL.as_millis(),
+            self.overruns,
+            self.longest.as_secs_f64() * 1e3,
+            self.readings,
+            self.readings as f64 / self.busy.as_secs_f64().max(1e-9)
+        )
     }
 }
 
