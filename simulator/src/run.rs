@@ -249,6 +249,59 @@ mod tests {
     }
 
     #[test]
+    fn bearing_wear_makes_vibration_rise_over_hours_and_is_labelled() {
+        let (dir, _) = tiny_plant();
+        let spec = crate::serve::load_plant(dir.path()).expect("plant");
+        // The first machine with a vibration sensor.
+        let vib = spec
+            .assets()
+            .into_iter()
+            .find(|a| a.path.name() == "vibration")
+            .expect("a machine type with vibration")
+            .path;
+        let machine = vib.parent().expect("machine");
+        let text = format!(
+            "version = 1\nseed = 3\nrandom_faults = false\n[[faults]]\nasset = \"{machine}\"\n\
+             kind = \"bearing_wear\"\nat = \"1h\"\nduration = \"6h\"\n"
+        );
+        let scenario = crate::scenario::Scenario::from_toml(&text, Path::new("wear.toml"), &spec)
+            .expect("valid scenario");
+        let mut sim = PlantSim::with_scenario(&spec, 3, RUN_START, &scenario);
+        let id = vib.id();
+        // Mean vibration per simulated hour, 7 hours, stepped a minute at a time.
+        let mut hourly = vec![(0.0, 0u32); 7];
+        let mut out = Vec::new();
+        for minute in 1..=7 * 60 {
+            out.clear();
+            sim.step(RUN_START.plus_ms(minute * 60_000), &mut out);
+            for r in out.iter().filter(|r| r.asset == id) {
+                let h = ((r.source_ts.millis_since(RUN_START) / 3_600_000) as usize).min(6);
+                hourly[h].0 += r.value.as_f64();
+                hourly[h].1 += 1;
+            }
+        }
+        let mean: Vec<f64> = hourly
+            .iter()
+            .map(|(s, n)| s / f64::from((*n).max(1)))
+            .collect();
+        // Healthy in hour 0; then rising hour over hour through the wear.
+        assert!(mean[6] > 1.5 * mean[0], "vibration by hour: {mean:?}");
+        assert!(
+            mean[2] < mean[4] && mean[4] < mean[6],
+            "rises over the hours: {mean:?}"
+        );
+        let file = dir.path().join("labels.csv");
+        crate::labels::write_labels(&file, &sim.final_labels()).expect("labels written");
+        let labels = read_labels(&file).expect("labels parse");
+        let wear = labels
+            .iter()
+            .find(|l| l.kind == FaultKind::BearingWear)
+            .expect("bearing wear labelled");
+        assert_eq!(wear.asset, machine);
+        assert_eq!(wear.start, RUN_START.plus_ms(3_600_000));
+    }
+
+    #[test]
     fn same_plant_and_seed_write_the_same_labels() {
         let (dir, _) = tiny_plant();
         let mut o = opts(dir.path(), None);
