@@ -269,7 +269,7 @@ mod tests {
         let mut sim = PlantSim::with_scenario(&spec, 3, RUN_START, &scenario);
         let id = vib.id();
         // Mean vibration per simulated hour, 7 hours, stepped a minute at a time.
-        let mut hourly = vec![(0.0, 0u32); 7];
+        let mut hourly = [(0.0, 0u32); 7];
         let mut out = Vec::new();
         for minute in 1..=7 * 60 {
             out.clear();
