@@ -149,7 +149,7 @@ impl Connections {
             .iter()
             .map(|c| (c.handle.name().to_owned(), c.home.clone()))
             .collect();
-        tracker.spawn(record_events(events_rx, homes, ctx));
+        tracker.spawn(record_events(events_rx, homes, ctx, token.clone()));
         Ok(Connections { all, writers })
     }
 
@@ -235,8 +235,22 @@ async fn record_events(
     mut rx: mpsc::Receiver<AdapterEvent>,
     homes: HashMap<String, AssetPath>,
     ctx: Arc<TwinCtx>,
+    token: CancellationToken,
 ) {
-    while let Some(ev) = rx.recv().await {
+    loop {
+        // At shutdown: what the stopping adapters still report, for a bounded while.
+        let next = if token.is_cancelled() {
+            tokio::time::timeout(ADAPTER_STOP_WAIT, rx.recv())
+                .await
+                .ok()
+                .flatten()
+        } else {
+            tokio::select! {
+                ev = rx.recv() => ev,
+                () = token.cancelled() => continue,
+            }
+        };
+        let Some(ev) = next else { break };
         let Some(asset) = ev
             .asset
             .clone()

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use ferrotwin_adapters::ConnectionConfig;
 use ferrotwin_models::spec::{AssetKind, PlantSpec};
-use ferrotwin_models::{QualityCode, QualityReason};
+use ferrotwin_models::{AssetPath, QualityCode, QualityReason};
 use ractor::ActorRef;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -113,7 +113,8 @@ impl Runtime {
         let replicate_as = match &opts.replication {
             Some(r) => {
                 let site = replicated_site(spec, r)?;
-                let outbox = store.enable_outbox(r.max_outbox_bytes)?;
+                let outbox =
+                    store.enable_outbox(r.max_outbox_bytes, AssetPath::parse(&site).ok())?;
                 outbox.set_history(history_settings(spec, r)?);
                 Some((site, r.clone()))
             }

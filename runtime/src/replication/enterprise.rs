@@ -33,7 +33,16 @@ const PENDING_ACKS: usize = 1024;
 /// What the enterprise knows about one site it accepts.
 #[derive(Debug, Default)]
 pub struct SiteMirror {
+    /// Highest seq applied (queued for the store).
     pub applied_seq: AtomicU64,
+    /// Highest seq on the enterprise's disk: what a welcome reports, so a site never trims
+    /// what a crash here could still lose.
+    pub durable_seq: AtomicU64,
+    /// Twin deltas, history chunks and events for assets outside the site: skipped.
+    pub foreign: AtomicU64,
+    /// The current stream's token: a new hello from the site ends the previous stream (a
+    /// half-open connection must not hold the site off).
+    current: std::sync::Mutex<Option<CancellationToken>>,
     pub event_seq: AtomicU64,
     /// When a batch of this site was last applied (µs since the epoch; 0 = never).
     pub synced_us: AtomicU64,
@@ -76,10 +85,9 @@ impl EnterpriseReceiver {
             }
             let m = SiteMirror::default();
             let read = |k: Vec<u8>| ctx.store.meta_value(&k).map(u64_of);
-            m.applied_seq.store(
-                read(cursor_key(s)).map_err(|e| e.to_string())?,
-                Ordering::Relaxed,
-            );
+            let cursor = read(cursor_key(s)).map_err(|e| e.to_string())?;
+            m.applied_seq.store(cursor, Ordering::Relaxed);
+            m.durable_seq.store(cursor, Ordering::Relaxed);
             m.event_seq.store(
                 read(event_cursor_key(s)).map_err(|e| e.to_string())?,
                 Ordering::Relaxed,
@@ -120,6 +128,12 @@ impl EnterpriseReceiver {
         let batch = rec::OutboxBatch::decode(bytes).map_err(|e| {
             Status::invalid_argument(format!("batch {seq}: not an outbox batch: {e}"))
         })?;
+        if batch.seq != seq {
+            return Err(Status::invalid_argument(format!(
+                "batch {seq}: carries outbox seq {}",
+                batch.seq
+            )));
+        }
         let mut records = Vec::with_capacity(batch.twins.len());
         for d in &batch.twins {
             let (Ok(id), Some(r)) = (<[u8; 16]>::try_from(d.id.as_slice()), &d.record) else {
@@ -133,10 +147,8 @@ impl EnterpriseReceiver {
                 continue;
             };
             if !entry.path().starts_with(site) {
-                return Err(Status::permission_denied(format!(
-                    "batch {seq}: twin {} is not under site {site}",
-                    entry.path()
-                )));
+                mirror.foreign.fetch_add(1, Ordering::Relaxed);
+                continue;
             }
             let snap = Arc::new(codec::decode_snapshot(&entry.def.kind, r));
             match entry.actor() {
@@ -165,10 +177,8 @@ impl EnterpriseReceiver {
                 continue;
             };
             if !entry.path().starts_with(site) {
-                return Err(Status::permission_denied(format!(
-                    "batch {seq}: history of {} is not under site {site}",
-                    entry.path()
-                )));
+                mirror.foreign.fetch_add(1, Ordering::Relaxed);
+                continue;
             }
             let first = codec::decode_chunk(&h.chunk)
                 .map_err(|e| bad(&e))?
@@ -190,11 +200,8 @@ impl EnterpriseReceiver {
                     ev.seq = 0;
                     self.ctx.emit(ev).await;
                 }
-                Ok(ev) => {
-                    return Err(Status::permission_denied(format!(
-                        "batch {seq}: event on {} is not under site {site}",
-                        ev.asset
-                    )));
+                Ok(_) => {
+                    mirror.foreign.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(what) => {
                     return Err(Status::invalid_argument(format!(
@@ -280,13 +287,28 @@ impl ReplicationService for ReplicationApi {
                 "site {site} is not accepted by this enterprise"
             )));
         };
-        let guard = mirror.stream.clone().lock_owned().await;
+        // A new stream of the site replaces the previous one (which may be half-open).
+        let stream_token = self.0.token.child_token();
+        if let Some(old) = mirror
+            .current
+            .lock()
+            .expect("stream lock is never poisoned")
+            .replace(stream_token.clone())
+        {
+            old.cancel();
+        }
+        let guard = tokio::select! {
+            g = mirror.stream.clone().lock_owned() => g,
+            () = stream_token.cancelled() => {
+                return Err(Status::aborted("replaced by a newer stream of the site"));
+            }
+        };
         let (tx, rx) = mpsc::channel(16);
         let welcome = pb::ReplicateResponse {
             msg: Some(pb::replicate_response::Msg::Welcome(
                 pb::EnterpriseWelcome {
                     protocol_version: PROTOCOL_VERSION,
-                    last_applied_seq: mirror.applied_seq.load(Ordering::Acquire),
+                    last_applied_seq: mirror.durable_seq.load(Ordering::Acquire),
                 },
             )),
         };
@@ -296,27 +318,29 @@ impl ReplicationService for ReplicationApi {
         tracing::info!(site = %site, agent = hello.agent, "replication stream accepted");
         let this = self.0.clone();
         let tracker = self.0.tracker.clone();
-        let token = self.0.token.clone();
+        let token = stream_token;
         tracker.spawn(async move {
             let _guard = guard;
             // Acks go out in order, each once its flush is durable.
-            let (acks_tx, mut acks_rx) = mpsc::channel::<(u64, Option<u64>)>(PENDING_ACKS);
+            // (seq, the store flush that makes it durable).
+            let (acks_tx, mut acks_rx) = mpsc::channel::<(u64, u64)>(PENDING_ACKS);
             let store = this.ctx.store.clone();
             let ack_out = tx.clone();
             let stopping = token.clone();
+            let durable = mirror.clone();
             let acker = this.tracker.spawn(async move {
                 while let Some((seq, generation)) = acks_rx.recv().await {
-                    if let Some(g) = generation {
-                        tokio::select! {
-                            () = stopping.cancelled() => return,
-                            () = store.wait_flushed(g) => {}
-                        }
+                    tokio::select! {
+                        () = stopping.cancelled() => return,
+                        () = store.wait_flushed(generation) => {}
                     }
+                    durable.durable_seq.fetch_max(seq, Ordering::AcqRel);
                     let ack = pb::ReplicateResponse {
                         msg: Some(pb::replicate_response::Msg::Ack(seq)),
                     };
-                    if ack_out.send(Ok(ack)).await.is_err() {
-                        return;
+                    tokio::select! {
+                        () = stopping.cancelled() => return,
+                        sent = ack_out.send(Ok(ack)) => if sent.is_err() { return },
                     }
                 }
             });
@@ -334,22 +358,24 @@ impl ReplicationService for ReplicationApi {
                     }
                 };
                 let Some(pb::replicate_request::Msg::Batch(b)) = m.msg else {
-                    let _ = tx
-                        .send(Err(Status::invalid_argument(
-                            "only batches after the hello",
-                        )))
-                        .await;
+                    let _ = tx.try_send(Err(Status::invalid_argument(
+                        "only batches after the hello",
+                    )));
                     break;
                 };
                 match this.apply(&site, &mirror, b.seq, &b.batch).await {
                     Ok(generation) => {
-                        if acks_tx.send((b.seq, generation)).await.is_err() {
-                            break;
+                        // A duplicate is acked once the flush after now is on disk: its
+                        // first application may still be on its way there.
+                        let g = generation.unwrap_or_else(|| this.ctx.store.queue_generation());
+                        tokio::select! {
+                            () = token.cancelled() => break,
+                            sent = acks_tx.send((b.seq, g)) => if sent.is_err() { break },
                         }
                     }
                     Err(status) => {
                         tracing::warn!(site = %site, error = %status, "replication batch refused");
-                        let _ = tx.send(Err(status)).await;
+                        let _ = tx.try_send(Err(status));
                         break;
                     }
                 }

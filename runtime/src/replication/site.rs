@@ -146,6 +146,11 @@ async fn stream_once(
         })?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
+        // A half-open link (a dead enterprise, a silent firewall) ends the stream within
+        // about 30 s instead of leaving the site waiting for acks forever.
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true)
         .connect()
         .await
         .map_err(|source| SendError::Connect { endpoint, source })?;
@@ -153,7 +158,8 @@ async fn stream_once(
         .send_compressed(tonic::codec::CompressionEncoding::Gzip)
         .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
         .max_decoding_message_size(64 << 20);
-    let (tx, rx) = mpsc::channel::<pb::ReplicateRequest>(cfg.max_unacked_batches.max(1));
+    let window = cfg.max_unacked_batches.max(1);
+    let (tx, rx) = mpsc::channel::<pb::ReplicateRequest>(window);
     let hello = pb::ReplicateRequest {
         msg: Some(pb::replicate_request::Msg::Hello(pb::SiteHello {
             protocol_version: PROTOCOL_VERSION,
@@ -178,6 +184,9 @@ async fn stream_once(
     if w.protocol_version != PROTOCOL_VERSION {
         return Err(SendError::Version(w.protocol_version));
     }
+    // The enterprise may hold batches this site lost in a crash after sending them: new
+    // batches continue after them.
+    outbox.ensure_next_after(w.last_applied_seq);
     outbox
         .trim_to(w.last_applied_seq)
         .map_err(|e| SendError::Outbox(e.to_string()))?;
@@ -195,7 +204,7 @@ async fn stream_once(
     let mut sent = w.last_applied_seq.max(outbox.lag().acked_seq);
     let mut in_flight: VecDeque<u64> = VecDeque::new();
     loop {
-        let room = cfg.max_unacked_batches.saturating_sub(in_flight.len());
+        let room = window.saturating_sub(in_flight.len());
         if room > 0 {
             let batches = outbox
                 .read_after(sent, READ_BYTES)
@@ -220,6 +229,9 @@ async fn stream_once(
                 }
                 continue;
             }
+            // Nothing left up to what is durable (the outbox may have dropped batches at its
+            // limit): do not wait for those seqs again.
+            sent = sent.max(outbox.committed());
         }
         // Nothing to send (or the window is full): wait for an ack or a new batch.
         tokio::select! {
@@ -228,6 +240,8 @@ async fn stream_once(
             m = responses.message() => {
                 let m = m.map_err(SendError::Stream)?.ok_or(SendError::Closed)?;
                 if let Some(pb::replicate_response::Msg::Ack(seq)) = m.msg {
+                    // Never trim what was not sent (a confused or hostile peer).
+                    let seq = seq.min(sent);
                     outbox.trim_to(seq).map_err(|e| SendError::Outbox(e.to_string()))?;
                     status.acked_seq.fetch_max(seq, Ordering::Relaxed);
                     while in_flight.front().is_some_and(|s| *s <= seq) {

@@ -224,19 +224,23 @@ pub fn decode_chunk(bytes: &[u8]) -> Result<Vec<HistPoint>, String> {
         ));
     }
     let mut ts = c.first_ts_us;
-    Ok(c.ts_delta_us
+    // Chunks also arrive from other sites (replication): a delta that overflows is an
+    // error, not a panic.
+    c.ts_delta_us
         .iter()
         .zip(&c.values)
         .zip(&c.qualities)
         .map(|((d, v), q)| {
-            ts += d;
-            HistPoint {
+            ts = ts
+                .checked_add(*d)
+                .ok_or_else(|| format!("timestamp overflows after {ts} + {d}"))?;
+            Ok(HistPoint {
                 ts: Timestamp(ts),
                 value: *v,
                 quality: quality_from(u32::from(*q)),
-            }
+            })
         })
-        .collect())
+        .collect()
 }
 
 pub fn encode_event(e: &Event) -> Vec<u8> {

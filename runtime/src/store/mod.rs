@@ -189,6 +189,8 @@ pub struct Store {
     /// Events on disk that the outbox may not hold (see `enable_outbox`), staged with the
     /// next flush.
     outbox_recovery: Mutex<Vec<rec::OutboxEvent>>,
+    /// Only twins and events of this subtree go to the outbox (the replicated site).
+    outbox_site: Mutex<Option<AssetPath>>,
     /// Number of the flush the queue goes out with; a flush publishes it on `flushed` once
     /// durable.
     queue_gen: AtomicU64,
@@ -298,6 +300,7 @@ impl Store {
             aborting: AtomicBool::new(false),
             outbox: std::sync::OnceLock::new(),
             outbox_recovery: Mutex::new(Vec::new()),
+            outbox_site: Mutex::new(None),
             queue_gen: AtomicU64::new(1),
             flushed: tokio::sync::watch::channel(0).0,
             stats: StoreStats::default(),
@@ -311,7 +314,15 @@ impl Store {
     /// Turns the replication outbox on (before the writer starts): from now on every flush
     /// also stages what it wrote for the enterprise. Events on disk past the outbox's
     /// high-water mark (a crash between the two writes) are staged again.
-    pub fn enable_outbox(&self, max_bytes: u64) -> Result<&outbox::Outbox, StoreError> {
+    pub fn enable_outbox(
+        &self,
+        max_bytes: u64,
+        site: Option<AssetPath>,
+    ) -> Result<&outbox::Outbox, StoreError> {
+        *self
+            .outbox_site
+            .lock()
+            .expect("site lock is never poisoned") = site;
         if let Some(o) = self.outbox.get() {
             return Ok(o);
         }
@@ -344,11 +355,13 @@ impl Store {
         }
         if recovery.len() > MAX_RECOVERY_EVENTS {
             let cut = recovery.len() - MAX_RECOVERY_EVENTS;
+            let range = (recovery[0].seq, recovery[cut - 1].seq);
             tracing::error!(
-                from = recovery[0].seq,
-                to = recovery[cut - 1].seq,
+                from = range.0,
+                to = range.1,
                 "more events than the outbox re-stages after a crash; the oldest are reported dropped"
             );
+            ob.note_dropped(range);
             recovery.drain(..cut);
         }
         if !recovery.is_empty() {
@@ -729,8 +742,18 @@ impl Store {
         } else {
             dirty
         };
+        let site = self
+            .outbox_site
+            .lock()
+            .expect("site lock is never poisoned")
+            .clone();
+        let in_site = |p: &str| {
+            site.as_ref()
+                .is_none_or(|s| p == s.as_str() || p.starts_with(&format!("{s}/")))
+        };
         let twins = twins_of
             .iter()
+            .filter(|e| in_site(e.path().as_str()))
             .filter_map(|e| {
                 codec::snapshot_record(e).map(|r| rec::TwinDelta {
                     id: e.id.as_bytes().to_vec(),
@@ -747,6 +770,8 @@ impl Store {
         let mut events = recovered.clone();
         for (seq, v) in &q.events {
             match rec::EventRecord::decode(v.as_slice()) {
+                // Events outside the site (e.g. of the enterprise twin) stay local.
+                Ok(event) if !in_site(&event.path) => {}
                 Ok(event) => events.push(rec::OutboxEvent {
                     seq: *seq,
                     event: Some(event),

@@ -359,7 +359,14 @@ impl Outbox {
     ) -> Result<Vec<(u64, Vec<u8>)>, OutboxError> {
         let mut out = Vec::new();
         let mut total = 0usize;
-        for kv in self.tree.range(key(after.saturating_add(1))..) {
+        // Only what a completed flush made durable: the writer puts a batch in the tree
+        // before its flush, and a batch sent before it is on disk could be lost in a crash
+        // and its seq reused.
+        let last = self.committed();
+        if after >= last {
+            return Ok(out);
+        }
+        for kv in self.tree.range(key(after.saturating_add(1))..=key(last)) {
             let (k, v) = kv?;
             let seq = k.as_ref().try_into().map(u64::from_be_bytes).map_err(|_| {
                 OutboxError::Corrupt {
@@ -374,6 +381,41 @@ impl Outbox {
             out.push((seq, v.to_vec()));
         }
         Ok(out)
+    }
+
+    /// Highest seq a completed flush made durable.
+    pub fn committed(&self) -> u64 {
+        *self.committed.borrow()
+    }
+
+    /// The enterprise has applied up to `seq`, past anything staged here (this site lost
+    /// batches in a crash after sending them): new batches must get higher seqs, or the
+    /// enterprise would take them for duplicates.
+    pub fn ensure_next_after(&self, seq: u64) {
+        let mut st = self.state();
+        if st.next_seq <= seq {
+            tracing::warn!(
+                enterprise_has = seq,
+                staged = st.next_seq - 1,
+                "the enterprise has batches this site lost; continuing after them"
+            );
+            st.next_seq = seq + 1;
+            st.acked = st.acked.max(seq);
+            let _ = self
+                .meta
+                .insert("outbox-next-seq", &(seq + 1).to_be_bytes());
+            drop(st);
+            self.committed.send_replace(seq);
+            // Whatever those lost batches carried is re-sent as a whole.
+            self.set_full_pending();
+        }
+    }
+
+    /// Events that can no longer be sent (seq range): reported with the next batch.
+    pub fn note_dropped(&self, range: (u64, u64)) {
+        let mut st = self.state();
+        st.dropped = Some(merge_range(st.dropped, range));
+        st.dropped_events += range.1.saturating_sub(range.0) + 1;
     }
 
     /// The enterprise has everything up to `seq` durably: forget it.
@@ -517,7 +559,7 @@ fn held_of(b: &rec::OutboxBatch, bytes: usize) -> Held {
 /// with its worst quality. `None` for a chunk that does not decode.
 fn aggregate(chunk: &[u8], window_ms: i64) -> Option<Vec<u8>> {
     let points = codec::decode_chunk(chunk).ok()?;
-    let window_us = window_ms.max(1) * 1000;
+    let window_us = window_ms.max(1).saturating_mul(1000);
     let mut out: Vec<HistPoint> = Vec::new();
     let (mut sum, mut n, mut window) = (0.0, 0u32, None::<i64>);
     let mut last = None::<HistPoint>;
@@ -624,7 +666,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path(), StoreConfig::default()).expect("open");
         let registry = plant_registry();
-        let ob = store.enable_outbox(1 << 30).expect("outbox");
+        let ob = store.enable_outbox(1 << 30, None).expect("outbox");
         // The first snapshot round after a start is a full snapshot.
         store.flush_once(&registry, true).expect("flush");
         let first = batches(ob, 0);
@@ -669,7 +711,7 @@ mod tests {
         let registry = plant_registry();
         {
             let store = Store::open(dir.path(), StoreConfig::default()).expect("open");
-            let ob = store.enable_outbox(1 << 30).expect("outbox");
+            let ob = store.enable_outbox(1 << 30, None).expect("outbox");
             store.flush_once(&registry, true).expect("flush");
             rt().block_on(event(&store, 1));
             store.flush_once(&registry, true).expect("flush");
@@ -679,7 +721,7 @@ mod tests {
             assert_eq!(ob.lag().last_seq, 3);
         }
         let store = Store::open(dir.path(), StoreConfig::default()).expect("reopen");
-        let ob = store.enable_outbox(1 << 30).expect("outbox");
+        let ob = store.enable_outbox(1 << 30, None).expect("outbox");
         let lag = ob.lag();
         assert_eq!((lag.count, lag.acked_seq, lag.last_seq), (1, 2, 3));
         store.flush_once(&registry, true).expect("flush");
@@ -697,12 +739,35 @@ mod tests {
     }
 
     #[test]
+    fn batches_the_enterprise_has_but_the_site_lost_are_not_reused_and_unflushed_ones_not_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), StoreConfig::default()).expect("open");
+        let registry = plant_registry();
+        let ob = store.enable_outbox(1 << 30, None).expect("outbox");
+        store.flush_once(&registry, true).expect("flush");
+        assert_eq!(ob.committed(), 1);
+        // A batch staged but not yet committed (a flush in progress) is not read.
+        let p = ob.prepare(Vec::new(), Vec::new(), Vec::new(), true, 0);
+        ob.apply(ob.stage(&p)).expect("apply");
+        assert_eq!(ob.read_after(0, usize::MAX).expect("read").len(), 1);
+        ob.commit(p);
+        assert_eq!(ob.read_after(0, usize::MAX).expect("read").len(), 2);
+        // The enterprise applied up to 7 before this site crashed and lost 3..=7.
+        ob.ensure_next_after(7);
+        rt().block_on(event(&store, 1));
+        store.flush_once(&registry, false).expect("flush");
+        let next = batches(ob, 7);
+        assert_eq!(next.len(), 1);
+        assert_eq!(next[0].seq, 8, "continues after what the enterprise has");
+    }
+
+    #[test]
     fn events_on_disk_without_their_batch_are_staged_again_on_open() {
         let dir = tempfile::tempdir().expect("tempdir");
         let registry = plant_registry();
         let seq = {
             let store = Store::open(dir.path(), StoreConfig::default()).expect("open");
-            store.enable_outbox(1 << 30).expect("outbox");
+            store.enable_outbox(1 << 30, None).expect("outbox");
             store.flush_once(&registry, true).expect("flush");
             let seq = rt().block_on(event(&store, 1));
             store.flush_once(&registry, false).expect("flush");
@@ -714,7 +779,7 @@ mod tests {
             seq
         };
         let store = Store::open(dir.path(), StoreConfig::default()).expect("reopen");
-        let ob = store.enable_outbox(1 << 30).expect("outbox");
+        let ob = store.enable_outbox(1 << 30, None).expect("outbox");
         store.flush_once(&registry, true).expect("flush");
         let staged: Vec<u64> = batches(ob, 0)
             .iter()
@@ -728,7 +793,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path(), StoreConfig::default()).expect("open");
         let registry = plant_registry();
-        let ob = store.enable_outbox(1 << 30).expect("outbox");
+        let ob = store.enable_outbox(1 << 30, None).expect("outbox");
         store.flush_once(&registry, true).expect("flush");
         let full = ob.lag().bytes;
         // Room for about one full snapshot and a half.
