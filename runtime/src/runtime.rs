@@ -113,6 +113,22 @@ impl Runtime {
         let replicate_as = match &opts.replication {
             Some(r) => {
                 let site = replicated_site(spec, r)?;
+                // Room for at least a few full snapshots (~200 B per stored twin), or every
+                // round would compact the last one away.
+                let stored = spec
+                    .assets()
+                    .iter()
+                    .filter(|a| {
+                        matches!(a.kind, AssetKind::Sensor { .. } | AssetKind::Machine { .. })
+                    })
+                    .count() as u64;
+                let min = (stored * 200 * 4).max(1 << 20);
+                if r.max_outbox_bytes < min {
+                    return Err(RuntimeError::Replication(format!(
+                        "replication.max_outbox_bytes {} is too small for {stored} twins: at least {min}",
+                        r.max_outbox_bytes
+                    )));
+                }
                 let outbox =
                     store.enable_outbox(r.max_outbox_bytes, AssetPath::parse(&site).ok())?;
                 outbox.set_history(history_settings(spec, r)?);

@@ -348,6 +348,14 @@ impl Outbox {
             if let Some(d) = p.dropped {
                 st.dropped = Some(merge_range(st.dropped, d));
             }
+            // The batch may have reached the tree before the flush failed: its content is
+            // staged again with the retry, so this copy must not be sent (nor be left
+            // untrimmable). If the removal fails too, a restart finds it, holds it and sends
+            // it once more; the enterprise's dedupe by event seq and idempotent twin state
+            // take that.
+            if let Err(e) = self.tree.remove(key(p.seq)) {
+                tracing::warn!(seq = p.seq, error = %e, "outbox: cannot remove a batch of a failed flush");
+            }
         }
     }
 
