@@ -91,13 +91,18 @@ fn spawn_watcher(mut w: crate::watch::Watcher) -> WatchStats {
     }
 }
 
-fn percentile(v: &mut [u64], p: f64) -> f64 {
+/// The `p` quantile of `v` (sorts it); NaN for no samples. Shared by the benchmarks.
+pub(crate) fn percentile(v: &mut [f64], p: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
-    v.sort_unstable();
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[i] as f64 / 1000.0
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Latency samples in µs as ms.
+fn as_ms(us: Vec<u64>) -> Vec<f64> {
+    us.into_iter().map(|v| v as f64 / 1000.0).collect()
 }
 
 /// Pushes batches of one reading per sensor, round robin, for `dur`; `rate` readings/s
@@ -316,7 +321,9 @@ pub async fn ingest(b: IngestBench) -> Result<String> {
     let applied = rt.metrics.readings_applied.load(Ordering::Relaxed) - applied0;
     let max_rate = applied as f64 / secs;
     w.stop.store(true, Ordering::Relaxed);
-    let mut lat = std::mem::take(&mut *w.samples.lock().expect("samples lock"));
+    let mut lat = as_ms(std::mem::take(
+        &mut *w.samples.lock().expect("samples lock"),
+    ));
     let _ = writeln!(
         out,
         "max rate: {:.0} readings/s applied ({} pushed in {secs:.1} s, {} push-backs); watcher p50 {:.2} ms p99 {:.2} ms, lagged {}",
@@ -357,7 +364,9 @@ pub async fn ingest(b: IngestBench) -> Result<String> {
     let secs = t.elapsed().as_secs_f64();
     let applied = rt.metrics.readings_applied.load(Ordering::Relaxed) - applied0;
     w.stop.store(true, Ordering::Relaxed);
-    let mut lat = std::mem::take(&mut *w.samples.lock().expect("samples lock"));
+    let mut lat = as_ms(std::mem::take(
+        &mut *w.samples.lock().expect("samples lock"),
+    ));
     let _ = writeln!(
         out,
         "half rate: {:.0} readings/s offered, {:.0} applied; watcher of one line ({line_sensors} sensors) p50 {:.2} ms p99 {:.2} ms ({} samples, lagged {})",

@@ -9,7 +9,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use ferrotwin_adapters::ConnectionConfig;
 use ferrotwin_proto::v1 as pb;
 use ferrotwin_proto::v1::twin_service_client::TwinServiceClient;
 use ferrotwin_sim::generate::{PlantSize, generate};
@@ -17,9 +16,11 @@ use ferrotwin_sim::mqtt::EmbeddedBroker;
 use ferrotwin_sim::serve::{MqttFormat, ServedPlant, wall_clock_now};
 use tokio::net::TcpListener;
 
+use crate::bench::percentile;
 use crate::demo::Via;
 use crate::feeds;
 use crate::runtime::{Runtime, RuntimeOptions};
+use crate::twin::now;
 
 pub struct PlcBench {
     pub via: Via,
@@ -27,19 +28,6 @@ pub struct PlcBench {
     /// Modbus poll interval.
     pub poll_ms: u64,
     pub lines: u32,
-}
-
-/// Wall-clock µs now.
-fn wall_us() -> i64 {
-    wall_clock_now().0
-}
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
 pub async fn plc(b: PlcBench) -> Result<String> {
@@ -57,15 +45,7 @@ pub async fn plc(b: PlcBench) -> Result<String> {
     let mut opts = RuntimeOptions::default();
     let _broker;
     opts.connections = match b.via {
-        Via::Modbus => {
-            let mut c = feeds::modbus_connections(&spec, &plant, |_| true)?;
-            for c in &mut c {
-                if let ConnectionConfig::Modbus(m) = c {
-                    m.poll_interval_ms = b.poll_ms;
-                }
-            }
-            c
-        }
+        Via::Modbus => feeds::modbus_connections(&spec, &plant, b.poll_ms, |_| true)?,
         Via::Mqtt => {
             let broker = EmbeddedBroker::start().context("broker")?;
             let addr = broker.addr();
@@ -118,7 +98,7 @@ pub async fn plc(b: PlcBench) -> Result<String> {
             // A change of value, not a repeat: Modbus delivers every value at every poll.
             let mut last: HashMap<String, u64> = HashMap::new();
             while let Ok(Some(m)) = stream.message().await {
-                let at = wall_us();
+                let at = now().0;
                 let Some(pb::watch_response::Item::Change(t)) = m.item else {
                     continue;
                 };
@@ -153,7 +133,7 @@ pub async fn plc(b: PlcBench) -> Result<String> {
     while started.elapsed() < Duration::from_secs(b.seconds) {
         tick.tick().await;
         let step = plant.tick(wall_clock_now()).await?.to_vec();
-        let at = wall_us();
+        let at = now().0;
         let mut a = appeared.lock().expect("not poisoned");
         for r in step {
             let ferrotwin_models::Value::Float(x) = r.value else {
@@ -205,9 +185,9 @@ pub async fn plc(b: PlcBench) -> Result<String> {
         out,
         "  PLC value change → gRPC Watch subscriber ({} samples): p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms",
         lat.len(),
-        pct(&mut lat, 0.5),
-        pct(&mut lat, 0.9),
-        pct(&mut lat, 0.99)
+        percentile(&mut lat, 0.5),
+        percentile(&mut lat, 0.9),
+        percentile(&mut lat, 0.99)
     );
     rt.shutdown().await;
     Ok(out)

@@ -5,7 +5,6 @@
 //! catch-up after an outage. A benchmark: it prints, it never fails on speed.
 
 use std::fmt::Write;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -14,9 +13,10 @@ use anyhow::{Context, Result};
 use ferrotwin_models::spec::AssetKind;
 use ferrotwin_models::{AssetId, IngestSink, Property, Reading, Value, ValueType};
 use ferrotwin_sim::generate::{PlantSize, generate};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
+use crate::bench::percentile;
+use crate::relay::Relay;
 use crate::replication::{EnterpriseRole, HistoryPolicy, SiteReplication};
 use crate::runtime::{Runtime, RuntimeOptions};
 use crate::twin::now;
@@ -26,76 +26,6 @@ pub struct ReplicationBench {
     pub seconds: u64,
     pub outage_seconds: u64,
     pub history: HistoryPolicy,
-}
-
-/// A relay that counts bytes each way and can refuse and reset connections.
-#[derive(Default)]
-struct Relay {
-    up: AtomicU64,
-    down: AtomicU64,
-    cut: AtomicBool,
-    generation: AtomicU64,
-}
-
-async fn relay(target: SocketAddr, r: Arc<Relay>) -> Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            if r.cut.load(Ordering::Relaxed) {
-                continue;
-            }
-            let Ok(server) = TcpStream::connect(target).await else {
-                continue;
-            };
-            let _ = client.set_nodelay(true);
-            let _ = server.set_nodelay(true);
-            let g = r.generation.load(Ordering::Relaxed);
-            let (cr, cw) = client.into_split();
-            let (sr, sw) = server.into_split();
-            let (a, b) = (r.clone(), r.clone());
-            tokio::spawn(async move {
-                tokio::select! {
-                    () = pump(cr, sw, &a, g, true) => {}
-                    () = pump(sr, cw, &b, g, false) => {}
-                }
-            });
-        }
-    });
-    Ok(addr)
-}
-
-async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    r: &Relay,
-    generation: u64,
-    up: bool,
-) {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = tokio::select! {
-            n = from.read(&mut buf) => match n { Ok(0) | Err(_) => return, Ok(n) => n },
-            () = async {
-                while r.generation.load(Ordering::Relaxed) == generation {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            } => return,
-        };
-        let c = if up { &r.up } else { &r.down };
-        c.fetch_add(n as u64, Ordering::Relaxed);
-        if to.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
-    }
-}
-
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(f64::total_cmp);
-    v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
 pub async fn replication(b: ReplicationBench) -> Result<String> {
@@ -121,9 +51,8 @@ pub async fn replication(b: ReplicationBench) -> Result<String> {
     let l = TcpListener::bind("127.0.0.1:0").await?;
     let ent_addr = l.local_addr()?;
     ent.serve_grpc(l);
-    let counters = Arc::new(Relay::default());
-    let relay_addr = relay(ent_addr, counters.clone()).await?;
-    let mut r = SiteReplication::new(format!("http://{relay_addr}"));
+    let relay = Relay::to(ent_addr).await?;
+    let mut r = SiteReplication::new(format!("http://{}", relay.addr));
     r.history = b.history;
     r.reconnect_max_ms = 1000;
     let site = Runtime::start(
@@ -201,8 +130,8 @@ pub async fn replication(b: ReplicationBench) -> Result<String> {
     // Warm up (the first full snapshot), then the steady state.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (up0, down0, p0) = (
-        counters.up.load(Ordering::Relaxed),
-        counters.down.load(Ordering::Relaxed),
+        relay.bytes_up(),
+        relay.bytes_down(),
         pushed.load(Ordering::Relaxed),
     );
     let b0 = mirror.batches.load(Ordering::Relaxed);
@@ -213,8 +142,8 @@ pub async fn replication(b: ReplicationBench) -> Result<String> {
         lags.push(lag_ms(now().0));
     }
     let secs = started.elapsed().as_secs_f64();
-    let up = counters.up.load(Ordering::Relaxed) - up0;
-    let down = counters.down.load(Ordering::Relaxed) - down0;
+    let up = relay.bytes_up() - up0;
+    let down = relay.bytes_down() - down0;
     let readings = pushed.load(Ordering::Relaxed) - p0;
     let batches = mirror.batches.load(Ordering::Relaxed) - b0;
     let mut out = String::new();
@@ -244,13 +173,12 @@ pub async fn replication(b: ReplicationBench) -> Result<String> {
         percentile(&mut lags, 1.0)
     );
     if b.outage_seconds > 0 {
-        counters.cut.store(true, Ordering::Relaxed);
-        counters.generation.fetch_add(1, Ordering::Relaxed);
+        relay.cut();
         tokio::time::sleep(Duration::from_secs(b.outage_seconds)).await;
         let backlog = outbox.lag();
         let target = backlog.last_seq;
-        let up0 = counters.up.load(Ordering::Relaxed);
-        counters.cut.store(false, Ordering::Relaxed);
+        let up0 = relay.bytes_up();
+        relay.restore();
         let t = Instant::now();
         while mirror.applied_seq.load(Ordering::Relaxed) < target {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -268,7 +196,7 @@ pub async fn replication(b: ReplicationBench) -> Result<String> {
             backlog.bytes,
             behind / catch_up,
             backlog.bytes as f64 / catch_up / 1e6,
-            (counters.up.load(Ordering::Relaxed) - up0) as f64 / 1e6
+            (relay.bytes_up() - up0) as f64 / 1e6
         );
     }
     stop.store(true, Ordering::Relaxed);

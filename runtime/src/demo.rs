@@ -26,6 +26,9 @@ use crate::runtime::{Runtime, RuntimeOptions};
 /// alarm shows up within a minute or two of starting the demo.
 const DEMO_FAULT_RATE: f64 = 20.0;
 
+/// Modbus poll interval of the demo's connections.
+const DEMO_POLL_MS: u64 = 500;
+
 /// How the simulator's readings reach the site runtimes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Via {
@@ -150,7 +153,7 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
                 let plant = ServedPlant::start(&sspec, seed, wall_clock_now())
                     .await
                     .context("simulator PLCs")?;
-                o.connections = feeds::modbus_connections(&sspec, &plant, |_| true)?;
+                o.connections = feeds::modbus_connections(&sspec, &plant, DEMO_POLL_MS, |_| true)?;
                 let rt = Runtime::start(&sspec, &d, o).await?;
                 (rt, serve_plant(plant, opts.speed))
             }
@@ -197,8 +200,12 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
                         })?);
                 }
                 if opts.via == Via::All {
-                    o.connections
-                        .extend(feeds::modbus_connections(&sspec, &plant, |l| turn(l, 0))?);
+                    o.connections.extend(feeds::modbus_connections(
+                        &sspec,
+                        &plant,
+                        DEMO_POLL_MS,
+                        |l| turn(l, 0),
+                    )?);
                 }
                 let rt = Runtime::start(&sspec, &d, o).await?;
                 (rt, serve_plant(plant, opts.speed))

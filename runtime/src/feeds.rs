@@ -17,20 +17,28 @@ pub fn line_connection_name(line: &str) -> String {
     line.split('/').skip(1).collect::<Vec<_>>().join("-")
 }
 
-/// One Modbus connection per selected line, from the simulator's register map.
+/// One Modbus connection per selected line, from the simulator's register map, polled every
+/// `poll_interval_ms`.
 pub fn modbus_connections(
     spec: &PlantSpec,
     plant: &ServedPlant,
+    poll_interval_ms: u64,
     lines: impl Fn(&str) -> bool,
 ) -> Result<Vec<ConnectionConfig>> {
     let mapping = Mapping::of(spec)?;
-    let text = mapping.to_toml();
     mapping
         .lines
         .iter()
         .zip(plant.lines())
         .filter(|(l, _)| lines(&l.line))
         .map(|(l, served)| {
+            // The mapping of this line only: each connection parses what it needs, not the
+            // whole plant's map once per line.
+            let text = Mapping {
+                version: mapping.version,
+                lines: vec![l.clone()],
+            }
+            .to_toml();
             let mut c = ModbusConfig::from_sim_mapping(
                 &line_connection_name(&l.line),
                 &served.addr.to_string(),
@@ -38,7 +46,7 @@ pub fn modbus_connections(
                 &l.line,
             )
             .with_context(|| format!("mapping of {}", l.line))?;
-            c.poll_interval_ms = 500;
+            c.poll_interval_ms = poll_interval_ms;
             Ok(ConnectionConfig::Modbus(c))
         })
         .collect()

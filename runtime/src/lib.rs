@@ -12,6 +12,7 @@ pub mod feeds;
 pub mod grpc;
 pub mod metrics;
 pub mod registry;
+pub mod relay;
 pub mod replication;
 pub mod router;
 pub mod runtime;

@@ -131,11 +131,7 @@ async fn query_filters_by_level_property_and_a_malformed_query_names_the_positio
     let mut site = start_in(dir.path(), options()).await;
     push(&site, vec![float(TEMP, 85.0), float(FORCE, 12.0)]).await;
     let mut c = site.client.clone();
-    wait_for(5, "values applied", || {
-        let mut c = c.clone();
-        async move { (float_of(&get(&mut c, FORCE).await) == Some(12.0)).then_some(()) }
-    })
-    .await;
+    wait_float(&c, FORCE, 12.0, 5, "values applied").await;
     let q = |text: &str| pb::QueryRequest {
         query: text.into(),
         ..Default::default()

@@ -153,6 +153,21 @@ pub async fn get(client: &mut TwinServiceClient<Channel>, p: &str) -> pb::Twin {
         .into_inner()
 }
 
+/// Waits until the twin at `p` holds the float `v`, at most `secs` seconds.
+pub async fn wait_float(
+    client: &TwinServiceClient<Channel>,
+    p: &str,
+    v: f64,
+    secs: u64,
+    what: &str,
+) {
+    wait_for(secs, what, || {
+        let mut c = client.clone();
+        async move { (float_of(&get(&mut c, p).await) == Some(v)).then_some(()) }
+    })
+    .await;
+}
+
 pub fn float_of(t: &pb::Twin) -> Option<f64> {
     match t.sensor.as_ref()?.value.as_ref()?.kind.as_ref()? {
         pb::value::Kind::Float(f) => Some(*f),
@@ -182,112 +197,4 @@ pub async fn events(client: &mut TwinServiceClient<Channel>, p: &str) -> Vec<pb:
         .expect("list_events")
         .into_inner()
         .events
-}
-
-/// A TCP forwarder between a client and a server on loopback that a test can cut (every
-/// open connection reset, new ones refused until `restore`) and slow down.
-pub struct Cable {
-    pub addr: std::net::SocketAddr,
-    state: Arc<CableState>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-#[derive(Default)]
-struct CableState {
-    cut: std::sync::atomic::AtomicBool,
-    /// Bytes per second in each direction; 0 = unlimited.
-    rate: std::sync::atomic::AtomicU64,
-    /// Bumped by `cut`: connections of an older generation end.
-    generation: std::sync::atomic::AtomicU64,
-}
-
-impl Cable {
-    pub async fn to(target: std::net::SocketAddr) -> Cable {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let state = Arc::new(CableState::default());
-        let s = state.clone();
-        let task = tokio::spawn(async move {
-            use std::sync::atomic::Ordering::Relaxed;
-            while let Ok((client, _)) = listener.accept().await {
-                if s.cut.load(Relaxed) {
-                    continue;
-                }
-                let Ok(server) = tokio::net::TcpStream::connect(target).await else {
-                    continue;
-                };
-                let generation = s.generation.load(Relaxed);
-                let s = s.clone();
-                tokio::spawn(async move {
-                    let (cr, cw) = client.into_split();
-                    let (sr, sw) = server.into_split();
-                    tokio::select! {
-                        () = pump(cr, sw, &s, generation) => {}
-                        () = pump(sr, cw, &s, generation) => {}
-                    }
-                });
-            }
-        });
-        Cable { addr, state, task }
-    }
-
-    /// Resets every open connection and refuses new ones.
-    pub fn cut(&self) {
-        use std::sync::atomic::Ordering::Relaxed;
-        self.state.cut.store(true, Relaxed);
-        self.state.generation.fetch_add(1, Relaxed);
-    }
-
-    pub fn restore(&self) {
-        self.state
-            .cut
-            .store(false, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Limits each direction to about `bytes_per_s` (0: unlimited).
-    pub fn throttle(&self, bytes_per_s: u64) {
-        self.state
-            .rate
-            .store(bytes_per_s, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-impl Drop for Cable {
-    fn drop(&mut self) {
-        self.cut();
-        self.task.abort();
-    }
-}
-
-async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    s: &CableState,
-    generation: u64,
-) {
-    use std::sync::atomic::Ordering::Relaxed;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut buf = vec![0u8; 4096];
-    loop {
-        let n = tokio::select! {
-            r = from.read(&mut buf) => match r {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            },
-            () = async {
-                while s.generation.load(Relaxed) == generation {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            } => return,
-        };
-        if s.generation.load(Relaxed) != generation || to.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
-        let rate = s.rate.load(Relaxed);
-        if rate > 0 {
-            tokio::time::sleep(Duration::from_secs_f64(n as f64 / rate as f64)).await;
-        }
-    }
 }

@@ -60,10 +60,9 @@ async fn rig(feed: Feed) -> Rig {
     let mut broker_port = None;
     opts.connections = match feed {
         Feed::Modbus => {
-            let mut c = feeds::modbus_connections(&spec, &plant, |_| true).expect("configs");
+            let mut c = feeds::modbus_connections(&spec, &plant, 50, |_| true).expect("configs");
             for c in &mut c {
                 if let ConnectionConfig::Modbus(m) = c {
-                    m.poll_interval_ms = 50;
                     m.timeout_ms = 500;
                 }
             }
@@ -188,6 +187,32 @@ fn quality(t: &pb::Twin) -> (pb::QualityCode, String) {
     )
 }
 
+type Client = pb::twin_service_client::TwinServiceClient<tonic::transport::Channel>;
+
+/// Waits until the sensor at `s` reads Bad for a communication failure.
+async fn wait_comm_failure(c: &Client, s: &str, secs: u64, what: &str) {
+    wait_for(secs, what, || {
+        let mut c = c.clone();
+        async move {
+            let (code, reason) = quality(&get(&mut c, s).await);
+            (code == pb::QualityCode::Bad && reason.contains("communication")).then_some(())
+        }
+    })
+    .await;
+}
+
+/// Waits until the sensor at `s` reads Good with a source time after `since_us`.
+async fn wait_good_since(c: &Client, s: &str, since_us: i64, secs: u64, what: &str) {
+    wait_for(secs, what, || {
+        let mut c = c.clone();
+        async move {
+            let t = get(&mut c, s).await;
+            (quality(&t).0 == pb::QualityCode::Good && source_ts(&t) > since_us).then_some(())
+        }
+    })
+    .await;
+}
+
 fn source_ts(t: &pb::Twin) -> i64 {
     t.sensor.as_ref().map_or(0, |s| s.source_ts_us)
 }
@@ -210,9 +235,7 @@ async fn wait_served_value(rig: &Rig, i: usize) -> pb::Twin {
     .await
 }
 
-async fn connections(
-    c: &mut pb::twin_service_client::TwinServiceClient<tonic::transport::Channel>,
-) -> Vec<pb::Connection> {
+async fn connections(c: &mut Client) -> Vec<pb::Connection> {
     c.list_connections(pb::ListConnectionsRequest {})
         .await
         .expect("list")
@@ -278,14 +301,7 @@ async fn an_opcua_server_that_goes_away_turns_its_twins_bad_and_back() {
         o.stop_site(0).await;
         addrs
     };
-    wait_for(30, "the twins bad", || {
-        let (mut c, s) = (c.clone(), sensor.clone());
-        async move {
-            let (code, reason) = quality(&get(&mut c, &s).await);
-            (code == pb::QualityCode::Bad && reason.contains("communication")).then_some(())
-        }
-    })
-    .await;
+    wait_comm_failure(&c, &sensor, 30, "the twins bad").await;
     rig.plant
         .lock()
         .await
@@ -293,14 +309,7 @@ async fn an_opcua_server_that_goes_away_turns_its_twins_bad_and_back() {
         .await
         .expect("the server comes back on its port");
     let back = now().0;
-    wait_for(30, "the twins good again", || {
-        let (mut c, s) = (c.clone(), sensor.clone());
-        async move {
-            let t = get(&mut c, &s).await;
-            (quality(&t).0 == pb::QualityCode::Good && source_ts(&t) > back).then_some(())
-        }
-    })
-    .await;
+    wait_good_since(&c, &sensor, back, 30, "the twins good again").await;
     rig.stop().await;
 }
 
@@ -338,23 +347,9 @@ async fn a_plc_that_goes_away_turns_its_twins_bad_and_back_while_the_other_line_
     }
     assert!(rig.plant.lock().await.stop_line(0));
     let cut = now().0;
-    wait_for(20, "the lost line's twin to turn bad", || {
-        let (mut c, s) = (c.clone(), lost.clone());
-        async move {
-            let (code, reason) = quality(&get(&mut c, &s).await);
-            (code == pb::QualityCode::Bad && reason.contains("communication")).then_some(())
-        }
-    })
-    .await;
+    wait_comm_failure(&c, &lost, 20, "the lost line's twin to turn bad").await;
     // The other PLC's values keep coming, good.
-    wait_for(20, "fresh values from the other line", || {
-        let (mut c, s) = (c.clone(), other.clone());
-        async move {
-            let t = get(&mut c, &s).await;
-            (quality(&t).0 == pb::QualityCode::Good && source_ts(&t) > cut).then_some(())
-        }
-    })
-    .await;
+    wait_good_since(&c, &other, cut, 20, "fresh values from the other line").await;
     let line = AssetPath::parse(&rig.machine(0))
         .expect("valid")
         .parent()
@@ -378,14 +373,7 @@ async fn a_plc_that_goes_away_turns_its_twins_bad_and_back_while_the_other_line_
         .await
         .expect("the PLC comes back on its port");
     let back = now().0;
-    wait_for(20, "the lost line's twin good again", || {
-        let (mut c, s) = (c.clone(), lost.clone());
-        async move {
-            let t = get(&mut c, &s).await;
-            (quality(&t).0 == pb::QualityCode::Good && source_ts(&t) > back).then_some(())
-        }
-    })
-    .await;
+    wait_good_since(&c, &lost, back, 20, "the lost line's twin good again").await;
     rig.stop().await;
 }
 
@@ -397,14 +385,7 @@ async fn a_sparkplug_node_that_dies_turns_its_twins_bad_and_its_rebirth_brings_t
     let c = rig.site.client.clone();
     // The edge node's connection drops without a goodbye: the broker sends its NDEATH Will.
     rig.plant.lock().await.abort_mqtt();
-    wait_for(20, "the node's twins bad", || {
-        let (mut c, s) = (c.clone(), sensor.clone());
-        async move {
-            let (code, reason) = quality(&get(&mut c, &s).await);
-            (code == pb::QualityCode::Bad && reason.contains("communication")).then_some(())
-        }
-    })
-    .await;
+    wait_comm_failure(&c, &sensor, 20, "the node's twins bad").await;
     // The node comes back: new births, values flow again.
     let port = rig.broker_port.expect("an MQTT feed");
     rig.plant
@@ -420,14 +401,7 @@ async fn a_sparkplug_node_that_dies_turns_its_twins_bad_and_its_rebirth_brings_t
         .await
         .expect("reconnects");
     let back = now().0;
-    wait_for(20, "the node's twins good again", || {
-        let (mut c, s) = (c.clone(), sensor.clone());
-        async move {
-            let t = get(&mut c, &s).await;
-            (quality(&t).0 == pb::QualityCode::Good && source_ts(&t) > back).then_some(())
-        }
-    })
-    .await;
+    wait_good_since(&c, &sensor, back, 20, "the node's twins good again").await;
     rig.stop().await;
 }
 

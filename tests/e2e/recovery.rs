@@ -114,11 +114,7 @@ async fn a_clean_shutdown_keeps_every_reading_of_history() {
         push(&site, vec![float(FORCE, f64::from(i))]).await;
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    wait_for(5, "last force value", || {
-        let mut c = c.clone();
-        async move { (float_of(&get(&mut c, FORCE).await) == Some(8.0)).then_some(()) }
-    })
-    .await;
+    wait_float(&c, FORCE, 8.0, 5, "last force value").await;
     assert_eq!(
         history(&mut c, FORCE).await.raw_points,
         9,
@@ -167,11 +163,7 @@ async fn a_clean_shutdown_writes_every_snapshot_past_the_per_flush_budget() {
         ],
     )
     .await;
-    wait_for(5, "values applied", || {
-        let mut c = c.clone();
-        async move { (float_of(&get(&mut c, FORCE).await) == Some(2.0)).then_some(()) }
-    })
-    .await;
+    wait_float(&c, FORCE, 2.0, 5, "values applied").await;
     site.rt.shutdown().await;
     let site = start_in(dir.path(), opts).await;
     let mut c = site.client.clone();

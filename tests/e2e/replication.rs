@@ -10,12 +10,30 @@ use std::time::Duration;
 use ferrotwin_proto::store::v1 as rec;
 use ferrotwin_proto::v1 as pb;
 use ferrotwin_proto::v1::replication_service_client::ReplicationServiceClient;
+use ferrotwin_runtime::relay::Relay;
 use ferrotwin_runtime::replication::{EnterpriseRole, HistoryPolicy, SiteReplication};
 use ferrotwin_runtime::{Runtime, RuntimeOptions};
 use prost::Message;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::common::*;
+
+fn two_dirs() -> (tempfile::TempDir, tempfile::TempDir) {
+    (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    )
+}
+
+/// Readings `forces` one by one: TEMP alternating between the two values of `temps`
+/// (raising and clearing its high alarm: events), FORCE = the index; a pause between them.
+async fn churn(site: &Site, forces: std::ops::Range<i32>, temps: (f64, f64), pause_ms: u64) {
+    for i in forces {
+        let v = if i % 2 == 0 { temps.0 } else { temps.1 };
+        push(site, vec![float(TEMP, v), float(FORCE, f64::from(i))]).await;
+        tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+    }
+}
 
 fn enterprise_options() -> RuntimeOptions {
     let mut o = options();
@@ -104,10 +122,7 @@ fn assert_same_events_once(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn site_state_and_events_reach_the_enterprise_and_acks_trim_the_outbox() {
-    let (ed, sd) = (
-        tempfile::tempdir().expect("dir"),
-        tempfile::tempdir().expect("dir"),
-    );
+    let (ed, sd) = two_dirs();
     let mut ent = start_in(ed.path(), enterprise_options()).await;
     let site = start_in(sd.path(), site_options(ent.addr)).await;
     push(&site, vec![float(TEMP, 95.0), float(FORCE, 12.5)]).await;
@@ -186,10 +201,7 @@ async fn site_state_and_events_reach_the_enterprise_and_acks_trim_the_outbox() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enterprise_down_under_load_then_back_gets_every_event_once_and_the_final_state() {
-    let (ed, sd) = (
-        tempfile::tempdir().expect("dir"),
-        tempfile::tempdir().expect("dir"),
-    );
+    let (ed, sd) = two_dirs();
     let ent = start_in(ed.path(), enterprise_options()).await;
     let ent_addr = ent.addr;
     let mut site = start_in(sd.path(), site_options(ent_addr)).await;
@@ -198,16 +210,15 @@ async fn enterprise_down_under_load_then_back_gets_every_event_once_and_the_fina
     ent.rt.shutdown().await;
 
     // Under load while the enterprise is away: alarms raised and cleared, values moving.
-    for i in 0..60 {
-        let v = if i % 2 == 0 { 95.0 } else { 40.0 };
-        push(&site, vec![float(TEMP, v), float(FORCE, f64::from(i))]).await;
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    churn(&site, 0..60, (95.0, 40.0), 5).await;
     push(&site, vec![float(TEMP, 33.0), float(FORCE, 1234.0)]).await;
-    wait_for(10, "the site to apply the last values", || {
-        let mut c = site.client.clone();
-        async move { (float_of(&get(&mut c, FORCE).await) == Some(1234.0)).then_some(()) }
-    })
+    wait_float(
+        &site.client,
+        FORCE,
+        1234.0,
+        10,
+        "the site to apply the last values",
+    )
     .await;
     assert!(
         site.rt.store.outbox().expect("outbox").lag().count > 0,
@@ -232,30 +243,22 @@ async fn enterprise_down_under_load_then_back_gets_every_event_once_and_the_fina
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_site_resumes_from_the_last_ack_without_loss_or_duplicates() {
-    let (ed, sd) = (
-        tempfile::tempdir().expect("dir"),
-        tempfile::tempdir().expect("dir"),
-    );
+    let (ed, sd) = two_dirs();
     let mut ent = start_in(ed.path(), enterprise_options()).await;
     let site = start_in(sd.path(), site_options(ent.addr)).await;
-    for i in 0..20 {
-        let v = if i % 2 == 0 { 95.0 } else { 40.0 };
-        push(&site, vec![float(TEMP, v)]).await;
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    churn(&site, 0..20, (95.0, 40.0), 5).await;
     // Power cut mid-stream: no clean shutdown, whatever was not flushed is gone.
     site.rt.abort().await;
     let mut site = start_in(sd.path(), site_options(ent.addr)).await;
-    for i in 0..20 {
-        let v = if i % 2 == 0 { 96.0 } else { 41.0 };
-        push(&site, vec![float(TEMP, v)]).await;
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    churn(&site, 0..20, (96.0, 41.0), 5).await;
     push(&site, vec![float(FORCE, 77.0)]).await;
-    wait_for(20, "the last value at the enterprise", || {
-        let mut c = ent.client.clone();
-        async move { (float_of(&get(&mut c, FORCE).await) == Some(77.0)).then_some(()) }
-    })
+    wait_float(
+        &ent.client,
+        FORCE,
+        77.0,
+        20,
+        "the last value at the enterprise",
+    )
     .await;
     wait_all_acked(&site).await;
     assert_same_events_once(
@@ -268,22 +271,18 @@ async fn a_killed_site_resumes_from_the_last_ack_without_loss_or_duplicates() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_enterprise_restarts_with_everything_it_acked() {
-    let (ed, sd) = (
-        tempfile::tempdir().expect("dir"),
-        tempfile::tempdir().expect("dir"),
-    );
+    let (ed, sd) = two_dirs();
     let ent = start_in(ed.path(), enterprise_options()).await;
     let ent_addr = ent.addr;
     let mut site = start_in(sd.path(), site_options(ent_addr)).await;
-    for i in 0..20 {
-        let v = if i % 2 == 0 { 95.0 } else { 40.0 };
-        push(&site, vec![float(TEMP, v), float(FORCE, f64::from(i))]).await;
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    wait_for(10, "the site to apply the last values", || {
-        let mut c = site.client.clone();
-        async move { (float_of(&get(&mut c, FORCE).await) == Some(19.0)).then_some(()) }
-    })
+    churn(&site, 0..20, (95.0, 40.0), 5).await;
+    wait_float(
+        &site.client,
+        FORCE,
+        19.0,
+        10,
+        "the site to apply the last values",
+    )
     .await;
     wait_all_acked(&site).await;
     ent.rt.abort().await;
@@ -417,23 +416,12 @@ async fn a_site_the_enterprise_does_not_accept_is_refused_with_permission_denied
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_reset_mid_batch_again_and_again_apply_every_batch_once() {
-    let (ed, sd) = (
-        tempfile::tempdir().expect("dir"),
-        tempfile::tempdir().expect("dir"),
-    );
+    let (ed, sd) = two_dirs();
     let mut ent = start_in(ed.path(), enterprise_options()).await;
-    let cable = Cable::to(ent.addr).await;
+    let cable = Relay::to(ent.addr).await.expect("relay");
     let mut site = start_in(sd.path(), site_options(cable.addr)).await;
     for round in 0..6 {
-        for i in 0..10 {
-            let v = if i % 2 == 0 { 95.0 } else { 40.0 };
-            push(
-                &site,
-                vec![float(TEMP, v), float(FORCE, f64::from(round * 10 + i))],
-            )
-            .await;
-            tokio::time::sleep(Duration::from_millis(3)).await;
-        }
+        churn(&site, round * 10..round * 10 + 10, (95.0, 40.0), 3).await;
         // Reset whatever is in flight, then let it reconnect.
         cable.cut();
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -441,10 +429,13 @@ async fn streams_reset_mid_batch_again_and_again_apply_every_batch_once() {
     }
     push(&site, vec![float(FORCE, 999.0)]).await;
     wait_all_acked(&site).await;
-    wait_for(20, "the final value at the enterprise", || {
-        let mut c = ent.client.clone();
-        async move { (float_of(&get(&mut c, FORCE).await) == Some(999.0)).then_some(()) }
-    })
+    wait_float(
+        &ent.client,
+        FORCE,
+        999.0,
+        20,
+        "the final value at the enterprise",
+    )
     .await;
     let status = site.rt.replication.as_ref().expect("sender");
     assert!(
@@ -461,27 +452,23 @@ async fn streams_reset_mid_batch_again_and_again_apply_every_batch_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_enterprise_does_not_slow_the_site_and_its_lag_grows_then_shrinks() {
-    let (ed, sd) = (
-        tempfile::tempdir().expect("dir"),
-        tempfile::tempdir().expect("dir"),
-    );
+    let (ed, sd) = two_dirs();
     let mut ent = start_in(ed.path(), enterprise_options()).await;
-    let cable = Cable::to(ent.addr).await;
+    let cable = Relay::to(ent.addr).await.expect("relay");
     let site = start_in(sd.path(), site_options(cable.addr)).await;
     push(&site, vec![float(FORCE, 1.0)]).await;
     wait_all_acked(&site).await;
     // A link of a few hundred bytes per second: far below what the site produces.
     cable.throttle(300);
-    for i in 0..200 {
-        let v = if i % 2 == 0 { 95.0 } else { 40.0 };
-        push(&site, vec![float(TEMP, v), float(FORCE, f64::from(i))]).await;
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    churn(&site, 0..200, (95.0, 40.0), 2).await;
     // The site applied everything at its own pace...
-    wait_for(10, "the site to apply the last value", || {
-        let mut c = site.client.clone();
-        async move { (float_of(&get(&mut c, FORCE).await) == Some(199.0)).then_some(()) }
-    })
+    wait_float(
+        &site.client,
+        FORCE,
+        199.0,
+        10,
+        "the site to apply the last value",
+    )
     .await;
     // ...while the enterprise is behind: the outbox holds the difference, visibly.
     let ob = site.rt.store.outbox().expect("outbox");
@@ -521,10 +508,7 @@ async fn history_len(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_replicates_as_each_machine_types_policy_says() {
-    let (ed, sd) = (
-        tempfile::tempdir().expect("dir"),
-        tempfile::tempdir().expect("dir"),
-    );
+    let (ed, sd) = two_dirs();
     let mut ent = start_in(ed.path(), enterprise_options()).await;
     let mut opts = site_options(ent.addr);
     let r = opts.replication.as_mut().expect("replication");

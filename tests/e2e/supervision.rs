@@ -100,11 +100,7 @@ async fn past_its_restart_budget_a_failure_escalates_and_the_grandparent_restart
     let site = start_in(dir.path(), opts).await;
     let mut c = site.client.clone();
     push(&site, vec![float(FORCE, 7.0)]).await;
-    wait_for(5, "force applied", || {
-        let mut c = c.clone();
-        async move { (float_of(&get(&mut c, FORCE).await) == Some(7.0)).then_some(()) }
-    })
-    .await;
+    wait_float(&c, FORCE, 7.0, 5, "force applied").await;
     let press = actor_id(&site, PRESS);
     let oven = actor_id(&site, "acme/berlin/assembly/line-1/oven-1");
     let mut temp = actor_id(&site, TEMP);
@@ -134,11 +130,7 @@ async fn past_its_restart_budget_a_failure_escalates_and_the_grandparent_restart
     assert_eq!(float_of(&get(&mut c, FORCE).await), Some(7.0));
     assert_eq!(actor_id(&site, "acme/berlin/assembly/line-1/oven-1"), oven);
     push(&site, vec![float(FORCE, 8.0)]).await;
-    wait_for(5, "force applied after subtree restart", || {
-        let mut c = c.clone();
-        async move { (float_of(&get(&mut c, FORCE).await) == Some(8.0)).then_some(()) }
-    })
-    .await;
+    wait_float(&c, FORCE, 8.0, 5, "force applied after subtree restart").await;
     site.rt.shutdown().await;
 }
 
@@ -156,11 +148,7 @@ async fn readings_that_arrive_while_a_twin_restarts_are_applied_after_it() {
         wait_restarted(&site, FORCE, before).await;
         let v = f64::from(round) + 0.5;
         push(&site, vec![float(FORCE, v)]).await;
-        wait_for(5, "value after restart applied", || {
-            let mut c = c.clone();
-            async move { (float_of(&get(&mut c, FORCE).await) == Some(v)).then_some(()) }
-        })
-        .await;
+        wait_float(&c, FORCE, v, 5, "value after restart applied").await;
     }
     assert_eq!(get(&mut c, FORCE).await.restarts, 5);
     site.rt.shutdown().await;
@@ -172,11 +160,7 @@ async fn a_failure_that_escalates_to_the_enterprise_restarts_the_whole_tree() {
     let site = start_in(dir.path(), options()).await;
     let mut c = site.client.clone();
     push(&site, vec![float(TEMP, 42.0)]).await;
-    wait_for(5, "temp applied", || {
-        let mut c = c.clone();
-        async move { (float_of(&get(&mut c, TEMP).await) == Some(42.0)).then_some(()) }
-    })
-    .await;
+    wait_float(&c, TEMP, 42.0, 5, "temp applied").await;
     let root = actor_id(&site, "acme");
     let temp = actor_id(&site, TEMP);
     crash(&site, "acme");
@@ -188,11 +172,7 @@ async fn a_failure_that_escalates_to_the_enterprise_restarts_the_whole_tree() {
         "state survives"
     );
     push(&site, vec![float(TEMP, 43.0)]).await;
-    wait_for(5, "ingest works after the tree restart", || {
-        let mut c = c.clone();
-        async move { (float_of(&get(&mut c, TEMP).await) == Some(43.0)).then_some(()) }
-    })
-    .await;
+    wait_float(&c, TEMP, 43.0, 5, "ingest works after the tree restart").await;
     let evs = events(&mut c, "acme").await;
     assert!(
         evs.iter()
@@ -212,11 +192,7 @@ async fn the_unwritten_history_tail_survives_a_twin_crash() {
         push(&site, vec![float(FORCE, v)]).await;
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
     }
-    wait_for(5, "last value", || {
-        let mut c = c.clone();
-        async move { (float_of(&get(&mut c, FORCE).await) == Some(3.0)).then_some(()) }
-    })
-    .await;
+    wait_float(&c, FORCE, 3.0, 5, "last value").await;
     let before = actor_id(&site, FORCE);
     crash(&site, FORCE);
     wait_restarted(&site, FORCE, before).await;

@@ -112,6 +112,25 @@ impl EnterpriseReceiver {
         self.sites.get(&site)
     }
 
+    /// The mirror twin `id` of `site`; `None` (counted) for an asset this enterprise's plant
+    /// does not have or one outside the site.
+    fn mirror_of(
+        &self,
+        id: AssetId,
+        site: &AssetPath,
+        mirror: &SiteMirror,
+    ) -> Option<Arc<crate::registry::TwinEntry>> {
+        let Some(entry) = self.ctx.registry.get(&id) else {
+            mirror.unknown_twins.fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
+        if !entry.path().starts_with(site) {
+            mirror.foreign.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(entry)
+    }
+
     /// Applies one batch of `site`; returns the store flush its effects go out with, or
     /// `None` for a duplicate.
     async fn apply(
@@ -142,14 +161,9 @@ impl EnterpriseReceiver {
                 )));
             };
             let id = AssetId::from_bytes(id);
-            let Some(entry) = self.ctx.registry.get(&id) else {
-                mirror.unknown_twins.fetch_add(1, Ordering::Relaxed);
+            let Some(entry) = self.mirror_of(id, site, mirror) else {
                 continue;
             };
-            if !entry.path().starts_with(site) {
-                mirror.foreign.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
             let snap = Arc::new(codec::decode_snapshot(&entry.def.kind, r));
             match entry.actor() {
                 Some(a) => {
@@ -172,12 +186,7 @@ impl EnterpriseReceiver {
                 .ok()
                 .and_then(Property::from_code)
                 .ok_or_else(|| bad("unknown property"))?;
-            let Some(entry) = self.ctx.registry.get(&id) else {
-                mirror.unknown_twins.fetch_add(1, Ordering::Relaxed);
-                continue;
-            };
-            if !entry.path().starts_with(site) {
-                mirror.foreign.fetch_add(1, Ordering::Relaxed);
+            if self.mirror_of(id, site, mirror).is_none() {
                 continue;
             }
             let first = codec::decode_chunk(&h.chunk)

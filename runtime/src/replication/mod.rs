@@ -113,6 +113,5 @@ pub(crate) fn event_cursor_key(site: &str) -> Vec<u8> {
 }
 
 pub(crate) fn u64_of(v: Option<Vec<u8>>) -> u64 {
-    v.and_then(|v| v.as_slice().try_into().ok().map(u64::from_be_bytes))
-        .unwrap_or(0)
+    v.as_deref().and_then(crate::store::seq_of).unwrap_or(0)
 }

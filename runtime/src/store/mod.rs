@@ -1083,7 +1083,8 @@ fn history_key(id: AssetId, property: Property, ts: Timestamp) -> Vec<u8> {
     k
 }
 
-fn seq_of(k: &[u8]) -> Option<u64> {
+/// A big-endian u64 key or value (event and outbox seqs, cursors).
+pub(crate) fn seq_of(k: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(k.try_into().ok()?))
 }
 

@@ -27,10 +27,12 @@ use ferrotwin_proto::store::v1 as rec;
 use prost::Message;
 
 use crate::replication::HistoryPolicy;
-use crate::store::{HistPoint, codec};
+use crate::store::{HistPoint, codec, seq_of};
 
 /// `meta` key: highest event seq the outbox has ever held (trimmed or not).
 const EVENT_HWM_KEY: &str = "outbox-event-hwm";
+/// `meta` key: the next outbox seq (seqs continue past anything trimmed).
+const NEXT_SEQ_KEY: &str = "outbox-next-seq";
 /// Twins per full-snapshot batch: a 100k-twin plant is ten keys, not one 20 MB value.
 pub const FULL_SNAPSHOT_CHUNK: usize = 10_000;
 /// After a compaction the outbox is at most this share of its limit.
@@ -119,6 +121,13 @@ fn key(seq: u64) -> [u8; 8] {
     seq.to_be_bytes()
 }
 
+fn seq_of_key(k: &[u8]) -> Result<u64, OutboxError> {
+    seq_of(k).ok_or_else(|| OutboxError::Corrupt {
+        seq: 0,
+        what: format!("key of {} bytes", k.len()),
+    })
+}
+
 impl Outbox {
     /// Opens the outbox tree of `db`. `last_event_seq`: the store's highest event seq, from
     /// which a first-time outbox starts (older events are not replicated).
@@ -136,12 +145,7 @@ impl Outbox {
         };
         for kv in tree.iter() {
             let (k, v) = kv?;
-            let seq = k.as_ref().try_into().map(u64::from_be_bytes).map_err(|_| {
-                OutboxError::Corrupt {
-                    seq: 0,
-                    what: format!("key of {} bytes", k.len()),
-                }
-            })?;
+            let seq = seq_of_key(&k)?;
             let b = rec::OutboxBatch::decode(&*v).map_err(|e| OutboxError::Corrupt {
                 seq,
                 what: e.to_string(),
@@ -155,7 +159,7 @@ impl Outbox {
         }
         match meta.get(EVENT_HWM_KEY)? {
             Some(v) => {
-                let hwm = v.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
+                let hwm = seq_of(&v).unwrap_or(0);
                 st.event_hwm = st.event_hwm.max(hwm);
             }
             None if st.held.is_empty() => {
@@ -166,8 +170,8 @@ impl Outbox {
             None => {}
         }
         // Seqs continue past anything trimmed: the enterprise dedupes by seq.
-        if let Some(v) = meta.get("outbox-next-seq")? {
-            let n = v.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(1);
+        if let Some(v) = meta.get(NEXT_SEQ_KEY)? {
+            let n = seq_of(&v).unwrap_or(1);
             st.next_seq = st.next_seq.max(n);
         }
         // Everything before the first batch held was acked (trim removes only acked ones).
@@ -334,7 +338,7 @@ impl Outbox {
         }
         let _ = self
             .meta
-            .insert("outbox-next-seq", &(last + 1).to_be_bytes());
+            .insert(NEXT_SEQ_KEY, &(last + 1).to_be_bytes());
         self.committed.send_replace(last);
         if let Err(e) = self.enforce_limit() {
             tracing::error!(error = %e, "outbox compaction failed; retrying at the next flush");
@@ -376,12 +380,7 @@ impl Outbox {
         }
         for kv in self.tree.range(key(after.saturating_add(1))..=key(last)) {
             let (k, v) = kv?;
-            let seq = k.as_ref().try_into().map(u64::from_be_bytes).map_err(|_| {
-                OutboxError::Corrupt {
-                    seq: 0,
-                    what: format!("key of {} bytes", k.len()),
-                }
-            })?;
+            let seq = seq_of_key(&k)?;
             if !out.is_empty() && total + v.len() > max_bytes {
                 break;
             }
@@ -411,7 +410,7 @@ impl Outbox {
             st.acked = st.acked.max(seq);
             let _ = self
                 .meta
-                .insert("outbox-next-seq", &(seq + 1).to_be_bytes());
+                .insert(NEXT_SEQ_KEY, &(seq + 1).to_be_bytes());
             drop(st);
             self.committed.send_replace(seq);
             // Whatever those lost batches carried is re-sent as a whole.
@@ -450,7 +449,7 @@ impl Outbox {
             let prev = self
                 .meta
                 .get(EVENT_HWM_KEY)?
-                .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+                .and_then(|v| seq_of(&v))
                 .unwrap_or(0);
             self.meta
                 .insert(EVENT_HWM_KEY, &prev.max(hwm).to_be_bytes())?;
