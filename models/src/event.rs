@@ -81,10 +81,12 @@ pub enum EventKind {
     Connection,
     /// A write-back to a PLC, with who asked and the PLC's answer.
     Write,
+    /// Local inference: an anomaly episode started or ended (`alarm` names the detector).
+    Anomaly,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 7] = [
+    pub const ALL: [EventKind; 8] = [
         EventKind::Alarm,
         EventKind::Quality,
         EventKind::State,
@@ -92,6 +94,7 @@ impl EventKind {
         EventKind::Lifecycle,
         EventKind::Connection,
         EventKind::Write,
+        EventKind::Anomaly,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -103,6 +106,7 @@ impl EventKind {
             EventKind::Lifecycle => "lifecycle",
             EventKind::Connection => "connection",
             EventKind::Write => "write",
+            EventKind::Anomaly => "anomaly",
         }
     }
 
@@ -119,7 +123,8 @@ pub struct Event {
     pub ts: Timestamp,
     pub kind: EventKind,
     pub severity: Severity,
-    /// For alarm events: the alarm's name (e.g. `high`); empty otherwise.
+    /// For alarm events: the alarm's name (e.g. `high`); for anomaly events: the detector
+    /// (e.g. `spike`); empty otherwise.
     pub alarm: String,
     pub message: String,
 }

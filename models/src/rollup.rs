@@ -20,6 +20,10 @@ pub struct RollUp {
     /// Unacknowledged alarms (active or returned).
     pub unacked_alarms: u32,
     pub worst_quality: QualityCode,
+    /// Lowest machine health (0..=100) below; `None` when no machine reports one.
+    pub worst_health: Option<f64>,
+    /// Sensors and machines below with an open anomaly episode.
+    pub anomalies: u32,
 }
 
 impl RollUp {
@@ -39,6 +43,11 @@ impl RollUp {
         }
         self.unacked_alarms += other.unacked_alarms;
         self.worst_quality = self.worst_quality.max(other.worst_quality);
+        self.worst_health = match (self.worst_health, other.worst_health) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.anomalies += other.anomalies;
     }
 
     pub fn of_children<'a>(children: impl IntoIterator<Item = &'a RollUp>) -> RollUp {

@@ -92,6 +92,12 @@ fn rollup_text(r: &pb::RollUp) -> String {
             .collect();
         let _ = write!(s, "  ! alarms: {}", parts.join(", "));
     }
+    if let Some(h) = r.worst_health {
+        let _ = write!(s, "  worst health {h:.0}");
+    }
+    if r.anomalies > 0 {
+        let _ = write!(s, "  ? anomalies: {}", r.anomalies);
+    }
     if r.worst_quality > pb::QualityCode::Good as i32 {
         let _ = write!(
             s,
@@ -127,6 +133,13 @@ pub fn twin_line(t: &pb::Twin) -> String {
                 );
             }
         }
+        if s.anomalous {
+            let _ = write!(
+                line,
+                "  ? anomaly (score {:.1})",
+                s.anomaly_score.unwrap_or(0.0)
+            );
+        }
         return line;
     }
     let mut line = t.name.clone();
@@ -136,6 +149,19 @@ pub fn twin_line(t: &pb::Twin) -> String {
             let _ = write!(line, "  OEE {:.0}%", o.oee * 100.0);
         }
         let _ = write!(line, "  good {}, scrap {}", m.good_count, m.scrap_count);
+        if let Some(h) = m.health {
+            let _ = write!(line, "  health {h:.0}");
+        }
+        if let Some(r) = m.rul_hours {
+            let _ = write!(line, "  RUL {r:.1} h");
+        }
+        if m.anomalous {
+            let _ = write!(
+                line,
+                "  ? anomaly (score {:.1})",
+                m.anomaly_score.unwrap_or(0.0)
+            );
+        }
         if let Some(r) = &t.rollup
             && r.active_alarms > 0
         {
@@ -148,6 +174,30 @@ pub fn twin_line(t: &pb::Twin) -> String {
         let _ = write!(line, "  (restarted {}x)", t.restarts);
     }
     line
+}
+
+/// The machine's local-inference lines of `ferrotwin get` (empty while nothing is known).
+fn inference_text(m: &pb::MachineState) -> String {
+    let mut out = String::new();
+    if let Some(h) = m.health {
+        let _ = writeln!(out, "  health   {h:.1} / 100");
+    }
+    if let Some(r) = m.rul_hours {
+        let _ = writeln!(
+            out,
+            "  RUL      {r:.1} h (band {:.1} .. {:.1} h)",
+            m.rul_low_hours.unwrap_or(r),
+            m.rul_high_hours.unwrap_or(r)
+        );
+    }
+    if let Some(a) = m.anomaly_score {
+        let open = if m.anomalous { "  ANOMALOUS" } else { "" };
+        let _ = writeln!(out, "  anomaly  {a:.2}{open}");
+    }
+    if let Some(s) = m.model_score {
+        let _ = writeln!(out, "  model    {s:.3}");
+    }
+    out
 }
 
 fn level_text(l: i32) -> &'static str {
@@ -233,6 +283,10 @@ pub async fn get(client: &mut Client, path: &str) -> Result<String> {
         if s.rejected > 0 {
             let _ = writeln!(out, "  rejected {}", s.rejected);
         }
+        if let Some(a) = s.anomaly_score {
+            let open = if s.anomalous { "  ANOMALOUS" } else { "" };
+            let _ = writeln!(out, "  anomaly  {a:.2}{open}");
+        }
     }
     if let Some(m) = &t.machine {
         let _ = writeln!(
@@ -256,6 +310,7 @@ pub async fn get(client: &mut Client, path: &str) -> Result<String> {
             "  parts    {} good, {} scrap",
             m.good_count, m.scrap_count
         );
+        let _ = write!(out, "{}", inference_text(m));
     }
     if let Some(r) = &t.rollup {
         let _ = writeln!(out, "  roll-up  {}", rollup_text(r));

@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use ferrotwin_models::spec::{AssetDef, AssetKind};
@@ -39,6 +39,84 @@ pub struct TwinEntry {
     /// A sensor's readings not yet written as a history chunk. Here rather than in the
     /// actor so that a crash does not lose them and readers need not ask the twin.
     pub tail: Mutex<HistTail>,
+    /// Machines: the latest value of each of its sensors, written by the sensor twins, read
+    /// by the machine's detectors (no message per reading). `None` for other levels.
+    pub board: Option<Box<SampleBoard>>,
+}
+
+/// A machine's sample board: its sensors write their latest value here (in the machine
+/// type's sensor order) and the machine reads them all at each evaluation. The sensor whose
+/// reading crosses the next evaluation instant (source time) sends the machine one
+/// `Evaluate`: detectors run about once per `interval` of source time, at any ingest rate.
+pub struct SampleBoard {
+    /// f64 bits; NaN = no usable value (none yet, bad, stale).
+    values: Box<[AtomicU64]>,
+    /// The machine's state code (`MachineState::code`), 255 before it reported one:
+    /// sensor detectors read it as their regime.
+    regime: AtomicU8,
+    /// Source time (µs) at or after which the next evaluation is due.
+    next_eval_us: AtomicI64,
+}
+
+impl SampleBoard {
+    pub fn new(sensors: usize) -> SampleBoard {
+        SampleBoard {
+            values: (0..sensors)
+                .map(|_| AtomicU64::new(f64::NAN.to_bits()))
+                .collect(),
+            regime: AtomicU8::new(u8::MAX),
+            next_eval_us: AtomicI64::new(i64::MIN),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// Records sensor `index`'s value (NaN = unusable). Returns true when the caller should
+    /// send the machine an `Evaluate` for `ts`: the first writer past the due instant wins.
+    pub fn write(&self, index: usize, value: f64, ts: Timestamp, interval_us: i64) -> bool {
+        if let Some(slot) = self.values.get(index) {
+            slot.store(value.to_bits(), Ordering::Relaxed);
+        }
+        let due = self.next_eval_us.load(Ordering::Relaxed);
+        // A source clock that stepped back far would otherwise stop evaluations until it
+        // caught up again: take its time as the new schedule.
+        let stepped_back = due != i64::MIN && due - ts.0 > interval_us.saturating_mul(10);
+        if ts.0 < due && !stepped_back {
+            return false;
+        }
+        self.next_eval_us
+            .compare_exchange(
+                due,
+                ts.0.saturating_add(interval_us),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            )
+            .is_ok()
+    }
+
+    /// The latest value of every sensor, into `out` (cleared first).
+    pub fn read(&self, out: &mut Vec<f64>) {
+        out.clear();
+        out.extend(
+            self.values
+                .iter()
+                .map(|v| f64::from_bits(v.load(Ordering::Relaxed))),
+        );
+    }
+
+    pub fn set_regime(&self, code: u8) {
+        self.regime.store(code, Ordering::Relaxed);
+    }
+
+    pub fn regime(&self) -> u8 {
+        self.regime.load(Ordering::Relaxed)
+    }
 }
 
 /// The unwritten end of a sensor's history.
@@ -196,6 +274,10 @@ impl Registry {
     /// Adds (or replaces) the entry of an asset with its initial snapshot.
     pub fn insert(&self, def: AssetDef, snapshot: TwinSnapshot, now_us: i64) -> Arc<TwinEntry> {
         let id = def.path.id();
+        let board = match &def.kind {
+            AssetKind::Machine { spec, .. } => Some(Box::new(SampleBoard::new(spec.sensors.len()))),
+            _ => None,
+        };
         let entry = Arc::new(TwinEntry {
             id,
             def,
@@ -208,6 +290,7 @@ impl Registry {
             snapshot: Mutex::new(Arc::new(snapshot)),
             dirty: AtomicBool::new(false),
             tail: Mutex::new(HistTail::default()),
+            board,
         });
         self.by_id[shard(&id)]
             .write()

@@ -4,7 +4,9 @@
 //! `value`, `unit`, `kind`, `rejected`, `restarts`; `alarm` (active/returned/normal),
 //! `alarms` (active count), `unacked`, `severity` (worst active: info..critical);
 //! machines: `state`, `oee`, `availability`, `performance`, `good_count`, `scrap_count`;
-//! every level above sensors: `machines`, `running`, `sensors`, `throughput`, `mean_oee`.
+//! every level above sensors: `machines`, `running`, `sensors`, `throughput`, `mean_oee`,
+//! `worst_health`, `anomalies`; local inference: `anomaly_score`, `anomalous` (sensors and
+//! machines), `health`, `rul_hours`, `model_score` (machines).
 //! On a machine, any other name is looked up as one of its sensors: `temp > 80`.
 
 use std::borrow::Cow;
@@ -92,6 +94,8 @@ impl Subject for TwinSubject<'_> {
                 "kind" => text(spec.kind.as_str()),
                 "stale" => Some(FieldValue::Bool(s.quality.reason == QualityReason::Stale)),
                 "rejected" => num(s.rejected as f64),
+                "anomaly_score" => s.anomaly_score.map(FieldValue::Num),
+                "anomalous" => Some(FieldValue::Bool(s.anomalous)),
                 _ => None,
             },
             (state, kind) => {
@@ -101,6 +105,8 @@ impl Subject for TwinSubject<'_> {
                     "sensors" => Some(f64::from(rollup.sensors)),
                     "throughput" => Some(rollup.throughput_per_h),
                     "mean_oee" => rollup.mean_oee(),
+                    "worst_health" => rollup.worst_health,
+                    "anomalies" => Some(f64::from(rollup.anomalies)),
                     _ => None,
                 };
                 if let Some(v) = group {
@@ -117,6 +123,11 @@ impl Subject for TwinSubject<'_> {
                     "performance" => num(o.performance),
                     "good_count" => num(m.tracker.good_parts as f64),
                     "scrap_count" => num(m.tracker.scrap_parts as f64),
+                    "anomaly_score" => m.inference.anomaly_score.map(FieldValue::Num),
+                    "anomalous" => Some(FieldValue::Bool(m.inference.anomalous)),
+                    "health" => m.inference.health.map(FieldValue::Num),
+                    "rul_hours" => m.inference.rul_hours.map(FieldValue::Num),
+                    "model_score" => m.inference.model_score.map(FieldValue::Num),
                     sensor => {
                         let path = self.entry.path().child(sensor).ok()?;
                         let e = self.registry.by_path(&path)?;

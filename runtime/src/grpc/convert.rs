@@ -105,6 +105,8 @@ pub fn rollup(r: &RollUp) -> pb::RollUp {
         active_alarms: r.active_alarms(),
         unacked_alarms: r.unacked_alarms,
         worst_quality: quality_code(r.worst_quality) as i32,
+        worst_health: r.worst_health,
+        anomalies: r.anomalies,
     }
 }
 
@@ -146,6 +148,8 @@ pub fn twin(entry: &TwinEntry, snap: &TwinSnapshot) -> pb::Twin {
                     .map(|(l, a)| alarm(l, a))
                     .collect(),
                 rejected: s.rejected,
+                anomaly_score: s.anomaly_score,
+                anomalous: s.anomalous,
             });
         }
         (TwinState::Machine(m), AssetKind::Machine { spec, .. }) => {
@@ -163,6 +167,13 @@ pub fn twin(entry: &TwinEntry, snap: &TwinSnapshot) -> pb::Twin {
                 good_count: tr.good_parts,
                 scrap_count: tr.scrap_parts,
                 ideal_cycle_ms: spec.ideal_cycle_ms,
+                anomaly_score: m.inference.anomaly_score,
+                health: m.inference.health,
+                rul_hours: m.inference.rul_hours,
+                rul_low_hours: m.inference.rul_low_hours,
+                rul_high_hours: m.inference.rul_high_hours,
+                model_score: m.inference.model_score,
+                anomalous: m.inference.anomalous,
             });
             t.rollup = Some(rollup(&m.rollup));
         }

@@ -13,7 +13,7 @@ use prost::Message;
 
 use super::HistPoint;
 use crate::registry::TwinEntry;
-use crate::twin::{MachineSnap, SensorSnap, TwinSnapshot, TwinState};
+use crate::twin::{MachineInference, MachineSnap, SensorSnap, TwinSnapshot, TwinState};
 
 fn quality_code(c: QualityCode) -> u32 {
     match c {
@@ -65,6 +65,14 @@ pub fn snapshot_record(entry: &TwinEntry) -> Option<rec::TwinRecord> {
                 has_last_good: t.last_good_counter.is_some(),
                 last_scrap_counter: t.last_scrap_counter.unwrap_or(0),
                 has_last_scrap: t.last_scrap_counter.is_some(),
+                detector: Vec::new(),
+                anomaly_score: m.inference.anomaly_score,
+                health: m.inference.health,
+                rul_hours: m.inference.rul_hours,
+                rul_low_hours: m.inference.rul_low_hours,
+                rul_high_hours: m.inference.rul_high_hours,
+                model_score: m.inference.model_score,
+                anomalous: m.inference.anomalous,
             });
             return Some(r);
         }
@@ -112,6 +120,9 @@ pub fn snapshot_record(entry: &TwinEntry) -> Option<rec::TwinRecord> {
             })
             .collect(),
         rejected: s.rejected,
+        detector: Vec::new(),
+        anomaly_score: s.anomaly_score,
+        anomalous: s.anomalous,
     });
     Some(r)
 }
@@ -169,6 +180,8 @@ pub fn decode_snapshot(kind: &AssetKind, r: &rec::TwinRecord) -> TwinSnapshot {
                     })
                     .collect(),
                 rejected: sr.rejected,
+                anomaly_score: sr.anomaly_score.filter(|v| v.is_finite()),
+                anomalous: sr.anomalous,
             };
         }
         (TwinState::Machine(m), AssetKind::Machine { .. }, _, Some(mr)) => {
@@ -188,6 +201,15 @@ pub fn decode_snapshot(kind: &AssetKind, r: &rec::TwinRecord) -> TwinSnapshot {
                     last_scrap_counter: mr.has_last_scrap.then_some(mr.last_scrap_counter),
                 },
                 rollup: Default::default(),
+                inference: MachineInference {
+                    anomaly_score: mr.anomaly_score.filter(|v| v.is_finite()),
+                    health: mr.health.filter(|v| v.is_finite()),
+                    rul_hours: mr.rul_hours.filter(|v| v.is_finite()),
+                    rul_low_hours: mr.rul_low_hours.filter(|v| v.is_finite()),
+                    rul_high_hours: mr.rul_high_hours.filter(|v| v.is_finite()),
+                    model_score: mr.model_score.filter(|v| v.is_finite()),
+                    anomalous: mr.anomalous,
+                },
             };
         }
         _ => {}

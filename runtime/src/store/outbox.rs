@@ -336,9 +336,7 @@ impl Outbox {
                 st.held.insert(p.seq, p.held);
             }
         }
-        let _ = self
-            .meta
-            .insert(NEXT_SEQ_KEY, &(last + 1).to_be_bytes());
+        let _ = self.meta.insert(NEXT_SEQ_KEY, &(last + 1).to_be_bytes());
         self.committed.send_replace(last);
         if let Err(e) = self.enforce_limit() {
             tracing::error!(error = %e, "outbox compaction failed; retrying at the next flush");
@@ -408,9 +406,7 @@ impl Outbox {
             );
             st.next_seq = seq + 1;
             st.acked = st.acked.max(seq);
-            let _ = self
-                .meta
-                .insert(NEXT_SEQ_KEY, &(seq + 1).to_be_bytes());
+            let _ = self.meta.insert(NEXT_SEQ_KEY, &(seq + 1).to_be_bytes());
             drop(st);
             self.committed.send_replace(seq);
             // Whatever those lost batches carried is re-sent as a whole.

@@ -74,6 +74,9 @@ impl Actor for MachineTwin {
                 TwinState::Machine(m) => m.clone(),
                 _ => MachineSnap::default(),
             };
+            if let (Some(board), Some(_)) = (&entry.board, snap.tracker.last_ts) {
+                board.set_regime(snap.tracker.state.code() as u8);
+            }
             let mut restarts = base.restarts;
             if let Some(why) = restarted_after {
                 restarts += 1;
@@ -231,6 +234,9 @@ impl MachineTwinState {
                         .await;
                 };
                 let old = t.state;
+                if let Some(board) = &self.entry.board {
+                    board.set_regime(new.code() as u8);
+                }
                 if t.on_state(new, r.source_ts) {
                     let severity = if new == MachineState::Down {
                         Severity::Medium
@@ -285,6 +291,8 @@ impl MachineTwinState {
         let mut own = RollUp {
             machines: 1,
             running: u32::from(t.state == MachineState::Running),
+            worst_health: self.snap.inference.health,
+            anomalies: u32::from(self.snap.inference.anomalous),
             ..RollUp::default()
         };
         let accounted_ms: u64 = t.time_in_state_ms.iter().sum();

@@ -60,6 +60,8 @@ pub struct TwinSettings {
     /// A reading older than the live value by at most this much is late (history only);
     /// further back, the source's clock went back and the reading is taken as current.
     pub clock_step_back_ms: i64,
+    /// Machines run their detectors about this often, in source time.
+    pub inference_interval_ms: i64,
 }
 
 impl Default for TwinSettings {
@@ -73,6 +75,7 @@ impl Default for TwinSettings {
             history_chunk_max_age_ms: 10_000,
             reject_event_interval_ms: 10_000,
             clock_step_back_ms: 60_000,
+            inference_interval_ms: 1_000,
         }
     }
 }
@@ -211,6 +214,10 @@ pub struct SensorSnap {
     /// Parallel to the sensor spec's `alarms`.
     pub alarms: Vec<AlarmStatus>,
     pub rejected: u64,
+    /// Local inference: the latest anomaly score (`None` while detectors are off or warming
+    /// up) and whether an anomaly episode is open.
+    pub anomaly_score: Option<f64>,
+    pub anomalous: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -218,6 +225,23 @@ pub struct MachineSnap {
     pub tracker: OeeTracker,
     /// Machine itself plus its sensors.
     pub rollup: RollUp,
+    pub inference: MachineInference,
+}
+
+/// What the machine's detectors and model publish (each `None` while off or learning).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct MachineInference {
+    pub anomaly_score: Option<f64>,
+    /// 0..=100.
+    pub health: Option<f64>,
+    /// Remaining useful life and its band, hours.
+    pub rul_hours: Option<f64>,
+    pub rul_low_hours: Option<f64>,
+    pub rul_high_hours: Option<f64>,
+    /// Output of the machine type's ONNX model.
+    pub model_score: Option<f64>,
+    /// An anomaly episode of the machine is open.
+    pub anomalous: bool,
 }
 
 impl TwinSnapshot {
@@ -246,6 +270,7 @@ impl TwinSnapshot {
                 let mut r = RollUp {
                     sensors: 1,
                     worst_quality: s.quality.code,
+                    anomalies: u32::from(s.anomalous),
                     ..RollUp::default()
                 };
                 if let AssetKind::Sensor { spec, .. } = kind {
@@ -277,6 +302,8 @@ pub enum TwinMsg {
     PublishRollUp,
     /// Sweeper: no reading since the stale threshold.
     CheckStale(Timestamp),
+    /// Machines: evaluate the detectors on the sample board, at this source time.
+    Evaluate(Timestamp),
     Acknowledge {
         alarm: String,
         by: String,

@@ -29,6 +29,8 @@ pub struct SensorState {
     restarts: u32,
     last_rollup: RollUp,
     rejects: RejectThrottle,
+    /// The machine's entry (its sample board) and this sensor's index on it.
+    machine: Option<(Arc<TwinEntry>, usize)>,
 }
 
 impl Actor for SensorTwin {
@@ -58,7 +60,9 @@ impl Actor for SensorTwin {
                 TwinState::Sensor(s) => (s.clone(), base.restarts),
                 _ => (SensorSnap::default(), 0),
             };
+            let machine = machine_board(&ctx, &entry);
             let mut state = SensorState {
+                machine,
                 last_rollup: base.rollup(&entry.def.kind),
                 ctx,
                 entry,
@@ -140,7 +144,9 @@ impl Actor for SensorTwin {
                     let _ = reply.send(());
                 }
                 TwinMsg::Crash => panic!("{}: crash requested (test hook)", state.entry.path()),
-                TwinMsg::ChildChanged { .. } | TwinMsg::PublishRollUp => {
+                TwinMsg::ChildChanged { .. }
+                | TwinMsg::PublishRollUp
+                | TwinMsg::Evaluate(_) => {
                     tracing::warn!(asset = %state.entry.path(), "sensor twin got a parent-only message");
                 }
             }
@@ -233,6 +239,12 @@ impl SensorState {
                     .await;
             }
             touched = true;
+            let usable = if quality.code == QualityCode::Bad {
+                f64::NAN
+            } else {
+                v
+            };
+            self.to_board(usable, r.source_ts);
             self.set_quality(quality, r.source_ts).await;
             self.snap.value = Some(r.value);
             self.snap.source_ts = r.source_ts;
@@ -341,10 +353,26 @@ impl SensorState {
             return;
         }
         self.entry.stale.store(true, Ordering::Relaxed);
+        self.to_board(f64::NAN, self.snap.source_ts);
         self.set_quality(Quality::uncertain(QualityReason::Stale), at)
             .await;
         self.flush_tail().await;
         self.publish(at);
+    }
+
+    /// Puts the sensor's latest value (NaN = unusable) on its machine's sample board, and
+    /// asks the machine to evaluate when this reading is the first past its due time.
+    fn to_board(&self, value: f64, ts: Timestamp) {
+        let Some((machine, index)) = &self.machine else {
+            return;
+        };
+        let Some(board) = &machine.board else {
+            return;
+        };
+        let interval_us = self.ctx.settings.inference_interval_ms.saturating_mul(1000);
+        if board.write(*index, value, ts, interval_us) {
+            machine.send(TwinMsg::Evaluate(ts));
+        }
     }
 
     fn alarm_index(&self, name: &str) -> Result<usize, TwinError> {
@@ -447,6 +475,17 @@ impl SensorState {
             self.ctx.notify_parent(&self.entry, rollup);
         }
     }
+}
+
+/// The sensor's machine (when its parent is one) and the sensor's index on its board.
+fn machine_board(ctx: &TwinCtx, entry: &TwinEntry) -> Option<(Arc<TwinEntry>, usize)> {
+    let machine = ctx.registry.by_path(&entry.path().parent()?)?;
+    let AssetKind::Machine { spec, .. } = &machine.def.kind else {
+        return None;
+    };
+    let name = entry.path().name();
+    let index = spec.sensors.iter().position(|s| s.name == name)?;
+    Some((machine, index))
 }
 
 fn describe(limit: &AlarmLimit, t: AlarmTransition, value: Option<f64>, unit: &str) -> String {
