@@ -13,6 +13,8 @@
 //! max = 150.0
 //! period_ms = 1000
 //! alarms = [{ name = "high", kind = "high", limit = 90.0, deadband = 2.0, severity = "high" }]
+//! # Optional: anomaly detector settings, any subset (the rest keep their defaults).
+//! detect = { level_z = 10.0, spike = false }
 //!
 //! [[sites]]
 //! name = "berlin"
@@ -31,6 +33,7 @@ use serde::Deserialize;
 
 use crate::alarm::AlarmLimit;
 use crate::asset::{AssetPath, Level, is_slug};
+use crate::detect::sensor::SensorDetectorConfig;
 use crate::value::ValueType;
 
 /// The spec format version this code reads.
@@ -96,6 +99,13 @@ pub struct SensorSpec {
     pub stale_after_periods: u32,
     #[serde(default)]
     pub alarms: Vec<AlarmLimit>,
+    /// Anomaly detector settings; absent means the defaults, which are not written back.
+    #[serde(default, skip_serializing_if = "is_default_detect")]
+    pub detect: SensorDetectorConfig,
+}
+
+fn is_default_detect(cfg: &SensorDetectorConfig) -> bool {
+    *cfg == SensorDetectorConfig::default()
 }
 
 impl SensorSpec {
@@ -322,6 +332,9 @@ impl PlantSpec {
                         problems.push(format!("{at}: min/max must be finite"))
                     }
                     _ => {}
+                }
+                for problem in s.detect.problems() {
+                    problems.push(format!("{at}: {problem}"));
                 }
                 let mut alarm_names = HashSet::new();
                 for a in &s.alarms {
@@ -628,6 +641,58 @@ machines = [{ name = "press", type = "press", count = 2 }, { name = "hydro", typ
             Err(SpecError::Version { found: 2, .. })
         ));
         let typo = SMALL.replace("ideal_cycle_ms", "ideal_cycle");
+        assert!(matches!(
+            PlantSpec::from_toml(&typo, "p"),
+            Err(SpecError::Syntax { .. })
+        ));
+    }
+
+    #[test]
+    fn sensor_without_detect_settings_gets_the_defaults_and_writes_none_back() {
+        let spec = PlantSpec::from_toml(SMALL, "small.toml").expect("valid");
+        let temp = &spec.machine_types["press"].sensors[0];
+        assert_eq!(temp.detect, SensorDetectorConfig::default());
+        let text = spec.to_toml();
+        assert!(!text.contains("detect"), "{text}");
+        assert_eq!(PlantSpec::from_toml(&text, "again").expect("valid"), spec);
+    }
+
+    #[test]
+    fn detect_settings_parse_partially_and_round_trip() {
+        let text = SMALL.replace(
+            r#"name = "force""#,
+            "name = \"force\"\ndetect = { level_z = 12.0, spike = false }",
+        );
+        let spec = PlantSpec::from_toml(&text, "p").expect("valid");
+        let force = &spec.machine_types["press"].sensors[1];
+        assert_eq!(force.detect.level_z, 12.0);
+        assert!(!force.detect.spike);
+        assert_eq!(
+            force.detect.threshold,
+            SensorDetectorConfig::default().threshold
+        );
+        let again = PlantSpec::from_toml(&spec.to_toml(), "again").expect("valid");
+        assert_eq!(again, spec);
+    }
+
+    #[test]
+    fn bad_detect_settings_name_the_type_sensor_and_field() {
+        let text = SMALL.replace(
+            r#"name = "force""#,
+            "name = \"force\"\ndetect = { level_alpha = 2.0, release = 5.0 }",
+        );
+        let msg = PlantSpec::from_toml(&text, "p")
+            .expect_err("invalid")
+            .to_string();
+        assert!(
+            msg.contains(r#"machine type "press": sensor "force": detect.level_alpha must be in (0, 1], got 2"#),
+            "{msg}"
+        );
+        assert!(msg.contains("detect.release must be"), "{msg}");
+        let typo = SMALL.replace(
+            r#"name = "force""#,
+            "name = \"force\"\ndetect = { levl_z = 1.0 }",
+        );
         assert!(matches!(
             PlantSpec::from_toml(&typo, "p"),
             Err(SpecError::Syntax { .. })

@@ -148,6 +148,7 @@ fn sensor(
         period_ms,
         stale_after_periods: 3,
         alarms,
+        detect: Default::default(),
     }
 }
 

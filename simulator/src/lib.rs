@@ -19,5 +19,6 @@ pub mod mqtt;
 pub mod opcua;
 pub mod run;
 pub mod scenario;
+pub mod score;
 pub mod serve;
 pub mod sparkplug;
