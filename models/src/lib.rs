@@ -3,6 +3,7 @@
 
 pub mod alarm;
 pub mod asset;
+pub mod detect;
 pub mod event;
 pub mod glob;
 pub mod oee;
