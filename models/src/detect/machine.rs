@@ -11,10 +11,12 @@
 //!   reports no state) and `settle_s` after the last regime change: temperatures lag a state
 //!   change by minutes, power and vibration jump with it. Other regimes are not scored
 //!   (score 0; an open multivariate episode ends after its off-delay).
-//! - A changeover (`Regime::SETUP`) may give sensors new setpoints (speeds, feeds): the first
-//!   `recentre_samples` evaluations after one re-centre the reference means and are not scored.
-//!   A fault that persists across a changeover is absorbed there (the health index is not:
-//!   its baselines are frozen).
+//! - A changeover (`Regime::SETUP`) may give sensors new setpoints (speeds, feeds) and a
+//!   repair (`Regime::DOWN`) replace a worn part: the first `recentre_samples` evaluations
+//!   after either re-centre the reference means and are not scored. A fault that persists
+//!   across them is absorbed there (the health index is not: its baselines are frozen).
+//! - The health index is updated in running `health_settle_s` after a regime change (sooner
+//!   than the multivariate score: a lagging temperature reads low, which it ignores).
 //! - The first `learn_samples` scored-able samples with every sensor present learn the
 //!   covariance of the deviations from the reference means and the health baselines. Afterwards
 //!   means and covariance adapt slowly, only on samples that are not anomalous.
@@ -78,6 +80,9 @@ pub struct MachineDetectorConfig {
     pub off_delay_s: f64,
     /// Seconds after a regime change before the machine is evaluated (temperatures lag).
     pub settle_s: f64,
+    /// Seconds after a regime change before the health index is updated: vibration and power
+    /// settle in seconds, and a lagging temperature reads low, which the index ignores.
+    pub health_settle_s: f64,
     /// Evaluations (≈ seconds of settled running) that learn the covariance and the health
     /// baselines before anything is scored.
     pub learn_samples: u32,
@@ -113,7 +118,8 @@ impl Default for MachineDetectorConfig {
             release_ratio: 0.8,
             on_delay_s: 10.0,
             off_delay_s: 30.0,
-            settle_s: 120.0,
+            settle_s: 300.0,
+            health_settle_s: 30.0,
             learn_samples: 3600,
             recentre_samples: 30,
             mean_window_samples: 1800,
@@ -137,6 +143,7 @@ struct Params {
     on_us: i64,
     off_us: i64,
     settle_us: i64,
+    health_settle_us: i64,
     learn: u32,
     recentre: u32,
     mean_alpha: f64,
@@ -195,6 +202,7 @@ impl Params {
             on_us: secs_to_us(non_negative(cfg.on_delay_s, d.on_delay_s)),
             off_us: secs_to_us(non_negative(cfg.off_delay_s, d.off_delay_s)),
             settle_us: secs_to_us(non_negative(cfg.settle_s, d.settle_s)),
+            health_settle_us: secs_to_us(non_negative(cfg.health_settle_s, d.health_settle_s)),
             learn: cfg.learn_samples.max(2),
             recentre: cfg.recentre_samples.max(1),
             mean_alpha: 1.0 / f64::from(cfg.mean_window_samples.max(1)),
@@ -556,24 +564,18 @@ impl MachineDetector {
         if self.last_ts == NONE_TS || regime.0 != self.regime {
             self.regime = regime.0;
             self.regime_since = t;
-            if regime == Regime::SETUP {
+            // A changeover may set new setpoints, a repair replace a worn part: either can
+            // move running levels for good.
+            if regime == Regime::SETUP || regime == Regime::DOWN {
                 self.changeover = true;
             }
         }
         self.last_ts = t;
-        let runs = regime == Regime::RUNNING || regime == Regime::UNKNOWN;
-        if !runs || t.saturating_sub(self.regime_since) < p.settle_us {
-            self.score = 0.0;
-            let transition = self
-                .multivariate
-                .step(DetectorKind::Multivariate, t, 0.0, &p);
-            return self.verdict(transition, [None; 3]);
-        }
         let mut present = 0usize;
         for i in 0..self.n {
             let v = values.get(i).copied().unwrap_or(f64::NAN);
             // Huge finite values would overflow the squares: treat them as missing too.
-            if v.is_finite() && v.abs() < 1e150 {
+            if usable(v) {
                 present += 1;
             }
         }
@@ -581,6 +583,32 @@ impl MachineDetector {
             // Nothing to learn or score: the state stays as it was.
             return self.verdict(None, [None; 3]);
         }
+        let runs = regime == Regime::RUNNING || regime == Regime::UNKNOWN;
+        let since = t.saturating_sub(self.regime_since);
+        let mut contributors = [None; 3];
+        if runs && since >= p.settle_us {
+            contributors = self.evaluate(values, &p);
+        } else {
+            self.score = 0.0;
+        }
+        let mut transition = self
+            .multivariate
+            .step(DetectorKind::Multivariate, t, self.score, &p);
+        if self.has_health() && runs && since >= p.health_settle_us {
+            self.update_health(t, values, &p);
+            // At most one transition per update (the verdict has one slot): the health
+            // tracker, slow by nature, waits for the next update when the other moved.
+            if transition.is_none() {
+                let hs = p.threshold * (100.0 - self.health) / (100.0 - p.health_alarm);
+                transition = self.health_episode.step(DetectorKind::Health, t, hs, &p);
+            }
+        }
+        self.verdict(transition, contributors)
+    }
+
+    /// The multivariate part of a settled running sample: score, learn or adapt, move the
+    /// reference means. Returns the top contributors.
+    fn evaluate(&mut self, values: &[f64], p: &Params) -> [Option<(u16, f64)>; 3] {
         if self.changeover {
             self.changeover = false;
             self.since_recentre = 0;
@@ -591,7 +619,7 @@ impl MachineDetector {
         let mut scored = 0usize;
         for i in 0..self.n {
             let v = values.get(i).copied().unwrap_or(f64::NAN);
-            let ok = v.is_finite() && v.abs() < 1e150 && self.seen[i] > 0;
+            let ok = usable(v) && self.seen[i] > 0;
             self.present[i] = ok;
             if ok {
                 self.dev[i] = v - self.mean[i];
@@ -611,15 +639,15 @@ impl MachineDetector {
         let anomalous = self.score >= p.threshold || self.multivariate.active;
         if warm && complete {
             if !self.monitoring {
-                self.learn(&p);
+                self.learn(p);
             } else if !anomalous {
-                self.adapt(&p);
+                self.adapt(p);
             }
         }
         if !warm || !self.monitoring || !anomalous {
             for i in 0..self.n {
                 let v = values.get(i).copied().unwrap_or(f64::NAN);
-                if v.is_finite() && v.abs() < 1e150 {
+                if usable(v) {
                     self.seen[i] = self.seen[i].saturating_add(1);
                     let alpha = (1.0 / f64::from(self.seen[i])).max(p.mean_alpha);
                     self.mean[i] += (v - self.mean[i]) * alpha;
@@ -627,19 +655,7 @@ impl MachineDetector {
             }
         }
         self.since_recentre = self.since_recentre.saturating_add(1);
-        let mut transition = self
-            .multivariate
-            .step(DetectorKind::Multivariate, t, self.score, &p);
-        if self.has_health() {
-            self.update_health(t, values, &p);
-            // At most one transition per update (the verdict has one slot): the health
-            // tracker, slow by nature, waits for the next update when the other moved.
-            if transition.is_none() {
-                let hs = p.threshold * (100.0 - self.health) / (100.0 - p.health_alarm);
-                transition = self.health_episode.step(DetectorKind::Health, t, hs, &p);
-            }
-        }
-        self.verdict(transition, contributors)
+        contributors
     }
 
     fn learn(&mut self, p: &Params) {
@@ -839,7 +855,7 @@ impl MachineDetector {
                 continue;
             }
             let v = values.get(i).copied().unwrap_or(f64::NAN);
-            if v.is_finite() && v.abs() < 1e150 {
+            if usable(v) {
                 let f = ((v - self.base[i]) / span).clamp(FRACTION_RANGE.0, FRACTION_RANGE.1);
                 self.frac[i] += (f - self.frac[i]) * alpha;
             }
@@ -1037,6 +1053,11 @@ impl MachineDetector {
         }
         Ok(d)
     }
+}
+
+/// A value the detectors can use: finite and small enough that its squares stay finite.
+fn usable(v: f64) -> bool {
+    v.is_finite() && v.abs() < 1e150
 }
 
 /// Normal-equivalent deviate of a χ²(k) value (Wilson–Hilferty), ≥ 0 and finite: the same
