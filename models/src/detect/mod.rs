@@ -12,7 +12,7 @@
 //! reads "anomalous" whichever detector produced it.
 
 pub mod sensor;
-// pub mod machine;
+pub mod machine;
 
 use crate::value::Timestamp;
 
@@ -97,6 +97,10 @@ pub enum AnomalyTransition {
 pub struct Regime(pub u8);
 
 impl Regime {
+    pub const IDLE: Regime = Regime(0);
+    pub const RUNNING: Regime = Regime(1);
+    pub const SETUP: Regime = Regime(2);
+    pub const DOWN: Regime = Regime(3);
     pub const UNKNOWN: Regime = Regime(255);
     /// Regimes a detector keeps apart: the four machine states, and everything else.
     pub const SLOTS: usize = 5;
@@ -134,6 +138,16 @@ pub enum DecodeError {
         field: &'static str,
         problem: String,
     },
+    #[error("{what}: the state ends after {len} bytes, {needed} needed")]
+    Truncated {
+        what: &'static str,
+        needed: usize,
+        len: usize,
+    },
+    #[error("{what}: not detector state (magic {found:02x?})")]
+    Magic { what: &'static str, found: Vec<u8> },
+    #[error("{what}: {problem}")]
+    Invalid { what: &'static str, problem: String },
 }
 
 /// When an episode starts and ends: `threshold` and `release` on the score scale
