@@ -59,6 +59,10 @@ const HEALTH_MAX_DT_S: f64 = 60.0;
 const RUL_BAND_SE: f64 = 2.0;
 /// RUL hours are capped here (a finite "practically never").
 const RUL_MAX_HOURS: f64 = 1e6;
+/// Steps of the reference means are clipped to this many standard deviations once
+/// `MIN_LEARNED_FOR_CLIP` samples have given a variance.
+const MEAN_CLIP_SD: f64 = 4.0;
+const MIN_LEARNED_FOR_CLIP: u32 = 60;
 const NONE_TS: i64 = i64::MIN;
 const US_PER_S: f64 = 1e6;
 const US_PER_H: f64 = 3.6e9;
@@ -648,9 +652,18 @@ impl MachineDetector {
             for i in 0..self.n {
                 let v = values.get(i).copied().unwrap_or(f64::NAN);
                 if usable(v) {
+                    let mut step = v - self.mean[i];
+                    // A spike inside a re-centring window would pull the new mean by
+                    // spike/window for good: once a variance is known, a step is clipped to
+                    // a few standard deviations (the first sample of a window is not: it is
+                    // the new level).
+                    if self.seen[i] > 0 && self.learned >= MIN_LEARNED_FOR_CLIP {
+                        let limit = MEAN_CLIP_SD * self.var_floored(i).sqrt();
+                        step = step.clamp(-limit, limit);
+                    }
                     self.seen[i] = self.seen[i].saturating_add(1);
                     let alpha = (1.0 / f64::from(self.seen[i])).max(p.mean_alpha);
-                    self.mean[i] += (v - self.mean[i]) * alpha;
+                    self.mean[i] += step * alpha;
                 }
             }
         }
@@ -1509,6 +1522,45 @@ mod tests {
             MachineDetector::decode(&longer),
             Err(DecodeError::Invalid { .. })
         ));
+    }
+
+    #[test]
+    fn config_reads_toml_with_defaults_for_missing_keys_and_rejects_unknown_ones() {
+        let cfg: MachineDetectorConfig =
+            toml::from_str("threshold = 4.0\nhealth_alarm = 50.0\n").expect("valid");
+        assert_eq!((cfg.threshold, cfg.health_alarm), (4.0, 50.0));
+        assert_eq!(cfg.settle_s, MachineDetectorConfig::default().settle_s);
+        let err = toml::from_str::<MachineDetectorConfig>("treshold = 4.0").expect_err("misspelt");
+        assert!(err.to_string().contains("treshold"), "{err}");
+    }
+
+    #[test]
+    fn a_spike_while_re_centring_after_a_changeover_leaves_no_lasting_alarm() {
+        let cfg = quick();
+        let mut d = MachineDetector::new(&cfg, &[None, None]);
+        let mut noise = Noise(8);
+        let mut s = 0;
+        let mut run =
+            |d: &mut MachineDetector, secs: i64, level: f64, regime: Regime, spike_at: i64| {
+                let mut episodes = 0;
+                for k in 0..secs {
+                    let mut x = [level + 0.05 * noise.normal(), 40.0 + noise.normal()];
+                    if k == spike_at {
+                        x[0] += 15.0;
+                    }
+                    if let Some(AnomalyTransition::Started { .. }) =
+                        d.update(&cfg, at(s), &x, regime).transition
+                    {
+                        episodes += 1;
+                    }
+                    s += 1;
+                }
+                episodes
+            };
+        assert_eq!(run(&mut d, 3000, 15.0, Regime::RUNNING, -1), 0);
+        run(&mut d, 300, 0.0, Regime::SETUP, -1);
+        // Settled after 300 s, the spike 10 samples into the re-centring window.
+        assert_eq!(run(&mut d, 2000, 17.0, Regime::RUNNING, 310), 0);
     }
 
     #[test]
