@@ -297,6 +297,46 @@ fn report(title: &str, sim: &PlantSim, plant: &Plant, episodes: &[Episode], hour
             .collect()
     };
     let machine_hours = plant.machines.len() as f64 * hours;
+    // Health episodes outside every bearing wear (wear start to the end of its repair).
+    let mut outside = 0;
+    for e in episodes
+        .iter()
+        .filter(|e| e.detector == DetectorKind::Health)
+    {
+        let path = &plant.machines[e.machine].path;
+        let in_wear = labels.iter().any(|f| {
+            f.kind == FaultKind::BearingWear
+                && &f.asset == path
+                && e.start >= f.start.0
+                && e.start <= f.end.map_or(end, |t| t.0)
+        });
+        if in_wear {
+            continue;
+        }
+        outside += 1;
+        let near: Vec<String> = labels
+            .iter()
+            .filter(|f| {
+                (&f.asset == path || f.asset.parent().as_ref() == Some(path))
+                    && f.kind != FaultKind::Spike
+                    && f.start.0 <= e.start
+                    && f.end.map_or(end, |t| t.0) >= e.start - 3600 * SEC
+            })
+            .map(|f| {
+                format!(
+                    "{} {}",
+                    f.kind.as_str(),
+                    f.asset.as_str().rsplit('/').next().unwrap_or("")
+                )
+            })
+            .collect();
+        println!(
+            "    health episode outside bearing wear: {path} at {:.2} h for {:.2} h; faults in the hour before: {near:?}",
+            (e.start - RUN_START.0) as f64 / HOUR,
+            (e.end.unwrap_or(end) - e.start) as f64 / HOUR,
+        );
+    }
+    println!("  health episodes outside bearing wear: {outside}");
     // The lowest health of machines without a bearing wear.
     let worn: Vec<&AssetPath> = labels
         .iter()

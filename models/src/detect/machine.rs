@@ -62,6 +62,11 @@ const RUL_MAX_HOURS: f64 = 1e6;
 /// Steps of the reference means are clipped to this many standard deviations once
 /// `MIN_LEARNED_FOR_CLIP` samples have given a variance.
 const MEAN_CLIP_SD: f64 = 4.0;
+/// Two successive re-centring windows agree when their means are this many (per-sample)
+/// standard deviations apart at most; window means of noise alone differ by ~0.3.
+const RECENTRE_AGREE_SD: f64 = 1.5;
+/// Re-centring windows tried before the latest is taken anyway.
+const RECENTRE_MAX_WINDOWS: u32 = 6;
 const MIN_LEARNED_FOR_CLIP: u32 = 60;
 const NONE_TS: i64 = i64::MIN;
 const US_PER_S: f64 = 1e6;
@@ -445,6 +450,9 @@ pub struct MachineDetector {
     /// Reference means and per-sensor sample counts since the last re-centre.
     mean: Vec<f64>,
     seen: Vec<u32>,
+    /// While re-centring: the previous window's mean, if there was one.
+    prev: Vec<f64>,
+    has_prev: Vec<bool>,
     /// Samples learned so far; `monitoring` once `learn_samples` are.
     learned: u32,
     monitoring: bool,
@@ -492,6 +500,8 @@ impl MachineDetector {
             since_recentre: 0,
             mean: vec![0.0; n],
             seen: vec![0; n],
+            prev: vec![0.0; n],
+            has_prev: vec![false; n],
             learned: 0,
             monitoring: false,
             cov: vec![0.0; n * n],
@@ -617,13 +627,14 @@ impl MachineDetector {
             self.changeover = false;
             self.since_recentre = 0;
             self.seen.fill(0);
+            self.has_prev.fill(false);
         }
         let warm = self.since_recentre >= p.recentre;
         let mut complete = true;
         let mut scored = 0usize;
         for i in 0..self.n {
             let v = values.get(i).copied().unwrap_or(f64::NAN);
-            let ok = usable(v) && self.seen[i] > 0;
+            let ok = usable(v) && self.seen[i] >= p.recentre;
             self.present[i] = ok;
             if ok {
                 self.dev[i] = v - self.mean[i];
@@ -652,23 +663,52 @@ impl MachineDetector {
             for i in 0..self.n {
                 let v = values.get(i).copied().unwrap_or(f64::NAN);
                 if usable(v) {
-                    let mut step = v - self.mean[i];
-                    // A spike inside a re-centring window would pull the new mean by
-                    // spike/window for good: once a variance is known, a step is clipped to
-                    // a few standard deviations (the first sample of a window is not: it is
-                    // the new level).
-                    if self.seen[i] > 0 && self.learned >= MIN_LEARNED_FOR_CLIP {
-                        let limit = MEAN_CLIP_SD * self.var_floored(i).sqrt();
-                        step = step.clamp(-limit, limit);
-                    }
-                    self.seen[i] = self.seen[i].saturating_add(1);
-                    let alpha = (1.0 / f64::from(self.seen[i])).max(p.mean_alpha);
-                    self.mean[i] += step * alpha;
+                    self.move_mean(i, v, p);
                 }
             }
         }
         self.since_recentre = self.since_recentre.saturating_add(1);
         contributors
+    }
+
+    /// Moves sensor i's reference mean towards `v`.
+    ///
+    /// Re-centring: the mean is the average of a window of `recentre_samples`. Once a variance
+    /// is known, a window is accepted only when it agrees with the one before (within
+    /// `RECENTRE_AGREE_SD`): an outlier or a transient inside one (a spike, the tail of an
+    /// overheating) would otherwise become the reference for good. After `RECENTRE_MAX_WINDOWS`
+    /// windows the latest is taken whatever it is, so a drifting sensor is scored again.
+    ///
+    /// Afterwards: a cumulative, then exponentially weighted average, its steps clipped to
+    /// `MEAN_CLIP_SD` standard deviations once a variance is known.
+    fn move_mean(&mut self, i: usize, v: f64, p: &Params) {
+        let known = self.learned >= MIN_LEARNED_FOR_CLIP;
+        let sd = self.var_floored(i).sqrt();
+        if self.seen[i] < p.recentre {
+            self.seen[i] += 1;
+            self.mean[i] += (v - self.mean[i]) / f64::from(self.seen[i]);
+            if self.seen[i] < p.recentre || !known {
+                return;
+            }
+            let agrees =
+                self.has_prev[i] && (self.mean[i] - self.prev[i]).abs() <= RECENTRE_AGREE_SD * sd;
+            let patience = p.recentre.saturating_mul(RECENTRE_MAX_WINDOWS);
+            if agrees || self.since_recentre >= patience {
+                self.has_prev[i] = false;
+            } else {
+                self.prev[i] = self.mean[i];
+                self.has_prev[i] = true;
+                self.seen[i] = 0;
+            }
+            return;
+        }
+        let mut step = v - self.mean[i];
+        if known {
+            step = step.clamp(-MEAN_CLIP_SD * sd, MEAN_CLIP_SD * sd);
+        }
+        self.seen[i] = self.seen[i].saturating_add(1);
+        let alpha = (1.0 / f64::from(self.seen[i])).max(p.mean_alpha);
+        self.mean[i] += step * alpha;
     }
 
     fn learn(&mut self, p: &Params) {
@@ -899,7 +939,7 @@ impl MachineDetector {
     }
 
     /// The learned state (means, covariance, factor, baselines, trend, episodes), versioned.
-    /// About 8·(n² + 8n + 40) bytes for n sensors (lower triangles only).
+    /// About 8·(n² + 9n + 40) bytes for n sensors (lower triangles only).
     pub fn encode(&self, out: &mut Vec<u8>) {
         let n = self.n;
         out.extend_from_slice(MAGIC);
@@ -925,6 +965,8 @@ impl MachineDetector {
         for i in 0..n {
             put_f64(out, self.mean[i]);
             out.extend_from_slice(&self.seen[i].to_le_bytes());
+            out.push(u8::from(self.has_prev[i]));
+            put_f64(out, self.prev[i]);
             put_f64(out, self.base[i]);
             put_f64(out, self.frac[i]);
         }
@@ -1007,6 +1049,16 @@ impl MachineDetector {
         for i in 0..n {
             d.mean[i] = r.finite("mean")?;
             d.seen[i] = r.u32()?;
+            d.has_prev[i] = match r.u8()? {
+                0 => false,
+                1 => true,
+                other => {
+                    return Err(invalid(format!(
+                        "re-centring flag {other} is neither 0 nor 1"
+                    )));
+                }
+            };
+            d.prev[i] = r.finite("previous window mean")?;
             d.base[i] = r.finite("health baseline")?;
             d.frac[i] = r.finite("degradation fraction")?;
         }
