@@ -41,6 +41,9 @@ struct Machine {
     names: Vec<String>,
     /// Lowest health seen, and when.
     min_health: (f64, i64),
+    /// Each time a RUL appeared (after none): when, and what it said.
+    ruls: Vec<(i64, Rul)>,
+    had_rul: bool,
 }
 
 /// One episode of one detector on one machine.
@@ -113,6 +116,8 @@ fn plant(spec: &PlantSpec, cfg: &MachineDetectorConfig) -> Plant {
             regime: Regime::UNKNOWN,
             names,
             min_health: (100.0, 0),
+            ruls: Vec::new(),
+            had_rul: false,
         })
         .collect();
     Plant {
@@ -190,6 +195,12 @@ fn run(
                     v.contributors[0]
                 );
             }
+            if let Some(r) = v.rul
+                && !machine.had_rul
+            {
+                machine.ruls.push((now, r));
+            }
+            machine.had_rul = v.rul.is_some();
             if let Some(h) = v.health
                 && h < machine.min_health.0
             {
@@ -258,6 +269,25 @@ fn report(title: &str, sim: &PlantSim, plant: &Plant, episodes: &[Episode], hour
                 && e.start <= until
         });
         let wear_h = (until - w.start.0) as f64 / HOUR;
+        // Vibration reaches its limit (3.33 × healthy) at wear (1/0.3 − 1)/4 of the way.
+        let limit_at = w.start.0 + ((until - w.start.0) as f64 * (1.0 / 0.3 - 1.0) / 4.0) as i64;
+        let mut first_rul = String::new();
+        if let Some((t, r)) = plant.machines[m]
+            .ruls
+            .iter()
+            .find(|(t, _)| *t >= w.start.0 && *t <= until)
+        {
+            first_rul = format!(
+                "    first RUL at {:.2} h in: {:.2} h [{:.2}, {:.2}]; the vibration limit is {:.2} h \
+                 away, the breakdown {:.2} h",
+                (t - w.start.0) as f64 / HOUR,
+                r.hours,
+                r.low_hours,
+                r.high_hours,
+                (limit_at - t) as f64 / HOUR,
+                (until - t) as f64 / HOUR
+            );
+        }
         match (alarm, breakdown) {
             (Some(a), Some(b)) => {
                 flagged += 1;
@@ -286,6 +316,9 @@ fn report(title: &str, sim: &PlantSim, plant: &Plant, episodes: &[Episode], hour
                 w.asset,
                 if alarm.is_some() { ", flagged" } else { "" }
             ),
+        }
+        if !first_rul.is_empty() {
+            println!("{first_rul}");
         }
     }
     println!("  bearing wears: {wears}, flagged before the breakdown: {flagged}");

@@ -136,7 +136,7 @@ impl Default for MachineDetectorConfig {
             shrinkage: 0.1,
             health_alarm: 60.0,
             health_tau_s: 600.0,
-            rul_tau_s: 1200.0,
+            rul_tau_s: 900.0,
             rul_sample_s: 60.0,
             rul_min_points: 10.0,
             rul_min_span_s: 1800.0,
