@@ -12,9 +12,11 @@
 //!   change by minutes, power and vibration jump with it. Other regimes are not scored
 //!   (score 0; an open multivariate episode ends after its off-delay).
 //! - A changeover (`Regime::SETUP`) may give sensors new setpoints (speeds, feeds) and a
-//!   repair (`Regime::DOWN`) replace a worn part: the first `recentre_samples` evaluations
-//!   after either re-centre the reference means and are not scored. A fault that persists
-//!   across them is absorbed there (the health index is not: its baselines are frozen).
+//!   repair (`Regime::DOWN`) replace a worn part: after either, each sensor's reference mean
+//!   is re-centred on windows of `recentre_samples` evaluations until two successive windows
+//!   agree (at most 6; see `move_mean`), and the sensor is not scored meanwhile. A fault that
+//!   persists across a changeover is absorbed there (the health index is not: its baselines
+//!   are frozen after learning).
 //! - The health index is updated in running `health_settle_s` after a regime change (sooner
 //!   than the multivariate score: a lagging temperature reads low, which it ignores).
 //! - The first `learn_samples` scored-able samples with every sensor present learn the
