@@ -3,15 +3,17 @@
 //! simulated second with its sensors' latest values and state, and prints
 //! - for every bearing wear: when health crossed the alarm level, the lead time before the
 //!   breakdown it ended in, and the RUL at that moment;
-//! - health and multivariate episodes that overlap no labelled fault (false alarms);
-//! - ns per `MachineDetector::update` with 8 sensors and the size of the encoded state.
+//! - health and multivariate episodes that overlap no labelled fault (false alarms).
 //!
-//! `cargo run --release -p ferrotwin-sim --example machine_detect [hours] [seed]`
+//! (ns per update: `cargo run --release -p ferrotwin-models --example machine_detect_timing`.)
+//!
+//! `cargo run -p ferrotwin-sim --example machine_detect [hours] [seed]` (debug is fast enough:
+//! 48 h of the demo plant in about two minutes; `MDET_TRACE="machine-path from_h to_h"` prints
+//! one machine's every evaluation in that window)
 //! (default 48 h of the demo plant's random fault mix, seed 1, then a scheduled-only scenario
 //! with bearing wear of 2, 3 and 4 h on three machines and every other machine healthy).
 
 use std::collections::HashMap;
-use std::hint::black_box;
 use std::path::Path;
 use std::time::Instant;
 
@@ -39,6 +41,9 @@ struct Machine {
     names: Vec<String>,
     /// Lowest health seen, and when.
     min_health: (f64, i64),
+    /// Each time a RUL appeared (after none): when, and what it said.
+    ruls: Vec<(i64, Rul)>,
+    had_rul: bool,
 }
 
 /// One episode of one detector on one machine.
@@ -111,6 +116,8 @@ fn plant(spec: &PlantSpec, cfg: &MachineDetectorConfig) -> Plant {
             regime: Regime::UNKNOWN,
             names,
             min_health: (100.0, 0),
+            ruls: Vec::new(),
+            had_rul: false,
         })
         .collect();
     Plant {
@@ -131,6 +138,15 @@ fn run(
     let mut episodes: Vec<Episode> = Vec::new();
     let mut open: HashMap<(usize, DetectorKind), usize> = HashMap::new();
     let seconds = (hours * 3600.0) as i64;
+    // MDET_TRACE="path from_h to_h" prints one machine's every evaluation in that window.
+    let trace: Option<(String, f64, f64)> = std::env::var("MDET_TRACE").ok().and_then(|t| {
+        let mut it = t.split_whitespace();
+        Some((
+            it.next()?.to_string(),
+            it.next()?.parse().ok()?,
+            it.next()?.parse().ok()?,
+        ))
+    });
     for s in 1..=seconds {
         let now = RUN_START.0 + s * SEC;
         out.clear();
@@ -165,6 +181,26 @@ fn run(
             let v = machine
                 .detector
                 .update(cfg, Timestamp(now), &values[..n], machine.regime);
+            if let Some((path, from, to)) = &trace
+                && machine.path.as_str() == path
+                && (*from..*to).contains(&(s as f64 / 3600.0))
+            {
+                println!(
+                    "{:.4} h regime {} score {:.2} health {:?} values {:?} top {:?}",
+                    s as f64 / 3600.0,
+                    machine.regime.0,
+                    v.score,
+                    v.health.map(|h| h.round()),
+                    &values[..n],
+                    v.contributors[0]
+                );
+            }
+            if let Some(r) = v.rul
+                && !machine.had_rul
+            {
+                machine.ruls.push((now, r));
+            }
+            machine.had_rul = v.rul.is_some();
             if let Some(h) = v.health
                 && h < machine.min_health.0
             {
@@ -233,6 +269,25 @@ fn report(title: &str, sim: &PlantSim, plant: &Plant, episodes: &[Episode], hour
                 && e.start <= until
         });
         let wear_h = (until - w.start.0) as f64 / HOUR;
+        // Vibration reaches its limit (3.33 × healthy) at wear (1/0.3 − 1)/4 of the way.
+        let limit_at = w.start.0 + ((until - w.start.0) as f64 * (1.0 / 0.3 - 1.0) / 4.0) as i64;
+        let mut first_rul = String::new();
+        if let Some((t, r)) = plant.machines[m]
+            .ruls
+            .iter()
+            .find(|(t, _)| *t >= w.start.0 && *t <= until)
+        {
+            first_rul = format!(
+                "    first RUL at {:.2} h in: {:.2} h [{:.2}, {:.2}]; the vibration limit is {:.2} h \
+                 away, the breakdown {:.2} h",
+                (t - w.start.0) as f64 / HOUR,
+                r.hours,
+                r.low_hours,
+                r.high_hours,
+                (limit_at - t) as f64 / HOUR,
+                (until - t) as f64 / HOUR
+            );
+        }
         match (alarm, breakdown) {
             (Some(a), Some(b)) => {
                 flagged += 1;
@@ -262,6 +317,9 @@ fn report(title: &str, sim: &PlantSim, plant: &Plant, episodes: &[Episode], hour
                 if alarm.is_some() { ", flagged" } else { "" }
             ),
         }
+        if !first_rul.is_empty() {
+            println!("{first_rul}");
+        }
     }
     println!("  bearing wears: {wears}, flagged before the breakdown: {flagged}");
     let on_machine = |e: &Episode| -> Vec<&FaultLabel> {
@@ -272,6 +330,46 @@ fn report(title: &str, sim: &PlantSim, plant: &Plant, episodes: &[Episode], hour
             .collect()
     };
     let machine_hours = plant.machines.len() as f64 * hours;
+    // Health episodes outside every bearing wear (wear start to the end of its repair).
+    let mut outside = 0;
+    for e in episodes
+        .iter()
+        .filter(|e| e.detector == DetectorKind::Health)
+    {
+        let path = &plant.machines[e.machine].path;
+        let in_wear = labels.iter().any(|f| {
+            f.kind == FaultKind::BearingWear
+                && &f.asset == path
+                && e.start >= f.start.0
+                && e.start <= f.end.map_or(end, |t| t.0)
+        });
+        if in_wear {
+            continue;
+        }
+        outside += 1;
+        let near: Vec<String> = labels
+            .iter()
+            .filter(|f| {
+                (&f.asset == path || f.asset.parent().as_ref() == Some(path))
+                    && f.kind != FaultKind::Spike
+                    && f.start.0 <= e.start
+                    && f.end.map_or(end, |t| t.0) >= e.start - 3600 * SEC
+            })
+            .map(|f| {
+                format!(
+                    "{} {}",
+                    f.kind.as_str(),
+                    f.asset.as_str().rsplit('/').next().unwrap_or("")
+                )
+            })
+            .collect();
+        println!(
+            "    health episode outside bearing wear: {path} at {:.2} h for {:.2} h; faults in the hour before: {near:?}",
+            (e.start - RUN_START.0) as f64 / HOUR,
+            (e.end.unwrap_or(end) - e.start) as f64 / HOUR,
+        );
+    }
+    println!("  health episodes outside bearing wear: {outside}");
     // The lowest health of machines without a bearing wear.
     let worn: Vec<&AssetPath> = labels
         .iter()
@@ -339,45 +437,11 @@ fn report(title: &str, sim: &PlantSim, plant: &Plant, episodes: &[Episode], hour
     }
 }
 
-fn timing() {
-    let cfg = MachineDetectorConfig::default();
-    for n in [8usize, 32] {
-        let limits: Vec<Option<f64>> = (0..n).map(|i| (i % 2 == 0).then_some(100.0)).collect();
-        let mut d = MachineDetector::new(&cfg, &limits);
-        let mut values = vec![0.0; n];
-        let mut x: u64 = 1;
-        let mut step = |d: &mut MachineDetector, s: i64, values: &mut [f64]| {
-            for v in values.iter_mut() {
-                x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-                *v = 50.0 + ((x >> 33) as f64 / (1u64 << 31) as f64 - 0.5) * 4.0;
-            }
-            black_box(d.update(&cfg, Timestamp(s * SEC), values, Regime::RUNNING));
-        };
-        // Past learning: the figure is for the monitoring path.
-        for s in 0..5000 {
-            step(&mut d, s, &mut values);
-        }
-        let updates = 1_000_000 / n as i64 * 8;
-        let t0 = Instant::now();
-        for s in 5000..5000 + updates {
-            step(&mut d, s, &mut values);
-        }
-        let ns = t0.elapsed().as_nanos() as f64 / updates as f64;
-        let mut bytes = Vec::new();
-        d.encode(&mut bytes);
-        println!(
-            "{n} sensors: {ns:.0} ns per update (incl. ~{n} LCG draws), encoded state {} bytes",
-            bytes.len()
-        );
-    }
-}
-
 fn main() {
     let mut args = std::env::args().skip(1);
     let hours: f64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(48.0);
     let seed: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(1);
     let cfg = MachineDetectorConfig::default();
-    timing();
 
     let spec = generate(PlantSize::DEMO, seed);
     let t0 = Instant::now();

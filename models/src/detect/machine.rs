@@ -12,9 +12,11 @@
 //!   change by minutes, power and vibration jump with it. Other regimes are not scored
 //!   (score 0; an open multivariate episode ends after its off-delay).
 //! - A changeover (`Regime::SETUP`) may give sensors new setpoints (speeds, feeds) and a
-//!   repair (`Regime::DOWN`) replace a worn part: the first `recentre_samples` evaluations
-//!   after either re-centre the reference means and are not scored. A fault that persists
-//!   across them is absorbed there (the health index is not: its baselines are frozen).
+//!   repair (`Regime::DOWN`) replace a worn part: after either, each sensor's reference mean
+//!   is re-centred on windows of `recentre_samples` evaluations until two successive windows
+//!   agree (at most 6; see `move_mean`), and the sensor is not scored meanwhile. A fault that
+//!   persists across a changeover is absorbed there (the health index is not: its baselines
+//!   are frozen after learning).
 //! - The health index is updated in running `health_settle_s` after a regime change (sooner
 //!   than the multivariate score: a lagging temperature reads low, which it ignores).
 //! - The first `learn_samples` scored-able samples with every sensor present learn the
@@ -59,6 +61,15 @@ const HEALTH_MAX_DT_S: f64 = 60.0;
 const RUL_BAND_SE: f64 = 2.0;
 /// RUL hours are capped here (a finite "practically never").
 const RUL_MAX_HOURS: f64 = 1e6;
+/// Steps of the reference means are clipped to this many standard deviations once
+/// `MIN_LEARNED_FOR_CLIP` samples have given a variance.
+const MEAN_CLIP_SD: f64 = 4.0;
+/// Two successive re-centring windows agree when their means are this many (per-sample)
+/// standard deviations apart at most; window means of noise alone differ by ~0.3.
+const RECENTRE_AGREE_SD: f64 = 1.5;
+/// Re-centring windows tried before the latest is taken anyway.
+const RECENTRE_MAX_WINDOWS: u32 = 6;
+const MIN_LEARNED_FOR_CLIP: u32 = 60;
 const NONE_TS: i64 = i64::MIN;
 const US_PER_S: f64 = 1e6;
 const US_PER_H: f64 = 3.6e9;
@@ -127,7 +138,7 @@ impl Default for MachineDetectorConfig {
             shrinkage: 0.1,
             health_alarm: 60.0,
             health_tau_s: 600.0,
-            rul_tau_s: 1200.0,
+            rul_tau_s: 900.0,
             rul_sample_s: 60.0,
             rul_min_points: 10.0,
             rul_min_span_s: 1800.0,
@@ -441,6 +452,9 @@ pub struct MachineDetector {
     /// Reference means and per-sensor sample counts since the last re-centre.
     mean: Vec<f64>,
     seen: Vec<u32>,
+    /// While re-centring: the previous window's mean, if there was one.
+    prev: Vec<f64>,
+    has_prev: Vec<bool>,
     /// Samples learned so far; `monitoring` once `learn_samples` are.
     learned: u32,
     monitoring: bool,
@@ -488,6 +502,8 @@ impl MachineDetector {
             since_recentre: 0,
             mean: vec![0.0; n],
             seen: vec![0; n],
+            prev: vec![0.0; n],
+            has_prev: vec![false; n],
             learned: 0,
             monitoring: false,
             cov: vec![0.0; n * n],
@@ -613,13 +629,14 @@ impl MachineDetector {
             self.changeover = false;
             self.since_recentre = 0;
             self.seen.fill(0);
+            self.has_prev.fill(false);
         }
         let warm = self.since_recentre >= p.recentre;
         let mut complete = true;
         let mut scored = 0usize;
         for i in 0..self.n {
             let v = values.get(i).copied().unwrap_or(f64::NAN);
-            let ok = usable(v) && self.seen[i] > 0;
+            let ok = usable(v) && self.seen[i] >= p.recentre;
             self.present[i] = ok;
             if ok {
                 self.dev[i] = v - self.mean[i];
@@ -648,14 +665,52 @@ impl MachineDetector {
             for i in 0..self.n {
                 let v = values.get(i).copied().unwrap_or(f64::NAN);
                 if usable(v) {
-                    self.seen[i] = self.seen[i].saturating_add(1);
-                    let alpha = (1.0 / f64::from(self.seen[i])).max(p.mean_alpha);
-                    self.mean[i] += (v - self.mean[i]) * alpha;
+                    self.move_mean(i, v, p);
                 }
             }
         }
         self.since_recentre = self.since_recentre.saturating_add(1);
         contributors
+    }
+
+    /// Moves sensor i's reference mean towards `v`.
+    ///
+    /// Re-centring: the mean is the average of a window of `recentre_samples`. Once a variance
+    /// is known, a window is accepted only when it agrees with the one before (within
+    /// `RECENTRE_AGREE_SD`): an outlier or a transient inside one (a spike, the tail of an
+    /// overheating) would otherwise become the reference for good. After `RECENTRE_MAX_WINDOWS`
+    /// windows the latest is taken whatever it is, so a drifting sensor is scored again.
+    ///
+    /// Afterwards: a cumulative, then exponentially weighted average, its steps clipped to
+    /// `MEAN_CLIP_SD` standard deviations once a variance is known.
+    fn move_mean(&mut self, i: usize, v: f64, p: &Params) {
+        let known = self.learned >= MIN_LEARNED_FOR_CLIP;
+        let sd = self.var_floored(i).sqrt();
+        if self.seen[i] < p.recentre {
+            self.seen[i] += 1;
+            self.mean[i] += (v - self.mean[i]) / f64::from(self.seen[i]);
+            if self.seen[i] < p.recentre || !known {
+                return;
+            }
+            let agrees =
+                self.has_prev[i] && (self.mean[i] - self.prev[i]).abs() <= RECENTRE_AGREE_SD * sd;
+            let patience = p.recentre.saturating_mul(RECENTRE_MAX_WINDOWS);
+            if agrees || self.since_recentre >= patience {
+                self.has_prev[i] = false;
+            } else {
+                self.prev[i] = self.mean[i];
+                self.has_prev[i] = true;
+                self.seen[i] = 0;
+            }
+            return;
+        }
+        let mut step = v - self.mean[i];
+        if known {
+            step = step.clamp(-MEAN_CLIP_SD * sd, MEAN_CLIP_SD * sd);
+        }
+        self.seen[i] = self.seen[i].saturating_add(1);
+        let alpha = (1.0 / f64::from(self.seen[i])).max(p.mean_alpha);
+        self.mean[i] += step * alpha;
     }
 
     fn learn(&mut self, p: &Params) {
@@ -886,7 +941,7 @@ impl MachineDetector {
     }
 
     /// The learned state (means, covariance, factor, baselines, trend, episodes), versioned.
-    /// About 8·(n² + 8n + 40) bytes for n sensors (lower triangles only).
+    /// About 8·(n² + 9n + 40) bytes for n sensors (lower triangles only).
     pub fn encode(&self, out: &mut Vec<u8>) {
         let n = self.n;
         out.extend_from_slice(MAGIC);
@@ -912,6 +967,8 @@ impl MachineDetector {
         for i in 0..n {
             put_f64(out, self.mean[i]);
             out.extend_from_slice(&self.seen[i].to_le_bytes());
+            out.push(u8::from(self.has_prev[i]));
+            put_f64(out, self.prev[i]);
             put_f64(out, self.base[i]);
             put_f64(out, self.frac[i]);
         }
@@ -994,6 +1051,16 @@ impl MachineDetector {
         for i in 0..n {
             d.mean[i] = r.finite("mean")?;
             d.seen[i] = r.u32()?;
+            d.has_prev[i] = match r.u8()? {
+                0 => false,
+                1 => true,
+                other => {
+                    return Err(invalid(format!(
+                        "re-centring flag {other} is neither 0 nor 1"
+                    )));
+                }
+            };
+            d.prev[i] = r.finite("previous window mean")?;
             d.base[i] = r.finite("health baseline")?;
             d.frac[i] = r.finite("degradation fraction")?;
         }
@@ -1509,6 +1576,45 @@ mod tests {
             MachineDetector::decode(&longer),
             Err(DecodeError::Invalid { .. })
         ));
+    }
+
+    #[test]
+    fn config_reads_toml_with_defaults_for_missing_keys_and_rejects_unknown_ones() {
+        let cfg: MachineDetectorConfig =
+            toml::from_str("threshold = 4.0\nhealth_alarm = 50.0\n").expect("valid");
+        assert_eq!((cfg.threshold, cfg.health_alarm), (4.0, 50.0));
+        assert_eq!(cfg.settle_s, MachineDetectorConfig::default().settle_s);
+        let err = toml::from_str::<MachineDetectorConfig>("treshold = 4.0").expect_err("misspelt");
+        assert!(err.to_string().contains("treshold"), "{err}");
+    }
+
+    #[test]
+    fn a_spike_while_re_centring_after_a_changeover_leaves_no_lasting_alarm() {
+        let cfg = quick();
+        let mut d = MachineDetector::new(&cfg, &[None, None]);
+        let mut noise = Noise(8);
+        let mut s = 0;
+        let mut run =
+            |d: &mut MachineDetector, secs: i64, level: f64, regime: Regime, spike_at: i64| {
+                let mut episodes = 0;
+                for k in 0..secs {
+                    let mut x = [level + 0.05 * noise.normal(), 40.0 + noise.normal()];
+                    if k == spike_at {
+                        x[0] += 15.0;
+                    }
+                    if let Some(AnomalyTransition::Started { .. }) =
+                        d.update(&cfg, at(s), &x, regime).transition
+                    {
+                        episodes += 1;
+                    }
+                    s += 1;
+                }
+                episodes
+            };
+        assert_eq!(run(&mut d, 3000, 15.0, Regime::RUNNING, -1), 0);
+        run(&mut d, 300, 0.0, Regime::SETUP, -1);
+        // Settled after 300 s, the spike 10 samples into the re-centring window.
+        assert_eq!(run(&mut d, 2000, 17.0, Regime::RUNNING, 310), 0);
     }
 
     #[test]
