@@ -202,6 +202,15 @@ fn main() -> anyhow::Result<()> {
             .unwrap_or("machine")
             .to_string();
         *missed.entry((l.kind.as_str().to_string(), k)).or_default() += 1;
+        if std::env::var_os("MISSED").is_some() {
+            println!(
+                "  missed {} {} at +{} s for {} s",
+                l.asset,
+                l.kind.as_str(),
+                (l.start.0 - START.0) / 1_000_000,
+                (l.end.unwrap_or(end).0 - l.start.0) / 1_000_000
+            );
+        }
     }
     println!("missed labels by kind and sensor type: {missed:?}");
     Ok(())

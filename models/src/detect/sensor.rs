@@ -53,6 +53,8 @@ pub struct SensorDetectorConfig {
     pub level: bool,
     /// Weight of a new reading in the level's mean.
     pub level_alpha: f64,
+    /// Weight of a new level change in the level's trend; 0 = no trend (plain EWMA).
+    pub level_trend_alpha: f64,
     /// Weight of a new squared deviation in the level's variance.
     pub level_var_alpha: f64,
     /// The z-score that is anomalous.
@@ -83,11 +85,12 @@ impl Default for SensorDetectorConfig {
             settle_samples: 20,
             level: true,
             level_alpha: 0.1,
+            level_trend_alpha: 0.0,
             level_var_alpha: 0.005,
             level_z: 8.0,
             rate: true,
             rate_alpha: 0.3,
-            rate_z: 10.0,
+            rate_z: 8.0,
             stuck: true,
             stuck_min_samples: 10,
             stuck_surprise: 18.4,
@@ -115,6 +118,12 @@ impl SensorDetectorConfig {
             p.push(format!(
                 "detect.release must be at least 0 and below threshold {}, got {}",
                 self.threshold, self.release
+            ));
+        }
+        if !(self.level_trend_alpha.is_finite() && (0.0..=1.0).contains(&self.level_trend_alpha)) {
+            p.push(format!(
+                "detect.level_trend_alpha must be in [0, 1], got {}",
+                self.level_trend_alpha
             ));
         }
         for (name, v) in [
@@ -188,6 +197,8 @@ pub struct SensorDetector {
     repeat_p: [f32; Regime::SLOTS],
     /// Level mean of this regime epoch; `level_live` false until it is seeded after settling.
     level_mean: f64,
+    /// Level change per reading (Holt's trend).
+    level_trend: f64,
     level_live: bool,
     /// The last reading the level and rate took in (spikes are left out).
     accepted: f64,
@@ -215,7 +226,7 @@ const ENCODED_LEN: usize = 1
     + 2 * Regime::SLOTS
     + 8 * Regime::SLOTS
     + 4 * Regime::SLOTS
-    + 8
+    + 8 * 2
     + 1
     + 8
     + 1
@@ -248,6 +259,7 @@ impl SensorDetector {
             // Assume constant until shown otherwise: no stuck alarm before it is learned.
             repeat_p: [1.0; Regime::SLOTS],
             level_mean: 0.0,
+            level_trend: 0.0,
             level_live: false,
             accepted: 0.0,
             accepted_set: false,
@@ -293,7 +305,7 @@ impl SensorDetector {
         v: f64,
         regime: Regime,
     ) -> SensorVerdict {
-        if !(v.abs() <= MAX_MAGNITUDE) {
+        if v.is_nan() || v.abs() > MAX_MAGNITUDE {
             return SensorVerdict {
                 score: self.score,
                 transition: None,
@@ -369,7 +381,7 @@ impl SensorDetector {
         // Level and rate judge the previous reading too, once it is known not to be a spike.
         if self.ring_len >= 2 && !outlier {
             let c = self.ring[self.back(2)];
-            let diff = self.accepted_set.then(|| c - self.accepted);
+            let diff = self.accepted_set.then_some(c - self.accepted);
             self.accepted = c;
             self.accepted_set = true;
             if let Some(d) = diff {
@@ -379,8 +391,9 @@ impl SensorDetector {
                     self.noise += a * (d.abs() - self.noise);
                     self.noise_n = self.noise_n.saturating_add(1);
                 }
+                // Followed through transients too: it seeds the level's trend after settling.
+                self.rate += cfg.rate_alpha * (d - self.rate);
                 if self.settle_left == 0 {
-                    self.rate += cfg.rate_alpha * (d - self.rate);
                     if cfg.rate && warmed && self.rate_n >= cfg.warmup_samples {
                         let sd = self
                             .rate_var
@@ -393,9 +406,6 @@ impl SensorDetector {
                     let sq = winsorised(self.rate * self.rate, self.rate_var, self.rate_n);
                     self.rate_var += a * (sq - self.rate_var);
                     self.rate_n = self.rate_n.saturating_add(1);
-                } else {
-                    // Forget the transient: the rate restarts from still once settled.
-                    self.rate = 0.0;
                 }
             }
 
@@ -403,16 +413,28 @@ impl SensorDetector {
                 self.settle_left -= 1;
             } else if !self.level_live {
                 self.level_mean = c;
+                // A temperature still drifting after a state change goes on drifting.
+                self.level_trend = if cfg.level_trend_alpha > 0.0 {
+                    self.rate
+                } else {
+                    0.0
+                };
                 self.level_live = true;
             } else {
-                let dev = c - self.level_mean;
+                let forecast = self.level_mean + self.level_trend;
+                let dev = c - forecast;
                 let var = self.level_var[slot];
                 if cfg.level && warmed {
                     let sd = var.sqrt().max(self.noise_floor());
                     let z = if sd > 0.0 { dev.abs() / sd } else { 0.0 };
                     offer(scale(z, cfg.level_z), DetectorKind::Level);
                 }
-                self.level_mean += cfg.level_alpha * dev;
+                // Holt's linear trend: a slow drift (a machine warming up) is followed, not
+                // flagged; an acceleration (overheating) still is.
+                let mean = forecast + cfg.level_alpha * dev;
+                self.level_trend +=
+                    cfg.level_trend_alpha * (mean - self.level_mean - self.level_trend);
+                self.level_mean = mean;
                 let a = if warmed {
                     cfg.level_var_alpha
                 } else {
@@ -451,10 +473,8 @@ impl SensorDetector {
         let cand = self.ring[self.back(2)];
         let latest = self.ring[self.back(1)];
         let mut others = [0.0f64; SPIKE_WINDOW - 1];
-        let mut k = 0;
-        for back in (1..=SPIKE_WINDOW).filter(|&b| b != 2) {
+        for (k, back) in (1..=SPIKE_WINDOW).filter(|&b| b != 2).enumerate() {
             others[k] = self.ring[self.back(back)];
-            k += 1;
         }
         let med = median8(&mut others);
         for o in &mut others {
@@ -493,6 +513,7 @@ impl SensorDetector {
             out.extend_from_slice(&p.to_le_bytes());
         }
         out.extend_from_slice(&self.level_mean.to_le_bytes());
+        out.extend_from_slice(&self.level_trend.to_le_bytes());
         out.push(u8::from(self.level_live));
         out.extend_from_slice(&self.accepted.to_le_bytes());
         out.push(u8::from(self.accepted_set));
@@ -543,6 +564,7 @@ impl SensorDetector {
             }
         }
         let level_mean = r.f64("level_mean")?;
+        let level_trend = r.f64("level_trend")?;
         let level_live = r.bool("level_live")?;
         let accepted = r.f64("accepted")?;
         let accepted_set = r.bool("accepted_set")?;
@@ -567,6 +589,7 @@ impl SensorDetector {
             level_var,
             repeat_p,
             level_mean,
+            level_trend,
             level_live,
             accepted,
             accepted_set,
@@ -742,7 +765,7 @@ mod tests {
         // Speed: noisy while running, exactly 0 while idle (regime 0), switching every 10 min.
         let mut det = SensorDetector::new(&cfg);
         let speed = |i: u64| {
-            if (i / 600) % 2 == 0 {
+            if (i / 600).is_multiple_of(2) {
                 (1500.0 + 3.0 * noise(i), RUN)
             } else {
                 (0.0, Regime(0))
@@ -770,7 +793,7 @@ mod tests {
         let mut det = SensorDetector::new(&cfg);
         // Power: 60 running, 15 idle, with a one-second lag, alternating every 5 minutes.
         let power = |i: u64| {
-            let running = (i / 300) % 2 == 0;
+            let running = (i / 300).is_multiple_of(2);
             let since = i % 300;
             let (target, from) = if running { (60.0, 15.0) } else { (15.0, 60.0) };
             let v = if i >= 300 {
@@ -791,7 +814,10 @@ mod tests {
         run(&mut det, &cfg, 0..3600, noisy);
         // Alternating far and near: the score keeps crossing the threshold.
         let tr = run(&mut det, &cfg, 3600..3660, |i| {
-            (noisy(i).0 + if i % 2 == 0 { 40.0 } else { 0.0 }, RUN)
+            (
+                noisy(i).0 + if i.is_multiple_of(2) { 40.0 } else { 0.0 },
+                RUN,
+            )
         });
         assert_eq!(started(&tr).len(), 1, "{tr:?}");
     }
