@@ -81,7 +81,7 @@ impl Default for SensorDetectorConfig {
             release: 2.0,
             on_delay_ms: 0,
             off_delay_ms: 30_000,
-            warmup_samples: 60,
+            warmup_samples: 120,
             settle_samples: 20,
             level: true,
             level_alpha: 0.1,
