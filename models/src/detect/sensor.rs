@@ -90,7 +90,7 @@ impl Default for SensorDetectorConfig {
             level_z: 8.0,
             rate: true,
             rate_alpha: 0.3,
-            rate_z: 8.0,
+            rate_z: 7.0,
             stuck: true,
             stuck_min_samples: 10,
             stuck_surprise: 18.4,
