@@ -78,6 +78,15 @@ fn main() -> anyhow::Result<()> {
             _ => {}
         }
     }
+    // TRACE=path,from_s,to_s prints that sensor's readings and scores in that window.
+    let trace: Option<(String, i64, i64)> = std::env::var("TRACE").ok().and_then(|t| {
+        let mut it = t.split(',');
+        Some((
+            it.next()?.to_string(),
+            it.next()?.parse().ok()?,
+            it.next()?.parse().ok()?,
+        ))
+    });
     let mut regimes = vec![Regime::UNKNOWN; machines.len()];
     let mut sim = PlantSim::new(&spec, sim_seed, START);
     let end = START.plus_ms(i64::try_from(hours)? * 3_600_000);
@@ -105,6 +114,18 @@ fn main() -> anyhow::Result<()> {
                     let v = s
                         .det
                         .update(&cfg, r.source_ts, r.value.as_f64(), regimes[s.machine]);
+                    if let Some((p, from, to)) = &trace {
+                        let at = (r.source_ts.0 - START.0) / 1_000_000;
+                        if s.path.as_str() == p && (*from..=*to).contains(&at) {
+                            println!(
+                                "{at} {:?} {} score {:.2} {:?}",
+                                regimes[s.machine],
+                                r.value.as_f64(),
+                                v.score,
+                                v.transition
+                            );
+                        }
+                    }
                     match v.transition {
                         Some(AnomalyTransition::Started { detector, .. }) => {
                             s.open = Some(detections.len());
@@ -181,6 +202,15 @@ fn main() -> anyhow::Result<()> {
             .unwrap_or("machine")
             .to_string();
         *missed.entry((l.kind.as_str().to_string(), k)).or_default() += 1;
+        if std::env::var_os("MISSED").is_some() {
+            println!(
+                "  missed {} {} at +{} s for {} s",
+                l.asset,
+                l.kind.as_str(),
+                (l.start.0 - START.0) / 1_000_000,
+                (l.end.unwrap_or(end).0 - l.start.0) / 1_000_000
+            );
+        }
     }
     println!("missed labels by kind and sensor type: {missed:?}");
     Ok(())

@@ -312,14 +312,15 @@ fn percentile(v: &mut [f64], q: f64) -> Option<f64> {
     Some(v[rank - 1])
 }
 
-struct Opt(Option<f64>, usize);
+/// A table cell: the value with `.1` decimals and unit `.2`, or `-`.
+struct Opt(Option<f64>, usize, &'static str);
 impl fmt::Display for Opt {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let w = f.width().unwrap_or(0);
-        match self.0 {
-            Some(v) => write!(f, "{v:>w$.p$}", p = self.1),
-            None => write!(f, "{:>w$}", "-"),
-        }
+        let text = match self.0 {
+            Some(v) => format!("{v:.p$}{}", self.2, p = self.1),
+            None => "-".to_string(),
+        };
+        write!(f, "{text:>w$}", w = f.width().unwrap_or(0))
     }
 }
 
@@ -343,18 +344,18 @@ impl fmt::Display for ScoreReport {
         let line = |f: &mut fmt::Formatter<'_>, name: &str, k: &KindScore| {
             writeln!(
                 f,
-                "{:<14} {:>6} {:>8} {:>6} {:>6} {:>9} {:>6} {:>6} {:>8}s {:>8}s {:>8}s",
+                "{:<14} {:>6} {:>8} {:>6} {:>6} {:>9} {:>6} {:>6} {:>9} {:>9} {:>9}",
                 name,
                 k.labels,
                 k.detected,
                 k.true_detections,
                 k.false_alarms,
-                Opt(k.precision, 3),
-                Opt(k.recall, 3),
-                Opt(k.f1, 3),
-                Opt(k.median_delay_s, 1),
-                Opt(k.p90_delay_s, 1),
-                Opt(k.median_lead_s, 0),
+                Opt(k.precision, 3, ""),
+                Opt(k.recall, 3, ""),
+                Opt(k.f1, 3, ""),
+                Opt(k.median_delay_s, 1, "s"),
+                Opt(k.p90_delay_s, 1, "s"),
+                Opt(k.median_lead_s, 0, "s"),
             )
         };
         for k in &self.kinds {

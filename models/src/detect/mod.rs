@@ -326,6 +326,14 @@ impl<'a> Reader<'a> {
         Ok(self.take::<1>()[0])
     }
 
+    pub(crate) fn bool(&mut self, field: &'static str) -> Result<bool, DecodeError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            b => Err(self.bad(field, format!("{b} is not a bool"))),
+        }
+    }
+
     pub(crate) fn u16(&mut self) -> Result<u16, DecodeError> {
         Ok(u16::from_le_bytes(self.take()))
     }

@@ -31,6 +31,10 @@ pub const SPIKE_WINDOW: usize = 9;
 /// dwarfs everything after it.
 const MAX_SCORE: f64 = 1e6;
 
+/// Readings of larger magnitude are ignored like non-finite ones: no sensor reads that, and
+/// below it every squared difference the detectors form stays finite.
+pub const MAX_MAGNITUDE: f64 = 1e150;
+
 /// Per sensor detector settings (`[machine_types.T.sensors.detect]` in the plant spec).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -49,6 +53,8 @@ pub struct SensorDetectorConfig {
     pub level: bool,
     /// Weight of a new reading in the level's mean.
     pub level_alpha: f64,
+    /// Weight of a new level change in the level's trend; 0 = no trend (plain EWMA).
+    pub level_trend_alpha: f64,
     /// Weight of a new squared deviation in the level's variance.
     pub level_var_alpha: f64,
     /// The z-score that is anomalous.
@@ -75,15 +81,16 @@ impl Default for SensorDetectorConfig {
             release: 2.0,
             on_delay_ms: 0,
             off_delay_ms: 30_000,
-            warmup_samples: 60,
+            warmup_samples: 120,
             settle_samples: 20,
             level: true,
             level_alpha: 0.1,
+            level_trend_alpha: 0.0,
             level_var_alpha: 0.005,
             level_z: 8.0,
             rate: true,
             rate_alpha: 0.3,
-            rate_z: 10.0,
+            rate_z: 7.0,
             stuck: true,
             stuck_min_samples: 10,
             stuck_surprise: 18.4,
@@ -111,6 +118,12 @@ impl SensorDetectorConfig {
             p.push(format!(
                 "detect.release must be at least 0 and below threshold {}, got {}",
                 self.threshold, self.release
+            ));
+        }
+        if !(self.level_trend_alpha.is_finite() && (0.0..=1.0).contains(&self.level_trend_alpha)) {
+            p.push(format!(
+                "detect.level_trend_alpha must be in [0, 1], got {}",
+                self.level_trend_alpha
             ));
         }
         for (name, v) in [
@@ -184,12 +197,19 @@ pub struct SensorDetector {
     repeat_p: [f32; Regime::SLOTS],
     /// Level mean of this regime epoch; `level_live` false until it is seeded after settling.
     level_mean: f64,
+    /// Level change per reading (Holt's trend).
+    level_trend: f64,
     level_live: bool,
+    /// The last reading the level and rate took in (spikes are left out).
+    accepted: f64,
+    accepted_set: bool,
     rate: f64,
     rate_var: f64,
     rate_n: u32,
     /// Mean absolute sample-to-sample difference, over all regimes: the sensor's noise.
     noise: f64,
+    /// Differences `noise` learned from.
+    noise_n: u32,
     /// Identical readings in a row (1 = the last differs from the one before).
     run: u32,
     score: f64,
@@ -206,11 +226,14 @@ const ENCODED_LEN: usize = 1
     + 2 * Regime::SLOTS
     + 8 * Regime::SLOTS
     + 4 * Regime::SLOTS
+    + 8 * 2
+    + 1
     + 8
     + 1
     + 8 * 2
     + 4
     + 8
+    + 4
     + 4
     + 8
     + 1
@@ -236,11 +259,15 @@ impl SensorDetector {
             // Assume constant until shown otherwise: no stuck alarm before it is learned.
             repeat_p: [1.0; Regime::SLOTS],
             level_mean: 0.0,
+            level_trend: 0.0,
             level_live: false,
+            accepted: 0.0,
+            accepted_set: false,
             rate: 0.0,
             rate_var: 0.0,
             rate_n: 0,
             noise: 0.0,
+            noise_n: 0,
             run: 0,
             score: 0.0,
             top: DetectorKind::Level,
@@ -269,7 +296,8 @@ impl SensorDetector {
     }
 
     /// Feeds one reading of the sensor at its source time `ts`, while its machine is in
-    /// `regime`. A non-finite `v` is ignored (state unchanged, last score returned).
+    /// `regime`. A non-finite `v` (or one beyond `MAX_MAGNITUDE`) is ignored: state
+    /// unchanged, last score returned.
     pub fn update(
         &mut self,
         cfg: &SensorDetectorConfig,
@@ -277,7 +305,7 @@ impl SensorDetector {
         v: f64,
         regime: Regime,
     ) -> SensorVerdict {
-        if !v.is_finite() {
+        if v.is_nan() || v.abs() > MAX_MAGNITUDE {
             return SensorVerdict {
                 score: self.score,
                 transition: None,
@@ -336,62 +364,85 @@ impl SensorDetector {
             self.repeat_p[slot] = (p + a * (f64::from(u8::from(repeat)) - p)) as f32;
         }
 
-        let diff = self.last().map(|last| v - last);
         // Spike: the previous reading against its neighbours, now that the next one is in.
         self.push(v);
-        if cfg.spike && usize::from(self.ring_len) == SPIKE_WINDOW {
+        let mut outlier = false;
+        // Spikes are judged once the noise is known: an integer sensor's first few readings
+        // may all be equal.
+        if usize::from(self.ring_len) == SPIKE_WINDOW && self.noise_n >= cfg.warmup_samples {
             let z = self.spike_z(cfg.spike_z);
-            offer(scale(z, cfg.spike_z), DetectorKind::Spike);
-        }
-
-        if let Some(d) = diff.filter(|d| d.is_finite()) {
-            let a = learn_rate(n);
-            // A stuck run is not the sensor's noise.
-            if self.run < cfg.stuck_min_samples {
-                self.noise += a * (d.abs() - self.noise);
+            // Even half a spike is kept out of the level and rate: a lone outlier would
+            // otherwise show as a level jump too, and be learned as noise.
+            outlier = z >= cfg.spike_z / 2.0;
+            if cfg.spike {
+                offer(scale(z, cfg.spike_z), DetectorKind::Spike);
             }
-            let settled = self.settle_left == 0;
-            if settled {
-                self.rate += cfg.rate_alpha * (d - self.rate);
-                if cfg.rate && warmed && self.rate_n >= cfg.warmup_samples {
-                    let sd = self
-                        .rate_var
-                        .sqrt()
-                        .max(self.noise_floor() * cfg.rate_alpha);
-                    let z = if sd > 0.0 { self.rate.abs() / sd } else { 0.0 };
-                    offer(scale(z, cfg.rate_z), DetectorKind::RateOfChange);
+        }
+        // Level and rate judge the previous reading too, once it is known not to be a spike.
+        if self.ring_len >= 2 && !outlier {
+            let c = self.ring[self.back(2)];
+            let diff = self.accepted_set.then_some(c - self.accepted);
+            self.accepted = c;
+            self.accepted_set = true;
+            if let Some(d) = diff {
+                // A stuck run is not the sensor's noise.
+                if self.run < cfg.stuck_min_samples {
+                    let a = learn_rate(u16::try_from(self.noise_n).unwrap_or(u16::MAX));
+                    self.noise += a * (d.abs() - self.noise);
+                    self.noise_n = self.noise_n.saturating_add(1);
                 }
-                let a = learn_rate(u16::try_from(self.rate_n).unwrap_or(u16::MAX));
-                let sq = winsorised(self.rate * self.rate, self.rate_var, self.rate_n);
-                self.rate_var += a * (sq - self.rate_var);
-                self.rate_n = self.rate_n.saturating_add(1);
-            } else {
-                // Forget the transient: the rate restarts from still once settled.
-                self.rate = 0.0;
+                // Followed through transients too: it seeds the level's trend after settling.
+                self.rate += cfg.rate_alpha * (d - self.rate);
+                if self.settle_left == 0 {
+                    if cfg.rate && warmed && self.rate_n >= cfg.warmup_samples {
+                        let sd = self
+                            .rate_var
+                            .sqrt()
+                            .max(self.noise_floor() * cfg.rate_alpha);
+                        let z = if sd > 0.0 { self.rate.abs() / sd } else { 0.0 };
+                        offer(scale(z, cfg.rate_z), DetectorKind::RateOfChange);
+                    }
+                    let a = learn_rate(u16::try_from(self.rate_n).unwrap_or(u16::MAX));
+                    let sq = winsorised(self.rate * self.rate, self.rate_var, self.rate_n);
+                    self.rate_var += a * (sq - self.rate_var);
+                    self.rate_n = self.rate_n.saturating_add(1);
+                }
             }
-        }
 
-        if self.settle_left > 0 {
-            self.settle_left -= 1;
-        } else if !self.level_live {
-            self.level_mean = v;
-            self.level_live = true;
-        } else {
-            let dev = v - self.level_mean;
-            let var = self.level_var[slot];
-            if cfg.level && warmed {
-                let sd = var.sqrt().max(self.noise_floor());
-                let z = if sd > 0.0 { dev.abs() / sd } else { 0.0 };
-                offer(scale(z, cfg.level_z), DetectorKind::Level);
-            }
-            self.level_mean += cfg.level_alpha * dev;
-            let a = if warmed {
-                cfg.level_var_alpha
+            if self.settle_left > 0 {
+                self.settle_left -= 1;
+            } else if !self.level_live {
+                self.level_mean = c;
+                // A temperature still drifting after a state change goes on drifting.
+                self.level_trend = if cfg.level_trend_alpha > 0.0 {
+                    self.rate
+                } else {
+                    0.0
+                };
+                self.level_live = true;
             } else {
-                learn_rate(n).max(cfg.level_var_alpha)
-            };
-            let sq = winsorised(dev * dev, var, u32::from(n));
-            self.level_var[slot] = var + a * (sq - var);
+                let forecast = self.level_mean + self.level_trend;
+                let dev = c - forecast;
+                let var = self.level_var[slot];
+                if cfg.level && warmed {
+                    let sd = var.sqrt().max(self.noise_floor());
+                    let z = if sd > 0.0 { dev.abs() / sd } else { 0.0 };
+                    offer(scale(z, cfg.level_z), DetectorKind::Level);
+                }
+                // Holt's linear trend: a slow drift (a machine warming up) is followed, not
+                // flagged; an acceleration (overheating) still is.
+                let mean = forecast + cfg.level_alpha * dev;
+                self.level_trend +=
+                    cfg.level_trend_alpha * (mean - self.level_mean - self.level_trend);
+                self.level_mean = mean;
+                let a = if warmed {
+                    cfg.level_var_alpha
+                } else {
+                    learn_rate(n).max(cfg.level_var_alpha)
+                };
+                let sq = winsorised(dev * dev, var, u32::from(n));
+                self.level_var[slot] = var + a * (sq - var);
+            }
         }
 
         let (score, kind) = best;
@@ -422,10 +473,8 @@ impl SensorDetector {
         let cand = self.ring[self.back(2)];
         let latest = self.ring[self.back(1)];
         let mut others = [0.0f64; SPIKE_WINDOW - 1];
-        let mut k = 0;
-        for back in (1..=SPIKE_WINDOW).filter(|&b| b != 2) {
+        for (k, back) in (1..=SPIKE_WINDOW).filter(|&b| b != 2).enumerate() {
             others[k] = self.ring[self.back(back)];
-            k += 1;
         }
         let med = median8(&mut others);
         for o in &mut others {
@@ -464,11 +513,15 @@ impl SensorDetector {
             out.extend_from_slice(&p.to_le_bytes());
         }
         out.extend_from_slice(&self.level_mean.to_le_bytes());
+        out.extend_from_slice(&self.level_trend.to_le_bytes());
         out.push(u8::from(self.level_live));
+        out.extend_from_slice(&self.accepted.to_le_bytes());
+        out.push(u8::from(self.accepted_set));
         out.extend_from_slice(&self.rate.to_le_bytes());
         out.extend_from_slice(&self.rate_var.to_le_bytes());
         out.extend_from_slice(&self.rate_n.to_le_bytes());
         out.extend_from_slice(&self.noise.to_le_bytes());
+        out.extend_from_slice(&self.noise_n.to_le_bytes());
         out.extend_from_slice(&self.run.to_le_bytes());
         out.extend_from_slice(&self.score.to_le_bytes());
         out.push(self.top.code());
@@ -511,15 +564,15 @@ impl SensorDetector {
             }
         }
         let level_mean = r.f64("level_mean")?;
-        let level_live = match r.u8()? {
-            0 => false,
-            1 => true,
-            b => return Err(r.bad("level_live", format!("{b} is not a bool"))),
-        };
+        let level_trend = r.f64("level_trend")?;
+        let level_live = r.bool("level_live")?;
+        let accepted = r.f64("accepted")?;
+        let accepted_set = r.bool("accepted_set")?;
         let rate = r.f64("rate")?;
         let rate_var = r.f64_nonneg("rate_var")?;
         let rate_n = r.u32()?;
         let noise = r.f64_nonneg("noise")?;
+        let noise_n = r.u32()?;
         let run = r.u32()?;
         let score = r.f64_nonneg("score")?;
         let code = r.u8()?;
@@ -536,11 +589,15 @@ impl SensorDetector {
             level_var,
             repeat_p,
             level_mean,
+            level_trend,
             level_live,
+            accepted,
+            accepted_set,
             rate,
             rate_var,
             rate_n,
             noise,
+            noise_n,
             run,
             score,
             top,
@@ -576,4 +633,308 @@ fn median8(a: &mut [f64; SPIKE_WINDOW - 1]) -> f64 {
         }
     }
     0.5 * (a[3] + a[4])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic noise in [-1, 1) (SplitMix64), like a sensor's.
+    fn noise(i: u64) -> f64 {
+        let mut z = i.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        // Sum of four uniforms: bell-shaped, bounded.
+        let u = |k: u32| ((z >> (16 * k)) & 0xffff) as f64 / 65536.0;
+        (u(0) + u(1) + u(2) + u(3)) / 2.0 - 1.0
+    }
+
+    fn ts(i: u64) -> Timestamp {
+        Timestamp::from_millis(i as i64 * 1000)
+    }
+
+    /// Runs `f(i)` for `n` one-second samples; returns the transitions with their index.
+    fn run(
+        det: &mut SensorDetector,
+        cfg: &SensorDetectorConfig,
+        range: std::ops::Range<u64>,
+        f: impl Fn(u64) -> (f64, Regime),
+    ) -> Vec<(u64, AnomalyTransition)> {
+        range
+            .filter_map(|i| {
+                let (v, r) = f(i);
+                let verdict = det.update(cfg, ts(i), v, r);
+                assert!(verdict.score.is_finite() && verdict.score >= 0.0);
+                verdict.transition.map(|t| (i, t))
+            })
+            .collect()
+    }
+
+    const RUN: Regime = Regime(1);
+
+    fn noisy(i: u64) -> (f64, Regime) {
+        (50.0 + 0.5 * noise(i), RUN)
+    }
+
+    fn started(tr: &[(u64, AnomalyTransition)]) -> Vec<(u64, DetectorKind)> {
+        tr.iter()
+            .filter_map(|(i, t)| match t {
+                AnomalyTransition::Started { detector, .. } => Some((*i, *detector)),
+                AnomalyTransition::Ended { .. } => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn pure_noise_raises_no_alarm_over_a_simulated_day() {
+        let cfg = SensorDetectorConfig::default();
+        let mut det = SensorDetector::new(&cfg);
+        let tr = run(&mut det, &cfg, 0..86_400, noisy);
+        assert!(tr.is_empty(), "{tr:?}");
+    }
+
+    #[test]
+    fn step_is_found_by_the_level_detector_at_once() {
+        let cfg = SensorDetectorConfig::default();
+        let mut det = SensorDetector::new(&cfg);
+        run(&mut det, &cfg, 0..3600, noisy);
+        let tr = run(&mut det, &cfg, 3600..3700, |i| (noisy(i).0 + 10.0, RUN));
+        let s = started(&tr);
+        assert_eq!(s.len(), 1, "{tr:?}");
+        assert!(s[0].0 <= 3601, "{s:?}");
+        assert!(
+            matches!(s[0].1, DetectorKind::Level | DetectorKind::RateOfChange),
+            "{s:?}"
+        );
+    }
+
+    #[test]
+    fn fast_ramp_is_found_and_a_slow_drift_is_not() {
+        let cfg = SensorDetectorConfig::default();
+        let mut det = SensorDetector::new(&cfg);
+        run(&mut det, &cfg, 0..3600, noisy);
+        // 2 units/s: four noise spans a second.
+        let tr = run(&mut det, &cfg, 3600..3620, |i| {
+            (noisy(i).0 + 2.0 * (i - 3600) as f64, RUN)
+        });
+        assert_eq!(started(&tr).len(), 1, "{tr:?}");
+        assert!(started(&tr)[0].0 <= 3610, "{tr:?}");
+        let mut det = SensorDetector::new(&cfg);
+        run(&mut det, &cfg, 0..3600, noisy);
+        // 0.001 units/s: 3.6 units over an hour, much slower than the noise.
+        let tr = run(&mut det, &cfg, 3600..7200, |i| {
+            (noisy(i).0 + 0.001 * (i - 3600) as f64, RUN)
+        });
+        assert!(tr.is_empty(), "{tr:?}");
+    }
+
+    #[test]
+    fn stuck_value_is_found_within_the_minimum_run_and_ends_when_it_moves_again() {
+        let cfg = SensorDetectorConfig::default();
+        let mut det = SensorDetector::new(&cfg);
+        run(&mut det, &cfg, 0..3600, noisy);
+        let frozen = noisy(3599).0;
+        let tr = run(&mut det, &cfg, 3600..3900, |_| (frozen, RUN));
+        let s = started(&tr);
+        assert_eq!(
+            s,
+            vec![(
+                3600 + u64::from(cfg.stuck_min_samples) - 2,
+                DetectorKind::Stuck
+            )]
+        );
+        let tr = run(&mut det, &cfg, 3900..4000, noisy);
+        assert!(
+            tr.iter().any(|(_, t)| matches!(
+                t,
+                AnomalyTransition::Ended {
+                    detector: DetectorKind::Stuck,
+                    ..
+                }
+            )),
+            "{tr:?}"
+        );
+    }
+
+    #[test]
+    fn constant_sensor_never_alarms_and_neither_does_one_constant_only_when_stopped() {
+        let cfg = SensorDetectorConfig::default();
+        let mut det = SensorDetector::new(&cfg);
+        assert!(run(&mut det, &cfg, 0..20_000, |_| (7.0, RUN)).is_empty());
+        // Speed: noisy while running, exactly 0 while idle (regime 0), switching every 10 min.
+        let mut det = SensorDetector::new(&cfg);
+        let speed = |i: u64| {
+            if (i / 600).is_multiple_of(2) {
+                (1500.0 + 3.0 * noise(i), RUN)
+            } else {
+                (0.0, Regime(0))
+            }
+        };
+        let tr = run(&mut det, &cfg, 0..20_000, speed);
+        assert!(tr.is_empty(), "{tr:?}");
+    }
+
+    #[test]
+    fn single_outlier_is_a_spike_one_sample_late() {
+        let cfg = SensorDetectorConfig::default();
+        let mut det = SensorDetector::new(&cfg);
+        run(&mut det, &cfg, 0..600, noisy);
+        let tr = run(&mut det, &cfg, 600..700, |i| {
+            let (v, r) = noisy(i);
+            (if i == 650 { v + 30.0 } else { v }, r)
+        });
+        assert_eq!(started(&tr), vec![(651, DetectorKind::Spike)], "{tr:?}");
+    }
+
+    #[test]
+    fn regime_change_moving_the_level_is_not_an_anomaly() {
+        let cfg = SensorDetectorConfig::default();
+        let mut det = SensorDetector::new(&cfg);
+        // Power: 60 running, 15 idle, with a one-second lag, alternating every 5 minutes.
+        let power = |i: u64| {
+            let running = (i / 300).is_multiple_of(2);
+            let since = i % 300;
+            let (target, from) = if running { (60.0, 15.0) } else { (15.0, 60.0) };
+            let v = if i >= 300 {
+                target + (from - target) * (-(since as f64)).exp()
+            } else {
+                target
+            };
+            (v + noise(i), if running { RUN } else { Regime(0) })
+        };
+        let tr = run(&mut det, &cfg, 0..36_000, power);
+        assert!(tr.is_empty(), "{tr:?}");
+    }
+
+    #[test]
+    fn noisy_score_around_the_threshold_gives_one_episode_not_many() {
+        let cfg = SensorDetectorConfig::default();
+        let mut det = SensorDetector::new(&cfg);
+        run(&mut det, &cfg, 0..3600, noisy);
+        // Alternating far and near: the score keeps crossing the threshold.
+        let tr = run(&mut det, &cfg, 3600..3660, |i| {
+            (
+                noisy(i).0 + if i.is_multiple_of(2) { 40.0 } else { 0.0 },
+                RUN,
+            )
+        });
+        assert_eq!(started(&tr).len(), 1, "{tr:?}");
+    }
+
+    #[test]
+    fn non_finite_readings_are_ignored() {
+        let cfg = SensorDetectorConfig::default();
+        let mut det = SensorDetector::new(&cfg);
+        run(&mut det, &cfg, 0..600, noisy);
+        let before = det.clone();
+        for v in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            let verdict = det.update(&cfg, ts(600), v, RUN);
+            assert_eq!(verdict.transition, None);
+        }
+        assert_eq!(det, before);
+    }
+
+    #[test]
+    fn encode_decode_round_trips_and_garbage_is_refused() {
+        let cfg = SensorDetectorConfig::default();
+        let mut det = SensorDetector::new(&cfg);
+        run(&mut det, &cfg, 0..700, noisy);
+        run(&mut det, &cfg, 700..720, |_| (3.0, RUN));
+        assert!(det.active().is_some());
+        let mut bytes = Vec::new();
+        det.encode(&mut bytes);
+        assert_eq!(bytes.len(), ENCODED_LEN);
+        let back = SensorDetector::decode(&bytes).expect("own encoding");
+        assert_eq!(back, det);
+
+        assert!(matches!(
+            SensorDetector::decode(&[]),
+            Err(DecodeError::Empty { .. })
+        ));
+        let mut wrong = bytes.clone();
+        wrong[0] = 99;
+        assert!(matches!(
+            SensorDetector::decode(&wrong),
+            Err(DecodeError::Version { found: 99, .. })
+        ));
+        assert!(matches!(
+            SensorDetector::decode(&bytes[..bytes.len() - 1]),
+            Err(DecodeError::Length { .. })
+        ));
+        let mut nan = bytes.clone();
+        nan[1..9].copy_from_slice(&f64::NAN.to_le_bytes());
+        let err = SensorDetector::decode(&nan).expect_err("NaN in the ring");
+        assert!(err.to_string().contains("ring"), "{err}");
+        let mut pos = bytes;
+        pos[1 + 8 * SPIKE_WINDOW + 1] = 200;
+        assert!(SensorDetector::decode(&pos).is_err());
+    }
+
+    #[test]
+    fn disabled_detector_scores_zero() {
+        let cfg = SensorDetectorConfig {
+            enabled: false,
+            ..SensorDetectorConfig::default()
+        };
+        let mut det = SensorDetector::new(&cfg);
+        let tr = run(&mut det, &cfg, 0..100, |i| {
+            (if i == 50 { 1e9 } else { 1.0 }, RUN)
+        });
+        assert!(tr.is_empty());
+        assert_eq!(det.score(), 0.0);
+    }
+
+    #[test]
+    fn state_stays_small() {
+        assert!(
+            std::mem::size_of::<SensorDetector>() <= 320,
+            "{}",
+            std::mem::size_of::<SensorDetector>()
+        );
+    }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn any_value() -> impl Strategy<Value = f64> {
+            prop_oneof![
+                4 => -1e6f64..1e6,
+                1 => Just(f64::NAN),
+                1 => Just(f64::INFINITY),
+                1 => Just(f64::NEG_INFINITY),
+                1 => Just(f64::MAX),
+                1 => Just(f64::MIN),
+                1 => Just(0.0),
+                1 => any::<f64>(),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn any_sequence_keeps_scores_finite_and_state_decodable(
+                values in proptest::collection::vec((any_value(), 0u8..6, -5i64..2000), 1..400),
+            ) {
+                let cfg = SensorDetectorConfig { warmup_samples: 5, ..SensorDetectorConfig::default() };
+                let mut det = SensorDetector::new(&cfg);
+                let mut t = 0i64;
+                for (v, regime, dt) in values {
+                    t += dt;
+                    let regime = if regime == 5 { Regime::UNKNOWN } else { Regime(regime) };
+                    let verdict = det.update(&cfg, Timestamp::from_millis(t), v, regime);
+                    prop_assert!(verdict.score.is_finite() && verdict.score >= 0.0);
+                    prop_assert!(det.score().is_finite());
+                }
+                let mut bytes = Vec::new();
+                det.encode(&mut bytes);
+                prop_assert_eq!(SensorDetector::decode(&bytes).expect("own encoding"), det);
+            }
+
+            #[test]
+            fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+                let _ = SensorDetector::decode(&bytes);
+            }
+        }
+    }
 }
