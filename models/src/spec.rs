@@ -33,6 +33,7 @@ use serde::Deserialize;
 
 use crate::alarm::AlarmLimit;
 use crate::asset::{AssetPath, Level, is_slug};
+use crate::detect::machine::MachineDetectorConfig;
 use crate::detect::sensor::SensorDetectorConfig;
 use crate::value::ValueType;
 
@@ -125,6 +126,14 @@ pub struct MachineType {
     pub ideal_cycle_ms: f64,
     #[serde(default)]
     pub sensors: Vec<SensorSpec>,
+    /// Machine detector settings (multivariate score, health, RUL); absent means the
+    /// defaults, which are not written back.
+    #[serde(default, skip_serializing_if = "is_default_machine_detect")]
+    pub detect: MachineDetectorConfig,
+}
+
+fn is_default_machine_detect(cfg: &MachineDetectorConfig) -> bool {
+    *cfg == MachineDetectorConfig::default()
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]

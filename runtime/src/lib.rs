@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod connections;
 pub mod demo;
+pub mod eval;
 pub mod feeds;
 pub mod grpc;
 pub mod metrics;

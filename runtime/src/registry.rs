@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use ferrotwin_models::spec::{AssetDef, AssetKind};
@@ -51,11 +51,16 @@ pub struct TwinEntry {
 pub struct SampleBoard {
     /// f64 bits; NaN = no usable value (none yet, bad, stale).
     values: Box<[AtomicU64]>,
-    /// The machine's state code (`MachineState::code`), 255 before it reported one:
-    /// sensor detectors read it as their regime.
-    regime: AtomicU8,
+    /// The machine's state as sensor detectors read it (their regime): the current and the
+    /// previous state code (255 = none reported) and the source time (ms) the current began,
+    /// packed `cur << 56 | prev << 48 | since_ms` so one load reads them consistently.
+    regime: AtomicU64,
     /// Source time (µs) at or after which the next evaluation is due.
     next_eval_us: AtomicI64,
+    /// Bit `i`: sensor `i` wrote since the last evaluation (the first 64 sensors).
+    fresh: AtomicU64,
+    /// `fresh` when every sensor wrote.
+    all: u64,
 }
 
 impl SampleBoard {
@@ -64,8 +69,14 @@ impl SampleBoard {
             values: (0..sensors)
                 .map(|_| AtomicU64::new(f64::NAN.to_bits()))
                 .collect(),
-            regime: AtomicU8::new(u8::MAX),
+            regime: AtomicU64::new(pack_regime(u8::MAX, u8::MAX, 0)),
             next_eval_us: AtomicI64::new(i64::MIN),
+            fresh: AtomicU64::new(0),
+            all: if sensors >= 64 {
+                u64::MAX
+            } else {
+                (1u64 << sensors) - 1
+            },
         }
     }
 
@@ -78,16 +89,24 @@ impl SampleBoard {
     }
 
     /// Records sensor `index`'s value (NaN = unusable). Returns true when the caller should
-    /// send the machine an `Evaluate` for `ts`: the first writer past the due instant wins.
+    /// send the machine an `Evaluate` for `ts`: once the due instant has passed and every
+    /// sensor wrote since the last evaluation (so the machine sees one instant, not a mix of
+    /// this reading and its siblings' previous ones), or one interval later regardless (a
+    /// sensor that stopped reporting must not stop the evaluations). One writer wins.
     pub fn write(&self, index: usize, value: f64, ts: Timestamp, interval_us: i64) -> bool {
         if let Some(slot) = self.values.get(index) {
             slot.store(value.to_bits(), Ordering::Relaxed);
         }
+        let bit = if index < 64 { 1u64 << index } else { 0 };
+        let fresh = self.fresh.fetch_or(bit, Ordering::AcqRel) | bit;
         let due = self.next_eval_us.load(Ordering::Relaxed);
         // A source clock that stepped back far would otherwise stop evaluations until it
         // caught up again: take its time as the new schedule.
         let stepped_back = due != i64::MIN && due - ts.0 > interval_us.saturating_mul(10);
-        if ts.0 < due && !stepped_back {
+        let complete = fresh & self.all == self.all;
+        let overdue = ts.0 >= due.saturating_add(interval_us);
+        let due_now = stepped_back || overdue || (ts.0 >= due && complete);
+        if !due_now {
             return false;
         }
         self.next_eval_us
@@ -97,7 +116,10 @@ impl SampleBoard {
                 Ordering::AcqRel,
                 Ordering::Relaxed,
             )
-            .is_ok()
+            .is_ok_and(|_| {
+                self.fresh.store(0, Ordering::Release);
+                true
+            })
     }
 
     /// The latest value of every sensor, into `out` (cleared first).
@@ -110,13 +132,47 @@ impl SampleBoard {
         );
     }
 
-    pub fn set_regime(&self, code: u8) {
-        self.regime.store(code, Ordering::Relaxed);
+    /// Records a machine state reading (code 0..=3; others ignored) at source time `ts`.
+    /// Older than the current state's start: ignored (late reading).
+    pub fn note_state(&self, code: i64, ts: Timestamp) {
+        let Ok(code) = u8::try_from(code) else {
+            return;
+        };
+        if code > 3 {
+            return;
+        }
+        let ms = ts.0.div_euclid(1000).clamp(0, REGIME_MS_MASK as i64) as u64;
+        let _ = self
+            .regime
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |old| {
+                let (cur, _, since) = unpack_regime(old);
+                if cur != u8::MAX && ms < since {
+                    return None;
+                }
+                if cur == code {
+                    return None;
+                }
+                Some(pack_regime(code, cur, ms))
+            });
     }
 
-    pub fn regime(&self) -> u8 {
-        self.regime.load(Ordering::Relaxed)
+    /// The machine's state code at source time `ts` (255 = unknown): the current state from
+    /// its start on, the previous one before it.
+    pub fn regime_at(&self, ts: Timestamp) -> u8 {
+        let (cur, prev, since) = unpack_regime(self.regime.load(Ordering::Acquire));
+        let ms = ts.0.div_euclid(1000).max(0) as u64;
+        if ms >= since { cur } else { prev }
     }
+}
+
+const REGIME_MS_MASK: u64 = (1 << 48) - 1;
+
+fn pack_regime(cur: u8, prev: u8, since_ms: u64) -> u64 {
+    (u64::from(cur) << 56) | (u64::from(prev) << 48) | (since_ms & REGIME_MS_MASK)
+}
+
+fn unpack_regime(v: u64) -> (u8, u8, u64) {
+    ((v >> 56) as u8, (v >> 48) as u8, v & REGIME_MS_MASK)
 }
 
 /// The unwritten end of a sensor's history.

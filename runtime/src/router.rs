@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use ferrotwin_models::{IngestSink, PushBack, PushBackReason, Reading};
+use ferrotwin_models::{IngestSink, Property, PushBack, PushBackReason, Reading, Value};
 
 use crate::metrics::Metrics;
 use crate::registry::{Registry, TwinEntry};
@@ -143,6 +143,17 @@ impl IngestSink for IngestRouter {
         self.metrics.batches_routed.fetch_add(1, Ordering::Relaxed);
         self.inflight.fetch_add(accepted, Ordering::AcqRel);
         let now_us = crate::twin::now().0;
+        // Machine states go on the machine's sample board before any reading is delivered:
+        // a sensor twin draining a reading of this batch must judge it in the state the
+        // machine was in at that instant, not in the one its twin has applied so far.
+        for (r, target) in batch.iter().zip(&targets) {
+            if r.property == Property::State
+                && let (Some(entry), Value::Int(code)) = (target, r.value)
+                && let Some(board) = &entry.board
+            {
+                board.note_state(code, r.source_ts);
+            }
+        }
         // Pass 2: deliver, in batch order (a twin sees its readings in source order).
         for (r, target) in batch.iter().zip(targets) {
             let Some(entry) = target else { continue };

@@ -356,6 +356,7 @@ fn machine_type(name: &str) -> MachineType {
         description: description.to_string(),
         ideal_cycle_ms,
         sensors,
+        detect: Default::default(),
     }
 }
 

@@ -4,6 +4,7 @@
 mod alarms;
 mod api;
 mod common;
+mod inference;
 mod ingest;
 mod plc;
 mod recovery;

@@ -434,7 +434,7 @@ impl Trend {
 }
 
 /// One machine's detectors (see the module doc).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct MachineDetector {
     /// Sensors the machine has (what `new` was given).
     total: usize,

@@ -11,8 +11,8 @@
 //! its own alarm line lands on the configured `threshold` (3 by default), so `score > 3`
 //! reads "anomalous" whichever detector produced it.
 
-pub mod sensor;
 pub mod machine;
+pub mod sensor;
 
 use crate::value::Timestamp;
 

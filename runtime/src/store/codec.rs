@@ -2,6 +2,8 @@
 //! versioned format; domain types are never serialised directly.
 
 use ferrotwin_models::alarm::{AlarmState, AlarmStatus};
+use ferrotwin_models::detect::machine::MachineDetector;
+use ferrotwin_models::detect::sensor::SensorDetector;
 use ferrotwin_models::oee::{MachineState, OeeTracker};
 use ferrotwin_models::spec::AssetKind;
 use ferrotwin_models::stats::RunningStats;
@@ -65,7 +67,11 @@ pub fn snapshot_record(entry: &TwinEntry) -> Option<rec::TwinRecord> {
                 has_last_good: t.last_good_counter.is_some(),
                 last_scrap_counter: t.last_scrap_counter.unwrap_or(0),
                 has_last_scrap: t.last_scrap_counter.is_some(),
-                detector: Vec::new(),
+                detector: m.detector.as_ref().map_or_else(Vec::new, |d| {
+                    let mut v = Vec::new();
+                    d.encode(&mut v);
+                    v
+                }),
                 anomaly_score: m.inference.anomaly_score,
                 health: m.inference.health,
                 rul_hours: m.inference.rul_hours,
@@ -120,11 +126,43 @@ pub fn snapshot_record(entry: &TwinEntry) -> Option<rec::TwinRecord> {
             })
             .collect(),
         rejected: s.rejected,
-        detector: Vec::new(),
+        detector: s.detector.as_ref().map_or_else(Vec::new, |d| {
+            let mut v = Vec::new();
+            d.encode(&mut v);
+            v
+        }),
         anomaly_score: s.anomaly_score,
         anomalous: s.anomalous,
     });
     Some(r)
+}
+
+/// Learned detector state from a record: `None` when there is none, or (logged, with the
+/// asset and the reason) when it cannot be read or no longer fits the spec: the twin then
+/// learns again rather than not starting.
+fn restore_detector<D>(
+    path: &str,
+    bytes: &[u8],
+    decode: impl Fn(&[u8]) -> Result<D, ferrotwin_models::detect::DecodeError>,
+    fits: impl Fn(&D) -> bool,
+) -> Option<Box<D>> {
+    if bytes.is_empty() {
+        return None;
+    }
+    match decode(bytes) {
+        Ok(d) if fits(&d) => Some(Box::new(d)),
+        Ok(_) => {
+            tracing::warn!(
+                asset = path,
+                "detector state does not fit the spec's sensors; learning again"
+            );
+            None
+        }
+        Err(e) => {
+            tracing::warn!(asset = path, error = %e, "detector state unreadable; learning again");
+            None
+        }
+    }
 }
 
 /// Rebuilds a twin's snapshot from its record. Alarms are matched by name against the
@@ -182,9 +220,12 @@ pub fn decode_snapshot(kind: &AssetKind, r: &rec::TwinRecord) -> TwinSnapshot {
                 rejected: sr.rejected,
                 anomaly_score: sr.anomaly_score.filter(|v| v.is_finite()),
                 anomalous: sr.anomalous,
+                detector: restore_detector(&r.path, &sr.detector, SensorDetector::decode, |_| true)
+                    .or_else(|| crate::twin::new_sensor_detector(spec))
+                    .filter(|_| spec.detect.enabled),
             };
         }
-        (TwinState::Machine(m), AssetKind::Machine { .. }, _, Some(mr)) => {
+        (TwinState::Machine(m), AssetKind::Machine { spec, .. }, _, Some(mr)) => {
             let mut time_in_state_ms = [0u64; 4];
             for (t, v) in time_in_state_ms.iter_mut().zip(&mr.time_in_state_ms) {
                 *t = *v;
@@ -210,6 +251,15 @@ pub fn decode_snapshot(kind: &AssetKind, r: &rec::TwinRecord) -> TwinSnapshot {
                     model_score: mr.model_score.filter(|v| v.is_finite()),
                     anomalous: mr.anomalous,
                 },
+                detector: restore_detector(
+                    &r.path,
+                    &mr.detector,
+                    MachineDetector::decode,
+                    // A type that gained or lost sensors starts learning again.
+                    |d: &MachineDetector| d.sensors() == spec.sensors.len(),
+                )
+                .or_else(|| crate::twin::new_machine_detector(spec))
+                .filter(|_| spec.detect.enabled),
             };
         }
         _ => {}

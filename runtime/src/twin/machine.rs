@@ -14,8 +14,11 @@ use ferrotwin_models::{
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 
 use super::supervise::Children;
+use ferrotwin_models::detect::{AnomalyTransition, DetectorKind, Regime};
+
 use super::{
-    MachineSnap, RejectThrottle, TwinArgs, TwinCtx, TwinMsg, TwinSnapshot, TwinState, now,
+    MachineSnap, RejectThrottle, TwinArgs, TwinCtx, TwinMsg, TwinSnapshot, TwinState,
+    anomaly_event, now,
 };
 use crate::registry::TwinEntry;
 
@@ -31,6 +34,10 @@ pub struct MachineTwinState {
     published: RollUp,
     publish_scheduled: bool,
     rejects: RejectThrottle,
+    /// The sample board's values at an evaluation (allocated once).
+    values: Vec<f64>,
+    /// Detectors with an open anomaly episode.
+    open_episodes: Vec<DetectorKind>,
 }
 
 /// Records a restart of a parent twin: counter, log, lifecycle event.
@@ -75,7 +82,7 @@ impl Actor for MachineTwin {
                 _ => MachineSnap::default(),
             };
             if let (Some(board), Some(_)) = (&entry.board, snap.tracker.last_ts) {
-                board.set_regime(snap.tracker.state.code() as u8);
+                board.note_state(snap.tracker.state.code(), snap.tracker.state_since);
             }
             let mut restarts = base.restarts;
             if let Some(why) = restarted_after {
@@ -93,6 +100,8 @@ impl Actor for MachineTwin {
                 published: RollUp::default(),
                 publish_scheduled: false,
                 rejects: RejectThrottle::default(),
+                values: Vec::new(),
+                open_episodes: Vec::new(),
             };
             state.publish(now(), true);
             Ok(state)
@@ -135,6 +144,11 @@ impl Actor for MachineTwin {
                 TwinMsg::PublishRollUp => {
                     state.publish_scheduled = false;
                     state.publish(now(), true);
+                }
+                TwinMsg::Evaluate(at) => {
+                    state.evaluate(at).await;
+                    state.publish(now(), false);
+                    state.schedule(&myself);
                 }
                 TwinMsg::Mirror(snap) => {
                     if let TwinState::Machine(m) = &snap.state {
@@ -234,9 +248,6 @@ impl MachineTwinState {
                         .await;
                 };
                 let old = t.state;
-                if let Some(board) = &self.entry.board {
-                    board.set_regime(new.code() as u8);
-                }
                 if t.on_state(new, r.source_ts) {
                     let severity = if new == MachineState::Down {
                         Severity::Medium
@@ -274,6 +285,56 @@ impl MachineTwinState {
                 .await
             }
         }
+    }
+
+    /// Runs the machine's detectors on its sensors' latest values (from the sample board) at
+    /// source time `at`, in its current state; publishes score, health and RUL, and raises
+    /// an event at an episode's start or end naming the sensors that weigh most.
+    async fn evaluate(&mut self, at: Timestamp) {
+        let Some(board) = &self.entry.board else {
+            return;
+        };
+        board.read(&mut self.values);
+        let Some(det) = self.snap.detector.as_mut() else {
+            return;
+        };
+        // The board's state, not the tracker's: the router notes states before delivering,
+        // so it holds the state at `at` even while this twin's inbox waits.
+        let regime = Regime(board.regime_at(at));
+        let v = det.update(&self.spec.detect, at, &self.values, regime);
+        let inf = &mut self.snap.inference;
+        inf.anomaly_score = Some(v.score);
+        inf.health = v.health;
+        inf.rul_hours = v.rul.map(|r| r.hours);
+        inf.rul_low_hours = v.rul.map(|r| r.low_hours);
+        inf.rul_high_hours = v.rul.map(|r| r.high_hours);
+        let Some(transition) = v.transition else {
+            return;
+        };
+        // One episode per detector kind may be open (multivariate and health): the machine
+        // is anomalous while any is.
+        let started = matches!(transition, AnomalyTransition::Started { .. });
+        let kind = match transition {
+            AnomalyTransition::Started { detector, .. }
+            | AnomalyTransition::Ended { detector, .. } => detector,
+        };
+        self.open_episodes.retain(|k| *k != kind);
+        if started {
+            self.open_episodes.push(kind);
+        }
+        inf.anomalous = !self.open_episodes.is_empty();
+        let contributors = v
+            .contributors
+            .iter()
+            .flatten()
+            .filter_map(|(i, share)| {
+                let s = self.spec.sensors.get(usize::from(*i))?;
+                Some(format!("{} {:.0}%", s.name, share * 100.0))
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let ev = anomaly_event(self.entry.path(), transition, at, &contributors);
+        self.ctx.emit(ev).await;
     }
 
     fn schedule(&mut self, myself: &ActorRef<TwinMsg>) {

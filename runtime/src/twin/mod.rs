@@ -18,11 +18,15 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use ferrotwin_models::alarm::AlarmStatus;
+use ferrotwin_models::alarm::LimitKind;
+use ferrotwin_models::detect::AnomalyTransition;
+use ferrotwin_models::detect::machine::MachineDetector;
+use ferrotwin_models::detect::sensor::SensorDetector;
 use ferrotwin_models::oee::OeeTracker;
 use ferrotwin_models::rollup::RollUp;
-use ferrotwin_models::spec::{AssetDef, AssetKind};
+use ferrotwin_models::spec::{AssetDef, AssetKind, MachineType, SensorSpec};
 use ferrotwin_models::stats::RunningStats;
-use ferrotwin_models::{AssetId, AssetPath, Event, Quality, Timestamp, Value};
+use ferrotwin_models::{AssetId, AssetPath, Event, EventKind, Quality, Severity, Timestamp, Value};
 use ractor::{Actor, ActorCell, ActorRef, RpcReplyPort, SpawnErr};
 
 use crate::metrics::Metrics;
@@ -218,6 +222,9 @@ pub struct SensorSnap {
     /// up) and whether an anomaly episode is open.
     pub anomaly_score: Option<f64>,
     pub anomalous: bool,
+    /// Learned state of the sensor's detectors (`None` when they are off): part of the
+    /// snapshot so a restarted or restored twin goes on from what it learned.
+    pub detector: Option<Box<SensorDetector>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -226,6 +233,8 @@ pub struct MachineSnap {
     /// Machine itself plus its sensors.
     pub rollup: RollUp,
     pub inference: MachineInference,
+    /// Learned state of the machine's detectors (`None` when they are off).
+    pub detector: Option<Box<MachineDetector>>,
 }
 
 /// What the machine's detectors and model publish (each `None` while off or learning).
@@ -251,9 +260,13 @@ impl TwinSnapshot {
             AssetKind::Sensor { spec, .. } => TwinState::Sensor(SensorSnap {
                 quality: Quality::uncertain(ferrotwin_models::QualityReason::NoData),
                 alarms: vec![AlarmStatus::default(); spec.alarms.len()],
+                detector: new_sensor_detector(spec),
                 ..SensorSnap::default()
             }),
-            AssetKind::Machine { .. } => TwinState::Machine(MachineSnap::default()),
+            AssetKind::Machine { spec, .. } => TwinState::Machine(MachineSnap {
+                detector: new_machine_detector(spec),
+                ..MachineSnap::default()
+            }),
             _ => TwinState::Group(RollUp::default()),
         };
         TwinSnapshot {
@@ -289,6 +302,77 @@ impl TwinSnapshot {
             TwinState::Group(r) => *r,
         }
     }
+}
+
+/// The event of an anomaly episode's start or end (`alarm` names the detector; the message
+/// starts with `eval::ANOMALY_STARTED` / `ANOMALY_ENDED`, which the eval pairs), at the
+/// source time of the reading or evaluation that decided it. `contributors` (machines) names
+/// the sensors that weigh most in the score.
+pub fn anomaly_event(
+    asset: &AssetPath,
+    t: AnomalyTransition,
+    at: Timestamp,
+    contributors: &str,
+) -> Event {
+    let (detector, severity, mut message) = match t {
+        AnomalyTransition::Started { detector, score } => (
+            detector,
+            Severity::Medium,
+            format!(
+                "{}: {} detector, score {score:.2}",
+                crate::eval::ANOMALY_STARTED,
+                detector.as_str()
+            ),
+        ),
+        AnomalyTransition::Ended {
+            detector,
+            peak,
+            since,
+        } => (
+            detector,
+            Severity::Info,
+            format!(
+                "{}: {} detector, peak score {peak:.2}, lasted {:.0} s (since {since})",
+                crate::eval::ANOMALY_ENDED,
+                detector.as_str(),
+                at.millis_since(since).max(0) as f64 / 1000.0
+            ),
+        ),
+    };
+    if !contributors.is_empty() {
+        message.push_str("; contributors: ");
+        message.push_str(contributors);
+    }
+    let mut ev = Event::new(asset.clone(), at, EventKind::Anomaly, severity, message);
+    ev.alarm = detector.as_str().to_string();
+    ev
+}
+
+/// A sensor's detectors as its spec sets them, fresh; `None` when they are off.
+pub fn new_sensor_detector(spec: &SensorSpec) -> Option<Box<SensorDetector>> {
+    spec.detect
+        .enabled
+        .then(|| Box::new(SensorDetector::new(&spec.detect)))
+}
+
+/// A machine's detectors as its type sets them, fresh (the health index measures each
+/// sensor's way from its learned baseline to its high alarm limit); `None` when off.
+pub fn new_machine_detector(spec: &MachineType) -> Option<Box<MachineDetector>> {
+    if !spec.detect.enabled {
+        return None;
+    }
+    let high_limits: Vec<Option<f64>> = spec
+        .sensors
+        .iter()
+        .map(|s| {
+            s.alarms
+                .iter()
+                .filter(|a| a.kind == LimitKind::High)
+                .map(|a| a.limit)
+                .reduce(f64::min)
+        })
+        .collect();
+    Some(Box::new(MachineDetector::new(&spec.detect, &high_limits)))
 }
 
 /// Messages of every twin kind. One enum so the registry routes to any twin by id; each

@@ -13,8 +13,11 @@ use ferrotwin_models::{
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
+use ferrotwin_models::detect::{AnomalyTransition, Regime};
+
 use super::{
-    RejectThrottle, SensorSnap, TwinArgs, TwinCtx, TwinError, TwinMsg, TwinSnapshot, TwinState, now,
+    RejectThrottle, SensorSnap, TwinArgs, TwinCtx, TwinError, TwinMsg, TwinSnapshot, TwinState,
+    anomaly_event, now,
 };
 use crate::registry::TwinEntry;
 use crate::store::HistPoint;
@@ -252,6 +255,7 @@ impl SensorState {
             self.snap.stats.push(v);
             if quality.code != QualityCode::Bad {
                 self.evaluate_alarms(v, r.source_ts).await;
+                self.detect(v, r.source_ts).await;
             }
         }
         self.entry.stale.store(false, Ordering::Relaxed);
@@ -273,6 +277,26 @@ impl SensorState {
         };
         if full {
             self.flush_tail().await;
+        }
+    }
+
+    /// Runs the sensor's detectors on a current, usable value (never NaN/inf: `check` refused
+    /// those) in its machine's regime; an episode's start or end becomes an event.
+    async fn detect(&mut self, v: f64, at: Timestamp) {
+        let Some(det) = self.snap.detector.as_mut() else {
+            return;
+        };
+        let regime = self
+            .machine
+            .as_ref()
+            .and_then(|(m, _)| m.board.as_ref())
+            .map_or(Regime::UNKNOWN, |b| Regime(b.regime_at(at)));
+        let verdict = det.update(&self.spec.detect, at, v, regime);
+        self.snap.anomaly_score = Some(verdict.score);
+        if let Some(t) = verdict.transition {
+            self.snap.anomalous = matches!(t, AnomalyTransition::Started { .. });
+            let ev = anomaly_event(self.entry.path(), t, at, "");
+            self.ctx.emit(ev).await;
         }
     }
 
