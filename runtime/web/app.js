@@ -468,6 +468,7 @@
     const scoped = r.path ? "?path=" + encodeURIComponent(r.path) : "";
     document.getElementById("nav-alarms").setAttribute("href", "/alarms" + scoped);
     document.getElementById("nav-overview").setAttribute("href", "/overview" + scoped);
+    document.getElementById("nav-tree").setAttribute("href", r.path ? assetHref(r.path) : "/");
     clear(viewEl);
     const path = r.path || rootPath;
     try {
@@ -545,6 +546,14 @@
         s.stats && s.stats.count ? ["stats", "n " + s.stats.count + " · mean " + fmtNum(s.stats.mean) + " · σ " + fmtNum(s.stats.stddev) + " · min " + fmtNum(s.stats.min) + " · max " + fmtNum(s.stats.max)] : [],
         s.rejected ? ["rejected", String(s.rejected)] : [],
       ]));
+      // Rebuilt only when an alarm changed: a button replaced under the pointer loses the click.
+      const sig = JSON.stringify(s.alarms);
+      if (sig !== alarmsSig) { alarmsSig = sig; paintAlarms(t); }
+      chart.onTwin(t);
+    };
+    let alarmsSig = "";
+    const paintAlarms = (t) => {
+      const s = t.sensor;
       clear(alarmsBox);
       if (!s.alarms.length) alarmsBox.appendChild(h("div", { class: "empty" }, "no alarm limits on this sensor"));
       else {
@@ -563,7 +572,6 @@
         }
         alarmsBox.appendChild(h("table", null, h("thead", null, h("tr", null, ["sev", "alarm", "limit", "state", "", "", ""].map((x) => h("th", null, x)))), tb));
       }
-      chart.onTwin(t);
     };
     paint(t);
     let ageTimer = setInterval(() => { const c = twins.get(t.path); if (c) paint(c); }, 5000);
@@ -604,7 +612,7 @@
       if (t.machine) {
         const m = t.machine; const o = m.oee;
         clear(machineBox).appendChild(props([
-          ["state", h("span", null, machineChip(m), " since " + fmtTime(m.state_since_us))],
+          ["state", h("span", null, machineChip(m), m.state_since_us ? " since " + fmtTime(m.state_since_us) : "")],
           ["parts", m.good_count + " good · " + m.scrap_count + " scrap"],
           ["ideal cycle", fmtNum(m.ideal_cycle_ms) + " ms"],
         ]));
@@ -855,9 +863,14 @@
       } catch (e) { clear(box).appendChild(h("div", { class: "err" }, e.message)); }
     };
     const reloadSoon = () => { clearTimeout(timer); timer = setTimeout(reload, 250); };
+    let sig = "";
     const paint = (r) => {
-      clear(box);
       if (opts.onCounts) opts.onCounts(r.counts, r);
+      // Rebuilt only when the list changed (values aside): keeps buttons under the pointer.
+      const next = JSON.stringify(r.alarms.map((a) => [a.path, a.name, a.state, a.since_us])) + r.truncated;
+      if (next === sig) return;
+      sig = next;
+      clear(box);
       if (!r.alarms.length) { box.appendChild(h("div", { class: "empty", "data-testid": "no-alarms" }, "no alarms" + (stateFilter && stateFilter !== "all" ? " (" + stateFilter + ")" : ""))); return; }
       const tb = h("tbody");
       for (const a of r.alarms) {
@@ -886,7 +899,7 @@
 
   async function alarmsView(path, my) {
     document.title = "Alarms · ferrotwin";
-    const countsBox = h("div", { class: "counts", "data-testid": "alarm-counts" });
+    const countsBox = h("span", { class: "badges", "data-testid": "alarm-counts" });
     const sel = h("select", { "data-testid": "state-filter" },
       [["all", "all not normal"], ["active", "active (acked or not)"], ["unacked", "unacknowledged"]].map(([v, l]) => h("option", { value: v }, l)));
     const box = h("div");
@@ -964,17 +977,16 @@
             h("td", { class: "num" }, fmtNum(r.throughput_per_h)),
             h("td", { class: "num" }, r.running + "/" + r.machines),
             h("td", { class: "num" }, wh == null ? h("span", { class: "muted" }, "—") : h("span", { class: "kpi " + healthClass(wh) }, h("b", null, fmtNum(wh)))),
-            h("td", null, r.worst_quality && r.worst_quality !== "good" && r.worst_quality !== "unspecified" ? h("span", { class: "q q-" + r.worst_quality }, r.worst_quality) : ""),
-            h("td", null, alarmBadges(l)),
+            h("td", null, r.worst_quality && r.worst_quality !== "good" && r.worst_quality !== "unspecified" ? h("span", { class: "q q-" + r.worst_quality, title: "worst quality of the line's sensors" }, r.worst_quality === "bad" ? "BAD" : "UNC") : "", " ", alarmBadges(l)),
           ]);
         };
         cells.set(line.path, paintLine);
         paintLine();
         tb.appendChild(tr);
       }
-      if (!lines.length) tb.appendChild(h("tr", null, h("td", { class: "empty", colspan: 8 }, "no lines")));
+      if (!lines.length) tb.appendChild(h("tr", null, h("td", { class: "empty", colspan: 7 }, "no lines")));
       cols.appendChild(h("div", { class: "card" }, head, h("table", null,
-        h("thead", null, h("tr", null, ["line", "OEE", "", "parts/h", "running", "worst health", "quality", "alarms"].map((x) => h("th", null, x)))), tb)));
+        h("thead", null, h("tr", null, ["line", "OEE", "", "parts/h", "run", "health ↓", "quality · alarms"].map((x) => h("th", null, x)))), tb)));
     }
     listeners.add((u) => {
       const f = cells.get(u.path); if (f) f();

@@ -3,6 +3,7 @@
 
 mod alarms;
 mod api;
+mod browser;
 mod common;
 mod ingest;
 mod plc;
