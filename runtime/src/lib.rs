@@ -1,5 +1,5 @@
 //! The ferrotwin runtime: twin actors and supervision, registry, ingest router, store,
-//! gRPC API, CLI client, demo and benchmark.
+//! gRPC API, HTTP server (web browser, JSON API), CLI client, demo and benchmark.
 
 pub mod bench;
 pub mod bench_plc;
@@ -10,6 +10,7 @@ pub mod connections;
 pub mod demo;
 pub mod feeds;
 pub mod grpc;
+pub mod http;
 pub mod metrics;
 pub mod registry;
 pub mod relay;

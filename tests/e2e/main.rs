@@ -4,6 +4,7 @@
 mod alarms;
 mod api;
 mod common;
+mod http;
 mod ingest;
 mod plc;
 mod recovery;
