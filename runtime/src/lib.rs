@@ -2,6 +2,7 @@
 //! gRPC API, HTTP server (web browser, JSON API), CLI client, demo and benchmark.
 
 pub mod bench;
+pub mod bench_http;
 pub mod bench_plc;
 pub mod bench_replication;
 pub mod cli;

@@ -170,6 +170,18 @@ enum Role {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// The web browser's targets: first load of the page and the tree, push → SSE latency,
+    /// ingest with 0 and N open live clients.
+    Http {
+        #[arg(long, default_value_t = 100_000)]
+        sensors: u64,
+        /// Seconds per ingest run (four runs).
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Live (SSE) clients, each watching a line.
+        #[arg(long, default_value_t = 50)]
+        clients: usize,
+    },
     /// Drive the real ingest path and print readings/s, latency to a watcher, RSS per twin.
     Ingest {
         #[arg(long, default_value_t = 100_000)]
@@ -438,6 +450,25 @@ async fn main() -> Result<()> {
                     seconds,
                     poll_ms,
                     lines,
+                })
+                .await?;
+            print!("{report}");
+            Ok(())
+        }
+        Cmd::Bench {
+            what:
+                BenchCmd::Http {
+                    sensors,
+                    seconds,
+                    clients,
+                },
+        } => {
+            init_tracing("warn,sled=warn");
+            let report =
+                ferrotwin_runtime::bench_http::http(ferrotwin_runtime::bench_http::HttpBench {
+                    sensors,
+                    seconds,
+                    clients,
                 })
                 .await?;
             print!("{report}");
