@@ -5,6 +5,7 @@ mod alarms;
 mod api;
 mod browser;
 mod common;
+mod http;
 mod ingest;
 mod plc;
 mod recovery;
