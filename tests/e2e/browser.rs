@@ -138,7 +138,10 @@ fn row(path: &str) -> String {
 async fn expand(c: &Client, path: &str, child: &str) {
     c.wait()
         .at_most(Duration::from_secs(WAIT_S))
-        .for_element(Locator::Css(&format!("{} > .row [data-testid=toggle]", row(path))))
+        .for_element(Locator::Css(&format!(
+            "{} > .row [data-testid=toggle]",
+            row(path)
+        )))
         .await
         .unwrap_or_else(|e| panic!("tree node {path}: {e}"))
         .click()
@@ -178,7 +181,9 @@ async fn web_page_shows_live_tree_trend_and_acknowledges_alarms_in_headless_chro
             std::env::var_os("CI").is_none(),
             "{CHROMEDRIVER} is missing on CI: .ci/run must install chromium chromium-driver"
         );
-        eprintln!("skipped: install chromium chromium-driver (apt-get install -y chromium chromium-driver)");
+        eprintln!(
+            "skipped: install chromium chromium-driver (apt-get install -y chromium chromium-driver)"
+        );
         return;
     }
     let shots = screenshot_dir();
@@ -208,7 +213,9 @@ async fn web_page_shows_live_tree_trend_and_acknowledges_alarms_in_headless_chro
     let base = format!("http://{http}");
 
     // 1. The tree, expanded by clicks down to a machine's sensors.
-    c.goto(&format!("{base}/")).await.expect("open the start page");
+    c.goto(&format!("{base}/"))
+        .await
+        .expect("open the start page");
     c.wait()
         .at_most(Duration::from_secs(WAIT_S))
         .for_element(Locator::Css(&row("acme/berlin")))
@@ -262,7 +269,11 @@ async fn web_page_shows_live_tree_trend_and_acknowledges_alarms_in_headless_chro
     )
     .await;
     let url = c.current_url().await.expect("url");
-    assert_eq!(url.path(), format!("/asset/{FORCE}"), "the URL names the asset");
+    assert_eq!(
+        url.path(),
+        format!("/asset/{FORCE}"),
+        "the URL names the asset"
+    );
     let points = wait_js(
         &c,
         "const e = document.querySelector('[data-testid=trend-canvas]'); \
@@ -363,7 +374,9 @@ async fn web_page_shows_live_tree_trend_and_acknowledges_alarms_in_headless_chro
     shot(&c, &shots, "06-escaped-unit").await;
 
     // 7. Alarm summary and overview render (screenshots for review).
-    c.goto(&format!("{base}/alarms")).await.expect("alarms page");
+    c.goto(&format!("{base}/alarms"))
+        .await
+        .expect("alarms page");
     wait_js(
         &c,
         "return document.querySelector('[data-testid=alarm-counts] .sev') !== null;",
@@ -371,7 +384,9 @@ async fn web_page_shows_live_tree_trend_and_acknowledges_alarms_in_headless_chro
     )
     .await;
     shot(&c, &shots, "07-alarms").await;
-    c.goto(&format!("{base}/overview")).await.expect("overview page");
+    c.goto(&format!("{base}/overview"))
+        .await
+        .expect("overview page");
     wait_js(
         &c,
         "return document.querySelector('[data-testid=line-oee]') !== null;",
