@@ -113,19 +113,19 @@
     return h("span", { class: "q q-" + q.code, title: q.code + reason, "data-testid": "quality" },
       full ? word + reason : (q.reason || word).toUpperCase());
   }
-  function sevBadge(sev, n, unacked) {
-    return h("span", { class: "sev sev-" + sev + (unacked ? " unacked" : ""), title: n + " active " + sev + " alarm(s)" + (unacked ? ", unacknowledged" : "") },
+  // Solid: needs attention; outlined: acknowledged (the state is also in the title and tables).
+  function sevBadge(sev, n, acked) {
+    return h("span", { class: "sev sev-" + sev + (acked ? " acked" : ""), title: n + " " + sev + " alarm(s)" + (acked ? ", acknowledged" : "") },
       (n > 1 ? n + " " : "") + SEV_SHORT[sev]);
   }
   // Active-alarm badges: a sensor's own alarms, or the roll-up counts by severity.
   function alarmBadges(t) {
     const box = h("span", { class: "badges", "data-testid": "alarm-badges" });
     if (t.sensor) {
-      for (const a of activeAlarms(t)) box.appendChild(sevBadge(a.severity, 1, a.state !== "active_acked"));
+      for (const a of activeAlarms(t)) box.appendChild(sevBadge(a.severity, 1, a.state === "active_acked"));
     } else if (t.rollup && t.rollup.alarms_by_severity) {
       const c = t.rollup.alarms_by_severity;
-      const unacked = t.rollup.unacked_alarms > 0;
-      [4, 3, 2, 1, 0].forEach((i) => { if (c[i]) box.appendChild(sevBadge(SEVERITIES[4 - i], c[i], unacked)); });
+      [4, 3, 2, 1, 0].forEach((i) => { if (c[i]) box.appendChild(sevBadge(SEVERITIES[4 - i], c[i], false)); });
     }
     return box.childNodes.length ? box : null;
   }
@@ -561,7 +561,7 @@
         for (const a of s.alarms) {
           const active = ACTIVE.has(a.state);
           tb.appendChild(h("tr", { "data-testid": "alarm-row", "data-alarm": a.name, "data-state": a.state },
-            h("td", null, active ? sevBadge(a.severity, 1, a.state !== "active_acked") : h("span", { class: "muted" }, a.severity)),
+            h("td", null, active ? sevBadge(a.severity, 1, a.state === "active_acked") : h("span", { class: "muted" }, a.severity)),
             h("td", null, a.name),
             h("td", null, a.kind + " " + fmtNum(a.limit) + (a.deadband ? " ±" + fmtNum(a.deadband) : "")),
             h("td", { "data-testid": "alarm-state" }, stateLabel(a.state)),
@@ -875,18 +875,17 @@
       const tb = h("tbody");
       for (const a of r.alarms) {
         const rel = a.path.startsWith(path + "/") ? a.path.slice(path.length + 1) : a.path;
-        tb.appendChild(h("tr", { "data-testid": "alarm-row", "data-path": a.path, "data-alarm": a.name, "data-state": a.state },
-          h("td", null, sevBadge(a.severity, 1, a.state !== "active_acked")),
+        tb.appendChild(h("tr", { "data-testid": "alarm-row", "data-path": a.path, "data-alarm": a.name, "data-state": a.state, title: a.message || null },
+          h("td", null, sevBadge(a.severity, 1, a.state === "active_acked")),
           h("td", null, h("a", { href: assetHref(a.path) }, rel)),
           h("td", null, a.name),
           h("td", { "data-testid": "alarm-state" }, stateLabel(a.state)),
           h("td", null, fmtTime(a.since_us)),
           h("td", { class: "num" }, a.value != null ? fmtNum(a.value) : "—", " ", h("span", { class: "muted" }, a.unit || "")),
-          opts.compact ? null : h("td", { class: "msg" }, a.message || ""),
           h("td", null, a.state === "active_unacked" || a.state === "returned_unacked"
             ? h("button", { class: "btn ack", "data-testid": "ack", "data-path": a.path, "data-alarm": a.name, onclick: (e) => ackAlarm(a.path, a.name, e.currentTarget) }, "Acknowledge") : "")));
       }
-      const heads = ["sev", "asset", "alarm", "state", "since", "value"].concat(opts.compact ? [] : ["message"], [""]);
+      const heads = ["sev", "asset", "alarm", "state", "since", "value", ""];
       box.appendChild(h("table", null, h("thead", null, h("tr", null, heads.map((x) => h("th", null, x)))), tb));
       if (r.truncated) box.appendChild(h("div", { class: "muted" }, "more alarms than listed: ", h("a", { href: "/alarms?path=" + encodeURIComponent(path) }, "open the alarm summary")));
     };
@@ -949,12 +948,14 @@
       return worst;
     };
     const bar = (f) => h("span", { class: "bar " + (f == null ? "" : f < 0.5 ? "crit" : f < 0.7 ? "warn" : "") }, h("i", { style: "width:" + Math.round(Math.max(0, Math.min(1, f || 0)) * 100) + "%" }));
+    // Health comes from the inference host when it runs: the column only when a line has one.
+    const showHealth = all.some((t) => t.level === "line" && lineHealth(t) != null);
     for (const site of sites) {
       const head = h("div");
       const tb = h("tbody");
       const paintSite = () => {
         const s = twins.get(site.path) || site; const r = s.rollup || {};
-        clear(head).appendChild(h("div", { style: "display:flex;gap:12px;align-items:baseline;flex-wrap:wrap" },
+        clear(head).appendChild(h("div", { class: "site-head" },
           h("h2", { style: "margin:0" }, h("a", { href: assetHref(s.path) }, s.name || lastSeg(s.path))),
           h("span", { class: "kpi" }, "OEE ", h("b", null, fmtPct(r.mean_oee))),
           h("span", { class: "kpi" }, "throughput ", h("b", null, fmtNum(r.throughput_per_h)), " /h"),
@@ -973,10 +974,10 @@
           clear(tr);
           append(tr, [
             h("td", null, h("a", { href: assetHref(l.path) }, l.path.slice(site.path.length + 1) || l.name)),
-            h("td", { class: "num", "data-testid": "line-oee" }, fmtPct(r.mean_oee)), h("td", null, bar(r.mean_oee)),
+            h("td", { class: "num", "data-testid": "line-oee" }, bar(r.mean_oee), " ", fmtPct(r.mean_oee)),
             h("td", { class: "num" }, fmtNum(r.throughput_per_h)),
             h("td", { class: "num" }, r.running + "/" + r.machines),
-            h("td", { class: "num" }, wh == null ? h("span", { class: "muted" }, "—") : h("span", { class: "kpi " + healthClass(wh) }, h("b", null, fmtNum(wh)))),
+            showHealth ? h("td", { class: "num" }, wh == null ? h("span", { class: "muted" }, "—") : h("span", { class: "kpi " + healthClass(wh) }, h("b", null, fmtNum(wh)))) : null,
             h("td", null, r.worst_quality && r.worst_quality !== "good" && r.worst_quality !== "unspecified" ? h("span", { class: "q q-" + r.worst_quality, title: "worst quality of the line's sensors" }, r.worst_quality === "bad" ? "BAD" : "UNC") : "", " ", alarmBadges(l)),
           ]);
         };
@@ -986,7 +987,7 @@
       }
       if (!lines.length) tb.appendChild(h("tr", null, h("td", { class: "empty", colspan: 7 }, "no lines")));
       cols.appendChild(h("div", { class: "card" }, head, h("table", null,
-        h("thead", null, h("tr", null, ["line", "OEE", "", "parts/h", "run", "health ↓", "quality · alarms"].map((x) => h("th", null, x)))), tb)));
+        h("thead", null, h("tr", null, ["line", "OEE", "parts/h", "running"].concat(showHealth ? ["worst health"] : [], ["alarms"]).map((x) => h("th", null, x)))), tb)));
     }
     listeners.add((u) => {
       const f = cells.get(u.path); if (f) f();
