@@ -564,13 +564,12 @@
             h("td", null, active ? sevBadge(a.severity, 1, a.state === "active_acked") : h("span", { class: "muted" }, a.severity)),
             h("td", null, a.name),
             h("td", null, a.kind + " " + fmtNum(a.limit) + (a.deadband ? " ±" + fmtNum(a.deadband) : "")),
-            h("td", { "data-testid": "alarm-state" }, stateLabel(a.state)),
-            h("td", null, active && a.since_us ? "since " + fmtTime(a.since_us) : ""),
-            h("td", null, a.shelved_until_us ? "shelved" : ""),
+            h("td", null, h("div", { "data-testid": "alarm-state" }, stateLabel(a.state)),
+              active && a.since_us ? h("div", { class: "muted" }, "since " + fmtTime(a.since_us) + (a.shelved_until_us ? " · shelved" : "")) : null),
             h("td", null, a.state === "active_unacked" || a.state === "returned_unacked"
               ? h("button", { class: "btn ack", "data-testid": "ack", "data-path": t.path, "data-alarm": a.name, onclick: (e) => ackAlarm(t.path, a.name, e.currentTarget) }, "Acknowledge") : "")));
         }
-        alarmsBox.appendChild(h("table", null, h("thead", null, h("tr", null, ["sev", "alarm", "limit", "state", "", "", ""].map((x) => h("th", null, x)))), tb));
+        alarmsBox.appendChild(h("table", null, h("thead", null, h("tr", null, ["sev", "alarm", "limit", "state", ""].map((x) => h("th", null, x)))), tb));
       }
     };
     paint(t);
