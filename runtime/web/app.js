@@ -935,7 +935,7 @@
     const sites = scope.level === "enterprise" ? all.filter((t) => t.level === "site") : [scope];
     const cells = new Map(); // path -> repaint
     viewEl.appendChild(h("h1", null, "Overview", h("span", { class: "lvl" }, scope.name || lastSeg(scope.path))));
-    viewEl.appendChild(h("div", { class: "sub" }, scope.level === "enterprise" ? "sites side by side: lines with OEE, throughput, worst machine health" : "lines with OEE, throughput, worst machine health"));
+
     const cols = h("div", { class: "site-cols", "data-testid": "overview" });
     viewEl.appendChild(cols);
     const lineHealth = (line) => {
@@ -949,6 +949,7 @@
     const bar = (f) => h("span", { class: "bar " + (f == null ? "" : f < 0.5 ? "crit" : f < 0.7 ? "warn" : "") }, h("i", { style: "width:" + Math.round(Math.max(0, Math.min(1, f || 0)) * 100) + "%" }));
     // Health comes from the inference host when it runs: the column only when a line has one.
     const showHealth = all.some((t) => t.level === "line" && lineHealth(t) != null);
+    viewEl.insertBefore(h("div", { class: "sub" }, (scope.level === "enterprise" ? "sites side by side: " : "") + "lines with OEE, throughput" + (showHealth ? ", worst machine health" : "")), cols);
     for (const site of sites) {
       const head = h("div");
       const tb = h("tbody");
