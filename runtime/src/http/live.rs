@@ -110,6 +110,14 @@ impl Scope {
         }
     }
 
+    /// The deepest twin the scope shows (deeper changes are not offered to the stream).
+    fn max_depth(&self) -> usize {
+        match self {
+            Scope::Children(root) => root.depth() + 1,
+            Scope::List(set) => set.iter().map(AssetPath::depth).max().unwrap_or(0),
+        }
+    }
+
     fn snapshot(&self, api: &TwinApi) -> Vec<TwinDto> {
         let registry = &api.ctx().registry;
         let entries = match self {
@@ -216,7 +224,11 @@ async fn open(
             .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
         return Ok(r);
     };
-    let sub = s.api.ctx().hub.subscribe(scope.prefix(), events);
+    let sub = s
+        .api
+        .ctx()
+        .hub
+        .subscribe_within(scope.prefix(), Some(scope.max_depth()), events);
     let (tx, rx) = mpsc::channel(STREAM_BUFFER);
     s.metrics.live_streams.fetch_add(1, Ordering::Relaxed);
     let gauge = LiveGauge(s.metrics.clone());
