@@ -131,7 +131,7 @@ async fn shot(c: &Client, dir: &Path, name: &str) {
 }
 
 fn row(path: &str) -> String {
-    format!("li[data-path=\"{path}\"]")
+    format!("#tree li[data-path=\"{path}\"]")
 }
 
 /// Clicks the expand toggle of tree node `path` and waits for the child `child` to show.
@@ -373,7 +373,38 @@ async fn web_page_shows_live_tree_trend_and_acknowledges_alarms_in_headless_chro
     assert_eq!(injected, json!(0), "no script element made from the unit");
     shot(&c, &shots, "06-escaped-unit").await;
 
-    // 7. Alarm summary and overview render (screenshots for review).
+    // 7. The search box jumps to an asset (URL and tree follow).
+    let zone = "acme/berlin/assembly/line-1/oven-1/zone-temp";
+    c.find(Locator::Css("#search"))
+        .await
+        .expect("search box")
+        .send_keys("zone-te")
+        .await
+        .expect("type a search");
+    c.wait()
+        .at_most(Duration::from_secs(WAIT_S))
+        .for_element(Locator::Css(&format!(
+            "#search-results li[data-path=\"{zone}\"]"
+        )))
+        .await
+        .expect("the search lists the zone-temp sensor");
+    c.find(Locator::Css("#search"))
+        .await
+        .expect("search box")
+        .send_keys("\u{E007}")
+        .await
+        .expect("press Enter");
+    wait_js(
+        &c,
+        &format!(
+            "return location.pathname === '/asset/{zone}' && document.querySelector('{}.sel') !== null;",
+            row(zone).replace('\'', "\\'")
+        ),
+        "the search to open the zone-temp sensor in the URL and the tree",
+    )
+    .await;
+
+    // 8. Alarm summary and overview render (screenshots for review).
     c.goto(&format!("{base}/alarms"))
         .await
         .expect("alarms page");
