@@ -36,7 +36,7 @@ fn rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-fn plant_size(sensors: u64) -> PlantSize {
+pub(crate) fn plant_size(sensors: u64) -> PlantSize {
     let machines = sensors.div_ceil(10).max(1);
     let per_line = machines.min(100);
     let lines = machines.div_ceil(per_line);
@@ -107,7 +107,7 @@ fn as_ms(us: Vec<u64>) -> Vec<f64> {
 
 /// Pushes batches of one reading per sensor, round robin, for `dur`; `rate` readings/s
 /// (None = as fast as the sink takes them). Returns readings accepted.
-fn load(
+pub(crate) fn load(
     sink: &dyn IngestSink,
     ids: &[(AssetId, ValueType)],
     dur: Duration,

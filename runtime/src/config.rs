@@ -5,6 +5,7 @@
 //! plant = "plant.toml"          # relative to this file
 //! data_dir = "data"             # relative to this file
 //! grpc_addr = "127.0.0.1:50051"
+//! http_addr = "127.0.0.1:8080"  # web browser, JSON API, /healthz, /metrics
 //! [store]
 //! flush_interval_ms = 200
 //! [twins]
@@ -12,7 +13,7 @@
 //! [ingest]
 //! max_inflight_readings = 1048576
 //! ```
-//! Environment overrides: `FERROTWIN_GRPC_ADDR`, `FERROTWIN_DATA_DIR`.
+//! Environment overrides: `FERROTWIN_GRPC_ADDR`, `FERROTWIN_HTTP_ADDR`, `FERROTWIN_DATA_DIR`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -31,6 +32,10 @@ fn default_grpc_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 50051))
 }
 
+pub fn default_http_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SiteConfig {
@@ -39,6 +44,9 @@ pub struct SiteConfig {
     pub data_dir: PathBuf,
     #[serde(default = "default_grpc_addr")]
     pub grpc_addr: SocketAddr,
+    /// The HTTP server: web browser, JSON API, `/healthz`, `/metrics`.
+    #[serde(default = "default_http_addr")]
+    pub http_addr: SocketAddr,
     #[serde(default)]
     pub store: StoreConfig,
     #[serde(default)]
@@ -106,6 +114,13 @@ impl SiteConfig {
             c.grpc_addr = v.parse().map_err(|e| ConfigError::Env {
                 file: file.to_path_buf(),
                 var: "FERROTWIN_GRPC_ADDR",
+                message: format!("{v:?}: {e}"),
+            })?;
+        }
+        if let Ok(v) = std::env::var("FERROTWIN_HTTP_ADDR") {
+            c.http_addr = v.parse().map_err(|e| ConfigError::Env {
+                file: file.to_path_buf(),
+                var: "FERROTWIN_HTTP_ADDR",
                 message: format!("{v:?}: {e}"),
             })?;
         }

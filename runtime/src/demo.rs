@@ -48,6 +48,8 @@ pub enum Via {
 pub struct DemoOptions {
     /// The enterprise's gRPC address (the sites take free ports).
     pub grpc_addr: SocketAddr,
+    /// The enterprise's web browser and JSON API (the sites take free ports).
+    pub http_addr: SocketAddr,
     /// `None`: a temporary directory, removed at exit.
     pub data_dir: Option<PathBuf>,
     pub seed: u64,
@@ -74,6 +76,7 @@ struct DemoSite {
     path: String,
     rt: Runtime,
     addr: SocketAddr,
+    http: SocketAddr,
     feed: Feed,
 }
 
@@ -90,6 +93,15 @@ async fn serve_on(rt: &Runtime, addr: SocketAddr) -> Result<SocketAddr> {
     })?;
     let bound = listener.local_addr()?;
     rt.serve_grpc(listener);
+    Ok(bound)
+}
+
+async fn serve_http_on(rt: &Runtime, addr: SocketAddr) -> Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await.with_context(|| {
+        format!("cannot listen on {addr} (is another demo running? try --http-addr 127.0.0.1:0)")
+    })?;
+    let bound = listener.local_addr()?;
+    rt.serve_http(listener);
     Ok(bound)
 }
 
@@ -127,6 +139,7 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
         Runtime::start(&spec, &d, o).await?
     };
     let enterprise_addr = serve_on(&enterprise, opts.grpc_addr).await?;
+    let enterprise_http = serve_http_on(&enterprise, opts.http_addr).await?;
 
     // rumqttd has no shutdown: the broker's threads end with the process.
     let broker = match opts.via {
@@ -212,10 +225,12 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
             }
         };
         let addr = serve_on(&rt, "127.0.0.1:0".parse().expect("an address")).await?;
+        let http = serve_http_on(&rt, "127.0.0.1:0".parse().expect("an address")).await?;
         sites.push(DemoSite {
             path: path.clone(),
             rt,
             addr,
+            http,
             feed,
         });
     }
@@ -238,10 +253,13 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
     );
     for s in &sites {
         println!(
-            "site {} gRPC API on {} (replicating to the enterprise)",
-            s.path, s.addr
+            "site {} gRPC API on {}, web browser on http://{}/ (replicating to the enterprise)",
+            s.path, s.addr, s.http
         );
     }
+    println!(
+        "open the web browser of the whole enterprise (every site side by side): http://{enterprise_http}/"
+    );
     println!("try (from the repo, `cargo run --release --` in place of `ferrotwin`):");
     println!("  ferrotwin tree --addr {enterprise_addr} --depth 3");
     println!("  ferrotwin replication --addr {enterprise_addr}");

@@ -1,7 +1,8 @@
 //! The ferrotwin runtime: twin actors and supervision, registry, ingest router, store,
-//! gRPC API, CLI client, demo and benchmark.
+//! gRPC API, HTTP server (web browser, JSON API), CLI client, demo and benchmark.
 
 pub mod bench;
+pub mod bench_http;
 pub mod bench_plc;
 pub mod bench_replication;
 pub mod cli;
@@ -11,6 +12,7 @@ pub mod demo;
 pub mod eval;
 pub mod feeds;
 pub mod grpc;
+pub mod http;
 pub mod metrics;
 pub mod registry;
 pub mod relay;

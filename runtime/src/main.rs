@@ -33,6 +33,9 @@ enum Cmd {
     Demo {
         #[arg(long, default_value = "127.0.0.1:50051")]
         grpc_addr: SocketAddr,
+        /// The enterprise's web browser and JSON API.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http_addr: SocketAddr,
         /// Data directory (default: a temporary one, removed at exit).
         #[arg(long)]
         data_dir: Option<PathBuf>,
@@ -57,6 +60,10 @@ enum Cmd {
         /// has one.
         #[arg(long, value_enum, default_value = "site")]
         role: Role,
+        /// Web browser, JSON API, /healthz and /metrics (default: the config's `http_addr`,
+        /// else 127.0.0.1:8080).
+        #[arg(long)]
+        http_addr: Option<SocketAddr>,
     },
     /// Show replication: a site's link and outbox, or an enterprise's mirrored sites.
     Replication {
@@ -182,6 +189,18 @@ enum Role {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// The web browser's targets: first load of the page and the tree, push → SSE latency,
+    /// ingest with 0 and N open live clients.
+    Http {
+        #[arg(long, default_value_t = 100_000)]
+        sensors: u64,
+        /// Seconds per ingest run (four runs).
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Live (SSE) clients, each watching a line.
+        #[arg(long, default_value_t = 50)]
+        clients: usize,
+    },
     /// Drive the real ingest path and print readings/s, latency to a watcher, RSS per twin.
     Ingest {
         #[arg(long, default_value_t = 100_000)]
@@ -238,6 +257,7 @@ async fn main() -> Result<()> {
     match args.cmd {
         Cmd::Demo {
             grpc_addr,
+            http_addr,
             data_dir,
             seed,
             speed,
@@ -248,6 +268,7 @@ async fn main() -> Result<()> {
             init_tracing("info,sled=warn,rumqttd=off");
             demo::run(demo::DemoOptions {
                 grpc_addr,
+                http_addr,
                 data_dir,
                 seed,
                 speed,
@@ -256,7 +277,11 @@ async fn main() -> Result<()> {
             })
             .await
         }
-        Cmd::Run { config, role } => {
+        Cmd::Run {
+            config,
+            role,
+            http_addr,
+        } => {
             init_tracing("info,sled=warn");
             let cfg = SiteConfig::load(&config)?;
             match (role, cfg.enterprise.is_some()) {
@@ -276,17 +301,23 @@ async fn main() -> Result<()> {
             let listener = tokio::net::TcpListener::bind(cfg.grpc_addr)
                 .await
                 .with_context(|| format!("cannot listen on {}", cfg.grpc_addr))?;
+            let http_addr = http_addr.unwrap_or(cfg.http_addr);
+            let http = tokio::net::TcpListener::bind(http_addr)
+                .await
+                .with_context(|| format!("cannot listen on {http_addr} (http_addr)"))?;
             let rt = Runtime::start(&spec, &cfg.data_dir, cfg.options()).await?;
             println!(
-                "ferrotwin {}: {} twins, gRPC on {}",
+                "ferrotwin {}: {} twins, gRPC on {}, web browser on http://{}/",
                 match role {
                     Role::Site => "site",
                     Role::Enterprise => "enterprise",
                 },
                 rt.registry.len(),
-                listener.local_addr()?
+                listener.local_addr()?,
+                http.local_addr()?
             );
             rt.serve_grpc(listener);
+            rt.serve_http(http);
             let _ = tokio::signal::ctrl_c().await;
             rt.shutdown().await;
             Ok(())
@@ -461,6 +492,25 @@ async fn main() -> Result<()> {
                 sync_ms: 1000,
             })
             .await?;
+            print!("{report}");
+            Ok(())
+        }
+        Cmd::Bench {
+            what:
+                BenchCmd::Http {
+                    sensors,
+                    seconds,
+                    clients,
+                },
+        } => {
+            init_tracing("warn,sled=warn");
+            let report =
+                ferrotwin_runtime::bench_http::http(ferrotwin_runtime::bench_http::HttpBench {
+                    sensors,
+                    seconds,
+                    clients,
+                })
+                .await?;
             print!("{report}");
             Ok(())
         }

@@ -268,6 +268,38 @@ impl Runtime {
         });
     }
 
+    /// Serves the web browser, the JSON API, `/healthz` and `/metrics` on `listener` until
+    /// shutdown.
+    pub fn serve_http(&self, listener: TcpListener) {
+        let token = self.token.child_token();
+        let state = self.http_state(token.clone());
+        self.tracker.spawn(async move {
+            if let Err(e) = crate::http::serve(listener, state, token).await {
+                tracing::error!(error = %e, "http server stopped");
+            }
+        });
+    }
+
+    /// What the HTTP server reads (also for serving it elsewhere, e.g. the benchmark).
+    pub fn http_state(&self, token: CancellationToken) -> crate::http::HttpState {
+        let api = crate::grpc::TwinApi::new(self.ctx.clone(), self.connections.clone())
+            .with_replication(self.replication.clone(), self.enterprise.clone());
+        let role = if self.enterprise.is_some() {
+            "enterprise"
+        } else if self.replication.is_some() {
+            "site"
+        } else {
+            "standalone"
+        };
+        crate::http::HttpState::new(
+            api,
+            self.connections.clone(),
+            role,
+            self.enterprise.clone(),
+            token,
+        )
+    }
+
     pub fn token(&self) -> CancellationToken {
         self.token.clone()
     }
@@ -276,69 +308,12 @@ impl Runtime {
     /// connections (labelled by connection name: a handful per site), the replication outbox
     /// of a site and the freshness of an enterprise's sites.
     pub fn render_metrics(&self) -> String {
-        use std::fmt::Write as _;
-        let mut s = self.metrics.render();
-        let statuses = self.connections.statuses();
-        if !statuses.is_empty() {
-            let _ = writeln!(s, "# TYPE ferrotwin_adapter_values_total counter");
-            for (st, protocol, _, _) in &statuses {
-                for (what, n) in [
-                    ("received", st.received),
-                    ("rejected", st.rejected),
-                    ("errors", st.errors),
-                ] {
-                    let _ = writeln!(
-                        s,
-                        "ferrotwin_adapter_values_total{{connection=\"{}\",protocol=\"{protocol}\",outcome=\"{what}\"}} {n}",
-                        st.name
-                    );
-                }
-            }
-            let _ = writeln!(s, "# TYPE ferrotwin_adapter_connected gauge");
-            for (st, protocol, _, _) in &statuses {
-                let _ = writeln!(
-                    s,
-                    "ferrotwin_adapter_connected{{connection=\"{}\",protocol=\"{protocol}\"}} {}",
-                    st.name,
-                    u8::from(st.link == ferrotwin_adapters::LinkState::Connected)
-                );
-            }
-        }
-        if let Some(ob) = self.store.outbox() {
-            let lag = ob.lag();
-            let age_s = lag
-                .oldest_unacked_us
-                .map_or(0.0, |t| (now().0 - t).max(0) as f64 / 1e6);
-            for (name, kind, v) in [
-                ("ferrotwin_outbox_batches", "gauge", lag.count as f64),
-                ("ferrotwin_outbox_bytes", "gauge", lag.bytes as f64),
-                ("ferrotwin_outbox_oldest_unacked_seconds", "gauge", age_s),
-                (
-                    "ferrotwin_outbox_compacted_total",
-                    "counter",
-                    lag.compacted as f64,
-                ),
-                (
-                    "ferrotwin_outbox_dropped_events_total",
-                    "counter",
-                    lag.dropped_events as f64,
-                ),
-            ] {
-                let _ = writeln!(s, "# TYPE {name} {kind}\n{name} {v}");
-            }
-        }
-        if let Some(e) = &self.enterprise {
-            let _ = writeln!(s, "# TYPE ferrotwin_site_sync_age_seconds gauge");
-            for (site, m) in crate::replication::enterprise::sites(e) {
-                let age = crate::replication::enterprise::freshness_ms(&m, now())
-                    .map_or(f64::INFINITY, |ms| ms as f64 / 1000.0);
-                let _ = writeln!(
-                    s,
-                    "ferrotwin_site_sync_age_seconds{{site=\"{site}\"}} {age}"
-                );
-            }
-        }
-        s
+        crate::metrics::render_runtime(
+            &self.metrics,
+            &self.store,
+            &self.connections,
+            self.enterprise.as_deref(),
+        )
     }
 
     /// Clean stop: refuse new readings, write every history tail, stop the tree, flush.

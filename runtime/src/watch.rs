@@ -27,6 +27,9 @@ pub const WATCH_RING: usize = 16_384;
 struct Sub {
     id: u64,
     prefix: Option<AssetPath>,
+    /// Twin changes deeper than this are not offered (a page shows a node and its
+    /// children: its sensors' changes would only fill its queue). Events are.
+    max_depth: Option<usize>,
     events: bool,
     tx: mpsc::Sender<Change>,
     missed: Arc<AtomicU64>,
@@ -80,6 +83,16 @@ impl WatchHub {
 
     /// Watches `prefix` (everything when `None`); `events` also delivers events.
     pub fn subscribe(self: &Arc<Self>, prefix: Option<AssetPath>, events: bool) -> Watcher {
+        self.subscribe_within(prefix, None, events)
+    }
+
+    /// As `subscribe`, offering twin changes only down to path depth `max_depth`.
+    pub fn subscribe_within(
+        self: &Arc<Self>,
+        prefix: Option<AssetPath>,
+        max_depth: Option<usize>,
+        events: bool,
+    ) -> Watcher {
         let (tx, rx) = mpsc::channel(self.capacity);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let missed = Arc::new(AtomicU64::new(0));
@@ -87,6 +100,7 @@ impl WatchHub {
         subs.push(Sub {
             id,
             prefix,
+            max_depth,
             events,
             tx,
             missed: missed.clone(),
@@ -105,8 +119,12 @@ impl WatchHub {
             return;
         }
         let subs = self.subs.read().expect("watch lock is never poisoned");
+        let depth = path.depth();
         for s in subs.iter() {
-            if (is_event && !s.events) || s.prefix.as_ref().is_some_and(|p| !path.starts_with(p)) {
+            if (is_event && !s.events)
+                || (!is_event && s.max_depth.is_some_and(|d| depth > d))
+                || s.prefix.as_ref().is_some_and(|p| !path.starts_with(p))
+            {
                 continue;
             }
             if s.tx.try_send(change()).is_err() {

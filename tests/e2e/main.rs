@@ -3,7 +3,9 @@
 
 mod alarms;
 mod api;
+mod browser;
 mod common;
+mod http;
 mod inference;
 mod ingest;
 mod plc;

@@ -107,6 +107,30 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// The HTTP status of this error (the JSON API, `crate::http`): the same classes as
+    /// `status` gives gRPC.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            ApiError::BadPath { .. } | ApiError::BadArgument(_) | ApiError::BadQuery(_) => 400,
+            ApiError::NotFound { .. } | ApiError::Twin(TwinError::UnknownAlarm { .. }) => 404,
+            ApiError::Twin(TwinError::Ack { .. }) => 409,
+            ApiError::Twin(TwinError::NoAlarms { .. }) => 400,
+            ApiError::Unavailable(_) => 503,
+            // The caller can narrow the range: a request error, not ours.
+            ApiError::Store(StoreError::TooMuchHistory { .. }) => 400,
+            ApiError::Store(_) => 500,
+            ApiError::Write(w) => match w {
+                WriteError::NotWritable { .. } | WriteError::Refused { .. } => 409,
+                WriteError::BadValue { .. } => 400,
+                WriteError::NotConnected { .. } | WriteError::Stopped { .. } => 503,
+                WriteError::Busy { .. } => 429,
+                WriteError::Timeout { .. } => 504,
+            },
+        }
+    }
+}
+
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Status {
         e.status()
@@ -133,6 +157,11 @@ impl TwinApi {
         }
     }
 
+    /// The twins' shared context (registry, store, watch hub).
+    pub(crate) fn ctx(&self) -> &Arc<TwinCtx> {
+        &self.ctx
+    }
+
     /// The site role's sender and the enterprise role's receiver, when this runtime has them.
     pub fn with_replication(
         mut self,
@@ -144,12 +173,12 @@ impl TwinApi {
         self
     }
 
-    fn parse_path(field: &'static str, s: &str) -> Result<AssetPath, ApiError> {
+    pub(crate) fn parse_path(field: &'static str, s: &str) -> Result<AssetPath, ApiError> {
         AssetPath::parse(s).map_err(|source| ApiError::BadPath { field, source })
     }
 
     /// The entry at `path`, or NOT_FOUND naming the nearest existing parent.
-    fn entry(&self, path: &AssetPath) -> Result<Arc<TwinEntry>, ApiError> {
+    pub(crate) fn entry(&self, path: &AssetPath) -> Result<Arc<TwinEntry>, ApiError> {
         if let Some(e) = self.ctx.registry.by_path(path) {
             return Ok(e);
         }
@@ -170,7 +199,11 @@ impl TwinApi {
     }
 
     /// Optional subtree: empty = everything.
-    fn subtree(&self, field: &'static str, s: &str) -> Result<Option<AssetPath>, ApiError> {
+    pub(crate) fn subtree(
+        &self,
+        field: &'static str,
+        s: &str,
+    ) -> Result<Option<AssetPath>, ApiError> {
         if s.trim_matches('/').is_empty() {
             return Ok(None);
         }
@@ -206,7 +239,7 @@ impl TwinApi {
         (entries.iter().map(|e| self.twin_of(e)).collect(), next)
     }
 
-    fn twin_of(&self, e: &TwinEntry) -> pb::Twin {
+    pub(crate) fn twin_of(&self, e: &TwinEntry) -> pb::Twin {
         let mut t = convert::twin(e, &e.snapshot());
         if let Some(m) = self.enterprise.as_ref().and_then(|r| r.site_of(e.path())) {
             t.mirror_age_ms = freshness_ms(m, now());
@@ -226,15 +259,11 @@ impl TwinApi {
     }
 }
 
-type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl TwinService for TwinApi {
-    async fn get_twin(
-        &self,
-        req: Request<pb::GetTwinRequest>,
-    ) -> Result<Response<pb::Twin>, Status> {
-        let e = match req.into_inner().key {
+/// The reads and the acknowledgement, with plain arguments: the gRPC service and the HTTP
+/// JSON API (`crate::http`) both answer through these.
+impl TwinApi {
+    pub async fn twin(&self, req: pb::GetTwinRequest) -> Result<pb::Twin, ApiError> {
+        let e = match req.key {
             Some(pb::get_twin_request::Key::Path(p)) => {
                 self.entry(&Self::parse_path("path", &p)?)?
             }
@@ -249,16 +278,15 @@ impl TwinService for TwinApi {
                         nearest: None,
                     })?
             }
-            None => return Err(ApiError::BadArgument("give a path or an id".into()).into()),
+            None => return Err(ApiError::BadArgument("give a path or an id".into())),
         };
-        Ok(Response::new(self.twin_of(&e)))
+        Ok(self.twin_of(&e))
     }
 
-    async fn browse(
+    pub async fn browse_twins(
         &self,
-        req: Request<pb::BrowseRequest>,
-    ) -> Result<Response<pb::BrowseResponse>, Status> {
-        let req = req.into_inner();
+        req: pb::BrowseRequest,
+    ) -> Result<pb::BrowseResponse, ApiError> {
         let root = match self.subtree("path", &req.path)? {
             Some(p) => p,
             None => self
@@ -279,17 +307,13 @@ impl TwinService for TwinApi {
                 e.path().depth() <= max_depth
             });
         let (twins, next_page_token) = self.page_of(&entries, more);
-        Ok(Response::new(pb::BrowseResponse {
+        Ok(pb::BrowseResponse {
             twins,
             next_page_token,
-        }))
+        })
     }
 
-    async fn query(
-        &self,
-        req: Request<pb::QueryRequest>,
-    ) -> Result<Response<pb::QueryResponse>, Status> {
-        let req = req.into_inner();
+    pub async fn query_twins(&self, req: pb::QueryRequest) -> Result<pb::QueryResponse, ApiError> {
         let q = Query::parse(&req.query).map_err(ApiError::from)?;
         let limit = Self::page(req.page_size)?;
         let after = Self::token(&req.page_token)?;
@@ -302,16 +326,14 @@ impl TwinService for TwinApi {
         if order_by.is_some() && !req.page_token.is_empty() {
             return Err(ApiError::BadArgument(
                 "page_token: ranked results are a single page (no token)".into(),
-            )
-            .into());
+            ));
         }
         if let Some(l) = &level
             && ferrotwin_models::Level::parse(l).is_none()
         {
             return Err(ApiError::BadArgument(format!(
                 "query: level {l:?} is not a level (enterprise, site, area, line, machine, sensor)"
-            ))
-            .into());
+            )));
         }
         // Scan in windows: the path index lock is held only to copy a window of entries,
         // and the query (which may read other twins, e.g. a machine's sensors) runs
@@ -378,10 +400,177 @@ impl TwinService for TwinApi {
         .await
         .map_err(|e| ApiError::Unavailable(format!("query failed: {e}")))?;
         let (twins, next_page_token) = self.page_of(&entries, more);
-        Ok(Response::new(pb::QueryResponse {
+        Ok(pb::QueryResponse {
             twins,
             next_page_token,
-        }))
+        })
+    }
+
+    pub async fn history(
+        &self,
+        req: pb::GetHistoryRequest,
+    ) -> Result<pb::GetHistoryResponse, ApiError> {
+        let e = self.entry(&Self::parse_path("path", &req.path)?)?;
+        if e.level() != ferrotwin_models::Level::Sensor {
+            return Err(ApiError::BadArgument(format!(
+                "path: {} is a {}; history is recorded for sensors",
+                e.path(),
+                e.level()
+            )));
+        }
+        let prop_name = if req.property.is_empty() {
+            "value"
+        } else {
+            req.property.as_str()
+        };
+        let property = Property::parse(prop_name).ok_or_else(|| {
+            ApiError::BadArgument(format!(
+                "property: {prop_name:?} is not recorded (recorded: value)"
+            ))
+        })?;
+        let to = if req.to_us == 0 {
+            now()
+        } else {
+            Timestamp(req.to_us)
+        };
+        let from = Timestamp(req.from_us);
+        if from > to {
+            return Err(ApiError::BadArgument(format!(
+                "range: from {from} is after to {to}"
+            )));
+        }
+        let max = match req.max_points as usize {
+            0 => DEFAULT_HISTORY_POINTS,
+            n if n > MAX_HISTORY_POINTS => {
+                return Err(ApiError::BadArgument(format!(
+                    "max_points: {n} is above the limit of {MAX_HISTORY_POINTS}"
+                )));
+            }
+            n => n,
+        };
+        // The twin's unwritten tail first, then the store: a tail flushed in between is
+        // then in the store (duplicates are removed), never in neither. A restarting twin
+        // has no tail to give; the store still answers.
+        let tail = e.tail_points();
+        let ctx = self.ctx.clone();
+        let id = e.id;
+        let mut points = tokio::task::spawn_blocking(move || {
+            ctx.store
+                .read_history(id, property, from, to, MAX_RAW_HISTORY_POINTS)
+        })
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("history read failed: {e}")))?
+        .map_err(ApiError::from)?;
+        points.extend(tail.into_iter().filter(|p| p.ts >= from && p.ts <= to));
+        points.sort_by_key(|p| p.ts);
+        points.dedup_by(|a, b| a.ts == b.ts && a.value.to_bits() == b.value.to_bits());
+        let raw = points.len();
+        let out = convert::downsample(&points, max);
+        Ok(pb::GetHistoryResponse {
+            downsampled: out.len() < raw,
+            points: out,
+            raw_points: raw as u64,
+        })
+    }
+
+    pub async fn list_events_page(
+        &self,
+        req: pb::ListEventsRequest,
+    ) -> Result<pb::ListEventsResponse, ApiError> {
+        let prefix = self.subtree("path", &req.path)?;
+        let kind = if req.kind.is_empty() {
+            None
+        } else {
+            Some(EventKind::parse(&req.kind).ok_or_else(|| {
+                ApiError::BadArgument(format!(
+                    "kind: {:?} is not an event kind (alarm, quality, state, rejected, lifecycle)",
+                    req.kind
+                ))
+            })?)
+        };
+        let limit = match req.limit as usize {
+            0 => 100,
+            n if n > MAX_PAGE => {
+                return Err(ApiError::BadArgument(format!(
+                    "limit: {n} is above the limit of {MAX_PAGE}"
+                )));
+            }
+            n => n,
+        };
+        let filter = EventFilter {
+            prefix,
+            after_seq: req.after_seq,
+            limit,
+            kind,
+            min_severity: convert::severity_from(req.min_severity),
+        };
+        let ctx = self.ctx.clone();
+        let (events, next) = tokio::task::spawn_blocking(move || ctx.store.list_events(&filter))
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("event read failed: {e}")))?
+            .map_err(ApiError::from)?;
+        Ok(pb::ListEventsResponse {
+            events: events.iter().map(convert::event).collect(),
+            next_after_seq: next,
+        })
+    }
+
+    pub async fn acknowledge(
+        &self,
+        req: pb::AcknowledgeAlarmRequest,
+    ) -> Result<pb::AcknowledgeAlarmResponse, ApiError> {
+        if req.by.trim().is_empty() {
+            return Err(ApiError::BadArgument("by: say who acknowledges".into()));
+        }
+        if req.alarm.is_empty() {
+            return Err(ApiError::BadArgument(
+                "alarm: name the alarm to acknowledge".into(),
+            ));
+        }
+        let (e, actor) = self.sensor_actor(&req.path)?;
+        let alarm = req.alarm.clone();
+        let status = ask(
+            &actor,
+            |reply| TwinMsg::Acknowledge {
+                alarm,
+                by: req.by,
+                comment: req.comment,
+                reply,
+            },
+            TWIN_CALL_TIMEOUT,
+        )
+        .await
+        .ok_or_else(|| ApiError::Unavailable(format!("{}: twin did not answer", e.path())))?
+        .map_err(ApiError::from)?;
+        Ok(pb::AcknowledgeAlarmResponse {
+            alarm: Some(alarm_proto(&e, &req.alarm, &status)),
+        })
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl TwinService for TwinApi {
+    async fn get_twin(
+        &self,
+        req: Request<pb::GetTwinRequest>,
+    ) -> Result<Response<pb::Twin>, Status> {
+        Ok(Response::new(self.twin(req.into_inner()).await?))
+    }
+
+    async fn browse(
+        &self,
+        req: Request<pb::BrowseRequest>,
+    ) -> Result<Response<pb::BrowseResponse>, Status> {
+        Ok(Response::new(self.browse_twins(req.into_inner()).await?))
+    }
+
+    async fn query(
+        &self,
+        req: Request<pb::QueryRequest>,
+    ) -> Result<Response<pb::QueryResponse>, Status> {
+        Ok(Response::new(self.query_twins(req.into_inner()).await?))
     }
 
     type WatchStream = WatchStream;
@@ -411,147 +600,23 @@ impl TwinService for TwinApi {
         &self,
         req: Request<pb::GetHistoryRequest>,
     ) -> Result<Response<pb::GetHistoryResponse>, Status> {
-        let req = req.into_inner();
-        let e = self.entry(&Self::parse_path("path", &req.path)?)?;
-        if e.level() != ferrotwin_models::Level::Sensor {
-            return Err(ApiError::BadArgument(format!(
-                "path: {} is a {}; history is recorded for sensors",
-                e.path(),
-                e.level()
-            ))
-            .into());
-        }
-        let prop_name = if req.property.is_empty() {
-            "value"
-        } else {
-            req.property.as_str()
-        };
-        let property = Property::parse(prop_name).ok_or_else(|| {
-            ApiError::BadArgument(format!(
-                "property: {prop_name:?} is not recorded (recorded: value)"
-            ))
-        })?;
-        let to = if req.to_us == 0 {
-            now()
-        } else {
-            Timestamp(req.to_us)
-        };
-        let from = Timestamp(req.from_us);
-        if from > to {
-            return Err(
-                ApiError::BadArgument(format!("range: from {from} is after to {to}")).into(),
-            );
-        }
-        let max = match req.max_points as usize {
-            0 => DEFAULT_HISTORY_POINTS,
-            n if n > MAX_HISTORY_POINTS => {
-                return Err(ApiError::BadArgument(format!(
-                    "max_points: {n} is above the limit of {MAX_HISTORY_POINTS}"
-                ))
-                .into());
-            }
-            n => n,
-        };
-        // The twin's unwritten tail first, then the store: a tail flushed in between is
-        // then in the store (duplicates are removed), never in neither. A restarting twin
-        // has no tail to give; the store still answers.
-        let tail = e.tail_points();
-        let ctx = self.ctx.clone();
-        let id = e.id;
-        let mut points = tokio::task::spawn_blocking(move || {
-            ctx.store
-                .read_history(id, property, from, to, MAX_RAW_HISTORY_POINTS)
-        })
-        .await
-        .map_err(|e| ApiError::Unavailable(format!("history read failed: {e}")))?
-        .map_err(ApiError::from)?;
-        points.extend(tail.into_iter().filter(|p| p.ts >= from && p.ts <= to));
-        points.sort_by_key(|p| p.ts);
-        points.dedup_by(|a, b| a.ts == b.ts && a.value.to_bits() == b.value.to_bits());
-        let raw = points.len();
-        let out = convert::downsample(&points, max);
-        Ok(Response::new(pb::GetHistoryResponse {
-            downsampled: out.len() < raw,
-            points: out,
-            raw_points: raw as u64,
-        }))
+        Ok(Response::new(self.history(req.into_inner()).await?))
     }
 
     async fn list_events(
         &self,
         req: Request<pb::ListEventsRequest>,
     ) -> Result<Response<pb::ListEventsResponse>, Status> {
-        let req = req.into_inner();
-        let prefix = self.subtree("path", &req.path)?;
-        let kind = if req.kind.is_empty() {
-            None
-        } else {
-            Some(EventKind::parse(&req.kind).ok_or_else(|| {
-                ApiError::BadArgument(format!(
-                    "kind: {:?} is not an event kind (alarm, quality, state, rejected, lifecycle)",
-                    req.kind
-                ))
-            })?)
-        };
-        let limit = match req.limit as usize {
-            0 => 100,
-            n if n > MAX_PAGE => {
-                return Err(ApiError::BadArgument(format!(
-                    "limit: {n} is above the limit of {MAX_PAGE}"
-                ))
-                .into());
-            }
-            n => n,
-        };
-        let filter = EventFilter {
-            prefix,
-            after_seq: req.after_seq,
-            limit,
-            kind,
-            min_severity: convert::severity_from(req.min_severity),
-        };
-        let ctx = self.ctx.clone();
-        let (events, next) = tokio::task::spawn_blocking(move || ctx.store.list_events(&filter))
-            .await
-            .map_err(|e| ApiError::Unavailable(format!("event read failed: {e}")))?
-            .map_err(ApiError::from)?;
-        Ok(Response::new(pb::ListEventsResponse {
-            events: events.iter().map(convert::event).collect(),
-            next_after_seq: next,
-        }))
+        Ok(Response::new(
+            self.list_events_page(req.into_inner()).await?,
+        ))
     }
 
     async fn acknowledge_alarm(
         &self,
         req: Request<pb::AcknowledgeAlarmRequest>,
     ) -> Result<Response<pb::AcknowledgeAlarmResponse>, Status> {
-        let req = req.into_inner();
-        if req.by.trim().is_empty() {
-            return Err(ApiError::BadArgument("by: say who acknowledges".into()).into());
-        }
-        if req.alarm.is_empty() {
-            return Err(
-                ApiError::BadArgument("alarm: name the alarm to acknowledge".into()).into(),
-            );
-        }
-        let (e, actor) = self.sensor_actor(&req.path)?;
-        let alarm = req.alarm.clone();
-        let status = ask(
-            &actor,
-            |reply| TwinMsg::Acknowledge {
-                alarm,
-                by: req.by,
-                comment: req.comment,
-                reply,
-            },
-            TWIN_CALL_TIMEOUT,
-        )
-        .await
-        .ok_or_else(|| ApiError::Unavailable(format!("{}: twin did not answer", e.path())))?
-        .map_err(ApiError::from)?;
-        Ok(Response::new(pb::AcknowledgeAlarmResponse {
-            alarm: Some(alarm_proto(&e, &req.alarm, &status)),
-        }))
+        Ok(Response::new(self.acknowledge(req.into_inner()).await?))
     }
 
     async fn write_property(
