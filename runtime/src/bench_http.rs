@@ -296,7 +296,8 @@ pub async fn http(b: HttpBench) -> Result<String> {
             let f = fetch(addr, &format!("/api/v1/browse?path={}&depth=1", e.path())).await?;
             let _ = writeln!(
                 out,
-                "    expand a {level} ({}): {:.2} ms, {} B",
+                "    expand {level} {} ({} children): {:.2} ms, {} B",
+                e.path(),
                 rt.registry.children_of(e.path()).len(),
                 ms(f.total),
                 f.body_bytes
@@ -305,63 +306,87 @@ pub async fn http(b: HttpBench) -> Result<String> {
     }
 
     let dur = Duration::from_secs(b.seconds.max(1));
-    // (c) Ingest with 0 and with N live clients each watching a line (alternating, twice:
-    // the machine is shared, one pair alone would mostly measure noise).
-    let mut rates = [Vec::new(), Vec::new()];
-    let mut received = 0u64;
-    let mut resyncs = 0u64;
-    for _round in 0..2 {
-        rates[0].push(max_rate(&rt, &ids, dur).await?);
-        let stop = Arc::new(AtomicBool::new(false));
-        let messages = Arc::new(AtomicU64::new(0));
-        let resynced = Arc::new(AtomicU64::new(0));
-        let mut tasks = Vec::new();
-        for i in 0..b.clients {
-            let line = &lines[i % lines.len()];
-            let mut c = SseClient::open(addr, &format!("/api/v1/live?path={line}")).await?;
-            let (stop, messages, resynced) = (stop.clone(), messages.clone(), resynced.clone());
-            tasks.push(tokio::spawn(async move {
-                while !stop.load(Ordering::Relaxed) {
-                    match tokio::time::timeout(Duration::from_millis(200), c.next()).await {
-                        Ok(Ok((name, _))) => {
-                            messages.fetch_add(1, Ordering::Relaxed);
-                            if name == "resync" {
-                                resynced.fetch_add(1, Ordering::Relaxed);
+    // (c) Ingest with 0 live clients, with N each watching a line (its machines: what the
+    // tree shows there) and with N each watching a machine (its sensors: every value change,
+    // coalesced to 5/s per twin), alternating, three times after a warm-up run: the machine
+    // is shared with other work, one run each would mostly measure noise.
+    let machines: Vec<String> = all
+        .iter()
+        .filter(|e| e.level() == Level::Machine)
+        .map(|e| e.path().to_string())
+        .collect();
+    let mut rates = [Vec::new(), Vec::new(), Vec::new()];
+    let mut received = [0u64; 3];
+    let mut resyncs = [0u64; 3];
+    // A first run warms the twins (first history chunks, allocations): not counted.
+    max_rate(&rt, &ids, dur).await?;
+    for _round in 0..3 {
+        for (k, scopes) in [None, Some(&lines), Some(&machines)]
+            .into_iter()
+            .enumerate()
+        {
+            let stop = Arc::new(AtomicBool::new(false));
+            let messages = Arc::new(AtomicU64::new(0));
+            let resynced = Arc::new(AtomicU64::new(0));
+            let mut tasks = Vec::new();
+            for i in 0..scopes.map_or(0, |_| b.clients) {
+                let scopes = scopes.context("scopes")?;
+                let path = &scopes[(i * 7919) % scopes.len()];
+                let mut c = SseClient::open(addr, &format!("/api/v1/live?path={path}")).await?;
+                let (stop, messages, resynced) = (stop.clone(), messages.clone(), resynced.clone());
+                tasks.push(tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        match tokio::time::timeout(Duration::from_millis(200), c.next()).await {
+                            Ok(Ok((name, _))) => {
+                                messages.fetch_add(1, Ordering::Relaxed);
+                                if name == "resync" {
+                                    resynced.fetch_add(1, Ordering::Relaxed);
+                                }
                             }
+                            Ok(Err(_)) => return,
+                            Err(_) => {}
                         }
-                        Ok(Err(_)) => return,
-                        Err(_) => {}
                     }
-                }
-            }));
+                }));
+            }
+            rates[k].push(max_rate(&rt, &ids, dur).await?);
+            stop.store(true, Ordering::Relaxed);
+            for t in tasks {
+                let _ = t.await;
+            }
+            received[k] += messages.load(Ordering::Relaxed);
+            resyncs[k] += resynced.load(Ordering::Relaxed);
         }
-        rates[1].push(max_rate(&rt, &ids, dur).await?);
-        stop.store(true, Ordering::Relaxed);
-        for t in tasks {
-            let _ = t.await;
-        }
-        received += messages.load(Ordering::Relaxed);
-        resyncs += resynced.load(Ordering::Relaxed);
     }
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-    let (r0, r1) = (mean(&rates[0]), mean(&rates[1]));
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        percentile(&mut v, 0.5)
+    };
+    let runs = |v: &[f64]| {
+        v.iter()
+            .map(|r| format!("{r:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let r0 = median(&rates[0]);
     let _ = writeln!(
         out,
-        "(c) ingest, {} s per run: 0 live clients {} → mean {r0:.0} readings/s; {} clients on lines {} → mean {r1:.0} readings/s ({:+.1} %); the clients got {received} messages, {resyncs} resyncs",
+        "(c) ingest, {} s per run, readings/s applied: 0 live clients {} → median {r0:.0}",
         dur.as_secs(),
-        rates[0]
-            .iter()
-            .map(|r| format!("{r:.0}"))
-            .collect::<Vec<_>>()
-            .join(", "),
-        b.clients,
-        rates[1]
-            .iter()
-            .map(|r| format!("{r:.0}"))
-            .collect::<Vec<_>>()
-            .join(", "),
-        100.0 * (r1 - r0) / r0
+        runs(&rates[0]),
     );
+    for (k, what) in [(1, "lines"), (2, "machines")] {
+        let r = median(&rates[k]);
+        let _ = writeln!(
+            out,
+            "    {} clients on {what}: {} → median {r:.0} ({:+.1} %); they got {} messages, {} resyncs",
+            b.clients,
+            runs(&rates[k]),
+            100.0 * (r - r0) / r0,
+            received[k],
+            resyncs[k]
+        );
+    }
 
     // (b) Push → SSE `twin` message at the client, idle and under half the max ingest rate.
     let machine = all
