@@ -21,6 +21,8 @@ use crate::watch::Change;
 pub struct IngestBench {
     pub sensors: u64,
     pub seconds: u64,
+    /// Local inference on (the default of a plant spec) or off in every twin.
+    pub detectors: bool,
 }
 
 const BATCH: usize = 4096;
@@ -273,7 +275,13 @@ pub async fn ingest(b: IngestBench) -> Result<String> {
         })
         .unwrap_or(f64::NAN);
     let size = plant_size(b.sensors);
-    let spec = generate(size, 1);
+    let mut spec = generate(size, 1);
+    for t in spec.machine_types.values_mut() {
+        t.detect.enabled = b.detectors;
+        for s in &mut t.sensors {
+            s.detect.enabled = b.detectors;
+        }
+    }
     let dir = tempfile::tempdir()?;
     let rss0 = rss_bytes();
     let t0 = Instant::now();
@@ -295,9 +303,10 @@ pub async fn ingest(b: IngestBench) -> Result<String> {
     let twins = rt.registry.len();
     let _ = writeln!(
         out,
-        "plant: {} sensor twins, {} twins in all; started in {spawn_s:.1} s",
+        "plant: {} sensor twins, {} twins in all, detectors {}; started in {spawn_s:.1} s",
         ids.len(),
-        twins
+        twins,
+        if b.detectors { "on" } else { "off" }
     );
     let _ = writeln!(
         out,

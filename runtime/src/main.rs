@@ -182,6 +182,12 @@ enum Cmd {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Role {
     Site,
     Enterprise,
@@ -207,6 +213,9 @@ enum BenchCmd {
         sensors: u64,
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// Local inference in every twin: on (the plant spec's default) or off.
+        #[arg(long, value_enum, default_value = "on")]
+        detectors: OnOff,
     },
     /// A site replicating to an enterprise over loopback gRPC: rate, bytes per reading,
     /// lag, catch-up after an outage.
@@ -515,10 +524,20 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Bench {
-            what: BenchCmd::Ingest { sensors, seconds },
+            what:
+                BenchCmd::Ingest {
+                    sensors,
+                    seconds,
+                    detectors,
+                },
         } => {
             init_tracing("warn,sled=warn");
-            let report = bench::ingest(bench::IngestBench { sensors, seconds }).await?;
+            let report = bench::ingest(bench::IngestBench {
+                sensors,
+                seconds,
+                detectors: detectors == OnOff::On,
+            })
+            .await?;
             print!("{report}");
             Ok(())
         }

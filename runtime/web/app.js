@@ -76,25 +76,23 @@
   }
   function assetHref(p) { return "/asset/" + p.split("/").map(encodeURIComponent).join("/"); }
 
-  // Machine health fields come from the inference host when it runs; absent otherwise.
+  // Local inference of a machine (or sensor): each field absent while detectors are off
+  // or still learning. Health is 0..100; RUL in hours.
   function healthOf(t) {
-    const src = [t, t && t.machine, t && t.health_state, t && t.health_info];
-    const pick = (k) => { for (const s of src) if (s && typeof s[k] === "number") return s[k]; return null; };
-    let health = pick("health");
-    if (health == null && t && t.health && typeof t.health === "object") health = t.health.health ?? t.health.score ?? null;
-    const out = { health, rul: pick("rul_hours"), rulLow: pick("rul_low_hours"),
-      rulHigh: pick("rul_high_hours"), anomaly: pick("anomaly_score") };
-    out.any = Object.values(out).some((v) => v != null);
+    const m = (t && (t.machine || t.sensor)) || {};
+    const num = (k) => (typeof m[k] === "number" ? m[k] : null);
+    const out = { health: num("health"), rul: num("rul_hours"), rulLow: num("rul_low_hours"),
+      rulHigh: num("rul_high_hours"), anomaly: num("anomaly_score"), model: num("model_score"),
+      anomalous: m.anomalous === true };
+    out.any = [out.health, out.rul, out.anomaly, out.model].some((v) => v != null);
     return out;
   }
   function worstHealthOf(t) {
-    if (!t) return null;
-    const r = t.rollup || {};
-    for (const k of ["worst_health", "min_health"]) if (typeof r[k] === "number") return r[k];
-    if (typeof t.worst_health === "number") return t.worst_health;
-    return null;
+    const r = (t && t.rollup) || {};
+    return typeof r.worst_health === "number" ? r.worst_health : null;
   }
-  function healthClass(v) { return v == null ? "" : v < 0.4 ? "crit" : v < 0.7 ? "warn" : ""; }
+  // The machine detectors raise a health anomaly below 60 by default.
+  function healthClass(v) { return v == null ? "" : v < 40 ? "crit" : v < 60 ? "warn" : ""; }
 
   function activeAlarms(t) {
     const s = t && t.sensor;
@@ -327,6 +325,11 @@
     }
     const hl = healthOf(t);
     if (hl.health != null) meta.appendChild(h("span", { class: "kpi " + healthClass(hl.health), title: "health" + (hl.rul != null ? ", RUL " + fmtNum(hl.rul) + " h" : "") }, "H ", h("b", null, fmtNum(hl.health))));
+    else if (t.rollup && typeof t.rollup.worst_health === "number" && !t.machine)
+      meta.appendChild(h("span", { class: "kpi " + healthClass(t.rollup.worst_health), title: "worst machine health below" }, "H ", h("b", null, fmtNum(t.rollup.worst_health))));
+    if (hl.anomalous) meta.appendChild(h("span", { class: "q q-uncertain", title: "anomaly (score " + fmtNum(hl.anomaly) + ")" }, "ANOM"));
+    else if (t.rollup && t.rollup.anomalies > 0 && !t.machine)
+      meta.appendChild(h("span", { class: "q q-uncertain", title: t.rollup.anomalies + " open anomalies below" }, "ANOM " + t.rollup.anomalies));
     append(meta, alarmBadges(t));
     rest.push(meta);
     rest.forEach((el) => n.row.appendChild(el));
@@ -545,6 +548,7 @@
         ["kind", s.kind || null],
         s.stats && s.stats.count ? ["stats", "n " + s.stats.count + " · mean " + fmtNum(s.stats.mean) + " · σ " + fmtNum(s.stats.stddev) + " · min " + fmtNum(s.stats.min) + " · max " + fmtNum(s.stats.max)] : [],
         s.rejected ? ["rejected", String(s.rejected)] : [],
+        typeof s.anomaly_score === "number" ? ["anomaly score", fmtNum(s.anomaly_score) + (s.anomalous ? " · ANOMALY" : ""), { "data-testid": "anomaly" }] : [],
       ]));
       // Rebuilt only when an alarm changed: a button replaced under the pointer loses the click.
       const sig = JSON.stringify(s.alarms);
@@ -627,7 +631,8 @@
         clear(healthBox).appendChild(props([
           ["health", hl.health != null ? h("b", { class: "kpi " + healthClass(hl.health) }, fmtNum(hl.health)) : null, { "data-testid": "health" }],
           ["RUL", hl.rul != null ? fmtNum(hl.rul) + " h" + (hl.rulLow != null && hl.rulHigh != null ? " (" + fmtNum(hl.rulLow) + "–" + fmtNum(hl.rulHigh) + " h)" : "") : null, { "data-testid": "rul" }],
-          ["anomaly score", hl.anomaly != null ? fmtNum(hl.anomaly) : null],
+          ["anomaly score", hl.anomaly != null ? fmtNum(hl.anomaly) + (hl.anomalous ? " · ANOMALY" : "") : null],
+          ["model score", hl.model != null ? fmtNum(hl.model) : null],
         ]));
       }
       if (t.rollup) {
