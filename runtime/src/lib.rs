@@ -10,6 +10,7 @@ pub mod connections;
 pub mod demo;
 pub mod feeds;
 pub mod grpc;
+pub mod inference;
 pub mod metrics;
 pub mod registry;
 pub mod relay;

@@ -355,6 +355,7 @@ fn machine_type(name: &str) -> MachineType {
         description: description.to_string(),
         ideal_cycle_ms,
         sensors,
+        model: None,
     }
 }
 
