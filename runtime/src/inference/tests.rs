@@ -81,6 +81,26 @@ fn score_sees_samples_oldest_first_after_the_ring_wraps() {
 }
 
 #[test]
+fn model_with_symbolic_dims_runs_with_the_specs_window() {
+    // Declared [batch, window, 3] in, [batch] out: tract takes our [1, window, 3].
+    let file = model_path("mean_any_window.onnx");
+    for window_len in [1, 5, 64] {
+        let model = OnnxModel::load(&file, "press", N, window_len).expect("symbolic dims load");
+        let mut window = ModelWindow::new(N, window_len, 1);
+        for _ in 0..window_len {
+            window.push(&[1.0, 2.0, 3.0]);
+        }
+        let mean = model.score(&window).expect("scores");
+        assert!(
+            (mean - 2.0).abs() < 1e-5,
+            "window {window_len}: mean {mean}"
+        );
+    }
+    let err = OnnxModel::load(&file, "press", 2, 5).expect_err("declared 3 inputs");
+    assert_names(&err, &["has shape [batch, window, 3], expected [1, 5, 2]"]);
+}
+
+#[test]
 fn missing_file_names_the_file_and_the_type() {
     let file = model_path("no_such_model.onnx");
     let err = OnnxModel::load(&file, "press", N, W).expect_err("missing");

@@ -24,6 +24,11 @@ bad_input_rank.onnx
 log_of_max.onnx
     input x float [1, W, N], output score float [1, 1] = ln(largest value): -inf on a window
     of zeros, NaN when all values are negative (the runtime must refuse such a score).
+
+mean_any_window.onnx
+    input x float [batch, window, 3] (symbolic dims), output score float [batch] = mean of
+    each window: loads for any window length, and its output becomes [1] once the runtime
+    fixes the input to [1, window, 3].
 """
 
 import os
@@ -139,8 +144,20 @@ def log_of_max():
     save(graph, "log_of_max.onnx")
 
 
+def mean_any_window():
+    nodes = [helper.make_node("ReduceMean", ["x"], ["score"], axes=[1, 2], keepdims=0)]
+    graph = helper.make_graph(
+        nodes,
+        "mean_any_window",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "window", N])],
+        [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch"])],
+    )
+    save(graph, "mean_any_window.onnx")
+
+
 if __name__ == "__main__":
     window_score()
     bad_output_shape()
     bad_input_rank()
     log_of_max()
+    mean_any_window()
