@@ -130,10 +130,108 @@ pub struct MachineType {
     /// defaults, which are not written back.
     #[serde(default, skip_serializing_if = "is_default_machine_detect")]
     pub detect: MachineDetectorConfig,
+    /// A user's ONNX model every machine of the type runs over its sensors (absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelSpec>,
 }
 
 fn is_default_machine_detect(cfg: &MachineDetectorConfig) -> bool {
     *cfg == MachineDetectorConfig::default()
+}
+
+/// Longest window a machine model may ask for, in samples per input: the window is held per
+/// machine twin, so this bounds memory (with [`MAX_MODEL_INPUTS`]: 1 MiB of f32 per twin).
+pub const MAX_MODEL_WINDOW: usize = 4096;
+/// Most sensors a machine model may take as inputs.
+pub const MAX_MODEL_INPUTS: usize = 64;
+/// Longest evaluation interval of a machine model, in samples (one day at one per second).
+pub const MAX_MODEL_EVERY: u32 = 86_400;
+
+fn default_model_every() -> u32 {
+    1
+}
+fn default_model_threshold() -> f64 {
+    3.0
+}
+
+/// A user-supplied ONNX model on a machine type (run by `runtime::inference`):
+///
+/// ```toml
+/// [machine_types.press.model]
+/// file = "models/press_score.onnx"   # relative to the plant spec file's directory
+/// inputs = ["temp", "force"]         # sensors of the type, in the model's input order
+/// window = 16                        # samples per input the model sees
+/// every = 1                          # evaluate every N samples
+/// threshold = 3.0                    # score above it: anomalous
+/// ```
+///
+/// The model takes one f32 tensor `[1, window, inputs.len()]` (oldest sample first) and
+/// returns one value.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// The ONNX file, relative to the directory of the plant spec file.
+    pub file: std::path::PathBuf,
+    /// Sensor names of the machine type, in the order of the model's last input axis.
+    pub inputs: Vec<String>,
+    /// Samples per input in the model's window.
+    pub window: usize,
+    /// The model is evaluated every `every` samples once the window is full.
+    #[serde(default = "default_model_every")]
+    pub every: u32,
+    /// A score above this is anomalous.
+    #[serde(default = "default_model_threshold")]
+    pub threshold: f64,
+}
+
+impl ModelSpec {
+    /// Problems of this model on machine type `mt`, each prefixed with `at` (the type).
+    fn check(&self, at: &str, mt: &MachineType, problems: &mut Vec<String>) {
+        let at = format!("{at}: model");
+        if self.file.as_os_str().is_empty() {
+            problems.push(format!("{at}: file is empty"));
+        }
+        if self.inputs.is_empty() || self.inputs.len() > MAX_MODEL_INPUTS {
+            problems.push(format!(
+                "{at}: inputs must name 1 to {MAX_MODEL_INPUTS} sensors, got {}",
+                self.inputs.len()
+            ));
+        }
+        let mut seen = HashSet::new();
+        for input in &self.inputs {
+            if !mt.sensors.iter().any(|s| &s.name == input) {
+                let known: Vec<&str> = mt.sensors.iter().map(|s| s.name.as_str()).collect();
+                problems.push(format!(
+                    "{at}: input {input:?} is not a sensor of the type (sensors: {})",
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ));
+            } else if !seen.insert(input.as_str()) {
+                problems.push(format!("{at}: input {input:?} is listed twice"));
+            }
+        }
+        if self.window == 0 || self.window > MAX_MODEL_WINDOW {
+            problems.push(format!(
+                "{at}: window must be between 1 and {MAX_MODEL_WINDOW} samples, got {}",
+                self.window
+            ));
+        }
+        if self.every == 0 || self.every > MAX_MODEL_EVERY {
+            problems.push(format!(
+                "{at}: every must be between 1 and {MAX_MODEL_EVERY} samples, got {}",
+                self.every
+            ));
+        }
+        if !self.threshold.is_finite() {
+            problems.push(format!(
+                "{at}: threshold must be finite, got {}",
+                self.threshold
+            ));
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
@@ -310,6 +408,9 @@ impl PlantSpec {
                     "{at}: ideal_cycle_ms must be a positive number, got {}",
                     mt.ideal_cycle_ms
                 ));
+            }
+            if let Some(model) = &mt.model {
+                model.check(&at, mt, &mut problems);
             }
             let mut seen = HashSet::new();
             for s in &mt.sensors {
@@ -717,5 +818,87 @@ machines = [{ name = "press", type = "press", count = 2 }, { name = "hydro", typ
         let d = diff(&all, &all[..4]);
         assert_eq!(d.removed.len(), all.len() - 4);
         assert_eq!(d.removed[0], all[all.len() - 1].path);
+    }
+
+    const MODEL: &str = r#"
+[machine_types.press.model]
+file = "models/press.onnx"
+inputs = ["force", "temp"]
+window = 16
+"#;
+
+    /// SMALL with `model` (TOML text of a `[machine_types.press.model]` table) added after
+    /// the press's sensors.
+    fn with_model(model: &str) -> String {
+        SMALL.replace("\n[[sites]]", &format!("{model}\n[[sites]]"))
+    }
+
+    #[test]
+    fn machine_type_model_parses_with_defaults_and_round_trips() {
+        let spec = PlantSpec::from_toml(&with_model(MODEL), "p").expect("valid");
+        let model = spec.machine_types["press"].model.as_ref().expect("model");
+        assert_eq!(model.file, std::path::Path::new("models/press.onnx"));
+        assert_eq!(model.inputs, ["force", "temp"]);
+        assert_eq!((model.window, model.every, model.threshold), (16, 1, 3.0));
+        let again = PlantSpec::from_toml(&spec.to_toml(), "again").expect("round trip");
+        assert_eq!(again, spec);
+    }
+
+    #[test]
+    fn spec_without_model_parses_and_writes_no_model() {
+        let spec = PlantSpec::from_toml(SMALL, "p").expect("valid");
+        assert_eq!(spec.machine_types["press"].model, None);
+        assert!(!spec.to_toml().contains("model"), "{}", spec.to_toml());
+    }
+
+    #[test]
+    fn model_input_that_is_not_a_sensor_names_the_type_and_the_sensor() {
+        let text = with_model(&MODEL.replace(r#""temp"]"#, r#""tmp"]"#));
+        let msg = PlantSpec::from_toml(&text, "p")
+            .expect_err("unknown input")
+            .to_string();
+        assert!(
+            msg.contains(
+                r#"machine type "press": model: input "tmp" is not a sensor of the type (sensors: temp, force)"#
+            ),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn model_window_every_threshold_and_inputs_out_of_bounds_are_refused() {
+        for (from, to, expect) in [
+            (
+                "window = 16",
+                "window = 0",
+                "window must be between 1 and 4096 samples, got 0",
+            ),
+            ("window = 16", "window = 5000", "got 5000"),
+            (
+                "window = 16",
+                "window = 16\nevery = 0",
+                "every must be between 1",
+            ),
+            (
+                "window = 16",
+                "window = 16\nthreshold = nan",
+                "threshold must be finite",
+            ),
+            (
+                r#"["force", "temp"]"#,
+                "[]",
+                "inputs must name 1 to 64 sensors, got 0",
+            ),
+            (
+                r#"["force", "temp"]"#,
+                r#"["temp", "temp"]"#,
+                r#"input "temp" is listed twice"#,
+            ),
+            ("window = 16", "window = 16\nwindows = 3", "unknown field"),
+        ] {
+            let text = with_model(&MODEL.replace(from, to));
+            let msg = PlantSpec::from_toml(&text, "p").expect_err(to).to_string();
+            assert!(msg.contains(expect), "{to}: {msg}");
+        }
     }
 }

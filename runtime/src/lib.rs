@@ -13,6 +13,7 @@ pub mod eval;
 pub mod feeds;
 pub mod grpc;
 pub mod http;
+pub mod inference;
 pub mod metrics;
 pub mod registry;
 pub mod relay;

@@ -357,6 +357,7 @@ fn machine_type(name: &str) -> MachineType {
         ideal_cycle_ms,
         sensors,
         detect: Default::default(),
+        model: None,
     }
 }
 
