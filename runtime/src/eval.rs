@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use ferrotwin_models::spec::PlantSpec;
-use ferrotwin_models::{AssetPath, EventKind, IngestSink, PushBackReason, Reading, Timestamp};
+use ferrotwin_models::{
+    AssetPath, EventKind, IngestSink, Level, PushBackReason, Reading, Timestamp,
+};
 use ferrotwin_sim::generate::{PlantSize, generate};
 use ferrotwin_sim::model::PlantSim;
 use ferrotwin_sim::scenario::Scenario;
@@ -23,7 +25,7 @@ use ferrotwin_sim::score::{Detection, ScoreWindow, score};
 
 use crate::runtime::{Runtime, RuntimeOptions};
 use crate::store::EventFilter;
-use crate::twin::now;
+use crate::twin::{TwinMsg, now};
 
 /// Start of an anomaly event's message; the end's starts with `ANOMALY_ENDED`.
 pub const ANOMALY_STARTED: &str = "anomaly started";
@@ -175,7 +177,7 @@ pub async fn drive(
                             batch = pb.batch;
                             std::thread::sleep(Duration::from_micros(200));
                         }
-                        Err(_) => return (sim, total),
+                        Err(_) => return (sim, total, false),
                     }
                 }
             }
@@ -187,18 +189,50 @@ pub async fn drive(
                 }
             }
         }
-        (sim, total)
+        (sim, total, true)
     })
     .await?;
-    Ok(out)
+    let (sim, total, complete) = out;
+    anyhow::ensure!(
+        complete,
+        "the runtime closed its ingest after {total} readings, before the run's end"
+    );
+    Ok((sim, total))
+}
+
+/// Waits until every sensor and machine twin handled what it was sent: each is asked a
+/// question behind its queued messages (sensors first: their last drains may still send
+/// their machine an `Evaluate`).
+async fn settle(rt: &Runtime) {
+    let all = rt.registry.all();
+    for level in [Level::Sensor, Level::Machine] {
+        let actors: Vec<_> = all
+            .iter()
+            .filter(|e| e.level() == level)
+            .filter_map(|e| e.actor())
+            .collect();
+        for chunk in actors.chunks(1000) {
+            let mut set = tokio::task::JoinSet::new();
+            for a in chunk {
+                let a = a.clone();
+                set.spawn(async move {
+                    crate::twin::ask(&a, TwinMsg::FlushHistory, Duration::from_secs(30)).await
+                });
+            }
+            while set.join_next().await.is_some() {}
+        }
+    }
 }
 
 /// Anomaly events of the store (after the twins' last evaluations landed), paired into
 /// episodes per (asset, detector).
 pub async fn anomaly_episodes(rt: &Runtime) -> Result<Vec<Detection>> {
     // Readings taken by twins may still be in a handler, and an evaluation or two on its way
-    // to a machine: give them a moment, then wait for the store to hold their events.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // to a machine: let them land, then wait for the store to hold their events.
+    while rt.ctx.credits.0.load(Ordering::Acquire) > 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    settle(rt).await;
     let generation = rt.store.queue_generation();
     rt.store.wait_flushed(generation).await;
     let mut open: std::collections::HashMap<(AssetPath, String), usize> = Default::default();
@@ -215,6 +249,10 @@ pub async fn anomaly_episodes(rt: &Runtime) -> Result<Vec<Detection>> {
         for e in &events {
             let key = (e.asset.clone(), e.alarm.clone());
             if e.message.starts_with(ANOMALY_STARTED) {
+                // A second start of an open episode (a restart replayed it): one episode.
+                if open.contains_key(&key) {
+                    continue;
+                }
                 open.insert(key, out.len());
                 out.push(Detection {
                     asset: e.asset.clone(),

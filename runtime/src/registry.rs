@@ -13,6 +13,7 @@ use ferrotwin_models::spec::{AssetDef, AssetKind};
 use ferrotwin_models::{AssetId, AssetPath, Level, Reading, Timestamp};
 use ractor::ActorRef;
 
+use crate::router::ClockRules;
 use crate::store::HistPoint;
 use crate::twin::{TwinMsg, TwinSnapshot};
 
@@ -117,7 +118,9 @@ impl SampleBoard {
                 Ordering::Relaxed,
             )
             .is_ok_and(|_| {
-                self.fresh.store(0, Ordering::Release);
+                // Only the bits this evaluation saw: a sibling's write that landed since
+                // counts for the next one.
+                self.fresh.fetch_and(!fresh, Ordering::AcqRel);
                 true
             })
     }
@@ -132,21 +135,25 @@ impl SampleBoard {
         );
     }
 
-    /// Records a machine state reading (code 0..=3; others ignored) at source time `ts`.
-    /// Older than the current state's start: ignored (late reading).
-    pub fn note_state(&self, code: i64, ts: Timestamp) {
+    /// Records a machine state reading (code 0..=3; others ignored) at source time `ts`,
+    /// under the machine twin's own clock rules: from further ahead of `now` than the skew
+    /// allows, ignored (the twin refuses it too); older than the current state's start,
+    /// ignored as late, unless by more than the step-back limit (the source's clock went
+    /// back: taken as current, as the twin does).
+    pub fn note_state(&self, code: i64, ts: Timestamp, now: Timestamp, clock: ClockRules) {
         let Ok(code) = u8::try_from(code) else {
             return;
         };
-        if code > 3 {
+        if code > 3 || ts.millis_since(now) > clock.max_future_skew_ms {
             return;
         }
         let ms = ts.0.div_euclid(1000).clamp(0, REGIME_MS_MASK as i64) as u64;
+        let step_back = u64::try_from(clock.clock_step_back_ms).unwrap_or(0);
         let _ = self
             .regime
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |old| {
                 let (cur, _, since) = unpack_regime(old);
-                if cur != u8::MAX && ms < since {
+                if cur != u8::MAX && ms < since && since - ms <= step_back {
                     return None;
                 }
                 if cur == code {

@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use ferrotwin_models::{IngestSink, Property, PushBack, PushBackReason, Reading, Value};
+use ferrotwin_models::{IngestSink, Property, PushBack, PushBackReason, Reading, Timestamp, Value};
 
 use crate::metrics::Metrics;
 use crate::registry::{Registry, TwinEntry};
@@ -27,6 +27,26 @@ pub struct IngestRouter {
     inflight: Arc<AtomicUsize>,
     max_inflight: usize,
     closed: AtomicBool,
+    /// The twins' clock rules (`TwinSettings`), for machine states noted on sample boards.
+    clock: ClockRules,
+}
+
+/// What a machine state reading's timestamp must satisfy to go on its sample board: the
+/// same as the machine twin applies, so a state the twin refuses cannot steer detectors.
+#[derive(Debug, Clone, Copy)]
+pub struct ClockRules {
+    pub max_future_skew_ms: i64,
+    pub clock_step_back_ms: i64,
+}
+
+impl Default for ClockRules {
+    fn default() -> ClockRules {
+        let t = crate::twin::TwinSettings::default();
+        ClockRules {
+            max_future_skew_ms: t.max_future_skew_ms,
+            clock_step_back_ms: t.clock_step_back_ms,
+        }
+    }
 }
 
 /// Releases in-flight credits when a twin has handled its readings.
@@ -46,7 +66,13 @@ impl IngestRouter {
             inflight: inflight.0,
             max_inflight: max_inflight.max(1),
             closed: AtomicBool::new(false),
+            clock: ClockRules::default(),
         }
+    }
+
+    pub fn with_clock_rules(mut self, clock: ClockRules) -> IngestRouter {
+        self.clock = clock;
+        self
     }
 
     pub fn close(&self) {
@@ -151,7 +177,7 @@ impl IngestSink for IngestRouter {
                 && let (Some(entry), Value::Int(code)) = (target, r.value)
                 && let Some(board) = &entry.board
             {
-                board.note_state(code, r.source_ts);
+                board.note_state(code, r.source_ts, Timestamp(now_us), self.clock);
             }
         }
         // Pass 2: deliver, in batch order (a twin sees its readings in source order).

@@ -145,7 +145,7 @@ impl Runtime {
         let start_us = now().0;
         for def in &assets {
             let snap = match records.remove(&def.path.id()) {
-                Some(r) => codec::decode_snapshot(&def.kind, &r),
+                Some(r) => codec::decode_snapshot(&def.kind, &r, opts.enterprise.is_none()),
                 None => TwinSnapshot::initial(&def.kind),
             };
             registry.insert(def.clone(), snap, start_us);
@@ -161,12 +161,18 @@ impl Runtime {
         let hub = Arc::new(WatchHub::new(opts.ingest.watch_ring));
         let metrics = Arc::new(Metrics::default());
         let credits = Credits(Arc::new(AtomicUsize::new(0)));
-        let router = Arc::new(IngestRouter::new(
-            registry.clone(),
-            metrics.clone(),
-            credits.clone(),
-            opts.ingest.max_inflight_readings,
-        ));
+        let router = Arc::new(
+            IngestRouter::new(
+                registry.clone(),
+                metrics.clone(),
+                credits.clone(),
+                opts.ingest.max_inflight_readings,
+            )
+            .with_clock_rules(crate::router::ClockRules {
+                max_future_skew_ms: opts.twins.max_future_skew_ms,
+                clock_step_back_ms: opts.twins.clock_step_back_ms,
+            }),
+        );
         let ctx = Arc::new(TwinCtx {
             registry: registry.clone(),
             store: store.clone(),

@@ -73,9 +73,11 @@ async fn a_wearing_bearing_lowers_health_sets_rul_and_raises_an_anomaly_before_t
         .map(|d| d.start)
         .min()
         .expect("the worn machine raised an anomaly");
+    // Raised by the wear (not a warm-up false alarm before it began), before the failure.
     assert!(
-        first < failure,
-        "anomaly at {first}, failure at {failure}: it must come before"
+        first >= label.start && first < failure,
+        "anomaly at {first}; the wear began at {}, the failure is at {failure}",
+        label.start
     );
     for healthy in &ms[1..] {
         let raised: Vec<_> = episodes
@@ -159,13 +161,6 @@ async fn a_restarted_machine_twin_keeps_what_its_detectors_learned() {
     let sim = PlantSim::with_scenario(&spec, 7, start, &scenario);
     drive(&site.rt, sim, end, 1000, 1000).await.expect("drive");
     // Six hours of running: the detectors learned and the health index is known.
-    let mut client = site.client.clone();
-    let health = get(&mut client, &ms[0])
-        .await
-        .machine
-        .expect("machine")
-        .health;
-    assert!(health.is_some(), "health after six hours");
     // Let the last evaluation land, then compare what the twin knows before and after.
     let (site_ref, m0) = (&site, ms[0].as_str());
     let before = wait_for(10, "evaluations to settle", || async move {
@@ -174,6 +169,13 @@ async fn a_restarted_machine_twin_keeps_what_its_detectors_learned() {
         (learned(site_ref, m0) == a).then_some(a)
     })
     .await;
+    let mut client = site.client.clone();
+    let health = get(&mut client, &ms[0])
+        .await
+        .machine
+        .expect("machine")
+        .health;
+    assert!(health.is_some(), "health after six hours");
 
     // A crash: the parent restarts the twin from its last published snapshot.
     let old = site

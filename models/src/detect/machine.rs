@@ -532,6 +532,11 @@ impl MachineDetector {
     }
 
     /// Latest multivariate score.
+    /// An anomaly episode (multivariate or health) is open.
+    pub fn anomalous(&self) -> bool {
+        self.multivariate.active || self.health_episode.active
+    }
+
     pub fn score(&self) -> f64 {
         self.score
     }

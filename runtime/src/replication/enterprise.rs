@@ -164,7 +164,7 @@ impl EnterpriseReceiver {
             let Some(entry) = self.mirror_of(id, site, mirror) else {
                 continue;
             };
-            let snap = Arc::new(codec::decode_snapshot(&entry.def.kind, r));
+            let snap = Arc::new(codec::decode_snapshot(&entry.def.kind, r, false));
             match entry.actor() {
                 Some(a) => {
                     let _ = a.cast(TwinMsg::Mirror(snap));

@@ -39,11 +39,13 @@ fn opt_ts(v: Option<Timestamp>) -> (i64, bool) {
 
 /// Record of a twin's published snapshot, encoded; `None` for roll-up twins (derived state).
 pub fn encode_snapshot(entry: &TwinEntry) -> Option<Vec<u8>> {
-    snapshot_record(entry).map(|r| r.encode_to_vec())
+    snapshot_record(entry, true).map(|r| r.encode_to_vec())
 }
 
 /// Record of a twin's published snapshot; `None` for roll-up twins (derived state).
-pub fn snapshot_record(entry: &TwinEntry) -> Option<rec::TwinRecord> {
+/// `learned`: with the detectors' learned state (the store), or without (replication
+/// deltas: mirrors show results only, and it would multiply the bytes on the wire).
+pub fn snapshot_record(entry: &TwinEntry, learned: bool) -> Option<rec::TwinRecord> {
     let snap = entry.snapshot();
     let mut r = rec::TwinRecord {
         path: entry.path().to_string(),
@@ -67,11 +69,15 @@ pub fn snapshot_record(entry: &TwinEntry) -> Option<rec::TwinRecord> {
                 has_last_good: t.last_good_counter.is_some(),
                 last_scrap_counter: t.last_scrap_counter.unwrap_or(0),
                 has_last_scrap: t.last_scrap_counter.is_some(),
-                detector: m.detector.as_ref().map_or_else(Vec::new, |d| {
-                    let mut v = Vec::new();
-                    d.encode(&mut v);
-                    v
-                }),
+                detector: m
+                    .detector
+                    .as_ref()
+                    .filter(|_| learned)
+                    .map_or_else(Vec::new, |d| {
+                        let mut v = Vec::new();
+                        d.encode(&mut v);
+                        v
+                    }),
                 anomaly_score: m.inference.anomaly_score,
                 health: m.inference.health,
                 rul_hours: m.inference.rul_hours,
@@ -126,11 +132,15 @@ pub fn snapshot_record(entry: &TwinEntry) -> Option<rec::TwinRecord> {
             })
             .collect(),
         rejected: s.rejected,
-        detector: s.detector.as_ref().map_or_else(Vec::new, |d| {
-            let mut v = Vec::new();
-            d.encode(&mut v);
-            v
-        }),
+        detector: s
+            .detector
+            .as_ref()
+            .filter(|_| learned)
+            .map_or_else(Vec::new, |d| {
+                let mut v = Vec::new();
+                d.encode(&mut v);
+                v
+            }),
         anomaly_score: s.anomaly_score,
         anomalous: s.anomalous,
     });
@@ -167,7 +177,12 @@ fn restore_detector<D>(
 
 /// Rebuilds a twin's snapshot from its record. Alarms are matched by name against the
 /// current spec, so a spec that gained or lost an alarm restores the rest.
-pub fn decode_snapshot(kind: &AssetKind, r: &rec::TwinRecord) -> TwinSnapshot {
+///
+/// `learn` (a site's own twins): the detectors come back with what they learned, or fresh
+/// when the record has none that fits; an anomaly is open only if the restored detector
+/// says so. Without (an enterprise's mirrors, which never run detectors): no detector, and
+/// the published results as the site sent them.
+pub fn decode_snapshot(kind: &AssetKind, r: &rec::TwinRecord, learn: bool) -> TwinSnapshot {
     let mut snap = TwinSnapshot::initial(kind);
     snap.restarts = r.restarts;
     snap.updated = Timestamp(r.updated_us);
@@ -220,10 +235,18 @@ pub fn decode_snapshot(kind: &AssetKind, r: &rec::TwinRecord) -> TwinSnapshot {
                 rejected: sr.rejected,
                 anomaly_score: sr.anomaly_score.filter(|v| v.is_finite()),
                 anomalous: sr.anomalous,
-                detector: restore_detector(&r.path, &sr.detector, SensorDetector::decode, |_| true)
-                    .or_else(|| crate::twin::new_sensor_detector(spec))
-                    .filter(|_| spec.detect.enabled),
+                detector: None,
             };
+            if learn {
+                let restored =
+                    restore_detector(&r.path, &sr.detector, SensorDetector::decode, |_| true)
+                        .filter(|_| spec.detect.enabled);
+                if restored.is_none() {
+                    s.anomaly_score = None;
+                }
+                s.anomalous = restored.as_ref().is_some_and(|d| d.active().is_some());
+                s.detector = restored.or_else(|| crate::twin::new_sensor_detector(spec));
+            }
         }
         (TwinState::Machine(m), AssetKind::Machine { spec, .. }, _, Some(mr)) => {
             let mut time_in_state_ms = [0u64; 4];
@@ -251,16 +274,27 @@ pub fn decode_snapshot(kind: &AssetKind, r: &rec::TwinRecord) -> TwinSnapshot {
                     model_score: mr.model_score.filter(|v| v.is_finite()),
                     anomalous: mr.anomalous,
                 },
-                detector: restore_detector(
+                detector: None,
+            };
+            if learn {
+                let restored = restore_detector(
                     &r.path,
                     &mr.detector,
                     MachineDetector::decode,
                     // A type that gained or lost sensors starts learning again.
                     |d: &MachineDetector| d.sensors() == spec.sensors.len(),
                 )
-                .or_else(|| crate::twin::new_machine_detector(spec))
-                .filter(|_| spec.detect.enabled),
-            };
+                .filter(|_| spec.detect.enabled);
+                let inf = &mut m.inference;
+                if restored.is_none() {
+                    *inf = MachineInference {
+                        model_score: inf.model_score,
+                        ..MachineInference::default()
+                    };
+                }
+                inf.anomalous = restored.as_ref().is_some_and(|d| d.anomalous());
+                m.detector = restored.or_else(|| crate::twin::new_machine_detector(spec));
+            }
         }
         _ => {}
     }

@@ -755,19 +755,10 @@ impl Store {
             .iter()
             .filter(|e| in_site(e.path().as_str()))
             .filter_map(|e| {
-                codec::snapshot_record(e).map(|mut r| {
-                    // Learned detector state stays at the site: mirrors show results only,
-                    // and it would multiply the bytes per reading on the wire.
-                    if let Some(s) = &mut r.sensor {
-                        s.detector.clear();
-                    }
-                    if let Some(m) = &mut r.machine {
-                        m.detector.clear();
-                    }
-                    rec::TwinDelta {
-                        id: e.id.as_bytes().to_vec(),
-                        record: Some(r),
-                    }
+                // Without learned detector state: it stays at the site.
+                codec::snapshot_record(e, false).map(|r| rec::TwinDelta {
+                    id: e.id.as_bytes().to_vec(),
+                    record: Some(r),
                 })
             })
             .collect();

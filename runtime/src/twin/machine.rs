@@ -14,7 +14,7 @@ use ferrotwin_models::{
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 
 use super::supervise::Children;
-use ferrotwin_models::detect::{AnomalyTransition, DetectorKind, Regime};
+use ferrotwin_models::detect::Regime;
 
 use super::{
     MachineSnap, RejectThrottle, TwinArgs, TwinCtx, TwinMsg, TwinSnapshot, TwinState,
@@ -36,8 +36,6 @@ pub struct MachineTwinState {
     rejects: RejectThrottle,
     /// The sample board's values at an evaluation (allocated once).
     values: Vec<f64>,
-    /// Detectors with an open anomaly episode.
-    open_episodes: Vec<DetectorKind>,
 }
 
 /// Records a restart of a parent twin: counter, log, lifecycle event.
@@ -82,7 +80,16 @@ impl Actor for MachineTwin {
                 _ => MachineSnap::default(),
             };
             if let (Some(board), Some(_)) = (&entry.board, snap.tracker.last_ts) {
-                board.note_state(snap.tracker.state.code(), snap.tracker.state_since);
+                let clock = crate::router::ClockRules {
+                    max_future_skew_ms: ctx.settings.max_future_skew_ms,
+                    clock_step_back_ms: ctx.settings.clock_step_back_ms,
+                };
+                board.note_state(
+                    snap.tracker.state.code(),
+                    snap.tracker.state_since,
+                    now(),
+                    clock,
+                );
             }
             let mut restarts = base.restarts;
             if let Some(why) = restarted_after {
@@ -101,7 +108,6 @@ impl Actor for MachineTwin {
                 publish_scheduled: false,
                 rejects: RejectThrottle::default(),
                 values: Vec::new(),
-                open_episodes: Vec::new(),
             };
             state.publish(now(), true);
             Ok(state)
@@ -308,21 +314,12 @@ impl MachineTwinState {
         inf.rul_hours = v.rul.map(|r| r.hours);
         inf.rul_low_hours = v.rul.map(|r| r.low_hours);
         inf.rul_high_hours = v.rul.map(|r| r.high_hours);
+        // Multivariate and health episodes may be open at once: anomalous while either is,
+        // as the detector (restored with the twin) knows.
+        inf.anomalous = det.anomalous();
         let Some(transition) = v.transition else {
             return;
         };
-        // One episode per detector kind may be open (multivariate and health): the machine
-        // is anomalous while any is.
-        let started = matches!(transition, AnomalyTransition::Started { .. });
-        let kind = match transition {
-            AnomalyTransition::Started { detector, .. }
-            | AnomalyTransition::Ended { detector, .. } => detector,
-        };
-        self.open_episodes.retain(|k| *k != kind);
-        if started {
-            self.open_episodes.push(kind);
-        }
-        inf.anomalous = !self.open_episodes.is_empty();
         let contributors = v
             .contributors
             .iter()

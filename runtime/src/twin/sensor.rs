@@ -13,7 +13,7 @@ use ferrotwin_models::{
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
-use ferrotwin_models::detect::{AnomalyTransition, Regime};
+use ferrotwin_models::detect::Regime;
 
 use super::{
     RejectThrottle, SensorSnap, TwinArgs, TwinCtx, TwinError, TwinMsg, TwinSnapshot, TwinState,
@@ -293,8 +293,8 @@ impl SensorState {
             .map_or(Regime::UNKNOWN, |b| Regime(b.regime_at(at)));
         let verdict = det.update(&self.spec.detect, at, v, regime);
         self.snap.anomaly_score = Some(verdict.score);
+        self.snap.anomalous = det.active().is_some();
         if let Some(t) = verdict.transition {
-            self.snap.anomalous = matches!(t, AnomalyTransition::Started { .. });
             let ev = anomaly_event(self.entry.path(), t, at, "");
             self.ctx.emit(ev).await;
         }
