@@ -182,6 +182,7 @@ impl SiteConfig {
             connections: self.connections.clone(),
             replication: self.replication.clone(),
             enterprise: self.enterprise.clone(),
+            plant_dir: self.plant.parent().map(std::path::Path::to_path_buf),
         }
     }
 }

@@ -94,6 +94,7 @@ pub async fn run(opts: EvalOptions) -> Result<String> {
         .max(opts.hours.ceil() as u64 + 24);
     // A minutes-long simulated outage of a sensor is seconds of wall time here: the
     // staleness sweeper (wall clock) would see nothing, and must not see what is not there.
+    ropts.plant_dir = opts.plant.clone();
     let rt = Runtime::start(&spec, dir.path(), ropts).await?;
 
     let wall = Instant::now();

@@ -52,10 +52,10 @@ pub struct TwinEntry {
 pub struct SampleBoard {
     /// f64 bits; NaN = no usable value (none yet, bad, stale).
     values: Box<[AtomicU64]>,
-    /// The machine's state as sensor detectors read it (their regime): the current and the
-    /// previous state code (255 = none reported) and the source time (ms) the current began,
-    /// packed `cur << 56 | prev << 48 | since_ms` so one load reads them consistently.
-    regime: AtomicU64,
+    /// The machine's recent states as sensor detectors read them (their regime): a twin
+    /// still applying older readings while the router notes newer states must find the
+    /// state at its reading's time, even across a few quick changes.
+    regime: Mutex<RegimeLog>,
     /// Source time (µs) at or after which the next evaluation is due.
     next_eval_us: AtomicI64,
     /// Bit `i`: sensor `i` wrote since the last evaluation (the first 64 sensors).
@@ -70,7 +70,7 @@ impl SampleBoard {
             values: (0..sensors)
                 .map(|_| AtomicU64::new(f64::NAN.to_bits()))
                 .collect(),
-            regime: AtomicU64::new(pack_regime(u8::MAX, u8::MAX, 0)),
+            regime: Mutex::new(RegimeLog::default()),
             next_eval_us: AtomicI64::new(i64::MIN),
             fresh: AtomicU64::new(0),
             all: if sensors >= 64 {
@@ -147,39 +147,63 @@ impl SampleBoard {
         if code > 3 || ts.millis_since(now) > clock.max_future_skew_ms {
             return;
         }
-        let ms = ts.0.div_euclid(1000).clamp(0, REGIME_MS_MASK as i64) as u64;
-        let step_back = u64::try_from(clock.clock_step_back_ms).unwrap_or(0);
-        let _ = self
-            .regime
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |old| {
-                let (cur, _, since) = unpack_regime(old);
-                if cur != u8::MAX && ms < since && since - ms <= step_back {
-                    return None;
-                }
-                if cur == code {
-                    return None;
-                }
-                Some(pack_regime(code, cur, ms))
-            });
+        let mut log = self.regime.lock().expect("regime lock is never poisoned");
+        if let Some((cur, since)) = log.current() {
+            if ts < since && since.millis_since(ts) <= clock.clock_step_back_ms {
+                return;
+            }
+            if ts < since {
+                // The source's clock went back: what was noted after it is void.
+                log.clear();
+            } else if cur == code {
+                return;
+            }
+        }
+        log.push(code, ts);
     }
 
-    /// The machine's state code at source time `ts` (255 = unknown): the current state from
-    /// its start on, the previous one before it.
+    /// The machine's state code at source time `ts` (255 = unknown): the newest noted state
+    /// that began at or before `ts`.
     pub fn regime_at(&self, ts: Timestamp) -> u8 {
-        let (cur, prev, since) = unpack_regime(self.regime.load(Ordering::Acquire));
-        let ms = ts.0.div_euclid(1000).max(0) as u64;
-        if ms >= since { cur } else { prev }
+        self.regime
+            .lock()
+            .expect("regime lock is never poisoned")
+            .at(ts)
     }
 }
 
-const REGIME_MS_MASK: u64 = (1 << 48) - 1;
-
-fn pack_regime(cur: u8, prev: u8, since_ms: u64) -> u64 {
-    (u64::from(cur) << 56) | (u64::from(prev) << 48) | (since_ms & REGIME_MS_MASK)
+/// The last few state changes of a machine, oldest first (bounded: `REGIME_LOG`).
+#[derive(Default)]
+struct RegimeLog {
+    changes: std::collections::VecDeque<(u8, Timestamp)>,
 }
 
-fn unpack_regime(v: u64) -> (u8, u8, u64) {
-    ((v >> 56) as u8, (v >> 48) as u8, v & REGIME_MS_MASK)
+const REGIME_LOG: usize = 8;
+
+impl RegimeLog {
+    fn current(&self) -> Option<(u8, Timestamp)> {
+        self.changes.back().copied()
+    }
+
+    fn clear(&mut self) {
+        self.changes.clear();
+    }
+
+    fn push(&mut self, code: u8, since: Timestamp) {
+        if self.changes.len() == REGIME_LOG {
+            self.changes.pop_front();
+        }
+        self.changes.push_back((code, since));
+    }
+
+    fn at(&self, ts: Timestamp) -> u8 {
+        self.changes
+            .iter()
+            .rev()
+            .find(|(_, since)| *since <= ts)
+            // Before the oldest change kept: unknown (detectors keep that regime apart).
+            .map_or(u8::MAX, |(code, _)| *code)
+    }
 }
 
 /// The unwritten end of a sensor's history.

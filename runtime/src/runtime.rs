@@ -1,6 +1,7 @@
 //! A running site: store, registry, twin tree, router, sweeper and (optionally) the gRPC
 //! server, wired together with one shutdown path.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -37,6 +38,9 @@ pub struct RuntimeOptions {
     pub ingest: IngestOptions,
     /// PLC connections, started once every twin runs.
     pub connections: Vec<ConnectionConfig>,
+    /// Directory of the plant spec file: machine types' model files are relative to it
+    /// (`None`: the working directory).
+    pub plant_dir: Option<PathBuf>,
     /// Site role: replicate to this enterprise.
     pub replication: Option<SiteReplication>,
     /// Enterprise role: accept these sites' replication (mirror twins, no stale sweep).
@@ -94,6 +98,8 @@ pub struct Runtime {
     /// Enterprise role: the receiver of the sites' streams.
     pub enterprise: Option<Arc<EnterpriseReceiver>>,
     pub data_dir: PathBuf,
+    /// Machine models that could not be loaded (each names its file, type and why).
+    pub model_errors: Vec<String>,
     /// Supervisor of the enterprise twin (and so of the whole tree).
     root: ActorRef<PlantMsg>,
     writer: Option<std::thread::JoinHandle<()>>,
@@ -158,6 +164,25 @@ impl Runtime {
         }
         let plant = Arc::new(Plant::new(&assets));
         let root_def = plant.root.clone().ok_or(RuntimeError::EmptyPlant)?;
+        // A model that cannot be used is an error naming its file, type and shapes; the
+        // machines of that type run without it (their detectors still do).
+        let mut model_errors = Vec::new();
+        let models = if opts.enterprise.is_some() {
+            HashMap::new()
+        } else {
+            let spec_c = spec.clone();
+            let dir = opts.plant_dir.clone().unwrap_or_default();
+            let (models, errors) = tokio::task::spawn_blocking(move || {
+                crate::inference::ModelCache::load_for_spec(&spec_c, &dir)
+            })
+            .await
+            .map_err(|e| RuntimeError::Spawn(format!("loading models: {e}")))?;
+            for e in &errors {
+                tracing::error!(error = %e, "machine model not loaded; the type runs without it");
+            }
+            model_errors = errors.iter().map(ToString::to_string).collect();
+            models
+        };
         let hub = Arc::new(WatchHub::new(opts.ingest.watch_ring));
         let metrics = Arc::new(Metrics::default());
         let credits = Credits(Arc::new(AtomicUsize::new(0)));
@@ -181,6 +206,7 @@ impl Runtime {
             settings: opts.twins.clone(),
             metrics: metrics.clone(),
             credits,
+            models,
         });
         let writer = store.start_writer(registry.clone());
         let root_entry = registry
@@ -244,6 +270,7 @@ impl Runtime {
         };
         tracing::info!(twins = registry.len(), data_dir = %data_dir.display(), "runtime started");
         Ok(Runtime {
+            model_errors,
             registry,
             store,
             hub,

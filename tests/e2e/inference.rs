@@ -203,3 +203,157 @@ async fn a_restarted_machine_twin_keeps_what_its_detectors_learned() {
     assert_eq!(restored.health, health, "health after a restart");
     site.rt.shutdown().await;
 }
+
+/// A press whose type names the in-repo ONNX model `window_score.onnx` (16 samples of 3
+/// inputs → the largest |z| of the newest sample against the 15 before it).
+fn model_plant(model_file: &str) -> PlantSpec {
+    let text = format!(
+        r#"
+version = 1
+enterprise = "acme"
+[machine_types.press]
+ideal_cycle_ms = 1000
+[[machine_types.press.sensors]]
+name = "temp"
+[[machine_types.press.sensors]]
+name = "force"
+[[machine_types.press.sensors]]
+name = "speed"
+[machine_types.press.model]
+file = "{model_file}"
+inputs = ["temp", "force", "speed"]
+window = 16
+threshold = 3.0
+[[sites]]
+name = "berlin"
+[[sites.areas]]
+name = "assembly"
+[[sites.areas.lines]]
+name = "line-1"
+machines = [{{ name = "press-1", type = "press" }}]
+"#
+    );
+    PlantSpec::from_toml(&text, "model plant").expect("model plant is valid")
+}
+
+fn models_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../runtime/tests/models")
+}
+
+const PRESS_1: &str = "acme/berlin/assembly/line-1/press-1";
+
+/// Pushes one reading per sensor of press-1 at `ts` and waits until the three twins hold it.
+async fn press_round(site: &crate::common::Site, ts: Timestamp, temp: f64) {
+    let rs = [("temp", temp), ("force", 5.0), ("speed", 100.0)].map(|(s, v)| {
+        ferrotwin_models::Reading::good(
+            crate::common::path(&format!("{PRESS_1}/{s}")).id(),
+            ferrotwin_models::Property::Value,
+            ferrotwin_models::Value::Float(v),
+            ts,
+        )
+    });
+    crate::common::push(site, rs.to_vec()).await;
+    wait_for(10, "the round applied", || async move {
+        ["temp", "force", "speed"]
+            .iter()
+            .all(|s| {
+                let e = site
+                    .rt
+                    .registry
+                    .by_path(&crate::common::path(&format!("{PRESS_1}/{s}")))
+                    .expect("sensor");
+                matches!(&e.snapshot().state, TwinState::Sensor(x) if x.source_ts == ts)
+            })
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_types_onnx_model_scores_its_sensor_window_and_raises_a_model_anomaly() {
+    let spec = model_plant("window_score.onnx");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut opts = options();
+    opts.plant_dir = Some(models_dir());
+    let site = start_plant_in(&spec, dir.path(), opts).await;
+    assert!(
+        site.rt.model_errors.is_empty(),
+        "{:?}",
+        site.rt.model_errors
+    );
+    let t0 = Timestamp(now().0 - 120_000_000);
+    // A flat window scores about 0; one step in temp scores far above the threshold.
+    for k in 0..20 {
+        press_round(&site, Timestamp(t0.0 + k * 1_000_000), 50.0).await;
+    }
+    let mut client = site.client.clone();
+    let flat = wait_for(10, "a model score", || {
+        let mut c = client.clone();
+        async move { get(&mut c, PRESS_1).await.machine?.model_score }
+    })
+    .await;
+    assert!(flat < 3.0, "flat window scored {flat}");
+    // The newest sample is scored against the 15 before it: the step's own round.
+    press_round(&site, Timestamp(t0.0 + 20 * 1_000_000), 80.0).await;
+    let stepped = wait_for(10, "the step's score", || {
+        let mut c = client.clone();
+        async move {
+            get(&mut c, PRESS_1)
+                .await
+                .machine?
+                .model_score
+                .filter(|s| *s > 3.0)
+        }
+    })
+    .await;
+    assert!(stepped.is_finite(), "step scored {stepped}");
+    let ev = wait_for(10, "a model anomaly event", || {
+        let mut c = client.clone();
+        async move {
+            crate::common::events(&mut c, PRESS_1)
+                .await
+                .into_iter()
+                .find(|e| e.kind == "anomaly" && e.alarm == "model")
+        }
+    })
+    .await;
+    assert!(ev.message.contains("model detector"), "{}", ev.message);
+    assert_eq!(get(&mut client, PRESS_1).await.path, PRESS_1);
+    site.rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_of_the_wrong_shape_is_an_error_naming_file_type_and_shapes_and_the_machine_runs_without_it()
+ {
+    let spec = model_plant("bad_input_rank.onnx");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut opts = options();
+    opts.plant_dir = Some(models_dir());
+    let site = start_plant_in(&spec, dir.path(), opts).await;
+    assert_eq!(site.rt.model_errors.len(), 1, "{:?}", site.rt.model_errors);
+    let err = &site.rt.model_errors[0];
+    for part in ["bad_input_rank.onnx", "\"press\"", "[16, 3]", "[1, 16, 3]"] {
+        assert!(err.contains(part), "{part:?} missing in: {err}");
+    }
+    let t0 = Timestamp(now().0 - 60_000_000);
+    for k in 0..3 {
+        press_round(&site, Timestamp(t0.0 + k * 1_000_000), 50.0).await;
+    }
+    let mut client = site.client.clone();
+    let m = get(&mut client, PRESS_1).await.machine.expect("machine");
+    assert_eq!(m.model_score, None);
+    site.rt.shutdown().await;
+
+    // A missing file: an error of its own, and the runtime still starts.
+    let spec = model_plant("no-such-model.onnx");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut opts = options();
+    opts.plant_dir = Some(models_dir());
+    let site = start_plant_in(&spec, dir.path(), opts).await;
+    assert!(
+        site.rt.model_errors.len() == 1 && site.rt.model_errors[0].contains("no-such-model.onnx"),
+        "{:?}",
+        site.rt.model_errors
+    );
+    site.rt.shutdown().await;
+}

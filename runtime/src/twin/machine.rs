@@ -14,12 +14,13 @@ use ferrotwin_models::{
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 
 use super::supervise::Children;
-use ferrotwin_models::detect::Regime;
+use ferrotwin_models::detect::{DetectorKind, EpisodeTracker, Hysteresis, Regime};
 
 use super::{
     MachineSnap, RejectThrottle, TwinArgs, TwinCtx, TwinMsg, TwinSnapshot, TwinState,
     anomaly_event, now,
 };
+use crate::inference::{ModelWindow, OnnxModel};
 use crate::registry::TwinEntry;
 
 pub struct MachineTwin;
@@ -36,6 +37,49 @@ pub struct MachineTwinState {
     rejects: RejectThrottle,
     /// The sample board's values at an evaluation (allocated once).
     values: Vec<f64>,
+    /// The machine type's ONNX model, when it has one that loaded.
+    model: Option<MachineModel>,
+}
+
+/// A machine twin's user model: the shared plan, this twin's window of its inputs, and the
+/// episode of its score over the spec's threshold.
+struct MachineModel {
+    model: Arc<OnnxModel>,
+    window: ModelWindow,
+    /// Board index of each model input, in the spec's input order.
+    inputs: Vec<usize>,
+    row: Vec<f64>,
+    hysteresis: Hysteresis,
+    episode: EpisodeTracker,
+    /// Scoring failures not yet logged (logged at most once a minute of source time).
+    failures: u64,
+    last_log: Timestamp,
+}
+
+impl MachineModel {
+    fn new(spec: &MachineType, model: Arc<OnnxModel>) -> Option<MachineModel> {
+        let ms = spec.model.as_ref()?;
+        let inputs = ms
+            .inputs
+            .iter()
+            .map(|name| spec.sensors.iter().position(|s| &s.name == name))
+            .collect::<Option<Vec<_>>>()?;
+        Some(MachineModel {
+            window: ModelWindow::for_spec(ms),
+            row: Vec::with_capacity(inputs.len()),
+            inputs,
+            model,
+            hysteresis: Hysteresis {
+                threshold: ms.threshold,
+                release: ms.threshold * 0.8,
+                on_delay_ms: 0,
+                off_delay_ms: 30_000,
+            },
+            episode: EpisodeTracker::new(),
+            failures: 0,
+            last_log: Timestamp::ZERO,
+        })
+    }
 }
 
 /// Records a restart of a parent twin: counter, log, lifecycle event.
@@ -108,7 +152,11 @@ impl Actor for MachineTwin {
                 publish_scheduled: false,
                 rejects: RejectThrottle::default(),
                 values: Vec::new(),
+                model: None,
             };
+            if let Some(m) = state.ctx.models.get(state.entry.def.kind.type_name()) {
+                state.model = MachineModel::new(&state.spec, m.clone());
+            }
             state.publish(now(), true);
             Ok(state)
         })
@@ -301,12 +349,18 @@ impl MachineTwinState {
             return;
         };
         board.read(&mut self.values);
+        self.run_model(at).await;
         let Some(det) = self.snap.detector.as_mut() else {
             return;
         };
         // The board's state, not the tracker's: the router notes states before delivering,
         // so it holds the state at `at` even while this twin's inbox waits.
-        let regime = Regime(board.regime_at(at));
+        let regime = Regime(
+            self.entry
+                .board
+                .as_ref()
+                .map_or(u8::MAX, |b| b.regime_at(at)),
+        );
         let v = det.update(&self.spec.detect, at, &self.values, regime);
         let inf = &mut self.snap.inference;
         inf.anomaly_score = Some(v.score);
@@ -332,6 +386,44 @@ impl MachineTwinState {
             .join(", ");
         let ev = anomaly_event(self.entry.path(), transition, at, &contributors);
         self.ctx.emit(ev).await;
+    }
+
+    /// Feeds the user model this evaluation's inputs (NaN for a missing one empties its
+    /// window) and publishes its score when a window is due; a score over the spec's
+    /// threshold opens a `model` anomaly episode. A failing model is logged, never fatal.
+    async fn run_model(&mut self, at: Timestamp) {
+        let Some(m) = self.model.as_mut() else {
+            return;
+        };
+        m.row.clear();
+        m.row.extend(
+            m.inputs
+                .iter()
+                .map(|&i| self.values.get(i).copied().unwrap_or(f64::NAN)),
+        );
+        if !m.window.push(&m.row) {
+            return;
+        }
+        match m.model.score(&m.window) {
+            Ok(score) => {
+                self.snap.inference.model_score = Some(score);
+                if let Some(t) = m
+                    .episode
+                    .update(&m.hysteresis, at, score, DetectorKind::Model)
+                {
+                    let ev = anomaly_event(self.entry.path(), t, at, "");
+                    self.ctx.emit(ev).await;
+                }
+            }
+            Err(e) => {
+                m.failures += 1;
+                if at.millis_since(m.last_log) >= 60_000 {
+                    tracing::warn!(asset = %self.entry.path(), error = %e, failures = m.failures, "machine model failed");
+                    m.failures = 0;
+                    m.last_log = at;
+                }
+            }
+        }
     }
 
     fn schedule(&mut self, myself: &ActorRef<TwinMsg>) {

@@ -118,6 +118,8 @@ pub struct TwinCtx {
     pub metrics: Arc<Metrics>,
     /// The router's in-flight budget (readings sent to twins and not yet handled).
     pub credits: Credits,
+    /// Users' ONNX models by machine type (the types whose model loaded).
+    pub models: HashMap<String, Arc<crate::inference::OnnxModel>>,
 }
 
 impl TwinCtx {
