@@ -290,9 +290,24 @@ async fn a_watcher_that_falls_behind_is_told_it_lagged_and_gets_a_fresh_snapshot
         .into_inner();
     // The client reads nothing while far more changes than its queue, the stream buffer and
     // the HTTP/2 window hold go by; the twins never wait for it.
+    // Each reading applied before the next is sent: one published change per reading, however
+    // loaded the machine is (the twin would otherwise coalesce a burst into a few changes).
+    let force = site.rt.registry.by_path(&path(FORCE)).expect("force twin");
     for i in 0..3000 {
         push(&site, vec![float(FORCE, f64::from(i))]).await;
-        tokio::task::yield_now().await;
+        let applied = || {
+            matches!(&force.snapshot().state,
+                ferrotwin_runtime::twin::TwinState::Sensor(s)
+                    if s.value == Some(ferrotwin_models::Value::Float(f64::from(i))))
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !applied() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "reading {i} not applied in 10 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_micros(200)).await;
+        }
     }
     let mut c = site.client.clone();
     wait_for(

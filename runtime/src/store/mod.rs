@@ -202,6 +202,33 @@ pub struct Store {
 /// the enterprise as a dropped range.
 const MAX_RECOVERY_EVENTS: usize = 100_000;
 
+/// How long `open` waits for a store that another runtime of this process (or a process
+/// that is exiting) is still closing: sled holds a file lock until its last handle is gone,
+/// and a runtime stopped a moment ago may still be dropping it on another thread.
+const LOCK_WAIT: Duration = Duration::from_secs(10);
+
+fn open_db(dir: &Path) -> sled::Result<sled::Db> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match sled::Config::new()
+            .path(dir)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+        {
+            Err(sled::Error::Io(e))
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.to_string().contains("could not acquire lock") =>
+            {
+                if std::time::Instant::now() >= deadline {
+                    return Err(sled::Error::Io(e));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
 impl Store {
     /// Opens (or creates) the store in `dir`. A directory that holds something other than a
     /// ferrotwin store, or a store of another format, is an error naming the directory:
@@ -209,14 +236,10 @@ impl Store {
     pub fn open(dir: &Path, cfg: StoreConfig) -> Result<Store, StoreError> {
         let dir = dir.to_path_buf();
         let existing_files = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
-        let db = sled::Config::new()
-            .path(&dir)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|source| StoreError::Open {
-                dir: dir.clone(),
-                source,
-            })?;
+        let db = open_db(&dir).map_err(|source| StoreError::Open {
+            dir: dir.clone(),
+            source,
+        })?;
         let io = |source| StoreError::Io {
             dir: dir.clone(),
             source,
