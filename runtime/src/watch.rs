@@ -6,6 +6,7 @@
 //! counts the change as missed, and the watcher, seeing the count, tells its client it
 //! lagged and resyncs from a fresh snapshot (the coalesced latest value of every asset).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -35,8 +36,35 @@ struct Sub {
     missed: Arc<AtomicU64>,
 }
 
+/// The watchers, with an index by subtree: a change is offered to the watchers of its own
+/// path and its ancestors (a handful of lookups), not checked against every watcher, so 50
+/// open pages cost the twins about what one does.
+#[derive(Default)]
+struct Subs {
+    list: Vec<Sub>,
+    /// Subtree path → indexes into `list`; `everything`: watchers of the whole plant.
+    by_prefix: HashMap<String, Vec<usize>>,
+    everything: Vec<usize>,
+}
+
+/// Up to this many watchers a plain scan is cheaper than the index's lookups.
+const SCAN_AT_MOST: usize = 8;
+
+impl Subs {
+    fn reindex(&mut self) {
+        self.by_prefix.clear();
+        self.everything.clear();
+        for (i, s) in self.list.iter().enumerate() {
+            match &s.prefix {
+                Some(p) => self.by_prefix.entry(p.to_string()).or_default().push(i),
+                None => self.everything.push(i),
+            }
+        }
+    }
+}
+
 pub struct WatchHub {
-    subs: RwLock<Vec<Sub>>,
+    subs: RwLock<Subs>,
     /// `subs.len()`, read without the lock on every publish.
     count: AtomicUsize,
     next_id: AtomicU64,
@@ -66,15 +94,16 @@ impl Watcher {
 impl Drop for Watcher {
     fn drop(&mut self) {
         let mut subs = self.hub.subs.write().expect("watch lock is never poisoned");
-        subs.retain(|s| s.id != self.id);
-        self.hub.count.store(subs.len(), Ordering::Release);
+        subs.list.retain(|s| s.id != self.id);
+        subs.reindex();
+        self.hub.count.store(subs.list.len(), Ordering::Release);
     }
 }
 
 impl WatchHub {
     pub fn new(capacity: usize) -> WatchHub {
         WatchHub {
-            subs: RwLock::new(Vec::new()),
+            subs: RwLock::new(Subs::default()),
             count: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
             capacity: capacity.max(16),
@@ -97,7 +126,7 @@ impl WatchHub {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let missed = Arc::new(AtomicU64::new(0));
         let mut subs = self.subs.write().expect("watch lock is never poisoned");
-        subs.push(Sub {
+        subs.list.push(Sub {
             id,
             prefix,
             max_depth,
@@ -105,7 +134,8 @@ impl WatchHub {
             tx,
             missed: missed.clone(),
         });
-        self.count.store(subs.len(), Ordering::Release);
+        subs.reindex();
+        self.count.store(subs.list.len(), Ordering::Release);
         Watcher {
             hub: self.clone(),
             id,
@@ -120,15 +150,37 @@ impl WatchHub {
         }
         let subs = self.subs.read().expect("watch lock is never poisoned");
         let depth = path.depth();
-        for s in subs.iter() {
-            if (is_event && !s.events)
-                || (!is_event && s.max_depth.is_some_and(|d| depth > d))
-                || s.prefix.as_ref().is_some_and(|p| !path.starts_with(p))
-            {
-                continue;
+        let deliver = |s: &Sub| {
+            if (is_event && !s.events) || (!is_event && s.max_depth.is_some_and(|d| depth > d)) {
+                return;
             }
             if s.tx.try_send(change()).is_err() {
                 s.missed.fetch_add(1, Ordering::AcqRel);
+            }
+        };
+        if subs.list.len() <= SCAN_AT_MOST {
+            for s in &subs.list {
+                if s.prefix.as_ref().is_none_or(|p| path.starts_with(p)) {
+                    deliver(s);
+                }
+            }
+            return;
+        }
+        for &i in &subs.everything {
+            deliver(&subs.list[i]);
+        }
+        // The path itself and each ancestor: every subtree that holds it.
+        let p = path.as_str();
+        let ends = p
+            .char_indices()
+            .filter(|&(_, c)| c == '/')
+            .map(|(i, _)| i)
+            .chain(std::iter::once(p.len()));
+        for end in ends {
+            if let Some(idx) = subs.by_prefix.get(&p[..end]) {
+                for &i in idx {
+                    deliver(&subs.list[i]);
+                }
             }
         }
     }
@@ -151,5 +203,63 @@ impl WatchHub {
 
     pub fn watchers(&self) -> usize {
         self.count.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ferrotwin_models::{EventKind, Severity, Timestamp};
+
+    use super::*;
+
+    fn event(path: &str) -> Arc<Event> {
+        Arc::new(Event::new(
+            AssetPath::parse(path).expect("path"),
+            Timestamp(1),
+            EventKind::Lifecycle,
+            Severity::Info,
+            "x",
+        ))
+    }
+
+    /// With more watchers than a scan serves, the index offers a change to exactly the
+    /// watchers whose subtree holds it (a path boundary is a `/`: `a/b` does not hold `a/bc`).
+    #[test]
+    fn the_subtree_index_offers_a_change_to_exactly_the_watchers_that_hold_it() {
+        let hub = Arc::new(WatchHub::new(64));
+        let prefixes = [
+            None,
+            Some("acme"),
+            Some("acme/b"),
+            Some("acme/bc"),
+            Some("acme/b/area"),
+            Some("acme/b/area/line-1"),
+            Some("acme/b/area/line-10"),
+            Some("acme/x"),
+            Some("acme/b/area/line-1/m-1"),
+            Some("acme/b/area/line-1/m-1/temp"),
+        ];
+        let mut ws: Vec<(Option<&str>, Watcher)> = prefixes
+            .iter()
+            .map(|p| {
+                let prefix = p.map(|p| AssetPath::parse(p).expect("prefix"));
+                (*p, hub.subscribe(prefix, true))
+            })
+            .collect();
+        assert!(ws.len() > SCAN_AT_MOST);
+        hub.event(event("acme/b/area/line-1/m-1/temp"));
+        for (p, w) in &mut ws {
+            let got = w.rx.try_recv().is_ok();
+            let want = !matches!(p, Some("acme/bc" | "acme/b/area/line-10" | "acme/x"));
+            assert_eq!(got, want, "watcher of {p:?}");
+        }
+        // A watcher dropped: the others keep their places.
+        let (_, gone) = ws.remove(1);
+        drop(gone);
+        hub.event(event("acme/x/y"));
+        for (p, w) in &mut ws {
+            let got = w.rx.try_recv().is_ok();
+            assert_eq!(got, matches!(p, None | Some("acme/x")), "watcher of {p:?}");
+        }
     }
 }
