@@ -10,14 +10,13 @@
 //! paired into episodes and matched with the labels (`ferrotwin_sim::score`).
 
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use ferrotwin_models::spec::PlantSpec;
-use ferrotwin_models::{
-    AssetPath, EventKind, IngestSink, Level, PushBackReason, Reading, Timestamp,
-};
+use ferrotwin_models::{AssetPath, EventKind, Level, Reading, Timestamp};
+use ferrotwin_sim::driver::{DriverStats, push_all};
 use ferrotwin_sim::generate::{PlantSize, generate};
 use ferrotwin_sim::model::PlantSim;
 use ferrotwin_sim::scenario::Scenario;
@@ -25,7 +24,7 @@ use ferrotwin_sim::score::{Detection, ScoreWindow, score};
 
 use crate::runtime::{Runtime, RuntimeOptions};
 use crate::store::EventFilter;
-use crate::twin::{TwinMsg, now};
+use crate::twin::now;
 
 /// Start of an anomaly event's message; the end's starts with `ANOMALY_ENDED`.
 pub const ANOMALY_STARTED: &str = "anomaly started";
@@ -161,6 +160,8 @@ pub async fn drive(
     let step_ms = step_ms.max(1);
     let sync_us = sync_ms.max(step_ms) * 1000;
     let out = tokio::task::spawn_blocking(move || {
+        let never = AtomicBool::new(false);
+        let mut stats = DriverStats::default();
         let mut buf: Vec<Reading> = Vec::new();
         let mut t = sim.now();
         let mut next_sync = t.0 + sync_us;
@@ -169,20 +170,9 @@ pub async fn drive(
             t = t.plus_ms(step_ms).min(end);
             sim.step(t, &mut buf);
             total += buf.len() as u64;
-            for chunk in buf.chunks(4096) {
-                let mut batch = chunk.to_vec();
-                loop {
-                    match router.try_push(batch) {
-                        Ok(()) => break,
-                        Err(pb) if pb.why == PushBackReason::Busy => {
-                            batch = pb.batch;
-                            std::thread::sleep(Duration::from_micros(200));
-                        }
-                        Err(_) => return (sim, total, false),
-                    }
-                }
+            if push_all(&*router, &mut buf, 4096, &never, &mut stats).is_err() {
+                return (sim, total, false);
             }
-            buf.clear();
             if t.0 >= next_sync || t >= end {
                 next_sync = t.0 + sync_us;
                 while credits.0.load(Ordering::Acquire) > 0 {
@@ -205,23 +195,8 @@ pub async fn drive(
 /// question behind its queued messages (sensors first: their last drains may still send
 /// their machine an `Evaluate`).
 async fn settle(rt: &Runtime) {
-    let all = rt.registry.all();
     for level in [Level::Sensor, Level::Machine] {
-        let actors: Vec<_> = all
-            .iter()
-            .filter(|e| e.level() == level)
-            .filter_map(|e| e.actor())
-            .collect();
-        for chunk in actors.chunks(1000) {
-            let mut set = tokio::task::JoinSet::new();
-            for a in chunk {
-                let a = a.clone();
-                set.spawn(async move {
-                    crate::twin::ask(&a, TwinMsg::FlushHistory, Duration::from_secs(30)).await
-                });
-            }
-            while set.join_next().await.is_some() {}
-        }
+        crate::twin::flush_all(&rt.registry, level, Duration::from_secs(30)).await;
     }
 }
 

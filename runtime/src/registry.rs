@@ -81,14 +81,6 @@ impl SampleBoard {
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.values.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.values.is_empty()
-    }
-
     /// Records sensor `index`'s value (NaN = unusable). Returns true when the caller should
     /// send the machine an `Evaluate` for `ts`: once the due instant has passed and every
     /// sensor wrote since the last evaluation (so the machine sees one instant, not a mix of

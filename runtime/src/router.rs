@@ -39,13 +39,18 @@ pub struct ClockRules {
     pub clock_step_back_ms: i64,
 }
 
-impl Default for ClockRules {
-    fn default() -> ClockRules {
-        let t = crate::twin::TwinSettings::default();
+impl ClockRules {
+    pub fn of(t: &crate::twin::TwinSettings) -> ClockRules {
         ClockRules {
             max_future_skew_ms: t.max_future_skew_ms,
             clock_step_back_ms: t.clock_step_back_ms,
         }
+    }
+}
+
+impl Default for ClockRules {
+    fn default() -> ClockRules {
+        ClockRules::of(&crate::twin::TwinSettings::default())
     }
 }
 

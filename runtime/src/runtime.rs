@@ -193,10 +193,7 @@ impl Runtime {
                 credits.clone(),
                 opts.ingest.max_inflight_readings,
             )
-            .with_clock_rules(crate::router::ClockRules {
-                max_future_skew_ms: opts.twins.max_future_skew_ms,
-                clock_step_back_ms: opts.twins.clock_step_back_ms,
-            }),
+            .with_clock_rules(crate::router::ClockRules::of(&opts.twins)),
         );
         let ctx = Arc::new(TwinCtx {
             registry: registry.clone(),
@@ -363,23 +360,12 @@ impl Runtime {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         // Each sensor finishes what it is applying, then queues its tail; many at a time.
-        let sensors: Vec<_> = self
-            .registry
-            .all()
-            .into_iter()
-            .filter(|e| matches!(e.def.kind, AssetKind::Sensor { .. }))
-            .filter_map(|e| e.actor())
-            .collect();
-        for chunk in sensors.chunks(10_000) {
-            let mut set = tokio::task::JoinSet::new();
-            for a in chunk {
-                let a = a.clone();
-                set.spawn(async move {
-                    crate::twin::ask(&a, TwinMsg::FlushHistory, Duration::from_secs(5)).await
-                });
-            }
-            while set.join_next().await.is_some() {}
-        }
+        crate::twin::flush_all(
+            &self.registry,
+            ferrotwin_models::Level::Sensor,
+            Duration::from_secs(5),
+        )
+        .await;
         let _ = self
             .root
             .stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(30)))

@@ -44,14 +44,15 @@ impl Default for DriveOptions {
 }
 
 /// Why pushing a step's readings ended early.
-enum Halt {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Halt {
     Closed,
     Stopped,
 }
 
 /// Pushes `readings` in batches of at most `max_batch`, retrying Busy batches until they are
 /// taken. Leaves `readings` empty (its capacity kept for the next step).
-fn push_all(
+pub fn push_all(
     sink: &dyn IngestSink,
     readings: &mut Vec<Reading>,
     max_batch: usize,

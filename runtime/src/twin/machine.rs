@@ -124,10 +124,7 @@ impl Actor for MachineTwin {
                 _ => MachineSnap::default(),
             };
             if let (Some(board), Some(_)) = (&entry.board, snap.tracker.last_ts) {
-                let clock = crate::router::ClockRules {
-                    max_future_skew_ms: ctx.settings.max_future_skew_ms,
-                    clock_step_back_ms: ctx.settings.clock_step_back_ms,
-                };
+                let clock = crate::router::ClockRules::of(&ctx.settings);
                 board.note_state(
                     snap.tracker.state.code(),
                     snap.tracker.state_since,

@@ -26,7 +26,9 @@ use ferrotwin_models::oee::OeeTracker;
 use ferrotwin_models::rollup::RollUp;
 use ferrotwin_models::spec::{AssetDef, AssetKind, MachineType, SensorSpec};
 use ferrotwin_models::stats::RunningStats;
-use ferrotwin_models::{AssetId, AssetPath, Event, EventKind, Quality, Severity, Timestamp, Value};
+use ferrotwin_models::{
+    AssetId, AssetPath, Event, EventKind, Level, Quality, Severity, Timestamp, Value,
+};
 use ractor::{Actor, ActorCell, ActorRef, RpcReplyPort, SpawnErr};
 
 use crate::metrics::Metrics;
@@ -506,6 +508,26 @@ pub async fn spawn_twin(
     entry.set_actor(Some(actor.clone()));
     entry.kick(&actor);
     Ok(actor)
+}
+
+/// Asks every running twin of `level` to write its history tail, many at a time, and
+/// returns once each answered (or `timeout` passed for it). The answer comes after the
+/// twin handled everything queued before the question: also a barrier for its mailbox.
+pub async fn flush_all(registry: &Registry, level: Level, timeout: Duration) {
+    let actors: Vec<_> = registry
+        .all()
+        .into_iter()
+        .filter(|e| e.level() == level)
+        .filter_map(|e| e.actor())
+        .collect();
+    for chunk in actors.chunks(10_000) {
+        let mut set = tokio::task::JoinSet::new();
+        for a in chunk {
+            let a = a.clone();
+            set.spawn(async move { ask(&a, TwinMsg::FlushHistory, timeout).await });
+        }
+        while set.join_next().await.is_some() {}
+    }
 }
 
 /// Asks a twin and waits at most `timeout` for the answer.
