@@ -14,6 +14,11 @@ use ferrotwin_models::value::ValueType;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+// Rows aligned in columns read as a table; rustfmt would spread each over eight lines.
+#[rustfmt::skip]
+mod catalogue;
+use catalogue::CATALOGUE;
+
 /// How big a generated plant is. Counts are per parent: `areas` per site, `lines` per area,
 /// `machines` per line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,280 +108,125 @@ fn name_at(list: &[&str], prefix: &str, i: usize) -> String {
     }
 }
 
-fn alarm(
-    name: &str,
+/// A machine type of the catalogue.
+struct MachineTypeRow {
+    name: &'static str,
+    description: &'static str,
+    ideal_cycle_ms: f64,
+    sensors: &'static [SensorRow],
+    /// In any order across sensors; a sensor's alarms keep their order here.
+    alarms: &'static [AlarmRow],
+}
+
+/// A sensor of a catalogue machine type, in `SensorSpec`'s terms.
+struct SensorRow {
+    name: &'static str,
+    kind: SensorKind,
+    unit: &'static str,
+    value_type: ValueType,
+    min: f64,
+    max: f64,
+    period_ms: u64,
+}
+
+/// A limit alarm on the catalogue sensor named `sensor`, in `AlarmLimit`'s terms. It returns
+/// as soon as the value is back past the deadband (no off-delay).
+struct AlarmRow {
+    sensor: &'static str,
+    name: &'static str,
     kind: LimitKind,
     limit: f64,
     deadband: f64,
     on_delay_ms: u64,
     severity: Severity,
-) -> AlarmLimit {
-    AlarmLimit {
-        name: name.to_string(),
-        kind,
-        limit,
-        deadband,
-        on_delay_ms,
-        off_delay_ms: 0,
-        severity,
+}
+
+impl SensorRow {
+    fn to_spec(&self, alarms: Vec<AlarmLimit>) -> SensorSpec {
+        SensorSpec {
+            name: self.name.to_string(),
+            kind: self.kind,
+            unit: self.unit.to_string(),
+            value_type: self.value_type,
+            min: Some(self.min),
+            max: Some(self.max),
+            period_ms: self.period_ms,
+            stale_after_periods: 3,
+            alarms,
+            detect: Default::default(),
+        }
     }
 }
 
-/// A sensor; `alarms` may be empty. The first sensor of every type is its temperature, so a
-/// truncated type keeps the sensor the overheating fault needs.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "a table row: one argument per spec column"
-)]
-fn sensor(
-    name: &str,
-    kind: SensorKind,
-    unit: &str,
-    value_type: ValueType,
-    min: f64,
-    max: f64,
-    period_ms: u64,
-    alarms: Vec<AlarmLimit>,
-) -> SensorSpec {
-    SensorSpec {
-        name: name.to_string(),
-        kind,
-        unit: unit.to_string(),
-        value_type,
-        min: Some(min),
-        max: Some(max),
-        period_ms,
-        stale_after_periods: 3,
-        alarms,
-        detect: Default::default(),
+impl AlarmRow {
+    fn to_limit(&self) -> AlarmLimit {
+        AlarmLimit {
+            name: self.name.to_string(),
+            kind: self.kind,
+            limit: self.limit,
+            deadband: self.deadband,
+            on_delay_ms: self.on_delay_ms,
+            off_delay_ms: 0,
+            severity: self.severity,
+        }
     }
-}
-
-/// Vibration alarm at the ISO 10816 class II "unacceptable" boundary (11.2 mm/s RMS) or lower
-/// for smaller machines: healthy bearings stay well below it, worn ones cross it.
-fn vibration(limit: f64) -> SensorSpec {
-    use SensorKind::Vibration;
-    sensor(
-        "vibration",
-        Vibration,
-        "mm/s",
-        ValueType::Float,
-        0.0,
-        50.0,
-        500,
-        vec![alarm(
-            "high",
-            LimitKind::High,
-            limit,
-            0.5,
-            5000,
-            Severity::High,
-        )],
-    )
 }
 
 /// The machine types every generated plant defines, in the order the seed picks from.
-pub const MACHINE_TYPES: [&str; 5] = ["cnc-mill", "press", "conveyor", "robot-cell", "oven"];
+pub const MACHINE_TYPES: [&str; CATALOGUE.len()] = catalogue_names();
+
+const fn catalogue_names() -> [&'static str; CATALOGUE.len()] {
+    let mut names = [""; CATALOGUE.len()];
+    let mut i = 0;
+    // A const fn cannot use `for`.
+    while i < names.len() {
+        names[i] = CATALOGUE[i].name;
+        i += 1;
+    }
+    names
+}
 
 fn machine_type(name: &str) -> MachineType {
-    use LimitKind::{High, Low};
-    use SensorKind::*;
-    use ValueType::{Bool, Float, Int};
-    let (description, ideal_cycle_ms, sensors) = match name {
-        "cnc-mill" => (
-            "5-axis CNC milling centre",
-            45_000.0,
-            vec![
-                sensor(
-                    "spindle-temp",
-                    Temperature,
-                    "degC",
-                    Float,
-                    0.0,
-                    150.0,
-                    1000,
-                    vec![alarm("high", High, 85.0, 2.0, 2000, Severity::High)],
-                ),
-                sensor(
-                    "spindle-speed",
-                    Speed,
-                    "rpm",
-                    Float,
-                    0.0,
-                    24_000.0,
-                    1000,
-                    vec![],
-                ),
-                vibration(11.2),
-                sensor("power", Power, "kW", Float, 0.0, 40.0, 1000, vec![]),
-                sensor(
-                    "coolant-flow",
-                    Flow,
-                    "l/min",
-                    Float,
-                    0.0,
-                    60.0,
-                    1000,
-                    vec![alarm("low", Low, 8.0, 1.0, 3000, Severity::Medium)],
-                ),
-            ],
-        ),
-        "press" => (
-            "hydraulic stamping press",
-            4_000.0,
-            vec![
-                sensor(
-                    "oil-temp",
-                    Temperature,
-                    "degC",
-                    Float,
-                    0.0,
-                    120.0,
-                    1000,
-                    vec![alarm("high", High, 70.0, 2.0, 2000, Severity::High)],
-                ),
-                sensor(
-                    "hydraulic-pressure",
-                    Pressure,
-                    "bar",
-                    Float,
-                    0.0,
-                    350.0,
-                    1000,
-                    vec![
-                        alarm("high", High, 300.0, 5.0, 1000, Severity::Critical),
-                        alarm("low", Low, 120.0, 5.0, 2000, Severity::High),
-                    ],
-                ),
-                vibration(11.2),
-                sensor("power", Power, "kW", Float, 0.0, 150.0, 1000, vec![]),
-                sensor(
-                    "stroke-rate",
-                    Speed,
-                    "1/min",
-                    Float,
-                    0.0,
-                    30.0,
-                    1000,
-                    vec![],
-                ),
-            ],
-        ),
-        "conveyor" => (
-            "belt conveyor",
-            1_500.0,
-            vec![
-                sensor(
-                    "motor-temp",
-                    Temperature,
-                    "degC",
-                    Float,
-                    0.0,
-                    130.0,
-                    1000,
-                    vec![alarm("high", High, 95.0, 2.0, 2000, Severity::Medium)],
-                ),
-                sensor("belt-speed", Speed, "m/min", Float, 0.0, 60.0, 1000, vec![]),
-                vibration(7.1),
-                sensor("parts-on-belt", Generic, "", Int, 0.0, 40.0, 1000, vec![]),
-            ],
-        ),
-        "robot-cell" => (
-            "6-axis welding robot cell",
-            30_000.0,
-            vec![
-                sensor(
-                    "joint-temp",
-                    Temperature,
-                    "degC",
-                    Float,
-                    0.0,
-                    120.0,
-                    1000,
-                    vec![alarm("high", High, 80.0, 2.0, 2000, Severity::High)],
-                ),
-                sensor("power", Power, "kW", Float, 0.0, 20.0, 1000, vec![]),
-                vibration(4.5),
-                sensor(
-                    "air-pressure",
-                    Pressure,
-                    "bar",
-                    Float,
-                    0.0,
-                    10.0,
-                    1000,
-                    vec![alarm("low", Low, 4.5, 0.2, 2000, Severity::Medium)],
-                ),
-                sensor("wire-feed", Speed, "m/min", Float, 0.0, 20.0, 1000, vec![]),
-            ],
-        ),
-        "oven" => (
-            "convection curing oven",
-            60_000.0,
-            vec![
-                sensor(
-                    "zone-1-temp",
-                    Temperature,
-                    "degC",
-                    Float,
-                    0.0,
-                    300.0,
-                    1000,
-                    vec![alarm("high", High, 260.0, 3.0, 2000, Severity::Critical)],
-                ),
-                sensor(
-                    "zone-2-temp",
-                    Temperature,
-                    "degC",
-                    Float,
-                    0.0,
-                    300.0,
-                    1000,
-                    vec![alarm("high", High, 260.0, 3.0, 2000, Severity::Critical)],
-                ),
-                sensor("fan-speed", Speed, "rpm", Float, 0.0, 1800.0, 1000, vec![]),
-                sensor("power", Power, "kW", Float, 0.0, 80.0, 1000, vec![]),
-                // A Power-kind bool: on while the oven draws more than half its range.
-                sensor("heater-on", Power, "", Bool, 0.0, 1.0, 1000, vec![]),
-                sensor(
-                    "exhaust-flow",
-                    Flow,
-                    "m3/h",
-                    Float,
-                    0.0,
-                    1200.0,
-                    1000,
-                    vec![],
-                ),
-            ],
-        ),
-        other => unreachable!("machine type {other:?} is not in MACHINE_TYPES"),
+    let Some(row) = CATALOGUE.iter().find(|t| t.name == name) else {
+        unreachable!("machine type {name:?} is not in MACHINE_TYPES")
     };
+    let sensors = row
+        .sensors
+        .iter()
+        .map(|s| {
+            let alarms = row.alarms.iter().filter(|a| a.sensor == s.name);
+            s.to_spec(alarms.map(AlarmRow::to_limit).collect())
+        })
+        .collect();
     MachineType {
-        description: description.to_string(),
-        ideal_cycle_ms,
+        description: row.description.to_string(),
+        ideal_cycle_ms: row.ideal_cycle_ms,
         sensors,
         detect: Default::default(),
         model: None,
     }
 }
 
+/// What `sensors_per_machine` pads a type with, named `aux-1`, `aux-2`, … in place of `aux`.
+const AUX_SENSOR: SensorRow = SensorRow {
+    name: "aux",
+    kind: SensorKind::Generic,
+    unit: "",
+    value_type: ValueType::Float,
+    min: 0.0,
+    max: 100.0,
+    period_ms: 1000,
+};
+
 fn fit_sensors(sensors: &mut Vec<SensorSpec>, k: u32) {
     let k = k as usize;
     sensors.truncate(k);
     let natural = sensors.len();
     for i in natural..k {
-        let name = format!("aux-{}", i - natural + 1);
-        sensors.push(sensor(
-            &name,
-            SensorKind::Generic,
-            "",
-            ValueType::Float,
-            0.0,
-            100.0,
-            1000,
-            vec![],
-        ));
+        sensors.push(SensorSpec {
+            name: format!("aux-{}", i - natural + 1),
+            ..AUX_SENSOR.to_spec(vec![])
+        });
     }
 }
 
@@ -561,6 +411,22 @@ mod tests {
         for mt in truncated.machine_types.values() {
             assert_eq!(mt.sensors.len(), 2);
             assert_eq!(mt.sensors[0].kind, SensorKind::Temperature);
+        }
+    }
+
+    #[test]
+    fn every_catalogue_alarm_is_on_a_sensor_of_its_type() {
+        // An alarm row is matched to its sensor by name: a misspelt name would drop it silently.
+        for row in &CATALOGUE {
+            for alarm in row.alarms {
+                assert!(
+                    row.sensors.iter().any(|s| s.name == alarm.sensor),
+                    "{}: alarm {:?} is on {:?}, not a sensor of the type",
+                    row.name,
+                    alarm.name,
+                    alarm.sensor
+                );
+            }
         }
     }
 
