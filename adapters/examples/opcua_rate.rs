@@ -14,7 +14,7 @@ use ferrotwin_adapters::{ConnectionConfig, LinkState};
 use ferrotwin_models::spec::AssetKind;
 use ferrotwin_models::{IngestSink, PushBack, Reading, Timestamp};
 use ferrotwin_sim::generate::{PlantSize, generate};
-use ferrotwin_sim::serve::{ServedPlant, wall_clock_now};
+use ferrotwin_sim::serve::ServedPlant;
 use tokio_util::sync::CancellationToken;
 
 /// Counts and drops.
@@ -45,7 +45,7 @@ async fn main() {
         },
         1,
     );
-    let start = wall_clock_now();
+    let start = Timestamp::now();
     let mut plant = ServedPlant::start(&spec, 1, start).await.expect("starts");
     plant.serve_opcua(&spec).await.expect("OPC UA starts");
     let endpoint = plant.opcua().expect("serving").sites()[0].endpoint.clone();

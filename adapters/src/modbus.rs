@@ -672,14 +672,6 @@ struct Adapter {
     failing: Vec<Option<ExceptionCode>>,
 }
 
-/// Wall-clock now in µs since the Unix epoch.
-fn now() -> Timestamp {
-    let micros = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros());
-    Timestamp(i64::try_from(micros).unwrap_or(i64::MAX))
-}
-
 /// The deepest asset holding every one of `paths` (`None` if they share nothing).
 fn common_ancestor<'a>(mut paths: impl Iterator<Item = &'a AssetPath>) -> Option<AssetPath> {
     let mut common = paths.next()?.clone();
@@ -980,7 +972,7 @@ impl Adapter {
                         Ok(a) => a,
                         Err(why) => return Ended::Lost(why),
                     };
-                    let (batch, events) = self.readings(&answers, now());
+                    let (batch, events) = self.readings(&answers, Timestamp::now());
                     let failed = self.failing.iter().filter(|f| f.is_some()).count();
                     AdapterStatus::add(&io.status.errors, failed as u64);
                     for (asset, kind) in events {
@@ -1002,7 +994,7 @@ impl Adapter {
 
     /// After link loss: every tag that had a value reads Bad(CommFailure) with it.
     fn comm_failure(&self) -> Vec<Reading> {
-        let ts = now();
+        let ts = Timestamp::now();
         self.plan
             .polled
             .iter()
@@ -1025,7 +1017,7 @@ async fn emit(io: &AdapterIo, name: &str, asset: Option<AssetPath>, kind: Adapte
     let event = AdapterEvent {
         connection: name.to_owned(),
         asset,
-        at: now(),
+        at: Timestamp::now(),
         kind,
     };
     tokio::select! {

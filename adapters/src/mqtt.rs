@@ -391,13 +391,6 @@ pub fn topic_rule(topic: &str) -> Option<(AssetId, Property)> {
     (sensor.depth() == 6).then(|| (sensor.id(), Property::Value))
 }
 
-fn now() -> Timestamp {
-    let micros = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros());
-    Timestamp(i64::try_from(micros).unwrap_or(i64::MAX))
-}
-
 /// How payloads turn into readings.
 enum Decoder {
     Json {
@@ -791,7 +784,7 @@ impl Adapter {
         let ev = AdapterEvent {
             connection: self.name.clone(),
             asset,
-            at: now(),
+            at: Timestamp::now(),
             kind,
         };
         // Events are never dropped: wait for room (a closed channel means nobody listens).
@@ -863,7 +856,7 @@ impl Adapter {
         let Decoder::Sparkplug(s) = &mut self.decoder else {
             return;
         };
-        let t = now();
+        let t = Timestamp::now();
         s.rebirth_requested(node, t);
         let payload = Payload {
             timestamp: u64::try_from(t.as_millis()).ok(),
@@ -905,7 +898,7 @@ impl Adapter {
             .set_link(LinkState::Disconnected, Some(error.clone()));
         self.event(None, AdapterEventKind::Disconnected { reason: error })
             .await;
-        let t = now();
+        let t = Timestamp::now();
         match &mut self.decoder {
             Decoder::Json { last, .. } => {
                 for (&(asset, property), &value) in last.iter() {
@@ -935,7 +928,7 @@ impl Adapter {
     }
 
     async fn on_message(&mut self, topic: &str, payload: &[u8]) {
-        let t = now();
+        let t = Timestamp::now();
         match &mut self.decoder {
             Decoder::Json {
                 exact,
@@ -1139,8 +1132,7 @@ impl Adapter {
                                 }
                             },
                         };
-                        let body =
-                            serde_json::json!({ "value": value, "ts_us": now().as_micros() });
+                        let body = serde_json::json!({ "value": value, "ts_us": Timestamp::now().as_micros() });
                         Ok((topic.clone(), body.to_string().into_bytes()))
                     }
                 }
@@ -1148,7 +1140,7 @@ impl Adapter {
             Decoder::Sparkplug(s) => match s.write_address(&req.asset, &req.property) {
                 None => Err(not_writable()),
                 Some(addr) => {
-                    let t = u64::try_from(now().as_millis()).ok();
+                    let t = u64::try_from(Timestamp::now().as_millis()).ok();
                     let mut m = Metric {
                         name: Some(req.property.clone()),
                         alias: addr.alias,

@@ -384,7 +384,7 @@ pub async fn run(config: OpcUaConfig, targets: Vec<TagTarget>, io: AdapterIo) {
             ctx.event(None, AdapterEventKind::Disconnected { reason })
                 .await;
             // Twins turn Bad until values flow again.
-            let now = now();
+            let now = Timestamp::now();
             let batch = state.comm_failure_readings(&tags, now);
             if !batch.is_empty() && push_batch(&*sink, batch, &token).await.is_err() {
                 break;
@@ -683,7 +683,7 @@ impl Ctx<'_> {
                     property,
                     value,
                     quality: Quality::bad(reason_of(code)),
-                    source_ts: now(),
+                    source_ts: Timestamp::now(),
                 });
             }
         }
@@ -712,7 +712,7 @@ impl Ctx<'_> {
                 .into_iter()
                 .flatten()
                 .find(|d| !d.is_null())
-                .map_or_else(now, from_ua_time);
+                .map_or_else(Timestamp::now, from_ua_time);
             // No value with a usable status: nothing to report (not a failure either).
             let raw = dv.value.as_ref().filter(|v| !matches!(v, Variant::Empty));
             if raw.is_none() && !code.is_bad() {
@@ -1139,14 +1139,6 @@ pub fn from_ua_time(t: DateTime) -> Timestamp {
     Timestamp(t.checked_ticks().saturating_sub(UNIX_EPOCH_TICKS) / 10)
 }
 
-/// Now, from the system clock.
-fn now() -> Timestamp {
-    let micros = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros());
-    Timestamp(i64::try_from(micros).unwrap_or(i64::MAX))
-}
-
 async fn send_event(
     events: &mpsc::Sender<AdapterEvent>,
     connection: &str,
@@ -1159,7 +1151,7 @@ async fn send_event(
         .send(AdapterEvent {
             connection: connection.to_owned(),
             asset,
-            at: now(),
+            at: Timestamp::now(),
             kind,
         })
         .await;

@@ -9,12 +9,12 @@ use ferrotwin_adapters::{
     AdapterEvent, AdapterEventKind, AdapterHandle, ConnectionConfig, WriteRequest,
 };
 use ferrotwin_models::{
-    AssetId, AssetPath, Property, QualityReason, Reading, RecordingSink, Value,
+    AssetId, AssetPath, Property, QualityReason, Reading, RecordingSink, Timestamp, Value,
 };
 use ferrotwin_proto::sparkplug::Payload;
 use ferrotwin_sim::generate::{PlantSize, generate};
 use ferrotwin_sim::mqtt::{CommandStats, EmbeddedBroker};
-use ferrotwin_sim::serve::{MqttFormat, ServeError, ServedPlant, wall_clock_now};
+use ferrotwin_sim::serve::{MqttFormat, ServeError, ServedPlant};
 use ferrotwin_sim::sparkplug::Layout;
 use prost::Message;
 use rumqttc::{AsyncClient, MqttOptions, QoS};
@@ -35,7 +35,7 @@ struct Plant {
 impl Plant {
     async fn start(broker: &EmbeddedBroker, format: MqttFormat, client: &str) -> Plant {
         let spec = generate(PlantSize::ONE_LINE, 1);
-        let mut plant = ServedPlant::start(&spec, 5, wall_clock_now())
+        let mut plant = ServedPlant::start(&spec, 5, Timestamp::now())
             .await
             .expect("plant starts");
         plant

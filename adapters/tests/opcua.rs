@@ -12,10 +12,11 @@ use ferrotwin_adapters::{
 };
 use ferrotwin_models::spec::{AssetKind, PlantSpec};
 use ferrotwin_models::{
-    AssetId, AssetPath, Property, QualityCode, QualityReason, Reading, RecordingSink, Value,
+    AssetId, AssetPath, Property, QualityCode, QualityReason, Reading, RecordingSink, Timestamp,
+    Value,
 };
 use ferrotwin_sim::generate::{PlantSize, generate};
-use ferrotwin_sim::serve::{ServedPlant, wall_clock_now};
+use ferrotwin_sim::serve::ServedPlant;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -43,7 +44,7 @@ impl Drop for Sim {
 impl Sim {
     async fn start() -> Sim {
         let spec = generate(PlantSize::ONE_LINE, 1);
-        let start = wall_clock_now();
+        let start = Timestamp::now();
         let mut plant = ServedPlant::start(&spec, 7, start).await.expect("starts");
         plant.serve_opcua(&spec).await.expect("OPC UA starts");
         let plant = Arc::new(tokio::sync::Mutex::new(plant));
@@ -56,7 +57,7 @@ impl Sim {
                 loop {
                     tick.tick().await;
                     let mut p = plant.lock().await;
-                    let readings = p.step_to(wall_clock_now()).to_vec();
+                    let readings = p.step_to(Timestamp::now()).to_vec();
                     let mut s = served.lock().expect("not poisoned");
                     for r in readings {
                         s.insert((r.asset, r.property, r.source_ts.0), r.value);

@@ -127,6 +127,43 @@ pub struct Event {
     /// (e.g. `spike`); empty otherwise.
     pub alarm: String,
     pub message: String,
+    /// Anomaly events: whether this one opens or closes an episode of the detector in
+    /// `alarm` (the eval pairs them by this, never by the message text). `None` otherwise.
+    pub episode: Option<EpisodeEdge>,
+}
+
+/// The edge of an anomaly episode an event marks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EpisodeEdge {
+    Start,
+    End,
+}
+
+impl EpisodeEdge {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EpisodeEdge::Start => "start",
+            EpisodeEdge::End => "end",
+        }
+    }
+
+    /// The code of the store and replication records (0 = no edge).
+    pub fn code(edge: Option<EpisodeEdge>) -> u32 {
+        match edge {
+            None => 0,
+            Some(EpisodeEdge::Start) => 1,
+            Some(EpisodeEdge::End) => 2,
+        }
+    }
+
+    /// Inverse of `code`; an unknown code (a newer writer) reads as no edge.
+    pub fn from_code(code: u32) -> Option<EpisodeEdge> {
+        match code {
+            1 => Some(EpisodeEdge::Start),
+            2 => Some(EpisodeEdge::End),
+            _ => None,
+        }
+    }
 }
 
 impl Event {
@@ -145,6 +182,7 @@ impl Event {
             severity,
             alarm: String::new(),
             message: message.into(),
+            episode: None,
         }
     }
 }

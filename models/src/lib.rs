@@ -1,5 +1,6 @@
 //! The ferrotwin domain: ISA-95 assets, plant spec, readings, events, alarms, OEE and
-//! roll-ups. Pure code: no I/O, no clock, no async. Time is always passed in.
+//! roll-ups. Pure code: no I/O, no async, and no clock read: time is always passed in
+//! (`Timestamp::now` is defined here for the crates above, never called here).
 
 pub mod alarm;
 pub mod asset;
@@ -15,8 +16,8 @@ pub mod stats;
 pub mod value;
 
 pub use asset::{AssetId, AssetPath, Level, PathError};
-pub use event::{Event, EventKind, Severity};
+pub use event::{EpisodeEdge, Event, EventKind, Severity};
 pub use reading::{
-    IngestSink, Property, PushBack, PushBackReason, Reading, RecordingSink, RejectReason,
+    Accepts, IngestSink, Property, PushBack, PushBackReason, Reading, RecordingSink, RejectReason,
 };
 pub use value::{Quality, QualityCode, QualityReason, Timestamp, Value, ValueType};

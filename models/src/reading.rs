@@ -3,7 +3,8 @@
 use std::fmt;
 
 use crate::asset::{AssetId, AssetPath};
-use crate::value::{Quality, Timestamp, Value};
+use crate::oee::MachineState;
+use crate::value::{Quality, Timestamp, Value, ValueType};
 
 /// Which property of a twin a reading sets. Sensor twins take `Value`; machine twins take
 /// their state signal and cumulative part counters.
@@ -74,6 +75,85 @@ impl Reading {
             quality: Quality::GOOD,
             source_ts,
         }
+    }
+}
+
+/// What an asset takes: a sensor its value, of its declared type; a machine its state code
+/// and its part counters, as integers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accepts {
+    Sensor(ValueType),
+    Machine,
+}
+
+impl Reading {
+    /// The one validation of a reading before a twin applies it, in this order: a property
+    /// the asset has, a finite value, of the declared type and range, a source timestamp at
+    /// most `max_future_skew_ms` ahead of `now`. The first failure is the reason.
+    pub fn check(
+        &self,
+        asset: &AssetPath,
+        accepts: Accepts,
+        now: Timestamp,
+        max_future_skew_ms: i64,
+    ) -> Result<(), RejectReason> {
+        let property = self.property;
+        let wrong_type = |got: &'static str, declared: &'static str| RejectReason::WrongType {
+            asset: asset.clone(),
+            property,
+            got,
+            declared,
+        };
+        match (accepts, property) {
+            (Accepts::Sensor(_), Property::Value) => {}
+            (Accepts::Machine, Property::State | Property::GoodCount | Property::ScrapCount) => {}
+            (Accepts::Sensor(_), _) | (Accepts::Machine, Property::Value) => {
+                return Err(RejectReason::UnknownProperty {
+                    asset: asset.clone(),
+                    property,
+                    level: match accepts {
+                        Accepts::Sensor(_) => "sensor",
+                        Accepts::Machine => "machine",
+                    },
+                });
+            }
+        }
+        if !self.value.is_finite() {
+            return Err(RejectReason::NotFinite {
+                asset: asset.clone(),
+                property,
+            });
+        }
+        match accepts {
+            Accepts::Sensor(declared) if !self.value.fits(declared) => {
+                return Err(wrong_type(
+                    self.value.value_type().as_str(),
+                    declared.as_str(),
+                ));
+            }
+            Accepts::Sensor(_) => {}
+            Accepts::Machine => match (property, self.value) {
+                (Property::State, Value::Int(code)) if MachineState::from_code(code).is_none() => {
+                    return Err(wrong_type("unknown state code", "state code 0..=3"));
+                }
+                (_, Value::Int(n)) if n < 0 && property != Property::State => {
+                    return Err(wrong_type("negative count", "count >= 0"));
+                }
+                (_, Value::Int(_)) => {}
+                (_, other) => return Err(wrong_type(other.value_type().as_str(), "int")),
+            },
+        }
+        let ahead_ms = self.source_ts.millis_since(now);
+        if ahead_ms > max_future_skew_ms {
+            return Err(RejectReason::FromTheFuture {
+                asset: asset.clone(),
+                property,
+                ts: self.source_ts,
+                ahead_ms,
+                max_skew_ms: max_future_skew_ms,
+            });
+        }
+        Ok(())
     }
 }
 
@@ -184,5 +264,88 @@ impl IngestSink for RecordingSink {
         }
         r.extend_from_slice(&batch);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: Timestamp = Timestamp(1_700_000_000_000_000);
+
+    fn check(
+        accepts: Accepts,
+        property: Property,
+        value: Value,
+        ahead_ms: i64,
+    ) -> Option<&'static str> {
+        let asset = AssetPath::parse("acme/plant/area/line/m1/temp").expect("path");
+        let r = Reading::good(asset.id(), property, value, NOW.plus_ms(ahead_ms));
+        r.check(&asset, accepts, NOW, 5_000)
+            .err()
+            .map(|e| e.label())
+    }
+
+    #[test]
+    fn sensors_take_finite_values_of_their_type_from_the_near_past() {
+        let float = Accepts::Sensor(ValueType::Float);
+        assert_eq!(check(float, Property::Value, Value::Float(1.5), 0), None);
+        assert_eq!(
+            check(float, Property::Value, Value::Int(3), -60_000),
+            None,
+            "scaled int"
+        );
+        assert_eq!(
+            check(float, Property::Value, Value::Float(f64::NAN), 0),
+            Some("not_finite")
+        );
+        assert_eq!(
+            check(float, Property::Value, Value::Bool(true), 0),
+            Some("wrong_type")
+        );
+        assert_eq!(
+            check(float, Property::Value, Value::Float(1.0), 5_001),
+            Some("future_timestamp")
+        );
+        assert_eq!(
+            check(float, Property::State, Value::Int(1), 0),
+            Some("unknown_property")
+        );
+        let int = Accepts::Sensor(ValueType::Int);
+        assert_eq!(
+            check(int, Property::Value, Value::Float(1.0), 0),
+            Some("wrong_type")
+        );
+    }
+
+    #[test]
+    fn machines_take_state_codes_and_counts_as_integers() {
+        let m = Accepts::Machine;
+        assert_eq!(check(m, Property::State, Value::Int(3), 0), None);
+        assert_eq!(
+            check(m, Property::State, Value::Int(4), 0),
+            Some("wrong_type")
+        );
+        assert_eq!(check(m, Property::GoodCount, Value::Int(0), 0), None);
+        assert_eq!(
+            check(m, Property::ScrapCount, Value::Int(-1), 0),
+            Some("wrong_type")
+        );
+        assert_eq!(
+            check(m, Property::GoodCount, Value::Float(2.0), 0),
+            Some("wrong_type")
+        );
+        assert_eq!(
+            check(m, Property::State, Value::Float(f64::NAN), 0),
+            Some("not_finite")
+        );
+        assert_eq!(
+            check(m, Property::Value, Value::Float(1.0), 0),
+            Some("unknown_property")
+        );
+        assert_eq!(
+            check(m, Property::State, Value::Int(1), 10_000),
+            Some("future_timestamp")
+        );
     }
 }

@@ -9,6 +9,17 @@ pub struct Timestamp(pub i64);
 impl Timestamp {
     pub const ZERO: Timestamp = Timestamp(0);
 
+    /// The wall clock, UTC: the one place in ferrotwin that reads it (the runtime's
+    /// `server_ts`, the adapters' and the simulator's arrival times all come from here).
+    /// The domain logic in this crate never calls it: time is passed in, so it stays
+    /// testable data in, data out (`tests::domain_logic_never_reads_the_clock`).
+    pub fn now() -> Timestamp {
+        let d = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Timestamp(i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+    }
+
     pub fn from_millis(ms: i64) -> Timestamp {
         Timestamp(ms.saturating_mul(1000))
     }
@@ -260,5 +271,39 @@ mod tests {
         assert!(!Value::Bool(true).fits(ValueType::Float));
         assert!(!Value::Float(1.0).fits(ValueType::Int));
         assert!(!Value::Float(f64::NAN).is_finite());
+    }
+
+    /// `Timestamp::now` exists for the crates above; nothing in this crate may call it.
+    #[test]
+    fn domain_logic_never_reads_the_clock() {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut offenders = Vec::new();
+        let mut dirs = vec![src];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).expect("src is readable") {
+                let path = entry.expect("dir entry").path();
+                if path.is_dir() {
+                    dirs.push(path);
+                    continue;
+                }
+                let text = std::fs::read_to_string(&path).expect("source is utf-8");
+                // Tests may read the clock (this one names it).
+                let code_part = text.split("#[cfg(test)]").next().unwrap_or("");
+                for (i, line) in code_part.lines().enumerate() {
+                    let code = line.split("//").next().unwrap_or("");
+                    let reads = ["Timestamp::now()", "SystemTime::now", "Instant::now"];
+                    if reads.iter().any(|r| code.contains(r)) && !code.contains("fn now()") {
+                        offenders.push(format!("{}:{}: {}", path.display(), i + 1, line.trim()));
+                    }
+                }
+            }
+        }
+        // The definition itself reads SystemTime once.
+        offenders.retain(|o| !o.contains("let d = std::time::SystemTime::now()"));
+        assert!(
+            offenders.is_empty(),
+            "the domain reads the clock:\n{}",
+            offenders.join("\n")
+        );
     }
 }

@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use ferrotwin_runtime::inference::{ModelWindow, OnnxModel};
+use ferrotwin_runtime::{ModelWindow, OnnxModel};
 
 const W: usize = 16;
 const N: usize = 3;

@@ -21,10 +21,10 @@ use std::path::{Path, PathBuf};
 use ferrotwin_adapters::ConnectionConfig;
 use ferrotwin_models::spec::{PlantSpec, SpecError};
 
+use crate::core::TwinSettings;
 use crate::replication::{EnterpriseRole, SiteReplication};
 use crate::runtime::{IngestOptions, RuntimeOptions};
 use crate::store::StoreConfig;
-use crate::twin::TwinSettings;
 
 pub const CONFIG_VERSION: u32 = 1;
 

@@ -1,28 +1,60 @@
-//! The ferrotwin runtime: twin actors and supervision, registry, ingest router, store,
-//! gRPC API, HTTP server (web browser, JSON API), CLI client, demo and benchmark.
+//! The ferrotwin runtime library: a running site or enterprise (twin actors and their
+//! supervision, registry, ingest router, store, replication), served over gRPC and HTTP.
+//!
+//! The public surface is a small façade: start and stop a `Runtime`, its configuration, what
+//! it counts, and the API it serves. Everything else is private and layered bottom-up (see
+//! `LAYERS` and ARCHITECTURE.md); tests that need to reach inside use `testing`.
 
-pub mod bench;
-pub mod bench_http;
-pub mod bench_plc;
-pub mod bench_replication;
-pub mod cli;
+// Layer 0: shared plain types and the users' models, importing nothing of this crate.
+mod core;
+mod inference;
+// 1
+mod registry;
+// 2
+mod store;
+mod watch;
+// 3
+mod router;
+mod twin;
+// 4
+mod connections;
+mod replication;
+// 5
+mod api;
+// 6: the edges
+mod grpc;
+mod http;
+// 7: wiring
+mod runtime;
+// 8: the config file that becomes `RuntimeOptions`, and what tests may reach
 pub mod config;
-pub mod connections;
-pub mod demo;
-pub mod eval;
-pub mod feeds;
-pub mod grpc;
-pub mod http;
-pub mod inference;
-pub mod metrics;
-pub mod registry;
-pub mod relay;
-pub mod replication;
-pub mod router;
-pub mod runtime;
-pub mod select;
-pub mod store;
-pub mod twin;
-pub mod watch;
+pub mod testing;
 
+#[cfg(test)]
+mod layers;
+
+/// The modules of this crate, bottom layer first. A module may import only modules of
+/// lower layers (`layers::no_module_imports_a_higher_layer` checks every `crate::` path).
+pub const LAYERS: &[&[&str]] = &[
+    &["core", "inference"],
+    &["registry"],
+    &["store", "watch"],
+    &["router", "twin"],
+    &["connections", "replication"],
+    &["api"],
+    &["grpc", "http"],
+    &["runtime"],
+    &["config", "testing"],
+];
+
+pub use api::{ApiError, ErrorCode, TwinApi, names};
+pub use core::{
+    Credits, MachineInference, MachineSnap, Metrics, SensorSnap, TwinSettings, TwinSnapshot,
+    TwinState,
+};
+pub use inference::{ModelError, ModelWindow, OnnxModel};
+pub use replication::{EnterpriseRole, HistoryPolicy, SiteReplication};
 pub use runtime::{IngestOptions, Runtime, RuntimeError, RuntimeOptions};
+pub use store::outbox::OutboxLag;
+pub use store::{EventFilter, StoreConfig, StoreError, StoreStats};
+pub use watch::{Change, Watcher};

@@ -13,9 +13,9 @@ use ferrotwin_models::spec::{AssetDef, AssetKind};
 use ferrotwin_models::{AssetId, AssetPath, Level, Reading, Timestamp};
 use ractor::ActorRef;
 
-use crate::router::ClockRules;
-use crate::store::HistPoint;
-use crate::twin::{TwinMsg, TwinSnapshot};
+use crate::core::ClockRules;
+use crate::core::HistPoint;
+use crate::core::{TwinMsg, TwinSnapshot};
 
 /// One asset known to the runtime.
 pub struct TwinEntry {

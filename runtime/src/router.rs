@@ -13,9 +13,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use ferrotwin_models::{IngestSink, Property, PushBack, PushBackReason, Reading, Timestamp, Value};
 
-use crate::metrics::Metrics;
+use crate::core::TwinMsg;
+use crate::core::{ClockRules, Credits, Metrics};
 use crate::registry::{Registry, TwinEntry};
-use crate::twin::TwinMsg;
 
 /// Readings a twin's inbox may hold. A twin that is this far behind pushes back on the
 /// whole batch that targets it.
@@ -30,33 +30,6 @@ pub struct IngestRouter {
     /// The twins' clock rules (`TwinSettings`), for machine states noted on sample boards.
     clock: ClockRules,
 }
-
-/// What a machine state reading's timestamp must satisfy to go on its sample board: the
-/// same as the machine twin applies, so a state the twin refuses cannot steer detectors.
-#[derive(Debug, Clone, Copy)]
-pub struct ClockRules {
-    pub max_future_skew_ms: i64,
-    pub clock_step_back_ms: i64,
-}
-
-impl ClockRules {
-    pub fn of(t: &crate::twin::TwinSettings) -> ClockRules {
-        ClockRules {
-            max_future_skew_ms: t.max_future_skew_ms,
-            clock_step_back_ms: t.clock_step_back_ms,
-        }
-    }
-}
-
-impl Default for ClockRules {
-    fn default() -> ClockRules {
-        ClockRules::of(&crate::twin::TwinSettings::default())
-    }
-}
-
-/// Releases in-flight credits when a twin has handled its readings.
-#[derive(Clone)]
-pub struct Credits(pub Arc<AtomicUsize>);
 
 impl IngestRouter {
     pub fn new(
@@ -86,23 +59,6 @@ impl IngestRouter {
 
     pub fn inflight(&self) -> usize {
         self.inflight.load(Ordering::Relaxed)
-    }
-
-    /// Pushes, waiting (asynchronously) while the runtime pushes back.
-    pub async fn push(&self, mut batch: Vec<Reading>) -> Result<(), PushBack> {
-        loop {
-            match self.try_push(batch) {
-                Ok(()) => return Ok(()),
-                Err(PushBack {
-                    batch: b,
-                    why: PushBackReason::Busy,
-                }) => {
-                    batch = b;
-                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-                }
-                Err(e) => return Err(e),
-            }
-        }
     }
 }
 
@@ -173,7 +129,7 @@ impl IngestSink for IngestRouter {
             .fetch_add(accepted as u64, Ordering::Relaxed);
         self.metrics.batches_routed.fetch_add(1, Ordering::Relaxed);
         self.inflight.fetch_add(accepted, Ordering::AcqRel);
-        let now_us = crate::twin::now().0;
+        let now_us = Timestamp::now().0;
         // Machine states go on the machine's sample board before any reading is delivered:
         // a sensor twin draining a reading of this batch must judge it in the state the
         // machine was in at that instant, not in the one its twin has applied so far.
@@ -207,7 +163,7 @@ mod tests {
     use ferrotwin_models::{AssetPath, Property, Timestamp, Value};
 
     use super::*;
-    use crate::twin::TwinSnapshot;
+    use crate::core::TwinSnapshot;
 
     /// A registry of one line with one machine and two sensors, and no actors: nothing
     /// drains, so what the router holds is exactly what it accepted.

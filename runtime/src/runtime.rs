@@ -1,5 +1,6 @@
-//! A running site: store, registry, twin tree, router, sweeper and (optionally) the gRPC
-//! server, wired together with one shutdown path.
+//! A running site or enterprise: store, registry, twin tree, router, sweeper, replication
+//! and the servers, wired together with one shutdown path. The library's entry point:
+//! `Runtime::start`, then `serve_grpc` / `serve_http`, then `shutdown`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -10,24 +11,28 @@ use std::time::Duration;
 
 use ferrotwin_adapters::ConnectionConfig;
 use ferrotwin_models::spec::{AssetKind, PlantSpec};
-use ferrotwin_models::{AssetPath, QualityCode, QualityReason};
+use ferrotwin_models::{
+    AssetPath, Event, IngestSink, Level, QualityCode, QualityReason, Timestamp,
+};
 use ractor::ActorRef;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::api::TwinApi;
 use crate::connections::{ConnectionError, Connections};
-use crate::metrics::Metrics;
+use crate::core::{ClockRules, Credits, Metrics, TwinMsg, TwinSettings, TwinSnapshot, TwinState};
+use crate::inference::{ModelCache, OnnxModel};
 use crate::registry::Registry;
 use crate::replication::enterprise::{EnterpriseReceiver, ReplicationApi};
 use crate::replication::site::{SenderStatus, run_sender};
 use crate::replication::{EnterpriseRole, SiteReplication};
-use crate::router::{Credits, IngestRouter};
-use crate::store::outbox::HistorySettings;
-use crate::store::{Store, StoreConfig, StoreError, codec};
+use crate::router::IngestRouter;
+use crate::store::outbox::{HistorySettings, OutboxLag};
+use crate::store::{EventFilter, Store, StoreConfig, StoreError, StoreStats, codec};
 use crate::twin::plant::{PlantMsg, PlantSupervisor};
-use crate::twin::{Plant, TwinCtx, TwinMsg, TwinSettings, TwinSnapshot, TwinState, now};
-use crate::watch::{WATCH_RING, WatchHub};
+use crate::twin::{Plant, TwinCtx};
+use crate::watch::{WATCH_RING, WatchHub, Watcher};
 
 /// Settings of a runtime that do not come from the plant spec. Read from a file as the
 /// `[store]`, `[twins]`, `[ingest]` and `[[connections]]` sections of `config::SiteConfig`.
@@ -86,20 +91,20 @@ pub enum RuntimeError {
 }
 
 pub struct Runtime {
-    pub registry: Arc<Registry>,
-    pub store: Arc<Store>,
-    pub hub: Arc<WatchHub>,
-    pub metrics: Arc<Metrics>,
-    pub router: Arc<IngestRouter>,
-    pub ctx: Arc<TwinCtx>,
-    pub connections: Arc<Connections>,
+    registry: Arc<Registry>,
+    store: Arc<Store>,
+    hub: Arc<WatchHub>,
+    metrics: Arc<Metrics>,
+    router: Arc<IngestRouter>,
+    ctx: Arc<TwinCtx>,
+    connections: Arc<Connections>,
     /// Site role with replication: the sender's status.
-    pub replication: Option<Arc<SenderStatus>>,
+    replication: Option<Arc<SenderStatus>>,
     /// Enterprise role: the receiver of the sites' streams.
-    pub enterprise: Option<Arc<EnterpriseReceiver>>,
-    pub data_dir: PathBuf,
+    enterprise: Option<Arc<EnterpriseReceiver>>,
+    data_dir: PathBuf,
     /// Machine models that could not be loaded (each names its file, type and why).
-    pub model_errors: Vec<String>,
+    model_errors: Vec<String>,
     /// Supervisor of the enterprise twin (and so of the whole tree).
     root: ActorRef<PlantMsg>,
     writer: Option<std::thread::JoinHandle<()>>,
@@ -110,6 +115,11 @@ pub struct Runtime {
 impl Runtime {
     /// Opens the store in `data_dir`, restores every twin from its snapshot and starts the
     /// tree. When this returns, every twin runs and ingest may start.
+    ///
+    /// The phases, in order: the store (and a site's outbox), the registry restored from
+    /// the snapshots, the users' models, the shared twin context and the router, the twin
+    /// tree, the roles' tasks (enterprise receiver, stale sweeper, replication sender), and
+    /// last the PLC connections, so no reading arrives before its twin is restored.
     pub async fn start(
         spec: &PlantSpec,
         data_dir: &Path,
@@ -117,73 +127,14 @@ impl Runtime {
     ) -> Result<Runtime, RuntimeError> {
         let store = Arc::new(Store::open(data_dir, opts.store.clone())?);
         let replicate_as = match &opts.replication {
-            Some(r) => {
-                let site = replicated_site(spec, r)?;
-                // Room for at least a few full snapshots (~200 B per stored twin), or every
-                // round would compact the last one away.
-                let stored = spec
-                    .assets()
-                    .iter()
-                    .filter(|a| {
-                        matches!(a.kind, AssetKind::Sensor { .. } | AssetKind::Machine { .. })
-                    })
-                    .count() as u64;
-                let min = (stored * 200 * 4).max(1 << 20);
-                if r.max_outbox_bytes < min {
-                    return Err(RuntimeError::Replication(format!(
-                        "replication.max_outbox_bytes {} is too small for {stored} twins: at least {min}",
-                        r.max_outbox_bytes
-                    )));
-                }
-                let outbox =
-                    store.enable_outbox(r.max_outbox_bytes, AssetPath::parse(&site).ok())?;
-                outbox.set_history(history_settings(spec, r)?);
-                Some((site, r.clone()))
-            }
+            Some(r) => Some(open_outbox(spec, &store, r)?),
             None => None,
         };
-        let mut records = store.load_snapshots()?;
-        let registry = Arc::new(Registry::default());
-        if opts.enterprise.is_some() {
-            registry.set_mirrors_only();
-        }
+        let registry = restore_registry(spec, &store, &opts)?;
         let assets = spec.assets();
-        let start_us = now().0;
-        for def in &assets {
-            let snap = match records.remove(&def.path.id()) {
-                Some(r) => codec::decode_snapshot(&def.kind, &r, opts.enterprise.is_none()),
-                None => TwinSnapshot::initial(&def.kind),
-            };
-            registry.insert(def.clone(), snap, start_us);
-        }
-        if !records.is_empty() {
-            tracing::info!(
-                count = records.len(),
-                "snapshots of assets no longer in the plant spec kept on disk"
-            );
-        }
         let plant = Arc::new(Plant::new(&assets));
         let root_def = plant.root.clone().ok_or(RuntimeError::EmptyPlant)?;
-        // A model that cannot be used is an error naming its file, type and shapes; the
-        // machines of that type run without it (their detectors still do).
-        let mut model_errors = Vec::new();
-        let models = if opts.enterprise.is_some() {
-            HashMap::new()
-        } else {
-            let spec_c = spec.clone();
-            let dir = opts.plant_dir.clone().unwrap_or_default();
-            let (models, errors) = tokio::task::spawn_blocking(move || {
-                crate::inference::ModelCache::load_for_spec(&spec_c, &dir)
-            })
-            .await
-            .map_err(|e| RuntimeError::Spawn(format!("loading models: {e}")))?;
-            for e in &errors {
-                tracing::error!(error = %e, "machine model not loaded; the type runs without it");
-            }
-            model_errors = errors.iter().map(ToString::to_string).collect();
-            models
-        };
-        let hub = Arc::new(WatchHub::new(opts.ingest.watch_ring));
+        let (models, model_errors) = load_models(spec, &opts).await?;
         let metrics = Arc::new(Metrics::default());
         let credits = Credits(Arc::new(AtomicUsize::new(0)));
         let router = Arc::new(
@@ -193,8 +144,9 @@ impl Runtime {
                 credits.clone(),
                 opts.ingest.max_inflight_readings,
             )
-            .with_clock_rules(crate::router::ClockRules::of(&opts.twins)),
+            .with_clock_rules(ClockRules::of(&opts.twins)),
         );
+        let hub = Arc::new(WatchHub::new(opts.ingest.watch_ring));
         let ctx = Arc::new(TwinCtx {
             registry: registry.clone(),
             store: store.clone(),
@@ -285,10 +237,100 @@ impl Runtime {
         })
     }
 
+    /// The API this runtime serves, in process: the same calls gRPC and HTTP answer through.
+    pub fn api(&self) -> TwinApi {
+        TwinApi::new(self.ctx.clone(), self.connections.clone())
+            .with_replication(self.replication.clone(), self.enterprise.clone())
+    }
+
+    /// Where readings go in: the ingest router. It pushes back (`PushBackReason::Busy`)
+    /// while twins are behind and refuses (`Closed`) once the runtime stops.
+    pub fn ingest(&self) -> Arc<dyn IngestSink> {
+        self.router.clone()
+    }
+
+    /// Readings taken by the router and not yet handled by their twins.
+    pub fn readings_in_flight(&self) -> usize {
+        self.router.inflight()
+    }
+
+    /// A handle on the same count, for a thread that holds no `Runtime` (a driver loop).
+    pub fn ingest_credits(&self) -> Credits {
+        self.ctx.credits.clone()
+    }
+
+    /// The hot-path counters (ingest, rejections, restarts, events by kind).
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The store writer's counters (flushes, snapshots, chunks, events written).
+    pub fn store_stats(&self) -> &StoreStats {
+        &self.store.stats
+    }
+
+    /// A site's replication outbox: what is staged and not yet acked. `None` without
+    /// replication.
+    pub fn outbox_lag(&self) -> Option<OutboxLag> {
+        self.store.outbox().map(|o| o.lag())
+    }
+
+    /// A watcher of the twins below `prefix` (everything when `None`), with events when
+    /// `events`. It holds at most the watch ring; past it, it is told it lagged.
+    pub fn watch(&self, prefix: Option<AssetPath>, events: bool) -> Watcher {
+        self.hub.subscribe(prefix, events)
+    }
+
+    /// Stored events, oldest first, from `filter.after_seq`; with the seq to go on from.
+    pub fn events(&self, filter: &EventFilter) -> Result<(Vec<Event>, u64), StoreError> {
+        self.store.list_events(filter)
+    }
+
+    /// Waits until every reading taken so far is handled: none in flight, then each sensor
+    /// twin and then each machine twin answered a question queued behind its messages
+    /// (sensors first: their last drains may still send their machine an `Evaluate`), then
+    /// one store flush after that, so their events and history are on disk.
+    pub async fn settle(&self) {
+        while self.router.inflight() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        for level in [Level::Sensor, Level::Machine] {
+            crate::twin::flush_all(&self.registry, level, Duration::from_secs(30)).await;
+        }
+        self.store_flushed().await;
+    }
+
+    /// Waits until everything queued for the store before the call is on disk.
+    pub async fn store_flushed(&self) {
+        let generation = self.store.queue_generation();
+        self.store.wait_flushed(generation).await;
+    }
+
+    pub(crate) fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    pub(crate) fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    pub(crate) fn sender(&self) -> Option<Arc<SenderStatus>> {
+        self.replication.clone()
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Machine models that could not be loaded (each names its file, type and why); their
+    /// machines run without them.
+    pub fn model_errors(&self) -> &[String] {
+        &self.model_errors
+    }
+
     /// Serves the gRPC API on `listener` until shutdown.
     pub fn serve_grpc(&self, listener: TcpListener) {
-        let service = crate::grpc::TwinApi::new(self.ctx.clone(), self.connections.clone())
-            .with_replication(self.replication.clone(), self.enterprise.clone());
+        let service = self.api();
         let replication = self.enterprise.clone().map(ReplicationApi);
         let token = self.token.child_token();
         self.tracker.spawn(async move {
@@ -310,24 +352,9 @@ impl Runtime {
         });
     }
 
-    /// What the HTTP server reads (also for serving it elsewhere, e.g. the benchmark).
-    pub fn http_state(&self, token: CancellationToken) -> crate::http::HttpState {
-        let api = crate::grpc::TwinApi::new(self.ctx.clone(), self.connections.clone())
-            .with_replication(self.replication.clone(), self.enterprise.clone());
-        let role = if self.enterprise.is_some() {
-            "enterprise"
-        } else if self.replication.is_some() {
-            "site"
-        } else {
-            "standalone"
-        };
-        crate::http::HttpState::new(
-            api,
-            self.connections.clone(),
-            role,
-            self.enterprise.clone(),
-            token,
-        )
+    /// What the HTTP server reads.
+    fn http_state(&self, token: CancellationToken) -> crate::http::HttpState {
+        crate::http::HttpState::new(self.api(), token)
     }
 
     pub fn token(&self) -> CancellationToken {
@@ -338,12 +365,7 @@ impl Runtime {
     /// connections (labelled by connection name: a handful per site), the replication outbox
     /// of a site and the freshness of an enterprise's sites.
     pub fn render_metrics(&self) -> String {
-        crate::metrics::render_runtime(
-            &self.metrics,
-            &self.store,
-            &self.connections,
-            self.enterprise.as_deref(),
-        )
+        self.api().render_metrics()
     }
 
     /// Clean stop: refuse new readings, write every history tail, stop the tree, flush.
@@ -399,6 +421,83 @@ impl Runtime {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+}
+
+/// A site's outbox, sized for the plant: the site it replicates as and its settings.
+fn open_outbox(
+    spec: &PlantSpec,
+    store: &Store,
+    r: &SiteReplication,
+) -> Result<(String, SiteReplication), RuntimeError> {
+    let site = replicated_site(spec, r)?;
+    // Room for at least a few full snapshots (~200 B per stored twin), or every round would
+    // compact the last one away.
+    let stored = spec
+        .assets()
+        .iter()
+        .filter(|a| matches!(a.kind, AssetKind::Sensor { .. } | AssetKind::Machine { .. }))
+        .count() as u64;
+    let min = (stored * 200 * 4).max(1 << 20);
+    if r.max_outbox_bytes < min {
+        return Err(RuntimeError::Replication(format!(
+            "replication.max_outbox_bytes {} is too small for {stored} twins: at least {min}",
+            r.max_outbox_bytes
+        )));
+    }
+    let outbox = store.enable_outbox(r.max_outbox_bytes, AssetPath::parse(&site).ok())?;
+    outbox.set_history(history_settings(spec, r)?);
+    Ok((site, r.clone()))
+}
+
+/// A registry entry for every asset of the spec, each with its stored snapshot (a fresh
+/// one for an asset never seen). Snapshots of assets no longer in the spec stay on disk.
+fn restore_registry(
+    spec: &PlantSpec,
+    store: &Store,
+    opts: &RuntimeOptions,
+) -> Result<Arc<Registry>, RuntimeError> {
+    let mut records = store.load_snapshots()?;
+    let registry = Arc::new(Registry::default());
+    if opts.enterprise.is_some() {
+        registry.set_mirrors_only();
+    }
+    let start_us = Timestamp::now().0;
+    for def in &spec.assets() {
+        let snap = match records.remove(&def.path.id()) {
+            Some(r) => codec::decode_snapshot(&def.kind, &r, opts.enterprise.is_none()),
+            None => TwinSnapshot::initial(&def.kind),
+        };
+        registry.insert(def.clone(), snap, start_us);
+    }
+    if !records.is_empty() {
+        tracing::info!(
+            count = records.len(),
+            "snapshots of assets no longer in the plant spec kept on disk"
+        );
+    }
+    Ok(registry)
+}
+
+/// The users' ONNX models by machine type, and an error for each that cannot be used
+/// (naming its file, type and shapes): the machines of that type run without it (their
+/// detectors still do). An enterprise runs no models: its mirrors take their site's scores.
+async fn load_models(
+    spec: &PlantSpec,
+    opts: &RuntimeOptions,
+) -> Result<(HashMap<String, Arc<OnnxModel>>, Vec<String>), RuntimeError> {
+    if opts.enterprise.is_some() {
+        return Ok((HashMap::new(), Vec::new()));
+    }
+    let spec = spec.clone();
+    let dir = opts.plant_dir.clone().unwrap_or_default();
+    let (models, errors) =
+        tokio::task::spawn_blocking(move || ModelCache::load_for_spec(&spec, &dir))
+            .await
+            .map_err(|e| RuntimeError::Spawn(format!("loading models: {e}")))?;
+    for e in &errors {
+        tracing::error!(error = %e, "machine model not loaded; the type runs without it");
+    }
+    Ok((models, errors.iter().map(ToString::to_string).collect()))
 }
 
 /// Each sensor's history policy from its machine's type.
@@ -476,7 +575,7 @@ fn replicated_site(spec: &PlantSpec, r: &SiteReplication) -> Result<String, Runt
 async fn sweep_stale(registry: Arc<Registry>, period_ms: u64, token: CancellationToken) {
     // Staleness counts from when the tree is up (a restored twin has had no chance to hear
     // from its source yet), not from when its registry entry was made.
-    let start_us = now().0;
+    let start_us = Timestamp::now().0;
     for e in registry.all() {
         e.last_seen_us.fetch_max(start_us, Ordering::Relaxed);
     }
@@ -487,7 +586,7 @@ async fn sweep_stale(registry: Arc<Registry>, period_ms: u64, token: Cancellatio
             _ = token.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let at = now();
+        let at = Timestamp::now();
         for e in registry.all() {
             let stale_ms = i64::try_from(e.stale_after_ms()).unwrap_or(i64::MAX / 1000);
             if stale_ms == 0 || e.stale.load(Ordering::Relaxed) {

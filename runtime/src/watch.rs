@@ -13,8 +13,8 @@ use std::sync::{Arc, RwLock};
 use ferrotwin_models::{AssetPath, Event};
 use tokio::sync::mpsc;
 
+use crate::core::TwinSnapshot;
 use crate::registry::TwinEntry;
-use crate::twin::TwinSnapshot;
 
 #[derive(Clone)]
 pub enum Change {

@@ -737,7 +737,7 @@ pub async fn serve_with(
     // Wall-clock time: a runtime fed by these servers takes the source timestamps as they
     // are (at `--speed` above 1 they run ahead of the clock, and a runtime rejects readings
     // further ahead than its allowed skew).
-    let mut plant = ServedPlant::start(&spec, seed, wall_clock_now()).await?;
+    let mut plant = ServedPlant::start(&spec, seed, Timestamp::now()).await?;
     plant.serve_opcua(&spec).await?;
     // The embedded broker runs until the process exits (rumqttd has no shutdown).
     let (host, port) = match mqtt {
@@ -767,14 +767,6 @@ pub async fn serve_with(
     std::fs::write(&file, plant.endpoints_toml())
         .map_err(|source| ServeError::WriteEndpoints { file, source })?;
     plant.run_realtime(speed, shutdown).await
-}
-
-/// Now, from the system clock (the simulation itself reads no clock).
-pub fn wall_clock_now() -> Timestamp {
-    let micros = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros());
-    Timestamp(i64::try_from(micros).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]

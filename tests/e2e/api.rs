@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use ferrotwin_proto::v1 as pb;
+use ferrotwin_runtime::testing;
 use tonic::Code;
 
 use crate::common::*;
@@ -292,12 +293,12 @@ async fn a_watcher_that_falls_behind_is_told_it_lagged_and_gets_a_fresh_snapshot
     // the HTTP/2 window hold go by; the twins never wait for it.
     // Each reading applied before the next is sent: one published change per reading, however
     // loaded the machine is (the twin would otherwise coalesce a burst into a few changes).
-    let force = site.rt.registry.by_path(&path(FORCE)).expect("force twin");
+    let force = path(FORCE);
     for i in 0..3000 {
         push(&site, vec![float(FORCE, f64::from(i))]).await;
         let applied = || {
-            matches!(&force.snapshot().state,
-                ferrotwin_runtime::twin::TwinState::Sensor(s)
+            matches!(&testing::snapshot(&site.rt, &force).expect("force twin").state,
+                ferrotwin_runtime::TwinState::Sensor(s)
                     if s.value == Some(ferrotwin_models::Value::Float(f64::from(i))))
         };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);

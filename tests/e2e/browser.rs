@@ -199,7 +199,7 @@ async fn web_page_shows_live_tree_trend_and_acknowledges_alarms_in_headless_chro
     site.rt.serve_http(listener);
     let stop = Arc::new(AtomicBool::new(false));
     let sim = {
-        let (stop, router, spec) = (stop.clone(), site.rt.router.clone(), plant());
+        let (stop, router, spec) = (stop.clone(), site.rt.ingest(), plant());
         std::thread::spawn(move || {
             let mut sim = PlantSim::new(&spec, 7, now());
             run_realtime(&mut sim, router.as_ref(), &DriveOptions::default(), &stop)

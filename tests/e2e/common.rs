@@ -3,11 +3,10 @@
 
 use std::future::Future;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use ferrotwin_models::spec::PlantSpec;
-use ferrotwin_models::{AssetPath, IngestSink, Property, Reading, Timestamp, Value};
+use ferrotwin_models::{AssetPath, Property, PushBackReason, Reading, Timestamp, Value};
 use ferrotwin_proto::v1 as pb;
 use ferrotwin_proto::v1::twin_service_client::TwinServiceClient;
 use ferrotwin_runtime::{Runtime, RuntimeOptions};
@@ -103,24 +102,30 @@ pub fn path(s: &str) -> AssetPath {
 }
 
 pub fn now() -> Timestamp {
-    ferrotwin_runtime::twin::now()
+    Timestamp::now()
 }
 
 pub fn float(p: &str, v: f64) -> Reading {
     Reading::good(path(p).id(), Property::Value, Value::Float(v), now())
 }
 
-/// Pushes readings through the real router, waiting while it pushes back.
+/// Pushes readings through the real router, waiting while it pushes back. A closed router
+/// fails the test at once (waiting would never end).
 pub async fn push(site: &Site, readings: Vec<Reading>) {
-    let router: Arc<_> = site.rt.router.clone();
+    let router = site.rt.ingest();
     let mut batch = readings;
     loop {
         match router.try_push(batch) {
             Ok(()) => return,
-            Err(pb) => {
+            Err(pb) if pb.why == PushBackReason::Busy => {
                 batch = pb.batch;
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
+            Err(pb) => panic!(
+                "the router refused {} readings: {:?}",
+                pb.batch.len(),
+                pb.why
+            ),
         }
     }
 }

@@ -101,7 +101,7 @@ async fn healthz_counts_twins_and_metrics_count_http_requests() {
     let (status, h) = get_json(&format!("{base}/healthz")).await;
     assert_eq!(status, 200);
     assert_eq!(h["status"], "ok");
-    assert_eq!(h["twins"], site.rt.registry.len());
+    assert_eq!(h["twins"], site.rt.api().twin_count());
     assert_eq!(h["role"], "standalone");
     let _ = get_json(&format!("{base}/api/v1/twins/acme/nowhere")).await;
     let r = client()

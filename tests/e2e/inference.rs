@@ -3,14 +3,14 @@
 
 use std::path::Path;
 
+use ferrotwin_cli::eval::{anomaly_episodes, drive};
 use ferrotwin_models::spec::{AssetKind, PlantSpec};
 use ferrotwin_models::{Level, Timestamp};
-use ferrotwin_runtime::eval::{anomaly_episodes, drive};
 use ferrotwin_sim::generate::{PlantSize, generate};
 use ferrotwin_sim::model::{FaultKind, PlantSim};
 use ferrotwin_sim::scenario::Scenario;
 
-use ferrotwin_runtime::twin::{TwinMsg, TwinState};
+use ferrotwin_runtime::{TwinState, testing};
 
 use crate::common::{get, now, options, start_plant_in, wait_for};
 
@@ -130,12 +130,9 @@ async fn a_wearing_bearing_lowers_health_sets_rul_and_raises_an_anomaly_before_t
 
 /// Encoded learned state of a machine twin's detectors, as its snapshot holds it.
 fn learned(site: &crate::common::Site, machine: &str) -> Vec<u8> {
-    let entry = site
-        .rt
-        .registry
-        .by_path(&crate::common::path(machine))
-        .expect("machine is known");
-    let TwinState::Machine(m) = &entry.snapshot().state else {
+    let snapshot =
+        testing::snapshot(&site.rt, &crate::common::path(machine)).expect("machine is known");
+    let TwinState::Machine(m) = &snapshot.state else {
         panic!("{machine} is not a machine twin");
     };
     let mut bytes = Vec::new();
@@ -178,13 +175,10 @@ async fn a_restarted_machine_twin_keeps_what_its_detectors_learned() {
     assert!(health.is_some(), "health after six hours");
 
     // A crash: the parent restarts the twin from its last published snapshot.
-    let old = site
-        .rt
-        .registry
-        .by_path(&crate::common::path(&ms[0]))
-        .and_then(|e| e.actor())
-        .expect("machine twin runs");
-    old.cast(TwinMsg::Crash).expect("cast");
+    assert!(
+        testing::crash(&site.rt, &crate::common::path(&ms[0])),
+        "machine twin runs"
+    );
     wait_for(10, "machine twin restarted", || async {
         let t = get(&mut client.clone(), &ms[0]).await;
         (t.restarts == 1).then_some(())
@@ -257,12 +251,10 @@ async fn press_round(site: &crate::common::Site, ts: Timestamp, temp: f64) {
         ["temp", "force", "speed"]
             .iter()
             .all(|s| {
-                let e = site
-                    .rt
-                    .registry
-                    .by_path(&crate::common::path(&format!("{PRESS_1}/{s}")))
-                    .expect("sensor");
-                matches!(&e.snapshot().state, TwinState::Sensor(x) if x.source_ts == ts)
+                let snapshot =
+                    testing::snapshot(&site.rt, &crate::common::path(&format!("{PRESS_1}/{s}")))
+                        .expect("sensor");
+                matches!(&snapshot.state, TwinState::Sensor(x) if x.source_ts == ts)
             })
             .then_some(())
     })
@@ -277,9 +269,9 @@ async fn a_machine_types_onnx_model_scores_its_sensor_window_and_raises_a_model_
     opts.plant_dir = Some(models_dir());
     let site = start_plant_in(&spec, dir.path(), opts).await;
     assert!(
-        site.rt.model_errors.is_empty(),
+        site.rt.model_errors().is_empty(),
         "{:?}",
-        site.rt.model_errors
+        site.rt.model_errors()
     );
     let t0 = Timestamp(now().0 - 120_000_000);
     // A flat window scores about 0; one step in temp scores far above the threshold.
@@ -330,8 +322,13 @@ async fn a_model_of_the_wrong_shape_is_an_error_naming_file_type_and_shapes_and_
     let mut opts = options();
     opts.plant_dir = Some(models_dir());
     let site = start_plant_in(&spec, dir.path(), opts).await;
-    assert_eq!(site.rt.model_errors.len(), 1, "{:?}", site.rt.model_errors);
-    let err = &site.rt.model_errors[0];
+    assert_eq!(
+        site.rt.model_errors().len(),
+        1,
+        "{:?}",
+        site.rt.model_errors()
+    );
+    let err = &site.rt.model_errors()[0];
     for part in ["bad_input_rank.onnx", "\"press\"", "[16, 3]", "[1, 16, 3]"] {
         assert!(err.contains(part), "{part:?} missing in: {err}");
     }
@@ -351,9 +348,10 @@ async fn a_model_of_the_wrong_shape_is_an_error_naming_file_type_and_shapes_and_
     opts.plant_dir = Some(models_dir());
     let site = start_plant_in(&spec, dir.path(), opts).await;
     assert!(
-        site.rt.model_errors.len() == 1 && site.rt.model_errors[0].contains("no-such-model.onnx"),
+        site.rt.model_errors().len() == 1
+            && site.rt.model_errors()[0].contains("no-such-model.onnx"),
         "{:?}",
-        site.rt.model_errors
+        site.rt.model_errors()
     );
     site.rt.shutdown().await;
 }

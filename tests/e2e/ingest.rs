@@ -3,7 +3,7 @@
 
 use std::sync::atomic::Ordering;
 
-use ferrotwin_models::{IngestSink, Property, PushBackReason, Reading, Value};
+use ferrotwin_models::{Property, PushBackReason, Reading, Value};
 use ferrotwin_proto::v1 as pb;
 
 use crate::common::*;
@@ -39,10 +39,9 @@ async fn nan_wrong_type_and_future_readings_are_rejected_counted_and_evented() {
         ],
     )
     .await;
-    let m = site.rt.metrics.clone();
-    wait_for(5, "rejections counted", || {
-        let m = m.clone();
-        async move { (m.rejected_total() == 5).then_some(()) }
+    let m = site.rt.metrics();
+    wait_for(5, "rejections counted", || async move {
+        (m.rejected_total() == 5).then_some(())
     })
     .await;
     assert_eq!(m.rejected_not_finite.load(Ordering::Relaxed), 1);
@@ -140,10 +139,10 @@ async fn an_oversized_batch_passes_when_idle_and_a_closed_router_says_so() {
     let batch: Vec<Reading> = (0..9).map(|i| float(FORCE, f64::from(i))).collect();
     // Nothing in flight: a batch above the whole budget is slow, not refused forever.
     site.rt
-        .router
+        .ingest()
         .try_push(batch.clone())
         .expect("taken when idle");
-    let router = site.rt.router.clone();
+    let router = site.rt.ingest();
     site.rt.shutdown().await;
     let err = router.try_push(batch).expect_err("closed");
     assert_eq!(err.why, PushBackReason::Closed);

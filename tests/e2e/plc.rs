@@ -7,14 +7,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferrotwin_adapters::ConnectionConfig;
+use ferrotwin_cli::feeds;
 use ferrotwin_models::spec::PlantSpec;
-use ferrotwin_models::{AssetId, AssetPath};
+use ferrotwin_models::{AssetId, AssetPath, Timestamp};
 use ferrotwin_proto::v1 as pb;
-use ferrotwin_runtime::feeds;
 use ferrotwin_sim::generate::{PlantSize, generate};
 use ferrotwin_sim::mapping::Mapping;
 use ferrotwin_sim::mqtt::EmbeddedBroker;
-use ferrotwin_sim::serve::{MqttFormat, ServedPlant, wall_clock_now};
+use ferrotwin_sim::serve::{MqttFormat, ServedPlant};
 use tokio::task::JoinHandle;
 
 use crate::common::*;
@@ -52,7 +52,7 @@ struct Rig {
 
 async fn rig(feed: Feed) -> Rig {
     let spec: PlantSpec = generate(TWO_LINES, 3);
-    let mut plant = ServedPlant::start(&spec, 5, wall_clock_now())
+    let mut plant = ServedPlant::start(&spec, 5, Timestamp::now())
         .await
         .expect("PLCs start");
     let mapping = Mapping::of(&spec).expect("fits");
@@ -107,7 +107,7 @@ async fn rig(feed: Feed) -> Rig {
             loop {
                 {
                     let mut p = plant.lock().await;
-                    let step = p.tick(wall_clock_now()).await.expect("the plant steps");
+                    let step = p.tick(Timestamp::now()).await.expect("the plant steps");
                     record(&served, step);
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;

@@ -27,11 +27,10 @@ type Client =
 /// Waits until the store writer has completed two more flushes (so everything published
 /// before the call is on disk).
 async fn flushed(site: &Site) {
-    let n = site.rt.store.stats.flushes.load(Ordering::Relaxed);
-    let store = site.rt.store.clone();
-    wait_for(10, "two store flushes", || {
-        let store = store.clone();
-        async move { (store.stats.flushes.load(Ordering::Relaxed) >= n + 2).then_some(()) }
+    let stats = site.rt.store_stats();
+    let n = stats.flushes.load(Ordering::Relaxed);
+    wait_for(10, "two store flushes", || async move {
+        (stats.flushes.load(Ordering::Relaxed) >= n + 2).then_some(())
     })
     .await;
 }

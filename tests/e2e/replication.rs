@@ -7,12 +7,13 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use ferrotwin_cli::relay::Relay;
 use ferrotwin_proto::store::v1 as rec;
 use ferrotwin_proto::v1 as pb;
 use ferrotwin_proto::v1::replication_service_client::ReplicationServiceClient;
-use ferrotwin_runtime::relay::Relay;
-use ferrotwin_runtime::replication::{EnterpriseRole, HistoryPolicy, SiteReplication};
-use ferrotwin_runtime::{Runtime, RuntimeOptions};
+use ferrotwin_runtime::{
+    EnterpriseRole, HistoryPolicy, Runtime, RuntimeOptions, SiteReplication, testing,
+};
 use prost::Message;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -73,22 +74,17 @@ async fn start_on(dir: &Path, opts: RuntimeOptions, addr: SocketAddr) -> Site {
 
 /// Waits until the site's outbox is empty and everything it staged is acked.
 async fn wait_all_acked(site: &Site) {
-    let ob = site
-        .rt
-        .store
-        .outbox()
-        .expect("a replicating site has an outbox");
     wait_for(30, "the enterprise to ack everything", || async {
-        if site.rt.registry.dirty_len() > 0 {
-            site.rt.store.nudge();
+        if testing::dirty_twins(&site.rt) > 0 {
+            testing::nudge_store(&site.rt);
             return None;
         }
         // The flush after this moment has staged every twin that was dirty before it.
-        site.rt
-            .store
-            .wait_flushed(site.rt.store.queue_generation())
-            .await;
-        let lag = ob.lag();
+        site.rt.store_flushed().await;
+        let lag = site
+            .rt
+            .outbox_lag()
+            .expect("a replicating site has an outbox");
         (lag.count == 0 && lag.acked_seq == lag.last_seq).then_some(())
     })
     .await;
@@ -162,7 +158,7 @@ async fn site_state_and_events_reach_the_enterprise_and_acks_trim_the_outbox() {
     )
     .await;
     wait_all_acked(&site).await;
-    let status = site.rt.replication.as_ref().expect("sender");
+    let status = testing::sender(&site.rt).expect("sender");
     assert!(status.connected.load(Ordering::Relaxed));
     assert!(status.bytes_sent.load(Ordering::Relaxed) > 0);
     // Both ends say so over the API; mirrors carry their freshness.
@@ -221,7 +217,7 @@ async fn enterprise_down_under_load_then_back_gets_every_event_once_and_the_fina
     )
     .await;
     assert!(
-        site.rt.store.outbox().expect("outbox").lag().count > 0,
+        site.rt.outbox_lag().expect("outbox").count > 0,
         "the outbox holds the backlog"
     );
 
@@ -350,6 +346,7 @@ fn batch_with_event(seq: u64, event_seq: u64, message: &str) -> pb::ReplicateReq
                 severity: 0,
                 alarm: String::new(),
                 message: message.into(),
+                episode: 0,
             }),
         }],
         ..Default::default()
@@ -437,7 +434,7 @@ async fn streams_reset_mid_batch_again_and_again_apply_every_batch_once() {
         "the final value at the enterprise",
     )
     .await;
-    let status = site.rt.replication.as_ref().expect("sender");
+    let status = testing::sender(&site.rt).expect("sender");
     assert!(
         status.connects.load(Ordering::Relaxed) >= 2,
         "the stream was reset and resumed"
@@ -471,10 +468,9 @@ async fn a_slow_enterprise_does_not_slow_the_site_and_its_lag_grows_then_shrinks
     )
     .await;
     // ...while the enterprise is behind: the outbox holds the difference, visibly.
-    let ob = site.rt.store.outbox().expect("outbox");
     let backlog = wait_for(10, "a backlog in the outbox", || async {
-        site.rt.store.nudge();
-        let lag = ob.lag();
+        testing::nudge_store(&site.rt);
+        let lag = site.rt.outbox_lag().expect("outbox");
         (lag.count >= 2 && lag.oldest_unacked_us.is_some()).then_some(lag)
     })
     .await;

@@ -2,27 +2,17 @@
 //! the restart budget the failure escalates to the grandparent.
 
 use ferrotwin_proto::v1 as pb;
-use ferrotwin_runtime::twin::TwinMsg;
+use ferrotwin_runtime::testing;
 use ractor::ActorId;
 
 use crate::common::*;
 
 fn actor_id(site: &Site, p: &str) -> Option<ActorId> {
-    site.rt
-        .registry
-        .by_path(&path(p))
-        .and_then(|e| e.actor())
-        .map(|a| a.get_id())
+    testing::actor_id(&site.rt, &path(p))
 }
 
 fn crash(site: &Site, p: &str) {
-    let a = site
-        .rt
-        .registry
-        .by_path(&path(p))
-        .and_then(|e| e.actor())
-        .expect("twin is running");
-    a.cast(TwinMsg::Crash).expect("cast");
+    assert!(testing::crash(&site.rt, &path(p)), "{p}: twin is running");
 }
 
 async fn wait_restarted(site: &Site, p: &str, old: Option<ActorId>) -> ActorId {
@@ -83,7 +73,7 @@ async fn a_crashed_sensor_restarts_with_its_last_value_and_alarm_and_siblings_ke
     );
     assert_eq!(
         site.rt
-            .metrics
+            .metrics()
             .restarts
             .load(std::sync::atomic::Ordering::Relaxed),
         1

@@ -21,8 +21,8 @@ use utoipa::{IntoParams, OpenApi};
 
 use super::HttpState;
 use super::dto::{self, ErrorDto};
-use crate::grpc::{ApiError, convert};
-use crate::twin::{TwinState, now};
+use crate::api::{ApiError, convert};
+use crate::core::TwinState;
 
 /// Alarms one summary lists at most (`truncated` says when more matched).
 const MAX_ALARMS: usize = 10_000;
@@ -55,8 +55,8 @@ impl HttpError {
 
 impl From<ApiError> for HttpError {
     fn from(e: ApiError) -> HttpError {
-        let status =
-            StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status = StatusCode::from_u16(e.code().http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let nearest_parent = match &e {
             ApiError::NotFound { nearest, .. } => nearest.clone(),
             _ => None,
@@ -311,7 +311,7 @@ async fn history(
     if path.trim().is_empty() {
         return Err(HttpError::bad_request("path: name the sensor"));
     }
-    let to = time("to", &q.to)?.unwrap_or_else(now);
+    let to = time("to", &q.to)?.unwrap_or_else(Timestamp::now);
     let range = q.range.as_deref().filter(|r| !r.trim().is_empty());
     let from = match (time("from", &q.from)?, range) {
         (Some(_), Some(_)) => {
@@ -459,12 +459,10 @@ async fn alarms(
     let prefix = s
         .api
         .subtree("path", q.path.as_deref().unwrap_or_default())?;
-    let ctx = s.api.ctx().clone();
+    let api = s.api.clone();
     // A scan of every sensor below: on a blocking thread (the whole plant may be 100,000).
     let mut found = tokio::task::spawn_blocking(move || {
-        let (sensors, _) = ctx.registry.scan(prefix.as_ref(), None, usize::MAX, |e| {
-            e.level() == Level::Sensor
-        });
+        let (sensors, _) = api.scan(prefix.as_ref(), usize::MAX, |e| e.level() == Level::Sensor);
         let mut found = Vec::new();
         for e in sensors {
             let AssetKind::Sensor { spec, .. } = &e.def.kind else {
@@ -575,11 +573,10 @@ async fn search(
         None | Some(0) => DEFAULT_SEARCH_HITS,
         Some(n) => n.min(MAX_SEARCH_HITS),
     };
-    let ctx = s.api.ctx().clone();
+    let api = s.api.clone();
     let (hits, truncated) = tokio::task::spawn_blocking(move || {
         // Paths are lowercase slugs already; the text was lowercased above.
-        ctx.registry
-            .scan(None, None, limit, |e| e.path().as_str().contains(&text))
+        api.scan(None, limit, |e| e.path().as_str().contains(&text))
     })
     .await
     .map_err(|e| ApiError::Unavailable(format!("search failed: {e}")))?;
@@ -601,8 +598,8 @@ async fn search(
 async fn healthz(State(s): State<HttpState>) -> Json<dto::Health> {
     Json(dto::Health {
         status: "ok".into(),
-        twins: s.api.ctx().registry.len(),
-        role: s.role.to_string(),
+        twins: s.api.twin_count(),
+        role: s.api.role().to_string(),
     })
 }
 
@@ -675,6 +672,6 @@ pub fn nearest_existing(s: &HttpState, path: &str) -> Option<Arc<crate::registry
     (1..=segs.len()).rev().find_map(|n| {
         AssetPath::parse(&segs[..n].join("/"))
             .ok()
-            .and_then(|p| s.api.ctx().registry.by_path(&p))
+            .and_then(|p| s.api.find(&p))
     })
 }

@@ -32,9 +32,9 @@ use utoipa::{IntoParams, ToSchema};
 use super::HttpState;
 use super::api::HttpError;
 use super::dto::{self, ErrorDto, TwinDto};
-use crate::grpc::{ApiError, TwinApi, convert};
+use crate::api::{ApiError, TwinApi, convert};
+use crate::core::TwinSnapshot;
 use crate::registry::TwinEntry;
-use crate::twin::TwinSnapshot;
 use crate::watch::{Change, Watcher};
 
 /// Updates per twin per second a client gets at most; changes in between are coalesced to the
@@ -119,16 +119,14 @@ impl Scope {
     }
 
     fn snapshot(&self, api: &TwinApi) -> Vec<TwinDto> {
-        let registry = &api.ctx().registry;
         let entries = match self {
             Scope::Children(root) => {
                 let depth = root.depth() + 1;
-                registry
-                    .scan(Some(root), None, usize::MAX, |e| e.path().depth() <= depth)
+                api.scan(Some(root), usize::MAX, |e| e.path().depth() <= depth)
                     .0
             }
             Scope::List(set) => {
-                let mut v: Vec<_> = set.iter().filter_map(|p| registry.by_path(p)).collect();
+                let mut v: Vec<_> = set.iter().filter_map(|p| api.find(p)).collect();
                 v.sort_by(|a, b| a.path().cmp(b.path()));
                 v
             }
@@ -156,11 +154,8 @@ fn scope_of(api: &TwinApi, q: &LiveParams) -> Result<Scope, HttpError> {
     let root = match api.subtree("path", q.path.as_deref().unwrap_or_default())? {
         Some(p) => p,
         None => api
-            .ctx()
-            .plant
-            .root
-            .as_ref()
-            .map(|r| r.path.clone())
+            .root()
+            .cloned()
             .ok_or_else(|| ApiError::Unavailable("the plant is empty".into()))?,
     };
     Ok(Scope::Children(root))
@@ -226,9 +221,7 @@ async fn open(
     };
     let sub = s
         .api
-        .ctx()
-        .hub
-        .subscribe_within(scope.prefix(), Some(scope.max_depth()), events);
+        .watch_within(scope.prefix(), scope.max_depth(), events);
     let (tx, rx) = mpsc::channel(STREAM_BUFFER);
     s.metrics.live_streams.fetch_add(1, Ordering::Relaxed);
     let gauge = LiveGauge(s.metrics.clone());

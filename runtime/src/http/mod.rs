@@ -24,9 +24,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::connections::Connections;
-use crate::grpc::TwinApi;
-use crate::replication::enterprise::EnterpriseReceiver;
+use crate::api::TwinApi;
 
 /// Open live (SSE) streams at most: each holds a watcher queue and a task. Beyond it a new
 /// stream gets 503 and the page retries later.
@@ -100,14 +98,11 @@ impl HttpMetrics {
     }
 }
 
-/// What the handlers read: the API functions shared with gRPC, the parts `/metrics` renders,
-/// the live-stream budget and the shutdown token.
+/// What the handlers read: the API shared with gRPC, the live-stream budget and the
+/// shutdown token.
 #[derive(Clone)]
 pub struct HttpState {
     pub(crate) api: TwinApi,
-    connections: Arc<Connections>,
-    enterprise: Option<Arc<EnterpriseReceiver>>,
-    role: &'static str,
     pub(crate) metrics: Arc<HttpMetrics>,
     pub(crate) live_slots: Arc<Semaphore>,
     pub(crate) token: CancellationToken,
@@ -116,18 +111,9 @@ pub struct HttpState {
 impl HttpState {
     /// `api` is the gRPC service's `TwinApi` (with its replication parts, so mirrors carry
     /// their age); `token` ends live streams at shutdown.
-    pub fn new(
-        api: TwinApi,
-        connections: Arc<Connections>,
-        role: &'static str,
-        enterprise: Option<Arc<EnterpriseReceiver>>,
-        token: CancellationToken,
-    ) -> HttpState {
+    pub fn new(api: TwinApi, token: CancellationToken) -> HttpState {
         HttpState {
             api,
-            connections,
-            enterprise,
-            role,
             metrics: Arc::new(HttpMetrics::default()),
             live_slots: Arc::new(Semaphore::new(MAX_LIVE_STREAMS)),
             token,
@@ -136,13 +122,7 @@ impl HttpState {
 
     /// Prometheus text: the runtime's counters, then the HTTP server's.
     pub fn render_metrics(&self) -> String {
-        let ctx = self.api.ctx();
-        let mut s = crate::metrics::render_runtime(
-            &ctx.metrics,
-            &ctx.store,
-            &self.connections,
-            self.enterprise.as_deref(),
-        );
+        let mut s = self.api.render_metrics();
         self.metrics.render(&mut s);
         s
     }

@@ -53,9 +53,7 @@ async fn root() -> Response {
 }
 
 async fn asset(State(s): State<HttpState>, Path(path): Path<String>) -> Response {
-    let found = AssetPath::parse(&path)
-        .ok()
-        .and_then(|p| s.api.ctx().registry.by_path(&p));
+    let found = AssetPath::parse(&path).ok().and_then(|p| s.api.find(&p));
     match found {
         Some(e) => html(StatusCode::OK, shell(e.path().as_str(), "tree")),
         None => not_found_page(
@@ -75,10 +73,7 @@ fn scoped(s: &HttpState, q: &PathParam, view: &str) -> Response {
     if path.is_empty() {
         return html(StatusCode::OK, shell("", view));
     }
-    match AssetPath::parse(path)
-        .ok()
-        .and_then(|p| s.api.ctx().registry.by_path(&p))
-    {
+    match AssetPath::parse(path).ok().and_then(|p| s.api.find(&p)) {
         Some(e) => html(StatusCode::OK, shell(e.path().as_str(), view)),
         None => not_found_page(
             &format!("/{view}?path={path}"),

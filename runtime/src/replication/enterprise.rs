@@ -24,8 +24,9 @@ use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{PROTOCOL_VERSION, cursor_key, event_cursor_key, u64_of};
+use crate::core::TwinMsg;
 use crate::store::codec;
-use crate::twin::{TwinCtx, TwinMsg, now};
+use crate::twin::TwinCtx;
 
 /// Applied batches whose ack waits for a flush, per stream.
 const PENDING_ACKS: usize = 1024;
@@ -225,7 +226,7 @@ impl EnterpriseReceiver {
             self.ctx
                 .emit(Event::new(
                     site.clone(),
-                    now(),
+                    Timestamp::now(),
                     EventKind::Lifecycle,
                     Severity::High,
                     format!(
@@ -251,9 +252,10 @@ impl EnterpriseReceiver {
         mirror.applied_seq.store(seq, Ordering::Release);
         mirror.event_seq.store(event_seq, Ordering::Release);
         mirror.batches.fetch_add(1, Ordering::Relaxed);
-        mirror
-            .synced_us
-            .store(u64::try_from(now().0).unwrap_or(0), Ordering::Relaxed);
+        mirror.synced_us.store(
+            u64::try_from(Timestamp::now().0).unwrap_or(0),
+            Ordering::Relaxed,
+        );
         Ok(Some(generation))
     }
 }

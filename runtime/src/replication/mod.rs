@@ -11,6 +11,8 @@ pub mod site;
 
 use serde::Deserialize;
 
+pub use crate::store::outbox::HistoryPolicy;
+
 /// Version of the replication protocol this build speaks (`SiteHello.protocol_version`).
 pub const PROTOCOL_VERSION: u32 = 1;
 
@@ -53,20 +55,6 @@ pub struct SiteReplication {
 pub struct EnterpriseRole {
     /// Site paths (`acme/berlin`); a site not listed is refused with PERMISSION_DENIED.
     pub accept: Vec<String>,
-}
-
-/// How much of a sensor's history a site replicates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum HistoryPolicy {
-    /// Every reading, in the chunks the site stores.
-    Raw,
-    /// One point per `aggregate_window_ms`: the window's mean at its last reading's time,
-    /// with the window's worst quality (min, max and last are not carried).
-    #[default]
-    Aggregated,
-    /// No history: the enterprise mirrors the live state and the events only.
-    StateOnly,
 }
 
 mod defaults {

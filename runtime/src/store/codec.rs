@@ -8,14 +8,15 @@ use ferrotwin_models::oee::{MachineState, OeeTracker};
 use ferrotwin_models::spec::AssetKind;
 use ferrotwin_models::stats::RunningStats;
 use ferrotwin_models::{
-    AssetPath, Event, EventKind, Quality, QualityCode, QualityReason, Severity, Timestamp, Value,
+    AssetPath, EpisodeEdge, Event, EventKind, Quality, QualityCode, QualityReason, Severity,
+    Timestamp, Value,
 };
 use ferrotwin_proto::store::v1 as rec;
 use prost::Message;
 
 use super::HistPoint;
+use crate::core::{MachineInference, MachineSnap, SensorSnap, TwinSnapshot, TwinState};
 use crate::registry::TwinEntry;
-use crate::twin::{MachineInference, MachineSnap, SensorSnap, TwinSnapshot, TwinState};
 
 fn quality_code(c: QualityCode) -> u32 {
     match c {
@@ -245,7 +246,7 @@ pub fn decode_snapshot(kind: &AssetKind, r: &rec::TwinRecord, learn: bool) -> Tw
                     s.anomaly_score = None;
                 }
                 s.anomalous = restored.as_ref().is_some_and(|d| d.active().is_some());
-                s.detector = restored.or_else(|| crate::twin::new_sensor_detector(spec));
+                s.detector = restored.or_else(|| crate::core::new_sensor_detector(spec));
             }
         }
         (TwinState::Machine(m), AssetKind::Machine { spec, .. }, _, Some(mr)) => {
@@ -293,7 +294,7 @@ pub fn decode_snapshot(kind: &AssetKind, r: &rec::TwinRecord, learn: bool) -> Tw
                     };
                 }
                 inf.anomalous = restored.as_ref().is_some_and(|d| d.anomalous());
-                m.detector = restored.or_else(|| crate::twin::new_machine_detector(spec));
+                m.detector = restored.or_else(|| crate::core::new_machine_detector(spec));
             }
         }
         _ => {}
@@ -357,6 +358,7 @@ pub fn encode_event(e: &Event) -> Vec<u8> {
         severity: e.severity.index() as u32,
         alarm: e.alarm.clone(),
         message: e.message.clone(),
+        episode: EpisodeEdge::code(e.episode),
     }
     .encode_to_vec()
 }
@@ -375,5 +377,6 @@ pub fn decode_event(seq: u64, bytes: &[u8]) -> Result<Event, String> {
             .unwrap_or(Severity::Critical),
         alarm: r.alarm,
         message: r.message,
+        episode: EpisodeEdge::from_code(r.episode),
     })
 }

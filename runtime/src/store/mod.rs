@@ -23,13 +23,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use ferrotwin_models::{
-    AssetId, AssetPath, Event, EventKind, Property, QualityCode, Severity, Timestamp,
-};
+use ferrotwin_models::{AssetId, AssetPath, Event, EventKind, Property, Severity, Timestamp};
 use ferrotwin_proto::store::v1 as rec;
 use prost::Message;
 use tokio::sync::Semaphore;
 
+use crate::core::HistPoint;
 use crate::registry::Registry;
 
 /// On-disk format version of this build. Bump on an incompatible change of keys or records.
@@ -116,14 +115,6 @@ pub enum StoreError {
     Io { dir: PathBuf, source: sled::Error },
     #[error("the range holds more than {max_raw} raw points; narrow it")]
     TooMuchHistory { max_raw: usize },
-}
-
-/// One point of history.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct HistPoint {
-    pub ts: Timestamp,
-    pub value: f64,
-    pub quality: QualityCode,
 }
 
 /// Filter of `list_events`.
@@ -314,7 +305,7 @@ impl Store {
             next_seq: AtomicU64::new(next_seq),
             // Start where an earlier run is unlikely to have been, so a restart does not
             // reuse (id, ts, uniquifier) of a chunk written before it.
-            chunk_counter: std::sync::atomic::AtomicU32::new(crate::twin::now().0 as u32),
+            chunk_counter: std::sync::atomic::AtomicU32::new(Timestamp::now().0 as u32),
             seq_reserved: AtomicU64::new(next_seq),
             meta,
             wake: Condvar::new(),
@@ -592,7 +583,7 @@ impl Store {
             }
             if last_retention.elapsed() > Duration::from_secs(60) {
                 last_retention = Instant::now();
-                if let Err(e) = self.apply_retention(crate::twin::now()) {
+                if let Err(e) = self.apply_retention(Timestamp::now()) {
                     tracing::warn!(error = %e, "history retention sweep failed");
                 }
             }
@@ -805,7 +796,7 @@ impl Store {
         }
         let history = ob.history_of(&q.history);
         (
-            ob.prepare(twins, events, history, full, crate::twin::now().0),
+            ob.prepare(twins, events, history, full, Timestamp::now().0),
             full,
             recovered,
         )
@@ -1118,6 +1109,8 @@ fn hex(b: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use ferrotwin_models::QualityCode;
+
     use super::*;
 
     #[test]

@@ -26,8 +26,22 @@ use ferrotwin_models::{AssetId, QualityCode};
 use ferrotwin_proto::store::v1 as rec;
 use prost::Message;
 
-use crate::replication::HistoryPolicy;
-use crate::store::{HistPoint, codec, seq_of};
+use crate::core::HistPoint;
+use crate::store::{codec, seq_of};
+
+/// How much of a sensor's history a site replicates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HistoryPolicy {
+    /// Every reading, in the chunks the site stores.
+    Raw,
+    /// One point per `aggregate_window_ms`: the window's mean at its last reading's time,
+    /// with the window's worst quality (min, max and last are not carried).
+    #[default]
+    Aggregated,
+    /// No history: the enterprise mirrors the live state and the events only.
+    StateOnly,
+}
 
 /// `meta` key: highest event seq the outbox has ever held (trimmed or not).
 const EVENT_HWM_KEY: &str = "outbox-event-hwm";
@@ -616,9 +630,9 @@ mod tests {
     use ferrotwin_sim::generate::{PlantSize, generate};
 
     use super::*;
+    use crate::core::TwinSnapshot;
     use crate::registry::Registry;
     use crate::store::{Store, StoreConfig};
-    use crate::twin::TwinSnapshot;
 
     fn plant_registry() -> Registry {
         let registry = Registry::default();

@@ -7,8 +7,10 @@ use ferrotwin_models::rollup::RollUp;
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 
 use super::supervise::Children;
-use super::{TwinArgs, TwinCtx, TwinMsg, TwinSnapshot, TwinState, now};
+use super::{TwinArgs, TwinCtx};
+use crate::core::{TwinMsg, TwinSnapshot, TwinState};
 use crate::registry::TwinEntry;
+use ferrotwin_models::Timestamp;
 
 pub struct GroupTwin;
 
@@ -126,7 +128,7 @@ impl Actor for GroupTwin {
 impl GroupState {
     fn publish(&mut self) {
         let rollup = self.children.rollup();
-        let at = now();
+        let at = Timestamp::now();
         self.ctx.publish(
             &self.entry,
             TwinSnapshot {

@@ -9,17 +9,15 @@ use ferrotwin_models::oee::MachineState;
 use ferrotwin_models::rollup::RollUp;
 use ferrotwin_models::spec::{AssetKind, MachineType};
 use ferrotwin_models::{
-    Event, EventKind, Property, Reading, RejectReason, Severity, Timestamp, Value,
+    Accepts, Event, EventKind, Property, Reading, RejectReason, Severity, Timestamp, Value,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 
 use super::supervise::Children;
 use ferrotwin_models::detect::{DetectorKind, EpisodeTracker, Hysteresis, Regime};
 
-use super::{
-    MachineSnap, RejectThrottle, TwinArgs, TwinCtx, TwinMsg, TwinSnapshot, TwinState,
-    anomaly_event, now,
-};
+use super::{RejectThrottle, TwinArgs, TwinCtx, anomaly_event};
+use crate::core::{MachineSnap, TwinMsg, TwinSnapshot, TwinState};
 use crate::inference::{ModelWindow, OnnxModel};
 use crate::registry::TwinEntry;
 
@@ -88,7 +86,7 @@ pub(super) async fn record_restart(ctx: &TwinCtx, entry: &TwinEntry, restarts: u
     tracing::warn!(asset = %entry.path(), error = %why, "twin restarted");
     ctx.emit(Event::new(
         entry.path().clone(),
-        now(),
+        Timestamp::now(),
         EventKind::Lifecycle,
         Severity::Medium,
         format!("twin restarted after a crash (restart {restarts}): {why}"),
@@ -124,11 +122,11 @@ impl Actor for MachineTwin {
                 _ => MachineSnap::default(),
             };
             if let (Some(board), Some(_)) = (&entry.board, snap.tracker.last_ts) {
-                let clock = crate::router::ClockRules::of(&ctx.settings);
+                let clock = crate::core::ClockRules::of(&ctx.settings);
                 board.note_state(
                     snap.tracker.state.code(),
                     snap.tracker.state_since,
-                    now(),
+                    Timestamp::now(),
                     clock,
                 );
             }
@@ -154,7 +152,7 @@ impl Actor for MachineTwin {
             if let Some(m) = state.ctx.models.get(state.entry.def.kind.type_name()) {
                 state.model = MachineModel::new(&state.spec, m.clone());
             }
-            state.publish(now(), true);
+            state.publish(Timestamp::now(), true);
             Ok(state)
         })
         .await
@@ -183,7 +181,7 @@ impl Actor for MachineTwin {
                     for r in &readings {
                         state.apply(r).await;
                     }
-                    state.publish(now(), false);
+                    state.publish(Timestamp::now(), false);
                     state.schedule(&myself);
                 }
                 TwinMsg::ChildChanged { id, rollup } => {
@@ -194,11 +192,11 @@ impl Actor for MachineTwin {
                 }
                 TwinMsg::PublishRollUp => {
                     state.publish_scheduled = false;
-                    state.publish(now(), true);
+                    state.publish(Timestamp::now(), true);
                 }
                 TwinMsg::Evaluate(at) => {
                     state.evaluate(at).await;
-                    state.publish(now(), false);
+                    state.publish(Timestamp::now(), false);
                     state.schedule(&myself);
                 }
                 TwinMsg::Mirror(snap) => {
@@ -239,7 +237,7 @@ impl Actor for MachineTwin {
 impl MachineTwinState {
     async fn reject(&mut self, reason: RejectReason) {
         self.ctx.metrics.count_reject(reason.label());
-        let at = now();
+        let at = Timestamp::now();
         let Some(msg) = self
             .rejects
             .note(&reason, at, self.ctx.settings.reject_event_interval_ms)
@@ -259,44 +257,20 @@ impl MachineTwinState {
     }
 
     async fn apply(&mut self, r: &Reading) {
-        let asset = self.entry.path().clone();
-        let ahead_ms = r.source_ts.millis_since(now());
-        if ahead_ms > self.ctx.settings.max_future_skew_ms {
-            return self
-                .reject(RejectReason::FromTheFuture {
-                    asset,
-                    property: r.property,
-                    ts: r.source_ts,
-                    ahead_ms,
-                    max_skew_ms: self.ctx.settings.max_future_skew_ms,
-                })
-                .await;
+        let now = Timestamp::now();
+        let max_skew_ms = self.ctx.settings.max_future_skew_ms;
+        if let Err(reason) = r.check(self.entry.path(), Accepts::Machine, now, max_skew_ms) {
+            return self.reject(reason).await;
         }
-        let int = match r.value {
-            Value::Int(v) => v,
-            other => {
-                return self
-                    .reject(RejectReason::WrongType {
-                        asset,
-                        property: r.property,
-                        got: other.value_type().as_str(),
-                        declared: "int",
-                    })
-                    .await;
-            }
+        // `Reading::check` let through only integers, valid state codes and counts >= 0.
+        let Value::Int(int) = r.value else {
+            return;
         };
         let t = &mut self.snap.tracker;
         match r.property {
             Property::State => {
                 let Some(new) = MachineState::from_code(int) else {
-                    return self
-                        .reject(RejectReason::WrongType {
-                            asset,
-                            property: r.property,
-                            got: "unknown state code",
-                            declared: "state code 0..=3",
-                        })
-                        .await;
+                    return;
                 };
                 let old = t.state;
                 if t.on_state(new, r.source_ts) {
@@ -307,7 +281,7 @@ impl MachineTwinState {
                     };
                     self.ctx
                         .emit(Event::new(
-                            asset,
+                            self.entry.path().clone(),
                             r.source_ts,
                             EventKind::State,
                             severity,
@@ -316,25 +290,9 @@ impl MachineTwinState {
                         .await;
                 }
             }
-            Property::GoodCount | Property::ScrapCount if int < 0 => {
-                self.reject(RejectReason::WrongType {
-                    asset,
-                    property: r.property,
-                    got: "negative count",
-                    declared: "count >= 0",
-                })
-                .await
-            }
-            Property::GoodCount => t.on_good_counter(int as u64, r.source_ts),
-            Property::ScrapCount => t.on_scrap_counter(int as u64, r.source_ts),
-            Property::Value => {
-                self.reject(RejectReason::UnknownProperty {
-                    asset,
-                    property: r.property,
-                    level: "machine",
-                })
-                .await
-            }
+            Property::GoodCount => t.on_good_counter(int.unsigned_abs(), r.source_ts),
+            Property::ScrapCount => t.on_scrap_counter(int.unsigned_abs(), r.source_ts),
+            Property::Value => {}
         }
     }
 

@@ -17,74 +17,17 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use ferrotwin_models::alarm::AlarmStatus;
-use ferrotwin_models::alarm::LimitKind;
 use ferrotwin_models::detect::AnomalyTransition;
-use ferrotwin_models::detect::machine::MachineDetector;
-use ferrotwin_models::detect::sensor::SensorDetector;
-use ferrotwin_models::oee::OeeTracker;
 use ferrotwin_models::rollup::RollUp;
-use ferrotwin_models::spec::{AssetDef, AssetKind, MachineType, SensorSpec};
-use ferrotwin_models::stats::RunningStats;
-use ferrotwin_models::{
-    AssetId, AssetPath, Event, EventKind, Level, Quality, Severity, Timestamp, Value,
-};
-use ractor::{Actor, ActorCell, ActorRef, RpcReplyPort, SpawnErr};
+use ferrotwin_models::spec::{AssetDef, AssetKind};
+use ferrotwin_models::{AssetPath, EpisodeEdge, Event, EventKind, Level, Severity, Timestamp};
+use ractor::{Actor, ActorCell, ActorRef, SpawnErr};
 
-use crate::metrics::Metrics;
+use crate::core::{Credits, Metrics, TwinError, TwinMsg, TwinSettings, TwinSnapshot, ask};
+use crate::inference::OnnxModel;
 use crate::registry::{Registry, TwinEntry};
-use crate::router::Credits;
 use crate::store::Store;
 use crate::watch::WatchHub;
-
-/// Wall clock in µs since the epoch: the runtime's `server_ts`.
-pub fn now() -> Timestamp {
-    let d = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    Timestamp(i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-}
-
-/// Limits and timings of twins (the `[twins]` section of the runtime config).
-#[derive(Debug, Clone, serde::Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TwinSettings {
-    /// Readings whose source timestamp is further ahead of the server clock are rejected.
-    pub max_future_skew_ms: i64,
-    /// A parent publishes its roll-up at most this often.
-    pub rollup_debounce_ms: u64,
-    /// Restart budget: at most `max_restarts` restarts of one child within `restart_window_ms`,
-    /// then the parent fails too (escalation, as in OTP).
-    pub max_restarts: usize,
-    pub restart_window_ms: u64,
-    /// Readings per history chunk, and the age at which a partial chunk is written anyway.
-    pub history_chunk_points: usize,
-    pub history_chunk_max_age_ms: i64,
-    /// A twin raises at most one `rejected` event per this interval; the others are counted
-    /// into the next one.
-    pub reject_event_interval_ms: i64,
-    /// A reading older than the live value by at most this much is late (history only);
-    /// further back, the source's clock went back and the reading is taken as current.
-    pub clock_step_back_ms: i64,
-    /// Machines run their detectors about this often, in source time.
-    pub inference_interval_ms: i64,
-}
-
-impl Default for TwinSettings {
-    fn default() -> Self {
-        TwinSettings {
-            max_future_skew_ms: 5_000,
-            rollup_debounce_ms: 200,
-            max_restarts: 5,
-            restart_window_ms: 10_000,
-            history_chunk_points: 64,
-            history_chunk_max_age_ms: 10_000,
-            reject_event_interval_ms: 10_000,
-            clock_step_back_ms: 60_000,
-            inference_interval_ms: 1_000,
-        }
-    }
-}
 
 /// The plant's shape: children of each asset, for spawning and restarting subtrees.
 #[derive(Default)]
@@ -121,7 +64,7 @@ pub struct TwinCtx {
     /// The router's in-flight budget (readings sent to twins and not yet handled).
     pub credits: Credits,
     /// Users' ONNX models by machine type (the types whose model loaded).
-    pub models: HashMap<String, Arc<crate::inference::OnnxModel>>,
+    pub models: HashMap<String, Arc<OnnxModel>>,
 }
 
 impl TwinCtx {
@@ -196,121 +139,9 @@ impl RejectThrottle {
     }
 }
 
-/// Latest state of a twin, as readers and the store see it. Static facts (path, type, spec)
-/// live in the registry entry.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TwinSnapshot {
-    pub restarts: u32,
-    pub updated: Timestamp,
-    pub state: TwinState,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum TwinState {
-    Sensor(SensorSnap),
-    Machine(MachineSnap),
-    Group(RollUp),
-}
-
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct SensorSnap {
-    pub value: Option<Value>,
-    pub quality: Quality,
-    pub source_ts: Timestamp,
-    pub server_ts: Timestamp,
-    pub stats: RunningStats,
-    /// Parallel to the sensor spec's `alarms`.
-    pub alarms: Vec<AlarmStatus>,
-    pub rejected: u64,
-    /// Local inference: the latest anomaly score (`None` while detectors are off or warming
-    /// up) and whether an anomaly episode is open.
-    pub anomaly_score: Option<f64>,
-    pub anomalous: bool,
-    /// Learned state of the sensor's detectors (`None` when they are off): part of the
-    /// snapshot so a restarted or restored twin goes on from what it learned.
-    pub detector: Option<Box<SensorDetector>>,
-}
-
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct MachineSnap {
-    pub tracker: OeeTracker,
-    /// Machine itself plus its sensors.
-    pub rollup: RollUp,
-    pub inference: MachineInference,
-    /// Learned state of the machine's detectors (`None` when they are off).
-    pub detector: Option<Box<MachineDetector>>,
-}
-
-/// What the machine's detectors and model publish (each `None` while off or learning).
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub struct MachineInference {
-    pub anomaly_score: Option<f64>,
-    /// 0..=100.
-    pub health: Option<f64>,
-    /// Remaining useful life and its band, hours.
-    pub rul_hours: Option<f64>,
-    pub rul_low_hours: Option<f64>,
-    pub rul_high_hours: Option<f64>,
-    /// Output of the machine type's ONNX model.
-    pub model_score: Option<f64>,
-    /// An anomaly episode of the machine is open.
-    pub anomalous: bool,
-}
-
-impl TwinSnapshot {
-    /// State of a twin that has never run.
-    pub fn initial(kind: &AssetKind) -> TwinSnapshot {
-        let state = match kind {
-            AssetKind::Sensor { spec, .. } => TwinState::Sensor(SensorSnap {
-                quality: Quality::uncertain(ferrotwin_models::QualityReason::NoData),
-                alarms: vec![AlarmStatus::default(); spec.alarms.len()],
-                detector: new_sensor_detector(spec),
-                ..SensorSnap::default()
-            }),
-            AssetKind::Machine { spec, .. } => TwinState::Machine(MachineSnap {
-                detector: new_machine_detector(spec),
-                ..MachineSnap::default()
-            }),
-            _ => TwinState::Group(RollUp::default()),
-        };
-        TwinSnapshot {
-            restarts: 0,
-            updated: Timestamp::ZERO,
-            state,
-        }
-    }
-
-    /// The roll-up this twin contributes to its parent.
-    pub fn rollup(&self, kind: &AssetKind) -> RollUp {
-        match &self.state {
-            TwinState::Sensor(s) => {
-                let mut r = RollUp {
-                    sensors: 1,
-                    worst_quality: s.quality.code,
-                    anomalies: u32::from(s.anomalous),
-                    ..RollUp::default()
-                };
-                if let AssetKind::Sensor { spec, .. } = kind {
-                    for (a, limit) in s.alarms.iter().zip(&spec.alarms) {
-                        if a.state.is_active() {
-                            r.count_alarm(limit.severity);
-                        }
-                        if a.state.is_unacked() {
-                            r.unacked_alarms += 1;
-                        }
-                    }
-                }
-                r
-            }
-            TwinState::Machine(m) => m.rollup,
-            TwinState::Group(r) => *r,
-        }
-    }
-}
-
-/// The event of an anomaly episode's start or end (`alarm` names the detector; the message
-/// starts with `eval::ANOMALY_STARTED` / `ANOMALY_ENDED`, which the eval pairs), at the
-/// source time of the reading or evaluation that decided it. `contributors` (machines) names
+/// The event of an anomaly episode's start or end (`alarm` names the detector, `episode` the
+/// edge, by which the eval pairs them), at the source time of the reading or evaluation that
+/// decided it. `contributors` (machines) names
 /// the sensors that weigh most in the score.
 pub fn anomaly_event(
     asset: &AssetPath,
@@ -318,13 +149,13 @@ pub fn anomaly_event(
     at: Timestamp,
     contributors: &str,
 ) -> Event {
-    let (detector, severity, mut message) = match t {
+    let (detector, edge, severity, mut message) = match t {
         AnomalyTransition::Started { detector, score } => (
             detector,
+            EpisodeEdge::Start,
             Severity::Medium,
             format!(
-                "{}: {} detector, score {score:.2}",
-                crate::eval::ANOMALY_STARTED,
+                "anomaly started: {} detector, score {score:.2}",
                 detector.as_str()
             ),
         ),
@@ -334,10 +165,10 @@ pub fn anomaly_event(
             since,
         } => (
             detector,
+            EpisodeEdge::End,
             Severity::Info,
             format!(
-                "{}: {} detector, peak score {peak:.2}, lasted {:.0} s (since {since})",
-                crate::eval::ANOMALY_ENDED,
+                "anomaly ended: {} detector, peak score {peak:.2}, lasted {:.0} s (since {since})",
                 detector.as_str(),
                 at.millis_since(since).max(0) as f64 / 1000.0
             ),
@@ -349,89 +180,8 @@ pub fn anomaly_event(
     }
     let mut ev = Event::new(asset.clone(), at, EventKind::Anomaly, severity, message);
     ev.alarm = detector.as_str().to_string();
+    ev.episode = Some(edge);
     ev
-}
-
-/// A sensor's detectors as its spec sets them, fresh; `None` when they are off.
-pub fn new_sensor_detector(spec: &SensorSpec) -> Option<Box<SensorDetector>> {
-    spec.detect
-        .enabled
-        .then(|| Box::new(SensorDetector::new(&spec.detect)))
-}
-
-/// A machine's detectors as its type sets them, fresh (the health index measures each
-/// sensor's way from its learned baseline to its high alarm limit); `None` when off.
-pub fn new_machine_detector(spec: &MachineType) -> Option<Box<MachineDetector>> {
-    if !spec.detect.enabled {
-        return None;
-    }
-    let high_limits: Vec<Option<f64>> = spec
-        .sensors
-        .iter()
-        .map(|s| {
-            s.alarms
-                .iter()
-                .filter(|a| a.kind == LimitKind::High)
-                .map(|a| a.limit)
-                .reduce(f64::min)
-        })
-        .collect();
-    Some(Box::new(MachineDetector::new(&spec.detect, &high_limits)))
-}
-
-/// Messages of every twin kind. One enum so the registry routes to any twin by id; each
-/// actor handles the variants of its kind and counts the rest as misrouted.
-pub enum TwinMsg {
-    /// Readings wait in the twin's registry inbox: take and apply them.
-    Drain,
-    /// A child's roll-up changed.
-    ChildChanged { id: AssetId, rollup: RollUp },
-    /// Debounce timer: publish the roll-up to the parent now.
-    PublishRollUp,
-    /// Sweeper: no reading since the stale threshold.
-    CheckStale(Timestamp),
-    /// Machines: evaluate the detectors on the sample board, at this source time.
-    Evaluate(Timestamp),
-    Acknowledge {
-        alarm: String,
-        by: String,
-        comment: String,
-        reply: RpcReplyPort<Result<AlarmStatus, TwinError>>,
-    },
-    Shelve {
-        alarm: String,
-        until: Option<Timestamp>,
-        by: String,
-        reply: RpcReplyPort<Result<AlarmStatus, TwinError>>,
-    },
-    /// Write the history tail now (clean shutdown).
-    FlushHistory(RpcReplyPort<()>),
-    /// Enterprise role: the state of this twin's original at its site (replication).
-    /// Sensors and machines take it as their own; roll-ups follow as usual.
-    Mirror(Arc<TwinSnapshot>),
-    /// Panic inside the handler, as a bug would (tests of supervision).
-    Crash,
-}
-
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum TwinError {
-    #[error("{asset}: no alarm named {alarm:?} (alarms: {known})")]
-    UnknownAlarm {
-        asset: AssetPath,
-        alarm: String,
-        known: String,
-    },
-    #[error("{asset}: alarm {alarm:?}: {source}")]
-    Ack {
-        asset: AssetPath,
-        alarm: String,
-        source: ferrotwin_models::alarm::AckError,
-    },
-    #[error("{asset}: a {level} has no alarms")]
-    NoAlarms {
-        asset: AssetPath,
-        level: &'static str,
-    },
 }
 
 /// Arguments of every twin actor.
@@ -527,17 +277,5 @@ pub async fn flush_all(registry: &Registry, level: Level, timeout: Duration) {
             set.spawn(async move { ask(&a, TwinMsg::FlushHistory, timeout).await });
         }
         while set.join_next().await.is_some() {}
-    }
-}
-
-/// Asks a twin and waits at most `timeout` for the answer.
-pub async fn ask<R: Send + 'static>(
-    actor: &ActorRef<TwinMsg>,
-    msg: impl FnOnce(RpcReplyPort<R>) -> TwinMsg,
-    timeout: Duration,
-) -> Option<R> {
-    match actor.call(msg, Some(timeout)).await {
-        Ok(ractor::rpc::CallResult::Success(r)) => Some(r),
-        _ => None,
     }
 }

@@ -8,19 +8,17 @@ use ferrotwin_models::alarm::{AlarmLimit, AlarmTransition, LimitKind};
 use ferrotwin_models::rollup::RollUp;
 use ferrotwin_models::spec::{AssetKind, SensorSpec};
 use ferrotwin_models::{
-    Event, EventKind, Property, Quality, QualityCode, QualityReason, Reading, RejectReason,
-    Severity, Timestamp,
+    Accepts, Event, EventKind, Property, Quality, QualityCode, QualityReason, Reading,
+    RejectReason, Severity, Timestamp,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use ferrotwin_models::detect::Regime;
 
-use super::{
-    RejectThrottle, SensorSnap, TwinArgs, TwinCtx, TwinError, TwinMsg, TwinSnapshot, TwinState,
-    anomaly_event, now,
-};
+use super::{RejectThrottle, TwinArgs, TwinCtx, anomaly_event};
+use crate::core::HistPoint;
+use crate::core::{SensorSnap, TwinError, TwinMsg, TwinSnapshot, TwinState};
 use crate::registry::TwinEntry;
-use crate::store::HistPoint;
 
 pub struct SensorTwin;
 
@@ -86,13 +84,13 @@ impl Actor for SensorTwin {
                     .ctx
                     .emit(Event::new(
                         state.entry.path().clone(),
-                        now(),
+                        Timestamp::now(),
                         EventKind::Lifecycle,
                         Severity::Medium,
                         msg,
                     ))
                     .await;
-                state.publish(now());
+                state.publish(Timestamp::now());
             }
             Ok(state)
         })
@@ -161,44 +159,16 @@ impl Actor for SensorTwin {
 
 impl SensorState {
     fn check(&self, r: &Reading, now: Timestamp) -> Result<(), RejectReason> {
-        let asset = || self.entry.path().clone();
-        if r.property != Property::Value {
-            return Err(RejectReason::UnknownProperty {
-                asset: asset(),
-                property: r.property,
-                level: "sensor",
-            });
-        }
-        if !r.value.is_finite() {
-            return Err(RejectReason::NotFinite {
-                asset: asset(),
-                property: r.property,
-            });
-        }
-        if !r.value.fits(self.spec.value_type) {
-            return Err(RejectReason::WrongType {
-                asset: asset(),
-                property: r.property,
-                got: r.value.value_type().as_str(),
-                declared: self.spec.value_type.as_str(),
-            });
-        }
-        let ahead_ms = r.source_ts.millis_since(now);
-        let max_skew_ms = self.ctx.settings.max_future_skew_ms;
-        if ahead_ms > max_skew_ms {
-            return Err(RejectReason::FromTheFuture {
-                asset: asset(),
-                property: r.property,
-                ts: r.source_ts,
-                ahead_ms,
-                max_skew_ms,
-            });
-        }
-        Ok(())
+        r.check(
+            self.entry.path(),
+            Accepts::Sensor(self.spec.value_type),
+            now,
+            self.ctx.settings.max_future_skew_ms,
+        )
     }
 
     async fn apply(&mut self, readings: &[Reading]) {
-        let now = now();
+        let now = Timestamp::now();
         let mut touched = false;
         let rejected_before = self.snap.rejected;
         // Points of this drain, appended to the entry's tail in one lock below.
@@ -424,7 +394,7 @@ impl SensorState {
         comment: &str,
     ) -> Result<ferrotwin_models::alarm::AlarmStatus, TwinError> {
         let i = self.alarm_index(name)?;
-        let at = now();
+        let at = Timestamp::now();
         let t = self.snap.alarms[i]
             .acknowledge(at)
             .map_err(|source| TwinError::Ack {
@@ -450,7 +420,7 @@ impl SensorState {
         by: &str,
     ) -> Result<ferrotwin_models::alarm::AlarmStatus, TwinError> {
         let i = self.alarm_index(name)?;
-        let at = now();
+        let at = Timestamp::now();
         let t = match until {
             Some(u) => Some(self.snap.alarms[i].shelve(u, at)),
             None => self.snap.alarms[i].unshelve(at),
@@ -483,7 +453,7 @@ impl SensorState {
         let mut t = self.entry.tail.lock().expect("tail lock is never poisoned");
         let n = points.len().min(t.points.len());
         t.points.drain(..n);
-        t.since = crate::twin::now();
+        t.since = Timestamp::now();
     }
 
     fn publish(&mut self, at: Timestamp) {

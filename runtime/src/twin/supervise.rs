@@ -58,14 +58,6 @@ impl Children {
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.by_actor.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_actor.is_empty()
-    }
-
     /// Handles a supervision event. A failed child is restarted from the snapshot in its
     /// registry entry; past the budget the error is returned, which fails this parent and
     /// hands the problem to its own parent.
@@ -127,9 +119,5 @@ impl Children {
             _ => {}
         }
         Ok(())
-    }
-
-    pub fn entries(&self) -> impl Iterator<Item = &Arc<TwinEntry>> {
-        self.by_actor.values()
     }
 }

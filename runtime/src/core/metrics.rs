@@ -1,15 +1,12 @@
-//! Counters of the runtime, in the families every component uses: received, rejected{reason},
+//! Hot-path counters of the runtime (the Prometheus page that reads them and everything
+//! else is `http::prometheus`), and the ingest credits. Counters of the runtime, in the families every component uses: received, rejected{reason},
 //! errors{stage}, dropped{reason}. Labels are small fixed sets, never asset paths.
 
 use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use ferrotwin_models::EventKind;
-
-use crate::connections::Connections;
-use crate::replication::enterprise::EnterpriseReceiver;
-use crate::store::Store;
-use crate::twin::now;
 
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -101,75 +98,14 @@ impl Metrics {
     }
 }
 
-/// Prometheus text of everything a runtime counts: ingest and twins (`Metrics`), PLC
-/// connections (labelled by connection name: a handful per site), the replication outbox
-/// of a site and the freshness of an enterprise's sites. The HTTP server adds its own.
-pub fn render_runtime(
-    metrics: &Metrics,
-    store: &Store,
-    connections: &Connections,
-    enterprise: Option<&EnterpriseReceiver>,
-) -> String {
-    let mut s = metrics.render();
-    let statuses = connections.statuses();
-    if !statuses.is_empty() {
-        let _ = writeln!(s, "# TYPE ferrotwin_adapter_values_total counter");
-        for (st, protocol, _, _) in &statuses {
-            for (what, n) in [
-                ("received", st.received),
-                ("rejected", st.rejected),
-                ("errors", st.errors),
-            ] {
-                let _ = writeln!(
-                    s,
-                    "ferrotwin_adapter_values_total{{connection=\"{}\",protocol=\"{protocol}\",outcome=\"{what}\"}} {n}",
-                    st.name
-                );
-            }
-        }
-        let _ = writeln!(s, "# TYPE ferrotwin_adapter_connected gauge");
-        for (st, protocol, _, _) in &statuses {
-            let _ = writeln!(
-                s,
-                "ferrotwin_adapter_connected{{connection=\"{}\",protocol=\"{protocol}\"}} {}",
-                st.name,
-                u8::from(st.link == ferrotwin_adapters::LinkState::Connected)
-            );
-        }
+/// The ingest budget: readings the router handed to twins and they have not handled yet.
+/// The router takes credits, twins return them; a clone reads the same count.
+#[derive(Clone)]
+pub struct Credits(pub(crate) Arc<AtomicUsize>);
+
+impl Credits {
+    /// Readings in flight now (0: every twin handled everything it was sent).
+    pub fn in_flight(&self) -> usize {
+        self.0.load(Ordering::Acquire)
     }
-    if let Some(ob) = store.outbox() {
-        let lag = ob.lag();
-        let age_s = lag
-            .oldest_unacked_us
-            .map_or(0.0, |t| (now().0 - t).max(0) as f64 / 1e6);
-        for (name, kind, v) in [
-            ("ferrotwin_outbox_batches", "gauge", lag.count as f64),
-            ("ferrotwin_outbox_bytes", "gauge", lag.bytes as f64),
-            ("ferrotwin_outbox_oldest_unacked_seconds", "gauge", age_s),
-            (
-                "ferrotwin_outbox_compacted_total",
-                "counter",
-                lag.compacted as f64,
-            ),
-            (
-                "ferrotwin_outbox_dropped_events_total",
-                "counter",
-                lag.dropped_events as f64,
-            ),
-        ] {
-            let _ = writeln!(s, "# TYPE {name} {kind}\n{name} {v}");
-        }
-    }
-    if let Some(e) = enterprise {
-        let _ = writeln!(s, "# TYPE ferrotwin_site_sync_age_seconds gauge");
-        for (site, m) in crate::replication::enterprise::sites(e) {
-            let age = crate::replication::enterprise::freshness_ms(&m, now())
-                .map_or(f64::INFINITY, |ms| ms as f64 / 1000.0);
-            let _ = writeln!(
-                s,
-                "ferrotwin_site_sync_age_seconds{{site=\"{site}\"}} {age}"
-            );
-        }
-    }
-    s
 }

@@ -2,6 +2,10 @@
 //! history chunks → store writer → watch hub) and prints figures next to a bare tokio
 //! channel doing the same hops. A benchmark, not a test: it prints, it never fails on speed.
 
+pub mod http;
+pub mod plc;
+pub mod replication;
+
 use std::collections::HashMap;
 use std::fmt::Write;
 use std::sync::Arc;
@@ -9,14 +13,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use ferrotwin_models::spec::AssetKind;
+use ferrotwin_models::Timestamp;
+use ferrotwin_models::spec::{AssetKind, PlantSpec};
 use ferrotwin_models::{AssetId, IngestSink, Property, PushBackReason, Reading, Value, ValueType};
 use ferrotwin_sim::generate::{PlantSize, generate};
 use tokio::sync::{broadcast, mpsc};
 
-use crate::runtime::{Runtime, RuntimeOptions};
-use crate::twin::{TwinState, now};
-use crate::watch::Change;
+use ferrotwin_runtime::TwinState;
+use ferrotwin_runtime::{Change, Watcher};
+use ferrotwin_runtime::{Runtime, RuntimeOptions};
 
 pub struct IngestBench {
     pub sensors: u64,
@@ -53,6 +58,17 @@ pub(crate) fn plant_size(sensors: u64) -> PlantSize {
     }
 }
 
+/// Every sensor of the plant with its value type (what a load generator writes).
+pub(crate) fn sensor_ids(spec: &PlantSpec) -> Vec<(AssetId, ValueType)> {
+    spec.assets()
+        .iter()
+        .filter_map(|a| match &a.kind {
+            AssetKind::Sensor { spec, .. } => Some((a.path.id(), spec.value_type)),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Latency samples from a watcher, in µs from reading creation to the watcher.
 struct WatchStats {
     samples: Arc<std::sync::Mutex<Vec<u64>>>,
@@ -60,7 +76,7 @@ struct WatchStats {
     stop: Arc<AtomicBool>,
 }
 
-fn spawn_watcher(mut w: crate::watch::Watcher) -> WatchStats {
+fn spawn_watcher(mut w: Watcher) -> WatchStats {
     let samples = Arc::new(std::sync::Mutex::new(Vec::with_capacity(1 << 20)));
     let lagged = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -80,7 +96,7 @@ fn spawn_watcher(mut w: crate::watch::Watcher) -> WatchStats {
                     && let TwinState::Sensor(sv) = &snap.state
                     && sv.source_ts.0 > 0
                 {
-                    let lat = (now().0 - sv.source_ts.0).max(0) as u64;
+                    let lat = (Timestamp::now().0 - sv.source_ts.0).max(0) as u64;
                     s.lock().expect("samples lock").push(lat);
                 }
             }
@@ -127,7 +143,7 @@ pub(crate) fn load(
                 continue;
             }
         }
-        let ts = now();
+        let ts = Timestamp::now();
         let mut batch = Vec::with_capacity(BATCH);
         for _ in 0..BATCH.min(ids.len()) {
             v += 0.01;
@@ -291,16 +307,8 @@ pub async fn ingest(b: IngestBench) -> Result<String> {
     let rt = Runtime::start(&spec, dir.path(), opts).await?;
     let spawn_s = t0.elapsed().as_secs_f64();
     let rss1 = rss_bytes();
-    let ids: Vec<(AssetId, ValueType)> = rt
-        .registry
-        .all()
-        .iter()
-        .filter_map(|e| match &e.def.kind {
-            AssetKind::Sensor { spec, .. } => Some((e.id, spec.value_type)),
-            _ => None,
-        })
-        .collect();
-    let twins = rt.registry.len();
+    let ids = sensor_ids(&spec);
+    let twins = rt.api().twin_count();
     let _ = writeln!(
         out,
         "plant: {} sensor twins, {} twins in all, detectors {}; started in {spawn_s:.1} s",
@@ -319,15 +327,15 @@ pub async fn ingest(b: IngestBench) -> Result<String> {
 
     let dur = Duration::from_secs(b.seconds.max(1));
     // Phase 1: as fast as the runtime takes readings, with one watcher of the whole plant.
-    let w = spawn_watcher(rt.hub.subscribe(None, false));
-    let router = rt.router.clone();
+    let w = spawn_watcher(rt.watch(None, false));
+    let router = rt.ingest();
     let ids = Arc::new(ids);
-    let applied0 = rt.metrics.readings_applied.load(Ordering::Relaxed);
+    let applied0 = rt.metrics().readings_applied.load(Ordering::Relaxed);
     let t = Instant::now();
     let (r2, i2) = (router.clone(), ids.clone());
     let sent = tokio::task::spawn_blocking(move || load(r2.as_ref(), &i2, dur, None)).await?;
     let secs = t.elapsed().as_secs_f64();
-    let applied = rt.metrics.readings_applied.load(Ordering::Relaxed) - applied0;
+    let applied = rt.metrics().readings_applied.load(Ordering::Relaxed) - applied0;
     let max_rate = applied as f64 / secs;
     w.stop.store(true, Ordering::Relaxed);
     let mut lat = as_ms(std::mem::take(
@@ -338,40 +346,37 @@ pub async fn ingest(b: IngestBench) -> Result<String> {
         "max rate: {:.0} readings/s applied ({} pushed in {secs:.1} s, {} push-backs); watcher p50 {:.2} ms p99 {:.2} ms, lagged {}",
         max_rate,
         sent,
-        rt.metrics.push_backs.load(Ordering::Relaxed),
+        rt.metrics().push_backs.load(Ordering::Relaxed),
         percentile(&mut lat, 0.5),
         percentile(&mut lat, 0.99),
         w.lagged.load(Ordering::Relaxed)
     );
     // Let the mailboxes drain before the paced phase.
-    while rt.router.inflight() > 0 {
+    while rt.readings_in_flight() > 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
     // Phase 2: half the max rate, paced: latency from reading creation to a watcher of one
     // line (an engineer's view; the whole-plant watcher's load is phase 1's).
     let half = max_rate / 2.0;
-    let line = rt
-        .registry
-        .all()
-        .into_iter()
-        .find(|e| e.level() == ferrotwin_models::Level::Line)
-        .map(|e| e.path().clone());
+    let assets = spec.assets();
+    let line = assets
+        .iter()
+        .find(|a| a.kind.level() == ferrotwin_models::Level::Line)
+        .map(|a| a.path.clone());
     let line_sensors = line.as_ref().map_or(0, |l| {
-        rt.registry
-            .scan(Some(l), None, usize::MAX, |e| {
-                e.level() == ferrotwin_models::Level::Sensor
-            })
-            .0
-            .len()
+        assets
+            .iter()
+            .filter(|a| a.kind.level() == ferrotwin_models::Level::Sensor && a.path.starts_with(l))
+            .count()
     });
-    let w = spawn_watcher(rt.hub.subscribe(line, false));
+    let w = spawn_watcher(rt.watch(line, false));
     let (r2, i2) = (router.clone(), ids.clone());
     let t = Instant::now();
-    let applied0 = rt.metrics.readings_applied.load(Ordering::Relaxed);
+    let applied0 = rt.metrics().readings_applied.load(Ordering::Relaxed);
     tokio::task::spawn_blocking(move || load(r2.as_ref(), &i2, dur, Some(half))).await?;
     let secs = t.elapsed().as_secs_f64();
-    let applied = rt.metrics.readings_applied.load(Ordering::Relaxed) - applied0;
+    let applied = rt.metrics().readings_applied.load(Ordering::Relaxed) - applied0;
     w.stop.store(true, Ordering::Relaxed);
     let mut lat = as_ms(std::mem::take(
         &mut *w.samples.lock().expect("samples lock"),
@@ -386,7 +391,7 @@ pub async fn ingest(b: IngestBench) -> Result<String> {
         lat.len(),
         w.lagged.load(Ordering::Relaxed),
     );
-    let st = &rt.store.stats;
+    let st = rt.store_stats();
     let _ = writeln!(
         out,
         "store: {} flushes, {} snapshots, {} history chunks, {} events written; last flush {:.1} ms",
@@ -398,7 +403,7 @@ pub async fn ingest(b: IngestBench) -> Result<String> {
     );
     let kinds: Vec<String> = ferrotwin_models::EventKind::ALL
         .iter()
-        .zip(&rt.metrics.events)
+        .zip(&rt.metrics().events)
         .map(|(k, c)| format!("{} {}", k.as_str(), c.load(Ordering::Relaxed)))
         .collect();
     let _ = writeln!(out, "events raised: {}", kinds.join(", "));

@@ -4,8 +4,10 @@
 use std::fmt::Write;
 
 use anyhow::{Context, Result};
+use ferrotwin_models::Timestamp;
 use ferrotwin_proto::v1 as pb;
 use ferrotwin_proto::v1::twin_service_client::TwinServiceClient;
+use ferrotwin_runtime::names;
 use tonic::transport::Channel;
 
 pub type Client = TwinServiceClient<Channel>;
@@ -46,17 +48,6 @@ fn quality_text(q: &Option<pb::Quality>) -> String {
         code.into()
     } else {
         format!("{code}: {}", q.reason)
-    }
-}
-
-fn severity_text(s: i32) -> &'static str {
-    match pb::Severity::try_from(s).unwrap_or_default() {
-        pb::Severity::Info => "info",
-        pb::Severity::Low => "low",
-        pb::Severity::Medium => "medium",
-        pb::Severity::High => "high",
-        pb::Severity::Critical => "critical",
-        pb::Severity::Unspecified => "-",
     }
 }
 
@@ -129,7 +120,7 @@ pub fn twin_line(t: &pb::Twin) -> String {
                     "  ! {} {} ({})",
                     a.name,
                     alarm_state_text(a.state),
-                    severity_text(a.severity)
+                    names::severity(a.severity)
                 );
             }
         }
@@ -168,7 +159,7 @@ pub fn twin_line(t: &pb::Twin) -> String {
             let _ = write!(line, "  ! {} alarm(s)", r.active_alarms);
         }
     } else if let Some(r) = &t.rollup {
-        let _ = write!(line, " [{}]  {}", level_text(t.level), rollup_text(r));
+        let _ = write!(line, " [{}]  {}", names::level(t.level), rollup_text(r));
     }
     if t.restarts > 0 {
         let _ = write!(line, "  (restarted {}x)", t.restarts);
@@ -198,18 +189,6 @@ fn inference_text(m: &pb::MachineState) -> String {
         let _ = writeln!(out, "  model    {s:.3}");
     }
     out
-}
-
-fn level_text(l: i32) -> &'static str {
-    match pb::Level::try_from(l).unwrap_or_default() {
-        pb::Level::Enterprise => "enterprise",
-        pb::Level::Site => "site",
-        pb::Level::Area => "area",
-        pb::Level::Line => "line",
-        pb::Level::Machine => "machine",
-        pb::Level::Sensor => "sensor",
-        pb::Level::Unspecified => "?",
-    }
 }
 
 /// Renders `ferrotwin tree`: every twin under `path` down to `depth`, indented.
@@ -251,7 +230,7 @@ pub async fn get(client: &mut Client, path: &str) -> Result<String> {
     let mut out = format!(
         "{}  [{}] {}  id {}\n",
         t.path,
-        level_text(t.level),
+        names::level(t.level),
         t.r#type,
         t.id
     );
@@ -276,7 +255,7 @@ pub async fn get(client: &mut Client, path: &str) -> Result<String> {
                 if a.kind == "high" { ">" } else { "<" },
                 a.limit,
                 a.deadband,
-                severity_text(a.severity),
+                names::severity(a.severity),
                 alarm_state_text(a.state)
             );
         }
@@ -375,7 +354,7 @@ pub async fn history(
     since_s: u64,
     max_points: u32,
 ) -> Result<String> {
-    let now_us = crate::twin::now().0;
+    let now_us = Timestamp::now().0;
     let twin = client
         .get_twin(pb::GetTwinRequest {
             key: Some(pb::get_twin_request::Key::Path(path.to_string())),
@@ -462,7 +441,7 @@ pub async fn events(client: &mut Client, path: &str, limit: u32) -> Result<Strin
             "{}  #{}  {:<8} {:<9} {}  {}",
             fmt_us(e.ts_us),
             e.seq,
-            severity_text(e.severity),
+            names::severity(e.severity),
             e.kind,
             e.path,
             e.message
@@ -653,7 +632,7 @@ pub async fn watch(
             Some(pb::watch_response::Item::Event(e)) => println!(
                 "{}  EVENT {} {} {}: {}",
                 fmt_us(e.ts_us),
-                severity_text(e.severity),
+                names::severity(e.severity),
                 e.kind,
                 e.path,
                 e.message

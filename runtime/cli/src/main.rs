@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use ferrotwin_cli::{bench, client as cli, demo};
+use ferrotwin_runtime::Runtime;
 use ferrotwin_runtime::config::SiteConfig;
-use ferrotwin_runtime::{Runtime, bench, cli, demo};
 
 #[derive(Parser)]
 #[command(
@@ -321,7 +322,7 @@ async fn main() -> Result<()> {
                     Role::Site => "site",
                     Role::Enterprise => "enterprise",
                 },
-                rt.registry.len(),
+                rt.api().twin_count(),
                 listener.local_addr()?,
                 http.local_addr()?
             );
@@ -445,19 +446,17 @@ async fn main() -> Result<()> {
         } => {
             init_tracing("warn,sled=warn");
             let history = match history.as_str() {
-                "raw" => ferrotwin_runtime::replication::HistoryPolicy::Raw,
-                "aggregated" => ferrotwin_runtime::replication::HistoryPolicy::Aggregated,
-                "state-only" => ferrotwin_runtime::replication::HistoryPolicy::StateOnly,
+                "raw" => ferrotwin_runtime::HistoryPolicy::Raw,
+                "aggregated" => ferrotwin_runtime::HistoryPolicy::Aggregated,
+                "state-only" => ferrotwin_runtime::HistoryPolicy::StateOnly,
                 other => anyhow::bail!("--history {other:?}: raw, aggregated or state-only"),
             };
-            let report = ferrotwin_runtime::bench_replication::replication(
-                ferrotwin_runtime::bench_replication::ReplicationBench {
-                    sensors,
-                    seconds,
-                    outage_seconds: outage,
-                    history,
-                },
-            )
+            let report = bench::replication::replication(bench::replication::ReplicationBench {
+                sensors,
+                seconds,
+                outage_seconds: outage,
+                history,
+            })
             .await?;
             print!("{report}");
             Ok(())
@@ -472,14 +471,13 @@ async fn main() -> Result<()> {
                 },
         } => {
             init_tracing("warn,sled=warn,rumqttd=off");
-            let report =
-                ferrotwin_runtime::bench_plc::plc(ferrotwin_runtime::bench_plc::PlcBench {
-                    via,
-                    seconds,
-                    poll_ms,
-                    lines,
-                })
-                .await?;
+            let report = bench::plc::plc(bench::plc::PlcBench {
+                via,
+                seconds,
+                poll_ms,
+                lines,
+            })
+            .await?;
             print!("{report}");
             Ok(())
         }
@@ -490,9 +488,9 @@ async fn main() -> Result<()> {
             plant_seed,
             hours,
         } => {
-            let report = ferrotwin_runtime::eval::run(ferrotwin_runtime::eval::EvalOptions {
+            let report = ferrotwin_cli::eval::run(ferrotwin_cli::eval::EvalOptions {
                 plant,
-                size: ferrotwin_runtime::eval::EVAL_SIZE,
+                size: ferrotwin_cli::eval::EVAL_SIZE,
                 plant_seed,
                 scenario,
                 seed,
@@ -513,13 +511,12 @@ async fn main() -> Result<()> {
                 },
         } => {
             init_tracing("warn,sled=warn");
-            let report =
-                ferrotwin_runtime::bench_http::http(ferrotwin_runtime::bench_http::HttpBench {
-                    sensors,
-                    seconds,
-                    clients,
-                })
-                .await?;
+            let report = bench::http::http(bench::http::HttpBench {
+                sensors,
+                seconds,
+                clients,
+            })
+            .await?;
             print!("{report}");
             Ok(())
         }

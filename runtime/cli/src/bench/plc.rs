@@ -3,6 +3,7 @@
 //! adapters delivered. The plant is stepped by the benchmark, so the wall time at which each
 //! value appeared in the PLC is known exactly. A benchmark: it prints, it never fails.
 
+use ferrotwin_models::Timestamp;
 use std::collections::HashMap;
 use std::fmt::Write;
 use std::sync::{Arc, Mutex};
@@ -13,14 +14,13 @@ use ferrotwin_proto::v1 as pb;
 use ferrotwin_proto::v1::twin_service_client::TwinServiceClient;
 use ferrotwin_sim::generate::{PlantSize, generate};
 use ferrotwin_sim::mqtt::EmbeddedBroker;
-use ferrotwin_sim::serve::{MqttFormat, ServedPlant, wall_clock_now};
+use ferrotwin_sim::serve::{MqttFormat, ServedPlant};
 use tokio::net::TcpListener;
 
-use crate::bench::percentile;
+use super::percentile;
 use crate::demo::Via;
 use crate::feeds;
-use crate::runtime::{Runtime, RuntimeOptions};
-use crate::twin::now;
+use ferrotwin_runtime::{Runtime, RuntimeOptions};
 
 pub struct PlcBench {
     pub via: Via,
@@ -41,7 +41,7 @@ pub async fn plc(b: PlcBench) -> Result<String> {
         },
         1,
     );
-    let mut plant = ServedPlant::start(&spec, 3, wall_clock_now()).await?;
+    let mut plant = ServedPlant::start(&spec, 3, Timestamp::now()).await?;
     let mut opts = RuntimeOptions::default();
     let _broker;
     opts.connections = match b.via {
@@ -76,11 +76,11 @@ pub async fn plc(b: PlcBench) -> Result<String> {
     rt.serve_grpc(l);
     // value bits per sensor → wall time the PLC first held it.
     let appeared: Arc<Mutex<HashMap<(String, u64), i64>>> = Arc::default();
-    let paths: HashMap<ferrotwin_models::AssetId, String> = rt
-        .registry
-        .all()
+    let paths: HashMap<ferrotwin_models::AssetId, String> = spec
+        .assets()
         .iter()
-        .map(|e| (e.id, e.path().to_string()))
+        .filter(|a| a.kind.level() == ferrotwin_models::Level::Sensor)
+        .map(|a| (a.path.id(), a.path.to_string()))
         .collect();
     let mut client = TwinServiceClient::connect(format!("http://{addr}")).await?;
     let mut stream = client
@@ -98,7 +98,7 @@ pub async fn plc(b: PlcBench) -> Result<String> {
             // A change of value, not a repeat: Modbus delivers every value at every poll.
             let mut last: HashMap<String, u64> = HashMap::new();
             while let Ok(Some(m)) = stream.message().await {
-                let at = now().0;
+                let at = Timestamp::now().0;
                 let Some(pb::watch_response::Item::Change(t)) = m.item else {
                     continue;
                 };
@@ -132,8 +132,8 @@ pub async fn plc(b: PlcBench) -> Result<String> {
     let mut previous: HashMap<ferrotwin_models::AssetId, u64> = HashMap::new();
     while started.elapsed() < Duration::from_secs(b.seconds) {
         tick.tick().await;
-        let step = plant.tick(wall_clock_now()).await?.to_vec();
-        let at = now().0;
+        let step = plant.tick(Timestamp::now()).await?.to_vec();
+        let at = Timestamp::now().0;
         let mut a = appeared.lock().expect("not poisoned");
         for r in step {
             let ferrotwin_models::Value::Float(x) = r.value else {
@@ -155,10 +155,11 @@ pub async fn plc(b: PlcBench) -> Result<String> {
     }
     let secs = started.elapsed().as_secs_f64();
     let received: u64 = rt
+        .api()
+        .connection_list()
         .connections
-        .statuses()
         .iter()
-        .map(|(s, ..)| s.received)
+        .map(|c| c.received)
         .sum();
     watcher.abort();
     let mut lat = samples.lock().expect("not poisoned").clone();

@@ -7,9 +7,9 @@ use ferrotwin_models::spec::AssetKind;
 use ferrotwin_models::{Event, Level, QualityCode, Severity, Value};
 use ferrotwin_proto::v1 as pb;
 
+use crate::core::HistPoint;
+use crate::core::{TwinSnapshot, TwinState};
 use crate::registry::TwinEntry;
-use crate::store::HistPoint;
-use crate::twin::{TwinSnapshot, TwinState};
 
 pub fn level(l: Level) -> pb::Level {
     match l {
@@ -192,6 +192,10 @@ pub fn event(e: &Event) -> pb::Event {
         severity: severity(e.severity) as i32,
         alarm: e.alarm.clone(),
         message: e.message.clone(),
+        episode: e
+            .episode
+            .map(|x| x.as_str().to_string())
+            .unwrap_or_default(),
     }
 }
 

@@ -9,18 +9,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use ferrotwin_models::Timestamp;
 use ferrotwin_models::spec::PlantSpec;
 use ferrotwin_sim::driver::{DriveOptions, DriverStats, run_realtime};
 use ferrotwin_sim::generate::{PlantSize, generate};
 use ferrotwin_sim::model::PlantSim;
 use ferrotwin_sim::mqtt::EmbeddedBroker;
-use ferrotwin_sim::serve::{MqttFormat, ServeError, ServedPlant, wall_clock_now};
+use ferrotwin_sim::serve::{MqttFormat, ServeError, ServedPlant};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::feeds;
-use crate::replication::{EnterpriseRole, SiteReplication};
-use crate::runtime::{Runtime, RuntimeOptions};
+use ferrotwin_runtime::{EnterpriseRole, SiteReplication};
+use ferrotwin_runtime::{Runtime, RuntimeOptions};
 
 /// Faults are this many times as frequent as in the simulator's default plant, so that an
 /// alarm shows up within a minute or two of starting the demo.
@@ -163,7 +164,7 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
                 (rt, feed)
             }
             Via::Modbus => {
-                let plant = ServedPlant::start(&sspec, seed, wall_clock_now())
+                let plant = ServedPlant::start(&sspec, seed, Timestamp::now())
                     .await
                     .context("simulator PLCs")?;
                 o.connections = feeds::modbus_connections(&sspec, &plant, DEMO_POLL_MS, |_| true)?;
@@ -171,7 +172,7 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
                 (rt, serve_plant(plant, opts.speed))
             }
             Via::Mqtt | Via::Opcua | Via::All => {
-                let mut plant = ServedPlant::start(&sspec, seed, wall_clock_now())
+                let mut plant = ServedPlant::start(&sspec, seed, Timestamp::now())
                     .await
                     .context("simulator PLCs")?;
                 // Lines in spec order; `--via all` shares them out in turn.
@@ -238,7 +239,7 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
     println!(
         "ferrotwin demo: {} sites, {} twins in all, fed {}, data in {}",
         sites.len(),
-        enterprise.registry.len(),
+        enterprise.api().twin_count(),
         match opts.via {
             Via::InProcess => "in-process by the simulator",
             Via::Modbus => "over Modbus TCP (a simulated PLC per line)",
@@ -291,8 +292,8 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
 
 fn drive_in_process(rt: &Runtime, spec: PlantSpec, seed: u64, speed: f64) -> Result<Feed> {
     let stop = Arc::new(AtomicBool::new(false));
-    let router = rt.router.clone();
-    let start = crate::twin::now();
+    let router = rt.ingest();
+    let start = Timestamp::now();
     let drive = DriveOptions {
         speed,
         ..DriveOptions::default()

@@ -10,25 +10,20 @@
 //! paired into episodes and matched with the labels (`ferrotwin_sim::score`).
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use ferrotwin_models::spec::PlantSpec;
-use ferrotwin_models::{AssetPath, EventKind, Level, Reading, Timestamp};
+use ferrotwin_models::{AssetPath, EpisodeEdge, EventKind, Reading, Timestamp};
 use ferrotwin_sim::driver::{DriverStats, push_all};
 use ferrotwin_sim::generate::{PlantSize, generate};
 use ferrotwin_sim::model::PlantSim;
 use ferrotwin_sim::scenario::Scenario;
 use ferrotwin_sim::score::{Detection, ScoreWindow, score};
 
-use crate::runtime::{Runtime, RuntimeOptions};
-use crate::store::EventFilter;
-use crate::twin::now;
-
-/// Start of an anomaly event's message; the end's starts with `ANOMALY_ENDED`.
-pub const ANOMALY_STARTED: &str = "anomaly started";
-pub const ANOMALY_ENDED: &str = "anomaly ended";
+use ferrotwin_runtime::EventFilter;
+use ferrotwin_runtime::{Runtime, RuntimeOptions};
 
 pub struct EvalOptions {
     /// Directory with `plant.toml`; `None` generates `size` with `plant_seed`.
@@ -76,7 +71,7 @@ pub async fn run(opts: EvalOptions) -> Result<String> {
     let span_us = (opts.hours * 3_600e6) as i64;
     anyhow::ensure!(span_us > 0, "--hours must be > 0");
     // End at now (whole seconds): readings must not be from the future.
-    let end = Timestamp(now().0 / 1_000_000 * 1_000_000);
+    let end = Timestamp(Timestamp::now().0 / 1_000_000 * 1_000_000);
     let start = Timestamp(end.0 - span_us);
     let sim = PlantSim::with_scenario(&spec, seed, start, &scenario);
 
@@ -155,8 +150,8 @@ pub async fn drive(
     step_ms: i64,
     sync_ms: i64,
 ) -> Result<(PlantSim, u64)> {
-    let router = rt.router.clone();
-    let credits = rt.ctx.credits.clone();
+    let router = rt.ingest();
+    let credits = rt.ingest_credits();
     let step_ms = step_ms.max(1);
     let sync_us = sync_ms.max(step_ms) * 1000;
     let out = tokio::task::spawn_blocking(move || {
@@ -175,7 +170,7 @@ pub async fn drive(
             }
             if t.0 >= next_sync || t >= end {
                 next_sync = t.0 + sync_us;
-                while credits.0.load(Ordering::Acquire) > 0 {
+                while credits.in_flight() > 0 {
                     std::thread::sleep(Duration::from_micros(100));
                 }
             }
@@ -191,31 +186,17 @@ pub async fn drive(
     Ok((sim, total))
 }
 
-/// Waits until every sensor and machine twin handled what it was sent: each is asked a
-/// question behind its queued messages (sensors first: their last drains may still send
-/// their machine an `Evaluate`).
-async fn settle(rt: &Runtime) {
-    for level in [Level::Sensor, Level::Machine] {
-        crate::twin::flush_all(&rt.registry, level, Duration::from_secs(30)).await;
-    }
-}
-
 /// Anomaly events of the store (after the twins' last evaluations landed), paired into
 /// episodes per (asset, detector).
 pub async fn anomaly_episodes(rt: &Runtime) -> Result<Vec<Detection>> {
     // Readings taken by twins may still be in a handler, and an evaluation or two on its way
     // to a machine: let them land, then wait for the store to hold their events.
-    while rt.ctx.credits.0.load(Ordering::Acquire) > 0 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    settle(rt).await;
-    let generation = rt.store.queue_generation();
-    rt.store.wait_flushed(generation).await;
+    rt.settle().await;
     let mut open: std::collections::HashMap<(AssetPath, String), usize> = Default::default();
     let mut out: Vec<Detection> = Vec::new();
     let mut after_seq = 0;
     loop {
-        let (events, next) = rt.store.list_events(&EventFilter {
+        let (events, next) = rt.events(&EventFilter {
             prefix: None,
             after_seq,
             limit: 10_000,
@@ -224,7 +205,7 @@ pub async fn anomaly_episodes(rt: &Runtime) -> Result<Vec<Detection>> {
         })?;
         for e in &events {
             let key = (e.asset.clone(), e.alarm.clone());
-            if e.message.starts_with(ANOMALY_STARTED) {
+            if e.episode == Some(EpisodeEdge::Start) {
                 // A second start of an open episode (a restart replayed it): one episode.
                 if open.contains_key(&key) {
                     continue;
@@ -237,7 +218,7 @@ pub async fn anomaly_episodes(rt: &Runtime) -> Result<Vec<Detection>> {
                     end: None,
                     contributors: Vec::new(),
                 });
-            } else if e.message.starts_with(ANOMALY_ENDED)
+            } else if e.episode == Some(EpisodeEdge::End)
                 && let Some(i) = open.remove(&key)
             {
                 out[i].end = Some(e.ts);

@@ -17,8 +17,8 @@ use ferrotwin_models::query::{FieldValue, Subject};
 use ferrotwin_models::spec::AssetKind;
 use ferrotwin_models::{QualityCode, QualityReason, Severity};
 
+use crate::core::{TwinSnapshot, TwinState};
 use crate::registry::{Registry, TwinEntry};
-use crate::twin::{TwinSnapshot, TwinState};
 
 pub struct TwinSubject<'a> {
     pub entry: &'a TwinEntry,

@@ -12,15 +12,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use ferrotwin_models::Timestamp;
 use ferrotwin_models::spec::AssetKind;
-use ferrotwin_models::{AssetId, IngestSink, Level, Property, Reading, Value, ValueType};
+use ferrotwin_models::{AssetId, Level, Property, Reading, Value, ValueType};
 use ferrotwin_sim::generate::generate;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-use crate::bench::{load, percentile, plant_size};
-use crate::runtime::{Runtime, RuntimeOptions};
-use crate::twin::now;
+use super::{load, percentile, plant_size};
+use ferrotwin_runtime::{Runtime, RuntimeOptions};
 
 pub struct HttpBench {
     pub sensors: u64,
@@ -155,15 +155,15 @@ async fn max_rate(
     ids: &Arc<Vec<(AssetId, ValueType)>>,
     dur: Duration,
 ) -> Result<f64> {
-    while rt.router.inflight() > 0 {
+    while rt.readings_in_flight() > 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let applied0 = rt.metrics.readings_applied.load(Ordering::Relaxed);
+    let applied0 = rt.metrics().readings_applied.load(Ordering::Relaxed);
     let t = Instant::now();
-    let (r, i) = (rt.router.clone(), ids.clone());
+    let (r, i) = (rt.ingest(), ids.clone());
     tokio::task::spawn_blocking(move || load(r.as_ref(), &i, dur, None)).await?;
     let secs = t.elapsed().as_secs_f64();
-    Ok((rt.metrics.readings_applied.load(Ordering::Relaxed) - applied0) as f64 / secs)
+    Ok((rt.metrics().readings_applied.load(Ordering::Relaxed) - applied0) as f64 / secs)
 }
 
 /// `n` samples of push → `twin` message at an SSE client watching `machine` (its sensors
@@ -185,11 +185,11 @@ async fn sse_latency(
         let (id, path) = &sensors[k % sensors.len()];
         // A value no earlier sample had: the message we wait for is this reading's.
         let v = 1000.0 + k as f64;
-        let reading = Reading::good(*id, Property::Value, Value::Float(v), now());
+        let reading = Reading::good(*id, Property::Value, Value::Float(v), Timestamp::now());
         let t = Instant::now();
         let mut batch = vec![reading];
         loop {
-            match rt.router.try_push(batch) {
+            match rt.ingest().try_push(batch) {
                 Ok(()) => break,
                 Err(pb) => {
                     batch = pb.batch;
@@ -224,15 +224,8 @@ pub async fn http(b: HttpBench) -> Result<String> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     rt.serve_http(listener);
-    let all = rt.registry.all();
-    let ids: Arc<Vec<(AssetId, ValueType)>> = Arc::new(
-        all.iter()
-            .filter_map(|e| match &e.def.kind {
-                AssetKind::Sensor { spec, .. } => Some((e.id, spec.value_type)),
-                _ => None,
-            })
-            .collect(),
-    );
+    let all = rt.api().entries_below(None);
+    let ids: Arc<Vec<(AssetId, ValueType)>> = Arc::new(super::sensor_ids(&spec));
     let lines: Vec<String> = all
         .iter()
         .filter(|e| e.level() == Level::Line)
@@ -242,7 +235,7 @@ pub async fn http(b: HttpBench) -> Result<String> {
         out,
         "plant: {} sensors, {} twins, {} lines; HTTP on {addr}",
         ids.len(),
-        rt.registry.len(),
+        rt.api().twin_count(),
         lines.len()
     );
 
@@ -298,7 +291,9 @@ pub async fn http(b: HttpBench) -> Result<String> {
                 out,
                 "    expand {level} {} ({} children): {:.2} ms, {} B",
                 e.path(),
-                rt.registry.children_of(e.path()).len(),
+                all.iter()
+                    .filter(|c| c.path().parent().as_ref() == Some(e.path()))
+                    .count(),
                 ms(f.total),
                 f.body_bytes
             );
@@ -393,16 +388,15 @@ pub async fn http(b: HttpBench) -> Result<String> {
         .iter()
         .find(|e| e.level() == Level::Machine)
         .context("no machine")?;
-    let sensors: Vec<(AssetId, String)> = rt
-        .registry
-        .children_of(machine.path())
+    let sensors: Vec<(AssetId, String)> = all
         .iter()
+        .filter(|c| c.path().parent().as_ref() == Some(machine.path()))
         .filter(|e| {
             matches!(&e.def.kind, AssetKind::Sensor { spec, .. } if spec.value_type == ValueType::Float)
         })
         .map(|e| (e.id, e.path().to_string()))
         .collect();
-    while rt.router.inflight() > 0 {
+    while rt.readings_in_flight() > 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let mut idle = sse_latency(&rt, addr, machine.path().as_str(), &sensors, 40).await?;
@@ -417,7 +411,7 @@ pub async fn http(b: HttpBench) -> Result<String> {
             .copied()
             .collect(),
     );
-    let (r, i, st) = (rt.router.clone(), others, stop_load.clone());
+    let (r, i, st) = (rt.ingest(), others, stop_load.clone());
     let bg = tokio::task::spawn_blocking(move || {
         // Paced load in slices so that it stops soon after the samples are taken.
         let mut sent = 0;

@@ -10,16 +10,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use ferrotwin_models::spec::AssetKind;
-use ferrotwin_models::{AssetId, IngestSink, Property, Reading, Value, ValueType};
+use ferrotwin_models::Timestamp;
+use ferrotwin_models::{AssetId, Property, Reading, Value, ValueType};
 use ferrotwin_sim::generate::{PlantSize, generate};
 use tokio::net::TcpListener;
 
-use crate::bench::percentile;
+use super::percentile;
 use crate::relay::Relay;
-use crate::replication::{EnterpriseRole, HistoryPolicy, SiteReplication};
-use crate::runtime::{Runtime, RuntimeOptions};
-use crate::twin::now;
+use ferrotwin_runtime::{EnterpriseRole, HistoryPolicy, SiteReplication};
+use ferrotwin_runtime::{Runtime, RuntimeOptions};
 
 pub struct ReplicationBench {
     pub sensors: u64,
@@ -64,21 +63,13 @@ pub async fn replication(b: ReplicationBench) -> Result<String> {
         },
     )
     .await?;
-    let sensors: Vec<(AssetId, ValueType)> = site
-        .registry
-        .all()
-        .iter()
-        .filter_map(|e| match &e.def.kind {
-            AssetKind::Sensor { spec, .. } => Some((e.id, spec.value_type)),
-            _ => None,
-        })
-        .collect();
+    let sensors: Vec<(AssetId, ValueType)> = super::sensor_ids(&spec);
     let n = sensors.len();
     // Load: every sensor once a second, in ten slices a second.
     let pushed = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let loader = {
-        let (router, pushed, stop) = (site.router.clone(), pushed.clone(), stop.clone());
+        let (router, pushed, stop) = (site.ingest(), pushed.clone(), stop.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             let mut k = 0usize;
@@ -86,7 +77,7 @@ pub async fn replication(b: ReplicationBench) -> Result<String> {
             while !stop.load(Ordering::Relaxed) {
                 tick.tick().await;
                 step += 1;
-                let ts = now();
+                let ts = Timestamp::now();
                 let slice = n.div_ceil(10);
                 let batch: Vec<Reading> = (0..slice)
                     .map(|i| {
@@ -116,14 +107,19 @@ pub async fn replication(b: ReplicationBench) -> Result<String> {
             }
         })
     };
-    let outbox = site.store.outbox().context("outbox")?;
-    let mirror = ent
-        .enterprise
-        .as_ref()
-        .and_then(|e| e.site(&site_path).cloned())
-        .context("mirror")?;
+    site.outbox_lag().context("outbox")?;
+    let ent_api = ent.api();
+    // The enterprise's view of this site's stream (batches applied, the seq reached).
+    let mirror = || {
+        ent_api
+            .replication_status()
+            .sites
+            .into_iter()
+            .find(|s| s.site == site_path)
+            .unwrap_or_default()
+    };
     let lag_ms = |at: i64| {
-        let l = outbox.lag();
+        let l = site.outbox_lag().unwrap_or_default();
         l.oldest_unacked_us
             .map_or(0.0, |t| (at - t).max(0) as f64 / 1000.0)
     };
@@ -134,18 +130,18 @@ pub async fn replication(b: ReplicationBench) -> Result<String> {
         relay.bytes_down(),
         pushed.load(Ordering::Relaxed),
     );
-    let b0 = mirror.batches.load(Ordering::Relaxed);
+    let b0 = mirror().batches;
     let started = Instant::now();
     let mut lags = Vec::new();
     while started.elapsed() < Duration::from_secs(b.seconds) {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        lags.push(lag_ms(now().0));
+        lags.push(lag_ms(Timestamp::now().0));
     }
     let secs = started.elapsed().as_secs_f64();
     let up = relay.bytes_up() - up0;
     let down = relay.bytes_down() - down0;
     let readings = pushed.load(Ordering::Relaxed) - p0;
-    let batches = mirror.batches.load(Ordering::Relaxed) - b0;
+    let batches = mirror().batches - b0;
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -175,12 +171,12 @@ pub async fn replication(b: ReplicationBench) -> Result<String> {
     if b.outage_seconds > 0 {
         relay.cut();
         tokio::time::sleep(Duration::from_secs(b.outage_seconds)).await;
-        let backlog = outbox.lag();
+        let backlog = site.outbox_lag().unwrap_or_default();
         let target = backlog.last_seq;
         let up0 = relay.bytes_up();
         relay.restore();
         let t = Instant::now();
-        while mirror.applied_seq.load(Ordering::Relaxed) < target {
+        while mirror().applied_seq < target {
             tokio::time::sleep(Duration::from_millis(20)).await;
             if t.elapsed() > Duration::from_secs(3600) {
                 break;

@@ -1,0 +1,109 @@
+//! Everything the API can refuse, and the one code each refusal maps to. gRPC
+//! (`grpc::status`) and HTTP (`http::api::HttpError`) each turn an `ErrorCode` into their
+//! status once; no edge matches on `ApiError` itself.
+
+use ferrotwin_adapters::WriteError;
+use ferrotwin_models::PathError;
+use ferrotwin_models::query::QueryError;
+
+use crate::core::TwinError;
+use crate::store::StoreError;
+
+/// The class of an API error, named after gRPC's codes (the stricter vocabulary). Each edge
+/// maps it once: `grpc::status_of`, `ErrorCode::http_status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// The request is malformed or names nonsense: fix the request.
+    InvalidArgument,
+    NotFound,
+    /// The request is well formed but the target's state refuses it (alarm not active,
+    /// property not writable, the PLC said no).
+    FailedPrecondition,
+    /// The answer would be too large: narrow the request (a history range).
+    TooLarge,
+    /// A limit of the runtime is reached right now (a connection's write queue): retry later.
+    Busy,
+    /// Retry later: a twin restarting, a connection down.
+    Unavailable,
+    DeadlineExceeded,
+    /// Our fault: a store error.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The HTTP status of the JSON API.
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::InvalidArgument => 400,
+            ErrorCode::NotFound => 404,
+            ErrorCode::FailedPrecondition => 409,
+            // The caller can narrow the range: a request error, not ours.
+            ErrorCode::TooLarge => 400,
+            ErrorCode::Busy => 429,
+            ErrorCode::Unavailable => 503,
+            ErrorCode::DeadlineExceeded => 504,
+            ErrorCode::Internal => 500,
+        }
+    }
+}
+
+/// Everything the API can refuse. `code` classes it; the edges map the class.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{field}: {source}")]
+    BadPath {
+        field: &'static str,
+        source: PathError,
+    },
+    #[error("{0}")]
+    BadArgument(String),
+    #[error("no asset at {path}{}", nearest.as_ref().map(|n| format!(" (nearest existing parent: {n})")).unwrap_or_default())]
+    NotFound {
+        path: String,
+        nearest: Option<String>,
+    },
+    #[error(transparent)]
+    BadQuery(#[from] QueryError),
+    #[error(transparent)]
+    Twin(#[from] TwinError),
+    #[error("{0}")]
+    Unavailable(String),
+    /// A limit of the runtime is reached (open watch streams).
+    #[error("{0}")]
+    Limit(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Write(#[from] WriteError),
+}
+
+impl ApiError {
+    /// The one place an error is classed.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ApiError::BadPath { .. } | ApiError::BadArgument(_) | ApiError::BadQuery(_) => {
+                ErrorCode::InvalidArgument
+            }
+            ApiError::NotFound { .. } | ApiError::Twin(TwinError::UnknownAlarm { .. }) => {
+                ErrorCode::NotFound
+            }
+            ApiError::Twin(TwinError::Ack { .. }) => ErrorCode::FailedPrecondition,
+            ApiError::Twin(TwinError::NoAlarms { .. }) => ErrorCode::InvalidArgument,
+            ApiError::Unavailable(_) => ErrorCode::Unavailable,
+            ApiError::Limit(_) => ErrorCode::Busy,
+            ApiError::Store(StoreError::TooMuchHistory { .. }) => ErrorCode::TooLarge,
+            ApiError::Store(_) => ErrorCode::Internal,
+            ApiError::Write(w) => match w {
+                WriteError::NotWritable { .. } | WriteError::Refused { .. } => {
+                    ErrorCode::FailedPrecondition
+                }
+                WriteError::BadValue { .. } => ErrorCode::InvalidArgument,
+                WriteError::NotConnected { .. } | WriteError::Stopped { .. } => {
+                    ErrorCode::Unavailable
+                }
+                WriteError::Busy { .. } => ErrorCode::Busy,
+                WriteError::Timeout { .. } => ErrorCode::DeadlineExceeded,
+            },
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! The bottom layer of the runtime: plain types every other module shares and none of them
+//! owns. A twin's snapshot and a point of history (`snapshot`), the twin message and its
+//! errors (`msg`), the twins' settings and clock rules (`settings`), the hot-path counters
+//! and the ingest credits (`metrics`). Nothing here imports another module of this crate;
+//! the wall clock is `ferrotwin_models::Timestamp::now`, the only one.
+
+pub mod metrics;
+pub mod msg;
+pub mod settings;
+pub mod snapshot;
+
+pub use metrics::{Credits, Metrics};
+pub use msg::{TwinError, TwinMsg, ask};
+pub use settings::{ClockRules, TwinSettings};
+pub use snapshot::{
+    HistPoint, MachineInference, MachineSnap, SensorSnap, TwinSnapshot, TwinState,
+    new_machine_detector, new_sensor_detector,
+};

@@ -1,0 +1,79 @@
+//! The messages every twin actor takes, and what asking one can fail with. One enum so the
+//! registry routes to any twin by id.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferrotwin_models::alarm::AlarmStatus;
+use ferrotwin_models::rollup::RollUp;
+use ferrotwin_models::{AssetId, AssetPath, Timestamp};
+use ractor::{ActorRef, RpcReplyPort};
+
+use super::snapshot::TwinSnapshot;
+
+/// Messages of every twin kind. One enum so the registry routes to any twin by id; each
+/// actor handles the variants of its kind and counts the rest as misrouted.
+pub enum TwinMsg {
+    /// Readings wait in the twin's registry inbox: take and apply them.
+    Drain,
+    /// A child's roll-up changed.
+    ChildChanged { id: AssetId, rollup: RollUp },
+    /// Debounce timer: publish the roll-up to the parent now.
+    PublishRollUp,
+    /// Sweeper: no reading since the stale threshold.
+    CheckStale(Timestamp),
+    /// Machines: evaluate the detectors on the sample board, at this source time.
+    Evaluate(Timestamp),
+    Acknowledge {
+        alarm: String,
+        by: String,
+        comment: String,
+        reply: RpcReplyPort<Result<AlarmStatus, TwinError>>,
+    },
+    Shelve {
+        alarm: String,
+        until: Option<Timestamp>,
+        by: String,
+        reply: RpcReplyPort<Result<AlarmStatus, TwinError>>,
+    },
+    /// Write the history tail now (clean shutdown).
+    FlushHistory(RpcReplyPort<()>),
+    /// Enterprise role: the state of this twin's original at its site (replication).
+    /// Sensors and machines take it as their own; roll-ups follow as usual.
+    Mirror(Arc<TwinSnapshot>),
+    /// Panic inside the handler, as a bug would (tests of supervision).
+    Crash,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TwinError {
+    #[error("{asset}: no alarm named {alarm:?} (alarms: {known})")]
+    UnknownAlarm {
+        asset: AssetPath,
+        alarm: String,
+        known: String,
+    },
+    #[error("{asset}: alarm {alarm:?}: {source}")]
+    Ack {
+        asset: AssetPath,
+        alarm: String,
+        source: ferrotwin_models::alarm::AckError,
+    },
+    #[error("{asset}: a {level} has no alarms")]
+    NoAlarms {
+        asset: AssetPath,
+        level: &'static str,
+    },
+}
+
+/// Asks a twin and waits at most `timeout` for the answer.
+pub async fn ask<R: Send + 'static>(
+    actor: &ActorRef<TwinMsg>,
+    msg: impl FnOnce(RpcReplyPort<R>) -> TwinMsg,
+    timeout: Duration,
+) -> Option<R> {
+    match actor.call(msg, Some(timeout)).await {
+        Ok(ractor::rpc::CallResult::Success(r)) => Some(r),
+        _ => None,
+    }
+}
