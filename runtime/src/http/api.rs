@@ -9,7 +9,7 @@ use axum::Json;
 use axum::Router;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use ferrotwin_models::alarm::AlarmState;
@@ -21,6 +21,7 @@ use utoipa::{IntoParams, OpenApi};
 
 use super::HttpState;
 use super::dto::{self, ErrorDto};
+use super::error::HttpError;
 use crate::api::{ApiError, convert};
 use crate::core::TwinState;
 
@@ -32,74 +33,6 @@ const MAX_SEARCH_HITS: usize = 100;
 const DEFAULT_SEARCH_HITS: usize = 20;
 /// History range when neither `from` nor `range` is given.
 const DEFAULT_RANGE_US: i64 = 3_600_000_000;
-
-/// An error answer: status and JSON body `{error, nearest_parent?, position?}`.
-#[derive(Debug)]
-pub struct HttpError {
-    pub status: StatusCode,
-    pub body: ErrorDto,
-}
-
-impl HttpError {
-    pub fn bad_request(message: impl Into<String>) -> HttpError {
-        HttpError {
-            status: StatusCode::BAD_REQUEST,
-            body: ErrorDto {
-                error: message.into(),
-                nearest_parent: None,
-                position: None,
-            },
-        }
-    }
-}
-
-impl From<ApiError> for HttpError {
-    fn from(e: ApiError) -> HttpError {
-        let status = StatusCode::from_u16(e.code().http_status())
-            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let nearest_parent = match &e {
-            ApiError::NotFound { nearest, .. } => nearest.clone(),
-            _ => None,
-        };
-        let position = match &e {
-            ApiError::BadQuery(q) => Some(q.position),
-            _ => None,
-        };
-        HttpError {
-            status,
-            body: ErrorDto {
-                error: e.to_string(),
-                nearest_parent,
-                position,
-            },
-        }
-    }
-}
-
-impl From<QueryRejection> for HttpError {
-    fn from(e: QueryRejection) -> HttpError {
-        HttpError::bad_request(format!("query string: {}", e.body_text()))
-    }
-}
-
-impl From<JsonRejection> for HttpError {
-    fn from(e: JsonRejection) -> HttpError {
-        HttpError {
-            status: e.status(),
-            body: ErrorDto {
-                error: format!("body: {}", e.body_text()),
-                nearest_parent: None,
-                position: None,
-            },
-        }
-    }
-}
-
-impl IntoResponse for HttpError {
-    fn into_response(self) -> Response {
-        (self.status, Json(self.body)).into_response()
-    }
-}
 
 type Answer<T> = Result<Json<T>, HttpError>;
 

@@ -30,8 +30,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use utoipa::{IntoParams, ToSchema};
 
 use super::HttpState;
-use super::api::HttpError;
 use super::dto::{self, ErrorDto, TwinDto};
+use super::error::HttpError;
 use crate::api::{ApiError, TwinApi, convert};
 use crate::core::TwinSnapshot;
 use crate::registry::TwinEntry;

@@ -9,6 +9,7 @@
 pub mod api;
 pub mod assets;
 pub mod dto;
+pub mod error;
 pub mod live;
 pub mod pages;
 

@@ -10,7 +10,8 @@ use axum::routing::get;
 use ferrotwin_models::AssetPath;
 use serde::Deserialize;
 
-use super::api::{HttpError, nearest_existing};
+use super::api::nearest_existing;
+use super::error::HttpError;
 use super::{HttpState, escape_html};
 
 /// The shell; its placeholders are documented at its top.
