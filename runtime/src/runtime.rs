@@ -166,55 +166,31 @@ impl Runtime {
             .map_err(|e| RuntimeError::Spawn(e.to_string()))?;
         let token = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let enterprise = match &opts.enterprise {
-            Some(role) => Some(Arc::new(
-                EnterpriseReceiver::new(
-                    ctx.clone(),
-                    &role.accept,
-                    token.child_token(),
-                    tracker.clone(),
-                )
-                .map_err(RuntimeError::Replication)?,
-            )),
-            None => None,
-        };
-        // Mirrors take their quality from their site: staleness is the site's to judge.
-        if enterprise.is_none() {
-            tracker.spawn(sweep_stale(
-                registry.clone(),
-                opts.ingest.stale_sweep_ms,
-                token.child_token(),
-            ));
-        }
-        let replication = replicate_as.map(|(site, cfg)| {
-            let status = Arc::new(SenderStatus::new(&site, &cfg.enterprise));
-            tracker.spawn(run_sender(
-                store.clone(),
-                site,
-                cfg,
-                status.clone(),
-                token.child_token(),
-            ));
-            status
-        });
         // Adapters start last: every twin is restored before the first reading arrives.
-        let connections = match Connections::start(
-            opts.connections,
-            &registry,
-            router.clone(),
-            ctx.clone(),
-            &tracker,
-            &token,
-        ) {
-            Ok(c) => Arc::new(c),
+        let started = start_roles(&opts, &ctx, replicate_as, &token, &tracker).and_then(|roles| {
+            let connections = Connections::start(
+                opts.connections,
+                &registry,
+                router.clone(),
+                ctx.clone(),
+                &tracker,
+                &token,
+            )?;
+            Ok((roles, connections))
+        });
+        let (roles, connections) = match started {
+            Ok(started) => started,
             Err(e) => {
+                // Nothing is serving yet: stop what did start, in the clean stop's order.
                 token.cancel();
+                tracker.close();
+                tracker.wait().await;
                 let _ = root
                     .stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(30)))
                     .await;
                 store.stop();
                 let _ = tokio::task::spawn_blocking(move || writer.join()).await;
-                return Err(e.into());
+                return Err(e);
             }
         };
         tracing::info!(twins = registry.len(), data_dir = %data_dir.display(), "runtime started");
@@ -226,9 +202,9 @@ impl Runtime {
             metrics,
             router,
             ctx,
-            connections,
-            replication,
-            enterprise,
+            connections: Arc::new(connections),
+            replication: roles.sender,
+            enterprise: roles.enterprise,
             data_dir: data_dir.to_path_buf(),
             root,
             writer: Some(writer),
@@ -498,6 +474,54 @@ async fn load_models(
         tracing::error!(error = %e, "machine model not loaded; the type runs without it");
     }
     Ok((models, errors.iter().map(ToString::to_string).collect()))
+}
+
+/// The tasks of this runtime's role: an enterprise's receiver of its sites' streams, or a
+/// site's stale sweeper (mirrors take their quality from their site: staleness is the site's
+/// to judge) and, when it replicates, its sender.
+struct Roles {
+    enterprise: Option<Arc<EnterpriseReceiver>>,
+    sender: Option<Arc<SenderStatus>>,
+}
+
+fn start_roles(
+    opts: &RuntimeOptions,
+    ctx: &Arc<TwinCtx>,
+    replicate_as: Option<(String, SiteReplication)>,
+    token: &CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<Roles, RuntimeError> {
+    let enterprise = match &opts.enterprise {
+        Some(role) => Some(Arc::new(
+            EnterpriseReceiver::new(
+                ctx.clone(),
+                &role.accept,
+                token.child_token(),
+                tracker.clone(),
+            )
+            .map_err(RuntimeError::Replication)?,
+        )),
+        None => None,
+    };
+    if enterprise.is_none() {
+        tracker.spawn(sweep_stale(
+            ctx.registry.clone(),
+            opts.ingest.stale_sweep_ms,
+            token.child_token(),
+        ));
+    }
+    let sender = replicate_as.map(|(site, cfg)| {
+        let status = Arc::new(SenderStatus::new(&site, &cfg.enterprise));
+        tracker.spawn(run_sender(
+            ctx.store.clone(),
+            site,
+            cfg,
+            status.clone(),
+            token.child_token(),
+        ));
+        status
+    });
+    Ok(Roles { enterprise, sender })
 }
 
 /// Each sensor's history policy from its machine's type.
