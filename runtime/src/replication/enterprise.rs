@@ -16,7 +16,7 @@ use ferrotwin_proto::store::v1 as rec;
 use ferrotwin_proto::v1 as pb;
 use ferrotwin_proto::v1::replication_service_server::ReplicationService;
 use prost::Message;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedMutexGuard, mpsc};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -258,23 +258,14 @@ impl EnterpriseReceiver {
         );
         Ok(Some(generation))
     }
-}
 
-type ReplicateStream = Pin<Box<dyn Stream<Item = Result<pb::ReplicateResponse, Status>> + Send>>;
-
-/// The gRPC face of an `EnterpriseReceiver`.
-#[derive(Clone)]
-pub struct ReplicationApi(pub Arc<EnterpriseReceiver>);
-
-#[tonic::async_trait]
-impl ReplicationService for ReplicationApi {
-    type ReplicateStream = ReplicateStream;
-
-    async fn replicate(
+    /// The hello a stream must open with, checked: a protocol this build can serve and a
+    /// site this enterprise accepts (a refusal is logged). Returns the site, its mirror
+    /// state and the site's agent (for the log).
+    async fn check_hello(
         &self,
-        req: Request<Streaming<pb::ReplicateRequest>>,
-    ) -> Result<Response<ReplicateStream>, Status> {
-        let mut incoming = req.into_inner();
+        incoming: &mut Streaming<pb::ReplicateRequest>,
+    ) -> Result<(AssetPath, Arc<SiteMirror>, String), Status> {
         let first = incoming
             .message()
             .await?
@@ -292,29 +283,89 @@ impl ReplicationService for ReplicationApi {
         }
         let site = AssetPath::parse(&hello.site)
             .map_err(|e| Status::invalid_argument(format!("hello.site: {e}")))?;
-        let Some(mirror) = self.0.sites.get(site.as_str()).cloned() else {
+        let Some(mirror) = self.sites.get(site.as_str()).cloned() else {
             tracing::warn!(site = %site, "replication refused: site not accepted");
             return Err(Status::permission_denied(format!(
                 "site {site} is not accepted by this enterprise"
             )));
         };
+        Ok((site, mirror, hello.agent))
+    }
+}
+
+type ReplicateStream = Pin<Box<dyn Stream<Item = Result<pb::ReplicateResponse, Status>> + Send>>;
+
+/// The enterprise's half of one stream: the welcome, acks and the error that ends it.
+type ResponseSender = mpsc::Sender<Result<pb::ReplicateResponse, Status>>;
+
+/// The gRPC face of an `EnterpriseReceiver`.
+#[derive(Clone)]
+pub struct ReplicationApi(pub Arc<EnterpriseReceiver>);
+
+#[tonic::async_trait]
+impl ReplicationService for ReplicationApi {
+    type ReplicateStream = ReplicateStream;
+
+    /// One site's stream: the handshake answers it; then, on the runtime's tracker, the
+    /// receive loop applies its batches and the acker acks them once durable.
+    async fn replicate(
+        &self,
+        req: Request<Streaming<pb::ReplicateRequest>>,
+    ) -> Result<Response<ReplicateStream>, Status> {
+        let mut incoming = req.into_inner();
+        let (stream, one_stream, responses) = SiteStream::handshake(&self.0, &mut incoming).await?;
+        self.0.tracker.spawn(stream.run(incoming, one_stream));
+        Ok(Response::new(Box::pin(ReceiverStream::new(responses))))
+    }
+}
+
+/// One accepted stream of a site: what its receive loop and its acker share.
+#[derive(Clone)]
+struct SiteStream {
+    receiver: Arc<EnterpriseReceiver>,
+    site: AssetPath,
+    mirror: Arc<SiteMirror>,
+    /// Cancelled when the runtime stops or a newer stream of the site takes over.
+    token: CancellationToken,
+    responses: ResponseSender,
+}
+
+impl SiteStream {
+    /// The handshake: reads the hello, checks it (protocol version, a site this enterprise
+    /// accepts), ends any previous stream of the site and waits for it to let go (one stream
+    /// per site; a half-open one must not hold the site off), then sends the welcome with the
+    /// site's highest durable seq, so the site never resumes past what a crash here could
+    /// lose. Any failure is the stream's error and nothing was applied. Returns the stream,
+    /// the site's one-stream guard (held until the stream ends) and the responses' receiver.
+    async fn handshake(
+        receiver: &Arc<EnterpriseReceiver>,
+        incoming: &mut Streaming<pb::ReplicateRequest>,
+    ) -> Result<
+        (
+            SiteStream,
+            OwnedMutexGuard<()>,
+            mpsc::Receiver<Result<pb::ReplicateResponse, Status>>,
+        ),
+        Status,
+    > {
+        let (site, mirror, agent) = receiver.check_hello(incoming).await?;
         // A new stream of the site replaces the previous one (which may be half-open).
-        let stream_token = self.0.token.child_token();
+        let token = receiver.token.child_token();
         if let Some(old) = mirror
             .current
             .lock()
             .expect("stream lock is never poisoned")
-            .replace(stream_token.clone())
+            .replace(token.clone())
         {
             old.cancel();
         }
-        let guard = tokio::select! {
+        let one_stream = tokio::select! {
             g = mirror.stream.clone().lock_owned() => g,
-            () = stream_token.cancelled() => {
+            () = token.cancelled() => {
                 return Err(Status::aborted("replaced by a newer stream of the site"));
             }
         };
-        let (tx, rx) = mpsc::channel(16);
+        let (responses, rx) = mpsc::channel(16);
         let welcome = pb::ReplicateResponse {
             msg: Some(pb::replicate_response::Msg::Welcome(
                 pb::EnterpriseWelcome {
@@ -323,78 +374,119 @@ impl ReplicationService for ReplicationApi {
                 },
             )),
         };
-        tx.send(Ok(welcome))
+        responses
+            .send(Ok(welcome))
             .await
             .map_err(|_| Status::cancelled("site went away"))?;
-        tracing::info!(site = %site, agent = hello.agent, "replication stream accepted");
-        let this = self.0.clone();
-        let tracker = self.0.tracker.clone();
-        let token = stream_token;
-        tracker.spawn(async move {
-            let _guard = guard;
-            // Acks go out in order, each once its flush is durable.
-            // (seq, the store flush that makes it durable).
-            let (acks_tx, mut acks_rx) = mpsc::channel::<(u64, u64)>(PENDING_ACKS);
-            let store = this.ctx.store.clone();
-            let ack_out = tx.clone();
-            let stopping = token.clone();
-            let durable = mirror.clone();
-            let acker = this.tracker.spawn(async move {
-                while let Some((seq, generation)) = acks_rx.recv().await {
+        tracing::info!(site = %site, agent, "replication stream accepted");
+        let stream = SiteStream {
+            receiver: receiver.clone(),
+            site,
+            mirror,
+            token,
+            responses,
+        };
+        Ok((stream, one_stream, rx))
+    }
+
+    /// The stream after the handshake: the receive loop, with the acker beside it. Ends
+    /// when the receive loop does and the acker has sent what it can; only then does the
+    /// site's next stream start (`_one_stream`), and the response stream end.
+    async fn run(
+        self,
+        mut incoming: Streaming<pb::ReplicateRequest>,
+        _one_stream: OwnedMutexGuard<()>,
+    ) {
+        // (seq, the store flush that makes it durable), in the order the batches came.
+        let (acks, pending) = mpsc::channel::<(u64, u64)>(PENDING_ACKS);
+        let acker = self
+            .receiver
+            .tracker
+            .spawn(self.clone().ack_when_durable(pending));
+        self.receive_batches(&mut incoming, acks).await;
+        let _ = acker.await;
+    }
+
+    /// The acker: acks each seq of `pending`, in arrival order, once the store flush holding
+    /// its effects and cursors is on disk (`Store::wait_flushed`), raising the site's durable
+    /// seq (what a later welcome reports) just before. A duplicate comes with the flush after
+    /// its arrival, so its ack also waits for its first application to be durable. An ack is
+    /// never sent ahead of its flush nor out of order. After the receive loop ends it still
+    /// acks what it was handed; a stop, a newer stream of the site or a site that is gone
+    /// (the send fails) ends it at once, and the seqs it did not ack are resent by the site
+    /// and acked then as duplicates.
+    async fn ack_when_durable(self, mut pending: mpsc::Receiver<(u64, u64)>) {
+        let store = &self.receiver.ctx.store;
+        while let Some((seq, generation)) = pending.recv().await {
+            tokio::select! {
+                () = self.token.cancelled() => return,
+                () = store.wait_flushed(generation) => {}
+            }
+            self.mirror.durable_seq.fetch_max(seq, Ordering::AcqRel);
+            let ack = pb::ReplicateResponse {
+                msg: Some(pb::replicate_response::Msg::Ack(seq)),
+            };
+            tokio::select! {
+                () = self.token.cancelled() => return,
+                sent = self.responses.send(Ok(ack)) => if sent.is_err() { return },
+            }
+        }
+    }
+
+    /// The receive loop: applies each batch in arrival order (`EnterpriseReceiver::apply`:
+    /// a seq at or below the site's cursor is a duplicate, counted and not applied; events
+    /// at or below its event cursor are skipped) and hands its seq to the acker with the
+    /// flush to wait for. A message other than a batch, or a batch that does not decode, ends
+    /// the stream with that error; a disconnect, a stop or a newer stream of the site ends it
+    /// quietly. A batch applied but not acked before the end is resent by the site and acked
+    /// then as a duplicate.
+    async fn receive_batches(
+        &self,
+        incoming: &mut Streaming<pb::ReplicateRequest>,
+        acks: mpsc::Sender<(u64, u64)>,
+    ) {
+        let site = &self.site;
+        loop {
+            let next = tokio::select! {
+                () = self.token.cancelled() => return,
+                m = incoming.message() => m,
+            };
+            let m = match next {
+                Ok(Some(m)) => m,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::info!(site = %site, error = %e, "replication stream ended");
+                    return;
+                }
+            };
+            let Some(pb::replicate_request::Msg::Batch(b)) = m.msg else {
+                let _ = self.responses.try_send(Err(Status::invalid_argument(
+                    "only batches after the hello",
+                )));
+                return;
+            };
+            match self
+                .receiver
+                .apply(site, &self.mirror, b.seq, &b.batch)
+                .await
+            {
+                Ok(generation) => {
+                    // A duplicate is acked once the flush after now is on disk: its
+                    // first application may still be on its way there.
+                    let g =
+                        generation.unwrap_or_else(|| self.receiver.ctx.store.queue_generation());
                     tokio::select! {
-                        () = stopping.cancelled() => return,
-                        () = store.wait_flushed(generation) => {}
-                    }
-                    durable.durable_seq.fetch_max(seq, Ordering::AcqRel);
-                    let ack = pb::ReplicateResponse {
-                        msg: Some(pb::replicate_response::Msg::Ack(seq)),
-                    };
-                    tokio::select! {
-                        () = stopping.cancelled() => return,
-                        sent = ack_out.send(Ok(ack)) => if sent.is_err() { return },
+                        () = self.token.cancelled() => return,
+                        sent = acks.send((b.seq, g)) => if sent.is_err() { return },
                     }
                 }
-            });
-            loop {
-                let next = tokio::select! {
-                    () = token.cancelled() => break,
-                    m = incoming.message() => m,
-                };
-                let m = match next {
-                    Ok(Some(m)) => m,
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::info!(site = %site, error = %e, "replication stream ended");
-                        break;
-                    }
-                };
-                let Some(pb::replicate_request::Msg::Batch(b)) = m.msg else {
-                    let _ = tx.try_send(Err(Status::invalid_argument(
-                        "only batches after the hello",
-                    )));
-                    break;
-                };
-                match this.apply(&site, &mirror, b.seq, &b.batch).await {
-                    Ok(generation) => {
-                        // A duplicate is acked once the flush after now is on disk: its
-                        // first application may still be on its way there.
-                        let g = generation.unwrap_or_else(|| this.ctx.store.queue_generation());
-                        tokio::select! {
-                            () = token.cancelled() => break,
-                            sent = acks_tx.send((b.seq, g)) => if sent.is_err() { break },
-                        }
-                    }
-                    Err(status) => {
-                        tracing::warn!(site = %site, error = %status, "replication batch refused");
-                        let _ = tx.try_send(Err(status));
-                        break;
-                    }
+                Err(status) => {
+                    tracing::warn!(site = %site, error = %status, "replication batch refused");
+                    let _ = self.responses.try_send(Err(status));
+                    return;
                 }
             }
-            drop(acks_tx);
-            let _ = acker.await;
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        }
     }
 }
 

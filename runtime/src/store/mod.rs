@@ -29,7 +29,7 @@ use prost::Message;
 use tokio::sync::Semaphore;
 
 use crate::core::HistPoint;
-use crate::registry::Registry;
+use crate::registry::{Registry, TwinEntry};
 
 /// On-disk format version of this build. Bump on an incompatible change of keys or records.
 pub const STORE_FORMAT: u32 = 1;
@@ -140,6 +140,65 @@ struct Queue {
     /// `meta` entries written after everything else of the flush (replication cursors).
     meta: Vec<(Vec<u8>, Vec<u8>)>,
     bytes: usize,
+}
+
+/// One flush's sled batches, one per tree (history: one per day partition).
+#[derive(Default)]
+struct TreeBatches {
+    snapshots: sled::Batch,
+    history: std::collections::BTreeMap<i64, sled::Batch>,
+    events: sled::Batch,
+    meta: sled::Batch,
+    /// Twin snapshots encoded from the registry (mirror records not included).
+    snapshots_encoded: u64,
+}
+
+impl TreeBatches {
+    fn of_snapshots(dirty: &[Arc<TwinEntry>]) -> TreeBatches {
+        let mut batches = TreeBatches::default();
+        for e in dirty {
+            if let Some(bytes) = codec::encode_snapshot(e) {
+                batches.snapshots.insert(e.id.as_bytes().as_slice(), bytes);
+                batches.snapshots_encoded += 1;
+            }
+        }
+        batches
+    }
+
+    fn add_queue(&mut self, q: &Queue) {
+        for (day, k, v) in &q.history {
+            self.history
+                .entry(*day)
+                .or_default()
+                .insert(k.as_slice(), v.as_slice());
+        }
+        for (seq, v) in &q.events {
+            self.events.insert(&seq.to_be_bytes(), v.as_slice());
+        }
+        for (id, r) in &q.records {
+            self.snapshots.insert(id.as_slice(), r.as_slice());
+        }
+        for (k, v) in &q.meta {
+            self.meta.insert(k.as_slice(), v.as_slice());
+        }
+    }
+}
+
+/// What one flush staged for the outbox (see `Store::stage_outbox`).
+struct StagedOutbox {
+    batches: Vec<outbox::Prepared>,
+    /// The batches are a full snapshot (the outbox's pending flag was taken).
+    full: bool,
+    /// Events recovered at open that these batches carry.
+    recovered: Vec<rec::OutboxEvent>,
+}
+
+/// What a flush took and did not write, for `Store::put_back`.
+#[derive(Default)]
+struct Unwritten {
+    snapshots: Vec<Arc<TwinEntry>>,
+    queue: Option<Arc<Queue>>,
+    outbox: Option<StagedOutbox>,
 }
 
 /// Writer statistics (for metrics and the benchmark).
@@ -593,107 +652,140 @@ impl Store {
         }
     }
 
-    /// Writes everything dirty or queued now, then flushes sled to disk.
+    /// Writes everything dirty or queued now, then flushes sled to disk. On an error nothing
+    /// of the round is lost: it is put back (`put_back`) and retried by the next flush.
     pub fn flush_once(&self, registry: &Registry, snapshots: bool) -> Result<(), StoreError> {
         let started = Instant::now();
-        let mut dirty = if snapshots {
-            registry.take_dirty()
-        } else {
-            Vec::new()
-        };
+        let dirty = self.take_dirty_within_budget(registry, snapshots);
+        // The queue's mirror records go in after the registry's snapshots: for the same twin
+        // they win.
+        let mut batches = TreeBatches::of_snapshots(&dirty);
+        let (q, generation) = self.take_queue();
+        batches.add_queue(&q);
+        let staged = self
+            .outbox
+            .get()
+            .map(|ob| self.stage_outbox(ob, registry, &dirty, &q, snapshots));
+        let batches_staged = staged.as_ref().map_or(&[][..], |s| s.batches.as_slice());
+        let snapshots_written = batches.snapshots_encoded;
+        if let Err(e) = self.write_trees(batches, batches_staged) {
+            self.put_back(
+                registry,
+                Unwritten {
+                    snapshots: dirty,
+                    queue: Some(q),
+                    outbox: staged,
+                },
+            );
+            self.done_writing();
+            return Err(e);
+        }
+        if let (Some(ob), Some(staged)) = (self.outbox.get(), staged) {
+            ob.commit(staged.batches);
+        }
+        self.done_writing();
+        self.release_durable(&q, generation);
+        self.count_flush(&q, snapshots_written, started);
+        Ok(())
+    }
+
+    /// The dirty twins whose snapshots this flush writes: none outside a snapshot round, at
+    /// most `max_snapshots_per_flush` (oldest first) in one; the rest are put back at once,
+    /// so they keep their place ahead of twins dirtied during this flush.
+    fn take_dirty_within_budget(
+        &self,
+        registry: &Registry,
+        snapshots: bool,
+    ) -> Vec<Arc<TwinEntry>> {
+        if !snapshots {
+            return Vec::new();
+        }
+        let mut dirty = registry.take_dirty();
         if dirty.len() > self.cfg.max_snapshots_per_flush {
             let rest = dirty.split_off(self.cfg.max_snapshots_per_flush);
-            registry.requeue_dirty(rest);
+            self.put_back(
+                registry,
+                Unwritten {
+                    snapshots: rest,
+                    ..Unwritten::default()
+                },
+            );
         }
-        let mut snaps = sled::Batch::default();
-        let mut n_snaps = 0u64;
-        for e in &dirty {
-            if let Some(bytes) = codec::encode_snapshot(e) {
-                snaps.insert(e.id.as_bytes().as_slice(), bytes);
-                n_snaps += 1;
-            }
-        }
-        let mut meta = sled::Batch::default();
-        let (q, generation) = {
-            let mut queue = self.queue.lock().expect("queue lock is never poisoned");
-            let q = Arc::new(std::mem::take(&mut *queue));
-            // Taken under the queue lock: whatever was queued before is in this flush.
-            let generation = self.queue_gen.fetch_add(1, Ordering::AcqRel);
-            *self
-                .in_flight
-                .lock()
-                .expect("in-flight lock is never poisoned") = Some(q.clone());
-            (q, generation)
-        };
-        let mut hist: std::collections::BTreeMap<i64, sled::Batch> = Default::default();
-        for (day, k, v) in &q.history {
-            hist.entry(*day)
-                .or_default()
-                .insert(k.as_slice(), v.as_slice());
-        }
-        let mut evs = sled::Batch::default();
-        for (seq, v) in &q.events {
-            evs.insert(&seq.to_be_bytes(), v.as_slice());
-        }
-        for (id, r) in &q.records {
-            snaps.insert(id.as_slice(), r.as_slice());
-        }
-        for (k, v) in &q.meta {
-            meta.insert(k.as_slice(), v.as_slice());
-        }
-        let (staged, full, recovered) = match self.outbox.get() {
-            Some(ob) => self.stage_outbox(ob, registry, &dirty, &q, snapshots),
-            None => (Vec::new(), false, Vec::new()),
-        };
+        dirty
+    }
+
+    /// Takes the whole queue for this flush and returns it with the flush's number. Until
+    /// `done_writing`, readers find it in `in_flight`, so a record is always visible somewhere.
+    fn take_queue(&self) -> (Arc<Queue>, u64) {
+        let mut queue = self.queue.lock().expect("queue lock is never poisoned");
+        let q = Arc::new(std::mem::take(&mut *queue));
+        // Taken under the queue lock: whatever was queued before is in this flush.
+        let generation = self.queue_gen.fetch_add(1, Ordering::AcqRel);
+        *self
+            .in_flight
+            .lock()
+            .expect("in-flight lock is never poisoned") = Some(q.clone());
+        (q, generation)
+    }
+
+    /// Applies one flush's batches, tree by tree, then flushes sled to disk.
+    fn write_trees(
+        &self,
+        batches: TreeBatches,
+        staged: &[outbox::Prepared],
+    ) -> Result<(), StoreError> {
         let io = |source| StoreError::Io {
             dir: self.dir.clone(),
             source,
         };
-        let result = (|| {
-            self.snapshots.apply_batch(snaps).map_err(io)?;
-            for (day, batch) in hist {
-                self.partition(day)?.apply_batch(batch).map_err(io)?;
-            }
-            self.events.apply_batch(evs).map_err(io)?;
-            if let Some(ob) = self.outbox.get()
-                && !staged.is_empty()
-            {
-                ob.apply(ob.stage(&staged)).map_err(|e| match e {
-                    outbox::OutboxError::Io(source) => io(source),
-                    other => StoreError::Corrupt {
-                        dir: self.dir.clone(),
-                        tree: "outbox",
-                        key: String::new(),
-                        what: other.to_string(),
-                    },
-                })?;
-            }
-            // Last: a cursor on disk means what it counts is on disk too.
-            self.meta.apply_batch(meta).map_err(io)?;
-            self.db.flush().map_err(io)?;
-            Ok(())
-        })();
-        if let Some(ob) = self.outbox.get() {
-            if result.is_ok() {
-                ob.commit(staged);
-            } else {
-                ob.abandon(staged);
-                if full {
-                    ob.set_full_pending();
-                }
-                let mut r = self
-                    .outbox_recovery
-                    .lock()
-                    .expect("recovery lock is never poisoned");
-                let newer = std::mem::replace(&mut *r, recovered);
-                r.extend(newer);
-            }
+        self.snapshots.apply_batch(batches.snapshots).map_err(io)?;
+        for (day, batch) in batches.history {
+            self.partition(day)?.apply_batch(batch).map_err(io)?;
         }
-        if result.is_err() {
-            // Nothing of this round is lost: snapshots, chunks and events go back to the
-            // front of the queue (keeping their bytes reserved) and are retried next time.
-            registry.requeue_dirty(dirty);
-            let failed = Arc::unwrap_or_clone(q);
+        self.events.apply_batch(batches.events).map_err(io)?;
+        if let Some(ob) = self.outbox.get()
+            && !staged.is_empty()
+        {
+            ob.apply(ob.stage(staged)).map_err(|e| match e {
+                outbox::OutboxError::Io(source) => io(source),
+                other => StoreError::Corrupt {
+                    dir: self.dir.clone(),
+                    tree: "outbox",
+                    key: String::new(),
+                    what: other.to_string(),
+                },
+            })?;
+        }
+        // Last: a cursor on disk means what it counts is on disk too.
+        self.meta.apply_batch(batches.meta).map_err(io)?;
+        self.db.flush().map_err(io)?;
+        Ok(())
+    }
+
+    /// The one place what a flush took but did not write goes back, so that the next flush
+    /// writes it and nothing is lost: dirty twins ahead of those dirtied since; queued
+    /// chunks, events, records and cursors at the queue's front, their bytes still reserved;
+    /// the outbox's dropped-event report, its pending full snapshot and the events recovered
+    /// at open, to be staged again. `in_flight` is left alone: the caller clears it after
+    /// (readers look at the queue first, so the put-back queue is never out of sight).
+    fn put_back(&self, registry: &Registry, unwritten: Unwritten) {
+        if let (Some(ob), Some(staged)) = (self.outbox.get(), unwritten.outbox) {
+            ob.abandon(staged.batches);
+            if staged.full {
+                ob.set_full_pending();
+            }
+            let mut r = self
+                .outbox_recovery
+                .lock()
+                .expect("recovery lock is never poisoned");
+            let newer = std::mem::replace(&mut *r, staged.recovered);
+            r.extend(newer);
+        }
+        if !unwritten.snapshots.is_empty() {
+            registry.requeue_dirty(unwritten.snapshots);
+        }
+        if let Some(failed) = unwritten.queue {
+            let failed = Arc::unwrap_or_clone(failed);
             let mut queue = self.queue.lock().expect("queue lock is never poisoned");
             let newer = std::mem::take(&mut *queue);
             queue.history = failed.history;
@@ -705,24 +797,30 @@ impl Store {
             queue.meta = failed.meta;
             queue.meta.extend(newer.meta);
             queue.bytes = failed.bytes + newer.bytes;
-            drop(queue);
-            *self
-                .in_flight
-                .lock()
-                .expect("in-flight lock is never poisoned") = None;
-            return result;
         }
+    }
+
+    /// The flush is over (written or put back): readers no longer look at what it took.
+    fn done_writing(&self) {
         *self
             .in_flight
             .lock()
             .expect("in-flight lock is never poisoned") = None;
+    }
+
+    /// `q` is on disk: its bytes leave the queue's bound, and waiters on flush `generation`
+    /// (replication acks) are woken.
+    fn release_durable(&self, q: &Queue, generation: u64) {
         self.room
             .add_permits(q.bytes.min(self.cfg.max_queued_bytes));
         self.flushed.send_replace(generation);
+    }
+
+    fn count_flush(&self, q: &Queue, snapshots_written: u64, started: Instant) {
         self.stats.flushes.fetch_add(1, Ordering::Relaxed);
         self.stats
             .snapshots_written
-            .fetch_add(n_snaps, Ordering::Relaxed);
+            .fetch_add(snapshots_written, Ordering::Relaxed);
         self.stats
             .chunks_written
             .fetch_add(q.history.len() as u64, Ordering::Relaxed);
@@ -732,25 +830,24 @@ impl Store {
         self.stats
             .last_flush_us
             .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        Ok(())
     }
 
     /// The outbox batches of one flush: the twins whose snapshots it writes (every twin when
     /// a full snapshot is due), the events it writes and any events recovered at open.
-    /// Returns the batches, whether they are a full snapshot, and the recovered events (put
-    /// back if the flush fails).
+    /// What it took (the full-snapshot flag, the recovered events) is put back if the flush
+    /// fails.
     fn stage_outbox(
         &self,
         ob: &outbox::Outbox,
         registry: &Registry,
-        dirty: &[Arc<crate::registry::TwinEntry>],
+        dirty: &[Arc<TwinEntry>],
         q: &Queue,
         snapshots: bool,
-    ) -> (Vec<outbox::Prepared>, bool, Vec<rec::OutboxEvent>) {
+    ) -> StagedOutbox {
         // A full snapshot goes with a snapshot round (it encodes every twin).
         let full = snapshots && ob.take_full_pending();
         let all;
-        let twins_of: &[Arc<crate::registry::TwinEntry>] = if full {
+        let twins_of: &[Arc<TwinEntry>] = if full {
             all = registry.all();
             &all
         } else {
@@ -795,11 +892,11 @@ impl Store {
             }
         }
         let history = ob.history_of(&q.history);
-        (
-            ob.prepare(twins, events, history, full, Timestamp::now().0),
+        StagedOutbox {
+            batches: ob.prepare(twins, events, history, full, Timestamp::now().0),
             full,
             recovered,
-        )
+        }
     }
 
     /// Asks the writer for a flush now (and waits for nothing).
@@ -1201,5 +1298,99 @@ mod tests {
             .expect("retention");
         assert_eq!(dropped, (1, 0), "day 0 is wholly past the retention window");
         assert_eq!(read(0, 2 * day_ms).len(), 10, "day 1 kept");
+    }
+
+    /// sled does not fail on demand, so the failure path is driven step by step: a flush
+    /// takes its round, something newer is queued meanwhile, the round is put back; the next
+    /// flush must write all of it, older first, as the one full snapshot the outbox owed.
+    #[test]
+    fn a_failed_flush_puts_its_round_back_ahead_of_what_came_since() {
+        use ferrotwin_models::Level;
+        use ferrotwin_sim::generate::{PlantSize, generate};
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = StoreConfig::default();
+        let room = cfg.max_queued_bytes;
+        let store = Store::open(dir.path(), cfg).expect("open");
+        let registry = Registry::default();
+        for def in generate(PlantSize::ONE_LINE, 1).assets() {
+            let snap = crate::core::TwinSnapshot::initial(&def.kind);
+            registry.insert(def, snap, 0);
+        }
+        // Only sensors and machines are stored (roll-ups are rebuilt at start).
+        let twins: Vec<_> = registry
+            .all()
+            .into_iter()
+            .filter(|e| matches!(e.level(), Level::Sensor | Level::Machine))
+            .collect();
+        for e in &twins {
+            registry.publish(e, e.snapshot());
+        }
+        let ob = store.enable_outbox(1 << 30, None).expect("outbox");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("rt");
+        let event = |n: i64| {
+            let mut e = Event::new(
+                AssetPath::parse("acme").expect("path"),
+                Timestamp::from_millis(n),
+                EventKind::Lifecycle,
+                Severity::Info,
+                format!("event {n}"),
+            );
+            rt.block_on(store.put_event(&mut e));
+            e.seq
+        };
+        let older = event(1);
+
+        let dirty = store.take_dirty_within_budget(&registry, true);
+        assert_eq!(dirty.len(), twins.len());
+        let (q, _) = store.take_queue();
+        let staged = store.stage_outbox(ob, &registry, &dirty, &q, true);
+        assert!(staged.full);
+        let newer = event(2);
+        store.put_back(
+            &registry,
+            Unwritten {
+                snapshots: dirty,
+                queue: Some(q),
+                outbox: Some(staged),
+            },
+        );
+        store.done_writing();
+        assert_eq!(registry.dirty_len(), twins.len());
+
+        store.flush_once(&registry, true).expect("flush");
+        assert_eq!(registry.dirty_len(), 0);
+        assert_eq!(
+            store.room.available_permits(),
+            room,
+            "queued bytes released once"
+        );
+        let (on_disk, _) = store
+            .list_events(&EventFilter {
+                limit: 10,
+                ..EventFilter::default()
+            })
+            .expect("events");
+        let seqs: Vec<u64> = on_disk.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [older, newer]);
+        let batches = ob.read_after(0, usize::MAX).expect("outbox");
+        let batch = rec::OutboxBatch::decode(batches[0].1.as_slice()).expect("decodes");
+        assert!(
+            batch.full_snapshot_id > 0,
+            "the full snapshot is still owed"
+        );
+        assert_eq!(batch.twins.len(), twins.len());
+        let staged_seqs: Vec<u64> = batches
+            .iter()
+            .flat_map(|(_, v)| {
+                rec::OutboxBatch::decode(v.as_slice())
+                    .expect("decodes")
+                    .events
+            })
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(staged_seqs, [older, newer]);
     }
 }
