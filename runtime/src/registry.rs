@@ -87,21 +87,37 @@ impl SampleBoard {
     /// this reading and its siblings' previous ones), or one interval later regardless (a
     /// sensor that stopped reporting must not stop the evaluations). One writer wins.
     pub fn write(&self, index: usize, value: f64, ts: Timestamp, interval_us: i64) -> bool {
+        // Three steps (each a function so that a test can interleave two writers between
+        // them, as concurrent ones may): mark the sensor, find the evaluation due, claim it.
+        let fresh = self.mark(index, value);
+        self.due(fresh, ts, interval_us)
+            .is_some_and(|due| self.claim(due, fresh, ts, interval_us))
+    }
+
+    /// Stores sensor `index`'s value and marks it fresh; returns the sensors fresh as this
+    /// writer sees them.
+    fn mark(&self, index: usize, value: f64) -> u64 {
         if let Some(slot) = self.values.get(index) {
             slot.store(value.to_bits(), Ordering::Relaxed);
         }
         let bit = if index < 64 { 1u64 << index } else { 0 };
-        let fresh = self.fresh.fetch_or(bit, Ordering::AcqRel) | bit;
+        self.fresh.fetch_or(bit, Ordering::AcqRel) | bit
+    }
+
+    /// The schedule as this writer found it, if an evaluation is due at `ts` given the
+    /// sensors `fresh` saw.
+    fn due(&self, fresh: u64, ts: Timestamp, interval_us: i64) -> Option<i64> {
         let due = self.next_eval_us.load(Ordering::Relaxed);
         // A source clock that stepped back far would otherwise stop evaluations until it
         // caught up again: take its time as the new schedule.
         let stepped_back = due != i64::MIN && due - ts.0 > interval_us.saturating_mul(10);
         let complete = fresh & self.all == self.all;
         let overdue = ts.0 >= due.saturating_add(interval_us);
-        let due_now = stepped_back || overdue || (ts.0 >= due && complete);
-        if !due_now {
-            return false;
-        }
+        (stepped_back || overdue || (ts.0 >= due && complete)).then_some(due)
+    }
+
+    /// Moves the schedule on from `due` unless another writer already did: one writer wins.
+    fn claim(&self, due: i64, fresh: u64, ts: Timestamp, interval_us: i64) -> bool {
         self.next_eval_us
             .compare_exchange(
                 due,
@@ -540,5 +556,372 @@ impl Registry {
         let depth = path.depth() + 1;
         self.scan(Some(path), None, usize::MAX, |e| e.path().depth() == depth)
             .0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const INTERVAL_US: i64 = 1_000_000;
+
+    fn at_ms(ms: i64) -> Timestamp {
+        Timestamp::from_millis(ms)
+    }
+
+    /// A board of `sensors` whose first evaluation happened at `t0_ms` (the first write of
+    /// all is due: nothing was evaluated yet).
+    fn evaluated_at(sensors: usize, t0_ms: i64) -> SampleBoard {
+        let board = SampleBoard::new(sensors);
+        assert!(board.write(0, 1.0, at_ms(t0_ms), INTERVAL_US));
+        board
+    }
+
+    #[test]
+    fn the_writer_completing_the_set_past_the_due_instant_evaluates_once() {
+        let board = evaluated_at(3, 10_000);
+        // Due at 11 s. Before it, even a complete set waits.
+        assert!(!board.write(0, 1.0, at_ms(10_400), INTERVAL_US));
+        assert!(!board.write(1, 1.0, at_ms(10_500), INTERVAL_US));
+        assert!(!board.write(2, 1.0, at_ms(10_999), INTERVAL_US));
+        // Past it: the first writer with every sensor written since the last evaluation.
+        assert!(board.write(1, 2.0, at_ms(11_000), INTERVAL_US));
+        // The next ones (the same instant, or a bit later) do not evaluate again.
+        assert!(!board.write(2, 2.0, at_ms(11_000), INTERVAL_US));
+        assert!(!board.write(0, 2.0, at_ms(11_100), INTERVAL_US));
+        let mut values = Vec::new();
+        board.read(&mut values);
+        assert_eq!(values, [2.0, 2.0, 2.0]);
+    }
+
+    #[test]
+    fn past_the_due_instant_an_incomplete_set_waits_for_the_missing_sensor() {
+        let board = evaluated_at(3, 10_000);
+        assert!(!board.write(0, 1.0, at_ms(11_000), INTERVAL_US));
+        assert!(!board.write(1, 1.0, at_ms(11_200), INTERVAL_US));
+        assert!(
+            board.write(2, 1.0, at_ms(11_300), INTERVAL_US),
+            "set complete"
+        );
+    }
+
+    #[test]
+    fn a_sensor_that_stopped_delays_evaluations_by_one_interval_but_does_not_stop_them() {
+        let board = evaluated_at(3, 10_000);
+        // Sensor 2 is silent; 0 and 1 write every 100 ms for five seconds.
+        let mut evaluations = Vec::new();
+        for k in 1..=50 {
+            let t = 10_000 + k * 100;
+            for i in 0..2 {
+                if board.write(i, 1.0, at_ms(t), INTERVAL_US) {
+                    evaluations.push(t);
+                }
+            }
+        }
+        // Due at 11 s, overdue (evaluated without sensor 2) at 12 s; then due at 13 s,
+        // overdue at 14 s.
+        assert_eq!(evaluations, [12_000, 14_000]);
+    }
+
+    #[test]
+    fn a_source_clock_that_stepped_back_far_is_taken_as_the_new_schedule() {
+        let board = evaluated_at(2, 100_000);
+        // Back by less than ten intervals: waits for the schedule (due at 101 s).
+        assert!(!board.write(0, 1.0, at_ms(92_000), INTERVAL_US));
+        assert!(!board.write(1, 1.0, at_ms(92_000), INTERVAL_US));
+        // Further back: evaluated at once, and the schedule follows the new clock.
+        assert!(board.write(0, 1.0, at_ms(90_000), INTERVAL_US));
+        assert!(
+            !board.write(1, 1.0, at_ms(90_000), INTERVAL_US),
+            "once per step back"
+        );
+        assert!(!board.write(0, 1.0, at_ms(90_900), INTERVAL_US));
+        assert!(board.write(1, 1.0, at_ms(91_000), INTERVAL_US), "due again");
+    }
+
+    #[test]
+    fn of_two_writers_that_both_found_the_evaluation_due_one_claims_it() {
+        let board = evaluated_at(2, 10_000);
+        // Both sensors write at 12 s (overdue) and check the schedule before either claims.
+        let (seen_by_0, seen_by_1) = (board.mark(0, 1.0), board.mark(1, 1.0));
+        let due_0 = board.due(seen_by_0, at_ms(12_000), INTERVAL_US);
+        let due_1 = board.due(seen_by_1, at_ms(12_000), INTERVAL_US);
+        assert_eq!((due_0, due_1), (Some(11_000_000), Some(11_000_000)));
+        assert!(board.claim(11_000_000, seen_by_0, at_ms(12_000), INTERVAL_US));
+        assert!(!board.claim(11_000_000, seen_by_1, at_ms(12_000), INTERVAL_US));
+    }
+
+    #[test]
+    fn one_writer_wins_among_concurrent_writers() {
+        // Every round, each thread writes its sensor at the same source time, two intervals
+        // after the previous round (overdue for all): exactly one may evaluate per round.
+        // The threads spin to start each round together, so that their writes overlap.
+        const WRITERS: usize = 2;
+        const ROUNDS: usize = 20_000;
+        let board = evaluated_at(WRITERS, 0);
+        let wins: Vec<AtomicUsize> = (0..ROUNDS).map(|_| AtomicUsize::new(0)).collect();
+        let arrived = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for i in 0..WRITERS {
+                let (board, wins, arrived) = (&board, &wins, &arrived);
+                s.spawn(move || {
+                    for (round, won) in wins.iter().enumerate() {
+                        arrived.fetch_add(1, Ordering::AcqRel);
+                        let mut spins = 0u32;
+                        while arrived.load(Ordering::Acquire) < WRITERS * (round + 1) {
+                            spins += 1;
+                            if spins.is_multiple_of(1024) {
+                                // Fewer free cores than threads: let the others arrive.
+                                std::thread::yield_now();
+                            }
+                            std::hint::spin_loop();
+                        }
+                        let ts = at_ms((round as i64 + 1) * 2_000);
+                        if board.write(i, round as f64, ts, INTERVAL_US) {
+                            won.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        let wrong: Vec<(usize, usize)> = wins
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed))
+            .enumerate()
+            .filter(|(_, n)| *n != 1)
+            .collect();
+        assert!(wrong.is_empty(), "(round, evaluations) not one: {wrong:?}");
+    }
+
+    #[test]
+    fn a_siblings_write_during_an_evaluation_counts_for_the_next_one() {
+        let board = evaluated_at(3, 10_000);
+        // At 12 s sensor 0 finds the evaluation overdue; sensor 2 writes between its marking
+        // and its claim (as a concurrent write may).
+        let seen_by_0 = board.mark(0, 1.0);
+        let seen_by_2 = board.mark(2, 1.0);
+        let due = board
+            .due(seen_by_0, at_ms(12_000), INTERVAL_US)
+            .expect("overdue");
+        assert!(board.claim(due, seen_by_0, at_ms(12_000), INTERVAL_US));
+        assert_eq!(
+            board.due(seen_by_2, at_ms(12_000), INTERVAL_US),
+            None,
+            "evaluated already"
+        );
+        // Due at 13 s: sensor 2 already wrote for it, so 1 and 0 complete the set.
+        assert!(!board.write(1, 1.0, at_ms(13_000), INTERVAL_US));
+        assert!(
+            board.write(0, 1.0, at_ms(13_000), INTERVAL_US),
+            "sensor 2's write counted for this evaluation"
+        );
+    }
+
+    const CLOCK: ClockRules = ClockRules {
+        max_future_skew_ms: 5_000,
+        clock_step_back_ms: 60_000,
+    };
+
+    const RUNNING: i64 = 1;
+    const SETUP: i64 = 2;
+    const DOWN: i64 = 3;
+    const UNKNOWN: u8 = u8::MAX;
+
+    /// Notes `code` at `ts_ms` with the server clock at the same time.
+    fn note(board: &SampleBoard, code: i64, ts_ms: i64) {
+        board.note_state(code, at_ms(ts_ms), at_ms(ts_ms), CLOCK);
+    }
+
+    #[test]
+    fn regime_is_the_newest_state_at_or_before_the_time_and_unknown_before_any() {
+        let board = SampleBoard::new(1);
+        assert_eq!(board.regime_at(at_ms(1_000)), UNKNOWN, "nothing noted");
+        note(&board, RUNNING, 1_000);
+        note(&board, DOWN, 2_000);
+        assert_eq!(board.regime_at(at_ms(999)), UNKNOWN);
+        assert_eq!(board.regime_at(at_ms(1_000)), RUNNING as u8);
+        assert_eq!(board.regime_at(at_ms(1_999)), RUNNING as u8);
+        assert_eq!(board.regime_at(at_ms(2_000)), DOWN as u8);
+        assert_eq!(board.regime_at(at_ms(50_000)), DOWN as u8);
+    }
+
+    #[test]
+    fn a_state_from_further_ahead_than_the_skew_allows_is_ignored() {
+        let board = SampleBoard::new(1);
+        let now = at_ms(100_000);
+        board.note_state(RUNNING, at_ms(105_001), now, CLOCK);
+        assert_eq!(board.regime_at(at_ms(200_000)), UNKNOWN);
+        board.note_state(DOWN, at_ms(105_000), now, CLOCK);
+        assert_eq!(
+            board.regime_at(at_ms(200_000)),
+            DOWN as u8,
+            "at the limit: taken"
+        );
+    }
+
+    #[test]
+    fn a_late_state_is_ignored() {
+        let board = SampleBoard::new(1);
+        note(&board, RUNNING, 100_000);
+        // Older than the current state's start, within the step-back limit: late.
+        board.note_state(DOWN, at_ms(99_000), at_ms(100_500), CLOCK);
+        assert_eq!(board.regime_at(at_ms(99_500)), UNKNOWN);
+        assert_eq!(board.regime_at(at_ms(100_500)), RUNNING as u8);
+    }
+
+    #[test]
+    fn a_source_clock_that_stepped_back_clears_the_log() {
+        let board = SampleBoard::new(1);
+        note(&board, RUNNING, 100_000);
+        note(&board, DOWN, 200_000);
+        // Further back than the step-back limit from the current state's start.
+        note(&board, SETUP, 139_999);
+        assert_eq!(board.regime_at(at_ms(139_999)), SETUP as u8);
+        assert_eq!(
+            board.regime_at(at_ms(250_000)),
+            SETUP as u8,
+            "the down state noted before the step back is void"
+        );
+        assert_eq!(
+            board.regime_at(at_ms(120_000)),
+            UNKNOWN,
+            "the running state too"
+        );
+    }
+
+    #[test]
+    fn the_log_keeps_the_last_eight_changes_and_ignores_repeats_and_unknown_codes() {
+        let board = SampleBoard::new(1);
+        // Ten changes, one a second, alternating running and down, with a repeat and an
+        // invalid code in between (neither takes a place in the log).
+        for k in 0..10 {
+            let code = if k % 2 == 0 { RUNNING } else { DOWN };
+            note(&board, code, k * 1_000);
+            note(&board, code, k * 1_000 + 500);
+            note(&board, 7, k * 1_000 + 600);
+        }
+        assert_eq!(REGIME_LOG, 8);
+        // The first two changes (0 s, 1 s) fell out: before the oldest kept, unknown.
+        assert_eq!(board.regime_at(at_ms(0)), UNKNOWN);
+        assert_eq!(board.regime_at(at_ms(1_999)), UNKNOWN);
+        assert_eq!(board.regime_at(at_ms(2_000)), RUNNING as u8);
+        assert_eq!(board.regime_at(at_ms(3_000)), DOWN as u8);
+        assert_eq!(board.regime_at(at_ms(9_999)), DOWN as u8);
+    }
+
+    /// A write of the property test: a sensor, and a step in source time (ms; negative
+    /// steps within the step-back limit, and now and then a far step back).
+    fn any_write(sensors: usize) -> impl Strategy<Value = (usize, i64)> {
+        (
+            0..sensors,
+            prop_oneof![
+                16 => 0i64..700,
+                2 => 1_000i64..5_000,
+                2 => -5_000i64..0,
+                1 => -60_000i64..-9_000,
+            ],
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn evaluations_keep_the_schedule_for_any_sequence_of_writes(
+            (sensors, writes) in (1usize..6).prop_flat_map(|n| {
+                (Just(n), proptest::collection::vec(any_write(n), 1..300))
+            }),
+        ) {
+            // The rules of `write`, as a reference: evaluations are at least an interval
+            // apart unless the clock stepped back far; one is due once every sensor wrote
+            // past the due instant, and at any write an interval after that.
+            let board = SampleBoard::new(sensors);
+            let mut t = 1_000_000i64;
+            let mut last: Option<i64> = None;
+            let mut written = vec![false; sensors];
+            for (i, step_ms) in writes {
+                t += step_ms * 1000;
+                let evaluated = board.write(i, 1.0, Timestamp(t), INTERVAL_US);
+                written[i] = true;
+                let Some(prev) = last else {
+                    prop_assert!(evaluated, "the first write evaluates");
+                    last = Some(t);
+                    written.fill(false);
+                    continue;
+                };
+                let due = prev + INTERVAL_US;
+                let stepped_back = due - t > 10 * INTERVAL_US;
+                let overdue = t >= due + INTERVAL_US;
+                let complete = t >= due && written.iter().all(|w| *w);
+                prop_assert_eq!(
+                    evaluated,
+                    stepped_back || overdue || complete,
+                    "write of sensor {} at {} after an evaluation at {} (written {:?})",
+                    i, t, prev, written
+                );
+                if evaluated {
+                    prop_assert!(stepped_back || t - prev >= INTERVAL_US);
+                    last = Some(t);
+                    written.fill(false);
+                }
+            }
+        }
+
+        #[test]
+        fn regime_at_is_the_newest_state_noted_at_or_before_the_time(
+            notes in proptest::collection::vec(
+                (
+                    0i64..5,
+                    prop_oneof![
+                        6 => 0i64..20_000,
+                        2 => -5_000i64..0,
+                        1 => -120_000i64..-55_000,
+                    ],
+                ),
+                1..40,
+            ),
+            queries in proptest::collection::vec(
+                (
+                    any::<proptest::sample::Index>(),
+                    prop_oneof![2 => Just(0i64), 1 => -1i64..=1, 2 => -30_000i64..30_000],
+                ),
+                1..20,
+            ),
+        ) {
+            // Reference: the changes noted, oldest first. An invalid code is ignored; a
+            // state older than the current one's start is late (ignored), or past the
+            // step-back limit, a new start; a repeat of the current state is no change.
+            let board = SampleBoard::new(1);
+            let mut log: Vec<(i64, i64)> = Vec::new();
+            let mut noted_at = Vec::new();
+            let mut t = 0i64;
+            for (code, step_ms) in notes {
+                t += step_ms;
+                noted_at.push(t);
+                note(&board, code, t);
+                if code > 3 {
+                    continue;
+                }
+                match log.last().copied() {
+                    Some((_, since)) if t < since && since - t <= CLOCK.clock_step_back_ms => {}
+                    Some((_, since)) if t < since => log = vec![(code, t)],
+                    Some((cur, _)) if cur == code => {}
+                    _ => log.push((code, t)),
+                }
+            }
+            let kept = &log[log.len().saturating_sub(REGIME_LOG)..];
+            // Around the times noted: at them, a millisecond either side, and further off.
+            for (i, offset) in queries {
+                let q = noted_at[i.index(noted_at.len())] + offset;
+                let expected = kept
+                    .iter()
+                    .rev()
+                    .find(|(_, since)| *since <= q)
+                    .map_or(UNKNOWN, |(code, _)| *code as u8);
+                prop_assert_eq!(board.regime_at(at_ms(q)), expected, "at {} of {:?}", q, kept);
+            }
+        }
     }
 }

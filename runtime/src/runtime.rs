@@ -635,3 +635,117 @@ async fn sweep_stale(registry: Arc<Registry>, period_ms: u64, token: Cancellatio
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use ferrotwin_models::spec::PlantSpec;
+    use ractor::{Actor, ActorProcessingErr};
+    use tokio::sync::mpsc;
+    use tokio::time::{Instant, timeout};
+
+    use super::*;
+
+    /// Stands in for a sensor twin: passes on the `CheckStale` it is sent.
+    struct Probe;
+
+    impl Actor for Probe {
+        type Msg = TwinMsg;
+        type State = mpsc::UnboundedSender<Timestamp>;
+        type Arguments = mpsc::UnboundedSender<Timestamp>;
+
+        async fn pre_start(
+            &self,
+            _: ActorRef<TwinMsg>,
+            told: Self::Arguments,
+        ) -> Result<Self::State, ActorProcessingErr> {
+            Ok(told)
+        }
+
+        async fn handle(
+            &self,
+            _: ActorRef<TwinMsg>,
+            msg: TwinMsg,
+            told: &mut Self::State,
+        ) -> Result<(), ActorProcessingErr> {
+            if let TwinMsg::CheckStale(at) = msg {
+                let _ = told.send(at);
+            }
+            Ok(())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_sweeper_tells_a_silent_sensor_at_its_next_sweep_and_only_once() {
+        // One sensor, stale after 3 periods of 1 s.
+        let spec = PlantSpec::from_toml(
+            r#"
+version = 1
+enterprise = "e"
+[machine_types.m]
+ideal_cycle_ms = 1000
+sensors = [{ name = "a" }]
+[[sites]]
+name = "s"
+[[sites.areas]]
+name = "a"
+[[sites.areas.lines]]
+name = "l"
+machines = [{ name = "m1", type = "m" }]
+"#,
+            "test",
+        )
+        .expect("valid");
+        let registry = Arc::new(Registry::default());
+        for def in spec.assets() {
+            let snap = TwinSnapshot::initial(&def.kind);
+            registry.insert(def, snap, 0);
+        }
+        let sensor = registry
+            .by_path(&AssetPath::parse("e/s/a/l/m1/a").expect("path"))
+            .expect("sensor");
+        assert_eq!(sensor.stale_after_ms(), 3_000);
+        let (tx, mut told) = mpsc::unbounded_channel();
+        let (probe, _) = Actor::spawn(None, Probe, tx).await.expect("probe");
+        sensor.set_actor(Some(probe.clone()));
+
+        let period = Duration::from_millis(500);
+        let token = CancellationToken::new();
+        let sweeper = tokio::spawn(sweep_stale(
+            registry.clone(),
+            period.as_millis() as u64,
+            token.clone(),
+        ));
+        // The sweeper starts counting from now (wall clock): wait until it has, then make
+        // the sensor's last reading ten seconds old.
+        while sensor.last_seen_us.load(Ordering::Relaxed) == 0 {
+            tokio::task::yield_now().await;
+        }
+        let started = Instant::now();
+        sensor
+            .last_seen_us
+            .store(Timestamp::now().0 - 10_000_000, Ordering::Relaxed);
+
+        assert_eq!(
+            timeout(period - Duration::from_millis(1), told.recv())
+                .await
+                .ok(),
+            None,
+            "not before the next sweep"
+        );
+        timeout(Duration::from_millis(2), told.recv())
+            .await
+            .expect("told at the next sweep")
+            .expect("probe runs");
+        assert_eq!(Instant::now() - started, period);
+        assert!(sensor.stale.load(Ordering::Relaxed));
+        assert_eq!(
+            timeout(period * 10, told.recv()).await.ok(),
+            None,
+            "a sensor already told is not told again at every sweep"
+        );
+
+        token.cancel();
+        sweeper.await.expect("the sweeper ends when cancelled");
+        probe.stop(None);
+    }
+}

@@ -29,8 +29,14 @@ impl Drop for Demo {
     }
 }
 
-/// Starts `ferrotwin demo` on a free port and returns it with the address it printed.
-fn start_demo(data_dir: &std::path::Path) -> (Demo, String) {
+/// A started demo: the enterprise's gRPC address (the CLI talks to it) and each site's.
+struct Addrs {
+    enterprise: String,
+    sites: Vec<String>,
+}
+
+/// Starts `ferrotwin demo` on a free port and returns it with the addresses it printed.
+fn start_demo(data_dir: &std::path::Path) -> (Demo, Addrs) {
     let mut child = Command::new(BIN)
         .args(["demo", "--grpc-addr", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
@@ -41,27 +47,41 @@ fn start_demo(data_dir: &std::path::Path) -> (Demo, String) {
         .expect("demo starts");
     let stdout = child.stdout.take().expect("stdout");
     // Lines are read on their own thread (which keeps draining stdout so the demo never
-    // blocks on a full pipe); the wait for the address has a deadline even if none comes.
+    // blocks on a full pipe); the wait for the addresses has a deadline even if none comes.
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             let _ = tx.send(line);
         }
     });
+    let address = |s: &str| {
+        let word = s.split_whitespace().next().expect("address");
+        word.trim_end_matches(',').to_string()
+    };
+    let mut enterprise = None;
+    let mut sites = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     while let Some(left) = deadline.checked_duration_since(Instant::now()) {
         let Ok(line) = rx.recv_timeout(left) else {
             break;
         };
-        // The enterprise mirrors both sites: the CLI talks to it.
+        // The enterprise mirrors both sites; the sites' lines follow it, then the browser's.
         if let Some(rest) = line.strip_prefix("enterprise gRPC API on ") {
-            let addr = rest.split_whitespace().next().expect("address").to_string();
-            return (Demo(child), addr);
+            enterprise = Some(address(rest));
+        } else if let Some((_, rest)) = line
+            .strip_prefix("site ")
+            .and_then(|l| l.split_once(" gRPC API on "))
+        {
+            sites.push(address(rest));
+        } else if line.starts_with("open the web browser")
+            && let Some(enterprise) = enterprise.take()
+        {
+            return (Demo(child), Addrs { enterprise, sites });
         }
     }
     let _ = child.kill();
     let _ = child.wait();
-    panic!("the demo did not print its address within 60 s");
+    panic!("the demo did not print its addresses within 60 s");
 }
 
 fn cli(args: &[&str], addr: &str) -> String {
@@ -96,6 +116,19 @@ where
     }
 }
 
+/// A site's replication link: its outbox's last staged seq and the enterprise's last ack.
+async fn link(addr: &str) -> pb::SiteLink {
+    let mut c = TwinServiceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    c.get_replication_status(pb::GetReplicationStatusRequest {})
+        .await
+        .expect("replication status")
+        .into_inner()
+        .link
+        .expect("a site replicates")
+}
+
 async fn events(addr: &str) -> Vec<pb::Event> {
     let mut c = TwinServiceClient::connect(format!("http://{addr}"))
         .await
@@ -113,7 +146,9 @@ async fn events(addr: &str) -> Vec<pb::Event> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_serves_the_cli_and_survives_kill_9_with_its_events_and_state() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (demo, addr) = start_demo(dir.path());
+    let (demo, addrs) = start_demo(dir.path());
+    let addr = addrs.enterprise.clone();
+    assert_eq!(addrs.sites.len(), 2, "berlin and paris");
 
     let tree = cli(&["tree", "--depth", "6"], &addr);
     assert!(tree.starts_with("acme [enterprise]"), "{tree}");
@@ -163,12 +198,33 @@ async fn the_demo_serves_the_cli_and_survives_kill_9_with_its_events_and_state()
         .find(|t| t.level == pb::Level::Sensor as i32)
         .map(|t| t.path.clone())
         .expect("machine has sensors");
-    // Let one snapshot round reach the disk.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // What the restart checks must be on the enterprise's disk before the kill. Once the
+    // enterprise shows the events and the sensor's value, the batches that carried them are
+    // at or below each site's last staged seq; a site's acked seq passes a batch only once
+    // the enterprise's flush holding its effects is durable.
+    wait_for(30, "the sensor's value at the enterprise", || {
+        let mut c = c.clone();
+        let key = Some(pb::get_twin_request::Key::Path(sensor_path.clone()));
+        async move {
+            let t = c.get_twin(pb::GetTwinRequest { key }).await.ok()?;
+            t.into_inner().sensor.filter(|s| s.has_value).map(|_| ())
+        }
+    })
+    .await;
+    for site in &addrs.sites {
+        let staged = link(site).await.last_seq;
+        wait_for(
+            30,
+            "the site's batches acked by the enterprise",
+            || async move { (link(site).await.acked_seq >= staged).then_some(()) },
+        )
+        .await;
+    }
 
     demo.kill();
 
-    let (demo, addr) = start_demo(dir.path());
+    let (demo, addrs) = start_demo(dir.path());
+    let addr = addrs.enterprise;
     let after = events(&addr).await;
     for e in before.iter().take(3) {
         assert!(

@@ -143,3 +143,126 @@ impl GroupState {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::atomic::AtomicUsize;
+
+    use ferrotwin_models::AssetPath;
+    use ferrotwin_models::spec::PlantSpec;
+    use tokio::time::{Instant, timeout};
+
+    use super::*;
+    use crate::core::{Credits, Metrics, TwinSettings};
+    use crate::registry::Registry;
+    use crate::store::{Store, StoreConfig};
+    use crate::twin::{Plant, spawn_twin};
+    use crate::watch::{Change, WatchHub, Watcher};
+
+    const LINE: &str = "e/s/a/l";
+
+    fn path(p: &str) -> AssetPath {
+        AssetPath::parse(p).expect("path")
+    }
+
+    /// The twins' context for one line with one machine of one sensor (no store writer:
+    /// nothing here waits for the disk).
+    fn ctx(dir: &std::path::Path) -> Arc<TwinCtx> {
+        let assets = PlantSpec::from_toml(
+            r#"
+version = 1
+enterprise = "e"
+[machine_types.m]
+ideal_cycle_ms = 1000
+sensors = [{ name = "a" }]
+[[sites]]
+name = "s"
+[[sites.areas]]
+name = "a"
+[[sites.areas.lines]]
+name = "l"
+machines = [{ name = "m1", type = "m" }]
+"#,
+            "test",
+        )
+        .expect("valid")
+        .assets();
+        let registry = Arc::new(Registry::default());
+        for def in &assets {
+            registry.insert(def.clone(), TwinSnapshot::initial(&def.kind), 0);
+        }
+        Arc::new(TwinCtx {
+            registry,
+            store: Arc::new(Store::open(dir, StoreConfig::default()).expect("store")),
+            hub: Arc::new(WatchHub::new(64)),
+            plant: Arc::new(Plant::new(&assets)),
+            settings: TwinSettings::default(),
+            metrics: Arc::new(Metrics::default()),
+            credits: Credits(Arc::new(AtomicUsize::new(0))),
+            models: HashMap::new(),
+        })
+    }
+
+    /// The next roll-up the line publishes within `within` (of paused time), if any.
+    async fn next_publish(w: &mut Watcher, within: Duration) -> Option<RollUp> {
+        match timeout(within, w.rx.recv()).await {
+            Ok(Some(Change::Twin(_, snap))) => match snap.state {
+                TwinState::Group(r) => Some(r),
+                _ => panic!("a line publishes a roll-up"),
+            },
+            Ok(_) => panic!("the watch ended"),
+            Err(_) => None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_child_changes_is_published_once_a_debounce_after_the_first() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ctx = ctx(dir.path());
+        let debounce = Duration::from_millis(ctx.settings.rollup_debounce_ms);
+        let line = ctx.registry.by_path(&path(LINE)).expect("line");
+        let machine = ctx.registry.by_path(&path("e/s/a/l/m1")).expect("machine");
+        let mut w = ctx.hub.subscribe_within(Some(path(LINE)), Some(4), false);
+        let actor = spawn_twin(ctx.clone(), line, None, None)
+            .await
+            .expect("line starts");
+        // Start-up publishes, then quiet.
+        while next_publish(&mut w, Duration::from_secs(1)).await.is_some() {}
+
+        let changed = |sensors| RollUp {
+            machines: 1,
+            sensors,
+            ..RollUp::default()
+        };
+        let first = Instant::now();
+        actor
+            .cast(TwinMsg::ChildChanged {
+                id: machine.id,
+                rollup: changed(10),
+            })
+            .expect("line runs");
+        assert_eq!(next_publish(&mut w, debounce * 3 / 4).await, None);
+        actor
+            .cast(TwinMsg::ChildChanged {
+                id: machine.id,
+                rollup: changed(20),
+            })
+            .expect("line runs");
+        let published = next_publish(&mut w, debounce)
+            .await
+            .expect("published within a debounce of the second change");
+        assert_eq!(
+            Instant::now() - first,
+            debounce,
+            "one debounce after the first change, not after the last"
+        );
+        assert_eq!(published.sensors, 20, "with the latest change");
+        assert_eq!(
+            next_publish(&mut w, debounce * 5).await,
+            None,
+            "the burst is published once"
+        );
+        actor.stop(None);
+    }
+}
