@@ -110,7 +110,8 @@ impl SampleBoard {
         let due = self.next_eval_us.load(Ordering::Relaxed);
         // A source clock that stepped back far would otherwise stop evaluations until it
         // caught up again: take its time as the new schedule.
-        let stepped_back = due != i64::MIN && due - ts.0 > interval_us.saturating_mul(10);
+        let stepped_back =
+            due != i64::MIN && due.saturating_sub(ts.0) > interval_us.saturating_mul(10);
         let complete = fresh & self.all == self.all;
         let overdue = ts.0 >= due.saturating_add(interval_us);
         (stepped_back || overdue || (ts.0 >= due && complete)).then_some(due)
@@ -641,6 +642,13 @@ mod tests {
         );
         assert!(!board.write(0, 1.0, at_ms(90_900), INTERVAL_US));
         assert!(board.write(1, 1.0, at_ms(91_000), INTERVAL_US), "due again");
+    }
+
+    #[test]
+    fn a_reading_from_the_dawn_of_time_is_a_step_back_not_an_overflow() {
+        let board = evaluated_at(2, 100_000);
+        // `due - ts` overflowed here (a panic in debug builds) for a PLC's garbage timestamp.
+        assert!(board.write(0, 1.0, Timestamp(i64::MIN + 1), INTERVAL_US));
     }
 
     #[test]
