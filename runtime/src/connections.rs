@@ -180,10 +180,6 @@ impl Connections {
             })
             .collect()
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.all.is_empty()
-    }
 }
 
 /// The tag's asset exists and its level has the property.

@@ -30,22 +30,39 @@ fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// `crate::name` paths in `code` (comments stripped), with their line numbers.
+/// `crate::name` paths in `code` (comments stripped), with their line numbers; a group
+/// `crate::{a::X, b}` names each of its members.
 fn crate_paths(code: &str) -> Vec<(usize, String)> {
+    let text: String = code
+        .lines()
+        .map(|l| l.split("//").next().unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let line_at = |at: usize| text[..at].matches('\n').count() + 1;
+    let ident = |s: &str| -> String {
+        s.trim_start()
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect()
+    };
     let mut found = Vec::new();
-    for (i, line) in code.lines().enumerate() {
-        let line = line.split("//").next().unwrap_or("");
-        let mut rest = line;
-        while let Some(at) = rest.find("crate::") {
-            let after = &rest[at + "crate::".len()..];
-            let name: String = after
-                .chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                .collect();
-            if !name.is_empty() {
-                found.push((i + 1, name));
+    let mut from = 0;
+    while let Some(at) = text[from..].find("crate::").map(|i| from + i) {
+        let after = at + "crate::".len();
+        from = after;
+        if text[after..].starts_with('{') {
+            let end = text[after..].find('}').map_or(text.len(), |i| after + i);
+            for member in text[after + 1..end].split(',') {
+                let name = ident(member);
+                if !name.is_empty() {
+                    found.push((line_at(at), name));
+                }
             }
-            rest = after;
+        } else {
+            let name = ident(&text[after..]);
+            if !name.is_empty() {
+                found.push((line_at(at), name));
+            }
         }
     }
     found
@@ -119,8 +136,14 @@ fn a_back_import_is_caught() {
         "use crate::watch::Watcher; // a sibling of the same layer\n",
     )
     .expect("write");
+    std::fs::write(
+        src.join("twin.rs"),
+        "use crate::{\n    core::TwinMsg,\n    api::TwinApi,\n};\n",
+    )
+    .expect("write");
     let found = violations(src);
-    assert_eq!(found.len(), 2, "{found:?}");
+    assert_eq!(found.len(), 3, "{found:?}");
     assert!(found[0].contains("core/mod.rs:1: core (layer 0) imports registry (layer 1)"));
     assert!(found[1].contains("store.rs:1: store (layer 2) imports watch (layer 2)"));
+    assert!(found[2].contains("twin.rs:1: twin (layer 3) imports api (layer 5)"));
 }

@@ -28,6 +28,7 @@ mod http;
 mod runtime;
 // 8: the config file that becomes `RuntimeOptions`, and what tests may reach
 pub mod config;
+#[cfg(feature = "testing")]
 pub mod testing;
 
 #[cfg(test)]

@@ -32,17 +32,17 @@ pub struct TwinEntry {
     /// A `Drain` is on its way (or being handled): the router need not send another.
     scheduled: AtomicBool,
     /// Wall-clock µs of the last reading routed here (staleness sweeper).
-    pub last_seen_us: AtomicI64,
+    pub(crate) last_seen_us: AtomicI64,
     /// Set by the twin when it turned stale, cleared on the next reading.
-    pub stale: AtomicBool,
+    pub(crate) stale: AtomicBool,
     snapshot: Mutex<Arc<TwinSnapshot>>,
     dirty: AtomicBool,
     /// A sensor's readings not yet written as a history chunk. Here rather than in the
     /// actor so that a crash does not lose them and readers need not ask the twin.
-    pub tail: Mutex<HistTail>,
+    pub(crate) tail: Mutex<HistTail>,
     /// Machines: the latest value of each of its sensors, written by the sensor twins, read
     /// by the machine's detectors (no message per reading). `None` for other levels.
-    pub board: Option<Box<SampleBoard>>,
+    pub(crate) board: Option<Box<SampleBoard>>,
 }
 
 /// A machine's sample board: its sensors write their latest value here (in the machine
@@ -233,7 +233,7 @@ impl TwinEntry {
         self.def.kind.level()
     }
 
-    pub fn actor(&self) -> Option<ActorRef<TwinMsg>> {
+    pub(crate) fn actor(&self) -> Option<ActorRef<TwinMsg>> {
         self.actor
             .lock()
             .expect("entry lock is never poisoned")
@@ -241,7 +241,7 @@ impl TwinEntry {
     }
 
     /// Sends `msg` to the twin's actor; false if there is none (restarting) or it is gone.
-    pub fn send(&self, msg: TwinMsg) -> bool {
+    pub(crate) fn send(&self, msg: TwinMsg) -> bool {
         self.actor
             .lock()
             .expect("entry lock is never poisoned")
@@ -249,17 +249,17 @@ impl TwinEntry {
             .is_some_and(|a| a.cast(msg).is_ok())
     }
 
-    pub fn set_actor(&self, actor: Option<ActorRef<TwinMsg>>) {
+    pub(crate) fn set_actor(&self, actor: Option<ActorRef<TwinMsg>>) {
         *self.actor.lock().expect("entry lock is never poisoned") = actor;
     }
 
     /// Readings waiting in the inbox.
-    pub fn inbox_len(&self) -> usize {
+    pub(crate) fn inbox_len(&self) -> usize {
         self.queued.load(Ordering::Acquire) as usize
     }
 
     /// Appends readings; true if the twin must be told (no `Drain` is on its way).
-    pub fn deliver(&self, readings: &[Reading]) -> bool {
+    pub(crate) fn deliver(&self, readings: &[Reading]) -> bool {
         let mut inbox = self.inbox.lock().expect("inbox lock is never poisoned");
         inbox.extend_from_slice(readings);
         self.queued.store(inbox.len() as u32, Ordering::Release);
@@ -269,7 +269,7 @@ impl TwinEntry {
 
     /// Takes every waiting reading. Clears `scheduled` first, so readings delivered after
     /// the take send a new `Drain`: none is left behind.
-    pub fn take_inbox(&self) -> Vec<Reading> {
+    pub(crate) fn take_inbox(&self) -> Vec<Reading> {
         self.scheduled.store(false, Ordering::Release);
         let mut inbox = self.inbox.lock().expect("inbox lock is never poisoned");
         self.queued.store(0, Ordering::Release);
@@ -282,7 +282,7 @@ impl TwinEntry {
     /// still say one is on its way: reset it first, then schedule anew if readings wait.
     /// (A delivery racing with this either sees `scheduled` false and sends its own
     /// `Drain`, or left its readings in the inbox before the check below.)
-    pub fn kick(&self, actor: &ActorRef<TwinMsg>) {
+    pub(crate) fn kick(&self, actor: &ActorRef<TwinMsg>) {
         self.scheduled.store(false, Ordering::Release);
         if self.inbox_len() > 0 && !self.scheduled.swap(true, Ordering::AcqRel) {
             let _ = actor.cast(TwinMsg::Drain);
@@ -291,7 +291,7 @@ impl TwinEntry {
 
     /// A `Drain` could not be sent (no actor, or a dead one): the next delivery or the
     /// restart's `kick` must send one.
-    pub fn unschedule(&self) {
+    pub(crate) fn unschedule(&self) {
         self.scheduled.store(false, Ordering::Release);
     }
 
@@ -399,19 +399,6 @@ impl Registry {
         entry
     }
 
-    pub fn remove(&self, path: &AssetPath) -> Option<Arc<TwinEntry>> {
-        let e = self
-            .by_path
-            .write()
-            .expect("registry lock is never poisoned")
-            .remove(path)?;
-        self.by_id[shard(&e.id)]
-            .write()
-            .expect("registry lock is never poisoned")
-            .remove(&e.id);
-        Some(e)
-    }
-
     pub fn get(&self, id: &AssetId) -> Option<Arc<TwinEntry>> {
         self.by_id[shard(id)]
             .read()
@@ -433,10 +420,6 @@ impl Registry {
             .read()
             .expect("registry lock is never poisoned")
             .len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Runs `f` on each id → entry map shard under its read lock (the router groups a batch
@@ -551,12 +534,6 @@ impl Registry {
             .values()
             .cloned()
             .collect()
-    }
-
-    pub fn children_of(&self, path: &AssetPath) -> Vec<Arc<TwinEntry>> {
-        let depth = path.depth() + 1;
-        self.scan(Some(path), None, usize::MAX, |e| e.path().depth() == depth)
-            .0
     }
 }
 

@@ -3,14 +3,13 @@
 //! `Runtime::start`, then `serve_grpc` / `serve_http`, then `shutdown`.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ferrotwin_adapters::ConnectionConfig;
-use ferrotwin_models::spec::{AssetKind, PlantSpec};
+use ferrotwin_models::spec::{AssetDef, AssetKind, PlantSpec};
 use ferrotwin_models::{
     AssetPath, Event, IngestSink, Level, QualityCode, QualityReason, Timestamp,
 };
@@ -86,8 +85,6 @@ pub enum RuntimeError {
     Connection(#[from] ConnectionError),
     #[error("replication: {0}")]
     Replication(String),
-    #[error("grpc server on {addr}: {message}")]
-    Serve { addr: SocketAddr, message: String },
 }
 
 pub struct Runtime {
@@ -102,7 +99,6 @@ pub struct Runtime {
     replication: Option<Arc<SenderStatus>>,
     /// Enterprise role: the receiver of the sites' streams.
     enterprise: Option<Arc<EnterpriseReceiver>>,
-    data_dir: PathBuf,
     /// Machine models that could not be loaded (each names its file, type and why).
     model_errors: Vec<String>,
     /// Supervisor of the enterprise twin (and so of the whole tree).
@@ -130,8 +126,8 @@ impl Runtime {
             Some(r) => Some(open_outbox(spec, &store, r)?),
             None => None,
         };
-        let registry = restore_registry(spec, &store, &opts)?;
         let assets = spec.assets();
+        let registry = restore_registry(&assets, &store, &opts)?;
         let plant = Arc::new(Plant::new(&assets));
         let root_def = plant.root.clone().ok_or(RuntimeError::EmptyPlant)?;
         let (models, model_errors) = load_models(spec, &opts).await?;
@@ -161,9 +157,15 @@ impl Runtime {
         let root_entry = registry
             .by_path(&root_def.path)
             .expect("the root was inserted above");
-        let (root, _) = ractor::Actor::spawn(None, PlantSupervisor, (ctx.clone(), root_entry))
-            .await
-            .map_err(|e| RuntimeError::Spawn(e.to_string()))?;
+        let root =
+            match ractor::Actor::spawn(None, PlantSupervisor, (ctx.clone(), root_entry)).await {
+                Ok((root, _)) => root,
+                Err(e) => {
+                    store.stop();
+                    let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+                    return Err(RuntimeError::Spawn(e.to_string()));
+                }
+            };
         let token = CancellationToken::new();
         let tracker = TaskTracker::new();
         // Adapters start last: every twin is restored before the first reading arrives.
@@ -205,7 +207,6 @@ impl Runtime {
             connections: Arc::new(connections),
             replication: roles.sender,
             enterprise: roles.enterprise,
-            data_dir: data_dir.to_path_buf(),
             root,
             writer: Some(writer),
             token,
@@ -282,20 +283,19 @@ impl Runtime {
         self.store.wait_flushed(generation).await;
     }
 
+    #[cfg(feature = "testing")]
     pub(crate) fn registry(&self) -> &Arc<Registry> {
         &self.registry
     }
 
+    #[cfg(feature = "testing")]
     pub(crate) fn store(&self) -> &Arc<Store> {
         &self.store
     }
 
+    #[cfg(feature = "testing")]
     pub(crate) fn sender(&self) -> Option<Arc<SenderStatus>> {
         self.replication.clone()
-    }
-
-    pub fn data_dir(&self) -> &Path {
-        &self.data_dir
     }
 
     /// Machine models that could not be loaded (each names its file, type and why); their
@@ -331,10 +331,6 @@ impl Runtime {
     /// What the HTTP server reads.
     fn http_state(&self, token: CancellationToken) -> crate::http::HttpState {
         crate::http::HttpState::new(self.api(), token)
-    }
-
-    pub fn token(&self) -> CancellationToken {
-        self.token.clone()
     }
 
     /// Prometheus text of everything this runtime counts: ingest and twins (`Metrics`), PLC
@@ -428,7 +424,7 @@ fn open_outbox(
 /// A registry entry for every asset of the spec, each with its stored snapshot (a fresh
 /// one for an asset never seen). Snapshots of assets no longer in the spec stay on disk.
 fn restore_registry(
-    spec: &PlantSpec,
+    assets: &[AssetDef],
     store: &Store,
     opts: &RuntimeOptions,
 ) -> Result<Arc<Registry>, RuntimeError> {
@@ -438,7 +434,7 @@ fn restore_registry(
         registry.set_mirrors_only();
     }
     let start_us = Timestamp::now().0;
-    for def in &spec.assets() {
+    for def in assets {
         let snap = match records.remove(&def.path.id()) {
             Some(r) => codec::decode_snapshot(&def.kind, &r, opts.enterprise.is_none()),
             None => TwinSnapshot::initial(&def.kind),

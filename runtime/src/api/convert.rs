@@ -1,5 +1,6 @@
 //! Domain ↔ `ferrotwin.v1` protobuf, as plain functions (the orphan rule forbids `From`
-//! between two other crates' types). Only the gRPC modules touch protobuf types.
+//! between two other crates' types). The API layer answers in these messages; the twins,
+//! the registry and the router never see them.
 
 use ferrotwin_models::alarm::{AlarmLimit, AlarmState, AlarmStatus};
 use ferrotwin_models::rollup::RollUp;

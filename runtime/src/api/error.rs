@@ -1,6 +1,7 @@
 //! Everything the API can refuse, and the one code each refusal maps to. gRPC
-//! (`grpc::status`) and HTTP (`http::api::HttpError`) each turn an `ErrorCode` into their
-//! status once; no edge matches on `ApiError` itself.
+//! (`grpc::status_of`) and HTTP (`http::error::HttpError`) each turn an `ErrorCode` into
+//! their status once; the HTTP answer only adds details (the nearest existing parent, the
+//! position in a query) from the error's fields.
 
 use ferrotwin_adapters::WriteError;
 use ferrotwin_models::PathError;

@@ -52,7 +52,7 @@ pub struct TwinApi {
 }
 
 impl TwinApi {
-    pub fn new(ctx: Arc<TwinCtx>, connections: Arc<Connections>) -> TwinApi {
+    pub(crate) fn new(ctx: Arc<TwinCtx>, connections: Arc<Connections>) -> TwinApi {
         TwinApi {
             ctx,
             connections,
@@ -63,7 +63,7 @@ impl TwinApi {
     }
 
     /// The site role's sender and the enterprise role's receiver, when this runtime has them.
-    pub fn with_replication(
+    pub(crate) fn with_replication(
         mut self,
         sender: Option<Arc<SenderStatus>>,
         enterprise: Option<Arc<EnterpriseReceiver>>,
@@ -593,7 +593,7 @@ impl TwinApi {
 /// Live streams and what the edges read without a request message of their own.
 impl TwinApi {
     /// Admits a watcher of the subtree at `path` (empty: everything), within `MAX_WATCHERS`.
-    pub fn open_watch(
+    pub(crate) fn open_watch(
         &self,
         path: &str,
         events: bool,
@@ -609,7 +609,7 @@ impl TwinApi {
 
     /// A watcher of the twins at most `max_depth` deep below `prefix` (the web's live
     /// streams, which keep their own limit).
-    pub fn watch_within(
+    pub(crate) fn watch_within(
         &self,
         prefix: Option<AssetPath>,
         max_depth: usize,
@@ -631,7 +631,7 @@ impl TwinApi {
     }
 
     /// Changes a watcher may hold before it is told it lagged.
-    pub fn watch_capacity(&self) -> usize {
+    pub(crate) fn watch_capacity(&self) -> usize {
         self.ctx.hub.capacity()
     }
 
@@ -643,7 +643,7 @@ impl TwinApi {
     /// Up to `limit` twins at and below `prefix` that `keep` selects, in path order, and
     /// whether more matched. Scans the path index: call it off the async threads for big
     /// subtrees.
-    pub fn scan(
+    pub(crate) fn scan(
         &self,
         prefix: Option<&AssetPath>,
         limit: usize,
@@ -653,12 +653,12 @@ impl TwinApi {
     }
 
     /// The twin at `path`, if there is one.
-    pub fn find(&self, path: &AssetPath) -> Option<Arc<TwinEntry>> {
+    pub(crate) fn find(&self, path: &AssetPath) -> Option<Arc<TwinEntry>> {
         self.ctx.registry.by_path(path)
     }
 
     /// The plant's root (the enterprise), `None` for an empty plant.
-    pub fn root(&self) -> Option<&AssetPath> {
+    pub(crate) fn root(&self) -> Option<&AssetPath> {
         self.ctx.plant.root.as_ref().map(|r| &r.path)
     }
 
@@ -678,11 +678,11 @@ impl TwinApi {
     }
 
     /// Cancelled when the runtime stops: streams end with it.
-    pub fn token(&self) -> CancellationToken {
+    pub(crate) fn token(&self) -> CancellationToken {
         self.token.clone()
     }
 
-    pub fn set_token(&mut self, token: CancellationToken) {
+    pub(crate) fn set_token(&mut self, token: CancellationToken) {
         self.token = token;
     }
 }

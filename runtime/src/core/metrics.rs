@@ -1,6 +1,7 @@
-//! Hot-path counters of the runtime (the Prometheus page that reads them and everything
-//! else is `http::prometheus`), and the ingest credits. Counters of the runtime, in the families every component uses: received, rejected{reason},
-//! errors{stage}, dropped{reason}. Labels are small fixed sets, never asset paths.
+//! Hot-path counters of the runtime and the ingest credits. Counters come in the families
+//! every component uses: received, rejected{reason}, errors{stage}, dropped{reason}; labels
+//! are small fixed sets, never asset paths. The `/metrics` text of a whole runtime (these,
+//! the connections', the outbox's) is `api::prometheus`.
 
 use std::fmt::Write;
 use std::sync::Arc;

@@ -41,7 +41,10 @@ pub enum TwinMsg {
     /// Enterprise role: the state of this twin's original at its site (replication).
     /// Sensors and machines take it as their own; roll-ups follow as usual.
     Mirror(Arc<TwinSnapshot>),
-    /// Panic inside the handler, as a bug would (tests of supervision).
+    /// Panic inside the handler, as a bug would (tests of supervision, through
+    /// `testing::crash`). Without the `testing` feature nothing sends it; `allow`, not
+    /// `expect`: unit tests may build it with the feature off.
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     Crash,
 }
 

@@ -266,6 +266,10 @@ pub struct EventDto {
     pub severity: String,
     pub alarm: String,
     pub message: String,
+    /// Anomaly events: "start" or "end" of an episode of the detector in `alarm`; absent
+    /// for every other event.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub episode: String,
 }
 
 pub fn event(e: &pb::Event) -> EventDto {
@@ -277,6 +281,7 @@ pub fn event(e: &pb::Event) -> EventDto {
         severity: severity(e.severity),
         alarm: e.alarm.clone(),
         message: e.message.clone(),
+        episode: e.episode.clone(),
     }
 }
 

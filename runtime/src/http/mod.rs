@@ -110,8 +110,8 @@ pub struct HttpState {
 }
 
 impl HttpState {
-    /// `api` is the gRPC service's `TwinApi` (with its replication parts, so mirrors carry
-    /// their age); `token` ends live streams at shutdown.
+    /// `api` is the runtime's `TwinApi` (`Runtime::api`, with its replication parts, so
+    /// mirrors carry their age); `token` ends live streams at shutdown.
     pub fn new(api: TwinApi, token: CancellationToken) -> HttpState {
         HttpState {
             api,

@@ -103,10 +103,6 @@ impl EnterpriseReceiver {
         })
     }
 
-    pub fn site(&self, site: &str) -> Option<&Arc<SiteMirror>> {
-        self.sites.get(site)
-    }
-
     /// The accepted site `path` lies in, with its mirror state.
     pub fn site_of(&self, path: &AssetPath) -> Option<&Arc<SiteMirror>> {
         let site: String = path.segments().take(2).collect::<Vec<_>>().join("/");

@@ -380,10 +380,6 @@ impl Store {
         })
     }
 
-    pub fn config(&self) -> &StoreConfig {
-        &self.cfg
-    }
-
     /// Turns the replication outbox on (before the writer starts): from now on every flush
     /// also stages what it wrote for the enterprise. Events on disk past the outbox's
     /// high-water mark (a crash between the two writes) are staged again.

@@ -290,8 +290,16 @@ impl MachineTwinState {
                         .await;
                 }
             }
-            Property::GoodCount => t.on_good_counter(int.unsigned_abs(), r.source_ts),
-            Property::ScrapCount => t.on_scrap_counter(int.unsigned_abs(), r.source_ts),
+            Property::GoodCount | Property::ScrapCount => {
+                let Ok(count) = u64::try_from(int) else {
+                    return;
+                };
+                if r.property == Property::GoodCount {
+                    t.on_good_counter(count, r.source_ts);
+                } else {
+                    t.on_scrap_counter(count, r.source_ts);
+                }
+            }
             Property::Value => {}
         }
     }
