@@ -10,3 +10,4 @@ pub mod demo;
 pub mod eval;
 pub mod feeds;
 pub mod relay;
+pub mod run;

@@ -1,0 +1,245 @@
+//! The command line of `ferrotwin`: every command and its options (clap). `main.rs`
+//! dispatches them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use ferrotwin_cli::demo;
+use ferrotwin_cli::run::Role;
+
+#[derive(Parser)]
+#[command(
+    name = "ferrotwin",
+    version,
+    about = "Actor-based digital twin runtime for manufacturing plants"
+)]
+pub struct Args {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(clap::Args)]
+pub struct Remote {
+    /// Address of a running ferrotwin gRPC API.
+    #[arg(long, env = "FERROTWIN_ADDR", default_value = "127.0.0.1:50051")]
+    pub addr: String,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Generate a plant, drive it with the simulator and serve it over gRPC.
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        grpc_addr: SocketAddr,
+        /// The enterprise's web browser and JSON API.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http_addr: SocketAddr,
+        /// Data directory (default: a temporary one, removed at exit).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Simulated seconds per second.
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+        /// Stop after this many seconds (default: run until Ctrl-C).
+        #[arg(long = "for")]
+        for_s: Option<u64>,
+        /// How the simulator's readings reach the sites.
+        #[arg(long, value_enum, default_value = "in-process")]
+        via: demo::Via,
+    },
+    /// Run a site or an enterprise from a config file (plant spec, data dir, listen address,
+    /// PLC connections, replication).
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+        /// Checked against the config: a site has no `[enterprise]` section, an enterprise
+        /// has one.
+        #[arg(long, value_enum, default_value = "site")]
+        role: Role,
+        /// Web browser, JSON API, /healthz and /metrics (default: the config's `http_addr`,
+        /// else 127.0.0.1:8080).
+        #[arg(long)]
+        http_addr: Option<SocketAddr>,
+    },
+    /// Show replication: a site's link and outbox, or an enterprise's mirrored sites.
+    Replication {
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Print the asset tree with live values, quality and alarms.
+    Tree {
+        /// Subtree to print (default: the whole plant).
+        #[arg(default_value = "")]
+        path: String,
+        #[arg(long, default_value_t = 6)]
+        depth: u32,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Print one twin.
+    Get {
+        path: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Stream changes (and events) under a path.
+    Watch {
+        #[arg(default_value = "")]
+        path: String,
+        /// Also print events.
+        #[arg(long)]
+        events: bool,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Find twins, e.g. `level = sensor and value > 80`.
+    Query {
+        expr: String,
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+        /// Rank by a field, highest first (`-FIELD`: lowest first), e.g. `--rank oee`.
+        #[arg(long, allow_hyphen_values = true)]
+        rank: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Print a sensor's history.
+    History {
+        path: String,
+        #[arg(default_value = "value")]
+        property: String,
+        /// Seconds back from now.
+        #[arg(long, default_value_t = 900)]
+        since: u64,
+        #[arg(long, default_value_t = 60)]
+        max_points: u32,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Print the latest events under a path.
+    Events {
+        #[arg(default_value = "")]
+        path: String,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Acknowledge an alarm of a sensor.
+    Ack {
+        path: String,
+        alarm: String,
+        #[arg(long)]
+        by: String,
+        #[arg(long, default_value = "")]
+        comment: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Write a setpoint to the PLC, e.g. `write acme/.../press-1 speed_setpoint_pct 120 --by ann`.
+    Write {
+        path: String,
+        property: String,
+        value: String,
+        #[arg(long)]
+        by: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List the site's PLC connections with their state and counters.
+    Connections {
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
+    /// Score local inference against the simulator's ground truth: runs a plant as fast as
+    /// possible through a real runtime and prints precision, recall and detection delays.
+    Eval {
+        /// Directory holding `plant.toml` (default: a generated plant of 12 machines).
+        #[arg(long)]
+        plant: Option<PathBuf>,
+        /// Scenario file (scheduled faults, random fault settings, seed).
+        #[arg(long)]
+        scenario: Option<PathBuf>,
+        /// Simulation seed (a scenario's own seed wins).
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Seed of the generated plant.
+        #[arg(long, default_value_t = 7)]
+        plant_seed: u64,
+        /// Simulated hours.
+        #[arg(long, default_value_t = 48.0)]
+        hours: f64,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// The web browser's targets: first load of the page and the tree, push → SSE latency,
+    /// ingest with 0 and N open live clients.
+    Http {
+        #[arg(long, default_value_t = 100_000)]
+        sensors: u64,
+        /// Seconds per ingest run (four runs).
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Live (SSE) clients, each watching a line.
+        #[arg(long, default_value_t = 50)]
+        clients: usize,
+    },
+    /// Drive the real ingest path and print readings/s, latency to a watcher, RSS per twin.
+    Ingest {
+        #[arg(long, default_value_t = 100_000)]
+        sensors: u64,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Local inference in every twin: on (the plant spec's default) or off.
+        #[arg(long, value_enum, default_value = "on")]
+        detectors: OnOff,
+    },
+    /// A site replicating to an enterprise over loopback gRPC: rate, bytes per reading,
+    /// lag, catch-up after an outage.
+    Replication {
+        #[arg(long, default_value_t = 10_000)]
+        sensors: u64,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Cut the link this long after the steady state, then measure the catch-up.
+        #[arg(long, default_value_t = 30)]
+        outage: u64,
+        /// raw, aggregated or state-only.
+        #[arg(long, default_value = "aggregated")]
+        history: String,
+    },
+    /// Latency from a value changing in a simulated PLC to a gRPC Watch subscriber, over a
+    /// real protocol and adapter.
+    Plc {
+        #[arg(long, value_enum, default_value = "modbus")]
+        via: demo::Via,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Modbus poll interval.
+        #[arg(long, default_value_t = 100)]
+        poll_ms: u64,
+        #[arg(long, default_value_t = 4)]
+        lines: u32,
+    },
+    /// Print the RSS in bytes of one idle ractor actor (spawning `count` of them).
+    Actors {
+        #[arg(long, default_value_t = 100_000)]
+        count: usize,
+    },
+}

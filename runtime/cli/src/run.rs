@@ -1,0 +1,59 @@
+//! `ferrotwin run`: a site or an enterprise from its config file, served until Ctrl-C.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use ferrotwin_runtime::Runtime;
+use ferrotwin_runtime::config::SiteConfig;
+
+/// What the operator says the config is for; checked against it (a site has no
+/// `[enterprise]` section, an enterprise has one).
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    Site,
+    Enterprise,
+}
+
+/// Loads `config`, starts the runtime, serves gRPC and HTTP (`http_addr` overrides the
+/// config's), and stops cleanly at Ctrl-C.
+pub async fn run(config: &Path, role: Role, http_addr: Option<SocketAddr>) -> Result<()> {
+    let cfg = SiteConfig::load(config)?;
+    match (role, cfg.enterprise.is_some()) {
+        (Role::Site, true) => anyhow::bail!(
+            "{}: has an [enterprise] section: run it with --role enterprise",
+            config.display()
+        ),
+        (Role::Enterprise, false) => anyhow::bail!(
+            "{}: an enterprise needs an [enterprise] section listing the sites it accepts",
+            config.display()
+        ),
+        _ => {}
+    }
+    let spec = cfg.load_plant()?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
+    let listener = tokio::net::TcpListener::bind(cfg.grpc_addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.grpc_addr))?;
+    let http_addr = http_addr.unwrap_or(cfg.http_addr);
+    let http = tokio::net::TcpListener::bind(http_addr)
+        .await
+        .with_context(|| format!("cannot listen on {http_addr} (http_addr)"))?;
+    let rt = Runtime::start(&spec, &cfg.data_dir, cfg.options()).await?;
+    println!(
+        "ferrotwin {}: {} twins, gRPC on {}, web browser on http://{}/",
+        match role {
+            Role::Site => "site",
+            Role::Enterprise => "enterprise",
+        },
+        rt.api().twin_count(),
+        listener.local_addr()?,
+        http.local_addr()?
+    );
+    rt.serve_grpc(listener);
+    rt.serve_http(http);
+    let _ = tokio::signal::ctrl_c().await;
+    rt.shutdown().await;
+    Ok(())
+}
