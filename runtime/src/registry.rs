@@ -910,3 +910,50 @@ mod tests {
         }
     }
 }
+
+/// The smallest plant the runtime's unit tests need: enterprise `e`, site `s`, area `a`, line
+/// `l`, one machine `m1` of type `m` with the given sensors, in a registry of initial
+/// snapshots and no actors.
+#[cfg(test)]
+pub(crate) mod fixture {
+    use std::sync::Arc;
+
+    use ferrotwin_models::spec::{AssetDef, PlantSpec};
+
+    use super::Registry;
+    use crate::core::TwinSnapshot;
+
+    pub(crate) fn one_machine(sensors: &[&str]) -> (Vec<AssetDef>, Arc<Registry>) {
+        let sensors: Vec<String> = sensors
+            .iter()
+            .map(|s| format!("{{ name = \"{s}\" }}"))
+            .collect();
+        let assets = PlantSpec::from_toml(
+            &format!(
+                r#"
+version = 1
+enterprise = "e"
+[machine_types.m]
+ideal_cycle_ms = 1000
+sensors = [{}]
+[[sites]]
+name = "s"
+[[sites.areas]]
+name = "a"
+[[sites.areas.lines]]
+name = "l"
+machines = [{{ name = "m1", type = "m" }}]
+"#,
+                sensors.join(", ")
+            ),
+            "test plant",
+        )
+        .expect("the test plant is valid")
+        .assets();
+        let registry = Arc::new(Registry::default());
+        for def in &assets {
+            registry.insert(def.clone(), TwinSnapshot::initial(&def.kind), 0);
+        }
+        (assets, registry)
+    }
+}

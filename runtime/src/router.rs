@@ -159,38 +159,14 @@ impl IngestSink for IngestRouter {
 mod tests {
     use std::sync::atomic::AtomicUsize;
 
-    use ferrotwin_models::spec::PlantSpec;
     use ferrotwin_models::{AssetPath, Property, Timestamp, Value};
 
     use super::*;
-    use crate::core::TwinSnapshot;
 
     /// A registry of one line with one machine and two sensors, and no actors: nothing
     /// drains, so what the router holds is exactly what it accepted.
     fn router(max_inflight: usize) -> (IngestRouter, Arc<Registry>) {
-        let spec = PlantSpec::from_toml(
-            r#"
-version = 1
-enterprise = "e"
-[machine_types.m]
-ideal_cycle_ms = 1000
-sensors = [{ name = "a" }, { name = "b" }]
-[[sites]]
-name = "s"
-[[sites.areas]]
-name = "a"
-[[sites.areas.lines]]
-name = "l"
-machines = [{ name = "m1", type = "m" }]
-"#,
-            "test",
-        )
-        .expect("valid");
-        let registry = Arc::new(Registry::default());
-        for def in spec.assets() {
-            let snap = TwinSnapshot::initial(&def.kind);
-            registry.insert(def, snap, 0);
-        }
+        let (_, registry) = crate::registry::fixture::one_machine(&["a", "b"]);
         let metrics = Arc::new(Metrics::default());
         let credits = Credits(Arc::new(AtomicUsize::new(0)));
         (

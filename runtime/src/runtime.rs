@@ -88,11 +88,8 @@ pub enum RuntimeError {
 }
 
 pub struct Runtime {
-    registry: Arc<Registry>,
-    store: Arc<Store>,
-    hub: Arc<WatchHub>,
-    metrics: Arc<Metrics>,
     router: Arc<IngestRouter>,
+    /// Registry, store, watch hub and counters: what the twins share, and so does the rest.
     ctx: Arc<TwinCtx>,
     connections: Arc<Connections>,
     /// Site role with replication: the sender's status.
@@ -142,14 +139,13 @@ impl Runtime {
             )
             .with_clock_rules(ClockRules::of(&opts.twins)),
         );
-        let hub = Arc::new(WatchHub::new(opts.ingest.watch_ring));
         let ctx = Arc::new(TwinCtx {
             registry: registry.clone(),
             store: store.clone(),
-            hub: hub.clone(),
+            hub: Arc::new(WatchHub::new(opts.ingest.watch_ring)),
             plant,
             settings: opts.twins.clone(),
-            metrics: metrics.clone(),
+            metrics,
             credits,
             models,
         });
@@ -198,10 +194,6 @@ impl Runtime {
         tracing::info!(twins = registry.len(), data_dir = %data_dir.display(), "runtime started");
         Ok(Runtime {
             model_errors,
-            registry,
-            store,
-            hub,
-            metrics,
             router,
             ctx,
             connections: Arc::new(connections),
@@ -238,29 +230,29 @@ impl Runtime {
 
     /// The hot-path counters (ingest, rejections, restarts, events by kind).
     pub fn metrics(&self) -> &Metrics {
-        &self.metrics
+        &self.ctx.metrics
     }
 
     /// The store writer's counters (flushes, snapshots, chunks, events written).
     pub fn store_stats(&self) -> &StoreStats {
-        &self.store.stats
+        &self.ctx.store.stats
     }
 
     /// A site's replication outbox: what is staged and not yet acked. `None` without
     /// replication.
     pub fn outbox_lag(&self) -> Option<OutboxLag> {
-        self.store.outbox().map(|o| o.lag())
+        self.ctx.store.outbox().map(|o| o.lag())
     }
 
     /// A watcher of the twins below `prefix` (everything when `None`), with events when
     /// `events`. It holds at most the watch ring; past it, it is told it lagged.
     pub fn watch(&self, prefix: Option<AssetPath>, events: bool) -> Watcher {
-        self.hub.subscribe(prefix, events)
+        self.ctx.hub.subscribe(prefix, events)
     }
 
     /// Stored events, oldest first, from `filter.after_seq`; with the seq to go on from.
     pub fn events(&self, filter: &EventFilter) -> Result<(Vec<Event>, u64), StoreError> {
-        self.store.list_events(filter)
+        self.ctx.store.list_events(filter)
     }
 
     /// Waits until every reading taken so far is handled: none in flight, then each sensor
@@ -272,25 +264,25 @@ impl Runtime {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         for level in [Level::Sensor, Level::Machine] {
-            crate::twin::flush_all(&self.registry, level, Duration::from_secs(30)).await;
+            crate::twin::flush_all(&self.ctx.registry, level, Duration::from_secs(30)).await;
         }
         self.store_flushed().await;
     }
 
     /// Waits until everything queued for the store before the call is on disk.
     pub async fn store_flushed(&self) {
-        let generation = self.store.queue_generation();
-        self.store.wait_flushed(generation).await;
+        let generation = self.ctx.store.queue_generation();
+        self.ctx.store.wait_flushed(generation).await;
     }
 
     #[cfg(feature = "testing")]
     pub(crate) fn registry(&self) -> &Arc<Registry> {
-        &self.registry
+        &self.ctx.registry
     }
 
     #[cfg(feature = "testing")]
     pub(crate) fn store(&self) -> &Arc<Store> {
-        &self.store
+        &self.ctx.store
     }
 
     #[cfg(feature = "testing")]
@@ -355,7 +347,7 @@ impl Runtime {
         }
         // Each sensor finishes what it is applying, then queues its tail; many at a time.
         crate::twin::flush_all(
-            &self.registry,
+            &self.ctx.registry,
             ferrotwin_models::Level::Sensor,
             Duration::from_secs(5),
         )
@@ -364,7 +356,7 @@ impl Runtime {
             .root
             .stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(30)))
             .await;
-        self.store.stop();
+        self.ctx.store.stop();
         if let Some(w) = self.writer.take() {
             let _ = tokio::task::spawn_blocking(move || w.join()).await;
         }
@@ -377,7 +369,7 @@ impl Runtime {
     pub async fn abort(mut self) {
         self.router.close();
         self.token.cancel();
-        self.store.abort();
+        self.ctx.store.abort();
         self.root.kill();
         self.tracker.close();
         self.tracker.wait().await;
@@ -634,7 +626,6 @@ async fn sweep_stale(registry: Arc<Registry>, period_ms: u64, token: Cancellatio
 
 #[cfg(test)]
 mod tests {
-    use ferrotwin_models::spec::PlantSpec;
     use ractor::{Actor, ActorProcessingErr};
     use tokio::sync::mpsc;
     use tokio::time::{Instant, timeout};
@@ -673,29 +664,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_sweeper_tells_a_silent_sensor_at_its_next_sweep_and_only_once() {
         // One sensor, stale after 3 periods of 1 s.
-        let spec = PlantSpec::from_toml(
-            r#"
-version = 1
-enterprise = "e"
-[machine_types.m]
-ideal_cycle_ms = 1000
-sensors = [{ name = "a" }]
-[[sites]]
-name = "s"
-[[sites.areas]]
-name = "a"
-[[sites.areas.lines]]
-name = "l"
-machines = [{ name = "m1", type = "m" }]
-"#,
-            "test",
-        )
-        .expect("valid");
-        let registry = Arc::new(Registry::default());
-        for def in spec.assets() {
-            let snap = TwinSnapshot::initial(&def.kind);
-            registry.insert(def, snap, 0);
-        }
+        let (_, registry) = crate::registry::fixture::one_machine(&["a"]);
         let sensor = registry
             .by_path(&AssetPath::parse("e/s/a/l/m1/a").expect("path"))
             .expect("sensor");

@@ -150,12 +150,10 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
 
     use ferrotwin_models::AssetPath;
-    use ferrotwin_models::spec::PlantSpec;
     use tokio::time::{Instant, timeout};
 
     use super::*;
     use crate::core::{Credits, Metrics, TwinSettings};
-    use crate::registry::Registry;
     use crate::store::{Store, StoreConfig};
     use crate::twin::{Plant, spawn_twin};
     use crate::watch::{Change, WatchHub, Watcher};
@@ -169,29 +167,7 @@ mod tests {
     /// The twins' context for one line with one machine of one sensor (no store writer:
     /// nothing here waits for the disk).
     fn ctx(dir: &std::path::Path) -> Arc<TwinCtx> {
-        let assets = PlantSpec::from_toml(
-            r#"
-version = 1
-enterprise = "e"
-[machine_types.m]
-ideal_cycle_ms = 1000
-sensors = [{ name = "a" }]
-[[sites]]
-name = "s"
-[[sites.areas]]
-name = "a"
-[[sites.areas.lines]]
-name = "l"
-machines = [{ name = "m1", type = "m" }]
-"#,
-            "test",
-        )
-        .expect("valid")
-        .assets();
-        let registry = Arc::new(Registry::default());
-        for def in &assets {
-            registry.insert(def.clone(), TwinSnapshot::initial(&def.kind), 0);
-        }
+        let (assets, registry) = crate::registry::fixture::one_machine(&["a"]);
         Arc::new(TwinCtx {
             registry,
             store: Arc::new(Store::open(dir, StoreConfig::default()).expect("store")),
