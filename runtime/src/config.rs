@@ -12,6 +12,7 @@
 //! max_future_skew_ms = 5000
 //! [ingest]
 //! max_inflight_readings = 1048576
+//! [security]                    # see `crate::security`; without it, loopback only
 //! ```
 //! Environment overrides: `FERROTWIN_GRPC_ADDR`, `FERROTWIN_HTTP_ADDR`, `FERROTWIN_DATA_DIR`.
 
@@ -24,6 +25,7 @@ use ferrotwin_models::spec::{PlantSpec, SpecError};
 use crate::core::TwinSettings;
 use crate::replication::{EnterpriseRole, SiteReplication};
 use crate::runtime::{IngestOptions, RuntimeOptions};
+use crate::security::SecurityConfig;
 use crate::store::StoreConfig;
 
 pub const CONFIG_VERSION: u32 = 1;
@@ -62,6 +64,10 @@ pub struct SiteConfig {
     /// Enterprise role: the sites whose replication this runtime accepts.
     #[serde(default)]
     pub enterprise: Option<EnterpriseRole>,
+    /// TLS, authentication and grants (`crate::security`). Without it only loopback
+    /// listeners start.
+    #[serde(default)]
+    pub security: Option<SecurityConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +143,17 @@ impl SiteConfig {
         for conn in &mut c.connections {
             conn.resolve_paths(base);
         }
+        if let Some(sec) = &mut c.security {
+            sec.resolve_paths(base);
+            sec.validate().map_err(|message| ConfigError::Invalid {
+                file: file.to_path_buf(),
+                field: "security",
+                message,
+            })?;
+        }
+        if let Some(t) = c.replication.as_mut().and_then(|r| r.tls.as_mut()) {
+            t.resolve_paths(base);
+        }
         if c.store.flush_interval_ms == 0 {
             return Err(ConfigError::Invalid {
                 file: file.to_path_buf(),
@@ -182,6 +199,7 @@ impl SiteConfig {
             connections: self.connections.clone(),
             replication: self.replication.clone(),
             enterprise: self.enterprise.clone(),
+            security: self.security.clone(),
             plant_dir: self.plant.parent().map(std::path::Path::to_path_buf),
         }
     }

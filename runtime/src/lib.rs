@@ -8,6 +8,7 @@
 // Layer 0: shared plain types and the users' models, importing nothing of this crate.
 mod core;
 mod inference;
+pub mod security;
 // 1
 mod registry;
 // 2
@@ -37,7 +38,7 @@ mod layers;
 /// The modules of this crate, bottom layer first. A module may import only modules of
 /// lower layers (`layers::no_module_imports_a_higher_layer` checks every `crate::` path).
 pub const LAYERS: &[&[&str]] = &[
-    &["core", "inference"],
+    &["core", "inference", "security"],
     &["registry"],
     &["store", "watch"],
     &["router", "twin"],

@@ -27,6 +27,8 @@ use crate::replication::enterprise::{EnterpriseReceiver, ReplicationApi};
 use crate::replication::site::{SenderStatus, run_sender};
 use crate::replication::{EnterpriseRole, SiteReplication};
 use crate::router::IngestRouter;
+use crate::security::tls::ServerTls;
+use crate::security::{Authenticator, SecurityConfig, check_listener};
 use crate::store::outbox::{HistorySettings, OutboxLag};
 use crate::store::{EventFilter, Store, StoreConfig, StoreError, StoreStats, codec};
 use crate::twin::plant::{PlantMsg, PlantSupervisor};
@@ -49,6 +51,8 @@ pub struct RuntimeOptions {
     pub replication: Option<SiteReplication>,
     /// Enterprise role: accept these sites' replication (mirror twins, no stale sweep).
     pub enterprise: Option<EnterpriseRole>,
+    /// TLS, authentication and grants (`None`: security off, loopback listeners only).
+    pub security: Option<SecurityConfig>,
 }
 
 /// The `[ingest]` section.
@@ -85,6 +89,9 @@ pub enum RuntimeError {
     Connection(#[from] ConnectionError),
     #[error("replication: {0}")]
     Replication(String),
+    /// A security setting or file that does not load, or a listener it forbids.
+    #[error("security: {0}")]
+    Security(String),
 }
 
 pub struct Runtime {
@@ -103,6 +110,8 @@ pub struct Runtime {
     writer: Option<std::thread::JoinHandle<()>>,
     token: CancellationToken,
     tracker: TaskTracker,
+    security: Option<SecurityConfig>,
+    auth: Arc<Authenticator>,
 }
 
 impl Runtime {
@@ -118,6 +127,10 @@ impl Runtime {
         data_dir: &Path,
         opts: RuntimeOptions,
     ) -> Result<Runtime, RuntimeError> {
+        let auth = Arc::new(match &opts.security {
+            Some(s) => Authenticator::new(s).map_err(RuntimeError::Security)?,
+            None => Authenticator::open(),
+        });
         let store = Arc::new(Store::open(data_dir, opts.store.clone())?);
         let replicate_as = match &opts.replication {
             Some(r) => Some(open_outbox(spec, &store, r)?),
@@ -203,6 +216,8 @@ impl Runtime {
             writer: Some(writer),
             token,
             tracker,
+            security: opts.security,
+            auth,
         })
     }
 
@@ -210,6 +225,7 @@ impl Runtime {
     pub fn api(&self) -> TwinApi {
         TwinApi::new(self.ctx.clone(), self.connections.clone())
             .with_replication(self.replication.clone(), self.enterprise.clone())
+            .with_auth(self.auth.clone())
     }
 
     /// Where readings go in: the ingest router. It pushes back (`PushBackReason::Busy`)
@@ -297,27 +313,54 @@ impl Runtime {
     }
 
     /// Serves the gRPC API on `listener` until shutdown.
-    pub fn serve_grpc(&self, listener: TcpListener) {
+    pub fn serve_grpc(&self, listener: TcpListener) -> Result<(), RuntimeError> {
+        let tls = self.listener_tls("grpc", &listener, b"h2")?;
         let service = self.api();
-        let replication = self.enterprise.clone().map(ReplicationApi);
+        let replication = self
+            .enterprise
+            .clone()
+            .map(|r| ReplicationApi::new(r, !self.auth.is_open()));
         let token = self.token.child_token();
         self.tracker.spawn(async move {
-            if let Err(e) = crate::grpc::serve(service, replication, listener, token).await {
+            if let Err(e) = crate::grpc::serve(service, replication, listener, token, tls).await {
                 tracing::error!(error = %e, "grpc server stopped");
             }
         });
+        Ok(())
+    }
+
+    /// The TLS of a listener (`None`: plaintext), after refusing one the security config
+    /// forbids (a non-loopback address without TLS and authentication).
+    fn listener_tls(
+        &self,
+        what: &str,
+        listener: &TcpListener,
+        alpn: &[u8],
+    ) -> Result<Option<Arc<ServerTls>>, RuntimeError> {
+        let addr = listener
+            .local_addr()
+            .map_err(|e| RuntimeError::Security(format!("{what}: {e}")))?;
+        check_listener(what, addr, self.security.as_ref()).map_err(RuntimeError::Security)?;
+        match self.security.as_ref().and_then(|s| s.tls.as_ref()) {
+            Some(t) => Ok(Some(
+                ServerTls::load(t, &[alpn]).map_err(RuntimeError::Security)?,
+            )),
+            None => Ok(None),
+        }
     }
 
     /// Serves the web browser, the JSON API, `/healthz` and `/metrics` on `listener` until
     /// shutdown.
-    pub fn serve_http(&self, listener: TcpListener) {
+    pub fn serve_http(&self, listener: TcpListener) -> Result<(), RuntimeError> {
+        let tls = self.listener_tls("http", &listener, b"http/1.1")?;
         let token = self.token.child_token();
         let state = self.http_state(token.clone());
         self.tracker.spawn(async move {
-            if let Err(e) = crate::http::serve(listener, state, token).await {
+            if let Err(e) = crate::http::serve(listener, state, token, tls).await {
                 tracing::error!(error = %e, "http server stopped");
             }
         });
+        Ok(())
     }
 
     /// What the HTTP server reads.

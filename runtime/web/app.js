@@ -146,6 +146,11 @@
       if (s) url += "?" + s;
     }
     const r = await fetch(url, init);
+    // Signed out (or the session ended): the sign-in page, then back here.
+    if (r.status === 401) {
+      location.assign("/signin?next=" + encodeURIComponent(location.pathname + location.search));
+      throw new Error("sign in first");
+    }
     let body = null;
     try { body = await r.json(); } catch (_) { /* not JSON */ }
     if (!r.ok) {

@@ -196,7 +196,7 @@ async fn web_page_shows_live_tree_trend_and_acknowledges_alarms_in_headless_chro
         .await
         .expect("bind http");
     let http = listener.local_addr().expect("http addr");
-    site.rt.serve_http(listener);
+    site.rt.serve_http(listener).expect("serve");
     let stop = Arc::new(AtomicBool::new(false));
     let sim = {
         let (stop, router, spec) = (stop.clone(), site.rt.ingest(), plant());

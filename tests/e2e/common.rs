@@ -90,7 +90,7 @@ pub async fn start_plant_in(spec: &PlantSpec, dir: &Path, opts: RuntimeOptions) 
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
-    rt.serve_grpc(listener);
+    rt.serve_grpc(listener).expect("serve");
     let client = TwinServiceClient::connect(format!("http://{addr}"))
         .await
         .expect("connect");

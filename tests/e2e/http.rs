@@ -14,7 +14,7 @@ async fn http(site: &Site) -> String {
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
-    site.rt.serve_http(listener);
+    site.rt.serve_http(listener).expect("serve");
     format!("http://{addr}")
 }
 

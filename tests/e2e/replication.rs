@@ -63,7 +63,7 @@ async fn start_on(dir: &Path, opts: RuntimeOptions, addr: SocketAddr) -> Site {
         tokio::net::TcpListener::bind(addr).await.ok()
     })
     .await;
-    rt.serve_grpc(listener);
+    rt.serve_grpc(listener).expect("serve");
     let client = ferrotwin_proto::v1::twin_service_client::TwinServiceClient::connect(format!(
         "http://{addr}"
     ))

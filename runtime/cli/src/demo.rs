@@ -93,7 +93,7 @@ async fn serve_on(rt: &Runtime, addr: SocketAddr) -> Result<SocketAddr> {
         format!("cannot listen on {addr} (is another demo running? try --grpc-addr 127.0.0.1:0)")
     })?;
     let bound = listener.local_addr()?;
-    rt.serve_grpc(listener);
+    rt.serve_grpc(listener)?;
     Ok(bound)
 }
 
@@ -102,7 +102,7 @@ async fn serve_http_on(rt: &Runtime, addr: SocketAddr) -> Result<SocketAddr> {
         format!("cannot listen on {addr} (is another demo running? try --http-addr 127.0.0.1:0)")
     })?;
     let bound = listener.local_addr()?;
-    rt.serve_http(listener);
+    rt.serve_http(listener)?;
     Ok(bound)
 }
 

@@ -9,5 +9,6 @@ pub mod client;
 pub mod demo;
 pub mod eval;
 pub mod feeds;
+pub mod pki;
 pub mod relay;
 pub mod run;

@@ -41,18 +41,27 @@ pub async fn run(config: &Path, role: Role, http_addr: Option<SocketAddr>) -> Re
         .await
         .with_context(|| format!("cannot listen on {http_addr} (http_addr)"))?;
     let rt = Runtime::start(&spec, &cfg.data_dir, cfg.options()).await?;
+    let (grpc_at, http_at) = (listener.local_addr()?, http.local_addr()?);
+    if let Err(e) = rt.serve_grpc(listener).and_then(|()| rt.serve_http(http)) {
+        rt.shutdown().await;
+        return Err(e.into());
+    }
+    let tls = cfg.security.as_ref().is_some_and(|s| s.tls.is_some());
     println!(
-        "ferrotwin {}: {} twins, gRPC on {}, web browser on http://{}/",
+        "ferrotwin {}: {} twins, gRPC{} on {grpc_at}, web browser on {}://{http_at}/{}",
         match role {
             Role::Site => "site",
             Role::Enterprise => "enterprise",
         },
         rt.api().twin_count(),
-        listener.local_addr()?,
-        http.local_addr()?
+        if tls { " (TLS)" } else { "" },
+        if tls { "https" } else { "http" },
+        if rt.api().secured() {
+            " (sign-in required)"
+        } else {
+            ""
+        },
     );
-    rt.serve_grpc(listener);
-    rt.serve_http(http);
     let _ = tokio::signal::ctrl_c().await;
     rt.shutdown().await;
     Ok(())

@@ -29,6 +29,10 @@ pub enum ErrorCode {
     DeadlineExceeded,
     /// Our fault: a store error.
     Internal,
+    /// No valid credentials.
+    Unauthenticated,
+    /// The caller's grants do not cover this.
+    PermissionDenied,
 }
 
 impl ErrorCode {
@@ -44,6 +48,8 @@ impl ErrorCode {
             ErrorCode::Unavailable => 503,
             ErrorCode::DeadlineExceeded => 504,
             ErrorCode::Internal => 500,
+            ErrorCode::Unauthenticated => 401,
+            ErrorCode::PermissionDenied => 403,
         }
     }
 }
@@ -76,6 +82,15 @@ pub enum ApiError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Write(#[from] WriteError),
+    /// The credentials are missing or do not verify (the message never holds a secret).
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{subject} may not do this on {target}: it needs the {role} role there")]
+    Denied {
+        subject: String,
+        role: crate::security::Role,
+        target: String,
+    },
 }
 
 impl ApiError {
@@ -92,6 +107,8 @@ impl ApiError {
             ApiError::Twin(TwinError::NoAlarms { .. }) => ErrorCode::InvalidArgument,
             ApiError::Unavailable(_) => ErrorCode::Unavailable,
             ApiError::Limit(_) => ErrorCode::Busy,
+            ApiError::Unauthenticated(_) => ErrorCode::Unauthenticated,
+            ApiError::Denied { .. } => ErrorCode::PermissionDenied,
             ApiError::Store(StoreError::TooMuchHistory { .. }) => ErrorCode::TooLarge,
             ApiError::Store(_) => ErrorCode::Internal,
             ApiError::Write(w) => match w {

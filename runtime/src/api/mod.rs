@@ -25,7 +25,9 @@ use crate::core::{TwinMsg, ask};
 use crate::registry::TwinEntry;
 use crate::replication::enterprise::{EnterpriseReceiver, freshness_ms};
 use crate::replication::site::SenderStatus;
+use crate::security::{Authenticator, Caller, Credentials, Role};
 use crate::store::EventFilter;
+use crate::store::audit::{AuditEntry, AuditFilter};
 use crate::twin::TwinCtx;
 use crate::watch::Watcher;
 use select::TwinSubject;
@@ -49,6 +51,7 @@ pub struct TwinApi {
     sender: Option<Arc<SenderStatus>>,
     enterprise: Option<Arc<EnterpriseReceiver>>,
     token: CancellationToken,
+    auth: Arc<Authenticator>,
 }
 
 impl TwinApi {
@@ -59,7 +62,130 @@ impl TwinApi {
             sender: None,
             enterprise: None,
             token: CancellationToken::new(),
+            auth: Arc::new(Authenticator::open()),
         }
+    }
+
+    /// Who callers must prove to be (`Authenticator::open()`: security off).
+    pub(crate) fn with_auth(mut self, auth: Arc<Authenticator>) -> TwinApi {
+        self.auth = auth;
+        self
+    }
+
+    /// The caller `creds` prove, or UNAUTHENTICATED. A refused sign-in is audited (a source
+    /// that fails too often is refused without a check, and without a record per try).
+    pub fn authenticate(&self, creds: Credentials<'_>) -> Result<Caller, ApiError> {
+        if self.auth.is_open() {
+            return Ok(Caller::open(creds.addr));
+        }
+        match self.auth.authenticate(creds) {
+            Ok(subject) => Ok(Caller {
+                subject,
+                addr: creds.addr,
+            }),
+            Err(e) => {
+                self.ctx
+                    .metrics
+                    .auth_failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if matches!(e, crate::security::AuthError::Invalid(_)) {
+                    let method = if creds.bearer.is_some() {
+                        "bearer token"
+                    } else {
+                        "client certificate"
+                    };
+                    self.audit(AuditEntry {
+                        subject: "-".into(),
+                        source: creds
+                            .addr
+                            .map_or_else(|| "-".into(), |a| a.ip().to_string()),
+                        action: "sign-in",
+                        target: method.into(),
+                        value: String::new(),
+                        result: format!("refused: {e}"),
+                    });
+                }
+                Err(ApiError::Unauthenticated(e.to_string()))
+            }
+        }
+    }
+
+    /// Does the runtime authenticate its callers?
+    pub fn secured(&self) -> bool {
+        !self.auth.is_open()
+    }
+
+    /// Appends an audit record (not waiting for the disk); a failure is logged.
+    pub(crate) fn audit(&self, e: AuditEntry) {
+        if let Err(err) = self.ctx.store.audit().append(e, false) {
+            tracing::error!(error = %err, "audit record could not be written");
+        }
+    }
+
+    /// `caller` may act as `role` on `path`, or PERMISSION_DENIED (audited).
+    pub(crate) fn allow(
+        &self,
+        caller: &Caller,
+        role: Role,
+        path: &AssetPath,
+        action: &'static str,
+    ) -> Result<(), ApiError> {
+        if caller.can(role, path) {
+            return Ok(());
+        }
+        self.deny(caller, role, path.as_str(), action)
+    }
+
+    fn deny(
+        &self,
+        caller: &Caller,
+        role: Role,
+        target: &str,
+        action: &'static str,
+    ) -> Result<(), ApiError> {
+        self.ctx
+            .metrics
+            .auth_denials
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.audit(AuditEntry {
+            subject: caller.name().to_owned(),
+            source: caller.source(),
+            action: "denied",
+            target: format!("{action} {target}"),
+            value: String::new(),
+            result: format!("refused: needs {role}"),
+        });
+        Err(ApiError::Denied {
+            subject: caller.name().to_owned(),
+            role,
+            target: target.to_owned(),
+        })
+    }
+
+    /// `caller` holds `role` on the plant's root (status, connections, audit).
+    pub(crate) fn allow_root(
+        &self,
+        caller: &Caller,
+        role: Role,
+        action: &'static str,
+    ) -> Result<(), ApiError> {
+        match self.root() {
+            Some(r) if caller.can(role, r) => Ok(()),
+            None if caller.subject.has_role(role) => Ok(()),
+            _ => self.deny(caller, role, "the plant", action),
+        }
+    }
+
+    /// Who an action is recorded as: the authenticated subject; without security, what the
+    /// client says (required, as before security existed).
+    fn actor_name(caller: &Caller, claimed: String, what: &str) -> Result<String, ApiError> {
+        if !caller.is_open() {
+            return Ok(caller.name().to_owned());
+        }
+        if claimed.trim().is_empty() {
+            return Err(ApiError::BadArgument(format!("by: say who {what}")));
+        }
+        Ok(claimed)
     }
 
     /// The site role's sender and the enterprise role's receiver, when this runtime has them.
@@ -162,7 +288,11 @@ impl TwinApi {
 /// The reads and the acknowledgement, with plain arguments: the gRPC service and the HTTP
 /// JSON API (`crate::http`) both answer through these.
 impl TwinApi {
-    pub async fn twin(&self, req: pb::GetTwinRequest) -> Result<pb::Twin, ApiError> {
+    pub async fn twin(
+        &self,
+        caller: &Caller,
+        req: pb::GetTwinRequest,
+    ) -> Result<pb::Twin, ApiError> {
         let e = match req.key {
             Some(pb::get_twin_request::Key::Path(p)) => {
                 self.entry(&Self::parse_path("path", &p)?)?
@@ -180,11 +310,13 @@ impl TwinApi {
             }
             None => return Err(ApiError::BadArgument("give a path or an id".into())),
         };
+        self.allow(caller, Role::Viewer, e.path(), "read")?;
         Ok(self.twin_of(&e))
     }
 
     pub async fn browse_twins(
         &self,
+        caller: &Caller,
         req: pb::BrowseRequest,
     ) -> Result<pb::BrowseResponse, ApiError> {
         let root = match self.subtree("path", &req.path)? {
@@ -204,7 +336,7 @@ impl TwinApi {
             .ctx
             .registry
             .scan(Some(&root), after.as_ref(), limit, |e| {
-                e.path().depth() <= max_depth
+                e.path().depth() <= max_depth && caller.can_read(e.path())
             });
         let (twins, next_page_token) = self.page_of(&entries, more);
         Ok(pb::BrowseResponse {
@@ -213,7 +345,11 @@ impl TwinApi {
         })
     }
 
-    pub async fn query_twins(&self, req: pb::QueryRequest) -> Result<pb::QueryResponse, ApiError> {
+    pub async fn query_twins(
+        &self,
+        caller: &Caller,
+        req: pb::QueryRequest,
+    ) -> Result<pb::QueryResponse, ApiError> {
         let q = Query::parse(&req.query).map_err(ApiError::from)?;
         let limit = Self::page(req.page_size)?;
         let after = Self::page_token(&req.page_token)?;
@@ -240,6 +376,7 @@ impl TwinApi {
         // outside it. On a blocking thread: a full-plant query may take a while.
         let ctx = self.ctx.clone();
         let ascending = req.ascending;
+        let caller = caller.clone();
         let (entries, more) = tokio::task::spawn_blocking(move || {
             let registry = &ctx.registry;
             let mut cursor = after;
@@ -250,6 +387,7 @@ impl TwinApi {
                 let (window, more) =
                     registry.scan(prefix.as_ref(), cursor.as_ref(), QUERY_WINDOW, |e| {
                         level.as_deref().is_none_or(|l| l == e.level().as_str())
+                            && caller.can_read(e.path())
                     });
                 cursor = window.last().map(|e| e.path().clone());
                 for e in window {
@@ -308,9 +446,11 @@ impl TwinApi {
 
     pub async fn history(
         &self,
+        caller: &Caller,
         req: pb::GetHistoryRequest,
     ) -> Result<pb::GetHistoryResponse, ApiError> {
         let e = self.entry(&Self::parse_path("path", &req.path)?)?;
+        self.allow(caller, Role::Viewer, e.path(), "read")?;
         if e.level() != ferrotwin_models::Level::Sensor {
             return Err(ApiError::BadArgument(format!(
                 "path: {} is a {}; history is recorded for sensors",
@@ -375,9 +515,16 @@ impl TwinApi {
 
     pub async fn list_events_page(
         &self,
+        caller: &Caller,
         req: pb::ListEventsRequest,
     ) -> Result<pb::ListEventsResponse, ApiError> {
         let prefix = self.subtree("path", &req.path)?;
+        if let Some(p) = &prefix
+            && !caller.can_read(p)
+            && !self.readable_below(caller, p)
+        {
+            self.allow(caller, Role::Viewer, p, "read")?;
+        }
         let kind = if req.kind.is_empty() {
             None
         } else {
@@ -410,38 +557,53 @@ impl TwinApi {
             .map_err(|e| ApiError::Unavailable(format!("event read failed: {e}")))?
             .map_err(ApiError::from)?;
         Ok(pb::ListEventsResponse {
-            events: events.iter().map(convert::event).collect(),
+            // Events of assets the caller may not read are left out (the cursor still
+            // moves past them).
+            events: events
+                .iter()
+                .filter(|e| caller.can_read(&e.asset))
+                .map(convert::event)
+                .collect(),
             next_after_seq: next,
         })
     }
 
     pub async fn acknowledge(
         &self,
+        caller: &Caller,
         req: pb::AcknowledgeAlarmRequest,
     ) -> Result<pb::AcknowledgeAlarmResponse, ApiError> {
-        if req.by.trim().is_empty() {
-            return Err(ApiError::BadArgument("by: say who acknowledges".into()));
-        }
+        let by = Self::actor_name(caller, req.by, "acknowledges")?;
         if req.alarm.is_empty() {
             return Err(ApiError::BadArgument(
                 "alarm: name the alarm to acknowledge".into(),
             ));
         }
         let (e, actor) = self.sensor_actor(&req.path)?;
+        self.allow(caller, Role::Operator, e.path(), "acknowledge")?;
         let alarm = req.alarm.clone();
+        let comment = req.comment.clone();
         let status = ask(
             &actor,
             |reply| TwinMsg::Acknowledge {
                 alarm,
-                by: req.by,
+                by,
                 comment: req.comment,
                 reply,
             },
             TWIN_CALL_TIMEOUT,
         )
         .await
-        .ok_or_else(|| ApiError::Unavailable(format!("{}: twin did not answer", e.path())))?
-        .map_err(ApiError::from)?;
+        .ok_or_else(|| ApiError::Unavailable(format!("{}: twin did not answer", e.path())))
+        .and_then(|r| r.map_err(ApiError::from));
+        self.audit_result(
+            caller,
+            "acknowledge",
+            format!("{} {}", e.path(), req.alarm),
+            comment,
+            &status,
+        );
+        let status = status?;
         Ok(pb::AcknowledgeAlarmResponse {
             alarm: Some(alarm_proto(&e, &req.alarm, &status)),
         })
@@ -454,13 +616,13 @@ impl TwinApi {
     /// name once the PLC (or broker) took the value.
     pub async fn write(
         &self,
+        caller: &Caller,
         req: pb::WritePropertyRequest,
     ) -> Result<pb::WritePropertyResponse, ApiError> {
-        if req.by.trim().is_empty() {
-            return Err(ApiError::BadArgument("by: say who writes".into()));
-        }
+        let by = Self::actor_name(caller, req.by, "writes")?;
         let path = Self::parse_path("path", &req.path)?;
         self.entry(&path)?;
+        self.allow(caller, Role::Engineer, &path, "write")?;
         if req.property.is_empty() {
             return Err(ApiError::BadArgument(
                 "property: name the property to write".into(),
@@ -474,32 +636,55 @@ impl TwinApi {
         if !value.is_finite() {
             return Err(ApiError::BadArgument("value: must be finite".into()));
         }
-        let connection = self
+        // The write is on record before it reaches the PLC, or it does not happen.
+        let target = format!("{path}.{}", req.property);
+        let intent = AuditEntry {
+            subject: caller.name().to_owned(),
+            source: caller.source(),
+            action: "write",
+            target: target.clone(),
+            value: value.to_string(),
+            result: "requested".into(),
+        };
+        let store = self.ctx.store.clone();
+        tokio::task::spawn_blocking(move || store.audit().append(intent, true))
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("audit: {e}")))?
+            .map_err(|e| {
+                ApiError::Unavailable(format!(
+                    "write refused: its audit record cannot be written ({e})"
+                ))
+            })?;
+        let written = self
             .connections
             .write(WriteRequest {
                 asset: path,
                 property: req.property,
                 value,
-                by: req.by,
+                by,
             })
-            .await?;
-        Ok(pb::WritePropertyResponse { connection })
+            .await
+            .map_err(ApiError::from);
+        self.audit_result(caller, "write", target, value.to_string(), &written);
+        Ok(pb::WritePropertyResponse {
+            connection: written?,
+        })
     }
 
     /// Shelves an alarm of a sensor, for `duration_ms` (0 = until unshelved).
     pub async fn shelve(
         &self,
+        caller: &Caller,
         req: pb::ShelveAlarmRequest,
     ) -> Result<pb::ShelveAlarmResponse, ApiError> {
-        if req.by.trim().is_empty() {
-            return Err(ApiError::BadArgument("by: say who shelves".into()));
-        }
+        let by = Self::actor_name(caller, req.by, "shelves")?;
         if req.alarm.is_empty() {
             return Err(ApiError::BadArgument(
                 "alarm: name the alarm to shelve".into(),
             ));
         }
         let (e, actor) = self.sensor_actor(&req.path)?;
+        self.allow(caller, Role::Operator, e.path(), "shelve")?;
         let until = (req.duration_ms > 0)
             .then(|| Timestamp::now().plus_ms(req.duration_ms.min(i64::MAX as u64) as i64));
         let alarm = req.alarm.clone();
@@ -508,20 +693,39 @@ impl TwinApi {
             |reply| TwinMsg::Shelve {
                 alarm,
                 until,
-                by: req.by,
+                by,
                 reply,
             },
             TWIN_CALL_TIMEOUT,
         )
         .await
-        .ok_or_else(|| ApiError::Unavailable(format!("{}: twin did not answer", e.path())))??;
+        .ok_or_else(|| ApiError::Unavailable(format!("{}: twin did not answer", e.path())))
+        .and_then(|r| r.map_err(ApiError::from));
+        let asked = if req.duration_ms == 0 {
+            "unshelve".to_owned()
+        } else {
+            format!("{} ms", req.duration_ms)
+        };
+        self.audit_result(
+            caller,
+            "shelve",
+            format!("{} {}", e.path(), req.alarm),
+            asked,
+            &status,
+        );
+        let status = status?;
         Ok(pb::ShelveAlarmResponse {
             alarm: Some(alarm_proto(&e, &req.alarm, &status)),
         })
     }
 
     /// The site's link to its enterprise, or the enterprise's view of its sites.
-    pub fn replication_status(&self) -> pb::ReplicationStatus {
+    pub fn replication_status(&self, caller: &Caller) -> Result<pb::ReplicationStatus, ApiError> {
+        self.allow_root(caller, Role::Viewer, "replication status")?;
+        Ok(self.replication_status_unchecked())
+    }
+
+    fn replication_status_unchecked(&self) -> pb::ReplicationStatus {
         use std::sync::atomic::Ordering::Relaxed;
         let at = Timestamp::now();
         let mut out = pb::ReplicationStatus {
@@ -566,7 +770,11 @@ impl TwinApi {
     }
 
     /// The PLC connections and their counters.
-    pub fn connection_list(&self) -> pb::ListConnectionsResponse {
+    pub fn connection_list(
+        &self,
+        caller: &Caller,
+    ) -> Result<pb::ListConnectionsResponse, ApiError> {
+        self.allow_root(caller, Role::Viewer, "list connections")?;
         let connections = self
             .connections
             .statuses()
@@ -586,7 +794,116 @@ impl TwinApi {
                 tags: u32::try_from(tags).unwrap_or(u32::MAX),
             })
             .collect();
-        pb::ListConnectionsResponse { connections }
+        Ok(pb::ListConnectionsResponse { connections })
+    }
+
+    /// The caller and its grants.
+    pub fn who_am_i(&self, caller: &Caller) -> pb::WhoAmIResponse {
+        pb::WhoAmIResponse {
+            subject: caller.name().to_owned(),
+            method: caller.subject.method.as_str().to_owned(),
+            grants: caller
+                .subject
+                .grants
+                .iter()
+                .map(|g| pb::Grant {
+                    role: g.role.as_str().to_owned(),
+                    paths: g.patterns.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// A page of the audit log (admin on the plant).
+    pub async fn list_audit(
+        &self,
+        caller: &Caller,
+        req: pb::ListAuditRequest,
+    ) -> Result<pb::ListAuditResponse, ApiError> {
+        self.allow_root(caller, Role::Admin, "read the audit log")?;
+        let limit = match req.limit as usize {
+            0 => 100,
+            n if n > MAX_PAGE => {
+                return Err(ApiError::BadArgument(format!(
+                    "limit: {n} is above the limit of {MAX_PAGE}"
+                )));
+            }
+            n => n,
+        };
+        let f = AuditFilter {
+            after_seq: req.after_seq,
+            limit,
+            subject: req.subject,
+            action: req.action,
+            target: req.target,
+            from_us: req.from_us,
+            to_us: req.to_us,
+        };
+        let store = self.ctx.store.clone();
+        let records = tokio::task::spawn_blocking(move || store.audit().list(&f))
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("audit read failed: {e}")))?
+            .map_err(|e| ApiError::Unavailable(format!("audit read failed: {e}")))?;
+        let next_after_seq = if records.len() == limit {
+            records.last().map_or(0, |r| r.seq)
+        } else {
+            0
+        };
+        Ok(pb::ListAuditResponse {
+            records: records
+                .into_iter()
+                .map(|r| pb::AuditRecord {
+                    seq: r.seq,
+                    ts_us: r.ts_us,
+                    subject: r.subject,
+                    source: r.source,
+                    action: r.action,
+                    target: r.target,
+                    value: r.value,
+                    result: r.result,
+                    prev_hash: r.prev,
+                })
+                .collect(),
+            next_after_seq,
+        })
+    }
+
+    /// Checks the audit log's hash chain (admin on the plant).
+    pub async fn verify_audit(&self, caller: &Caller) -> Result<pb::VerifyAuditResponse, ApiError> {
+        self.allow_root(caller, Role::Admin, "verify the audit log")?;
+        let store = self.ctx.store.clone();
+        let (records, broken) = tokio::task::spawn_blocking(move || store.audit().verify())
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("audit read failed: {e}")))?
+            .map_err(|e| ApiError::Unavailable(format!("audit read failed: {e}")))?;
+        Ok(pb::VerifyAuditResponse {
+            records,
+            intact: broken.is_none(),
+            broken_seq: broken.as_ref().map_or(0, |b| b.seq),
+            broken_reason: broken.map(|b| b.what).unwrap_or_default(),
+        })
+    }
+
+    /// Records what came of an action.
+    fn audit_result<T>(
+        &self,
+        caller: &Caller,
+        action: &'static str,
+        target: String,
+        value: String,
+        r: &Result<T, ApiError>,
+    ) {
+        self.audit(AuditEntry {
+            subject: caller.name().to_owned(),
+            source: caller.source(),
+            action,
+            target,
+            value,
+            result: match r {
+                Ok(_) => "ok".into(),
+                Err(e) => format!("failed: {e}"),
+            },
+        });
     }
 }
 
@@ -595,10 +912,17 @@ impl TwinApi {
     /// Admits a watcher of the subtree at `path` (empty: everything), within `MAX_WATCHERS`.
     pub(crate) fn open_watch(
         &self,
+        caller: &Caller,
         path: &str,
         events: bool,
     ) -> Result<(Watcher, Option<AssetPath>), ApiError> {
         let prefix = self.subtree("path", path)?;
+        if let Some(p) = &prefix
+            && !caller.can_read(p)
+            && !self.readable_below(caller, p)
+        {
+            self.allow(caller, Role::Viewer, p, "watch")?;
+        }
         if self.ctx.hub.watchers() >= MAX_WATCHERS {
             return Err(ApiError::Limit(format!(
                 "{MAX_WATCHERS} watch streams are open, the limit; close one or watch a wider subtree"
@@ -635,6 +959,15 @@ impl TwinApi {
         self.ctx.hub.capacity()
     }
 
+    /// Every twin at and below `prefix` that `caller` may read, in path order.
+    pub(crate) fn readable_below_entries(
+        &self,
+        caller: &Caller,
+        prefix: Option<&AssetPath>,
+    ) -> Vec<Arc<TwinEntry>> {
+        self.scan(caller, prefix, usize::MAX, |_| true).0
+    }
+
     /// Every twin at and below `prefix` (everything when `None`), in path order.
     pub fn entries_below(&self, prefix: Option<&AssetPath>) -> Vec<Arc<TwinEntry>> {
         self.ctx.registry.scan(prefix, None, usize::MAX, |_| true).0
@@ -645,11 +978,25 @@ impl TwinApi {
     /// subtrees.
     pub(crate) fn scan(
         &self,
+        caller: &Caller,
         prefix: Option<&AssetPath>,
         limit: usize,
-        keep: impl FnMut(&TwinEntry) -> bool,
+        mut keep: impl FnMut(&TwinEntry) -> bool,
     ) -> (Vec<Arc<TwinEntry>>, bool) {
-        self.ctx.registry.scan(prefix, None, limit, keep)
+        self.ctx.registry.scan(prefix, None, limit, |e| {
+            caller.can_read(e.path()) && keep(e)
+        })
+    }
+
+    /// Does some twin at or below `p` fall under one of the caller's grants? (A subject
+    /// scoped to `acme/berlin/**` may watch `acme` and sees Berlin's twins.)
+    fn readable_below(&self, caller: &Caller, p: &AssetPath) -> bool {
+        self.ctx
+            .registry
+            .scan(Some(p), None, 1, |e| caller.can_read(e.path()))
+            .0
+            .first()
+            .is_some()
     }
 
     /// The twin at `path`, if there is one.

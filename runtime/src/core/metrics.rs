@@ -23,6 +23,10 @@ pub struct Metrics {
     pub rejected_unknown_property: AtomicU64,
     pub restarts: AtomicU64,
     pub events: [AtomicU64; EventKind::ALL.len()],
+    /// Calls refused for missing or bad credentials.
+    pub auth_failures: AtomicU64,
+    /// Calls refused because the caller's grants do not cover them.
+    pub auth_denials: AtomicU64,
 }
 
 impl Metrics {
@@ -75,6 +79,17 @@ impl Metrics {
             let _ = writeln!(
                 s,
                 "ferrotwin_readings_rejected_total{{reason=\"{reason}\"}} {}",
+                g(c)
+            );
+        }
+        let _ = writeln!(s, "# TYPE ferrotwin_auth_refused_total counter");
+        for (reason, c) in [
+            ("unauthenticated", &self.auth_failures),
+            ("denied", &self.auth_denials),
+        ] {
+            let _ = writeln!(
+                s,
+                "ferrotwin_auth_refused_total{{reason=\"{reason}\"}} {}",
                 g(c)
             );
         }

@@ -3,7 +3,9 @@
 //! v1alpha, so every grpcurl lists our services without the .proto files). `ApiError`s
 //! become a `Status` in one place: `status_of`.
 
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferrotwin_models::AssetPath;
@@ -12,14 +14,16 @@ use ferrotwin_proto::v1::replication_service_server::ReplicationServiceServer;
 use ferrotwin_proto::v1::twin_service_server::{TwinService, TwinServiceServer};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tokio_stream::Stream;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::{Stream, StreamExt as _};
 use tokio_util::sync::CancellationToken;
 use tonic::codec::CompressionEncoding;
 use tonic::{Code, Request, Response, Status};
 
 use crate::api::{ApiError, ErrorCode, TwinApi, convert};
 use crate::replication::enterprise::ReplicationApi;
+use crate::security::tls::{ServerTls, tls_incoming};
+use crate::security::{Caller, Credentials};
 use crate::watch::{Change, Watcher};
 
 /// Largest request we decode.
@@ -42,6 +46,8 @@ pub fn status_of(e: &ApiError) -> Status {
         ErrorCode::Unavailable => Code::Unavailable,
         ErrorCode::DeadlineExceeded => Code::DeadlineExceeded,
         ErrorCode::Internal => Code::Internal,
+        ErrorCode::Unauthenticated => Code::Unauthenticated,
+        ErrorCode::PermissionDenied => Code::PermissionDenied,
     };
     Status::new(code, e.to_string())
 }
@@ -60,35 +66,44 @@ impl TwinService for TwinApi {
         &self,
         req: Request<pb::GetTwinRequest>,
     ) -> Result<Response<pb::Twin>, Status> {
-        Ok(Response::new(self.twin(req.into_inner()).await?))
+        Ok(Response::new(
+            self.twin(&caller_of(self, &req)?, req.into_inner()).await?,
+        ))
     }
 
     async fn browse(
         &self,
         req: Request<pb::BrowseRequest>,
     ) -> Result<Response<pb::BrowseResponse>, Status> {
-        Ok(Response::new(self.browse_twins(req.into_inner()).await?))
+        Ok(Response::new(
+            self.browse_twins(&caller_of(self, &req)?, req.into_inner())
+                .await?,
+        ))
     }
 
     async fn query(
         &self,
         req: Request<pb::QueryRequest>,
     ) -> Result<Response<pb::QueryResponse>, Status> {
-        Ok(Response::new(self.query_twins(req.into_inner()).await?))
+        Ok(Response::new(
+            self.query_twins(&caller_of(self, &req)?, req.into_inner())
+                .await?,
+        ))
     }
 
     type WatchStream = WatchStream;
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<WatchStream>, Status> {
+        let caller = caller_of(self, &req)?;
         let req = req.into_inner();
-        let (sub, prefix) = self.open_watch(&req.path, req.events)?;
+        let (sub, prefix) = self.open_watch(&caller, &req.path, req.events)?;
         let (tx, rx) = mpsc::channel(WATCH_STREAM_BUFFER.min(self.watch_capacity()));
         let api = self.clone();
         let token = self.token();
         tokio::spawn(async move {
             tokio::select! {
                 _ = token.cancelled() => {}
-                _ = forward_changes(api, sub, tx, prefix, !req.skip_snapshot) => {}
+                _ = forward_changes(api, caller, sub, tx, prefix, !req.skip_snapshot) => {}
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -98,15 +113,19 @@ impl TwinService for TwinApi {
         &self,
         req: Request<pb::GetHistoryRequest>,
     ) -> Result<Response<pb::GetHistoryResponse>, Status> {
-        Ok(Response::new(self.history(req.into_inner()).await?))
+        Ok(Response::new(
+            self.history(&caller_of(self, &req)?, req.into_inner())
+                .await?,
+        ))
     }
 
     async fn list_events(
         &self,
         req: Request<pb::ListEventsRequest>,
     ) -> Result<Response<pb::ListEventsResponse>, Status> {
+        let caller = caller_of(self, &req)?;
         Ok(Response::new(
-            self.list_events_page(req.into_inner()).await?,
+            self.list_events_page(&caller, req.into_inner()).await?,
         ))
     }
 
@@ -114,42 +133,103 @@ impl TwinService for TwinApi {
         &self,
         req: Request<pb::AcknowledgeAlarmRequest>,
     ) -> Result<Response<pb::AcknowledgeAlarmResponse>, Status> {
-        Ok(Response::new(self.acknowledge(req.into_inner()).await?))
+        Ok(Response::new(
+            self.acknowledge(&caller_of(self, &req)?, req.into_inner())
+                .await?,
+        ))
     }
 
     async fn write_property(
         &self,
         req: Request<pb::WritePropertyRequest>,
     ) -> Result<Response<pb::WritePropertyResponse>, Status> {
-        Ok(Response::new(self.write(req.into_inner()).await?))
+        Ok(Response::new(
+            self.write(&caller_of(self, &req)?, req.into_inner())
+                .await?,
+        ))
     }
 
     async fn get_replication_status(
         &self,
-        _req: Request<pb::GetReplicationStatusRequest>,
+        req: Request<pb::GetReplicationStatusRequest>,
     ) -> Result<Response<pb::ReplicationStatus>, Status> {
-        Ok(Response::new(self.replication_status()))
+        Ok(Response::new(
+            self.replication_status(&caller_of(self, &req)?)?,
+        ))
     }
 
     async fn list_connections(
         &self,
-        _req: Request<pb::ListConnectionsRequest>,
+        req: Request<pb::ListConnectionsRequest>,
     ) -> Result<Response<pb::ListConnectionsResponse>, Status> {
-        Ok(Response::new(self.connection_list()))
+        Ok(Response::new(
+            self.connection_list(&caller_of(self, &req)?)?,
+        ))
     }
 
     async fn shelve_alarm(
         &self,
         req: Request<pb::ShelveAlarmRequest>,
     ) -> Result<Response<pb::ShelveAlarmResponse>, Status> {
-        Ok(Response::new(self.shelve(req.into_inner()).await?))
+        Ok(Response::new(
+            self.shelve(&caller_of(self, &req)?, req.into_inner())
+                .await?,
+        ))
     }
+
+    async fn who_am_i(
+        &self,
+        req: Request<pb::WhoAmIRequest>,
+    ) -> Result<Response<pb::WhoAmIResponse>, Status> {
+        Ok(Response::new(self.who_am_i(&caller_of(self, &req)?)))
+    }
+
+    async fn list_audit(
+        &self,
+        req: Request<pb::ListAuditRequest>,
+    ) -> Result<Response<pb::ListAuditResponse>, Status> {
+        let caller = caller_of(self, &req)?;
+        Ok(Response::new(
+            self.list_audit(&caller, req.into_inner()).await?,
+        ))
+    }
+
+    async fn verify_audit(
+        &self,
+        req: Request<pb::VerifyAuditRequest>,
+    ) -> Result<Response<pb::VerifyAuditResponse>, Status> {
+        Ok(Response::new(
+            self.verify_audit(&caller_of(self, &req)?).await?,
+        ))
+    }
+}
+
+/// The caller of a request: its bearer token (`authorization` metadata), its verified
+/// client certificate and its address, authenticated by `TwinApi::authenticate`.
+pub fn caller_of<T>(api: &TwinApi, req: &Request<T>) -> Result<Caller, Status> {
+    let addr = req.remote_addr();
+    if !api.secured() {
+        return Ok(Caller::open(addr));
+    }
+    let bearer = req
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::security::bearer_of);
+    let certs = req.peer_certs();
+    let peer_cert = certs.as_ref().and_then(|c| c.first()).map(|c| c.as_ref());
+    Ok(api.authenticate(Credentials {
+        bearer,
+        peer_cert,
+        addr,
+    })?)
 }
 
 /// Streams a snapshot of the subtree, then its changes. A watcher that falls behind its
 /// queue is told so and gets a fresh snapshot: twins never wait for it.
 async fn forward_changes(
     api: TwinApi,
+    caller: Caller,
     mut sub: Watcher,
     tx: mpsc::Sender<Result<pb::WatchResponse, Status>>,
     prefix: Option<AssetPath>,
@@ -166,7 +246,7 @@ async fn forward_changes(
     };
     let mut last_event_seq = 0u64;
     let send_snapshot = || async {
-        let entries = api.entries_below(prefix.as_ref());
+        let entries = api.readable_below_entries(&caller, prefix.as_ref());
         let n = entries.len() as u32;
         for e in entries {
             if !send(Item::Snapshot(convert::twin(&e, &e.snapshot()))).await {
@@ -195,6 +275,8 @@ async fn forward_changes(
             return;
         };
         let item = match change {
+            Change::Twin(e, _) if !caller.can_read(e.path()) => continue,
+            Change::Event(ev) if !caller.can_read(&ev.asset) => continue,
             Change::Twin(e, s) => Item::Change(convert::twin(&e, &s)),
             Change::Event(ev) => {
                 last_event_seq = ev.seq;
@@ -207,12 +289,14 @@ async fn forward_changes(
     }
 }
 
-/// Serves the API, health and reflection on `listener` until `token` is cancelled.
+/// Serves the API, health and reflection on `listener` (over TLS with `tls`, whose files
+/// are reloaded when they change) until `token` is cancelled.
 pub async fn serve(
     mut api: TwinApi,
     replication: Option<ReplicationApi>,
     listener: TcpListener,
     token: CancellationToken,
+    tls: Option<Arc<ServerTls>>,
 ) -> Result<(), String> {
     api.set_token(token.clone());
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -228,7 +312,7 @@ pub async fn serve(
         .build_v1alpha()
         .map_err(|e| format!("reflection: {e}"))?;
     // Keep-alives end half-open connections (a site whose link died keeps no stream open).
-    let server = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(health_service)
@@ -240,11 +324,26 @@ pub async fn serve(
                 .accept_compressed(CompressionEncoding::Gzip)
                 .send_compressed(CompressionEncoding::Gzip)
                 .max_decoding_message_size(MAX_BATCH_BYTES)
-        }))
-        .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listener),
-            token.clone().cancelled_owned(),
-        );
+        }));
+    let stop = token.clone().cancelled_owned();
+    let server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
+        match tls {
+            Some(tls) => {
+                tls.spawn_reload(token.clone());
+                let incoming = ReceiverStream::new(tls_incoming(listener, tls, token.clone()));
+                Box::pin(router.serve_with_incoming_shutdown(incoming, stop))
+            }
+            None => {
+                // Small answers must not wait for the kernel (Nagle and delayed ACKs).
+                let incoming = TcpListenerStream::new(listener).map(|s| {
+                    if let Ok(s) = &s {
+                        let _ = s.set_nodelay(true);
+                    }
+                    s
+                });
+                Box::pin(router.serve_with_incoming_shutdown(incoming, stop))
+            }
+        };
     // Graceful shutdown waits for open connections; a client that stopped reading would
     // hold it forever. Give them a grace period, then drop them.
     tokio::select! {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::Router;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -24,6 +24,7 @@ use super::dto::{self, ErrorDto};
 use super::error::HttpError;
 use crate::api::{ApiError, convert};
 use crate::core::TwinState;
+use crate::security::Caller;
 
 /// Alarms one summary lists at most (`truncated` says when more matched).
 const MAX_ALARMS: usize = 10_000;
@@ -126,12 +127,19 @@ pub fn routes() -> Router<HttpState> {
         (status = 400, description = "malformed path", body = ErrorDto),
         (status = 404, description = "no such asset; `nearest_parent` names the nearest existing one", body = ErrorDto),
     ))]
-async fn get_twin(State(s): State<HttpState>, Path(path): Path<String>) -> Answer<dto::TwinDto> {
+async fn get_twin(
+    State(s): State<HttpState>,
+    Extension(caller): Extension<Caller>,
+    Path(path): Path<String>,
+) -> Answer<dto::TwinDto> {
     let t = s
         .api
-        .twin(pb::GetTwinRequest {
-            key: Some(pb::get_twin_request::Key::Path(path)),
-        })
+        .twin(
+            &caller,
+            pb::GetTwinRequest {
+                key: Some(pb::get_twin_request::Key::Path(path)),
+            },
+        )
         .await?;
     Ok(Json(dto::twin(&t)))
 }
@@ -154,17 +162,21 @@ pub struct BrowseParams {
     responses((status = 200, body = dto::TwinPage), (status = 400, body = ErrorDto), (status = 404, body = ErrorDto)))]
 async fn browse(
     State(s): State<HttpState>,
+    Extension(caller): Extension<Caller>,
     q: Result<Query<BrowseParams>, QueryRejection>,
 ) -> Answer<dto::TwinPage> {
     let Query(q) = q?;
     let r = s
         .api
-        .browse_twins(pb::BrowseRequest {
-            path: q.path.unwrap_or_default(),
-            depth: num("depth", &q.depth)?.unwrap_or(1),
-            page_size: num("page_size", &q.page_size)?.unwrap_or(0),
-            page_token: q.page_token.unwrap_or_default(),
-        })
+        .browse_twins(
+            &caller,
+            pb::BrowseRequest {
+                path: q.path.unwrap_or_default(),
+                depth: num("depth", &q.depth)?.unwrap_or(1),
+                page_size: num("page_size", &q.page_size)?.unwrap_or(0),
+                page_token: q.page_token.unwrap_or_default(),
+            },
+        )
         .await?;
     Ok(Json(dto::TwinPage {
         twins: r.twins.iter().map(dto::twin).collect(),
@@ -190,6 +202,7 @@ pub struct QueryParams {
         (status = 400, description = "the parser's message and `position`", body = ErrorDto)))]
 async fn query(
     State(s): State<HttpState>,
+    Extension(caller): Extension<Caller>,
     q: Result<Query<QueryParams>, QueryRejection>,
 ) -> Answer<dto::TwinPage> {
     let Query(q) = q?;
@@ -201,13 +214,16 @@ async fn query(
     }
     let r = s
         .api
-        .query_twins(pb::QueryRequest {
-            query: text,
-            page_size: num("page_size", &q.page_size)?.unwrap_or(0),
-            page_token: q.page_token.unwrap_or_default(),
-            order_by: q.order_by.unwrap_or_default(),
-            ascending: flag("ascending", &q.ascending)?,
-        })
+        .query_twins(
+            &caller,
+            pb::QueryRequest {
+                query: text,
+                page_size: num("page_size", &q.page_size)?.unwrap_or(0),
+                page_token: q.page_token.unwrap_or_default(),
+                order_by: q.order_by.unwrap_or_default(),
+                ascending: flag("ascending", &q.ascending)?,
+            },
+        )
         .await?;
     Ok(Json(dto::TwinPage {
         twins: r.twins.iter().map(dto::twin).collect(),
@@ -237,6 +253,7 @@ pub struct HistoryParams {
     responses((status = 200, body = dto::HistoryDto), (status = 400, body = ErrorDto), (status = 404, body = ErrorDto)))]
 async fn history(
     State(s): State<HttpState>,
+    Extension(caller): Extension<Caller>,
     q: Result<Query<HistoryParams>, QueryRejection>,
 ) -> Answer<dto::HistoryDto> {
     let Query(q) = q?;
@@ -258,13 +275,16 @@ async fn history(
     };
     let r = s
         .api
-        .history(pb::GetHistoryRequest {
-            path,
-            property: q.property.unwrap_or_default(),
-            from_us: from.0,
-            to_us: to.0,
-            max_points: num("max_points", &q.max_points)?.unwrap_or(0),
-        })
+        .history(
+            &caller,
+            pb::GetHistoryRequest {
+                path,
+                property: q.property.unwrap_or_default(),
+                from_us: from.0,
+                to_us: to.0,
+                max_points: num("max_points", &q.max_points)?.unwrap_or(0),
+            },
+        )
         .await?;
     Ok(Json(dto::history(&r, from.0, to.0)))
 }
@@ -289,6 +309,7 @@ pub struct EventParams {
     responses((status = 200, body = dto::EventPage), (status = 400, body = ErrorDto), (status = 404, body = ErrorDto)))]
 async fn events(
     State(s): State<HttpState>,
+    Extension(caller): Extension<Caller>,
     q: Result<Query<EventParams>, QueryRejection>,
 ) -> Answer<dto::EventPage> {
     let Query(q) = q?;
@@ -305,13 +326,16 @@ async fn events(
     };
     let r = s
         .api
-        .list_events_page(pb::ListEventsRequest {
-            path: q.path.unwrap_or_default(),
-            after_seq: num("after_seq", &q.after_seq)?.unwrap_or(0),
-            limit: num("limit", &q.limit)?.unwrap_or(0),
-            kind: q.kind.unwrap_or_default(),
-            min_severity: min_severity as i32,
-        })
+        .list_events_page(
+            &caller,
+            pb::ListEventsRequest {
+                path: q.path.unwrap_or_default(),
+                after_seq: num("after_seq", &q.after_seq)?.unwrap_or(0),
+                limit: num("limit", &q.limit)?.unwrap_or(0),
+                kind: q.kind.unwrap_or_default(),
+                min_severity: min_severity as i32,
+            },
+        )
         .await?;
     Ok(Json(dto::EventPage {
         events: r.events.iter().map(dto::event).collect(),
@@ -367,6 +391,7 @@ fn severity_rank(s: &str) -> u8 {
     responses((status = 200, body = dto::AlarmSummary), (status = 400, body = ErrorDto), (status = 404, body = ErrorDto)))]
 async fn alarms(
     State(s): State<HttpState>,
+    Extension(caller): Extension<Caller>,
     q: Result<Query<AlarmParams>, QueryRejection>,
 ) -> Answer<dto::AlarmSummary> {
     let Query(q) = q?;
@@ -393,9 +418,12 @@ async fn alarms(
         .api
         .subtree("path", q.path.as_deref().unwrap_or_default())?;
     let api = s.api.clone();
+    let caller = caller.clone();
     // A scan of every sensor below: on a blocking thread (the whole plant may be 100,000).
     let mut found = tokio::task::spawn_blocking(move || {
-        let (sensors, _) = api.scan(prefix.as_ref(), usize::MAX, |e| e.level() == Level::Sensor);
+        let (sensors, _) = api.scan(&caller, prefix.as_ref(), usize::MAX, |e| {
+            e.level() == Level::Sensor
+        });
         let mut found = Vec::new();
         for e in sensors {
             let AssetKind::Sensor { spec, .. } = &e.def.kind else {
@@ -466,17 +494,21 @@ async fn alarms(
         (status = 409, description = "the alarm cannot be acknowledged in its state", body = ErrorDto)))]
 async fn ack(
     State(s): State<HttpState>,
+    Extension(caller): Extension<Caller>,
     body: Result<Json<dto::AckRequest>, JsonRejection>,
 ) -> Answer<dto::AlarmDto> {
     let Json(req) = body?;
     let r = s
         .api
-        .acknowledge(pb::AcknowledgeAlarmRequest {
-            path: req.path,
-            alarm: req.alarm,
-            by: req.by,
-            comment: req.comment,
-        })
+        .acknowledge(
+            &caller,
+            pb::AcknowledgeAlarmRequest {
+                path: req.path,
+                alarm: req.alarm,
+                by: req.by,
+                comment: req.comment,
+            },
+        )
         .await?;
     Ok(Json(dto::alarm(&r.alarm.unwrap_or_default())))
 }
@@ -495,6 +527,7 @@ pub struct SearchParams {
     responses((status = 200, body = dto::SearchResult), (status = 400, body = ErrorDto)))]
 async fn search(
     State(s): State<HttpState>,
+    Extension(caller): Extension<Caller>,
     q: Result<Query<SearchParams>, QueryRejection>,
 ) -> Answer<dto::SearchResult> {
     let Query(q) = q?;
@@ -509,7 +542,7 @@ async fn search(
     let api = s.api.clone();
     let (hits, truncated) = tokio::task::spawn_blocking(move || {
         // Paths are lowercase slugs already; the text was lowercased above.
-        api.scan(None, limit, |e| e.path().as_str().contains(&text))
+        api.scan(&caller, None, limit, |e| e.path().as_str().contains(&text))
     })
     .await
     .map_err(|e| ApiError::Unavailable(format!("search failed: {e}")))?;
@@ -538,7 +571,13 @@ async fn healthz(State(s): State<HttpState>) -> Json<dto::Health> {
 
 /// Prometheus text exposition.
 #[utoipa::path(get, path = "/metrics", responses((status = 200, body = String, content_type = "text/plain")))]
-async fn metrics(State(s): State<HttpState>) -> Response {
+async fn metrics(State(s): State<HttpState>, Extension(caller): Extension<Caller>) -> Response {
+    if let Err(e) = s
+        .api
+        .allow_root(&caller, crate::security::Role::Viewer, "metrics")
+    {
+        return HttpError::from(e).into_response();
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         s.render_metrics(),

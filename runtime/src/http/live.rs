@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use axum::extract::{Query, State};
+use axum::extract::{Extension, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -35,6 +35,7 @@ use super::error::HttpError;
 use crate::api::{ApiError, TwinApi, convert};
 use crate::core::TwinSnapshot;
 use crate::registry::TwinEntry;
+use crate::security::Caller;
 use crate::watch::{Change, Watcher};
 
 /// Updates per twin per second a client gets at most; changes in between are coalesced to the
@@ -118,15 +119,21 @@ impl Scope {
         }
     }
 
-    fn snapshot(&self, api: &TwinApi) -> Vec<TwinDto> {
+    fn snapshot(&self, api: &TwinApi, caller: &Caller) -> Vec<TwinDto> {
         let entries = match self {
             Scope::Children(root) => {
                 let depth = root.depth() + 1;
-                api.scan(Some(root), usize::MAX, |e| e.path().depth() <= depth)
-                    .0
+                api.scan(caller, Some(root), usize::MAX, |e| {
+                    e.path().depth() <= depth
+                })
+                .0
             }
             Scope::List(set) => {
-                let mut v: Vec<_> = set.iter().filter_map(|p| api.find(p)).collect();
+                let mut v: Vec<_> = set
+                    .iter()
+                    .filter(|p| caller.can_read(p))
+                    .filter_map(|p| api.find(p))
+                    .collect();
                 v.sort_by(|a, b| a.path().cmp(b.path()));
                 v
             }
@@ -178,9 +185,10 @@ impl Drop for LiveGauge {
         (status = 503, description = "too many open live streams (256); retry later", body = ErrorDto)))]
 pub async fn live(
     State(s): State<HttpState>,
+    Extension(caller): Extension<Caller>,
     q: Result<Query<LiveParams>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    match open(s, q).await {
+    match open(s, caller, q).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
@@ -188,6 +196,7 @@ pub async fn live(
 
 async fn open(
     s: HttpState,
+    caller: Caller,
     q: Result<Query<LiveParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, HttpError> {
     let Query(q) = q?;
@@ -231,7 +240,7 @@ async fn open(
         let _gauge = gauge;
         tokio::select! {
             _ = token.cancelled() => {}
-            _ = forward(s, scope, sub, tx) => {}
+            _ = forward(s, caller, scope, sub, tx) => {}
         }
     });
     Ok(Sse::new(ReceiverStream::new(rx))
@@ -254,9 +263,9 @@ async fn send<T: Serialize>(tx: &Tx, name: &'static str, data: &T) -> bool {
 
 /// Snapshot, then changes of the scope, coalesced per twin; resync after a lag. Returns when
 /// the client is gone.
-async fn forward(s: HttpState, scope: Scope, mut sub: Watcher, tx: Tx) {
+async fn forward(s: HttpState, caller: Caller, scope: Scope, mut sub: Watcher, tx: Tx) {
     let snapshot = |api: &TwinApi| SnapshotMsg {
-        twins: scope.snapshot(api),
+        twins: scope.snapshot(api, &caller),
     };
     if !send(&tx, "snapshot", &snapshot(&s.api)).await {
         return;
@@ -286,7 +295,7 @@ async fn forward(s: HttpState, scope: Scope, mut sub: Watcher, tx: Tx) {
                 None => return,
                 Some(Change::Twin(e, snap)) => {
                     let path = e.path();
-                    if !scope.holds(path) {
+                    if !scope.holds(path) || !caller.can_read(path) {
                         continue;
                     }
                     let due = last_sent
@@ -304,6 +313,9 @@ async fn forward(s: HttpState, scope: Scope, mut sub: Watcher, tx: Tx) {
                 }
                 Some(Change::Event(ev)) => {
                     last_event_seq = ev.seq;
+                    if !caller.can_read(&ev.asset) {
+                        continue;
+                    }
                     if !send(&tx, "event", &dto::event(&convert::event(&ev))).await {
                         return;
                     }

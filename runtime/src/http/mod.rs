@@ -12,20 +12,35 @@ pub mod dto;
 pub mod error;
 pub mod live;
 pub mod pages;
+pub mod signin;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use std::net::SocketAddr;
+
 use axum::Router;
 use axum::extract::{Request, State};
+use axum::http::{HeaderValue, header};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::api::TwinApi;
+use crate::security::tls::{ServerTls, tls_incoming};
+use crate::security::{Caller, Credentials};
+
+/// A client must send a request's headers within this (slow senders are cut off).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request header block.
+const MAX_HEADER_BYTES: usize = 16 << 10;
+/// The session cookie of the web page: the bearer token, unreadable by scripts.
+pub const SESSION_COOKIE: &str = "ft_token";
 
 /// Open live (SSE) streams at most: each holds a watcher queue and a task. Beyond it a new
 /// stream gets 503 and the page retries later.
@@ -107,6 +122,8 @@ pub struct HttpState {
     pub(crate) metrics: Arc<HttpMetrics>,
     pub(crate) live_slots: Arc<Semaphore>,
     pub(crate) token: CancellationToken,
+    /// Served over TLS (cookies are `Secure`, HSTS is sent).
+    pub(crate) tls: bool,
 }
 
 impl HttpState {
@@ -118,6 +135,7 @@ impl HttpState {
             metrics: Arc::new(HttpMetrics::default()),
             live_slots: Arc::new(Semaphore::new(MAX_LIVE_STREAMS)),
             token,
+            tls: false,
         }
     }
 
@@ -136,42 +154,226 @@ async fn count_requests(State(state): State<HttpState>, req: Request, next: Next
     res
 }
 
+/// What a connection shows of its client: the address and, over TLS, the verified
+/// client certificate (DER).
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub cert: Option<Arc<Vec<u8>>>,
+}
+
+/// Routes anyone may reach: health, static files, the sign-in page and the API description.
+fn is_public(path: &str) -> bool {
+    path == "/healthz"
+        || path.starts_with("/static/")
+        || path == "/signin"
+        || path == "/signout"
+        || path == "/api/v1/openapi.json"
+}
+
+/// The session token of a `Cookie` header.
+fn session_cookie(req: &Request) -> Option<&str> {
+    req.headers()
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| {
+            let (k, v) = c.trim().split_once('=')?;
+            (k == SESSION_COOKIE && !v.is_empty()).then_some(v)
+        })
+}
+
+/// Authenticates every request (bearer header, session cookie or client certificate) and
+/// hands the handlers a `Caller`. Unauthenticated: 401 JSON under `/api/` and `/metrics`,
+/// the sign-in page elsewhere; public routes pass without a caller.
+async fn authenticate(State(state): State<HttpState>, mut req: Request, next: Next) -> Response {
+    let peer = req.extensions().get::<Peer>().cloned();
+    let addr = peer.as_ref().map(|p| p.addr);
+    let path = req.uri().path();
+    if !state.api.secured() {
+        req.extensions_mut().insert(Caller::open(addr));
+        return next.run(req).await;
+    }
+    let public = is_public(path);
+    let bearer = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::security::bearer_of)
+        .or_else(|| session_cookie(&req));
+    let creds = Credentials {
+        bearer,
+        peer_cert: peer
+            .as_ref()
+            .and_then(|p| p.cert.as_deref().map(Vec::as_slice)),
+        addr,
+    };
+    if public && creds.bearer.is_none() && creds.peer_cert.is_none() {
+        return next.run(req).await;
+    }
+    match state.api.authenticate(creds) {
+        Ok(caller) => {
+            req.extensions_mut().insert(caller);
+            next.run(req).await
+        }
+        Err(_) if public => next.run(req).await,
+        Err(e) => {
+            if path.starts_with("/api/") || path == "/metrics" {
+                let mut r = error::HttpError::from(e).into_response();
+                r.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"ferrotwin\""),
+                );
+                r
+            } else {
+                signin::redirect_to_signin(req.uri())
+            }
+        }
+    }
+}
+
+/// Headers on every answer: no inline script or style, no framing, no sniffing, no referrer;
+/// over TLS, HSTS.
+async fn security_headers(State(state): State<HttpState>, req: Request, next: Next) -> Response {
+    let mut res = next.run(req).await;
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+        ),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    if state.tls {
+        h.insert(
+            header::STRICT_TRANSPORT_SECURITY,
+            HeaderValue::from_static("max-age=31536000"),
+        );
+    }
+    res
+}
+
 /// Every route of the server.
 pub fn router(state: HttpState) -> Router {
     Router::new()
         .merge(api::routes())
         .merge(pages::routes())
         .merge(assets::routes())
+        .merge(signin::routes())
         .fallback(pages::fallback)
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             count_requests,
         ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            security_headers,
+        ))
         .with_state(state)
 }
 
-/// Serves `router(state)` on `listener` until `token` is cancelled, then lets open requests
-/// finish for a grace period.
+/// Serves `router(state)` on `listener` (over TLS with `tls`) until `token` is cancelled,
+/// then lets open requests finish for a grace period. Each connection is served by hyper
+/// with a header deadline; a TLS handshake has its own (`security::tls`).
 pub async fn serve(
     listener: TcpListener,
-    state: HttpState,
+    mut state: HttpState,
     token: CancellationToken,
+    tls: Option<Arc<ServerTls>>,
 ) -> Result<(), std::io::Error> {
+    state.tls = tls.is_some();
     let app = router(state);
-    let stop = token.clone();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        stop.cancelled().await;
-    });
+    let conns = TaskTracker::new();
+    match tls {
+        Some(tls) => {
+            tls.spawn_reload(token.clone());
+            let mut incoming = tls_incoming(listener, tls, token.clone());
+            loop {
+                let s = tokio::select! {
+                    () = token.cancelled() => break,
+                    s = incoming.recv() => match s { Some(Ok(s)) => s, _ => break },
+                };
+                let (tcp, session) = s.get_ref();
+                let Ok(addr) = tcp.peer_addr() else { continue };
+                let cert = session
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(|c| Arc::new(c.as_ref().to_vec()));
+                conns.spawn(serve_conn(
+                    s,
+                    Peer { addr, cert },
+                    app.clone(),
+                    token.clone(),
+                ));
+            }
+        }
+        None => loop {
+            let (tcp, addr) = tokio::select! {
+                () = token.cancelled() => break,
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "http accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            conns.spawn(serve_conn(
+                tcp,
+                Peer { addr, cert: None },
+                app.clone(),
+                token.clone(),
+            ));
+        },
+    }
+    conns.close();
     // Live streams end with the token; a client that stopped reading a big answer would
     // still hold graceful shutdown forever: drop it after the grace period.
+    if tokio::time::timeout(SHUTDOWN_GRACE, conns.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "http connections still open {SHUTDOWN_GRACE:?} after shutdown; dropping them"
+        );
+    }
+    Ok(())
+}
+
+/// One HTTP/1.1 connection: requests go to `app` with the `Peer` in their extensions.
+async fn serve_conn<I>(io: I, peer: Peer, app: Router, token: CancellationToken)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    use tower::ServiceExt as _;
+    let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(peer.clone());
+        app.clone().oneshot(req.map(axum::body::Body::new))
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES.max(8192));
+    let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(io), svc);
+    tokio::pin!(conn);
     tokio::select! {
-        r = server => r,
-        _ = async {
-            token.cancelled().await;
-            tokio::time::sleep(SHUTDOWN_GRACE).await;
-        } => {
-            tracing::warn!("http connections still open {SHUTDOWN_GRACE:?} after shutdown; dropping them");
-            Ok(())
+        _ = conn.as_mut() => {}
+        () = token.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
         }
     }
 }

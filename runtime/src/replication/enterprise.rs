@@ -30,6 +30,11 @@ use crate::twin::TwinCtx;
 
 /// Applied batches whose ack waits for a flush, per stream.
 const PENDING_ACKS: usize = 1024;
+/// How far past the site's cursor a stream's first batch may start (the site's outbox may
+/// have dropped batches at its limit). Within a stream, batches continue the cursor one by
+/// one. A seq beyond is refused: one hostile or corrupt batch cannot move the cursor where
+/// every later batch of the site would be dropped as a duplicate.
+pub const MAX_SEQ_GAP: u64 = 1 << 20;
 
 /// What the enterprise knows about one site it accepts.
 #[derive(Debug, Default)]
@@ -136,10 +141,22 @@ impl EnterpriseReceiver {
         mirror: &SiteMirror,
         seq: u64,
         bytes: &[u8],
+        first: bool,
     ) -> Result<Option<u64>, Status> {
-        if seq <= mirror.applied_seq.load(Ordering::Acquire) {
+        let applied = mirror.applied_seq.load(Ordering::Acquire);
+        if seq <= applied {
             mirror.duplicates.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
+        }
+        let max = if first {
+            applied.saturating_add(MAX_SEQ_GAP)
+        } else {
+            applied + 1
+        };
+        if seq > max {
+            return Err(Status::failed_precondition(format!(
+                "batch {seq} does not continue the site's cursor {applied} (at most {max} here); refused"
+            )));
         }
         let batch = rec::OutboxBatch::decode(bytes).map_err(|e| {
             Status::invalid_argument(format!("batch {seq}: not an outbox batch: {e}"))
@@ -261,6 +278,7 @@ impl EnterpriseReceiver {
     async fn check_hello(
         &self,
         incoming: &mut Streaming<pb::ReplicateRequest>,
+        identity: &SiteIdentity,
     ) -> Result<(AssetPath, Arc<SiteMirror>, String), Status> {
         let first = incoming
             .message()
@@ -279,6 +297,20 @@ impl EnterpriseReceiver {
         }
         let site = AssetPath::parse(&hello.site)
             .map_err(|e| Status::invalid_argument(format!("hello.site: {e}")))?;
+        if let SiteIdentity::Certified(sites) = identity
+            && !sites.iter().any(|s| s == site.as_str())
+        {
+            tracing::warn!(site = %site, certified = ?sites, "replication refused: the certificate names other sites");
+            return Err(Status::permission_denied(format!(
+                "the client certificate names {} (SAN URI {}PATH), not {site}",
+                if sites.is_empty() {
+                    "no site".to_owned()
+                } else {
+                    sites.join(", ")
+                },
+                crate::security::authn::SITE_URI_PREFIX
+            )));
+        }
         let Some(mirror) = self.sites.get(site.as_str()).cloned() else {
             tracing::warn!(site = %site, "replication refused: site not accepted");
             return Err(Status::permission_denied(format!(
@@ -294,9 +326,31 @@ type ReplicateStream = Pin<Box<dyn Stream<Item = Result<pb::ReplicateResponse, S
 /// The enterprise's half of one stream: the welcome, acks and the error that ends it.
 type ResponseSender = mpsc::Sender<Result<pb::ReplicateResponse, Status>>;
 
-/// The gRPC face of an `EnterpriseReceiver`.
+/// Who opened a replication stream.
+#[derive(Debug)]
+enum SiteIdentity {
+    /// Security off: the hello's word is taken (loopback only).
+    Unchecked,
+    /// The sites the verified client certificate names (SAN URIs `urn:ferrotwin:site:PATH`).
+    Certified(Vec<String>),
+}
+
+/// The gRPC face of an `EnterpriseReceiver`. With `require_cert`, a stream is accepted only
+/// from a verified client certificate that names the site its hello claims.
 #[derive(Clone)]
-pub struct ReplicationApi(pub Arc<EnterpriseReceiver>);
+pub struct ReplicationApi {
+    receiver: Arc<EnterpriseReceiver>,
+    require_cert: bool,
+}
+
+impl ReplicationApi {
+    pub fn new(receiver: Arc<EnterpriseReceiver>, require_cert: bool) -> ReplicationApi {
+        ReplicationApi {
+            receiver,
+            require_cert,
+        }
+    }
+}
 
 #[tonic::async_trait]
 impl ReplicationService for ReplicationApi {
@@ -308,9 +362,28 @@ impl ReplicationService for ReplicationApi {
         &self,
         req: Request<Streaming<pb::ReplicateRequest>>,
     ) -> Result<Response<ReplicateStream>, Status> {
+        let identity = if self.require_cert {
+            let certs = req.peer_certs().ok_or_else(|| {
+                tracing::warn!(addr = ?req.remote_addr(), "replication refused: no client certificate");
+                Status::unauthenticated(
+                    "replication needs the site's client certificate (mTLS)",
+                )
+            })?;
+            let der = certs.first().ok_or_else(|| {
+                Status::unauthenticated("replication needs the site's client certificate")
+            })?;
+            SiteIdentity::Certified(
+                crate::security::authn::site_uris(der).map_err(Status::unauthenticated)?,
+            )
+        } else {
+            SiteIdentity::Unchecked
+        };
         let mut incoming = req.into_inner();
-        let (stream, one_stream, responses) = SiteStream::handshake(&self.0, &mut incoming).await?;
-        self.0.tracker.spawn(stream.run(incoming, one_stream));
+        let (stream, one_stream, responses) =
+            SiteStream::handshake(&self.receiver, &mut incoming, &identity).await?;
+        self.receiver
+            .tracker
+            .spawn(stream.run(incoming, one_stream));
         Ok(Response::new(Box::pin(ReceiverStream::new(responses))))
     }
 }
@@ -336,6 +409,7 @@ impl SiteStream {
     async fn handshake(
         receiver: &Arc<EnterpriseReceiver>,
         incoming: &mut Streaming<pb::ReplicateRequest>,
+        identity: &SiteIdentity,
     ) -> Result<
         (
             SiteStream,
@@ -344,7 +418,7 @@ impl SiteStream {
         ),
         Status,
     > {
-        let (site, mirror, agent) = receiver.check_hello(incoming).await?;
+        let (site, mirror, agent) = receiver.check_hello(incoming, identity).await?;
         // A new stream of the site replaces the previous one (which may be half-open).
         let token = receiver.token.child_token();
         if let Some(old) = mirror
@@ -442,6 +516,7 @@ impl SiteStream {
         acks: mpsc::Sender<(u64, u64)>,
     ) {
         let site = &self.site;
+        let mut first = true;
         loop {
             let next = tokio::select! {
                 () = self.token.cancelled() => return,
@@ -463,10 +538,13 @@ impl SiteStream {
             };
             match self
                 .receiver
-                .apply(site, &self.mirror, b.seq, &b.batch)
+                .apply(site, &self.mirror, b.seq, &b.batch, first)
                 .await
             {
                 Ok(generation) => {
+                    if generation.is_some() {
+                        first = false;
+                    }
                     // A duplicate is acked once the flush after now is on disk: its
                     // first application may still be on its way there.
                     let g =

@@ -47,6 +47,53 @@ pub struct SiteReplication {
     pub reconnect_min_ms: u64,
     #[serde(default = "defaults::reconnect_max_ms")]
     pub reconnect_max_ms: u64,
+    /// mTLS to the enterprise (`enterprise` then starts with `https://`). Read again at
+    /// every connect, so renewed files apply without a restart.
+    #[serde(default)]
+    pub tls: Option<SiteTls>,
+}
+
+/// `[replication.tls]`: the site's certificate (its SAN URI `urn:ferrotwin:site:PATH` names
+/// the site) and the CA the enterprise's certificate must chain to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteTls {
+    /// PEM CA certificate(s) that sign the enterprise's certificate.
+    pub ca: std::path::PathBuf,
+    /// PEM certificate of this site.
+    pub cert: std::path::PathBuf,
+    /// PEM private key of this site.
+    pub key: std::path::PathBuf,
+    /// The name the enterprise's certificate must carry (default: the endpoint's host).
+    #[serde(default)]
+    pub domain: Option<String>,
+}
+
+impl SiteTls {
+    pub fn resolve_paths(&mut self, base: &std::path::Path) {
+        for p in [&mut self.ca, &mut self.cert, &mut self.key] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+    }
+
+    /// tonic's client TLS of these files (read now).
+    pub fn client_config(&self) -> Result<tonic::transport::ClientTlsConfig, String> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| format!("{}: cannot read: {e}", p.display()))
+        };
+        let mut c = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(read(&self.ca)?))
+            .identity(tonic::transport::Identity::from_pem(
+                read(&self.cert)?,
+                read(&self.key)?,
+            ));
+        if let Some(d) = &self.domain {
+            c = c.domain_name(d.clone());
+        }
+        Ok(c)
+    }
 }
 
 /// `[enterprise]` of an enterprise config: which sites it accepts.
@@ -87,6 +134,7 @@ impl SiteReplication {
             aggregate_window_ms: defaults::aggregate_window_ms(),
             reconnect_min_ms: defaults::reconnect_min_ms(),
             reconnect_max_ms: defaults::reconnect_max_ms(),
+            tls: None,
         }
     }
 }

@@ -70,6 +70,8 @@ enum SendError {
     },
     #[error("enterprise refused the stream: {0}")]
     Refused(tonic::Status),
+    #[error("replication TLS: {0}")]
+    Tls(String),
     #[error("stream broke: {0}")]
     Stream(tonic::Status),
     #[error("enterprise closed the stream")]
@@ -139,11 +141,22 @@ async fn stream_once(
     token: &CancellationToken,
 ) -> Result<(), SendError> {
     let endpoint = cfg.enterprise.clone();
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())
-        .map_err(|source| SendError::Connect {
+    let mut ep = tonic::transport::Endpoint::from_shared(endpoint.clone()).map_err(|source| {
+        SendError::Connect {
             endpoint: endpoint.clone(),
             source,
-        })?
+        }
+    })?;
+    if let Some(tls) = &cfg.tls {
+        // Read at every connect: renewed certificates apply without a restart.
+        ep = ep
+            .tls_config(tls.client_config().map_err(SendError::Tls)?)
+            .map_err(|source| SendError::Connect {
+                endpoint: endpoint.clone(),
+                source,
+            })?;
+    }
+    let channel = ep
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         // A half-open link (a dead enterprise, a silent firewall) ends the stream within

@@ -14,6 +14,7 @@
 //! - `meta`: "meta" → `Meta` (format version)
 //! - `outbox` (when replication is on, see `outbox`): outbox seq (8) → `OutboxBatch`
 
+pub mod audit;
 pub mod codec;
 pub mod outbox;
 
@@ -58,6 +59,12 @@ pub struct StoreConfig {
     /// disk lags by (dirty twins / this) flush intervals instead of the writer falling behind.
     #[serde(default = "defaults::max_snapshots_per_flush")]
     pub max_snapshots_per_flush: usize,
+    /// Audit records older than this are deleted (0 = kept for ever).
+    #[serde(default = "defaults::audit_retention_days")]
+    pub audit_retention_days: u64,
+    /// Audit records kept at most; the oldest are deleted beyond it.
+    #[serde(default = "defaults::max_audit_records")]
+    pub max_audit_records: u64,
 }
 
 mod defaults {
@@ -79,6 +86,12 @@ mod defaults {
     pub fn max_snapshots_per_flush() -> usize {
         20_000
     }
+    pub fn audit_retention_days() -> u64 {
+        400
+    }
+    pub fn max_audit_records() -> u64 {
+        10_000_000
+    }
 }
 
 impl Default for StoreConfig {
@@ -90,6 +103,8 @@ impl Default for StoreConfig {
             event_retention_hours: defaults::event_retention_hours(),
             max_queued_bytes: defaults::max_queued_bytes(),
             max_snapshots_per_flush: defaults::max_snapshots_per_flush(),
+            audit_retention_days: defaults::audit_retention_days(),
+            max_audit_records: defaults::max_audit_records(),
         }
     }
 }
@@ -230,6 +245,8 @@ pub struct Store {
     /// Event seqs below this are durably reserved (see `put_event`).
     seq_reserved: AtomicU64,
     meta: sled::Tree,
+    /// The hash-chained audit log (`audit`).
+    audit: audit::AuditLog,
     wake: Condvar,
     wake_lock: Mutex<bool>,
     stopping: AtomicBool,
@@ -351,6 +368,7 @@ impl Store {
             .unwrap_or(0);
         let next_seq = after_events.max(reserved);
         let room = Semaphore::new(cfg.max_queued_bytes);
+        let audit = audit::AuditLog::open(&db, meta.clone()).map_err(io)?;
         Ok(Store {
             dir,
             db,
@@ -367,6 +385,7 @@ impl Store {
             chunk_counter: std::sync::atomic::AtomicU32::new(Timestamp::now().0 as u32),
             seq_reserved: AtomicU64::new(next_seq),
             meta,
+            audit,
             wake: Condvar::new(),
             wake_lock: Mutex::new(false),
             stopping: AtomicBool::new(false),
@@ -444,6 +463,11 @@ impl Store {
             .lock()
             .expect("recovery lock is never poisoned") = recovery;
         Ok(self.outbox.get_or_init(|| ob))
+    }
+
+    /// The audit log.
+    pub fn audit(&self) -> &audit::AuditLog {
+        &self.audit
     }
 
     pub fn outbox(&self) -> Option<&outbox::Outbox> {
@@ -640,6 +664,10 @@ impl Store {
                 last_retention = Instant::now();
                 if let Err(e) = self.apply_retention(Timestamp::now()) {
                     tracing::warn!(error = %e, "history retention sweep failed");
+                }
+                let (days, max) = (self.cfg.audit_retention_days, self.cfg.max_audit_records);
+                if let Err(e) = self.audit.apply_retention(Timestamp::now(), days, max) {
+                    tracing::warn!(error = %e, "audit retention sweep failed");
                 }
             }
             if stopping {

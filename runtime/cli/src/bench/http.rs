@@ -223,7 +223,7 @@ pub async fn http(b: HttpBench) -> Result<String> {
     let rt = Runtime::start(&spec, dir.path(), opts).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    rt.serve_http(listener);
+    rt.serve_http(listener).expect("serve");
     let all = rt.api().entries_below(None);
     let ids: Arc<Vec<(AssetId, ValueType)>> = Arc::new(super::sensor_ids(&spec));
     let lines: Vec<String> = all

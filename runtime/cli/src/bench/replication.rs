@@ -49,7 +49,7 @@ pub async fn replication(b: ReplicationBench) -> Result<String> {
     let ent = Runtime::start(&spec, &dir.path().join("e"), ent_opts).await?;
     let l = TcpListener::bind("127.0.0.1:0").await?;
     let ent_addr = l.local_addr()?;
-    ent.serve_grpc(l);
+    ent.serve_grpc(l).expect("serve");
     let relay = Relay::to(ent_addr).await?;
     let mut r = SiteReplication::new(format!("http://{}", relay.addr));
     r.history = b.history;
@@ -112,7 +112,8 @@ pub async fn replication(b: ReplicationBench) -> Result<String> {
     // The enterprise's view of this site's stream (batches applied, the seq reached).
     let mirror = || {
         ent_api
-            .replication_status()
+            .replication_status(&ferrotwin_runtime::security::Caller::open(None))
+            .expect("the open caller may read")
             .sites
             .into_iter()
             .find(|s| s.site == site_path)
