@@ -55,7 +55,7 @@ pub use core::{
     TwinState,
 };
 pub use inference::{ModelError, ModelWindow, OnnxModel};
-pub use replication::{EnterpriseRole, HistoryPolicy, SiteReplication};
+pub use replication::{EnterpriseRole, HistoryPolicy, SiteReplication, SiteTls};
 pub use runtime::{IngestOptions, Runtime, RuntimeError, RuntimeOptions};
 pub use store::outbox::OutboxLag;
 pub use store::{EventFilter, StoreConfig, StoreError, StoreStats};

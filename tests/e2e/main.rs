@@ -11,4 +11,5 @@ mod ingest;
 mod plc;
 mod recovery;
 mod replication;
+mod security;
 mod supervision;

@@ -21,9 +21,36 @@ pub struct Args {
 
 #[derive(clap::Args)]
 pub struct Remote {
-    /// Address of a running ferrotwin gRPC API.
+    /// Address of a running ferrotwin gRPC API (`https://…` for TLS).
     #[arg(long, env = "FERROTWIN_ADDR", default_value = "127.0.0.1:50051")]
     pub addr: String,
+    /// Bearer token: a JWT of your identity provider or a service token (`ftk.…`).
+    #[arg(long, env = "FERROTWIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// PEM CA that signs the runtime's certificate (turns TLS on).
+    #[arg(long, env = "FERROTWIN_CA")]
+    pub ca: Option<PathBuf>,
+    /// Client certificate and key (mTLS), instead of or besides a token.
+    #[arg(long, env = "FERROTWIN_CERT")]
+    pub cert: Option<PathBuf>,
+    #[arg(long, env = "FERROTWIN_KEY")]
+    pub key: Option<PathBuf>,
+    /// Name the runtime's certificate must carry (default: the address's host).
+    #[arg(long)]
+    pub tls_domain: Option<String>,
+}
+
+impl Remote {
+    pub fn connect(&self) -> ferrotwin_cli::client::Connect {
+        ferrotwin_cli::client::Connect {
+            addr: self.addr.clone(),
+            token: self.token.clone(),
+            ca: self.ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            domain: self.tls_domain.clone(),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -49,6 +76,10 @@ pub enum Cmd {
         /// How the simulator's readings reach the sites.
         #[arg(long, value_enum, default_value = "in-process")]
         via: demo::Via,
+        /// TLS on every listener, mTLS replication, a CA and certificates in
+        /// DATA_DIR/pki/, and a printed token per role (viewer, operator, engineer, admin).
+        #[arg(long)]
+        secure: bool,
     },
     /// Run a site or an enterprise from a config file (plant spec, data dir, listen address,
     /// PLC connections, replication).
@@ -132,7 +163,9 @@ pub enum Cmd {
     Ack {
         path: String,
         alarm: String,
-        #[arg(long)]
+        /// Who acknowledges, on a runtime without security (with security: who you signed
+        /// in as).
+        #[arg(long, default_value = "")]
         by: String,
         #[arg(long, default_value = "")]
         comment: String,
@@ -144,7 +177,8 @@ pub enum Cmd {
         path: String,
         property: String,
         value: String,
-        #[arg(long)]
+        /// Who writes, on a runtime without security (with security: who you signed in as).
+        #[arg(long, default_value = "")]
         by: String,
         #[command(flatten)]
         remote: Remote,
@@ -153,6 +187,39 @@ pub enum Cmd {
     Connections {
         #[command(flatten)]
         remote: Remote,
+    },
+    /// Who the runtime takes you for, and your grants.
+    Whoami {
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// The audit log (admin): list and filter, or `audit verify` its hash chain.
+    Audit {
+        /// `verify`: walk the hash chain and name the first broken record.
+        #[arg(value_parser = ["verify"])]
+        verify: Option<String>,
+        /// Records after this seq.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Substring of the subject (`user:alice`, `token:scada`).
+        #[arg(long, default_value = "")]
+        subject: String,
+        /// Substring of the action (write, acknowledge, shelve, sign-in, denied).
+        #[arg(long, default_value = "")]
+        action: String,
+        /// Substring of the target (an asset path).
+        #[arg(long, default_value = "")]
+        target: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Make a service token: prints the token (give it to the client) and the argon2 hash
+    /// for `[[security.tokens]]` (the runtime keeps only the hash).
+    Token {
+        /// The token's name (`token:NAME` in grants).
+        name: String,
     },
     /// Benchmarks.
     Bench {

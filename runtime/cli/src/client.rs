@@ -8,19 +8,148 @@ use ferrotwin_models::Timestamp;
 use ferrotwin_proto::v1 as pb;
 use ferrotwin_proto::v1::twin_service_client::TwinServiceClient;
 use ferrotwin_runtime::names;
-use tonic::transport::Channel;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-pub type Client = TwinServiceClient<Channel>;
+pub type Client = TwinServiceClient<InterceptedService<Channel, Bearer>>;
 
-pub async fn connect(addr: &str) -> Result<Client> {
-    let url = if addr.starts_with("http://") || addr.starts_with("https://") {
-        addr.to_string()
+/// How to reach a runtime: its address and, with security on, TLS and credentials.
+#[derive(Debug, Clone, Default)]
+pub struct Connect {
+    /// `host:port`, `http://…` or `https://…` (TLS is used with `https://` or `ca`).
+    pub addr: String,
+    /// A bearer token (a JWT or a service token `ftk.…`).
+    pub token: Option<String>,
+    /// PEM CA the server's certificate must chain to.
+    pub ca: Option<std::path::PathBuf>,
+    /// A client certificate and key (mTLS).
+    pub cert: Option<std::path::PathBuf>,
+    pub key: Option<std::path::PathBuf>,
+    /// The name the server's certificate must carry (default: the address's host).
+    pub domain: Option<String>,
+}
+
+/// Adds `authorization: Bearer …` to every call (nothing without a token).
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+pub async fn connect(c: &Connect) -> Result<Client> {
+    let tls = c.ca.is_some() || c.cert.is_some() || c.addr.starts_with("https://");
+    let url = if c.addr.starts_with("http://") || c.addr.starts_with("https://") {
+        c.addr.clone()
+    } else if tls {
+        format!("https://{}", c.addr)
     } else {
-        format!("http://{addr}")
+        format!("http://{}", c.addr)
     };
-    TwinServiceClient::connect(url.clone())
+    let mut ep = Endpoint::from_shared(url.clone())
+        .with_context(|| format!("{url} is not an address"))?
+        .tcp_nodelay(true);
+    if tls {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
+        };
+        let mut t = ClientTlsConfig::new();
+        if let Some(ca) = &c.ca {
+            t = t.ca_certificate(Certificate::from_pem(read(ca)?));
+        }
+        match (&c.cert, &c.key) {
+            (Some(cert), Some(key)) => {
+                t = t.identity(Identity::from_pem(read(cert)?, read(key)?));
+            }
+            (None, None) => {}
+            _ => anyhow::bail!("give both --cert and --key for a client certificate"),
+        }
+        if let Some(d) = &c.domain {
+            t = t.domain_name(d.clone());
+        }
+        ep = ep.tls_config(t).context("TLS settings")?;
+    }
+    let channel = ep
+        .connect()
         .await
-        .with_context(|| format!("cannot reach a ferrotwin runtime at {url}"))
+        .with_context(|| format!("cannot reach a ferrotwin runtime at {url}"))?;
+    let token = match &c.token {
+        Some(t) => Some(
+            format!("Bearer {}", t.trim())
+                .parse()
+                .context("the token has characters a header cannot carry")?,
+        ),
+        None => None,
+    };
+    Ok(TwinServiceClient::with_interceptor(channel, Bearer(token)))
+}
+
+/// `ferrotwin whoami`.
+pub async fn whoami(client: &mut Client) -> Result<String> {
+    let me = client
+        .who_am_i(pb::WhoAmIRequest {})
+        .await
+        .map_err(status)?
+        .into_inner();
+    let mut s = format!("{} (by {})\n", me.subject, me.method);
+    for g in me.grants {
+        let _ = writeln!(s, "  {:<9} on {}", g.role, g.paths.join(", "));
+    }
+    Ok(s)
+}
+
+/// `ferrotwin audit`: records in seq order, filtered.
+pub async fn audit(client: &mut Client, req: pb::ListAuditRequest) -> Result<String> {
+    let r = client.list_audit(req).await.map_err(status)?.into_inner();
+    let mut s = String::new();
+    for a in &r.records {
+        let _ = writeln!(
+            s,
+            "{:>6} {} {:<20} {:<15} {:<11} {} {} -> {}",
+            a.seq,
+            Timestamp(a.ts_us),
+            a.subject,
+            a.source,
+            a.action,
+            a.target,
+            if a.value.is_empty() { "-" } else { &a.value },
+            a.result
+        );
+    }
+    if r.records.is_empty() {
+        s.push_str("no audit records match\n");
+    }
+    if r.next_after_seq > 0 {
+        let _ = writeln!(s, "more: --after {}", r.next_after_seq);
+    }
+    Ok(s)
+}
+
+/// `ferrotwin audit verify`: the chain holds, or the first broken record (an error).
+pub async fn audit_verify(client: &mut Client) -> Result<String> {
+    let v = client
+        .verify_audit(pb::VerifyAuditRequest {})
+        .await
+        .map_err(status)?
+        .into_inner();
+    if v.intact {
+        Ok(format!(
+            "audit log intact: {} records, hash chain holds\n",
+            v.records
+        ))
+    } else {
+        anyhow::bail!(
+            "audit log BROKEN at record {}: {} ({} records checked)",
+            v.broken_seq,
+            v.broken_reason,
+            v.records
+        )
+    }
 }
 
 fn status(e: tonic::Status) -> anyhow::Error {

@@ -3,7 +3,7 @@
 //! loopback to an enterprise runtime that mirrors both. Nothing to install.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -20,7 +20,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::feeds;
-use ferrotwin_runtime::{EnterpriseRole, SiteReplication};
+use crate::pki::{Issued, Pki};
+use ferrotwin_runtime::security::authn::new_service_token;
+use ferrotwin_runtime::security::{
+    GrantConfig, Role as SecRole, SecurityConfig, ServiceToken, TlsConfig,
+};
+use ferrotwin_runtime::{EnterpriseRole, SiteReplication, SiteTls};
 use ferrotwin_runtime::{Runtime, RuntimeOptions};
 
 /// Faults are this many times as frequent as in the simulator's default plant, so that an
@@ -59,6 +64,59 @@ pub struct DemoOptions {
     /// Stop after this long (`None`: until Ctrl-C).
     pub duration: Option<Duration>,
     pub via: Via,
+    /// TLS on every listener, mTLS replication, a CA and certificates in `DATA_DIR/pki/`,
+    /// a service token per role (printed).
+    pub secure: bool,
+}
+
+/// The demo's security: one config for every runtime, each site's certificate, the tokens.
+struct DemoSecurity {
+    config: SecurityConfig,
+    ca: PathBuf,
+    sites: std::collections::HashMap<String, Issued>,
+    tokens: Vec<(&'static str, String)>,
+}
+
+/// A CA and certificates in `dir`, a service token per role, grants on the whole plant.
+fn demo_security(dir: &Path, site_paths: &[String]) -> Result<DemoSecurity> {
+    let pki = Pki::create(dir)?;
+    let server = pki.server("server", &["localhost", "127.0.0.1"])?;
+    let mut sites = std::collections::HashMap::new();
+    for p in site_paths {
+        let file = format!("site-{}", p.replace('/', "-"));
+        sites.insert(p.clone(), pki.site(&file, p)?);
+    }
+    let mut tokens = Vec::new();
+    let mut config = SecurityConfig {
+        tls: Some(TlsConfig {
+            cert: server.cert,
+            key: server.key,
+            client_ca: Some(pki.ca()),
+            require_client_cert: false,
+            crl: None,
+            reload_interval_ms: 2000,
+        }),
+        ..SecurityConfig::default()
+    };
+    for role in ["viewer", "operator", "engineer", "admin"] {
+        let (token, hash) = new_service_token(role).map_err(anyhow::Error::msg)?;
+        config.tokens.push(ServiceToken {
+            name: role.into(),
+            hash,
+        });
+        config.grants.push(GrantConfig {
+            subject: format!("token:{role}"),
+            role: SecRole::parse(role).expect("a role"),
+            paths: vec!["**".into()],
+        });
+        tokens.push((role, token));
+    }
+    Ok(DemoSecurity {
+        config,
+        ca: pki.ca(),
+        sites,
+        tokens,
+    })
 }
 
 /// What feeds one site.
@@ -128,11 +186,17 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
         .map(|s| format!("{}/{}", spec.enterprise, s.name))
         .collect();
 
+    let security = if opts.secure {
+        Some(demo_security(&dir.join("pki"), &site_paths)?)
+    } else {
+        None
+    };
     let enterprise = {
         let o = RuntimeOptions {
             enterprise: Some(EnterpriseRole {
                 accept: site_paths.clone(),
             }),
+            security: security.as_ref().map(|s| s.config.clone()),
             ..RuntimeOptions::default()
         };
         let d = dir.join("enterprise");
@@ -152,9 +216,22 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
         let sspec = site_spec(&spec, &s.name);
         let d = dir.join(&s.name);
         std::fs::create_dir_all(&d)?;
-        let mut o = RuntimeOptions::default();
-        let mut r = SiteReplication::new(format!("http://{enterprise_addr}"));
+        let mut o = RuntimeOptions {
+            security: security.as_ref().map(|s| s.config.clone()),
+            ..RuntimeOptions::default()
+        };
+        let scheme = if security.is_some() { "https" } else { "http" };
+        let mut r = SiteReplication::new(format!("{scheme}://{enterprise_addr}"));
         r.site = Some(path.clone());
+        if let Some(sec) = &security {
+            let cert = &sec.sites[path];
+            r.tls = Some(SiteTls {
+                ca: sec.ca.clone(),
+                cert: cert.cert.clone(),
+                key: cert.key.clone(),
+                domain: Some("localhost".into()),
+            });
+        }
         o.replication = Some(r);
         let seed = opts.seed.wrapping_add(sites.len() as u64);
         let (rt, feed) = match opts.via {
@@ -249,28 +326,66 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
         },
         dir.display()
     );
+    let web = if security.is_some() { "https" } else { "http" };
     println!(
-        "enterprise gRPC API on {enterprise_addr} (mirrors of every site; health and reflection included)"
+        "enterprise gRPC API on {enterprise_addr}{} (mirrors of every site; health and reflection included)",
+        if security.is_some() { " over TLS" } else { "" }
     );
     for s in &sites {
         println!(
-            "site {} gRPC API on {}, web browser on http://{}/ (replicating to the enterprise)",
-            s.path, s.addr, s.http
+            "site {} gRPC API on {}, web browser on {web}://{}/ (replicating to the enterprise{})",
+            s.path,
+            s.addr,
+            s.http,
+            if security.is_some() { " over mTLS" } else { "" }
         );
     }
     println!(
-        "open the web browser of the whole enterprise (every site side by side): http://{enterprise_http}/"
+        "open the web browser of the whole enterprise (every site side by side): {web}://{enterprise_http}/"
     );
+    // With security: one line per demo user, and the CA the clients must trust.
+    let (tls_args, grpcurl) = match &security {
+        Some(sec) => {
+            println!(
+                "security on: TLS everywhere, CA {} (trust it in your browser or pass it with --ca); sign in with a token:",
+                sec.ca.display()
+            );
+            for (role, token) in &sec.tokens {
+                println!("token {role} {token}");
+            }
+            let admin = &sec.tokens[sec.tokens.len() - 1].1;
+            (
+                format!(" --ca {} --token {admin}", sec.ca.display()),
+                format!(
+                    "grpcurl -cacert {} -H 'authorization: Bearer {admin}' {enterprise_addr} list",
+                    sec.ca.display()
+                ),
+            )
+        }
+        None => (
+            String::new(),
+            format!("grpcurl -plaintext {enterprise_addr} list"),
+        ),
+    };
     println!("try (from the repo, `cargo run --release --` in place of `ferrotwin`):");
-    println!("  ferrotwin tree --addr {enterprise_addr} --depth 3");
-    println!("  ferrotwin replication --addr {enterprise_addr}");
+    println!("  ferrotwin tree --addr {enterprise_addr} --depth 3{tls_args}");
+    println!("  ferrotwin replication --addr {enterprise_addr}{tls_args}");
     if let Some(s) = sites.first() {
-        println!("  ferrotwin replication --addr {}", s.addr);
-        println!("  ferrotwin connections --addr {}", s.addr);
-        println!("  ferrotwin watch --addr {} {} --events", s.addr, s.path);
+        println!("  ferrotwin replication --addr {}{tls_args}", s.addr);
+        println!("  ferrotwin connections --addr {}{tls_args}", s.addr);
+        println!(
+            "  ferrotwin watch --addr {} {} --events{tls_args}",
+            s.addr, s.path
+        );
     }
-    println!("  ferrotwin query --addr {enterprise_addr} 'level = sensor and alarm = active'");
-    println!("  grpcurl -plaintext {enterprise_addr} list");
+    println!(
+        "  ferrotwin query --addr {enterprise_addr} 'level = sensor and alarm = active'{tls_args}"
+    );
+    if security.is_some() {
+        println!("  ferrotwin whoami --addr {enterprise_addr}{tls_args}");
+        println!("  ferrotwin audit --addr {enterprise_addr}{tls_args}");
+    }
+    println!("  {grpcurl}");
     println!("stop with Ctrl-C");
 
     match opts.duration {

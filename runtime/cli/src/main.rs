@@ -31,6 +31,7 @@ async fn main() -> Result<()> {
             speed,
             for_s,
             via,
+            secure,
         } => {
             // The embedded broker logs every readiness probe as an error: quiet in the demo.
             init_tracing("info,sled=warn,rumqttd=off");
@@ -42,6 +43,7 @@ async fn main() -> Result<()> {
                 speed,
                 duration: for_s.map(Duration::from_secs),
                 via,
+                secure,
             })
             .await
         }
@@ -59,13 +61,13 @@ async fn main() -> Result<()> {
             remote,
         } => {
             init_tracing("warn");
-            let mut c = cli::connect(&remote.addr).await?;
+            let mut c = cli::connect(&remote.connect()).await?;
             print!("{}", cli::tree(&mut c, &path, depth).await?);
             Ok(())
         }
         Cmd::Get { path, remote } => {
             init_tracing("warn");
-            let mut c = cli::connect(&remote.addr).await?;
+            let mut c = cli::connect(&remote.connect()).await?;
             print!("{}", cli::get(&mut c, &path).await?);
             Ok(())
         }
@@ -75,7 +77,7 @@ async fn main() -> Result<()> {
             remote,
         } => {
             init_tracing("warn");
-            let mut c = cli::connect(&remote.addr).await?;
+            let mut c = cli::connect(&remote.connect()).await?;
             cli::watch(&mut c, &path, events, None).await
         }
         Cmd::Query {
@@ -85,7 +87,7 @@ async fn main() -> Result<()> {
             remote,
         } => {
             init_tracing("warn");
-            let mut c = cli::connect(&remote.addr).await?;
+            let mut c = cli::connect(&remote.connect()).await?;
             print!(
                 "{}",
                 cli::query(&mut c, &expr, limit, rank.as_deref()).await?
@@ -100,7 +102,7 @@ async fn main() -> Result<()> {
             remote,
         } => {
             init_tracing("warn");
-            let mut c = cli::connect(&remote.addr).await?;
+            let mut c = cli::connect(&remote.connect()).await?;
             print!(
                 "{}",
                 cli::history(&mut c, &path, &property, since, max_points).await?
@@ -113,7 +115,7 @@ async fn main() -> Result<()> {
             remote,
         } => {
             init_tracing("warn");
-            let mut c = cli::connect(&remote.addr).await?;
+            let mut c = cli::connect(&remote.connect()).await?;
             print!("{}", cli::events(&mut c, &path, limit).await?);
             Ok(())
         }
@@ -125,7 +127,7 @@ async fn main() -> Result<()> {
             remote,
         } => {
             init_tracing("warn");
-            let mut c = cli::connect(&remote.addr).await?;
+            let mut c = cli::connect(&remote.connect()).await?;
             print!("{}", cli::ack(&mut c, &path, &alarm, &by, &comment).await?);
             Ok(())
         }
@@ -137,7 +139,7 @@ async fn main() -> Result<()> {
             remote,
         } => {
             init_tracing("warn");
-            let mut c = cli::connect(&remote.addr).await?;
+            let mut c = cli::connect(&remote.connect()).await?;
             print!(
                 "{}",
                 cli::write(&mut c, &path, &property, &value, &by).await?
@@ -146,14 +148,53 @@ async fn main() -> Result<()> {
         }
         Cmd::Replication { remote } => {
             init_tracing("warn");
-            let mut c = cli::connect(&remote.addr).await?;
+            let mut c = cli::connect(&remote.connect()).await?;
             print!("{}", cli::replication(&mut c).await?);
             Ok(())
         }
         Cmd::Connections { remote } => {
             init_tracing("warn");
-            let mut c = cli::connect(&remote.addr).await?;
+            let mut c = cli::connect(&remote.connect()).await?;
             print!("{}", cli::connections(&mut c).await?);
+            Ok(())
+        }
+        Cmd::Whoami { remote } => {
+            init_tracing("warn");
+            let mut c = cli::connect(&remote.connect()).await?;
+            print!("{}", cli::whoami(&mut c).await?);
+            Ok(())
+        }
+        Cmd::Audit {
+            verify,
+            after,
+            limit,
+            subject,
+            action,
+            target,
+            remote,
+        } => {
+            init_tracing("warn");
+            let mut c = cli::connect(&remote.connect()).await?;
+            if verify.is_some() {
+                print!("{}", cli::audit_verify(&mut c).await?);
+            } else {
+                let req = ferrotwin_proto::v1::ListAuditRequest {
+                    after_seq: after,
+                    limit,
+                    subject,
+                    action,
+                    target,
+                    ..Default::default()
+                };
+                print!("{}", cli::audit(&mut c, req).await?);
+            }
+            Ok(())
+        }
+        Cmd::Token { name } => {
+            let (token, hash) = ferrotwin_runtime::security::authn::new_service_token(&name)
+                .map_err(anyhow::Error::msg)?;
+            println!("token {token}");
+            println!("[[security.tokens]]\nname = \"{name}\"\nhash = \"{hash}\"");
             Ok(())
         }
         Cmd::Bench {

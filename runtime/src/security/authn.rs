@@ -525,6 +525,15 @@ pub fn hash_secret(secret: &str) -> Result<String, String> {
 
 /// A new service token for `name`: (the token clients send, the hash for the config).
 pub fn new_service_token(name: &str) -> Result<(String, String), String> {
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(format!(
+            "token name {name:?}: use letters, digits, '-' and '_' only"
+        ));
+    }
     let mut bytes = [0u8; 24];
     getrandom::fill(&mut bytes).map_err(|e| format!("no randomness: {e}"))?;
     let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();

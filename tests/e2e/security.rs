@@ -1,0 +1,867 @@
+//! Security over real sockets: TLS and mTLS, JWTs signed as an identity provider signs them,
+//! service tokens, roles scoped to the asset tree, the audit log, and one test per bad
+//! actor (nothing they send is applied).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferrotwin_cli::pki::{Issued, Pki};
+use ferrotwin_proto::v1 as pb;
+use ferrotwin_proto::v1::replication_service_client::ReplicationServiceClient;
+use ferrotwin_proto::v1::twin_service_client::TwinServiceClient;
+use ferrotwin_runtime::security::SecurityConfig;
+use ferrotwin_runtime::security::authn::new_service_token;
+use ferrotwin_runtime::{EnterpriseRole, Runtime, RuntimeOptions};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::{Code, Request};
+
+use crate::common::*;
+
+const ISSUER: &str = "https://idp.example.test";
+const AUDIENCE: &str = "ferrotwin";
+const OVEN_TEMP: &str = "acme/berlin/assembly/line-1/oven-1/zone-temp";
+
+/// A runtime (an enterprise accepting acme/berlin) with every kind of security on.
+struct Secured {
+    _dir: tempfile::TempDir,
+    data: PathBuf,
+    rt: Option<Runtime>,
+    grpc: SocketAddr,
+    http: SocketAddr,
+    ca: PathBuf,
+    /// Service tokens by role name.
+    tokens: std::collections::HashMap<&'static str, String>,
+    idp_key: EncodingKey,
+    alice: Issued,
+    revoked: Issued,
+    berlin: Issued,
+    paris: Issued,
+    config: SecurityConfig,
+}
+
+fn b64url(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for c in bytes.chunks(3) {
+        let n = c
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..=c.len() {
+            out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+fn ec_key() -> (EncodingKey, String) {
+    let kp = rcgen::KeyPair::generate().expect("key");
+    let pem = kp.serialize_pem();
+    (
+        EncodingKey::from_ec_pem(pem.as_bytes()).expect("ec key"),
+        pem,
+    )
+}
+
+impl Secured {
+    async fn start() -> Secured {
+        let dir = tempfile::tempdir().expect("dir");
+        let pki_dir = dir.path().join("pki");
+        let pki = Pki::create(&pki_dir).expect("pki");
+        let server = pki
+            .server("server", &["localhost", "127.0.0.1"])
+            .expect("server");
+        let alice = pki.user("alice", "alice").expect("user");
+        let revoked = pki.user("mallory", "mallory").expect("user");
+        let berlin = pki.site("site-berlin", "acme/berlin").expect("site");
+        let paris = pki.site("site-paris", "acme/paris").expect("site");
+        let crl = pki.crl(&[revoked.serial]).expect("crl");
+        // The identity provider: an EC key whose public half is in the JWKS file.
+        let (idp_key, _) = ec_key();
+        let mut jwk =
+            jsonwebtoken::jwk::Jwk::from_encoding_key(&idp_key, Algorithm::ES256).expect("jwk");
+        jwk.common.key_id = Some("k1".into());
+        let jwks = dir.path().join("jwks.json");
+        std::fs::write(
+            &jwks,
+            serde_json::to_string(&jsonwebtoken::jwk::JwkSet { keys: vec![jwk] }).expect("json"),
+        )
+        .expect("write jwks");
+        let mut tokens = std::collections::HashMap::new();
+        let mut token_toml = String::new();
+        for role in ["viewer", "operator", "engineer", "admin"] {
+            let (token, hash) = new_service_token(role).expect("token");
+            token_toml.push_str(&format!(
+                "[[tokens]]\nname = \"{role}\"\nhash = \"{hash}\"\n"
+            ));
+            tokens.insert(role, token);
+        }
+        let text = format!(
+            r#"
+[tls]
+cert = {cert:?}
+key = {key:?}
+client_ca = {ca:?}
+crl = {crl:?}
+[jwt]
+jwks = {jwks:?}
+issuer = "{ISSUER}"
+audience = "{AUDIENCE}"
+{token_toml}
+[[grants]]
+subject = "token:viewer"
+role = "viewer"
+paths = ["**"]
+[[grants]]
+subject = "token:operator"
+role = "operator"
+paths = ["acme/berlin/**"]
+[[grants]]
+subject = "token:engineer"
+role = "engineer"
+paths = ["acme/berlin/assembly/line-1/press-1/**"]
+[[grants]]
+subject = "token:admin"
+role = "admin"
+paths = ["**"]
+[[grants]]
+subject = "group:berlin-ops"
+role = "operator"
+paths = ["acme/berlin/**"]
+[[grants]]
+subject = "cert:alice"
+role = "viewer"
+paths = ["acme/berlin/assembly/line-1/press-1/**"]
+"#,
+            cert = server.cert,
+            key = server.key,
+            ca = pki.ca(),
+        );
+        let config: SecurityConfig = toml::from_str(&text).expect("security toml");
+        let data = dir.path().join("data");
+        let mut s = Secured {
+            data,
+            rt: None,
+            grpc: "127.0.0.1:0".parse().expect("addr"),
+            http: "127.0.0.1:0".parse().expect("addr"),
+            ca: pki.ca(),
+            tokens,
+            idp_key,
+            alice,
+            revoked,
+            berlin,
+            paris,
+            config,
+            _dir: dir,
+        };
+        s.boot().await;
+        s
+    }
+
+    fn options(&self) -> RuntimeOptions {
+        let mut o = options();
+        o.enterprise = Some(EnterpriseRole {
+            accept: vec!["acme/berlin".into()],
+        });
+        o.security = Some(self.config.clone());
+        o
+    }
+
+    /// (Re)starts the runtime on the data dir, gRPC and HTTP on fresh loopback ports.
+    async fn boot(&mut self) {
+        let rt = Runtime::start(&spec(), &self.data, self.options())
+            .await
+            .expect("secured runtime starts");
+        let g = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let h = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        self.grpc = g.local_addr().expect("addr");
+        self.http = h.local_addr().expect("addr");
+        rt.serve_grpc(g).expect("grpc over TLS");
+        rt.serve_http(h).expect("http over TLS");
+        self.rt = Some(rt);
+    }
+
+    async fn stop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown().await;
+        }
+    }
+
+    fn tls(&self, identity: Option<&Issued>) -> ClientTlsConfig {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(std::fs::read(&self.ca).expect("ca")))
+            .domain_name("localhost");
+        if let Some(i) = identity {
+            tls = tls.identity(Identity::from_pem(
+                std::fs::read(&i.cert).expect("cert"),
+                std::fs::read(&i.key).expect("key"),
+            ));
+        }
+        tls
+    }
+
+    async fn channel(&self, identity: Option<&Issued>) -> Result<Channel, tonic::transport::Error> {
+        Endpoint::from_shared(format!("https://{}", self.grpc))
+            .expect("endpoint")
+            .tls_config(self.tls(identity))?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+    }
+
+    async fn client(&self) -> TwinServiceClient<Channel> {
+        TwinServiceClient::new(self.channel(None).await.expect("TLS connect"))
+    }
+
+    fn jwt(&self, claims: serde_json::Value) -> String {
+        let mut h = Header::new(Algorithm::ES256);
+        h.kid = Some("k1".into());
+        jsonwebtoken::encode(&h, &claims, &self.idp_key).expect("sign")
+    }
+}
+
+fn with_token<T>(msg: T, token: &str) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("metadata"),
+    );
+    r
+}
+
+fn get_req(p: &str) -> pb::GetTwinRequest {
+    pb::GetTwinRequest {
+        key: Some(pb::get_twin_request::Key::Path(p.into())),
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+fn claims(sub: &str, aud: &str, exp: u64) -> serde_json::Value {
+    serde_json::json!({
+        "sub": sub, "iss": ISSUER, "aud": aud, "exp": exp, "groups": ["berlin-ops"],
+    })
+}
+
+async fn code_of<T>(r: Result<tonic::Response<T>, tonic::Status>) -> Code {
+    match r {
+        Ok(_) => Code::Ok,
+        Err(s) => s.code(),
+    }
+}
+
+async fn audit(s: &Secured) -> Vec<pb::AuditRecord> {
+    s.client()
+        .await
+        .list_audit(with_token(
+            pb::ListAuditRequest {
+                limit: 1000,
+                ..Default::default()
+            },
+            &s.tokens["admin"],
+        ))
+        .await
+        .expect("admin lists the audit log")
+        .into_inner()
+        .records
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_and_jwts_authenticate_and_bad_ones_are_refused() {
+    let mut s = Secured::start().await;
+    let mut c = s.client().await;
+    // No token.
+    let e = c.get_twin(get_req(TEMP)).await.expect_err("no token");
+    assert_eq!(e.code(), Code::Unauthenticated, "{e}");
+    // A service token, and a JWT of the identity provider.
+    let t = c
+        .get_twin(with_token(get_req(TEMP), &s.tokens["viewer"]))
+        .await
+        .expect("viewer reads")
+        .into_inner();
+    assert_eq!(t.path, TEMP);
+    let good = s.jwt(claims("carol", AUDIENCE, unix_now() + 600));
+    let me = c
+        .who_am_i(with_token(pb::WhoAmIRequest {}, &good))
+        .await
+        .expect("jwt accepted")
+        .into_inner();
+    assert_eq!(me.subject, "user:carol");
+    assert_eq!(me.method, "jwt");
+    assert_eq!(me.grants.len(), 1);
+    assert_eq!(me.grants[0].role, "operator");
+    assert_eq!(me.grants[0].paths, vec!["acme/berlin/**".to_string()]);
+    // Expired (past the 30 s leeway).
+    let expired = s.jwt(claims("carol", AUDIENCE, unix_now() - 3600));
+    // Wrong audience.
+    let wrong_aud = s.jwt(claims("carol", "someone-else", unix_now() + 600));
+    // Wrong signature: another key under the provider's kid.
+    let (other, _) = ec_key();
+    let mut h = Header::new(Algorithm::ES256);
+    h.kid = Some("k1".into());
+    let forged = jsonwebtoken::encode(&h, &claims("carol", AUDIENCE, unix_now() + 600), &other)
+        .expect("sign");
+    // `alg: none`.
+    let none = format!(
+        "{}.{}.",
+        b64url(br#"{"alg":"none","typ":"JWT","kid":"k1"}"#),
+        b64url(
+            claims("carol", AUDIENCE, unix_now() + 600)
+                .to_string()
+                .as_bytes()
+        )
+    );
+    // Algorithm confusion: HS256 keyed with the provider's public JWKS.
+    let jwks = std::fs::read(s.config.jwt.as_ref().expect("jwt").jwks.clone()).expect("jwks");
+    let mut hs = Header::new(Algorithm::HS256);
+    hs.kid = Some("k1".into());
+    let confused = jsonwebtoken::encode(
+        &hs,
+        &claims("carol", AUDIENCE, unix_now() + 600),
+        &EncodingKey::from_secret(&jwks).expect("hmac key"),
+    )
+    .expect("sign");
+    // A service token with a wrong secret.
+    let wrong_secret = format!("ftk.admin.{}", "0".repeat(48));
+    for (what, token) in [
+        ("expired", &expired),
+        ("wrong audience", &wrong_aud),
+        ("wrong signature", &forged),
+        ("alg none", &none),
+        ("HS256 with the public key", &confused),
+        ("wrong service secret", &wrong_secret),
+    ] {
+        let e = c
+            .get_twin(with_token(get_req(TEMP), token))
+            .await
+            .expect_err(what);
+        assert_eq!(e.code(), Code::Unauthenticated, "{what}: {e}");
+        assert!(
+            !e.message().contains(token.as_str()),
+            "{what}: the token is echoed"
+        );
+    }
+    // Each refusal is on record, without the token.
+    let records = audit(&s).await;
+    let refused: Vec<_> = records.iter().filter(|r| r.action == "sign-in").collect();
+    assert!(refused.len() >= 6, "{refused:?}");
+    assert!(
+        records
+            .iter()
+            .all(|r| !r.result.contains(&wrong_secret[10..]))
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_hold_on_their_subtree_only_and_by_is_the_subject() {
+    let mut s = Secured::start().await;
+    let mut c = s.client().await;
+    // A viewer acknowledging: refused, and the twin never sees it.
+    let ack = |token: &str| {
+        with_token(
+            pb::AcknowledgeAlarmRequest {
+                path: TEMP.into(),
+                alarm: "high".into(),
+                by: "someone-else".into(),
+                comment: String::new(),
+            },
+            token,
+        )
+    };
+    let e = c
+        .acknowledge_alarm(ack(&s.tokens["viewer"]))
+        .await
+        .expect_err("viewer acks");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    assert!(e.message().contains("operator"), "{e}");
+    // An operator gets through to the twin (the alarm is not active: its own refusal).
+    let e = c
+        .acknowledge_alarm(ack(&s.tokens["operator"]))
+        .await
+        .expect_err("inactive alarm");
+    assert_ne!(e.code(), Code::PermissionDenied, "{e}");
+    // An engineer scoped to press-1 writing to the oven: refused before any PLC.
+    let write = |p: &str, token: &str| {
+        with_token(
+            pb::WritePropertyRequest {
+                path: p.into(),
+                property: "value".into(),
+                value: Some(pb::Value {
+                    kind: Some(pb::value::Kind::Float(500.0)),
+                }),
+                by: "mallory".into(),
+            },
+            token,
+        )
+    };
+    let e = c
+        .write_property(write(OVEN_TEMP, &s.tokens["engineer"]))
+        .await
+        .expect_err("outside its subtree");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    // Inside its subtree it reaches the connections (none maps this property here).
+    let e = c
+        .write_property(write(TEMP, &s.tokens["engineer"]))
+        .await
+        .expect_err("no connection");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    // The operator's grant covers Berlin only: a browse from the root shows nothing else,
+    // and a query for every sensor returns only what the engineer may read.
+    let q = c
+        .query(with_token(
+            pb::QueryRequest {
+                query: "level = sensor".into(),
+                ..Default::default()
+            },
+            &s.tokens["engineer"],
+        ))
+        .await
+        .expect("query")
+        .into_inner();
+    assert!(!q.twins.is_empty());
+    assert!(
+        q.twins.iter().all(|t| t.path.starts_with(PRESS)),
+        "{:?}",
+        q.twins
+    );
+    // The audit log: denials, the write with the subject (never the `by` the client sent).
+    let records = audit(&s).await;
+    let denied: Vec<_> = records.iter().filter(|r| r.action == "denied").collect();
+    assert!(denied.len() >= 2, "{denied:?}");
+    let writes: Vec<_> = records.iter().filter(|r| r.action == "write").collect();
+    assert!(
+        writes.iter().all(|r| r.subject == "token:engineer"),
+        "{writes:?}"
+    );
+    assert!(writes.iter().any(|r| r.result == "requested"));
+    assert!(writes.iter().any(|r| r.result.starts_with("failed")));
+    assert!(
+        records
+            .iter()
+            .all(|r| !r.subject.contains("mallory") && !r.subject.contains("someone-else"))
+    );
+    // The audit log itself is for admins only.
+    let e = c
+        .list_audit(with_token(
+            pb::ListAuditRequest::default(),
+            &s.tokens["operator"],
+        ))
+        .await
+        .expect_err("operator reads the audit");
+    assert_eq!(e.code(), Code::PermissionDenied);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_sign_in_and_a_revoked_one_or_plaintext_gets_nothing() {
+    let mut s = Secured::start().await;
+    // A client certificate is a subject of its own (cert:CN), scoped by its grant.
+    let mut alice = TwinServiceClient::new(s.channel(Some(&s.alice)).await.expect("mTLS"));
+    let me = alice
+        .who_am_i(pb::WhoAmIRequest {})
+        .await
+        .expect("cert")
+        .into_inner();
+    assert_eq!(
+        (me.subject.as_str(), me.method.as_str()),
+        ("cert:alice", "certificate")
+    );
+    alice
+        .get_twin(get_req(TEMP))
+        .await
+        .expect("alice reads press-1");
+    let e = alice
+        .get_twin(get_req(OVEN_TEMP))
+        .await
+        .expect_err("not the oven");
+    assert_eq!(e.code(), Code::PermissionDenied);
+    // A revoked certificate fails the handshake: no call gets through.
+    let revoked = match s.channel(Some(&s.revoked)).await {
+        Err(_) => Code::Unavailable,
+        Ok(ch) => {
+            code_of(
+                TwinServiceClient::new(ch)
+                    .who_am_i(pb::WhoAmIRequest {})
+                    .await,
+            )
+            .await
+        }
+    };
+    assert_ne!(revoked, Code::Ok, "a revoked certificate was served");
+    // Plaintext gRPC to the TLS port: nothing.
+    let plain = match TwinServiceClient::connect(format!("http://{}", s.grpc)).await {
+        Err(_) => Code::Unavailable,
+        Ok(mut c) => {
+            code_of(
+                c.get_twin(with_token(get_req(TEMP), &s.tokens["admin"]))
+                    .await,
+            )
+            .await
+        }
+    };
+    assert_ne!(plain, Code::Ok, "plaintext was served on the TLS port");
+    // The port still serves TLS clients.
+    s.client()
+        .await
+        .get_twin(with_token(get_req(TEMP), &s.tokens["viewer"]))
+        .await
+        .expect("still serving");
+    s.stop().await;
+}
+
+/// A raw replication stream over `channel`: the hello for `site`, then `batches`; the
+/// answers until the stream ends or `want` arrived.
+async fn replicate(
+    channel: Channel,
+    site: &str,
+    batches: Vec<pb::ReplicateRequest>,
+    want: usize,
+) -> Result<Vec<pb::ReplicateResponse>, tonic::Status> {
+    let mut client = ReplicationServiceClient::new(channel);
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tx.send(pb::ReplicateRequest {
+        msg: Some(pb::replicate_request::Msg::Hello(pb::SiteHello {
+            protocol_version: 1,
+            site: site.into(),
+            agent: "security test".into(),
+        })),
+    })
+    .await
+    .expect("queue");
+    for b in batches {
+        tx.send(b).await.expect("queue");
+    }
+    let mut responses = client
+        .replicate(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let mut out = Vec::new();
+    while out.len() < want {
+        match tokio::time::timeout(Duration::from_secs(20), responses.message()).await {
+            Ok(Ok(Some(m))) => out.push(m),
+            Ok(Ok(None)) => break,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => panic!("no answer from the enterprise"),
+        }
+    }
+    drop(tx);
+    Ok(out)
+}
+
+fn event_batch(seq: u64, event_seq: u64, message: &str) -> pb::ReplicateRequest {
+    use ferrotwin_proto::store::v1 as rec;
+    use prost::Message;
+    let b = rec::OutboxBatch {
+        seq,
+        created_us: now().0,
+        events: vec![rec::OutboxEvent {
+            seq: event_seq,
+            event: Some(rec::EventRecord {
+                path: TEMP.into(),
+                ts_us: now().0,
+                kind: "lifecycle".into(),
+                severity: 0,
+                alarm: String::new(),
+                message: message.into(),
+                episode: 0,
+            }),
+        }],
+        ..Default::default()
+    };
+    pb::ReplicateRequest {
+        msg: Some(pb::replicate_request::Msg::Batch(pb::SiteBatch {
+            seq,
+            batch: b.encode_to_vec(),
+        })),
+    }
+}
+
+async fn event_messages(s: &Secured) -> Vec<String> {
+    s.client()
+        .await
+        .list_events(with_token(
+            pb::ListEventsRequest {
+                path: "acme/berlin".into(),
+                limit: 1000,
+                ..Default::default()
+            },
+            &s.tokens["admin"],
+        ))
+        .await
+        .expect("events")
+        .into_inner()
+        .events
+        .into_iter()
+        .map(|e| e.message)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_takes_the_site_from_its_certificate_and_refuses_replays_and_jumps() {
+    let mut s = Secured::start().await;
+    // No certificate, a token instead: refused.
+    let e = replicate(
+        s.channel(None).await.expect("tls"),
+        "acme/berlin",
+        vec![event_batch(1, 1, "no cert")],
+        1,
+    )
+    .await
+    .expect_err("no certificate");
+    assert_eq!(e.code(), Code::Unauthenticated, "{e}");
+    // Paris's certificate claiming Berlin: refused, nothing applied.
+    let e = replicate(
+        s.channel(Some(&s.paris)).await.expect("mTLS"),
+        "acme/berlin",
+        vec![event_batch(1, 1, "paris posing as berlin")],
+        1,
+    )
+    .await
+    .expect_err("paris claims berlin");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    assert!(e.message().contains("acme/paris"), "{e}");
+    // Berlin's own certificate: applied and acked.
+    let answers = replicate(
+        s.channel(Some(&s.berlin)).await.expect("mTLS"),
+        "acme/berlin",
+        vec![event_batch(1, 1, "genuine batch")],
+        2,
+    )
+    .await
+    .expect("berlin replicates");
+    assert!(
+        answers
+            .iter()
+            .any(|a| matches!(a.msg, Some(pb::replicate_response::Msg::Ack(1))))
+    );
+    // Replayed seq 1 with other content: acked as a duplicate, not applied. A seq far past
+    // the cursor: refused (it would silence the site for good).
+    let answers = replicate(
+        s.channel(Some(&s.berlin)).await.expect("mTLS"),
+        "acme/berlin",
+        vec![event_batch(1, 2, "replayed and altered")],
+        2,
+    )
+    .await
+    .expect("replay is acked");
+    assert!(
+        answers
+            .iter()
+            .any(|a| matches!(a.msg, Some(pb::replicate_response::Msg::Ack(1))))
+    );
+    let e = replicate(
+        s.channel(Some(&s.berlin)).await.expect("mTLS"),
+        "acme/berlin",
+        vec![event_batch(u64::MAX, 3, "cursor jump")],
+        2,
+    )
+    .await
+    .expect_err("seq u64::MAX");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    let msgs = wait_for(10, "the genuine event at the enterprise", || {
+        let s = &s;
+        async move {
+            let m = event_messages(s).await;
+            m.iter().any(|m| m == "genuine batch").then_some(m)
+        }
+    })
+    .await;
+    for bad in [
+        "no cert",
+        "paris posing as berlin",
+        "replayed and altered",
+        "cursor jump",
+    ] {
+        assert!(
+            !msgs.iter().any(|m| m == bad),
+            "{bad:?} was applied: {msgs:?}"
+        );
+    }
+    // The next genuine batch still continues the cursor.
+    let answers = replicate(
+        s.channel(Some(&s.berlin)).await.expect("mTLS"),
+        "acme/berlin",
+        vec![event_batch(2, 4, "second genuine batch")],
+        2,
+    )
+    .await
+    .expect("berlin continues");
+    assert!(
+        answers
+            .iter()
+            .any(|a| matches!(a.msg, Some(pb::replicate_response::Msg::Ack(2))))
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flipped_byte_in_the_audit_log_is_found_after_a_restart() {
+    let mut s = Secured::start().await;
+    let mut c = s.client().await;
+    for _ in 0..3 {
+        let _ = c
+            .acknowledge_alarm(with_token(
+                pb::AcknowledgeAlarmRequest {
+                    path: TEMP.into(),
+                    alarm: "high".into(),
+                    ..Default::default()
+                },
+                &s.tokens["viewer"],
+            ))
+            .await;
+    }
+    let v = c
+        .verify_audit(with_token(pb::VerifyAuditRequest {}, &s.tokens["admin"]))
+        .await
+        .expect("verify")
+        .into_inner();
+    assert!(v.intact && v.records >= 3, "{v:?}");
+    s.stop().await;
+    // Tamper with record 2 on disk, as someone with the data dir could.
+    {
+        let db = sled::open(&s.data).expect("open the store");
+        let t = db.open_tree("audit").expect("audit tree");
+        let k = 2u64.to_be_bytes();
+        let mut v = t.get(k).expect("get").expect("record 2").to_vec();
+        let at = v.len() - 5;
+        v[at] ^= 0x20;
+        t.insert(k, v).expect("tamper");
+        db.flush().expect("flush");
+    }
+    s.boot().await;
+    let v = s
+        .client()
+        .await
+        .verify_audit(with_token(pb::VerifyAuditRequest {}, &s.tokens["admin"]))
+        .await
+        .expect("verify")
+        .into_inner();
+    assert!(!v.intact, "{v:?}");
+    assert_eq!(v.broken_seq, 2, "{v:?}");
+    s.stop().await;
+}
+
+/// One HTTP/1.1 request over TLS; the raw answer.
+async fn https(s: &Secured, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::pem::PemObject::pem_file_iter(&s.ca).expect("ca") {
+        roots.add(c.expect("pem")).expect("root");
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("tls")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(s.http)
+        .await
+        .expect("connect");
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect("localhost".try_into().expect("name"), tcp)
+        .await
+        .expect("TLS handshake");
+    tls.write_all(request.as_bytes()).await.expect("send");
+    let mut out = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_string(&mut out)).await;
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_over_tls_needs_a_token_and_sends_the_hardening_headers() {
+    let mut s = Secured::start().await;
+    let health = https(
+        &s,
+        "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    let lower = health.to_ascii_lowercase();
+    for h in [
+        "content-security-policy: default-src 'self'",
+        "frame-ancestors 'none'",
+        "x-content-type-options: nosniff",
+        "referrer-policy: no-referrer",
+        "strict-transport-security",
+    ] {
+        assert!(lower.contains(h), "{h} missing: {health}");
+    }
+    let anon = https(
+        &s,
+        &format!(
+            "GET /api/v1/twins/{TEMP} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        ),
+    )
+    .await;
+    assert!(anon.starts_with("HTTP/1.1 401"), "{anon}");
+    let ok = https(
+        &s,
+        &format!(
+            "GET /api/v1/twins/{TEMP} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+            s.tokens["viewer"]
+        ),
+    )
+    .await;
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    // The sign-in keeps the token in a cookie scripts cannot read.
+    let form = format!("token={}&next=%2F", s.tokens["viewer"]);
+    let signed = https(
+        &s,
+        &format!(
+            "POST /signin HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{form}",
+            form.len()
+        ),
+    )
+    .await;
+    assert!(signed.starts_with("HTTP/1.1 303"), "{signed}");
+    let cookie = signed
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .expect("a cookie");
+    for attr in ["HttpOnly", "SameSite=Strict", "Secure"] {
+        assert!(cookie.contains(attr), "{cookie}");
+    }
+    // A page without a session goes to the sign-in.
+    let page = https(
+        &s,
+        "GET /alarms HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(page.starts_with("HTTP/1.1 303"), "{page}");
+    assert!(page.contains("/signin?next=/alarms"), "{page}");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_security_config_that_does_not_load_stops_the_start_with_its_file() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut o = options();
+    o.security = Some(
+        toml::from_str(&format!(
+            "[jwt]\njwks = {:?}\nissuer = \"x\"\naudience = \"y\"\n",
+            dir.path().join("missing-jwks.json")
+        ))
+        .expect("toml"),
+    );
+    let err = Runtime::start(&spec(), &dir.path().join("data"), o)
+        .await
+        .err()
+        .expect("start refused");
+    assert!(err.to_string().contains("missing-jwks.json"), "{err}");
+    let _ = Path::new("unused");
+}
