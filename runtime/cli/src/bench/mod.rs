@@ -5,6 +5,7 @@
 pub mod http;
 pub mod plc;
 pub mod replication;
+pub mod security;
 
 use std::collections::HashMap;
 use std::fmt::Write;
