@@ -54,7 +54,8 @@ impl ConnectionConfig {
                     *f = base.join(&*f);
                 }
             }
-            ConnectionConfig::Mqtt(_) | ConnectionConfig::OpcUa(_) => {}
+            ConnectionConfig::Mqtt(c) => c.resolve_paths(base),
+            ConnectionConfig::OpcUa(_) => {}
         }
     }
 

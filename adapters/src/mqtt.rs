@@ -7,7 +7,8 @@
 //! name = "berlin-mqtt"
 //! broker = "127.0.0.1:1883"
 //! # client_id = "ferrotwin-berlin-mqtt"   protocol_version = "3.1.1"   keep_alive_s = 30
-//! # username = "..."   password = "..."   write_timeout_ms = 5000
+//! # username = "..."   password_file = "/run/secrets/mqtt"   write_timeout_ms = 5000
+//! # tls = { ca = "ca.pem", cert = "client.pem", key = "client-key.pem" }   # cert/key optional
 //! [connections.format]
 //! type = "sparkplug"
 //! group_id = "acme-berlin"
@@ -121,8 +122,17 @@ pub struct MqttConfig {
     pub keep_alive_s: u64,
     #[serde(default)]
     pub username: Option<String>,
+    /// The password in the config file (prefer `password_file`). Never logged.
     #[serde(default)]
-    pub password: Option<String>,
+    pub password: Option<Secret>,
+    /// A file holding the password (a mounted secret), read at each connect; trailing
+    /// whitespace is ignored.
+    #[serde(default)]
+    pub password_file: Option<std::path::PathBuf>,
+    /// TLS to the broker (`mqtts`): the CA its certificate chains to, and optionally a client
+    /// certificate.
+    #[serde(default)]
+    pub tls: Option<MqttTls>,
     /// How long a write waits for the broker's PUBACK.
     #[serde(default = "defaults::write_timeout_ms")]
     pub write_timeout_ms: u64,
@@ -131,6 +141,76 @@ pub struct MqttConfig {
     #[serde(default = "defaults::reconnect_max_ms")]
     pub reconnect_max_ms: u64,
     pub format: PayloadFormat,
+}
+
+/// A secret from a config file: its `Debug` never shows it.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+/// `tls = { ca = ..., cert = ..., key = ..., server_name = ... }` of an MQTT connection.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttTls {
+    /// PEM CA certificate(s) the broker's certificate must chain to.
+    pub ca: std::path::PathBuf,
+    /// PEM client certificate and key, for a broker that requires one.
+    #[serde(default)]
+    pub cert: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub key: Option<std::path::PathBuf>,
+}
+
+impl MqttTls {
+    /// rustls's client config of these files (ring), read now.
+    pub fn client_config(&self) -> Result<rustls::ClientConfig, String> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let mut roots = rustls::RootCertStore::empty();
+        let certs = |p: &std::path::Path| {
+            CertificateDer::pem_file_iter(p)
+                .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("{}: {e}", p.display()))
+        };
+        for c in certs(&self.ca)? {
+            roots
+                .add(c)
+                .map_err(|e| format!("{}: {e}", self.ca.display()))?;
+        }
+        let b = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots);
+        match (&self.cert, &self.key) {
+            (Some(c), Some(k)) => {
+                let key =
+                    PrivateKeyDer::from_pem_file(k).map_err(|e| format!("{}: {e}", k.display()))?;
+                b.with_client_auth_cert(certs(c)?, key)
+                    .map_err(|e| format!("{}: {e}", c.display()))
+            }
+            (None, None) => Ok(b.with_no_client_auth()),
+            _ => Err("tls: give both cert and key, or neither".into()),
+        }
+    }
+
+    fn resolve_paths(&mut self, base: &std::path::Path) {
+        for p in [Some(&mut self.ca), self.cert.as_mut(), self.key.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -205,6 +285,18 @@ fn default_topic(asset: &str, property: &str) -> String {
 }
 
 impl MqttConfig {
+    /// Resolves relative file names against `base` (the config file's folder).
+    pub fn resolve_paths(&mut self, base: &std::path::Path) {
+        if let Some(f) = &mut self.password_file
+            && f.is_relative()
+        {
+            *f = base.join(&*f);
+        }
+        if let Some(t) = &mut self.tls {
+            t.resolve_paths(base);
+        }
+    }
+
     fn err(&self, what: impl Into<String>) -> ConfigError {
         ConfigError::Connection {
             connection: self.name.clone(),
@@ -238,8 +330,15 @@ impl MqttConfig {
         if self.keep_alive_s == 0 || self.keep_alive_s > 65_535 {
             return Err(self.err("keep_alive_s must be 1..=65535"));
         }
-        if self.password.is_some() && self.username.is_none() {
+        if (self.password.is_some() || self.password_file.is_some()) && self.username.is_none() {
             return Err(self.err("password without username"));
+        }
+        if self.password.is_some() && self.password_file.is_some() {
+            return Err(self.err("give password or password_file, not both"));
+        }
+        if let Some(t) = &self.tls {
+            t.client_config()
+                .map_err(|e| self.err(format!("tls: {e}")))?;
         }
         let mut targets = Vec::new();
         let mut topics = Vec::new();
@@ -503,10 +602,32 @@ pub async fn run(config: MqttConfig, _targets: Vec<TagTarget>, io: AdapterIo) {
     let poller_token = io.token.child_token();
     let backoff = Backoff::new(config.reconnect_min_ms, config.reconnect_max_ms);
     let keep_alive = Duration::from_secs(config.keep_alive_s);
-    let credentials = config
-        .username
-        .clone()
-        .map(|u| (u, config.password.clone().unwrap_or_default()));
+    let password = match (&config.password, &config.password_file) {
+        (Some(p), _) => p.0.clone(),
+        (None, Some(f)) => match std::fs::read_to_string(f) {
+            Ok(p) => p.trim_end().to_owned(),
+            Err(e) => {
+                io.status.set_link(
+                    LinkState::Stopped,
+                    Some(format!("password_file {}: {e}", f.display())),
+                );
+                return;
+            }
+        },
+        (None, None) => String::new(),
+    };
+    let credentials = config.username.clone().map(|u| (u, password));
+    let transport = match config.tls.as_ref().map(MqttTls::client_config) {
+        None => None,
+        Some(Ok(c)) => Some(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(std::sync::Arc::new(c)),
+        )),
+        Some(Err(e)) => {
+            io.status
+                .set_link(LinkState::Stopped, Some(format!("tls: {e}")));
+            return;
+        }
+    };
     let (client, poller) = if config.is_v5() {
         let mut options = rumqttc::v5::MqttOptions::new(config.client_id(), host.clone(), port);
         options.set_keep_alive(keep_alive);
@@ -514,6 +635,9 @@ pub async fn run(config: MqttConfig, _targets: Vec<TagTarget>, io: AdapterIo) {
         options.set_max_packet_size(Some(MAX_PACKET_BYTES as u32));
         if let Some((u, p)) = credentials {
             options.set_credentials(u, p);
+        }
+        if let Some(t) = transport.clone() {
+            options.set_transport(t);
         }
         let (client, eventloop) = rumqttc::v5::AsyncClient::new(options, REQUEST_QUEUE);
         let poller = tokio::spawn(poll_broker_v5(eventloop, tx, poller_token.clone(), backoff));
@@ -525,6 +649,9 @@ pub async fn run(config: MqttConfig, _targets: Vec<TagTarget>, io: AdapterIo) {
         options.set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
         if let Some((u, p)) = credentials {
             options.set_credentials(u, p);
+        }
+        if let Some(t) = transport {
+            options.set_transport(t);
         }
         let (client, eventloop) = rumqttc::AsyncClient::new(options, REQUEST_QUEUE);
         let poller = tokio::spawn(poll_broker(eventloop, tx, poller_token.clone(), backoff));

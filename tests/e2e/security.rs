@@ -989,3 +989,218 @@ async fn grpcurl_and_curl_speak_tls_with_a_token() {
     }
     s.stop().await;
 }
+
+/// Debian's mosquitto, started on a free loopback port with the config `conf` (the port is
+/// filled in); killed on drop.
+struct Mosquitto {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn mosquitto(bin: &Path, dir: &Path, conf: &str) -> Mosquitto {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        l.local_addr().expect("addr").port()
+    };
+    let file = dir.join("mosquitto.conf");
+    std::fs::write(&file, format!("listener {port} 127.0.0.1\n{conf}")).expect("conf");
+    let child = std::process::Command::new(bin)
+        .arg("-c")
+        .arg(&file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("mosquitto.log")).expect("log"))
+        .spawn()
+        .expect("mosquitto starts");
+    let m = Mosquitto { child, port };
+    wait_for(20, "mosquitto to listen", || async move {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()
+    })
+    .await;
+    m
+}
+
+/// The MQTT adapter against a broker that requires TLS, a password and an ACL (Debian's
+/// mosquitto, configured as a plant would): it connects with its CA and password file and
+/// applies what an authorised edge publishes (mosquitto_pub); a client without credentials
+/// is refused by the broker and nothing it sent reaches a twin; a wrong password never
+/// connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_over_tls_with_a_password_and_an_unauthorised_publisher() {
+    let (Some(broker), Some(publ), Some(passwd)) = (
+        tool("mosquitto", "apt-get install -y mosquitto"),
+        tool("mosquitto_pub", "apt-get install -y mosquitto-clients"),
+        tool("mosquitto_passwd", "apt-get install -y mosquitto"),
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("dir");
+    let pki = Pki::create(&dir.path().join("pki")).expect("pki");
+    let server = pki.server("broker", &["127.0.0.1"]).expect("cert");
+    let pw = dir.path().join("passwd");
+    for (i, (user, secret)) in [("ferrotwin", "ft-s3cret"), ("edge", "edge-s3cret")]
+        .into_iter()
+        .enumerate()
+    {
+        let mut c = std::process::Command::new(&passwd);
+        c.arg("-b");
+        if i == 0 {
+            c.arg("-c");
+        }
+        let ok = c
+            .arg(&pw)
+            .arg(user)
+            .arg(secret)
+            .status()
+            .expect("mosquitto_passwd");
+        assert!(ok.success());
+    }
+    let acl = dir.path().join("acl");
+    std::fs::write(
+        &acl,
+        "user ferrotwin\ntopic readwrite acme/#\nuser edge\ntopic readwrite acme/#\n",
+    )
+    .expect("acl");
+    let m = mosquitto(
+        &broker,
+        dir.path(),
+        &format!(
+            "cafile {}\ncertfile {}\nkeyfile {}\nallow_anonymous false\npassword_file {}\nacl_file {}\nuser root\n",
+            pki.ca().display(),
+            server.cert.display(),
+            server.key.display(),
+            pw.display(),
+            acl.display()
+        ),
+    )
+    .await;
+    let secret_file = dir.path().join("mqtt-password");
+    std::fs::write(&secret_file, "ft-s3cret\n").expect("secret");
+    let connection = |name: &str, password: &str| {
+        toml::from_str::<ferrotwin_adapters::ConnectionConfig>(&format!(
+            r#"
+            protocol = "mqtt"
+            name = "{name}"
+            broker = "127.0.0.1:{port}"
+            username = "ferrotwin"
+            {password}
+            tls = {{ ca = {ca:?} }}
+            reconnect_min_ms = 50
+            reconnect_max_ms = 300
+            [format]
+            type = "json"
+            topic_prefixes = ["acme/berlin/assembly/line-1"]
+            "#,
+            port = m.port,
+            ca = pki.ca(),
+        ))
+        .expect("connection config")
+    };
+    let mut o = options();
+    o.connections = vec![connection(
+        "secure-broker",
+        &format!("password_file = {secret_file:?}"),
+    )];
+    let rd = tempfile::tempdir().expect("dir");
+    let site = start_in(rd.path(), o).await;
+    wait_for(20, "the adapter to connect over TLS", || {
+        let mut c = site.client.clone();
+        async move {
+            let l = c
+                .list_connections(pb::ListConnectionsRequest {})
+                .await
+                .ok()?
+                .into_inner();
+            (l.connections.first()?.link == "connected").then_some(())
+        }
+    })
+    .await;
+    let publish = |args: Vec<String>| {
+        let p = publ.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let a: Vec<&str> = args.iter().map(String::as_str).collect();
+                run_tool(&p, &a)
+            })
+            .await
+            .expect("mosquitto_pub")
+        }
+    };
+    let base = |value: &str| -> Vec<String> {
+        [
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &m.port.to_string(),
+            "--cafile",
+            &pki.ca().display().to_string(),
+            "-q",
+            "1",
+            "-t",
+            TEMP,
+            "-m",
+            &format!("{{\"value\": {value}}}"),
+        ]
+        .iter()
+        .map(|s| (*s).to_string())
+        .collect()
+    };
+    // Without credentials: the broker refuses the client.
+    let (ok, out) = publish(base("666")).await;
+    assert!(!ok, "an anonymous publisher was accepted: {out}");
+    // Authorised edge: applied.
+    let mut authorised = base("42.5");
+    authorised.extend(["-u", "edge", "-P", "edge-s3cret"].map(String::from));
+    let (ok, out) = publish(authorised).await;
+    assert!(ok, "{out}");
+    wait_float(
+        &site.client,
+        TEMP,
+        42.5,
+        20,
+        "the authorised reading at the twin",
+    )
+    .await;
+    let h = site
+        .client
+        .clone()
+        .get_history(pb::GetHistoryRequest {
+            path: TEMP.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("history")
+        .into_inner();
+    assert!(h.points.iter().all(|p| p.value != 666.0), "{:?}", h.points);
+    site.rt.shutdown().await;
+
+    // A wrong password never connects (and the password is in no error).
+    let mut o = options();
+    o.connections = vec![connection("wrong-password", "password = \"nope-not-it\"")];
+    let rd2 = tempfile::tempdir().expect("dir");
+    let site = start_in(rd2.path(), o).await;
+    let err = wait_for(20, "the broker to refuse the password", || {
+        let mut c = site.client.clone();
+        async move {
+            let l = c
+                .list_connections(pb::ListConnectionsRequest {})
+                .await
+                .ok()?
+                .into_inner();
+            let conn = l.connections.first()?.clone();
+            assert_ne!(conn.link, "connected");
+            (!conn.last_error.is_empty()).then_some(conn.last_error)
+        }
+    })
+    .await;
+    assert!(!err.contains("nope-not-it"), "{err}");
+    site.rt.shutdown().await;
+}
