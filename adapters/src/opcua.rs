@@ -19,7 +19,10 @@
 //!
 //! Security: `none`, or `basic256sha256` with `sign` / `sign_and_encrypt`, the client's
 //! certificate and key, and a PKI folder; the server's certificate must be in
-//! `pki_dir/trusted` unless `trust_server_cert = true`. The identity is anonymous.
+//! `pki_dir/trusted` unless `trust_server_cert = true`. `security_policy` has no default: a
+//! connection without message security says so (`"none"`). The identity is anonymous, or a
+//! user name token (`user = { name = "ft", password_file = "/run/secrets/ua" }`), or an X.509
+//! user token (`user = { cert = "user.der", key = "user-key.pem" }`).
 //!
 //! Config, one `[[connections]]` entry:
 //! ```toml
@@ -152,8 +155,13 @@ pub struct OpcUaConfig {
     pub name: String,
     /// `opc.tcp://HOST:PORT/PATH`
     pub endpoint: String,
+    /// `"none"` or `"basic256sha256"`: required, so no connection runs without message
+    /// security unless its config names it.
     #[serde(default)]
-    pub security_policy: SecurityPolicyName,
+    pub security_policy: Option<SecurityPolicyName>,
+    /// The user the session activates as (default: anonymous).
+    #[serde(default)]
+    pub user: Option<OpcUaUser>,
     /// Required with `basic256sha256`, refused with `none`.
     pub security_mode: Option<SecurityModeName>,
     /// Client certificate (DER) and private key (PEM) for `basic256sha256`.
@@ -181,6 +189,62 @@ pub struct OpcUaConfig {
     pub tags: Vec<OpcUaTag>,
 }
 
+/// `user = { name, password_file | password }` or `user = { cert, key }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpcUaUser {
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The password in the config (prefer `password_file`). Never logged.
+    #[serde(default)]
+    pub password: Option<crate::mqtt::Secret>,
+    /// A file holding the password (a mounted secret), read at each connect.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// An X.509 user certificate (DER or PEM) and its private key (PEM).
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+}
+
+impl OpcUaUser {
+    fn check(&self) -> Result<(), String> {
+        let named = self.name.is_some() || self.password.is_some() || self.password_file.is_some();
+        let certified = self.cert.is_some() || self.key.is_some();
+        match (named, certified) {
+            (true, true) => Err("user: a user name or a certificate, not both".into()),
+            (true, false) if self.name.is_none() => Err("user: password without name".into()),
+            (true, false) if self.password.is_some() == self.password_file.is_some() => {
+                Err("user: give password_file (or password), one of them".into())
+            }
+            (false, true) if self.cert.is_none() || self.key.is_none() => {
+                Err("user: give both cert and key".into())
+            }
+            (false, false) => Err("user: give name and password_file, or cert and key".into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// The session's identity token (files read now).
+    fn token(&self) -> Result<IdentityToken, String> {
+        if let (Some(c), Some(k)) = (&self.cert, &self.key) {
+            return IdentityToken::new_x509_path(c, k)
+                .map_err(|e| format!("user certificate {}: {e}", c.display()));
+        }
+        let name = self.name.clone().unwrap_or_default();
+        let password = match (&self.password, &self.password_file) {
+            (Some(p), _) => p.0.clone(),
+            (None, Some(f)) => std::fs::read_to_string(f)
+                .map_err(|e| format!("password_file {}: {e}", f.display()))?
+                .trim_end()
+                .to_owned(),
+            (None, None) => String::new(),
+        };
+        Ok(IdentityToken::new_user_name(name, password))
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OpcUaTag {
@@ -206,7 +270,15 @@ impl OpcUaConfig {
                 self.endpoint
             )));
         }
-        match self.security_policy {
+        if let Some(u) = &self.user {
+            u.check().map_err(conn)?;
+        }
+        match self.security_policy.ok_or_else(|| {
+            conn(
+                "security_policy: name it, \"basic256sha256\" (with security_mode) or \"none\" (no message security)"
+                    .into(),
+            )
+        })? {
             SecurityPolicyName::None => {
                 if self.security_mode.is_some() {
                     return Err(conn(
@@ -481,7 +553,11 @@ impl Ctx<'_> {
         let mut client = builder
             .client()
             .map_err(|errors| format!("client configuration refused: {}", errors.join("; ")))?;
-        let (policy, mode) = match (c.security_policy, c.security_mode) {
+        let identity = match &c.user {
+            Some(u) => u.token()?,
+            None => IdentityToken::Anonymous,
+        };
+        let (policy, mode) = match (c.security_policy.unwrap_or_default(), c.security_mode) {
             (SecurityPolicyName::None, _) => (SecurityPolicy::None, MessageSecurityMode::None),
             (SecurityPolicyName::Basic256Sha256, Some(SecurityModeName::Sign)) => {
                 (SecurityPolicy::Basic256Sha256, MessageSecurityMode::Sign)
@@ -494,7 +570,7 @@ impl Ctx<'_> {
         let endpoint = (c.endpoint.as_str(), policy.to_str(), mode);
         match tokio::time::timeout(
             timeout,
-            client.connect_to_matching_endpoint(endpoint, IdentityToken::Anonymous),
+            client.connect_to_matching_endpoint(endpoint, identity),
         )
         .await
         {

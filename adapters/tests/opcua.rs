@@ -108,7 +108,7 @@ fn value_tag(sensor: &AssetPath) -> String {
 
 fn config(endpoint: &str, tags: &str) -> ConnectionConfig {
     let text = format!(
-        "protocol = \"opcua\"\nname = \"berlin-opcua\"\nendpoint = \"{endpoint}\"\ntimeout_ms = 3000\n{tags}"
+        "protocol = \"opcua\"\nname = \"berlin-opcua\"\nendpoint = \"{endpoint}\"\nsecurity_policy = \"none\"\ntimeout_ms = 3000\n{tags}"
     );
     toml::from_str(&text).expect("valid config")
 }
@@ -424,9 +424,29 @@ fn config_errors_name_the_connection_and_the_tag() {
         toml::from_str::<ConnectionConfig>(&text).map(|c| c.targets())
     };
     let good = tag("x/value", "acme/s/a/l/m/t", "value", false);
-    assert!(matches!(parse("", &good), Ok(Ok(t)) if t.len() == 1));
+    assert!(matches!(parse("security_policy = \"none\"", &good), Ok(Ok(t)) if t.len() == 1));
+    // No message security only when the config names it.
+    let e = parse("", &good)
+        .expect("parses")
+        .expect_err("no policy named");
+    assert!(e.to_string().contains("security_policy"), "{e}");
+    // A user is a name with a password, or a certificate with its key.
     let e = parse(
-        "",
+        "security_policy = \"none\"\nuser = { name = \"ft\" }",
+        &good,
+    )
+    .expect("parses")
+    .expect_err("name without password");
+    assert!(e.to_string().contains("password"), "{e}");
+    assert!(matches!(
+        parse(
+            "security_policy = \"none\"\nuser = { name = \"ft\", password_file = \"pw\" }",
+            &good
+        ),
+        Ok(Ok(_))
+    ));
+    let e = parse(
+        "security_policy = \"none\"",
         "[[tags]]\nnode_id = \"nonsense\"\nasset = \"acme/s/a/l/m/t\"\n",
     )
     .expect("parses")
@@ -439,16 +459,19 @@ fn config_errors_name_the_connection_and_the_tag() {
         .expect("parses")
         .expect_err("missing cert");
     assert!(e.to_string().contains("client_cert"), "{e}");
-    let e = parse("security_mode = \"sign\"", &good)
-        .expect("parses")
-        .expect_err("mode without policy");
+    let e = parse(
+        "security_policy = \"none\"\nsecurity_mode = \"sign\"",
+        &good,
+    )
+    .expect("parses")
+    .expect_err("mode without policy");
     assert!(e.to_string().contains("security_mode"), "{e}");
     assert!(
         parse("publishing_intervall_ms = 5", &good).is_err(),
         "unknown key"
     );
     let e = toml::from_str::<ConnectionConfig>(
-        "protocol = \"opcua\"\nname = \"ua\"\nendpoint = \"http://x\"\n",
+        "protocol = \"opcua\"\nname = \"ua\"\nendpoint = \"http://x\"\nsecurity_policy = \"none\"\n",
     )
     .expect("parses")
     .targets()
@@ -649,4 +672,97 @@ async fn basic256sha256_sign_and_encrypt_needs_only_config() {
     })
     .await;
     run.stop().await;
+}
+
+/// Python's asyncua server admitting only the user-name token `ft`: the adapter activates its
+/// session with the name and the password from a file and reads values; with a wrong
+/// password it never connects and no value arrives (and the password is in no error).
+/// Skipped loudly without `python3 -c 'import asyncua'` unless `CI` is set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_name_token_against_a_foreign_server_that_requires_one() {
+    let has_asyncua = std::process::Command::new("python3")
+        .args(["-c", "import asyncua"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_asyncua {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "python asyncua is missing on CI: .ci/run must pip install asyncua"
+        );
+        eprintln!("skipped: pip install asyncua");
+        return;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("free port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/foreign/asyncua_users.py"
+    );
+    let mut child = tokio::process::Command::new("python3")
+        .arg(script)
+        .arg(port.to_string())
+        .arg("ua-s3cret")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3 runs");
+    {
+        use tokio::io::AsyncBufReadExt;
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+        tokio::time::timeout(WAIT, async {
+            while let Some(l) = lines.next_line().await.expect("line") {
+                if l.starts_with("ready") {
+                    return;
+                }
+            }
+        })
+        .await
+        .expect("the asyncua server starts");
+    }
+    let dir = tempfile::tempdir().expect("dir");
+    let pw = dir.path().join("ua-password");
+    let sensor = "acme/s/a/l/m/t";
+    let cfg = |user: &str| {
+        toml::from_str::<ConnectionConfig>(&format!(
+            "protocol = \"opcua\"\nname = \"foreign\"\nendpoint = \"opc.tcp://127.0.0.1:{port}/\"\n\
+             security_policy = \"none\"\ntimeout_ms = 3000\nuser = {user}\n\
+             [[tags]]\nnode_id = \"ns=2;s=plant.press.temp\"\nasset = \"{sensor}\"\nproperty = \"value\"\n"
+        ))
+        .expect("config")
+    };
+    std::fs::write(&pw, "ua-s3cret\n").expect("password file");
+    let run = Running::start(cfg(&format!("{{ name = \"ft\", password_file = {pw:?} }}")));
+    let id = AssetPath::parse(sensor).expect("path").id();
+    let mut got: Vec<Reading> = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while got.iter().filter(|r| r.asset == id).count() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no values under the user-name token: {:?} {:?}",
+            run.handle.status().snapshot(),
+            run.events()
+        );
+        got.extend(run.sink.take());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    run.stop().await;
+    let wrong = Running::start(cfg("{ name = \"ft\", password = \"not-the-password\" }"));
+    wait_until("the server to refuse the wrong password", || {
+        let refused = wrong.handle.status().snapshot().last_error.is_some();
+        async move { refused }
+    })
+    .await;
+    let snap = wrong.handle.status().snapshot();
+    assert!(wrong.count(is_connected) == 0, "{:?}", wrong.events());
+    assert!(wrong.sink.take().is_empty());
+    assert!(
+        !format!("{snap:?}{:?}", wrong.events()).contains("not-the-password"),
+        "the password leaked"
+    );
+    wrong.stop().await;
+    let _ = child.kill().await;
 }

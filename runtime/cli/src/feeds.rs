@@ -177,7 +177,7 @@ pub fn opcua_connections(
         );
         let text = format!(
             "protocol = \"opcua\"\nname = \"{name}\"\nendpoint = {:?}\n\
-             publishing_interval_ms = 100\nsampling_interval_ms = 100\n{tags}",
+             security_policy = \"none\"\npublishing_interval_ms = 100\nsampling_interval_ms = 100\n{tags}",
             s.endpoint
         );
         out.push(
