@@ -433,3 +433,87 @@ async fn web_page_shows_live_tree_trend_and_acknowledges_alarms_in_headless_chro
     site.rt.shutdown().await;
     eprintln!("browser screenshots in {}", shots.display());
 }
+
+/// With security on, the page asks for a sign-in: the form takes a service token, the session
+/// cookie is `HttpOnly` (no script reads it), and the page then works under the
+/// Content-Security-Policy (no inline script or style) with the live tree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signing_in_with_a_token_opens_the_page_in_headless_chromium() {
+    if !Path::new(CHROMEDRIVER).exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{CHROMEDRIVER} is missing on CI: .ci/run must install chromium chromium-driver"
+        );
+        eprintln!("skipped: install chromium chromium-driver");
+        return;
+    }
+    let shots = screenshot_dir();
+    std::fs::create_dir_all(&shots).expect("screenshot dir");
+    let (token, hash) =
+        ferrotwin_runtime::security::authn::new_service_token("web").expect("token");
+    let mut o = options();
+    o.security = Some(
+        toml::from_str(&format!(
+            "[[tokens]]\nname = \"web\"\nhash = \"{hash}\"\n[[grants]]\nsubject = \"token:web\"\nrole = \"operator\"\npaths = [\"**\"]\n"
+        ))
+        .expect("security"),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let site = start_plant_in(&plant(), dir.path(), o).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind http");
+    let http = listener.local_addr().expect("http addr");
+    site.rt.serve_http(listener).expect("serve");
+    let driver = Driver::start();
+    driver.wait_ready().await;
+    let profile = tempfile::tempdir().expect("profile dir");
+    let c = browser(&driver, profile.path()).await;
+    let base = format!("http://{http}");
+    c.goto(&format!("{base}/alarms")).await.expect("open a page");
+    c.wait()
+        .at_most(Duration::from_secs(WAIT_S))
+        .for_element(Locator::Css("#signin"))
+        .await
+        .expect("the sign-in form instead of the page");
+    // A wrong token: the form again, with the refusal.
+    c.find(Locator::Css("#token"))
+        .await
+        .expect("token field")
+        .send_keys("ftk.web.0000")
+        .await
+        .expect("type");
+    click(&c, "#signin-submit", "sign in").await;
+    c.wait()
+        .at_most(Duration::from_secs(WAIT_S))
+        .for_element(Locator::Css("#signin-error"))
+        .await
+        .expect("the refusal is shown");
+    c.find(Locator::Css("#token"))
+        .await
+        .expect("token field")
+        .send_keys(&token)
+        .await
+        .expect("type");
+    click(&c, "#signin-submit", "sign in").await;
+    // Back on the page asked for, signed in; then the tree works.
+    wait_js(
+        &c,
+        "return location.pathname === '/alarms' ? true : null;",
+        "back on /alarms after the sign-in",
+    )
+    .await;
+    c.goto(&format!("{base}/")).await.expect("the start page");
+    c.wait()
+        .at_most(Duration::from_secs(WAIT_S))
+        .for_element(Locator::Css(&row("acme/berlin")))
+        .await
+        .expect("the tree under the CSP, signed in");
+    shot(&c, &shots, "10-signed-in").await;
+    match c.execute("return document.cookie;", Vec::new()).await.expect("js") {
+        Json::String(s) => assert!(!s.contains("ft_token"), "the session is readable: {s}"),
+        other => panic!("{other}"),
+    }
+    c.close().await.expect("close");
+    site.rt.shutdown().await;
+}
