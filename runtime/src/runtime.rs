@@ -131,6 +131,21 @@ impl Runtime {
             Some(s) => Authenticator::new(s).map_err(RuntimeError::Security)?,
             None => Authenticator::open(),
         });
+        // Sites authenticate with certificates: an enterprise that authenticates its callers
+        // must be able to verify them, or it would refuse every site.
+        if opts.enterprise.is_some()
+            && !auth.is_open()
+            && opts
+                .security
+                .as_ref()
+                .and_then(|s| s.tls.as_ref())
+                .and_then(|t| t.client_ca.as_ref())
+                .is_none()
+        {
+            return Err(RuntimeError::Security(
+                "an enterprise with [security] needs [security.tls] client_ca: sites authenticate with their certificates (mTLS)".into(),
+            ));
+        }
         let store = Arc::new(Store::open(data_dir, opts.store.clone())?);
         let replicate_as = match &opts.replication {
             Some(r) => Some(open_outbox(spec, &store, r)?),

@@ -1415,6 +1415,11 @@ mod tests {
                     Event::Incoming(Packet::Publish(p)) if subscribed => {
                         let kind = p.topic.split('/').nth(2).unwrap_or_default().to_string();
                         let seq = Payload::decode(&p.payload[..]).expect("payload").seq;
+                        // The DBIRTHs of the node's first birth may still be arriving when
+                        // the subscription starts: a birth sequence begins with an NBIRTH.
+                        if kind == "DBIRTH" && births.is_empty() {
+                            continue;
+                        }
                         if kind.ends_with("BIRTH") {
                             births.push((kind, seq));
                         }

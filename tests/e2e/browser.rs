@@ -470,7 +470,9 @@ async fn signing_in_with_a_token_opens_the_page_in_headless_chromium() {
     let profile = tempfile::tempdir().expect("profile dir");
     let c = browser(&driver, profile.path()).await;
     let base = format!("http://{http}");
-    c.goto(&format!("{base}/alarms")).await.expect("open a page");
+    c.goto(&format!("{base}/alarms"))
+        .await
+        .expect("open a page");
     c.wait()
         .at_most(Duration::from_secs(WAIT_S))
         .for_element(Locator::Css("#signin"))
@@ -510,7 +512,11 @@ async fn signing_in_with_a_token_opens_the_page_in_headless_chromium() {
         .await
         .expect("the tree under the CSP, signed in");
     shot(&c, &shots, "10-signed-in").await;
-    match c.execute("return document.cookie;", Vec::new()).await.expect("js") {
+    match c
+        .execute("return document.cookie;", Vec::new())
+        .await
+        .expect("js")
+    {
         Json::String(s) => assert!(!s.contains("ft_token"), "the session is readable: {s}"),
         other => panic!("{other}"),
     }

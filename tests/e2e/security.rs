@@ -86,6 +86,8 @@ impl Secured {
             jsonwebtoken::jwk::Jwk::from_encoding_key(&idp_key, Algorithm::ES256).expect("jwk");
         jwk.common.key_id = Some("k1".into());
         let jwks = dir.path().join("jwks.json");
+        let revoked_file = dir.path().join("revoked-jti.txt");
+        std::fs::write(&revoked_file, "# revoked token ids\n").expect("revocation list");
         std::fs::write(
             &jwks,
             serde_json::to_string(&jsonwebtoken::jwk::JwkSet { keys: vec![jwk] }).expect("json"),
@@ -111,6 +113,7 @@ crl = {crl:?}
 jwks = {jwks:?}
 issuer = "{ISSUER}"
 audience = "{AUDIENCE}"
+revoked = {revoked_file:?}
 {token_toml}
 [[grants]]
 subject = "token:viewer"
@@ -354,6 +357,33 @@ async fn tokens_and_jwts_authenticate_and_bad_ones_are_refused() {
             "{what}: the token is echoed"
         );
     }
+    // A revoked JWT stops working at once, though it was cached and has not expired.
+    let mut with_jti = claims("dave", AUDIENCE, unix_now() + 600);
+    with_jti["jti"] = serde_json::json!("jti-revoke-me");
+    let revocable = s.jwt(with_jti);
+    c.who_am_i(with_token(pb::WhoAmIRequest {}, &revocable))
+        .await
+        .expect("not revoked yet");
+    let list = s
+        .config
+        .jwt
+        .as_ref()
+        .expect("jwt")
+        .revoked
+        .clone()
+        .expect("list");
+    // A new modification time for the reload (coarse file systems round to a second).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    std::fs::write(&list, "# revoked token ids\njti-revoke-me\n").expect("revoke");
+    wait_for(10, "the revocation to apply", || {
+        let mut c = c.clone();
+        let t = revocable.clone();
+        async move {
+            let r = c.who_am_i(with_token(pb::WhoAmIRequest {}, &t)).await;
+            matches!(r, Err(e) if e.code() == Code::Unauthenticated).then_some(())
+        }
+    })
+    .await;
     // Each refusal is on record, without the token.
     let records = audit(&s).await;
     let refused: Vec<_> = records.iter().filter(|r| r.action == "sign-in").collect();
@@ -1203,4 +1233,71 @@ async fn mqtt_over_tls_with_a_password_and_an_unauthorised_publisher() {
     .await;
     assert!(!err.contains("nope-not-it"), "{err}");
     site.rt.shutdown().await;
+}
+
+/// `GET /healthz` over TLS trusting only `ca`: the answer, or why the handshake failed.
+async fn healthz_trusting(ca: &Path, addr: SocketAddr) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::pem::PemObject::pem_file_iter(ca).map_err(|e| e.to_string())? {
+        roots
+            .add(c.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect("localhost".try_into().expect("name"), tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_string(&mut out)).await;
+    Ok(out)
+}
+
+/// Renewed certificate files apply without a restart: after the server's certificate and
+/// key are replaced by ones of another CA, new connections see the new certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaced_certificate_files_apply_without_a_restart() {
+    let mut s = Secured::start().await;
+    let before = healthz_trusting(&s.ca, s.http).await.expect("the first CA");
+    assert!(before.starts_with("HTTP/1.1 200"), "{before}");
+    let other = tempfile::tempdir().expect("dir");
+    let pki = Pki::create(other.path()).expect("another CA");
+    let renewed = pki
+        .server("renewed", &["localhost", "127.0.0.1"])
+        .expect("cert");
+    let tls = s.config.tls.clone().expect("tls");
+    // A new modification time for the reload (coarse file systems round to a second).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    std::fs::copy(&renewed.key, &tls.key).expect("key");
+    std::fs::copy(&renewed.cert, &tls.cert).expect("cert");
+    let new_ca = pki.ca();
+    let addr = s.http;
+    wait_for(20, "the renewed certificate on new connections", || {
+        let new_ca = new_ca.clone();
+        async move {
+            healthz_trusting(&new_ca, addr)
+                .await
+                .ok()
+                .filter(|a| a.starts_with("HTTP/1.1 200"))
+        }
+    })
+    .await;
+    assert!(
+        healthz_trusting(&s.ca, s.http).await.is_err(),
+        "the old certificate is still served"
+    );
+    s.stop().await;
 }
