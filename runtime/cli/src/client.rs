@@ -14,7 +14,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 pub type Client = TwinServiceClient<InterceptedService<Channel, Bearer>>;
 
 /// How to reach a runtime: its address and, with security on, TLS and credentials.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Connect {
     /// `host:port`, `http://…` or `https://…` (TLS is used with `https://` or `ca`).
     pub addr: String,
@@ -27,6 +27,19 @@ pub struct Connect {
     pub key: Option<std::path::PathBuf>,
     /// The name the server's certificate must carry (default: the address's host).
     pub domain: Option<String>,
+}
+
+impl std::fmt::Debug for Connect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connect")
+            .field("addr", &self.addr)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("ca", &self.ca)
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .field("domain", &self.domain)
+            .finish()
+    }
 }
 
 /// Adds `authorization: Bearer …` to every call (nothing without a token).

@@ -32,6 +32,21 @@ fn write(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// A private key: readable by its owner only.
+fn write_key(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(text.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
 impl Pki {
     /// A new CA in `dir` (`ca.pem`, `ca-key.pem`).
     pub fn create(dir: &Path) -> Result<Pki> {
@@ -50,7 +65,7 @@ impl Pki {
         p.serial_number = Some(SerialNumber::from(1u64));
         let cert = p.self_signed(&key)?;
         write(&dir.join("ca.pem"), &cert.pem())?;
-        write(&dir.join("ca-key.pem"), &key.serialize_pem())?;
+        write_key(&dir.join("ca-key.pem"), &key.serialize_pem())?;
         Ok(Pki {
             dir: dir.to_path_buf(),
             issuer: Issuer::new(p, key),
@@ -77,7 +92,7 @@ impl Pki {
             self.dir.join(format!("{file}-key.pem")),
         );
         write(&c, &cert.pem())?;
-        write(&k, &key.serialize_pem())?;
+        write_key(&k, &key.serialize_pem())?;
         Ok(Issued {
             cert: c,
             key: k,

@@ -195,7 +195,11 @@ async fn authenticate(State(state): State<HttpState>, mut req: Request, next: Ne
         req.extensions_mut().insert(Caller::open(addr));
         return next.run(req).await;
     }
-    let public = is_public(path);
+    // Public routes are served without looking at credentials (a stale session cookie on a
+    // static file must not count as a failed sign-in); `/signin` checks its own form.
+    if is_public(path) {
+        return next.run(req).await;
+    }
     let bearer = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -209,15 +213,11 @@ async fn authenticate(State(state): State<HttpState>, mut req: Request, next: Ne
             .and_then(|p| p.cert.as_deref().map(Vec::as_slice)),
         addr,
     };
-    if public && creds.bearer.is_none() && creds.peer_cert.is_none() {
-        return next.run(req).await;
-    }
     match state.api.authenticate(creds) {
         Ok(caller) => {
             req.extensions_mut().insert(caller);
             next.run(req).await
         }
-        Err(_) if public => next.run(req).await,
         Err(e) => {
             if path.starts_with("/api/") || path == "/metrics" {
                 let mut r = error::HttpError::from(e).into_response();

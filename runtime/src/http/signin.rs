@@ -37,7 +37,14 @@ pub struct SignInForm {
 /// A local path to return to (never another site: `//host` and schemes are refused).
 fn local(next: Option<&str>) -> String {
     match next {
-        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n.to_owned(),
+        Some(n)
+            if n.starts_with('/')
+                && !n.starts_with("//")
+                && !n.contains('\\')
+                && !n.chars().any(|c| c.is_control() || c.is_whitespace()) =>
+        {
+            n.to_owned()
+        }
         _ => "/".into(),
     }
 }
@@ -156,4 +163,24 @@ async fn sign_out(State(s): State<HttpState>) -> Response {
         r.headers_mut().insert(header::SET_COOKIE, v);
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::local;
+
+    #[test]
+    fn only_local_paths_are_returned_to() {
+        assert_eq!(local(Some("/alarms?path=acme")), "/alarms?path=acme");
+        for evil in [
+            "//evil.example",
+            "/\t/evil.example",
+            "/\\evil.example",
+            "https://evil.example",
+            "/ /evil",
+        ] {
+            assert_eq!(local(Some(evil)), "/", "{evil:?}");
+        }
+        assert_eq!(local(None), "/");
+    }
 }

@@ -249,7 +249,8 @@ impl Authenticator {
             (None, Some(der)) => self.certificate(config, der),
             (None, None) => Err(AuthError::Missing),
         };
-        if r.is_err()
+        // Only a credential that does not verify counts; none at all is not an attempt.
+        if matches!(r, Err(AuthError::Invalid(_)))
             && let Some(ip) = ip
         {
             self.count_failure(ip);
@@ -258,20 +259,28 @@ impl Authenticator {
     }
 
     fn check_rate(&self, ip: IpAddr) -> Result<(), AuthError> {
-        let f = self.failures.lock().expect("failure map is never poisoned");
-        match f.get(&ip) {
-            Some((n, since)) if *n >= MAX_FAILURES && since.elapsed() < FAILURE_WINDOW => {
-                Err(AuthError::RateLimited {
-                    addr: ip,
-                    retry_s: (FAILURE_WINDOW - since.elapsed()).as_secs() + 1,
-                })
-            }
-            _ => Ok(()),
+        let f = self
+            .failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some((n, since)) = f.get(&ip) else {
+            return Ok(());
+        };
+        let elapsed = since.elapsed();
+        if *n >= MAX_FAILURES && elapsed < FAILURE_WINDOW {
+            return Err(AuthError::RateLimited {
+                addr: ip,
+                retry_s: FAILURE_WINDOW.saturating_sub(elapsed).as_secs() + 1,
+            });
         }
+        Ok(())
     }
 
     fn count_failure(&self, ip: IpAddr) {
-        let mut f = self.failures.lock().expect("failure map is never poisoned");
+        let mut f = self
+            .failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if f.len() >= FAILURE_ENTRIES {
             f.retain(|_, (_, since)| since.elapsed() < FAILURE_WINDOW);
             if f.len() >= FAILURE_ENTRIES {
@@ -345,7 +354,13 @@ impl Authenticator {
             jsonwebtoken::decode_header(token).map_err(|e| bad(format!("not a JWT: {e}")))?;
         let (alg, key) = {
             let mut ks = jwks.lock().expect("jwks is never poisoned");
-            ks.refresh(parse_jwks);
+            if ks.refresh(parse_jwks) {
+                // A key taken out of the JWKS takes its tokens with it, cached or not.
+                self.cache
+                    .lock()
+                    .expect("token cache is never poisoned")
+                    .clear();
+            }
             let found = ks
                 .value
                 .iter()
@@ -404,7 +419,13 @@ impl Authenticator {
         {
             return Err(bad("token revoked".into()));
         }
-        let exp = claims.get("exp").and_then(serde_json::Value::as_u64);
+        // A NumericDate may be fractional; a JWT without one is not cached for ever.
+        let exp = claims
+            .get("exp")
+            .and_then(serde_json::Value::as_f64)
+            .filter(|e| e.is_finite() && *e >= 0.0)
+            .map(|e| e.ceil() as u64)
+            .ok_or_else(|| bad("JWT: `exp` is not a number of seconds".into()))?;
         let name = format!("user:{sub}");
         Ok(Cached {
             subject: Arc::new(Subject {
@@ -412,7 +433,7 @@ impl Authenticator {
                 name,
                 method: Method::Jwt,
             }),
-            exp: exp.map(|e| e + j.leeway_s),
+            exp: Some(exp.saturating_add(j.leeway_s)),
             jti,
         })
     }

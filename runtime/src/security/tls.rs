@@ -57,11 +57,25 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
         .map_err(|e| format!("{}: no private key: {e}", path.display()))
 }
 
+/// The CRLs of `path`, PEM or one DER CRL. A file that holds none is an error: a
+/// configured CRL that silently checks nothing would turn revocation off.
 fn read_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, String> {
-    CertificateRevocationListDer::pem_file_iter(path)
+    let pem = CertificateRevocationListDer::pem_file_iter(path)
         .map_err(|e| format!("{}: cannot read CRLs: {e}", path.display()))?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{}: not PEM CRLs: {e}", path.display()))
+        .map_err(|e| format!("{}: not PEM CRLs: {e}", path.display()))?;
+    if !pem.is_empty() {
+        return Ok(pem);
+    }
+    let der = std::fs::read(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    // A DER CRL is an ASN.1 SEQUENCE; rustls checks the rest when it parses it.
+    if der.first() == Some(&0x30) {
+        return Ok(vec![CertificateRevocationListDer::from(der)]);
+    }
+    Err(format!(
+        "{}: holds no CRL (PEM \"X509 CRL\" blocks or one DER CRL)",
+        path.display()
+    ))
 }
 
 /// The server config of `cfg`, announcing `alpn` (`h2` for gRPC, `http/1.1` for HTTP).

@@ -235,7 +235,17 @@ impl AuditLog {
         } else {
             now.0 - (retention_days as i64) * 86_400_000_000
         };
-        let over = (self.tree.len() as u64).saturating_sub(max_records);
+        // Keys are consecutive seqs: the count is the span (no scan of the tree).
+        let count = match (self.tree.first()?, self.tree.last()?) {
+            (Some((a, _)), Some((b, _))) => {
+                seq_of(&b)
+                    .unwrap_or(0)
+                    .saturating_sub(seq_of(&a).unwrap_or(0))
+                    + 1
+            }
+            _ => 0,
+        };
+        let over = count.saturating_sub(max_records);
         let mut removed = 0usize;
         let mut anchor_hash = None;
         for kv in self.tree.iter().take(MAX_TRIM_PER_SWEEP) {
