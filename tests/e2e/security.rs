@@ -763,7 +763,14 @@ async fn a_flipped_byte_in_the_audit_log_is_found_after_a_restart() {
     s.stop().await;
     // Tamper with record 2 on disk, as someone with the data dir could.
     {
-        let db = sled::open(&s.data).expect("open the store");
+        // The stopped runtime may still be letting go of the store's lock on another thread
+        // (its own `Store::open` waits the same way).
+        let data = s.data.clone();
+        let db = wait_for(10, "the store's lock to be released", || {
+            let data = data.clone();
+            async move { sled::open(&data).ok() }
+        })
+        .await;
         let t = db.open_tree("audit").expect("audit tree");
         let k = 2u64.to_be_bytes();
         let mut v = t.get(k).expect("get").expect("record 2").to_vec();
@@ -1299,5 +1306,68 @@ async fn replaced_certificate_files_apply_without_a_restart() {
         healthz_trusting(&s.ca, s.http).await.is_err(),
         "the old certificate is still served"
     );
+    s.stop().await;
+}
+
+/// The real sender over mTLS: a site runtime replicating to the secured enterprise with its
+/// own certificate (`[replication.tls]`), verifying the enterprise's; its values reach the
+/// mirror. The same site with Paris's certificate gets nothing through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_replicates_over_mtls_with_its_certificate_and_not_with_another() {
+    let mut s = Secured::start().await;
+    let site_opts = |cert: &Issued| {
+        let mut o = options();
+        let mut r = ferrotwin_runtime::SiteReplication::new(format!("https://{}", s.grpc));
+        r.reconnect_min_ms = 20;
+        r.reconnect_max_ms = 200;
+        r.tls = Some(ferrotwin_runtime::SiteTls {
+            ca: s.ca.clone(),
+            cert: cert.cert.clone(),
+            key: cert.key.clone(),
+            domain: Some("localhost".into()),
+        });
+        o.replication = Some(r);
+        o
+    };
+    let mirror = |v: f64| {
+        let s = &s;
+        async move {
+            let t = s
+                .client()
+                .await
+                .get_twin(with_token(get_req(FORCE), &s.tokens["admin"]))
+                .await
+                .ok()?
+                .into_inner();
+            (float_of(&t) == Some(v)).then_some(())
+        }
+    };
+    // Posing as Berlin with Paris's certificate: refused, nothing reaches the mirror.
+    let pd = tempfile::tempdir().expect("dir");
+    let impostor = start_in(pd.path(), site_opts(&s.paris)).await;
+    push(&impostor, vec![float(FORCE, 777.0)]).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        mirror(777.0).await.is_none(),
+        "the impostor's value reached the mirror"
+    );
+    let st = impostor
+        .rt
+        .api()
+        .replication_status(&ferrotwin_runtime::security::Caller::open(None))
+        .expect("status");
+    let link = st.link.expect("a site link");
+    assert!(!link.connected, "{link:?}");
+    assert!(link.last_error.contains("acme/paris"), "{link:?}");
+    impostor.rt.shutdown().await;
+    // Berlin with its own certificate: replicated.
+    let bd = tempfile::tempdir().expect("dir");
+    let berlin = start_in(bd.path(), site_opts(&s.berlin)).await;
+    push(&berlin, vec![float(FORCE, 123.0)]).await;
+    wait_for(30, "Berlin's value at the enterprise over mTLS", || {
+        mirror(123.0)
+    })
+    .await;
+    berlin.rt.shutdown().await;
     s.stop().await;
 }
