@@ -96,6 +96,22 @@ pub fn is_slug(s: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_' || *c == b'-')
 }
 
+/// Longest prefix of a client's text an error quotes (longer text is cut and its length
+/// named), so a huge input never makes a huge error.
+pub const MAX_QUOTE: usize = 96;
+
+/// `s`, or its first `MAX_QUOTE` bytes (at a char boundary) and how long it was.
+pub fn quote_prefix(s: &str) -> String {
+    if s.len() <= MAX_QUOTE {
+        return s.to_string();
+    }
+    let mut end = MAX_QUOTE;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &s[..end], s.len())
+}
+
 impl AssetPath {
     pub fn parse(s: &str) -> Result<AssetPath, PathError> {
         let s = s.trim_matches('/');
@@ -107,15 +123,15 @@ impl AssetPath {
             depth += 1;
             if !is_slug(segment) {
                 return Err(PathError::BadSegment {
-                    path: s.to_string(),
+                    path: quote_prefix(s),
                     index,
-                    segment: segment.to_string(),
+                    segment: quote_prefix(segment),
                 });
             }
         }
         if depth > 6 {
             return Err(PathError::TooDeep {
-                path: s.to_string(),
+                path: quote_prefix(s),
                 depth,
             });
         }
@@ -238,6 +254,17 @@ mod tests {
             Err(PathError::TooDeep { depth: 7, .. })
         ));
         assert!(AssetPath::parse("a//b").is_err());
+    }
+
+    #[test]
+    fn a_huge_bad_path_makes_a_short_error() {
+        let huge = "X".repeat(3 << 20);
+        let e = AssetPath::parse(&huge).expect_err("not a slug").to_string();
+        assert!(e.len() < 400, "{} bytes", e.len());
+        assert!(e.contains("3145728 bytes"), "{e}");
+        let deep = vec!["a"; 10_000].join("/");
+        let e = AssetPath::parse(&deep).expect_err("too deep").to_string();
+        assert!(e.len() < 400 && e.contains("10000 segments"), "{e}");
     }
 
     #[test]

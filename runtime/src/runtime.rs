@@ -131,6 +131,9 @@ impl Runtime {
             Some(s) => Authenticator::new(s).map_err(RuntimeError::Security)?,
             None => Authenticator::open(),
         });
+        if let Some(r) = &opts.replication {
+            r.check().map_err(RuntimeError::Replication)?;
+        }
         // Sites authenticate with certificates: an enterprise that authenticates its callers
         // must be able to verify them, or it would refuse every site.
         if opts.enterprise.is_some()

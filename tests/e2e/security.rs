@@ -1371,3 +1371,49 @@ async fn a_site_replicates_over_mtls_with_its_certificate_and_not_with_another()
     berlin.rt.shutdown().await;
     s.stop().await;
 }
+
+/// Strings and durations a client sends are bounded, and errors quote only a short prefix:
+/// a 3 MB path or `by`, a huge comment, a shelve of u64::MAX ms are INVALID_ARGUMENT with a
+/// short message, and nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_strings_and_endless_shelves_are_refused_with_short_errors() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut site = start_in(dir.path(), options()).await;
+    let huge = "x".repeat(3 << 20);
+    let shelve = |path: &str, by: &str, ms: u64| pb::ShelveAlarmRequest {
+        path: path.into(),
+        alarm: "high".into(),
+        duration_ms: ms,
+        by: by.into(),
+    };
+    let cases = [
+        ("3 MB by", shelve(TEMP, &huge, 60_000)),
+        ("3 MB path", shelve(&huge, "ann", 60_000)),
+        ("u64::MAX ms", shelve(TEMP, "ann", u64::MAX)),
+    ];
+    for (what, req) in cases {
+        let e = site.client.shelve_alarm(req).await.expect_err(what);
+        assert_eq!(e.code(), Code::InvalidArgument, "{what}: {}", e.code());
+        assert!(
+            e.message().len() < 400,
+            "{what}: {} bytes",
+            e.message().len()
+        );
+    }
+    let e = site
+        .client
+        .acknowledge_alarm(pb::AcknowledgeAlarmRequest {
+            path: TEMP.into(),
+            alarm: "high".into(),
+            by: "ann".into(),
+            comment: huge.clone(),
+        })
+        .await
+        .expect_err("3 MB comment");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("comment") && e.message().len() < 400);
+    // Nothing of it reached the store.
+    let ev = events(&mut site.client, TEMP).await;
+    assert!(ev.iter().all(|e| e.message.len() < 1000), "{ev:?}");
+    site.rt.shutdown().await;
+}

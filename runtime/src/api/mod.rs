@@ -43,6 +43,25 @@ const TWIN_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 const QUERY_WINDOW: usize = 4096;
 /// Open Watch streams at most: each costs a queue and a check on every change.
 pub const MAX_WATCHERS: usize = 256;
+/// Longest alarm or property name, `by` and comment a client may send (bytes): they end up
+/// in events, the store and replication.
+pub const MAX_NAME_BYTES: usize = 128;
+pub const MAX_COMMENT_BYTES: usize = 1024;
+/// Longest shelve: a shelved alarm comes back within a month at the latest.
+pub const MAX_SHELVE_MS: u64 = 30 * 24 * 3_600_000;
+
+/// `field` of a request is at most `max` bytes, or INVALID_ARGUMENT naming it (and quoting
+/// only a short prefix).
+fn bounded(field: &'static str, s: &str, max: usize) -> Result<(), ApiError> {
+    if s.len() > max {
+        return Err(ApiError::BadArgument(format!(
+            "{field}: {} bytes, at most {max} ({:?})",
+            s.len(),
+            ferrotwin_models::asset::quote_prefix(s)
+        )));
+    }
+    Ok(())
+}
 
 #[derive(Clone)]
 pub struct TwinApi {
@@ -182,6 +201,7 @@ impl TwinApi {
         if !caller.is_open() {
             return Ok(caller.name().to_owned());
         }
+        bounded("by", &claimed, MAX_NAME_BYTES)?;
         if claimed.trim().is_empty() {
             return Err(ApiError::BadArgument(format!("by: say who {what}")));
         }
@@ -574,6 +594,8 @@ impl TwinApi {
         req: pb::AcknowledgeAlarmRequest,
     ) -> Result<pb::AcknowledgeAlarmResponse, ApiError> {
         let by = Self::actor_name(caller, req.by, "acknowledges")?;
+        bounded("alarm", &req.alarm, MAX_NAME_BYTES)?;
+        bounded("comment", &req.comment, MAX_COMMENT_BYTES)?;
         if req.alarm.is_empty() {
             return Err(ApiError::BadArgument(
                 "alarm: name the alarm to acknowledge".into(),
@@ -620,6 +642,7 @@ impl TwinApi {
         req: pb::WritePropertyRequest,
     ) -> Result<pb::WritePropertyResponse, ApiError> {
         let by = Self::actor_name(caller, req.by, "writes")?;
+        bounded("property", &req.property, MAX_NAME_BYTES)?;
         let path = Self::parse_path("path", &req.path)?;
         self.entry(&path)?;
         self.allow(caller, Role::Engineer, &path, "write")?;
@@ -678,6 +701,13 @@ impl TwinApi {
         req: pb::ShelveAlarmRequest,
     ) -> Result<pb::ShelveAlarmResponse, ApiError> {
         let by = Self::actor_name(caller, req.by, "shelves")?;
+        bounded("alarm", &req.alarm, MAX_NAME_BYTES)?;
+        if req.duration_ms > MAX_SHELVE_MS {
+            return Err(ApiError::BadArgument(format!(
+                "duration_ms: {} is longer than the longest shelve, {MAX_SHELVE_MS} ms (30 days)",
+                req.duration_ms
+            )));
+        }
         if req.alarm.is_empty() {
             return Err(ApiError::BadArgument(
                 "alarm: name the alarm to shelve".into(),

@@ -123,6 +123,24 @@ mod defaults {
 }
 
 impl SiteReplication {
+    /// The endpoint's scheme fits the TLS settings: `https://` needs `[replication.tls]`, and
+    /// TLS settings need `https://` (never a silent plaintext link).
+    pub fn check(&self) -> Result<(), String> {
+        let e = &self.enterprise;
+        match (e.split_once("://").map(|(s, _)| s), &self.tls) {
+            (Some("https"), Some(_)) | (Some("http"), None) => Ok(()),
+            (Some("https"), None) => Err(format!(
+                "enterprise {e:?} is https:// but [replication.tls] (ca, cert, key) is missing"
+            )),
+            (Some("http"), Some(_)) => Err(format!(
+                "[replication.tls] is set but enterprise {e:?} is http://; use https://"
+            )),
+            _ => Err(format!(
+                "enterprise {e:?}: give http://HOST:PORT or https://HOST:PORT"
+            )),
+        }
+    }
+
     pub fn new(enterprise: impl Into<String>) -> SiteReplication {
         SiteReplication {
             enterprise: enterprise.into(),
@@ -150,4 +168,29 @@ pub(crate) fn event_cursor_key(site: &str) -> Vec<u8> {
 
 pub(crate) fn u64_of(v: Option<Vec<u8>>) -> u64 {
     v.as_deref().and_then(crate::store::seq_of).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod scheme_tests {
+    use super::*;
+
+    #[test]
+    fn the_scheme_must_fit_the_tls_settings() {
+        let mut r = SiteReplication::new("https://10.0.0.5:50051");
+        let e = r.check().expect_err("https without tls");
+        assert!(e.contains("[replication.tls]"), "{e}");
+        r.tls = Some(SiteTls {
+            ca: "ca.pem".into(),
+            cert: "c.pem".into(),
+            key: "k.pem".into(),
+            domain: None,
+        });
+        assert!(r.check().is_ok());
+        r.enterprise = "http://10.0.0.5:50051".into();
+        assert!(r.check().expect_err("tls over http").contains("https://"));
+        r.tls = None;
+        assert!(r.check().is_ok());
+        r.enterprise = "10.0.0.5:50051".into();
+        assert!(r.check().is_err());
+    }
 }
