@@ -1417,3 +1417,74 @@ async fn huge_strings_and_endless_shelves_are_refused_with_short_errors() {
     assert!(ev.iter().all(|e| e.message.len() < 1000), "{ev:?}");
     site.rt.shutdown().await;
 }
+
+/// Nonsense that used to pass as OK: a page token no listing gave out, a min_severity
+/// outside the enum. Each is INVALID_ARGUMENT naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_page_tokens_and_out_of_range_severities_are_refused() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut site = start_in(dir.path(), options()).await;
+    for token in [
+        "garbage!",
+        "acme/paris/nowhere",
+        "acme/berlin/assembly/line-9",
+    ] {
+        let e = site
+            .client
+            .browse(pb::BrowseRequest {
+                path: "acme/berlin".into(),
+                depth: 5,
+                page_size: 2,
+                page_token: token.into(),
+            })
+            .await
+            .expect_err(token);
+        assert_eq!(e.code(), Code::InvalidArgument, "{token}: {e}");
+        assert!(e.message().starts_with("page_token"), "{e}");
+    }
+    // A real token still pages.
+    let first = site
+        .client
+        .browse(pb::BrowseRequest {
+            path: "acme/berlin".into(),
+            depth: 5,
+            page_size: 2,
+            page_token: String::new(),
+        })
+        .await
+        .expect("page 1")
+        .into_inner();
+    assert!(!first.next_page_token.is_empty());
+    site.client
+        .browse(pb::BrowseRequest {
+            path: "acme/berlin".into(),
+            depth: 5,
+            page_size: 2,
+            page_token: first.next_page_token,
+        })
+        .await
+        .expect("page 2");
+    let e = site
+        .client
+        .query(pb::QueryRequest {
+            query: "level = sensor".into(),
+            page_token: "zzz/not/a/twin".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("foreign query token");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    for sev in [99, -1] {
+        let e = site
+            .client
+            .list_events(pb::ListEventsRequest {
+                min_severity: sev,
+                ..Default::default()
+            })
+            .await
+            .expect_err("severity out of range");
+        assert_eq!(e.code(), Code::InvalidArgument, "{sev}: {e}");
+        assert!(e.message().contains("min_severity"), "{e}");
+    }
+    site.rt.shutdown().await;
+}

@@ -268,12 +268,27 @@ impl TwinApi {
         }
     }
 
-    fn page_token(s: &str) -> Result<Option<AssetPath>, ApiError> {
+    /// The twin a page token names (the last path of the page before), which must exist and
+    /// lie in `within`: anything else is not a token this listing gave out.
+    fn page_token(
+        &self,
+        s: &str,
+        within: Option<&AssetPath>,
+    ) -> Result<Option<AssetPath>, ApiError> {
         if s.is_empty() {
-            Ok(None)
-        } else {
-            Self::parse_path("page_token", s).map(Some)
+            return Ok(None);
         }
+        let foreign = || {
+            ApiError::BadArgument(format!(
+                "page_token: {:?} is not a token of this listing; give back next_page_token as it came",
+                ferrotwin_models::asset::quote_prefix(s)
+            ))
+        };
+        let p = AssetPath::parse(s).map_err(|_| foreign())?;
+        if self.ctx.registry.by_path(&p).is_none() || within.is_some_and(|w| !p.starts_with(w)) {
+            return Err(foreign());
+        }
+        Ok(Some(p))
     }
 
     /// A page of twins and the token of the next page (the last path; empty at the end).
@@ -350,7 +365,7 @@ impl TwinApi {
                 .ok_or_else(|| ApiError::Unavailable("the plant is empty".into()))?,
         };
         let limit = Self::page(req.page_size)?;
-        let after = Self::page_token(&req.page_token)?;
+        let after = self.page_token(&req.page_token, Some(&root))?;
         let max_depth = root.depth() + req.depth as usize;
         let (entries, more) = self
             .ctx
@@ -372,7 +387,7 @@ impl TwinApi {
     ) -> Result<pb::QueryResponse, ApiError> {
         let q = Query::parse(&req.query).map_err(ApiError::from)?;
         let limit = Self::page(req.page_size)?;
-        let after = Self::page_token(&req.page_token)?;
+        let after = self.page_token(&req.page_token, None)?;
         let prefix = q
             .pinned_path_glob()
             .and_then(|g| g.literal_prefix())
@@ -564,6 +579,12 @@ impl TwinApi {
             }
             n => n,
         };
+        if ferrotwin_proto::v1::Severity::try_from(req.min_severity).is_err() {
+            return Err(ApiError::BadArgument(format!(
+                "min_severity: {} is not a severity (0 unspecified, 1 info … 5 critical)",
+                req.min_severity
+            )));
+        }
         let filter = EventFilter {
             prefix,
             after_seq: req.after_seq,
