@@ -50,6 +50,13 @@ pub const LAYERS: &[&[&str]] = &[
 ];
 
 pub use api::{ApiError, ErrorCode, TwinApi, names};
+
+/// The API's limits per client and per request.
+pub mod api_limits {
+    pub use crate::api::{
+        MAX_COMMENT_BYTES, MAX_NAME_BYTES, MAX_SHELVE_MS, MAX_STREAMS_PER_CLIENT, MAX_WATCHERS,
+    };
+}
 pub use core::{
     Credits, MachineInference, MachineSnap, Metrics, SensorSnap, TwinSettings, TwinSnapshot,
     TwinState,

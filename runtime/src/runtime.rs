@@ -112,6 +112,8 @@ pub struct Runtime {
     tracker: TaskTracker,
     security: Option<SecurityConfig>,
     auth: Arc<Authenticator>,
+    /// Open streams per client, shared by every `TwinApi` this runtime hands out.
+    streams: Arc<crate::api::StreamSlots>,
 }
 
 impl Runtime {
@@ -236,6 +238,7 @@ impl Runtime {
             tracker,
             security: opts.security,
             auth,
+            streams: Arc::default(),
         })
     }
 
@@ -243,7 +246,7 @@ impl Runtime {
     pub fn api(&self) -> TwinApi {
         TwinApi::new(self.ctx.clone(), self.connections.clone())
             .with_replication(self.replication.clone(), self.enterprise.clone())
-            .with_auth(self.auth.clone())
+            .with_auth(self.auth.clone(), self.streams.clone())
     }
 
     /// Where readings go in: the ingest router. It pushes back (`PushBackReason::Busy`)

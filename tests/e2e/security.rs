@@ -1488,3 +1488,65 @@ async fn foreign_page_tokens_and_out_of_range_severities_are_refused() {
     }
     site.rt.shutdown().await;
 }
+
+/// One client cannot take every stream: past 64 open Watch streams it is refused, while
+/// another client still opens one; a stream it closes gives its slot back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_cannot_take_every_watch_stream() {
+    let mut tokens = Vec::new();
+    let mut toml_text = String::new();
+    for name in ["greedy", "other"] {
+        let (t, h) = new_service_token(name).expect("token");
+        toml_text.push_str(&format!(
+            "[[tokens]]\nname = \"{name}\"\nhash = \"{h}\"\n[[grants]]\nsubject = \"token:{name}\"\nrole = \"viewer\"\npaths = [\"**\"]\n"
+        ));
+        tokens.push(t);
+    }
+    let mut o = options();
+    o.security = Some(toml::from_str(&toml_text).expect("security"));
+    let dir = tempfile::tempdir().expect("dir");
+    let site = start_in(dir.path(), o).await;
+    let watch = |token: &str| {
+        with_token(
+            pb::WatchRequest {
+                path: String::new(),
+                events: false,
+                skip_snapshot: true,
+            },
+            token,
+        )
+    };
+    let mut held = Vec::new();
+    let per_client = ferrotwin_runtime::api_limits::MAX_STREAMS_PER_CLIENT;
+    for _ in 0..per_client {
+        let s = site
+            .client
+            .clone()
+            .watch(watch(&tokens[0]))
+            .await
+            .expect("within the client's limit")
+            .into_inner();
+        held.push(s);
+    }
+    let e = site
+        .client
+        .clone()
+        .watch(watch(&tokens[0]))
+        .await
+        .expect_err("past the client's limit");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+    assert!(e.message().contains("per client"), "{e}");
+    site.client
+        .clone()
+        .watch(watch(&tokens[1]))
+        .await
+        .expect("another client still gets a stream");
+    drop(held.pop());
+    wait_for(10, "the closed stream's slot to come back", || {
+        let mut c = site.client.clone();
+        let t = tokens[0].clone();
+        async move { c.watch(watch(&t)).await.ok().map(|_| ()) }
+    })
+    .await;
+    site.rt.shutdown().await;
+}

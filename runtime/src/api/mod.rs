@@ -43,6 +43,38 @@ const TWIN_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 const QUERY_WINDOW: usize = 4096;
 /// Open Watch streams at most: each costs a queue and a check on every change.
 pub const MAX_WATCHERS: usize = 256;
+/// Open streams (gRPC Watch and web live streams together) one client may hold: a quarter
+/// of either global limit, so one client cannot take them all. A client is its subject with
+/// security on, its address without.
+pub const MAX_STREAMS_PER_CLIENT: usize = 64;
+
+/// Open streams per client (`MAX_STREAMS_PER_CLIENT`).
+#[derive(Debug, Default)]
+pub struct StreamSlots(std::sync::Mutex<std::collections::HashMap<String, usize>>);
+
+/// One client's open stream; dropping it gives the slot back.
+#[derive(Debug)]
+pub struct StreamSlot {
+    slots: Arc<StreamSlots>,
+    client: String,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut m = self
+            .slots
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = m.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.client);
+            }
+        }
+    }
+}
+
 /// Longest alarm or property name, `by` and comment a client may send (bytes): they end up
 /// in events, the store and replication.
 pub const MAX_NAME_BYTES: usize = 128;
@@ -71,6 +103,7 @@ pub struct TwinApi {
     enterprise: Option<Arc<EnterpriseReceiver>>,
     token: CancellationToken,
     auth: Arc<Authenticator>,
+    streams: Arc<StreamSlots>,
 }
 
 impl TwinApi {
@@ -82,13 +115,45 @@ impl TwinApi {
             enterprise: None,
             token: CancellationToken::new(),
             auth: Arc::new(Authenticator::open()),
+            streams: Arc::new(StreamSlots::default()),
         }
     }
 
     /// Who callers must prove to be (`Authenticator::open()`: security off).
-    pub(crate) fn with_auth(mut self, auth: Arc<Authenticator>) -> TwinApi {
+    pub(crate) fn with_auth(
+        mut self,
+        auth: Arc<Authenticator>,
+        streams: Arc<StreamSlots>,
+    ) -> TwinApi {
         self.auth = auth;
+        self.streams = streams;
         self
+    }
+
+    /// A stream slot of `caller`'s client, or RESOURCE_EXHAUSTED past
+    /// `MAX_STREAMS_PER_CLIENT`.
+    pub(crate) fn stream_slot(&self, caller: &Caller) -> Result<StreamSlot, ApiError> {
+        let client = if caller.is_open() {
+            caller.source()
+        } else {
+            caller.name().to_owned()
+        };
+        let mut m = self
+            .streams
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = m.entry(client.clone()).or_insert(0);
+        if *n >= MAX_STREAMS_PER_CLIENT {
+            return Err(ApiError::Limit(format!(
+                "{client} holds {MAX_STREAMS_PER_CLIENT} open streams, the limit per client; close one"
+            )));
+        }
+        *n += 1;
+        Ok(StreamSlot {
+            slots: self.streams.clone(),
+            client,
+        })
     }
 
     /// The caller `creds` prove, or UNAUTHENTICATED. A refused sign-in is audited (a source
@@ -966,7 +1031,7 @@ impl TwinApi {
         caller: &Caller,
         path: &str,
         events: bool,
-    ) -> Result<(Watcher, Option<AssetPath>), ApiError> {
+    ) -> Result<(Watcher, Option<AssetPath>, StreamSlot), ApiError> {
         let prefix = self.subtree("path", path)?;
         if let Some(p) = &prefix
             && !caller.can_read(p)
@@ -974,12 +1039,13 @@ impl TwinApi {
         {
             self.allow(caller, Role::Viewer, p, "watch")?;
         }
+        let slot = self.stream_slot(caller)?;
         if self.ctx.hub.watchers() >= MAX_WATCHERS {
             return Err(ApiError::Limit(format!(
                 "{MAX_WATCHERS} watch streams are open, the limit; close one or watch a wider subtree"
             )));
         }
-        Ok((self.ctx.hub.subscribe(prefix.clone(), events), prefix))
+        Ok((self.ctx.hub.subscribe(prefix.clone(), events), prefix, slot))
     }
 
     /// A watcher of the twins at most `max_depth` deep below `prefix` (the web's live

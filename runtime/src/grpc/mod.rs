@@ -96,13 +96,18 @@ impl TwinService for TwinApi {
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<WatchStream>, Status> {
         let caller = caller_of(self, &req)?;
         let req = req.into_inner();
-        let (sub, prefix) = self.open_watch(&caller, &req.path, req.events)?;
+        let (sub, prefix, slot) = self.open_watch(&caller, &req.path, req.events)?;
         let (tx, rx) = mpsc::channel(WATCH_STREAM_BUFFER.min(self.watch_capacity()));
         let api = self.clone();
         let token = self.token();
+        // A client that went away ends the stream at once (and gives its slot back), not
+        // at the next change.
+        let gone = tx.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             tokio::select! {
                 _ = token.cancelled() => {}
+                () = gone.closed() => {}
                 _ = forward_changes(api, caller, sub, tx, prefix, !req.skip_snapshot) => {}
             }
         });

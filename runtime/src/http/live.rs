@@ -210,6 +210,7 @@ async fn open(
             )));
         }
     };
+    let slot = s.api.stream_slot(&caller)?;
     let Ok(permit) = s.live_slots.clone().try_acquire_owned() else {
         s.metrics.live_refused.fetch_add(1, Ordering::Relaxed);
         let mut r = HttpError {
@@ -237,6 +238,7 @@ async fn open(
     let token = s.token.clone();
     tokio::spawn(async move {
         let _permit = permit;
+        let _slot = slot;
         let _gauge = gauge;
         tokio::select! {
             _ = token.cancelled() => {}

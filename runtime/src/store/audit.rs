@@ -297,7 +297,18 @@ mod tests {
     use super::*;
 
     fn log(dir: &std::path::Path) -> AuditLog {
-        let db = sled::open(dir).expect("sled");
+        // A db dropped a moment ago may still hold its lock on sled's flusher thread.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let db = loop {
+            match sled::open(dir) {
+                Ok(db) => break db,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("sled: {e}"),
+            }
+        };
         let meta = db.open_tree("meta").expect("meta");
         AuditLog::open(&db, meta).expect("audit")
     }
