@@ -203,3 +203,31 @@ pub async fn events(client: &mut TwinServiceClient<Channel>, p: &str) -> Vec<pb:
         .into_inner()
         .events
 }
+
+/// A replication batch `seq` carrying one lifecycle event `event_seq` on TEMP.
+pub fn batch_with_event(seq: u64, event_seq: u64, message: &str) -> pb::ReplicateRequest {
+    use prost::Message as _;
+    let b = ferrotwin_proto::store::v1::OutboxBatch {
+        seq,
+        created_us: now().0,
+        events: vec![ferrotwin_proto::store::v1::OutboxEvent {
+            seq: event_seq,
+            event: Some(ferrotwin_proto::store::v1::EventRecord {
+                path: TEMP.into(),
+                ts_us: now().0,
+                kind: "lifecycle".into(),
+                severity: 0,
+                alarm: String::new(),
+                message: message.into(),
+                episode: 0,
+            }),
+        }],
+        ..Default::default()
+    };
+    pb::ReplicateRequest {
+        msg: Some(pb::replicate_request::Msg::Batch(pb::SiteBatch {
+            seq,
+            batch: b.encode_to_vec(),
+        })),
+    }
+}

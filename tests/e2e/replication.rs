@@ -8,13 +8,11 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use ferrotwin_cli::relay::Relay;
-use ferrotwin_proto::store::v1 as rec;
 use ferrotwin_proto::v1 as pb;
 use ferrotwin_proto::v1::replication_service_client::ReplicationServiceClient;
 use ferrotwin_runtime::{
     EnterpriseRole, HistoryPolicy, Runtime, RuntimeOptions, SiteReplication, testing,
 };
-use prost::Message;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::common::*;
@@ -331,32 +329,6 @@ async fn raw_stream(
     }
     drop(tx);
     Ok(out)
-}
-
-fn batch_with_event(seq: u64, event_seq: u64, message: &str) -> pb::ReplicateRequest {
-    let b = rec::OutboxBatch {
-        seq,
-        created_us: now().0,
-        events: vec![rec::OutboxEvent {
-            seq: event_seq,
-            event: Some(rec::EventRecord {
-                path: TEMP.into(),
-                ts_us: now().0,
-                kind: "lifecycle".into(),
-                severity: 0,
-                alarm: String::new(),
-                message: message.into(),
-                episode: 0,
-            }),
-        }],
-        ..Default::default()
-    };
-    pb::ReplicateRequest {
-        msg: Some(pb::replicate_request::Msg::Batch(pb::SiteBatch {
-            seq,
-            batch: b.encode_to_vec(),
-        })),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -592,34 +592,6 @@ async fn replicate(
     Ok(out)
 }
 
-fn event_batch(seq: u64, event_seq: u64, message: &str) -> pb::ReplicateRequest {
-    use ferrotwin_proto::store::v1 as rec;
-    use prost::Message;
-    let b = rec::OutboxBatch {
-        seq,
-        created_us: now().0,
-        events: vec![rec::OutboxEvent {
-            seq: event_seq,
-            event: Some(rec::EventRecord {
-                path: TEMP.into(),
-                ts_us: now().0,
-                kind: "lifecycle".into(),
-                severity: 0,
-                alarm: String::new(),
-                message: message.into(),
-                episode: 0,
-            }),
-        }],
-        ..Default::default()
-    };
-    pb::ReplicateRequest {
-        msg: Some(pb::replicate_request::Msg::Batch(pb::SiteBatch {
-            seq,
-            batch: b.encode_to_vec(),
-        })),
-    }
-}
-
 async fn event_messages(s: &Secured) -> Vec<String> {
     s.client()
         .await
@@ -647,7 +619,7 @@ async fn replication_takes_the_site_from_its_certificate_and_refuses_replays_and
     let e = replicate(
         s.channel(None).await.expect("tls"),
         "acme/berlin",
-        vec![event_batch(1, 1, "no cert")],
+        vec![batch_with_event(1, 1, "no cert")],
         1,
     )
     .await
@@ -657,7 +629,7 @@ async fn replication_takes_the_site_from_its_certificate_and_refuses_replays_and
     let e = replicate(
         s.channel(Some(&s.paris)).await.expect("mTLS"),
         "acme/berlin",
-        vec![event_batch(1, 1, "paris posing as berlin")],
+        vec![batch_with_event(1, 1, "paris posing as berlin")],
         1,
     )
     .await
@@ -668,7 +640,7 @@ async fn replication_takes_the_site_from_its_certificate_and_refuses_replays_and
     let answers = replicate(
         s.channel(Some(&s.berlin)).await.expect("mTLS"),
         "acme/berlin",
-        vec![event_batch(1, 1, "genuine batch")],
+        vec![batch_with_event(1, 1, "genuine batch")],
         2,
     )
     .await
@@ -683,7 +655,7 @@ async fn replication_takes_the_site_from_its_certificate_and_refuses_replays_and
     let answers = replicate(
         s.channel(Some(&s.berlin)).await.expect("mTLS"),
         "acme/berlin",
-        vec![event_batch(1, 2, "replayed and altered")],
+        vec![batch_with_event(1, 2, "replayed and altered")],
         2,
     )
     .await
@@ -696,7 +668,7 @@ async fn replication_takes_the_site_from_its_certificate_and_refuses_replays_and
     let e = replicate(
         s.channel(Some(&s.berlin)).await.expect("mTLS"),
         "acme/berlin",
-        vec![event_batch(u64::MAX, 3, "cursor jump")],
+        vec![batch_with_event(u64::MAX, 3, "cursor jump")],
         2,
     )
     .await
@@ -725,7 +697,7 @@ async fn replication_takes_the_site_from_its_certificate_and_refuses_replays_and
     let answers = replicate(
         s.channel(Some(&s.berlin)).await.expect("mTLS"),
         "acme/berlin",
-        vec![event_batch(2, 4, "second genuine batch")],
+        vec![batch_with_event(2, 4, "second genuine batch")],
         2,
     )
     .await

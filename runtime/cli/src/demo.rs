@@ -22,9 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::feeds;
 use crate::pki::{Issued, Pki};
 use ferrotwin_runtime::security::authn::new_service_token;
-use ferrotwin_runtime::security::{
-    GrantConfig, Role as SecRole, SecurityConfig, ServiceToken, TlsConfig,
-};
+use ferrotwin_runtime::security::{GrantConfig, Role as SecRole, SecurityConfig, ServiceToken};
 use ferrotwin_runtime::{EnterpriseRole, SiteReplication, SiteTls};
 use ferrotwin_runtime::{Runtime, RuntimeOptions};
 
@@ -88,14 +86,7 @@ fn demo_security(dir: &Path, site_paths: &[String]) -> Result<DemoSecurity> {
     }
     let mut tokens = Vec::new();
     let mut config = SecurityConfig {
-        tls: Some(TlsConfig {
-            cert: server.cert,
-            key: server.key,
-            client_ca: Some(pki.ca()),
-            require_client_cert: false,
-            crl: None,
-            reload_interval_ms: 2000,
-        }),
+        tls: Some(pki.server_tls(server)),
         ..SecurityConfig::default()
     };
     for role in ["viewer", "operator", "engineer", "admin"] {

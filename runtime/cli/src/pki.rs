@@ -12,6 +12,7 @@ use rcgen::{
     RevokedCertParams, SanType, SerialNumber, date_time_ymd,
 };
 
+use ferrotwin_runtime::security::TlsConfig;
 use ferrotwin_runtime::security::authn::SITE_URI_PREFIX;
 
 /// A certificate and key written to `cert`/`key`, with its serial (for a CRL).
@@ -121,6 +122,19 @@ impl Pki {
         let mut p = CertificateParams::new(Vec::<String>::new())?;
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         self.issue(file, p, cn)
+    }
+
+    /// The `[security.tls]` of a runtime serving `server` (a certificate of this CA) and
+    /// verifying client certificates of this CA.
+    pub fn server_tls(&self, server: Issued) -> TlsConfig {
+        TlsConfig {
+            cert: server.cert,
+            key: server.key,
+            client_ca: Some(self.ca()),
+            require_client_cert: false,
+            crl: None,
+            reload_interval_ms: 2000,
+        }
     }
 
     /// Writes `crl.pem` revoking `serials`.

@@ -335,6 +335,17 @@ impl TwinApi {
 
     /// The twin a page token names (the last path of the page before), which must exist and
     /// lie in `within`: anything else is not a token this listing gave out.
+    /// `limit` of a listing of records (events, audit): 0 = 100, at most `MAX_PAGE`.
+    fn record_limit(limit: u32) -> Result<usize, ApiError> {
+        match limit as usize {
+            0 => Ok(100),
+            n if n > MAX_PAGE => Err(ApiError::BadArgument(format!(
+                "limit: {n} is above the limit of {MAX_PAGE}"
+            ))),
+            n => Ok(n),
+        }
+    }
+
     fn page_token(
         &self,
         s: &str,
@@ -635,15 +646,7 @@ impl TwinApi {
                 ))
             })?)
         };
-        let limit = match req.limit as usize {
-            0 => 100,
-            n if n > MAX_PAGE => {
-                return Err(ApiError::BadArgument(format!(
-                    "limit: {n} is above the limit of {MAX_PAGE}"
-                )));
-            }
-            n => n,
-        };
+        let limit = Self::record_limit(req.limit)?;
         if ferrotwin_proto::v1::Severity::try_from(req.min_severity).is_err() {
             return Err(ApiError::BadArgument(format!(
                 "min_severity: {} is not a severity (0 unspecified, 1 info … 5 critical)",
@@ -937,15 +940,7 @@ impl TwinApi {
         req: pb::ListAuditRequest,
     ) -> Result<pb::ListAuditResponse, ApiError> {
         self.allow_root(caller, Role::Admin, "read the audit log")?;
-        let limit = match req.limit as usize {
-            0 => 100,
-            n if n > MAX_PAGE => {
-                return Err(ApiError::BadArgument(format!(
-                    "limit: {n} is above the limit of {MAX_PAGE}"
-                )));
-            }
-            n => n,
-        };
+        let limit = Self::record_limit(req.limit)?;
         let f = AuditFilter {
             after_seq: req.after_seq,
             limit,

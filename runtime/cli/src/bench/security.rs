@@ -10,9 +10,7 @@ use anyhow::{Context, Result};
 use ferrotwin_models::AssetPath;
 use ferrotwin_proto::v1 as pb;
 use ferrotwin_runtime::security::authn::new_service_token;
-use ferrotwin_runtime::security::{
-    Credentials, GrantConfig, Role, SecurityConfig, ServiceToken, TlsConfig,
-};
+use ferrotwin_runtime::security::{Credentials, GrantConfig, Role, SecurityConfig, ServiceToken};
 use ferrotwin_runtime::{Runtime, RuntimeOptions};
 use ferrotwin_sim::generate::{PlantSize, generate};
 
@@ -148,14 +146,7 @@ pub async fn security(b: SecurityBench) -> Result<String> {
     let server = pki.server("server", &["localhost", "127.0.0.1"])?;
     let (token, hash) = new_service_token("bench").map_err(anyhow::Error::msg)?;
     let config = SecurityConfig {
-        tls: Some(TlsConfig {
-            cert: server.cert,
-            key: server.key,
-            client_ca: Some(pki.ca()),
-            require_client_cert: false,
-            crl: None,
-            reload_interval_ms: 2000,
-        }),
+        tls: Some(pki.server_tls(server)),
         tokens: vec![ServiceToken {
             name: "bench".into(),
             hash,
