@@ -18,9 +18,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.join("ferrotwin_descriptor.bin"),
         prost::Message::encode_to_vec(&fds),
     )?;
+    // Our codec: a request that does not decode is INVALID_ARGUMENT (prost's says INTERNAL).
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        .codec_path("crate::codec::StrictCodec")
         .compile_fds(fds)?;
 
     // Sparkplug B: messages only, kept out of the reflection descriptor (it is a wire

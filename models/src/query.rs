@@ -84,11 +84,41 @@ enum Expr {
     Cmp(Comparison),
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 struct Comparison {
     field: String,
     op: Op,
     value: Literal,
+    /// Byte offset of the field name in the query text (for `Query::check`'s errors); not
+    /// part of the query's meaning.
+    pos: usize,
+}
+
+impl PartialEq for Comparison {
+    fn eq(&self, other: &Comparison) -> bool {
+        (&self.field, self.op, &self.value) == (&other.field, other.op, &other.value)
+    }
+}
+
+/// What a field of a [`Subject`] holds, for [`Query::check`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldKind {
+    Number,
+    /// A number also compared with these words, in rank order (`severity >= high`).
+    Ranked(&'static [&'static str]),
+    /// Free text: compares with any literal's text, `~` as a path glob.
+    Text,
+    /// Text of a closed set of words, compared by `=` and `!=` only.
+    Words(&'static [&'static str]),
+    Bool,
+}
+
+/// The fields a query may name, for [`Query::check`].
+pub trait Schema {
+    /// The kind of `field`; `None`: no such field.
+    fn kind_of(&self, field: &str) -> Option<FieldKind>;
+    /// The field names, for the message naming an unknown one.
+    fn known(&self) -> String;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,6 +189,7 @@ impl Query {
                 field,
                 op: Op::Eq,
                 value: Literal::Word(level) | Literal::Text(level),
+                ..
             }) if field == "level" => Some(level.as_str()),
             _ => None,
         })
@@ -172,9 +203,19 @@ impl Query {
                 field,
                 op: Op::Glob,
                 value: Literal::Glob(glob),
+                ..
             }) if field == "path" => Some(glob),
             _ => None,
         })
+    }
+
+    /// Checks every comparison against `schema`, so nonsense is an error, not an empty
+    /// answer: the field must exist; a number field takes a number (or, when ranked, one of
+    /// its words; `NaN` and `inf` are words, never numbers); a word field takes one of its
+    /// words by `=` or `!=`; a bool field `true` or `false` by `=` or `!=`; `~` needs a text
+    /// field.
+    pub fn check(&self, schema: &dyn Schema) -> Result<(), QueryError> {
+        self.expr.check(schema)
     }
 
     /// The terms every match must satisfy: those of a top-level `and`, or the whole query.
@@ -187,6 +228,14 @@ impl Query {
 }
 
 impl Expr {
+    fn check(&self, schema: &dyn Schema) -> Result<(), QueryError> {
+        match self {
+            Expr::Or(terms) | Expr::And(terms) => terms.iter().try_for_each(|t| t.check(schema)),
+            Expr::Not(term) => term.check(schema),
+            Expr::Cmp(cmp) => cmp.check(schema),
+        }
+    }
+
     fn matches(&self, subject: &dyn Subject) -> bool {
         match self {
             Expr::Or(terms) => terms.iter().any(|t| t.matches(subject)),
@@ -198,6 +247,71 @@ impl Expr {
 }
 
 impl Comparison {
+    fn check(&self, schema: &dyn Schema) -> Result<(), QueryError> {
+        let field = &self.field;
+        let err = |message: String| {
+            Err(QueryError {
+                position: self.pos,
+                message,
+            })
+        };
+        let Some(kind) = schema.kind_of(field) else {
+            return err(format!(
+                "unknown field {:?}; fields: {}",
+                crate::asset::quote_prefix(field),
+                schema.known()
+            ));
+        };
+        let literal = || crate::asset::quote_prefix(&self.value.to_string());
+        let field = &crate::asset::quote_prefix(field);
+        let equality = matches!(self.op, Op::Eq | Op::Ne);
+        match (kind, &self.value) {
+            (FieldKind::Text, _) => Ok(()),
+            (_, Literal::Glob(_)) => err(format!(
+                "{field} is not a text field: ~ (a path glob) does not apply"
+            )),
+            (FieldKind::Number | FieldKind::Ranked(_), Literal::Number { .. }) => Ok(()),
+            (FieldKind::Ranked(words), Literal::Word(w) | Literal::Text(w)) => {
+                if words.contains(&w.as_str()) {
+                    Ok(())
+                } else {
+                    err(format!(
+                        "{field} takes a number or one of {}; found {}",
+                        words.join(", "),
+                        literal()
+                    ))
+                }
+            }
+            (FieldKind::Number | FieldKind::Ranked(_), _) => err(format!(
+                "{field} is a number; {} is not a number (NaN and inf are not allowed)",
+                literal()
+            )),
+            (FieldKind::Words(words), Literal::Word(w) | Literal::Text(w)) if equality => {
+                if words.contains(&w.as_str()) {
+                    Ok(())
+                } else {
+                    err(format!(
+                        "{field} is one of {}; found {}",
+                        words.join(", "),
+                        literal()
+                    ))
+                }
+            }
+            (FieldKind::Words(words), _) => err(format!(
+                "{field} is one of {} and compares by = or != only; found {} {}",
+                words.join(", "),
+                self.op.as_str(),
+                literal()
+            )),
+            (FieldKind::Bool, Literal::Bool(_)) if equality => Ok(()),
+            (FieldKind::Bool, _) => err(format!(
+                "{field} is true or false and compares by = or != only; found {} {}",
+                self.op.as_str(),
+                literal()
+            )),
+        }
+    }
+
     fn matches(&self, subject: &dyn Subject) -> bool {
         let Some(field) = subject.field(&self.field) else {
             return false;
@@ -650,6 +764,7 @@ impl<'a> Parser<'a> {
             field: field.to_string(),
             op,
             value,
+            pos,
         }))
     }
 }
@@ -1213,5 +1328,58 @@ mod tests {
                 .to_string(),
             "not (a = 1 or b = 2)"
         );
+    }
+
+    struct AnySchema;
+
+    impl Schema for AnySchema {
+        fn kind_of(&self, field: &str) -> Option<FieldKind> {
+            match field {
+                "level" => Some(FieldKind::Words(&["machine", "sensor"])),
+                "severity" => Some(FieldKind::Ranked(&["low", "high"])),
+                "stale" => Some(FieldKind::Bool),
+                "path" | "name" => Some(FieldKind::Text),
+                f if f.starts_with('v') => Some(FieldKind::Number),
+                _ => None,
+            }
+        }
+
+        fn known(&self) -> String {
+            "level, severity, stale, path, name, v*".into()
+        }
+    }
+
+    proptest::proptest! {
+        /// What users type (over gRPC and HTTP) is a query or a short error, never a panic;
+        /// a parsed query that passes the schema renders and parses back to itself.
+        #[test]
+        fn any_text_is_a_query_or_a_short_error(
+            text in proptest::prop_oneof![
+                proptest::string::string_regex("[a-z() =<>!~\"*/.0-9-]{0,60}").expect("regex"),
+                ".{0,200}",
+            ]
+        ) {
+            match Query::parse(&text) {
+                Ok(q) => {
+                    let _ = q.check(&AnySchema);
+                    proptest::prop_assert_eq!(Query::parse(&q.to_string()), Ok(q));
+                }
+                Err(e) => proptest::prop_assert!(e.message.len() < 1024, "{}", e.message),
+            }
+        }
+    }
+
+    #[test]
+    fn check_names_the_field_and_the_words_it_takes() {
+        let check = |q: &str| Query::parse(q).expect("parses").check(&AnySchema);
+        assert!(check("level = machine and severity >= high and v1 > 3").is_ok());
+        let e = check("oee > 1").expect_err("unknown");
+        assert_eq!(e.position, 0);
+        assert!(e.message.contains("unknown field \"oee\""), "{}", e.message);
+        let e = check("level = machine and v > NaN").expect_err("NaN");
+        assert_eq!(e.position, 20, "{}", e.message);
+        assert!(check("severity > apocalypse").is_err());
+        assert!(check("level < machine").is_err());
+        assert!(check("stale = 1").is_err());
     }
 }

@@ -1,6 +1,8 @@
 //! Generated `ferrotwin.v1` gRPC/protobuf code, the on-disk record messages and the Sparkplug B
 //! payload of MQTT. No logic.
 
+pub mod codec;
+
 pub mod v1 {
     tonic::include_proto!("ferrotwin.v1");
 }

@@ -359,6 +359,9 @@ pub struct Registry {
     /// Enterprise role: mirrors are persisted from their site's records (in replication
     /// order, with the cursor), never from what the actors publish, which may lag behind.
     mirrors_only: std::sync::atomic::AtomicBool,
+    /// The names of every sensor (a machine's sensors are query fields), computed at the
+    /// first query after an insert.
+    sensor_names: Mutex<Option<Arc<std::collections::HashSet<String>>>>,
 }
 
 fn shard(id: &AssetId) -> usize {
@@ -396,7 +399,34 @@ impl Registry {
             .write()
             .expect("registry lock is never poisoned")
             .insert(entry.path().clone(), entry.clone());
+        if entry.level() == Level::Sensor {
+            *self
+                .sensor_names
+                .lock()
+                .expect("registry lock is never poisoned") = None;
+        }
         entry
+    }
+
+    /// The names sensors have anywhere in the plant.
+    pub fn sensor_names(&self) -> Arc<std::collections::HashSet<String>> {
+        let mut cached = self
+            .sensor_names
+            .lock()
+            .expect("registry lock is never poisoned");
+        cached
+            .get_or_insert_with(|| {
+                Arc::new(
+                    self.by_path
+                        .read()
+                        .expect("registry lock is never poisoned")
+                        .values()
+                        .filter(|e| e.level() == Level::Sensor)
+                        .map(|e| e.path().name().to_owned())
+                        .collect(),
+                )
+            })
+            .clone()
     }
 
     pub fn get(&self, id: &AssetId) -> Option<Arc<TwinEntry>> {

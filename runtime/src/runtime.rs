@@ -565,7 +565,7 @@ fn start_roles(
     let sender = replicate_as.map(|(site, cfg)| {
         let status = Arc::new(SenderStatus::new(&site, &cfg.enterprise));
         tracker.spawn(run_sender(
-            ctx.store.clone(),
+            ctx.clone(),
             site,
             cfg,
             status.clone(),

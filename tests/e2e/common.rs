@@ -204,7 +204,8 @@ pub async fn events(client: &mut TwinServiceClient<Channel>, p: &str) -> Vec<pb:
         .events
 }
 
-/// A replication batch `seq` carrying one lifecycle event `event_seq` on TEMP.
+/// A replication batch `seq` (following `seq - 1`) carrying one lifecycle event `event_seq`
+/// on TEMP.
 pub fn batch_with_event(seq: u64, event_seq: u64, message: &str) -> pb::ReplicateRequest {
     use prost::Message as _;
     let b = ferrotwin_proto::store::v1::OutboxBatch {
@@ -228,6 +229,38 @@ pub fn batch_with_event(seq: u64, event_seq: u64, message: &str) -> pb::Replicat
         msg: Some(pb::replicate_request::Msg::Batch(pb::SiteBatch {
             seq,
             batch: b.encode_to_vec(),
+            after: seq.saturating_sub(1),
         })),
     }
+}
+
+/// A tool found on PATH, or `None` with a loud skip (a failure on CI, where `.ci/run`
+/// installs it).
+pub fn tool(name: &str, install: &str) -> Option<std::path::PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{name} is missing on CI: .ci/run must install it ({install})"
+        );
+        eprintln!("skipped: {name} not found; install it with `{install}`");
+    }
+    found
+}
+
+pub fn run_tool(cmd: &Path, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .expect("tool runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
 }

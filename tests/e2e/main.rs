@@ -5,6 +5,7 @@ mod alarms;
 mod api;
 mod browser;
 mod common;
+mod hostile;
 mod http;
 mod inference;
 mod ingest;

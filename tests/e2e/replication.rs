@@ -303,9 +303,12 @@ async fn raw_stream(
         .expect("connect");
     let mut msgs = vec![pb::ReplicateRequest {
         msg: Some(pb::replicate_request::Msg::Hello(pb::SiteHello {
-            protocol_version: 1,
+            protocol_version: 2,
             site: site.into(),
             agent: "test".into(),
+            // Claims every batch and event: never rewinds the enterprise.
+            last_seq: u64::MAX,
+            event_hwm: u64::MAX,
         })),
     }];
     let expected_acks = batches.len();
@@ -608,4 +611,251 @@ async fn the_enterprise_ranks_machines_of_one_type_across_sites() {
         s.rt.shutdown().await;
     }
     ent.rt.shutdown().await;
+}
+
+/// A raw batch `seq` that says it follows `after`, its events following site event
+/// `events_after`, with lifecycle events (seq, message) on TEMP.
+fn raw_batch(seq: u64, after: u64, events_after: u64, evs: &[(u64, &str)]) -> pb::ReplicateRequest {
+    use prost::Message as _;
+    let b = ferrotwin_proto::store::v1::OutboxBatch {
+        seq,
+        created_us: now().0,
+        events_after,
+        events: evs
+            .iter()
+            .map(|(s, m)| ferrotwin_proto::store::v1::OutboxEvent {
+                seq: *s,
+                event: Some(ferrotwin_proto::store::v1::EventRecord {
+                    path: TEMP.into(),
+                    ts_us: now().0,
+                    kind: "lifecycle".into(),
+                    severity: 0,
+                    alarm: String::new(),
+                    message: (*m).into(),
+                    episode: 0,
+                }),
+            })
+            .collect(),
+        ..Default::default()
+    };
+    pb::ReplicateRequest {
+        msg: Some(pb::replicate_request::Msg::Batch(pb::SiteBatch {
+            seq,
+            batch: b.encode_to_vec(),
+            after,
+        })),
+    }
+}
+
+async fn mirrored(ent: &mut Site) -> pb::MirroredSite {
+    ent.client
+        .get_replication_status(pb::GetReplicationStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner()
+        .sites
+        .into_iter()
+        .find(|s| s.site == "acme/berlin")
+        .expect("berlin is mirrored")
+}
+
+/// A forger (a peer claiming the site, as on an open loopback enterprise) tries every way
+/// to poison the cursors: each is refused, or undone at the real site's hello; the real
+/// site's state and events then arrive whole, and the gap is an event at the enterprise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_seq_and_event_jumps_are_refused_or_undone_and_the_real_site_arrives_whole() {
+    let (ed, sd) = two_dirs();
+    let mut ent = start_in(ed.path(), enterprise_options()).await;
+    let refused = |r: Result<Vec<pb::ReplicateResponse>, tonic::Status>| {
+        let e = r.expect_err("refused");
+        assert!(
+            matches!(
+                e.code(),
+                tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument
+            ),
+            "{e}"
+        );
+        assert!(e.message().contains("refused, nothing applied"), "{e}");
+        assert!(e.message().len() < 400, "a bounded message: {e}");
+    };
+    // A seq at the end of the range; a batch that does not follow the cursor; an event
+    // 10^12 ahead; an event far past what a batch says came before it.
+    refused(
+        raw_stream(
+            ent.addr,
+            "acme/berlin",
+            vec![raw_batch(u64::MAX, 0, 0, &[])],
+        )
+        .await,
+    );
+    refused(raw_stream(ent.addr, "acme/berlin", vec![raw_batch(1, 5, 0, &[])]).await);
+    refused(
+        raw_stream(
+            ent.addr,
+            "acme/berlin",
+            vec![raw_batch(1, 0, 0, &[(1_000_000_000_000, "event jump")])],
+        )
+        .await,
+    );
+    // Accepted: a forged batch 1 with event 5, then a skip of seqs within the bound.
+    raw_stream(
+        ent.addr,
+        "acme/berlin",
+        vec![raw_batch(1, 0, 0, &[(5, "forged event")])],
+    )
+    .await
+    .expect("a batch that continues the cursor is applied");
+    // Skipped content: events 6..=100 never sent, the batch claims they came before.
+    refused(
+        raw_stream(
+            ent.addr,
+            "acme/berlin",
+            vec![raw_batch(2, 1, 100, &[(101, "after a gap")])],
+        )
+        .await,
+    );
+    raw_stream(ent.addr, "acme/berlin", vec![raw_batch(1000, 1, 5, &[])])
+        .await
+        .expect("a declared skip is applied and reported");
+    let m = mirrored(&mut ent).await;
+    assert_eq!((m.applied_seq, m.event_seq), (1000, 5));
+    assert!(m.refused >= 4, "{m:?}");
+    assert_eq!(m.skipped_batches, 998, "{m:?}");
+    // The real site: its hello says it has far less; the enterprise rewinds.
+    let mut site = start_in(sd.path(), site_options(ent.addr)).await;
+    churn(&site, 0..10, (95.0, 40.0), 5).await;
+    push(&site, vec![float(FORCE, 4242.0)]).await;
+    wait_all_acked(&site).await;
+    wait_float(
+        &ent.client,
+        FORCE,
+        4242.0,
+        20,
+        "the real value at the enterprise",
+    )
+    .await;
+    let m = mirrored(&mut ent).await;
+    assert!(m.rewinds >= 1, "{m:?}");
+    assert!(m.applied_seq < 1000, "{m:?}");
+    let site_events = event_counts(&mut site).await;
+    let ent_events = event_counts(&mut ent).await;
+    assert_same_events_once(&site_events, &ent_events);
+    let messages: Vec<&str> = ent_events.keys().map(|k| k.2.as_str()).collect();
+    for never in ["event jump", "after a gap"] {
+        assert!(!messages.contains(&never), "{never:?} was applied");
+    }
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("reconciled with the site")),
+        "the rewind is an event at the enterprise: {messages:?}"
+    );
+    assert!(
+        messages.iter().any(|m| m.contains("rewound to")),
+        "the site reported it too: {messages:?}"
+    );
+    site.rt.shutdown().await;
+    ent.rt.shutdown().await;
+}
+
+/// Hellos for a live site, ten a second from another client, are refused: the site keeps its
+/// one stream and its data keeps arriving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_storm_does_not_displace_a_live_site() {
+    let (ed, sd) = two_dirs();
+    let mut ent = start_in(ed.path(), enterprise_options()).await;
+    let site = start_in(sd.path(), site_options(ent.addr)).await;
+    push(&site, vec![float(FORCE, 1.0)]).await;
+    wait_float(&ent.client, FORCE, 1.0, 20, "the first value").await;
+    let status = testing::sender(&site.rt).expect("sender");
+    let connects = status.connects.load(Ordering::Relaxed);
+    let mut storm = Vec::new();
+    for _ in 0..20 {
+        storm.push(tokio::spawn(raw_stream(
+            ent.addr,
+            "acme/berlin",
+            Vec::new(),
+        )));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for s in storm {
+        let e = s
+            .await
+            .expect("task")
+            .expect_err("a second stream is refused");
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+        assert!(
+            e.message()
+                .contains("already has an open replication stream"),
+            "{e}"
+        );
+    }
+    push(&site, vec![float(FORCE, 2.0)]).await;
+    wait_float(&ent.client, FORCE, 2.0, 20, "the value after the storm").await;
+    assert_eq!(
+        status.connects.load(Ordering::Relaxed),
+        connects,
+        "the site's stream was never displaced"
+    );
+    assert_eq!(mirrored(&mut ent).await.streams_refused, 20);
+    site.rt.shutdown().await;
+    ent.rt.shutdown().await;
+}
+
+/// An enterprise restored from an older copy of its data dir has lost batches the site
+/// already trimmed: the site sends a full snapshot, and the gap is an event at the site.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enterprise_restored_from_an_old_copy_gets_a_full_snapshot_and_the_gap_is_reported() {
+    let (ed, sd) = two_dirs();
+    let old = tempfile::tempdir().expect("dir");
+    let ent = start_in(ed.path(), enterprise_options()).await;
+    let addr = ent.addr;
+    let site = start_in(sd.path(), site_options(addr)).await;
+    push(&site, vec![float(FORCE, 1.0)]).await;
+    wait_all_acked(&site).await;
+    ent.rt.shutdown().await;
+
+    copy_dir(ed.path(), old.path());
+    let ent = start_on(ed.path(), enterprise_options(), addr).await;
+    churn(&site, 0..6, (95.0, 40.0), 5).await;
+    push(&site, vec![float(FORCE, 77.0)]).await;
+    wait_all_acked(&site).await;
+    ent.rt.shutdown().await;
+
+    // The restore: the enterprise comes back with what it had before the churn.
+    let ent = start_on(old.path(), enterprise_options(), addr).await;
+    wait_float(
+        &ent.client,
+        FORCE,
+        77.0,
+        30,
+        "the site's state after the restore",
+    )
+    .await;
+    wait_for(20, "the gap reported at the site", || {
+        let mut c = site.client.clone();
+        async move {
+            events(&mut c, "acme/berlin")
+                .await
+                .iter()
+                .any(|e| e.message.contains("are lost there"))
+                .then_some(())
+        }
+    })
+    .await;
+    site.rt.shutdown().await;
+    ent.rt.shutdown().await;
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read dir") {
+        let e = e.expect("entry");
+        let target = to.join(e.file_name());
+        if e.file_type().expect("type").is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target).expect("copy");
+        }
+    }
 }

@@ -565,9 +565,12 @@ async fn replicate(
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tx.send(pb::ReplicateRequest {
         msg: Some(pb::replicate_request::Msg::Hello(pb::SiteHello {
-            protocol_version: 1,
+            protocol_version: 2,
             site: site.into(),
             agent: "security test".into(),
+            // Claims every batch and event: never rewinds the enterprise.
+            last_seq: u64::MAX,
+            event_hwm: u64::MAX,
         })),
     })
     .await
@@ -873,37 +876,6 @@ async fn a_security_config_that_does_not_load_stops_the_start_with_its_file() {
         .expect("start refused");
     assert!(err.to_string().contains("missing-jwks.json"), "{err}");
     let _ = Path::new("unused");
-}
-
-/// A tool found on PATH, or `None` with a loud skip (a failure on CI, where `.ci/run`
-/// installs it).
-fn tool(name: &str, install: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    });
-    if found.is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{name} is missing on CI: .ci/run must install it ({install})"
-        );
-        eprintln!("skipped: {name} not found; install it with `{install}`");
-    }
-    found
-}
-
-fn run_tool(cmd: &Path, args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(cmd)
-        .args(args)
-        .output()
-        .expect("tool runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
 }
 
 /// grpcurl (Go's gRPC and TLS) and curl (OpenSSL or GnuTLS): clients we did not write.

@@ -704,8 +704,19 @@ pub async fn replication(client: &mut Client) -> Result<String> {
         };
         let _ = writeln!(
             out,
-            "{:<24} applied seq {:>8}  {age}  batches {}  duplicates {}  unknown twins {}",
-            m.site, m.applied_seq, m.batches, m.duplicates, m.unknown_twins
+            "{:<24} applied seq {:>8}  {age}  batches {}  duplicates {}  unknown twins {}  \
+             event seq {}  duplicate events {}  refused {}  skipped {}  rewinds {}  streams refused {}",
+            m.site,
+            m.applied_seq,
+            m.batches,
+            m.duplicates,
+            m.unknown_twins,
+            m.event_seq,
+            m.duplicate_events,
+            m.refused,
+            m.skipped_batches,
+            m.rewinds,
+            m.streams_refused
         );
     }
     Ok(out)

@@ -93,6 +93,26 @@ pub enum ApiError {
     },
 }
 
+/// Longest error message a client gets: each message quotes at most a short prefix of its
+/// input, and this bounds what a message could still add up to (a 16 KB query string).
+pub const MAX_ERROR_BYTES: usize = 1024;
+
+/// `message`, cut to `MAX_ERROR_BYTES` (at a char boundary) with its full length named.
+pub fn bounded(message: String) -> String {
+    if message.len() <= MAX_ERROR_BYTES {
+        return message;
+    }
+    let mut end = MAX_ERROR_BYTES;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!(
+        "{}… (message of {} bytes cut)",
+        &message[..end],
+        message.len()
+    )
+}
+
 impl ApiError {
     /// The one place an error is classed.
     pub fn code(&self) -> ErrorCode {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferrotwin_adapters::WriteRequest;
-use ferrotwin_models::query::{FieldValue, Query, Subject};
+use ferrotwin_models::query::{FieldValue, Query, Schema, Subject};
 use ferrotwin_models::{AssetId, AssetPath, EventKind, Property, Timestamp};
 use ferrotwin_proto::v1 as pb;
 use tokio_util::sync::CancellationToken;
@@ -30,7 +30,7 @@ use crate::store::EventFilter;
 use crate::store::audit::{AuditEntry, AuditFilter};
 use crate::twin::TwinCtx;
 use crate::watch::Watcher;
-use select::TwinSubject;
+use select::{TwinSchema, TwinSubject};
 
 const DEFAULT_PAGE: usize = 1000;
 const MAX_PAGE: usize = 10_000;
@@ -462,6 +462,17 @@ impl TwinApi {
         req: pb::QueryRequest,
     ) -> Result<pb::QueryResponse, ApiError> {
         let q = Query::parse(&req.query).map_err(ApiError::from)?;
+        let schema = TwinSchema {
+            sensors: self.ctx.registry.sensor_names(),
+        };
+        q.check(&schema).map_err(ApiError::from)?;
+        if !req.order_by.is_empty() && !select::can_rank(&schema, &req.order_by) {
+            return Err(ApiError::BadArgument(format!(
+                "order_by: {:?} is not a number field to rank by; fields: {}",
+                ferrotwin_models::asset::quote_prefix(&req.order_by),
+                schema.known()
+            )));
+        }
         let limit = Self::page(req.page_size)?;
         let after = self.page_token(&req.page_token, None)?;
         let prefix = q
@@ -474,13 +485,6 @@ impl TwinApi {
             return Err(ApiError::BadArgument(
                 "page_token: ranked results are a single page (no token)".into(),
             ));
-        }
-        if let Some(l) = &level
-            && ferrotwin_models::Level::parse(l).is_none()
-        {
-            return Err(ApiError::BadArgument(format!(
-                "query: level {l:?} is not a level (enterprise, site, area, line, machine, sensor)"
-            )));
         }
         // Scan in windows: the path index lock is held only to copy a window of entries,
         // and the query (which may read other twins, e.g. a machine's sensors) runs
@@ -882,6 +886,12 @@ impl TwinApi {
                     batches: m.batches.load(Relaxed),
                     duplicates: m.duplicates.load(Relaxed),
                     unknown_twins: m.unknown_twins.load(Relaxed),
+                    event_seq: m.event_seq.load(Relaxed),
+                    duplicate_events: m.duplicate_events.load(Relaxed),
+                    refused: m.refused.load(Relaxed),
+                    skipped_batches: m.skipped_batches.load(Relaxed),
+                    rewinds: m.rewinds.load(Relaxed),
+                    streams_refused: m.streams_refused.load(Relaxed),
                 })
                 .collect();
         }

@@ -13,7 +13,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use ferrotwin_models::alarm::AlarmState;
-use ferrotwin_models::query::{FieldValue, Subject};
+use ferrotwin_models::query::{FieldKind, FieldValue, Schema, Subject};
 use ferrotwin_models::spec::AssetKind;
 use ferrotwin_models::{QualityCode, QualityReason, Severity};
 
@@ -146,5 +146,143 @@ impl Subject for TwinSubject<'_> {
             "severity" => Severity::parse(word).map(|s| s.index() as f64),
             _ => None,
         }
+    }
+}
+
+/// The fields of `TwinSubject`, for `Query::check`: the built-in ones and the names of the
+/// plant's sensors (a machine's sensors are fields of the machine).
+pub struct TwinSchema {
+    pub sensors: Arc<std::collections::HashSet<String>>,
+}
+
+const FIELDS: &[(&str, FieldKind)] = &[
+    ("path", FieldKind::Text),
+    ("name", FieldKind::Text),
+    (
+        "level",
+        FieldKind::Words(&["enterprise", "site", "area", "line", "machine", "sensor"]),
+    ),
+    ("type", FieldKind::Text),
+    ("restarts", FieldKind::Number),
+    ("alarm", FieldKind::Words(&["active", "returned", "normal"])),
+    ("alarms", FieldKind::Number),
+    ("unacked", FieldKind::Number),
+    (
+        "severity",
+        FieldKind::Ranked(&["info", "low", "medium", "high", "critical"]),
+    ),
+    ("quality", FieldKind::Words(&["good", "uncertain", "bad"])),
+    ("value", FieldKind::Number),
+    ("unit", FieldKind::Text),
+    (
+        "kind",
+        FieldKind::Words(&[
+            "generic",
+            "temperature",
+            "vibration",
+            "speed",
+            "power",
+            "pressure",
+            "flow",
+        ]),
+    ),
+    ("stale", FieldKind::Bool),
+    ("rejected", FieldKind::Number),
+    ("anomaly_score", FieldKind::Number),
+    ("anomalous", FieldKind::Bool),
+    ("machines", FieldKind::Number),
+    ("running", FieldKind::Number),
+    ("sensors", FieldKind::Number),
+    ("throughput", FieldKind::Number),
+    ("mean_oee", FieldKind::Number),
+    ("worst_health", FieldKind::Number),
+    ("anomalies", FieldKind::Number),
+    (
+        "state",
+        FieldKind::Words(&["idle", "running", "setup", "down"]),
+    ),
+    ("oee", FieldKind::Number),
+    ("availability", FieldKind::Number),
+    ("performance", FieldKind::Number),
+    ("good_count", FieldKind::Number),
+    ("scrap_count", FieldKind::Number),
+    ("health", FieldKind::Number),
+    ("rul_hours", FieldKind::Number),
+    ("model_score", FieldKind::Number),
+];
+
+impl Schema for TwinSchema {
+    fn kind_of(&self, field: &str) -> Option<FieldKind> {
+        FIELDS
+            .iter()
+            .find(|(name, _)| *name == field)
+            .map(|(_, k)| *k)
+            .or_else(|| self.sensors.contains(field).then_some(FieldKind::Number))
+    }
+
+    fn known(&self) -> String {
+        let mut names: Vec<&str> = FIELDS.iter().map(|(n, _)| *n).collect();
+        names.push("or a sensor's name");
+        names.join(", ")
+    }
+}
+
+/// Whether `field` can rank query results (`order_by`): a number or bool field.
+pub fn can_rank(schema: &TwinSchema, field: &str) -> bool {
+    matches!(
+        schema.kind_of(field),
+        Some(FieldKind::Number | FieldKind::Ranked(_) | FieldKind::Bool)
+    )
+}
+
+#[cfg(test)]
+mod schema_tests {
+    use super::*;
+    use ferrotwin_models::query::Query;
+
+    fn check(q: &str) -> Result<(), String> {
+        let schema = TwinSchema {
+            sensors: Arc::new(["temp".to_owned()].into_iter().collect()),
+        };
+        Query::parse(q)
+            .map_err(|e| e.to_string())?
+            .check(&schema)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn nonsense_is_an_error_naming_the_field_and_sense_passes() {
+        for ok in [
+            "level = machine and oee < 0.6",
+            "severity >= high",
+            "temp > 80",
+            "path ~ acme/** and quality != bad",
+            "stale = true or state = running",
+            "name = \"press-1\"",
+        ] {
+            assert_eq!(check(ok), Ok(()), "{ok}");
+        }
+        for (bad, says) in [
+            ("foo = bar", "unknown field \"foo\""),
+            (
+                "severity >= apocalypse",
+                "severity takes a number or one of",
+            ),
+            ("value > NaN", "value is a number; NaN is not a number"),
+            ("value > inf", "value is a number; inf is not a number"),
+            (
+                "quality = great",
+                "quality is one of good, uncertain, bad; found great",
+            ),
+            ("level < machine", "compares by = or != only"),
+            ("stale = 1", "stale is true or false"),
+            ("oee ~ acme/**", "not a text field"),
+        ] {
+            let e = check(bad).expect_err(bad);
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        let long = format!("{} = 1", "x".repeat(3000));
+        let e = check(&long).expect_err("long field");
+        assert!(e.len() < 1200, "bounded: {} bytes", e.len());
     }
 }

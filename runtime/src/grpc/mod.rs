@@ -22,12 +22,15 @@ use tonic::{Code, Request, Response, Status};
 
 use crate::api::{ApiError, ErrorCode, TwinApi, convert};
 use crate::replication::enterprise::ReplicationApi;
+use crate::security::conn::{ConnLimits, Guarded};
 use crate::security::tls::{ServerTls, tls_incoming};
 use crate::security::{Caller, Credentials};
 use crate::watch::{Change, Watcher};
 
 /// Largest request we decode.
 pub const MAX_REQUEST_BYTES: usize = 4 << 20;
+/// The client's connection preface of HTTP/2, owed within `conn::FIRST_BYTES_TIMEOUT`.
+const HTTP2_PREFACE_BYTES: usize = 24;
 /// Largest replication message (one outbox batch: a full-snapshot chunk of 10,000 twins is
 /// a few MB).
 pub const MAX_BATCH_BYTES: usize = 64 << 20;
@@ -49,7 +52,7 @@ pub fn status_of(e: &ApiError) -> Status {
         ErrorCode::Unauthenticated => Code::Unauthenticated,
         ErrorCode::PermissionDenied => Code::PermissionDenied,
     };
-    Status::new(code, e.to_string())
+    Status::new(code, crate::api::error::bounded(e.to_string()))
 }
 
 impl From<ApiError> for Status {
@@ -330,21 +333,36 @@ pub async fn serve(
                 .send_compressed(CompressionEncoding::Gzip)
                 .max_decoding_message_size(MAX_BATCH_BYTES)
         }));
+    // Fair admission (per client address and in all) and a deadline on the HTTP/2 preface;
+    // idle connections are ended by the keep-alive pings above, not by a timer (a Watch may
+    // be quiet for hours).
+    let limits = ConnLimits::new("grpc");
     let stop = token.clone().cancelled_owned();
     let server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
         match tls {
             Some(tls) => {
                 tls.spawn_reload(token.clone());
-                let incoming = ReceiverStream::new(tls_incoming(listener, tls, token.clone()));
+                let incoming = ReceiverStream::new(tls_incoming(
+                    listener,
+                    tls,
+                    token.clone(),
+                    limits,
+                    HTTP2_PREFACE_BYTES,
+                    None,
+                ));
                 Box::pin(router.serve_with_incoming_shutdown(incoming, stop))
             }
             None => {
-                // Small answers must not wait for the kernel (Nagle and delayed ACKs).
-                let incoming = TcpListenerStream::new(listener).map(|s| {
-                    if let Ok(s) = &s {
-                        let _ = s.set_nodelay(true);
-                    }
-                    s
+                let incoming = TcpListenerStream::new(listener).filter_map(move |s| {
+                    let s = match s {
+                        Ok(s) => s,
+                        Err(e) => return Some(Err(e)),
+                    };
+                    // Past a cap: closed at once (dropped).
+                    let permit = limits.admit(s.peer_addr().ok()?.ip()).ok()?;
+                    // Small answers must not wait for the kernel (Nagle and delayed ACKs).
+                    let _ = s.set_nodelay(true);
+                    Some(Ok(Guarded::new(s, permit, HTTP2_PREFACE_BYTES, None)))
                 });
                 Box::pin(router.serve_with_incoming_shutdown(incoming, stop))
             }

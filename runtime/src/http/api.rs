@@ -146,6 +146,7 @@ async fn get_twin(
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct BrowseParams {
     /// Asset path; empty = the root (enterprise).
     path: Option<String>,
@@ -186,6 +187,7 @@ async fn browse(
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct QueryParams {
     /// The query, e.g. `level = sensor and value > 80`.
     q: Option<String>,
@@ -233,6 +235,7 @@ async fn query(
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct HistoryParams {
     /// Sensor path.
     path: Option<String>,
@@ -291,6 +294,7 @@ async fn history(
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct EventParams {
     /// Subtree; empty = everything.
     path: Option<String>,
@@ -345,6 +349,7 @@ async fn events(
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct AlarmParams {
     /// Subtree; empty = the whole plant.
     path: Option<String>,
@@ -515,6 +520,7 @@ async fn ack(
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct SearchParams {
     /// Text the path or name contains (case-insensitive).
     q: Option<String>,

@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::dto::ErrorDto;
 use crate::api::ApiError;
+use crate::api::error::bounded;
 
 /// An error answer: status and JSON body `{error, nearest_parent?, position?}`.
 #[derive(Debug)]
@@ -23,7 +24,7 @@ impl HttpError {
         HttpError {
             status: StatusCode::BAD_REQUEST,
             body: ErrorDto {
-                error: message.into(),
+                error: bounded(message.into()),
                 nearest_parent: None,
                 position: None,
             },
@@ -46,7 +47,7 @@ impl From<ApiError> for HttpError {
         HttpError {
             status,
             body: ErrorDto {
-                error: e.to_string(),
+                error: bounded(e.to_string()),
                 nearest_parent,
                 position,
             },
@@ -65,7 +66,7 @@ impl From<JsonRejection> for HttpError {
         HttpError {
             status: e.status(),
             body: ErrorDto {
-                error: format!("body: {}", e.body_text()),
+                error: bounded(format!("body: {}", e.body_text())),
                 nearest_parent: None,
                 position: None,
             },

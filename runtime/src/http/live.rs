@@ -54,6 +54,7 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct LiveParams {
     /// Watch this node and its children (empty = the root). Ignored when `paths` is given.
     path: Option<String>,

@@ -14,6 +14,7 @@ pub mod live;
 pub mod pages;
 pub mod signin;
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -32,11 +33,19 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api::TwinApi;
+use crate::security::conn::{ConnLimits, Guarded};
 use crate::security::tls::{ServerTls, tls_incoming};
 use crate::security::{Caller, Credentials};
 
 /// A client must send a request's headers within this (slow senders are cut off).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request body (a larger one is 413).
+pub const MAX_BODY_BYTES: usize = 64 << 10;
+/// Time a request's whole body has to arrive.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection that moves no byte either way for this long is closed (keep-alive between
+/// requests, a body that stopped coming; live streams send a keep-alive every 15 s).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Largest request header block.
 const MAX_HEADER_BYTES: usize = 16 << 10;
 /// The session cookie of the web page: the bearer token, unreadable by scripts.
@@ -270,6 +279,8 @@ pub fn router(state: HttpState) -> Router {
         .merge(assets::routes())
         .merge(signin::routes())
         .fallback(pages::fallback)
+        // The largest legitimate body is an acknowledgment's JSON with its comment.
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -294,16 +305,18 @@ pub async fn serve(
     state.tls = tls.is_some();
     let app = router(state);
     let conns = TaskTracker::new();
+    let limits = ConnLimits::new("http");
     match tls {
         Some(tls) => {
             tls.spawn_reload(token.clone());
-            let mut incoming = tls_incoming(listener, tls, token.clone());
+            let mut incoming =
+                tls_incoming(listener, tls, token.clone(), limits, 0, Some(IDLE_TIMEOUT));
             loop {
                 let s = tokio::select! {
                     () = token.cancelled() => break,
                     s = incoming.recv() => match s { Some(Ok(s)) => s, _ => break },
                 };
-                let (tcp, session) = s.get_ref();
+                let (tcp, session) = s.get_ref().get_ref();
                 let Ok(addr) = tcp.peer_addr() else { continue };
                 let cert = session
                     .peer_certificates()
@@ -329,9 +342,24 @@ pub async fn serve(
                     }
                 },
             };
+            let permit = match limits.admit(addr.ip()) {
+                Ok(p) => p,
+                Err(why) => {
+                    // A clear refusal, never waited for: the socket is new and empty.
+                    let body = format!("too many connections: {why}\n");
+                    let _ = tcp.try_write(
+                        format!(
+                            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\nretry-after: 5\r\n\r\n{body}",
+                            body.len()
+                        )
+                        .as_bytes(),
+                    );
+                    continue;
+                }
+            };
             let _ = tcp.set_nodelay(true);
             conns.spawn(serve_conn(
-                tcp,
+                Guarded::new(tcp, permit, 0, Some(IDLE_TIMEOUT)),
                 Peer { addr, cert: None },
                 app.clone(),
                 token.clone(),
@@ -360,7 +388,8 @@ where
     use tower::ServiceExt as _;
     let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(peer.clone());
-        app.clone().oneshot(req.map(axum::body::Body::new))
+        app.clone()
+            .oneshot(req.map(|b| axum::body::Body::new(BodyDeadline::new(b, BODY_TIMEOUT))))
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -375,6 +404,62 @@ where
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
         }
+    }
+}
+
+/// A request body that must arrive whole within its deadline (from the request's start):
+/// a client that announces a body and stops sending gets a 400 naming the timeout, not a
+/// request held open.
+struct BodyDeadline<B> {
+    inner: B,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    timeout: Duration,
+}
+
+impl<B> BodyDeadline<B> {
+    fn new(inner: B, timeout: Duration) -> BodyDeadline<B> {
+        BodyDeadline {
+            inner,
+            deadline: Box::pin(tokio::time::sleep(timeout)),
+            timeout,
+        }
+    }
+}
+
+impl<B> axum::body::HttpBody for BodyDeadline<B>
+where
+    B: axum::body::HttpBody<Data = axum::body::Bytes> + Unpin,
+    B::Error: Into<axum::BoxError>,
+{
+    type Data = axum::body::Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        use std::future::Future as _;
+        use std::task::Poll;
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(r) => Poll::Ready(r.map(|f| f.map_err(Into::into))),
+            Poll::Pending => match this.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(format!(
+                    "the request body did not arrive within {:?}",
+                    this.timeout
+                )
+                .into()))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -1,14 +1,23 @@
 //! The enterprise's side of replication: one stream per site, applied to the mirror twins.
 //!
-//! Idempotent: a batch at or below the site's cursor is acked again and not applied; an
-//! event at or below the site's event cursor is skipped (a site that crashed may stage an
-//! event twice). Durable before ack: the mirror records, the events and the cursors go out
-//! in one store flush, and a seq is acked once that flush is on disk.
+//! Exact: a batch is applied only when it continues the site's cursor (`SiteBatch::after`
+//! is the cursor); seqs it skips are batches the site says it dropped, reported as an event.
+//! Its events must continue the site's event cursor (or a dropped range the site reports
+//! covers the gap). Anything else is refused, never acked and never applied, with an event
+//! naming the site and the seqs. A seq at or below the cursor is a resend: acked again, not
+//! applied; an event at or below the event cursor is skipped (a site that crashed may stage
+//! an event twice). Reconciled: the site's hello says what it has; cursors past it (a forged
+//! batch, a site restored from an older data dir) are rewound to it, reported at both ends,
+//! and the site sends a full snapshot. One stream per site: while one is open a second is
+//! refused (a half-open one ends within 30 s by keep-alive), so hello storms and impostors
+//! cannot displace a live site. Durable before ack: the mirror records, the events and the
+//! cursors go out in one store flush, and a seq is acked once that flush is on disk.
 
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
 
 use ferrotwin_models::spec::AssetKind;
 use ferrotwin_models::{AssetId, AssetPath, Event, EventKind, Property, Severity, Timestamp};
@@ -30,11 +39,18 @@ use crate::twin::TwinCtx;
 
 /// Applied batches whose ack waits for a flush, per stream.
 const PENDING_ACKS: usize = 1024;
-/// How far past the site's cursor a stream's first batch may start (the site's outbox may
-/// have dropped batches at its limit). Within a stream, batches continue the cursor one by
-/// one. A seq beyond is refused: one hostile or corrupt batch cannot move the cursor where
-/// every later batch of the site would be dropped as a duplicate.
+/// Most batch seqs one batch may say the site skipped (dropped at its outbox limit), and
+/// most event seqs between two events of a batch (events of the site's store outside the
+/// site stay there). Beyond, the batch is refused: one hostile or corrupt batch cannot move
+/// a cursor where the site's later batches would all look like resends (and a forged move
+/// within the bound is undone at the site's next hello).
 pub const MAX_SEQ_GAP: u64 = 1 << 20;
+/// How long a new stream of a site waits for the site's previous stream to end (a site that
+/// reconnects at once after its link broke) before it is refused.
+const PREVIOUS_STREAM_WAIT: Duration = Duration::from_secs(3);
+/// At most one refusal or skip event per site in this window (the rest are counted and
+/// logged): a peer that sends garbage in a loop cannot flood the event log.
+const REPORT_EVERY_US: i64 = 10_000_000;
 
 /// What the enterprise knows about one site it accepts.
 #[derive(Debug, Default)]
@@ -44,19 +60,28 @@ pub struct SiteMirror {
     /// Highest seq on the enterprise's disk: what a welcome reports, so a site never trims
     /// what a crash here could still lose.
     pub durable_seq: AtomicU64,
-    /// Twin deltas, history chunks and events for assets outside the site: skipped.
+    /// Twin deltas and history chunks for assets outside the site: skipped.
     pub foreign: AtomicU64,
-    /// The current stream's token: a new hello from the site ends the previous stream (a
-    /// half-open connection must not hold the site off).
-    current: std::sync::Mutex<Option<CancellationToken>>,
     pub event_seq: AtomicU64,
     /// When a batch of this site was last applied (µs since the epoch; 0 = never).
     pub synced_us: AtomicU64,
     pub batches: AtomicU64,
     pub duplicates: AtomicU64,
+    /// Events at or below the event cursor, skipped.
+    pub duplicate_events: AtomicU64,
     /// Twin deltas for assets the enterprise's plant does not have.
     pub unknown_twins: AtomicU64,
-    /// One stream per site at a time: a second waits for the first to end.
+    /// Batches refused: never acked, never applied.
+    pub refused: AtomicU64,
+    /// Batch seqs the site said it skipped.
+    pub skipped_batches: AtomicU64,
+    /// Cursor rewinds to what the site's hello said.
+    pub rewinds: AtomicU64,
+    /// Streams refused while another of the site was open.
+    pub streams_refused: AtomicU64,
+    /// When the last refusal or skip event of this site was raised (µs since the epoch).
+    last_report_us: AtomicI64,
+    /// One stream per site at a time.
     stream: Arc<tokio::sync::Mutex<()>>,
 }
 
@@ -133,29 +158,188 @@ impl EnterpriseReceiver {
         Some(entry)
     }
 
-    /// Applies one batch of `site`; returns the store flush its effects go out with, or
-    /// `None` for a duplicate.
+    /// The events of `batch` past the site's event cursor, checked, and the event cursor
+    /// after them. They must continue the cursor: the batch's `events_after` (the site's
+    /// last event before the batch) is at or below it, or a dropped range the batch reports
+    /// covers the gap, or this is the first contact; in seq order, each with a record that
+    /// decodes, no two further apart than `MAX_SEQ_GAP`. Events at or below the cursor are
+    /// resends and events outside the site are foreign: both counted, not applied.
+    fn new_events(
+        &self,
+        site: &AssetPath,
+        mirror: &SiteMirror,
+        seq: u64,
+        batch: &rec::OutboxBatch,
+    ) -> Result<(Vec<Event>, u64), Status> {
+        let cursor = mirror.event_seq.load(Ordering::Acquire);
+        let after = batch.events_after;
+        let covered = after <= cursor
+            || cursor == 0
+            || (batch.dropped_events_from > 0
+                && batch.dropped_events_from <= cursor + 1
+                && batch.dropped_events_to >= after);
+        if !covered && batch.events.iter().any(|e| e.seq > cursor) {
+            return Err(Status::failed_precondition(format!(
+                "batch {seq}: its events follow site event {after}, but the enterprise has the site's events up to {cursor}: events {}..={after} are missing and no dropped range of the batch covers them; refused, nothing applied",
+                cursor + 1
+            )));
+        }
+        let bad = |what: String| {
+            Status::invalid_argument(format!("batch {seq}: {what}; refused, nothing applied"))
+        };
+        let mut next = if covered { cursor.max(after) } else { cursor };
+        let mut out = Vec::new();
+        let mut last_seen = 0u64;
+        for e in &batch.events {
+            if e.seq <= last_seen {
+                return Err(bad(format!(
+                    "event {} comes after event {last_seen}: not in seq order",
+                    e.seq
+                )));
+            }
+            last_seen = e.seq;
+            if e.seq <= cursor {
+                mirror.duplicate_events.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let Some(r) = &e.event else {
+                return Err(bad(format!("event {} has no record", e.seq)));
+            };
+            let mut ev = codec::decode_event(e.seq, &r.encode_to_vec())
+                .map_err(|what| bad(format!("event {}: {what}", e.seq)))?;
+            if e.seq.saturating_sub(next) > MAX_SEQ_GAP {
+                return Err(bad(format!(
+                    "event {} is {} past event {next} (at most {MAX_SEQ_GAP})",
+                    e.seq,
+                    e.seq - next
+                )));
+            }
+            next = next.max(e.seq);
+            if !ev.asset.starts_with(site) {
+                mirror.foreign.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            ev.seq = 0;
+            out.push(ev);
+        }
+        Ok((out, next))
+    }
+
+    /// A refusal or a skip of `site`: logged always, an event at most once per
+    /// `REPORT_EVERY_US` (the rest are counted by the caller).
+    async fn report(
+        &self,
+        site: &AssetPath,
+        mirror: &SiteMirror,
+        severity: Severity,
+        text: String,
+    ) {
+        tracing::warn!(site = %site, "{text}");
+        let now = Timestamp::now();
+        let last = mirror.last_report_us.load(Ordering::Relaxed);
+        if now.0 - last < REPORT_EVERY_US
+            || mirror
+                .last_report_us
+                .compare_exchange(last, now.0, Ordering::AcqRel, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        self.ctx
+            .emit(Event::new(
+                site.clone(),
+                now,
+                EventKind::Lifecycle,
+                severity,
+                text,
+            ))
+            .await;
+    }
+
+    /// The site's hello says what it has (`last_seq`, `event_hwm`): a cursor past it (a
+    /// forged or corrupt batch, or a site restored from an older data dir) is rewound to it,
+    /// with an event, so the site's batches after it are applied, not taken for resends.
+    /// Returns whether anything was rewound.
+    async fn reconcile(
+        &self,
+        site: &AssetPath,
+        mirror: &SiteMirror,
+        last_seq: u64,
+        event_hwm: u64,
+    ) -> bool {
+        let mut metas = Vec::new();
+        let mut what = Vec::new();
+        let applied = mirror.applied_seq.load(Ordering::Acquire);
+        if applied > last_seq {
+            mirror.applied_seq.store(last_seq, Ordering::Release);
+            mirror.durable_seq.fetch_min(last_seq, Ordering::AcqRel);
+            metas.push((cursor_key(site.as_str()), last_seq.to_be_bytes().to_vec()));
+            what.push(format!(
+                "its batch cursor was at {applied}, past the site's last batch {last_seq}"
+            ));
+        }
+        let events = mirror.event_seq.load(Ordering::Acquire);
+        if events > event_hwm {
+            mirror.event_seq.store(event_hwm, Ordering::Release);
+            metas.push((
+                event_cursor_key(site.as_str()),
+                event_hwm.to_be_bytes().to_vec(),
+            ));
+            what.push(format!(
+                "its event cursor was at {events}, past the site's last event {event_hwm}"
+            ));
+        }
+        if metas.is_empty() {
+            return false;
+        }
+        mirror.rewinds.fetch_add(1, Ordering::Relaxed);
+        self.ctx
+            .store
+            .put_records(Vec::new(), Vec::new(), metas)
+            .await;
+        let text = format!(
+            "replication of {site} reconciled with the site: {}; rewound to what the site has (a forged or corrupt batch, or a site restored from an older data dir); the site sends a full snapshot",
+            what.join("; ")
+        );
+        tracing::warn!(site = %site, "{text}");
+        self.ctx
+            .emit(Event::new(
+                site.clone(),
+                Timestamp::now(),
+                EventKind::Lifecycle,
+                Severity::High,
+                text,
+            ))
+            .await;
+        true
+    }
+
+    /// Applies one batch of `site` that says it follows `after`; returns the store flush its
+    /// effects go out with, or `None` for a resend. A batch that does not continue the
+    /// cursor exactly, skips too far, does not decode, or whose events leave a gap is
+    /// refused whole: nothing of it is applied and it is never acked.
     async fn apply(
         &self,
         site: &AssetPath,
         mirror: &SiteMirror,
         seq: u64,
+        after: u64,
         bytes: &[u8],
-        first: bool,
     ) -> Result<Option<u64>, Status> {
         let applied = mirror.applied_seq.load(Ordering::Acquire);
         if seq <= applied {
             mirror.duplicates.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
         }
-        let max = if first {
-            applied.saturating_add(MAX_SEQ_GAP)
-        } else {
-            applied + 1
-        };
-        if seq > max {
+        if after != applied || seq <= after {
             return Err(Status::failed_precondition(format!(
-                "batch {seq} does not continue the site's cursor {applied} (at most {max} here); refused"
+                "batch {seq} says it follows {after}, but the cursor of {site} is {applied}; refused, nothing applied"
+            )));
+        }
+        let skipped = seq - after - 1;
+        if skipped > MAX_SEQ_GAP {
+            return Err(Status::failed_precondition(format!(
+                "batch {seq} skips {skipped} batches after {after} (at most {MAX_SEQ_GAP}); refused, nothing applied"
             )));
         }
         let batch = rec::OutboxBatch::decode(bytes).map_err(|e| {
@@ -167,6 +351,9 @@ impl EnterpriseReceiver {
                 batch.seq
             )));
         }
+        let (events, event_seq) = self.new_events(site, mirror, seq, &batch)?;
+        // Everything is checked before anything is applied: a refused batch leaves no trace.
+        let mut mirrors = Vec::with_capacity(batch.twins.len());
         let mut records = Vec::with_capacity(batch.twins.len());
         for d in &batch.twins {
             let (Ok(id), Some(r)) = (<[u8; 16]>::try_from(d.id.as_slice()), &d.record) else {
@@ -179,13 +366,7 @@ impl EnterpriseReceiver {
                 continue;
             };
             let snap = Arc::new(codec::decode_snapshot(&entry.def.kind, r, false));
-            match entry.actor() {
-                Some(a) => {
-                    let _ = a.cast(TwinMsg::Mirror(snap));
-                }
-                // Restarting: it starts from the registry's snapshot.
-                None => self.ctx.publish(&entry, (*snap).clone()),
-            }
+            mirrors.push((entry, snap));
             records.push((id, r.encode_to_vec()));
         }
         let mut history = Vec::with_capacity(batch.history.len());
@@ -211,29 +392,31 @@ impl EnterpriseReceiver {
                 history.push((id, property, first, h.chunk.clone()));
             }
         }
-        let mut event_seq = mirror.event_seq.load(Ordering::Acquire);
-        for e in &batch.events {
-            if e.seq <= event_seq {
-                continue;
+        for (entry, snap) in mirrors {
+            match entry.actor() {
+                Some(a) => {
+                    let _ = a.cast(TwinMsg::Mirror(snap));
+                }
+                // Restarting: it starts from the registry's snapshot.
+                None => self.ctx.publish(&entry, (*snap).clone()),
             }
-            let Some(r) = &e.event else { continue };
-            match codec::decode_event(e.seq, &r.encode_to_vec()) {
-                Ok(ev) if ev.asset.starts_with(site) => {
-                    let mut ev = ev;
-                    ev.seq = 0;
-                    self.ctx.emit(ev).await;
-                }
-                Ok(_) => {
-                    mirror.foreign.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(what) => {
-                    return Err(Status::invalid_argument(format!(
-                        "batch {seq}: event {}: {what}",
-                        e.seq
-                    )));
-                }
-            }
-            event_seq = e.seq;
+        }
+        for ev in events {
+            self.ctx.emit(ev).await;
+        }
+        if skipped > 0 {
+            mirror.skipped_batches.fetch_add(skipped, Ordering::Relaxed);
+            self.report(
+                site,
+                mirror,
+                Severity::Medium,
+                format!(
+                    "site skipped batches {}..={} (its outbox dropped them at its limit); their twin state follows in a full snapshot",
+                    after + 1,
+                    seq - 1
+                ),
+            )
+            .await;
         }
         if batch.dropped_events_from > 0 {
             self.ctx
@@ -274,12 +457,12 @@ impl EnterpriseReceiver {
 
     /// The hello a stream must open with, checked: a protocol this build can serve and a
     /// site this enterprise accepts (a refusal is logged). Returns the site, its mirror
-    /// state and the site's agent (for the log).
+    /// state and the hello.
     async fn check_hello(
         &self,
         incoming: &mut Streaming<pb::ReplicateRequest>,
         identity: &SiteIdentity,
-    ) -> Result<(AssetPath, Arc<SiteMirror>, String), Status> {
+    ) -> Result<(AssetPath, Arc<SiteMirror>, pb::SiteHello), Status> {
         let first = incoming
             .message()
             .await?
@@ -317,7 +500,7 @@ impl EnterpriseReceiver {
                 "site {site} is not accepted by this enterprise"
             )));
         };
-        Ok((site, mirror, hello.agent))
+        Ok((site, mirror, hello))
     }
 }
 
@@ -394,15 +577,17 @@ struct SiteStream {
     receiver: Arc<EnterpriseReceiver>,
     site: AssetPath,
     mirror: Arc<SiteMirror>,
-    /// Cancelled when the runtime stops or a newer stream of the site takes over.
+    /// Cancelled when the runtime stops.
     token: CancellationToken,
     responses: ResponseSender,
 }
 
 impl SiteStream {
     /// The handshake: reads the hello, checks it (protocol version, a site this enterprise
-    /// accepts), ends any previous stream of the site and waits for it to let go (one stream
-    /// per site; a half-open one must not hold the site off), then sends the welcome with the
+    /// accepts), waits up to `PREVIOUS_STREAM_WAIT` for a previous stream of the site to end
+    /// (one stream per site: a second one of a live site is refused, so a hello storm cannot
+    /// displace it; a half-open one ends by keep-alive), reconciles the cursors with what the
+    /// hello says the site has, then sends the welcome with the
     /// site's highest durable seq, so the site never resumes past what a crash here could
     /// lose. Any failure is the stream's error and nothing was applied. Returns the stream,
     /// the site's one-stream guard (held until the stream ends) and the responses' receiver.
@@ -418,29 +603,35 @@ impl SiteStream {
         ),
         Status,
     > {
-        let (site, mirror, agent) = receiver.check_hello(incoming, identity).await?;
-        // A new stream of the site replaces the previous one (which may be half-open).
-        let token = receiver.token.child_token();
-        if let Some(old) = mirror
-            .current
-            .lock()
-            .expect("stream lock is never poisoned")
-            .replace(token.clone())
+        let (site, mirror, hello) = receiver.check_hello(incoming, identity).await?;
+        // One stream per site: a site that reconnects at once after its link broke waits
+        // for its previous stream to end; a second stream of a live site is refused.
+        let one_stream = match tokio::time::timeout(
+            PREVIOUS_STREAM_WAIT,
+            mirror.stream.clone().lock_owned(),
+        )
+        .await
         {
-            old.cancel();
-        }
-        let one_stream = tokio::select! {
-            g = mirror.stream.clone().lock_owned() => g,
-            () = token.cancelled() => {
-                return Err(Status::aborted("replaced by a newer stream of the site"));
+            Ok(g) => g,
+            Err(_) => {
+                mirror.streams_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(site = %site, "replication stream refused: the site has one open");
+                return Err(Status::unavailable(format!(
+                    "{site} already has an open replication stream; a second is refused while it lasts (a half-open one ends within 30 s by keep-alive); retry later"
+                )));
             }
         };
+        let token = receiver.token.child_token();
+        let rewound = receiver
+            .reconcile(&site, &mirror, hello.last_seq, hello.event_hwm)
+            .await;
         let (responses, rx) = mpsc::channel(16);
         let welcome = pb::ReplicateResponse {
             msg: Some(pb::replicate_response::Msg::Welcome(
                 pb::EnterpriseWelcome {
                     protocol_version: PROTOCOL_VERSION,
                     last_applied_seq: mirror.durable_seq.load(Ordering::Acquire),
+                    rewound,
                 },
             )),
         };
@@ -448,7 +639,7 @@ impl SiteStream {
             .send(Ok(welcome))
             .await
             .map_err(|_| Status::cancelled("site went away"))?;
-        tracing::info!(site = %site, agent, "replication stream accepted");
+        tracing::info!(site = %site, agent = hello.agent, "replication stream accepted");
         let stream = SiteStream {
             receiver: receiver.clone(),
             site,
@@ -482,7 +673,7 @@ impl SiteStream {
     /// seq (what a later welcome reports) just before. A duplicate comes with the flush after
     /// its arrival, so its ack also waits for its first application to be durable. An ack is
     /// never sent ahead of its flush nor out of order. After the receive loop ends it still
-    /// acks what it was handed; a stop, a newer stream of the site or a site that is gone
+    /// acks what it was handed; a stop or a site that is gone
     /// (the send fails) ends it at once, and the seqs it did not ack are resent by the site
     /// and acked then as duplicates.
     async fn ack_when_durable(self, mut pending: mpsc::Receiver<(u64, u64)>) {
@@ -507,7 +698,7 @@ impl SiteStream {
     /// a seq at or below the site's cursor is a duplicate, counted and not applied; events
     /// at or below its event cursor are skipped) and hands its seq to the acker with the
     /// flush to wait for. A message other than a batch, or a batch that does not decode, ends
-    /// the stream with that error; a disconnect, a stop or a newer stream of the site ends it
+    /// the stream with that error; a disconnect or a stop ends it
     /// quietly. A batch applied but not acked before the end is resent by the site and acked
     /// then as a duplicate.
     async fn receive_batches(
@@ -516,7 +707,6 @@ impl SiteStream {
         acks: mpsc::Sender<(u64, u64)>,
     ) {
         let site = &self.site;
-        let mut first = true;
         loop {
             let next = tokio::select! {
                 () = self.token.cancelled() => return,
@@ -538,13 +728,10 @@ impl SiteStream {
             };
             match self
                 .receiver
-                .apply(site, &self.mirror, b.seq, &b.batch, first)
+                .apply(site, &self.mirror, b.seq, b.after, &b.batch)
                 .await
             {
                 Ok(generation) => {
-                    if generation.is_some() {
-                        first = false;
-                    }
                     // A duplicate is acked once the flush after now is on disk: its
                     // first application may still be on its way there.
                     let g =
@@ -555,7 +742,15 @@ impl SiteStream {
                     }
                 }
                 Err(status) => {
-                    tracing::warn!(site = %site, error = %status, "replication batch refused");
+                    self.mirror.refused.fetch_add(1, Ordering::Relaxed);
+                    self.receiver
+                        .report(
+                            site,
+                            &self.mirror,
+                            Severity::High,
+                            format!("replication batch refused: {}", status.message()),
+                        )
+                        .await;
                     let _ = self.responses.try_send(Err(status));
                     return;
                 }

@@ -14,7 +14,9 @@ use serde::Deserialize;
 pub use crate::store::outbox::HistoryPolicy;
 
 /// Version of the replication protocol this build speaks (`SiteHello.protocol_version`).
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: the hello says what the site has, batches say which one they follow, the welcome
+/// says whether the enterprise rewound (cursors that cannot be poisoned).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// `[replication]` of a site config: where this site replicates to.
 #[derive(Debug, Clone, Deserialize)]

@@ -1,6 +1,12 @@
 //! The site's sender: streams the outbox to the enterprise, resumes after the enterprise's
 //! last applied seq on every (re)connect, trims the outbox up to each ack. The site's twins
 //! and ingest never wait for it: a slow or absent enterprise only makes the outbox longer.
+//!
+//! The site never drops its own data on the enterprise's word: its hello says what it has
+//! (last batch, last event), every batch says which one it follows, and an enterprise that
+//! claims more than the site has is refused. Gaps (the enterprise lost batches this site
+//! trimmed, or rewound its cursor) are reported as an event here and answered with a full
+//! snapshot.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,9 +20,11 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
+use ferrotwin_models::{AssetPath, Event, EventKind, Severity, Timestamp};
+
 use super::{PROTOCOL_VERSION, SiteReplication};
-use crate::store::Store;
 use crate::store::outbox::Outbox;
+use crate::twin::TwinCtx;
 
 /// Most bytes of outbox read per step of the sender.
 const READ_BYTES: usize = 4 << 20;
@@ -82,17 +90,21 @@ enum SendError {
     Version(u32),
     #[error("outbox: {0}")]
     Outbox(String),
+    #[error(
+        "the enterprise claims batch {claimed} of this site, whose last batch is {last}; not trimming on its word"
+    )]
+    ClaimsMore { claimed: u64, last: u64 },
 }
 
 /// Runs until `token` is cancelled: connect, stream, on any failure back off and reconnect.
 pub async fn run_sender(
-    store: Arc<Store>,
+    ctx: Arc<TwinCtx>,
     site: String,
     cfg: SiteReplication,
     status: Arc<SenderStatus>,
     token: CancellationToken,
 ) {
-    let Some(outbox) = store.outbox() else {
+    let Some(outbox) = ctx.store.outbox() else {
         tracing::error!("replication sender started without an outbox");
         return;
     };
@@ -100,7 +112,7 @@ pub async fn run_sender(
     loop {
         let result = tokio::select! {
             () = token.cancelled() => return,
-            r = stream_once(outbox, &site, &cfg, &status, &token) => r,
+            r = stream_once(&ctx, outbox, &site, &cfg, &status, &token) => r,
         };
         match result {
             Ok(()) => return,
@@ -127,13 +139,15 @@ fn refused_or_broken(s: tonic::Status) -> SendError {
         | Code::FailedPrecondition
         | Code::InvalidArgument
         | Code::Unimplemented
-        | Code::Unauthenticated => SendError::Refused(s),
+        | Code::Unauthenticated
+        | Code::Unavailable => SendError::Refused(s),
         _ => SendError::Stream(s),
     }
 }
 
 /// One connection: hello, welcome, then batches out and acks in until something breaks.
 async fn stream_once(
+    ctx: &TwinCtx,
     outbox: &Outbox,
     site: &str,
     cfg: &SiteReplication,
@@ -178,6 +192,8 @@ async fn stream_once(
             protocol_version: PROTOCOL_VERSION,
             site: site.to_owned(),
             agent: format!("ferrotwin {}", env!("CARGO_PKG_VERSION")),
+            last_seq: outbox.committed(),
+            event_hwm: outbox.event_hwm(),
         })),
     };
     tx.send(hello).await.map_err(|_| SendError::Closed)?;
@@ -197,9 +213,43 @@ async fn stream_once(
     if w.protocol_version != PROTOCOL_VERSION {
         return Err(SendError::Version(w.protocol_version));
     }
-    // The enterprise may hold batches this site lost in a crash after sending them: new
-    // batches continue after them.
-    outbox.ensure_next_after(w.last_applied_seq);
+    let last = outbox.committed();
+    if w.last_applied_seq > last {
+        return Err(SendError::ClaimsMore {
+            claimed: w.last_applied_seq,
+            last,
+        });
+    }
+    let acked = outbox.lag().acked_seq;
+    if w.rewound || w.last_applied_seq < acked {
+        // The enterprise lost batches this site had trimmed on its ack (it was restored),
+        // or had a cursor past this site's (forged batches it rewound): what those batches
+        // carried goes again as a full snapshot.
+        outbox.set_full_pending();
+        let text = if w.rewound {
+            format!(
+                "the enterprise's replication cursor was past this site's last batch {last}: it rewound to {}; a full snapshot follows",
+                w.last_applied_seq
+            )
+        } else {
+            format!(
+                "the enterprise has batches up to {} but acked up to {acked} before: batches {}..={acked} are lost there (their events too); a full snapshot follows",
+                w.last_applied_seq,
+                w.last_applied_seq + 1
+            )
+        };
+        tracing::warn!(site, "{text}");
+        if let Ok(path) = AssetPath::parse(site) {
+            ctx.emit(Event::new(
+                path,
+                Timestamp::now(),
+                EventKind::Lifecycle,
+                Severity::High,
+                text,
+            ))
+            .await;
+        }
+    }
     outbox
         .trim_to(w.last_applied_seq)
         .map_err(|e| SendError::Outbox(e.to_string()))?;
@@ -213,8 +263,10 @@ async fn stream_once(
         resume_after = w.last_applied_seq,
         "replication stream up"
     );
-    // Resume after what the enterprise has, or after what the outbox no longer holds.
-    let mut sent = w.last_applied_seq.max(outbox.lag().acked_seq);
+    // Resume after what the enterprise has, or after what the outbox no longer holds; each
+    // batch says which one it follows (`after`), so the enterprise sees every gap.
+    let mut sent = w.last_applied_seq.max(acked);
+    let mut after = w.last_applied_seq;
     let mut in_flight: VecDeque<u64> = VecDeque::new();
     loop {
         let room = window.saturating_sub(in_flight.len());
@@ -229,6 +281,7 @@ async fn stream_once(
                         msg: Some(pb::replicate_request::Msg::Batch(pb::SiteBatch {
                             seq,
                             batch: bytes,
+                            after,
                         })),
                     };
                     tokio::select! {
@@ -236,6 +289,7 @@ async fn stream_once(
                         r = tx.send(req) => r.map_err(|_| SendError::Closed)?,
                     }
                     sent = seq;
+                    after = seq;
                     in_flight.push_back(seq);
                     status.batches_sent.fetch_add(1, Ordering::Relaxed);
                     status.bytes_sent.fetch_add(n, Ordering::Relaxed);

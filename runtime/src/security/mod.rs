@@ -27,6 +27,7 @@
 //! ```
 
 pub mod authn;
+pub mod conn;
 pub mod tls;
 
 use std::net::SocketAddr;

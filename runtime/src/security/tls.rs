@@ -18,6 +18,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use super::TlsConfig;
+use super::conn::{ConnLimits, Guarded};
 
 /// A TLS handshake must finish within this.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -188,18 +189,23 @@ impl ServerTls {
 }
 
 /// Accepted TCP connections after a successful TLS handshake, until `token` is cancelled.
-/// Each handshake runs in its own task within `HANDSHAKE_TIMEOUT`; a failed one (plaintext,
-/// an unknown or revoked client certificate) is logged at debug and dropped.
+/// A connection is first admitted by `limits` (one past a cap is closed at once); each
+/// handshake runs in its own task within `HANDSHAKE_TIMEOUT`; a failed one (plaintext, an
+/// unknown or revoked client certificate) is logged at debug and dropped. The stream then
+/// owes its first `first_bytes` and may stay `idle` (see `conn::Guarded`).
 pub fn tls_incoming(
     listener: TcpListener,
     tls: Arc<ServerTls>,
     token: CancellationToken,
-) -> mpsc::Receiver<Result<TlsStream<TcpStream>, std::io::Error>> {
+    limits: Arc<ConnLimits>,
+    first_bytes: usize,
+    idle: Option<Duration>,
+) -> mpsc::Receiver<Result<Guarded<TlsStream<TcpStream>>, std::io::Error>> {
     let (tx, rx) = mpsc::channel(READY_QUEUE);
     let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         loop {
-            let Ok(permit) = slots.clone().acquire_owned().await else {
+            let Ok(slot) = slots.clone().acquire_owned().await else {
                 return;
             };
             let (tcp, addr) = tokio::select! {
@@ -213,14 +219,19 @@ pub fn tls_incoming(
                     }
                 },
             };
+            let Ok(permit) = limits.admit(addr.ip()) else {
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let acceptor = tls.acceptor();
             let tx = tx.clone();
             tokio::spawn(async move {
-                let _permit = permit;
+                let _slot = slot;
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(s)) => {
-                        let _ = tx.send(Ok(s)).await;
+                        let _ = tx
+                            .send(Ok(Guarded::new(s, permit, first_bytes, idle)))
+                            .await;
                     }
                     Ok(Err(e)) => {
                         tracing::debug!(%addr, error = %e, "TLS handshake failed");

@@ -1045,5 +1045,22 @@ machines = [{ name = "m1", type = "press" }]
         fn any_event_round_trips_through_its_record(e in any_event()) {
             prop_assert_eq!(decode_event(e.seq, &encode_event(&e)), Ok(e));
         }
+
+        /// The decoders of what replication carries (a peer's bytes): any input is a
+        /// value or an error, never a panic.
+        #[test]
+        fn arbitrary_bytes_never_panic_a_record_decoder(
+            bytes in proptest::collection::vec(any::<u8>(), 0..512),
+            seq in any::<u64>(),
+        ) {
+            let _ = decode_event(seq, &bytes);
+            let _ = decode_chunk(&bytes);
+            if let Ok(r) = rec::TwinRecord::decode(bytes.as_slice()) {
+                for d in plant() {
+                    let _ = decode_snapshot(&d.kind, &r, true);
+                    let _ = decode_snapshot(&d.kind, &r, false);
+                }
+            }
+        }
     }
 }

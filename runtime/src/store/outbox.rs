@@ -307,6 +307,7 @@ impl Outbox {
                 dropped_events_from: d.map_or(0, |d| d.0),
                 dropped_events_to: d.map_or(0, |d| d.1),
                 history: history.take().unwrap_or_default(),
+                events_after: st.event_hwm,
             };
             st.next_seq += 1;
             let bytes = b.encode_to_vec();
@@ -405,27 +406,6 @@ impl Outbox {
     /// Highest seq a completed flush made durable.
     pub fn committed(&self) -> u64 {
         *self.committed.borrow()
-    }
-
-    /// The enterprise has applied up to `seq`, past anything staged here (this site lost
-    /// batches in a crash after sending them): new batches must get higher seqs, or the
-    /// enterprise would take them for duplicates.
-    pub fn ensure_next_after(&self, seq: u64) {
-        let mut st = self.state();
-        if st.next_seq <= seq {
-            tracing::warn!(
-                enterprise_has = seq,
-                staged = st.next_seq - 1,
-                "the enterprise has batches this site lost; continuing after them"
-            );
-            st.next_seq = seq + 1;
-            st.acked = st.acked.max(seq);
-            let _ = self.meta.insert(NEXT_SEQ_KEY, &(seq + 1).to_be_bytes());
-            drop(st);
-            self.committed.send_replace(seq);
-            // Whatever those lost batches carried is re-sent as a whole.
-            self.set_full_pending();
-        }
     }
 
     /// Events that can no longer be sent (seq range): reported with the next batch.
@@ -756,7 +736,7 @@ mod tests {
     }
 
     #[test]
-    fn batches_the_enterprise_has_but_the_site_lost_are_not_reused_and_unflushed_ones_not_read() {
+    fn unflushed_batches_are_not_read_and_each_batch_names_the_event_before_it() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path(), StoreConfig::default()).expect("open");
         let registry = plant_registry();
@@ -769,13 +749,19 @@ mod tests {
         assert_eq!(ob.read_after(0, usize::MAX).expect("read").len(), 1);
         ob.commit(p);
         assert_eq!(ob.read_after(0, usize::MAX).expect("read").len(), 2);
-        // The enterprise applied up to 7 before this site crashed and lost 3..=7.
-        ob.ensure_next_after(7);
-        rt().block_on(event(&store, 1));
+        // Each batch says which event came before it, so the enterprise sees any gap.
+        let first = rt().block_on(event(&store, 1));
         store.flush_once(&registry, false).expect("flush");
-        let next = batches(ob, 7);
-        assert_eq!(next.len(), 1);
-        assert_eq!(next[0].seq, 8, "continues after what the enterprise has");
+        let second = rt().block_on(event(&store, 1));
+        store.flush_once(&registry, false).expect("flush");
+        let next = batches(ob, 2);
+        assert_eq!(next.len(), 2);
+        assert_eq!(next[0].events[0].seq, first);
+        assert_eq!(
+            next[1].events_after, first,
+            "follows the event staged before it"
+        );
+        assert_eq!(next[1].events[0].seq, second);
     }
 
     #[test]
