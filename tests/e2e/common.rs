@@ -204,34 +204,49 @@ pub async fn events(client: &mut TwinServiceClient<Channel>, p: &str) -> Vec<pb:
         .events
 }
 
-/// A replication batch `seq` (following `seq - 1`) carrying one lifecycle event `event_seq`
-/// on TEMP.
-pub fn batch_with_event(seq: u64, event_seq: u64, message: &str) -> pb::ReplicateRequest {
+/// A raw batch `seq` that says it follows `after`, its events following site event
+/// `events_after`, with lifecycle events (seq, message) on TEMP.
+pub fn raw_batch(
+    seq: u64,
+    after: u64,
+    events_after: u64,
+    evs: &[(u64, &str)],
+) -> pb::ReplicateRequest {
     use prost::Message as _;
     let b = ferrotwin_proto::store::v1::OutboxBatch {
         seq,
         created_us: now().0,
-        events: vec![ferrotwin_proto::store::v1::OutboxEvent {
-            seq: event_seq,
-            event: Some(ferrotwin_proto::store::v1::EventRecord {
-                path: TEMP.into(),
-                ts_us: now().0,
-                kind: "lifecycle".into(),
-                severity: 0,
-                alarm: String::new(),
-                message: message.into(),
-                episode: 0,
-            }),
-        }],
+        events_after,
+        events: evs
+            .iter()
+            .map(|(s, m)| ferrotwin_proto::store::v1::OutboxEvent {
+                seq: *s,
+                event: Some(ferrotwin_proto::store::v1::EventRecord {
+                    path: TEMP.into(),
+                    ts_us: now().0,
+                    kind: "lifecycle".into(),
+                    severity: 0,
+                    alarm: String::new(),
+                    message: (*m).into(),
+                    episode: 0,
+                }),
+            })
+            .collect(),
         ..Default::default()
     };
     pb::ReplicateRequest {
         msg: Some(pb::replicate_request::Msg::Batch(pb::SiteBatch {
             seq,
             batch: b.encode_to_vec(),
-            after: seq.saturating_sub(1),
+            after,
         })),
     }
+}
+
+/// A replication batch `seq` (following `seq - 1`) carrying one lifecycle event `event_seq`
+/// on TEMP.
+pub fn batch_with_event(seq: u64, event_seq: u64, message: &str) -> pb::ReplicateRequest {
+    raw_batch(seq, seq.saturating_sub(1), 0, &[(event_seq, message)])
 }
 
 /// A tool found on PATH, or `None` with a loud skip (a failure on CI, where `.ci/run`

@@ -130,14 +130,7 @@ fn client_error<T: std::fmt::Debug>(
 }
 
 fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
+    ferrotwin_cli::bench::rss_bytes() / 1024
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -613,40 +613,6 @@ async fn the_enterprise_ranks_machines_of_one_type_across_sites() {
     ent.rt.shutdown().await;
 }
 
-/// A raw batch `seq` that says it follows `after`, its events following site event
-/// `events_after`, with lifecycle events (seq, message) on TEMP.
-fn raw_batch(seq: u64, after: u64, events_after: u64, evs: &[(u64, &str)]) -> pb::ReplicateRequest {
-    use prost::Message as _;
-    let b = ferrotwin_proto::store::v1::OutboxBatch {
-        seq,
-        created_us: now().0,
-        events_after,
-        events: evs
-            .iter()
-            .map(|(s, m)| ferrotwin_proto::store::v1::OutboxEvent {
-                seq: *s,
-                event: Some(ferrotwin_proto::store::v1::EventRecord {
-                    path: TEMP.into(),
-                    ts_us: now().0,
-                    kind: "lifecycle".into(),
-                    severity: 0,
-                    alarm: String::new(),
-                    message: (*m).into(),
-                    episode: 0,
-                }),
-            })
-            .collect(),
-        ..Default::default()
-    };
-    pb::ReplicateRequest {
-        msg: Some(pb::replicate_request::Msg::Batch(pb::SiteBatch {
-            seq,
-            batch: b.encode_to_vec(),
-            after,
-        })),
-    }
-}
-
 async fn mirrored(ent: &mut Site) -> pb::MirroredSite {
     ent.client
         .get_replication_status(pb::GetReplicationStatusRequest {})

@@ -245,10 +245,15 @@ impl EnterpriseReceiver {
         {
             return;
         }
+        self.site_event(site, severity, text).await;
+    }
+
+    /// A lifecycle event on `site` (replication's own news about it).
+    async fn site_event(&self, site: &AssetPath, severity: Severity, text: String) {
         self.ctx
             .emit(Event::new(
                 site.clone(),
-                now,
+                Timestamp::now(),
                 EventKind::Lifecycle,
                 severity,
                 text,
@@ -302,15 +307,7 @@ impl EnterpriseReceiver {
             what.join("; ")
         );
         tracing::warn!(site = %site, "{text}");
-        self.ctx
-            .emit(Event::new(
-                site.clone(),
-                Timestamp::now(),
-                EventKind::Lifecycle,
-                Severity::High,
-                text,
-            ))
-            .await;
+        self.site_event(site, Severity::High, text).await;
         true
     }
 
@@ -419,18 +416,15 @@ impl EnterpriseReceiver {
             .await;
         }
         if batch.dropped_events_from > 0 {
-            self.ctx
-                .emit(Event::new(
-                    site.clone(),
-                    Timestamp::now(),
-                    EventKind::Lifecycle,
-                    Severity::High,
-                    format!(
-                        "site outbox was full: events {}..={} were dropped before reaching the enterprise",
-                        batch.dropped_events_from, batch.dropped_events_to
-                    ),
-                ))
-                .await;
+            self.site_event(
+                site,
+                Severity::High,
+                format!(
+                    "site outbox was full: events {}..={} were dropped before reaching the enterprise",
+                    batch.dropped_events_from, batch.dropped_events_to
+                ),
+            )
+            .await;
         }
         let key = site.as_str();
         let generation = self

@@ -33,7 +33,8 @@ pub struct IngestBench {
 
 const BATCH: usize = 4096;
 
-fn rss_bytes() -> u64 {
+/// This process's resident set (Linux `/proc/self/status`; 0 elsewhere).
+pub fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
