@@ -271,7 +271,7 @@ impl Comparison {
                 "{field} is not a text field: ~ (a path glob) does not apply"
             )),
             (FieldKind::Number | FieldKind::Ranked(_), Literal::Number { .. }) => Ok(()),
-            (FieldKind::Ranked(words), Literal::Word(w) | Literal::Text(w)) => {
+            (FieldKind::Ranked(words), Literal::Word(w)) => {
                 if words.contains(&w.as_str()) {
                     Ok(())
                 } else {

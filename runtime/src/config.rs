@@ -201,6 +201,7 @@ impl SiteConfig {
             enterprise: self.enterprise.clone(),
             security: self.security.clone(),
             plant_dir: self.plant.parent().map(std::path::Path::to_path_buf),
+            check_only: false,
         }
     }
 }

@@ -57,6 +57,10 @@ struct Connection {
     home: AssetPath,
 }
 
+/// Each connection's home (the common ancestor of its tags) and, per written (asset,
+/// property), the index of the connection that writes it.
+pub type ConnectionPlan = (Vec<Option<AssetPath>>, HashMap<(AssetPath, String), usize>);
+
 /// The running adapters of a site.
 #[derive(Default)]
 pub struct Connections {
@@ -66,17 +70,13 @@ pub struct Connections {
 }
 
 impl Connections {
-    /// Checks every connection against the plant (`registry`), then starts the adapters,
-    /// pushing into `sink` and reporting to `ctx`'s event log. Nothing starts if any
-    /// connection is wrong.
-    pub fn start(
-        configs: Vec<ConnectionConfig>,
+    /// Checks every connection against the plant without starting anything: unique names,
+    /// every tag on an asset and property the plant has, one writer per property. Returns
+    /// each connection's home (the common ancestor of its tags) and the writers.
+    pub fn check(
+        configs: &[ConnectionConfig],
         registry: &Registry,
-        sink: Arc<dyn IngestSink>,
-        ctx: Arc<TwinCtx>,
-        tracker: &TaskTracker,
-        token: &CancellationToken,
-    ) -> Result<Connections, ConnectionError> {
+    ) -> Result<ConnectionPlan, ConnectionError> {
         let mut homes = Vec::with_capacity(configs.len());
         let mut writers = HashMap::new();
         let mut names: HashMap<String, ()> = HashMap::new();
@@ -103,6 +103,21 @@ impl Connections {
             }
             homes.push(common_ancestor(targets.iter().map(|t| &t.asset)));
         }
+        Ok((homes, writers))
+    }
+
+    /// Checks every connection against the plant (`registry`), then starts the adapters,
+    /// pushing into `sink` and reporting to `ctx`'s event log. Nothing starts if any
+    /// connection is wrong.
+    pub fn start(
+        configs: Vec<ConnectionConfig>,
+        registry: &Registry,
+        sink: Arc<dyn IngestSink>,
+        ctx: Arc<TwinCtx>,
+        tracker: &TaskTracker,
+        token: &CancellationToken,
+    ) -> Result<Connections, ConnectionError> {
+        let (homes, writers) = Connections::check(&configs, registry)?;
         let (events_tx, events_rx) = mpsc::channel(ferrotwin_adapters::EVENT_QUEUE);
         let mut all = Vec::with_capacity(configs.len());
         for (config, home) in configs.into_iter().zip(homes) {

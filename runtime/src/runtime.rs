@@ -53,6 +53,9 @@ pub struct RuntimeOptions {
     pub enterprise: Option<EnterpriseRole>,
     /// TLS, authentication and grants (`None`: security off, loopback listeners only).
     pub security: Option<SecurityConfig>,
+    /// Only check (`ferrotwin check`): PLC connections and the replication sender are
+    /// checked against the plant but not started.
+    pub check_only: bool,
 }
 
 /// The `[ingest]` section.
@@ -198,7 +201,12 @@ impl Runtime {
         let token = CancellationToken::new();
         let tracker = TaskTracker::new();
         // Adapters start last: every twin is restored before the first reading arrives.
+        let replicate_as = replicate_as.filter(|_| !opts.check_only);
         let started = start_roles(&opts, &ctx, replicate_as, &token, &tracker).and_then(|roles| {
+            if opts.check_only {
+                Connections::check(&opts.connections, &registry)?;
+                return Ok((roles, Connections::default()));
+            }
             let connections = Connections::start(
                 opts.connections,
                 &registry,

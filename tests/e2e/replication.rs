@@ -298,6 +298,17 @@ async fn raw_stream(
     site: &str,
     batches: Vec<pb::ReplicateRequest>,
 ) -> Result<Vec<pb::ReplicateResponse>, tonic::Status> {
+    // Claims every batch and event: never rewinds the enterprise.
+    raw_stream_claiming(ent, site, u64::MAX, batches).await
+}
+
+/// `raw_stream` with a hello that says the site's last batch is `last_seq`.
+async fn raw_stream_claiming(
+    ent: SocketAddr,
+    site: &str,
+    last_seq: u64,
+    batches: Vec<pb::ReplicateRequest>,
+) -> Result<Vec<pb::ReplicateResponse>, tonic::Status> {
     let mut client = ReplicationServiceClient::connect(format!("http://{ent}"))
         .await
         .expect("connect");
@@ -306,8 +317,7 @@ async fn raw_stream(
             protocol_version: 2,
             site: site.into(),
             agent: "test".into(),
-            // Claims every batch and event: never rewinds the enterprise.
-            last_seq: u64::MAX,
+            last_seq,
             event_hwm: u64::MAX,
         })),
     }];
@@ -644,49 +654,29 @@ async fn forged_seq_and_event_jumps_are_refused_or_undone_and_the_real_site_arri
         assert!(e.message().contains("refused, nothing applied"), "{e}");
         assert!(e.message().len() < 400, "a bounded message: {e}");
     };
-    // A seq at the end of the range; a batch that does not follow the cursor; an event
-    // 10^12 ahead; an event far past what a batch says came before it.
-    refused(
-        raw_stream(
-            ent.addr,
-            "acme/berlin",
-            vec![raw_batch(u64::MAX, 0, 0, &[])],
-        )
-        .await,
-    );
-    refused(raw_stream(ent.addr, "acme/berlin", vec![raw_batch(1, 5, 0, &[])]).await);
-    refused(
-        raw_stream(
-            ent.addr,
-            "acme/berlin",
-            vec![raw_batch(1, 0, 0, &[(1_000_000_000_000, "event jump")])],
-        )
-        .await,
-    );
-    // Accepted: a forged batch 1 with event 5, then a skip of seqs within the bound.
-    raw_stream(
-        ent.addr,
-        "acme/berlin",
-        vec![raw_batch(1, 0, 0, &[(5, "forged event")])],
-    )
-    .await
-    .expect("a batch that continues the cursor is applied");
-    // Skipped content: events 6..=100 never sent, the batch claims they came before.
-    refused(
-        raw_stream(
-            ent.addr,
-            "acme/berlin",
-            vec![raw_batch(2, 1, 100, &[(101, "after a gap")])],
-        )
-        .await,
-    );
-    raw_stream(ent.addr, "acme/berlin", vec![raw_batch(1000, 1, 5, &[])])
+    // The forger's hello says it has batches up to 10.
+    let forge = |batch| raw_stream_claiming(ent.addr, "acme/berlin", 10, vec![batch]);
+    // A seq at the end of the range; a batch whose predecessor never arrived; an event
+    // 10^12 past the one its batch says came before it.
+    refused(forge(raw_batch(u64::MAX, 0, 0, &[])).await);
+    refused(forge(raw_batch(1, 5, 0, &[])).await);
+    refused(forge(raw_batch(1, 0, 1, &[(1_000_000_000_000, "event jump")])).await);
+    // Accepted: a forged batch 1 with event 5; then events 6..=100 that never came (a
+    // site cannot send again what it lost: reported, not refused); then a skip of seqs.
+    forge(raw_batch(1, 0, 0, &[(5, "forged event")]))
         .await
-        .expect("a declared skip is applied and reported");
+        .expect("a batch that continues the cursor is applied");
+    forge(raw_batch(2, 1, 100, &[(101, "after a gap")]))
+        .await
+        .expect("a gap in the events is applied and reported");
+    forge(raw_batch(1000, 2, 101, &[]))
+        .await
+        .expect("a skip of batches is applied and reported");
     let m = mirrored(&mut ent).await;
-    assert_eq!((m.applied_seq, m.event_seq), (1000, 5));
-    assert!(m.refused >= 4, "{m:?}");
-    assert_eq!(m.skipped_batches, 998, "{m:?}");
+    assert_eq!((m.applied_seq, m.event_seq), (1000, 101));
+    assert_eq!(m.refused, 3, "{m:?}");
+    assert_eq!(m.skipped_batches, 997, "{m:?}");
+    assert_eq!(m.event_gaps, 95, "{m:?}");
     // The real site: its hello says it has far less; the enterprise rewinds.
     let mut site = start_in(sd.path(), site_options(ent.addr)).await;
     churn(&site, 0..10, (95.0, 40.0), 5).await;
@@ -707,9 +697,14 @@ async fn forged_seq_and_event_jumps_are_refused_or_undone_and_the_real_site_arri
     let ent_events = event_counts(&mut ent).await;
     assert_same_events_once(&site_events, &ent_events);
     let messages: Vec<&str> = ent_events.keys().map(|k| k.2.as_str()).collect();
-    for never in ["event jump", "after a gap"] {
-        assert!(!messages.contains(&never), "{never:?} was applied");
-    }
+    assert!(
+        !messages.contains(&"event jump"),
+        "the event jump was applied"
+    );
+    assert!(
+        messages.iter().any(|m| m.contains("never arrived")),
+        "the event gap is an event at the enterprise: {messages:?}"
+    );
     assert!(
         messages
             .iter()
@@ -824,4 +819,50 @@ fn copy_dir(from: &Path, to: &Path) {
             std::fs::copy(e.path(), &target).expect("copy");
         }
     }
+}
+
+/// A stream that says hello and then nothing (a half-open link, or an impostor that holds
+/// the door) is replaced by the site's own once it has been silent for the live window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_stream_does_not_hold_the_real_site_off() {
+    let (ed, sd) = two_dirs();
+    let mut ent = start_in(ed.path(), enterprise_options()).await;
+    let mut client = ReplicationServiceClient::connect(format!("http://{}", ent.addr))
+        .await
+        .expect("connect");
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(pb::ReplicateRequest {
+        msg: Some(pb::replicate_request::Msg::Hello(pb::SiteHello {
+            protocol_version: 2,
+            site: "acme/berlin".into(),
+            agent: "silent".into(),
+            last_seq: u64::MAX,
+            event_hwm: u64::MAX,
+        })),
+    })
+    .await
+    .expect("hello");
+    let mut silent = client
+        .replicate(ReceiverStream::new(rx))
+        .await
+        .expect("the first stream is taken")
+        .into_inner();
+    assert!(matches!(
+        silent.message().await.expect("welcome").and_then(|m| m.msg),
+        Some(pb::replicate_response::Msg::Welcome(_))
+    ));
+    let site = start_in(sd.path(), site_options(ent.addr)).await;
+    push(&site, vec![float(FORCE, 31.0)]).await;
+    wait_float(
+        &ent.client,
+        FORCE,
+        31.0,
+        30,
+        "the real site's value past the silent stream",
+    )
+    .await;
+    assert!(mirrored(&mut ent).await.streams_refused >= 1);
+    drop(tx);
+    site.rt.shutdown().await;
+    ent.rt.shutdown().await;
 }

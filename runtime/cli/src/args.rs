@@ -15,8 +15,24 @@ use ferrotwin_cli::run::Role;
     about = "Actor-based digital twin runtime for manufacturing plants"
 )]
 pub struct Args {
+    /// Log lines as text (default) or JSON, one object per line with level, time, target,
+    /// message and fields (for a log collector).
+    #[arg(
+        long,
+        global = true,
+        env = "FERROTWIN_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub cmd: Cmd,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(clap::Args)]
@@ -94,6 +110,13 @@ pub enum Cmd {
         /// else 127.0.0.1:8080).
         #[arg(long)]
         http_addr: Option<SocketAddr>,
+    },
+    /// Check a config file and its plant spec without serving (for CI of plant configs):
+    /// everything `run` checks at its start, on a temporary data dir; exits 0 when it would
+    /// start, 1 with the reason when not. PLC connections are not contacted.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
     },
     /// Show replication: a site's link and outbox, or an enterprise's mirrored sites.
     Replication {

@@ -705,7 +705,7 @@ pub async fn replication(client: &mut Client) -> Result<String> {
         let _ = writeln!(
             out,
             "{:<24} applied seq {:>8}  {age}  batches {}  duplicates {}  unknown twins {}  \
-             event seq {}  duplicate events {}  refused {}  skipped {}  rewinds {}  streams refused {}",
+             event seq {}  duplicate events {}  event gaps {}  refused {}  skipped {}  rewinds {}  streams refused {}",
             m.site,
             m.applied_seq,
             m.batches,
@@ -713,6 +713,7 @@ pub async fn replication(client: &mut Client) -> Result<String> {
             m.unknown_twins,
             m.event_seq,
             m.duplicate_events,
+            m.event_gaps,
             m.refused,
             m.skipped_batches,
             m.rewinds,

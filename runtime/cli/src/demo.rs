@@ -377,22 +377,25 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
         println!("  ferrotwin audit --addr {enterprise_addr}{tls_args}");
     }
     println!("  {grpcurl}");
-    println!("stop with Ctrl-C");
+    println!("stop with Ctrl-C (or SIGTERM)");
 
-    match opts.duration {
+    let signal = match opts.duration {
         Some(d) => tokio::select! {
-            _ = tokio::time::sleep(d) => {}
-            _ = tokio::signal::ctrl_c() => {}
+            _ = tokio::time::sleep(d) => "the end of --for",
+            s = crate::signals::stop_requested() => s,
         },
-        None => {
-            let _ = tokio::signal::ctrl_c().await;
+        None => crate::signals::stop_requested().await,
+    };
+    let stop = async {
+        for s in sites {
+            if let Err(e) = stop_feed(&s.path, s.feed).await {
+                tracing::warn!(site = %s.path, error = %e, "the simulator's feed did not stop cleanly");
+            }
+            s.rt.shutdown().await;
         }
-    }
-    for s in sites {
-        stop_feed(&s.path, s.feed).await?;
-        s.rt.shutdown().await;
-    }
-    enterprise.shutdown().await;
+        enterprise.shutdown().await;
+    };
+    crate::signals::clean_stop(signal, stop, crate::signals::CLEAN_STOP_LIMIT).await;
     Ok(())
 }
 

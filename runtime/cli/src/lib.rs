@@ -12,3 +12,4 @@ pub mod feeds;
 pub mod pki;
 pub mod relay;
 pub mod run;
+pub mod signals;

@@ -8,20 +8,22 @@ use ferrotwin_cli::{bench, client as cli, demo, run};
 
 mod args;
 
-use args::{Args, BenchCmd, Cmd, OnOff};
+use args::{Args, BenchCmd, Cmd, LogFormat, OnOff};
 
-fn init_tracing(default: &str) {
+fn init_tracing(default: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .init();
+    let logs = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => logs.with_target(false).init(),
+        LogFormat::Json => logs.json().with_current_span(true).init(),
+    }
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    let log_format = args.log_format;
     match args.cmd {
         Cmd::Demo {
             grpc_addr,
@@ -34,7 +36,7 @@ async fn main() -> Result<()> {
             secure,
         } => {
             // The embedded broker logs every readiness probe as an error: quiet in the demo.
-            init_tracing("info,sled=warn,rumqttd=off");
+            init_tracing("info,sled=warn,rumqttd=off", log_format);
             demo::run(demo::DemoOptions {
                 grpc_addr,
                 http_addr,
@@ -52,21 +54,25 @@ async fn main() -> Result<()> {
             role,
             http_addr,
         } => {
-            init_tracing("info,sled=warn");
+            init_tracing("info,sled=warn", log_format);
             run::run(&config, role, http_addr).await
+        }
+        Cmd::Check { config } => {
+            init_tracing("warn,sled=warn", log_format);
+            run::check(&config).await
         }
         Cmd::Tree {
             path,
             depth,
             remote,
         } => {
-            init_tracing("warn");
+            init_tracing("warn", log_format);
             let mut c = cli::connect(&remote.connect()).await?;
             print!("{}", cli::tree(&mut c, &path, depth).await?);
             Ok(())
         }
         Cmd::Get { path, remote } => {
-            init_tracing("warn");
+            init_tracing("warn", log_format);
             let mut c = cli::connect(&remote.connect()).await?;
             print!("{}", cli::get(&mut c, &path).await?);
             Ok(())
@@ -76,7 +82,7 @@ async fn main() -> Result<()> {
             events,
             remote,
         } => {
-            init_tracing("warn");
+            init_tracing("warn", log_format);
             let mut c = cli::connect(&remote.connect()).await?;
             cli::watch(&mut c, &path, events, None).await
         }
@@ -86,7 +92,7 @@ async fn main() -> Result<()> {
             rank,
             remote,
         } => {
-            init_tracing("warn");
+            init_tracing("warn", log_format);
             let mut c = cli::connect(&remote.connect()).await?;
             print!(
                 "{}",
@@ -101,7 +107,7 @@ async fn main() -> Result<()> {
             max_points,
             remote,
         } => {
-            init_tracing("warn");
+            init_tracing("warn", log_format);
             let mut c = cli::connect(&remote.connect()).await?;
             print!(
                 "{}",
@@ -114,7 +120,7 @@ async fn main() -> Result<()> {
             limit,
             remote,
         } => {
-            init_tracing("warn");
+            init_tracing("warn", log_format);
             let mut c = cli::connect(&remote.connect()).await?;
             print!("{}", cli::events(&mut c, &path, limit).await?);
             Ok(())
@@ -126,7 +132,7 @@ async fn main() -> Result<()> {
             comment,
             remote,
         } => {
-            init_tracing("warn");
+            init_tracing("warn", log_format);
             let mut c = cli::connect(&remote.connect()).await?;
             print!("{}", cli::ack(&mut c, &path, &alarm, &by, &comment).await?);
             Ok(())
@@ -138,7 +144,7 @@ async fn main() -> Result<()> {
             by,
             remote,
         } => {
-            init_tracing("warn");
+            init_tracing("warn", log_format);
             let mut c = cli::connect(&remote.connect()).await?;
             print!(
                 "{}",
@@ -147,19 +153,19 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Replication { remote } => {
-            init_tracing("warn");
+            init_tracing("warn", log_format);
             let mut c = cli::connect(&remote.connect()).await?;
             print!("{}", cli::replication(&mut c).await?);
             Ok(())
         }
         Cmd::Connections { remote } => {
-            init_tracing("warn");
+            init_tracing("warn", log_format);
             let mut c = cli::connect(&remote.connect()).await?;
             print!("{}", cli::connections(&mut c).await?);
             Ok(())
         }
         Cmd::Whoami { remote } => {
-            init_tracing("warn");
+            init_tracing("warn", log_format);
             let mut c = cli::connect(&remote.connect()).await?;
             print!("{}", cli::whoami(&mut c).await?);
             Ok(())
@@ -173,7 +179,7 @@ async fn main() -> Result<()> {
             target,
             remote,
         } => {
-            init_tracing("warn");
+            init_tracing("warn", log_format);
             let mut c = cli::connect(&remote.connect()).await?;
             if verify.is_some() {
                 print!("{}", cli::audit_verify(&mut c).await?);
@@ -206,7 +212,7 @@ async fn main() -> Result<()> {
                     history,
                 },
         } => {
-            init_tracing("warn,sled=warn");
+            init_tracing("warn,sled=warn", log_format);
             let history = match history.as_str() {
                 "raw" => ferrotwin_runtime::HistoryPolicy::Raw,
                 "aggregated" => ferrotwin_runtime::HistoryPolicy::Aggregated,
@@ -232,7 +238,7 @@ async fn main() -> Result<()> {
                     lines,
                 },
         } => {
-            init_tracing("warn,sled=warn,rumqttd=off");
+            init_tracing("warn,sled=warn,rumqttd=off", log_format);
             let report = bench::plc::plc(bench::plc::PlcBench {
                 via,
                 seconds,
@@ -267,7 +273,7 @@ async fn main() -> Result<()> {
         Cmd::Bench {
             what: BenchCmd::Security { calls, concurrency },
         } => {
-            init_tracing("warn,sled=warn");
+            init_tracing("warn,sled=warn", log_format);
             let report =
                 bench::security::security(bench::security::SecurityBench { calls, concurrency })
                     .await?;
@@ -282,7 +288,7 @@ async fn main() -> Result<()> {
                     clients,
                 },
         } => {
-            init_tracing("warn,sled=warn");
+            init_tracing("warn,sled=warn", log_format);
             let report = bench::http::http(bench::http::HttpBench {
                 sensors,
                 seconds,
@@ -300,7 +306,7 @@ async fn main() -> Result<()> {
                     detectors,
                 },
         } => {
-            init_tracing("warn,sled=warn");
+            init_tracing("warn,sled=warn", log_format);
             let report = bench::ingest(bench::IngestBench {
                 sensors,
                 seconds,

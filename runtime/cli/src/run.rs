@@ -1,4 +1,5 @@
-//! `ferrotwin run`: a site or an enterprise from its config file, served until Ctrl-C.
+//! `ferrotwin run`: a site or an enterprise from its config file, served until Ctrl-C or
+//! SIGTERM (both a clean stop, see `signals`).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -16,7 +17,7 @@ pub enum Role {
 }
 
 /// Loads `config`, starts the runtime, serves gRPC and HTTP (`http_addr` overrides the
-/// config's), and stops cleanly at Ctrl-C.
+/// config's), and stops cleanly at Ctrl-C or SIGTERM.
 pub async fn run(config: &Path, role: Role, http_addr: Option<SocketAddr>) -> Result<()> {
     let cfg = SiteConfig::load(config)?;
     match (role, cfg.enterprise.is_some()) {
@@ -62,7 +63,31 @@ pub async fn run(config: &Path, role: Role, http_addr: Option<SocketAddr>) -> Re
             ""
         },
     );
-    let _ = tokio::signal::ctrl_c().await;
+    let signal = crate::signals::stop_requested().await;
+    crate::signals::clean_stop(signal, rt.shutdown(), crate::signals::CLEAN_STOP_LIMIT).await;
+    Ok(())
+}
+
+/// `ferrotwin check`: loads `config` and its plant spec and starts a runtime of them on a
+/// temporary data dir (every check a start makes: plant, connections' tags, replication,
+/// security files), then stops it without serving. PLC connections and the replication
+/// sender are checked but never started (`RuntimeOptions::check_only`).
+pub async fn check(config: &Path) -> Result<()> {
+    let cfg = SiteConfig::load(config)?;
+    let spec = cfg.load_plant()?;
+    let dir = tempfile::tempdir().context("cannot create a temporary data dir")?;
+    let mut opts = cfg.options();
+    opts.check_only = true;
+    let rt = Runtime::start(&spec, dir.path(), opts)
+        .await
+        .with_context(|| format!("{}: the runtime would not start", config.display()))?;
+    println!(
+        "{}: ok: {} twins, {} PLC connection(s), role {}",
+        config.display(),
+        rt.api().twin_count(),
+        cfg.connections.len(),
+        rt.api().role()
+    );
     rt.shutdown().await;
     Ok(())
 }

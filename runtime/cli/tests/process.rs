@@ -1,5 +1,6 @@
-//! The `ferrotwin` binary as an operator runs it: the demo, the CLI client against it, and
-//! `kill -9` of the process followed by a restart on the same data dir. (History across a
+//! The `ferrotwin` binary as an operator runs it: the demo, the CLI client against it,
+//! `kill -9` of the process followed by a restart on the same data dir, and SIGTERM (the
+//! clean stop of containers and systemd). (History across a
 //! crash is covered in-process by `tests/e2e/recovery.rs`.)
 
 use std::io::{BufRead, BufReader};
@@ -11,8 +12,9 @@ use ferrotwin_proto::v1::twin_service_client::TwinServiceClient;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ferrotwin");
 
-/// A demo process, killed when dropped (also when a test fails midway).
-struct Demo(Child);
+/// A demo process with the lines it prints, killed when dropped (also when a test fails
+/// midway).
+struct Demo(Child, std::sync::mpsc::Receiver<String>);
 
 impl Demo {
     /// `kill -9`, as a power cut would.
@@ -38,7 +40,14 @@ struct Addrs {
 /// Starts `ferrotwin demo` on a free port and returns it with the addresses it printed.
 fn start_demo(data_dir: &std::path::Path) -> (Demo, Addrs) {
     let mut child = Command::new(BIN)
-        .args(["demo", "--grpc-addr", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "demo",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(data_dir)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -76,7 +85,7 @@ fn start_demo(data_dir: &std::path::Path) -> (Demo, Addrs) {
         } else if line.starts_with("open the web browser")
             && let Some(enterprise) = enterprise.take()
         {
-            return (Demo(child), Addrs { enterprise, sites });
+            return (Demo(child, rx), Addrs { enterprise, sites });
         }
     }
     let _ = child.kill();
@@ -261,4 +270,174 @@ async fn the_demo_serves_the_cli_and_survives_kill_9_with_its_events_and_state()
     .await;
     assert!(newer.seq > max_before);
     demo.kill();
+}
+
+/// A sensor with a value at the site `addr`: its path, value and source time.
+async fn a_sensor_reading(addr: &str) -> (String, f64, i64) {
+    let c = TwinServiceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    wait_for(30, "a sensor with a value at the site", || {
+        let mut c = c.clone();
+        async move {
+            let q = c
+                .query(pb::QueryRequest {
+                    query: "level = sensor".into(),
+                    page_size: 50,
+                    ..Default::default()
+                })
+                .await
+                .ok()?
+                .into_inner();
+            q.twins.into_iter().find_map(|t| {
+                let s = t.sensor?;
+                let v = match s.value?.kind? {
+                    pb::value::Kind::Float(f) => f,
+                    pb::value::Kind::Int(i) => i as f64,
+                    pb::value::Kind::Bool(b) => f64::from(u8::from(b)),
+                };
+                s.has_value.then_some((t.path, v, s.source_ts_us))
+            })
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_cleanly_and_the_restart_has_every_reading_it_had() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut demo, addrs) = start_demo(dir.path());
+    // A reading the site holds in its twin's history tail (not yet in a chunk on disk):
+    // only a clean stop writes it.
+    let (path, value, ts) = a_sensor_reading(&addrs.sites[0]).await;
+    let pid = demo.0.id().to_string();
+    let sent = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill runs");
+    assert!(sent.success());
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let exit = loop {
+        if let Some(status) = demo.0.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running 90 s after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(exit.success(), "exit status after SIGTERM: {exit}");
+    let mut lines = Vec::new();
+    while let Ok(line) = demo.1.recv_timeout(Duration::from_secs(10)) {
+        lines.push(line);
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("SIGTERM: stopping cleanly")),
+        "{lines:?}"
+    );
+    assert!(
+        lines.iter().any(|l| l.starts_with("stopped cleanly in")),
+        "{lines:?}"
+    );
+    drop(demo);
+
+    let (demo, addrs) = start_demo(dir.path());
+    let mut c = TwinServiceClient::connect(format!("http://{}", addrs.sites[0]))
+        .await
+        .expect("connect");
+    let points = c
+        .get_history(pb::GetHistoryRequest {
+            path: path.clone(),
+            property: "value".into(),
+            from_us: ts,
+            to_us: ts,
+            max_points: 10,
+        })
+        .await
+        .expect("history")
+        .into_inner()
+        .points;
+    assert!(
+        points.iter().any(|p| p.ts_us == ts && p.value == value),
+        "{path} at {ts} ({value}) is in the history after the restart: {points:?}"
+    );
+    demo.kill();
+}
+
+/// `ferrotwin check` as a plant-config CI job runs it: a good config exits 0 with a summary,
+/// a connection tag naming an asset the plant lacks exits 1 naming it; nothing is served and
+/// no PLC is contacted (the endpoint is unreachable on purpose).
+#[test]
+fn check_passes_a_good_config_and_names_what_is_wrong_in_a_bad_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("plant.toml"),
+        r#"
+version = 1
+enterprise = "acme"
+[machine_types.press]
+ideal_cycle_ms = 1000
+[[machine_types.press.sensors]]
+name = "temp"
+[[sites]]
+name = "berlin"
+[[sites.areas]]
+name = "a"
+[[sites.areas.lines]]
+name = "l"
+machines = [{ name = "p", type = "press" }]
+"#,
+    )
+    .expect("plant");
+    let config = |asset: &str| {
+        format!(
+            r#"
+version = 1
+plant = "plant.toml"
+data_dir = "data"
+[[connections]]
+protocol = "modbus"
+name = "line"
+endpoint = "192.0.2.1:502"
+[[connections.tags]]
+asset = "{asset}"
+property = "value"
+register = "input"
+address = 0
+data_type = "f32"
+"#
+        )
+    };
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, config("acme/berlin/a/l/p/temp")).expect("good");
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&good)
+        .output()
+        .expect("check runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("ok: 6 twins, 1 PLC connection(s)"), "{text}");
+    assert!(
+        !dir.path().join("data").exists(),
+        "check writes no data dir"
+    );
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, config("acme/berlin/a/l/p/pressure")).expect("bad");
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&bad)
+        .output()
+        .expect("check runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("acme/berlin/a/l/p/pressure"), "{err}");
 }

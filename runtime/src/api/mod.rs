@@ -892,6 +892,7 @@ impl TwinApi {
                     skipped_batches: m.skipped_batches.load(Relaxed),
                     rewinds: m.rewinds.load(Relaxed),
                     streams_refused: m.streams_refused.load(Relaxed),
+                    event_gaps: m.event_gaps.load(Relaxed),
                 })
                 .collect();
         }
@@ -1140,6 +1141,16 @@ impl TwinApi {
         } else {
             "standalone"
         }
+    }
+
+    /// PLC connections, and how many are connected now.
+    pub fn connection_counts(&self) -> (usize, usize) {
+        let all = self.connections.statuses();
+        let up = all
+            .iter()
+            .filter(|(s, ..)| s.link == ferrotwin_adapters::LinkState::Connected)
+            .count();
+        (all.len(), up)
     }
 
     pub fn twin_count(&self) -> usize {

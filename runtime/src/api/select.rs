@@ -213,11 +213,18 @@ const FIELDS: &[(&str, FieldKind)] = &[
 
 impl Schema for TwinSchema {
     fn kind_of(&self, field: &str) -> Option<FieldKind> {
-        FIELDS
+        let builtin = FIELDS
             .iter()
             .find(|(name, _)| *name == field)
-            .map(|(_, k)| *k)
-            .or_else(|| self.sensors.contains(field).then_some(FieldKind::Number))
+            .map(|(_, k)| *k);
+        match (builtin, self.sensors.contains(field)) {
+            // A sensor named like a sensor-only field (`kind`, `stale`): on a machine it is
+            // the sensor's value, on a sensor the field; take any literal.
+            (Some(k), true) if k != FieldKind::Number => Some(FieldKind::Text),
+            (Some(k), _) => Some(k),
+            (None, true) => Some(FieldKind::Number),
+            (None, false) => None,
+        }
     }
 
     fn known(&self) -> String {
@@ -229,10 +236,11 @@ impl Schema for TwinSchema {
 
 /// Whether `field` can rank query results (`order_by`): a number or bool field.
 pub fn can_rank(schema: &TwinSchema, field: &str) -> bool {
-    matches!(
-        schema.kind_of(field),
-        Some(FieldKind::Number | FieldKind::Ranked(_) | FieldKind::Bool)
-    )
+    schema.sensors.contains(field)
+        || matches!(
+            schema.kind_of(field),
+            Some(FieldKind::Number | FieldKind::Ranked(_) | FieldKind::Bool)
+        )
 }
 
 #[cfg(test)]
@@ -277,6 +285,7 @@ mod schema_tests {
             ("level < machine", "compares by = or != only"),
             ("stale = 1", "stale is true or false"),
             ("oee ~ acme/**", "not a text field"),
+            ("severity >= \"high\"", "severity is a number"),
         ] {
             let e = check(bad).expect_err(bad);
             assert!(e.contains(says), "{bad}: {e}");

@@ -307,8 +307,21 @@ pub async fn serve(
     tls: Option<Arc<ServerTls>>,
 ) -> Result<(), String> {
     api.set_token(token.clone());
+    // Serving once started (a runtime serves only after its start: store open, twins
+    // restored, roles running); NOT_SERVING as soon as the clean stop begins, so balancers
+    // and probes stop sending before the listener closes.
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<TwinServiceServer<TwinApi>>().await;
+    {
+        let (health, token) = (health.clone(), token.clone());
+        tokio::spawn(async move {
+            token.cancelled().await;
+            health.set_not_serving::<TwinServiceServer<TwinApi>>().await;
+            health
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+        });
+    }
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(ferrotwin_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

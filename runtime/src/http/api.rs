@@ -9,7 +9,7 @@ use axum::Json;
 use axum::Router;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Extension, Path, Query, State};
-use axum::http::header;
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use ferrotwin_models::alarm::AlarmState;
@@ -116,6 +116,7 @@ pub fn routes() -> Router<HttpState> {
         .route("/api/v1/live", get(super::live::live))
         .route("/api/v1/openapi.json", get(openapi))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
 }
 
@@ -575,6 +576,28 @@ async fn healthz(State(s): State<HttpState>) -> Json<dto::Health> {
     })
 }
 
+/// 200 when the runtime takes traffic (it serves only once started: store open, twins
+/// restored, roles' tasks running), 503 while it stops.
+#[utoipa::path(get, path = "/readyz", responses((status = 200, body = dto::Ready), (status = 503, body = dto::Ready)))]
+async fn readyz(State(s): State<HttpState>) -> Response {
+    let stopping = s.token.is_cancelled();
+    let (connections, connections_up) = s.api.connection_counts();
+    let body = dto::Ready {
+        ready: !stopping,
+        stopping,
+        twins: s.api.twin_count(),
+        role: s.api.role().to_string(),
+        connections,
+        connections_up,
+    };
+    let status = if stopping {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    (status, Json(body)).into_response()
+}
+
 /// Prometheus text exposition.
 #[utoipa::path(get, path = "/metrics", responses((status = 200, body = String, content_type = "text/plain")))]
 async fn metrics(State(s): State<HttpState>, Extension(caller): Extension<Caller>) -> Response {
@@ -608,6 +631,7 @@ async fn metrics(State(s): State<HttpState>, Extension(caller): Extension<Caller
         search,
         super::live::live,
         healthz,
+        readyz,
         metrics
     ),
     components(schemas(

@@ -417,6 +417,22 @@ pub struct ErrorDto {
     pub position: Option<usize>,
 }
 
+/// `/readyz`: whether this runtime takes traffic.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Ready {
+    /// True once the store is open, the twins are restored and every role's task (PLC
+    /// connections, the replication sender or receiver) is started; false while it stops.
+    pub ready: bool,
+    pub stopping: bool,
+    pub twins: usize,
+    /// "standalone", "site" or "enterprise".
+    pub role: String,
+    /// PLC connections started, and how many are connected now (a PLC that is down does not
+    /// make the runtime unready: its twins show it).
+    pub connections: usize,
+    pub connections_up: usize,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Health {
     /// "ok".

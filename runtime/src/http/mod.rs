@@ -79,7 +79,7 @@ impl HttpMetrics {
             0
         } else if path.starts_with("/static/") {
             3
-        } else if path == "/healthz" {
+        } else if path == "/healthz" || path == "/readyz" {
             4
         } else if path == "/metrics" {
             5
@@ -174,6 +174,7 @@ pub struct Peer {
 /// Routes anyone may reach: health, static files, the sign-in page and the API description.
 fn is_public(path: &str) -> bool {
     path == "/healthz"
+        || path == "/readyz"
         || path.starts_with("/static/")
         || path == "/signin"
         || path == "/signout"
@@ -381,15 +382,25 @@ pub async fn serve(
 }
 
 /// One HTTP/1.1 connection: requests go to `app` with the `Peer` in their extensions.
-async fn serve_conn<I>(io: I, peer: Peer, app: Router, token: CancellationToken)
+async fn serve_conn<I>(mut io: Guarded<I>, peer: Peer, app: Router, token: CancellationToken)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     use tower::ServiceExt as _;
+    // Requests in progress: the idle limit does not cut a slow answer.
+    let busy = Arc::new(AtomicUsize::new(0));
+    io.set_busy(busy.clone());
     let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(peer.clone());
-        app.clone()
-            .oneshot(req.map(|b| axum::body::Body::new(BodyDeadline::new(b, BODY_TIMEOUT))))
+        let answer = app
+            .clone()
+            .oneshot(req.map(|b| axum::body::Body::new(BodyDeadline::new(b, BODY_TIMEOUT))));
+        let busy = Busy::new(busy.clone());
+        async move {
+            let r = answer.await;
+            drop(busy);
+            r
+        }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -404,6 +415,22 @@ where
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
         }
+    }
+}
+
+/// One request in progress on a connection, counted while it lives.
+struct Busy(Arc<AtomicUsize>);
+
+impl Busy {
+    fn new(count: Arc<AtomicUsize>) -> Busy {
+        count.fetch_add(1, Ordering::AcqRel);
+        Busy(count)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

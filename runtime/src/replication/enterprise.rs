@@ -45,12 +45,37 @@ const PENDING_ACKS: usize = 1024;
 /// a cursor where the site's later batches would all look like resends (and a forged move
 /// within the bound is undone at the site's next hello).
 pub const MAX_SEQ_GAP: u64 = 1 << 20;
-/// How long a new stream of a site waits for the site's previous stream to end (a site that
-/// reconnects at once after its link broke) before it is refused.
+/// How long a new stream of a site waits for its previous stream to end (a site that
+/// reconnects right after its link broke), and for a silent one it replaces to let go.
 const PREVIOUS_STREAM_WAIT: Duration = Duration::from_secs(3);
-/// At most one refusal or skip event per site in this window (the rest are counted and
+/// A stream heard from (a batch or a heartbeat) within this window is live: a second stream
+/// of its site is refused. One silent for longer is taken for half-open and replaced.
+const LIVE_WINDOW_US: i64 = 6_000_000;
+/// At most one refusal, skip or event-gap event (each) per site in this window (the rest are counted and
 /// logged): a peer that sends garbage in a loop cannot flood the event log.
 const REPORT_EVERY_US: i64 = 10_000_000;
+
+/// What replication reports about a site, each kind limited on its own.
+#[derive(Debug, Clone, Copy)]
+enum Report {
+    Refused = 0,
+    Skipped = 1,
+    EventGap = 2,
+}
+
+/// The checked events of one batch.
+#[derive(Debug, Default)]
+struct EventsCheck {
+    /// Events to apply, in seq order.
+    events: Vec<Event>,
+    /// The event cursor after the batch.
+    next: u64,
+    /// Events at or below the cursor (resends) and outside the site, skipped.
+    duplicates: u64,
+    foreign: u64,
+    /// Site event seqs that never arrived (no dropped range covers them).
+    gap: Option<(u64, u64)>,
+}
 
 /// What the enterprise knows about one site it accepts.
 #[derive(Debug, Default)]
@@ -75,14 +100,21 @@ pub struct SiteMirror {
     pub refused: AtomicU64,
     /// Batch seqs the site said it skipped.
     pub skipped_batches: AtomicU64,
+    /// Site event seqs that never arrived, in all.
+    pub event_gaps: AtomicU64,
     /// Cursor rewinds to what the site's hello said.
     pub rewinds: AtomicU64,
     /// Streams refused while another of the site was open.
     pub streams_refused: AtomicU64,
-    /// When the last refusal or skip event of this site was raised (µs since the epoch).
-    last_report_us: AtomicI64,
+    /// When the last event of each `Report` kind was raised for this site (µs since the
+    /// epoch).
+    last_report_us: [AtomicI64; 3],
     /// One stream per site at a time.
     stream: Arc<tokio::sync::Mutex<()>>,
+    /// The current stream's token (cancelled to replace a silent stream).
+    current: std::sync::Mutex<Option<CancellationToken>>,
+    /// When the current stream was last heard from (µs since the epoch).
+    heard_us: AtomicI64,
 }
 
 pub struct EnterpriseReceiver {
@@ -158,37 +190,32 @@ impl EnterpriseReceiver {
         Some(entry)
     }
 
-    /// The events of `batch` past the site's event cursor, checked, and the event cursor
-    /// after them. They must continue the cursor: the batch's `events_after` (the site's
-    /// last event before the batch) is at or below it, or a dropped range the batch reports
-    /// covers the gap, or this is the first contact; in seq order, each with a record that
-    /// decodes, no two further apart than `MAX_SEQ_GAP`. Events at or below the cursor are
-    /// resends and events outside the site are foreign: both counted, not applied.
+    /// The events of `batch` past the site's event cursor, checked: in seq order, each with
+    /// a record that decodes, the first no further than `MAX_SEQ_GAP` past the event the
+    /// batch says came before it (`events_after`) and each no further than that past the one
+    /// before. Events at or below the cursor are resends and events outside the site are
+    /// foreign: both counted once the batch is applied, never applied. A gap between the
+    /// cursor and `events_after` that no dropped range of the batch covers is not refused
+    /// (a site whose events were lost cannot send them again: refusing would stop it for
+    /// good) but reported with the batch (`EventsCheck::gap`).
     fn new_events(
         &self,
         site: &AssetPath,
-        mirror: &SiteMirror,
         seq: u64,
+        cursor: u64,
         batch: &rec::OutboxBatch,
-    ) -> Result<(Vec<Event>, u64), Status> {
-        let cursor = mirror.event_seq.load(Ordering::Acquire);
+    ) -> Result<EventsCheck, Status> {
         let after = batch.events_after;
-        let covered = after <= cursor
-            || cursor == 0
-            || (batch.dropped_events_from > 0
-                && batch.dropped_events_from <= cursor + 1
-                && batch.dropped_events_to >= after);
-        if !covered && batch.events.iter().any(|e| e.seq > cursor) {
-            return Err(Status::failed_precondition(format!(
-                "batch {seq}: its events follow site event {after}, but the enterprise has the site's events up to {cursor}: events {}..={after} are missing and no dropped range of the batch covers them; refused, nothing applied",
-                cursor + 1
-            )));
-        }
         let bad = |what: String| {
             Status::invalid_argument(format!("batch {seq}: {what}; refused, nothing applied"))
         };
-        let mut next = if covered { cursor.max(after) } else { cursor };
-        let mut out = Vec::new();
+        let mut check = EventsCheck {
+            next: cursor,
+            ..EventsCheck::default()
+        };
+        // `events_after` 0: a batch of an outbox written before protocol 2 (no predecessor
+        // recorded): its events are bounded from the cursor, or not at all at first contact.
+        let mut prev = [after, cursor].into_iter().find(|s| *s > 0);
         let mut last_seen = 0u64;
         for e in &batch.events {
             if e.seq <= last_seen {
@@ -198,8 +225,18 @@ impl EnterpriseReceiver {
                 )));
             }
             last_seen = e.seq;
+            if let Some(p) = prev
+                && e.seq.saturating_sub(p) > MAX_SEQ_GAP
+            {
+                return Err(bad(format!(
+                    "event {} is {} past event {p} (at most {MAX_SEQ_GAP})",
+                    e.seq,
+                    e.seq - p
+                )));
+            }
+            prev = Some(e.seq);
             if e.seq <= cursor {
-                mirror.duplicate_events.fetch_add(1, Ordering::Relaxed);
+                check.duplicates += 1;
                 continue;
             }
             let Some(r) = &e.event else {
@@ -207,22 +244,21 @@ impl EnterpriseReceiver {
             };
             let mut ev = codec::decode_event(e.seq, &r.encode_to_vec())
                 .map_err(|what| bad(format!("event {}: {what}", e.seq)))?;
-            if e.seq.saturating_sub(next) > MAX_SEQ_GAP {
-                return Err(bad(format!(
-                    "event {} is {} past event {next} (at most {MAX_SEQ_GAP})",
-                    e.seq,
-                    e.seq - next
-                )));
-            }
-            next = next.max(e.seq);
+            check.next = e.seq;
             if !ev.asset.starts_with(site) {
-                mirror.foreign.fetch_add(1, Ordering::Relaxed);
+                check.foreign += 1;
                 continue;
             }
             ev.seq = 0;
-            out.push(ev);
+            check.events.push(ev);
         }
-        Ok((out, next))
+        let covered = batch.dropped_events_from > 0
+            && batch.dropped_events_from <= cursor + 1
+            && batch.dropped_events_to >= after;
+        if cursor > 0 && after > cursor && !covered && check.next > cursor {
+            check.gap = Some((cursor + 1, after));
+        }
+        Ok(check)
     }
 
     /// A refusal or a skip of `site`: logged always, an event at most once per
@@ -231,15 +267,16 @@ impl EnterpriseReceiver {
         &self,
         site: &AssetPath,
         mirror: &SiteMirror,
+        kind: Report,
         severity: Severity,
         text: String,
     ) {
         tracing::warn!(site = %site, "{text}");
         let now = Timestamp::now();
-        let last = mirror.last_report_us.load(Ordering::Relaxed);
+        let slot = &mirror.last_report_us[kind as usize];
+        let last = slot.load(Ordering::Relaxed);
         if now.0 - last < REPORT_EVERY_US
-            || mirror
-                .last_report_us
+            || slot
                 .compare_exchange(last, now.0, Ordering::AcqRel, Ordering::Relaxed)
                 .is_err()
         {
@@ -319,26 +356,33 @@ impl EnterpriseReceiver {
         &self,
         site: &AssetPath,
         mirror: &SiteMirror,
-        seq: u64,
-        after: u64,
+        batch_of: (u64, u64),
+        site_last: u64,
         bytes: &[u8],
     ) -> Result<Option<u64>, Status> {
+        let (seq, after) = batch_of;
         let applied = mirror.applied_seq.load(Ordering::Acquire);
         if seq <= applied {
             mirror.duplicates.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
         }
-        if after != applied || seq <= after {
+        // The batch must follow something the enterprise has: a predecessor past the cursor
+        // means batches in between never arrived (the site resends from the cursor on its
+        // next stream). One at or below it (the site resumed after what the enterprise had
+        // made durable) continues it; seqs past the cursor it skips are batches the site no
+        // longer has.
+        if after > applied || seq <= after {
             return Err(Status::failed_precondition(format!(
                 "batch {seq} says it follows {after}, but the cursor of {site} is {applied}; refused, nothing applied"
             )));
         }
-        let skipped = seq - after - 1;
-        if skipped > MAX_SEQ_GAP {
+        let limit = site_last.max(applied).saturating_add(MAX_SEQ_GAP);
+        if seq > limit {
             return Err(Status::failed_precondition(format!(
-                "batch {seq} skips {skipped} batches after {after} (at most {MAX_SEQ_GAP}); refused, nothing applied"
+                "batch {seq} is past what the site said it has ({site_last}) by more than {MAX_SEQ_GAP}; refused, nothing applied"
             )));
         }
+        let skipped = seq - applied - 1;
         let batch = rec::OutboxBatch::decode(bytes).map_err(|e| {
             Status::invalid_argument(format!("batch {seq}: not an outbox batch: {e}"))
         })?;
@@ -348,7 +392,9 @@ impl EnterpriseReceiver {
                 batch.seq
             )));
         }
-        let (events, event_seq) = self.new_events(site, mirror, seq, &batch)?;
+        let cursor = mirror.event_seq.load(Ordering::Acquire);
+        let checked = self.new_events(site, seq, cursor, &batch)?;
+        let event_seq = checked.next;
         // Everything is checked before anything is applied: a refused batch leaves no trace.
         let mut mirrors = Vec::with_capacity(batch.twins.len());
         let mut records = Vec::with_capacity(batch.twins.len());
@@ -398,19 +444,39 @@ impl EnterpriseReceiver {
                 None => self.ctx.publish(&entry, (*snap).clone()),
             }
         }
-        for ev in events {
+        for ev in checked.events {
             self.ctx.emit(ev).await;
         }
+        mirror
+            .duplicate_events
+            .fetch_add(checked.duplicates, Ordering::Relaxed);
+        mirror.foreign.fetch_add(checked.foreign, Ordering::Relaxed);
         if skipped > 0 {
             mirror.skipped_batches.fetch_add(skipped, Ordering::Relaxed);
             self.report(
                 site,
                 mirror,
+                Report::Skipped,
                 Severity::Medium,
                 format!(
-                    "site skipped batches {}..={} (its outbox dropped them at its limit); their twin state follows in a full snapshot",
-                    after + 1,
+                    "site skipped batches {}..={} (it no longer has them: dropped at its outbox limit, or a failed flush); their twin state follows in a full snapshot",
+                    applied + 1,
                     seq - 1
+                ),
+            )
+            .await;
+        }
+        if let Some((from, to)) = checked.gap {
+            mirror
+                .event_gaps
+                .fetch_add(to - from + 1, Ordering::Relaxed);
+            self.report(
+                site,
+                mirror,
+                Report::EventGap,
+                Severity::High,
+                format!(
+                    "site events {from}..={to} never arrived (lost at the site or in a restore of either end); events continue after them"
                 ),
             )
             .await;
@@ -571,17 +637,19 @@ struct SiteStream {
     receiver: Arc<EnterpriseReceiver>,
     site: AssetPath,
     mirror: Arc<SiteMirror>,
-    /// Cancelled when the runtime stops.
+    /// Cancelled when the runtime stops or a new stream of the site replaces this silent one.
     token: CancellationToken,
+    /// The last batch seq the site's hello said it has.
+    site_last: u64,
     responses: ResponseSender,
 }
 
 impl SiteStream {
     /// The handshake: reads the hello, checks it (protocol version, a site this enterprise
-    /// accepts), waits up to `PREVIOUS_STREAM_WAIT` for a previous stream of the site to end
-    /// (one stream per site: a second one of a live site is refused, so a hello storm cannot
-    /// displace it; a half-open one ends by keep-alive), reconciles the cursors with what the
-    /// hello says the site has, then sends the welcome with the
+    /// accepts), takes the site's one stream: a previous stream heard from within
+    /// `LIVE_WINDOW_US` is live and this one is refused (a hello storm cannot displace a live
+    /// site); a silent one (half-open) is replaced. It then reconciles the cursors with what
+    /// the hello says the site has, and sends the welcome with the
     /// site's highest durable seq, so the site never resumes past what a crash here could
     /// lose. Any failure is the stream's error and nothing was applied. Returns the stream,
     /// the site's one-stream guard (held until the stream ends) and the responses' receiver.
@@ -600,22 +668,43 @@ impl SiteStream {
         let (site, mirror, hello) = receiver.check_hello(incoming, identity).await?;
         // One stream per site: a site that reconnects at once after its link broke waits
         // for its previous stream to end; a second stream of a live site is refused.
-        let one_stream = match tokio::time::timeout(
-            PREVIOUS_STREAM_WAIT,
-            mirror.stream.clone().lock_owned(),
-        )
-        .await
-        {
+        let refuse = |why: String| {
+            mirror.streams_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(site = %site, "replication stream refused: {why}");
+            Status::unavailable(format!(
+                "{site} already has an open replication stream ({why}); a second is refused while it is live; retry later"
+            ))
+        };
+        // A site that reconnects right after its stream ended finds it still letting go.
+        let previous =
+            tokio::time::timeout(PREVIOUS_STREAM_WAIT, mirror.stream.clone().lock_owned()).await;
+        let one_stream = match previous {
             Ok(g) => g,
             Err(_) => {
-                mirror.streams_refused.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(site = %site, "replication stream refused: the site has one open");
-                return Err(Status::unavailable(format!(
-                    "{site} already has an open replication stream; a second is refused while it lasts (a half-open one ends within 30 s by keep-alive); retry later"
-                )));
+                let silent_us = Timestamp::now().0 - mirror.heard_us.load(Ordering::Acquire);
+                if silent_us < LIVE_WINDOW_US {
+                    return Err(refuse(format!("heard {} ms ago", silent_us / 1000)));
+                }
+                // Silent: half-open, or the site's own broken stream. Replace it.
+                if let Some(old) = mirror
+                    .current
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take()
+                {
+                    old.cancel();
+                }
+                match tokio::time::timeout(PREVIOUS_STREAM_WAIT, mirror.stream.clone().lock_owned())
+                    .await
+                {
+                    Ok(g) => g,
+                    Err(_) => return Err(refuse("it did not end when replaced".into())),
+                }
             }
         };
         let token = receiver.token.child_token();
+        *mirror.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(token.clone());
+        mirror.heard_us.store(Timestamp::now().0, Ordering::Release);
         let rewound = receiver
             .reconcile(&site, &mirror, hello.last_seq, hello.event_hwm)
             .await;
@@ -639,6 +728,7 @@ impl SiteStream {
             site,
             mirror,
             token,
+            site_last: hello.last_seq,
             responses,
         };
         Ok((stream, one_stream, rx))
@@ -714,6 +804,12 @@ impl SiteStream {
                     return;
                 }
             };
+            self.mirror
+                .heard_us
+                .store(Timestamp::now().0, Ordering::Release);
+            if let Some(pb::replicate_request::Msg::Heartbeat(_)) = m.msg {
+                continue;
+            }
             let Some(pb::replicate_request::Msg::Batch(b)) = m.msg else {
                 let _ = self.responses.try_send(Err(Status::invalid_argument(
                     "only batches after the hello",
@@ -722,7 +818,13 @@ impl SiteStream {
             };
             match self
                 .receiver
-                .apply(site, &self.mirror, b.seq, b.after, &b.batch)
+                .apply(
+                    site,
+                    &self.mirror,
+                    (b.seq, b.after),
+                    self.site_last,
+                    &b.batch,
+                )
                 .await
             {
                 Ok(generation) => {
@@ -741,11 +843,16 @@ impl SiteStream {
                         .report(
                             site,
                             &self.mirror,
+                            Report::Refused,
                             Severity::High,
                             format!("replication batch refused: {}", status.message()),
                         )
                         .await;
-                    let _ = self.responses.try_send(Err(status));
+                    // Waits for room (acks ahead of it): a refusal is never lost.
+                    tokio::select! {
+                        () = self.token.cancelled() => {}
+                        _ = self.responses.send(Err(status)) => {}
+                    }
                     return;
                 }
             }

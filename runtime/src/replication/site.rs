@@ -30,6 +30,9 @@ use crate::twin::TwinCtx;
 const READ_BYTES: usize = 4 << 20;
 /// How long the enterprise has to answer the hello.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+/// A heartbeat goes out this often while the stream is up: the enterprise takes a stream it
+/// has not heard from for 6 s for half-open and lets the site's next stream replace it.
+const HEARTBEAT: Duration = Duration::from_secs(2);
 
 /// What the sender reports (API, metrics, tests).
 #[derive(Debug, Default)]
@@ -110,6 +113,7 @@ pub async fn run_sender(
     };
     let mut backoff = Backoff::new(cfg.reconnect_min_ms, cfg.reconnect_max_ms);
     loop {
+        let acked_before = status.acked_seq.load(Ordering::Relaxed);
         let result = tokio::select! {
             () = token.cancelled() => return,
             r = stream_once(&ctx, outbox, &site, &cfg, &status, &token) => r,
@@ -117,7 +121,9 @@ pub async fn run_sender(
         match result {
             Ok(()) => return,
             Err(e) => {
-                if status.connected.load(Ordering::Relaxed) {
+                // Only a stream that got something acked resets the back-off: one refused
+                // right after its welcome backs off like one that never connected.
+                if status.acked_seq.load(Ordering::Relaxed) > acked_before {
                     backoff.reset();
                 }
                 tracing::warn!(error = %e, enterprise = %cfg.enterprise, "replication stream down");
@@ -220,8 +226,11 @@ async fn stream_once(
             last,
         });
     }
+    // What the outbox no longer holds (acked, or dropped at its limit), and what the
+    // enterprise acked to this process before (0 after a restart: nothing to compare).
     let acked = outbox.lag().acked_seq;
-    if w.rewound || w.last_applied_seq < acked {
+    let enterprise_had = status.acked_seq.load(Ordering::Relaxed);
+    if w.rewound || w.last_applied_seq < enterprise_had {
         // The enterprise lost batches this site had trimmed on its ack (it was restored),
         // or had a cursor past this site's (forged batches it rewound): what those batches
         // carried goes again as a full snapshot.
@@ -233,7 +242,7 @@ async fn stream_once(
             )
         } else {
             format!(
-                "the enterprise has batches up to {} but acked up to {acked} before: batches {}..={acked} are lost there (their events too); a full snapshot follows",
+                "the enterprise has batches up to {} but acked up to {enterprise_had} before: batches {}..={enterprise_had} are lost there (their events too); a full snapshot follows",
                 w.last_applied_seq,
                 w.last_applied_seq + 1
             )
@@ -268,6 +277,8 @@ async fn stream_once(
     let mut sent = w.last_applied_seq.max(acked);
     let mut after = w.last_applied_seq;
     let mut in_flight: VecDeque<u64> = VecDeque::new();
+    let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         let room = window.saturating_sub(in_flight.len());
         if room > 0 {
@@ -304,6 +315,14 @@ async fn stream_once(
         tokio::select! {
             () = token.cancelled() => return Ok(()),
             () = outbox.wait_after(sent), if room > 0 => {}
+            _ = heartbeat.tick() => {
+                // Batches in the queue say the same: a full queue skips it.
+                let _ = tx.try_send(pb::ReplicateRequest {
+                    msg: Some(pb::replicate_request::Msg::Heartbeat(pb::SiteHeartbeat {
+                        committed_seq: outbox.committed(),
+                    })),
+                });
+            }
             m = responses.message() => {
                 let m = m.map_err(SendError::Stream)?.ok_or(SendError::Closed)?;
                 if let Some(pb::replicate_response::Msg::Ack(seq)) = m.msg {

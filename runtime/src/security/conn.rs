@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -131,6 +131,9 @@ pub struct Guarded<S> {
     first_owed: usize,
     first: Option<Pin<Box<Sleep>>>,
     idle: Option<(Duration, Pin<Box<Sleep>>)>,
+    /// Requests being answered: a connection is idle only with none (a slow answer that
+    /// sends nothing for a while is not an idle connection).
+    busy: Option<Arc<AtomicUsize>>,
 }
 
 impl<S> Guarded<S> {
@@ -148,7 +151,13 @@ impl<S> Guarded<S> {
             first_owed: first_bytes,
             first: (first_bytes > 0).then(|| Box::pin(tokio::time::sleep(FIRST_BYTES_TIMEOUT))),
             idle: idle.map(|d| (d, Box::pin(tokio::time::sleep(d)))),
+            busy: None,
         }
+    }
+
+    /// Counts the requests in progress on this connection (see `busy`).
+    pub fn set_busy(&mut self, busy: Arc<AtomicUsize>) {
+        self.busy = Some(busy);
     }
 
     pub fn get_ref(&self) -> &S {
@@ -171,13 +180,22 @@ impl<S> Guarded<S> {
                 "the connection did not send its first bytes in time",
             ));
         }
-        if let Some((_, t)) = &mut self.idle
+        let busy = self
+            .busy
+            .as_ref()
+            .is_some_and(|b| b.load(Ordering::Acquire) > 0);
+        if let Some((d, t)) = &mut self.idle
             && t.as_mut().poll(cx).is_ready()
         {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "the connection was idle too long",
-            ));
+            if !busy {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the connection was idle too long",
+                ));
+            }
+            // A request is being answered: look again a period later.
+            t.as_mut().reset(Instant::now() + *d);
+            let _ = t.as_mut().poll(cx);
         }
         Ok(())
     }

@@ -422,8 +422,16 @@ impl Outbox {
             return Ok(());
         }
         let gone: Vec<u64> = st.held.range(..=seq).map(|(s, _)| *s).collect();
+        // The high-water mark first: a crash between the two never lowers it (the hello
+        // reports it, and a lower one would make the enterprise rewind and apply again).
+        let hwm = gone
+            .iter()
+            .filter_map(|s| st.held.get(s))
+            .map(|h| h.max_event)
+            .max()
+            .unwrap_or(0);
+        self.raise_event_hwm(hwm)?;
         let mut batch = sled::Batch::default();
-        let mut hwm = 0;
         for s in &gone {
             batch.remove(&key(*s));
         }
@@ -431,18 +439,24 @@ impl Outbox {
         for s in gone {
             if let Some(h) = st.held.remove(&s) {
                 st.bytes -= h.bytes;
-                hwm = hwm.max(h.max_event);
             }
         }
         st.acked = seq;
-        if hwm > 0 {
-            let prev = self
-                .meta
-                .get(EVENT_HWM_KEY)?
-                .and_then(|v| seq_of(&v))
-                .unwrap_or(0);
-            self.meta
-                .insert(EVENT_HWM_KEY, &prev.max(hwm).to_be_bytes())?;
+        Ok(())
+    }
+
+    /// Persists `hwm` as the highest event seq the outbox held, if it is higher.
+    fn raise_event_hwm(&self, hwm: u64) -> Result<(), OutboxError> {
+        if hwm == 0 {
+            return Ok(());
+        }
+        let prev = self
+            .meta
+            .get(EVENT_HWM_KEY)?
+            .and_then(|v| seq_of(&v))
+            .unwrap_or(0);
+        if hwm > prev {
+            self.meta.insert(EVENT_HWM_KEY, &hwm.to_be_bytes())?;
         }
         Ok(())
     }
@@ -509,6 +523,9 @@ impl Outbox {
             let Some((&seq, _)) = st.held.iter().next() else {
                 break;
             };
+            if let Some(h) = st.held.get(&seq) {
+                self.raise_event_hwm(h.max_event)?;
+            }
             let Some(v) = self.tree.remove(key(seq))? else {
                 st.held.remove(&seq);
                 continue;
