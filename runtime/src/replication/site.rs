@@ -145,8 +145,7 @@ fn refused_or_broken(s: tonic::Status) -> SendError {
         | Code::FailedPrecondition
         | Code::InvalidArgument
         | Code::Unimplemented
-        | Code::Unauthenticated
-        | Code::Unavailable => SendError::Refused(s),
+        | Code::Unauthenticated => SendError::Refused(s),
         _ => SendError::Stream(s),
     }
 }
