@@ -117,6 +117,8 @@ pub struct Runtime {
     auth: Arc<Authenticator>,
     /// Open streams per client, shared by every `TwinApi` this runtime hands out.
     streams: Arc<crate::api::StreamSlots>,
+    /// Connection admission of the gRPC and HTTP listeners (and their metrics).
+    listeners: Arc<crate::security::conn::Listeners>,
 }
 
 impl Runtime {
@@ -247,6 +249,7 @@ impl Runtime {
             security: opts.security,
             auth,
             streams: Arc::default(),
+            listeners: Arc::default(),
         })
     }
 
@@ -255,6 +258,7 @@ impl Runtime {
         TwinApi::new(self.ctx.clone(), self.connections.clone())
             .with_replication(self.replication.clone(), self.enterprise.clone())
             .with_auth(self.auth.clone(), self.streams.clone())
+            .with_listeners(self.listeners.clone())
     }
 
     /// Where readings go in: the ingest router. It pushes back (`PushBackReason::Busy`)
@@ -350,8 +354,11 @@ impl Runtime {
             .clone()
             .map(|r| ReplicationApi::new(r, !self.auth.is_open()));
         let token = self.token.child_token();
+        let limits = self.listeners.grpc.clone();
         self.tracker.spawn(async move {
-            if let Err(e) = crate::grpc::serve(service, replication, listener, token, tls).await {
+            if let Err(e) =
+                crate::grpc::serve(service, replication, listener, token, tls, limits).await
+            {
                 tracing::error!(error = %e, "grpc server stopped");
             }
         });
@@ -384,8 +391,9 @@ impl Runtime {
         let tls = self.listener_tls("http", &listener, b"http/1.1")?;
         let token = self.token.child_token();
         let state = self.http_state(token.clone());
+        let limits = self.listeners.http.clone();
         self.tracker.spawn(async move {
-            if let Err(e) = crate::http::serve(listener, state, token, tls).await {
+            if let Err(e) = crate::http::serve(listener, state, token, tls, limits).await {
                 tracing::error!(error = %e, "http server stopped");
             }
         });

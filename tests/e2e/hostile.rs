@@ -821,6 +821,20 @@ async fn past_the_per_client_cap_a_connection_gets_a_clear_503() {
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     assert!(answer.contains("too many connections"), "{answer}");
+    // Counted where an operator looks.
+    let metrics = site.rt.render_metrics();
+    assert!(
+        metrics.contains(
+            "ferrotwin_listener_refused_total{listener=\"http\",reason=\"connection cap\"} 1"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            "ferrotwin_listener_connections{{listener=\"http\"}} {cap}"
+        )),
+        "{metrics}"
+    );
     // A place comes back when one closes.
     drop(held.pop());
     wait_for(10, "a place to come back", || async {

@@ -677,6 +677,13 @@ async fn forged_seq_and_event_jumps_are_refused_or_undone_and_the_real_site_arri
     assert_eq!(m.refused, 3, "{m:?}");
     assert_eq!(m.skipped_batches, 997, "{m:?}");
     assert_eq!(m.event_gaps, 95, "{m:?}");
+    let metrics = ent.rt.render_metrics();
+    for line in [
+        "ferrotwin_replication_batches_total{site=\"acme/berlin\",outcome=\"refused\"} 3",
+        "ferrotwin_replication_events_total{site=\"acme/berlin\",outcome=\"never arrived\"} 95",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
     // The real site: its hello says it has far less; the enterprise rewinds.
     let mut site = start_in(sd.path(), site_options(ent.addr)).await;
     churn(&site, 0..10, (95.0, 40.0), 5).await;

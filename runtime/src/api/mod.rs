@@ -104,6 +104,7 @@ pub struct TwinApi {
     token: CancellationToken,
     auth: Arc<Authenticator>,
     streams: Arc<StreamSlots>,
+    listeners: Arc<crate::security::conn::Listeners>,
 }
 
 impl TwinApi {
@@ -116,7 +117,17 @@ impl TwinApi {
             token: CancellationToken::new(),
             auth: Arc::new(Authenticator::open()),
             streams: Arc::new(StreamSlots::default()),
+            listeners: Arc::default(),
         }
+    }
+
+    /// The listeners' connection admission, for the metrics.
+    pub(crate) fn with_listeners(
+        mut self,
+        listeners: Arc<crate::security::conn::Listeners>,
+    ) -> TwinApi {
+        self.listeners = listeners;
+        self
     }
 
     /// Who callers must prove to be (`Authenticator::open()`: security off).
@@ -1074,6 +1085,7 @@ impl TwinApi {
             &self.ctx.store,
             &self.connections,
             self.enterprise.as_deref(),
+            &self.listeners,
         )
     }
 

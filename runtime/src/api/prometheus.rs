@@ -8,7 +8,8 @@ use ferrotwin_models::Timestamp;
 
 use crate::connections::Connections;
 use crate::core::Metrics;
-use crate::replication::enterprise::EnterpriseReceiver;
+use crate::replication::enterprise::{EnterpriseReceiver, SiteMirror};
+use crate::security::conn::Listeners;
 use crate::store::Store;
 
 /// Prometheus text of everything a runtime counts: ingest and twins (`Metrics`), PLC
@@ -19,8 +20,27 @@ pub fn render_runtime(
     store: &Store,
     connections: &Connections,
     enterprise: Option<&EnterpriseReceiver>,
+    listeners: &Listeners,
 ) -> String {
     let mut s = metrics.render();
+    let _ = writeln!(s, "# TYPE ferrotwin_listener_connections gauge");
+    for l in listeners.each() {
+        let _ = writeln!(
+            s,
+            "ferrotwin_listener_connections{{listener=\"{}\"}} {}",
+            l.what,
+            l.open()
+        );
+    }
+    let _ = writeln!(s, "# TYPE ferrotwin_listener_refused_total counter");
+    for l in listeners.each() {
+        let _ = writeln!(
+            s,
+            "ferrotwin_listener_refused_total{{listener=\"{}\",reason=\"connection cap\"}} {}",
+            l.what,
+            l.refused.load(std::sync::atomic::Ordering::Relaxed)
+        );
+    }
     let statuses = connections.statuses();
     if !statuses.is_empty() {
         let _ = writeln!(s, "# TYPE ferrotwin_adapter_values_total counter");
@@ -79,6 +99,50 @@ pub fn render_runtime(
                 s,
                 "ferrotwin_site_sync_age_seconds{{site=\"{site}\"}} {age}"
             );
+        }
+        // What each site's stream brought, by outcome (refused: never applied nor acked).
+        use std::sync::atomic::Ordering::Relaxed;
+        let sites = crate::replication::enterprise::sites(e);
+        let _ = writeln!(s, "# TYPE ferrotwin_replication_batches_total counter");
+        for (site, m) in &sites {
+            for (outcome, n) in [
+                ("applied", m.batches.load(Relaxed)),
+                ("duplicate", m.duplicates.load(Relaxed)),
+                ("refused", m.refused.load(Relaxed)),
+                ("skipped by the site", m.skipped_batches.load(Relaxed)),
+            ] {
+                let _ = writeln!(
+                    s,
+                    "ferrotwin_replication_batches_total{{site=\"{site}\",outcome=\"{outcome}\"}} {n}"
+                );
+            }
+        }
+        let _ = writeln!(s, "# TYPE ferrotwin_replication_events_total counter");
+        for (site, m) in &sites {
+            for (outcome, n) in [
+                ("duplicate", m.duplicate_events.load(Relaxed)),
+                ("never arrived", m.event_gaps.load(Relaxed)),
+                ("outside the site", m.foreign.load(Relaxed)),
+            ] {
+                let _ = writeln!(
+                    s,
+                    "ferrotwin_replication_events_total{{site=\"{site}\",outcome=\"{outcome}\"}} {n}"
+                );
+            }
+        }
+        for (name, f) in [
+            (
+                "ferrotwin_replication_rewinds_total",
+                (|m| m.rewinds.load(Relaxed)) as fn(&SiteMirror) -> u64,
+            ),
+            ("ferrotwin_replication_streams_refused_total", |m| {
+                m.streams_refused.load(Relaxed)
+            }),
+        ] {
+            let _ = writeln!(s, "# TYPE {name} counter");
+            for (site, m) in &sites {
+                let _ = writeln!(s, "{name}{{site=\"{site}\"}} {}", f(m));
+            }
         }
     }
     s

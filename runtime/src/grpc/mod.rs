@@ -298,13 +298,15 @@ async fn forward_changes(
 }
 
 /// Serves the API, health and reflection on `listener` (over TLS with `tls`, whose files
-/// are reloaded when they change) until `token` is cancelled.
+/// are reloaded when they change) until `token` is cancelled, admitting connections by
+/// `limits`.
 pub async fn serve(
     mut api: TwinApi,
     replication: Option<ReplicationApi>,
     listener: TcpListener,
     token: CancellationToken,
     tls: Option<Arc<ServerTls>>,
+    limits: Arc<ConnLimits>,
 ) -> Result<(), String> {
     api.set_token(token.clone());
     // Serving once started (a runtime serves only after its start: store open, twins
@@ -346,10 +348,9 @@ pub async fn serve(
                 .send_compressed(CompressionEncoding::Gzip)
                 .max_decoding_message_size(MAX_BATCH_BYTES)
         }));
-    // Fair admission (per client address and in all) and a deadline on the HTTP/2 preface;
-    // idle connections are ended by the keep-alive pings above, not by a timer (a Watch may
-    // be quiet for hours).
-    let limits = ConnLimits::new("grpc");
+    // Fair admission (`limits`: per client address and in all) and a deadline on the HTTP/2
+    // preface; idle connections are ended by the keep-alive pings above, not by a timer (a
+    // Watch may be quiet for hours).
     let stop = token.clone().cancelled_owned();
     let server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
         match tls {

@@ -302,11 +302,11 @@ pub async fn serve(
     mut state: HttpState,
     token: CancellationToken,
     tls: Option<Arc<ServerTls>>,
+    limits: Arc<ConnLimits>,
 ) -> Result<(), std::io::Error> {
     state.tls = tls.is_some();
     let app = router(state);
     let conns = TaskTracker::new();
-    let limits = ConnLimits::new("http");
     match tls {
         Some(tls) => {
             tls.spawn_reload(token.clone());

@@ -32,7 +32,8 @@ pub const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
 /// The open connections of one listener, by client address.
 #[derive(Debug)]
 pub struct ConnLimits {
-    what: &'static str,
+    /// The listener, for the log and the metrics.
+    pub what: &'static str,
     open: Mutex<(usize, HashMap<IpAddr, usize>)>,
     max_total: usize,
     max_per_ip: usize,
@@ -40,6 +41,28 @@ pub struct ConnLimits {
     pub refused: AtomicU64,
     /// When a refusal was last logged (s since the epoch).
     logged_s: AtomicI64,
+}
+
+/// The admission of a runtime's two listeners, shared with its metrics.
+#[derive(Debug)]
+pub struct Listeners {
+    pub grpc: Arc<ConnLimits>,
+    pub http: Arc<ConnLimits>,
+}
+
+impl Default for Listeners {
+    fn default() -> Listeners {
+        Listeners {
+            grpc: ConnLimits::new("grpc"),
+            http: ConnLimits::new("http"),
+        }
+    }
+}
+
+impl Listeners {
+    pub fn each(&self) -> [&ConnLimits; 2] {
+        [&self.grpc, &self.http]
+    }
 }
 
 /// One admitted connection: its place is given back when it drops.
