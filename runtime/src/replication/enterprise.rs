@@ -171,20 +171,21 @@ impl EnterpriseReceiver {
         self.sites.get(&site)
     }
 
-    /// The mirror twin `id` of `site`; `None` (counted) for an asset this enterprise's plant
-    /// does not have or one outside the site.
+    /// The mirror twin `id` of `site`; `None` for an asset this enterprise's plant does not
+    /// have or one outside the site, each counted in `skipped` (unknown, foreign) for the
+    /// caller to add once the batch is applied.
     fn mirror_of(
         &self,
         id: AssetId,
         site: &AssetPath,
-        mirror: &SiteMirror,
+        skipped: &mut (u64, u64),
     ) -> Option<Arc<crate::registry::TwinEntry>> {
         let Some(entry) = self.ctx.registry.get(&id) else {
-            mirror.unknown_twins.fetch_add(1, Ordering::Relaxed);
+            skipped.0 += 1;
             return None;
         };
         if !entry.path().starts_with(site) {
-            mirror.foreign.fetch_add(1, Ordering::Relaxed);
+            skipped.1 += 1;
             return None;
         }
         Some(entry)
@@ -398,6 +399,8 @@ impl EnterpriseReceiver {
         // Everything is checked before anything is applied: a refused batch leaves no trace.
         let mut mirrors = Vec::with_capacity(batch.twins.len());
         let mut records = Vec::with_capacity(batch.twins.len());
+        // (unknown to this plant, outside the site), counted once the batch is applied.
+        let mut skipped_assets = (0u64, 0u64);
         for d in &batch.twins {
             let (Ok(id), Some(r)) = (<[u8; 16]>::try_from(d.id.as_slice()), &d.record) else {
                 return Err(Status::invalid_argument(format!(
@@ -405,7 +408,7 @@ impl EnterpriseReceiver {
                 )));
             };
             let id = AssetId::from_bytes(id);
-            let Some(entry) = self.mirror_of(id, site, mirror) else {
+            let Some(entry) = self.mirror_of(id, site, &mut skipped_assets) else {
                 continue;
             };
             let snap = Arc::new(codec::decode_snapshot(&entry.def.kind, r, false));
@@ -424,7 +427,7 @@ impl EnterpriseReceiver {
                 .ok()
                 .and_then(Property::from_code)
                 .ok_or_else(|| bad("unknown property"))?;
-            if self.mirror_of(id, site, mirror).is_none() {
+            if self.mirror_of(id, site, &mut skipped_assets).is_none() {
                 continue;
             }
             let first = codec::decode_chunk(&h.chunk)
@@ -450,7 +453,12 @@ impl EnterpriseReceiver {
         mirror
             .duplicate_events
             .fetch_add(checked.duplicates, Ordering::Relaxed);
-        mirror.foreign.fetch_add(checked.foreign, Ordering::Relaxed);
+        mirror
+            .foreign
+            .fetch_add(checked.foreign + skipped_assets.1, Ordering::Relaxed);
+        mirror
+            .unknown_twins
+            .fetch_add(skipped_assets.0, Ordering::Relaxed);
         if skipped > 0 {
             mirror.skipped_batches.fetch_add(skipped, Ordering::Relaxed);
             self.report(

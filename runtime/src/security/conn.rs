@@ -1,7 +1,7 @@
 //! Fair admission of connections and deadlines on them, for every listener (gRPC, HTTP).
 //!
 //! - **Caps**: at most `MAX_CONNECTIONS` open per listener and `MAX_CONNECTIONS_PER_IP`
-//!   from one address; a connection past a cap is refused at once (closed; HTTP answers
+//!   (gRPC: `MAX_GRPC_CONNECTIONS_PER_IP`) from one address; a connection past a cap is refused at once (closed; HTTP answers
 //!   503 first), counted and logged at most once a minute. One client cannot exhaust the
 //!   process's descriptors or lock the others out.
 //! - **First bytes**: a connection must send its first `first_bytes` (the HTTP/2 preface of
@@ -26,6 +26,9 @@ pub const MAX_CONNECTIONS: usize = 1024;
 /// Open connections per client address, per listener (below the total, so one address
 /// cannot take them all; above the 64 streams a client may hold).
 pub const MAX_CONNECTIONS_PER_IP: usize = 128;
+/// Open gRPC connections per client address: a gRPC client multiplexes its calls and streams
+/// on one connection, so a few suffice, and 32 addresses are needed to fill a listener.
+pub const MAX_GRPC_CONNECTIONS_PER_IP: usize = 32;
 /// Time a new connection has for its first bytes (gRPC: the 24-byte HTTP/2 preface).
 pub const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -53,7 +56,7 @@ pub struct Listeners {
 impl Default for Listeners {
     fn default() -> Listeners {
         Listeners {
-            grpc: ConnLimits::new("grpc"),
+            grpc: ConnLimits::with("grpc", MAX_CONNECTIONS, MAX_GRPC_CONNECTIONS_PER_IP),
             http: ConnLimits::new("http"),
         }
     }
