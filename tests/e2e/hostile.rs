@@ -878,7 +878,7 @@ fn random_replication_batches_are_acked_or_refused_never_a_fault() {
             .await
             .expect("connect")
     });
-    let send = |seq: u64, after: u64, batch: Vec<u8>| -> Result<(), String> {
+    let send_once = |seq: u64, after: u64, batch: Vec<u8>| -> Result<(), String> {
         rt.block_on(async {
             let (tx, rx) = tokio::sync::mpsc::channel(4);
             for msg in [
@@ -921,6 +921,20 @@ fn random_replication_batches_are_acked_or_refused_never_a_fault() {
                 }
             }
         })
+    };
+    let send = |seq: u64, after: u64, batch: Vec<u8>| -> Result<(), String> {
+        // The previous case's stream may still be letting go (a loaded machine): retry a
+        // refused stream as a site would, a few times.
+        let mut tries = 0;
+        loop {
+            match send_once(seq, after, batch.clone()) {
+                Err(e) if e.contains("already has an open replication stream") && tries < 10 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                r => return r,
+            }
+        }
     };
     let event = |seq: u64, path: &str| rec::OutboxEvent {
         seq,
