@@ -1,16 +1,18 @@
 //! The enterprise's side of replication: one stream per site, applied to the mirror twins.
 //!
-//! Exact: a batch is applied only when it continues the site's cursor (`SiteBatch::after`
-//! is the cursor); seqs it skips are batches the site says it dropped, reported as an event.
-//! Its events must continue the site's event cursor (or a dropped range the site reports
-//! covers the gap). Anything else is refused, never acked and never applied, with an event
-//! naming the site and the seqs. A seq at or below the cursor is a resend: acked again, not
-//! applied; an event at or below the event cursor is skipped (a site that crashed may stage
-//! an event twice). Reconciled: the site's hello says what it has; cursors past it (a forged
-//! batch, a site restored from an older data dir) are rewound to it, reported at both ends,
-//! and the site sends a full snapshot. One stream per site: while one is open a second is
-//! refused (a half-open one ends within 30 s by keep-alive), so hello storms and impostors
-//! cannot displace a live site. Durable before ack: the mirror records, the events and the
+//! Continuous: a batch is applied only when the batch it says it follows
+//! (`SiteBatch::after`) is at or below the site's cursor; seqs it skips past the cursor are
+//! batches the site no longer has, reported as an event. Its events must be in order and
+//! close together; events the enterprise never got are reported as a gap, not refused (a
+//! site cannot send again what it lost). Anything malformed is refused whole, never acked and
+//! never applied, with an event naming the site and the seqs. A seq at or below the cursor
+//! is a resend: acked again, not applied; an event at or below the event cursor is skipped
+//! (a site that crashed may stage an event twice). Reconciled: the site's hello says what it
+//! has; cursors past it (a forged batch, a site restored from an older data dir) are rewound
+//! to it, reported at both ends, and the site sends a full snapshot. One stream per site: a
+//! second one is refused while the first was heard from (batches, or heartbeats every 2 s)
+//! in the last 6 s, so hello storms and impostors cannot displace a live site; a silent one
+//! (half-open) is replaced. Durable before ack: the mirror records, the events and the
 //! cursors go out in one store flush, and a seq is acked once that flush is on disk.
 
 use std::collections::HashMap;
