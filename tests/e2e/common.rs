@@ -279,3 +279,26 @@ pub fn run_tool(cmd: &Path, args: &[&str]) -> (bool, String) {
     );
     (out.status.success(), text)
 }
+
+/// Runs `attempt` again, up to 10 times 500 ms apart, while the enterprise refuses it because
+/// the site's previous replication stream is still letting go (as a site's sender retries;
+/// a loaded machine may take longer than the enterprise's 3 s wait).
+pub async fn retry_while_stream_busy<T, F, Fut>(mut attempt: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, tonic::Status>>,
+{
+    for _ in 0..10 {
+        match attempt().await {
+            Err(e)
+                if e.code() == tonic::Code::Unavailable
+                    && e.message()
+                        .contains("already has an open replication stream") =>
+            {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            r => return r,
+        }
+    }
+    attempt().await
+}

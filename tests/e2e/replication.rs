@@ -309,21 +309,7 @@ async fn raw_stream_claiming(
     last_seq: u64,
     batches: Vec<pb::ReplicateRequest>,
 ) -> Result<Vec<pb::ReplicateResponse>, tonic::Status> {
-    // The previous stream of the site may still be letting go (a loaded machine): retry a
-    // refused stream as a site would, a few times.
-    for _ in 0..10 {
-        match raw_stream_once(ent, site, last_seq, batches.clone()).await {
-            Err(e)
-                if e.code() == tonic::Code::Unavailable
-                    && e.message()
-                        .contains("already has an open replication stream") =>
-            {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            r => return r,
-        }
-    }
-    raw_stream_once(ent, site, last_seq, batches).await
+    retry_while_stream_busy(|| raw_stream_once(ent, site, last_seq, batches.clone())).await
 }
 
 /// One raw stream, no retry.

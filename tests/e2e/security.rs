@@ -561,21 +561,7 @@ async fn replicate(
     batches: Vec<pb::ReplicateRequest>,
     want: usize,
 ) -> Result<Vec<pb::ReplicateResponse>, tonic::Status> {
-    // The site's previous stream may still be letting go (a loaded machine): retry as a
-    // site would, a few times.
-    for _ in 0..10 {
-        match replicate_once(channel.clone(), site, batches.clone(), want).await {
-            Err(e)
-                if e.code() == Code::Unavailable
-                    && e.message()
-                        .contains("already has an open replication stream") =>
-            {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            r => return r,
-        }
-    }
-    replicate_once(channel, site, batches, want).await
+    retry_while_stream_busy(|| replicate_once(channel.clone(), site, batches.clone(), want)).await
 }
 
 async fn replicate_once(
