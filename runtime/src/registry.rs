@@ -362,6 +362,8 @@ pub struct Registry {
     /// The names of every sensor (a machine's sensors are query fields), computed at the
     /// first query after an insert.
     sensor_names: Mutex<Option<Arc<std::collections::HashSet<String>>>>,
+    /// `sensor_names` holds a computed set (an insert must clear it).
+    sensor_names_cached: AtomicBool,
 }
 
 fn shard(id: &AssetId) -> usize {
@@ -399,11 +401,13 @@ impl Registry {
             .write()
             .expect("registry lock is never poisoned")
             .insert(entry.path().clone(), entry.clone());
-        if entry.level() == Level::Sensor {
+        // Only once a query computed the names (never during a start's million inserts).
+        if entry.level() == Level::Sensor && self.sensor_names_cached.load(Ordering::Acquire) {
             *self
                 .sensor_names
                 .lock()
                 .expect("registry lock is never poisoned") = None;
+            self.sensor_names_cached.store(false, Ordering::Release);
         }
         entry
     }
@@ -414,6 +418,7 @@ impl Registry {
             .sensor_names
             .lock()
             .expect("registry lock is never poisoned");
+        self.sensor_names_cached.store(true, Ordering::Release);
         cached
             .get_or_insert_with(|| {
                 Arc::new(
