@@ -28,6 +28,7 @@ use ferrotwin_models::{AssetPath, IngestSink};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 pub use config::{ConfigError, ConnectionConfig, TagKind, TagTarget};
 pub use status::{AdapterEvent, AdapterEventKind, AdapterStatus, LinkState, StatusSnapshot};
@@ -105,25 +106,43 @@ impl AdapterHandle {
             });
         }
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let cmd = WriteCommand { req, reply };
+        let span = tracing::info_span!(
+            "adapter.write",
+            otel.kind = "client",
+            ferrotwin.connection = %self.name,
+            network.protocol.name = self.protocol,
+            server.address = %self.endpoint,
+            ferrotwin.asset = %req.asset,
+            ferrotwin.property = %req.property,
+            ferrotwin.value = %req.value,
+            ferrotwin.plc_answer = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+        );
+        let cmd = WriteCommand {
+            req,
+            reply,
+            span: span.clone(),
+        };
         match self.writes.try_send(cmd) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                return Err(WriteError::Busy {
-                    connection: self.name.clone(),
+            Err(e) => {
+                let connection = self.name.clone();
+                let refused = Err(match e {
+                    mpsc::error::TrySendError::Full(_) => WriteError::Busy { connection },
+                    mpsc::error::TrySendError::Closed(_) => WriteError::Stopped { connection },
                 });
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                return Err(WriteError::Stopped {
-                    connection: self.name.clone(),
-                });
+                write::record_answer(&span, &refused);
+                return refused;
             }
         }
-        answer.await.unwrap_or_else(|_| {
+        let answer = answer.instrument(span.clone()).await.unwrap_or_else(|_| {
             Err(WriteError::Stopped {
                 connection: self.name.clone(),
             })
-        })
+        });
+        write::record_answer(&span, &answer);
+        answer
     }
 }
 

@@ -44,6 +44,7 @@ use crate::config::{ConfigError, TagKind, TagTarget, check_connection};
 use crate::push::{NotDelivered, push_batch};
 use crate::status::{AdapterEvent, AdapterEventKind, AdapterStatus, LinkState};
 use crate::write::{WriteCommand, WriteError};
+use tracing::Instrument as _;
 
 /// Most registers one read may ask for (Modbus application protocol 6.3/6.4).
 pub const MAX_REGISTERS_PER_READ: u16 = 125;
@@ -848,7 +849,7 @@ impl Adapter {
         cmd: WriteCommand,
         io: &AdapterIo,
     ) -> Result<(), String> {
-        let WriteCommand { req, reply } = cmd;
+        let WriteCommand { req, reply, span } = cmd;
         let Some(tag) = self
             .plan
             .writable
@@ -881,7 +882,25 @@ impl Adapter {
                 (_, ws) => ctx.write_multiple_registers(tag.address, ws).await,
             }
         };
-        let (answer, lost) = match tokio::time::timeout(self.timeout, request).await {
+        let function = match (tag.register, words.len()) {
+            (RegisterKind::Coil, 1) => "write_single_coil",
+            (_, 1) => "write_single_register",
+            _ => "write_multiple_registers",
+        };
+        let pdu = tracing::info_span!(
+            parent: &span,
+            "modbus.write",
+            otel.kind = "client",
+            modbus.function = function,
+            modbus.address = tag.address,
+            modbus.unit_id = self.unit_id,
+            modbus.words = words.len(),
+            ferrotwin.plc_answer = tracing::field::Empty,
+        );
+        let (answer, lost) = match tokio::time::timeout(self.timeout, request)
+            .instrument(pdu.clone())
+            .await
+        {
             Ok(Ok(Ok(()))) => (Ok(()), None),
             Ok(Ok(Err(e))) => (
                 Err(WriteError::Refused {
@@ -914,6 +933,13 @@ impl Adapter {
             &io.status.writes_failed
         };
         AdapterStatus::add(counter, 1);
+        pdu.record(
+            "ferrotwin.plc_answer",
+            tracing::field::display(match &answer {
+                Ok(()) => "ok".to_owned(),
+                Err(e) => e.to_string(),
+            }),
+        );
         // Only what reached the PLC is an event; a link failure is the Disconnected event.
         let event = match (&answer, &lost) {
             (_, Some(_)) => None,
@@ -1047,7 +1073,6 @@ async fn wait_disconnected(io: &mut AdapterIo, name: &str, delay: Duration) -> b
 
 /// The adapter task: connect, poll, reconnect, until `io.token` is cancelled.
 pub async fn run(config: ModbusConfig, targets: Vec<TagTarget>, io: AdapterIo) {
-    use tracing::Instrument as _;
     let span =
         tracing::info_span!("modbus", connection = %config.name, endpoint = %config.endpoint);
     run_connection(config, targets, io).instrument(span).await;

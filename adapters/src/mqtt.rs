@@ -1226,7 +1226,7 @@ impl Adapter {
 
     /// Publishes the write (QoS 1); its answer comes with the PUBACK.
     async fn start_write(&mut self, cmd: WriteCommand) {
-        let WriteCommand { req, reply } = cmd;
+        let WriteCommand { req, reply, span } = cmd;
         if !self.connected {
             let err = WriteError::NotConnected {
                 connection: self.name.clone(),
@@ -1294,7 +1294,17 @@ impl Adapter {
             Ok(m) => m,
             Err(e) => return self.write_failed(req, reply, e).await,
         };
-        match self.client.try_publish(topic, payload) {
+        let publish = tracing::info_span!(
+            parent: &span,
+            "mqtt.publish",
+            otel.kind = "producer",
+            messaging.system = "mqtt",
+            messaging.operation.type = "send",
+            messaging.destination.name = %topic,
+            messaging.message.body.size = payload.len(),
+        );
+        let published = publish.in_scope(|| self.client.try_publish(topic, payload));
+        match published {
             Ok(()) => self.pending.push_back(Pending {
                 write: Some((req, reply)),
                 pkid: None,

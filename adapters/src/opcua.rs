@@ -77,6 +77,7 @@ use crate::config::{ConfigError, TagTarget, check_connection};
 use crate::push::push_batch;
 use crate::status::{AdapterEvent, AdapterEventKind, AdapterStatus, LinkState};
 use crate::write::{WriteCommand, WriteError};
+use tracing::Instrument as _;
 
 /// Batches of data changes between the task polling the session and the adapter. Small: a
 /// full queue is how push-back reaches the server (see the module doc).
@@ -983,9 +984,11 @@ async fn serve_writes(
                             types.clear();
                             types_of = Some(Arc::clone(&s));
                         }
+                        let write = write_tag(&config, &s, &tags[i], i, req.value, &mut types)
+                            .instrument(cmd.span.clone());
                         tokio::select! {
                             () = token.cancelled() => return,
-                            r = write_tag(&config, &s, &tags[i], i, req.value, &mut types) => r,
+                            r = write => r,
                         }
                     }
                 }
@@ -1035,10 +1038,18 @@ async fn write_tag(
                 attribute_id: AttributeId::DataType as u32,
                 ..Default::default()
             };
+            let span = tracing::info_span!(
+                "opcua.read",
+                otel.kind = "client",
+                opcua.service = "Read",
+                opcua.attribute = "DataType",
+                opcua.node_id = %tag.node,
+            );
             let dv = tokio::time::timeout(
                 timeout,
                 session.read(&[read], TimestampsToReturn::Neither, 0.0),
             )
+            .instrument(span)
             .await
             .map_err(|_| timed_out())?
             .map_err(|e| refused(format!("cannot read the data type: {e}")))?
@@ -1067,10 +1078,25 @@ async fn write_tag(
         index_range: NumericRange::None,
         value: DataValue::value_only(variant),
     };
+    let span = tracing::info_span!(
+        "opcua.write",
+        otel.kind = "client",
+        opcua.service = "Write",
+        opcua.node_id = %tag.node,
+        opcua.data_type = %data_type,
+        opcua.status_code = tracing::field::Empty,
+    );
     let results = tokio::time::timeout(timeout, session.write(&[write]))
+        .instrument(span.clone())
         .await
         .map_err(|_| timed_out())?
         .map_err(|e| refused(e.to_string()))?;
+    if let Some(code) = results.first() {
+        span.record(
+            "opcua.status_code",
+            tracing::field::display(status_name(*code)),
+        );
+    }
     match results.first() {
         Some(code) if code.is_good() => Ok(()),
         Some(code) => Err(refused(status_name(*code))),

@@ -13,11 +13,41 @@ pub struct WriteRequest {
     pub by: String,
 }
 
-/// A write on its way to an adapter task, with the channel its answer goes back on.
+/// A write on its way to an adapter task, with the channel its answer goes back on and the
+/// span of its whole way (`adapter.write`): the task's protocol spans are its children, and
+/// the PLC's answer is recorded on it (`ferrotwin.plc_answer`).
 #[derive(Debug)]
 pub struct WriteCommand {
     pub req: WriteRequest,
     pub reply: oneshot::Sender<Result<(), WriteError>>,
+    pub span: tracing::Span,
+}
+
+/// Records the PLC's answer to a write on its span (`ok`, or the error).
+pub fn record_answer(span: &tracing::Span, answer: &Result<(), WriteError>) {
+    match answer {
+        Ok(()) => {
+            span.record("ferrotwin.plc_answer", "ok");
+        }
+        Err(e) => {
+            span.record("ferrotwin.plc_answer", tracing::field::display(e));
+            span.record("otel.status_code", "error");
+            span.record("error.type", write_error_type(e));
+        }
+    }
+}
+
+/// The class of a write error, for `error.type` (low cardinality).
+pub fn write_error_type(e: &WriteError) -> &'static str {
+    match e {
+        WriteError::NotWritable { .. } => "not_writable",
+        WriteError::BadValue { .. } => "bad_value",
+        WriteError::NotConnected { .. } => "not_connected",
+        WriteError::Busy { .. } => "busy",
+        WriteError::Stopped { .. } => "stopped",
+        WriteError::Refused { .. } => "refused",
+        WriteError::Timeout { .. } => "timeout",
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

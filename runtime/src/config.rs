@@ -13,6 +13,8 @@
 //! [ingest]
 //! max_inflight_readings = 1048576
 //! [security]                    # see `crate::security`; without it, loopback only
+//! [telemetry]                   # OTLP export, see `crate::telemetry` (OTEL_* win)
+//! otlp_endpoint = "http://collector:4317"
 //! ```
 //! Environment overrides: `FERROTWIN_GRPC_ADDR`, `FERROTWIN_HTTP_ADDR`, `FERROTWIN_DATA_DIR`.
 
@@ -27,6 +29,7 @@ use crate::replication::{EnterpriseRole, SiteReplication};
 use crate::runtime::{IngestOptions, RuntimeOptions};
 use crate::security::SecurityConfig;
 use crate::store::StoreConfig;
+use crate::telemetry::TelemetryConfig;
 
 pub const CONFIG_VERSION: u32 = 1;
 
@@ -68,6 +71,9 @@ pub struct SiteConfig {
     /// listeners start.
     #[serde(default)]
     pub security: Option<SecurityConfig>,
+    /// OpenTelemetry export (`crate::telemetry`); the `OTEL_*` variables override it.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -9,6 +9,7 @@
 mod core;
 mod inference;
 pub mod security;
+pub mod telemetry;
 // 1
 mod registry;
 // 2
@@ -38,7 +39,7 @@ mod layers;
 /// The modules of this crate, bottom layer first. A module may import only modules of
 /// lower layers (`layers::no_module_imports_a_higher_layer` checks every `crate::` path).
 pub const LAYERS: &[&[&str]] = &[
-    &["core", "inference", "security"],
+    &["core", "inference", "security", "telemetry"],
     &["registry"],
     &["store", "watch"],
     &["router", "twin"],

@@ -239,6 +239,7 @@ pub fn raw_batch(
             seq,
             batch: b.encode_to_vec(),
             after,
+            traceparent: String::new(),
         })),
     }
 }

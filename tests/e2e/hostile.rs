@@ -890,7 +890,12 @@ fn random_replication_batches_are_acked_or_refused_never_a_fault() {
                     last_seq: 16,
                     event_hwm: u64::MAX,
                 }),
-                pb::replicate_request::Msg::Batch(pb::SiteBatch { seq, batch, after }),
+                pb::replicate_request::Msg::Batch(pb::SiteBatch {
+                    seq,
+                    batch,
+                    after,
+                    ..Default::default()
+                }),
             ] {
                 tx.send(pb::ReplicateRequest { msg: Some(msg) })
                     .await

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use ferrotwin_cli::demo;
+use ferrotwin_cli::logging::LogFormat;
 use ferrotwin_cli::run::Role;
 
 #[derive(Parser)]
@@ -27,12 +28,6 @@ pub struct Args {
     pub log_format: LogFormat,
     #[command(subcommand)]
     pub cmd: Cmd,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(clap::Args)]

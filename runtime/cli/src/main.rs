@@ -4,20 +4,16 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Parser;
+use ferrotwin_cli::logging::{self, LogFormat};
 use ferrotwin_cli::{bench, client as cli, demo, run};
+use ferrotwin_runtime::telemetry::{Telemetry, TelemetryConfig};
 
 mod args;
 
-use args::{Args, BenchCmd, Cmd, LogFormat, OnOff};
+use args::{Args, BenchCmd, Cmd, OnOff};
 
 fn init_tracing(default: &str, format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let logs = tracing_subscriber::fmt().with_env_filter(filter);
-    match format {
-        LogFormat::Text => logs.with_target(false).init(),
-        LogFormat::Json => logs.json().with_current_span(true).init(),
-    }
+    logging::init(default, format, &Telemetry::off());
 }
 
 #[tokio::main]
@@ -36,8 +32,12 @@ async fn main() -> Result<()> {
             secure,
         } => {
             // The embedded broker logs every readiness probe as an error: quiet in the demo.
-            init_tracing("info,sled=warn,rumqttd=off", log_format);
-            demo::run(demo::DemoOptions {
+            let telemetry = Telemetry::from_env(&TelemetryConfig {
+                service_name: Some("ferrotwin-demo".into()),
+                ..TelemetryConfig::default()
+            })?;
+            logging::init("info,sled=warn,rumqttd=off", log_format, &telemetry);
+            let done = demo::run(demo::DemoOptions {
                 grpc_addr,
                 http_addr,
                 data_dir,
@@ -47,15 +47,20 @@ async fn main() -> Result<()> {
                 via,
                 secure,
             })
-            .await
+            .await;
+            shutdown(telemetry).await;
+            done
         }
         Cmd::Run {
             config,
             role,
             http_addr,
         } => {
-            init_tracing("info,sled=warn", log_format);
-            run::run(&config, role, http_addr).await
+            let telemetry = Telemetry::from_env(&run::telemetry_config(&config))?;
+            logging::init("info,sled=warn", log_format, &telemetry);
+            let done = run::run(&config, role, http_addr).await;
+            shutdown(telemetry).await;
+            done
         }
         Cmd::Check { config } => {
             init_tracing("warn,sled=warn", log_format);
@@ -322,5 +327,12 @@ async fn main() -> Result<()> {
             println!("{:.0}", bench::bare_actor_bytes(count).await?);
             Ok(())
         }
+    }
+}
+
+/// Flushes the OTLP exporters last (their export runs on this runtime's workers: off them).
+async fn shutdown(telemetry: Telemetry) {
+    if telemetry.is_on() {
+        let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     }
 }

@@ -16,6 +16,14 @@ pub enum Role {
     Enterprise,
 }
 
+/// The `[telemetry]` section of `config` (the default when the file does not load: `run`
+/// then reports why).
+pub fn telemetry_config(config: &Path) -> ferrotwin_runtime::telemetry::TelemetryConfig {
+    SiteConfig::load(config)
+        .map(|c| c.telemetry)
+        .unwrap_or_default()
+}
+
 /// Loads `config`, starts the runtime, serves gRPC and HTTP (`http_addr` overrides the
 /// config's), and stops cleanly at Ctrl-C or SIGTERM.
 pub async fn run(config: &Path, role: Role, http_addr: Option<SocketAddr>) -> Result<()> {

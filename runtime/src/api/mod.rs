@@ -17,6 +17,7 @@ use ferrotwin_models::query::{FieldValue, Query, Schema, Subject};
 use ferrotwin_models::{AssetId, AssetPath, EventKind, Property, Timestamp};
 use ferrotwin_proto::v1 as pb;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 pub use error::{ApiError, ErrorCode};
 
@@ -745,6 +746,38 @@ impl TwinApi {
         caller: &Caller,
         req: pb::WritePropertyRequest,
     ) -> Result<pb::WritePropertyResponse, ApiError> {
+        // The write's whole way is one trace: this span, the audit record, the adapter's
+        // `adapter.write` and its protocol span (with the PLC's answer).
+        let span = tracing::info_span!(
+            "twin.write",
+            ferrotwin.asset = %req.path,
+            ferrotwin.property = %req.property,
+            enduser.id = %caller.name(),
+            ferrotwin.connection = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+        );
+        let written = self
+            .write_traced(caller, req)
+            .instrument(span.clone())
+            .await;
+        match &written {
+            Ok(r) => {
+                span.record("ferrotwin.connection", r.connection.as_str());
+            }
+            Err(e) => {
+                span.record("otel.status_code", "error");
+                span.record("error.type", tracing::field::debug(e.code()));
+            }
+        }
+        written
+    }
+
+    async fn write_traced(
+        &self,
+        caller: &Caller,
+        req: pb::WritePropertyRequest,
+    ) -> Result<pb::WritePropertyResponse, ApiError> {
         let by = Self::actor_name(caller, req.by, "writes")?;
         bounded("property", &req.property, MAX_NAME_BYTES)?;
         let path = Self::parse_path("path", &req.path)?;
@@ -775,6 +808,10 @@ impl TwinApi {
         };
         let store = self.ctx.store.clone();
         tokio::task::spawn_blocking(move || store.audit().append(intent, true))
+            .instrument(tracing::info_span!(
+                "audit.append",
+                ferrotwin.action = "write"
+            ))
             .await
             .map_err(|e| ApiError::Unavailable(format!("audit: {e}")))?
             .map_err(|e| {

@@ -27,6 +27,8 @@ use crate::security::tls::{ServerTls, tls_incoming};
 use crate::security::{Caller, Credentials};
 use crate::watch::{Change, Watcher};
 
+mod trace;
+
 /// Largest request we decode.
 pub const MAX_REQUEST_BYTES: usize = 4 << 20;
 /// The client's connection preface of HTTP/2, owed within `conn::FIRST_BYTES_TIMEOUT`.
@@ -338,6 +340,8 @@ pub async fn serve(
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        // A server span per call (OpenTelemetry RPC conventions), child of a `traceparent`.
+        .layer(trace::RpcSpanLayer)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -31,6 +31,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
 
 use crate::api::TwinApi;
 use crate::security::conn::{ConnLimits, Guarded};
@@ -154,6 +155,43 @@ impl HttpState {
         self.metrics.render(&mut s);
         s
     }
+}
+
+/// A server span per request (OpenTelemetry HTTP conventions: `{method} {http.route}`),
+/// child of the client's W3C `traceparent` when it sent one.
+async fn trace_request(State(state): State<HttpState>, req: Request, next: Next) -> Response {
+    if !crate::telemetry::tracing_on() {
+        return next.run(req).await;
+    }
+    let method = req.method().as_str().to_owned();
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|m| m.as_str().to_owned());
+    let span = tracing::info_span!(
+        "http",
+        otel.name = %match &route {
+            Some(r) => format!("{method} {r}"),
+            None => method.clone(),
+        },
+        otel.kind = "server",
+        http.request.method = %method,
+        http.route = route.as_deref().unwrap_or_default(),
+        url.path = %req.uri().path(),
+        url.scheme = if state.tls { "https" } else { "http" },
+        http.response.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+    );
+    crate::telemetry::set_remote_parent(&span, req.headers());
+    let res = next.run(req).instrument(span.clone()).await;
+    let status = res.status().as_u16();
+    span.record("http.response.status_code", status);
+    if status >= 500 {
+        span.record("otel.status_code", "error");
+        span.record("error.type", status);
+    }
+    res
 }
 
 async fn count_requests(State(state): State<HttpState>, req: Request, next: Next) -> Response {
@@ -291,6 +329,7 @@ pub fn router(state: HttpState) -> Router {
             state.clone(),
             security_headers,
         ))
+        .layer(middleware::from_fn_with_state(state.clone(), trace_request))
         .with_state(state)
 }
 

@@ -33,10 +33,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument as _;
 
 use super::{PROTOCOL_VERSION, cursor_key, event_cursor_key, u64_of};
 use crate::core::TwinMsg;
 use crate::store::codec;
+use crate::telemetry;
 use crate::twin::TwinCtx;
 
 /// Applied batches whose ack waits for a flush, per stream.
@@ -826,7 +828,8 @@ impl SiteStream {
                 )));
                 return;
             };
-            match self
+            let span = apply_span(site, &b);
+            let applied = self
                 .receiver
                 .apply(
                     site,
@@ -835,8 +838,19 @@ impl SiteStream {
                     self.site_last,
                     &b.batch,
                 )
-                .await
-            {
+                .instrument(span.clone())
+                .await;
+            match &applied {
+                Ok(Some(_)) => span.record("ferrotwin.outcome", "applied"),
+                Ok(None) => span.record("ferrotwin.outcome", "duplicate"),
+                Err(status) => {
+                    span.record("otel.status_code", "error");
+                    span.record("error.type", tracing::field::debug(status.code()));
+                    span.record("ferrotwin.outcome", "refused")
+                }
+            };
+            drop(span);
+            match applied {
                 Ok(generation) => {
                     // A duplicate is acked once the flush after now is on disk: its
                     // first application may still be on its way there.
@@ -885,4 +899,27 @@ pub fn sites(rx: &EnterpriseReceiver) -> Vec<(String, Arc<SiteMirror>)> {
         .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
+}
+
+/// The span of one batch's apply (when spans are exported), child of the site's send span
+/// whose `traceparent` the batch carries.
+fn apply_span(site: &AssetPath, b: &pb::SiteBatch) -> tracing::Span {
+    if !telemetry::tracing_on() {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        "replication.apply",
+        otel.kind = "consumer",
+        messaging.system = "ferrotwin",
+        messaging.operation.type = "process",
+        ferrotwin.site = %site,
+        ferrotwin.seq = b.seq,
+        ferrotwin.after = b.after,
+        messaging.message.body.size = b.batch.len(),
+        ferrotwin.outcome = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+    );
+    telemetry::set_parent_traceparent(&span, &b.traceparent);
+    span
 }

@@ -19,11 +19,13 @@ use ferrotwin_proto::v1::replication_service_client::ReplicationServiceClient;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use ferrotwin_models::{AssetPath, Event, EventKind, Severity, Timestamp};
 
 use super::{PROTOCOL_VERSION, SiteReplication};
 use crate::store::outbox::Outbox;
+use crate::telemetry;
 use crate::twin::TwinCtx;
 
 /// Most bytes of outbox read per step of the sender.
@@ -287,16 +289,18 @@ async fn stream_once(
             if !batches.is_empty() {
                 for (seq, bytes) in batches.into_iter().take(room) {
                     let n = bytes.len() as u64;
+                    let span = send_span(seq, after, n);
                     let req = pb::ReplicateRequest {
                         msg: Some(pb::replicate_request::Msg::Batch(pb::SiteBatch {
                             seq,
                             batch: bytes,
                             after,
+                            traceparent: telemetry::traceparent_of(&span),
                         })),
                     };
                     tokio::select! {
                         () = token.cancelled() => return Ok(()),
-                        r = tx.send(req) => r.map_err(|_| SendError::Closed)?,
+                        r = tx.send(req).instrument(span) => r.map_err(|_| SendError::Closed)?,
                     }
                     sent = seq;
                     after = seq;
@@ -336,4 +340,21 @@ async fn stream_once(
             }
         }
     }
+}
+
+/// The span of one batch's send (when spans are exported): its `traceparent` travels in the
+/// batch, so the enterprise's `replication.apply` is its child.
+fn send_span(seq: u64, after: u64, bytes: u64) -> tracing::Span {
+    if !telemetry::tracing_on() {
+        return tracing::Span::none();
+    }
+    tracing::info_span!(
+        "replication.send",
+        otel.kind = "producer",
+        messaging.system = "ferrotwin",
+        messaging.operation.type = "send",
+        ferrotwin.seq = seq,
+        ferrotwin.after = after,
+        messaging.message.body.size = bytes,
+    )
 }

@@ -1,0 +1,524 @@
+//! OpenTelemetry: traces and metrics exported over OTLP/gRPC, W3C trace context in and out.
+//!
+//! Off, and free, unless an OTLP endpoint is configured: `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+//! the per-signal `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, `..._METRICS_ENDPOINT`) or the config
+//! file's `[telemetry] otlp_endpoint`. The standard variables win over the file:
+//! `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER` (+ `_ARG`),
+//! `OTEL_METRIC_EXPORT_INTERVAL`, `OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_TRACES_EXPORTER=none`,
+//! `OTEL_METRICS_EXPORTER=none` and `OTEL_SDK_DISABLED=true` behave as the specification says.
+//!
+//! Spans are `tracing` spans; the `tracing-opentelemetry` layer (`Telemetry::layer`) turns
+//! them into OpenTelemetry spans. Incoming W3C `traceparent`s become their parents
+//! (`set_remote_parent`); outgoing ones are `traceparent_of` (the replication batch carries
+//! one). Metrics: every family of the `/metrics` page (`METRIC_FAMILIES`, the written
+//! contract) is also an observable OpenTelemetry instrument, read from that page's samples at
+//! each export (`register_metrics`).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use opentelemetry_sdk::{Resource, metrics::SdkMeterProvider};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+/// Whether spans are exported (a tracing layer is installed); cheap to ask on hot paths.
+static TRACING_ON: AtomicBool = AtomicBool::new(false);
+
+/// Whether an OpenTelemetry layer takes spans (set by `Telemetry::layer` and by tests that
+/// install their own). Hot paths (ingest batches) make spans only then.
+pub fn tracing_on() -> bool {
+    TRACING_ON.load(Ordering::Relaxed)
+}
+
+/// Tells hot paths that spans are taken (tests install their own layer and say so).
+pub fn set_tracing_on(on: bool) {
+    TRACING_ON.store(on, Ordering::Relaxed);
+}
+
+/// `[telemetry]` of the config file. Every field is overridden by its `OTEL_*` variable.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// OTLP/gRPC endpoint of a collector (`http://collector:4317`); none: no export.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the resource (default `ferrotwin`).
+    #[serde(default)]
+    pub service_name: Option<String>,
+    /// Share of new traces kept (0..=1; a caller's sampled `traceparent` is always followed).
+    #[serde(default)]
+    pub sample_ratio: Option<f64>,
+    /// Most ingest batch spans per second (0: none). Default `DEFAULT_INGEST_SPANS_PER_S`.
+    #[serde(default)]
+    pub ingest_spans_per_s: Option<u32>,
+}
+
+/// Default cap on ingest batch spans per second: a trace of ingest at any load, never one
+/// span per reading.
+pub const DEFAULT_INGEST_SPANS_PER_S: u32 = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("telemetry: sample_ratio {0} is not between 0 and 1")]
+    BadRatio(f64),
+    #[error("telemetry: OTLP {signal} exporter: {message}")]
+    Exporter {
+        signal: &'static str,
+        message: String,
+    },
+}
+
+/// The exporters of one process; `shutdown` flushes them (the clean stop calls it last).
+pub struct Telemetry {
+    traces: Option<SdkTracerProvider>,
+    metrics: Option<SdkMeterProvider>,
+    ingest_spans_per_s: u32,
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+fn env_is(name: &str, value: &str) -> bool {
+    env(name).is_some_and(|v| v.trim().eq_ignore_ascii_case(value))
+}
+
+impl Telemetry {
+    /// No export (the default of every command but `run` and `demo`, and of tests).
+    pub fn off() -> Telemetry {
+        Telemetry {
+            traces: None,
+            metrics: None,
+            ingest_spans_per_s: 0,
+        }
+    }
+
+    /// Builds the OTLP exporters the environment and `config` ask for; must run inside a
+    /// tokio runtime (the gRPC channel's worker is a tokio task). Nothing is connected here:
+    /// a collector that is down costs dropped exports, counted by the SDK, never a start.
+    pub fn from_env(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
+        if let Some(r) = config.sample_ratio
+            && !(0.0..=1.0).contains(&r)
+        {
+            return Err(TelemetryError::BadRatio(r));
+        }
+        let configured = config.otlp_endpoint.is_some()
+            || env("OTEL_EXPORTER_OTLP_ENDPOINT").is_some()
+            || env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some()
+            || env("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT").is_some();
+        if !configured || env_is("OTEL_SDK_DISABLED", "true") {
+            return Ok(Telemetry::off());
+        }
+        // The file's endpoint only where no variable names one (the exporter prefers what
+        // it is given over the variables).
+        let endpoint = |signal_var: &str| {
+            if env(signal_var).is_some() || env("OTEL_EXPORTER_OTLP_ENDPOINT").is_some() {
+                None
+            } else {
+                config.otlp_endpoint.clone()
+            }
+        };
+        let resource = {
+            let mut b = Resource::builder();
+            if env("OTEL_SERVICE_NAME").is_none() {
+                b = b.with_service_name(
+                    config
+                        .service_name
+                        .clone()
+                        .unwrap_or_else(|| "ferrotwin".into()),
+                );
+            }
+            b.with_attribute(KeyValue::new(
+                "service.version",
+                env!("CARGO_PKG_VERSION").to_string(),
+            ))
+            .build()
+        };
+        let traces = if env_is("OTEL_TRACES_EXPORTER", "none") {
+            None
+        } else {
+            use opentelemetry_otlp::WithExportConfig as _;
+            let mut b = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+            if let Some(e) = endpoint("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+                b = b.with_endpoint(e);
+            }
+            let exporter = b.build().map_err(|e| TelemetryError::Exporter {
+                signal: "traces",
+                message: e.to_string(),
+            })?;
+            let mut p = SdkTracerProvider::builder()
+                .with_batch_exporter(exporter)
+                .with_resource(resource.clone());
+            if env("OTEL_TRACES_SAMPLER").is_none()
+                && let Some(r) = config.sample_ratio
+            {
+                p = p.with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+                    r,
+                ))));
+            }
+            Some(p.build())
+        };
+        let metrics = if env_is("OTEL_METRICS_EXPORTER", "none") {
+            None
+        } else {
+            use opentelemetry_otlp::WithExportConfig as _;
+            let mut b = opentelemetry_otlp::MetricExporter::builder().with_tonic();
+            if let Some(e) = endpoint("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") {
+                b = b.with_endpoint(e);
+            }
+            let exporter = b.build().map_err(|e| TelemetryError::Exporter {
+                signal: "metrics",
+                message: e.to_string(),
+            })?;
+            let p = SdkMeterProvider::builder()
+                .with_periodic_exporter(exporter)
+                .with_resource(resource)
+                .build();
+            opentelemetry::global::set_meter_provider(p.clone());
+            Some(p)
+        };
+        opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+        Ok(Telemetry {
+            traces,
+            metrics,
+            ingest_spans_per_s: config
+                .ingest_spans_per_s
+                .unwrap_or(DEFAULT_INGEST_SPANS_PER_S),
+        })
+    }
+
+    /// Whether anything is exported.
+    pub fn is_on(&self) -> bool {
+        self.traces.is_some() || self.metrics.is_some()
+    }
+
+    /// The tracing layer that exports spans (none when traces are off). Installing it tells
+    /// the hot paths (`tracing_on`).
+    pub fn layer<S>(&self) -> Option<impl tracing_subscriber::Layer<S> + use<S>>
+    where
+        S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    {
+        let provider = self.traces.as_ref()?;
+        set_tracing_on(true);
+        set_ingest_spans_per_s(self.ingest_spans_per_s);
+        Some(
+            tracing_opentelemetry::layer()
+                .with_tracer(provider.tracer("ferrotwin"))
+                .with_threads(false)
+                .with_location(false),
+        )
+    }
+
+    /// Flushes and stops the exporters (bounded by the SDK's export timeout).
+    pub fn shutdown(self) {
+        set_tracing_on(false);
+        if let Some(t) = self.traces {
+            let _ = t.shutdown();
+        }
+        if let Some(m) = self.metrics {
+            let _ = m.shutdown();
+        }
+    }
+}
+
+struct HeaderExtractor<'a>(&'a axum::http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(axum::http::HeaderName::as_str).collect()
+    }
+}
+
+struct OneHeader<'a>(&'a str);
+
+impl Extractor for OneHeader<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        (key == "traceparent").then_some(self.0)
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        vec!["traceparent"]
+    }
+}
+
+#[derive(Default)]
+struct TraceparentOut(Option<String>);
+
+impl Injector for TraceparentOut {
+    fn set(&mut self, key: &str, value: String) {
+        if key == "traceparent" {
+            self.0 = Some(value);
+        }
+    }
+}
+
+/// Makes the W3C `traceparent` (and `tracestate`) of `headers` the parent of `span`, when
+/// there is a valid one. A malformed header is ignored (the span starts its own trace).
+pub fn set_remote_parent(span: &tracing::Span, headers: &axum::http::HeaderMap) {
+    if !tracing_on() || !headers.contains_key("traceparent") {
+        return;
+    }
+    let cx = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+    if cx.span().span_context().is_valid() {
+        let _ = span.set_parent(cx);
+    }
+}
+
+/// Makes the W3C `traceparent` string the parent of `span` (a replication batch's).
+pub fn set_parent_traceparent(span: &tracing::Span, traceparent: &str) {
+    if !tracing_on() || traceparent.is_empty() {
+        return;
+    }
+    let cx = TraceContextPropagator::new().extract(&OneHeader(traceparent));
+    if cx.span().span_context().is_valid() {
+        let _ = span.set_parent(cx);
+    }
+}
+
+/// The W3C `traceparent` of `span` (empty when spans are not exported or it is not sampled).
+pub fn traceparent_of(span: &tracing::Span) -> String {
+    if !tracing_on() {
+        return String::new();
+    }
+    let cx: Context = span.context();
+    let mut out = TraceparentOut::default();
+    TraceContextPropagator::new().inject_context(&cx, &mut out);
+    out.0.unwrap_or_default()
+}
+
+/// Trace and span id (hex) of `span`, for log lines; none outside any exported trace.
+pub fn ids_of(span: &tracing::Span) -> Option<(String, String)> {
+    if !tracing_on() || span.is_none() {
+        return None;
+    }
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    sc.is_valid()
+        .then(|| (sc.trace_id().to_string(), sc.span_id().to_string()))
+}
+
+static INGEST_SPANS_PER_S: AtomicU64 = AtomicU64::new(DEFAULT_INGEST_SPANS_PER_S as u64);
+
+fn set_ingest_spans_per_s(n: u32) {
+    INGEST_SPANS_PER_S.store(u64::from(n), Ordering::Relaxed);
+}
+
+/// Admits at most `INGEST_SPANS_PER_S` batch spans per second across the process: ingest is
+/// never traced per reading, and at any rate a trace shows what one batch costs.
+pub struct SpanBudget {
+    window: Mutex<(Instant, u64)>,
+}
+
+impl Default for SpanBudget {
+    fn default() -> Self {
+        SpanBudget {
+            window: Mutex::new((Instant::now(), 0)),
+        }
+    }
+}
+
+impl SpanBudget {
+    /// Whether one more span fits this second's budget (always false when spans are off).
+    pub fn admit(&self) -> bool {
+        if !tracing_on() {
+            return false;
+        }
+        let cap = INGEST_SPANS_PER_S.load(Ordering::Relaxed);
+        let Ok(mut w) = self.window.try_lock() else {
+            return false;
+        };
+        let now = Instant::now();
+        if now.duration_since(w.0) >= Duration::from_secs(1) {
+            *w = (now, 0);
+        }
+        if w.1 < cap {
+            w.1 += 1;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// How an instrument of a family is read: what its Prometheus samples mean.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FamilyKind {
+    /// Monotonic; Prometheus name ends in `_total`.
+    Counter,
+    Gauge,
+}
+
+/// One metric family of the written contract (ARCHITECTURE.md "Metrics"): its Prometheus
+/// name, kind, unit (UCUM, as OpenTelemetry wants it), the component that keeps it, and
+/// what it counts.
+#[derive(Debug, Clone, Copy)]
+pub struct MetricFamily {
+    pub name: &'static str,
+    pub kind: FamilyKind,
+    pub unit: &'static str,
+    pub component: &'static str,
+    pub help: &'static str,
+}
+
+/// Parsed samples of the `/metrics` page: family → (labels, value).
+pub type Samples = HashMap<String, Vec<(Vec<(String, String)>, f64)>>;
+
+/// Parses the Prometheus text we write (no escapes inside label values but `\"`).
+pub fn parse_prometheus(text: &str) -> Samples {
+    let mut out: Samples = HashMap::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (head, value) = match line.rsplit_once(' ') {
+            Some(p) => p,
+            None => continue,
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        let (name, labels) = match head.split_once('{') {
+            None => (head, Vec::new()),
+            Some((name, rest)) => (name, parse_labels(rest.trim_end_matches('}'))),
+        };
+        out.entry(name.to_owned())
+            .or_default()
+            .push((labels, value));
+    }
+    out
+}
+
+fn parse_labels(s: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut rest = s;
+    while let Some((key, after)) = rest.split_once("=\"") {
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let mut end = after.len();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some((_, n)) = chars.next() {
+                        value.push(n);
+                    }
+                }
+                '"' => {
+                    end = i + 1;
+                    break;
+                }
+                c => value.push(c),
+            }
+        }
+        out.push((key.trim_start_matches(',').trim().to_owned(), value));
+        rest = &after[end..];
+    }
+    out
+}
+
+/// Registers every family of `families` as an observable OpenTelemetry instrument of the
+/// global meter provider (a no-op provider when metrics are off), each read from `render`'s
+/// samples, rendered at most once per export.
+pub fn register_metrics(
+    families: &'static [MetricFamily],
+    render: Arc<dyn Fn() -> String + Send + Sync>,
+) {
+    let meter = opentelemetry::global::meter("ferrotwin");
+    let cache: Arc<Mutex<(Option<Instant>, Arc<Samples>)>> =
+        Arc::new(Mutex::new((None, Arc::new(Samples::new()))));
+    let samples = move || -> Arc<Samples> {
+        let mut c = cache.lock().unwrap_or_else(|p| p.into_inner());
+        if c.0.is_none_or(|t| t.elapsed() > Duration::from_millis(500)) {
+            *c = (Some(Instant::now()), Arc::new(parse_prometheus(&render())));
+        }
+        Arc::clone(&c.1)
+    };
+    let samples = Arc::new(samples);
+    for f in families {
+        let attrs = |labels: &[(String, String)]| -> Vec<KeyValue> {
+            labels
+                .iter()
+                .map(|(k, v)| KeyValue::new(k.clone(), v.clone()))
+                .collect()
+        };
+        let samples = Arc::clone(&samples);
+        match f.kind {
+            FamilyKind::Counter => {
+                let name = f.name.trim_end_matches("_total");
+                meter
+                    .f64_observable_counter(name)
+                    .with_unit(f.unit)
+                    .with_description(f.help)
+                    .with_callback(move |o| {
+                        for (labels, v) in samples().get(f.name).into_iter().flatten() {
+                            o.observe(*v, &attrs(labels));
+                        }
+                    })
+                    .build();
+            }
+            FamilyKind::Gauge => {
+                meter
+                    .f64_observable_gauge(f.name)
+                    .with_unit(f.unit)
+                    .with_description(f.help)
+                    .with_callback(move |o| {
+                        for (labels, v) in samples().get(f.name).into_iter().flatten() {
+                            o.observe(*v, &attrs(labels));
+                        }
+                    })
+                    .build();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_parses_with_labels_and_escapes() {
+        let s = parse_prometheus(
+            "# TYPE a_total counter\na_total 3\nb{x=\"1\",y=\"q\\\"z\"} 2.5\nbad line\n",
+        );
+        assert_eq!(s["a_total"], vec![(vec![], 3.0)]);
+        assert_eq!(
+            s["b"],
+            vec![(
+                vec![("x".into(), "1".into()), ("y".into(), "q\"z".into())],
+                2.5
+            )]
+        );
+        assert!(!s.contains_key("bad"));
+    }
+
+    #[test]
+    fn no_endpoint_means_no_export() {
+        // The test process has no OTEL_* endpoint.
+        if env("OTEL_EXPORTER_OTLP_ENDPOINT").is_some() {
+            return;
+        }
+        let t = Telemetry::from_env(&TelemetryConfig::default()).expect("off");
+        assert!(!t.is_on());
+    }
+
+    #[test]
+    fn a_ratio_outside_0_1_is_refused() {
+        let cfg = TelemetryConfig {
+            sample_ratio: Some(1.5),
+            ..TelemetryConfig::default()
+        };
+        let e = Telemetry::from_env(&cfg).err().expect("refused");
+        assert!(e.to_string().contains("sample_ratio 1.5"), "{e}");
+    }
+}

@@ -1,0 +1,282 @@
+//! Traces, asserted on the spans themselves: one process-wide subscriber exports every span
+//! to memory (its own test binary, so no other test runs with spans on), and each test finds
+//! its spans by the trace id it started or by its own attributes.
+//!
+//! - A `WriteProperty` with the caller's `traceparent` is one trace: the gRPC server span
+//!   (child of the caller's), `twin.write`, `audit.append`, `adapter.write` and the Modbus
+//!   request, with the PLC's answer.
+//! - A replicated batch: the enterprise's `replication.apply` is the child of the site's
+//!   `replication.send`, across two runtimes over real gRPC.
+//!
+//! The wire-level check (a real `ferrotwin` process exporting OTLP to a collector) is in
+//! `runtime/cli/tests/process.rs`.
+
+#[allow(dead_code, unused_imports)]
+#[path = "../e2e/common.rs"]
+mod common;
+
+use std::sync::OnceLock;
+
+use common::*;
+use ferrotwin_cli::feeds;
+use ferrotwin_models::Timestamp;
+use ferrotwin_models::spec::PlantSpec;
+use ferrotwin_proto::v1 as pb;
+use ferrotwin_runtime::{EnterpriseRole, RuntimeOptions, SiteReplication};
+use ferrotwin_sim::generate::{PlantSize, generate};
+use ferrotwin_sim::mapping::Mapping;
+use ferrotwin_sim::serve::ServedPlant;
+use opentelemetry::trace::{SpanId, SpanKind, Status, TraceId, TracerProvider as _};
+use opentelemetry::{Key, Value};
+use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
+use tracing_subscriber::layer::SubscriberExt as _;
+
+/// Every span of this process, in memory.
+fn spans() -> &'static InMemorySpanExporter {
+    static EXPORTER: OnceLock<InMemorySpanExporter> = OnceLock::new();
+    EXPORTER.get_or_init(|| {
+        let exporter = InMemorySpanExporter::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(exporter.clone())
+            .build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("ferrotwin-tests")));
+        tracing::subscriber::set_global_default(subscriber).expect("the only subscriber");
+        ferrotwin_runtime::telemetry::set_tracing_on(true);
+        // The provider lives as long as the process.
+        std::mem::forget(provider);
+        exporter
+    })
+}
+
+fn attr<'a>(s: &'a SpanData, key: &str) -> Option<&'a Value> {
+    s.attributes
+        .iter()
+        .find(|kv| kv.key == Key::from(key.to_owned()))
+        .map(|kv| &kv.value)
+}
+
+fn attr_str(s: &SpanData, key: &str) -> String {
+    attr(s, key)
+        .map(|v| v.as_str().into_owned())
+        .unwrap_or_default()
+}
+
+/// Waits until `find` picks what it needs out of the finished spans.
+async fn wait_spans<T>(what: &str, mut find: impl FnMut(&[SpanData]) -> Option<T>) -> T {
+    wait_for(30, what, || {
+        let all = spans().get_finished_spans().expect("spans");
+        let found = find(&all);
+        async move { found }
+    })
+    .await
+}
+
+fn one<'a>(all: &'a [SpanData], trace: TraceId, name: &str) -> Option<&'a SpanData> {
+    all.iter()
+        .find(|s| s.span_context.trace_id() == trace && s.name == name)
+}
+
+const TWO_LINES: PlantSize = PlantSize {
+    sites: 1,
+    areas: 1,
+    lines: 2,
+    machines: 2,
+    sensors_per_machine: 0,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_property_is_one_trace_from_the_callers_span_to_the_plcs_answer() {
+    spans();
+    let spec: PlantSpec = generate(TWO_LINES, 3);
+    let plant = ServedPlant::start(&spec, 5, Timestamp::now())
+        .await
+        .expect("PLCs start");
+    let mapping = Mapping::of(&spec).expect("fits");
+    let mut opts = options();
+    opts.connections = feeds::modbus_connections(&spec, &plant, 50, |_| true).expect("configs");
+    let dir = tempfile::tempdir().expect("dir");
+    let site = start_plant_in(&spec, dir.path(), opts).await;
+    let machine = mapping.lines[0]
+        .tags
+        .iter()
+        .find(|t| t.property == "value")
+        .and_then(|t| ferrotwin_models::AssetPath::parse(&t.asset).ok())
+        .and_then(|p| p.parent())
+        .expect("a machine")
+        .to_string();
+    let caller_trace = TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").expect("hex");
+    let caller_span = SpanId::from_hex("00f067aa0ba902b7").expect("hex");
+    let write = |pct: i64| {
+        let mut req = tonic::Request::new(pb::WritePropertyRequest {
+            path: machine.clone(),
+            property: "speed_setpoint_pct".into(),
+            value: Some(pb::Value {
+                kind: Some(pb::value::Kind::Int(pct)),
+            }),
+            by: "ann".into(),
+        });
+        req.metadata_mut().insert(
+            "traceparent",
+            format!("00-{caller_trace}-{caller_span}-01")
+                .parse()
+                .expect("ascii"),
+        );
+        req
+    };
+    let mut c = site.client.clone();
+    // Until the PLC's connection is up, a write is refused as not connected.
+    wait_for(30, "a write the PLC takes", || {
+        let mut c = c.clone();
+        let req = write(120);
+        async move { c.write_property(req).await.ok() }
+    })
+    .await;
+    let (rpc, write_span, audit, adapter, modbus) = wait_spans("the write's spans", |all| {
+        let adapter = all.iter().find(|s| {
+            s.span_context.trace_id() == caller_trace
+                && s.name == "adapter.write"
+                && attr_str(s, "ferrotwin.plc_answer") == "ok"
+        })?;
+        let write_span = all
+            .iter()
+            .find(|s| s.span_context.span_id() == adapter.parent_span_id)?;
+        let rpc = all
+            .iter()
+            .find(|s| s.span_context.span_id() == write_span.parent_span_id)?;
+        let audit = all.iter().find(|s| {
+            s.name == "audit.append" && s.parent_span_id == write_span.span_context.span_id()
+        })?;
+        let modbus = all.iter().find(|s| {
+            s.name == "modbus.write" && s.parent_span_id == adapter.span_context.span_id()
+        })?;
+        Some((
+            rpc.clone(),
+            write_span.clone(),
+            audit.clone(),
+            adapter.clone(),
+            modbus.clone(),
+        ))
+    })
+    .await;
+    // The gRPC server span: named and attributed by the RPC conventions, the caller's child.
+    assert_eq!(rpc.name, "ferrotwin.v1.TwinService/WriteProperty");
+    assert_eq!(rpc.span_kind, SpanKind::Server);
+    assert_eq!(rpc.parent_span_id, caller_span);
+    assert!(rpc.parent_span_is_remote);
+    assert_eq!(attr_str(&rpc, "rpc.system"), "grpc");
+    assert_eq!(attr_str(&rpc, "rpc.service"), "ferrotwin.v1.TwinService");
+    assert_eq!(attr_str(&rpc, "rpc.method"), "WriteProperty");
+    assert_eq!(attr(&rpc, "rpc.grpc.status_code"), Some(&Value::I64(0)));
+    // The twin's write, with what and who.
+    assert_eq!(write_span.name, "twin.write");
+    assert_eq!(attr_str(&write_span, "ferrotwin.asset"), machine);
+    assert_eq!(
+        attr_str(&write_span, "ferrotwin.property"),
+        "speed_setpoint_pct"
+    );
+    assert_eq!(
+        attr_str(&write_span, "ferrotwin.connection"),
+        feeds::line_connection_name(&mapping.lines[0].line)
+    );
+    // The audit record is written before the PLC is.
+    assert!(audit.end_time <= adapter.start_time);
+    // The adapter's way to the PLC and the PLC's answer.
+    assert_eq!(adapter.span_kind, SpanKind::Client);
+    assert_eq!(attr_str(&adapter, "network.protocol.name"), "modbus");
+    assert_eq!(attr_str(&adapter, "ferrotwin.value"), "120");
+    assert_eq!(modbus.name, "modbus.write");
+    assert_eq!(
+        attr_str(&modbus, "modbus.function"),
+        "write_single_register"
+    );
+    assert_eq!(attr_str(&modbus, "ferrotwin.plc_answer"), "ok");
+    for s in [&write_span, &audit, &adapter, &modbus] {
+        assert_eq!(s.span_context.trace_id(), caller_trace, "{}", s.name);
+    }
+    // A write the tag cannot take: the refusal is on the adapter's span, as an error.
+    let refused_trace = TraceId::from_hex("5bf92f3577b34da6a3ce929d0e0e4737").expect("hex");
+    let mut req = write(99_999);
+    req.metadata_mut().insert(
+        "traceparent",
+        format!("00-{refused_trace}-{caller_span}-01")
+            .parse()
+            .expect("ascii"),
+    );
+    let err = c.write_property(req).await.expect_err("refused");
+    let (rpc, adapter) = wait_spans("the refused write's spans", |all| {
+        Some((
+            one(all, refused_trace, "ferrotwin.v1.TwinService/WriteProperty")?.clone(),
+            one(all, refused_trace, "adapter.write")?.clone(),
+        ))
+    })
+    .await;
+    assert_eq!(
+        attr(&rpc, "rpc.grpc.status_code"),
+        Some(&Value::I64(err.code() as i64))
+    );
+    assert!(
+        matches!(adapter.status, Status::Error { .. }),
+        "{adapter:?}"
+    );
+    let answer = attr_str(&adapter, "ferrotwin.plc_answer");
+    assert!(answer != "ok" && !answer.is_empty(), "{answer}");
+    assert!(
+        ["bad_value", "refused"].contains(&attr_str(&adapter, "error.type").as_str()),
+        "{adapter:?}"
+    );
+    site.rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replicated_batch_is_applied_in_the_trace_of_its_send() {
+    spans();
+    let ed = tempfile::tempdir().expect("dir");
+    let mut eo = options();
+    eo.enterprise = Some(EnterpriseRole {
+        accept: vec!["acme/berlin".into()],
+    });
+    let ent = start_in(ed.path(), eo).await;
+    let sd = tempfile::tempdir().expect("dir");
+    let mut so: RuntimeOptions = options();
+    let mut r = SiteReplication::new(format!("http://{}", ent.addr));
+    r.reconnect_min_ms = 20;
+    r.reconnect_max_ms = 200;
+    so.replication = Some(r);
+    let site = start_in(sd.path(), so).await;
+    push(&site, vec![float(TEMP, 21.5)]).await;
+    let (send, apply) = wait_spans("a batch's send and apply", |all| {
+        all.iter()
+            .filter(|s| {
+                s.name == "replication.apply"
+                    && attr_str(s, "ferrotwin.site") == "acme/berlin"
+                    && attr_str(s, "ferrotwin.outcome") == "applied"
+            })
+            .find_map(|apply| {
+                let send = all.iter().find(|s| {
+                    s.name == "replication.send" && s.span_context.span_id() == apply.parent_span_id
+                })?;
+                Some((send.clone(), apply.clone()))
+            })
+    })
+    .await;
+    assert_eq!(send.span_kind, SpanKind::Producer);
+    assert_eq!(apply.span_kind, SpanKind::Consumer);
+    assert_eq!(
+        send.span_context.trace_id(),
+        apply.span_context.trace_id(),
+        "one trace across the two runtimes"
+    );
+    assert!(apply.parent_span_is_remote);
+    assert_eq!(attr(&send, "ferrotwin.seq"), attr(&apply, "ferrotwin.seq"));
+    // The enterprise serves the call that carried the batch under the RPC conventions too.
+    let all = spans().get_finished_spans().expect("spans");
+    assert!(
+        all.iter()
+            .any(|s| s.name == "ferrotwin.v1.ReplicationService/Replicate"
+                && s.span_kind == SpanKind::Server),
+        "no server span of the replication stream"
+    );
+    site.rt.shutdown().await;
+    ent.rt.shutdown().await;
+}
