@@ -196,3 +196,36 @@ fn spawn_protocol(
         ConnectionConfig::OpcUa(c) => tokio::spawn(opcua::run(c, targets, io)),
     }
 }
+
+/// The span of one connect attempt of a connection (`adapter.connect`), with its outcome
+/// recorded by `connect_outcome`.
+pub(crate) fn connect_span(
+    connection: &str,
+    protocol: &'static str,
+    endpoint: &str,
+) -> tracing::Span {
+    tracing::info_span!(
+        "adapter.connect",
+        otel.kind = "client",
+        ferrotwin.connection = %connection,
+        network.protocol.name = protocol,
+        server.address = %endpoint,
+        ferrotwin.outcome = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+    )
+}
+
+/// Records a connect attempt's outcome on its span.
+pub(crate) fn connect_outcome<T>(span: &tracing::Span, r: &Result<T, String>) {
+    match r {
+        Ok(_) => {
+            span.record("ferrotwin.outcome", "connected");
+        }
+        Err(why) => {
+            span.record("ferrotwin.outcome", why.as_str());
+            span.record("otel.status_code", "error");
+            span.record("error.type", "connect");
+        }
+    }
+}

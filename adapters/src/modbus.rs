@@ -1104,7 +1104,11 @@ async fn run_connection(config: ModbusConfig, _targets: Vec<TagTarget>, mut io: 
         if io.token.is_cancelled() {
             break;
         }
-        let mut ctx = match adapter.connect().await {
+        let span = crate::connect_span(&adapter.name, "modbus", &adapter.endpoint);
+        let connected = adapter.connect().instrument(span.clone()).await;
+        crate::connect_outcome(&span, &connected);
+        drop(span);
+        let mut ctx = match connected {
             Ok(ctx) => ctx,
             Err(why) => {
                 tracing::debug!(error = %why, connection = %adapter.name, "modbus connect failed");

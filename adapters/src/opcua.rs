@@ -435,7 +435,11 @@ pub async fn run(config: OpcUaConfig, targets: Vec<TagTarget>, io: AdapterIo) {
     };
     loop {
         status.set_link(LinkState::Connecting, None);
-        let end = match ctx.connect().await {
+        let span = crate::connect_span(&config.name, "opcua", &config.endpoint);
+        let connected = ctx.connect().instrument(span.clone()).await;
+        crate::connect_outcome(&span, &connected);
+        drop(span);
+        let end = match connected {
             Ok((session, event_loop)) => {
                 let end = ctx
                     .serve_session(&session, event_loop, &mut state, &mut backoff, &session_tx)

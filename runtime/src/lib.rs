@@ -50,6 +50,8 @@ pub const LAYERS: &[&[&str]] = &[
     &["config", "testing"],
 ];
 
+/// The metric contract: every family of `/metrics` and of the OTLP export.
+pub use api::prometheus::FAMILIES as METRIC_FAMILIES;
 pub use api::{ApiError, ErrorCode, TwinApi, names};
 
 /// The API's limits per client and per request.

@@ -29,6 +29,8 @@ pub struct IngestRouter {
     closed: AtomicBool,
     /// The twins' clock rules (`TwinSettings`), for machine states noted on sample boards.
     clock: ClockRules,
+    /// Batch spans, a few per second at most (never one per reading).
+    spans: crate::telemetry::SpanBudget,
 }
 
 impl IngestRouter {
@@ -45,6 +47,7 @@ impl IngestRouter {
             max_inflight: max_inflight.max(1),
             closed: AtomicBool::new(false),
             clock: ClockRules::default(),
+            spans: crate::telemetry::SpanBudget::default(),
         }
     }
 
@@ -74,6 +77,10 @@ impl IngestSink for IngestRouter {
         if n == 0 {
             return Ok(());
         }
+        let _span = self
+            .spans
+            .admit()
+            .then(|| tracing::info_span!("ingest.batch", ferrotwin.readings = n).entered());
         // A batch larger than the whole budget still passes when nothing is in flight, so an
         // oversized batch is slow rather than refused forever.
         let inflight = self.inflight.load(Ordering::Relaxed);

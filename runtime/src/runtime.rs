@@ -167,6 +167,10 @@ impl Runtime {
         let root_def = plant.root.clone().ok_or(RuntimeError::EmptyPlant)?;
         let (models, model_errors) = load_models(spec, &opts).await?;
         let metrics = Arc::new(Metrics::default());
+        metrics.ingest_limit.store(
+            opts.ingest.max_inflight_readings as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let credits = Credits(Arc::new(AtomicUsize::new(0)));
         let router = Arc::new(
             IngestRouter::new(
@@ -235,7 +239,7 @@ impl Runtime {
             }
         };
         tracing::info!(twins = registry.len(), data_dir = %data_dir.display(), "runtime started");
-        Ok(Runtime {
+        let rt = Runtime {
             model_errors,
             router,
             ctx,
@@ -250,7 +254,35 @@ impl Runtime {
             auth,
             streams: Arc::default(),
             listeners: Arc::default(),
-        })
+        };
+        if crate::telemetry::metrics_on() && !rt.token.is_cancelled() {
+            // Everything `/metrics` shows but the HTTP server's families, over OTLP; nothing
+            // once this runtime stops.
+            let (api, stopped) = (rt.api(), rt.token.clone());
+            crate::telemetry::register_metrics(
+                crate::api::prometheus::FAMILIES
+                    .iter()
+                    .filter(|f| f.component != "http"),
+                &rt.node_name(),
+                Arc::new(move || {
+                    if stopped.is_cancelled() {
+                        String::new()
+                    } else {
+                        api.render_metrics()
+                    }
+                }),
+            );
+        }
+        Ok(rt)
+    }
+
+    /// What this runtime is in a process's OTLP metrics (`ferrotwin.node`): its role and,
+    /// for a site, the site it replicates as.
+    fn node_name(&self) -> String {
+        match &self.replication {
+            Some(s) => format!("site {}", s.site),
+            None => self.api().role().to_owned(),
+        }
     }
 
     /// The API this runtime serves, in process: the same calls gRPC and HTTP answer through.
@@ -391,6 +423,23 @@ impl Runtime {
         let tls = self.listener_tls("http", &listener, b"http/1.1")?;
         let token = self.token.child_token();
         let state = self.http_state(token.clone());
+        if crate::telemetry::metrics_on() {
+            // The HTTP server's families, over OTLP (the runtime's are registered at start).
+            let (page, stopped) = (state.clone(), token.clone());
+            crate::telemetry::register_metrics(
+                crate::api::prometheus::FAMILIES
+                    .iter()
+                    .filter(|f| f.component == "http"),
+                &self.node_name(),
+                Arc::new(move || {
+                    if stopped.is_cancelled() {
+                        String::new()
+                    } else {
+                        page.render_metrics()
+                    }
+                }),
+            );
+        }
         let limits = self.listeners.http.clone();
         self.tracker.spawn(async move {
             if let Err(e) = crate::http::serve(listener, state, token, tls, limits).await {

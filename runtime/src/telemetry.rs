@@ -36,6 +36,13 @@ pub fn tracing_on() -> bool {
     TRACING_ON.load(Ordering::Relaxed)
 }
 
+static METRICS_ON: AtomicBool = AtomicBool::new(false);
+
+/// Whether metrics are exported over OTLP (a runtime then registers its instruments).
+pub fn metrics_on() -> bool {
+    METRICS_ON.load(Ordering::Relaxed)
+}
+
 /// Tells hot paths that spans are taken (tests install their own layer and say so).
 pub fn set_tracing_on(on: bool) {
     TRACING_ON.store(on, Ordering::Relaxed);
@@ -181,6 +188,7 @@ impl Telemetry {
                 .with_resource(resource)
                 .build();
             opentelemetry::global::set_meter_provider(p.clone());
+            METRICS_ON.store(true, Ordering::Relaxed);
             Some(p)
         };
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
@@ -218,6 +226,7 @@ impl Telemetry {
     /// Flushes and stops the exporters (bounded by the SDK's export timeout).
     pub fn shutdown(self) {
         set_tracing_on(false);
+        METRICS_ON.store(false, Ordering::Relaxed);
         if let Some(t) = self.traces {
             let _ = t.shutdown();
         }
@@ -358,15 +367,28 @@ pub enum FamilyKind {
     Gauge,
 }
 
+/// What a family says about input that was not used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Discard {
+    /// Not a discard family.
+    No,
+    /// Discarded by design (a policy, a limit doing its job): labelled `reason`/`outcome`.
+    Intentional,
+    /// Discarded because something is wrong (bad input, a fault): labelled `reason`/`outcome`.
+    Fault,
+}
+
 /// One metric family of the written contract (ARCHITECTURE.md "Metrics"): its Prometheus
-/// name, kind, unit (UCUM, as OpenTelemetry wants it), the component that keeps it, and
-/// what it counts.
+/// name, kind, unit (UCUM, as OpenTelemetry wants it), the component that keeps it, its
+/// labels, whether it counts discards, and what it counts.
 #[derive(Debug, Clone, Copy)]
 pub struct MetricFamily {
     pub name: &'static str,
     pub kind: FamilyKind,
     pub unit: &'static str,
     pub component: &'static str,
+    pub labels: &'static [&'static str],
+    pub discard: Discard,
     pub help: &'static str,
 }
 
@@ -427,12 +449,16 @@ fn parse_labels(s: &str) -> Vec<(String, String)> {
 }
 
 /// Registers every family of `families` as an observable OpenTelemetry instrument of the
-/// global meter provider (a no-op provider when metrics are off), each read from `render`'s
-/// samples, rendered at most once per export.
+/// global meter provider, each read from `render`'s samples (rendered at most once per
+/// export) and attributed `ferrotwin.node = node` (a process may run several runtimes: the
+/// demo runs three). The Prometheus label set of a sample becomes its attributes; counters
+/// lose their `_total`.
 pub fn register_metrics(
-    families: &'static [MetricFamily],
+    families: impl Iterator<Item = &'static MetricFamily>,
+    node: &str,
     render: Arc<dyn Fn() -> String + Send + Sync>,
 ) {
+    let node = KeyValue::new("ferrotwin.node", node.to_owned());
     let meter = opentelemetry::global::meter("ferrotwin");
     let cache: Arc<Mutex<(Option<Instant>, Arc<Samples>)>> =
         Arc::new(Mutex::new((None, Arc::new(Samples::new()))));
@@ -445,10 +471,12 @@ pub fn register_metrics(
     };
     let samples = Arc::new(samples);
     for f in families {
-        let attrs = |labels: &[(String, String)]| -> Vec<KeyValue> {
+        let node = node.clone();
+        let attrs = move |labels: &[(String, String)]| -> Vec<KeyValue> {
             labels
                 .iter()
                 .map(|(k, v)| KeyValue::new(k.clone(), v.clone()))
+                .chain(std::iter::once(node.clone()))
                 .collect()
         };
         let samples = Arc::clone(&samples);

@@ -9,6 +9,7 @@ mod hostile;
 mod http;
 mod inference;
 mod ingest;
+mod metrics;
 mod plc;
 mod recovery;
 mod replication;

@@ -9,6 +9,11 @@ use std::time::{Duration, Instant};
 
 use ferrotwin_proto::v1 as pb;
 use ferrotwin_proto::v1::twin_service_client::TwinServiceClient;
+use opentelemetry_proto::tonic as otlp;
+use otlp::collector::metrics::v1::metrics_service_server::{MetricsService, MetricsServiceServer};
+use otlp::collector::metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse};
+use otlp::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
+use otlp::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ferrotwin");
 
@@ -39,6 +44,11 @@ struct Addrs {
 
 /// Starts `ferrotwin demo` on a free port and returns it with the addresses it printed.
 fn start_demo(data_dir: &std::path::Path) -> (Demo, Addrs) {
+    start_demo_with(data_dir, &[])
+}
+
+/// `start_demo` with more environment variables.
+fn start_demo_with(data_dir: &std::path::Path, env: &[(&str, String)]) -> (Demo, Addrs) {
     let mut child = Command::new(BIN)
         .args([
             "demo",
@@ -50,6 +60,7 @@ fn start_demo(data_dir: &std::path::Path) -> (Demo, Addrs) {
         ])
         .arg(data_dir)
         .env("RUST_LOG", "warn")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -440,4 +451,162 @@ data_type = "f32"
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("acme/berlin/a/l/p/pressure"), "{err}");
+}
+
+/// An OTLP collector: the trace and metrics services of the `opentelemetry-proto`
+/// definitions, keeping every request it gets.
+#[derive(Clone, Default)]
+struct Collector {
+    spans: std::sync::Arc<std::sync::Mutex<Vec<otlp::trace::v1::ResourceSpans>>>,
+    metrics: std::sync::Arc<std::sync::Mutex<Vec<otlp::metrics::v1::ResourceMetrics>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        req: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.spans
+            .lock()
+            .expect("spans")
+            .extend(req.into_inner().resource_spans);
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+#[tonic::async_trait]
+impl MetricsService for Collector {
+    async fn export(
+        &self,
+        req: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        self.metrics
+            .lock()
+            .expect("metrics")
+            .extend(req.into_inner().resource_metrics);
+        Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
+    }
+}
+
+fn resource_attr(r: Option<&otlp::resource::v1::Resource>, key: &str) -> Option<String> {
+    r?.attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+            otlp::common::v1::any_value::Value::StringValue(s) => Some(s.clone()),
+            _ => None,
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_demo_exports_the_span_of_a_traced_call_and_its_metrics_to_an_otlp_collector() {
+    let collector = Collector::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let at = listener.local_addr().expect("addr");
+    {
+        let c = collector.clone();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(c.clone()))
+                .add_service(MetricsServiceServer::new(c))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+    }
+    let dir = tempfile::tempdir().expect("dir");
+    let (demo, addrs) = start_demo_with(
+        dir.path(),
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{at}")),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100".into()),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "300".into()),
+            (
+                "OTEL_RESOURCE_ATTRIBUTES",
+                "deployment.environment.name=test".into(),
+            ),
+        ],
+    );
+    let mut c = TwinServiceClient::connect(format!("http://{}", addrs.enterprise))
+        .await
+        .expect("connect");
+    let trace_hex = "0af7651916cd43dd8448eb211c80319c";
+    let parent_hex = "b7ad6b7169203331";
+    let mut req = tonic::Request::new(pb::BrowseRequest::default());
+    req.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_hex}-{parent_hex}-01")
+            .parse()
+            .expect("ascii"),
+    );
+    c.browse(req).await.expect("browse");
+    let (span, resource) = wait_for(30, "the call's span at the collector", || {
+        let got = collector
+            .spans
+            .lock()
+            .expect("spans")
+            .iter()
+            .find_map(|rs| {
+                rs.scope_spans
+                    .iter()
+                    .flat_map(|ss| &ss.spans)
+                    .find_map(|s| {
+                        (hex(&s.trace_id) == trace_hex).then(|| (s.clone(), rs.resource.clone()))
+                    })
+            });
+        async move { got }
+    })
+    .await;
+    assert_eq!(span.name, "ferrotwin.v1.TwinService/Browse");
+    assert_eq!(hex(&span.parent_span_id), parent_hex);
+    assert_eq!(
+        span.kind,
+        otlp::trace::v1::span::SpanKind::Server as i32,
+        "{span:?}"
+    );
+    assert_eq!(
+        resource_attr(resource.as_ref(), "service.name").as_deref(),
+        Some("ferrotwin-demo")
+    );
+    assert_eq!(
+        resource_attr(resource.as_ref(), "deployment.environment.name").as_deref(),
+        Some("test")
+    );
+    // The `/metrics` families, over OTLP: readings received, per runtime of the demo.
+    let points = wait_for(30, "readings received at the collector", || {
+        let got = collector
+            .metrics
+            .lock()
+            .expect("metrics")
+            .iter()
+            .flat_map(|rm| &rm.scope_metrics)
+            .flat_map(|sm| &sm.metrics)
+            .filter(|m| m.name == "ferrotwin_readings_received")
+            .filter_map(|m| match m.data.as_ref()? {
+                otlp::metrics::v1::metric::Data::Sum(s) => Some(s.data_points.clone()),
+                _ => None,
+            })
+            .flatten()
+            .filter(|p| {
+                matches!(
+                    p.value,
+                    Some(otlp::metrics::v1::number_data_point::Value::AsDouble(v)) if v > 0.0
+                )
+            })
+            .collect::<Vec<_>>();
+        async move { (!got.is_empty()).then_some(got) }
+    })
+    .await;
+    assert!(
+        points
+            .iter()
+            .all(|p| p.attributes.iter().any(|kv| kv.key == "ferrotwin.node")),
+        "{points:?}"
+    );
+    drop(demo);
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }

@@ -1117,13 +1117,15 @@ impl TwinApi {
 
     /// Prometheus text of everything the runtime counts (`prometheus::render_runtime`).
     pub fn render_metrics(&self) -> String {
-        prometheus::render_runtime(
-            &self.ctx.metrics,
-            &self.ctx.store,
-            &self.connections,
-            self.enterprise.as_deref(),
-            &self.listeners,
-        )
+        prometheus::render_runtime(&prometheus::Sources {
+            metrics: &self.ctx.metrics,
+            inflight: self.ctx.credits.in_flight(),
+            store: &self.ctx.store,
+            connections: &self.connections,
+            sender: self.sender.as_deref(),
+            enterprise: self.enterprise.as_deref(),
+            listeners: &self.listeners,
+        })
     }
 
     /// Changes a watcher may hold before it is told it lagged.

@@ -27,6 +27,8 @@ pub struct Metrics {
     pub auth_failures: AtomicU64,
     /// Calls refused because the caller's grants do not cover them.
     pub auth_denials: AtomicU64,
+    /// Readings the router hands twins at most before it pushes back (set at start).
+    pub ingest_limit: AtomicU64,
 }
 
 impl Metrics {
@@ -98,6 +100,12 @@ impl Metrics {
             s,
             "ferrotwin_ingest_push_backs_total {}",
             g(&self.push_backs)
+        );
+        let _ = writeln!(s, "# TYPE ferrotwin_ingest_inflight_limit_readings gauge");
+        let _ = writeln!(
+            s,
+            "ferrotwin_ingest_inflight_limit_readings {}",
+            g(&self.ingest_limit)
         );
         let _ = writeln!(s, "# TYPE ferrotwin_twin_restarts_total counter");
         let _ = writeln!(s, "ferrotwin_twin_restarts_total {}", g(&self.restarts));

@@ -130,6 +130,11 @@ impl ConnLimits {
     }
 
     /// Connections open now.
+    /// Connections the listener admits at most.
+    pub fn max_total(&self) -> usize {
+        self.max_total
+    }
+
     pub fn open(&self) -> usize {
         self.open.lock().unwrap_or_else(|p| p.into_inner()).0
     }

@@ -679,6 +679,19 @@ impl Store {
     /// Writes everything dirty or queued now, then flushes sled to disk. On an error nothing
     /// of the round is lost: it is put back (`put_back`) and retried by the next flush.
     pub fn flush_once(&self, registry: &Registry, snapshots: bool) -> Result<(), StoreError> {
+        let span = if crate::telemetry::tracing_on() {
+            tracing::info_span!(
+                "store.flush",
+                ferrotwin.snapshots = tracing::field::Empty,
+                ferrotwin.chunks = tracing::field::Empty,
+                ferrotwin.events = tracing::field::Empty,
+                ferrotwin.bytes = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+            )
+        } else {
+            tracing::Span::none()
+        };
+        let _entered = span.enter();
         let started = Instant::now();
         let dirty = self.take_dirty_within_budget(registry, snapshots);
         // The queue's mirror records go in after the registry's snapshots: for the same twin
@@ -841,6 +854,13 @@ impl Store {
     }
 
     fn count_flush(&self, q: &Queue, snapshots_written: u64, started: Instant) {
+        let span = tracing::Span::current();
+        if !span.is_none() {
+            span.record("ferrotwin.snapshots", snapshots_written);
+            span.record("ferrotwin.chunks", q.history.len());
+            span.record("ferrotwin.events", q.events.len());
+            span.record("ferrotwin.bytes", q.bytes);
+        }
         self.stats.flushes.fetch_add(1, Ordering::Relaxed);
         self.stats
             .snapshots_written

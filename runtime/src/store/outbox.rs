@@ -68,6 +68,8 @@ pub struct OutboxLag {
     pub compacted: u64,
     /// Events dropped at the limit, since start.
     pub dropped_events: u64,
+    /// The limit on `bytes` (past it, the oldest batches are compacted, then dropped).
+    pub limit_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -477,6 +479,7 @@ impl Outbox {
             acked_seq: st.acked,
             compacted: st.compacted,
             dropped_events: st.dropped_events,
+            limit_bytes: self.max_bytes.load(Ordering::Relaxed),
         }
     }
 

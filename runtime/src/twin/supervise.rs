@@ -4,6 +4,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tracing::Instrument as _;
 
 use ferrotwin_models::rollup::RollUp;
 use ferrotwin_models::{AssetId, AssetPath};
@@ -98,12 +99,19 @@ impl Children {
                 history.push_back(now);
                 tracing::warn!(asset = %entry.path(), error = %err, "twin failed; restarting from its last snapshot");
                 let why = err.to_string();
+                let span = tracing::info_span!(
+                    "twin.restart",
+                    ferrotwin.asset = %entry.path(),
+                    error.type = "panic",
+                    ferrotwin.error = %why,
+                );
                 let actor = spawn_twin(
                     ctx.clone(),
                     entry.clone(),
                     Some(myself.get_cell()),
                     Some(why),
                 )
+                .instrument(span)
                 .await
                 .map_err(|e| format!("{}: restart failed: {e}", entry.path()))?;
                 self.by_actor.insert(actor.get_id(), entry);
