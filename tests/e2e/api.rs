@@ -266,6 +266,50 @@ async fn health_reports_serving() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_follows_each_service_an_enterprise_serves() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut opts = options();
+    opts.enterprise = Some(ferrotwin_runtime::EnterpriseRole {
+        accept: vec!["acme/berlin".into()],
+    });
+    let ent = start_in(dir.path(), opts).await;
+    let sd = tempfile::tempdir().expect("tempdir");
+    let site = start_in(sd.path(), options()).await;
+    let check = |addr: std::net::SocketAddr, service: &'static str| async move {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect");
+        tonic_health::pb::health_client::HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .map(|r| r.into_inner().status)
+    };
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    for service in [
+        "",
+        "ferrotwin.v1.TwinService",
+        "ferrotwin.v1.ReplicationService",
+    ] {
+        assert_eq!(
+            check(ent.addr, service).await.expect(service),
+            serving,
+            "{service:?}"
+        );
+    }
+    // A site does not receive replication: its health knows no such service.
+    let err = check(site.addr, "ferrotwin.v1.ReplicationService")
+        .await
+        .expect_err("not a service of a site");
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
+    site.rt.shutdown().await;
+    ent.rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watcher_that_falls_behind_is_told_it_lagged_and_gets_a_fresh_snapshot() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut opts = options();

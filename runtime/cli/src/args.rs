@@ -285,6 +285,24 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 50)]
         clients: usize,
     },
+    /// What the OpenTelemetry export costs: ingest readings/s and WriteProperty latency
+    /// with spans exported over OTLP to an in-process collector against no export.
+    Telemetry {
+        #[arg(long, default_value_t = 100_000)]
+        sensors: u64,
+        /// Seconds of ingest per round.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Rounds of each, alternating off and on.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// Share of new traces sampled while the export is on.
+        #[arg(long, default_value_t = 0.01)]
+        ratio: f64,
+        /// Sequential WriteProperty calls per round.
+        #[arg(long, default_value_t = 300)]
+        writes: usize,
+    },
     /// Drive the real ingest path and print readings/s, latency to a watcher, RSS per twin.
     Ingest {
         #[arg(long, default_value_t = 100_000)]

@@ -322,6 +322,28 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Bench {
+            what:
+                BenchCmd::Telemetry {
+                    sensors,
+                    seconds,
+                    rounds,
+                    ratio,
+                    writes,
+                },
+        } => {
+            // Installs its own subscriber (the export is switched on and off).
+            let report = bench::telemetry::telemetry(bench::telemetry::TelemetryBench {
+                sensors,
+                seconds,
+                rounds,
+                ratio,
+                writes,
+            })
+            .await?;
+            print!("{report}");
+            Ok(())
+        }
+        Cmd::Bench {
             what: BenchCmd::Actors { count },
         } => {
             println!("{:.0}", bench::bare_actor_bytes(count).await?);

@@ -316,11 +316,22 @@ pub async fn serve(
     // and probes stop sending before the listener closes.
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<TwinServiceServer<TwinApi>>().await;
+    let receives = replication.is_some();
+    if receives {
+        health
+            .set_serving::<ReplicationServiceServer<ReplicationApi>>()
+            .await;
+    }
     {
         let (health, token) = (health.clone(), token.clone());
         tokio::spawn(async move {
             token.cancelled().await;
             health.set_not_serving::<TwinServiceServer<TwinApi>>().await;
+            if receives {
+                health
+                    .set_not_serving::<ReplicationServiceServer<ReplicationApi>>()
+                    .await;
+            }
             health
                 .set_service_status("", tonic_health::ServingStatus::NotServing)
                 .await;

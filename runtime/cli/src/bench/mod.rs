@@ -6,6 +6,7 @@ pub mod http;
 pub mod plc;
 pub mod replication;
 pub mod security;
+pub mod telemetry;
 
 use std::collections::HashMap;
 use std::fmt::Write;
