@@ -179,8 +179,10 @@ pub async fn telemetry(b: TelemetryBench) -> Result<String> {
         1,
     );
     let plant = ServedPlant::start(&wspec, 3, Timestamp::now()).await?;
-    let mut opts = RuntimeOptions::default();
-    opts.connections = feeds::modbus_connections(&wspec, &plant, 200, |_| true)?;
+    let opts = RuntimeOptions {
+        connections: feeds::modbus_connections(&wspec, &plant, 200, |_| true)?,
+        ..RuntimeOptions::default()
+    };
     let wdir = tempfile::tempdir()?;
     let rt = Runtime::start(&wspec, wdir.path(), opts).await?;
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
