@@ -892,9 +892,9 @@ impl Adapter {
             "modbus.write",
             otel.kind = "client",
             modbus.function = function,
-            modbus.address = tag.address,
-            modbus.unit_id = self.unit_id,
-            modbus.words = words.len(),
+            modbus.address = i64::from(tag.address),
+            modbus.unit_id = i64::from(self.unit_id),
+            modbus.words = words.len() as i64,
             ferrotwin.plc_answer = tracing::field::Empty,
         );
         let (answer, lost) = match tokio::time::timeout(self.timeout, request)

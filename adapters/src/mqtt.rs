@@ -1301,7 +1301,7 @@ impl Adapter {
             messaging.system = "mqtt",
             messaging.operation.type = "send",
             messaging.destination.name = %topic,
-            messaging.message.body.size = payload.len(),
+            messaging.message.body.size = payload.len() as i64,
         );
         let published = publish.in_scope(|| self.client.try_publish(topic, payload));
         match published {

@@ -176,6 +176,11 @@ impl SiteConfig {
                         .into(),
             });
         }
+        c.telemetry.validate().map_err(|e| ConfigError::Invalid {
+            file: file.to_path_buf(),
+            field: "telemetry",
+            message: e.to_string(),
+        })?;
         if c.ingest.max_inflight_readings == 0 {
             return Err(ConfigError::Invalid {
                 file: file.to_path_buf(),

@@ -8,7 +8,8 @@
 //! `OTEL_METRICS_EXPORTER=none` and `OTEL_SDK_DISABLED=true` behave as the specification says.
 //!
 //! Spans are `tracing` spans; the `tracing-opentelemetry` layer (`Telemetry::layer`) turns
-//! them into OpenTelemetry spans. Incoming W3C `traceparent`s become their parents
+//! them into OpenTelemetry spans. Integer fields are given as `i64`: the layer records an
+//! unsigned field as its debug text, and the conventions want numbers. Incoming W3C `traceparent`s become their parents
 //! (`set_remote_parent`); outgoing ones are `traceparent_of` (the replication batch carries
 //! one). Metrics: every family of the `/metrics` page (`METRIC_FAMILIES`, the written
 //! contract) is also an observable OpenTelemetry instrument, read from that page's samples at
@@ -70,10 +71,34 @@ pub struct TelemetryConfig {
 /// span per reading.
 pub const DEFAULT_INGEST_SPANS_PER_S: u32 = 10;
 
+impl TelemetryConfig {
+    /// What a config file can get wrong: the ratio's range, the endpoint's form.
+    pub fn validate(&self) -> Result<(), TelemetryError> {
+        if let Some(r) = self.sample_ratio
+            && !(0.0..=1.0).contains(&r)
+        {
+            return Err(TelemetryError::BadRatio(r));
+        }
+        if let Some(e) = &self.otlp_endpoint {
+            let ok = (e.starts_with("http://") || e.starts_with("https://"))
+                && e.parse::<axum::http::Uri>()
+                    .is_ok_and(|u| u.host().is_some_and(|h| !h.is_empty()));
+            if !ok {
+                return Err(TelemetryError::BadEndpoint(e.clone()));
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
     #[error("telemetry: sample_ratio {0} is not between 0 and 1")]
     BadRatio(f64),
+    #[error(
+        "telemetry: otlp_endpoint {0:?} is not an http:// or https:// address (e.g. http://collector:4317)"
+    )]
+    BadEndpoint(String),
     #[error("telemetry: OTLP {signal} exporter: {message}")]
     Exporter {
         signal: &'static str,
@@ -110,11 +135,7 @@ impl Telemetry {
     /// tokio runtime (the gRPC channel's worker is a tokio task). Nothing is connected here:
     /// a collector that is down costs dropped exports, counted by the SDK, never a start.
     pub fn from_env(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
-        if let Some(r) = config.sample_ratio
-            && !(0.0..=1.0).contains(&r)
-        {
-            return Err(TelemetryError::BadRatio(r));
-        }
+        config.validate()?;
         let configured = config.otlp_endpoint.is_some()
             || env("OTEL_EXPORTER_OTLP_ENDPOINT").is_some()
             || env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some()
@@ -169,7 +190,9 @@ impl Telemetry {
                     r,
                 ))));
             }
-            Some(p.build())
+            let p = p.build();
+            opentelemetry::global::set_tracer_provider(p.clone());
+            Some(p)
         };
         let metrics = if env_is("OTEL_METRICS_EXPORTER", "none") {
             None
@@ -206,12 +229,40 @@ impl Telemetry {
         self.traces.is_some() || self.metrics.is_some()
     }
 
-    /// The tracing layer that exports spans (none when traces are off). Installing it tells
-    /// the hot paths (`tracing_on`).
+    /// `layer` with a switch: spans are exported only while `on` holds (a benchmark compares
+    /// export on and off in one process; a filtered layer cannot be swapped in later).
+    pub fn layer_switched<S>(
+        &self,
+        on: Arc<AtomicBool>,
+    ) -> Option<impl tracing_subscriber::Layer<S> + use<S>>
+    where
+        S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    {
+        use tracing_subscriber::Layer as _;
+        use tracing_subscriber::filter::FilterExt as _;
+        let provider = self.traces.as_ref()?;
+        set_ingest_spans_per_s(self.ingest_spans_per_s);
+        // Dynamic: a plain `filter_fn`'s answer is cached per callsite at its first use.
+        let switch =
+            tracing_subscriber::filter::dynamic_filter_fn(move |_, _| on.load(Ordering::Relaxed));
+        Some(
+            tracing_opentelemetry::layer()
+                .with_tracer(provider.tracer("ferrotwin"))
+                .with_threads(false)
+                .with_location(false)
+                .with_filter(export_filter().and(switch)),
+        )
+    }
+
+    /// The tracing layer that exports spans (none when traces are off): our crates' spans
+    /// at info and above, and the events inside them. Nothing of other crates: their debug
+    /// and trace events (h2 and hyper log every frame) would cost each call hundreds of µs.
+    /// Installing it tells the hot paths (`tracing_on`).
     pub fn layer<S>(&self) -> Option<impl tracing_subscriber::Layer<S> + use<S>>
     where
         S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
     {
+        use tracing_subscriber::Layer as _;
         let provider = self.traces.as_ref()?;
         set_tracing_on(true);
         set_ingest_spans_per_s(self.ingest_spans_per_s);
@@ -219,7 +270,8 @@ impl Telemetry {
             tracing_opentelemetry::layer()
                 .with_tracer(provider.tracer("ferrotwin"))
                 .with_threads(false)
-                .with_location(false),
+                .with_location(false)
+                .with_filter(export_filter()),
         )
     }
 
@@ -234,6 +286,14 @@ impl Telemetry {
             let _ = m.shutdown();
         }
     }
+}
+
+/// What the span export takes: our crates at info and above.
+pub fn export_filter() -> tracing_subscriber::filter::Targets {
+    tracing_subscriber::filter::Targets::new()
+        .with_target("ferrotwin_runtime", tracing::Level::INFO)
+        .with_target("ferrotwin_adapters", tracing::Level::INFO)
+        .with_target("ferrotwin_cli", tracing::Level::INFO)
 }
 
 struct HeaderExtractor<'a>(&'a axum::http::HeaderMap);
@@ -314,6 +374,31 @@ pub fn ids_of(span: &tracing::Span) -> Option<(String, String)> {
     let sc = cx.span().span_context().clone();
     sc.is_valid()
         .then(|| (sc.trace_id().to_string(), sc.span_id().to_string()))
+}
+
+/// An anomaly episode as one span from its start to its end (spans with times of their own
+/// are built with the OpenTelemetry API: a `tracing` span starts when it is made). Recorded
+/// when the episode ends, on `tracer` (the global provider's when `tracing_on`).
+pub fn record_episode<T: opentelemetry::trace::Tracer>(
+    tracer: &T,
+    asset: &str,
+    detector: &str,
+    peak: f64,
+    started: std::time::SystemTime,
+    ended: std::time::SystemTime,
+) {
+    use opentelemetry::trace::{Span as _, SpanKind};
+    let mut span = tracer
+        .span_builder("anomaly.episode")
+        .with_kind(SpanKind::Internal)
+        .with_start_time(started)
+        .with_attributes([
+            KeyValue::new("ferrotwin.asset", asset.to_owned()),
+            KeyValue::new("ferrotwin.detector", detector.to_owned()),
+            KeyValue::new("ferrotwin.peak_score", peak),
+        ])
+        .start(tracer);
+    span.end_with_timestamp(ended);
 }
 
 static INGEST_SPANS_PER_S: AtomicU64 = AtomicU64::new(DEFAULT_INGEST_SPANS_PER_S as u64);
@@ -538,6 +623,48 @@ mod tests {
         }
         let t = Telemetry::from_env(&TelemetryConfig::default()).expect("off");
         assert!(!t.is_on());
+    }
+
+    #[test]
+    fn an_endpoint_that_is_no_url_is_refused() {
+        for bad in ["collector:4317", "http://", "ftp://x:1", "http://a b:1"] {
+            let cfg = TelemetryConfig {
+                otlp_endpoint: Some(bad.into()),
+                ..TelemetryConfig::default()
+            };
+            let e = cfg
+                .validate()
+                .err()
+                .unwrap_or_else(|| panic!("{bad} passed"));
+            assert!(e.to_string().contains("otlp_endpoint"), "{e}");
+        }
+        let good = TelemetryConfig {
+            otlp_endpoint: Some("https://collector.plant:4317".into()),
+            ..TelemetryConfig::default()
+        };
+        assert!(good.validate().is_ok());
+    }
+
+    #[test]
+    fn an_anomaly_episode_is_one_span_from_its_start_to_its_end() {
+        use opentelemetry::trace::TracerProvider as _;
+        let exporter = opentelemetry_sdk::trace::InMemorySpanExporter::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(exporter.clone())
+            .build();
+        let t0 = std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let t1 = t0 + Duration::from_secs(95);
+        record_episode(&provider.tracer("t"), "acme/b/l/m", "spectral", 4.5, t0, t1);
+        let spans = exporter.get_finished_spans().expect("spans");
+        assert_eq!(spans.len(), 1);
+        let s = &spans[0];
+        assert_eq!(s.name, "anomaly.episode");
+        assert_eq!((s.start_time, s.end_time), (t0, t1));
+        assert!(
+            s.attributes.iter().any(
+                |kv| kv.key.as_str() == "ferrotwin.detector" && kv.value.as_str() == "spectral"
+            )
+        );
     }
 
     #[test]

@@ -29,6 +29,7 @@ use ferrotwin_sim::serve::ServedPlant;
 use opentelemetry::trace::{SpanId, SpanKind, Status, TraceId, TracerProvider as _};
 use opentelemetry::{Key, Value};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
+use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt as _;
 
 /// Every span of this process, in memory.
@@ -39,8 +40,12 @@ fn spans() -> &'static InMemorySpanExporter {
         let provider = SdkTracerProvider::builder()
             .with_simple_exporter(exporter.clone())
             .build();
-        let subscriber = tracing_subscriber::registry()
-            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("ferrotwin-tests")));
+        // The filter the export has in production (`Telemetry::layer`).
+        let subscriber = tracing_subscriber::registry().with(
+            tracing_opentelemetry::layer()
+                .with_tracer(provider.tracer("ferrotwin-tests"))
+                .with_filter(ferrotwin_runtime::telemetry::export_filter()),
+        );
         tracing::subscriber::set_global_default(subscriber).expect("the only subscriber");
         ferrotwin_runtime::telemetry::set_tracing_on(true);
         // The provider lives as long as the process.
@@ -86,15 +91,40 @@ const TWO_LINES: PlantSize = PlantSize {
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_write_property_is_one_trace_from_the_callers_span_to_the_plcs_answer() {
+async fn a_write_property_is_one_trace_from_the_callers_span_to_the_modbus_plcs_answer() {
+    write_trace(Plc::Modbus, "4bf92f3577b34da6a3ce929d0e0e4736").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_property_is_one_trace_from_the_callers_span_to_the_opcua_servers_answer() {
+    write_trace(Plc::OpcUa, "6bf92f3577b34da6a3ce929d0e0e4738").await;
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Plc {
+    Modbus,
+    OpcUa,
+}
+
+/// A traced write to a simulated PLC, its spans asserted; `trace` is the caller's trace id.
+async fn write_trace(plc: Plc, trace: &str) {
     spans();
     let spec: PlantSpec = generate(TWO_LINES, 3);
-    let plant = ServedPlant::start(&spec, 5, Timestamp::now())
+    let mut plant = ServedPlant::start(&spec, 5, Timestamp::now())
         .await
         .expect("PLCs start");
     let mapping = Mapping::of(&spec).expect("fits");
     let mut opts = options();
-    opts.connections = feeds::modbus_connections(&spec, &plant, 50, |_| true).expect("configs");
+    opts.connections = match plc {
+        Plc::Modbus => feeds::modbus_connections(&spec, &plant, 50, |_| true).expect("configs"),
+        Plc::OpcUa => {
+            plant
+                .serve_opcua(&spec)
+                .await
+                .expect("OPC UA servers start");
+            feeds::opcua_connections(&spec, &plant, |_| true).expect("configs")
+        }
+    };
     let dir = tempfile::tempdir().expect("dir");
     let site = start_plant_in(&spec, dir.path(), opts).await;
     let machine = mapping.lines[0]
@@ -105,7 +135,11 @@ async fn a_write_property_is_one_trace_from_the_callers_span_to_the_plcs_answer(
         .and_then(|p| p.parent())
         .expect("a machine")
         .to_string();
-    let caller_trace = TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").expect("hex");
+    let caller_trace = TraceId::from_hex(trace).expect("hex");
+    let protocol_span = match plc {
+        Plc::Modbus => "modbus.write",
+        Plc::OpcUa => "opcua.write",
+    };
     let caller_span = SpanId::from_hex("00f067aa0ba902b7").expect("hex");
     let write = |pct: i64| {
         let mut req = tonic::Request::new(pb::WritePropertyRequest {
@@ -126,12 +160,13 @@ async fn a_write_property_is_one_trace_from_the_callers_span_to_the_plcs_answer(
     };
     let mut c = site.client.clone();
     // Until the PLC's connection is up, a write is refused as not connected.
-    wait_for(30, "a write the PLC takes", || {
+    let written = wait_for(30, "a write the PLC takes", || {
         let mut c = c.clone();
         let req = write(120);
         async move { c.write_property(req).await.ok() }
     })
-    .await;
+    .await
+    .into_inner();
     let (rpc, write_span, audit, adapter, modbus) = wait_spans("the write's spans", |all| {
         let adapter = all.iter().find(|s| {
             s.span_context.trace_id() == caller_trace
@@ -148,7 +183,7 @@ async fn a_write_property_is_one_trace_from_the_callers_span_to_the_plcs_answer(
             s.name == "audit.append" && s.parent_span_id == write_span.span_context.span_id()
         })?;
         let modbus = all.iter().find(|s| {
-            s.name == "modbus.write" && s.parent_span_id == adapter.span_context.span_id()
+            s.name == protocol_span && s.parent_span_id == adapter.span_context.span_id()
         })?;
         Some((
             rpc.clone(),
@@ -177,25 +212,44 @@ async fn a_write_property_is_one_trace_from_the_callers_span_to_the_plcs_answer(
     );
     assert_eq!(
         attr_str(&write_span, "ferrotwin.connection"),
-        feeds::line_connection_name(&mapping.lines[0].line)
+        written.connection
     );
     // The audit record is written before the PLC is.
     assert!(audit.end_time <= adapter.start_time);
     // The adapter's way to the PLC and the PLC's answer.
     assert_eq!(adapter.span_kind, SpanKind::Client);
-    assert_eq!(attr_str(&adapter, "network.protocol.name"), "modbus");
     assert_eq!(attr_str(&adapter, "ferrotwin.value"), "120");
-    assert_eq!(modbus.name, "modbus.write");
-    assert_eq!(
-        attr_str(&modbus, "modbus.function"),
-        "write_single_register"
-    );
-    assert_eq!(attr_str(&modbus, "ferrotwin.plc_answer"), "ok");
+    match plc {
+        Plc::Modbus => {
+            assert_eq!(attr_str(&adapter, "network.protocol.name"), "modbus");
+            assert_eq!(
+                attr_str(&modbus, "modbus.function"),
+                "write_single_register"
+            );
+            assert_eq!(attr_str(&modbus, "ferrotwin.plc_answer"), "ok");
+        }
+        Plc::OpcUa => {
+            assert_eq!(attr_str(&adapter, "network.protocol.name"), "opcua");
+            // The server's answer, and the read of the variable's data type before it (once
+            // per session: the first write's trace has it).
+            assert_eq!(attr_str(&modbus, "opcua.status_code"), "Good");
+            assert_eq!(attr_str(&modbus, "opcua.service"), "Write");
+            let all = spans().get_finished_spans().expect("spans");
+            assert!(
+                all.iter().any(|s| s.name == "opcua.read"
+                    && attr_str(s, "opcua.attribute") == "DataType"
+                    && s.span_context.trace_id() == caller_trace),
+                "no data type read in the write's trace"
+            );
+        }
+    }
     for s in [&write_span, &audit, &adapter, &modbus] {
         assert_eq!(s.span_context.trace_id(), caller_trace, "{}", s.name);
     }
     // A write the tag cannot take: the refusal is on the adapter's span, as an error.
-    let refused_trace = TraceId::from_hex("5bf92f3577b34da6a3ce929d0e0e4737").expect("hex");
+    let mut refused_hex = trace.to_owned();
+    refused_hex.replace_range(..1, "7");
+    let refused_trace = TraceId::from_hex(&refused_hex).expect("hex");
     let mut req = write(99_999);
     req.metadata_mut().insert(
         "traceparent",
@@ -279,4 +333,63 @@ async fn a_replicated_batch_is_applied_in_the_trace_of_its_send() {
     );
     site.rt.shutdown().await;
     ent.rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_request_is_a_server_span_named_by_its_route_in_the_callers_trace() {
+    spans();
+    let dir = tempfile::tempdir().expect("dir");
+    let site = start_in(dir.path(), options()).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    site.rt.serve_http(listener).expect("serve http");
+    let trace = TraceId::from_hex("8bf92f3577b34da6a3ce929d0e0e4739").expect("hex");
+    let parent = SpanId::from_hex("10f067aa0ba902b8").expect("hex");
+    let client = reqwest::Client::new();
+    for path in [
+        format!("/api/v1/twins/{PRESS}"),
+        "/api/v1/twins/acme/nowhere".into(),
+    ] {
+        let r = client
+            .get(format!("http://{addr}{path}"))
+            .header("traceparent", format!("00-{trace}-{parent}-01"))
+            .send()
+            .await
+            .expect("GET");
+        assert!(r.status().as_u16() == 200 || r.status().as_u16() == 404);
+    }
+    let got = wait_spans("the two requests' spans", |all| {
+        let mine: Vec<SpanData> = all
+            .iter()
+            .filter(|s| s.span_context.trace_id() == trace)
+            .cloned()
+            .collect();
+        (mine.len() >= 2).then_some(mine)
+    })
+    .await;
+    for s in &got {
+        assert_eq!(s.name, "GET /api/v1/twins/{*path}");
+        assert_eq!(s.span_kind, SpanKind::Server);
+        assert_eq!(s.parent_span_id, parent);
+        assert_eq!(attr_str(s, "http.request.method"), "GET");
+        assert_eq!(attr_str(s, "http.route"), "/api/v1/twins/{*path}");
+        assert_eq!(attr_str(s, "url.scheme"), "http");
+    }
+    let mut codes: Vec<i64> = got
+        .iter()
+        .filter_map(|s| match attr(s, "http.response.status_code") {
+            Some(Value::I64(c)) => Some(*c),
+            _ => None,
+        })
+        .collect();
+    codes.sort_unstable();
+    assert_eq!(codes, vec![200, 404]);
+    // A client error is not the server's: no error status.
+    assert!(
+        got.iter()
+            .all(|s| !matches!(s.status, Status::Error { .. }))
+    );
+    site.rt.shutdown().await;
 }

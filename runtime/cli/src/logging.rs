@@ -39,17 +39,11 @@ pub fn init(default_filter: &str, format: LogFormat, telemetry: &Telemetry) {
             .boxed(),
         LogFormat::Json => JsonLines::new(std::io::stderr).boxed(),
     };
-    // The filter applies to the logs only: the export takes our crates' spans at info and
-    // above, whatever `RUST_LOG` says about log lines.
+    // The filter applies to the logs only: the export has its own (our crates' spans at info
+    // and above, `telemetry::export_filter`), whatever `RUST_LOG` says about log lines.
     let registry = tracing_subscriber::registry().with(logs.with_filter(filter));
     match telemetry.layer() {
         Some(otel) => {
-            let otel = otel.with_filter(
-                tracing_subscriber::filter::Targets::new()
-                    .with_target("ferrotwin_runtime", tracing::Level::INFO)
-                    .with_target("ferrotwin_adapters", tracing::Level::INFO)
-                    .with_target("ferrotwin_cli", tracing::Level::INFO),
-            );
             let _ = registry.with(otel).try_init();
         }
         None => {

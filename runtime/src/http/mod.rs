@@ -186,7 +186,7 @@ async fn trace_request(State(state): State<HttpState>, req: Request, next: Next)
     crate::telemetry::set_remote_parent(&span, req.headers());
     let res = next.run(req).instrument(span.clone()).await;
     let status = res.status().as_u16();
-    span.record("http.response.status_code", status);
+    span.record("http.response.status_code", i64::from(status));
     if status >= 500 {
         span.record("otel.status_code", "error");
         span.record("error.type", status);

@@ -353,8 +353,8 @@ fn send_span(seq: u64, after: u64, bytes: u64) -> tracing::Span {
         otel.kind = "producer",
         messaging.system = "ferrotwin",
         messaging.operation.type = "send",
-        ferrotwin.seq = seq,
-        ferrotwin.after = after,
-        messaging.message.body.size = bytes,
+        ferrotwin.seq = seq as i64,
+        ferrotwin.after = after as i64,
+        messaging.message.body.size = bytes as i64,
     )
 }

@@ -856,10 +856,10 @@ impl Store {
     fn count_flush(&self, q: &Queue, snapshots_written: u64, started: Instant) {
         let span = tracing::Span::current();
         if !span.is_none() {
-            span.record("ferrotwin.snapshots", snapshots_written);
-            span.record("ferrotwin.chunks", q.history.len());
-            span.record("ferrotwin.events", q.events.len());
-            span.record("ferrotwin.bytes", q.bytes);
+            span.record("ferrotwin.snapshots", snapshots_written as i64);
+            span.record("ferrotwin.chunks", q.history.len() as i64);
+            span.record("ferrotwin.events", q.events.len() as i64);
+            span.record("ferrotwin.bytes", q.bytes as i64);
         }
         self.stats.flushes.fetch_add(1, Ordering::Relaxed);
         self.stats

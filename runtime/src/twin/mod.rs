@@ -163,16 +163,32 @@ pub fn anomaly_event(
             detector,
             peak,
             since,
-        } => (
-            detector,
-            EpisodeEdge::End,
-            Severity::Info,
-            format!(
-                "anomaly ended: {} detector, peak score {peak:.2}, lasted {:.0} s (since {since})",
-                detector.as_str(),
-                at.millis_since(since).max(0) as f64 / 1000.0
-            ),
-        ),
+        } => {
+            if crate::telemetry::tracing_on() {
+                let time = |t: Timestamp| {
+                    std::time::UNIX_EPOCH
+                        + std::time::Duration::from_micros(u64::try_from(t.0).unwrap_or(0))
+                };
+                crate::telemetry::record_episode(
+                    &opentelemetry::global::tracer("ferrotwin"),
+                    &asset.to_string(),
+                    detector.as_str(),
+                    peak,
+                    time(since),
+                    time(at),
+                );
+            }
+            (
+                detector,
+                EpisodeEdge::End,
+                Severity::Info,
+                format!(
+                    "anomaly ended: {} detector, peak score {peak:.2}, lasted {:.0} s (since {since})",
+                    detector.as_str(),
+                    at.millis_since(since).max(0) as f64 / 1000.0
+                ),
+            )
+        }
     };
     if !contributors.is_empty() {
         message.push_str("; contributors: ");
