@@ -216,6 +216,27 @@ pub(crate) fn connect_span(
     )
 }
 
+/// The span of a connection's loss (`adapter.disconnect`): an instant, with the reason, in no
+/// trace of its own making (a loss has no caller). The next attempts are `adapter.connect`.
+pub(crate) fn disconnect_span(
+    connection: &str,
+    protocol: &'static str,
+    endpoint: &str,
+    reason: &str,
+) {
+    let span = tracing::info_span!(
+        "adapter.disconnect",
+        otel.kind = "internal",
+        ferrotwin.connection = %connection,
+        network.protocol.name = protocol,
+        server.address = %endpoint,
+        ferrotwin.outcome = %reason,
+        otel.status_code = "error",
+        error.type = "link_lost",
+    );
+    drop(span);
+}
+
 /// Records a connect attempt's outcome on its span.
 pub(crate) fn connect_outcome<T>(span: &tracing::Span, r: &Result<T, String>) {
     match r {

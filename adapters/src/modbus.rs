@@ -1141,6 +1141,7 @@ async fn run_connection(config: ModbusConfig, _targets: Vec<TagTarget>, mut io: 
             Ended::Lost(why) => why,
         };
         tracing::warn!(error = %why, connection = %adapter.name, "modbus link lost");
+        crate::disconnect_span(&adapter.name, "modbus", &adapter.endpoint, &why);
         AdapterStatus::add(&io.status.errors, 1);
         io.status
             .set_link(LinkState::Disconnected, Some(why.clone()));

@@ -640,7 +640,14 @@ pub async fn run(config: MqttConfig, _targets: Vec<TagTarget>, io: AdapterIo) {
             options.set_transport(t);
         }
         let (client, eventloop) = rumqttc::v5::AsyncClient::new(options, REQUEST_QUEUE);
-        let poller = tokio::spawn(poll_broker_v5(eventloop, tx, poller_token.clone(), backoff));
+        let attempts = Attempts::new(&config.name, &host, port);
+        let poller = tokio::spawn(poll_broker_v5(
+            eventloop,
+            tx,
+            poller_token.clone(),
+            backoff,
+            attempts,
+        ));
         (Client::V5(client), poller)
     } else {
         let mut options = rumqttc::MqttOptions::new(config.client_id(), host.clone(), port);
@@ -654,7 +661,14 @@ pub async fn run(config: MqttConfig, _targets: Vec<TagTarget>, io: AdapterIo) {
             options.set_transport(t);
         }
         let (client, eventloop) = rumqttc::AsyncClient::new(options, REQUEST_QUEUE);
-        let poller = tokio::spawn(poll_broker(eventloop, tx, poller_token.clone(), backoff));
+        let attempts = Attempts::new(&config.name, &host, port);
+        let poller = tokio::spawn(poll_broker(
+            eventloop,
+            tx,
+            poller_token.clone(),
+            backoff,
+            attempts,
+        ));
         (Client::V4(client), poller)
     };
     let mut a = Adapter {
@@ -817,6 +831,48 @@ impl Client {
     }
 }
 
+/// The `adapter.connect` span of the attempt in progress: rumqttc connects inside a poll, so
+/// an attempt runs from the first poll while not connected to its ConnAck or its error.
+struct Attempts {
+    connection: String,
+    endpoint: String,
+    open: Option<tracing::Span>,
+    connected: bool,
+}
+
+impl Attempts {
+    fn new(connection: &str, host: &str, port: u16) -> Self {
+        Attempts {
+            connection: connection.to_owned(),
+            endpoint: format!("{host}:{port}"),
+            open: None,
+            connected: false,
+        }
+    }
+
+    fn before_poll(&mut self) {
+        if !self.connected && self.open.is_none() {
+            self.open = Some(crate::connect_span(
+                &self.connection,
+                "mqtt",
+                &self.endpoint,
+            ));
+        }
+    }
+
+    fn after_poll(&mut self, ev: Option<&BrokerEvent>) {
+        let outcome = match ev {
+            Some(BrokerEvent::ConnAck) => Ok(()),
+            Some(BrokerEvent::Lost(why)) => Err(why.clone()),
+            _ => return,
+        };
+        self.connected = outcome.is_ok();
+        if let Some(span) = self.open.take() {
+            crate::connect_outcome(&span, &outcome);
+        }
+    }
+}
+
 /// Hands `ev` to the adapter and, after an error, waits a backoff delay; false: stop.
 async fn forward(
     ev: Option<BrokerEvent>,
@@ -851,8 +907,10 @@ async fn poll_broker(
     tx: mpsc::Sender<BrokerEvent>,
     token: CancellationToken,
     mut backoff: Backoff,
+    mut attempts: Attempts,
 ) {
     loop {
+        attempts.before_poll();
         let ev = tokio::select! {
             () = token.cancelled() => return,
             ev = eventloop.poll() => ev,
@@ -868,6 +926,7 @@ async fn poll_broker(
             Ok(_) => None,
             Err(e) => Some(BrokerEvent::Lost(e.to_string())),
         };
+        attempts.after_poll(ev.as_ref());
         if !forward(ev, &tx, &token, &mut backoff).await {
             return;
         }
@@ -880,10 +939,12 @@ async fn poll_broker_v5(
     tx: mpsc::Sender<BrokerEvent>,
     token: CancellationToken,
     mut backoff: Backoff,
+    mut attempts: Attempts,
 ) {
     use rumqttc::v5::Event as E5;
     use rumqttc::v5::mqttbytes::v5::Packet as P5;
     loop {
+        attempts.before_poll();
         let ev = tokio::select! {
             () = token.cancelled() => return,
             ev = eventloop.poll() => ev,
@@ -900,6 +961,7 @@ async fn poll_broker_v5(
             Ok(_) => None,
             Err(e) => Some(BrokerEvent::Lost(e.to_string())),
         };
+        attempts.after_poll(ev.as_ref());
         if !forward(ev, &tx, &token, &mut backoff).await {
             return;
         }
@@ -1020,6 +1082,7 @@ impl Adapter {
         }
         self.connected = false;
         tracing::warn!(connection = %self.name, error = %error, "broker connection lost");
+        crate::disconnect_span(&self.name, "mqtt", &self.endpoint, &error);
         self.io
             .status
             .set_link(LinkState::Disconnected, Some(error.clone()));

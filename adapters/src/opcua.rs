@@ -458,6 +458,7 @@ pub async fn run(config: OpcUaConfig, targets: Vec<TagTarget>, io: AdapterIo) {
         if state.connected {
             state.connected = false;
             tracing::warn!(connection = %config.name, error = %reason, "opc ua link lost");
+            crate::disconnect_span(&config.name, "opcua", &config.endpoint, &reason);
             ctx.event(None, AdapterEventKind::Disconnected { reason })
                 .await;
             // Twins turn Bad until values flow again.

@@ -177,6 +177,35 @@ async fn every_metric_of_a_site_and_its_enterprise_keeps_the_contract() {
         }
         assert!(!f.help.is_empty() && !f.component.is_empty(), "{n}");
     }
+    // gRPC calls are counted by service and status, once finished.
+    let mut c = site.client.clone();
+    let _ = get(&mut c, &mapping.lines[0].line).await;
+    let missing = c
+        .get_twin(ferrotwin_proto::v1::GetTwinRequest {
+            key: Some(ferrotwin_proto::v1::get_twin_request::Key::Path(format!(
+                "{site_path}/no-such-area"
+            ))),
+        })
+        .await
+        .expect_err("no such twin");
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+    let calls = |text: &str, code: &str| {
+        parse_prometheus(text)
+            .get("ferrotwin_grpc_calls_total")
+            .and_then(|rows| {
+                rows.iter()
+                    .find(|(l, _)| {
+                        l.iter()
+                            .any(|(k, v)| k == "service" && v == "ferrotwin.v1.TwinService")
+                            && l.iter().any(|(k, v)| k == "code" && v == code)
+                    })
+                    .map(|x| x.1)
+            })
+            .unwrap_or(0.0)
+    };
+    let text = page(site_http).await;
+    assert!(calls(&text, "OK") >= 1.0, "{text}");
+    assert!(calls(&text, "NOT_FOUND") >= 1.0, "{text}");
     site.rt.shutdown().await;
     ent.rt.shutdown().await;
 }

@@ -8,6 +8,9 @@
 //! - A replicated batch: the enterprise's `replication.apply` is the child of the site's
 //!   `replication.send`, across two runtimes over real gRPC.
 //!
+//! - A connection's life: connect attempts with their outcome, a loss with its reason (Modbus
+//!   and MQTT).
+//!
 //! The wire-level check (a real `ferrotwin` process exporting OTLP to a collector) is in
 //! `runtime/cli/tests/process.rs`.
 
@@ -18,6 +21,7 @@ mod common;
 use std::sync::OnceLock;
 
 use common::*;
+use ferrotwin_adapters::ConnectionConfig;
 use ferrotwin_cli::feeds;
 use ferrotwin_models::Timestamp;
 use ferrotwin_models::spec::PlantSpec;
@@ -25,6 +29,7 @@ use ferrotwin_proto::v1 as pb;
 use ferrotwin_runtime::{EnterpriseRole, RuntimeOptions, SiteReplication};
 use ferrotwin_sim::generate::{PlantSize, generate};
 use ferrotwin_sim::mapping::Mapping;
+use ferrotwin_sim::mqtt::EmbeddedBroker;
 use ferrotwin_sim::serve::ServedPlant;
 use opentelemetry::trace::{SpanId, SpanKind, Status, TraceId, TracerProvider as _};
 use opentelemetry::{Key, Value};
@@ -323,16 +328,90 @@ async fn a_replicated_batch_is_applied_in_the_trace_of_its_send() {
     );
     assert!(apply.parent_span_is_remote);
     assert_eq!(attr(&send, "ferrotwin.seq"), attr(&apply, "ferrotwin.seq"));
-    // The enterprise serves the call that carried the batch under the RPC conventions too.
-    let all = spans().get_finished_spans().expect("spans");
-    assert!(
-        all.iter()
-            .any(|s| s.name == "ferrotwin.v1.ReplicationService/Replicate"
-                && s.span_kind == SpanKind::Server),
-        "no server span of the replication stream"
-    );
+    // The enterprise serves the call that carried the batch under the RPC conventions too;
+    // its span lasts as long as the stream, which ends with the site.
     site.rt.shutdown().await;
+    let stream = wait_spans("the replication stream's server span", |all| {
+        all.iter()
+            .find(|s| {
+                s.name == "ferrotwin.v1.ReplicationService/Replicate"
+                    && s.span_kind == SpanKind::Server
+                    && s.start_time <= apply.start_time
+                    && s.end_time >= apply.end_time
+            })
+            .cloned()
+    })
+    .await;
+    // The site went away without a status: the client cancelled.
+    assert_eq!(
+        attr(&stream, "rpc.grpc.status_code"),
+        Some(&Value::I64(1)),
+        "{stream:?}"
+    );
+    // A stream the enterprise ends with an error after its first answer (a refused batch):
+    // the status is in the trailers, and the span has it.
+    let trace = TraceId::from_hex("9bf92f3577b34da6a3ce929d0e0e4740").expect("hex");
+    let code = retry_while_stream_busy(|| refused_stream(ent.addr, trace))
+        .await
+        .expect_err("refused");
+    assert!(
+        matches!(
+            code.code(),
+            tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument
+        ),
+        "{code}"
+    );
+    let span = wait_spans("the refused stream's span", |all| {
+        one(all, trace, "ferrotwin.v1.ReplicationService/Replicate").cloned()
+    })
+    .await;
+    assert_eq!(
+        attr(&span, "rpc.grpc.status_code"),
+        Some(&Value::I64(code.code() as i64))
+    );
     ent.rt.shutdown().await;
+}
+
+/// A replication stream in trace `trace` whose hello is answered and whose batch (a seq at the
+/// end of the range) is refused: the error is what the stream ends with.
+async fn refused_stream(ent: std::net::SocketAddr, trace: TraceId) -> Result<(), tonic::Status> {
+    use ferrotwin_proto::v1::replication_service_client::ReplicationServiceClient;
+    let mut client = ReplicationServiceClient::connect(format!("http://{ent}"))
+        .await
+        .expect("connect");
+    let msgs = vec![
+        pb::ReplicateRequest {
+            msg: Some(pb::replicate_request::Msg::Hello(pb::SiteHello {
+                protocol_version: 2,
+                site: "acme/berlin".into(),
+                agent: "test".into(),
+                last_seq: 10,
+                event_hwm: u64::MAX,
+            })),
+        },
+        raw_batch(u64::MAX, 0, 0, &[]),
+    ];
+    // The stream stays open until the enterprise ends it.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    for m in msgs {
+        tx.send(m).await.expect("queue");
+    }
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    req.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace}-20f067aa0ba902b9-01")
+            .parse()
+            .expect("ascii"),
+    );
+    let mut answers = client.replicate(req).await?.into_inner();
+    loop {
+        match tokio::time::timeout(std::time::Duration::from_secs(20), answers.message()).await {
+            Ok(Ok(Some(_))) => {}
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => panic!("no answer from the enterprise"),
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -391,5 +470,145 @@ async fn an_http_request_is_a_server_span_named_by_its_route_in_the_callers_trac
         got.iter()
             .all(|s| !matches!(s.status, Status::Error { .. }))
     );
+    site.rt.shutdown().await;
+}
+
+/// The spans of `connection` named `name`, oldest first.
+fn of_connection(all: &[SpanData], name: &str, connection: &str) -> Vec<SpanData> {
+    let mut mine: Vec<SpanData> = all
+        .iter()
+        .filter(|s| s.name == name && attr_str(s, "ferrotwin.connection") == connection)
+        .cloned()
+        .collect();
+    mine.sort_by_key(|s| s.start_time);
+    mine
+}
+
+/// A Modbus connection's life as spans: its connect attempt, the loss when its PLC goes off the
+/// network (with the reason), the failed attempts while it is away, and the connect after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_modbus_connections_connects_loss_and_reconnect_attempts_are_spans() {
+    spans();
+    let spec: PlantSpec = generate(TWO_LINES, 3);
+    let mut plant = ServedPlant::start(&spec, 5, Timestamp::now())
+        .await
+        .expect("PLCs start");
+    let mut opts = options();
+    opts.connections = feeds::modbus_connections(&spec, &plant, 50, |_| true).expect("configs");
+    // Names of this test's own (the other tests of this process serve the same plant).
+    let mut watched = None;
+    for c in &mut opts.connections {
+        if let ConnectionConfig::Modbus(m) = c {
+            m.name = format!("life-{}", m.name);
+            m.timeout_ms = 500;
+            let line = plant
+                .lines()
+                .iter()
+                .position(|l| l.addr.to_string() == m.endpoint);
+            if let (None, Some(i)) = (&watched, line) {
+                watched = Some((i, m.name.clone(), m.endpoint.clone()));
+            }
+        }
+    }
+    let (line, name, endpoint) = watched.expect("a line's connection");
+    let dir = tempfile::tempdir().expect("dir");
+    let site = start_plant_in(&spec, dir.path(), opts).await;
+    let first = wait_spans("the first connect", |all| {
+        of_connection(all, "adapter.connect", &name)
+            .into_iter()
+            .next()
+    })
+    .await;
+    assert_eq!(attr_str(&first, "ferrotwin.outcome"), "connected");
+    assert_eq!(attr_str(&first, "network.protocol.name"), "modbus");
+    assert_eq!(attr_str(&first, "server.address"), endpoint);
+    assert_eq!(first.span_kind, SpanKind::Client);
+    assert!(!matches!(first.status, Status::Error { .. }));
+    assert!(plant.stop_line(line));
+    let lost = wait_spans("the loss", |all| {
+        of_connection(all, "adapter.disconnect", &name)
+            .into_iter()
+            .next()
+    })
+    .await;
+    assert!(matches!(lost.status, Status::Error { .. }), "{lost:?}");
+    assert_eq!(attr_str(&lost, "error.type"), "link_lost");
+    assert!(!attr_str(&lost, "ferrotwin.outcome").is_empty());
+    // Attempts while the PLC is away fail, each one a span with its error.
+    let failed = wait_spans("a failed reconnect attempt", |all| {
+        of_connection(all, "adapter.connect", &name)
+            .into_iter()
+            .find(|s| s.start_time >= lost.start_time && matches!(s.status, Status::Error { .. }))
+    })
+    .await;
+    assert_eq!(attr_str(&failed, "error.type"), "connect");
+    assert_ne!(attr_str(&failed, "ferrotwin.outcome"), "connected");
+    plant.restart_line(line).await.expect("the PLC is back");
+    wait_spans("the reconnect", |all| {
+        of_connection(all, "adapter.connect", &name)
+            .into_iter()
+            .find(|s| {
+                s.start_time > failed.start_time && attr_str(s, "ferrotwin.outcome") == "connected"
+            })
+    })
+    .await;
+    site.rt.shutdown().await;
+}
+
+/// An MQTT connection's attempts are spans too (rumqttc connects inside its poll): a broker
+/// that is not there fails each attempt with its error; one that is answers with a connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_connect_attempts_are_spans_with_their_outcome() {
+    spans();
+    let spec: PlantSpec = generate(TWO_LINES, 3);
+    // rumqttd has no shutdown: the broker's threads end with the test process.
+    let broker = EmbeddedBroker::start().expect("broker");
+    // A port nobody listens on (bound, then let go).
+    let nobody = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let lines: Vec<String> = spec
+        .assets()
+        .into_iter()
+        .filter(|a| matches!(a.kind, ferrotwin_models::spec::AssetKind::Line))
+        .map(|a| a.path.to_string())
+        .collect();
+    assert!(lines.len() >= 2, "{lines:?}");
+    let mut opts = options();
+    // A line each: a setpoint is written by one connection only.
+    for (name, addr, line) in [
+        ("mqtt-there", broker.addr(), &lines[0]),
+        ("mqtt-absent", nobody, &lines[1]),
+    ] {
+        let mut c = feeds::json_connection(name, &spec, addr, |l| l == line).expect("config");
+        if let ConnectionConfig::Mqtt(m) = &mut c {
+            m.reconnect_min_ms = 50;
+            m.reconnect_max_ms = 200;
+        }
+        opts.connections.push(c);
+    }
+    let dir = tempfile::tempdir().expect("dir");
+    let site = start_plant_in(&spec, dir.path(), opts).await;
+    let there = wait_spans("the broker's connect", |all| {
+        of_connection(all, "adapter.connect", "mqtt-there")
+            .into_iter()
+            .next()
+    })
+    .await;
+    assert_eq!(attr_str(&there, "ferrotwin.outcome"), "connected");
+    assert_eq!(attr_str(&there, "network.protocol.name"), "mqtt");
+    assert_eq!(
+        attr_str(&there, "server.address"),
+        broker.addr().to_string()
+    );
+    let absent = wait_spans("two failed attempts", |all| {
+        let tried = of_connection(all, "adapter.connect", "mqtt-absent");
+        (tried.len() >= 2).then_some(tried)
+    })
+    .await;
+    for s in &absent {
+        assert!(matches!(s.status, Status::Error { .. }), "{s:?}");
+        assert_eq!(attr_str(s, "error.type"), "connect");
+    }
     site.rt.shutdown().await;
 }

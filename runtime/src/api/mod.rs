@@ -1128,6 +1128,11 @@ impl TwinApi {
         })
     }
 
+    /// The runtime's counters, for a server layer that counts into them.
+    pub(crate) fn metrics_handle(&self) -> Arc<crate::core::Metrics> {
+        self.ctx.metrics.clone()
+    }
+
     /// Changes a watcher may hold before it is told it lagged.
     pub(crate) fn watch_capacity(&self) -> usize {
         self.ctx.hub.capacity()

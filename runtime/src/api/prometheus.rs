@@ -334,6 +334,15 @@ pub const FAMILIES: &[MetricFamily] = &[
         help: "connections refused at a cap",
     },
     MetricFamily {
+        name: "ferrotwin_grpc_calls_total",
+        kind: FamilyKind::Counter,
+        unit: "{call}",
+        component: "grpc",
+        labels: &["service", "code"],
+        discard: Discard::No,
+        help: "finished gRPC calls by service and status code (a stream counts when it ends)",
+    },
+    MetricFamily {
         name: "ferrotwin_http_requests_total",
         kind: FamilyKind::Counter,
         unit: "{request}",

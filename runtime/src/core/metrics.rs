@@ -29,9 +29,67 @@ pub struct Metrics {
     pub auth_denials: AtomicU64,
     /// Readings the router hands twins at most before it pushes back (set at start).
     pub ingest_limit: AtomicU64,
+    /// Finished gRPC calls per service (`GRPC_SERVICES`) and status code.
+    pub grpc_calls: [[AtomicU64; GRPC_CODES.len()]; GRPC_SERVICES.len()],
+}
+
+/// The gRPC services counted apart; a call to any other path counts as `other`.
+pub const GRPC_SERVICES: [&str; 6] = [
+    "ferrotwin.v1.TwinService",
+    "ferrotwin.v1.ReplicationService",
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+    "other",
+];
+
+/// gRPC status codes by number, as the protocol names them.
+pub const GRPC_CODES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+/// The index in `GRPC_SERVICES` of the service a call's path (`/package.Service/Method`) names.
+pub fn grpc_service_index(path: &str) -> usize {
+    let service = path
+        .trim_start_matches('/')
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    GRPC_SERVICES
+        .iter()
+        .position(|s| *s == service)
+        .unwrap_or(GRPC_SERVICES.len() - 1)
 }
 
 impl Metrics {
+    /// Counts a finished gRPC call of service `service` (`grpc_service_index`) with status
+    /// `code` (a code outside the protocol's counts as UNKNOWN).
+    pub fn count_grpc_call(&self, service: usize, code: i64) {
+        let code = usize::try_from(code)
+            .ok()
+            .filter(|c| *c < GRPC_CODES.len())
+            .unwrap_or(2);
+        if let Some(row) = self.grpc_calls.get(service) {
+            row[code].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     pub fn count_reject(&self, label: &str) {
         let c = match label {
             "not_finite" => &self.rejected_not_finite,
@@ -109,6 +167,19 @@ impl Metrics {
         );
         let _ = writeln!(s, "# TYPE ferrotwin_twin_restarts_total counter");
         let _ = writeln!(s, "ferrotwin_twin_restarts_total {}", g(&self.restarts));
+        // Codes a service never answered are left out (17 zeros a service); OK always shows.
+        let _ = writeln!(s, "# TYPE ferrotwin_grpc_calls_total counter");
+        for (service, row) in GRPC_SERVICES.iter().zip(&self.grpc_calls) {
+            for (i, (code, c)) in GRPC_CODES.iter().zip(row).enumerate() {
+                let n = g(c);
+                if n > 0 || i == 0 {
+                    let _ = writeln!(
+                        s,
+                        "ferrotwin_grpc_calls_total{{service=\"{service}\",code=\"{code}\"}} {n}"
+                    );
+                }
+            }
+        }
         let _ = writeln!(s, "# TYPE ferrotwin_events_total counter");
         for (k, c) in EventKind::ALL.iter().zip(&self.events) {
             let _ = writeln!(

@@ -351,8 +351,9 @@ pub async fn serve(
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        // A server span per call (OpenTelemetry RPC conventions), child of a `traceparent`.
-        .layer(trace::RpcSpanLayer)
+        // Every call counted, and a server span per call (OpenTelemetry RPC conventions),
+        // child of a `traceparent`.
+        .layer(trace::RpcSpanLayer(api.metrics_handle()))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

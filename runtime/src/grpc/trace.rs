@@ -1,35 +1,47 @@
-//! One server span per gRPC call, named and attributed by the OpenTelemetry RPC semantic
+//! Every gRPC call counted by service and status (`ferrotwin_grpc_calls_total`), and, with
+//! tracing on, one server span per call, named and attributed by the OpenTelemetry RPC semantic
 //! conventions (`{rpc.service}/{rpc.method}`, kind server, `rpc.system = "grpc"`,
 //! `rpc.grpc.status_code`), child of the caller's W3C `traceparent` when it sent one.
 //!
-//! The status is read from the response headers, where a call that fails before its first
-//! message puts it (trailers-only); a call that fails later (a stream cut midway) reports it
-//! in trailers the span does not see, and shows OK.
+//! The span lasts as long as the call: it ends with the response body, so a stream's span
+//! covers the stream. The status is read from the response headers, where a call that fails
+//! before its first message puts it (trailers-only), or else from the trailers at the end of
+//! the body (a stream cut midway with an error). A body dropped before its end (the client
+//! went away) records `CANCELLED`.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use axum::http::{Request, Response};
+use axum::http::{HeaderMap, Request, Response};
+use hyper::body::{Body, Frame, SizeHint};
+use tokio_util::either::Either;
 use tracing::Instrument as _;
 
+use crate::core::Metrics;
+use crate::core::metrics::grpc_service_index;
 use crate::telemetry;
 
-/// Wraps every service of the server in `RpcSpan`.
-#[derive(Clone, Copy, Default)]
-pub struct RpcSpanLayer;
+/// Wraps every service of the server in `RpcSpan`, counting into `Metrics::grpc_calls`.
+#[derive(Clone)]
+pub struct RpcSpanLayer(pub Arc<Metrics>);
 
 impl<S> tower::Layer<S> for RpcSpanLayer {
     type Service = RpcSpan<S>;
 
     fn layer(&self, inner: S) -> RpcSpan<S> {
-        RpcSpan { inner }
+        RpcSpan {
+            inner,
+            metrics: self.0.clone(),
+        }
     }
 }
 
 #[derive(Clone)]
 pub struct RpcSpan<S> {
     inner: S,
+    metrics: Arc<Metrics>,
 }
 
 /// The span of one call of `path` (`/package.Service/Method`).
@@ -56,13 +68,108 @@ fn server_error(code: i64) -> bool {
     matches!(code, 2 | 4 | 12 | 13 | 14 | 15)
 }
 
+/// The status a response's headers or trailers carry, if any.
+fn grpc_status(h: &HeaderMap) -> Option<i64> {
+    h.get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i64>().ok())
+}
+
+/// A call in progress: where its status goes once known.
+struct Call {
+    metrics: Arc<Metrics>,
+    service: usize,
+    /// With tracing on.
+    span: Option<tracing::Span>,
+}
+
+impl Call {
+    /// Counts the call and records its status on its span.
+    fn finish(self, code: i64) {
+        self.metrics.count_grpc_call(self.service, code);
+        if let Some(span) = self.span {
+            span.record("rpc.grpc.status_code", code);
+            if server_error(code) {
+                span.record("otel.status_code", "error");
+                span.record("error.type", code);
+            }
+            // The export ends a span at its last exit: this one is now, the body's end (the
+            // handler's future may have returned long before, a stream's at its first answer).
+            span.in_scope(|| {});
+        }
+    }
+}
+
+/// A response body that holds its call until the body ends (the span stays open as long),
+/// and takes the status its trailers carry.
+pub struct TracedBody<RB> {
+    inner: RB,
+    /// `None` once the status is known.
+    call: Option<Call>,
+}
+
+impl<RB> TracedBody<RB> {
+    fn finish(&mut self, code: i64) {
+        if let Some(call) = self.call.take() {
+            call.finish(code);
+        }
+    }
+}
+
+impl<RB> Drop for TracedBody<RB> {
+    fn drop(&mut self) {
+        // Dropped before its end: the client went away (or the server stopped).
+        self.finish(1);
+    }
+}
+
+impl<RB> Body for TracedBody<RB>
+where
+    RB: Body + Unpin,
+{
+    type Data = RB::Data;
+    type Error = RB::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if this.call.is_some() {
+            match &polled {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(code) = frame.trailers_ref().and_then(grpc_status) {
+                        this.finish(code);
+                    }
+                }
+                // The body failed: the client sees a reset, not a status.
+                Poll::Ready(Some(Err(_))) => this.finish(2),
+                // Ended without trailers: nothing says otherwise.
+                Poll::Ready(None) => this.finish(0),
+                Poll::Pending => {}
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 impl<S, B, RB> tower::Service<Request<B>> for RpcSpan<S>
 where
     S: tower::Service<Request<B>, Response = Response<RB>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     B: Send + 'static,
+    RB: Body + Unpin,
 {
-    type Response = S::Response;
+    type Response = Response<TracedBody<RB>>;
     type Error = S::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
@@ -74,28 +181,33 @@ where
         // The clone that was made ready serves this call (tower's rule); a fresh clone stays.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        if !telemetry::tracing_on() {
-            return Box::pin(inner.call(req));
-        }
-        let span = rpc_span(req.uri().path());
-        telemetry::set_remote_parent(&span, req.headers());
-        let fut = inner.call(req).instrument(span.clone());
+        let service = grpc_service_index(req.uri().path());
+        let span = telemetry::tracing_on().then(|| {
+            let span = rpc_span(req.uri().path());
+            telemetry::set_remote_parent(&span, req.headers());
+            span
+        });
+        let fut = match &span {
+            Some(span) => Either::Left(inner.call(req).instrument(span.clone())),
+            None => Either::Right(inner.call(req)),
+        };
+        let metrics = self.metrics.clone();
         Box::pin(async move {
-            let res = fut.await;
-            if let Ok(r) = &res {
-                let code = r
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<i64>().ok())
-                    .unwrap_or(0);
-                span.record("rpc.grpc.status_code", code);
-                if server_error(code) {
-                    span.record("otel.status_code", "error");
-                    span.record("error.type", code);
+            let res = fut.await?;
+            let call = Call {
+                metrics,
+                service,
+                span,
+            };
+            // Trailers-only: the status is in the headers and the body carries nothing more.
+            let call = match grpc_status(res.headers()) {
+                Some(code) => {
+                    call.finish(code);
+                    None
                 }
-            }
-            res
+                None => Some(call),
+            };
+            Ok(res.map(|inner| TracedBody { inner, call }))
         })
     }
 }

@@ -42,6 +42,11 @@ use crate::security::{Caller, Credentials};
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request body (a larger one is 413).
 pub const MAX_BODY_BYTES: usize = 64 << 10;
+/// Of a body whose `Content-Length` is over `MAX_BODY_BYTES`, what is read and discarded
+/// before the 413, so a client still writing it reads the answer instead of a broken pipe
+/// (at most this much, within `DRAIN_TIME`; a larger one gets the 413 and a closed connection).
+const DRAIN_BYTES: u64 = 4 << 20;
+const DRAIN_TIME: Duration = Duration::from_secs(2);
 /// Time a request's whole body has to arrive.
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection that moves no byte either way for this long is closed (keep-alive between
@@ -194,6 +199,52 @@ async fn trace_request(State(state): State<HttpState>, req: Request, next: Next)
     res
 }
 
+/// Answers 413 to a body its `Content-Length` declares too large, after draining it (bounded
+/// by `DRAIN_BYTES` and `DRAIN_TIME`). A body without a length that grows too large is
+/// refused by `DefaultBodyLimit` where a handler reads it.
+async fn refuse_oversized(req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|n| *n > MAX_BODY_BYTES as u64);
+    let Some(n) = declared else {
+        return next.run(req).await;
+    };
+    let mut close = n > DRAIN_BYTES;
+    if !close {
+        use tokio_stream::StreamExt as _;
+        let mut body = req.into_body().into_data_stream();
+        let drained = tokio::time::timeout(DRAIN_TIME, async {
+            while let Some(chunk) = body.next().await {
+                if chunk.is_err() {
+                    return false;
+                }
+            }
+            true
+        })
+        .await;
+        close = !matches!(drained, Ok(true));
+    }
+    let mut res = error::HttpError {
+        status: axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+        body: dto::ErrorDto {
+            error: format!(
+                "body: {n} bytes, more than the {MAX_BODY_BYTES} bytes a request may carry"
+            ),
+            nearest_parent: None,
+            position: None,
+        },
+    }
+    .into_response();
+    if close {
+        res.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    res
+}
+
 async fn count_requests(State(state): State<HttpState>, req: Request, next: Next) -> Response {
     let path = req.uri().path().to_owned();
     let res = next.run(req).await;
@@ -320,6 +371,7 @@ pub fn router(state: HttpState) -> Router {
         .fallback(pages::fallback)
         // The largest legitimate body is an acknowledgment's JSON with its comment.
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(refuse_oversized))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(middleware::from_fn_with_state(
             state.clone(),
