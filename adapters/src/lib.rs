@@ -205,6 +205,7 @@ pub(crate) fn connect_span(
     endpoint: &str,
 ) -> tracing::Span {
     tracing::info_span!(
+        parent: None,
         "adapter.connect",
         otel.kind = "client",
         ferrotwin.connection = %connection,
@@ -225,6 +226,7 @@ pub(crate) fn disconnect_span(
     reason: &str,
 ) {
     let span = tracing::info_span!(
+        parent: None,
         "adapter.disconnect",
         otel.kind = "internal",
         ferrotwin.connection = %connection,

@@ -77,10 +77,10 @@ impl IngestSink for IngestRouter {
         if n == 0 {
             return Ok(());
         }
-        let _span = self
-            .spans
-            .admit()
-            .then(|| tracing::info_span!("ingest.batch", ferrotwin.readings = n as i64).entered());
+        let _span = self.spans.admit().then(|| {
+            tracing::info_span!(parent: None, "ingest.batch", ferrotwin.readings = n as i64)
+                .entered()
+        });
         // A batch larger than the whole budget still passes when nothing is in flight, so an
         // oversized batch is slow rather than refused forever.
         let inflight = self.inflight.load(Ordering::Relaxed);

@@ -119,6 +119,8 @@ pub struct Runtime {
     streams: Arc<crate::api::StreamSlots>,
     /// Connection admission of the gRPC and HTTP listeners (and their metrics).
     listeners: Arc<crate::security::conn::Listeners>,
+    /// What this runtime's OTLP metric callbacks render; cleared at the stop.
+    metric_pages: std::sync::Mutex<Vec<crate::telemetry::MetricPage>>,
 }
 
 impl Runtime {
@@ -254,23 +256,20 @@ impl Runtime {
             auth,
             streams: Arc::default(),
             listeners: Arc::default(),
+            metric_pages: std::sync::Mutex::default(),
         };
         if crate::telemetry::metrics_on() && !rt.token.is_cancelled() {
             // Everything `/metrics` shows but the HTTP server's families, over OTLP; nothing
             // once this runtime stops.
-            let (api, stopped) = (rt.api(), rt.token.clone());
+            let api = rt.api();
+            let page = crate::telemetry::MetricPage::new(move || api.render_metrics());
+            rt.keep_metric_page(page.clone());
             crate::telemetry::register_metrics(
                 crate::api::prometheus::FAMILIES
                     .iter()
                     .filter(|f| f.component != "http"),
                 &rt.node_name(),
-                Arc::new(move || {
-                    if stopped.is_cancelled() {
-                        String::new()
-                    } else {
-                        api.render_metrics()
-                    }
-                }),
+                Arc::new(move || page.render()),
             );
         }
         Ok(rt)
@@ -283,6 +282,13 @@ impl Runtime {
             Some(s) => format!("site {}", s.site),
             None => self.api().role().to_owned(),
         }
+    }
+
+    fn keep_metric_page(&self, page: crate::telemetry::MetricPage) {
+        self.metric_pages
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(page);
     }
 
     /// The API this runtime serves, in process: the same calls gRPC and HTTP answer through.
@@ -425,19 +431,15 @@ impl Runtime {
         let state = self.http_state(token.clone());
         if crate::telemetry::metrics_on() {
             // The HTTP server's families, over OTLP (the runtime's are registered at start).
-            let (page, stopped) = (state.clone(), token.clone());
+            let http = state.clone();
+            let page = crate::telemetry::MetricPage::new(move || http.render_metrics());
+            self.keep_metric_page(page.clone());
             crate::telemetry::register_metrics(
                 crate::api::prometheus::FAMILIES
                     .iter()
                     .filter(|f| f.component == "http"),
                 &self.node_name(),
-                Arc::new(move || {
-                    if stopped.is_cancelled() {
-                        String::new()
-                    } else {
-                        page.render_metrics()
-                    }
-                }),
+                Arc::new(move || page.render()),
             );
         }
         let limits = self.listeners.http.clone();
@@ -465,6 +467,15 @@ impl Runtime {
     pub async fn shutdown(mut self) {
         self.router.close();
         self.token.cancel();
+        // The OTLP callbacks let go of this runtime (its store, its twins).
+        for page in self
+            .metric_pages
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            page.clear();
+        }
         self.tracker.close();
         self.tracker.wait().await;
         // Let queued readings drain (bounded wait), then write every history tail.

@@ -96,9 +96,12 @@ pub enum TelemetryError {
     #[error("telemetry: sample_ratio {0} is not between 0 and 1")]
     BadRatio(f64),
     #[error(
-        "telemetry: otlp_endpoint {0:?} is not an http:// or https:// address (e.g. http://collector:4317)"
+        "telemetry: otlp_endpoint {:?} is not an http:// or https:// address (e.g. http://collector:4317)",
+        redact_userinfo(.0)
     )]
     BadEndpoint(String),
+    #[error("telemetry: OTEL_EXPORTER_OTLP_CERTIFICATE {path}: {message}")]
+    Certificate { path: String, message: String },
     #[error("telemetry: OTLP {signal} exporter: {message}")]
     Exporter {
         signal: &'static str,
@@ -111,6 +114,39 @@ pub struct Telemetry {
     traces: Option<SdkTracerProvider>,
     metrics: Option<SdkMeterProvider>,
     ingest_spans_per_s: u32,
+}
+
+/// `endpoint` without the user and password it may carry (`https://user:key@host`).
+fn redact_userinfo(endpoint: &str) -> String {
+    match (endpoint.find("://"), endpoint.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://…@{}", &endpoint[..scheme], &endpoint[at + 1..])
+        }
+        _ => endpoint.to_owned(),
+    }
+}
+
+/// The TLS of an `https://` collector: the system's roots, and the CA file
+/// `OTEL_EXPORTER_OTLP_CERTIFICATE` names (a private collector's CA).
+fn collector_tls() -> Result<tonic::transport::ClientTlsConfig, TelemetryError> {
+    let mut tls = tonic::transport::ClientTlsConfig::new().with_native_roots();
+    if let Some(path) = env("OTEL_EXPORTER_OTLP_CERTIFICATE") {
+        let pem = std::fs::read(&path).map_err(|e| TelemetryError::Certificate {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+    }
+    Ok(tls)
+}
+
+/// Whether the endpoint an exporter will use (its signal's variable, the shared one, or the
+/// file's) is `https://`.
+fn uses_https(signal_var: &str, file: Option<&str>) -> bool {
+    env(signal_var)
+        .or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"))
+        .or_else(|| file.map(str::to_owned))
+        .is_some_and(|e| e.trim().to_ascii_lowercase().starts_with("https://"))
 }
 
 fn env(name: &str) -> Option<String> {
@@ -172,9 +208,16 @@ impl Telemetry {
             None
         } else {
             use opentelemetry_otlp::WithExportConfig as _;
+            use opentelemetry_otlp::WithTonicConfig as _;
             let mut b = opentelemetry_otlp::SpanExporter::builder().with_tonic();
             if let Some(e) = endpoint("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
                 b = b.with_endpoint(e);
+            }
+            if uses_https(
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                config.otlp_endpoint.as_deref(),
+            ) {
+                b = b.with_tls_config(collector_tls()?);
             }
             let exporter = b.build().map_err(|e| TelemetryError::Exporter {
                 signal: "traces",
@@ -198,9 +241,16 @@ impl Telemetry {
             None
         } else {
             use opentelemetry_otlp::WithExportConfig as _;
+            use opentelemetry_otlp::WithTonicConfig as _;
             let mut b = opentelemetry_otlp::MetricExporter::builder().with_tonic();
             if let Some(e) = endpoint("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") {
                 b = b.with_endpoint(e);
+            }
+            if uses_https(
+                "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+                config.otlp_endpoint.as_deref(),
+            ) {
+                b = b.with_tls_config(collector_tls()?);
             }
             let exporter = b.build().map_err(|e| TelemetryError::Exporter {
                 signal: "metrics",
@@ -531,6 +581,31 @@ fn parse_labels(s: &str) -> Vec<(String, String)> {
         rest = &after[end..];
     }
     out
+}
+
+/// What a runtime's OTLP metric callbacks render: its page until `clear` (the runtime's stop),
+/// nothing after, holding nothing of the runtime then (the SDK keeps callbacks as long as
+/// its provider, the process).
+#[derive(Clone, Default)]
+pub struct MetricPage(Arc<Mutex<Option<RenderFn>>>);
+
+type RenderFn = Arc<dyn Fn() -> String + Send + Sync>;
+
+impl MetricPage {
+    pub fn new(render: impl Fn() -> String + Send + Sync + 'static) -> MetricPage {
+        MetricPage(Arc::new(Mutex::new(Some(Arc::new(render)))))
+    }
+
+    /// The page now (empty once cleared).
+    pub fn render(&self) -> String {
+        let f = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        f.map(|f| f()).unwrap_or_default()
+    }
+
+    /// Drops the render function and what it holds.
+    pub fn clear(&self) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
 }
 
 /// Registers every family of `families` as an observable OpenTelemetry instrument of the

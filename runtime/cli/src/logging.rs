@@ -40,8 +40,11 @@ pub fn init(default_filter: &str, format: LogFormat, telemetry: &Telemetry) {
         LogFormat::Json => JsonLines::new(std::io::stderr).boxed(),
     };
     // The filter applies to the logs only: the export has its own (our crates' spans at info
-    // and above, `telemetry::export_filter`), whatever `RUST_LOG` says about log lines.
-    let registry = tracing_subscriber::registry().with(logs.with_filter(filter));
+    // and above, `telemetry::export_filter`), whatever `RUST_LOG` says about log lines. While
+    // exporting, the logs see the exported spans too (not their events), so a warning inside
+    // a traced call carries its trace id under `RUST_LOG=warn`.
+    let logs = logs.with_filter(log_filter(filter, telemetry.is_on()));
+    let registry = tracing_subscriber::registry().with(logs);
     match telemetry.layer() {
         Some(otel) => {
             let _ = registry.with(otel).try_init();
@@ -49,6 +52,26 @@ pub fn init(default_filter: &str, format: LogFormat, telemetry: &Telemetry) {
         None => {
             let _ = registry.try_init();
         }
+    }
+}
+
+/// What the log lines take: `RUST_LOG`'s events and spans and, while `exporting`, the spans
+/// the export takes (so a line inside one has its trace id, whatever the level of spans
+/// `RUST_LOG` shows).
+pub fn log_filter<S>(
+    env: tracing_subscriber::EnvFilter,
+    exporting: bool,
+) -> Box<dyn tracing_subscriber::layer::Filter<S> + Send + Sync>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    use tracing_subscriber::filter::FilterExt;
+    if exporting {
+        let spans = tracing_subscriber::filter::filter_fn(|m| m.is_span())
+            .and(ferrotwin_runtime::telemetry::export_filter());
+        FilterExt::boxed(env.or(spans))
+    } else {
+        FilterExt::boxed(env)
     }
 }
 
@@ -211,6 +234,46 @@ mod tests {
         assert_eq!(
             lines[1]["span_id"],
             spans[0].span_context.span_id().to_string()
+        );
+    }
+
+    /// `RUST_LOG=warn` hides info spans from the logs, not from the export: a warning inside
+    /// an exported info span still carries its trace id, and the info line outside is gone.
+    #[test]
+    fn a_warning_under_rust_log_warn_carries_the_trace_id_of_its_info_span() {
+        let exporter = InMemorySpanExporter::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(exporter.clone())
+            .build();
+        let buf = Buf::default();
+        let subscriber = tracing_subscriber::registry()
+            .with(
+                JsonLines::new(buf.clone())
+                    .with_filter(log_filter(tracing_subscriber::EnvFilter::new("warn"), true)),
+            )
+            .with(
+                tracing_opentelemetry::layer()
+                    .with_tracer(provider.tracer("t"))
+                    .with_filter(ferrotwin_runtime::telemetry::export_filter()),
+            );
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!("outside");
+            let span = tracing::info_span!("work");
+            span.in_scope(|| tracing::warn!("inside"));
+        });
+        let spans = exporter.get_finished_spans().expect("spans");
+        drop(provider.shutdown());
+        let text = String::from_utf8(buf.0.lock().expect("buf").clone()).expect("utf-8");
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+            .collect();
+        assert_eq!(lines.len(), 1, "{text}");
+        assert_eq!(lines[0]["message"], "inside");
+        assert_eq!(spans.len(), 1);
+        assert_eq!(
+            lines[0]["trace_id"],
+            spans[0].span_context.trace_id().to_string()
         );
     }
 }

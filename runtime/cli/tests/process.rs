@@ -501,20 +501,7 @@ fn resource_attr(r: Option<&otlp::resource::v1::Resource>, key: &str) -> Option<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_demo_exports_the_span_of_a_traced_call_and_its_metrics_to_an_otlp_collector() {
-    let collector = Collector::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let at = listener.local_addr().expect("addr");
-    {
-        let c = collector.clone();
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(TraceServiceServer::new(c.clone()))
-                .add_service(MetricsServiceServer::new(c))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
-    }
+    let (collector, at) = start_collector(None).await;
     let dir = tempfile::tempdir().expect("dir");
     let (demo, addrs) = start_demo_with(
         dir.path(),
@@ -604,6 +591,87 @@ async fn a_demo_exports_the_span_of_a_traced_call_and_its_metrics_to_an_otlp_col
             .all(|p| p.attributes.iter().any(|kv| kv.key == "ferrotwin.node")),
         "{points:?}"
     );
+    drop(demo);
+}
+
+/// A collector on 127.0.0.1 (over TLS with `tls`), and its address.
+async fn start_collector(
+    tls: Option<tonic::transport::ServerTlsConfig>,
+) -> (Collector, std::net::SocketAddr) {
+    let collector = Collector::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let at = listener.local_addr().expect("addr");
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls).expect("TLS");
+    }
+    let c = collector.clone();
+    tokio::spawn(
+        server
+            .add_service(TraceServiceServer::new(c.clone()))
+            .add_service(MetricsServiceServer::new(c))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    (collector, at)
+}
+
+/// A collector behind TLS (`https://`, its private CA named by
+/// `OTEL_EXPORTER_OTLP_CERTIFICATE`) gets a traced call's span.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_demo_exports_over_tls_to_a_collector_whose_ca_it_is_given() {
+    let certs = tempfile::tempdir().expect("dir");
+    let pki = ferrotwin_cli::pki::Pki::create(certs.path()).expect("a CA");
+    let server = pki
+        .server("collector", &["localhost"])
+        .expect("a certificate");
+    let identity = tonic::transport::Identity::from_pem(
+        std::fs::read(&server.cert).expect("cert"),
+        std::fs::read(&server.key).expect("key"),
+    );
+    let (collector, at) = start_collector(Some(
+        tonic::transport::ServerTlsConfig::new().identity(identity),
+    ))
+    .await;
+    let dir = tempfile::tempdir().expect("dir");
+    let (demo, addrs) = start_demo_with(
+        dir.path(),
+        &[
+            (
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                format!("https://localhost:{}", at.port()),
+            ),
+            (
+                "OTEL_EXPORTER_OTLP_CERTIFICATE",
+                pki.ca().display().to_string(),
+            ),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100".into()),
+            ("OTEL_METRICS_EXPORTER", "none".into()),
+        ],
+    );
+    let mut c = TwinServiceClient::connect(format!("http://{}", addrs.enterprise))
+        .await
+        .expect("connect");
+    let trace_hex = "1af7651916cd43dd8448eb211c80319d";
+    let mut req = tonic::Request::new(pb::BrowseRequest::default());
+    req.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_hex}-b7ad6b7169203332-01")
+            .parse()
+            .expect("ascii"),
+    );
+    c.browse(req).await.expect("browse");
+    wait_for(30, "the call's span at the TLS collector", || {
+        let got = collector.spans.lock().expect("spans").iter().any(|rs| {
+            rs.scope_spans
+                .iter()
+                .flat_map(|ss| &ss.spans)
+                .any(|s| hex(&s.trace_id) == trace_hex)
+        });
+        async move { got.then_some(()) }
+    })
+    .await;
     drop(demo);
 }
 

@@ -20,7 +20,7 @@ use tokio_util::either::Either;
 use tracing::Instrument as _;
 
 use crate::core::Metrics;
-use crate::core::metrics::grpc_service_index;
+use crate::core::metrics::{GRPC_SERVICES, grpc_service_index};
 use crate::telemetry;
 
 /// Wraps every service of the server in `RpcSpan`, counting into `Metrics::grpc_calls`.
@@ -44,11 +44,21 @@ pub struct RpcSpan<S> {
     metrics: Arc<Metrics>,
 }
 
-/// The span of one call of `path` (`/package.Service/Method`).
-fn rpc_span(path: &str) -> tracing::Span {
+/// The span of one call of `path` (`/package.Service/Method`). A service this server does
+/// not have is named `_OTHER` (span names come from a fixed set, never from client input).
+fn rpc_span(path: &str, service_index: usize) -> tracing::Span {
     let mut parts = path.trim_start_matches('/').splitn(2, '/');
-    let service = parts.next().unwrap_or_default();
-    let method = parts.next().unwrap_or_default();
+    let (service, method) = if service_index < GRPC_SERVICES.len() - 1 {
+        (
+            parts.next().unwrap_or_default(),
+            parts
+                .next()
+                .filter(|m| m.len() <= 64 && m.bytes().all(|b| b.is_ascii_alphanumeric()))
+                .unwrap_or("_OTHER"),
+        )
+    } else {
+        ("_OTHER", "_OTHER")
+    };
     tracing::info_span!(
         "rpc",
         otel.name = %format_args!("{service}/{method}"),
@@ -75,19 +85,30 @@ fn grpc_status(h: &HeaderMap) -> Option<i64> {
         .and_then(|v| v.parse::<i64>().ok())
 }
 
-/// A call in progress: where its status goes once known.
+/// A call in progress: where its status goes once known. Dropped before that (the client
+/// reset the stream, a `grpc-timeout` ran out, the server stopped), it counts as CANCELLED.
 struct Call {
     metrics: Arc<Metrics>,
     service: usize,
-    /// With tracing on.
+    /// With tracing on; `None` too once finished.
     span: Option<tracing::Span>,
+    finished: bool,
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        self.finish(1);
+    }
 }
 
 impl Call {
-    /// Counts the call and records its status on its span.
-    fn finish(self, code: i64) {
+    /// Counts the call and records its status on its span (once).
+    fn finish(&mut self, code: i64) {
+        if std::mem::replace(&mut self.finished, true) {
+            return;
+        }
         self.metrics.count_grpc_call(self.service, code);
-        if let Some(span) = self.span {
+        if let Some(span) = self.span.take() {
             span.record("rpc.grpc.status_code", code);
             if server_error(code) {
                 span.record("otel.status_code", "error");
@@ -101,7 +122,8 @@ impl Call {
 }
 
 /// A response body that holds its call until the body ends (the span stays open as long),
-/// and takes the status its trailers carry.
+/// and takes the status its trailers carry. Dropped before its end (the client went away),
+/// its call counts as CANCELLED.
 pub struct TracedBody<RB> {
     inner: RB,
     /// `None` once the status is known.
@@ -110,16 +132,9 @@ pub struct TracedBody<RB> {
 
 impl<RB> TracedBody<RB> {
     fn finish(&mut self, code: i64) {
-        if let Some(call) = self.call.take() {
+        if let Some(mut call) = self.call.take() {
             call.finish(code);
         }
-    }
-}
-
-impl<RB> Drop for TracedBody<RB> {
-    fn drop(&mut self) {
-        // Dropped before its end: the client went away (or the server stopped).
-        self.finish(1);
     }
 }
 
@@ -183,7 +198,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let service = grpc_service_index(req.uri().path());
         let span = telemetry::tracing_on().then(|| {
-            let span = rpc_span(req.uri().path());
+            let span = rpc_span(req.uri().path(), service);
             telemetry::set_remote_parent(&span, req.headers());
             span
         });
@@ -191,13 +206,21 @@ where
             Some(span) => Either::Left(inner.call(req).instrument(span.clone())),
             None => Either::Right(inner.call(req)),
         };
-        let metrics = self.metrics.clone();
+        // Made before the handler runs: a call dropped while it waits still counts.
+        let mut call = Call {
+            metrics: self.metrics.clone(),
+            service,
+            span,
+            finished: false,
+        };
         Box::pin(async move {
-            let res = fut.await?;
-            let call = Call {
-                metrics,
-                service,
-                span,
+            let res = match fut.await {
+                Ok(res) => res,
+                Err(e) => {
+                    // The service failed outside gRPC (the connection answers with a reset).
+                    call.finish(2);
+                    return Err(e);
+                }
             };
             // Trailers-only: the status is in the headers and the body carries nothing more.
             let call = match grpc_status(res.headers()) {

@@ -168,7 +168,19 @@ async fn trace_request(State(state): State<HttpState>, req: Request, next: Next)
     if !crate::telemetry::tracing_on() {
         return next.run(req).await;
     }
-    let method = req.method().as_str().to_owned();
+    // A method outside HTTP's own is `_OTHER` (span names never come from client input).
+    let method = match *req.method() {
+        axum::http::Method::GET
+        | axum::http::Method::HEAD
+        | axum::http::Method::POST
+        | axum::http::Method::PUT
+        | axum::http::Method::DELETE
+        | axum::http::Method::CONNECT
+        | axum::http::Method::OPTIONS
+        | axum::http::Method::TRACE
+        | axum::http::Method::PATCH => req.method().as_str(),
+        _ => "_OTHER",
+    };
     let route = req
         .extensions()
         .get::<axum::extract::MatchedPath>()
@@ -177,11 +189,11 @@ async fn trace_request(State(state): State<HttpState>, req: Request, next: Next)
         "http",
         otel.name = %match &route {
             Some(r) => format!("{method} {r}"),
-            None => method.clone(),
+            None => method.to_owned(),
         },
         otel.kind = "server",
         http.request.method = %method,
-        http.route = route.as_deref().unwrap_or_default(),
+        http.route = route.as_deref(),
         url.path = %req.uri().path(),
         url.scheme = if state.tls { "https" } else { "http" },
         http.response.status_code = tracing::field::Empty,
@@ -196,7 +208,59 @@ async fn trace_request(State(state): State<HttpState>, req: Request, next: Next)
         span.record("otel.status_code", "error");
         span.record("error.type", status);
     }
-    res
+    // The span lasts until the body is sent (a live stream's, until the stream ends).
+    res.map(|inner| {
+        axum::body::Body::new(SpanUntilEnd {
+            inner,
+            span: Some(span),
+        })
+    })
+}
+
+/// A response body holding its request's span until the body ends or is dropped. The export
+/// ends a span at its last exit, so the span is entered once more then.
+struct SpanUntilEnd<B> {
+    inner: B,
+    span: Option<tracing::Span>,
+}
+
+impl<B> SpanUntilEnd<B> {
+    fn end(&mut self) {
+        if let Some(span) = self.span.take() {
+            span.in_scope(|| {});
+        }
+    }
+}
+
+impl<B> Drop for SpanUntilEnd<B> {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for SpanUntilEnd<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if matches!(polled, std::task::Poll::Ready(None | Some(Err(_)))) {
+            this.end();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Answers 413 to a body its `Content-Length` declares too large, after draining it (bounded

@@ -349,6 +349,7 @@ fn send_span(seq: u64, after: u64, bytes: u64) -> tracing::Span {
         return tracing::Span::none();
     }
     tracing::info_span!(
+        parent: None,
         "replication.send",
         otel.kind = "producer",
         messaging.system = "ferrotwin",

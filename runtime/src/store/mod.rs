@@ -679,19 +679,6 @@ impl Store {
     /// Writes everything dirty or queued now, then flushes sled to disk. On an error nothing
     /// of the round is lost: it is put back (`put_back`) and retried by the next flush.
     pub fn flush_once(&self, registry: &Registry, snapshots: bool) -> Result<(), StoreError> {
-        let span = if crate::telemetry::tracing_on() {
-            tracing::info_span!(
-                "store.flush",
-                ferrotwin.snapshots = tracing::field::Empty,
-                ferrotwin.chunks = tracing::field::Empty,
-                ferrotwin.events = tracing::field::Empty,
-                ferrotwin.bytes = tracing::field::Empty,
-                otel.status_code = tracing::field::Empty,
-            )
-        } else {
-            tracing::Span::none()
-        };
-        let _entered = span.enter();
         let started = Instant::now();
         let dirty = self.take_dirty_within_budget(registry, snapshots);
         // The queue's mirror records go in after the registry's snapshots: for the same twin
@@ -699,6 +686,28 @@ impl Store {
         let mut batches = TreeBatches::of_snapshots(&dirty);
         let (q, generation) = self.take_queue();
         batches.add_queue(&q);
+        // A span per flush that writes something (an idle store flushes 5 times a second).
+        let idle = dirty.is_empty()
+            && q.history.is_empty()
+            && q.events.is_empty()
+            && q.records.is_empty()
+            && q.meta.is_empty();
+        let span = if crate::telemetry::tracing_on() && !idle {
+            tracing::info_span!(
+                parent: None,
+                "store.flush",
+                ferrotwin.snapshots = tracing::field::Empty,
+                ferrotwin.chunks = tracing::field::Empty,
+                ferrotwin.events = tracing::field::Empty,
+                ferrotwin.bytes = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+                error.type = tracing::field::Empty,
+                ferrotwin.error = tracing::field::Empty,
+            )
+        } else {
+            tracing::Span::none()
+        };
+        let _entered = span.enter();
         let staged = self
             .outbox
             .get()
@@ -706,6 +715,9 @@ impl Store {
         let batches_staged = staged.as_ref().map_or(&[][..], |s| s.batches.as_slice());
         let snapshots_written = batches.snapshots_encoded;
         if let Err(e) = self.write_trees(batches, batches_staged) {
+            span.record("otel.status_code", "error");
+            span.record("error.type", "write");
+            span.record("ferrotwin.error", tracing::field::display(&e));
             self.put_back(
                 registry,
                 Unwritten {

@@ -100,6 +100,7 @@ impl Children {
                 tracing::warn!(asset = %entry.path(), error = %err, "twin failed; restarting from its last snapshot");
                 let why = err.to_string();
                 let span = tracing::info_span!(
+                    parent: None,
                     "twin.restart",
                     ferrotwin.asset = %entry.path(),
                     error.type = "panic",
