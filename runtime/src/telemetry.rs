@@ -140,6 +140,28 @@ fn collector_tls() -> Result<tonic::transport::ClientTlsConfig, TelemetryError> 
     Ok(tls)
 }
 
+/// An exporter builder pointed at its collector: the file's endpoint where no variable names
+/// one (the exporter prefers what it is given over the variables), TLS for `https://`.
+fn to_collector<B>(
+    mut b: B,
+    signal_var: &str,
+    config: &TelemetryConfig,
+) -> Result<B, TelemetryError>
+where
+    B: opentelemetry_otlp::WithExportConfig + opentelemetry_otlp::WithTonicConfig,
+{
+    if env(signal_var).is_none()
+        && env("OTEL_EXPORTER_OTLP_ENDPOINT").is_none()
+        && let Some(e) = &config.otlp_endpoint
+    {
+        b = b.with_endpoint(e.clone());
+    }
+    if uses_https(signal_var, config.otlp_endpoint.as_deref()) {
+        b = b.with_tls_config(collector_tls()?);
+    }
+    Ok(b)
+}
+
 /// Whether the endpoint an exporter will use (its signal's variable, the shared one, or the
 /// file's) is `https://`.
 fn uses_https(signal_var: &str, file: Option<&str>) -> bool {
@@ -179,15 +201,6 @@ impl Telemetry {
         if !configured || env_is("OTEL_SDK_DISABLED", "true") {
             return Ok(Telemetry::off());
         }
-        // The file's endpoint only where no variable names one (the exporter prefers what
-        // it is given over the variables).
-        let endpoint = |signal_var: &str| {
-            if env(signal_var).is_some() || env("OTEL_EXPORTER_OTLP_ENDPOINT").is_some() {
-                None
-            } else {
-                config.otlp_endpoint.clone()
-            }
-        };
         let resource = {
             let mut b = Resource::builder();
             if env("OTEL_SERVICE_NAME").is_none() {
@@ -207,18 +220,8 @@ impl Telemetry {
         let traces = if env_is("OTEL_TRACES_EXPORTER", "none") {
             None
         } else {
-            use opentelemetry_otlp::WithExportConfig as _;
-            use opentelemetry_otlp::WithTonicConfig as _;
-            let mut b = opentelemetry_otlp::SpanExporter::builder().with_tonic();
-            if let Some(e) = endpoint("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
-                b = b.with_endpoint(e);
-            }
-            if uses_https(
-                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-                config.otlp_endpoint.as_deref(),
-            ) {
-                b = b.with_tls_config(collector_tls()?);
-            }
+            let b = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+            let b = to_collector(b, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", config)?;
             let exporter = b.build().map_err(|e| TelemetryError::Exporter {
                 signal: "traces",
                 message: e.to_string(),
@@ -240,18 +243,8 @@ impl Telemetry {
         let metrics = if env_is("OTEL_METRICS_EXPORTER", "none") {
             None
         } else {
-            use opentelemetry_otlp::WithExportConfig as _;
-            use opentelemetry_otlp::WithTonicConfig as _;
-            let mut b = opentelemetry_otlp::MetricExporter::builder().with_tonic();
-            if let Some(e) = endpoint("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") {
-                b = b.with_endpoint(e);
-            }
-            if uses_https(
-                "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
-                config.otlp_endpoint.as_deref(),
-            ) {
-                b = b.with_tls_config(collector_tls()?);
-            }
+            let b = opentelemetry_otlp::MetricExporter::builder().with_tonic();
+            let b = to_collector(b, "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", config)?;
             let exporter = b.build().map_err(|e| TelemetryError::Exporter {
                 signal: "metrics",
                 message: e.to_string(),
@@ -718,6 +711,35 @@ mod tests {
             ..TelemetryConfig::default()
         };
         assert!(good.validate().is_ok());
+        // A refused endpoint's message never shows the user and key it carries.
+        let secret = TelemetryConfig {
+            otlp_endpoint: Some("https://ops:s3cr3t@collector plant:4317".into()),
+            ..TelemetryConfig::default()
+        };
+        let e = secret
+            .validate()
+            .expect_err("a space in the host")
+            .to_string();
+        assert!(!e.contains("s3cr3t") && !e.contains("ops:"), "{e}");
+        assert!(e.contains("collector plant:4317"), "{e}");
+    }
+
+    /// An `https://` collector's exporter builds with our TLS (system roots): a runtime
+    /// pointed at one starts.
+    #[tokio::test]
+    async fn an_https_collector_gets_an_exporter() {
+        let b = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+        let cfg = TelemetryConfig {
+            otlp_endpoint: Some("https://localhost:4317".into()),
+            ..TelemetryConfig::default()
+        };
+        // (Unless a variable names another endpoint: the variables win.)
+        if env("OTEL_EXPORTER_OTLP_ENDPOINT").is_none()
+            && env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_none()
+        {
+            let b = to_collector(b, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", &cfg).expect("TLS");
+            assert!(b.build().is_ok());
+        }
     }
 
     #[test]

@@ -190,6 +190,18 @@ mod tests {
         }
     }
 
+    impl Buf {
+        /// What was written, and each line as JSON.
+        fn lines(&self) -> (String, Vec<Value>) {
+            let text = String::from_utf8(self.0.lock().expect("buf").clone()).expect("utf-8");
+            let lines = text
+                .lines()
+                .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+                .collect();
+            (text, lines)
+        }
+    }
+
     impl<'a> MakeWriter<'a> for Buf {
         type Writer = Buf;
 
@@ -215,11 +227,7 @@ mod tests {
         });
         let spans = exporter.get_finished_spans().expect("spans");
         drop(provider.shutdown());
-        let text = String::from_utf8(buf.0.lock().expect("buf").clone()).expect("utf-8");
-        let lines: Vec<Value> = text
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
-            .collect();
+        let (text, lines) = buf.lines();
         assert_eq!(lines.len(), 2, "{text}");
         assert_eq!(lines[0]["message"], "outside");
         assert_eq!(lines[0]["answer"], 42);
@@ -263,11 +271,7 @@ mod tests {
         });
         let spans = exporter.get_finished_spans().expect("spans");
         drop(provider.shutdown());
-        let text = String::from_utf8(buf.0.lock().expect("buf").clone()).expect("utf-8");
-        let lines: Vec<Value> = text
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
-            .collect();
+        let (text, lines) = buf.lines();
         assert_eq!(lines.len(), 1, "{text}");
         assert_eq!(lines[0]["message"], "inside");
         assert_eq!(spans.len(), 1);
