@@ -884,3 +884,121 @@ async fn a_silent_stream_does_not_hold_the_real_site_off() {
     site.rt.shutdown().await;
     ent.rt.shutdown().await;
 }
+
+/// What a twin's snapshot holds that depends on where and when it is read, not on what the
+/// site published: the mirror's age, the time it was rendered, and the throughput (parts per
+/// hour of accounted time, which grows with the reading's clock).
+fn as_published(mut t: pb::Twin) -> pb::Twin {
+    t.updated_us = 0;
+    t.mirror_age_ms = None;
+    if let Some(r) = t.rollup.as_mut() {
+        r.throughput_per_h = 0.0;
+    }
+    t
+}
+
+/// Every property a twin publishes reaches its mirror. A machine's mirror stayed `idle` with
+/// OEE 0 and no parts while the site's machine ran (parent twins dropped the mirror message),
+/// and so its line showed 0 running. Once a change settles, the enterprise's site, area, line,
+/// machines and sensors equal the site's (detector state aside: it stays at the site).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_twin_of_a_site_is_mirrored_as_the_site_publishes_it() {
+    use ferrotwin_models::{Property, Reading, Timestamp, Value};
+    let (ed, sd) = two_dirs();
+    let ent = start_in(ed.path(), enterprise_options()).await;
+    let site = start_in(sd.path(), site_options(ent.addr)).await;
+    const OVEN: &str = "acme/berlin/assembly/line-1/oven-1";
+    let at = |secs_ago: i64| Timestamp(now().0 - secs_ago * 1_000_000);
+    let int = |p: &str, property: Property, v: i64, ts: Timestamp| {
+        Reading::good(path(p).id(), property, Value::Int(v), ts)
+    };
+    // The press ran 6 s, made 8 good parts and 1 scrap, and went idle (its OEE is settled:
+    // idle time is not planned); the oven was set up and runs; the press is too hot (an alarm).
+    push(
+        &site,
+        vec![
+            int(PRESS, Property::State, 1, at(10)),
+            int(PRESS, Property::GoodCount, 0, at(10)),
+            int(PRESS, Property::ScrapCount, 0, at(10)),
+            int(OVEN, Property::State, 2, at(9)),
+        ],
+    )
+    .await;
+    push(
+        &site,
+        vec![
+            int(PRESS, Property::GoodCount, 8, at(5)),
+            int(PRESS, Property::ScrapCount, 1, at(5)),
+            int(PRESS, Property::State, 0, at(4)),
+            int(OVEN, Property::State, 1, at(3)),
+            float(TEMP, 95.0),
+            float(FORCE, 12.5),
+            Reading::good(path(COUNT).id(), Property::Value, Value::Int(7), now()),
+        ],
+    )
+    .await;
+    let paths = [
+        "acme/berlin",
+        "acme/berlin/assembly",
+        "acme/berlin/assembly/line-1",
+        PRESS,
+        OVEN,
+        TEMP,
+        FORCE,
+        COUNT,
+    ];
+    let (mut s, mut e) = (site.client.clone(), ent.client.clone());
+    // The site's machines carry what was fed (the check is on something real).
+    let press = wait_for(30, "the site's press idle with its parts", || {
+        let mut s = s.clone();
+        async move {
+            let t = get(&mut s, PRESS).await;
+            let m = t.machine.clone()?;
+            (m.state == "idle" && m.good_count == 8).then_some(t)
+        }
+    })
+    .await;
+    let m = press.machine.as_ref().expect("machine");
+    assert_eq!(m.scrap_count, 1);
+    assert!(m.oee.as_ref().is_some_and(|o| o.oee > 0.0), "{m:?}");
+    // The site's line has rolled it up (debounced): the running oven, the press's alarm.
+    wait_for(30, "the site's line rolled up", || {
+        let mut s = s.clone();
+        async move {
+            let r = get(&mut s, "acme/berlin/assembly/line-1").await.rollup?;
+            (r.running == 1 && r.active_alarms == 1 && r.mean_oee.is_some()).then_some(())
+        }
+    })
+    .await;
+    // Then every twin at the enterprise as the site has it (compared at the same moment,
+    // again until they agree: a change in flight is not yet mirrored).
+    let mut last = Vec::new();
+    let agreed = async {
+        for _ in 0..300 {
+            last.clear();
+            for p in paths {
+                let (at_site, mirror) = (get(&mut s, p).await, get(&mut e, p).await);
+                let (at_site, mirror) = (as_published(at_site), as_published(mirror));
+                if at_site != mirror {
+                    last.push(format!(
+                        "{p}:\n  site       {at_site:?}\n  enterprise {mirror:?}"
+                    ));
+                }
+            }
+            if last.is_empty() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    }
+    .await;
+    assert!(agreed, "mirrors differ from the site:\n{}", last.join("\n"));
+    // The line at the enterprise counts its running oven as the site's does.
+    let line = get(&mut e, "acme/berlin/assembly/line-1").await;
+    let r = line.rollup.expect("roll-up");
+    assert_eq!((r.machines, r.running), (2, 1), "{r:?}");
+    assert!(r.mean_oee.is_some_and(|o| o > 0.0), "{r:?}");
+    site.rt.shutdown().await;
+    ent.rt.shutdown().await;
+}

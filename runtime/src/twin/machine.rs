@@ -200,10 +200,12 @@ impl Actor for MachineTwin {
                     state.schedule(&myself);
                 }
                 TwinMsg::Mirror(snap) => {
+                    // The site's machine as it published it (an enterprise's mirror): state,
+                    // counts, OEE and inference; its line's roll-up follows.
                     if let TwinState::Machine(m) = &snap.state {
                         state.snap = m.clone();
                         state.restarts = snap.restarts;
-                        state.publish(snap.updated, false);
+                        state.publish(snap.updated, true);
                         state.schedule(&myself);
                     }
                 }

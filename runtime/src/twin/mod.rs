@@ -227,7 +227,7 @@ pub(crate) fn answer_as_parent(
             let _ = reply.send(());
             None
         }
-        TwinMsg::CheckStale(_) | TwinMsg::Mirror(_) => None,
+        TwinMsg::CheckStale(_) => None,
         TwinMsg::Crash => panic!("{}: crash requested (test hook)", entry.path()),
         own => Some(own),
     }
