@@ -15,6 +15,14 @@
 //! alarms = [{ name = "high", kind = "high", limit = 90.0, deadband = 2.0, severity = "high" }]
 //! # Optional: anomaly detector settings, any subset (the rest keep their defaults).
 //! detect = { level_z = 10.0, spike = false }
+//! # Optional: what a write may set. A type that lists setpoints takes writes to these only,
+//! # of their type and within their range, checked before any PLC sees them.
+//! [[machine_types.press.setpoints]]
+//! name = "speed_setpoint_pct"
+//! value_type = "int"
+//! min = 0.0
+//! max = 150.0
+//! unit = "%"
 //!
 //! [[sites]]
 //! name = "berlin"
@@ -35,7 +43,7 @@ use crate::alarm::AlarmLimit;
 use crate::asset::{AssetPath, Level, is_slug};
 use crate::detect::machine::MachineDetectorConfig;
 use crate::detect::sensor::SensorDetectorConfig;
-use crate::value::ValueType;
+use crate::value::{Value, ValueType};
 
 /// The spec format version this code reads.
 pub const SPEC_VERSION: u32 = 1;
@@ -116,6 +124,57 @@ impl SensorSpec {
     }
 }
 
+/// A property a write may set on a machine of a type: its type and range, checked before
+/// any PLC sees the write.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetpointSpec {
+    pub name: String,
+    #[serde(default = "default_value_type")]
+    pub value_type: ValueType,
+    /// The range a write must be within (inclusive); none for a bool.
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+    #[serde(default)]
+    pub unit: String,
+}
+
+impl SetpointSpec {
+    /// Why `value` may not be written to this setpoint, if it may not.
+    pub fn refuses(&self, value: Value) -> Option<String> {
+        if !value.fits(self.value_type) {
+            let a = |t: ValueType| match t {
+                ValueType::Int => "an int",
+                ValueType::Float => "a float",
+                ValueType::Bool => "a bool",
+            };
+            return Some(format!(
+                "{} where {} takes {}",
+                a(value.value_type()),
+                self.name,
+                a(self.value_type)
+            ));
+        }
+        if !value.is_finite() {
+            return Some("not a finite number".into());
+        }
+        let v = value.as_f64();
+        let unit = if self.unit.is_empty() {
+            String::new()
+        } else {
+            format!(" {}", self.unit)
+        };
+        match (self.min, self.max) {
+            (Some(lo), Some(hi)) if !(lo..=hi).contains(&v) => {
+                Some(format!("outside its range {lo}..={hi}{unit}"))
+            }
+            (Some(lo), None) if v < lo => Some(format!("below its minimum {lo}{unit}")),
+            (None, Some(hi)) if v > hi => Some(format!("above its maximum {hi}{unit}")),
+            _ => None,
+        }
+    }
+}
+
 /// A machine type: the sensors every machine of the type has, and its ideal cycle time.
 #[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
@@ -133,6 +192,15 @@ pub struct MachineType {
     /// A user's ONNX model every machine of the type runs over its sensors (absent: none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<ModelSpec>,
+    /// What a write may set (none listed: writes are checked by their connection only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub setpoints: Vec<SetpointSpec>,
+}
+
+impl MachineType {
+    pub fn setpoint(&self, name: &str) -> Option<&SetpointSpec> {
+        self.setpoints.iter().find(|s| s.name == name)
+    }
 }
 
 fn is_default_machine_detect(cfg: &MachineDetectorConfig) -> bool {
@@ -411,6 +479,34 @@ impl PlantSpec {
             }
             if let Some(model) = &mt.model {
                 model.check(&at, mt, &mut problems);
+            }
+            let mut setpoint_names = HashSet::new();
+            for sp in &mt.setpoints {
+                let at = format!("{at}: setpoint {:?}", sp.name);
+                if sp.name.is_empty() || sp.name.len() > 128 {
+                    problems.push(format!("{at}: name must be 1 to 128 bytes"));
+                }
+                if !setpoint_names.insert(sp.name.as_str()) {
+                    problems.push(format!("{at}: defined twice"));
+                }
+                if mt.sensors.iter().any(|s| s.name == sp.name) {
+                    problems.push(format!("{at}: a sensor has the same name"));
+                }
+                match (sp.value_type, sp.min, sp.max) {
+                    (ValueType::Bool, None, None) => {}
+                    (ValueType::Bool, _, _) => {
+                        problems.push(format!("{at}: a bool setpoint has no min or max"))
+                    }
+                    (_, Some(lo), Some(hi)) if !(lo.is_finite() && hi.is_finite() && lo <= hi) => {
+                        problems.push(format!(
+                            "{at}: min {lo} must be at most max {hi}, both finite"
+                        ))
+                    }
+                    (_, Some(v), None) | (_, None, Some(v)) if !v.is_finite() => {
+                        problems.push(format!("{at}: min/max must be finite"))
+                    }
+                    _ => {}
+                }
             }
             let mut seen = HashSet::new();
             for s in &mt.sensors {
@@ -842,6 +938,88 @@ window = 16
         assert_eq!((model.window, model.every, model.threshold), (16, 1, 3.0));
         let again = PlantSpec::from_toml(&spec.to_toml(), "again").expect("round trip");
         assert_eq!(again, spec);
+    }
+
+    /// `SMALL` with setpoints on the press type.
+    fn with_setpoints(setpoints: &str) -> String {
+        SMALL.replace("[[sites]]", &format!("{setpoints}\n[[sites]]"))
+    }
+
+    const SETPOINTS: &str = r#"
+[[machine_types.press.setpoints]]
+name = "speed_setpoint_pct"
+value_type = "int"
+min = 0.0
+max = 150.0
+unit = "%"
+[[machine_types.press.setpoints]]
+name = "run_enable"
+value_type = "bool"
+[[machine_types.press.setpoints]]
+name = "pressure_bar"
+max = 250.0
+"#;
+
+    #[test]
+    fn setpoints_refuse_values_outside_their_range_or_of_another_type() {
+        let spec = PlantSpec::from_toml(&with_setpoints(SETPOINTS), "p").expect("valid");
+        let press = &spec.machine_types["press"];
+        let speed = press.setpoint("speed_setpoint_pct").expect("listed");
+        assert_eq!(speed.refuses(Value::Int(150)), None);
+        assert_eq!(speed.refuses(Value::Int(0)), None);
+        assert_eq!(
+            speed.refuses(Value::Int(151)).as_deref(),
+            Some("outside its range 0..=150 %")
+        );
+        assert_eq!(
+            speed.refuses(Value::Float(12.5)).as_deref(),
+            Some("a float where speed_setpoint_pct takes an int")
+        );
+        let run = press.setpoint("run_enable").expect("listed");
+        assert_eq!(run.refuses(Value::Bool(false)), None);
+        assert!(run.refuses(Value::Int(1)).is_some());
+        let pressure = press.setpoint("pressure_bar").expect("listed");
+        assert_eq!(pressure.value_type, ValueType::Float);
+        assert_eq!(pressure.refuses(Value::Int(-5)), None);
+        assert_eq!(
+            pressure.refuses(Value::Float(f64::NAN)).as_deref(),
+            Some("not a finite number")
+        );
+        assert_eq!(
+            pressure.refuses(Value::Float(250.5)).as_deref(),
+            Some("above its maximum 250")
+        );
+        assert!(press.setpoint("temp").is_none());
+        // Written back as read.
+        let again = PlantSpec::from_toml(&spec.to_toml(), "again").expect("valid");
+        assert_eq!(again.machine_types["press"].setpoints, press.setpoints);
+    }
+
+    #[test]
+    fn setpoints_that_cannot_be_checked_are_refused_at_load() {
+        for (text, says) in [
+            (
+                "[[machine_types.press.setpoints]]\nname = \"run\"\nvalue_type = \"bool\"\nmax = 1.0",
+                "a bool setpoint has no min or max",
+            ),
+            (
+                "[[machine_types.press.setpoints]]\nname = \"s\"\nmin = 5.0\nmax = 1.0",
+                "min 5 must be at most max 1",
+            ),
+            (
+                "[[machine_types.press.setpoints]]\nname = \"temp\"",
+                "a sensor has the same name",
+            ),
+            (
+                "[[machine_types.press.setpoints]]\nname = \"s\"\n[[machine_types.press.setpoints]]\nname = \"s\"",
+                "defined twice",
+            ),
+        ] {
+            let msg = PlantSpec::from_toml(&with_setpoints(text), "p")
+                .expect_err(says)
+                .to_string();
+            assert!(msg.contains("setpoint") && msg.contains(says), "{msg}");
+        }
     }
 
     #[test]

@@ -222,6 +222,19 @@ fn check_target(
             TagKind::Reading(Property::State | Property::GoodCount | Property::ScrapCount),
             AssetKind::Machine { .. },
         ) => Ok(()),
+        // A type that lists its setpoints takes writes to these only.
+        (TagKind::Setpoint(name), AssetKind::Machine { type_name, spec })
+            if !spec.setpoints.is_empty() && spec.setpoint(name).is_none() =>
+        {
+            Err(err(format!(
+                "machine type {type_name:?} has no setpoint {name:?} (its setpoints: {})",
+                spec.setpoints
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )))
+        }
         (TagKind::Setpoint(_), AssetKind::Machine { .. } | AssetKind::Sensor { .. }) => Ok(()),
         (_, other) => Err(err(format!(
             "a {} has no such property",

@@ -8,7 +8,7 @@ use ferrotwin_models::Severity;
 use ferrotwin_models::alarm::{AlarmLimit, LimitKind};
 use ferrotwin_models::spec::{
     AreaSpec, LineSpec, MachineInstance, MachineType, PlantSpec, SPEC_VERSION, SensorKind,
-    SensorSpec, SiteSpec,
+    SensorSpec, SetpointSpec, SiteSpec,
 };
 use ferrotwin_models::value::ValueType;
 use rand::{Rng, SeedableRng};
@@ -204,6 +204,24 @@ fn machine_type(name: &str) -> MachineType {
         sensors,
         detect: Default::default(),
         model: None,
+        // What the simulated PLCs take (`mapping`): the speed, 0..=200 % of nominal (writes
+        // outside it are refused before they reach one), and the run enable coil.
+        setpoints: vec![
+            SetpointSpec {
+                name: "speed_setpoint_pct".into(),
+                value_type: ValueType::Int,
+                min: Some(0.0),
+                max: Some(200.0),
+                unit: "%".into(),
+            },
+            SetpointSpec {
+                name: crate::mapping::RUN_ENABLE.into(),
+                value_type: ValueType::Bool,
+                min: None,
+                max: None,
+                unit: String::new(),
+            },
+        ],
     }
 }
 

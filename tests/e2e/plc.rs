@@ -438,27 +438,57 @@ async fn setpoints_written_over_grpc_reach_the_simulated_machine() {
         }
     })
     .await;
-    // Refusals come back with the reason.
-    let err = c
-        .write_property(write(
-            &machine,
+    // Refusals come back with the reason. Outside the plant spec's range or type, or a
+    // property the type lists no setpoint for: refused before the PLC sees it (its speed
+    // stays), on record as an event.
+    let speed_before = rig.plant.lock().await.sim().speed_pct(machine_id);
+    for (property, value, says) in [
+        (
             "speed_setpoint_pct",
             pb::value::Kind::Int(999),
-        ))
-        .await
-        .expect_err("out of range");
-    assert!(
-        matches!(
-            err.code(),
-            tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition
+            "outside its range 0..=200 %",
         ),
-        "{err}"
+        (
+            "speed_setpoint_pct",
+            pb::value::Kind::Bool(true),
+            "a bool where speed_setpoint_pct takes an int",
+        ),
+        (
+            "speed_setpoint_pct",
+            pb::value::Kind::Int(-1),
+            "outside its range",
+        ),
+        (
+            "spindle_rpm",
+            pb::value::Kind::Int(100),
+            "has no setpoint \"spindle_rpm\"",
+        ),
+    ] {
+        let err = c
+            .write_property(write(&machine, property, value))
+            .await
+            .expect_err("refused by the plant spec");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+        assert!(err.message().contains(says), "{err}");
+        assert!(err.message().contains("no PLC was written"), "{err}");
+    }
+    assert_eq!(
+        rig.plant.lock().await.sim().speed_pct(machine_id),
+        speed_before,
+        "a refused write reached the PLC"
     );
+    let refused: Vec<_> = events(&mut c, &machine)
+        .await
+        .into_iter()
+        .filter(|e| e.kind == "write" && e.message.contains("refused by the plant spec"))
+        .collect();
+    assert_eq!(refused.len(), 4, "{refused:?}");
     let err = c
         .write_property(write(&machine, "state", pb::value::Kind::Int(1)))
         .await
         .expect_err("not writable");
-    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    assert!(err.message().contains("no setpoint \"state\""), "{err}");
     let err = c
         .write_property(write(
             "acme/nowhere",
@@ -514,4 +544,48 @@ async fn wait_speed(rig: &Rig, machine: AssetId, pct: u16) {
         (rig.plant.lock().await.sim().speed_pct(machine) == Some(pct)).then_some(())
     })
     .await;
+}
+
+/// A writable tag on a machine whose type lists its setpoints, for a property it does not
+/// list: the start fails naming the connection, the asset, the property and what the type
+/// takes (a write there could never be checked against the plant spec).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writable_tag_its_machine_type_lists_no_setpoint_for_is_refused_at_start() {
+    let spec: PlantSpec = generate(TWO_LINES, 3);
+    let machine = spec
+        .assets()
+        .into_iter()
+        .find(|a| matches!(a.kind, ferrotwin_models::spec::AssetKind::Machine { .. }))
+        .expect("a machine")
+        .path
+        .to_string();
+    let text = format!(
+        r#"protocol = "modbus"
+name = "odd-plc"
+endpoint = "127.0.0.1:1"
+[[tags]]
+asset = "{machine}"
+property = "spindle_rpm"
+register = "holding"
+address = 900
+data_type = "u16"
+writable = true
+"#
+    );
+    let mut opts = options();
+    opts.connections = vec![toml::from_str::<ConnectionConfig>(&text).expect("a config")];
+    let dir = tempfile::tempdir().expect("dir");
+    let err = ferrotwin_runtime::Runtime::start(&spec, dir.path(), opts)
+        .await
+        .err()
+        .expect("refused at start");
+    let msg = err.to_string();
+    for part in [
+        "odd-plc",
+        machine.as_str(),
+        "no setpoint \"spindle_rpm\"",
+        "speed_setpoint_pct",
+    ] {
+        assert!(msg.contains(part), "{part} in {msg}");
+    }
 }

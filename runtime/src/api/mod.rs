@@ -14,7 +14,10 @@ use std::time::Duration;
 
 use ferrotwin_adapters::WriteRequest;
 use ferrotwin_models::query::{FieldValue, Query, Schema, Subject};
-use ferrotwin_models::{AssetId, AssetPath, EventKind, Property, Timestamp};
+use ferrotwin_models::spec::AssetKind;
+use ferrotwin_models::{
+    AssetId, AssetPath, Event, EventKind, Property, Severity, Timestamp, Value,
+};
 use ferrotwin_proto::v1 as pb;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
@@ -806,6 +809,9 @@ impl TwinApi {
             value: value.to_string(),
             result: "requested".into(),
         };
+        // The plant spec's range and type, before any PLC sees the write (and after the
+        // audit record: a refused attempt is on record too, and an event).
+        let refused = self.refused_by_spec(&path, &req.property, value);
         let store = self.ctx.store.clone();
         tokio::task::spawn_blocking(move || store.audit().append(intent, true))
             .instrument(tracing::info_span!(
@@ -819,20 +825,64 @@ impl TwinApi {
                     "write refused: its audit record cannot be written ({e})"
                 ))
             })?;
-        let written = self
-            .connections
-            .write(WriteRequest {
-                asset: path,
-                property: req.property,
-                value,
-                by,
-            })
-            .await
-            .map_err(ApiError::from);
+        let written = match refused {
+            Some(why) => {
+                let message = format!(
+                    "{} = {value} by {by} refused by the plant spec: {why}",
+                    req.property
+                );
+                self.ctx
+                    .emit(Event::new(
+                        path.clone(),
+                        Timestamp::now(),
+                        EventKind::Write,
+                        Severity::Low,
+                        message,
+                    ))
+                    .await;
+                Err(ApiError::BadArgument(format!(
+                    "{path} {} = {value}: {why} (plant spec); no PLC was written",
+                    req.property
+                )))
+            }
+            None => self
+                .connections
+                .write(WriteRequest {
+                    asset: path,
+                    property: req.property,
+                    value,
+                    by,
+                })
+                .await
+                .map_err(ApiError::from),
+        };
         self.audit_result(caller, "write", target, value.to_string(), &written);
         Ok(pb::WritePropertyResponse {
             connection: written?,
         })
+    }
+
+    /// Why the plant spec refuses writing `value` to `property` of `path`, if it does: a
+    /// machine whose type lists setpoints takes these only, of their type, within range.
+    fn refused_by_spec(&self, path: &AssetPath, property: &str, value: Value) -> Option<String> {
+        let entry = self.ctx.registry.by_path(path)?;
+        let AssetKind::Machine { type_name, spec } = &entry.def.kind else {
+            return None;
+        };
+        if spec.setpoints.is_empty() {
+            return None;
+        }
+        match spec.setpoint(property) {
+            Some(sp) => sp.refuses(value),
+            None => Some(format!(
+                "machine type {type_name:?} has no setpoint {property:?} (its setpoints: {})",
+                spec.setpoints
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        }
     }
 
     /// Shelves an alarm of a sensor, for `duration_ms` (0 = until unshelved).
