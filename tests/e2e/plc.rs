@@ -589,3 +589,150 @@ writable = true
         assert!(msg.contains(part), "{part} in {msg}");
     }
 }
+
+/// A device that is not ours, on topics of its own, publishing JSON of its own shape through
+/// Debian's `mosquitto_pub`: the value at a JSON pointer, the time in ms or RFC 3339, quality
+/// words of its own mapped. A null value with a fault turns the twin Bad, keeping its value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_json_device_maps_by_its_payload_layout() {
+    let Some(publ) = tool("mosquitto_pub", "apt-get install -y mosquitto-clients") else {
+        return;
+    };
+    // rumqttd has no shutdown: the broker's threads end with the test process.
+    let broker = EmbeddedBroker::start().expect("broker");
+    let text = format!(
+        r#"protocol = "mqtt"
+name = "edge-json"
+broker = "{}"
+[format]
+type = "json"
+[[format.tags]]
+topic = "factory/hall2/PressA/oilTemp"
+asset = "{TEMP}"
+property = "value"
+[[format.tags]]
+topic = "factory/hall2/PressA/strokes"
+asset = "{COUNT}"
+property = "value"
+[format.payload]
+value = "/reading/val"
+timestamp = "time"
+quality = "status"
+quality_map = {{ "OK" = "good", "SENSOR_FAULT" = "bad", "DRIFT" = "uncertain" }}
+"#,
+        broker.addr()
+    );
+    let mut o = options();
+    o.connections = vec![toml::from_str::<ConnectionConfig>(&text).expect("a config")];
+    let dir = tempfile::tempdir().expect("dir");
+    let site = start_in(dir.path(), o).await;
+    wait_for(20, "the adapter connected", || {
+        let mut c = site.client.clone();
+        async move {
+            let l = c
+                .list_connections(pb::ListConnectionsRequest {})
+                .await
+                .ok()?
+                .into_inner();
+            (l.connections.first()?.link == "connected").then_some(())
+        }
+    })
+    .await;
+    let port = broker.addr().port().to_string();
+    let publish = |topic: &'static str, payload: String| {
+        let (p, port) = (publ.clone(), port.clone());
+        async move {
+            let (ok, out) = tokio::task::spawn_blocking(move || {
+                run_tool(
+                    &p,
+                    &[
+                        "-h",
+                        "127.0.0.1",
+                        "-p",
+                        &port,
+                        "-q",
+                        "1",
+                        "-t",
+                        topic,
+                        "-m",
+                        &payload,
+                    ],
+                )
+            })
+            .await
+            .expect("mosquitto_pub");
+            assert!(ok, "{out}");
+        }
+    };
+    let mut c = site.client.clone();
+    let sensor = |t: &pb::Twin| t.sensor.clone().expect("a sensor");
+    // A value three seconds old, its time in ms: the twin has it with that source time.
+    let t_ms = now().0 / 1000 - 3000;
+    publish(
+        "factory/hall2/PressA/oilTemp",
+        format!(r#"{{"reading": {{"val": 71.25}}, "time": {t_ms}, "status": "OK"}}"#),
+    )
+    .await;
+    wait_float(&c, TEMP, 71.25, 20, "the device's value").await;
+    let t = get(&mut c, TEMP).await;
+    let s = sensor(&t);
+    assert_eq!(s.source_ts_us, t_ms * 1000);
+    assert_eq!(
+        s.quality.as_ref().map(|q| q.code),
+        Some(pb::QualityCode::Good as i32)
+    );
+    // No valid value and a fault: Bad, the last value kept.
+    publish(
+        "factory/hall2/PressA/oilTemp",
+        format!(
+            r#"{{"reading": {{"val": null}}, "time": {}, "status": "SENSOR_FAULT"}}"#,
+            t_ms + 1000
+        ),
+    )
+    .await;
+    let t = wait_for(20, "the sensor Bad", || {
+        let mut c = c.clone();
+        async move {
+            let t = get(&mut c, TEMP).await;
+            (t.sensor.as_ref()?.quality.as_ref()?.code == pb::QualityCode::Bad as i32).then_some(t)
+        }
+    })
+    .await;
+    assert_eq!(float_of(&t), Some(71.25));
+    assert_eq!(sensor(&t).source_ts_us, (t_ms + 1000) * 1000);
+    // An int with an RFC 3339 time and a drift: Uncertain.
+    publish(
+        "factory/hall2/PressA/strokes",
+        r#"{"reading": {"val": 4711}, "time": "2026-12-03T10:00:00.250Z", "status": "DRIFT"}"#
+            .to_string(),
+    )
+    .await;
+    wait_float(&c, COUNT, 4711.0, 20, "the device's count").await;
+    let t = get(&mut c, COUNT).await;
+    let s = sensor(&t);
+    assert_eq!(s.source_ts_us, 1_796_292_000_250_000);
+    assert_eq!(
+        s.quality.as_ref().map(|q| q.code),
+        Some(pb::QualityCode::Uncertain as i32)
+    );
+    // A status the map does not list: refused and counted, the twin untouched.
+    publish(
+        "factory/hall2/PressA/strokes",
+        r#"{"reading": {"val": 1}, "status": "MAINTENANCE"}"#.to_string(),
+    )
+    .await;
+    wait_for(20, "the refusal counted", || {
+        let mut c = c.clone();
+        async move {
+            let l = c
+                .list_connections(pb::ListConnectionsRequest {})
+                .await
+                .ok()?
+                .into_inner();
+            (l.connections.first()?.rejected >= 1).then_some(())
+        }
+    })
+    .await;
+    assert_eq!(float_of(&get(&mut c, COUNT).await), Some(4711.0));
+    site.rt.shutdown().await;
+}
