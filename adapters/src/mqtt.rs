@@ -1351,7 +1351,10 @@ impl Adapter {
                             .get(&(asset, property))
                             .ok_or("quality not good and no value, before any value of this tag")?,
                     };
-                    if property != Property::Value && !matches!(value, Value::Int(_)) {
+                    // Counts are integers; a state is what its machine type maps (the twin).
+                    if matches!(property, Property::GoodCount | Property::ScrapCount)
+                        && !matches!(value, Value::Int(_))
+                    {
                         return Err(format!("{property} must be an integer, got {value:?}"));
                     }
                     Ok((value, quality, ts))

@@ -556,10 +556,11 @@ fn apply_metrics(
     }
 }
 
-/// Machine properties are integers; a sensor takes any value.
+/// Counts are integers; a sensor takes any value, a state any value its machine type maps
+/// (the twin decides).
 fn fits(property: Property, v: Value) -> Result<Value, String> {
     match (property, v) {
-        (Property::Value, _) | (_, Value::Int(_)) => Ok(v),
+        (Property::Value | Property::State, _) | (_, Value::Int(_)) => Ok(v),
         (p, v) => Err(format!("{p} must be an integer, got {v:?}")),
     }
 }

@@ -8,7 +8,10 @@ use std::fmt;
 use crate::value::Timestamp;
 
 /// What a machine is doing, from its PLC state signal.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum MachineState {
     /// No demand: not counted as planned production time.
     #[default]

@@ -3,7 +3,6 @@
 use std::fmt;
 
 use crate::asset::{AssetId, AssetPath};
-use crate::oee::MachineState;
 use crate::value::{Quality, Timestamp, Value, ValueType};
 
 /// Which property of a twin a reading sets. Sensor twins take `Value`; machine twins take
@@ -133,10 +132,9 @@ impl Reading {
             }
             Accepts::Sensor(_) => {}
             Accepts::Machine => match (property, self.value) {
-                (Property::State, Value::Int(code)) if MachineState::from_code(code).is_none() => {
-                    return Err(wrong_type("unknown state code", "state code 0..=3"));
-                }
-                (_, Value::Int(n)) if n < 0 && property != Property::State => {
+                // What a state value means is the machine type's (`MachineType::state_code`).
+                (Property::State, _) => {}
+                (_, Value::Int(n)) if n < 0 => {
                     return Err(wrong_type("negative count", "count >= 0"));
                 }
                 (_, Value::Int(_)) => {}
@@ -319,12 +317,14 @@ mod tests {
     }
 
     #[test]
-    fn machines_take_state_codes_and_counts_as_integers() {
+    fn machines_take_counts_as_integers_and_leave_states_to_their_type() {
         let m = Accepts::Machine;
         assert_eq!(check(m, Property::State, Value::Int(3), 0), None);
+        // What a state value means is the machine type's (`MachineType::state_code`).
+        assert_eq!(check(m, Property::State, Value::Bool(true), 0), None);
         assert_eq!(
-            check(m, Property::State, Value::Int(4), 0),
-            Some("wrong_type")
+            check(m, Property::State, Value::Float(f64::NAN), 0),
+            Some("not_finite")
         );
         assert_eq!(check(m, Property::GoodCount, Value::Int(0), 0), None);
         assert_eq!(

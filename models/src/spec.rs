@@ -43,6 +43,7 @@ use crate::alarm::AlarmLimit;
 use crate::asset::{AssetPath, Level, is_slug};
 use crate::detect::machine::MachineDetectorConfig;
 use crate::detect::sensor::SensorDetectorConfig;
+use crate::oee::MachineState;
 use crate::value::{Value, ValueType};
 
 /// The spec format version this code reads.
@@ -195,9 +196,41 @@ pub struct MachineType {
     /// What a write may set (none listed: writes are checked by their connection only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub setpoints: Vec<SetpointSpec>,
+    /// The PLC's own state values, as text (`"true"`, `"7"`), to machine states. Empty: the
+    /// codes 0..=3 (idle, running, setup, down), and a bool (true running, false idle).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub state_map: BTreeMap<String, MachineState>,
 }
 
 impl MachineType {
+    /// The state code (`MachineState::code`) a PLC's state `value` means for this type;
+    /// `None` when it means none (the twin then refuses the reading).
+    pub fn state_code(&self, value: Value) -> Option<i64> {
+        if self.state_map.is_empty() {
+            return match value {
+                Value::Int(code) => MachineState::from_code(code).map(MachineState::code),
+                Value::Bool(running) => Some(if running {
+                    MachineState::Running.code()
+                } else {
+                    MachineState::Idle.code()
+                }),
+                // A whole float is its integer (PLCs send REALs).
+                Value::Float(f) if f.fract() == 0.0 && f.abs() < 1e15 => {
+                    MachineState::from_code(f as i64).map(MachineState::code)
+                }
+                Value::Float(_) => None,
+            };
+        }
+        let key = match value {
+            Value::Int(i) => i.to_string(),
+            Value::Bool(b) => b.to_string(),
+            // A whole float is its integer ("3.0" is "3"), as PLCs send REALs.
+            Value::Float(f) if f.fract() == 0.0 && f.abs() < 1e15 => (f as i64).to_string(),
+            Value::Float(f) => f.to_string(),
+        };
+        self.state_map.get(&key).map(|s| s.code())
+    }
+
     pub fn setpoint(&self, name: &str) -> Option<&SetpointSpec> {
         self.setpoints.iter().find(|s| s.name == name)
     }
@@ -479,6 +512,13 @@ impl PlantSpec {
             }
             if let Some(model) = &mt.model {
                 model.check(&at, mt, &mut problems);
+            }
+            for key in mt.state_map.keys() {
+                if key.is_empty() || key.len() > 64 {
+                    problems.push(format!(
+                        "{at}: state_map: a key must be 1 to 64 bytes (a PLC value as text)"
+                    ));
+                }
             }
             let mut setpoint_names = HashSet::new();
             for sp in &mt.setpoints {
@@ -993,6 +1033,35 @@ max = 250.0
         // Written back as read.
         let again = PlantSpec::from_toml(&spec.to_toml(), "again").expect("valid");
         assert_eq!(again.machine_types["press"].setpoints, press.setpoints);
+    }
+
+    #[test]
+    fn a_machine_state_is_what_the_type_says_a_plc_value_means() {
+        let spec = PlantSpec::from_toml(SMALL, "p").expect("valid");
+        let plain = &spec.machine_types["press"];
+        // Default: the codes 0..=3, whole floats as codes, a bool as running or idle.
+        assert_eq!(plain.state_code(Value::Int(3)), Some(3));
+        assert_eq!(plain.state_code(Value::Int(4)), None);
+        assert_eq!(plain.state_code(Value::Float(1.0)), Some(1));
+        assert_eq!(plain.state_code(Value::Float(1.5)), None);
+        assert_eq!(plain.state_code(Value::Bool(true)), Some(1));
+        assert_eq!(plain.state_code(Value::Bool(false)), Some(0));
+        // A PLC's own codes: only those listed mean a state.
+        let text = SMALL.replace(
+            "[[machine_types.press.sensors]]\nname = \"temp\"",
+            "state_map = { \"0\" = \"down\", \"5\" = \"running\", \"7\" = \"setup\", \"9\" = \"idle\" }\n[[machine_types.press.sensors]]\nname = \"temp\"",
+        );
+        let spec = PlantSpec::from_toml(&text, "p").expect("valid");
+        let mapped = &spec.machine_types["press"];
+        assert_eq!(mapped.state_code(Value::Int(5)), Some(1));
+        assert_eq!(mapped.state_code(Value::Float(7.0)), Some(2));
+        assert_eq!(mapped.state_code(Value::Int(0)), Some(3));
+        assert_eq!(mapped.state_code(Value::Int(1)), None);
+        assert_eq!(mapped.state_code(Value::Bool(true)), None);
+        let again = PlantSpec::from_toml(&spec.to_toml(), "again").expect("valid");
+        assert_eq!(again.machine_types["press"].state_map, mapped.state_map);
+        let bad = text.replace("\"idle\" }", "\"sleeping\" }");
+        assert!(PlantSpec::from_toml(&bad, "p").is_err());
     }
 
     #[test]

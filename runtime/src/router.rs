@@ -11,7 +11,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use ferrotwin_models::{IngestSink, Property, PushBack, PushBackReason, Reading, Timestamp, Value};
+use ferrotwin_models::spec::AssetKind;
+use ferrotwin_models::{IngestSink, Property, PushBack, PushBackReason, Reading, Timestamp};
 
 use crate::core::TwinMsg;
 use crate::core::{ClockRules, Credits, Metrics};
@@ -140,10 +141,14 @@ impl IngestSink for IngestRouter {
         // Machine states go on the machine's sample board before any reading is delivered:
         // a sensor twin draining a reading of this batch must judge it in the state the
         // machine was in at that instant, not in the one its twin has applied so far.
+        // (A PLC's own state values mean a state by the machine type's `state_map`, as the
+        // twin reads them; one that means none is refused there.)
         for (r, target) in batch.iter().zip(&targets) {
             if r.property == Property::State
-                && let (Some(entry), Value::Int(code)) = (target, r.value)
+                && let Some(entry) = target
                 && let Some(board) = &entry.board
+                && let AssetKind::Machine { spec, .. } = &entry.def.kind
+                && let Some(code) = spec.state_code(r.value)
             {
                 board.note_state(code, r.source_ts, Timestamp(now_us), self.clock);
             }

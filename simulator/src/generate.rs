@@ -222,6 +222,7 @@ fn machine_type(name: &str) -> MachineType {
                 unit: String::new(),
             },
         ],
+        state_map: Default::default(),
     }
 }
 

@@ -220,3 +220,73 @@ async fn a_late_reading_goes_to_history_but_a_clock_step_back_is_taken_as_curren
     assert_eq!(values, vec![3.0, 2.0, 1.0], "all three kept, in time order");
     site.rt.shutdown().await;
 }
+
+/// A machine's state from a PLC's boolean (true running, false idle) or from the PLC's own
+/// codes by its type's `state_map`; a code the map does not list is refused, counted and
+/// evented, and the state stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn machine_state_comes_from_a_bool_or_the_types_state_map() {
+    const OVEN: &str = "acme/berlin/assembly/line-1/oven-1";
+    let text = PLANT.replace(
+        "[machine_types.oven]\nideal_cycle_ms = 60000",
+        "[machine_types.oven]\nideal_cycle_ms = 60000\nstate_map = { \"5\" = \"running\", \"9\" = \"idle\", \"13\" = \"down\" }",
+    );
+    let spec = ferrotwin_models::spec::PlantSpec::from_toml(&text, "mapped").expect("valid");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut opts = options();
+    opts.twins.reject_event_interval_ms = 0;
+    let site = start_plant_in(&spec, dir.path(), opts).await;
+    let state = |p: &str, v: Value| Reading::good(path(p).id(), Property::State, v, now());
+    let wait_state = |p: &'static str, want: &'static str| {
+        let c = site.client.clone();
+        async move {
+            wait_for(20, want, || {
+                let mut c = c.clone();
+                async move {
+                    let m = get(&mut c, p).await.machine?;
+                    (m.state == want).then_some(())
+                }
+            })
+            .await;
+        }
+    };
+    push(&site, vec![state(PRESS, Value::Bool(true))]).await;
+    wait_state(PRESS, "running").await;
+    push(&site, vec![state(PRESS, Value::Bool(false))]).await;
+    wait_state(PRESS, "idle").await;
+    push(&site, vec![state(OVEN, Value::Int(5))]).await;
+    wait_state(OVEN, "running").await;
+    push(&site, vec![state(OVEN, Value::Float(13.0))]).await;
+    wait_state(OVEN, "down").await;
+    // Code 1 means running by default, not for this oven: refused with a reason.
+    let before = site
+        .rt
+        .metrics()
+        .rejected_wrong_type
+        .load(Ordering::Relaxed);
+    push(&site, vec![state(OVEN, Value::Int(1))]).await;
+    let mut c = site.client.clone();
+    let ev = wait_for(20, "the refusal evented", || {
+        let mut c = c.clone();
+        async move {
+            events(&mut c, OVEN)
+                .await
+                .into_iter()
+                .find(|e| e.kind == "rejected" && e.message.contains("state_map"))
+        }
+    })
+    .await;
+    assert!(ev.message.contains("state"), "{}", ev.message);
+    assert!(
+        site.rt
+            .metrics()
+            .rejected_wrong_type
+            .load(Ordering::Relaxed)
+            > before
+    );
+    assert_eq!(
+        get(&mut c, OVEN).await.machine.expect("a machine").state,
+        "down"
+    );
+    site.rt.shutdown().await;
+}

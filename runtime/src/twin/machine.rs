@@ -264,14 +264,47 @@ impl MachineTwinState {
         if let Err(reason) = r.check(self.entry.path(), Accepts::Machine, now, max_skew_ms) {
             return self.reject(reason).await;
         }
-        // `Reading::check` let through only integers, valid state codes and counts >= 0.
-        let Value::Int(int) = r.value else {
-            return;
+        // A state is what the type's `state_map` (or the default codes, a bool) says the
+        // PLC's value means.
+        let state = if r.property == Property::State {
+            match self
+                .spec
+                .state_code(r.value)
+                .and_then(MachineState::from_code)
+            {
+                Some(s) => Some(s),
+                None => {
+                    let (got, declared) = if self.spec.state_map.is_empty() {
+                        ("unknown state code", "state code 0..=3 or a bool")
+                    } else {
+                        (
+                            "a value the type's state_map does not list",
+                            "a state_map key",
+                        )
+                    };
+                    return self
+                        .reject(RejectReason::WrongType {
+                            asset: self.entry.path().clone(),
+                            property: r.property,
+                            got,
+                            declared,
+                        })
+                        .await;
+                }
+            }
+        } else {
+            None
+        };
+        // `Reading::check` let through only integer counts >= 0.
+        let int = match r.value {
+            Value::Int(int) => int,
+            _ if state.is_some() => 0,
+            _ => return,
         };
         let t = &mut self.snap.tracker;
         match r.property {
             Property::State => {
-                let Some(new) = MachineState::from_code(int) else {
+                let Some(new) = state else {
                     return;
                 };
                 let old = t.state;
