@@ -197,6 +197,27 @@ fn spawn_protocol(
     }
 }
 
+/// Whether `host` can name a host: a DNS name (letters, digits, `-`, `.`, `_`), an IPv4
+/// address, or an IPv6 address (in brackets or not). A space or any other character is a
+/// typo that would fail every connect attempt, so a config with one is refused at start.
+pub(crate) fn valid_host(host: &str) -> bool {
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if bare.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    !bare.is_empty()
+        && bare.len() <= 253
+        && bare.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
 /// The span of one connect attempt of a connection (`adapter.connect`), with its outcome
 /// recorded by `connect_outcome`.
 pub(crate) fn connect_span(

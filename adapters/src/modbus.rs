@@ -117,6 +117,18 @@ pub enum DataType {
 }
 
 impl DataType {
+    /// The name a config gives it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataType::U16 => "u16",
+            DataType::I16 => "i16",
+            DataType::U32 => "u32",
+            DataType::I32 => "i32",
+            DataType::F32 => "f32",
+            DataType::Bool => "bool",
+        }
+    }
+
     /// Registers (bits for `Bool`) the value takes.
     pub fn words(self) -> u16 {
         match self {
@@ -327,12 +339,14 @@ impl ModbusConfig {
         if self.poll_interval_ms == 0 || self.timeout_ms == 0 {
             return Err(self.err("poll_interval_ms and timeout_ms must be > 0"));
         }
-        let port_ok = self
-            .endpoint
-            .rsplit_once(':')
-            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        let port_ok = self.endpoint.rsplit_once(':').is_some_and(|(host, port)| {
+            crate::valid_host(host) && port.parse::<u16>().is_ok_and(|p| p != 0)
+        });
         if !port_ok {
-            return Err(self.err(format!("endpoint {:?} is not host:port", self.endpoint)));
+            return Err(self.err(format!(
+                "endpoint {:?} is not HOST:PORT (a DNS name or an IP address, no spaces)",
+                self.endpoint
+            )));
         }
         let tags = self.resolved_tags()?;
         let mut targets = Vec::with_capacity(tags.len());
@@ -392,12 +406,19 @@ fn import_line(
 /// What `TagTarget::parse` cannot know: the Modbus side of a tag.
 fn check_tag(t: &ModbusTag) -> Result<(), String> {
     if t.register.is_bit() != (t.data_type == DataType::Bool) {
-        return Err(format!(
-            "data_type bool goes with coil or discrete_input registers only (register {}, \
-             data_type {:?})",
-            t.register.as_str(),
-            t.data_type
-        ));
+        return Err(if t.register.is_bit() {
+            format!(
+                "a {} holds one bit: its data_type is bool, not {}",
+                t.register.as_str(),
+                t.data_type.as_str()
+            )
+        } else {
+            format!(
+                "data_type bool is for coils and discrete inputs; a {} register holds u16, i16, \
+                 u32, i32 or f32",
+                t.register.as_str()
+            )
+        });
     }
     if t.writable && !matches!(t.register, RegisterKind::Holding | RegisterKind::Coil) {
         return Err("only holding registers and coils are writable".into());
@@ -1334,6 +1355,30 @@ mod tests {
                 .is_err()
         );
         assert!(config("typo = 1\n").is_err(), "unknown keys are refused");
+        // A coil read as a u16: the message says what a coil takes, in the config's words.
+        let msg = config(bad[0])
+            .expect("parses")
+            .targets()
+            .expect_err("a coil is a bit")
+            .to_string();
+        assert!(
+            msg.contains("a coil holds one bit: its data_type is bool, not u16"),
+            "{msg}"
+        );
+        // Endpoints a connect could never use are refused at start, not at every retry.
+        for endpoint in ["plc 1:502", "plc:0", "10.0.0.5 :502", ":502", "plc:http"] {
+            let c: ModbusConfig =
+                toml::from_str(&format!("name = \"plc\"\nendpoint = \"{endpoint}\"\n"))
+                    .expect("parses");
+            let msg = c.targets().expect_err(endpoint).to_string();
+            assert!(msg.contains("is not HOST:PORT"), "{endpoint}: {msg}");
+        }
+        for endpoint in ["plc-1.hall2.local:502", "10.0.0.5:5020", "[::1]:502"] {
+            let c: ModbusConfig =
+                toml::from_str(&format!("name = \"plc\"\nendpoint = \"{endpoint}\"\n"))
+                    .expect("parses");
+            assert!(c.targets().is_ok(), "{endpoint}");
+        }
         let ok = config(
             "[[tags]]\nasset = \"acme/s/a/l/m\"\nproperty = \"state\"\nregister = \"holding\"\naddress = 0\ndata_type = \"u16\"\n",
         )

@@ -378,7 +378,7 @@ pub fn parse_broker(s: &str) -> Option<(String, u16)> {
     let (host, port) = s.rsplit_once(':')?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let port = port.parse::<u16>().ok().filter(|&p| p != 0)?;
-    (!host.is_empty()).then(|| (host.to_string(), port))
+    crate::valid_host(host).then(|| (host.to_string(), port))
 }
 
 /// A topic level without MQTT wildcards or separators.

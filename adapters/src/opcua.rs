@@ -265,7 +265,13 @@ impl OpcUaConfig {
             connection: self.name.clone(),
             what,
         };
-        if !self.endpoint.starts_with("opc.tcp://") || self.endpoint.len() <= "opc.tcp://".len() {
+        let host_ok = self
+            .endpoint
+            .strip_prefix("opc.tcp://")
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|hp| hp.rsplit_once(':').map(|(h, _)| h).or(Some(hp)))
+            .is_some_and(crate::valid_host);
+        if !host_ok || self.endpoint.contains(char::is_whitespace) {
             return Err(conn(format!(
                 "endpoint {:?} is not an opc.tcp://HOST:PORT/ URL",
                 self.endpoint
@@ -302,6 +308,18 @@ impl OpcUaConfig {
                         "security_policy \"basic256sha256\" needs {}",
                         missing.join(", ")
                     )));
+                }
+                // Unreadable files are named here (async-opcua's own complaints are not
+                // logged: see the CLI's `logging::default_filter`).
+                for (key, path) in [
+                    ("client_cert", &self.client_cert),
+                    ("client_key", &self.client_key),
+                ] {
+                    if let Some(path) = path
+                        && let Err(e) = std::fs::File::open(path)
+                    {
+                        return Err(conn(format!("{key} {}: {e}", path.display())));
+                    }
                 }
             }
         }

@@ -477,11 +477,30 @@ fn config_errors_name_the_connection_and_the_tag() {
     .targets()
     .expect_err("not opc.tcp");
     assert!(e.to_string().contains("opc.tcp"), "{e}");
-    let ok = parse(
-        "security_policy = \"basic256sha256\"\nsecurity_mode = \"sign_and_encrypt\"\nclient_cert = \"c.der\"\nclient_key = \"k.pem\"\npki_dir = \"pki\"",
-        &good,
+    // An endpoint no connect could use is refused at start, not at every retry.
+    let e = toml::from_str::<ConnectionConfig>(
+        "protocol = \"opcua\"\nname = \"ua\"\nendpoint = \"opc.tcp://plc 1:4840/\"\nsecurity_policy = \"none\"\n",
+    )
+    .expect("parses")
+    .targets()
+    .expect_err("a space in the host");
+    assert!(e.to_string().contains("opc.tcp://plc 1:4840/"), "{e}");
+    // Certificate files that cannot be read are named at start.
+    let dir = tempfile::tempdir().expect("dir");
+    let (cert, key) = (dir.path().join("c.der"), dir.path().join("k.pem"));
+    let secured = format!(
+        "security_policy = \"basic256sha256\"\nsecurity_mode = \"sign_and_encrypt\"\nclient_cert = {cert:?}\nclient_key = {key:?}\npki_dir = \"pki\""
     );
-    assert!(matches!(ok, Ok(Ok(_))));
+    let e = parse(&secured, &good)
+        .expect("parses")
+        .expect_err("no such files");
+    assert!(
+        e.to_string().contains("client_cert") && e.to_string().contains("c.der"),
+        "{e}"
+    );
+    std::fs::write(&cert, b"cert").expect("write");
+    std::fs::write(&key, b"key").expect("write");
+    assert!(matches!(parse(&secured, &good), Ok(Ok(_))));
 }
 
 /// Takes batches only while open; counts the refused attempts.

@@ -194,6 +194,8 @@ pub enum Cmd {
     Write {
         path: String,
         property: String,
+        /// The value: a number (negative ones too, `-10`), `true` or `false`.
+        #[arg(allow_negative_numbers = true)]
         value: String,
         /// Who writes, on a runtime without security (with security: who you signed in as).
         #[arg(long, default_value = "")]
@@ -355,4 +357,30 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 100_000)]
         count: usize,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    /// A negative setpoint is a value, not an option (no `--` needed).
+    #[test]
+    fn write_takes_a_negative_value() {
+        let args = Args::try_parse_from([
+            "ferrotwin",
+            "write",
+            "acme/berlin/a/l/press-1",
+            "temp_offset",
+            "-10",
+            "--by",
+            "ann",
+        ])
+        .expect("parses");
+        let Cmd::Write { value, by, .. } = args.cmd else {
+            panic!("a write");
+        };
+        assert_eq!((value.as_str(), by.as_str()), ("-10", "ann"));
+    }
 }

@@ -27,6 +27,19 @@ pub enum LogFormat {
     Json,
 }
 
+/// The log filter a command starts from when `RUST_LOG` is not set: `base`, sled at warn,
+/// and without async-opcua's certificate complaints. It logs ERRORs for every secure channel
+/// and session whose own certificate is missing, which with security `None` (no certificate
+/// needed) is every connection attempt. With security on, the adapter checks its certificate
+/// files at start, and a session that cannot be made is the connection's own error (link
+/// state, event, log line). `RUST_LOG` shows them again.
+pub fn default_filter(base: &str) -> String {
+    format!(
+        "{base},sled=warn,opcua_core::comms::secure_channel=off,\
+         opcua_crypto::certificate_store=off,opcua_client::session::client=off"
+    )
+}
+
 /// Installs the process's subscriber: logs in `format` filtered by `RUST_LOG` (else
 /// `default_filter`), and `telemetry`'s span export when it is on.
 pub fn init(default_filter: &str, format: LogFormat, telemetry: &Telemetry) {

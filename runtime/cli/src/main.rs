@@ -36,7 +36,11 @@ async fn main() -> Result<()> {
                 service_name: Some("ferrotwin-demo".into()),
                 ..TelemetryConfig::default()
             })?;
-            logging::init("info,sled=warn,rumqttd=off", log_format, &telemetry);
+            logging::init(
+                &logging::default_filter("info,rumqttd=off"),
+                log_format,
+                &telemetry,
+            );
             let done = demo::run(demo::DemoOptions {
                 grpc_addr,
                 http_addr,
@@ -57,13 +61,13 @@ async fn main() -> Result<()> {
             http_addr,
         } => {
             let telemetry = Telemetry::from_env(&run::telemetry_config(&config))?;
-            logging::init("info,sled=warn", log_format, &telemetry);
+            logging::init(&logging::default_filter("info"), log_format, &telemetry);
             let done = run::run(&config, role, http_addr).await;
             shutdown(telemetry).await;
             done
         }
         Cmd::Check { config } => {
-            init_tracing("warn,sled=warn", log_format);
+            init_tracing(&logging::default_filter("warn"), log_format);
             run::check(&config).await
         }
         Cmd::Tree {
@@ -217,7 +221,7 @@ async fn main() -> Result<()> {
                     history,
                 },
         } => {
-            init_tracing("warn,sled=warn", log_format);
+            init_tracing(&logging::default_filter("warn"), log_format);
             let history = match history.as_str() {
                 "raw" => ferrotwin_runtime::HistoryPolicy::Raw,
                 "aggregated" => ferrotwin_runtime::HistoryPolicy::Aggregated,
@@ -243,7 +247,7 @@ async fn main() -> Result<()> {
                     lines,
                 },
         } => {
-            init_tracing("warn,sled=warn,rumqttd=off", log_format);
+            init_tracing(&logging::default_filter("warn,rumqttd=off"), log_format);
             let report = bench::plc::plc(bench::plc::PlcBench {
                 via,
                 seconds,
@@ -278,7 +282,7 @@ async fn main() -> Result<()> {
         Cmd::Bench {
             what: BenchCmd::Security { calls, concurrency },
         } => {
-            init_tracing("warn,sled=warn", log_format);
+            init_tracing(&logging::default_filter("warn"), log_format);
             let report =
                 bench::security::security(bench::security::SecurityBench { calls, concurrency })
                     .await?;
@@ -293,7 +297,7 @@ async fn main() -> Result<()> {
                     clients,
                 },
         } => {
-            init_tracing("warn,sled=warn", log_format);
+            init_tracing(&logging::default_filter("warn"), log_format);
             let report = bench::http::http(bench::http::HttpBench {
                 sensors,
                 seconds,
@@ -311,7 +315,7 @@ async fn main() -> Result<()> {
                     detectors,
                 },
         } => {
-            init_tracing("warn,sled=warn", log_format);
+            init_tracing(&logging::default_filter("warn"), log_format);
             let report = bench::ingest(bench::IngestBench {
                 sensors,
                 seconds,
