@@ -443,6 +443,13 @@ fn device_birth(
                 Some(t) => Some(t),
                 None => {
                     out.rejected += 1;
+                    // Sparkplug names are case-sensitive: a writable entry that differs only
+                    // in letter case is a typo worth naming, not just an unmapped metric.
+                    if let Some(listed) = writable.iter().find(|w| w.eq_ignore_ascii_case(&name)) {
+                        out.error = Some(format!(
+                            "DBIRTH of {device}: metric {name:?} differs from writable_metrics entry {listed:?} only in letter case (Sparkplug names are case-sensitive; list it as {name:?})"
+                        ));
+                    }
                     out.unmapped
                         .push(format!("{}/{device}/{name}", node.rule.node));
                     continue;
@@ -776,6 +783,29 @@ mod tests {
         let d = run(&mut s, &t("DBIRTH", Some("press-1")), &dbirth(1));
         assert_eq!(d.readings.len(), 3, "{d:?}");
         s
+    }
+
+    /// A writable metric listed with another letter case: the birth says so, naming both.
+    #[test]
+    fn a_writable_metric_listed_in_another_letter_case_is_named_at_birth() {
+        let mut s = SparkplugState::new(
+            "acme-berlin",
+            vec![NodeRule {
+                node: "assembly-line-1".into(),
+                line: AssetPath::parse(LINE).expect("path"),
+                devices: Some(["press-1".to_string()].into()),
+            }],
+            ["Speed_Setpoint_Pct".to_string()].into(),
+        );
+        run(&mut s, &t("NBIRTH", None), &nbirth(0, 3));
+        let d = run(&mut s, &t("DBIRTH", Some("press-1")), &dbirth(1));
+        let e = d.error.expect("named");
+        assert!(
+            e.contains("\"speed_setpoint_pct\"")
+                && e.contains("\"Speed_Setpoint_Pct\"")
+                && e.contains("letter case"),
+            "{e}"
+        );
     }
 
     #[test]
