@@ -576,6 +576,13 @@ pub fn decode_json(
         Some(q) => {
             let text = match q {
                 serde_json::Value::String(s) => s.clone(),
+                // 192.0 is the code 192.
+                serde_json::Value::Number(n)
+                    if n.as_f64()
+                        .is_some_and(|f| f.fract() == 0.0 && f.abs() < 1e15) =>
+                {
+                    (n.as_f64().unwrap_or_default() as i64).to_string()
+                }
                 other => other.to_string(),
             };
             if layout.quality_map.is_empty() {
@@ -591,7 +598,14 @@ pub fn decode_json(
                     }
                 }
             } else {
-                *layout.quality_map.get(&text).ok_or_else(|| {
+                let found = layout.quality_map.get(&text).or_else(|| {
+                    layout
+                        .quality_map
+                        .iter()
+                        .find(|(k, _)| k.eq_ignore_ascii_case(&text))
+                        .map(|(_, w)| w)
+                });
+                *found.ok_or_else(|| {
                     format!(
                         "{} {q} is not in payload.quality_map ({})",
                         layout.quality,
@@ -1755,7 +1769,7 @@ quality_map = { "192" = "good", "64" = "uncertain", "0" = "bad", "true" = "good"
         let us = Timestamp(at_ms * 1000);
         for (payload, want) in [
             (
-                format!(r#"{{"data": {{"v": 21.5}}, "t": {at_ms}, "q": 192}}"#),
+                format!(r#"{{"data": {{"v": 21.5}}, "t": {at_ms}, "q": 192.0}}"#),
                 (Some(Value::Float(21.5)), Quality::GOOD, us),
             ),
             (

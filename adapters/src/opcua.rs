@@ -269,8 +269,7 @@ impl OpcUaConfig {
             .endpoint
             .strip_prefix("opc.tcp://")
             .and_then(|rest| rest.split('/').next())
-            .and_then(|hp| hp.rsplit_once(':').map(|(h, _)| h).or(Some(hp)))
-            .is_some_and(crate::valid_host);
+            .is_some_and(opc_host_port_ok);
         if !host_ok || self.endpoint.contains(char::is_whitespace) {
             return Err(conn(format!(
                 "endpoint {:?} is not an opc.tcp://HOST:PORT/ URL",
@@ -311,14 +310,19 @@ impl OpcUaConfig {
                 }
                 // Unreadable files are named here (async-opcua's own complaints are not
                 // logged: see the CLI's `logging::default_filter`).
+                // (async-opcua reads relative paths under `pki_dir`.)
                 for (key, path) in [
                     ("client_cert", &self.client_cert),
                     ("client_key", &self.client_key),
                 ] {
-                    if let Some(path) = path
-                        && let Err(e) = std::fs::File::open(path)
-                    {
-                        return Err(conn(format!("{key} {}: {e}", path.display())));
+                    if let (Some(path), Some(pki)) = (path, &self.pki_dir) {
+                        let at = pki.join(path);
+                        if let Err(e) = std::fs::File::open(&at) {
+                            return Err(conn(format!(
+                                "{key} {} (under pki_dir when relative): {e}",
+                                at.display()
+                            )));
+                        }
                     }
                 }
             }
@@ -1157,8 +1161,25 @@ fn variant_for(data_type: &NodeId, value: Value) -> Result<Variant, String> {
     })
 }
 
+/// `HOST[:PORT]` of an `opc.tcp://` URL: a host a connect can use (IPv6 in brackets), and a
+/// port, when given, of 1..=65535.
+fn opc_host_port_ok(hp: &str) -> bool {
+    let (host, port) = match hp.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((h, rest)) => (format!("[{h}]"), rest.strip_prefix(':')),
+            None => return false,
+        },
+        None => match hp.rsplit_once(':') {
+            Some((h, p)) => (h.to_owned(), Some(p)),
+            None => (hp.to_owned(), None),
+        },
+    };
+    crate::valid_host(&host) && port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p != 0))
+}
+
 /// A variant as the value of `property`: numbers for a sensor `value` (floats stay floats,
-/// integers ints, booleans bools); whole numbers for machine state and counters.
+/// integers ints, booleans bools); whole numbers for counters; for a machine state any of
+/// them (its machine type says what a value means: `MachineType::state_code`).
 fn value_of(v: &Variant, property: Property) -> Option<Value> {
     let value = match v {
         Variant::Boolean(b) => Value::Bool(*b),
@@ -1175,7 +1196,7 @@ fn value_of(v: &Variant, property: Property) -> Option<Value> {
         _ => return None,
     };
     match (property, value) {
-        (Property::Value, v) => Some(v),
+        (Property::Value | Property::State, v) => Some(v),
         (_, Value::Int(n)) => Some(Value::Int(n)),
         (_, Value::Float(f)) if f.is_finite() && f.fract() == 0.0 => Some(Value::Int(f as i64)),
         _ => None,

@@ -485,6 +485,20 @@ fn config_errors_name_the_connection_and_the_tag() {
     .targets()
     .expect_err("a space in the host");
     assert!(e.to_string().contains("opc.tcp://plc 1:4840/"), "{e}");
+    for (endpoint, ok) in [
+        ("opc.tcp://[::1]/", true),
+        ("opc.tcp://[::1]:4840/", true),
+        ("opc.tcp://plc-7.hall2:4840/UA/Server", true),
+        ("opc.tcp://plc:0/", false),
+        ("opc.tcp://plc:http/", false),
+        ("opc.tcp://[::1/", false),
+    ] {
+        let c = toml::from_str::<ConnectionConfig>(&format!(
+            "protocol = \"opcua\"\nname = \"ua\"\nendpoint = \"{endpoint}\"\nsecurity_policy = \"none\"\n{good}"
+        ))
+        .expect("parses");
+        assert_eq!(c.targets().is_ok(), ok, "{endpoint}");
+    }
     // Certificate files that cannot be read are named at start.
     let dir = tempfile::tempdir().expect("dir");
     let (cert, key) = (dir.path().join("c.der"), dir.path().join("k.pem"));

@@ -141,8 +141,16 @@ pub struct SetpointSpec {
 }
 
 impl SetpointSpec {
-    /// Why `value` may not be written to this setpoint, if it may not.
+    /// Why `value` may not be written to this setpoint, if it may not. A whole float is an
+    /// int and 0 or 1 a bool here, as a command line or a JSON client writes them.
     pub fn refuses(&self, value: Value) -> Option<String> {
+        let value = match (value, self.value_type) {
+            (Value::Float(f), ValueType::Int) if f.fract() == 0.0 && f.abs() < 9.0e15 => {
+                Value::Int(f as i64)
+            }
+            (Value::Int(i @ (0 | 1)), ValueType::Bool) => Value::Bool(i == 1),
+            (v, _) => v,
+        };
         if !value.fits(self.value_type) {
             let a = |t: ValueType| match t {
                 ValueType::Int => "an int",
@@ -1015,9 +1023,12 @@ max = 250.0
             speed.refuses(Value::Float(12.5)).as_deref(),
             Some("a float where speed_setpoint_pct takes an int")
         );
+        assert_eq!(speed.refuses(Value::Float(120.0)), None);
+        assert!(speed.refuses(Value::Float(151.0)).is_some());
         let run = press.setpoint("run_enable").expect("listed");
         assert_eq!(run.refuses(Value::Bool(false)), None);
-        assert!(run.refuses(Value::Int(1)).is_some());
+        assert_eq!(run.refuses(Value::Int(1)), None);
+        assert!(run.refuses(Value::Int(2)).is_some());
         let pressure = press.setpoint("pressure_bar").expect("listed");
         assert_eq!(pressure.value_type, ValueType::Float);
         assert_eq!(pressure.refuses(Value::Int(-5)), None);

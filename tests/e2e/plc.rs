@@ -703,14 +703,14 @@ quality_map = {{ "OK" = "good", "SENSOR_FAULT" = "bad", "DRIFT" = "uncertain" }}
     // An int with an RFC 3339 time and a drift: Uncertain.
     publish(
         "factory/hall2/PressA/strokes",
-        r#"{"reading": {"val": 4711}, "time": "2026-12-03T10:00:00.250Z", "status": "DRIFT"}"#
+        r#"{"reading": {"val": 4711}, "time": "2025-06-01T10:00:00.250+02:00", "status": "DRIFT"}"#
             .to_string(),
     )
     .await;
     wait_float(&c, COUNT, 4711.0, 20, "the device's count").await;
     let t = get(&mut c, COUNT).await;
     let s = sensor(&t);
-    assert_eq!(s.source_ts_us, 1_796_292_000_250_000);
+    assert_eq!(s.source_ts_us, 1_748_764_800_250_000);
     assert_eq!(
         s.quality.as_ref().map(|q| q.code),
         Some(pb::QualityCode::Uncertain as i32)
