@@ -211,6 +211,15 @@ pub struct MachineType {
 }
 
 impl MachineType {
+    /// The names of its setpoints, for messages (`a, b`).
+    pub fn setpoint_names(&self) -> String {
+        self.setpoints
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// The state code (`MachineState::code`) a PLC's state `value` means for this type;
     /// `None` when it means none (the twin then refuses the reading).
     pub fn state_code(&self, value: Value) -> Option<i64> {

@@ -228,11 +228,7 @@ fn check_target(
         {
             Err(err(format!(
                 "machine type {type_name:?} has no setpoint {name:?} (its setpoints: {})",
-                spec.setpoints
-                    .iter()
-                    .map(|s| s.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                spec.setpoint_names()
             )))
         }
         (TagKind::Setpoint(_), AssetKind::Machine { .. } | AssetKind::Sensor { .. }) => Ok(()),

@@ -130,6 +130,27 @@ pub async fn push(site: &Site, readings: Vec<Reading>) {
     }
 }
 
+/// Waits until the runtime's first PLC connection satisfies `ok` (its link, its counters).
+pub async fn wait_first_connection(
+    client: &TwinServiceClient<Channel>,
+    what: &str,
+    ok: impl Fn(&pb::Connection) -> bool,
+) {
+    wait_for(20, what, || {
+        let mut c = client.clone();
+        let ok = &ok;
+        async move {
+            let l = c
+                .list_connections(pb::ListConnectionsRequest {})
+                .await
+                .ok()?
+                .into_inner();
+            ok(l.connections.first()?).then_some(())
+        }
+    })
+    .await;
+}
+
 /// Waits until `check` returns Some, polling, at most `secs` seconds.
 pub async fn wait_for<T, F, Fut>(secs: u64, what: &str, mut check: F) -> T
 where

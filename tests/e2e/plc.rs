@@ -626,16 +626,8 @@ quality_map = {{ "OK" = "good", "SENSOR_FAULT" = "bad", "DRIFT" = "uncertain" }}
     o.connections = vec![toml::from_str::<ConnectionConfig>(&text).expect("a config")];
     let dir = tempfile::tempdir().expect("dir");
     let site = start_in(dir.path(), o).await;
-    wait_for(20, "the adapter connected", || {
-        let mut c = site.client.clone();
-        async move {
-            let l = c
-                .list_connections(pb::ListConnectionsRequest {})
-                .await
-                .ok()?
-                .into_inner();
-            (l.connections.first()?.link == "connected").then_some(())
-        }
+    wait_first_connection(&site.client, "the adapter connected", |c| {
+        c.link == "connected"
     })
     .await;
     let port = broker.addr().port().to_string();
@@ -721,18 +713,7 @@ quality_map = {{ "OK" = "good", "SENSOR_FAULT" = "bad", "DRIFT" = "uncertain" }}
         r#"{"reading": {"val": 1}, "status": "MAINTENANCE"}"#.to_string(),
     )
     .await;
-    wait_for(20, "the refusal counted", || {
-        let mut c = c.clone();
-        async move {
-            let l = c
-                .list_connections(pb::ListConnectionsRequest {})
-                .await
-                .ok()?
-                .into_inner();
-            (l.connections.first()?.rejected >= 1).then_some(())
-        }
-    })
-    .await;
+    wait_first_connection(&c, "the refusal counted", |c| c.rejected >= 1).await;
     assert_eq!(float_of(&get(&mut c, COUNT).await), Some(4711.0));
     site.rt.shutdown().await;
 }

@@ -876,11 +876,7 @@ impl TwinApi {
             Some(sp) => sp.refuses(value),
             None => Some(format!(
                 "machine type {type_name:?} has no setpoint {property:?} (its setpoints: {})",
-                spec.setpoints
-                    .iter()
-                    .map(|s| s.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                spec.setpoint_names()
             )),
         }
     }
