@@ -366,6 +366,24 @@ async fn a_plc_that_goes_away_turns_its_twins_bad_and_back_while_the_other_line_
         }
     })
     .await;
+    // A write while the PLC is away is refused before any PLC, and on record as an event.
+    let mut writer = c.clone();
+    let machine = rig.machine(0);
+    let err = writer
+        .write_property(write(
+            &machine,
+            "speed_setpoint_pct",
+            pb::value::Kind::Int(80),
+        ))
+        .await
+        .expect_err("not connected");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+    let refused = events(&mut writer, &machine)
+        .await
+        .into_iter()
+        .find(|e| e.kind == "write" && e.message.contains("speed_setpoint_pct = 80"))
+        .expect("the refused write is an event");
+    assert!(refused.message.contains("refused"), "{}", refused.message);
     rig.plant
         .lock()
         .await
@@ -480,7 +498,7 @@ async fn setpoints_written_over_grpc_reach_the_simulated_machine() {
     let refused: Vec<_> = events(&mut c, &machine)
         .await
         .into_iter()
-        .filter(|e| e.kind == "write" && e.message.contains("refused by the plant spec"))
+        .filter(|e| e.kind == "write" && e.message.contains("(plant spec)"))
         .collect();
     assert_eq!(refused.len(), 4, "{refused:?}");
     let err = c

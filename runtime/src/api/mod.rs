@@ -12,7 +12,7 @@ pub mod select;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferrotwin_adapters::WriteRequest;
+use ferrotwin_adapters::{WriteError, WriteRequest};
 use ferrotwin_models::query::{FieldValue, Query, Schema, Subject};
 use ferrotwin_models::spec::AssetKind;
 use ferrotwin_models::{
@@ -825,36 +825,44 @@ impl TwinApi {
                     "write refused: its audit record cannot be written ({e})"
                 ))
             })?;
+        // Every attempt is an event with its result: the adapters record what a PLC answered
+        // (or did not in time); a refusal before any PLC is recorded here.
+        let refusal_event = |why: String| {
+            Event::new(
+                path.clone(),
+                Timestamp::now(),
+                EventKind::Write,
+                Severity::Low,
+                format!("{} = {value} by {by} refused: {why}", req.property),
+            )
+        };
         let written = match refused {
             Some(why) => {
-                let message = format!(
-                    "{} = {value} by {by} refused by the plant spec: {why}",
-                    req.property
-                );
                 self.ctx
-                    .emit(Event::new(
-                        path.clone(),
-                        Timestamp::now(),
-                        EventKind::Write,
-                        Severity::Low,
-                        message,
-                    ))
+                    .emit(refusal_event(format!("{why} (plant spec)")))
                     .await;
                 Err(ApiError::BadArgument(format!(
                     "{path} {} = {value}: {why} (plant spec); no PLC was written",
                     req.property
                 )))
             }
-            None => self
-                .connections
-                .write(WriteRequest {
-                    asset: path,
-                    property: req.property,
-                    value,
-                    by,
-                })
-                .await
-                .map_err(ApiError::from),
+            None => {
+                let answer = self
+                    .connections
+                    .write(WriteRequest {
+                        asset: path.clone(),
+                        property: req.property.clone(),
+                        value,
+                        by: by.clone(),
+                    })
+                    .await;
+                if let Err(e) = &answer
+                    && !matches!(e, WriteError::Refused { .. } | WriteError::Timeout { .. })
+                {
+                    self.ctx.emit(refusal_event(e.to_string())).await;
+                }
+                answer.map_err(ApiError::from)
+            }
         };
         self.audit_result(caller, "write", target, value.to_string(), &written);
         Ok(pb::WritePropertyResponse {
