@@ -664,6 +664,14 @@ fn source_time(t: &serde_json::Value, unit: TimestampUnit) -> Result<Timestamp, 
                 .as_f64()
                 .filter(|v| v.is_finite())
                 .ok_or("not a finite number")?;
+            // By size, a small number is an uptime or a counter, not a time: say so rather
+            // than date readings in 1970.
+            if unit == U::Auto && v < 946_684_800.0 {
+                return Err(
+                    "before the year 2000 by its size (an uptime or a counter?): set timestamp_unit"
+                        .into(),
+                );
+            }
             let unit = match unit {
                 // Seconds until about the year 5138, ms until about 5138 too: by the size.
                 U::Auto if v.abs() < 1e11 => U::S,
@@ -1811,6 +1819,13 @@ quality_map = { "192" = "good", "64" = "uncertain", "0" = "bad", "true" = "good"
             toml::from_str("timestamp = \"ts\"\ntimestamp_unit = \"s\"").expect("a layout");
         let (_, _, ts) = decode_json(br#"{"value": 1, "ts": 5}"#, NOW, &secs).expect("valid");
         assert_eq!(ts, Timestamp(5_000_000));
+        // By size, a small number is no time.
+        let auto: JsonPayload = toml::from_str("timestamp = \"t\"").expect("a layout");
+        for t in ["0", "-5", "86400"] {
+            let p = format!(r#"{{"value": 1, "t": {t}}}"#);
+            let e = decode_json(p.as_bytes(), NOW, &auto).expect_err(t);
+            assert!(e.contains("set timestamp_unit"), "{e}");
+        }
         let e = decode_json(br#"{"value": 1, "ts": "5"}"#, NOW, &secs).expect_err("a string");
         assert!(e.starts_with("ts \"5\""), "{e}");
     }

@@ -530,10 +530,15 @@ impl PlantSpec {
             if let Some(model) = &mt.model {
                 model.check(&at, mt, &mut problems);
             }
+            // A key is how a PLC value reads as text: an integer as written (`5`, `-2`, no
+            // leading zeros), `true` or `false`. Any other key could never match.
             for key in mt.state_map.keys() {
-                if key.is_empty() || key.len() > 64 {
+                let canonical = key == "true"
+                    || key == "false"
+                    || key.parse::<i64>().is_ok_and(|i| i.to_string() == *key);
+                if !canonical {
                     problems.push(format!(
-                        "{at}: state_map: a key must be 1 to 64 bytes (a PLC value as text)"
+                        "{at}: state_map: key {key:?} is no PLC value as we read it (an integer such as \"5\", or \"true\" / \"false\")"
                     ));
                 }
             }
@@ -1082,6 +1087,11 @@ max = 250.0
         assert_eq!(again.machine_types["press"].state_map, mapped.state_map);
         let bad = text.replace("\"idle\" }", "\"sleeping\" }");
         assert!(PlantSpec::from_toml(&bad, "p").is_err());
+        for key in ["05", "5.0", "TRUE", "run"] {
+            let bad = text.replace("\"9\" = ", &format!("\"{key}\" = "));
+            let msg = PlantSpec::from_toml(&bad, "p").expect_err(key).to_string();
+            assert!(msg.contains("state_map") && msg.contains(key), "{msg}");
+        }
     }
 
     #[test]
