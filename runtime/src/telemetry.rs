@@ -217,7 +217,16 @@ impl Telemetry {
             ))
             .build()
         };
-        let traces = if env_is("OTEL_TRACES_EXPORTER", "none") {
+        // A signal exports when an endpoint is named for it: its own variable, the shared one
+        // or the file's (only `..._TRACES_ENDPOINT` set: no metrics to a default localhost).
+        let named = |signal_var: &str| {
+            env(signal_var).is_some()
+                || env("OTEL_EXPORTER_OTLP_ENDPOINT").is_some()
+                || config.otlp_endpoint.is_some()
+        };
+        let traces = if env_is("OTEL_TRACES_EXPORTER", "none")
+            || !named("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        {
             None
         } else {
             let b = opentelemetry_otlp::SpanExporter::builder().with_tonic();
@@ -240,7 +249,9 @@ impl Telemetry {
             opentelemetry::global::set_tracer_provider(p.clone());
             Some(p)
         };
-        let metrics = if env_is("OTEL_METRICS_EXPORTER", "none") {
+        let metrics = if env_is("OTEL_METRICS_EXPORTER", "none")
+            || !named("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
+        {
             None
         } else {
             let b = opentelemetry_otlp::MetricExporter::builder().with_tonic();

@@ -638,8 +638,9 @@ async fn a_demo_exports_over_tls_to_a_collector_whose_ca_it_is_given() {
     let (demo, addrs) = start_demo_with(
         dir.path(),
         &[
+            // The traces' own endpoint only (so no metrics export at all).
             (
-                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
                 format!("https://localhost:{}", at.port()),
             ),
             (
@@ -647,7 +648,6 @@ async fn a_demo_exports_over_tls_to_a_collector_whose_ca_it_is_given() {
                 pki.ca().display().to_string(),
             ),
             ("OTEL_BSP_SCHEDULE_DELAY", "100".into()),
-            ("OTEL_METRICS_EXPORTER", "none".into()),
         ],
     );
     let mut c = TwinServiceClient::connect(format!("http://{}", addrs.enterprise))
