@@ -211,13 +211,17 @@ pub struct MachineType {
 }
 
 impl MachineType {
-    /// The names of its setpoints, for messages (`a, b`).
-    pub fn setpoint_names(&self) -> String {
-        self.setpoints
-            .iter()
-            .map(|s| s.name.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
+    /// Why a write to `property` is refused by this type (named `type_name`) whatever its
+    /// value: the type lists its setpoints, and not this one. `None` when it lists none.
+    pub fn unlisted_setpoint(&self, type_name: &str, property: &str) -> Option<String> {
+        if self.setpoints.is_empty() || self.setpoint(property).is_some() {
+            return None;
+        }
+        let names: Vec<&str> = self.setpoints.iter().map(|s| s.name.as_str()).collect();
+        Some(format!(
+            "machine type {type_name:?} has no setpoint {property:?} (its setpoints: {})",
+            names.join(", ")
+        ))
     }
 
     /// The state code (`MachineState::code`) a PLC's state `value` means for this type;

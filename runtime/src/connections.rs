@@ -224,12 +224,9 @@ fn check_target(
         ) => Ok(()),
         // A type that lists its setpoints takes writes to these only.
         (TagKind::Setpoint(name), AssetKind::Machine { type_name, spec })
-            if !spec.setpoints.is_empty() && spec.setpoint(name).is_none() =>
+            if let Some(why) = spec.unlisted_setpoint(type_name, name) =>
         {
-            Err(err(format!(
-                "machine type {type_name:?} has no setpoint {name:?} (its setpoints: {})",
-                spec.setpoint_names()
-            )))
+            Err(err(why))
         }
         (TagKind::Setpoint(_), AssetKind::Machine { .. } | AssetKind::Sensor { .. }) => Ok(()),
         (_, other) => Err(err(format!(

@@ -194,10 +194,15 @@ impl Telemetry {
     /// a collector that is down costs dropped exports, counted by the SDK, never a start.
     pub fn from_env(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
         config.validate()?;
-        let configured = config.otlp_endpoint.is_some()
-            || env("OTEL_EXPORTER_OTLP_ENDPOINT").is_some()
-            || env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some()
-            || env("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT").is_some();
+        // A signal exports when an endpoint is named for it: its own variable, the shared one
+        // or the file's (only `..._TRACES_ENDPOINT` set: no metrics to a default localhost).
+        let named = |signal_var: &str| {
+            env(signal_var).is_some()
+                || env("OTEL_EXPORTER_OTLP_ENDPOINT").is_some()
+                || config.otlp_endpoint.is_some()
+        };
+        let configured = named("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            || named("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT");
         if !configured || env_is("OTEL_SDK_DISABLED", "true") {
             return Ok(Telemetry::off());
         }
@@ -216,13 +221,6 @@ impl Telemetry {
                 env!("CARGO_PKG_VERSION").to_string(),
             ))
             .build()
-        };
-        // A signal exports when an endpoint is named for it: its own variable, the shared one
-        // or the file's (only `..._TRACES_ENDPOINT` set: no metrics to a default localhost).
-        let named = |signal_var: &str| {
-            env(signal_var).is_some()
-                || env("OTEL_EXPORTER_OTLP_ENDPOINT").is_some()
-                || config.otlp_endpoint.is_some()
         };
         let traces = if env_is("OTEL_TRACES_EXPORTER", "none")
             || !named("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
@@ -383,6 +381,13 @@ impl Injector for TraceparentOut {
             self.0 = Some(value);
         }
     }
+}
+
+/// Ends `span` now, however long ago its work last entered it: the export takes a span's
+/// end time from its last exit, so a span held until a response body ends (a server span
+/// whose handler returned at the first message of a stream) is entered once more here.
+pub fn end_now(span: tracing::Span) {
+    span.in_scope(|| {});
 }
 
 /// Makes the W3C `traceparent` (and `tracestate`) of `headers` the parent of `span`, when

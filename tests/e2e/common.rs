@@ -57,6 +57,16 @@ pub const FORCE: &str = "acme/berlin/assembly/line-1/press-1/force";
 pub const COUNT: &str = "acme/berlin/assembly/line-1/press-1/count";
 pub const PRESS: &str = "acme/berlin/assembly/line-1/press-1";
 
+/// A generated plant of two lines of two machines: one PLC (one Modbus server and one
+/// connection) per line.
+pub const TWO_LINES: ferrotwin_sim::generate::PlantSize = ferrotwin_sim::generate::PlantSize {
+    sites: 1,
+    areas: 1,
+    lines: 2,
+    machines: 2,
+    sensors_per_machine: 0,
+};
+
 pub fn spec() -> PlantSpec {
     PlantSpec::from_toml(PLANT, "test plant").expect("test plant is valid")
 }

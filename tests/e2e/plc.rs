@@ -11,22 +11,13 @@ use ferrotwin_cli::feeds;
 use ferrotwin_models::spec::PlantSpec;
 use ferrotwin_models::{AssetId, AssetPath, Timestamp};
 use ferrotwin_proto::v1 as pb;
-use ferrotwin_sim::generate::{PlantSize, generate};
+use ferrotwin_sim::generate::generate;
 use ferrotwin_sim::mapping::Mapping;
 use ferrotwin_sim::mqtt::EmbeddedBroker;
 use ferrotwin_sim::serve::{MqttFormat, ServedPlant};
 use tokio::task::JoinHandle;
 
 use crate::common::*;
-
-/// Two lines of two machines: one PLC (one Modbus server and one connection) per line.
-const TWO_LINES: PlantSize = PlantSize {
-    sites: 1,
-    areas: 1,
-    lines: 2,
-    machines: 2,
-    sensors_per_machine: 0,
-};
 
 /// How the plant reaches the runtime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1101,16 +1101,8 @@ async fn mqtt_over_tls_with_a_password_and_an_unauthorised_publisher() {
     )];
     let rd = tempfile::tempdir().expect("dir");
     let site = start_in(rd.path(), o).await;
-    wait_for(20, "the adapter to connect over TLS", || {
-        let mut c = site.client.clone();
-        async move {
-            let l = c
-                .list_connections(pb::ListConnectionsRequest {})
-                .await
-                .ok()?
-                .into_inner();
-            (l.connections.first()?.link == "connected").then_some(())
-        }
+    wait_first_connection(&site.client, "the adapter to connect over TLS", |c| {
+        c.link == "connected"
     })
     .await;
     let publish = |args: Vec<String>| {

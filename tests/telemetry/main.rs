@@ -27,7 +27,7 @@ use ferrotwin_models::Timestamp;
 use ferrotwin_models::spec::PlantSpec;
 use ferrotwin_proto::v1 as pb;
 use ferrotwin_runtime::{EnterpriseRole, RuntimeOptions, SiteReplication};
-use ferrotwin_sim::generate::{PlantSize, generate};
+use ferrotwin_sim::generate::generate;
 use ferrotwin_sim::mapping::Mapping;
 use ferrotwin_sim::mqtt::EmbeddedBroker;
 use ferrotwin_sim::serve::ServedPlant;
@@ -86,14 +86,6 @@ fn one<'a>(all: &'a [SpanData], trace: TraceId, name: &str) -> Option<&'a SpanDa
     all.iter()
         .find(|s| s.span_context.trace_id() == trace && s.name == name)
 }
-
-const TWO_LINES: PlantSize = PlantSize {
-    sites: 1,
-    areas: 1,
-    lines: 2,
-    machines: 2,
-    sensors_per_machine: 0,
-};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_property_is_one_trace_from_the_callers_span_to_the_modbus_plcs_answer() {

@@ -877,16 +877,8 @@ impl TwinApi {
         let AssetKind::Machine { type_name, spec } = &entry.def.kind else {
             return None;
         };
-        if spec.setpoints.is_empty() {
-            return None;
-        }
-        match spec.setpoint(property) {
-            Some(sp) => sp.refuses(value),
-            None => Some(format!(
-                "machine type {type_name:?} has no setpoint {property:?} (its setpoints: {})",
-                spec.setpoint_names()
-            )),
-        }
+        spec.unlisted_setpoint(type_name, property)
+            .or_else(|| spec.setpoint(property)?.refuses(value))
     }
 
     /// Shelves an alarm of a sensor, for `duration_ms` (0 = until unshelved).

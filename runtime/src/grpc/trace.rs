@@ -114,9 +114,8 @@ impl Call {
                 span.record("otel.status_code", "error");
                 span.record("error.type", code);
             }
-            // The export ends a span at its last exit: this one is now, the body's end (the
-            // handler's future may have returned long before, a stream's at its first answer).
-            span.in_scope(|| {});
+            // At the body's end (the handler may have returned long before).
+            telemetry::end_now(span);
         }
     }
 }

@@ -217,8 +217,8 @@ async fn trace_request(State(state): State<HttpState>, req: Request, next: Next)
     })
 }
 
-/// A response body holding its request's span until the body ends or is dropped. The export
-/// ends a span at its last exit, so the span is entered once more then.
+/// A response body holding its request's span until the body ends or is dropped
+/// (`telemetry::end_now`).
 struct SpanUntilEnd<B> {
     inner: B,
     span: Option<tracing::Span>,
@@ -227,7 +227,7 @@ struct SpanUntilEnd<B> {
 impl<B> SpanUntilEnd<B> {
     fn end(&mut self) {
         if let Some(span) = self.span.take() {
-            span.in_scope(|| {});
+            crate::telemetry::end_now(span);
         }
     }
 }

@@ -264,16 +264,15 @@ impl MachineTwinState {
         if let Err(reason) = r.check(self.entry.path(), Accepts::Machine, now, max_skew_ms) {
             return self.reject(reason).await;
         }
-        // A state is what the type's `state_map` (or the default codes, a bool) says the
-        // PLC's value means.
-        let state = if r.property == Property::State {
-            match self
-                .spec
-                .state_code(r.value)
-                .and_then(MachineState::from_code)
-            {
-                Some(s) => Some(s),
-                None => {
+        match r.property {
+            Property::State => {
+                // A state is what the type's `state_map` (or the default codes, a bool) says
+                // the PLC's value means.
+                let Some(new) = self
+                    .spec
+                    .state_code(r.value)
+                    .and_then(MachineState::from_code)
+                else {
                     let (got, declared) = if self.spec.state_map.is_empty() {
                         ("unknown state code", "state code 0..=3 or a bool")
                     } else {
@@ -290,23 +289,8 @@ impl MachineTwinState {
                             declared,
                         })
                         .await;
-                }
-            }
-        } else {
-            None
-        };
-        // `Reading::check` let through only integer counts >= 0.
-        let int = match r.value {
-            Value::Int(int) => int,
-            _ if state.is_some() => 0,
-            _ => return,
-        };
-        let t = &mut self.snap.tracker;
-        match r.property {
-            Property::State => {
-                let Some(new) = state else {
-                    return;
                 };
+                let t = &mut self.snap.tracker;
                 let old = t.state;
                 if t.on_state(new, r.source_ts) {
                     let severity = if new == MachineState::Down {
@@ -326,9 +310,14 @@ impl MachineTwinState {
                 }
             }
             Property::GoodCount | Property::ScrapCount => {
+                // `Reading::check` let through only integer counts >= 0.
+                let Value::Int(int) = r.value else {
+                    return;
+                };
                 let Ok(count) = u64::try_from(int) else {
                     return;
                 };
+                let t = &mut self.snap.tracker;
                 if r.property == Property::GoodCount {
                     t.on_good_counter(count, r.source_ts);
                 } else {
