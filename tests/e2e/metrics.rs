@@ -177,6 +177,9 @@ async fn every_metric_of_a_site_and_its_enterprise_keeps_the_contract() {
         }
         assert!(!f.help.is_empty() && !f.component.is_empty(), "{n}");
     }
+    // Both pages as Prometheus's own Python client reads them (a parser we did not write):
+    // every contract family is there, with its type.
+    prometheus_client_reads(&[&pages.0, &pages.1]);
     // gRPC calls are counted by service and status, once finished.
     let mut c = site.client.clone();
     let _ = get(&mut c, &mapping.lines[0].line).await;
@@ -208,4 +211,58 @@ async fn every_metric_of_a_site_and_its_enterprise_keeps_the_contract() {
     assert!(calls(&text, "NOT_FOUND") >= 1.0, "{text}");
     site.rt.shutdown().await;
     ent.rt.shutdown().await;
+}
+
+/// Parses `pages` with `prometheus_client.parser` (PyPI `prometheus-client`, installed by
+/// `.ci/run`) and checks that every family of the contract is on one of them with its kind
+/// (the client names a counter without `_total`). Skipped, loudly, without the module off CI.
+fn prometheus_client_reads(pages: &[&str]) {
+    let Some(python) = tool("python3", "apt-get install -y python3") else {
+        return;
+    };
+    let has_module = std::process::Command::new(&python)
+        .args(["-c", "import prometheus_client"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_module {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "prometheus_client is missing on CI: .ci/run must install it (pip install prometheus-client)"
+        );
+        eprintln!("skipped: prometheus_client not found; pip install prometheus-client");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("dir");
+    let mut seen: HashMap<String, String> = HashMap::new();
+    for (i, page) in pages.iter().enumerate() {
+        let file = dir.path().join(format!("page-{i}.txt"));
+        std::fs::write(&file, page).expect("write");
+        let (ok, out) = run_tool(
+            &python,
+            &[
+                "-c",
+                "import sys\nfrom prometheus_client.parser import text_string_to_metric_families as f\nfor m in f(open(sys.argv[1]).read()):\n    print(m.name, m.type, len(m.samples))",
+                file.to_str().expect("utf-8 path"),
+            ],
+        );
+        assert!(ok, "prometheus_client refused page {i}: {out}");
+        for line in out.lines() {
+            let mut w = line.split_whitespace();
+            if let (Some(name), Some(kind)) = (w.next(), w.next()) {
+                seen.insert(name.to_owned(), kind.to_owned());
+            }
+        }
+    }
+    for f in METRIC_FAMILIES {
+        let (name, want) = match f.kind {
+            FamilyKind::Counter => (f.name.trim_end_matches("_total"), "counter"),
+            FamilyKind::Gauge => (f.name, "gauge"),
+        };
+        assert_eq!(
+            seen.get(name).map(String::as_str),
+            Some(want),
+            "{} as prometheus_client reads it",
+            f.name
+        );
+    }
 }
