@@ -3,7 +3,7 @@
 
 use std::sync::atomic::Ordering;
 
-use ferrotwin_models::{Property, PushBackReason, Reading, Value};
+use ferrotwin_models::{Property, PushBackReason, Quality, QualityReason, Reading, Value};
 use ferrotwin_proto::v1 as pb;
 
 use crate::common::*;
@@ -218,6 +218,67 @@ async fn a_late_reading_goes_to_history_but_a_clock_step_back_is_taken_as_curren
         .into_inner();
     let values: Vec<f64> = h.points.iter().map(|p| p.value).collect();
     assert_eq!(values, vec![3.0, 2.0, 1.0], "all three kept, in time order");
+    site.rt.shutdown().await;
+}
+
+/// After a link loss (the adapter's Bad CommFailure marker, stamped when the link went) the
+/// first value from the source is current even with an older source time: an unchanged
+/// setpoint comes back with the time it was last written. Before the fix such a twin stayed
+/// Bad until its source time was a minute behind (the clock-step rule).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_link_loss_the_first_value_is_current_even_with_its_older_source_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let site = start_in(dir.path(), options()).await;
+    let c = site.client.clone();
+    let id = path(FORCE).id();
+    let t0 = now();
+    let written = t0.plus_ms(-2_000);
+    push(
+        &site,
+        vec![Reading::good(
+            id,
+            Property::Value,
+            Value::Float(55.0),
+            written,
+        )],
+    )
+    .await;
+    let lost = Reading {
+        asset: id,
+        property: Property::Value,
+        value: Value::Float(55.0),
+        quality: Quality::bad(QualityReason::CommFailure),
+        source_ts: t0,
+    };
+    push(&site, vec![lost]).await;
+    wait_for(5, "the twin Bad after the link loss", || {
+        let mut c = c.clone();
+        async move {
+            let t = get(&mut c, FORCE).await;
+            (t.sensor?.quality?.code == pb::QualityCode::Bad as i32).then_some(())
+        }
+    })
+    .await;
+    // Back: the same value with the time it was written, before the marker.
+    push(
+        &site,
+        vec![Reading::good(
+            id,
+            Property::Value,
+            Value::Float(55.0),
+            written,
+        )],
+    )
+    .await;
+    let t = wait_for(5, "the twin Good again", || {
+        let mut c = c.clone();
+        async move {
+            let t = get(&mut c, FORCE).await;
+            (t.sensor.as_ref()?.quality.as_ref()?.code == pb::QualityCode::Good as i32).then_some(t)
+        }
+    })
+    .await;
+    assert_eq!(t.sensor.expect("sensor").source_ts_us, written.0);
     site.rt.shutdown().await;
 }
 

@@ -190,7 +190,16 @@ impl SensorState {
                 value: v,
                 quality: quality.code,
             });
-            if r.source_ts < self.snap.source_ts {
+            // The live value is the link-loss marker (Bad, CommFailure: stamped by the
+            // adapter when the link went, not by the source). The first value from the source
+            // after it is current even when its own time is older: an unchanged setpoint comes
+            // back with the time it was last written, and waiting for a newer one would keep
+            // the twin Bad while its PLC answers again. (An adapter pushes in order: nothing
+            // from before the loss comes after the marker.)
+            let after_link_loss = self.snap.quality.code == QualityCode::Bad
+                && self.snap.quality.reason == QualityReason::CommFailure
+                && r.quality.reason != QualityReason::CommFailure;
+            if r.source_ts < self.snap.source_ts && !after_link_loss {
                 let behind_ms = self.snap.source_ts.millis_since(r.source_ts);
                 if behind_ms <= self.ctx.settings.clock_step_back_ms {
                     // Late reading: kept in history, the live value stays the newer one.
