@@ -32,7 +32,7 @@ use tracing::Instrument as _;
 
 pub use config::{ConfigError, ConnectionConfig, TagKind, TagTarget};
 pub use status::{AdapterEvent, AdapterEventKind, AdapterStatus, LinkState, StatusSnapshot};
-pub use write::{WriteCommand, WriteError, WriteRequest};
+pub use write::{WriteAck, WriteCommand, WriteError, WriteRequest};
 
 /// Writes waiting for one adapter. At the limit `AdapterHandle::write` answers
 /// `WriteError::Busy` at once instead of queueing behind a PLC that is not answering.
@@ -98,7 +98,7 @@ impl AdapterHandle {
     }
 
     /// Sends `req` to the PLC and waits for the protocol's answer.
-    pub async fn write(&self, req: WriteRequest) -> Result<(), WriteError> {
+    pub async fn write(&self, req: WriteRequest) -> Result<WriteAck, WriteError> {
         if !self.writes_to(&req.asset, &req.property) {
             return Err(WriteError::NotWritable {
                 asset: req.asset,

@@ -43,7 +43,7 @@ use crate::backoff::Backoff;
 use crate::config::{ConfigError, TagKind, TagTarget, check_connection};
 use crate::push::{NotDelivered, push_batch};
 use crate::status::{AdapterEvent, AdapterEventKind, AdapterStatus, LinkState};
-use crate::write::{WriteCommand, WriteError};
+use crate::write::{WriteAck, WriteCommand, WriteError};
 use tracing::Instrument as _;
 
 /// Most registers one read may ask for (Modbus application protocol 6.3/6.4).
@@ -922,7 +922,7 @@ impl Adapter {
             .instrument(pdu.clone())
             .await
         {
-            Ok(Ok(Ok(()))) => (Ok(()), None),
+            Ok(Ok(Ok(()))) => (Ok(WriteAck::Confirmed), None),
             Ok(Ok(Err(e))) => (
                 Err(WriteError::Refused {
                     connection: self.name.clone(),
@@ -957,23 +957,23 @@ impl Adapter {
         pdu.record(
             "ferrotwin.plc_answer",
             tracing::field::display(match &answer {
-                Ok(()) => "ok".to_owned(),
+                Ok(ack) => ack.to_string(),
                 Err(e) => e.to_string(),
             }),
         );
         // Only what reached the PLC is an event; a link failure is the Disconnected event.
         let event = match (&answer, &lost) {
             (_, Some(_)) => None,
-            (Ok(()), None) => Some(None),
-            (Err(e), None) => Some(Some(e.to_string())),
+            (Ok(ack), None) => Some(Ok(*ack)),
+            (Err(e), None) => Some(Err(e.to_string())),
         };
         let _ = reply.send(answer);
-        if let Some(error) = event {
+        if let Some(outcome) = event {
             let kind = AdapterEventKind::Written {
                 property: req.property.clone(),
                 value: req.value.to_string(),
                 by: req.by.clone(),
-                error,
+                outcome,
             };
             emit(io, &self.name, Some(req.asset.clone()), kind).await;
         }

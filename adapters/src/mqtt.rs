@@ -69,9 +69,9 @@ use crate::AdapterIo;
 use crate::backoff::Backoff;
 use crate::config::{ConfigError, TagKind, TagTarget, check_connection};
 use crate::push::push_batch;
-use crate::sparkplug::{self, Decoded, NodeRule, SparkplugState};
+use crate::sparkplug::{self, Decoded, Feeds, MetricRule, NodeRule, SparkplugState};
 use crate::status::{AdapterEvent, AdapterEventKind, AdapterStatus, LinkState};
-use crate::write::{WriteCommand, WriteError, WriteRequest};
+use crate::write::{WriteAck, WriteCommand, WriteError, WriteRequest};
 
 /// Broker events waiting for the adapter task (see the module docs for the push-back).
 pub const BROKER_EVENT_QUEUE: usize = 256;
@@ -99,6 +99,9 @@ mod defaults {
     }
     pub fn write_timeout_ms() -> u64 {
         5_000
+    }
+    pub fn readback_timeout_ms() -> u64 {
+        3_000
     }
     pub fn reconnect_min_ms() -> u64 {
         200
@@ -138,6 +141,12 @@ pub struct MqttConfig {
     /// How long a write waits for the broker's PUBACK.
     #[serde(default = "defaults::write_timeout_ms")]
     pub write_timeout_ms: u64,
+    /// After the PUBACK, how long a write waits for the device to report the setpoint back
+    /// (Sparkplug: its DDATA/NDATA of the metric; JSON: the tag's `readback_topic`): the
+    /// written value confirms it, another value refutes it, nothing leaves it `unconfirmed`.
+    /// 0: no read-back (every write answered `unconfirmed` at its PUBACK).
+    #[serde(default = "defaults::readback_timeout_ms")]
+    pub readback_timeout_ms: u64,
     #[serde(default = "defaults::reconnect_min_ms")]
     pub reconnect_min_ms: u64,
     #[serde(default = "defaults::reconnect_max_ms")]
@@ -351,16 +360,65 @@ pub struct JsonTag {
     pub property: String,
     #[serde(default)]
     pub writable: bool,
+    /// Writable tags: the topic where the device reports the setpoint's value (the same
+    /// payload layout), which confirms or refutes a write. Without it a write is
+    /// `unconfirmed`.
+    #[serde(default)]
+    pub readback_topic: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SparkplugFormat {
     pub group_id: String,
+    /// Nodes mapped by the naming convention (see `sparkplug`).
+    #[serde(default)]
     pub nodes: Vec<SparkplugNode>,
-    /// Device metrics the adapter writes with DCMD (setpoints; never read as readings).
+    /// The convention's device metrics that the adapter writes with DCMD (setpoints; their
+    /// reports are read-backs, never readings).
     #[serde(default)]
     pub writable_metrics: Vec<String>,
+    /// Metrics mapped one by one, whatever their names.
+    #[serde(default)]
+    pub metrics: Vec<SparkplugMetric>,
+}
+
+/// One metric of an edge node or of one of its devices, and what it feeds:
+/// ```toml
+/// [[connections.format.metrics]]
+/// node = "Edge1"
+/// device = "Filler"            # omitted: a node metric (NBIRTH/NDATA, written with NCMD)
+/// metric = "Temperature"
+/// asset = "acme/berlin/bottling/line-1/filler/temp"
+/// property = "value"           # default; or state, good_count, scrap_count
+/// # writable = true            # a setpoint: property is its name (speed_setpoint_pct)
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SparkplugMetric {
+    pub node: String,
+    #[serde(default)]
+    pub device: Option<String>,
+    pub metric: String,
+    pub asset: String,
+    #[serde(default = "SparkplugMetric::default_property")]
+    pub property: String,
+    #[serde(default)]
+    pub writable: bool,
+}
+
+impl SparkplugMetric {
+    fn default_property() -> String {
+        Property::Value.as_str().to_owned()
+    }
+
+    /// `node/metric` or `node/device/metric`, as events name it.
+    pub fn address(&self) -> String {
+        match &self.device {
+            Some(d) => format!("{}/{d}/{}", self.node, self.metric),
+            None => format!("{}/{}", self.node, self.metric),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -483,6 +541,22 @@ impl MqttConfig {
                             what: "not a topic without wildcards".to_string(),
                         });
                     }
+                    if let Some(r) = &t.readback_topic {
+                        let what = if !t.writable {
+                            Some("readback_topic: only a writable tag has one")
+                        } else if r.is_empty() || !r.split('/').all(is_topic_level) {
+                            Some("readback_topic: not a topic without wildcards")
+                        } else {
+                            None
+                        };
+                        if let Some(what) = what {
+                            return Err(ConfigError::Tag {
+                                connection: self.name.clone(),
+                                tag: topic,
+                                what: what.to_string(),
+                            });
+                        }
+                    }
                     targets.push(TagTarget::parse(
                         &self.name,
                         &topic,
@@ -500,8 +574,38 @@ impl MqttConfig {
                         s.group_id
                     )));
                 }
-                if s.nodes.is_empty() {
-                    return Err(self.err("format sparkplug needs at least one node"));
+                if s.nodes.is_empty() && s.metrics.is_empty() {
+                    return Err(self.err("format sparkplug needs nodes or metrics"));
+                }
+                let mut seen_metrics = HashSet::new();
+                for m in &s.metrics {
+                    let address = m.address();
+                    let err = |what: String| ConfigError::Tag {
+                        connection: self.name.clone(),
+                        tag: address.clone(),
+                        what,
+                    };
+                    if !is_topic_level(&m.node) {
+                        return Err(err(format!("node {:?} must be one topic level", m.node)));
+                    }
+                    if let Some(d) = &m.device
+                        && !is_topic_level(d)
+                    {
+                        return Err(err(format!("device {d:?} must be one topic level")));
+                    }
+                    if m.metric.is_empty() {
+                        return Err(err("metric: name the metric".into()));
+                    }
+                    if !seen_metrics.insert((&m.node, &m.device, &m.metric)) {
+                        return Err(err("this metric is mapped twice".into()));
+                    }
+                    targets.push(TagTarget::parse(
+                        &self.name,
+                        &address,
+                        &m.asset,
+                        &m.property,
+                        m.writable,
+                    )?);
                 }
                 let mut seen = HashSet::new();
                 for n in &s.nodes {
@@ -713,6 +817,8 @@ enum Decoder {
         prefixes: Vec<String>,
         /// (asset, property) → command topic.
         commands: HashMap<(AssetPath, String), String>,
+        /// Read-back topic → the setpoint it reports.
+        readbacks: HashMap<String, (AssetPath, String)>,
         /// Last value per target, for the Bad readings of a link loss. Bounded by the mapped
         /// tags plus `MAX_TRACKED_SOURCES` for prefix-mapped ones.
         last: HashMap<(AssetId, Property), Value>,
@@ -726,9 +832,13 @@ impl Decoder {
     fn filters(&self) -> Vec<String> {
         match self {
             Decoder::Json {
-                exact, prefixes, ..
+                exact,
+                prefixes,
+                readbacks,
+                ..
             } => exact
                 .keys()
+                .chain(readbacks.keys())
                 .cloned()
                 .chain(prefixes.iter().map(|p| format!("{p}/#")))
                 .collect(),
@@ -739,15 +849,33 @@ impl Decoder {
     }
 }
 
-/// A write on its way: waiting for rumqttc to give its publish a packet id, then the PUBACK.
+/// A publish on its way: waiting for rumqttc to give it a packet id, then the PUBACK.
 struct Pending {
     /// `None` for our own publishes (rebirth requests), kept to match ids in order.
-    write: Option<(
-        WriteRequest,
-        tokio::sync::oneshot::Sender<Result<(), WriteError>>,
-    )>,
+    write: Option<InFlight>,
     pkid: Option<u16>,
     deadline: Instant,
+}
+
+/// A write published and not yet answered: before its PUBACK (in `Pending`), then while
+/// waiting for its read-back (`Adapter::confirming`).
+struct InFlight {
+    req: WriteRequest,
+    reply: tokio::sync::oneshot::Sender<Result<WriteAck, WriteError>>,
+    /// The device reports this setpoint (a read-back may come).
+    readback: bool,
+    /// The last value the device reported since the write left.
+    seen: Option<Value>,
+    /// The device reported the written value (possibly before the PUBACK came).
+    confirmed: bool,
+    sent: Instant,
+}
+
+/// Whether a reported value is the written one: numbers by value (an int written, a
+/// float32 reported), within float32 precision; a bool as 0/1.
+fn same_value(written: Value, reported: Value) -> bool {
+    let (a, b) = (written.as_f64(), reported.as_f64());
+    a == b || (a - b).abs() <= 1e-6 * a.abs().max(b.abs()).max(1.0)
 }
 
 /// `Unmapped` events: once per source, then at most every `UNMAPPED_EVERY` with the count.
@@ -793,7 +921,11 @@ struct Adapter {
     failing: HashSet<String>,
     unmapped: UnmappedThrottle,
     pending: VecDeque<Pending>,
+    /// Writes acknowledged by the broker, waiting for their read-back (at most
+    /// `MAX_PENDING_WRITES`: the write queue's bound, plus those before their PUBACK).
+    confirming: Vec<(InFlight, Instant)>,
     write_timeout: Duration,
+    readback_timeout: Duration,
     batch: Vec<Reading>,
 }
 
@@ -898,7 +1030,9 @@ pub async fn run(config: MqttConfig, _targets: Vec<TagTarget>, io: AdapterIo) {
         failing: HashSet::new(),
         unmapped: UnmappedThrottle::default(),
         pending: VecDeque::new(),
+        confirming: Vec::new(),
         write_timeout: Duration::from_millis(config.write_timeout_ms),
+        readback_timeout: Duration::from_millis(config.readback_timeout_ms),
         batch: Vec::new(),
         io,
     };
@@ -934,11 +1068,15 @@ pub async fn run(config: MqttConfig, _targets: Vec<TagTarget>, io: AdapterIo) {
     poller_token.cancel();
     a.client.try_disconnect();
     for p in a.pending.drain(..) {
-        if let Some((_, reply)) = p.write {
-            let _ = reply.send(Err(WriteError::Stopped {
+        if let Some(w) = p.write {
+            let _ = w.reply.send(Err(WriteError::Stopped {
                 connection: a.name.clone(),
             }));
         }
+    }
+    // The broker has these: whether the device applied them, nobody will see now.
+    for (w, _) in a.confirming.drain(..) {
+        let _ = w.reply.send(Ok(WriteAck::Unconfirmed));
     }
     let _ = poller.await;
     a.io.status.set_link(LinkState::Stopped, None);
@@ -960,10 +1098,20 @@ fn build_decoder(config: &MqttConfig) -> Result<Decoder, ConfigError> {
                     }
                 }
             }
+            let readbacks = j
+                .tags
+                .iter()
+                .filter_map(|t| {
+                    let topic = t.readback_topic.clone()?;
+                    let asset = AssetPath::parse(&t.asset).ok()?;
+                    Some((topic, (asset, t.property.clone())))
+                })
+                .collect();
             Decoder::Json {
                 exact,
                 prefixes: j.topic_prefixes.clone(),
                 commands,
+                readbacks,
                 last: HashMap::new(),
                 layout: j.payload.clone(),
             }
@@ -975,13 +1123,30 @@ fn build_decoder(config: &MqttConfig) -> Result<Decoder, ConfigError> {
                 .map(|n| {
                     Ok(NodeRule {
                         node: n.node.clone(),
-                        line: AssetPath::parse(&n.line).map_err(|e| config.err(e.to_string()))?,
+                        line: Some(
+                            AssetPath::parse(&n.line).map_err(|e| config.err(e.to_string()))?,
+                        ),
                         devices: n.devices.as_ref().map(|d| d.iter().cloned().collect()),
                     })
                 })
                 .collect::<Result<Vec<_>, ConfigError>>()?;
+            // `checked` validated each metric's target: they are the first targets, in order.
+            let metrics = s
+                .metrics
+                .iter()
+                .zip(&targets)
+                .map(|(m, t)| MetricRule {
+                    node: m.node.clone(),
+                    device: m.device.clone(),
+                    metric: m.metric.clone(),
+                    feeds: match &t.kind {
+                        TagKind::Reading(p) => Feeds::Reading(t.asset.id(), *p),
+                        TagKind::Setpoint(name) => Feeds::Setpoint(t.asset.clone(), name.clone()),
+                    },
+                })
+                .collect();
             let writable = s.writable_metrics.iter().cloned().collect();
-            Decoder::Sparkplug(SparkplugState::new(&s.group_id, rules, writable))
+            Decoder::Sparkplug(SparkplugState::new(&s.group_id, rules, metrics, writable))
         }
     })
 }
@@ -1215,19 +1380,15 @@ impl Adapter {
                     return;
                 };
                 let p = self.pending.remove(i).expect("index from position");
-                if let Some((req, reply)) = p.write {
-                    AdapterStatus::add(&self.io.status.writes_ok, 1);
-                    let _ = reply.send(Ok(()));
-                    self.event(
-                        Some(req.asset.clone()),
-                        AdapterEventKind::Written {
-                            property: req.property,
-                            value: req.value.to_string(),
-                            by: req.by,
-                            error: None,
-                        },
-                    )
-                    .await;
+                if let Some(w) = p.write {
+                    if w.confirmed {
+                        self.answer(w.req, w.reply, Ok(WriteAck::Confirmed)).await;
+                    } else if w.readback && !self.readback_timeout.is_zero() {
+                        let deadline = Instant::now() + self.readback_timeout;
+                        self.confirming.push((w, deadline));
+                    } else {
+                        self.answer(w.req, w.reply, Ok(WriteAck::Unconfirmed)).await;
+                    }
                 }
             }
             BrokerEvent::Lost(e) => self.on_link_error(e).await,
@@ -1326,13 +1487,16 @@ impl Adapter {
             }
         }
         for p in self.pending.drain(..) {
-            if let Some((req, reply)) = p.write {
+            if let Some(w) = p.write {
                 AdapterStatus::add(&self.io.status.writes_failed, 1);
-                let _ = reply.send(Err(WriteError::NotConnected {
+                let _ = w.reply.send(Err(WriteError::NotConnected {
                     connection: self.name.clone(),
                 }));
-                let _ = req;
             }
+        }
+        // The broker took these: with the link gone no read-back can come.
+        for (w, _) in std::mem::take(&mut self.confirming) {
+            self.answer(w.req, w.reply, Ok(WriteAck::Unconfirmed)).await;
         }
     }
 
@@ -1344,8 +1508,24 @@ impl Adapter {
                 prefixes,
                 last,
                 layout,
+                readbacks,
                 ..
             } => {
+                if let Some((asset, property)) = readbacks.get(topic) {
+                    let (asset, property) = (asset.clone(), property.clone());
+                    match decode_json(payload, t, layout) {
+                        Ok((Some(v), _, _)) => {
+                            self.recovered(topic).await;
+                            self.on_readback(&asset, &property, v).await;
+                        }
+                        Ok((None, _, _)) => {}
+                        Err(e) => {
+                            AdapterStatus::add(&self.io.status.rejected, 1);
+                            self.failed(topic, e).await;
+                        }
+                    }
+                    return;
+                }
                 let target = exact.get(topic).copied().or_else(|| {
                     prefixes
                         .iter()
@@ -1421,6 +1601,9 @@ impl Adapter {
                 for u in d.unmapped {
                     self.unmapped(u).await;
                 }
+                for (asset, property, value) in d.echoes {
+                    self.on_readback(&asset, &property, value).await;
+                }
                 match d.error {
                     Some(e) => self.failed(topic, e).await,
                     None => self.recovered(topic).await,
@@ -1486,35 +1669,102 @@ impl Adapter {
         }
         while self.pending.front().is_some_and(|p| p.deadline <= at) {
             let p = self.pending.pop_front().expect("front checked");
-            if let Some((req, reply)) = p.write {
+            if let Some(w) = p.write {
                 let timeout_ms = self.write_timeout.as_millis() as u64;
                 let err = WriteError::Timeout {
                     connection: self.name.clone(),
                     timeout_ms,
                 };
-                self.write_failed(req, reply, err).await;
+                self.write_failed(w.req, w.reply, err).await;
             }
+        }
+        let (due, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.confirming)
+            .into_iter()
+            .partition(|(_, deadline)| *deadline <= at);
+        self.confirming = waiting;
+        for (w, _) in due {
+            // Another value reported and never the written one: the device holds another.
+            let answer = match w.seen {
+                Some(v) => Err(WriteError::Refused {
+                    connection: self.name.clone(),
+                    error: format!(
+                        "the device reports {} = {v}, not {}, {} ms after the write",
+                        w.req.property,
+                        w.req.value,
+                        w.sent.elapsed().as_millis()
+                    ),
+                }),
+                None => Ok(WriteAck::Unconfirmed),
+            };
+            self.answer(w.req, w.reply, answer).await;
         }
     }
 
-    async fn write_failed(
+    /// The device reported `value` for the setpoint `property` of `asset`: it confirms the
+    /// writes of that value and is remembered by the others (to refute them at their
+    /// deadline if the written value never comes).
+    async fn on_readback(&mut self, asset: &AssetPath, property: &str, value: Value) {
+        let matches = |w: &InFlight| w.req.asset == *asset && w.req.property == property;
+        for p in &mut self.pending {
+            if let Some(w) = p.write.as_mut().filter(|w| matches(w)) {
+                if same_value(w.req.value, value) {
+                    w.confirmed = true;
+                } else {
+                    w.seen = Some(value);
+                }
+            }
+        }
+        let mut done = Vec::new();
+        let mut i = 0;
+        while i < self.confirming.len() {
+            let w = &mut self.confirming[i].0;
+            if matches(w) && same_value(w.req.value, value) {
+                done.push(self.confirming.swap_remove(i).0);
+                continue;
+            }
+            if matches(w) {
+                w.seen = Some(value);
+            }
+            i += 1;
+        }
+        for w in done {
+            self.answer(w.req, w.reply, Ok(WriteAck::Confirmed)).await;
+        }
+    }
+
+    /// Answers a write, counts it and records its event.
+    async fn answer(
         &mut self,
         req: WriteRequest,
-        reply: tokio::sync::oneshot::Sender<Result<(), WriteError>>,
-        err: WriteError,
+        reply: tokio::sync::oneshot::Sender<Result<WriteAck, WriteError>>,
+        answer: Result<WriteAck, WriteError>,
     ) {
-        AdapterStatus::add(&self.io.status.writes_failed, 1);
-        let _ = reply.send(Err(err.clone()));
+        let counter = match answer {
+            Ok(_) => &self.io.status.writes_ok,
+            Err(_) => &self.io.status.writes_failed,
+        };
+        AdapterStatus::add(counter, 1);
+        let outcome = answer.clone().map_err(|e| e.to_string());
+        let _ = reply.send(answer);
         self.event(
             Some(req.asset.clone()),
             AdapterEventKind::Written {
                 property: req.property,
                 value: req.value.to_string(),
                 by: req.by,
-                error: Some(err.to_string()),
+                outcome,
             },
         )
         .await;
+    }
+
+    async fn write_failed(
+        &mut self,
+        req: WriteRequest,
+        reply: tokio::sync::oneshot::Sender<Result<WriteAck, WriteError>>,
+        err: WriteError,
+    ) {
+        self.answer(req, reply, Err(err)).await;
     }
 
     /// Publishes the write (QoS 1); its answer comes with the PUBACK.
@@ -1536,33 +1786,47 @@ impl Adapter {
             asset: req.asset.clone(),
             property: req.property.clone(),
         };
+        if self.pending.len() + self.confirming.len() >= crate::MAX_PENDING_WRITES {
+            let err = WriteError::Busy {
+                connection: self.name.clone(),
+            };
+            return self.write_failed(req, reply, err).await;
+        }
+        let mut readback = false;
         let message = match &self.decoder {
-            Decoder::Json { commands, .. } => {
-                match commands.get(&(req.asset.clone(), req.property.clone())) {
-                    None => Err(not_writable()),
-                    Some(topic) => {
-                        let value = match req.value {
-                            Value::Int(i) => serde_json::Value::from(i),
-                            Value::Bool(b) => serde_json::Value::from(b),
-                            Value::Float(f) => match serde_json::Number::from_f64(f) {
-                                Some(n) => serde_json::Value::Number(n),
-                                None => {
-                                    let err = bad("not finite".to_string());
-                                    return self.write_failed(req, reply, err).await;
-                                }
-                            },
-                        };
-                        let body = serde_json::json!({ "value": value, "ts_us": Timestamp::now().as_micros() });
-                        Ok((topic.clone(), body.to_string().into_bytes()))
-                    }
+            Decoder::Json {
+                commands,
+                readbacks,
+                ..
+            } => match commands.get(&(req.asset.clone(), req.property.clone())) {
+                None => Err(not_writable()),
+                Some(topic) => {
+                    readback = readbacks
+                        .values()
+                        .any(|(a, p)| *a == req.asset && *p == req.property);
+                    let value = match req.value {
+                        Value::Int(i) => serde_json::Value::from(i),
+                        Value::Bool(b) => serde_json::Value::from(b),
+                        Value::Float(f) => match serde_json::Number::from_f64(f) {
+                            Some(n) => serde_json::Value::Number(n),
+                            None => {
+                                let err = bad("not finite".to_string());
+                                return self.write_failed(req, reply, err).await;
+                            }
+                        },
+                    };
+                    let body = serde_json::json!({ "value": value, "ts_us": Timestamp::now().as_micros() });
+                    Ok((topic.clone(), body.to_string().into_bytes()))
                 }
-            }
+            },
             Decoder::Sparkplug(s) => match s.write_address(&req.asset, &req.property) {
                 None => Err(not_writable()),
                 Some(addr) => {
+                    // A metric of the device's birth is reported back when it changes.
+                    readback = addr.born;
                     let t = u64::try_from(Timestamp::now().as_millis()).ok();
                     let mut m = Metric {
-                        name: Some(req.property.clone()),
+                        name: Some(addr.metric.clone()),
                         alias: addr.alias,
                         timestamp: t,
                         ..Default::default()
@@ -1575,8 +1839,17 @@ impl Adapter {
                                 metrics: vec![m],
                                 ..Default::default()
                             };
-                            let topic =
-                                sparkplug::topic(s.group(), "DCMD", &addr.node, Some(&addr.device));
+                            let kind = if addr.device.is_some() {
+                                "DCMD"
+                            } else {
+                                "NCMD"
+                            };
+                            let topic = sparkplug::topic(
+                                s.group(),
+                                kind,
+                                &addr.node,
+                                addr.device.as_deref(),
+                            );
                             Ok((topic, payload.encode_to_vec()))
                         }
                     }
@@ -1599,7 +1872,14 @@ impl Adapter {
         let published = publish.in_scope(|| self.client.try_publish(topic, payload));
         match published {
             Ok(()) => self.pending.push_back(Pending {
-                write: Some((req, reply)),
+                write: Some(InFlight {
+                    req,
+                    reply,
+                    readback,
+                    seen: None,
+                    confirmed: false,
+                    sent: Instant::now(),
+                }),
                 pkid: None,
                 deadline: Instant::now() + self.write_timeout,
             }),

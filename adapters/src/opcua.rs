@@ -76,7 +76,7 @@ use crate::backoff::Backoff;
 use crate::config::{ConfigError, TagTarget, check_connection};
 use crate::push::push_batch;
 use crate::status::{AdapterEvent, AdapterEventKind, AdapterStatus, LinkState};
-use crate::write::{WriteCommand, WriteError};
+use crate::write::{WriteAck, WriteCommand, WriteError};
 use tracing::Instrument as _;
 
 /// Batches of data changes between the task polling the session and the adapter. Small: a
@@ -1021,6 +1021,8 @@ async fn serve_writes(
                 }
             }
         };
+        // A Good status is the server's own answer to the write.
+        let result = result.map(|()| WriteAck::Confirmed);
         let counter = if result.is_ok() {
             &status.writes_ok
         } else {
@@ -1031,7 +1033,7 @@ async fn serve_writes(
             property: req.property.clone(),
             value: req.value.to_string(),
             by: req.by.clone(),
-            error: result.as_ref().err().map(ToString::to_string),
+            outcome: result.clone().map_err(|e| e.to_string()),
         };
         send_event(&events, &config.name, Some(req.asset.clone()), kind).await;
         // The caller may have given up waiting: not an error.

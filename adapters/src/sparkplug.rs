@@ -1,12 +1,22 @@
 //! Sparkplug B host-side state, pure (no I/O, time passed in): per edge node its birth,
-//! `bdSeq`, expected `seq` and the alias table of each device, turning NBIRTH/DBIRTH/NDATA/
-//! DDATA/NDEATH/DDEATH payloads into `Reading`s.
+//! `bdSeq`, expected `seq` and the alias table of each device and of the node itself, turning
+//! NBIRTH/DBIRTH/NDATA/DDATA/NDEATH/DDEATH payloads into `Reading`s.
 //!
-//! Mapping rule (config `nodes`): a node's `line` is an asset path; device `d` is the machine
-//! `<line>/<d>`; its metrics `state`, `good_count`, `scrap_count` are the machine's properties,
-//! `<sensor>/value` is the sensor `<line>/<d>/<sensor>`'s value; metrics listed as writable are
-//! setpoints (written, never read). Anything else (other nodes, devices not allowed, other
-//! metrics) is refused and reported as unmapped: it never creates a twin.
+//! Mapping, two ways that combine:
+//! - **Explicit** (config `metrics`, `MetricRule`): one metric of a node (`device` None: a
+//!   node metric of NBIRTH/NDATA) or of a device feeds any asset's reading property, or is a
+//!   writable setpoint. Any naming: `Temperature`, `Line/Throughput`, `Running`.
+//! - **The convention** (config `nodes`, `NodeRule` with a `line`): device `d` is the machine
+//!   `<line>/<d>`; its metrics `state`, `good_count`, `scrap_count` are the machine's
+//!   properties, `<sensor>/value` is the sensor `<line>/<d>/<sensor>`'s value; metrics listed
+//!   as writable are setpoints. An explicit rule wins over the convention for its metric.
+//!
+//! Anything else (other nodes, devices nobody maps, other metrics) is refused, counted and
+//! reported as unmapped: it never creates a twin. The standard metrics (`bdSeq`,
+//! `Node Control/*`, `Properties/*`, ...) are taken silently.
+//!
+//! A setpoint's value as a device reports it (its birth, or its data after a DCMD) is a
+//! read-back (`Decoded::echoes`), which confirms or refutes a write; never a reading.
 //!
 //! Sequence: `seq` must grow by one (mod 256) per message of a node from its NBIRTH on. A gap
 //! (or data from a node whose birth we have not seen) means we may have missed a birth or
@@ -27,18 +37,54 @@ use prost::Message;
 pub const NAMESPACE: &str = "spBv1.0";
 pub const BD_SEQ: &str = "bdSeq";
 pub const REBIRTH: &str = "Node Control/Rebirth";
-/// Aliases a device may declare. Bounds the memory a hostile birth can take.
+/// Aliases a device (or a node) may declare. Bounds the memory a hostile birth can take.
 pub const MAX_METRICS_PER_DEVICE: usize = 4096;
 /// Devices per node (beyond the allowlist they are refused anyway).
 pub const MAX_DEVICES_PER_NODE: usize = 1024;
+
+/// Metrics the specification defines for hosts and tools: taken without a mapping, silently.
+fn is_standard(name: &str) -> bool {
+    name == BD_SEQ
+        || [
+            "Node Control/",
+            "Device Control/",
+            "Properties/",
+            "Node Info/",
+            "Device Info/",
+        ]
+        .iter()
+        .any(|p| name.starts_with(p))
+}
 
 /// One allowed edge node.
 #[derive(Debug, Clone)]
 pub struct NodeRule {
     pub node: String,
-    pub line: AssetPath,
-    /// Allowed devices; `None` = any device (machine `<line>/<device>`).
+    /// The convention's line (device `d` = machine `<line>/<d>`); `None`: only the node's
+    /// explicit metrics map.
+    pub line: Option<AssetPath>,
+    /// Allowed devices for the convention; `None` = any device.
     pub devices: Option<HashSet<String>>,
+}
+
+/// What a metric feeds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Feeds {
+    /// A reading property of a twin.
+    Reading(AssetId, Property),
+    /// A setpoint of an asset, written with DCMD/NCMD; what the device reports of it is a
+    /// read-back.
+    Setpoint(AssetPath, String),
+}
+
+/// One explicitly mapped metric (config `metrics`).
+#[derive(Debug, Clone)]
+pub struct MetricRule {
+    pub node: String,
+    /// `None`: a node metric (NBIRTH/NDATA; written with NCMD).
+    pub device: Option<String>,
+    pub metric: String,
+    pub feeds: Feeds,
 }
 
 /// Message kinds of the namespace.
@@ -111,6 +157,8 @@ pub fn topic(group: &str, kind: &str, node: &str, device: Option<&str>) -> Strin
 #[derive(Debug, Default, PartialEq)]
 pub struct Decoded {
     pub readings: Vec<Reading>,
+    /// Setpoint values as a device reported them (asset, property, value): read-backs.
+    pub echoes: Vec<(AssetPath, String, Value)>,
     /// Metrics or messages refused (unmapped, wrong type, ignored while awaiting a birth).
     pub rejected: u64,
     /// The message could not be used at all (malformed payload, wrong types).
@@ -127,8 +175,8 @@ pub struct Decoded {
 struct Slot {
     name: String,
     datatype: u32,
-    /// The reading this metric feeds; `None` for writable setpoints and node metrics.
-    target: Option<(AssetId, Property)>,
+    /// What the metric feeds; `None` for the standard metrics (taken, unused).
+    feeds: Option<Feeds>,
     last: Option<Value>,
 }
 
@@ -140,6 +188,59 @@ struct DeviceState {
     by_name: HashMap<String, usize>,
 }
 
+impl DeviceState {
+    /// The slots of a birth's metrics that `feeds_of` maps (or that are standard), keeping
+    /// each metric's last value of `previous` (a death after a rebirth still reports it).
+    fn born(
+        what: &str,
+        payload: &Payload,
+        previous: Option<&DeviceState>,
+        mut feeds_of: impl FnMut(&str) -> Option<Feeds>,
+        out: &mut Decoded,
+    ) -> DeviceState {
+        let mut d = DeviceState {
+            alive: true,
+            ..Default::default()
+        };
+        for m in &payload.metrics {
+            let Some(name) = m.name.clone() else {
+                out.rejected += 1;
+                out.error = Some(format!("{what}: a metric without a name"));
+                continue;
+            };
+            let feeds = feeds_of(&name);
+            if feeds.is_none() && !is_standard(&name) {
+                // Refused (and reported) when its value is applied below.
+                continue;
+            }
+            let last = previous.and_then(|p| p.by_name.get(&name).and_then(|&i| p.slots[i].last));
+            let i = d.slots.len();
+            d.slots.push(Slot {
+                name: name.clone(),
+                datatype: m.datatype.unwrap_or(DataType::Unknown as u32),
+                feeds,
+                last,
+            });
+            if let Some(a) = m.alias {
+                d.by_alias.insert(a, i);
+            }
+            d.by_name.insert(name, i);
+        }
+        d
+    }
+
+    /// The datatype and alias of metric `name` as the last birth gave them.
+    fn address_of(&self, name: &str) -> Option<(u32, Option<u64>)> {
+        let &i = self.by_name.get(name)?;
+        let alias = self
+            .by_alias
+            .iter()
+            .find(|(_, s)| **s == i)
+            .map(|(a, _)| *a);
+        Some((self.slots[i].datatype, alias))
+    }
+}
+
 #[derive(Debug)]
 struct NodeState {
     rule: NodeRule,
@@ -147,9 +248,42 @@ struct NodeState {
     bd_seq: Option<u64>,
     /// The `seq` the next message must carry.
     next_seq: u8,
+    /// The node's own metrics (NBIRTH, NDATA).
+    own: DeviceState,
     devices: HashMap<String, DeviceState>,
+    /// Explicit rules of this node: (device, metric) → what it feeds.
+    explicit: HashMap<(Option<String>, String), Feeds>,
+    /// Devices named by explicit rules.
+    explicit_devices: HashSet<String>,
     /// When we last asked for a rebirth (µs), to ask again only after `REBIRTH_RETRY_US`.
     rebirth_asked: Option<i64>,
+}
+
+impl NodeState {
+    fn new(rule: NodeRule) -> NodeState {
+        NodeState {
+            rule,
+            born: false,
+            bd_seq: None,
+            next_seq: 0,
+            own: DeviceState::default(),
+            devices: HashMap::new(),
+            explicit: HashMap::new(),
+            explicit_devices: HashSet::new(),
+            rebirth_asked: None,
+        }
+    }
+
+    /// The machine of `device` by the convention, if the node has a line and allows it.
+    fn convention_machine(&self, device: &str) -> Option<AssetPath> {
+        let line = self.rule.line.as_ref()?;
+        let allowed = self
+            .rule
+            .devices
+            .as_ref()
+            .is_none_or(|d| d.contains(device));
+        allowed.then(|| line.child(device).ok()).flatten()
+    }
 }
 
 /// How long to wait for a requested birth before asking again.
@@ -159,9 +293,13 @@ pub const REBIRTH_RETRY_US: i64 = 5_000_000;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WriteAddress {
     pub node: String,
-    pub device: String,
+    /// `None`: a node metric (NCMD).
+    pub device: Option<String>,
+    pub metric: String,
     pub alias: Option<u64>,
     pub datatype: u32,
+    /// The metric was in the last birth (its datatype and alias are the device's own).
+    pub born: bool,
 }
 
 /// The host-side state of one group.
@@ -170,30 +308,48 @@ pub struct SparkplugState {
     group: String,
     writable: HashSet<String>,
     nodes: HashMap<String, NodeState>,
+    /// Explicit setpoints: (asset, property) → (node, device, metric).
+    writes: HashMap<(AssetPath, String), (String, Option<String>, String)>,
 }
 
 impl SparkplugState {
-    pub fn new(group: &str, rules: Vec<NodeRule>, writable: HashSet<String>) -> SparkplugState {
-        let nodes = rules
+    /// `rules`: the convention's nodes; `metrics`: explicit mappings (their nodes are allowed
+    /// too); `writable`: the convention's setpoint metric names.
+    pub fn new(
+        group: &str,
+        rules: Vec<NodeRule>,
+        metrics: Vec<MetricRule>,
+        writable: HashSet<String>,
+    ) -> SparkplugState {
+        let mut nodes: HashMap<String, NodeState> = rules
             .into_iter()
-            .map(|rule| {
-                (
-                    rule.node.clone(),
-                    NodeState {
-                        rule,
-                        born: false,
-                        bd_seq: None,
-                        next_seq: 0,
-                        devices: HashMap::new(),
-                        rebirth_asked: None,
-                    },
-                )
-            })
+            .map(|rule| (rule.node.clone(), NodeState::new(rule)))
             .collect();
+        let mut writes = HashMap::new();
+        for m in metrics {
+            let n = nodes.entry(m.node.clone()).or_insert_with(|| {
+                NodeState::new(NodeRule {
+                    node: m.node.clone(),
+                    line: None,
+                    devices: None,
+                })
+            });
+            if let Feeds::Setpoint(asset, property) = &m.feeds {
+                writes.insert(
+                    (asset.clone(), property.clone()),
+                    (m.node.clone(), m.device.clone(), m.metric.clone()),
+                );
+            }
+            if let Some(d) = &m.device {
+                n.explicit_devices.insert(d.clone());
+            }
+            n.explicit.insert((m.device, m.metric), m.feeds);
+        }
         SparkplugState {
             group: group.to_string(),
             writable,
             nodes,
+            writes,
         }
     }
 
@@ -212,6 +368,7 @@ impl SparkplugState {
         for n in self.nodes.values_mut() {
             n.born = false;
             n.rebirth_asked = None;
+            n.own.alive = false;
             for d in n.devices.values_mut() {
                 d.alive = false;
             }
@@ -221,6 +378,7 @@ impl SparkplugState {
     /// One Bad (CommFailure) reading per metric of every node with a last value, at `now`.
     pub fn all_bad(&self, now: Timestamp, out: &mut Vec<Reading>) {
         for n in self.nodes.values() {
+            bad_readings(&n.own, now, out);
             for d in n.devices.values() {
                 bad_readings(d, now, out);
             }
@@ -234,30 +392,38 @@ impl SparkplugState {
         }
     }
 
-    /// Where a write of `property` of `asset` goes: the device metric `property` of the node
-    /// whose line holds the machine `asset`.
+    /// Where a write of `property` of `asset` goes: its explicit metric, else (the
+    /// convention) the device metric `property` of the node whose line holds the machine
+    /// `asset`.
     pub fn write_address(&self, asset: &AssetPath, property: &str) -> Option<WriteAddress> {
-        let line = asset.parent()?;
-        let device = asset.name();
-        let n = self.nodes.values().find(|n| n.rule.line == line)?;
-        if n.rule.devices.as_ref().is_some_and(|d| !d.contains(device)) {
-            return None;
-        }
-        let slot = n
-            .devices
-            .get(device)
-            .and_then(|d| d.by_name.get(property).map(|&i| (d, i)))
-            .map(|(d, i)| {
+        let (node, device, metric) = match self.writes.get(&(asset.clone(), property.to_owned())) {
+            Some(w) => w.clone(),
+            None => {
+                let device = asset.name();
+                let n = self
+                    .nodes
+                    .values()
+                    .find(|n| n.convention_machine(device).as_ref() == Some(asset))?;
                 (
-                    d.slots[i].datatype,
-                    d.by_alias.iter().find(|(_, s)| **s == i).map(|(a, _)| *a),
+                    n.rule.node.clone(),
+                    Some(device.to_string()),
+                    property.to_string(),
                 )
-            });
+            }
+        };
+        let n = self.nodes.get(&node)?;
+        let state = match &device {
+            Some(d) => n.devices.get(d),
+            None => Some(&n.own),
+        };
+        let born = state.and_then(|d| d.address_of(&metric));
         Some(WriteAddress {
-            node: n.rule.node.clone(),
-            device: device.to_string(),
-            alias: slot.and_then(|(_, a)| a),
-            datatype: slot.map_or(DataType::UInt16 as u32, |(t, _)| t),
+            node,
+            device,
+            metric,
+            alias: born.and_then(|(_, a)| a),
+            datatype: born.map_or(DataType::UInt16 as u32, |(t, _)| t),
+            born: born.is_some(),
         })
     }
 
@@ -291,7 +457,7 @@ impl SparkplugState {
             }
         };
         match t.kind {
-            Kind::NBirth => node_birth(node, &payload, out),
+            Kind::NBirth => node_birth(node, &payload, now, out),
             Kind::NDeath => {
                 let bd = bd_seq_of(&payload);
                 // A Will from an older session must not kill the current one.
@@ -299,6 +465,8 @@ impl SparkplugState {
                     return;
                 }
                 node.born = false;
+                node.own.alive = false;
+                bad_readings(&node.own, now, &mut out.readings);
                 for d in node.devices.values_mut() {
                     d.alive = false;
                     bad_readings(d, now, &mut out.readings);
@@ -321,18 +489,20 @@ impl SparkplugState {
                 let device = t.device.unwrap_or_default();
                 match t.kind {
                     Kind::NData => {
-                        // Node metrics feed no twin (bdSeq, Node Control/...).
+                        let at = node.rule.node.clone();
+                        apply_metrics(&mut node.own, &payload, now, &at, out);
                     }
                     Kind::DBirth => {
                         device_birth(node, device, &self.writable, &payload, now, out);
                     }
                     Kind::DData => {
+                        let at = format!("{}/{device}", t.node);
                         let Some(d) = node.devices.get_mut(device).filter(|d| d.alive) else {
                             out.rejected += payload.metrics.len() as u64;
-                            out.unmapped.push(format!("{}/{device}", t.node));
+                            out.unmapped.push(at);
                             return;
                         };
-                        apply_metrics(d, &payload, now, t.node, device, out);
+                        apply_metrics(d, &payload, now, &at, out);
                     }
                     Kind::DDeath => {
                         if let Some(d) = node.devices.get_mut(device) {
@@ -380,12 +550,20 @@ fn bd_seq_of(payload: &Payload) -> Option<u64> {
         })
 }
 
-fn node_birth(node: &mut NodeState, payload: &Payload, out: &mut Decoded) {
+fn node_birth(node: &mut NodeState, payload: &Payload, now: Timestamp, out: &mut Decoded) {
     let Some(seq) = payload.seq.filter(|&s| s <= 255) else {
         out.rejected += 1;
         out.error = Some("NBIRTH without a seq in 0..=255".to_string());
         return;
     };
+    if payload.metrics.len() > MAX_METRICS_PER_DEVICE {
+        out.rejected += payload.metrics.len() as u64;
+        out.error = Some(format!(
+            "NBIRTH of {}: more than {MAX_METRICS_PER_DEVICE} metrics",
+            node.rule.node
+        ));
+        return;
+    }
     node.born = true;
     node.bd_seq = bd_seq_of(payload);
     node.next_seq = (seq as u8).wrapping_add(1);
@@ -394,6 +572,17 @@ fn node_birth(node: &mut NodeState, payload: &Payload, out: &mut Decoded) {
     for d in node.devices.values_mut() {
         d.alive = false;
     }
+    let what = format!("NBIRTH of {}", node.rule.node);
+    let explicit = &node.explicit;
+    let mut own = DeviceState::born(
+        &what,
+        payload,
+        Some(&node.own),
+        |name| explicit.get(&(None, name.to_string())).cloned(),
+        out,
+    );
+    apply_metrics(&mut own, payload, now, &node.rule.node, out);
+    node.own = own;
 }
 
 fn device_birth(
@@ -404,17 +593,12 @@ fn device_birth(
     now: Timestamp,
     out: &mut Decoded,
 ) {
-    let allowed = node
-        .rule
-        .devices
-        .as_ref()
-        .is_none_or(|d| d.contains(device));
-    let machine = allowed.then(|| node.rule.line.child(device).ok()).flatten();
-    let Some(machine) = machine else {
+    let machine = node.convention_machine(device);
+    if machine.is_none() && !node.explicit_devices.contains(device) {
         out.rejected += payload.metrics.len() as u64;
         out.unmapped.push(format!("{}/{device}", node.rule.node));
         return;
-    };
+    }
     if payload.metrics.len() > MAX_METRICS_PER_DEVICE
         || (!node.devices.contains_key(device) && node.devices.len() >= MAX_DEVICES_PER_NODE)
     {
@@ -426,78 +610,64 @@ fn device_birth(
         return;
     }
     let previous = node.devices.remove(device);
-    let mut d = DeviceState {
-        alive: true,
-        ..Default::default()
-    };
-    for m in &payload.metrics {
-        let Some(name) = m.name.clone() else {
-            out.rejected += 1;
-            out.error = Some(format!("DBIRTH of {device}: a metric without a name"));
-            continue;
-        };
-        let target = if writable.contains(&name) {
-            None
-        } else {
-            match target_of(&machine, &name) {
-                Some(t) => Some(t),
-                None => {
-                    out.rejected += 1;
-                    // Sparkplug names are case-sensitive: a writable entry that differs only
-                    // in letter case is a typo worth naming, not just an unmapped metric.
-                    if let Some(listed) = writable.iter().find(|w| w.eq_ignore_ascii_case(&name)) {
-                        out.error = Some(format!(
-                            "DBIRTH of {device}: metric {name:?} differs from writable_metrics entry {listed:?} only in letter case (Sparkplug names are case-sensitive; list it as {name:?})"
-                        ));
-                    }
-                    out.unmapped
-                        .push(format!("{}/{device}/{name}", node.rule.node));
-                    continue;
-                }
+    let explicit = &node.explicit;
+    let mut case_mismatch = None;
+    let mut d = DeviceState::born(
+        &format!("DBIRTH of {device}"),
+        payload,
+        previous.as_ref(),
+        |name| {
+            if let Some(f) = explicit.get(&(Some(device.to_string()), name.to_string())) {
+                return Some(f.clone());
             }
-        };
-        // Keep the last value over a rebirth: a death after it still reports it.
-        let last = previous
-            .as_ref()
-            .and_then(|p| p.by_name.get(&name).and_then(|&i| p.slots[i].last));
-        let i = d.slots.len();
-        d.slots.push(Slot {
-            name: name.clone(),
-            datatype: m.datatype.unwrap_or(DataType::Unknown as u32),
-            target,
-            last,
-        });
-        if let Some(a) = m.alias {
-            d.by_alias.insert(a, i);
-        }
-        d.by_name.insert(name, i);
+            let machine = machine.as_ref()?;
+            if writable.contains(name) {
+                return Some(Feeds::Setpoint(machine.clone(), name.to_string()));
+            }
+            let feeds = target_of(machine, name);
+            // Sparkplug names are case-sensitive: a writable entry that differs only in
+            // letter case is a typo worth naming, not just an unmapped metric.
+            if feeds.is_none()
+                && let Some(listed) = writable.iter().find(|w| w.eq_ignore_ascii_case(name))
+            {
+                case_mismatch = Some(format!(
+                    "DBIRTH of {device}: metric {name:?} differs from writable_metrics entry {listed:?} only in letter case (Sparkplug names are case-sensitive; list it as {name:?})"
+                ));
+            }
+            feeds
+        },
+        out,
+    );
+    let at = format!("{}/{device}", node.rule.node);
+    apply_metrics(&mut d, payload, now, &at, out);
+    if let Some(e) = case_mismatch {
+        out.error = Some(e);
     }
-    apply_metrics(&mut d, payload, now, &node.rule.node, device, out);
     node.devices.insert(device.to_string(), d);
 }
 
-/// The reading a metric named `name` of the machine at `machine` feeds.
-fn target_of(machine: &AssetPath, name: &str) -> Option<(AssetId, Property)> {
+/// The convention: what a metric named `name` of the machine at `machine` feeds.
+fn target_of(machine: &AssetPath, name: &str) -> Option<Feeds> {
     match name {
-        "state" => Some((machine.id(), Property::State)),
-        "good_count" => Some((machine.id(), Property::GoodCount)),
-        "scrap_count" => Some((machine.id(), Property::ScrapCount)),
+        "state" => Some(Feeds::Reading(machine.id(), Property::State)),
+        "good_count" => Some(Feeds::Reading(machine.id(), Property::GoodCount)),
+        "scrap_count" => Some(Feeds::Reading(machine.id(), Property::ScrapCount)),
         _ => {
             let sensor = name.strip_suffix("/value")?;
             machine
                 .child(sensor)
                 .ok()
-                .map(|p| (p.id(), Property::Value))
+                .map(|p| Feeds::Reading(p.id(), Property::Value))
         }
     }
 }
 
 fn bad_readings(d: &DeviceState, now: Timestamp, out: &mut Vec<Reading>) {
     for s in &d.slots {
-        if let (Some((asset, property)), Some(value)) = (s.target, s.last) {
+        if let (Some(Feeds::Reading(asset, property)), Some(value)) = (&s.feeds, s.last) {
             out.push(Reading {
-                asset,
-                property,
+                asset: *asset,
+                property: *property,
                 value,
                 quality: Quality::bad(QualityReason::CommFailure),
                 source_ts: now,
@@ -506,12 +676,13 @@ fn bad_readings(d: &DeviceState, now: Timestamp, out: &mut Vec<Reading>) {
     }
 }
 
+/// The values of `payload`'s metrics as `d`'s slots map them; `at` (`node` or
+/// `node/device`) names the source in refusals.
 fn apply_metrics(
     d: &mut DeviceState,
     payload: &Payload,
     now: Timestamp,
-    node: &str,
-    device: &str,
+    at: &str,
     out: &mut Decoded,
 ) {
     for m in &payload.metrics {
@@ -526,23 +697,37 @@ fn apply_metrics(
                 .name
                 .clone()
                 .unwrap_or_else(|| format!("alias {}", m.alias.unwrap_or_default()));
-            out.unmapped.push(format!("{node}/{device}/{what}"));
+            out.unmapped.push(format!("{at}/{what}"));
             continue;
         };
         let slot = &mut d.slots[i];
-        let Some((asset, property)) = slot.target else {
-            // A setpoint's echo: not a reading.
+        let Some(feeds) = &slot.feeds else {
+            // A standard metric (bdSeq, Node Control/...): not data.
             continue;
         };
         if m.is_null == Some(true) || m.value.is_none() {
             continue;
         }
         let datatype = m.datatype.unwrap_or(slot.datatype);
+        let (asset, property) = match feeds {
+            Feeds::Setpoint(asset, property) => {
+                // The device's report of a setpoint: a read-back, never a reading.
+                match metric_value(datatype, m) {
+                    Ok(v) => out.echoes.push((asset.clone(), property.clone(), v)),
+                    Err(why) => {
+                        out.rejected += 1;
+                        out.error = Some(format!("{at} {}: {why}", slot.name));
+                    }
+                }
+                continue;
+            }
+            Feeds::Reading(asset, property) => (*asset, *property),
+        };
         let value = match metric_value(datatype, m).and_then(|v| fits(property, v)) {
             Ok(v) => v,
             Err(why) => {
                 out.rejected += 1;
-                out.error = Some(format!("{node}/{device} {}: {why}", slot.name));
+                out.error = Some(format!("{at} {}: {why}", slot.name));
                 continue;
             }
         };
@@ -672,9 +857,10 @@ mod tests {
             "acme-berlin",
             vec![NodeRule {
                 node: "assembly-line-1".into(),
-                line: AssetPath::parse(LINE).expect("path"),
+                line: Some(AssetPath::parse(LINE).expect("path")),
                 devices: Some(["press-1".to_string()].into()),
             }],
+            vec![],
             ["speed_setpoint_pct".to_string()].into(),
         )
     }
@@ -785,6 +971,196 @@ mod tests {
         s
     }
 
+    /// An edge node named as its vendor names it: explicit rules map device and node
+    /// metrics of any name; the standard ones pass silently, the rest are reported.
+    #[test]
+    fn explicit_rules_map_foreign_device_and_node_metrics_and_their_setpoints() {
+        let path = |p: &str| AssetPath::parse(&format!("{LINE}/{p}")).expect("path");
+        let rule = |device: Option<&str>, metric: &str, feeds: Feeds| MetricRule {
+            node: "Edge1".into(),
+            device: device.map(str::to_string),
+            metric: metric.into(),
+            feeds,
+        };
+        let filler = path("filler");
+        let mut s = SparkplugState::new(
+            "Plant1",
+            vec![],
+            vec![
+                rule(
+                    Some("Filler"),
+                    "Temperature",
+                    Feeds::Reading(path("filler/temp").id(), Property::Value),
+                ),
+                rule(
+                    Some("Filler"),
+                    "Running",
+                    Feeds::Reading(filler.id(), Property::State),
+                ),
+                rule(
+                    Some("Filler"),
+                    "Speed",
+                    Feeds::Setpoint(filler.clone(), "speed_setpoint_pct".into()),
+                ),
+                rule(
+                    None,
+                    "Line/Throughput",
+                    Feeds::Reading(path("filler/throughput").id(), Property::Value),
+                ),
+                rule(
+                    None,
+                    "Line/Enable",
+                    Feeds::Setpoint(filler.clone(), "run_enable".into()),
+                ),
+            ],
+            HashSet::new(),
+        );
+        let at = |kind: &str, device: Option<&str>| topic("Plant1", kind, "Edge1", device);
+        let m = |name: &str, alias: u64, dt: DataType, v: metric::Value| {
+            metric(Some(name), alias, dt, v)
+        };
+        use metric::Value as V;
+        let d = run(
+            &mut s,
+            &at("NBIRTH", None),
+            &payload(
+                Some(0),
+                vec![
+                    m(BD_SEQ, 0, DataType::UInt64, V::LongValue(4)),
+                    m(REBIRTH, 1, DataType::Boolean, V::BooleanValue(false)),
+                    m(
+                        "Properties/Hardware Make",
+                        2,
+                        DataType::String,
+                        V::StringValue("ACME".into()),
+                    ),
+                    m(
+                        "Line/Throughput",
+                        3,
+                        DataType::Double,
+                        V::DoubleValue(120.0),
+                    ),
+                    m("Line/Enable", 4, DataType::Boolean, V::BooleanValue(true)),
+                    m("Line/Other", 5, DataType::Double, V::DoubleValue(1.0)),
+                ],
+            ),
+        );
+        assert_eq!(d.readings.len(), 1, "{d:?}");
+        assert_eq!(d.readings[0].value, Value::Float(120.0));
+        assert_eq!(
+            d.echoes,
+            vec![(filler.clone(), "run_enable".into(), Value::Bool(true))]
+        );
+        assert_eq!(
+            (d.rejected, d.unmapped.clone(), d.error.clone()),
+            (1, vec!["Edge1/Line/Other".to_string()], None)
+        );
+        let d = run(
+            &mut s,
+            &at("DBIRTH", Some("Filler")),
+            &payload(
+                Some(1),
+                vec![
+                    m("Temperature", 10, DataType::Float, V::FloatValue(80.5)),
+                    m("Running", 11, DataType::Boolean, V::BooleanValue(true)),
+                    m("Speed", 12, DataType::Float, V::FloatValue(50.0)),
+                    m("Extra", 13, DataType::Int32, V::IntValue(1)),
+                ],
+            ),
+        );
+        let got: Vec<_> = d.readings.iter().map(|r| (r.property, r.value)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (Property::Value, Value::Float(80.5)),
+                (Property::State, Value::Bool(true))
+            ]
+        );
+        assert_eq!(
+            d.echoes,
+            vec![(
+                filler.clone(),
+                "speed_setpoint_pct".into(),
+                Value::Float(50.0)
+            )]
+        );
+        assert_eq!(d.unmapped, vec!["Edge1/Filler/Extra".to_string()]);
+        // Data by alias: a reading, a setpoint's read-back and a node metric.
+        let d = run(
+            &mut s,
+            &at("DDATA", Some("Filler")),
+            &payload(
+                Some(2),
+                vec![
+                    metric(None, 10, DataType::Float, V::FloatValue(81.0)),
+                    metric(None, 12, DataType::Float, V::FloatValue(75.0)),
+                ],
+            ),
+        );
+        assert_eq!(d.readings.len(), 1);
+        assert_eq!(
+            d.echoes,
+            vec![(
+                filler.clone(),
+                "speed_setpoint_pct".into(),
+                Value::Float(75.0)
+            )]
+        );
+        let d = run(
+            &mut s,
+            &at("NDATA", None),
+            &payload(
+                Some(3),
+                vec![
+                    metric(None, 3, DataType::Double, V::DoubleValue(118.0)),
+                    metric(None, 1, DataType::Boolean, V::BooleanValue(false)),
+                ],
+            ),
+        );
+        assert_eq!(d.readings.len(), 1);
+        assert_eq!((d.rejected, d.readings[0].value), (0, Value::Float(118.0)));
+        // Writes go to the metric by its own name and alias, DCMD or NCMD.
+        assert_eq!(
+            s.write_address(&filler, "speed_setpoint_pct"),
+            Some(WriteAddress {
+                node: "Edge1".into(),
+                device: Some("Filler".into()),
+                metric: "Speed".into(),
+                alias: Some(12),
+                datatype: DataType::Float as u32,
+                born: true,
+            })
+        );
+        let node_write = s.write_address(&filler, "run_enable").expect("mapped");
+        assert_eq!(
+            (
+                node_write.device,
+                node_write.metric.as_str(),
+                node_write.alias
+            ),
+            (None, "Line/Enable", Some(4))
+        );
+        assert_eq!(s.write_address(&filler, "other"), None);
+        // A device nobody maps; then the node's death: every mapped reading Bad.
+        let d = run(
+            &mut s,
+            &at("DBIRTH", Some("Capper")),
+            &payload(Some(4), vec![]),
+        );
+        assert_eq!(d.unmapped, vec!["Edge1/Capper".to_string()]);
+        let d = run(
+            &mut s,
+            &at("NDEATH", None),
+            &payload(None, vec![m(BD_SEQ, 0, DataType::UInt64, V::LongValue(4))]),
+        );
+        assert_eq!(d.readings.len(), 3, "{d:?}");
+        assert!(
+            d.readings
+                .iter()
+                .all(|r| r.quality.code == QualityCode::Bad)
+        );
+    }
+
     /// A writable metric listed with another letter case: the birth says so, naming both.
     #[test]
     fn a_writable_metric_listed_in_another_letter_case_is_named_at_birth() {
@@ -792,9 +1168,10 @@ mod tests {
             "acme-berlin",
             vec![NodeRule {
                 node: "assembly-line-1".into(),
-                line: AssetPath::parse(LINE).expect("path"),
+                line: Some(AssetPath::parse(LINE).expect("path")),
                 devices: Some(["press-1".to_string()].into()),
             }],
+            vec![],
             ["Speed_Setpoint_Pct".to_string()].into(),
         );
         run(&mut s, &t("NBIRTH", None), &nbirth(0, 3));
@@ -839,9 +1216,11 @@ mod tests {
             s.write_address(&press(), "speed_setpoint_pct"),
             Some(WriteAddress {
                 node: "assembly-line-1".into(),
-                device: "press-1".into(),
+                device: Some("press-1".into()),
+                metric: "speed_setpoint_pct".into(),
                 alias: Some(4),
                 datatype: DataType::UInt16 as u32,
+                born: true,
             })
         );
     }

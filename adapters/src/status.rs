@@ -155,11 +155,11 @@ pub enum AdapterEventKind {
         source: String,
         count: u64,
     },
-    /// A write reached the PLC (`error` None) or was refused by it.
+    /// A write's result: how far it is known to have reached the device, or why it did not.
     Written {
         property: String,
         value: String,
         by: String,
-        error: Option<String>,
+        outcome: Result<crate::write::WriteAck, String>,
     },
 }

@@ -19,15 +19,42 @@ pub struct WriteRequest {
 #[derive(Debug)]
 pub struct WriteCommand {
     pub req: WriteRequest,
-    pub reply: oneshot::Sender<Result<(), WriteError>>,
+    pub reply: oneshot::Sender<Result<WriteAck, WriteError>>,
     pub span: tracing::Span,
 }
 
-/// Records the PLC's answer to a write on its span (`ok`, or the error).
-pub fn record_answer(span: &tracing::Span, answer: &Result<(), WriteError>) {
+/// How far a write that went through is known to have reached the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteAck {
+    /// The PLC answered the write itself (a Modbus response, an OPC UA Good status), or
+    /// reported the written value back (MQTT and Sparkplug read-back).
+    Confirmed,
+    /// A broker took it, and the device reported nothing back in time (or the tag has no
+    /// read-back): it may or may not have applied the value.
+    Unconfirmed,
+}
+
+impl WriteAck {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WriteAck::Confirmed => "confirmed",
+            WriteAck::Unconfirmed => "unconfirmed",
+        }
+    }
+}
+
+impl std::fmt::Display for WriteAck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Records the PLC's answer to a write on its span (`confirmed`, `unconfirmed`, or the
+/// error).
+pub fn record_answer(span: &tracing::Span, answer: &Result<WriteAck, WriteError>) {
     match answer {
-        Ok(()) => {
-            span.record("ferrotwin.plc_answer", "ok");
+        Ok(ack) => {
+            span.record("ferrotwin.plc_answer", ack.as_str());
         }
         Err(e) => {
             span.record("ferrotwin.plc_answer", tracing::field::display(e));

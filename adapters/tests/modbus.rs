@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use ferrotwin_adapters::modbus::ModbusConfig;
 use ferrotwin_adapters::{
-    AdapterEvent, AdapterEventKind, AdapterHandle, ConnectionConfig, WriteError, WriteRequest,
+    AdapterEvent, AdapterEventKind, AdapterHandle, ConnectionConfig, WriteAck, WriteError,
+    WriteRequest,
 };
 use ferrotwin_models::spec::PlantSpec;
 use ferrotwin_models::{
@@ -446,7 +447,7 @@ async fn writes_reach_the_simulated_machine_and_the_plcs_refusal_comes_back() {
         run.handle
             .write(req("speed_setpoint_pct", Value::Int(150)))
             .await,
-        Ok(())
+        Ok(WriteAck::Confirmed)
     );
     let written = run
         .event(|k| matches!(k, AdapterEventKind::Written { .. }))
@@ -457,7 +458,7 @@ async fn writes_reach_the_simulated_machine_and_the_plcs_refusal_comes_back() {
             property: "speed_setpoint_pct".into(),
             value: "150".into(),
             by: "operator-7".into(),
-            error: None,
+            outcome: Ok(WriteAck::Confirmed),
         }
     );
     assert_eq!(written.asset.as_ref(), Some(&press));
@@ -494,7 +495,7 @@ async fn writes_reach_the_simulated_machine_and_the_plcs_refusal_comes_back() {
         run.handle
             .write(req("run_enable", Value::Bool(false)))
             .await,
-        Ok(())
+        Ok(WriteAck::Confirmed)
     );
     let sink = Arc::clone(&run.sink);
     let polls = sink.count();

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferrotwin_adapters::{
-    AdapterEvent, AdapterEventKind, AdapterHandle, ConnectionConfig, LinkState, WriteError,
-    WriteRequest,
+    AdapterEvent, AdapterEventKind, AdapterHandle, ConnectionConfig, LinkState, WriteAck,
+    WriteError, WriteRequest,
 };
 use ferrotwin_models::spec::{AssetKind, PlantSpec};
 use ferrotwin_models::{
@@ -342,19 +342,19 @@ async fn write_back_changes_the_simulated_machine_and_the_server_refuses_out_of_
         async move { n == 3 }
     })
     .await;
-    let written: Vec<Option<String>> = run
+    let written: Vec<Result<WriteAck, String>> = run
         .events()
         .into_iter()
         .filter_map(|e| match e.kind {
-            AdapterEventKind::Written { by, error, .. } => {
+            AdapterEventKind::Written { by, outcome, .. } => {
                 assert_eq!(by, "test");
-                Some(error)
+                Some(outcome)
             }
             _ => None,
         })
         .collect();
     assert_eq!(written.len(), 3, "{written:?}");
-    assert!(written[0].is_none() && written[1].is_some() && written[2].is_some());
+    assert!(written[0] == Ok(WriteAck::Confirmed) && written[1].is_err() && written[2].is_err());
     let s = run.handle.status().snapshot();
     assert_eq!((s.writes_ok, s.writes_failed), (1, 2));
     run.stop().await;

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use ferrotwin_adapters::{
     AdapterEvent, AdapterEventKind, AdapterHandle, ConnectionConfig, StatusSnapshot, TagKind,
-    WriteError, WriteRequest,
+    WriteAck, WriteError, WriteRequest,
 };
 use ferrotwin_models::spec::AssetKind;
 use ferrotwin_models::{AssetPath, Event, EventKind, IngestSink, Property, Severity};
@@ -170,7 +170,7 @@ impl Connections {
 
     /// Sends a write to the PLC through the connection that maps it; the connection's name
     /// on success.
-    pub async fn write(&self, req: WriteRequest) -> Result<String, WriteError> {
+    pub async fn write(&self, req: WriteRequest) -> Result<(String, WriteAck), WriteError> {
         let Some(&i) = self.writers.get(&(req.asset.clone(), req.property.clone())) else {
             return Err(WriteError::NotWritable {
                 asset: req.asset,
@@ -178,7 +178,7 @@ impl Connections {
             });
         };
         let c = &self.all[i].handle;
-        c.write(req).await.map(|()| c.name().to_owned())
+        c.write(req).await.map(|ack| (c.name().to_owned(), ack))
     }
 
     /// Name, protocol, endpoint, tag count and status of every connection.
@@ -306,14 +306,21 @@ async fn record_events(
                 property,
                 value,
                 by,
-                error,
-            } => match error {
-                None => (
+                outcome,
+            } => match outcome {
+                Ok(WriteAck::Confirmed) => (
                     EventKind::Write,
                     Severity::Info,
-                    format!("{property} = {value} written by {by} through {c}"),
+                    format!("{property} = {value} written by {by} through {c}: confirmed"),
                 ),
-                Some(e) => (
+                Ok(WriteAck::Unconfirmed) => (
+                    EventKind::Write,
+                    Severity::Low,
+                    format!(
+                        "{property} = {value} sent by {by} through {c}: unconfirmed (the broker took it; the device reported nothing back)"
+                    ),
+                ),
+                Err(e) => (
                     EventKind::Write,
                     Severity::Low,
                     format!("{property} = {value} by {by} through {c} refused: {e}"),

@@ -299,6 +299,25 @@ pub fn tool(name: &str, install: &str) -> Option<std::path::PathBuf> {
     found
 }
 
+/// Python 3 with the module `module` (PyPI `package`, installed by `.ci/run`), or `None` with
+/// a loud skip (a failure on CI).
+pub fn python_with(module: &str, package: &str) -> Option<std::path::PathBuf> {
+    let python = tool("python3", "apt-get install -y python3")?;
+    let has_module = std::process::Command::new(&python)
+        .args(["-c", &format!("import {module}")])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_module {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{module} is missing on CI: .ci/run must install it (pip install {package})"
+        );
+        eprintln!("skipped: {module} not found; pip install {package}");
+        return None;
+    }
+    Some(python)
+}
+
 pub fn run_tool(cmd: &Path, args: &[&str]) -> (bool, String) {
     let out = std::process::Command::new(cmd)
         .args(args)
@@ -333,4 +352,42 @@ where
         }
     }
     attempt().await
+}
+
+/// Debian's mosquitto, started on a free loopback port with the config `conf` (the port is
+/// filled in); killed on drop.
+pub struct Mosquitto {
+    child: std::process::Child,
+    pub port: u16,
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub async fn mosquitto(bin: &Path, dir: &Path, conf: &str) -> Mosquitto {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        l.local_addr().expect("addr").port()
+    };
+    let file = dir.join("mosquitto.conf");
+    std::fs::write(&file, format!("listener {port} 127.0.0.1\n{conf}")).expect("conf");
+    let child = std::process::Command::new(bin)
+        .arg("-c")
+        .arg(&file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("mosquitto.log")).expect("log"))
+        .spawn()
+        .expect("mosquitto starts");
+    let m = Mosquitto { child, port };
+    wait_for(20, "mosquitto to listen", || async move {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()
+    })
+    .await;
+    m
 }

@@ -217,21 +217,9 @@ async fn every_metric_of_a_site_and_its_enterprise_keeps_the_contract() {
 /// `.ci/run`) and checks that every family of the contract is on one of them with its kind
 /// (the client names a counter without `_total`). Skipped, loudly, without the module off CI.
 fn prometheus_client_reads(pages: &[&str]) {
-    let Some(python) = tool("python3", "apt-get install -y python3") else {
+    let Some(python) = python_with("prometheus_client", "prometheus-client") else {
         return;
     };
-    let has_module = std::process::Command::new(&python)
-        .args(["-c", "import prometheus_client"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !has_module {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "prometheus_client is missing on CI: .ci/run must install it (pip install prometheus-client)"
-        );
-        eprintln!("skipped: prometheus_client not found; pip install prometheus-client");
-        return;
-    }
     let dir = tempfile::tempdir().expect("dir");
     let mut seen: HashMap<String, String> = HashMap::new();
     for (i, page) in pages.iter().enumerate() {

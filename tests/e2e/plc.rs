@@ -521,19 +521,29 @@ async fn setpoints_written_over_grpc_reach_the_simulated_machine() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn setpoints_written_over_grpc_reach_the_machine_over_json_sparkplug_and_opcua() {
-    for (feed, pct) in [(Feed::Json, 140), (Feed::Sparkplug, 60), (Feed::OpcUa, 170)] {
+    // The simulated Sparkplug node reports a changed setpoint back and an OPC UA server
+    // answers the write itself: confirmed. A JSON command has no read-back topic here.
+    let cases = [
+        (Feed::Json, 140, "unconfirmed"),
+        (Feed::Sparkplug, 60, "confirmed"),
+        (Feed::OpcUa, 170, "confirmed"),
+    ];
+    for (feed, pct, result) in cases {
         let rig = rig(feed).await;
         let machine = rig.machine(1);
         let machine_id = AssetPath::parse(&machine).expect("valid").id();
         wait_served_value(&rig, 1).await;
         let mut c = rig.site.client.clone();
-        c.write_property(write(
-            &machine,
-            "speed_setpoint_pct",
-            pb::value::Kind::Int(pct),
-        ))
-        .await
-        .unwrap_or_else(|e| panic!("{feed:?}: written: {e}"));
+        let r = c
+            .write_property(write(
+                &machine,
+                "speed_setpoint_pct",
+                pb::value::Kind::Int(pct),
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("{feed:?}: written: {e}"))
+            .into_inner();
+        assert_eq!(r.result, result, "{feed:?}");
         wait_speed(&rig, machine_id, pct as u16).await;
         rig.stop().await;
     }
@@ -724,5 +734,173 @@ quality_map = {{ "OK" = "good", "SENSOR_FAULT" = "bad", "DRIFT" = "uncertain" }}
     .await;
     wait_first_connection(&c, "the refusal counted", |c| c.rejected >= 1).await;
     assert_eq!(float_of(&get(&mut c, COUNT).await), Some(4711.0));
+    site.rt.shutdown().await;
+}
+
+/// An edge node that is not ours (pysparkplug on paho-mqtt, through Debian's mosquitto),
+/// named as its vendor names it, mapped metric by metric: a device metric to a sensor, a
+/// boolean to the machine's state, a node metric to another sensor; a metric nobody maps is
+/// reported. Writes: confirmed when the device reports the value back, refused when it
+/// reports another, unconfirmed when it reports nothing; each one an event with its result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_sparkplug_edge_node_maps_metric_by_metric_and_writes_are_read_back() {
+    let (Some(broker_bin), Some(python)) = (
+        tool("mosquitto", "apt-get install -y mosquitto"),
+        python_with("pysparkplug", "pysparkplug"),
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("dir");
+    let broker = mosquitto(&broker_bin, dir.path(), "allow_anonymous true\n").await;
+    let text = format!(
+        r#"protocol = "mqtt"
+name = "edge1"
+broker = "127.0.0.1:{port}"
+readback_timeout_ms = 1500
+[format]
+type = "sparkplug"
+group_id = "Plant1"
+[[format.metrics]]
+node = "Edge1"
+device = "Filler"
+metric = "Temperature"
+asset = "{TEMP}"
+[[format.metrics]]
+node = "Edge1"
+device = "Filler"
+metric = "Running"
+asset = "{PRESS}"
+property = "state"
+[[format.metrics]]
+node = "Edge1"
+device = "Filler"
+metric = "Speed"
+asset = "{PRESS}"
+property = "speed_setpoint_pct"
+writable = true
+[[format.metrics]]
+node = "Edge1"
+metric = "Line/Throughput"
+asset = "{FORCE}"
+[[format.metrics]]
+node = "Edge1"
+metric = "Line/Enable"
+asset = "{PRESS}"
+property = "run_enable"
+writable = true
+"#,
+        port = broker.port
+    );
+    let mut o = options();
+    o.connections = vec![toml::from_str::<ConnectionConfig>(&text).expect("a config")];
+    let site = start_in(&dir.path().join("data"), o).await;
+    wait_first_connection(&site.client, "the adapter connected", |c| {
+        c.link == "connected"
+    })
+    .await;
+    // The node births after we listen (it does not answer rebirth requests).
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/foreign/sparkplug_edge.py");
+    let mut node = std::process::Command::new(&python)
+        .args([script, "127.0.0.1", &broker.port.to_string(), "60"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::fs::File::create(dir.path().join("edge.log")).expect("log"))
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("the edge node starts");
+    let mut c = site.client.clone();
+    // Temperature steps 20.5 + n, throughput 120 + n: both live, with the node's times.
+    let temp = wait_for(30, "the device metric in its sensor", || {
+        let mut c = c.clone();
+        async move { float_of(&get(&mut c, TEMP).await).filter(|v| *v > 21.0) }
+    })
+    .await;
+    assert_eq!(temp.fract(), 0.5, "{temp}");
+    let force = wait_for(20, "the node metric in its sensor", || {
+        let mut c = c.clone();
+        async move { float_of(&get(&mut c, FORCE).await).filter(|v| *v > 120.0) }
+    })
+    .await;
+    assert_eq!(force.fract(), 0.0, "{force}");
+    let press = get(&mut c, PRESS).await;
+    assert_eq!(press.machine.expect("a machine").state, "running");
+    let write = |value: pb::value::Kind, property: &'static str| {
+        let mut c = c.clone();
+        async move {
+            c.write_property(pb::WritePropertyRequest {
+                path: PRESS.into(),
+                property: property.into(),
+                value: Some(pb::Value { kind: Some(value) }),
+                by: "ann".into(),
+            })
+            .await
+        }
+    };
+    let started = std::time::Instant::now();
+    let ok = write(pb::value::Kind::Int(75), "speed_setpoint_pct")
+        .await
+        .expect("taken")
+        .into_inner();
+    eprintln!("confirmed write in {:?}", started.elapsed());
+    assert_eq!(
+        (ok.connection.as_str(), ok.result.as_str()),
+        ("edge1", "confirmed")
+    );
+    // Above what the device takes: it reports the value it keeps.
+    let err = write(pb::value::Kind::Int(150), "speed_setpoint_pct")
+        .await
+        .expect_err("refused");
+    assert!(
+        err.message()
+            .contains("the device reports speed_setpoint_pct = 75"),
+        "{err:?}"
+    );
+    // A node metric that the device takes silently: unconfirmed after the read-back timeout.
+    let r = write(pb::value::Kind::Bool(false), "run_enable")
+        .await
+        .expect("sent")
+        .into_inner();
+    assert_eq!(r.result, "unconfirmed");
+    let writes = wait_for(20, "the three write events", || {
+        let mut c = c.clone();
+        async move {
+            let e = events(&mut c, PRESS).await;
+            let writes: Vec<String> = e
+                .into_iter()
+                .filter(|e| e.kind == "write")
+                .map(|e| e.message)
+                .collect();
+            (writes.len() >= 3).then_some(writes)
+        }
+    })
+    .await;
+    for want in [
+        "speed_setpoint_pct = 75 written by ann through edge1: confirmed",
+        "speed_setpoint_pct = 150 by ann through edge1 refused",
+        "run_enable = false sent by ann through edge1: unconfirmed",
+    ] {
+        assert!(
+            writes.iter().any(|e| e.contains(want)),
+            "{want} in {writes:?}"
+        );
+    }
+    // The device's metric nobody maps (Serial) is counted, and reported once.
+    wait_first_connection(&site.client, "the unmapped metric counted", |x| {
+        x.rejected > 0
+    })
+    .await;
+    let all = events(&mut c, "acme/berlin/assembly/line-1").await;
+    assert!(
+        all.iter().any(|e| e
+            .message
+            .contains("Edge1/Filler/Serial refused: no tag maps it")),
+        "{all:?}"
+    );
+    drop(node.stdin.take());
+    let _ = node.wait();
+    let log = std::fs::read_to_string(dir.path().join("edge.log")).expect("log");
+    assert!(
+        log.contains("dcmd Speed = 75") && log.contains("ncmd Line/Enable = False"),
+        "{log}"
+    );
     site.rt.shutdown().await;
 }

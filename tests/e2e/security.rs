@@ -980,44 +980,6 @@ async fn grpcurl_and_curl_speak_tls_with_a_token() {
     s.stop().await;
 }
 
-/// Debian's mosquitto, started on a free loopback port with the config `conf` (the port is
-/// filled in); killed on drop.
-struct Mosquitto {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn mosquitto(bin: &Path, dir: &Path, conf: &str) -> Mosquitto {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
-        l.local_addr().expect("addr").port()
-    };
-    let file = dir.join("mosquitto.conf");
-    std::fs::write(&file, format!("listener {port} 127.0.0.1\n{conf}")).expect("conf");
-    let child = std::process::Command::new(bin)
-        .arg("-c")
-        .arg(&file)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(dir.join("mosquitto.log")).expect("log"))
-        .spawn()
-        .expect("mosquitto starts");
-    let m = Mosquitto { child, port };
-    wait_for(20, "mosquitto to listen", || async move {
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .ok()
-    })
-    .await;
-    m
-}
-
 /// The MQTT adapter against a broker that requires TLS, a password and an ACL (Debian's
 /// mosquitto, configured as a plant would): it connects with its CA and password file and
 /// applies what an authorised edge publishes (mosquitto_pub); a client without credentials

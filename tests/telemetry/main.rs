@@ -173,7 +173,7 @@ async fn write_trace(plc: Plc, trace: &str) {
         let adapter = all.iter().find(|s| {
             s.span_context.trace_id() == caller_trace
                 && s.name == "adapter.write"
-                && attr_str(s, "ferrotwin.plc_answer") == "ok"
+                && attr_str(s, "ferrotwin.plc_answer") == "confirmed"
         })?;
         let write_span = all
             .iter()
@@ -228,7 +228,7 @@ async fn write_trace(plc: Plc, trace: &str) {
                 attr_str(&modbus, "modbus.function"),
                 "write_single_register"
             );
-            assert_eq!(attr_str(&modbus, "ferrotwin.plc_answer"), "ok");
+            assert_eq!(attr_str(&modbus, "ferrotwin.plc_answer"), "confirmed");
         }
         Plc::OpcUa => {
             assert_eq!(attr_str(&adapter, "network.protocol.name"), "opcua");
@@ -276,7 +276,7 @@ async fn write_trace(plc: Plc, trace: &str) {
         "{adapter:?}"
     );
     let answer = attr_str(&adapter, "ferrotwin.plc_answer");
-    assert!(answer != "ok" && !answer.is_empty(), "{answer}");
+    assert!(answer != "confirmed" && !answer.is_empty(), "{answer}");
     assert!(
         ["bad_value", "refused"].contains(&attr_str(&adapter, "error.type").as_str()),
         "{adapter:?}"

@@ -651,10 +651,16 @@ pub async fn write(
         .await
         .map_err(status)?
         .into_inner();
-    Ok(format!(
-        "{path}: {property} = {value} written through {}\n",
-        r.connection
-    ))
+    Ok(match r.result.as_str() {
+        "unconfirmed" => format!(
+            "{path}: {property} = {value} sent through {}: unconfirmed (the broker took it; the device reported nothing back)\n",
+            r.connection
+        ),
+        _ => format!(
+            "{path}: {property} = {value} written through {}: confirmed\n",
+            r.connection
+        ),
+    })
 }
 
 pub async fn replication(client: &mut Client) -> Result<String> {

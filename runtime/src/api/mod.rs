@@ -865,8 +865,10 @@ impl TwinApi {
             }
         };
         self.audit_result(caller, "write", target, value.to_string(), &written);
+        let (connection, ack) = written?;
         Ok(pb::WritePropertyResponse {
-            connection: written?,
+            connection,
+            result: ack.as_str().to_owned(),
         })
     }
 
