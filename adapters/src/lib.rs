@@ -12,6 +12,7 @@
 //!   protocol's own result.
 
 pub mod backoff;
+pub mod browse;
 pub mod config;
 pub mod modbus;
 pub mod mqtt;

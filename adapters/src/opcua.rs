@@ -500,6 +500,68 @@ pub async fn run(config: OpcUaConfig, targets: Vec<TagTarget>, io: AdapterIo) {
     let _ = writer.await;
 }
 
+/// A session of `c` and its (not yet polled) event loop; `Err` says why not. The
+/// adapter's connect, and `browse`'s.
+pub(crate) async fn open_session(
+    c: &OpcUaConfig,
+) -> Result<(Arc<Session>, SessionEventLoop<TcpConnector>), String> {
+    let timeout = Duration::from_millis(c.timeout_ms);
+    let mut builder = ClientBuilder::new()
+        .application_name(format!("ferrotwin {}", c.name))
+        .application_uri(format!("urn:ferrotwin:adapter:{}", c.name))
+        .product_uri("urn:ferrotwin")
+        .pki_dir(
+            c.pki_dir
+                .clone()
+                .unwrap_or_else(|| std::env::temp_dir().join("ferrotwin-opcua-pki")),
+        )
+        .create_sample_keypair(false)
+        .trust_server_certs(c.trust_server_cert)
+        .request_timeout(timeout)
+        .keep_alive_interval(timeout.max(Duration::from_secs(1)))
+        .max_failed_keep_alive_count(MAX_FAILED_KEEP_ALIVES)
+        .session_timeout(SESSION_TIMEOUT_MS)
+        .max_array_length(MAX_ARRAY_LENGTH)
+        .max_message_size(MAX_MESSAGE_SIZE)
+        .max_chunk_count(MAX_CHUNK_COUNT)
+        // Reconnects are ours (module doc): the crate gives up at once.
+        .session_retry_limit(0);
+    if let (Some(cert), Some(key)) = (&c.client_cert, &c.client_key) {
+        builder = builder.certificate_path(cert).private_key_path(key);
+    }
+    let mut client = builder
+        .client()
+        .map_err(|errors| format!("client configuration refused: {}", errors.join("; ")))?;
+    let identity = match &c.user {
+        Some(u) => u.token()?,
+        None => IdentityToken::Anonymous,
+    };
+    let (policy, mode) = match (c.security_policy.unwrap_or_default(), c.security_mode) {
+        (SecurityPolicyName::None, _) => (SecurityPolicy::None, MessageSecurityMode::None),
+        (SecurityPolicyName::Basic256Sha256, Some(SecurityModeName::Sign)) => {
+            (SecurityPolicy::Basic256Sha256, MessageSecurityMode::Sign)
+        }
+        (SecurityPolicyName::Basic256Sha256, _) => (
+            SecurityPolicy::Basic256Sha256,
+            MessageSecurityMode::SignAndEncrypt,
+        ),
+    };
+    let endpoint = (c.endpoint.as_str(), policy.to_str(), mode);
+    match tokio::time::timeout(
+        timeout,
+        client.connect_to_matching_endpoint(endpoint, identity),
+    )
+    .await
+    {
+        Ok(Ok(pair)) => Ok(pair),
+        Ok(Err(e)) => Err(format!("{}: {e}", c.endpoint)),
+        Err(_) => Err(format!(
+            "{}: no answer within {} ms",
+            c.endpoint, c.timeout_ms
+        )),
+    }
+}
+
 /// What the per-tag bookkeeping of a connection holds across sessions.
 struct TagState {
     last: Vec<Option<Value>>,
@@ -551,64 +613,8 @@ impl Ctx<'_> {
         send_event(self.events, &self.config.name, asset, kind).await;
     }
 
-    /// A session and its (not yet polled) event loop; `Err` says why not.
     async fn connect(&self) -> Result<(Arc<Session>, SessionEventLoop<TcpConnector>), String> {
-        let c = self.config;
-        let timeout = Duration::from_millis(c.timeout_ms);
-        let mut builder = ClientBuilder::new()
-            .application_name(format!("ferrotwin {}", c.name))
-            .application_uri(format!("urn:ferrotwin:adapter:{}", c.name))
-            .product_uri("urn:ferrotwin")
-            .pki_dir(
-                c.pki_dir
-                    .clone()
-                    .unwrap_or_else(|| std::env::temp_dir().join("ferrotwin-opcua-pki")),
-            )
-            .create_sample_keypair(false)
-            .trust_server_certs(c.trust_server_cert)
-            .request_timeout(timeout)
-            .keep_alive_interval(timeout.max(Duration::from_secs(1)))
-            .max_failed_keep_alive_count(MAX_FAILED_KEEP_ALIVES)
-            .session_timeout(SESSION_TIMEOUT_MS)
-            .max_array_length(MAX_ARRAY_LENGTH)
-            .max_message_size(MAX_MESSAGE_SIZE)
-            .max_chunk_count(MAX_CHUNK_COUNT)
-            // Reconnects are ours (module doc): the crate gives up at once.
-            .session_retry_limit(0);
-        if let (Some(cert), Some(key)) = (&c.client_cert, &c.client_key) {
-            builder = builder.certificate_path(cert).private_key_path(key);
-        }
-        let mut client = builder
-            .client()
-            .map_err(|errors| format!("client configuration refused: {}", errors.join("; ")))?;
-        let identity = match &c.user {
-            Some(u) => u.token()?,
-            None => IdentityToken::Anonymous,
-        };
-        let (policy, mode) = match (c.security_policy.unwrap_or_default(), c.security_mode) {
-            (SecurityPolicyName::None, _) => (SecurityPolicy::None, MessageSecurityMode::None),
-            (SecurityPolicyName::Basic256Sha256, Some(SecurityModeName::Sign)) => {
-                (SecurityPolicy::Basic256Sha256, MessageSecurityMode::Sign)
-            }
-            (SecurityPolicyName::Basic256Sha256, _) => (
-                SecurityPolicy::Basic256Sha256,
-                MessageSecurityMode::SignAndEncrypt,
-            ),
-        };
-        let endpoint = (c.endpoint.as_str(), policy.to_str(), mode);
-        match tokio::time::timeout(
-            timeout,
-            client.connect_to_matching_endpoint(endpoint, identity),
-        )
-        .await
-        {
-            Ok(Ok(pair)) => Ok(pair),
-            Ok(Err(e)) => Err(format!("{}: {e}", c.endpoint)),
-            Err(_) => Err(format!(
-                "{}: no answer within {} ms",
-                c.endpoint, c.timeout_ms
-            )),
-        }
+        open_session(self.config).await
     }
 
     /// Runs one session until it is lost or the adapter is cancelled.

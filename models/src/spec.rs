@@ -119,6 +119,18 @@ fn is_default_detect(cfg: &SensorDetectorConfig) -> bool {
 }
 
 impl SensorSpec {
+    /// Why `value` may not be written to this sensor's value (a tag marked writable), if it
+    /// may not: its value type, and its `min`/`max` as the range a write must be within.
+    pub fn refuses_write(&self, value: Value) -> Option<String> {
+        write_refusal(
+            &self.name,
+            self.value_type,
+            (self.min, self.max),
+            &self.unit,
+            value,
+        )
+    }
+
     pub fn stale_after_ms(&self) -> u64 {
         self.period_ms
             .saturating_mul(u64::from(self.stale_after_periods))
@@ -144,43 +156,64 @@ impl SetpointSpec {
     /// Why `value` may not be written to this setpoint, if it may not. A whole float is an
     /// int and 0 or 1 a bool here, as a command line or a JSON client writes them.
     pub fn refuses(&self, value: Value) -> Option<String> {
-        let value = match (value, self.value_type) {
-            (Value::Float(f), ValueType::Int) if f.fract() == 0.0 && f.abs() < 9.0e15 => {
-                Value::Int(f as i64)
-            }
-            (Value::Int(i @ (0 | 1)), ValueType::Bool) => Value::Bool(i == 1),
-            (v, _) => v,
+        write_refusal(
+            &self.name,
+            self.value_type,
+            (self.min, self.max),
+            &self.unit,
+            value,
+        )
+    }
+}
+
+/// Why `value` may not be written to `name`, which holds `value_type` within `range`
+/// (inclusive, either bound optional) in `unit`: the one check of a setpoint's and of a
+/// writable sensor's writes.
+fn write_refusal(
+    name: &str,
+    value_type: ValueType,
+    range: (Option<f64>, Option<f64>),
+    unit: &str,
+    value: Value,
+) -> Option<String> {
+    let value = match (value, value_type) {
+        (Value::Float(f), ValueType::Int) if f.fract() == 0.0 && f.abs() < 9.0e15 => {
+            Value::Int(f as i64)
+        }
+        (Value::Int(i @ (0 | 1)), ValueType::Bool) => Value::Bool(i == 1),
+        (v, _) => v,
+    };
+    if !value.fits(value_type) {
+        let a = |t: ValueType| match t {
+            ValueType::Int => "an int",
+            ValueType::Float => "a float",
+            ValueType::Bool => "a bool",
         };
-        if !value.fits(self.value_type) {
-            let a = |t: ValueType| match t {
-                ValueType::Int => "an int",
-                ValueType::Float => "a float",
-                ValueType::Bool => "a bool",
-            };
-            return Some(format!(
-                "{} where {} takes {}",
-                a(value.value_type()),
-                self.name,
-                a(self.value_type)
-            ));
+        return Some(format!(
+            "{} where {name} takes {}",
+            a(value.value_type()),
+            a(value_type)
+        ));
+    }
+    if !value.is_finite() {
+        return Some("not a finite number".into());
+    }
+    if value_type == ValueType::Bool {
+        return None;
+    }
+    let v = value.as_f64();
+    let unit = if unit.is_empty() {
+        String::new()
+    } else {
+        format!(" {unit}")
+    };
+    match range {
+        (Some(lo), Some(hi)) if !(lo..=hi).contains(&v) => {
+            Some(format!("outside its range {lo}..={hi}{unit}"))
         }
-        if !value.is_finite() {
-            return Some("not a finite number".into());
-        }
-        let v = value.as_f64();
-        let unit = if self.unit.is_empty() {
-            String::new()
-        } else {
-            format!(" {}", self.unit)
-        };
-        match (self.min, self.max) {
-            (Some(lo), Some(hi)) if !(lo..=hi).contains(&v) => {
-                Some(format!("outside its range {lo}..={hi}{unit}"))
-            }
-            (Some(lo), None) if v < lo => Some(format!("below its minimum {lo}{unit}")),
-            (None, Some(hi)) if v > hi => Some(format!("above its maximum {hi}{unit}")),
-            _ => None,
-        }
+        (Some(lo), None) if v < lo => Some(format!("below its minimum {lo}{unit}")),
+        (None, Some(hi)) if v > hi => Some(format!("above its maximum {hi}{unit}")),
+        _ => None,
     }
 }
 

@@ -228,7 +228,12 @@ fn check_target(
         {
             Err(err(why))
         }
-        (TagKind::Setpoint(_), AssetKind::Machine { .. } | AssetKind::Sensor { .. }) => Ok(()),
+        (TagKind::Setpoint(_), AssetKind::Machine { .. }) => Ok(()),
+        // Its writes would all be refused (`TwinApi::refused_by_spec`): say so at start.
+        (TagKind::Setpoint(_), AssetKind::Sensor { .. }) => Err(err(
+            "a sensor is written through its value: property = \"value\" with writable = true"
+                .into(),
+        )),
         (_, other) => Err(err(format!(
             "a {} has no such property",
             other.level().as_str()

@@ -7,6 +7,7 @@ mod browser;
 mod common;
 mod hostile;
 mod http;
+mod import;
 mod inference;
 mod ingest;
 mod metrics;

@@ -113,6 +113,12 @@ pub enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Discover a plant from a PLC server or an edge node and write DIR/plant.toml and
+    /// DIR/site.toml, which `ferrotwin run --config DIR/site.toml` runs as they are.
+    Import {
+        #[command(subcommand)]
+        source: ImportSource,
+    },
     /// Show replication: a site's link and outbox, or an enterprise's mirrored sites.
     Replication {
         #[command(flatten)]
@@ -383,4 +389,42 @@ mod tests {
         };
         assert_eq!((value.as_str(), by.as_str()), ("-10", "ann"));
     }
+}
+
+/// Names and output of an import.
+#[derive(clap::Args)]
+pub struct ImportOut {
+    /// Directory for plant.toml and site.toml (created).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The plant's enterprise name (a slug is made of it).
+    #[arg(long, default_value = "plant")]
+    pub enterprise: String,
+    /// The site's name.
+    #[arg(long, default_value = "site")]
+    pub site: String,
+    /// Replace plant.toml and site.toml when they exist.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Subcommand)]
+pub enum ImportSource {
+    /// Browse an OPC UA server: objects holding variables are machines (the object above a
+    /// machine its line, the one above that its area), variables their sensors with the
+    /// server's EngineeringUnits and EURange; a `Running` bool is the machine's state,
+    /// `GoodCount`/`ScrapCount` integers its counters; writable variables stay writable.
+    Opcua {
+        /// `opc.tcp://HOST:PORT/PATH`
+        endpoint: String,
+        /// User name (with --password-file), else anonymous.
+        #[arg(long, requires = "password_file")]
+        user: Option<String>,
+        #[arg(long, requires = "user")]
+        password_file: Option<PathBuf>,
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+        #[command(flatten)]
+        out: ImportOut,
+    },
 }

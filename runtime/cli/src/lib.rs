@@ -9,6 +9,7 @@ pub mod client;
 pub mod demo;
 pub mod eval;
 pub mod feeds;
+pub mod import;
 pub mod logging;
 pub mod pki;
 pub mod relay;

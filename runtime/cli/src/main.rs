@@ -66,6 +66,12 @@ async fn main() -> Result<()> {
             shutdown(telemetry).await;
             done
         }
+        Cmd::Import { source } => {
+            // The OPC UA client's own warnings about a session we end on purpose are noise.
+            let filter = logging::default_filter("warn") + ",opcua_client=error";
+            init_tracing(&filter, log_format);
+            import(source).await
+        }
         Cmd::Check { config } => {
             init_tracing(&logging::default_filter("warn"), log_format);
             run::check(&config).await
@@ -361,4 +367,50 @@ async fn shutdown(telemetry: Telemetry) {
     if telemetry.is_on() {
         let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     }
+}
+
+async fn import(source: args::ImportSource) -> Result<()> {
+    use ferrotwin_cli::import;
+    let (written, out) = match source {
+        args::ImportSource::Opcua {
+            endpoint,
+            user,
+            password_file,
+            timeout_ms,
+            out,
+        } => {
+            let src = import::opcua::Source {
+                endpoint,
+                user: user.zip(password_file),
+                timeout_ms,
+            };
+            let naming = import::Naming {
+                enterprise: out.enterprise.clone(),
+                site: out.site.clone(),
+            };
+            (
+                import::opcua::import(&src, &naming, &out.out, out.force).await?,
+                out,
+            )
+        }
+    };
+    println!(
+        "imported {} machine(s), {} sensor(s), {} tag(s){}: {} and {}",
+        written.machines,
+        written.sensors,
+        written.tags,
+        if written.skipped > 0 {
+            format!(" ({} not importable, listed in site.toml)", written.skipped)
+        } else {
+            String::new()
+        },
+        written.plant.display(),
+        written.site.display()
+    );
+    run::check(&written.site).await?;
+    println!(
+        "run it: ferrotwin run --config {}",
+        out.out.join("site.toml").display()
+    );
+    Ok(())
 }

@@ -873,14 +873,21 @@ impl TwinApi {
     }
 
     /// Why the plant spec refuses writing `value` to `property` of `path`, if it does: a
-    /// machine whose type lists setpoints takes these only, of their type, within range.
+    /// machine whose type lists setpoints takes these only, of their type, within range; a
+    /// sensor takes a value of its type within its `min`/`max`, and nothing else.
     fn refused_by_spec(&self, path: &AssetPath, property: &str, value: Value) -> Option<String> {
         let entry = self.ctx.registry.by_path(path)?;
-        let AssetKind::Machine { type_name, spec } = &entry.def.kind else {
-            return None;
-        };
-        spec.unlisted_setpoint(type_name, property)
-            .or_else(|| spec.setpoint(property)?.refuses(value))
+        match &entry.def.kind {
+            AssetKind::Machine { type_name, spec } => spec
+                .unlisted_setpoint(type_name, property)
+                .or_else(|| spec.setpoint(property)?.refuses(value)),
+            AssetKind::Sensor { spec, .. } if property != "value" => Some(format!(
+                "a sensor is written through its value, not {property:?} (sensor {:?})",
+                spec.name
+            )),
+            AssetKind::Sensor { spec, .. } => spec.refuses_write(value),
+            _ => None,
+        }
     }
 
     /// Shelves an alarm of a sensor, for `duration_ms` (0 = until unshelved).
