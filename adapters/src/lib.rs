@@ -12,6 +12,7 @@
 //!   protocol's own result.
 
 pub mod backoff;
+pub mod births;
 pub mod browse;
 pub mod config;
 pub mod modbus;

@@ -43,7 +43,7 @@ pub const MAX_METRICS_PER_DEVICE: usize = 4096;
 pub const MAX_DEVICES_PER_NODE: usize = 1024;
 
 /// Metrics the specification defines for hosts and tools: taken without a mapping, silently.
-fn is_standard(name: &str) -> bool {
+pub fn is_standard(name: &str) -> bool {
     name == BD_SEQ
         || [
             "Node Control/",

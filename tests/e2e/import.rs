@@ -81,7 +81,11 @@ async fn an_imported_opcua_server_runs_as_written_with_every_variable_live_and_c
     // A second import into the same directory does not overwrite it.
     let again = import::opcua::import(&source, &naming, &out, false).await;
     assert!(
-        again.err().expect("refused").to_string().contains("--force"),
+        again
+            .err()
+            .expect("refused")
+            .to_string()
+            .contains("--force"),
         "an existing plant.toml is kept"
     );
 
@@ -224,4 +228,92 @@ fn wait_line_for(
         }
     }
     false
+}
+
+/// `ferrotwin import sparkplug` listening to an edge node that is not ours (pysparkplug on
+/// Debian's mosquitto): every metric of its births becomes a twin property, and the site
+/// config runs as written with every metric live once the node births again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_imported_sparkplug_group_runs_as_written_with_every_metric_live() {
+    let (Some(broker_bin), Some(python)) = (
+        crate::common::tool("mosquitto", "apt-get install -y mosquitto"),
+        python_with("pysparkplug", "pysparkplug"),
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("dir");
+    let broker = crate::common::mosquitto(&broker_bin, dir.path(), "allow_anonymous true\n").await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/foreign/sparkplug_edge.py");
+    let node = |log: &str| {
+        Command::new(&python)
+            .args([script, "127.0.0.1", &broker.port.to_string(), "60"])
+            .stdin(Stdio::piped())
+            .stdout(std::fs::File::create(dir.path().join(log)).expect("log"))
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the edge node starts")
+    };
+    let out = dir.path().join("plant1");
+    let source = import::sparkplug::Source {
+        broker: format!("mqtt://127.0.0.1:{}", broker.port),
+        group: "Plant1".into(),
+        user: None,
+        seconds: 6,
+    };
+    let naming = Naming {
+        enterprise: "acme".into(),
+        site: "hamburg".into(),
+    };
+    let listening = tokio::spawn({
+        let (source, naming, out) = (source.clone(), naming.clone(), out.clone());
+        async move { import::sparkplug::import(&source, &naming, &out, false).await }
+    });
+    // The node births while the import listens (it does not answer rebirth requests).
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let mut first = node("edge-1.log");
+    let written = listening.await.expect("joined").expect("the import runs");
+    drop(first.stdin.take());
+    let _ = first.wait();
+    // Filler: Temperature, Speed (sensors), Running (state); Serial (Int32) a sensor too;
+    // the node's own Line/Throughput and Line/Enable: sensors of a machine named Edge1.
+    assert_eq!(
+        (written.machines, written.sensors, written.tags),
+        (2, 5, 6),
+        "{}",
+        std::fs::read_to_string(&written.site).unwrap_or_default()
+    );
+    let cfg = SiteConfig::load(&written.site).expect("site.toml loads");
+    let spec = cfg.load_plant().expect("plant.toml loads");
+    let site = start_plant_in(&spec, &dir.path().join("data"), cfg.options()).await;
+    crate::common::wait_first_connection(&site.client, "the adapter connected", |c| {
+        c.link == "connected"
+    })
+    .await;
+    let mut second = node("edge-2.log");
+    let c = site.client.clone();
+    for asset in [
+        "acme/hamburg/plant1/edge1/filler/temperature",
+        "acme/hamburg/plant1/edge1/filler/speed",
+        "acme/hamburg/plant1/edge1/filler/serial",
+        "acme/hamburg/plant1/edge1/edge1/line-throughput",
+        "acme/hamburg/plant1/edge1/edge1/line-enable",
+    ] {
+        wait_for(30, &format!("{asset} live"), || {
+            let mut c = c.clone();
+            async move {
+                let s = get(&mut c, asset).await.sensor?;
+                (s.has_value && s.quality?.code == pb::QualityCode::Good as i32).then_some(())
+            }
+        })
+        .await;
+    }
+    let filler = "acme/hamburg/plant1/edge1/filler";
+    wait_for(30, "the filler running", || {
+        let mut c = c.clone();
+        async move { (get(&mut c, filler).await.machine?.state == "running").then_some(()) }
+    })
+    .await;
+    site.rt.shutdown().await;
+    drop(second.stdin.take());
+    let _ = second.wait();
 }

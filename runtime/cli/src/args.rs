@@ -427,4 +427,24 @@ pub enum ImportSource {
         #[command(flatten)]
         out: ImportOut,
     },
+    /// Listen to a Sparkplug B group's births (asking running edge nodes for a rebirth):
+    /// each edge node is a line (the group its area), each device a machine, the node's own
+    /// metrics a machine named after the node; metrics are sensors, with `engUnit`,
+    /// `engLow`, `engHigh` properties as unit and range; a `Running` bool is the state.
+    Sparkplug {
+        /// `mqtt://HOST:PORT`
+        broker: String,
+        /// The Sparkplug group id.
+        #[arg(long)]
+        group: String,
+        /// How long to listen for births, in seconds.
+        #[arg(long = "listen", default_value_t = 10)]
+        listen_s: u64,
+        #[arg(long, requires = "password_file")]
+        user: Option<String>,
+        #[arg(long, requires = "user")]
+        password_file: Option<PathBuf>,
+        #[command(flatten)]
+        out: ImportOut,
+    },
 }

@@ -393,6 +393,29 @@ async fn import(source: args::ImportSource) -> Result<()> {
                 out,
             )
         }
+        args::ImportSource::Sparkplug {
+            broker,
+            group,
+            listen_s,
+            user,
+            password_file,
+            out,
+        } => {
+            let src = import::sparkplug::Source {
+                broker,
+                group,
+                user: user.zip(password_file),
+                seconds: listen_s,
+            };
+            let naming = import::Naming {
+                enterprise: out.enterprise.clone(),
+                site: out.site.clone(),
+            };
+            (
+                import::sparkplug::import(&src, &naming, &out.out, out.force).await?,
+                out,
+            )
+        }
     };
     println!(
         "imported {} machine(s), {} sensor(s), {} tag(s){}: {} and {}",

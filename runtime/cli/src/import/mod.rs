@@ -16,6 +16,7 @@
 //! Machines with the same signals (names, types, units, ranges) share one machine type.
 
 pub mod opcua;
+pub mod sparkplug;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
@@ -65,6 +66,10 @@ pub struct Found {
     pub machines: Vec<FoundMachine>,
     pub skipped: Vec<String>,
     pub notes: Vec<String>,
+    /// The source reports a value only when it changes (Sparkplug): a flat value is not a
+    /// dead sensor (a dead node is told by its death certificate), so every sensor's period
+    /// is `SETPOINT_PERIOD_MS`.
+    pub by_exception: bool,
 }
 
 /// Names of the plant's top two levels (the source rarely says them).
@@ -105,6 +110,7 @@ impl Plant {
         let site = slug(&naming.site);
         let mut notes = found.notes;
         let mut skipped = found.skipped;
+        let by_exception = found.by_exception;
         let mut machines = found.machines;
         if machines.len() > MAX_MACHINES {
             notes.push(format!(
@@ -180,7 +186,11 @@ impl Plant {
                     value_type: s.value_type,
                     min: s.range.map(|r| r.0),
                     max: s.range.map(|r| r.1),
-                    period_ms: if s.writable { SETPOINT_PERIOD_MS } else { 1000 },
+                    period_ms: if s.writable || by_exception {
+                        SETPOINT_PERIOD_MS
+                    } else {
+                        1000
+                    },
                     stale_after_periods: 3,
                     alarms: Vec::new(),
                     detect: Default::default(),
@@ -496,6 +506,7 @@ mod tests {
             ],
             skipped: vec!["Press 01/Serial (String)".into()],
             notes: Vec::new(),
+            by_exception: false,
         };
         let plant = Plant::build(
             found,
@@ -545,6 +556,7 @@ mod tests {
             machines: Vec::new(),
             skipped: vec!["Robot/Program (String)".into()],
             notes: Vec::new(),
+            by_exception: false,
         };
         let err = Plant::build(
             found,
