@@ -431,7 +431,7 @@ async fn roles_hold_on_their_subtree_only_and_by_is_the_subject() {
                 path: p.into(),
                 property: "value".into(),
                 value: Some(pb::Value {
-                    kind: Some(pb::value::Kind::Float(500.0)),
+                    kind: Some(pb::value::Kind::Float(100.0)),
                 }),
                 by: "mallory".into(),
             },
