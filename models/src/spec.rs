@@ -31,6 +31,15 @@
 //! [[sites.areas.lines]]
 //! name = "line-1"
 //! machines = [{ name = "press", type = "press", count = 3 }]   # press-1 .. press-3
+//! [[sites.areas.lines]]
+//! name = "line-2"
+//! [[sites.areas.lines.machines]]      # one press unlike its type (`MachineInstance`):
+//! name = "press-7"
+//! type = "press"
+//! drop = ["force"]                    # sensors it lacks
+//! tune.temp = { unit = "degF", max = 600.0 }   # a sensor changed on it only
+//! [[sites.areas.lines.machines.sensors]]      # and sensors of its own
+//! name = "oil"
 //! ```
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -397,6 +406,135 @@ pub struct MachineInstance {
     pub machine_type: String,
     /// With `count = N`, N machines named `{name}-1` .. `{name}-N`.
     pub count: Option<u32>,
+    /// Sensors of the type this machine does not have.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drop: Vec<String>,
+    /// Changes to sensors of the type on this machine only (unit, range, period, alarms),
+    /// by sensor name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tune: BTreeMap<String, SensorTune>,
+    /// Sensors this machine has beyond its type's (a dropped name may come back here with
+    /// another spec).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sensors: Vec<SensorSpec>,
+}
+
+/// What an instance changes of one of its type's sensors; an absent field keeps the type's.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SensorTune {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub period_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_after_periods: Option<u32>,
+    /// Replaces the type's alarms on this sensor (`[]`: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alarms: Option<Vec<AlarmLimit>>,
+    /// Replaces the type's detector settings on this sensor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detect: Option<SensorDetectorConfig>,
+}
+
+impl SensorTune {
+    fn apply(&self, s: &mut SensorSpec) {
+        if let Some(unit) = &self.unit {
+            s.unit.clone_from(unit);
+        }
+        if self.min.is_some() {
+            s.min = self.min;
+        }
+        if self.max.is_some() {
+            s.max = self.max;
+        }
+        if let Some(p) = self.period_ms {
+            s.period_ms = p;
+        }
+        if let Some(p) = self.stale_after_periods {
+            s.stale_after_periods = p;
+        }
+        if let Some(alarms) = &self.alarms {
+            s.alarms.clone_from(alarms);
+        }
+        if let Some(detect) = &self.detect {
+            s.detect = detect.clone();
+        }
+    }
+}
+
+impl MachineInstance {
+    /// An instance of `machine_type` with nothing of its own.
+    pub fn new(name: impl Into<String>, machine_type: impl Into<String>) -> MachineInstance {
+        MachineInstance {
+            name: name.into(),
+            machine_type: machine_type.into(),
+            count: None,
+            drop: Vec::new(),
+            tune: BTreeMap::new(),
+            sensors: Vec::new(),
+        }
+    }
+
+    /// Whether this instance changes its type (drops, tunes or adds sensors).
+    pub fn overrides(&self) -> bool {
+        !(self.drop.is_empty() && self.tune.is_empty() && self.sensors.is_empty())
+    }
+
+    /// Its type as this instance has it: `mt` without the dropped sensors, with the tuned
+    /// ones changed and the added ones after the type's. Problems (a name the type does not
+    /// have, an added name the type keeps) go to `problems`, prefixed with `at`.
+    fn effective(&self, at: &str, mt: &MachineType, problems: &mut Vec<String>) -> MachineType {
+        let has = |name: &str| mt.sensors.iter().any(|s| s.name == name);
+        let names = || {
+            mt.sensors
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        for name in &self.drop {
+            if !has(name) {
+                problems.push(format!(
+                    "{at}: drop: type {:?} has no sensor {name:?} (its sensors: {})",
+                    self.machine_type,
+                    names()
+                ));
+            }
+        }
+        for name in self.tune.keys() {
+            if !has(name) {
+                problems.push(format!(
+                    "{at}: tune: type {:?} has no sensor {name:?} (its sensors: {}); add one under sensors",
+                    self.machine_type,
+                    names()
+                ));
+            } else if self.drop.contains(name) {
+                problems.push(format!("{at}: tune: sensor {name:?} is dropped"));
+            }
+        }
+        for s in &self.sensors {
+            if has(&s.name) && !self.drop.contains(&s.name) {
+                problems.push(format!(
+                    "{at}: sensors: {:?} is a sensor of type {:?} already; tune it, or drop it to replace it",
+                    s.name, self.machine_type
+                ));
+            }
+        }
+        let mut eff = mt.clone();
+        eff.sensors.retain(|s| !self.drop.contains(&s.name));
+        for s in &mut eff.sensors {
+            if let Some(t) = self.tune.get(&s.name) {
+                t.apply(s);
+            }
+        }
+        eff.sensors.extend(self.sensors.iter().cloned());
+        eff
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
@@ -558,105 +696,7 @@ impl PlantSpec {
             if !is_slug(tname) {
                 problems.push(format!("{at}: name is not a slug"));
             }
-            if !(mt.ideal_cycle_ms.is_finite() && mt.ideal_cycle_ms > 0.0) {
-                problems.push(format!(
-                    "{at}: ideal_cycle_ms must be a positive number, got {}",
-                    mt.ideal_cycle_ms
-                ));
-            }
-            if let Some(model) = &mt.model {
-                model.check(&at, mt, &mut problems);
-            }
-            // A key is how a PLC value reads as text: an integer as written (`5`, `-2`, no
-            // leading zeros), `true` or `false`. Any other key could never match.
-            for key in mt.state_map.keys() {
-                let canonical = key == "true"
-                    || key == "false"
-                    || key.parse::<i64>().is_ok_and(|i| i.to_string() == *key);
-                if !canonical {
-                    problems.push(format!(
-                        "{at}: state_map: key {key:?} is no PLC value as we read it (an integer such as \"5\", or \"true\" / \"false\")"
-                    ));
-                }
-            }
-            let mut setpoint_names = HashSet::new();
-            for sp in &mt.setpoints {
-                let at = format!("{at}: setpoint {:?}", sp.name);
-                if sp.name.is_empty() || sp.name.len() > 128 {
-                    problems.push(format!("{at}: name must be 1 to 128 bytes"));
-                }
-                if !setpoint_names.insert(sp.name.as_str()) {
-                    problems.push(format!("{at}: defined twice"));
-                }
-                if mt.sensors.iter().any(|s| s.name == sp.name) {
-                    problems.push(format!("{at}: a sensor has the same name"));
-                }
-                match (sp.value_type, sp.min, sp.max) {
-                    (ValueType::Bool, None, None) => {}
-                    (ValueType::Bool, _, _) => {
-                        problems.push(format!("{at}: a bool setpoint has no min or max"))
-                    }
-                    (_, Some(lo), Some(hi)) if !(lo.is_finite() && hi.is_finite() && lo <= hi) => {
-                        problems.push(format!(
-                            "{at}: min {lo} must be at most max {hi}, both finite"
-                        ))
-                    }
-                    (_, Some(v), None) | (_, None, Some(v)) if !v.is_finite() => {
-                        problems.push(format!("{at}: min/max must be finite"))
-                    }
-                    _ => {}
-                }
-            }
-            let mut seen = HashSet::new();
-            for s in &mt.sensors {
-                let at = format!("{at}: sensor {:?}", s.name);
-                if !is_slug(&s.name) {
-                    problems.push(format!("{at}: name is not a slug"));
-                }
-                if !seen.insert(s.name.as_str()) {
-                    problems.push(format!("{at}: defined twice"));
-                }
-                if s.period_ms == 0 || s.period_ms > MAX_PERIOD_MS {
-                    problems.push(format!(
-                        "{at}: period_ms must be between 1 and {MAX_PERIOD_MS} (one day)"
-                    ));
-                }
-                if s.stale_after_periods > 1000 {
-                    problems.push(format!("{at}: stale_after_periods must be at most 1000"));
-                }
-                if s.stale_after_periods == 0 {
-                    problems.push(format!("{at}: stale_after_periods must be > 0"));
-                }
-                match (s.min, s.max) {
-                    (Some(lo), Some(hi)) if !(lo.is_finite() && hi.is_finite() && lo < hi) => {
-                        problems.push(format!(
-                            "{at}: min {lo} must be below max {hi}, both finite"
-                        ))
-                    }
-                    (Some(v), None) | (None, Some(v)) if !v.is_finite() => {
-                        problems.push(format!("{at}: min/max must be finite"))
-                    }
-                    _ => {}
-                }
-                for problem in s.detect.problems() {
-                    problems.push(format!("{at}: {problem}"));
-                }
-                let mut alarm_names = HashSet::new();
-                for a in &s.alarms {
-                    if !alarm_names.insert(a.name.as_str()) {
-                        problems.push(format!("{at}: alarm {:?} defined twice", a.name));
-                    }
-                    if let Err(e) = a.validate() {
-                        problems.push(format!("{at}: alarm {:?}: {e}", a.name));
-                    }
-                    if s.value_type == ValueType::Bool && a.limit.fract() != 0.0 {
-                        problems.push(format!(
-                            "{at}: alarm {:?}: limit {} on a bool sensor",
-                            a.name, a.limit
-                        ));
-                    }
-                }
-            }
+            check_type(&at, mt, &mut problems);
         }
         let known = self
             .machine_types
@@ -687,9 +727,14 @@ impl PlantSpec {
                                 if known.is_empty() { "none" } else { &known }
                             )),
                             Some(mt) => {
+                                let mut sensors = mt.sensors.len();
+                                if m.overrides() {
+                                    let eff = m.effective(&mp, mt, &mut problems);
+                                    check_type(&mp, &eff, &mut problems);
+                                    sensors = eff.sensors.len();
+                                }
                                 let n = m.count.unwrap_or(1) as usize;
-                                total =
-                                    total.saturating_add(n.saturating_mul(1 + mt.sensors.len()));
+                                total = total.saturating_add(n.saturating_mul(1 + sensors));
                             }
                         }
                         if m.count == Some(0) {
@@ -784,6 +829,27 @@ impl PlantSpec {
                         let Some((tname, mt, sensors)) = types.get(m.machine_type.as_str()) else {
                             continue;
                         };
+                        // An instance with overrides has a type of its own (shared by its
+                        // `count` machines); its untouched sensors keep the type's specs.
+                        let own;
+                        let (mt, sensors) = if m.overrides() {
+                            let eff = m.effective("", mt, &mut Vec::new());
+                            let own_sensors = eff
+                                .sensors
+                                .iter()
+                                .map(|s| match sensors.iter().find(|(_, t)| **t == *s) {
+                                    Some(same) => same.clone(),
+                                    None => (
+                                        Arc::from(format!("{tname}.{}", s.name)),
+                                        Arc::new(s.clone()),
+                                    ),
+                                })
+                                .collect::<Vec<_>>();
+                            own = (Arc::new(eff), own_sensors);
+                            (&own.0, &own.1)
+                        } else {
+                            (mt, sensors)
+                        };
                         let names: Vec<String> = match m.count {
                             None => vec![m.name.clone()],
                             Some(n) => (1..=n).map(|i| format!("{}-{i}", m.name)).collect(),
@@ -819,6 +885,107 @@ fn child(parent: &AssetPath, name: &str) -> AssetPath {
     parent
         .child(name)
         .expect("a validated spec has valid paths")
+}
+
+/// The checks of one machine type (or an instance's effective type), prefixed with `at`.
+fn check_type(at: &str, mt: &MachineType, problems: &mut Vec<String>) {
+    if !(mt.ideal_cycle_ms.is_finite() && mt.ideal_cycle_ms > 0.0) {
+        problems.push(format!(
+            "{at}: ideal_cycle_ms must be a positive number, got {}",
+            mt.ideal_cycle_ms
+        ));
+    }
+    if let Some(model) = &mt.model {
+        model.check(at, mt, problems);
+    }
+    // A key is how a PLC value reads as text: an integer as written (`5`, `-2`, no
+    // leading zeros), `true` or `false`. Any other key could never match.
+    for key in mt.state_map.keys() {
+        let canonical = key == "true"
+            || key == "false"
+            || key.parse::<i64>().is_ok_and(|i| i.to_string() == *key);
+        if !canonical {
+            problems.push(format!(
+                "{at}: state_map: key {key:?} is no PLC value as we read it (an integer such as \"5\", or \"true\" / \"false\")"
+            ));
+        }
+    }
+    let mut setpoint_names = HashSet::new();
+    for sp in &mt.setpoints {
+        let at = format!("{at}: setpoint {:?}", sp.name);
+        if sp.name.is_empty() || sp.name.len() > 128 {
+            problems.push(format!("{at}: name must be 1 to 128 bytes"));
+        }
+        if !setpoint_names.insert(sp.name.as_str()) {
+            problems.push(format!("{at}: defined twice"));
+        }
+        if mt.sensors.iter().any(|s| s.name == sp.name) {
+            problems.push(format!("{at}: a sensor has the same name"));
+        }
+        match (sp.value_type, sp.min, sp.max) {
+            (ValueType::Bool, None, None) => {}
+            (ValueType::Bool, _, _) => {
+                problems.push(format!("{at}: a bool setpoint has no min or max"))
+            }
+            (_, Some(lo), Some(hi)) if !(lo.is_finite() && hi.is_finite() && lo <= hi) => problems
+                .push(format!(
+                    "{at}: min {lo} must be at most max {hi}, both finite"
+                )),
+            (_, Some(v), None) | (_, None, Some(v)) if !v.is_finite() => {
+                problems.push(format!("{at}: min/max must be finite"))
+            }
+            _ => {}
+        }
+    }
+    let mut seen = HashSet::new();
+    for s in &mt.sensors {
+        let at = format!("{at}: sensor {:?}", s.name);
+        if !is_slug(&s.name) {
+            problems.push(format!("{at}: name is not a slug"));
+        }
+        if !seen.insert(s.name.as_str()) {
+            problems.push(format!("{at}: defined twice"));
+        }
+        if s.period_ms == 0 || s.period_ms > MAX_PERIOD_MS {
+            problems.push(format!(
+                "{at}: period_ms must be between 1 and {MAX_PERIOD_MS} (one day)"
+            ));
+        }
+        if s.stale_after_periods > 1000 {
+            problems.push(format!("{at}: stale_after_periods must be at most 1000"));
+        }
+        if s.stale_after_periods == 0 {
+            problems.push(format!("{at}: stale_after_periods must be > 0"));
+        }
+        match (s.min, s.max) {
+            (Some(lo), Some(hi)) if !(lo.is_finite() && hi.is_finite() && lo < hi) => problems
+                .push(format!(
+                    "{at}: min {lo} must be below max {hi}, both finite"
+                )),
+            (Some(v), None) | (None, Some(v)) if !v.is_finite() => {
+                problems.push(format!("{at}: min/max must be finite"))
+            }
+            _ => {}
+        }
+        for problem in s.detect.problems() {
+            problems.push(format!("{at}: {problem}"));
+        }
+        let mut alarm_names = HashSet::new();
+        for a in &s.alarms {
+            if !alarm_names.insert(a.name.as_str()) {
+                problems.push(format!("{at}: alarm {:?} defined twice", a.name));
+            }
+            if let Err(e) = a.validate() {
+                problems.push(format!("{at}: alarm {:?}: {e}", a.name));
+            }
+            if s.value_type == ValueType::Bool && a.limit.fract() != 0.0 {
+                problems.push(format!(
+                    "{at}: alarm {:?}: limit {} on a bool sensor",
+                    a.name, a.limit
+                ));
+            }
+        }
+    }
 }
 
 fn check_name(problems: &mut Vec<String>, at: &str, name: &str, seen: &mut HashSet<String>) {
@@ -1214,5 +1381,138 @@ max = 250.0
             let msg = PlantSpec::from_toml(&text, "p").expect_err(to).to_string();
             assert!(msg.contains(expect), "{to}: {msg}");
         }
+    }
+
+    /// SMALL's line with one more press that drops `force`, tunes `temp` and adds `oil`.
+    fn with_override(instance: &str) -> String {
+        SMALL.replace(
+            r#"machines = [{ name = "press", type = "press", count = 2 }, { name = "hydro", type = "press" }]"#,
+            &format!(
+                r#"machines = [{{ name = "press", type = "press", count = 2 }}, {{ name = "hydro", type = "press" }}]
+[[sites.areas.lines]]
+name = "line-2"
+[[sites.areas.lines.machines]]
+{instance}"#
+            ),
+        )
+    }
+
+    const OVERRIDE: &str = r#"name = "old"
+type = "press"
+drop = ["force"]
+tune.temp = { unit = "degF", max = 300.0, alarms = [] }
+[[sites.areas.lines.machines.sensors]]
+name = "oil"
+unit = "bar"
+min = 0.0
+max = 10.0"#;
+
+    #[test]
+    fn an_instance_drops_tunes_and_adds_sensors_without_a_type_of_its_own() {
+        let spec = PlantSpec::from_toml(&with_override(OVERRIDE), "p").expect("valid");
+        let assets = spec.assets();
+        let find = |p: &str| assets.iter().find(|a| a.path.as_str() == p);
+        let old = "acme/berlin/assembly/line-2/old";
+        assert!(find(&format!("{old}/force")).is_none(), "force is dropped");
+        let Some(AssetKind::Sensor {
+            type_name,
+            spec: temp,
+        }) = find(&format!("{old}/temp")).map(|a| &a.kind)
+        else {
+            panic!("old/temp is a sensor");
+        };
+        assert_eq!(&**type_name, "press.temp");
+        assert_eq!(
+            (temp.unit.as_str(), temp.min, temp.max),
+            ("degF", Some(0.0), Some(300.0))
+        );
+        assert!(temp.alarms.is_empty());
+        let Some(AssetKind::Sensor { spec: oil, .. }) =
+            find(&format!("{old}/oil")).map(|a| &a.kind)
+        else {
+            panic!("old/oil is a sensor");
+        };
+        assert_eq!((oil.unit.as_str(), oil.max), ("bar", Some(10.0)));
+        let Some(AssetKind::Machine {
+            type_name,
+            spec: mt,
+        }) = find(old).map(|a| &a.kind)
+        else {
+            panic!("old is a machine");
+        };
+        assert_eq!(&**type_name, "press", "queries by type still find it");
+        let names: Vec<&str> = mt.sensors.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["temp", "oil"]);
+        // The other presses keep the type, sharing its specs.
+        let Some(AssetKind::Sensor {
+            spec: hydro_temp, ..
+        }) = find("acme/berlin/assembly/line-1/hydro/temp").map(|a| &a.kind)
+        else {
+            panic!("hydro/temp");
+        };
+        let Some(AssetKind::Sensor {
+            spec: press_temp, ..
+        }) = find("acme/berlin/assembly/line-1/press-1/temp").map(|a| &a.kind)
+        else {
+            panic!("press-1/temp");
+        };
+        assert!(Arc::ptr_eq(hydro_temp, press_temp));
+        assert_eq!(hydro_temp.unit, "degC");
+        assert!(find("acme/berlin/assembly/line-1/hydro/force").is_some());
+        // Written back as read.
+        let again = PlantSpec::from_toml(&spec.to_toml(), "again").expect("round trip");
+        assert_eq!(again, spec);
+    }
+
+    #[test]
+    fn an_override_of_a_sensor_the_type_lacks_or_a_bad_result_names_the_machine() {
+        for (from, to, expect) in [
+            (
+                r#"drop = ["force"]"#,
+                r#"drop = ["forse"]"#,
+                r#"acme/berlin/assembly/line-2/old: drop: type "press" has no sensor "forse" (its sensors: temp, force)"#,
+            ),
+            (
+                "tune.temp = {",
+                "tune.tmp = {",
+                r#"tune: type "press" has no sensor "tmp""#,
+            ),
+            (
+                r#"drop = ["force"]"#,
+                r#"drop = ["temp"]"#,
+                r#"acme/berlin/assembly/line-2/old: tune: sensor "temp" is dropped"#,
+            ),
+            (
+                r#"name = "oil""#,
+                r#"name = "temp""#,
+                r#"sensors: "temp" is a sensor of type "press" already; tune it, or drop it to replace it"#,
+            ),
+            (
+                "max = 300.0",
+                "max = -1.0",
+                r#"acme/berlin/assembly/line-2/old: sensor "temp": min 0 must be below max -1"#,
+            ),
+            (
+                r#"name = "oil""#,
+                r#"name = "Oil""#,
+                r#"acme/berlin/assembly/line-2/old: sensor "Oil": name is not a slug"#,
+            ),
+        ] {
+            let text = with_override(&OVERRIDE.replace(from, to));
+            let msg = PlantSpec::from_toml(&text, "p").expect_err(to).to_string();
+            assert!(msg.contains(expect), "{to}: {msg}");
+        }
+    }
+
+    #[test]
+    fn dropping_a_model_input_is_refused_at_the_machine() {
+        let text = with_override(OVERRIDE).replace("\n[[sites]]", &format!("{MODEL}\n[[sites]]"));
+        let msg = PlantSpec::from_toml(&text, "p")
+            .expect_err("force is an input")
+            .to_string();
+        assert!(
+            msg.contains(r#"acme/berlin/assembly/line-2/old: model: input "force" is not a sensor of the type"#),
+            "{msg}"
+        );
     }
 }

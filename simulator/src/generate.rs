@@ -281,9 +281,8 @@ pub fn generate(size: PlantSize, seed: u64) -> PlantSpec {
                     .zip(counts)
                     .filter(|(_, n)| *n > 0)
                     .map(|(t, n)| MachineInstance {
-                        name: (*t).to_string(),
-                        machine_type: (*t).to_string(),
                         count: Some(n),
+                        ..MachineInstance::new(*t, *t)
                     })
                     .collect();
                 lines.push(LineSpec {

@@ -160,3 +160,73 @@ async fn a_shelved_alarm_does_not_raise_until_unshelved() {
     );
     site.rt.shutdown().await;
 }
+
+/// A press of the test plant whose `temp` is tuned (°F, alarm at 200) and that has no
+/// `force` but an `oil` sensor of its own: one type, two shapes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_override_changes_one_machine_and_leaves_its_type_alone() {
+    let plant = PLANT.replace(
+        r#"machines = [{ name = "press-1", type = "press" }, { name = "oven-1", type = "oven" }]"#,
+        r#"[[sites.areas.lines.machines]]
+name = "press-1"
+type = "press"
+[[sites.areas.lines.machines]]
+name = "oven-1"
+type = "oven"
+[[sites.areas.lines.machines]]
+name = "press-2"
+type = "press"
+drop = ["force"]
+tune.temp = { unit = "degF", max = 600.0, alarms = [{ name = "high", kind = "high", limit = 200.0, deadband = 5.0, severity = "high" }] }
+[[sites.areas.lines.machines.sensors]]
+name = "oil"
+unit = "bar"
+period_ms = 100"#,
+    );
+    let spec =
+        ferrotwin_models::spec::PlantSpec::from_toml(&plant, "override plant").expect("valid");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let site = start_plant_in(&spec, dir.path(), options()).await;
+    let mut c = site.client.clone();
+    const TEMP2: &str = "acme/berlin/assembly/line-1/press-2/temp";
+    const OIL2: &str = "acme/berlin/assembly/line-1/press-2/oil";
+    push(
+        &site,
+        vec![float(TEMP, 150.0), float(TEMP2, 150.0), float(OIL2, 3.5)],
+    )
+    .await;
+    for p in [TEMP, TEMP2, OIL2] {
+        let v = if p == OIL2 { 3.5 } else { 150.0 };
+        wait_float(&c, p, v, 5, "override plant readings applied").await;
+    }
+    let (t1, t2) = (get(&mut c, TEMP).await, get(&mut c, TEMP2).await);
+    assert_eq!(
+        alarm_state(&t1, "high"),
+        S::ActiveUnacked,
+        "the type's limit 90"
+    );
+    assert_eq!(
+        alarm_state(&t2, "high"),
+        S::Normal,
+        "press-2's own limit 200"
+    );
+    let unit = |t: &pb::Twin| t.sensor.as_ref().expect("sensor").unit.clone();
+    assert_eq!((unit(&t1).as_str(), unit(&t2).as_str()), ("degC", "degF"));
+    assert_eq!(t2.r#type, "press.temp");
+    let gone = c
+        .get_twin(pb::GetTwinRequest {
+            key: Some(pb::get_twin_request::Key::Path(
+                "acme/berlin/assembly/line-1/press-2/force".into(),
+            )),
+        })
+        .await
+        .expect_err("press-2 has no force");
+    assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
+    push(&site, vec![float(TEMP2, 250.0)]).await;
+    wait_float(&c, TEMP2, 250.0, 5, "press-2 temp 250").await;
+    assert_eq!(
+        alarm_state(&get(&mut c, TEMP2).await, "high"),
+        S::ActiveUnacked
+    );
+    site.rt.shutdown().await;
+}

@@ -236,10 +236,8 @@ impl Plant {
                                 name: line,
                                 machines: machines
                                     .into_iter()
-                                    .map(|(name, machine_type)| MachineInstance {
-                                        name,
-                                        machine_type,
-                                        count: None,
+                                    .map(|(name, machine_type)| {
+                                        MachineInstance::new(name, machine_type)
                                     })
                                     .collect(),
                             })
