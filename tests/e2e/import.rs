@@ -317,3 +317,233 @@ async fn an_imported_sparkplug_group_runs_as_written_with_every_metric_live() {
     drop(second.stdin.take());
     let _ = second.wait();
 }
+
+/// The foreign Modbus PLC (tests/foreign/pymodbus_plant.py) on `port`, its stdout lines
+/// after `ready` on the receiver.
+fn foreign_modbus(
+    python: &std::path::Path,
+    port: u16,
+) -> (Child, std::sync::mpsc::Receiver<String>) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/foreign/pymodbus_plant.py");
+    let mut child = Command::new(python)
+        .args([script, &port.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("python starts");
+    let out = BufReader::new(child.stdout.take().expect("stdout"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in out.lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let ready = rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the PLC says ready");
+    assert!(ready.starts_with("ready"), "{ready}");
+    (child, rx)
+}
+
+fn stop(mut child: Child) {
+    drop(child.stdin.take());
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// `ferrotwin import modbus` of a vendor's register map (CSV) for a PLC we did not write
+/// (pymodbus): the config runs as written; every value reads as the PLC holds it (f32 with
+/// swapped words, scaled and negative i16, i32, a u32 past 16 bits); an unserved register
+/// reads Bad; writes are checked, confirmed or refused by the PLC; every tag recovers after
+/// the PLC restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_imported_modbus_register_map_reads_exact_values_writes_and_recovers() {
+    let Some(python) = python_with("pymodbus", "pymodbus") else {
+        return;
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("free port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let (plc, lines) = foreign_modbus(&python, port);
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = dir.path().join("plant");
+    let source = import::modbus::Source {
+        map: concat!(env!("CARGO_MANIFEST_DIR"), "/foreign/pymodbus_plant.csv").into(),
+        endpoint: format!("127.0.0.1:{port}"),
+        unit_id: 1,
+        poll_interval_ms: 200,
+    };
+    let naming = Naming {
+        enterprise: "acme".into(),
+        site: "Graz".into(),
+    };
+    let written = import::modbus::import(&source, &naming, &out, false).expect("the import runs");
+    // Wrappers: 4 sensors each, Running/GoodCount/RejectCount their state and counters;
+    // the boiler: 4 sensors.
+    assert_eq!(
+        (
+            written.machines,
+            written.sensors,
+            written.tags,
+            written.skipped
+        ),
+        (3, 12, 18, 0)
+    );
+    let cfg = SiteConfig::load(&written.site).expect("site.toml loads");
+    let spec = cfg.load_plant().expect("plant.toml loads");
+    assert_eq!(spec.machine_types.len(), 2, "the two wrappers share a type");
+    let site = start_plant_in(&spec, &dir.path().join("data"), cfg.options()).await;
+    let c = site.client.clone();
+    const A: &str = "acme/graz/packaging/line-3/wrapper-a";
+    const B: &str = "acme/graz/packaging/line-3/wrapper-b";
+    const BOILER: &str = "acme/graz/boiler-house/boiler-1/boiler";
+    let good = |s: &pb::SensorState| {
+        s.quality.as_ref().map(|q| q.code) == Some(pb::QualityCode::Good as i32)
+    };
+    let expected = [
+        (format!("{A}/filmtension"), 123.5),
+        (format!("{A}/motorcurrent"), 15.7),
+        (format!("{A}/speedsetpoint"), 180.0),
+        (format!("{A}/enable"), 1.0),
+        (format!("{B}/filmtension"), 98.25),
+        (format!("{B}/motorcurrent"), 20.3),
+        (format!("{B}/speedsetpoint"), 150.0),
+        (format!("{BOILER}/supplytemp"), -12.5),
+        (format!("{BOILER}/steampressure"), 8.25),
+        (format!("{BOILER}/locked"), 7.0),
+    ];
+    let mut worst: f64 = 0.0;
+    for (path, want) in &expected {
+        let got = wait_for(30, &format!("{path} Good"), || {
+            let mut c = c.clone();
+            let path = path.clone();
+            async move {
+                let t = get(&mut c, &path).await;
+                let s = t.sensor.as_ref()?;
+                (s.has_value && good(s)).then(|| crate::common::float_of(&t))?
+            }
+        })
+        .await;
+        let err = (got - want).abs();
+        assert!(err < 1e-9, "{path}: {got}, the PLC holds {want}");
+        worst = worst.max(err);
+    }
+    eprintln!("Modbus: {} values exact to {worst:e}", expected.len());
+    // The unserved register: Bad, as the PLC's exception says.
+    let spare = format!("{BOILER}/spare");
+    wait_for(30, "spare Bad", || {
+        let mut c = c.clone();
+        let spare = spare.clone();
+        async move {
+            let q = get(&mut c, &spare).await.sensor?.quality?;
+            (q.code == pb::QualityCode::Bad as i32).then_some(())
+        }
+    })
+    .await;
+    // Machines: state from the Running bit; the counters count from the twin's first
+    // reading (70000 and up on the PLC: a wrong word order would count 65536 a part).
+    let a = wait_for(30, "wrapper A running and counting", || {
+        let mut c = c.clone();
+        async move {
+            let m = get(&mut c, A).await.machine?;
+            (m.state == "running" && m.good_count >= 2).then_some(m)
+        }
+    })
+    .await;
+    assert!(a.good_count < 1000 && a.scrap_count == 0, "{a:?}");
+    wait_for(30, "wrapper B idle", || {
+        let mut c = c.clone();
+        async move {
+            let m = get(&mut c, B).await.machine?;
+            (m.state == "idle" && m.good_count >= 5).then_some(())
+        }
+    })
+    .await;
+
+    // Writes.
+    let write = |path: String, kind: pb::value::Kind| {
+        let mut c = c.clone();
+        async move {
+            c.write_property(pb::WritePropertyRequest {
+                path,
+                property: "value".into(),
+                value: Some(pb::Value { kind: Some(kind) }),
+                by: "ann".into(),
+            })
+            .await
+        }
+    };
+    let started = std::time::Instant::now();
+    let ok = write(format!("{A}/speedsetpoint"), pb::value::Kind::Int(250))
+        .await
+        .expect("written")
+        .into_inner();
+    eprintln!("Modbus write confirmed in {:?}", started.elapsed());
+    assert_eq!(ok.result, "confirmed");
+    assert!(wait_line(&lines, "write holding 200 250"), "the PLC saw it");
+    let err = write(format!("{A}/speedsetpoint"), pb::value::Kind::Int(400))
+        .await
+        .expect_err("outside the map's range");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("outside its range 0..=300 ppm"),
+        "{err:?}"
+    );
+    let ok = write(format!("{A}/enable"), pb::value::Kind::Bool(false))
+        .await
+        .expect("written")
+        .into_inner();
+    assert_eq!(ok.result, "confirmed");
+    assert!(wait_line(&lines, "write coil 0 0"));
+    let err = write(format!("{BOILER}/locked"), pb::value::Kind::Int(0))
+        .await
+        .expect_err("the PLC refuses it");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(wait_line(&lines, "refused holding 310"));
+    let mut cc = c.clone();
+    let evs = crate::common::events(&mut cc, &format!("{BOILER}/locked")).await;
+    assert!(
+        evs.iter()
+            .any(|e| e.kind == "write" && e.message.contains("refused")),
+        "a refused write is an event: {evs:?}"
+    );
+    let err = write(format!("{A}/filmtension"), pb::value::Kind::Float(1.0))
+        .await
+        .expect_err("read only");
+    assert!(err.message().contains("no connection writes"), "{err:?}");
+
+    // Link loss: every tag goes Bad, and each is Good again once the PLC is back.
+    stop(plc);
+    let film = format!("{A}/filmtension");
+    wait_for(30, "film tension Bad while the PLC is gone", || {
+        let mut c = c.clone();
+        let film = film.clone();
+        async move {
+            let q = get(&mut c, &film).await.sensor?.quality?;
+            (q.code == pb::QualityCode::Bad as i32).then_some(())
+        }
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let (plc, _lines) = foreign_modbus(&python, port);
+    let back = std::time::Instant::now();
+    for (path, _) in &expected {
+        wait_for(30, &format!("{path} Good again"), || {
+            let mut c = c.clone();
+            let path = path.clone();
+            async move { get(&mut c, &path).await.sensor.filter(good).map(|_| ()) }
+        })
+        .await;
+    }
+    eprintln!(
+        "Modbus: every tag Good {:?} after the PLC was back",
+        back.elapsed()
+    );
+    site.rt.shutdown().await;
+    stop(plc);
+}

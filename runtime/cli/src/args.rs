@@ -427,6 +427,23 @@ pub enum ImportSource {
         #[command(flatten)]
         out: ImportOut,
     },
+    /// Read a Modbus PLC's register map, saved as CSV (a PLC cannot be asked what it holds):
+    /// a header row, then one row per value with columns Machine (`Area/Line/Machine`),
+    /// Name, Register (holding, input, coil, discrete_input), Address (0-based) and
+    /// optionally Type, WordOrder, Scale, Offset, Unit, Min, Max, Access (R or RW).
+    Modbus {
+        /// The register map (CSV).
+        map: PathBuf,
+        /// The PLC, `HOST:PORT`.
+        #[arg(long)]
+        endpoint: String,
+        #[arg(long, default_value_t = 1)]
+        unit_id: u8,
+        #[arg(long, default_value_t = 1000)]
+        poll_interval_ms: u64,
+        #[command(flatten)]
+        out: ImportOut,
+    },
     /// Listen to a Sparkplug B group's births (asking running edge nodes for a rebirth):
     /// each edge node is a line (the group its area), each device a machine, the node's own
     /// metrics a machine named after the node; metrics are sensors, with `engUnit`,

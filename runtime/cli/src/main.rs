@@ -393,6 +393,28 @@ async fn import(source: args::ImportSource) -> Result<()> {
                 out,
             )
         }
+        args::ImportSource::Modbus {
+            map,
+            endpoint,
+            unit_id,
+            poll_interval_ms,
+            out,
+        } => {
+            let src = import::modbus::Source {
+                map,
+                endpoint,
+                unit_id,
+                poll_interval_ms,
+            };
+            let naming = import::Naming {
+                enterprise: out.enterprise.clone(),
+                site: out.site.clone(),
+            };
+            (
+                import::modbus::import(&src, &naming, &out.out, out.force)?,
+                out,
+            )
+        }
         args::ImportSource::Sparkplug {
             broker,
             group,

@@ -2,7 +2,8 @@
 //! says about itself, written so that `ferrotwin run --config DIR/site.toml` runs them as
 //! they are.
 //!
-//! Each protocol's discovery (`opcua`, `sparkplug`) gives `Found`: machines (where signals
+//! Each protocol's discovery (`opcua`, `sparkplug`; for Modbus, which cannot be asked, a
+//! register map in CSV: `modbus`) gives `Found`: machines (where signals
 //! live), each with its place in the server's own hierarchy and its signals. `Plant::build`
 //! places them in the ISA-95 tree and turns every signal into a twin property:
 //! - a bool named like `Running` (not writable) is the machine's `state`;
@@ -15,6 +16,7 @@
 //!
 //! Machines with the same signals (names, types, units, ranges) share one machine type.
 
+pub mod modbus;
 pub mod opcua;
 pub mod sparkplug;
 
@@ -50,9 +52,10 @@ pub struct Signal {
     pub address: Address,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Address {
     OpcUa(String),
+    Modbus(modbus::Register),
     Sparkplug {
         node: String,
         device: Option<String>,
