@@ -352,19 +352,42 @@ fn field<'a>(json: &'a serde_json::Value, at: &str) -> Option<&'a serde_json::Va
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JsonTag {
-    /// Read tags: the topic the value arrives on (default: the simulator's naming).
-    /// Writable tags: the command topic (default `<asset>/set/<property>`).
+    /// Reading properties (`value`, `state`, …): the topic the value arrives on (default:
+    /// the simulator's naming). Setpoints: the command topic (default
+    /// `<asset>/set/<property>`).
     #[serde(default)]
     pub topic: Option<String>,
     pub asset: String,
     pub property: String,
     #[serde(default)]
     pub writable: bool,
-    /// Writable tags: the topic where the device reports the setpoint's value (the same
-    /// payload layout), which confirms or refutes a write. Without it a write is
+    /// A writable reading property (a sensor's value a write may set): where writes go
+    /// (default `<asset>/set/<property>`). Its reports on `topic` confirm or refute them.
+    #[serde(default)]
+    pub command_topic: Option<String>,
+    /// Writable setpoints: the topic where the device reports the setpoint's value (the
+    /// same payload layout), which confirms or refutes a write. Without it a write is
     /// `unconfirmed`.
     #[serde(default)]
     pub readback_topic: Option<String>,
+}
+
+impl JsonTag {
+    /// A tag of a reading property (its `topic` is where values arrive), not a setpoint.
+    fn is_reading(&self) -> bool {
+        Property::parse(&self.property).is_some()
+    }
+
+    /// Where a write goes: a setpoint's topic, a writable reading's command topic; `None`
+    /// for a read-only tag.
+    fn command(&self) -> Option<String> {
+        let default = || format!("{}/{COMMAND_INFIX}/{}", self.asset, self.property);
+        match (self.writable, self.is_reading()) {
+            (false, _) => None,
+            (true, true) => Some(self.command_topic.clone().unwrap_or_else(default)),
+            (true, false) => Some(self.topic.clone().unwrap_or_else(default)),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -527,24 +550,47 @@ impl MqttConfig {
                     }
                 }
                 for t in &j.tags {
-                    let topic = t.topic.clone().unwrap_or_else(|| {
-                        if t.writable {
-                            format!("{}/{COMMAND_INFIX}/{}", t.asset, t.property)
-                        } else {
-                            default_topic(&t.asset, &t.property)
-                        }
-                    });
-                    if topic.is_empty() || !topic.split('/').all(is_topic_level) {
+                    let topic = match (t.is_reading(), t.command()) {
+                        (false, Some(command)) => command,
+                        _ => t
+                            .topic
+                            .clone()
+                            .unwrap_or_else(|| default_topic(&t.asset, &t.property)),
+                    };
+                    let bad_topic = |t: &str| t.is_empty() || !t.split('/').all(is_topic_level);
+                    if bad_topic(&topic) {
                         return Err(ConfigError::Tag {
                             connection: self.name.clone(),
                             tag: topic,
                             what: "not a topic without wildcards".to_string(),
                         });
                     }
+                    if let Some(c) = &t.command_topic {
+                        let what = if !t.writable {
+                            Some("command_topic: only a writable tag has one")
+                        } else if !t.is_reading() {
+                            Some("command_topic: a setpoint's topic is its command topic")
+                        } else if bad_topic(c) {
+                            Some("command_topic: not a topic without wildcards")
+                        } else {
+                            None
+                        };
+                        if let Some(what) = what {
+                            return Err(ConfigError::Tag {
+                                connection: self.name.clone(),
+                                tag: topic,
+                                what: what.to_string(),
+                            });
+                        }
+                    }
                     if let Some(r) = &t.readback_topic {
                         let what = if !t.writable {
                             Some("readback_topic: only a writable tag has one")
-                        } else if r.is_empty() || !r.split('/').all(is_topic_level) {
+                        } else if t.is_reading() {
+                            Some(
+                                "readback_topic: a writable reading is confirmed by what arrives on its own topic",
+                            )
+                        } else if bad_topic(r) {
                             Some("readback_topic: not a topic without wildcards")
                         } else {
                             None
@@ -811,6 +857,10 @@ pub fn topic_rule(topic: &str) -> Option<(AssetId, Property)> {
 }
 
 /// How payloads turn into readings.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one decoder per connection, built once and never moved on the hot path"
+)]
 enum Decoder {
     Json {
         exact: HashMap<String, (AssetId, Property)>,
@@ -819,6 +869,8 @@ enum Decoder {
         commands: HashMap<(AssetPath, String), String>,
         /// Read-back topic → the setpoint it reports.
         readbacks: HashMap<String, (AssetPath, String)>,
+        /// A writable reading's topic → its target: its values are read-backs of writes too.
+        written: HashMap<String, (AssetPath, String)>,
         /// Last value per target, for the Bad readings of a link loss. Bounded by the mapped
         /// tags plus `MAX_TRACKED_SOURCES` for prefix-mapped ones.
         last: HashMap<(AssetId, Property), Value>,
@@ -1088,10 +1140,17 @@ fn build_decoder(config: &MqttConfig) -> Result<Decoder, ConfigError> {
         PayloadFormat::Json(j) => {
             let mut exact = HashMap::new();
             let mut commands = HashMap::new();
-            for (t, topic) in targets.iter().zip(&topics) {
+            let mut written = HashMap::new();
+            // `checked` gives one target and one topic per tag, in order.
+            for ((t, topic), tag) in targets.iter().zip(&topics).zip(&j.tags) {
                 match t.kind {
                     TagKind::Reading(p) => {
                         exact.insert(topic.clone(), (t.asset.id(), p));
+                        if let Some(command) = tag.command() {
+                            let target = (t.asset.clone(), p.as_str().to_owned());
+                            commands.insert(target.clone(), command);
+                            written.insert(topic.clone(), target);
+                        }
                     }
                     TagKind::Setpoint(ref s) => {
                         commands.insert((t.asset.clone(), s.clone()), topic.clone());
@@ -1111,6 +1170,7 @@ fn build_decoder(config: &MqttConfig) -> Result<Decoder, ConfigError> {
                 exact,
                 prefixes: j.topic_prefixes.clone(),
                 commands,
+                written,
                 readbacks,
                 last: HashMap::new(),
                 layout: j.payload.clone(),
@@ -1140,6 +1200,7 @@ fn build_decoder(config: &MqttConfig) -> Result<Decoder, ConfigError> {
                     device: m.device.clone(),
                     metric: m.metric.clone(),
                     feeds: match &t.kind {
+                        TagKind::Reading(p) if t.writable => Feeds::Written(t.asset.clone(), *p),
                         TagKind::Reading(p) => Feeds::Reading(t.asset.id(), *p),
                         TagKind::Setpoint(name) => Feeds::Setpoint(t.asset.clone(), name.clone()),
                     },
@@ -1509,8 +1570,10 @@ impl Adapter {
                 last,
                 layout,
                 readbacks,
+                written,
                 ..
             } => {
+                let echo = written.get(topic).cloned();
                 if let Some((asset, property)) = readbacks.get(topic) {
                     let (asset, property) = (asset.clone(), property.clone());
                     match decode_json(payload, t, layout) {
@@ -1576,6 +1639,9 @@ impl Adapter {
                             source_ts,
                         });
                         self.recovered(topic).await;
+                        if let Some((asset, property)) = echo {
+                            self.on_readback(&asset, &property, value).await;
+                        }
                     }
                     Err(e) => {
                         AdapterStatus::add(&self.io.status.rejected, 1);
@@ -1797,12 +1863,14 @@ impl Adapter {
             Decoder::Json {
                 commands,
                 readbacks,
+                written,
                 ..
             } => match commands.get(&(req.asset.clone(), req.property.clone())) {
                 None => Err(not_writable()),
                 Some(topic) => {
                     readback = readbacks
                         .values()
+                        .chain(written.values())
                         .any(|(a, p)| *a == req.asset && *p == req.property);
                     let value = match req.value {
                         Value::Int(i) => serde_json::Value::from(i),
@@ -1970,6 +2038,66 @@ mod tests {
             j.topic_prefixes = vec!["acme/#".into()];
         }
         assert!(bad.checked().is_err());
+    }
+
+    #[test]
+    fn a_writable_reading_reads_on_its_topic_and_writes_on_its_command_topic() {
+        let tag = |extra: &str| {
+            toml::from_str::<MqttConfig>(&format!(
+                r#"
+                name = "json"
+                broker = "localhost:1883"
+                [format]
+                type = "json"
+                [[format.tags]]
+                asset = "acme/berlin/a/l/m/sp"
+                property = "value"
+                writable = true
+                {extra}
+            "#
+            ))
+            .expect("parses")
+        };
+        let (targets, topics) = tag("").checked().expect("valid");
+        assert_eq!(
+            topics,
+            ["acme/berlin/a/l/m/sp"],
+            "read where a sensor reads"
+        );
+        assert!(targets[0].writable);
+        let PayloadFormat::Json(j) = &tag("").format else {
+            panic!("json")
+        };
+        assert_eq!(
+            j.tags[0].command().as_deref(),
+            Some("acme/berlin/a/l/m/sp/set/value")
+        );
+        for (extra, why) in [
+            (
+                r#"readback_topic = "dev/sp/rb""#,
+                "a writable reading is confirmed by what arrives on its own topic",
+            ),
+            (
+                r#"command_topic = "dev/+/cmd""#,
+                "command_topic: not a topic without wildcards",
+            ),
+        ] {
+            let err = tag(extra).checked().expect_err(extra).to_string();
+            assert!(err.contains(why), "{extra}: {err}");
+        }
+        let setpoint = tag(r#"command_topic = "dev/sp/cmd""#).format.clone();
+        let PayloadFormat::Json(mut j) = setpoint else {
+            panic!("json")
+        };
+        j.tags[0].asset = "acme/berlin/a/l/m".into();
+        j.tags[0].property = "speed_setpoint_pct".into();
+        let mut m = tag("");
+        m.format = PayloadFormat::Json(j);
+        let err = m.checked().expect_err("a setpoint").to_string();
+        assert!(
+            err.contains("a setpoint's topic is its command topic"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -75,6 +75,29 @@ pub enum Feeds {
     /// A setpoint of an asset, written with DCMD/NCMD; what the device reports of it is a
     /// read-back.
     Setpoint(AssetPath, String),
+    /// A reading property that writes set too (a writable sensor value): what the device
+    /// reports is both a reading and the read-back of a write.
+    Written(AssetPath, Property),
+}
+
+impl Feeds {
+    /// Where a write of this metric's target goes in the twin's terms, if it takes writes.
+    fn write_target(&self) -> Option<(AssetPath, String)> {
+        match self {
+            Feeds::Setpoint(asset, property) => Some((asset.clone(), property.clone())),
+            Feeds::Written(asset, property) => Some((asset.clone(), property.as_str().to_owned())),
+            Feeds::Reading(..) => None,
+        }
+    }
+
+    /// The reading property it feeds, if any.
+    fn reading(&self) -> Option<(AssetId, Property)> {
+        match self {
+            Feeds::Reading(asset, property) => Some((*asset, *property)),
+            Feeds::Written(asset, property) => Some((asset.id(), *property)),
+            Feeds::Setpoint(..) => None,
+        }
+    }
 }
 
 /// One explicitly mapped metric (config `metrics`).
@@ -334,11 +357,8 @@ impl SparkplugState {
                     devices: None,
                 })
             });
-            if let Feeds::Setpoint(asset, property) = &m.feeds {
-                writes.insert(
-                    (asset.clone(), property.clone()),
-                    (m.node.clone(), m.device.clone(), m.metric.clone()),
-                );
+            if let Some(target) = m.feeds.write_target() {
+                writes.insert(target, (m.node.clone(), m.device.clone(), m.metric.clone()));
             }
             if let Some(d) = &m.device {
                 n.explicit_devices.insert(d.clone());
@@ -664,10 +684,12 @@ fn target_of(machine: &AssetPath, name: &str) -> Option<Feeds> {
 
 fn bad_readings(d: &DeviceState, now: Timestamp, out: &mut Vec<Reading>) {
     for s in &d.slots {
-        if let (Some(Feeds::Reading(asset, property)), Some(value)) = (&s.feeds, s.last) {
+        if let (Some((asset, property)), Some(value)) =
+            (s.feeds.as_ref().and_then(Feeds::reading), s.last)
+        {
             out.push(Reading {
-                asset: *asset,
-                property: *property,
+                asset,
+                property,
                 value,
                 quality: Quality::bad(QualityReason::CommFailure),
                 source_ts: now,
@@ -722,6 +744,7 @@ fn apply_metrics(
                 continue;
             }
             Feeds::Reading(asset, property) => (*asset, *property),
+            Feeds::Written(path, property) => (path.id(), *property),
         };
         let value = match metric_value(datatype, m).and_then(|v| fits(property, v)) {
             Ok(v) => v,
@@ -738,6 +761,10 @@ fn apply_metrics(
             .and_then(|ms| ms.checked_mul(1000))
             .map_or(now, Timestamp);
         slot.last = Some(value);
+        if let Feeds::Written(path, property) = feeds {
+            out.echoes
+                .push((path.clone(), property.as_str().to_owned(), value));
+        }
         out.readings.push(Reading {
             asset,
             property,
@@ -813,10 +840,16 @@ pub fn metric_value(datatype: u32, m: &Metric) -> Result<Value, String> {
 pub fn set_metric_value(m: &mut Metric, datatype: u32, value: Value) -> Result<(), String> {
     use metric::Value as V;
     let dt = DataType::try_from(datatype as i32).unwrap_or(DataType::Unknown);
-    let int = |lo: i64, hi: i64| match value {
-        Value::Int(i) if (lo..=hi).contains(&i) => Ok(i),
-        v => Err(format!(
-            "{v} is not an integer in {lo}..={hi} ({})",
+    // As the plant spec's checks: a whole float is its integer, 0 and 1 are a bool.
+    let whole = match value {
+        Value::Int(i) => Some(i),
+        Value::Float(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Some(f as i64),
+        _ => None,
+    };
+    let int = |lo: i64, hi: i64| match whole {
+        Some(i) if (lo..=hi).contains(&i) => Ok(i),
+        _ => Err(format!(
+            "{value} is not an integer in {lo}..={hi} ({})",
             dt.as_str_name()
         )),
     };
@@ -831,9 +864,10 @@ pub fn set_metric_value(m: &mut Metric, datatype: u32, value: Value) -> Result<(
         DataType::UInt64 => V::LongValue(int(0, i64::MAX)? as u64),
         DataType::Float => V::FloatValue(value.as_f64() as f32),
         DataType::Double => V::DoubleValue(value.as_f64()),
-        DataType::Boolean => match value {
-            Value::Bool(b) => V::BooleanValue(b),
-            v => return Err(format!("{v} is not a boolean")),
+        DataType::Boolean => match (value, whole) {
+            (Value::Bool(b), _) => V::BooleanValue(b),
+            (_, Some(i @ (0 | 1))) => V::BooleanValue(i == 1),
+            (v, _) => return Err(format!("{v} is not a boolean (true, false, 0 or 1)")),
         },
         other => return Err(format!("cannot write a {} metric", other.as_str_name())),
     });
@@ -1390,6 +1424,15 @@ mod tests {
         assert_eq!(w.value, Some(metric::Value::IntValue(150)));
         assert!(set_metric_value(&mut w, DataType::UInt16 as u32, Value::Int(70_000)).is_err());
         assert!(set_metric_value(&mut w, DataType::UInt16 as u32, Value::Float(1.5)).is_err());
+        // As the plant spec checks them: a whole float is an int, 0 and 1 a bool.
+        assert!(set_metric_value(&mut w, DataType::UInt16 as u32, Value::Float(120.0)).is_ok());
+        assert_eq!(w.value, Some(metric::Value::IntValue(120)));
+        assert!(set_metric_value(&mut w, DataType::Boolean as u32, Value::Int(0)).is_ok());
+        assert_eq!(w.value, Some(metric::Value::BooleanValue(false)));
+        assert!(set_metric_value(&mut w, DataType::Boolean as u32, Value::Float(1.0)).is_ok());
+        assert_eq!(w.value, Some(metric::Value::BooleanValue(true)));
+        let err = set_metric_value(&mut w, DataType::Boolean as u32, Value::Int(2));
+        assert_eq!(err, Err("2 is not a boolean (true, false, 0 or 1)".into()));
     }
 
     #[test]

@@ -808,3 +808,175 @@ async fn a_sink_pushing_back_holds_the_adapter_and_loses_nothing() {
         let _ = join.await;
     }
 }
+
+/// A device that is its own: a raw client that applies every command to one value and
+/// reports it on its own topic. JSON: `{"value": X}` on `dev/oven/sp`, commands on
+/// `dev/oven/sp/cmd`. Sparkplug: node `N` of group `G` with the node metric `Oven/SP`
+/// (Double), answering NCMDs with NDATA and a rebirth request with its NBIRTH.
+async fn own_device(broker: &EmbeddedBroker) -> JoinHandle<()> {
+    use ferrotwin_proto::sparkplug::payload::{Metric, metric};
+    let (client, mut eventloop) = AsyncClient::new(
+        MqttOptions::new("own-device", "127.0.0.1", broker.addr().port()),
+        100,
+    );
+    client
+        .subscribe("dev/oven/sp/cmd", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    client
+        .subscribe("spBv1.0/G/NCMD/N", QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    let double = |name: &str, v: f64| Metric {
+        name: Some(name.into()),
+        datatype: Some(10), // Double
+        value: Some(metric::Value::DoubleValue(v)),
+        ..Default::default()
+    };
+    tokio::spawn(async move {
+        let mut value = 180.0;
+        let mut seq = 0u64;
+        loop {
+            let Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) = eventloop.poll().await
+            else {
+                continue;
+            };
+            let (topic, body) = if p.topic == "dev/oven/sp/cmd" {
+                let json: serde_json::Value = serde_json::from_slice(&p.payload).expect("json");
+                value = json["value"].as_f64().expect("a number");
+                (
+                    "dev/oven/sp",
+                    format!(r#"{{"value": {value}}}"#).into_bytes(),
+                )
+            } else {
+                let cmd = Payload::decode(&p.payload[..]).expect("a payload");
+                let rebirth = cmd
+                    .metrics
+                    .iter()
+                    .any(|m| m.name.as_deref() == Some("Node Control/Rebirth"));
+                let kind = if rebirth {
+                    seq = 0;
+                    "NBIRTH"
+                } else {
+                    for m in &cmd.metrics {
+                        if let Some(metric::Value::DoubleValue(v)) = m.value {
+                            value = v;
+                        }
+                    }
+                    seq = (seq + 1) % 256;
+                    "NDATA"
+                };
+                let mut metrics = vec![double("Oven/SP", value)];
+                if rebirth {
+                    metrics.push(Metric {
+                        name: Some("bdSeq".into()),
+                        datatype: Some(8), // Int64
+                        value: Some(metric::Value::LongValue(0)),
+                        ..Default::default()
+                    });
+                }
+                let out = Payload {
+                    seq: Some(seq),
+                    metrics,
+                    ..Default::default()
+                };
+                let topic = if rebirth {
+                    "spBv1.0/G/NBIRTH/N"
+                } else {
+                    "spBv1.0/G/NDATA/N"
+                };
+                let _ = kind;
+                (topic, out.encode_to_vec())
+            };
+            let _ = client.publish(topic, QoS::AtLeastOnce, false, body).await;
+        }
+    })
+}
+
+/// A sensor's value mapped as a writable tag (not a setpoint): the write goes to the
+/// device's command topic (JSON) or as an NCMD of the metric (Sparkplug), and the value the
+/// device then reports on its own topic is both the twin's reading and the write's
+/// confirmation.
+#[tokio::test]
+async fn a_writable_sensor_value_is_written_and_confirmed_by_its_own_reports() {
+    let broker = EmbeddedBroker::start().expect("broker");
+    let device = own_device(&broker).await;
+    let port = broker.addr().port();
+    let sensor = AssetPath::parse("acme/b/a/l/oven/zone-sp").expect("path");
+    let mut json = Adapter::start(&format!(
+        r#"
+        protocol = "mqtt"
+        name = "own-json"
+        broker = "127.0.0.1:{port}"
+        readback_timeout_ms = 3000
+        [format]
+        type = "json"
+        [[format.tags]]
+        topic = "dev/oven/sp"
+        command_topic = "dev/oven/sp/cmd"
+        asset = "{sensor}"
+        property = "value"
+        writable = true
+        "#
+    ));
+    let mut sp = Adapter::start(&format!(
+        r#"
+        protocol = "mqtt"
+        name = "own-sp"
+        broker = "127.0.0.1:{port}"
+        readback_timeout_ms = 3000
+        [format]
+        type = "sparkplug"
+        group_id = "G"
+        [[format.metrics]]
+        node = "N"
+        metric = "Oven/SP"
+        asset = "{sensor}"
+        writable = true
+        "#
+    ));
+    // The Sparkplug adapter asks for a rebirth on connecting: the birth brings the value.
+    sp.readings_until("the node's birth", |rs| {
+        rs.iter().any(|r| r.value == Value::Float(180.0))
+    })
+    .await;
+    let write = |v: f64| WriteRequest {
+        asset: sensor.clone(),
+        property: "value".into(),
+        value: Value::Float(v),
+        by: "test".into(),
+    };
+    // JSON: connected once the adapter subscribed (its status says so).
+    json.until("json connected", |a| {
+        a.handle.status().snapshot().link == ferrotwin_adapters::LinkState::Connected
+    })
+    .await;
+    assert_eq!(
+        json.handle.write(write(200.0)).await,
+        Ok(WriteAck::Confirmed)
+    );
+    json.readings_until("the reported value as a reading", |rs| {
+        rs.iter()
+            .any(|r| r.asset == sensor.id() && r.value.as_f64() == 200.0)
+    })
+    .await;
+    assert_eq!(sp.handle.write(write(210.0)).await, Ok(WriteAck::Confirmed));
+    sp.readings_until("the NDATA as a reading", |rs| {
+        rs.iter()
+            .any(|r| r.asset == sensor.id() && r.value.as_f64() == 210.0)
+    })
+    .await;
+    // An integer is written as the metric's Double.
+    assert_eq!(
+        sp.handle
+            .write(WriteRequest {
+                value: Value::Int(205),
+                ..write(0.0)
+            })
+            .await,
+        Ok(WriteAck::Confirmed)
+    );
+    device.abort();
+    json.stop().await;
+    sp.stop().await;
+}

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use ferrotwin_adapters::{
     AdapterEvent, AdapterEventKind, AdapterHandle, ConnectionConfig, StatusSnapshot, TagKind,
-    WriteAck, WriteError, WriteRequest,
+    TagTarget, WriteAck, WriteError, WriteRequest,
 };
 use ferrotwin_models::spec::AssetKind;
 use ferrotwin_models::{AssetPath, Event, EventKind, IngestSink, Property, Severity};
@@ -86,7 +86,7 @@ impl Connections {
             }
             let targets = c.targets()?;
             for t in &targets {
-                check_target(c.name(), registry, &t.asset, &t.kind)?;
+                check_target(c.name(), registry, t)?;
                 if t.writable {
                     let key = (t.asset.clone(), t.property_name().to_owned());
                     if let Some(&first) = writers.get(&key) {
@@ -197,13 +197,13 @@ impl Connections {
     }
 }
 
-/// The tag's asset exists and its level has the property.
+/// The tag's asset exists, its level has the property, and a write to it could be taken.
 fn check_target(
     connection: &str,
     registry: &Registry,
-    asset: &AssetPath,
-    kind: &TagKind,
+    target: &TagTarget,
 ) -> Result<(), ConnectionError> {
+    let (asset, kind) = (&target.asset, &target.kind);
     let err = |what: String| ConnectionError::Tag {
         connection: connection.to_owned(),
         asset: asset.clone(),
@@ -219,12 +219,18 @@ fn check_target(
     match (kind, &entry.def.kind) {
         (TagKind::Reading(Property::Value), AssetKind::Sensor { .. }) => Ok(()),
         (
+            TagKind::Reading(p @ (Property::State | Property::GoodCount | Property::ScrapCount)),
+            AssetKind::Machine { .. },
+        ) if target.writable => Err(err(format!(
+            "{p} is what the machine reports, not a setpoint: drop writable, and write through a setpoint tag of its own name (run_enable, a counter reset)"
+        ))),
+        (
             TagKind::Reading(Property::State | Property::GoodCount | Property::ScrapCount),
             AssetKind::Machine { .. },
         ) => Ok(()),
         // A type that lists its setpoints takes writes to these only.
         (TagKind::Setpoint(name), AssetKind::Machine { type_name, spec })
-            if let Some(why) = spec.unlisted_setpoint(type_name, name) =>
+            if let Some(why) = spec.unlisted_setpoint(type_name, name.as_str()) =>
         {
             Err(err(why))
         }

@@ -607,6 +607,31 @@ writable = true
     ] {
         assert!(msg.contains(part), "{part} in {msg}");
     }
+    // A machine's reported state is no setpoint: its writes could never be taken.
+    let text = format!(
+        r#"protocol = "modbus"
+name = "odd-plc"
+endpoint = "127.0.0.1:1"
+[[tags]]
+asset = "{machine}"
+property = "state"
+register = "holding"
+address = 900
+data_type = "u16"
+writable = true
+"#
+    );
+    let mut opts = options();
+    opts.connections = vec![toml::from_str::<ConnectionConfig>(&text).expect("a config")];
+    let err = ferrotwin_runtime::Runtime::start(&spec, dir.path(), opts)
+        .await
+        .err()
+        .expect("refused at start")
+        .to_string();
+    assert!(
+        err.contains("state is what the machine reports, not a setpoint"),
+        "{err}"
+    );
 }
 
 /// A device that is not ours, on topics of its own, publishing JSON of its own shape through
