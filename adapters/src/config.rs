@@ -55,7 +55,7 @@ impl ConnectionConfig {
                 }
             }
             ConnectionConfig::Mqtt(c) => c.resolve_paths(base),
-            ConnectionConfig::OpcUa(_) => {}
+            ConnectionConfig::OpcUa(c) => c.resolve_paths(base),
         }
     }
 
@@ -68,6 +68,83 @@ impl ConnectionConfig {
             ConnectionConfig::OpcUa(c) => c.targets(),
         }
     }
+}
+
+/// Where in a site config's text the first `[[connections]]` entry that does not parse is,
+/// and why: `(byte offset, message)`. The offset is the failing tag's table when a tag is
+/// at fault, else the connection's. serde's tagged enum (`protocol`) buffers each entry,
+/// which loses the position TOML errors carry; this parses each entry on its own to find it
+/// again. `None` when every entry parses (the error is elsewhere).
+pub fn locate_connection_error(text: &str) -> Option<(usize, String)> {
+    use toml::Spanned;
+    #[derive(Deserialize)]
+    struct Doc {
+        #[serde(default)]
+        connections: Vec<Spanned<toml::Table>>,
+    }
+    #[derive(Deserialize)]
+    struct Tags {
+        #[serde(default)]
+        tags: Vec<Spanned<toml::Table>>,
+        #[serde(default)]
+        format: Option<FormatTags>,
+    }
+    #[derive(Deserialize)]
+    struct FormatTags {
+        #[serde(default)]
+        tags: Vec<Spanned<toml::Table>>,
+        #[serde(default)]
+        metrics: Vec<Spanned<toml::Table>>,
+    }
+    #[derive(Deserialize)]
+    struct TagsDoc {
+        #[serde(default)]
+        connections: Vec<Tags>,
+    }
+    let doc: Doc = toml::from_str(text).ok()?;
+    let tags: Option<TagsDoc> = toml::from_str(text).ok();
+    for (i, conn) in doc.connections.iter().enumerate() {
+        let Err(e) = toml::Value::Table(conn.get_ref().clone()).try_into::<ConnectionConfig>()
+        else {
+            continue;
+        };
+        let name = conn
+            .get_ref()
+            .get("name")
+            .and_then(toml::Value::as_str)
+            .map_or_else(
+                || format!("[[connections]] #{}", i + 1),
+                |n| format!("connection {n:?}"),
+            );
+        let protocol = conn.get_ref().get("protocol").and_then(toml::Value::as_str);
+        let mine = tags.as_ref().and_then(|t| t.connections.get(i));
+        let tag_error = |list: &[Spanned<toml::Table>], what: &str| {
+            list.iter().enumerate().find_map(|(j, t)| {
+                let value = toml::Value::Table(t.get_ref().clone());
+                let err = match protocol {
+                    Some("modbus") => value.try_into::<crate::modbus::ModbusTag>().err(),
+                    Some("opcua") => value.try_into::<crate::opcua::OpcUaTag>().err(),
+                    Some("mqtt") if what == "metric" => {
+                        value.try_into::<crate::mqtt::SparkplugMetric>().err()
+                    }
+                    Some("mqtt") => value.try_into::<crate::mqtt::JsonTag>().err(),
+                    _ => None,
+                }?;
+                Some((
+                    t.span().start,
+                    format!("{name}, {what} #{}: {}", j + 1, err.message()),
+                ))
+            })
+        };
+        let found = mine.and_then(|m| {
+            tag_error(&m.tags, "tag").or_else(|| {
+                let f = m.format.as_ref()?;
+                tag_error(&f.tags, "tag").or_else(|| tag_error(&f.metrics, "metric"))
+            })
+        });
+        return Some(found.unwrap_or((conn.span().start, format!("{name}: {}", e.message()))));
+    }
+    None
 }
 
 #[derive(Debug, thiserror::Error)]

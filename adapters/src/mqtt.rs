@@ -165,7 +165,8 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-/// `tls = { ca = ..., cert = ..., key = ..., server_name = ... }` of an MQTT connection.
+/// `tls = { ca = ..., cert = ..., key = ... }` of an MQTT connection (the broker's name is
+/// the host of `broker`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttTls {

@@ -30,7 +30,8 @@
 //! protocol = "opcua"
 //! name = "berlin-opcua"
 //! endpoint = "opc.tcp://127.0.0.1:4840/"
-//! security_policy = "none"          # or "basic256sha256" with security_mode, cert, key, pki_dir
+//! security_policy = "none"          # or "basic256sha256" with security_mode, client_cert,
+//!                                   # client_key, pki_dir (relative: to the config file)
 //! publishing_interval_ms = 100
 //! sampling_interval_ms = 100
 //! deadband = 0.05                   # absolute, optional
@@ -259,6 +260,27 @@ pub struct OpcUaTag {
 }
 
 impl OpcUaConfig {
+    /// Makes the connection's file paths (certificates, keys, PKI folder, password file)
+    /// relative to `base` (the config file's folder).
+    pub fn resolve_paths(&mut self, base: &std::path::Path) {
+        let user = self.user.as_mut();
+        let paths = [
+            self.client_cert.as_mut(),
+            self.client_key.as_mut(),
+            self.pki_dir.as_mut(),
+        ]
+        .into_iter()
+        .chain(
+            user.into_iter()
+                .flat_map(|u| [u.password_file.as_mut(), u.cert.as_mut(), u.key.as_mut()]),
+        );
+        for p in paths.flatten() {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+    }
+
     /// Every tag's target, after checking the connection settings and node ids.
     pub fn targets(&self) -> Result<Vec<TagTarget>, ConfigError> {
         let conn = |what: String| ConfigError::Connection {

@@ -114,7 +114,14 @@ impl SiteConfig {
         })?;
         let mut c: SiteConfig = toml::from_str(&text).map_err(|e| ConfigError::Syntax {
             file: file.to_path_buf(),
-            message: e.to_string(),
+            // A `[[connections]]` entry's error carries no position of its own: find it.
+            message: match ferrotwin_adapters::config::locate_connection_error(&text) {
+                Some((at, why)) => {
+                    let line = text[..at.min(text.len())].matches('\n').count() + 1;
+                    format!("line {line}: {why}")
+                }
+                None => e.to_string(),
+            },
         })?;
         if c.version != CONFIG_VERSION {
             return Err(ConfigError::Version {
@@ -239,6 +246,40 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_tag_is_reported_at_its_own_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("site.toml");
+        let head = "version = 1\nplant = \"p.toml\"\ndata_dir = \"d\"\n";
+        let conn = |name: &str, data_type: &str| {
+            format!(
+                "\n[[connections]]\nprotocol = \"modbus\"\nname = \"{name}\"\nendpoint = \"127.0.0.1:502\"\n\
+                 [[connections.tags]]\nasset = \"acme/a/b/c/d/e\"\nproperty = \"value\"\nregister = \"holding\"\naddress = 1\ndata_type = \"u16\"\n\
+                 [[connections.tags]]\nasset = \"acme/a/b/c/d/f\"\nproperty = \"value\"\nregister = \"holding\"\naddress = 3\ndata_type = \"{data_type}\"\n"
+            )
+        };
+        // The second tag of the second connection, at line 32.
+        let text = format!("{head}{}{}", conn("one", "u16"), conn("two", "float32"));
+        assert_eq!(text.lines().nth(31), Some("[[connections.tags]]"), "{text}");
+        std::fs::write(&f, text).expect("write");
+        let msg = SiteConfig::load(&f).expect_err("float32").to_string();
+        assert!(
+            msg.contains("line 32: connection \"two\", tag #2: unknown variant `float32`, expected one of `u16`"),
+            "{msg}"
+        );
+        // A connection's own key: at the connection.
+        let text = format!(
+            "{head}{}",
+            conn("one", "u16").replace("endpoint", "endpiont")
+        );
+        std::fs::write(&f, text).expect("write");
+        let msg = SiteConfig::load(&f).expect_err("typo").to_string();
+        assert!(
+            msg.contains("line 5: connection \"one\": unknown field `endpiont`"),
+            "{msg}"
+        );
+    }
+
+    #[test]
     fn relative_paths_resolve_against_the_config_file() {
         let dir = tempfile::tempdir().expect("tempdir");
         let f = dir.path().join("site.toml");
@@ -246,5 +287,64 @@ mod tests {
         let c = SiteConfig::load(&f).expect("valid");
         assert_eq!(c.plant, dir.path().join("p.toml"));
         assert_eq!(c.grpc_addr, default_grpc_addr());
+        // The connections' files too: certificates, keys, PKI folder, password files.
+        std::fs::write(
+            &f,
+            r#"version = 1
+plant = "p.toml"
+data_dir = "d"
+[[connections]]
+protocol = "opcua"
+name = "ua"
+endpoint = "opc.tcp://127.0.0.1:4840/"
+security_policy = "basic256sha256"
+security_mode = "sign"
+client_cert = "pki/own/cert.der"
+client_key = "/abs/key.pem"
+pki_dir = "pki"
+user = { name = "ft", password_file = "secrets/ua" }
+[[connections]]
+protocol = "mqtt"
+name = "mq"
+broker = "127.0.0.1:1883"
+username = "ft"
+password_file = "secrets/mqtt"
+tls = { ca = "ca.pem" }
+[connections.format]
+type = "json"
+topic_prefixes = ["acme"]
+"#,
+        )
+        .expect("write");
+        let c = SiteConfig::load(&f).expect("valid");
+        let d = dir.path();
+        let ConnectionConfig::OpcUa(ua) = &c.connections[0] else {
+            panic!("opcua first")
+        };
+        assert_eq!(
+            ua.client_cert.as_deref(),
+            Some(d.join("pki/own/cert.der").as_path())
+        );
+        assert_eq!(
+            ua.client_key.as_deref(),
+            Some(std::path::Path::new("/abs/key.pem"))
+        );
+        assert_eq!(ua.pki_dir.as_deref(), Some(d.join("pki").as_path()));
+        let user = ua.user.as_ref().expect("a user");
+        assert_eq!(
+            user.password_file.as_deref(),
+            Some(d.join("secrets/ua").as_path())
+        );
+        let ConnectionConfig::Mqtt(mq) = &c.connections[1] else {
+            panic!("mqtt second")
+        };
+        assert_eq!(
+            mq.password_file.as_deref(),
+            Some(d.join("secrets/mqtt").as_path())
+        );
+        assert_eq!(
+            mq.tls.as_ref().map(|t| t.ca.clone()),
+            Some(d.join("ca.pem"))
+        );
     }
 }
