@@ -175,6 +175,20 @@ impl SetpointSpec {
     }
 }
 
+/// Why a write to `property` of what `owner` names is refused whatever its value: it lists
+/// `setpoints`, and not this one. `None` when it lists none (the connection's tag and the
+/// PLC check the write).
+pub fn unlisted(setpoints: &[SetpointSpec], owner: &str, property: &str) -> Option<String> {
+    if setpoints.is_empty() || setpoints.iter().any(|s| s.name == property) {
+        return None;
+    }
+    let names: Vec<&str> = setpoints.iter().map(|s| s.name.as_str()).collect();
+    Some(format!(
+        "{owner} has no setpoint {property:?} (its setpoints: {})",
+        names.join(", ")
+    ))
+}
+
 /// Why `value` may not be written to `name`, which holds `value_type` within `range`
 /// (inclusive, either bound optional) in `unit`: the one check of a setpoint's and of a
 /// writable sensor's writes.
@@ -256,14 +270,11 @@ impl MachineType {
     /// Why a write to `property` is refused by this type (named `type_name`) whatever its
     /// value: the type lists its setpoints, and not this one. `None` when it lists none.
     pub fn unlisted_setpoint(&self, type_name: &str, property: &str) -> Option<String> {
-        if self.setpoints.is_empty() || self.setpoint(property).is_some() {
-            return None;
-        }
-        let names: Vec<&str> = self.setpoints.iter().map(|s| s.name.as_str()).collect();
-        Some(format!(
-            "machine type {type_name:?} has no setpoint {property:?} (its setpoints: {})",
-            names.join(", ")
-        ))
+        unlisted(
+            &self.setpoints,
+            &format!("machine type {type_name:?}"),
+            property,
+        )
     }
 
     /// The state code (`MachineState::code`) a PLC's state `value` means for this type;
@@ -541,6 +552,10 @@ impl MachineInstance {
 #[serde(deny_unknown_fields)]
 pub struct LineSpec {
     pub name: String,
+    /// What a write may set on the line itself (a line speed the line PLC hands to its
+    /// machines), checked as a machine type's setpoints are.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub setpoints: Vec<SetpointSpec>,
     #[serde(default)]
     pub machines: Vec<MachineInstance>,
 }
@@ -549,6 +564,9 @@ pub struct LineSpec {
 #[serde(deny_unknown_fields)]
 pub struct AreaSpec {
     pub name: String,
+    /// What a write may set on the area itself, as a line's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub setpoints: Vec<SetpointSpec>,
     #[serde(default)]
     pub lines: Vec<LineSpec>,
 }
@@ -616,8 +634,13 @@ impl fmt::Display for Problems<'_> {
 pub enum AssetKind {
     Enterprise,
     Site,
-    Area,
-    Line,
+    /// An area, with the setpoints a write may set on it (shared by nobody: areas are few).
+    Area {
+        setpoints: Arc<[SetpointSpec]>,
+    },
+    Line {
+        setpoints: Arc<[SetpointSpec]>,
+    },
     Machine {
         type_name: Arc<str>,
         spec: Arc<MachineType>,
@@ -633,10 +656,20 @@ impl AssetKind {
         match self {
             AssetKind::Enterprise => Level::Enterprise,
             AssetKind::Site => Level::Site,
-            AssetKind::Area => Level::Area,
-            AssetKind::Line => Level::Line,
+            AssetKind::Area { .. } => Level::Area,
+            AssetKind::Line { .. } => Level::Line,
             AssetKind::Machine { .. } => Level::Machine,
             AssetKind::Sensor { .. } => Level::Sensor,
+        }
+    }
+
+    /// What a write may set on this asset and is checked against: its type's setpoints (a
+    /// machine), its own (a line, an area); none for the other levels.
+    pub fn setpoints(&self) -> &[SetpointSpec] {
+        match self {
+            AssetKind::Machine { spec, .. } => &spec.setpoints,
+            AssetKind::Line { setpoints } | AssetKind::Area { setpoints } => setpoints,
+            _ => &[],
         }
     }
 
@@ -713,10 +746,12 @@ impl PlantSpec {
             for area in &site.areas {
                 let ap = format!("{sp}/{}", area.name);
                 check_name(&mut problems, &ap, &area.name, &mut areas);
+                check_setpoints(&ap, &area.setpoints, &[], &mut problems);
                 let mut lines = HashSet::new();
                 for line in &area.lines {
                     let lp = format!("{ap}/{}", line.name);
                     check_name(&mut problems, &lp, &line.name, &mut lines);
+                    check_setpoints(&lp, &line.setpoints, &[], &mut problems);
                     let mut machines = HashSet::new();
                     for m in &line.machines {
                         let mp = format!("{lp}/{}", m.name);
@@ -817,13 +852,17 @@ impl PlantSpec {
                 let ap = child(&sp, &area.name);
                 out.push(AssetDef {
                     path: ap.clone(),
-                    kind: AssetKind::Area,
+                    kind: AssetKind::Area {
+                        setpoints: area.setpoints.clone().into(),
+                    },
                 });
                 for line in &area.lines {
                     let lp = child(&ap, &line.name);
                     out.push(AssetDef {
                         path: lp.clone(),
-                        kind: AssetKind::Line,
+                        kind: AssetKind::Line {
+                            setpoints: line.setpoints.clone().into(),
+                        },
                     });
                     for m in &line.machines {
                         let Some((tname, mt, sensors)) = types.get(m.machine_type.as_str()) else {
@@ -887,6 +926,49 @@ fn child(parent: &AssetPath, name: &str) -> AssetPath {
         .expect("a validated spec has valid paths")
 }
 
+/// The checks of a list of setpoints (of a machine type, a line or an area; `sensors`: the
+/// names they may not take), prefixed with `at`.
+fn check_setpoints(
+    at: &str,
+    setpoints: &[SetpointSpec],
+    sensors: &[&str],
+    problems: &mut Vec<String>,
+) {
+    let mut setpoint_names = HashSet::new();
+    for sp in setpoints {
+        let at = format!("{at}: setpoint {:?}", sp.name);
+        if sp.name.is_empty() || sp.name.len() > 128 {
+            problems.push(format!("{at}: name must be 1 to 128 bytes"));
+        }
+        if !setpoint_names.insert(sp.name.as_str()) {
+            problems.push(format!("{at}: defined twice"));
+        }
+        if sensors.contains(&sp.name.as_str()) {
+            problems.push(format!("{at}: a sensor has the same name"));
+        }
+        if crate::reading::Property::parse(&sp.name).is_some() {
+            problems.push(format!(
+                "{at}: {} is a property connections feed, not a setpoint",
+                sp.name
+            ));
+        }
+        match (sp.value_type, sp.min, sp.max) {
+            (ValueType::Bool, None, None) => {}
+            (ValueType::Bool, _, _) => {
+                problems.push(format!("{at}: a bool setpoint has no min or max"))
+            }
+            (_, Some(lo), Some(hi)) if !(lo.is_finite() && hi.is_finite() && lo <= hi) => problems
+                .push(format!(
+                    "{at}: min {lo} must be at most max {hi}, both finite"
+                )),
+            (_, Some(v), None) | (_, None, Some(v)) if !v.is_finite() => {
+                problems.push(format!("{at}: min/max must be finite"))
+            }
+            _ => {}
+        }
+    }
+}
+
 /// The checks of one machine type (or an instance's effective type), prefixed with `at`.
 fn check_type(at: &str, mt: &MachineType, problems: &mut Vec<String>) {
     if !(mt.ideal_cycle_ms.is_finite() && mt.ideal_cycle_ms > 0.0) {
@@ -910,33 +992,8 @@ fn check_type(at: &str, mt: &MachineType, problems: &mut Vec<String>) {
             ));
         }
     }
-    let mut setpoint_names = HashSet::new();
-    for sp in &mt.setpoints {
-        let at = format!("{at}: setpoint {:?}", sp.name);
-        if sp.name.is_empty() || sp.name.len() > 128 {
-            problems.push(format!("{at}: name must be 1 to 128 bytes"));
-        }
-        if !setpoint_names.insert(sp.name.as_str()) {
-            problems.push(format!("{at}: defined twice"));
-        }
-        if mt.sensors.iter().any(|s| s.name == sp.name) {
-            problems.push(format!("{at}: a sensor has the same name"));
-        }
-        match (sp.value_type, sp.min, sp.max) {
-            (ValueType::Bool, None, None) => {}
-            (ValueType::Bool, _, _) => {
-                problems.push(format!("{at}: a bool setpoint has no min or max"))
-            }
-            (_, Some(lo), Some(hi)) if !(lo.is_finite() && hi.is_finite() && lo <= hi) => problems
-                .push(format!(
-                    "{at}: min {lo} must be at most max {hi}, both finite"
-                )),
-            (_, Some(v), None) | (_, None, Some(v)) if !v.is_finite() => {
-                problems.push(format!("{at}: min/max must be finite"))
-            }
-            _ => {}
-        }
-    }
+    let sensors: Vec<&str> = mt.sensors.iter().map(|s| s.name.as_str()).collect();
+    check_setpoints(at, &mt.setpoints, &sensors, problems);
     let mut seen = HashSet::new();
     for s in &mt.sensors {
         let at = format!("{at}: sensor {:?}", s.name);
@@ -1514,5 +1571,46 @@ max = 10.0"#;
             msg.contains(r#"acme/berlin/assembly/line-2/old: model: input "force" is not a sensor of the type"#),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn lines_and_areas_list_setpoints_checked_as_a_types_are() {
+        let text = SMALL.replace(
+            "[[sites.areas.lines]]\nname = \"line-1\"\n",
+            "setpoints = [{ name = \"hall_temp_sp\", min = 15.0, max = 30.0, unit = \"degC\" }]\n\
+             [[sites.areas.lines]]\nname = \"line-1\"\n\
+             setpoints = [{ name = \"line_speed_pct\", value_type = \"int\", min = 0.0, max = 120.0 }]\n",
+        );
+        let spec = PlantSpec::from_toml(&text, "p").expect("valid");
+        let assets = spec.assets();
+        let kind = |p: &str| &assets.iter().find(|a| a.path.as_str() == p).expect(p).kind;
+        let line = kind("acme/berlin/assembly/line-1");
+        assert_eq!(line.level(), Level::Line);
+        assert_eq!(line.setpoints()[0].name, "line_speed_pct");
+        assert_eq!(
+            line.setpoints()[0].refuses(Value::Int(130)).as_deref(),
+            Some("outside its range 0..=120")
+        );
+        assert_eq!(kind("acme/berlin/assembly").setpoints()[0].unit, "degC");
+        assert!(kind("acme/berlin").setpoints().is_empty());
+        let again = PlantSpec::from_toml(&spec.to_toml(), "again").expect("round trip");
+        assert_eq!(again, spec);
+        for (from, to, expect) in [
+            (
+                "name = \"line_speed_pct\"",
+                "name = \"state\"",
+                "acme/berlin/assembly/line-1: setpoint \"state\": state is a property connections feed, not a setpoint",
+            ),
+            (
+                "min = 15.0, max = 30.0",
+                "min = 35.0, max = 30.0",
+                "acme/berlin/assembly: setpoint \"hall_temp_sp\": min 35 must be at most max 30",
+            ),
+        ] {
+            let msg = PlantSpec::from_toml(&text.replace(from, to), "p")
+                .expect_err(to)
+                .to_string();
+            assert!(msg.contains(expect), "{to}: {msg}");
+        }
     }
 }

@@ -235,6 +235,24 @@ fn check_target(
             Err(err(why))
         }
         (TagKind::Setpoint(_), AssetKind::Machine { .. }) => Ok(()),
+        // A line or an area that lists setpoints takes writes to these only.
+        (
+            TagKind::Setpoint(name),
+            k @ (AssetKind::Line { setpoints } | AssetKind::Area { setpoints }),
+        ) => match ferrotwin_models::spec::unlisted(
+            setpoints,
+            &format!("{} {asset}", k.level().as_str()),
+            name,
+        ) {
+            Some(why) => Err(err(why)),
+            None => Ok(()),
+        },
+        (TagKind::Reading(p), AssetKind::Line { .. } | AssetKind::Area { .. }) => {
+            Err(err(format!(
+                "a {} holds no readings ({p}): its setpoints take writes; put its own signals on a machine of it (a line controller)",
+                asset.level().as_str()
+            )))
+        }
         // Its writes would all be refused (`TwinApi::refused_by_spec`): say so at start.
         (TagKind::Setpoint(_), AssetKind::Sensor { .. }) => Err(err(
             "a sensor is written through its value: property = \"value\" with writable = true"

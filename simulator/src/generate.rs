@@ -287,11 +287,13 @@ pub fn generate(size: PlantSize, seed: u64) -> PlantSpec {
                     .collect();
                 lines.push(LineSpec {
                     name: format!("line-{}", l + 1),
+                    setpoints: Vec::new(),
                     machines,
                 });
             }
             areas.push(AreaSpec {
                 name: name_at(AREA_NAMES, "area", a),
+                setpoints: Vec::new(),
                 lines,
             });
         }

@@ -386,7 +386,7 @@ impl Mapping {
         for asset in spec.assets() {
             let mut value_type = None;
             let words = match asset.kind {
-                AssetKind::Line => {
+                AssetKind::Line { .. } => {
                     if let Some(last) = lines.last_mut() {
                         finish(last, holding, input)?;
                     }

@@ -42,7 +42,18 @@ struct Rig {
 }
 
 async fn rig(feed: Feed) -> Rig {
-    let spec: PlantSpec = generate(TWO_LINES, 3);
+    rig_with(feed, |_| {}, |_, _| {}).await
+}
+
+/// A rig whose plant spec `plant` changes before the PLCs start, and whose connections
+/// `connect` changes before the runtime starts.
+async fn rig_with(
+    feed: Feed,
+    plant: impl FnOnce(&mut PlantSpec),
+    connect: impl FnOnce(&PlantSpec, &mut Vec<ConnectionConfig>),
+) -> Rig {
+    let mut spec: PlantSpec = generate(TWO_LINES, 3);
+    plant(&mut spec);
     let mut plant = ServedPlant::start(&spec, 5, Timestamp::now())
         .await
         .expect("PLCs start");
@@ -89,6 +100,7 @@ async fn rig(feed: Feed) -> Rig {
             }
         }
     };
+    connect(&spec, &mut opts.connections);
     let served: Arc<Mutex<HashMap<AssetId, HashSet<u64>>>> = Arc::default();
     record(&served, plant.last_step());
     let plant = Arc::new(tokio::sync::Mutex::new(plant));
@@ -563,6 +575,77 @@ async fn wait_speed(rig: &Rig, machine: AssetId, pct: u16) {
         (rig.plant.lock().await.sim().speed_pct(machine) == Some(pct)).then_some(())
     })
     .await;
+}
+
+/// A line's own setpoint (a line speed its PLC hands to the machines): written on the line's
+/// path, checked against the line's setpoints in the plant spec, sent by the connection's
+/// tag. Here the line PLC's register is the first machine's speed register.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_setpoint_is_checked_by_the_line_spec_and_reaches_its_plc() {
+    use ferrotwin_models::spec::SetpointSpec;
+    let rig = rig_with(
+        Feed::Modbus,
+        |spec| {
+            spec.sites[0].areas[0].lines[0].setpoints = vec![SetpointSpec {
+                name: "line_speed_pct".into(),
+                value_type: ferrotwin_models::ValueType::Int,
+                min: Some(0.0),
+                max: Some(120.0),
+                unit: "%".into(),
+            }];
+        },
+        |spec, connections| {
+            let line = spec.assets()[3].path.to_string();
+            let ConnectionConfig::Modbus(m) = &mut connections[0] else {
+                panic!("modbus")
+            };
+            let mut tag = m
+                .resolved_tags()
+                .expect("tags")
+                .into_iter()
+                .find(|t| t.property == "speed_setpoint_pct" && t.asset.starts_with(&line))
+                .expect("a speed register on line 1");
+            tag.asset = line;
+            tag.property = "line_speed_pct".into();
+            m.tags.push(tag);
+        },
+    )
+    .await;
+    let line = rig.spec.assets()[3].path.to_string();
+    assert!(line.ends_with("line-1"), "{line}");
+    let machine = rig.machine(0);
+    assert!(machine.starts_with(&line), "{machine} on {line}");
+    let machine_id = AssetPath::parse(&machine).expect("valid").id();
+    let mut c = rig.site.client.clone();
+    wait_connected(&rig).await;
+    let r = c
+        .write_property(write(&line, "line_speed_pct", pb::value::Kind::Int(90)))
+        .await
+        .expect("written")
+        .into_inner();
+    assert_eq!(r.result, "confirmed");
+    wait_speed(&rig, machine_id, 90).await;
+    for (property, value, says) in [
+        (
+            "line_speed_pct",
+            pb::value::Kind::Int(130),
+            "outside its range 0..=120 %",
+        ),
+        (
+            "line_speed",
+            pb::value::Kind::Int(50),
+            "has no setpoint \"line_speed\" (its setpoints: line_speed_pct)",
+        ),
+    ] {
+        let err = c
+            .write_property(write(&line, property, value))
+            .await
+            .expect_err("refused");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains(says), "{says}: {err:?}");
+    }
+    assert_eq!(rig.plant.lock().await.sim().speed_pct(machine_id), Some(90));
+    rig.stop().await;
 }
 
 /// A writable tag on a machine whose type lists its setpoints, for a property it does not

@@ -598,7 +598,7 @@ async fn mqtt_connect_attempts_are_spans_with_their_outcome() {
     let lines: Vec<String> = spec
         .assets()
         .into_iter()
-        .filter(|a| matches!(a.kind, ferrotwin_models::spec::AssetKind::Line))
+        .filter(|a| matches!(a.kind, ferrotwin_models::spec::AssetKind::Line { .. }))
         .map(|a| a.path.to_string())
         .collect();
     assert!(lines.len() >= 2, "{lines:?}");

@@ -247,7 +247,7 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
                 let lines: Vec<String> = sspec
                     .assets()
                     .into_iter()
-                    .filter(|a| matches!(a.kind, ferrotwin_models::spec::AssetKind::Line))
+                    .filter(|a| matches!(a.kind, ferrotwin_models::spec::AssetKind::Line { .. }))
                     .map(|a| a.path.to_string())
                     .collect();
                 let turn = |line: &str, k: usize| {

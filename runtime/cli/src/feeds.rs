@@ -105,7 +105,7 @@ pub fn json_connection(
             continue;
         };
         match a.kind {
-            ferrotwin_models::spec::AssetKind::Line if lines(a.path.as_str()) => {
+            ferrotwin_models::spec::AssetKind::Line { .. } if lines(a.path.as_str()) => {
                 prefixes.push(format!("{:?}", a.path.as_str()));
             }
             ferrotwin_models::spec::AssetKind::Machine { .. } if lines(line.as_str()) => {

@@ -873,7 +873,8 @@ impl TwinApi {
     }
 
     /// Why the plant spec refuses writing `value` to `property` of `path`, if it does: a
-    /// machine whose type lists setpoints takes these only, of their type, within range; a
+    /// machine whose type lists setpoints (a line or an area that lists its own) takes these
+    /// only, of their type, within range; a
     /// sensor takes a value of its type within its `min`/`max`, and nothing else.
     fn refused_by_spec(&self, path: &AssetPath, property: &str, value: Value) -> Option<String> {
         let entry = self.ctx.registry.by_path(path)?;
@@ -881,6 +882,15 @@ impl TwinApi {
             AssetKind::Machine { type_name, spec } => spec
                 .unlisted_setpoint(type_name, property)
                 .or_else(|| spec.setpoint(property)?.refuses(value)),
+            kind @ (AssetKind::Line { setpoints } | AssetKind::Area { setpoints }) => {
+                let owner = format!("{} {path}", kind.level().as_str());
+                ferrotwin_models::spec::unlisted(setpoints, &owner, property).or_else(|| {
+                    setpoints
+                        .iter()
+                        .find(|s| s.name == property)?
+                        .refuses(value)
+                })
+            }
             AssetKind::Sensor { spec, .. } if property != "value" => Some(format!(
                 "a sensor is written through its value, not {property:?} (sensor {:?})",
                 spec.name

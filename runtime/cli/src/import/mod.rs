@@ -233,10 +233,12 @@ impl Plant {
                     .into_iter()
                     .map(|(area, lines)| AreaSpec {
                         name: area,
+                        setpoints: Vec::new(),
                         lines: lines
                             .into_iter()
                             .map(|(line, machines)| LineSpec {
                                 name: line,
+                                setpoints: Vec::new(),
                                 machines: machines
                                     .into_iter()
                                     .map(|(name, machine_type)| {
