@@ -628,6 +628,7 @@ async fn broker_loss_turns_readings_bad_then_the_adapter_reconnects() {
     })
     .await;
     let _cable = Cable::plug(port, broker.addr()).await;
+    let back = std::time::Instant::now();
     a.until("connected again", |a| {
         a.handle.status().snapshot().connects >= 2
     })
@@ -637,6 +638,10 @@ async fn broker_loss_turns_readings_bad_then_the_adapter_reconnects() {
         rs.iter().filter(|r| r.quality.is_good()).count() >= 5
     })
     .await;
+    eprintln!(
+        "MQTT JSON: good readings {:?} after the broker was back",
+        back.elapsed()
+    );
     a.stop().await;
     plant.stop().await;
 }

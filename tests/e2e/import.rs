@@ -12,12 +12,10 @@ use crate::common::{get, python_with, start_plant_in, wait_for};
 
 /// The foreign plant server (tests/foreign/asyncua_plant.py) on a free port; its stdout
 /// lines after `ready` go to the returned receiver.
-fn foreign_plant(python: &std::path::Path) -> (Child, String, std::sync::mpsc::Receiver<String>) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("free port")
-        .local_addr()
-        .expect("addr")
-        .port();
+fn foreign_plant(
+    python: &std::path::Path,
+    port: u16,
+) -> (Child, String, std::sync::mpsc::Receiver<String>) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/foreign/asyncua_plant.py");
     let mut child = Command::new(python)
         .args([script, &port.to_string()])
@@ -47,7 +45,12 @@ async fn an_imported_opcua_server_runs_as_written_with_every_variable_live_and_c
     let Some(python) = python_with("asyncua", "asyncua") else {
         return;
     };
-    let (mut server, endpoint, lines) = foreign_plant(&python);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("free port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let (mut server, endpoint, lines) = foreign_plant(&python, port);
     let dir = tempfile::tempdir().expect("tmp");
     let out = dir.path().join("lyon");
     let source = import::opcua::Source {
@@ -202,6 +205,41 @@ async fn an_imported_opcua_server_runs_as_written_with_every_variable_live_and_c
         "500",
         std::time::Duration::from_millis(300)
     ));
+
+    // Link loss: the server goes away; every tag turns Bad, and Good again once it is back
+    // on its port, setpoints included.
+    drop(server.stdin.take());
+    let _ = server.kill();
+    let _ = server.wait();
+    wait_for(
+        30,
+        "the oil temperature Bad while the server is gone",
+        || {
+            let mut c = c.clone();
+            async move {
+                let q = get(&mut c, temp).await.sensor?.quality?;
+                (q.code == pb::QualityCode::Bad as i32).then_some(())
+            }
+        },
+    )
+    .await;
+    let (mut server, _, _lines) = foreign_plant(&python, port);
+    let back = std::time::Instant::now();
+    for (asset, _) in tags.iter().filter(|(_, p)| p == "value") {
+        wait_for(60, &format!("{asset} Good again"), || {
+            let mut c = c.clone();
+            let asset = asset.clone();
+            async move {
+                let q = get(&mut c, &asset).await.sensor?.quality?;
+                (q.code == pb::QualityCode::Good as i32).then_some(())
+            }
+        })
+        .await;
+    }
+    eprintln!(
+        "OPC UA (asyncua): every tag Good {:?} after the server was back",
+        back.elapsed()
+    );
 
     site.rt.shutdown().await;
     drop(server.stdin.take());

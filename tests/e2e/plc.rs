@@ -313,6 +313,10 @@ async fn an_opcua_server_that_goes_away_turns_its_twins_bad_and_back() {
         .expect("the server comes back on its port");
     let back = now().0;
     wait_good_since(&c, &sensor, back, 30, "the twins good again").await;
+    eprintln!(
+        "OPC UA: good again {} ms after the server was back",
+        (now().0 - back) / 1000
+    );
     rig.stop().await;
 }
 
@@ -395,6 +399,10 @@ async fn a_plc_that_goes_away_turns_its_twins_bad_and_back_while_the_other_line_
         .expect("the PLC comes back on its port");
     let back = now().0;
     wait_good_since(&c, &lost, back, 20, "the lost line's twin good again").await;
+    eprintln!(
+        "Modbus: good again {} ms after the PLC was back",
+        (now().0 - back) / 1000
+    );
     rig.stop().await;
 }
 
@@ -423,6 +431,10 @@ async fn a_sparkplug_node_that_dies_turns_its_twins_bad_and_its_rebirth_brings_t
         .expect("reconnects");
     let back = now().0;
     wait_good_since(&c, &sensor, back, 20, "the node's twins good again").await;
+    eprintln!(
+        "Sparkplug: good again {} ms after the node was back",
+        (now().0 - back) / 1000
+    );
     rig.stop().await;
 }
 
