@@ -206,6 +206,35 @@ async fn an_imported_opcua_server_runs_as_written_with_every_variable_live_and_c
         std::time::Duration::from_millis(300)
     ));
 
+    // The server's own Bad (BadSensorFailure on the compressor's pressure): Bad in its twin,
+    // with its last value; Good again when the server says so.
+    let pressure = "acme-corp/lyon/area-1/utilities/compressor/pressure";
+    let quality_is = |code: pb::QualityCode| {
+        let c = c.clone();
+        move || {
+            let mut c = c.clone();
+            async move {
+                let s = get(&mut c, pressure).await.sensor?;
+                (s.quality?.code == code as i32 && s.has_value).then_some(())
+            }
+        }
+    };
+    let stdin = server.stdin.as_mut().expect("the server's stdin");
+    std::io::Write::write_all(stdin, b"fail\n").expect("to the server");
+    wait_for(
+        20,
+        "the pressure Bad as the server says",
+        quality_is(pb::QualityCode::Bad),
+    )
+    .await;
+    std::io::Write::write_all(stdin, b"heal\n").expect("to the server");
+    wait_for(
+        20,
+        "the pressure Good again",
+        quality_is(pb::QualityCode::Good),
+    )
+    .await;
+
     // Link loss: the server goes away; every tag turns Bad, and Good again once it is back
     // on its port, setpoints included.
     drop(server.stdin.take());

@@ -17,9 +17,11 @@ Objects/
 
 Variables have string node ids `Hall2.LineA.Press_01.OilTemp` in the namespace
 `urn:foreign:plant`. Prints `ready PORT` once it listens on 127.0.0.1:PORT and, on every
-write a client makes, `write NODEID VALUE`. Ends when stdin closes."""
+write a client makes, `write NODEID VALUE`. A line `fail` on stdin turns Compressor/Pressure's status
+BadSensorFailure (value kept), `heal` Good again. Ends when stdin closes."""
 import asyncio
 import sys
+import threading
 
 from asyncua import Server, ua
 
@@ -82,14 +84,35 @@ async def main():
         await sub.subscribe_data_change(setpoints)
         print(f"ready {port}", flush=True)
         loop = asyncio.get_running_loop()
-        stdin_closed = loop.run_in_executor(None, sys.stdin.read)
-        step = 0
-        while not stdin_closed.done():
+        commands = asyncio.Queue()
+
+        def read_stdin():
+            for text in sys.stdin:
+                loop.call_soon_threadsafe(commands.put_nowait, text.strip())
+            loop.call_soon_threadsafe(commands.put_nowait, None)
+
+        threading.Thread(target=read_stdin, daemon=True).start()
+        failing = False
+        values = {}
+        while True:
+            while not commands.empty():
+                cmd = commands.get_nowait()
+                if cmd is None:
+                    return
+                failing = {"fail": True, "heal": False}.get(cmd, failing)
             await asyncio.sleep(0.2)
-            step += 1
             for var, vtype, delta in moving:
-                v = await var.read_value()
-                await var.write_value(ua.Variant(v + delta, vtype))
+                # Our own copy: reading back a Bad value raises in asyncua.
+                if var.nodeid not in values:
+                    values[var.nodeid] = await var.read_value()
+                v = values[var.nodeid]
+                if var is p and failing:
+                    # The server's way of saying the value is not to be trusted.
+                    bad = ua.StatusCode(ua.StatusCodes.BadSensorFailure)
+                    await var.write_value(ua.DataValue(ua.Variant(v, vtype), StatusCode=bad))
+                else:
+                    values[var.nodeid] = v + delta
+                    await var.write_value(ua.Variant(v + delta, vtype))
 
 
 asyncio.run(main())
