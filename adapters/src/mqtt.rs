@@ -613,6 +613,33 @@ impl MqttConfig {
                     )?);
                     topics.push(topic);
                 }
+                // A command topic we also listen on would bring our own command back as a
+                // reading or a read-back: a write "confirmed" with no device involved.
+                let heard: HashSet<&str> = j
+                    .tags
+                    .iter()
+                    .zip(&topics)
+                    .filter(|(t, _)| t.is_reading())
+                    .map(|(_, topic)| topic.as_str())
+                    .chain(j.tags.iter().filter_map(|t| t.readback_topic.as_deref()))
+                    .collect();
+                for t in &j.tags {
+                    let Some(command) = t.command() else {
+                        continue;
+                    };
+                    let under_prefix = j.topic_prefixes.iter().any(|p| {
+                        command
+                            .strip_prefix(p.as_str())
+                            .is_some_and(|r| r.starts_with('/'))
+                    }) && !command.contains(&format!("/{COMMAND_INFIX}/"));
+                    if heard.contains(command.as_str()) || under_prefix {
+                        return Err(ConfigError::Tag {
+                            connection: self.name.clone(),
+                            tag: command,
+                            what: "this command topic is one the connection reads (a tag's topic, a readback_topic, or under a topic prefix without a /set/ level): our own command would come back as the device's answer".into(),
+                        });
+                    }
+                }
             }
             PayloadFormat::Sparkplug(s) => {
                 if !is_topic_level(&s.group_id) {
@@ -1574,15 +1601,16 @@ impl Adapter {
                 written,
                 ..
             } => {
-                let echo = written.get(topic).cloned();
+                let mut echo = written.get(topic).cloned();
                 if let Some((asset, property)) = readbacks.get(topic) {
                     let (asset, property) = (asset.clone(), property.clone());
                     match decode_json(payload, t, layout) {
-                        Ok((Some(v), _, _)) => {
+                        // Only a good report of a value answers a write.
+                        Ok((Some(v), q, _)) if q.is_good() => {
                             self.recovered(topic).await;
                             self.on_readback(&asset, &property, v).await;
                         }
-                        Ok((None, _, _)) => {}
+                        Ok(_) => {}
                         Err(e) => {
                             AdapterStatus::add(&self.io.status.rejected, 1);
                             self.failed(topic, e).await;
@@ -1610,6 +1638,10 @@ impl Adapter {
                     return;
                 };
                 let decoded = decode_json(payload, t, layout).and_then(|(value, quality, ts)| {
+                    // Only a good report of a value answers a write.
+                    if value.is_none() || !quality.is_good() {
+                        echo = None;
+                    }
                     // No value (a device's "no valid value"): its last one, with the quality.
                     let value = match value {
                         Some(v) => v,
@@ -2081,6 +2113,10 @@ mod tests {
             (
                 r#"command_topic = "dev/+/cmd""#,
                 "command_topic: not a topic without wildcards",
+            ),
+            (
+                r#"command_topic = "acme/berlin/a/l/m/sp""#,
+                "this command topic is one the connection reads",
             ),
         ] {
             let err = tag(extra).checked().expect_err(extra).to_string();

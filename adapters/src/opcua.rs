@@ -31,7 +31,8 @@
 //! name = "berlin-opcua"
 //! endpoint = "opc.tcp://127.0.0.1:4840/"
 //! security_policy = "none"          # or "basic256sha256" with security_mode, client_cert,
-//!                                   # client_key, pki_dir (relative: to the config file)
+//!                                   # client_key (under pki_dir), pki_dir (relative: to
+//!                                   # the config file's folder)
 //! publishing_interval_ms = 100
 //! sampling_interval_ms = 100
 //! deadband = 0.05                   # absolute, optional
@@ -260,17 +261,13 @@ pub struct OpcUaTag {
 }
 
 impl OpcUaConfig {
-    /// Makes the connection's file paths (certificates, keys, PKI folder, password file)
-    /// relative to `base` (the config file's folder).
+    /// Makes the connection's file paths (PKI folder, the user's password file, certificate
+    /// and key) relative to `base` (the config file's folder). `client_cert` and
+    /// `client_key` stay as written: relative ones are under `pki_dir`, as async-opcua
+    /// reads them.
     pub fn resolve_paths(&mut self, base: &std::path::Path) {
         let user = self.user.as_mut();
-        let paths = [
-            self.client_cert.as_mut(),
-            self.client_key.as_mut(),
-            self.pki_dir.as_mut(),
-        ]
-        .into_iter()
-        .chain(
+        let paths = std::iter::once(self.pki_dir.as_mut()).chain(
             user.into_iter()
                 .flat_map(|u| [u.password_file.as_mut(), u.cert.as_mut(), u.key.as_mut()]),
         );

@@ -761,7 +761,11 @@ fn apply_metrics(
             .and_then(|ms| ms.checked_mul(1000))
             .map_or(now, Timestamp);
         slot.last = Some(value);
-        if let Feeds::Written(path, property) = feeds {
+        let quality = quality_of(m);
+        // A good report of a writable value answers a write too.
+        if let Feeds::Written(path, property) = feeds
+            && quality.is_good()
+        {
             out.echoes
                 .push((path.clone(), property.as_str().to_owned(), value));
         }
@@ -769,7 +773,7 @@ fn apply_metrics(
             asset,
             property,
             value,
-            quality: quality_of(m),
+            quality,
             source_ts,
         });
     }

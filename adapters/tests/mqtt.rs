@@ -842,13 +842,23 @@ async fn own_device(broker: &EmbeddedBroker) -> JoinHandle<()> {
         let mut value = 180.0;
         let mut seq = 0u64;
         loop {
-            let Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) = eventloop.poll().await
-            else {
-                continue;
+            let p = match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => p,
+                Ok(_) => continue,
+                Err(_) => return,
             };
             let (topic, body) = if p.topic == "dev/oven/sp/cmd" {
                 let json: serde_json::Value = serde_json::from_slice(&p.payload).expect("json");
-                value = json["value"].as_f64().expect("a number");
+                let asked = json["value"].as_f64().expect("a number");
+                if asked == 999.0 {
+                    // The device cannot: it says it has no valid value.
+                    let body = br#"{"value": null, "quality": "bad"}"#.to_vec();
+                    let _ = client
+                        .publish("dev/oven/sp", QoS::AtLeastOnce, false, body)
+                        .await;
+                    continue;
+                }
+                value = asked;
                 (
                     "dev/oven/sp",
                     format!(r#"{{"value": {value}}}"#).into_bytes(),
@@ -859,9 +869,8 @@ async fn own_device(broker: &EmbeddedBroker) -> JoinHandle<()> {
                     .metrics
                     .iter()
                     .any(|m| m.name.as_deref() == Some("Node Control/Rebirth"));
-                let kind = if rebirth {
+                if rebirth {
                     seq = 0;
-                    "NBIRTH"
                 } else {
                     for m in &cmd.metrics {
                         if let Some(metric::Value::DoubleValue(v)) = m.value {
@@ -869,8 +878,7 @@ async fn own_device(broker: &EmbeddedBroker) -> JoinHandle<()> {
                         }
                     }
                     seq = (seq + 1) % 256;
-                    "NDATA"
-                };
+                }
                 let mut metrics = vec![double("Oven/SP", value)];
                 if rebirth {
                     metrics.push(Metric {
@@ -890,7 +898,6 @@ async fn own_device(broker: &EmbeddedBroker) -> JoinHandle<()> {
                 } else {
                     "spBv1.0/G/NDATA/N"
                 };
-                let _ = kind;
                 (topic, out.encode_to_vec())
             };
             let _ = client.publish(topic, QoS::AtLeastOnce, false, body).await;
@@ -913,7 +920,7 @@ async fn a_writable_sensor_value_is_written_and_confirmed_by_its_own_reports() {
         protocol = "mqtt"
         name = "own-json"
         broker = "127.0.0.1:{port}"
-        readback_timeout_ms = 3000
+        readback_timeout_ms = 1000
         [format]
         type = "json"
         [[format.tags]]
@@ -959,6 +966,12 @@ async fn a_writable_sensor_value_is_written_and_confirmed_by_its_own_reports() {
     assert_eq!(
         json.handle.write(write(200.0)).await,
         Ok(WriteAck::Confirmed)
+    );
+    // A report without a valid value answers nothing, even with the written value as the
+    // last one: after the read-back time, unconfirmed.
+    assert_eq!(
+        json.handle.write(write(999.0)).await,
+        Ok(WriteAck::Unconfirmed)
     );
     json.readings_until("the reported value as a reading", |rs| {
         rs.iter()
