@@ -48,8 +48,10 @@
 //! waits a `Backoff` delay before polling again (rumqttc reconnects on the next poll); on every
 //! CONNACK we subscribe again (clean session) and, for Sparkplug, ask each node to rebirth.
 //!
-//! Writes are published at QoS 1 and answered Ok once the broker acknowledged them (PUBACK):
-//! that is all MQTT can confirm; whether the PLC applied the value shows in its data.
+//! Writes are published at QoS 1. After the broker's PUBACK a write is `Confirmed` when the
+//! device reports the written value (a setpoint on its `readback_topic`, a writable value on
+//! its own topic, a Sparkplug metric in its data) within `readback_timeout_ms`, refused when
+//! it reports only another, `Unconfirmed` when it reports nothing good.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};

@@ -4,8 +4,9 @@
 //!
 //! Mapping, two ways that combine:
 //! - **Explicit** (config `metrics`, `MetricRule`): one metric of a node (`device` None: a
-//!   node metric of NBIRTH/NDATA) or of a device feeds any asset's reading property, or is a
-//!   writable setpoint. Any naming: `Temperature`, `Line/Throughput`, `Running`.
+//!   node metric of NBIRTH/NDATA) or of a device feeds any asset's reading property (writable
+//!   too: a sensor value a write may set), or is a writable setpoint. Any naming:
+//!   `Temperature`, `Line/Throughput`, `Running`.
 //! - **The convention** (config `nodes`, `NodeRule` with a `line`): device `d` is the machine
 //!   `<line>/<d>`; its metrics `state`, `good_count`, `scrap_count` are the machine's
 //!   properties, `<sensor>/value` is the sensor `<line>/<d>/<sensor>`'s value; metrics listed
@@ -16,7 +17,8 @@
 //! `Node Control/*`, `Properties/*`, ...) are taken silently.
 //!
 //! A setpoint's value as a device reports it (its birth, or its data after a DCMD) is a
-//! read-back (`Decoded::echoes`), which confirms or refutes a write; never a reading.
+//! read-back (`Decoded::echoes`), which confirms or refutes a write; never a reading. A
+//! writable reading's good report is both: a reading and a read-back.
 //!
 //! Sequence: `seq` must grow by one (mod 256) per message of a node from its NBIRTH on. A gap
 //! (or data from a node whose birth we have not seen) means we may have missed a birth or
@@ -180,7 +182,8 @@ pub fn topic(group: &str, kind: &str, node: &str, device: Option<&str>) -> Strin
 #[derive(Debug, Default, PartialEq)]
 pub struct Decoded {
     pub readings: Vec<Reading>,
-    /// Setpoint values as a device reported them (asset, property, value): read-backs.
+    /// Values of setpoints and writable readings as a device reported them (asset,
+    /// property, value): read-backs.
     pub echoes: Vec<(AssetPath, String, Value)>,
     /// Metrics or messages refused (unmapped, wrong type, ignored while awaiting a birth).
     pub rejected: u64,

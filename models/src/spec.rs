@@ -7,6 +7,9 @@
 //! [machine_types.press]
 //! ideal_cycle_ms = 4000
 //! [[machine_types.press.sensors]]
+//! name = "force"
+//! unit = "kN"
+//! [[machine_types.press.sensors]]
 //! name = "temp"
 //! unit = "degC"
 //! min = 0.0
@@ -189,6 +192,19 @@ pub fn unlisted(setpoints: &[SetpointSpec], owner: &str, property: &str) -> Opti
     ))
 }
 
+/// `value` as a property of `value_type` takes it, where a command line or a JSON client
+/// may write it otherwise: a whole float as an int, 0 or 1 as a bool; any other value as
+/// it is. What the write checks judge, and what goes to the PLC.
+pub fn coerce(value: Value, value_type: ValueType) -> Value {
+    match (value, value_type) {
+        (Value::Float(f), ValueType::Int) if f.fract() == 0.0 && f.abs() < 9.0e15 => {
+            Value::Int(f as i64)
+        }
+        (Value::Int(i @ (0 | 1)), ValueType::Bool) => Value::Bool(i == 1),
+        (v, _) => v,
+    }
+}
+
 /// Why `value` may not be written to `name`, which holds `value_type` within `range`
 /// (inclusive, either bound optional) in `unit`: the one check of a setpoint's and of a
 /// writable sensor's writes.
@@ -199,13 +215,7 @@ fn write_refusal(
     unit: &str,
     value: Value,
 ) -> Option<String> {
-    let value = match (value, value_type) {
-        (Value::Float(f), ValueType::Int) if f.fract() == 0.0 && f.abs() < 9.0e15 => {
-            Value::Int(f as i64)
-        }
-        (Value::Int(i @ (0 | 1)), ValueType::Bool) => Value::Bool(i == 1),
-        (v, _) => v,
-    };
+    let value = coerce(value, value_type);
     if !value.fits(value_type) {
         let a = |t: ValueType| match t {
             ValueType::Int => "an int",
@@ -491,6 +501,16 @@ impl MachineInstance {
         }
     }
 
+    /// How many sensors this instance of `mt` has (its type's, less the dropped, plus its
+    /// own).
+    pub fn sensor_count(&self, mt: &MachineType) -> usize {
+        mt.sensors
+            .iter()
+            .filter(|s| !self.drop.contains(&s.name))
+            .count()
+            + self.sensors.len()
+    }
+
     /// Whether this instance changes its type (drops, tunes or adds sensors).
     pub fn overrides(&self) -> bool {
         !(self.drop.is_empty() && self.tune.is_empty() && self.sensors.is_empty())
@@ -526,6 +546,25 @@ impl MachineInstance {
                 ));
             } else if self.drop.contains(name) {
                 problems.push(format!("{at}: tune: sensor {name:?} is dropped"));
+            }
+        }
+        // The type's model was made for its inputs as the type has them.
+        let inputs = mt.model.as_ref().map_or(&[][..], |m| &m.inputs[..]);
+        for (name, t) in &self.tune {
+            let same_unit = mt.sensors.iter().find(|s| s.name == *name).map(|s| &s.unit);
+            if inputs.contains(name) && t.unit.is_some() && t.unit.as_ref() != same_unit {
+                problems.push(format!(
+                    "{at}: tune: {name:?} is an input of type {:?}'s model, made for its unit; its unit cannot change here",
+                    self.machine_type
+                ));
+            }
+        }
+        for s in &self.sensors {
+            if inputs.contains(&s.name) {
+                problems.push(format!(
+                    "{at}: sensors: {:?} is an input of type {:?}'s model; it cannot be replaced here",
+                    s.name, self.machine_type
+                ));
             }
         }
         for s in &self.sensors {
@@ -937,8 +976,10 @@ fn check_setpoints(
     let mut setpoint_names = HashSet::new();
     for sp in setpoints {
         let at = format!("{at}: setpoint {:?}", sp.name);
-        if sp.name.is_empty() || sp.name.len() > 128 {
-            problems.push(format!("{at}: name must be 1 to 128 bytes"));
+        if !is_slug(&sp.name) {
+            problems.push(format!(
+                "{at}: name is not a slug ([a-z0-9][a-z0-9_-]*, as a tag's property names it)"
+            ));
         }
         if !setpoint_names.insert(sp.name.as_str()) {
             problems.push(format!("{at}: defined twice"));
@@ -1559,6 +1600,44 @@ max = 10.0"#;
             let msg = PlantSpec::from_toml(&text, "p").expect_err(to).to_string();
             assert!(msg.contains(expect), "{to}: {msg}");
         }
+    }
+
+    #[test]
+    fn a_model_input_keeps_its_unit_and_its_spec() {
+        let with_model = |instance: &str| {
+            with_override(instance).replace("\n[[sites]]", &format!("{MODEL}\n[[sites]]"))
+        };
+        let msg = PlantSpec::from_toml(
+            &with_model(&OVERRIDE.replace(r#"drop = ["force"]"#, "")),
+            "p",
+        )
+        .expect_err("temp is an input")
+        .to_string();
+        assert!(
+            msg.contains(r#"tune: "temp" is an input of type "press"'s model, made for its unit"#),
+            "{msg}"
+        );
+        let replaced = OVERRIDE
+            .replace(r#"drop = ["force"]"#, r#"drop = ["temp"]"#)
+            .replace(
+                "tune.temp = { unit = \"degF\", max = 300.0, alarms = [] }",
+                "",
+            )
+            .replace(r#"name = "oil""#, r#"name = "temp""#);
+        let msg = PlantSpec::from_toml(&with_model(&replaced), "p")
+            .expect_err("temp replaced")
+            .to_string();
+        assert!(
+            msg.contains(
+                r#"sensors: "temp" is an input of type "press"'s model; it cannot be replaced here"#
+            ),
+            "{msg}"
+        );
+        // Its limits may change.
+        let limits = OVERRIDE
+            .replace(r#"drop = ["force"]"#, "")
+            .replace("unit = \"degF\", ", "");
+        PlantSpec::from_toml(&with_model(&limits), "p").expect("limits of an input may change");
     }
 
     #[test]

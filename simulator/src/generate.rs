@@ -334,7 +334,7 @@ pub fn count_assets(spec: &PlantSpec) -> SpecCounts {
                     if let Some(mt) = spec.machine_types.get(&m.machine_type) {
                         let n = u64::from(m.count.unwrap_or(1));
                         c.machines += n;
-                        c.sensors += n * mt.sensors.len() as u64;
+                        c.sensors += n * m.sensor_count(mt) as u64;
                     }
                 }
             }

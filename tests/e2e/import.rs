@@ -596,7 +596,13 @@ async fn an_imported_modbus_register_map_reads_exact_values_writes_and_recovers(
         }
     })
     .await;
-    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    // Back on its port as soon as the port is free again.
+    wait_for(30, "the PLC's port free", || async {
+        std::net::TcpListener::bind(("127.0.0.1", port))
+            .ok()
+            .map(drop)
+    })
+    .await;
     let (plc, _lines) = foreign_modbus(&python, port);
     let back = std::time::Instant::now();
     for (path, _) in &expected {

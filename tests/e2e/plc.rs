@@ -727,6 +727,46 @@ writable = true
         err.contains("state is what the machine reports, not a setpoint"),
         "{err}"
     );
+    // A line: no readings; a setpoint it does not list when it lists some.
+    let mut spec = spec;
+    spec.sites[0].areas[0].lines[0].setpoints = vec![ferrotwin_models::spec::SetpointSpec {
+        name: "line_speed_pct".into(),
+        value_type: ferrotwin_models::ValueType::Int,
+        min: None,
+        max: None,
+        unit: String::new(),
+    }];
+    let line = spec.assets()[3].path.to_string();
+    for (property, says) in [
+        ("value", "a line holds no readings (value)"),
+        (
+            "line_speed",
+            "has no setpoint \"line_speed\" (its setpoints: line_speed_pct)",
+        ),
+    ] {
+        let text = format!(
+            r#"protocol = "modbus"
+name = "odd-plc"
+endpoint = "127.0.0.1:1"
+[[tags]]
+asset = "{line}"
+property = "{property}"
+register = "holding"
+address = 900
+data_type = "u16"
+writable = {}
+"#,
+            property != "value"
+        );
+        let mut opts = options();
+        opts.connections = vec![toml::from_str::<ConnectionConfig>(&text).expect("a config")];
+        let err = ferrotwin_runtime::Runtime::start(&spec, dir.path(), opts)
+            .await
+            .err()
+            .expect("refused at start")
+            .to_string();
+        assert!(err.contains(says), "{says}: {err}");
+    }
 }
 
 /// A device that is not ours, on topics of its own, publishing JSON of its own shape through

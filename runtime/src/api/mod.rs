@@ -812,6 +812,9 @@ impl TwinApi {
         // The plant spec's range and type, before any PLC sees the write (and after the
         // audit record: a refused attempt is on record too, and an event).
         let refused = self.refused_by_spec(&path, &req.property, value);
+        // What goes to the PLC is what was checked: a whole float for an int property as
+        // the int, 0 or 1 for a bool as the bool.
+        let value = self.spec_value(&path, &req.property, value);
         let store = self.ctx.store.clone();
         tokio::task::spawn_blocking(move || store.audit().append(intent, true))
             .instrument(tracing::info_span!(
@@ -872,10 +875,27 @@ impl TwinApi {
         })
     }
 
+    /// `value` coerced to the type the plant spec gives `property` of `path` (a sensor's
+    /// value, a listed setpoint); as it is when the spec says no type.
+    fn spec_value(&self, path: &AssetPath, property: &str, value: Value) -> Value {
+        let Some(entry) = self.ctx.registry.by_path(path) else {
+            return value;
+        };
+        let value_type = match &entry.def.kind {
+            AssetKind::Sensor { spec, .. } if property == "value" => Some(spec.value_type),
+            kind => kind
+                .setpoints()
+                .iter()
+                .find(|s| s.name == property)
+                .map(|s| s.value_type),
+        };
+        value_type.map_or(value, |t| ferrotwin_models::spec::coerce(value, t))
+    }
+
     /// Why the plant spec refuses writing `value` to `property` of `path`, if it does: a
     /// machine whose type lists setpoints (a line or an area that lists its own) takes these
-    /// only, of their type, within range; a
-    /// sensor takes a value of its type within its `min`/`max`, and nothing else.
+    /// only, of their type, within range; a sensor takes a value of its type within its
+    /// `min`/`max`, and nothing else.
     fn refused_by_spec(&self, path: &AssetPath, property: &str, value: Value) -> Option<String> {
         let entry = self.ctx.registry.by_path(path)?;
         match &entry.def.kind {

@@ -14,9 +14,11 @@
 //! | `WordOrder`  | no       | `big_endian` (default: high word first) or `little_endian`     |
 //! | `Scale`, `Offset` | no  | engineering value = raw × scale + offset (1 and 0)             |
 //! | `Unit`, `Min`, `Max` | no | unit and range of the sensor                                 |
-//! | `Access`     | no       | `R` (default) or `RW`: writable (holding registers and coils)  |
+//! | `Access`     | no       | `R` (default) or `RW`: writable (holding registers and coils); a write-only `W` row is refused |
 //!
-//! Rows become machines and sensors as every import does (`Plant::build`): a `Running` bit
+//! Vendors' other names for the columns are read too (`Data Type`, `R/W`, `Scaling`,
+//! `Byte Order`, `Tag Name`, `Equipment`, …: `column_of`); columns read under no name are
+//! listed in the site config's header. Rows become machines and sensors as every import does (`Plant::build`): a `Running` bit
 //! is the machine's state, `GoodCount`/`RejectCount` integers its counters. Every problem of
 //! the file is reported with its line and column, and nothing is written.
 
@@ -102,17 +104,17 @@ pub fn read_map(text: &str, origin: &str) -> Result<Found> {
         .headers()
         .with_context(|| format!("{origin}: no header row"))?
         .clone();
-    let norm = |h: &str| -> String {
-        h.chars()
-            .filter(char::is_ascii_alphanumeric)
-            .map(|c| c.to_ascii_lowercase())
-            .collect()
-    };
-    let col: HashMap<String, usize> = headers
-        .iter()
-        .enumerate()
-        .map(|(i, h)| (norm(h), i))
-        .collect();
+    let mut col: HashMap<String, usize> = HashMap::new();
+    let mut unread = Vec::new();
+    for (i, h) in headers.iter().enumerate() {
+        match column_of(h) {
+            Some(c) => {
+                col.entry(c.to_string()).or_insert(i);
+            }
+            None if h.is_empty() => {}
+            None => unread.push(h.to_string()),
+        }
+    }
     let missing: Vec<&str> = ["machine", "name", "register", "address"]
         .into_iter()
         .filter(|c| !col.contains_key(*c))
@@ -170,9 +172,43 @@ pub fn read_map(text: &str, origin: &str) -> Result<Found> {
             problems.join("\n  ")
         );
     }
+    let mut notes = Vec::new();
+    if !unread.is_empty() {
+        notes.push(format!(
+            "columns of {origin} not read: {} (only Machine, Name, Register, Address, Type, WordOrder, Scale, Offset, Unit, Min, Max, Access and their usual other names are)",
+            unread.join(", ")
+        ));
+    }
     Ok(Found {
         machines,
+        notes,
         ..Found::default()
+    })
+}
+
+/// The column a header names, by its usual names in vendors' maps (letter case, spaces,
+/// `_`, `/` and `-` ignored); `None` for a column this import does not read.
+fn column_of(header: &str) -> Option<&'static str> {
+    let h: String = header
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    Some(match h.as_str() {
+        "machine" | "asset" | "equipment" | "device" => "machine",
+        "name" | "tag" | "tagname" | "signal" | "variable" => "name",
+        "register" | "registertype" | "table" | "function" => "register",
+        "address" | "addr" | "registeraddress" | "startaddress" => "address",
+        "type" | "datatype" | "dtype" | "format" | "dataformat" => "type",
+        "wordorder" | "byteorder" | "swap" | "wordswap" | "endianness" | "endian" => "wordorder",
+        "scale" | "scaling" | "factor" | "gain" | "multiplier" => "scale",
+        "offset" | "bias" => "offset",
+        "unit" | "units" | "eu" | "engineeringunit" | "engineeringunits" => "unit",
+        "min" | "minimum" | "low" | "rangelow" | "eulow" => "min",
+        "max" | "maximum" | "high" | "rangehigh" | "euhigh" => "max",
+        "access" | "rw" | "readwrite" | "accessmode" => "access",
+        "description" | "comment" | "comments" | "notes" => "description",
+        _ => return None,
     })
 }
 
@@ -294,8 +330,10 @@ fn row(cells: &Cells<'_>) -> Result<(Vec<String>, String, Signal), RowError> {
         .replace([' ', '-'], "_")
         .as_str()
     {
-        "" | "big_endian" | "big" | "high_first" | "abcd" => WordOrder::BigEndian,
-        "little_endian" | "little" | "low_first" | "swapped" | "cdab" => WordOrder::LittleEndian,
+        "" | "big_endian" | "big" | "high_first" | "abcd" | "no" | "false" => WordOrder::BigEndian,
+        "little_endian" | "little" | "low_first" | "swapped" | "cdab" | "yes" | "true" => {
+            WordOrder::LittleEndian
+        }
         other => {
             return Err((
                 "WordOrder",
@@ -333,7 +371,13 @@ fn row(cells: &Cells<'_>) -> Result<(Vec<String>, String, Signal), RowError> {
         .as_str()
     {
         "" | "r" | "ro" | "read" | "readonly" => false,
-        "rw" | "w" | "wo" | "readwrite" | "write" => true,
+        "rw" | "readwrite" => true,
+        "w" | "wo" | "write" | "writeonly" => {
+            return Err((
+                "Access",
+                "a write-only register is not imported (no value to read): map it by hand as a setpoint of its machine (README, Setpoints)".into(),
+            ));
+        }
         other => return Err(("Access", format!("{other:?} is not R or RW"))),
     };
     if writable && !matches!(register, RegisterKind::Holding | RegisterKind::Coil) {
@@ -496,6 +540,36 @@ Boiler,SupplyTemp,holding,300,int16,,0.1,,degC,-50,150,R,
         .to_string();
         assert!(
             msg.contains("m.csv:4: Type: a discrete_input holds a bool, not u16"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn usual_column_names_are_read_and_unknown_ones_named() {
+        let map = "\
+Equipment,Tag Name,Register,Address,Data Type,Byte Order,Scaling,R/W,Colour
+Press,Force,4x,10,float,swapped,0.5,RW,red
+";
+        let found = read_map(map, "m.csv").expect("valid");
+        let s = &found.machines[0].signals[0];
+        let Address::Modbus(r) = &s.address else {
+            panic!("modbus")
+        };
+        assert_eq!(
+            (r.data_type, r.word_order, r.scale, s.writable),
+            (DataType::F32, WordOrder::LittleEndian, 0.5, true)
+        );
+        assert_eq!(found.notes.len(), 1);
+        assert!(
+            found.notes[0].contains("not read: Colour"),
+            "{:?}",
+            found.notes
+        );
+        let msg = read_map(&map.replace(",RW,", ",W,"), "m.csv")
+            .expect_err("write-only")
+            .to_string();
+        assert!(
+            msg.contains("m.csv:2: Access: a write-only register is not imported"),
             "{msg}"
         );
     }
