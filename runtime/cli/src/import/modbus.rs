@@ -75,8 +75,12 @@ impl Source {
 
 /// Reads `source.map` and writes `out`/plant.toml and `out`/site.toml.
 pub fn import(source: &Source, naming: &Naming, out: &Path, force: bool) -> Result<Written> {
-    let text = std::fs::read_to_string(&source.map)
+    let bytes = std::fs::read(&source.map)
         .with_context(|| format!("cannot read the register map {}", source.map.display()))?;
+    // Spreadsheets on Windows save "CSV" in their ANSI code page: read what is not UTF-8 as
+    // Latin-1 (a `°C` stays `°C`).
+    let text = String::from_utf8(bytes)
+        .unwrap_or_else(|e| e.into_bytes().iter().map(|&b| char::from(b)).collect());
     let found = read_map(&text, &source.map.display().to_string())?;
     let plant = Plant::build(found, naming)?;
     let name = super::slug(&format!("{}-modbus", naming.site));
@@ -96,9 +100,17 @@ pub fn import(source: &Source, naming: &Naming, out: &Path, force: bool) -> Resu
 
 /// The machines of a register map; `origin` names the file in errors.
 pub fn read_map(text: &str, origin: &str) -> Result<Found> {
+    // Spreadsheets set to a decimal comma save with `;` between cells.
+    let header = text.lines().next().unwrap_or("");
+    let delimiter = if header.contains(';') && !header.contains(',') {
+        b';'
+    } else {
+        b','
+    };
     let mut reader = csv::ReaderBuilder::new()
         .trim(csv::Trim::All)
         .flexible(true)
+        .delimiter(delimiter)
         .from_reader(text.as_bytes());
     let headers = reader
         .headers()
@@ -572,5 +584,16 @@ Press,Force,4x,10,float,swapped,0.5,RW,red
             msg.contains("m.csv:2: Access: a write-only register is not imported"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn a_semicolon_separated_map_reads_as_well() {
+        let found = read_map(
+            "Machine;Name;Register;Address;Scale\nPress;Temp;input;3;0.1\n",
+            "m.csv",
+        )
+        .expect("valid");
+        assert_eq!(found.machines[0].signals[0].name, "Temp");
+        assert_eq!(found.machines[0].signals[0].value_type, ValueType::Float);
     }
 }
