@@ -568,43 +568,34 @@ impl MqttConfig {
                             what: "not a topic without wildcards".to_string(),
                         });
                     }
-                    if let Some(c) = &t.command_topic {
-                        let what = if !t.writable {
+                    // The tag's other topics: each where it belongs, without wildcards.
+                    let misplaced = match (&t.command_topic, &t.readback_topic) {
+                        (Some(_), _) if !t.writable => {
                             Some("command_topic: only a writable tag has one")
-                        } else if !t.is_reading() {
+                        }
+                        (Some(_), _) if !t.is_reading() => {
                             Some("command_topic: a setpoint's topic is its command topic")
-                        } else if bad_topic(c) {
+                        }
+                        (Some(c), _) if bad_topic(c) => {
                             Some("command_topic: not a topic without wildcards")
-                        } else {
-                            None
-                        };
-                        if let Some(what) = what {
-                            return Err(ConfigError::Tag {
-                                connection: self.name.clone(),
-                                tag: topic,
-                                what: what.to_string(),
-                            });
                         }
-                    }
-                    if let Some(r) = &t.readback_topic {
-                        let what = if !t.writable {
+                        (_, Some(_)) if !t.writable => {
                             Some("readback_topic: only a writable tag has one")
-                        } else if t.is_reading() {
-                            Some(
-                                "readback_topic: a writable reading is confirmed by what arrives on its own topic",
-                            )
-                        } else if bad_topic(r) {
-                            Some("readback_topic: not a topic without wildcards")
-                        } else {
-                            None
-                        };
-                        if let Some(what) = what {
-                            return Err(ConfigError::Tag {
-                                connection: self.name.clone(),
-                                tag: topic,
-                                what: what.to_string(),
-                            });
                         }
+                        (_, Some(_)) if t.is_reading() => Some(
+                            "readback_topic: a writable reading is confirmed by what arrives on its own topic",
+                        ),
+                        (_, Some(r)) if bad_topic(r) => {
+                            Some("readback_topic: not a topic without wildcards")
+                        }
+                        _ => None,
+                    };
+                    if let Some(what) = misplaced {
+                        return Err(ConfigError::Tag {
+                            connection: self.name.clone(),
+                            tag: topic,
+                            what: what.to_string(),
+                        });
                     }
                     targets.push(TagTarget::parse(
                         &self.name,

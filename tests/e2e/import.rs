@@ -10,15 +10,16 @@ use ferrotwin_runtime::config::SiteConfig;
 
 use crate::common::{get, python_with, start_plant_in, wait_for};
 
-/// The foreign plant server (tests/foreign/asyncua_plant.py) on a free port; its stdout
-/// lines after `ready` go to the returned receiver.
-fn foreign_plant(
+/// The foreign server `script` (under tests/foreign) on `port` of 127.0.0.1; its stdout
+/// lines after `ready` go to the returned receiver. Its stdin stays open: closing it ends it.
+fn foreign_server(
     python: &std::path::Path,
+    script: &str,
     port: u16,
-) -> (Child, String, std::sync::mpsc::Receiver<String>) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/foreign/asyncua_plant.py");
+) -> (Child, std::sync::mpsc::Receiver<String>) {
+    let script = format!("{}/foreign/{script}", env!("CARGO_MANIFEST_DIR"));
     let mut child = Command::new(python)
-        .args([script, &port.to_string()])
+        .args([script.as_str(), &port.to_string()])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -37,6 +38,15 @@ fn foreign_plant(
         .recv_timeout(std::time::Duration::from_secs(60))
         .expect("the server says ready");
     assert!(ready.starts_with("ready"), "{ready}");
+    (child, rx)
+}
+
+/// The foreign OPC UA plant (tests/foreign/asyncua_plant.py) on `port`, with its endpoint.
+fn foreign_plant(
+    python: &std::path::Path,
+    port: u16,
+) -> (Child, String, std::sync::mpsc::Receiver<String>) {
+    let (child, rx) = foreign_server(python, "asyncua_plant.py", port);
     (child, format!("opc.tcp://127.0.0.1:{port}/foreign/"), rx)
 }
 
@@ -385,34 +395,12 @@ async fn an_imported_sparkplug_group_runs_as_written_with_every_metric_live() {
     let _ = second.wait();
 }
 
-/// The foreign Modbus PLC (tests/foreign/pymodbus_plant.py) on `port`, its stdout lines
-/// after `ready` on the receiver.
+/// The foreign Modbus PLC (tests/foreign/pymodbus_plant.py) on `port`.
 fn foreign_modbus(
     python: &std::path::Path,
     port: u16,
 ) -> (Child, std::sync::mpsc::Receiver<String>) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/foreign/pymodbus_plant.py");
-    let mut child = Command::new(python)
-        .args([script, &port.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("python starts");
-    let out = BufReader::new(child.stdout.take().expect("stdout"));
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in out.lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let ready = rx
-        .recv_timeout(std::time::Duration::from_secs(60))
-        .expect("the PLC says ready");
-    assert!(ready.starts_with("ready"), "{ready}");
-    (child, rx)
+    foreign_server(python, "pymodbus_plant.py", port)
 }
 
 fn stop(mut child: Child) {

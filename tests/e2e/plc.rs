@@ -497,13 +497,7 @@ async fn setpoints_written_over_grpc_reach_the_simulated_machine() {
             "has no setpoint \"spindle_rpm\"",
         ),
     ] {
-        let err = c
-            .write_property(write(&machine, property, value))
-            .await
-            .expect_err("refused by the plant spec");
-        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
-        assert!(err.message().contains(says), "{err}");
-        assert!(err.message().contains("no PLC was written"), "{err}");
+        refused_by_spec(&c, &machine, property, value, says).await;
     }
     assert_eq!(
         rig.plant.lock().await.sim().speed_pct(machine_id),
@@ -571,6 +565,25 @@ async fn setpoints_written_over_grpc_reach_the_machine_over_json_sparkplug_and_o
         wait_speed(&rig, machine_id, pct as u16).await;
         rig.stop().await;
     }
+}
+
+/// Writes `value` to `property` of `path` and asserts the plant spec refused it, saying
+/// `says`, before any PLC.
+async fn refused_by_spec(
+    c: &Client,
+    path: &str,
+    property: &str,
+    value: pb::value::Kind,
+    says: &str,
+) {
+    let err = c
+        .clone()
+        .write_property(write(path, property, value))
+        .await
+        .expect_err("refused by the plant spec");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    assert!(err.message().contains(says), "{says}: {err}");
+    assert!(err.message().contains("no PLC was written"), "{err}");
 }
 
 fn write(path: &str, property: &str, value: pb::value::Kind) -> pb::WritePropertyRequest {
@@ -649,12 +662,7 @@ async fn a_line_setpoint_is_checked_by_the_line_spec_and_reaches_its_plc() {
             "has no setpoint \"line_speed\" (its setpoints: line_speed_pct)",
         ),
     ] {
-        let err = c
-            .write_property(write(&line, property, value))
-            .await
-            .expect_err("refused");
-        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
-        assert!(err.message().contains(says), "{says}: {err:?}");
+        refused_by_spec(&c, &line, property, value, says).await;
     }
     assert_eq!(rig.plant.lock().await.sim().speed_pct(machine_id), Some(90));
     rig.stop().await;
