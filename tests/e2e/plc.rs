@@ -673,7 +673,7 @@ async fn a_line_setpoint_is_checked_by_the_line_spec_and_reaches_its_plc() {
 /// takes (a write there could never be checked against the plant spec).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_writable_tag_its_machine_type_lists_no_setpoint_for_is_refused_at_start() {
-    let spec: PlantSpec = generate(TWO_LINES, 3);
+    let mut spec: PlantSpec = generate(TWO_LINES, 3);
     let machine = spec
         .assets()
         .into_iter()
@@ -681,27 +681,8 @@ async fn a_writable_tag_its_machine_type_lists_no_setpoint_for_is_refused_at_sta
         .expect("a machine")
         .path
         .to_string();
-    let text = format!(
-        r#"protocol = "modbus"
-name = "odd-plc"
-endpoint = "127.0.0.1:1"
-[[tags]]
-asset = "{machine}"
-property = "spindle_rpm"
-register = "holding"
-address = 900
-data_type = "u16"
-writable = true
-"#
-    );
-    let mut opts = options();
-    opts.connections = vec![toml::from_str::<ConnectionConfig>(&text).expect("a config")];
     let dir = tempfile::tempdir().expect("dir");
-    let err = ferrotwin_runtime::Runtime::start(&spec, dir.path(), opts)
-        .await
-        .err()
-        .expect("refused at start");
-    let msg = err.to_string();
+    let msg = refused_at_start(&spec, dir.path(), &machine, "spindle_rpm", true).await;
     for part in [
         "odd-plc",
         machine.as_str(),
@@ -711,32 +692,12 @@ writable = true
         assert!(msg.contains(part), "{part} in {msg}");
     }
     // A machine's reported state is no setpoint: its writes could never be taken.
-    let text = format!(
-        r#"protocol = "modbus"
-name = "odd-plc"
-endpoint = "127.0.0.1:1"
-[[tags]]
-asset = "{machine}"
-property = "state"
-register = "holding"
-address = 900
-data_type = "u16"
-writable = true
-"#
-    );
-    let mut opts = options();
-    opts.connections = vec![toml::from_str::<ConnectionConfig>(&text).expect("a config")];
-    let err = ferrotwin_runtime::Runtime::start(&spec, dir.path(), opts)
-        .await
-        .err()
-        .expect("refused at start")
-        .to_string();
+    let err = refused_at_start(&spec, dir.path(), &machine, "state", true).await;
     assert!(
         err.contains("state is what the machine reports, not a setpoint"),
         "{err}"
     );
     // A line: no readings; a setpoint it does not list when it lists some.
-    let mut spec = spec;
     spec.sites[0].areas[0].lines[0].setpoints = vec![ferrotwin_models::spec::SetpointSpec {
         name: "line_speed_pct".into(),
         value_type: ferrotwin_models::ValueType::Int,
@@ -745,36 +706,47 @@ writable = true
         unit: String::new(),
     }];
     let line = spec.assets()[3].path.to_string();
-    for (property, says) in [
-        ("value", "a line holds no readings (value)"),
+    for (property, writable, says) in [
+        ("value", false, "a line holds no readings (value)"),
         (
             "line_speed",
+            true,
             "has no setpoint \"line_speed\" (its setpoints: line_speed_pct)",
         ),
     ] {
-        let text = format!(
-            r#"protocol = "modbus"
+        let err = refused_at_start(&spec, dir.path(), &line, property, writable).await;
+        assert!(err.contains(says), "{says}: {err}");
+    }
+}
+
+/// Why the runtime of `spec` does not start with one Modbus tag on `property` of `asset`.
+async fn refused_at_start(
+    spec: &PlantSpec,
+    dir: &std::path::Path,
+    asset: &str,
+    property: &str,
+    writable: bool,
+) -> String {
+    let text = format!(
+        r#"protocol = "modbus"
 name = "odd-plc"
 endpoint = "127.0.0.1:1"
 [[tags]]
-asset = "{line}"
+asset = "{asset}"
 property = "{property}"
 register = "holding"
 address = 900
 data_type = "u16"
-writable = {}
-"#,
-            property != "value"
-        );
-        let mut opts = options();
-        opts.connections = vec![toml::from_str::<ConnectionConfig>(&text).expect("a config")];
-        let err = ferrotwin_runtime::Runtime::start(&spec, dir.path(), opts)
-            .await
-            .err()
-            .expect("refused at start")
-            .to_string();
-        assert!(err.contains(says), "{says}: {err}");
-    }
+writable = {writable}
+"#
+    );
+    let mut opts = options();
+    opts.connections = vec![toml::from_str::<ConnectionConfig>(&text).expect("a config")];
+    ferrotwin_runtime::Runtime::start(spec, dir, opts)
+        .await
+        .err()
+        .expect("refused at start")
+        .to_string()
 }
 
 /// A device that is not ours, on topics of its own, publishing JSON of its own shape through
