@@ -199,8 +199,9 @@ fn spawn_protocol(
     }
 }
 
-/// Whether `host` can name a host: a DNS name (letters, digits, `-`, `.`, `_`), an IPv4
-/// address, or an IPv6 address (in brackets or not). A space or any other character is a
+/// Whether `host` can name a host: a DNS name (letters, digits, `-`, `.`, `_`; a fully
+/// qualified one may end in `.`), an IPv4 address, or an IPv6 address (in brackets or not,
+/// a link-local one with its zone, `fe80::1%eth0`). A space or any other character is a
 /// typo that would fail every connect attempt, so a config with one is refused at start.
 pub(crate) fn valid_host(host: &str) -> bool {
     let bare = host
@@ -210,6 +211,14 @@ pub(crate) fn valid_host(host: &str) -> bool {
     if bare.parse::<std::net::IpAddr>().is_ok() {
         return true;
     }
+    if let Some((addr, zone)) = bare.split_once('%') {
+        return addr.parse::<std::net::Ipv6Addr>().is_ok()
+            && !zone.is_empty()
+            && zone
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    }
+    let bare = bare.strip_suffix('.').unwrap_or(bare);
     !bare.is_empty()
         && bare.len() <= 253
         && bare.split('.').all(|l| {
@@ -272,6 +281,39 @@ pub(crate) fn connect_outcome<T>(span: &tracing::Span, r: &Result<T, String>) {
             span.record("ferrotwin.outcome", why.as_str());
             span.record("otel.status_code", "error");
             span.record("error.type", "connect");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_host;
+
+    #[test]
+    fn hosts_as_operators_write_them() {
+        for ok in [
+            "plc-7.hall2.example.com",
+            "plc-7.hall2.example.com.",
+            "10.0.4.51",
+            "::1",
+            "[::1]",
+            "fe80::1%eth0",
+            "[fe80::1%2]",
+            "broker_1",
+        ] {
+            assert!(valid_host(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "plc 7",
+            "plc..7",
+            ".",
+            "fe80::1%",
+            "10.0.0.1%eth0",
+            "a/b",
+            "plc7..",
+        ] {
+            assert!(!valid_host(bad), "{bad}");
         }
     }
 }

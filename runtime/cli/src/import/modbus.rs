@@ -185,6 +185,25 @@ pub fn read_map(text: &str, origin: &str) -> Result<Found> {
         );
     }
     let mut notes = Vec::new();
+    // Modicon numbering (40101 = holding register 100) read as a protocol address would
+    // poll the wrong registers; say so where such addresses appear.
+    let modicon = machines
+        .iter()
+        .flat_map(|m| &m.signals)
+        .filter(|s| match &s.address {
+            Address::Modbus(r) => match r.register {
+                RegisterKind::Holding => (40_001..=49_999).contains(&r.address),
+                RegisterKind::Input => (30_001..=39_999).contains(&r.address),
+                _ => false,
+            },
+            _ => false,
+        })
+        .count();
+    if modicon > 0 {
+        notes.push(format!(
+            "{modicon} row(s) of {origin} have holding addresses in 40001..49999 or input addresses in 30001..39999: if the map numbers registers the Modicon way (40101 = holding register 100), give the 0-based protocol addresses instead"
+        ));
+    }
     if !unread.is_empty() {
         notes.push(format!(
             "columns of {origin} not read: {} (only Machine, Name, Register, Address, Type, WordOrder, Scale, Offset, Unit, Min, Max, Access and their usual other names are)",
@@ -595,5 +614,16 @@ Press,Force,4x,10,float,swapped,0.5,RW,red
         .expect("valid");
         assert_eq!(found.machines[0].signals[0].name, "Temp");
         assert_eq!(found.machines[0].signals[0].value_type, ValueType::Float);
+        assert!(found.notes.is_empty(), "{:?}", found.notes);
+        let modicon = read_map(
+            "Machine,Name,Register,Address\nPress,Temp,holding,40101\n",
+            "m.csv",
+        )
+        .expect("valid, with a note");
+        assert!(
+            modicon.notes[0].contains("1 row(s) of m.csv have holding addresses in 40001..49999"),
+            "{:?}",
+            modicon.notes
+        );
     }
 }
