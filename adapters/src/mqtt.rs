@@ -1062,6 +1062,7 @@ pub async fn run(config: MqttConfig, _targets: Vec<TagTarget>, io: AdapterIo) {
         if let Some(t) = transport.clone() {
             options.set_transport(t);
         }
+        options.set_network_options(no_delay());
         let (client, eventloop) = rumqttc::v5::AsyncClient::new(options, REQUEST_QUEUE);
         let attempts = Attempts::new(&config.name, &host, port);
         let poller = tokio::spawn(poll_broker_v5(
@@ -1083,7 +1084,8 @@ pub async fn run(config: MqttConfig, _targets: Vec<TagTarget>, io: AdapterIo) {
         if let Some(t) = transport {
             options.set_transport(t);
         }
-        let (client, eventloop) = rumqttc::AsyncClient::new(options, REQUEST_QUEUE);
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, REQUEST_QUEUE);
+        eventloop.set_network_options(no_delay());
         let attempts = Attempts::new(&config.name, &host, port);
         let poller = tokio::spawn(poll_broker(
             eventloop,
@@ -1153,6 +1155,14 @@ pub async fn run(config: MqttConfig, _targets: Vec<TagTarget>, io: AdapterIo) {
     }
     let _ = poller.await;
     a.io.status.set_link(LinkState::Stopped, None);
+}
+
+/// Socket options of every broker connection: no Nagle. A command (or an ack) is one small
+/// packet; held back until the broker's delayed ACK it costs a write 40 ms and more.
+fn no_delay() -> rumqttc::NetworkOptions {
+    let mut n = rumqttc::NetworkOptions::new();
+    n.set_tcp_nodelay(true);
+    n
 }
 
 fn build_decoder(config: &MqttConfig) -> Result<Decoder, ConfigError> {

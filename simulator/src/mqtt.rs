@@ -373,6 +373,10 @@ impl MqttPublisher {
             options.set_last_will(will);
         }
         let (client, mut eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
+        // A device answers a command at once: no Nagle on its reports.
+        let mut net = eventloop.network_options();
+        net.set_tcp_nodelay(true);
+        eventloop.set_network_options(net);
         let connack = async {
             loop {
                 match eventloop.poll().await {

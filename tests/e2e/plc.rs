@@ -1044,3 +1044,88 @@ writable = true
     );
     site.rt.shutdown().await;
 }
+
+/// A device that is not ours (paho-mqtt, through Debian's mosquitto) whose zone setpoint is a
+/// sensor a write may set: its reports on its own topic are the twin's readings and the
+/// read-back of a write sent to its command topic. A value it takes is confirmed; one it
+/// ignores is refused by what it goes on reporting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_json_device_confirms_or_refutes_a_written_sensor_value_by_its_reports() {
+    let (Some(broker_bin), Some(python)) = (
+        tool("mosquitto", "apt-get install -y mosquitto"),
+        python_with("paho.mqtt", "paho-mqtt"),
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("dir");
+    // With the broker's Nagle on (mosquitto's default) each hop of a write and its read-back
+    // may wait for a delayed ACK: 50 ms where 5 ms would do (README, MQTT JSON).
+    let broker = mosquitto(
+        &broker_bin,
+        dir.path(),
+        "allow_anonymous true\nset_tcp_nodelay true\n",
+    )
+    .await;
+    const ZONE: &str = "acme/berlin/assembly/line-1/oven-1/zone-temp";
+    let text = format!(
+        r#"protocol = "mqtt"
+name = "oven-json"
+broker = "127.0.0.1:{port}"
+readback_timeout_ms = 1500
+[format]
+type = "json"
+[[format.tags]]
+topic = "factory/hall2/Oven1/zoneSP"
+command_topic = "factory/hall2/Oven1/zoneSP/set"
+asset = "{ZONE}"
+property = "value"
+writable = true
+[format.payload]
+value = "/reading/val"
+timestamp = "time"
+quality = "status"
+quality_map = {{ "OK" = "good" }}
+"#,
+        port = broker.port
+    );
+    let mut o = options();
+    o.connections = vec![toml::from_str::<ConnectionConfig>(&text).expect("a config")];
+    let site = start_in(&dir.path().join("data"), o).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/foreign/json_device.py");
+    let mut device = std::process::Command::new(&python)
+        .args([script, "127.0.0.1", &broker.port.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::fs::File::create(dir.path().join("device.log")).expect("log"))
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("the device starts");
+    let c = site.client.clone();
+    wait_float(&c, ZONE, 180.0, 30, "the device's reported setpoint").await;
+    let set = |v: f64| {
+        let mut c = c.clone();
+        async move {
+            c.write_property(write(ZONE, "value", pb::value::Kind::Float(v)))
+                .await
+        }
+    };
+    let started = std::time::Instant::now();
+    let ok = set(200.0).await.expect("taken").into_inner();
+    eprintln!(
+        "MQTT JSON (paho): written value confirmed in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(ok.result, "confirmed");
+    wait_float(&c, ZONE, 200.0, 10, "the new value as a reading").await;
+    // Above what the device takes: it goes on reporting 200.
+    let err = set(300.0).await.expect_err("refused by the device");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("the device reports value = 200"),
+        "{err:?}"
+    );
+    drop(device.stdin.take());
+    let _ = device.wait();
+    let log = std::fs::read_to_string(dir.path().join("device.log")).expect("log");
+    assert!(log.contains("cmd 200") && log.contains("cmd 300"), "{log}");
+    site.rt.shutdown().await;
+}
