@@ -7,12 +7,14 @@
 //! covers the stream. The status is read from the response headers, where a call that fails
 //! before its first message puts it (trailers-only), or else from the trailers at the end of
 //! the body (a stream cut midway with an error). A body dropped before its end (the client
-//! went away) records `CANCELLED`.
+//! went away) records `CANCELLED`; so does tonic for a call whose `grpc-timeout` ran out,
+//! which is counted as `DEADLINE_EXCEEDED`, as gRPC names it.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, Request, Response};
 use hyper::body::{Body, Frame, SizeHint};
@@ -85,14 +87,38 @@ fn grpc_status(h: &HeaderMap) -> Option<i64> {
         .and_then(|v| v.parse::<i64>().ok())
 }
 
+/// When a call whose request carries `grpc-timeout` (gRPC over HTTP/2: at most 8 digits and
+/// a unit, `H` `M` `S` `m` `u` `n`) runs out; `None` without one, or with a malformed one.
+fn deadline_of(h: &HeaderMap, from: Instant) -> Option<Instant> {
+    let v = h.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    let d = match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    };
+    from.checked_add(d)
+}
+
 /// A call in progress: where its status goes once known. Dropped before that (the client
-/// reset the stream, a `grpc-timeout` ran out, the server stopped), it counts as CANCELLED.
+/// reset the stream, the server stopped), it counts as CANCELLED; past its deadline, as
+/// DEADLINE_EXCEEDED.
 struct Call {
     metrics: Arc<Metrics>,
     service: usize,
     /// With tracing on; `None` too once finished.
     span: Option<tracing::Span>,
     finished: bool,
+    /// From the request's `grpc-timeout`.
+    deadline: Option<Instant>,
 }
 
 impl Drop for Call {
@@ -107,6 +133,13 @@ impl Call {
         if std::mem::replace(&mut self.finished, true) {
             return;
         }
+        // Cancelled at or past the caller's deadline (tonic's own timeout says CANCELLED):
+        // the deadline is what ended it.
+        let code = if code == 1 && self.deadline.is_some_and(|d| Instant::now() >= d) {
+            4
+        } else {
+            code
+        };
         self.metrics.count_grpc_call(self.service, code);
         if let Some(span) = self.span.take() {
             span.record("rpc.grpc.status_code", code);
@@ -196,6 +229,7 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let service = grpc_service_index(req.uri().path());
+        let deadline = deadline_of(req.headers(), Instant::now());
         let span = telemetry::tracing_on().then(|| {
             let span = rpc_span(req.uri().path(), service);
             telemetry::set_remote_parent(&span, req.headers());
@@ -211,6 +245,7 @@ where
             service,
             span,
             finished: false,
+            deadline,
         };
         Box::pin(async move {
             let res = match fut.await {
@@ -231,5 +266,59 @@ where
             };
             Ok(res.map(|inner| TracedBody { inner, call }))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_grpc_timeout_gives_the_deadline_and_a_call_cancelled_past_it_counts_as_deadline_exceeded()
+    {
+        let now = Instant::now();
+        let header = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("grpc-timeout", v.parse().expect("a header value"));
+            h
+        };
+        assert_eq!(
+            deadline_of(&header("250m"), now),
+            Some(now + Duration::from_millis(250))
+        );
+        assert_eq!(
+            deadline_of(&header("2S"), now),
+            Some(now + Duration::from_secs(2))
+        );
+        assert_eq!(
+            deadline_of(&header("1H"), now),
+            Some(now + Duration::from_secs(3600))
+        );
+        for bad in ["", "m", "123456789m", "10x", "-5S", "1.5S"] {
+            assert_eq!(deadline_of(&header(bad), now), None, "{bad:?}");
+        }
+        assert_eq!(deadline_of(&HeaderMap::new(), now), None);
+
+        let metrics = Arc::new(Metrics::default());
+        let count =
+            |code: usize| metrics.grpc_calls[0][code].load(std::sync::atomic::Ordering::Relaxed);
+        let call = |deadline| Call {
+            metrics: metrics.clone(),
+            service: 0,
+            span: None,
+            finished: false,
+            deadline,
+        };
+        // Dropped past its deadline: DEADLINE_EXCEEDED; before it, or without one: CANCELLED.
+        drop(call(Some(now)));
+        drop(call(Some(Instant::now() + Duration::from_secs(60))));
+        drop(call(None));
+        assert_eq!((count(4), count(1)), (1, 2));
+        // tonic's own timeout answers CANCELLED: past the deadline it is the deadline.
+        call(Some(now)).finish(1);
+        assert_eq!(count(4), 2);
+        // Another status stays as it is.
+        call(Some(now)).finish(0);
+        assert_eq!(count(0), 1);
     }
 }
