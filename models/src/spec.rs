@@ -803,8 +803,14 @@ impl PlantSpec {
                             Some(mt) => {
                                 let mut sensors = mt.sensors.len();
                                 if m.overrides() {
-                                    let eff = m.effective(&mp, mt, &mut problems);
-                                    check_type(&mp, &eff, &mut problems);
+                                    // The machines the overrides shape, as they are named.
+                                    let at = match m.count {
+                                        Some(n) if n > 1 => format!("{mp}-{{1..{n}}}"),
+                                        Some(_) => format!("{mp}-1"),
+                                        None => mp.clone(),
+                                    };
+                                    let eff = m.effective(&at, mt, &mut problems);
+                                    check_type(&at, &eff, &mut problems);
                                     sensors = eff.sensors.len();
                                 }
                                 let n = m.count.unwrap_or(1) as usize;
@@ -1600,6 +1606,36 @@ max = 10.0"#;
             let msg = PlantSpec::from_toml(&text, "p").expect_err(to).to_string();
             assert!(msg.contains(expect), "{to}: {msg}");
         }
+    }
+
+    #[test]
+    fn overrides_of_counted_machines_apply_to_each_and_name_them() {
+        let counted = OVERRIDE.replace(r#"name = "old""#, "name = \"old\"\ncount = 2");
+        let spec = PlantSpec::from_toml(&with_override(&counted), "p").expect("valid");
+        let assets = spec.assets();
+        let mt = |p: &str| match &assets.iter().find(|a| a.path.as_str() == p).expect(p).kind {
+            AssetKind::Machine { spec, .. } => spec.clone(),
+            _ => panic!("{p} is a machine"),
+        };
+        let (one, two) = (
+            mt("acme/berlin/assembly/line-2/old-1"),
+            mt("acme/berlin/assembly/line-2/old-2"),
+        );
+        assert!(
+            Arc::ptr_eq(&one, &two),
+            "one effective type for the counted machines"
+        );
+        assert_eq!(one.sensors.len(), 2);
+        let msg = PlantSpec::from_toml(
+            &with_override(&counted.replace(r#"drop = ["force"]"#, r#"drop = ["forse"]"#)),
+            "p",
+        )
+        .expect_err("forse")
+        .to_string();
+        assert!(
+            msg.contains(r#"acme/berlin/assembly/line-2/old-{1..2}: drop: type "press" has no sensor "forse""#),
+            "{msg}"
+        );
     }
 
     #[test]
