@@ -10,6 +10,16 @@ use ferrotwin_runtime::config::SiteConfig;
 
 use crate::common::{get, python_with, start_plant_in, wait_for};
 
+/// A port of 127.0.0.1 free now (a foreign server binds it next; restarted, it binds it
+/// again).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("free port")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
 /// The foreign server `script` (under tests/foreign) on `port` of 127.0.0.1; its stdout
 /// lines after `ready` go to the returned receiver. Its stdin stays open: closing it ends it.
 fn foreign_server(
@@ -55,11 +65,7 @@ async fn an_imported_opcua_server_runs_as_written_with_every_variable_live_and_c
     let Some(python) = python_with("asyncua", "asyncua") else {
         return;
     };
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("free port")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let port = free_port();
     let (mut server, endpoint, lines) = foreign_plant(&python, port);
     let dir = tempfile::tempdir().expect("tmp");
     let out = dir.path().join("lyon");
@@ -419,11 +425,7 @@ async fn an_imported_modbus_register_map_reads_exact_values_writes_and_recovers(
     let Some(python) = python_with("pymodbus", "pymodbus") else {
         return;
     };
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("free port")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let port = free_port();
     let (plc, lines) = foreign_modbus(&python, port);
     let dir = tempfile::tempdir().expect("tmp");
     let out = dir.path().join("plant");
