@@ -1842,7 +1842,8 @@ impl Adapter {
         answer: Result<WriteAck, WriteError>,
     ) {
         let counter = match answer {
-            Ok(_) => &self.io.status.writes_ok,
+            Ok(WriteAck::Confirmed) => &self.io.status.writes_ok,
+            Ok(WriteAck::Unconfirmed) => &self.io.status.writes_unconfirmed,
             Err(_) => &self.io.status.writes_failed,
         };
         AdapterStatus::add(counter, 1);

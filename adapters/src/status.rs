@@ -41,7 +41,10 @@ pub struct AdapterStatus {
     /// Failed requests or connections.
     pub errors: AtomicU64,
     pub connects: AtomicU64,
+    /// Writes the PLC answered, or whose value the device reported back.
     pub writes_ok: AtomicU64,
+    /// Writes the broker took and the device did not report back in time (MQTT).
+    pub writes_unconfirmed: AtomicU64,
     pub writes_failed: AtomicU64,
     /// Polls that took longer than the poll interval (the next one was skipped, not
     /// bunched up); 0 for protocols that do not poll.
@@ -59,6 +62,7 @@ pub struct StatusSnapshot {
     pub errors: u64,
     pub connects: u64,
     pub writes_ok: u64,
+    pub writes_unconfirmed: u64,
     pub writes_failed: u64,
     pub overruns: u64,
 }
@@ -73,6 +77,7 @@ impl AdapterStatus {
             errors: AtomicU64::new(0),
             connects: AtomicU64::new(0),
             writes_ok: AtomicU64::new(0),
+            writes_unconfirmed: AtomicU64::new(0),
             writes_failed: AtomicU64::new(0),
             overruns: AtomicU64::new(0),
         }
@@ -114,6 +119,7 @@ impl AdapterStatus {
             errors: get(&self.errors),
             connects: get(&self.connects),
             writes_ok: get(&self.writes_ok),
+            writes_unconfirmed: get(&self.writes_unconfirmed),
             writes_failed: get(&self.writes_failed),
             overruns: get(&self.overruns),
         }

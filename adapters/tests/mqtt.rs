@@ -973,6 +973,12 @@ async fn a_writable_sensor_value_is_written_and_confirmed_by_its_own_reports() {
         json.handle.write(write(999.0)).await,
         Ok(WriteAck::Unconfirmed)
     );
+    let st = json.handle.status().snapshot();
+    assert_eq!(
+        (st.writes_ok, st.writes_unconfirmed, st.writes_failed),
+        (1, 1, 0),
+        "counted by what the device did"
+    );
     json.readings_until("the reported value as a reading", |rs| {
         rs.iter()
             .any(|r| r.asset == sensor.id() && r.value.as_f64() == 200.0)

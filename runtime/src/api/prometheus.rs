@@ -115,7 +115,7 @@ pub const FAMILIES: &[MetricFamily] = &[
         component: "adapters",
         labels: &["connection", "protocol", "outcome"],
         discard: Discard::Fault,
-        help: "writes to PLCs: ok, failed (refused, timed out, not connected)",
+        help: "writes to PLCs: ok (the PLC answered, or the device reported the value back), unconfirmed (only the broker took it), failed (refused, timed out, not connected)",
     },
     MetricFamily {
         name: "ferrotwin_adapter_connects_total",
@@ -486,7 +486,11 @@ pub fn render_runtime(src: &Sources<'_>) -> String {
         }
         let _ = writeln!(s, "# TYPE ferrotwin_adapter_writes_total counter");
         for (st, protocol, _, _) in &statuses {
-            for (what, n) in [("ok", st.writes_ok), ("failed", st.writes_failed)] {
+            for (what, n) in [
+                ("ok", st.writes_ok),
+                ("unconfirmed", st.writes_unconfirmed),
+                ("failed", st.writes_failed),
+            ] {
                 let _ = writeln!(
                     s,
                     "ferrotwin_adapter_writes_total{{connection=\"{}\",protocol=\"{protocol}\",outcome=\"{what}\"}} {n}",
