@@ -121,6 +121,10 @@ pub struct Runtime {
     listeners: Arc<crate::security::conn::Listeners>,
     /// What this runtime's OTLP metric callbacks render; cleared at the stop.
     metric_pages: std::sync::Mutex<Vec<crate::telemetry::MetricPage>>,
+    /// The HTTP server's counters, one set for every HTTP listener of this runtime (their
+    /// families are registered over OTLP once, by the first `serve_http`).
+    http_metrics: Arc<crate::http::HttpMetrics>,
+    http_metrics_exported: std::sync::atomic::AtomicBool,
 }
 
 impl Runtime {
@@ -257,6 +261,8 @@ impl Runtime {
             streams: Arc::default(),
             listeners: Arc::default(),
             metric_pages: std::sync::Mutex::default(),
+            http_metrics: Arc::default(),
+            http_metrics_exported: std::sync::atomic::AtomicBool::new(false),
         };
         if crate::telemetry::metrics_on() && !rt.token.is_cancelled() {
             // Everything `/metrics` shows but the HTTP server's families, over OTLP; nothing
@@ -429,8 +435,13 @@ impl Runtime {
         let tls = self.listener_tls("http", &listener, b"http/1.1")?;
         let token = self.token.child_token();
         let state = self.http_state(token.clone());
-        if crate::telemetry::metrics_on() {
-            // The HTTP server's families, over OTLP (the runtime's are registered at start).
+        if crate::telemetry::metrics_on()
+            && !self
+                .http_metrics_exported
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            // The HTTP server's families, over OTLP (the runtime's are registered at start),
+            // once: every listener counts into the same `http_metrics`.
             let http = state.clone();
             let page = crate::telemetry::MetricPage::new(move || http.render_metrics());
             self.keep_metric_page(page.clone());
@@ -453,7 +464,7 @@ impl Runtime {
 
     /// What the HTTP server reads.
     fn http_state(&self, token: CancellationToken) -> crate::http::HttpState {
-        crate::http::HttpState::new(self.api(), token)
+        crate::http::HttpState::new(self.api(), token).with_metrics(self.http_metrics.clone())
     }
 
     /// Prometheus text of everything this runtime counts: ingest and twins (`Metrics`), PLC

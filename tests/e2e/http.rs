@@ -549,3 +549,32 @@ async fn openapi_description_lists_every_route() {
     assert!(doc["components"]["schemas"]["TwinDto"].is_object());
     site.rt.shutdown().await;
 }
+
+/// Two HTTP listeners of one runtime count into one set of HTTP counters: a request on one
+/// shows on the other's `/metrics` (and their families are exported over OTLP once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_http_listeners_of_one_runtime_share_their_counters() {
+    let dir = tempfile::tempdir().expect("dir");
+    let site = start_in(dir.path(), options()).await;
+    let (a, b) = (http(&site).await, http(&site).await);
+    let api_2xx = |page: &str| {
+        page.lines()
+            .find_map(|l| {
+                l.strip_prefix(r#"ferrotwin_http_requests_total{route="api",status="2xx"} "#)
+            })
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .expect("the api 2xx counter")
+    };
+    let before = api_2xx(&get_text(&format!("{b}/metrics")).await.1);
+    for _ in 0..3 {
+        let (status, _) = get_json(&format!("{a}/api/v1/twins/{TEMP}")).await;
+        assert_eq!(status, 200);
+    }
+    let after = api_2xx(&get_text(&format!("{b}/metrics")).await.1);
+    assert_eq!(
+        after - before,
+        3,
+        "the requests on one listener show on the other"
+    );
+    site.rt.shutdown().await;
+}

@@ -154,6 +154,12 @@ impl HttpState {
         }
     }
 
+    /// Counting into `metrics` (shared by a runtime's HTTP listeners) instead of its own.
+    pub fn with_metrics(mut self, metrics: Arc<HttpMetrics>) -> HttpState {
+        self.metrics = metrics;
+        self
+    }
+
     /// Prometheus text: the runtime's counters, then the HTTP server's.
     pub fn render_metrics(&self) -> String {
         let mut s = self.api.render_metrics();
