@@ -280,6 +280,50 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_mqtt_tag_or_metric_or_opcua_tag_is_reported_at_its_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("site.toml");
+        let head = "version = 1\nplant = \"p.toml\"\ndata_dir = \"d\"\n";
+        for (body, line, says) in [
+            (
+                "[[connections]]\nprotocol = \"mqtt\"\nname = \"mq\"\nbroker = \"127.0.0.1:1883\"\n\
+                 [connections.format]\ntype = \"json\"\n\
+                 [[connections.format.tags]]\ntopic = \"a/b\"\nasset = \"acme/a/b/c/d/e\"\nproperty = \"value\"\nwritable = \"yes\"\n",
+                10,
+                "connection \"mq\", tag #1: invalid type: string \"yes\", expected a boolean",
+            ),
+            (
+                "[[connections]]\nprotocol = \"mqtt\"\nname = \"sp\"\nbroker = \"127.0.0.1:1883\"\n\
+                 [connections.format]\ntype = \"sparkplug\"\ngroup_id = \"G\"\n\
+                 [[connections.format.metrics]]\nnode = \"N\"\nmetric = \"T\"\nasset = \"acme/a/b/c/d/e\"\n\
+                 [[connections.format.metrics]]\nnode = \"N\"\nmetrik = \"U\"\nasset = \"acme/a/b/c/d/f\"\n",
+                15,
+                "connection \"sp\", metric #2: unknown field `metrik`",
+            ),
+            (
+                "[[connections]]\nprotocol = \"opcua\"\nname = \"ua\"\nendpoint = \"opc.tcp://h:4840/\"\n\
+                 [[connections.tags]]\nnode = \"ns=2;s=x\"\nasset = \"acme/a/b/c/d/e\"\n",
+                8,
+                "connection \"ua\", tag #1: unknown field `node`",
+            ),
+        ] {
+            std::fs::write(&f, format!("{head}{body}")).expect("write");
+            let msg = SiteConfig::load(&f).expect_err(says).to_string();
+            assert!(
+                msg.contains(&format!("line {line}: {says}")),
+                "{says}: {msg}"
+            );
+        }
+        // An error outside the connections keeps TOML's own message and position.
+        std::fs::write(&f, format!("{head}[store]\nflush_intervall_ms = 5\n")).expect("write");
+        let msg = SiteConfig::load(&f).expect_err("typo").to_string();
+        assert!(
+            msg.contains("flush_intervall_ms") && msg.contains("line 5"),
+            "{msg}"
+        );
+    }
+
+    #[test]
     fn relative_paths_resolve_against_the_config_file() {
         let dir = tempfile::tempdir().expect("tempdir");
         let f = dir.path().join("site.toml");
