@@ -620,11 +620,8 @@ impl MqttConfig {
                     let Some(command) = t.command() else {
                         continue;
                     };
-                    let under_prefix = j.topic_prefixes.iter().any(|p| {
-                        command
-                            .strip_prefix(p.as_str())
-                            .is_some_and(|r| r.starts_with('/'))
-                    }) && !command.contains(&format!("/{COMMAND_INFIX}/"));
+                    let under_prefix =
+                        under_prefixes(&command, &j.topic_prefixes) && !is_command_topic(&command);
                     if heard.contains(command.as_str()) || under_prefix {
                         return Err(ConfigError::Tag {
                             connection: self.name.clone(),
@@ -875,6 +872,20 @@ pub fn topic_rule(topic: &str) -> Option<(AssetId, Property)> {
     }
     let sensor = AssetPath::parse(topic).ok()?;
     (sensor.depth() == 6).then(|| (sensor.id(), Property::Value))
+}
+
+/// Whether `topic` lies under one of `prefixes` (the naming rule maps it).
+fn under_prefixes(topic: &str, prefixes: &[String]) -> bool {
+    prefixes.iter().any(|p| {
+        topic
+            .strip_prefix(p.as_str())
+            .is_some_and(|r| r.starts_with('/'))
+    })
+}
+
+/// Whether `topic` has a command level (`…/set/…`): a write's topic, never data.
+fn is_command_topic(topic: &str) -> bool {
+    topic.contains(&format!("/{COMMAND_INFIX}/"))
 }
 
 /// How payloads turn into readings.
@@ -1622,19 +1633,13 @@ impl Adapter {
                     return;
                 }
                 let target = exact.get(topic).copied().or_else(|| {
-                    prefixes
-                        .iter()
-                        .any(|p| {
-                            topic
-                                .strip_prefix(p.as_str())
-                                .is_some_and(|r| r.starts_with('/'))
-                        })
+                    under_prefixes(topic, prefixes)
                         .then(|| topic_rule(topic))
                         .flatten()
                 });
                 let Some((asset, property)) = target else {
                     // Commands under a prefix are ours or another writer's, not data.
-                    if !topic.contains(&format!("/{COMMAND_INFIX}/")) {
+                    if !is_command_topic(topic) {
                         AdapterStatus::add(&self.io.status.rejected, 1);
                         self.unmapped(topic.to_string()).await;
                     }
