@@ -178,20 +178,6 @@ impl SetpointSpec {
     }
 }
 
-/// Why a write to `property` of what `owner` names is refused whatever its value: it lists
-/// `setpoints`, and not this one. `None` when it lists none (the connection's tag and the
-/// PLC check the write).
-pub fn unlisted(setpoints: &[SetpointSpec], owner: &str, property: &str) -> Option<String> {
-    if setpoints.is_empty() || setpoints.iter().any(|s| s.name == property) {
-        return None;
-    }
-    let names: Vec<&str> = setpoints.iter().map(|s| s.name.as_str()).collect();
-    Some(format!(
-        "{owner} has no setpoint {property:?} (its setpoints: {})",
-        names.join(", ")
-    ))
-}
-
 /// `value` as a property of `value_type` takes it, where a command line or a JSON client
 /// may write it otherwise: a whole float as an int, 0 or 1 as a bool; any other value as
 /// it is. What the write checks judge, and what goes to the PLC.
@@ -277,16 +263,6 @@ pub struct MachineType {
 }
 
 impl MachineType {
-    /// Why a write to `property` is refused by this type (named `type_name`) whatever its
-    /// value: the type lists its setpoints, and not this one. `None` when it lists none.
-    pub fn unlisted_setpoint(&self, type_name: &str, property: &str) -> Option<String> {
-        unlisted(
-            &self.setpoints,
-            &format!("machine type {type_name:?}"),
-            property,
-        )
-    }
-
     /// The state code (`MachineState::code`) a PLC's state `value` means for this type;
     /// `None` when it means none (the twin then refuses the reading).
     pub fn state_code(&self, value: Value) -> Option<i64> {
@@ -710,6 +686,30 @@ impl AssetKind {
             AssetKind::Line { setpoints } | AssetKind::Area { setpoints } => setpoints,
             _ => &[],
         }
+    }
+
+    /// The setpoint `name` of those, if listed.
+    pub fn setpoint(&self, name: &str) -> Option<&SetpointSpec> {
+        self.setpoints().iter().find(|s| s.name == name)
+    }
+
+    /// Why a write to `property` of this asset (at `path`) is refused whatever its value:
+    /// it lists setpoints (its type's, its own), and not this one. `None` when it lists none
+    /// (the connection's tag and the PLC check the write), and at the other levels.
+    pub fn unlisted_setpoint(&self, path: &AssetPath, property: &str) -> Option<String> {
+        let setpoints = self.setpoints();
+        if setpoints.is_empty() || self.setpoint(property).is_some() {
+            return None;
+        }
+        let owner = match self {
+            AssetKind::Machine { type_name, .. } => format!("machine type {type_name:?}"),
+            other => format!("{} {path}", other.level().as_str()),
+        };
+        let names: Vec<&str> = setpoints.iter().map(|s| s.name.as_str()).collect();
+        Some(format!(
+            "{owner} has no setpoint {property:?} (its setpoints: {})",
+            names.join(", ")
+        ))
     }
 
     /// Asset type name: the machine type for machines and their sensors

@@ -228,22 +228,11 @@ fn check_target(
             TagKind::Reading(Property::State | Property::GoodCount | Property::ScrapCount),
             AssetKind::Machine { .. },
         ) => Ok(()),
-        // A type that lists its setpoints takes writes to these only.
-        (TagKind::Setpoint(name), AssetKind::Machine { type_name, spec })
-            if let Some(why) = spec.unlisted_setpoint(type_name, name.as_str()) =>
-        {
-            Err(err(why))
-        }
-        (TagKind::Setpoint(_), AssetKind::Machine { .. }) => Ok(()),
-        // A line or an area that lists setpoints takes writes to these only.
+        // A machine type, a line or an area that lists setpoints takes writes to these only.
         (
             TagKind::Setpoint(name),
-            k @ (AssetKind::Line { setpoints } | AssetKind::Area { setpoints }),
-        ) => match ferrotwin_models::spec::unlisted(
-            setpoints,
-            &format!("{} {asset}", k.level().as_str()),
-            name,
-        ) {
+            k @ (AssetKind::Machine { .. } | AssetKind::Line { .. } | AssetKind::Area { .. }),
+        ) => match k.unlisted_setpoint(asset, name) {
             Some(why) => Err(err(why)),
             None => Ok(()),
         },

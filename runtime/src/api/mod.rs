@@ -784,7 +784,7 @@ impl TwinApi {
         let by = Self::actor_name(caller, req.by, "writes")?;
         bounded("property", &req.property, MAX_NAME_BYTES)?;
         let path = Self::parse_path("path", &req.path)?;
-        self.entry(&path)?;
+        let entry = self.entry(&path)?;
         self.allow(caller, Role::Engineer, &path, "write")?;
         if req.property.is_empty() {
             return Err(ApiError::BadArgument(
@@ -811,10 +811,11 @@ impl TwinApi {
         };
         // The plant spec's range and type, before any PLC sees the write (and after the
         // audit record: a refused attempt is on record too, and an event).
-        let refused = self.refused_by_spec(&path, &req.property, value);
+        let kind = &entry.def.kind;
+        let refused = refused_by_spec(kind, &path, &req.property, value);
         // What goes to the PLC is what was checked: a whole float for an int property as
         // the int, 0 or 1 for a bool as the bool.
-        let value = self.spec_value(&path, &req.property, value);
+        let value = spec_value(kind, &req.property, value);
         let store = self.ctx.store.clone();
         tokio::task::spawn_blocking(move || store.audit().append(intent, true))
             .instrument(tracing::info_span!(
@@ -873,51 +874,6 @@ impl TwinApi {
             connection,
             result: ack.as_str().to_owned(),
         })
-    }
-
-    /// `value` coerced to the type the plant spec gives `property` of `path` (a sensor's
-    /// value, a listed setpoint); as it is when the spec says no type.
-    fn spec_value(&self, path: &AssetPath, property: &str, value: Value) -> Value {
-        let Some(entry) = self.ctx.registry.by_path(path) else {
-            return value;
-        };
-        let value_type = match &entry.def.kind {
-            AssetKind::Sensor { spec, .. } if property == "value" => Some(spec.value_type),
-            kind => kind
-                .setpoints()
-                .iter()
-                .find(|s| s.name == property)
-                .map(|s| s.value_type),
-        };
-        value_type.map_or(value, |t| ferrotwin_models::spec::coerce(value, t))
-    }
-
-    /// Why the plant spec refuses writing `value` to `property` of `path`, if it does: a
-    /// machine whose type lists setpoints (a line or an area that lists its own) takes these
-    /// only, of their type, within range; a sensor takes a value of its type within its
-    /// `min`/`max`, and nothing else.
-    fn refused_by_spec(&self, path: &AssetPath, property: &str, value: Value) -> Option<String> {
-        let entry = self.ctx.registry.by_path(path)?;
-        match &entry.def.kind {
-            AssetKind::Machine { type_name, spec } => spec
-                .unlisted_setpoint(type_name, property)
-                .or_else(|| spec.setpoint(property)?.refuses(value)),
-            kind @ (AssetKind::Line { setpoints } | AssetKind::Area { setpoints }) => {
-                let owner = format!("{} {path}", kind.level().as_str());
-                ferrotwin_models::spec::unlisted(setpoints, &owner, property).or_else(|| {
-                    setpoints
-                        .iter()
-                        .find(|s| s.name == property)?
-                        .refuses(value)
-                })
-            }
-            AssetKind::Sensor { spec, .. } if property != "value" => Some(format!(
-                "a sensor is written through its value, not {property:?} (sensor {:?})",
-                spec.name
-            )),
-            AssetKind::Sensor { spec, .. } => spec.refuses_write(value),
-            _ => None,
-        }
     }
 
     /// Shelves an alarm of a sensor, for `duration_ms` (0 = until unshelved).
@@ -1321,5 +1277,38 @@ fn alarm_proto(
             .map(|l| convert::alarm(l, status))
             .unwrap_or_default(),
         _ => pb::Alarm::default(),
+    }
+}
+
+/// `value` coerced to the type the plant spec gives `property` of an asset of `kind` (a
+/// sensor's value, a listed setpoint); as it is when the spec says no type.
+fn spec_value(kind: &AssetKind, property: &str, value: Value) -> Value {
+    let value_type = match kind {
+        AssetKind::Sensor { spec, .. } if property == "value" => Some(spec.value_type),
+        kind => kind.setpoint(property).map(|s| s.value_type),
+    };
+    value_type.map_or(value, |t| ferrotwin_models::spec::coerce(value, t))
+}
+
+/// Why the plant spec refuses writing `value` to `property` of the asset of `kind` at
+/// `path`, if it does: a machine whose type lists setpoints (a line or an area that lists its
+/// own) takes these only, of their type, within range; a sensor takes a value of its type
+/// within its `min`/`max`, and nothing else.
+fn refused_by_spec(
+    kind: &AssetKind,
+    path: &AssetPath,
+    property: &str,
+    value: Value,
+) -> Option<String> {
+    match kind {
+        AssetKind::Machine { .. } | AssetKind::Line { .. } | AssetKind::Area { .. } => kind
+            .unlisted_setpoint(path, property)
+            .or_else(|| kind.setpoint(property)?.refuses(value)),
+        AssetKind::Sensor { spec, .. } if property != "value" => Some(format!(
+            "a sensor is written through its value, not {property:?} (sensor {:?})",
+            spec.name
+        )),
+        AssetKind::Sensor { spec, .. } => spec.refuses_write(value),
+        _ => None,
     }
 }
