@@ -116,12 +116,12 @@ pub fn read_map(text: &str, origin: &str) -> Result<Found> {
         .headers()
         .with_context(|| format!("{origin}: no header row"))?
         .clone();
-    let mut col: HashMap<String, usize> = HashMap::new();
+    let mut col: HashMap<&'static str, usize> = HashMap::new();
     let mut unread = Vec::new();
     for (i, h) in headers.iter().enumerate() {
         match column_of(h) {
             Some(c) => {
-                col.entry(c.to_string()).or_insert(i);
+                col.entry(c).or_insert(i);
             }
             None if h.is_empty() => {}
             None => unread.push(h.to_string()),
@@ -139,6 +139,8 @@ pub fn read_map(text: &str, origin: &str) -> Result<Found> {
         );
     }
     let mut machines: Vec<FoundMachine> = Vec::new();
+    // (containers, name) → index in `machines`: a map of many rows finds its machine at once.
+    let mut index: HashMap<(Vec<String>, String), usize> = HashMap::new();
     let mut problems = Vec::new();
     for (i, record) in reader.records().enumerate() {
         if i >= MAX_ROWS {
@@ -160,19 +162,20 @@ pub fn read_map(text: &str, origin: &str) -> Result<Found> {
             record: &record,
         };
         match row(&cells) {
-            Ok((within, machine, signal)) => {
-                match machines
-                    .iter_mut()
-                    .find(|m| m.within == within && m.name == machine)
-                {
-                    Some(m) => m.signals.push(signal),
-                    None => machines.push(FoundMachine {
-                        within,
-                        name: machine,
-                        signals: vec![signal],
-                    }),
+            Ok((within, machine, signal)) => match index.entry((within, machine)) {
+                std::collections::hash_map::Entry::Occupied(at) => {
+                    machines[*at.get()].signals.push(signal)
                 }
-            }
+                std::collections::hash_map::Entry::Vacant(at) => {
+                    let (within, name) = at.key().clone();
+                    at.insert(machines.len());
+                    machines.push(FoundMachine {
+                        within,
+                        name,
+                        signals: vec![signal],
+                    });
+                }
+            },
             Err((column, what)) => problems.push(format!("{origin}:{line}: {column}: {what}")),
         }
     }
@@ -247,7 +250,7 @@ type RowError = (&'static str, String);
 
 /// A row's cells by normalised column name.
 struct Cells<'a> {
-    col: &'a HashMap<String, usize>,
+    col: &'a HashMap<&'static str, usize>,
     record: &'a csv::StringRecord,
 }
 
