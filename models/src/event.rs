@@ -83,10 +83,12 @@ pub enum EventKind {
     Write,
     /// Local inference: an anomaly episode started or ended (`alarm` names the detector).
     Anomaly,
+    /// The plant model changed at this asset (a live apply added, removed or changed it).
+    Model,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 8] = [
+    pub const ALL: [EventKind; 9] = [
         EventKind::Alarm,
         EventKind::Quality,
         EventKind::State,
@@ -95,6 +97,7 @@ impl EventKind {
         EventKind::Connection,
         EventKind::Write,
         EventKind::Anomaly,
+        EventKind::Model,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -107,6 +110,7 @@ impl EventKind {
             EventKind::Connection => "connection",
             EventKind::Write => "write",
             EventKind::Anomaly => "anomaly",
+            EventKind::Model => "model",
         }
     }
 

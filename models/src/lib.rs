@@ -4,6 +4,7 @@
 
 pub mod alarm;
 pub mod asset;
+pub mod change;
 pub mod detect;
 pub mod event;
 pub mod glob;
