@@ -77,6 +77,7 @@ impl Connections {
         configs: &[ConnectionConfig],
         registry: &Registry,
     ) -> Result<ConnectionPlan, ConnectionError> {
+        let kind_of = |p: &AssetPath| registry.by_path(p).map(|e| e.def.kind.clone());
         let mut homes = Vec::with_capacity(configs.len());
         let mut writers = HashMap::new();
         let mut names: HashMap<String, ()> = HashMap::new();
@@ -86,7 +87,7 @@ impl Connections {
             }
             let targets = c.targets()?;
             for t in &targets {
-                check_target(c.name(), registry, t)?;
+                check_target(c.name(), &kind_of, t)?;
                 if t.writable {
                     let key = (t.asset.clone(), t.property_name().to_owned());
                     if let Some(&first) = writers.get(&key) {
@@ -128,7 +129,7 @@ impl Connections {
                 token.child_token(),
             )?;
             let home = home.unwrap_or_else(|| {
-                ctx.plant
+                ctx.plant()
                     .root
                     .as_ref()
                     .map(|r| r.path.clone())
@@ -181,6 +182,21 @@ impl Connections {
         c.write(req).await.map(|ack| (c.name().to_owned(), ack))
     }
 
+    /// Checks the running connections' tags against another plant (`kind_of` says what each
+    /// asset is in it, `None` if it has none): a live apply may not remove or change an
+    /// asset under a tag that still maps it.
+    pub fn recheck(
+        &self,
+        kind_of: &dyn Fn(&AssetPath) -> Option<AssetKind>,
+    ) -> Result<(), ConnectionError> {
+        for c in &self.all {
+            for t in c.handle.targets() {
+                check_target(c.handle.name(), kind_of, t)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Name, protocol, endpoint, tag count and status of every connection.
     pub fn statuses(&self) -> Vec<(StatusSnapshot, &'static str, String, usize)> {
         self.all
@@ -200,7 +216,7 @@ impl Connections {
 /// The tag's asset exists, its level has the property, and a write to it could be taken.
 fn check_target(
     connection: &str,
-    registry: &Registry,
+    kind_of: &dyn Fn(&AssetPath) -> Option<AssetKind>,
     target: &TagTarget,
 ) -> Result<(), ConnectionError> {
     let (asset, kind) = (&target.asset, &target.kind);
@@ -213,10 +229,10 @@ fn check_target(
         },
         what,
     };
-    let Some(entry) = registry.by_path(asset) else {
+    let Some(asset_kind) = kind_of(asset) else {
         return Err(err("no such asset in the plant spec".into()));
     };
-    match (kind, &entry.def.kind) {
+    match (kind, &asset_kind) {
         (TagKind::Reading(Property::Value), AssetKind::Sensor { .. }) => Ok(()),
         (
             TagKind::Reading(p @ (Property::State | Property::GoodCount | Property::ScrapCount)),

@@ -145,5 +145,5 @@ fn a_back_import_is_caught() {
     assert_eq!(found.len(), 3, "{found:?}");
     assert!(found[0].contains("core/mod.rs:1: core (layer 0) imports registry (layer 1)"));
     assert!(found[1].contains("store.rs:1: store (layer 2) imports watch (layer 2)"));
-    assert!(found[2].contains("twin.rs:1: twin (layer 3) imports api (layer 5)"));
+    assert!(found[2].contains("twin.rs:1: twin (layer 3) imports api (layer 6)"));
 }

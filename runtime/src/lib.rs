@@ -22,13 +22,15 @@ mod twin;
 mod connections;
 mod replication;
 // 5
+mod apply;
+// 6
 mod api;
-// 6: the edges
+// 7: the edges
 mod grpc;
 mod http;
-// 7: wiring
+// 8: wiring
 mod runtime;
-// 8: the config file that becomes `RuntimeOptions`, and what tests may reach
+// 9: the config file that becomes `RuntimeOptions`, and what tests may reach
 pub mod config;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -44,6 +46,7 @@ pub const LAYERS: &[&[&str]] = &[
     &["store", "watch"],
     &["router", "twin"],
     &["connections", "replication"],
+    &["apply"],
     &["api"],
     &["grpc", "http"],
     &["runtime"],

@@ -43,6 +43,20 @@ pub struct TwinEntry {
     /// Machines: the latest value of each of its sensors, written by the sensor twins, read
     /// by the machine's detectors (no message per reading). `None` for other levels.
     pub(crate) board: Option<Box<SampleBoard>>,
+    /// A live apply removed this asset or replaced its entry: nothing is delivered here any
+    /// more (set under the inbox lock, so a delivery either landed before it or sees it).
+    retired: AtomicBool,
+}
+
+/// What a delivery to an inbox did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Delivery {
+    /// Appended, and the twin must be told (no `Drain` is on its way).
+    Tell,
+    /// Appended; a `Drain` is on its way already.
+    Queued,
+    /// Not appended: the entry was retired by a live apply (look the id up again).
+    Retired,
 }
 
 /// A machine's sample board: its sensors write their latest value here (in the machine
@@ -258,13 +272,31 @@ impl TwinEntry {
         self.queued.load(Ordering::Acquire) as usize
     }
 
-    /// Appends readings; true if the twin must be told (no `Drain` is on its way).
-    pub(crate) fn deliver(&self, readings: &[Reading]) -> bool {
+    /// Appends readings, unless the entry is retired.
+    pub(crate) fn deliver(&self, readings: &[Reading]) -> Delivery {
         let mut inbox = self.inbox.lock().expect("inbox lock is never poisoned");
+        if self.retired.load(Ordering::Acquire) {
+            return Delivery::Retired;
+        }
         inbox.extend_from_slice(readings);
         self.queued.store(inbox.len() as u32, Ordering::Release);
         drop(inbox);
-        !self.scheduled.swap(true, Ordering::AcqRel)
+        if self.scheduled.swap(true, Ordering::AcqRel) {
+            Delivery::Queued
+        } else {
+            Delivery::Tell
+        }
+    }
+
+    /// A live apply removed this asset or gave it a new entry: deliveries from now on are
+    /// refused (`Delivery::Retired`); what the inbox holds stays for the twin's last drain.
+    pub(crate) fn retire(&self) {
+        let _inbox = self.inbox.lock().expect("inbox lock is never poisoned");
+        self.retired.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
     }
 
     /// Takes every waiting reading. Clears `scheduled` first, so readings delivered after
@@ -392,6 +424,7 @@ impl Registry {
             dirty: AtomicBool::new(false),
             tail: Mutex::new(HistTail::default()),
             board,
+            retired: AtomicBool::new(false),
         });
         self.by_id[shard(&id)]
             .write()
@@ -402,14 +435,41 @@ impl Registry {
             .expect("registry lock is never poisoned")
             .insert(entry.path().clone(), entry.clone());
         // Only once a query computed the names (never during a start's million inserts).
-        if entry.level() == Level::Sensor && self.sensor_names_cached.load(Ordering::Acquire) {
+        if entry.level() == Level::Sensor {
+            self.forget_sensor_names();
+        }
+        entry
+    }
+
+    /// Takes the entry of `path` out of both indexes (a live apply removed the asset);
+    /// the caller retires it.
+    pub fn remove(&self, path: &AssetPath) -> Option<Arc<TwinEntry>> {
+        let entry = self
+            .by_path
+            .write()
+            .expect("registry lock is never poisoned")
+            .remove(path)?;
+        let mut shard = self.by_id[shard(&entry.id)]
+            .write()
+            .expect("registry lock is never poisoned");
+        // Only if it is still this entry (an insert may have replaced it since).
+        if shard.get(&entry.id).is_some_and(|e| Arc::ptr_eq(e, &entry)) {
+            shard.remove(&entry.id);
+        }
+        drop(shard);
+        self.forget_sensor_names();
+        Some(entry)
+    }
+
+    /// Sensor names change with the plant: the next query computes them again.
+    fn forget_sensor_names(&self) {
+        if self.sensor_names_cached.load(Ordering::Acquire) {
             *self
                 .sensor_names
                 .lock()
                 .expect("registry lock is never poisoned") = None;
             self.sensor_names_cached.store(false, Ordering::Release);
         }
-        entry
     }
 
     /// The names sensors have anywhere in the plant.

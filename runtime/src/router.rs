@@ -16,7 +16,7 @@ use ferrotwin_models::{IngestSink, Property, PushBack, PushBackReason, Reading, 
 
 use crate::core::TwinMsg;
 use crate::core::{ClockRules, Credits, Metrics};
-use crate::registry::{Registry, TwinEntry};
+use crate::registry::{Delivery, Registry, TwinEntry};
 
 /// Readings a twin's inbox may hold. A twin that is this far behind pushes back on the
 /// whole batch that targets it.
@@ -154,14 +154,38 @@ impl IngestSink for IngestRouter {
             }
         }
         // Pass 2: deliver, in batch order (a twin sees its readings in source order).
+        let mut removed = 0usize;
         for (r, target) in batch.iter().zip(targets) {
-            let Some(entry) = target else { continue };
-            entry.last_seen_us.store(now_us, Ordering::Relaxed);
-            // With no actor (between a crash and its restart) the readings wait in the
-            // inbox; the restarted twin drains them.
-            if entry.deliver(std::slice::from_ref(r)) && !entry.send(TwinMsg::Drain) {
-                entry.unschedule();
+            let Some(mut entry) = target else { continue };
+            loop {
+                entry.last_seen_us.store(now_us, Ordering::Relaxed);
+                match entry.deliver(std::slice::from_ref(r)) {
+                    // With no actor (between a crash and its restart) the readings wait in
+                    // the inbox; the restarted twin drains them.
+                    Delivery::Tell => {
+                        if !entry.send(TwinMsg::Drain) {
+                            entry.unschedule();
+                        }
+                    }
+                    Delivery::Queued => {}
+                    // A live apply replaced the entry since pass 1 (the reading goes to the
+                    // new one) or removed the asset (counted; its credit comes back).
+                    Delivery::Retired => match self.registry.get(&r.asset) {
+                        Some(next) if !Arc::ptr_eq(&next, &entry) => {
+                            entry = next;
+                            continue;
+                        }
+                        _ => removed += 1,
+                    },
+                }
+                break;
             }
+        }
+        if removed > 0 {
+            self.inflight.fetch_sub(removed, Ordering::AcqRel);
+            self.metrics
+                .removed_asset
+                .fetch_add(removed as u64, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -235,5 +259,28 @@ mod tests {
             .by_path(&AssetPath::parse("e/s/a/l/m1/a").expect("path"))
             .expect("entry");
         assert_eq!(a.inbox_len(), 1);
+    }
+
+    #[test]
+    fn a_reading_for_a_retired_entry_goes_to_its_successor_or_is_counted_as_removed() {
+        let (r, registry) = router(100);
+        let a = registry
+            .by_path(&AssetPath::parse("e/s/a/l/m1/a").expect("path"))
+            .expect("entry");
+        // Replaced: the new entry of the same path takes it.
+        let next = registry.insert(a.def.clone(), a.snapshot().as_ref().clone(), 0);
+        a.retire();
+        r.try_push(vec![reading("e/s/a/l/m1/a")]).expect("taken");
+        assert_eq!((a.inbox_len(), next.inbox_len()), (0, 1));
+        // Retired and not replaced (removed while the reading was on its way): counted,
+        // and its credit returned.
+        next.retire();
+        r.try_push(vec![reading("e/s/a/l/m1/a")]).expect("taken");
+        assert_eq!(r.metrics.removed_asset.load(Ordering::Relaxed), 1);
+        assert_eq!(r.inflight(), 1, "only the reading next holds is in flight");
+        // Gone from the registry: unknown, as any asset the plant does not have.
+        registry.remove(next.path()).expect("there");
+        r.try_push(vec![reading("e/s/a/l/m1/a")]).expect("taken");
+        assert_eq!(r.metrics.unknown_asset.load(Ordering::Relaxed), 1);
     }
 }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ferrotwin_adapters::ConnectionConfig;
-use ferrotwin_models::spec::{AssetDef, AssetKind, PlantSpec};
+use ferrotwin_models::spec::{AssetDef, PlantSpec};
 use ferrotwin_models::{
     AssetPath, Event, IngestSink, Level, QualityCode, QualityReason, Timestamp,
 };
@@ -29,7 +29,7 @@ use crate::replication::{EnterpriseRole, SiteReplication};
 use crate::router::IngestRouter;
 use crate::security::tls::ServerTls;
 use crate::security::{Authenticator, SecurityConfig, check_listener};
-use crate::store::outbox::{HistorySettings, OutboxLag};
+use crate::store::outbox::OutboxLag;
 use crate::store::{EventFilter, Store, StoreConfig, StoreError, StoreStats, codec};
 use crate::twin::plant::{PlantMsg, PlantSupervisor};
 use crate::twin::{Plant, TwinCtx};
@@ -101,6 +101,8 @@ pub struct Runtime {
     router: Arc<IngestRouter>,
     /// Registry, store, watch hub and counters: what the twins share, and so does the rest.
     ctx: Arc<TwinCtx>,
+    /// The plant this runtime runs, and live changes of it.
+    applier: Arc<crate::apply::Applier>,
     connections: Arc<Connections>,
     /// Site role with replication: the sender's status.
     replication: Option<Arc<SenderStatus>>,
@@ -163,6 +165,8 @@ impl Runtime {
             ));
         }
         let store = Arc::new(Store::open(data_dir, opts.store.clone())?);
+        let running = running_plant(spec, &store, opts.check_only)?;
+        let spec = running.spec.as_ref();
         let replicate_as = match &opts.replication {
             Some(r) => Some(open_outbox(spec, &store, r)?),
             None => None,
@@ -191,11 +195,11 @@ impl Runtime {
             registry: registry.clone(),
             store: store.clone(),
             hub: Arc::new(WatchHub::new(opts.ingest.watch_ring)),
-            plant,
+            plant: std::sync::RwLock::new(plant.clone()),
             settings: opts.twins.clone(),
             metrics,
             credits,
-            models,
+            models: std::sync::RwLock::new(Arc::new(models)),
         });
         let writer = store.start_writer(registry.clone());
         let root_entry = registry
@@ -212,6 +216,11 @@ impl Runtime {
             };
         let token = CancellationToken::new();
         let tracker = TaskTracker::new();
+        let apply_rules = crate::apply::ApplyRules {
+            enterprise: opts.enterprise.is_some(),
+            replication: opts.replication.clone(),
+            plant_dir: opts.plant_dir.clone(),
+        };
         // Adapters start last: every twin is restored before the first reading arrives.
         let replicate_as = replicate_as.filter(|_| !opts.check_only);
         let started = start_roles(&opts, &ctx, replicate_as, &token, &tracker).and_then(|roles| {
@@ -244,12 +253,21 @@ impl Runtime {
                 return Err(e);
             }
         };
-        tracing::info!(twins = registry.len(), data_dir = %data_dir.display(), "runtime started");
+        tracing::info!(twins = registry.len(), data_dir = %data_dir.display(),
+            plant_version = running.version, "runtime started");
+        let connections = Arc::new(connections);
+        let applier = Arc::new(crate::apply::Applier::new(
+            ctx.clone(),
+            connections.clone(),
+            apply_rules,
+            running,
+        ));
         let rt = Runtime {
             model_errors,
             router,
             ctx,
-            connections: Arc::new(connections),
+            applier,
+            connections,
             replication: roles.sender,
             enterprise: roles.enterprise,
             root,
@@ -303,6 +321,7 @@ impl Runtime {
             .with_replication(self.replication.clone(), self.enterprise.clone())
             .with_auth(self.auth.clone(), self.streams.clone())
             .with_listeners(self.listeners.clone())
+            .with_applier(self.applier.clone())
     }
 
     /// Where readings go in: the ingest router. It pushes back (`PushBackReason::Busy`)
@@ -538,29 +557,83 @@ impl Runtime {
     }
 }
 
+/// The plant a start runs: the plant file, unless the data dir records a plant taken from
+/// this same file since (a live apply changed it: a restart never undoes an apply). A file
+/// edited since it was last taken is the next version. The record is written before any twin
+/// starts (not for `check`, whose data dir is thrown away).
+fn running_plant(
+    file: &PlantSpec,
+    store: &Store,
+    check_only: bool,
+) -> Result<crate::apply::PlantVersion, RuntimeError> {
+    use crate::apply::{PlantVersion, digest};
+    let file_digest = digest(file);
+    let from_file = |version: u64| PlantVersion {
+        version,
+        spec: Arc::new(file.clone()),
+        assets: Arc::new(file.assets()),
+        file_digest: file_digest.clone(),
+        applied: Timestamp::now(),
+        applied_by: "plant file".into(),
+    };
+    let running = match store.load_plant()? {
+        None => from_file(1),
+        Some(r) => {
+            let recorded =
+                PlantSpec::from_toml(&r.plant_toml, "the recorded plant").map_err(|e| {
+                    StoreError::Corrupt {
+                        dir: PathBuf::new(),
+                        tree: "meta",
+                        key: "plant".into(),
+                        what: e.to_string(),
+                    }
+                })?;
+            if r.file_digest == file_digest {
+                // The file is as the last start took it: the record (maybe applied since).
+                return Ok(PlantVersion {
+                    version: r.version,
+                    assets: Arc::new(recorded.assets()),
+                    spec: Arc::new(recorded),
+                    file_digest,
+                    applied: Timestamp(r.applied_us),
+                    applied_by: r.applied_by,
+                });
+            }
+            if recorded == *file {
+                PlantVersion {
+                    applied: Timestamp(r.applied_us),
+                    applied_by: r.applied_by,
+                    ..from_file(r.version)
+                }
+            } else {
+                tracing::info!(
+                    version = r.version + 1,
+                    "the plant file was edited since the last start: taking it as the next version"
+                );
+                from_file(r.version + 1)
+            }
+        }
+    };
+    if !check_only {
+        store.save_plant(&running.record())?;
+    }
+    Ok(running)
+}
+
 /// A site's outbox, sized for the plant: the site it replicates as and its settings.
 fn open_outbox(
     spec: &PlantSpec,
     store: &Store,
     r: &SiteReplication,
 ) -> Result<(String, SiteReplication), RuntimeError> {
-    let site = replicated_site(spec, r)?;
-    // Room for at least a few full snapshots (~200 B per stored twin), or every round would
-    // compact the last one away.
-    let stored = spec
-        .assets()
-        .iter()
-        .filter(|a| matches!(a.kind, AssetKind::Sensor { .. } | AssetKind::Machine { .. }))
-        .count() as u64;
-    let min = (stored * 200 * 4).max(1 << 20);
-    if r.max_outbox_bytes < min {
-        return Err(RuntimeError::Replication(format!(
-            "replication.max_outbox_bytes {} is too small for {stored} twins: at least {min}",
-            r.max_outbox_bytes
-        )));
-    }
+    let site = r.site_of(spec).map_err(RuntimeError::Replication)?;
+    r.check_outbox_size(spec)
+        .map_err(RuntimeError::Replication)?;
     let outbox = store.enable_outbox(r.max_outbox_bytes, AssetPath::parse(&site).ok())?;
-    outbox.set_history(history_settings(spec, r)?);
+    outbox.set_history(
+        r.history_settings(spec)
+            .map_err(RuntimeError::Replication)?,
+    );
     Ok((site, r.clone()))
 }
 
@@ -664,75 +737,6 @@ fn start_roles(
 }
 
 /// Each sensor's history policy from its machine's type.
-fn history_settings(
-    spec: &PlantSpec,
-    r: &SiteReplication,
-) -> Result<HistorySettings, RuntimeError> {
-    for t in r.history_by_type.keys() {
-        if !spec.machine_types.contains_key(t) {
-            return Err(RuntimeError::Replication(format!(
-                "replication.history_by_type: {t:?} is not a machine type of the plant (types: {})",
-                spec.machine_types
-                    .keys()
-                    .map(String::as_str)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
-        }
-    }
-    let assets = spec.assets();
-    let type_of: std::collections::HashMap<_, _> = assets
-        .iter()
-        .filter_map(|a| match &a.kind {
-            AssetKind::Machine { type_name, .. } => Some((a.path.clone(), type_name.to_string())),
-            _ => None,
-        })
-        .collect();
-    let mut by_sensor = std::collections::HashMap::new();
-    for a in &assets {
-        if !matches!(a.kind, AssetKind::Sensor { .. }) {
-            continue;
-        }
-        let policy = a
-            .path
-            .parent()
-            .and_then(|m| type_of.get(&m))
-            .and_then(|t| r.history_by_type.get(t))
-            .copied()
-            .unwrap_or(r.history);
-        if policy != r.history {
-            by_sensor.insert(a.path.id(), policy);
-        }
-    }
-    Ok(HistorySettings {
-        default: r.history,
-        by_sensor,
-        window_ms: r.aggregate_window_ms,
-    })
-}
-
-/// The site this runtime replicates as: the configured one, else the spec's only site.
-fn replicated_site(spec: &PlantSpec, r: &SiteReplication) -> Result<String, RuntimeError> {
-    let sites: Vec<String> = spec
-        .assets()
-        .into_iter()
-        .filter(|a| matches!(a.kind, AssetKind::Site))
-        .map(|a| a.path.as_str().to_owned())
-        .collect();
-    match &r.site {
-        Some(s) if sites.contains(s) => Ok(s.clone()),
-        Some(s) => Err(RuntimeError::Replication(format!(
-            "replication.site {s:?} is not a site of the plant spec (sites: {})",
-            sites.join(", ")
-        ))),
-        None if sites.len() == 1 => Ok(sites[0].clone()),
-        None => Err(RuntimeError::Replication(format!(
-            "the plant has {} sites: say which one this runtime is with replication.site",
-            sites.len()
-        ))),
-    }
-}
-
 /// Turns sensors stale when no reading came within their threshold. One scan of the
 /// registry per period; a message only to the twins that turned stale.
 async fn sweep_stale(registry: Arc<Registry>, period_ms: u64, token: CancellationToken) {

@@ -3,6 +3,7 @@
 
 mod alarms;
 mod api;
+mod apply;
 mod browser;
 mod common;
 mod hostile;

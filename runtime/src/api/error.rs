@@ -85,6 +85,9 @@ pub enum ApiError {
     /// The credentials are missing or do not verify (the message never holds a secret).
     #[error("{0}")]
     Unauthenticated(String),
+    /// A live apply refused, stale or failed.
+    #[error(transparent)]
+    Apply(#[from] crate::apply::ApplyError),
     #[error("{subject} may not do this on {target}: it needs the {role} role there")]
     Denied {
         subject: String,
@@ -127,6 +130,11 @@ impl ApiError {
             ApiError::Twin(TwinError::NoAlarms { .. }) => ErrorCode::InvalidArgument,
             ApiError::Unavailable(_) => ErrorCode::Unavailable,
             ApiError::Limit(_) => ErrorCode::Busy,
+            ApiError::Apply(a) => match a {
+                crate::apply::ApplyError::Invalid(_) => ErrorCode::InvalidArgument,
+                crate::apply::ApplyError::Stale { .. } => ErrorCode::FailedPrecondition,
+                crate::apply::ApplyError::Failed(_) => ErrorCode::Internal,
+            },
             ApiError::Unauthenticated(_) => ErrorCode::Unauthenticated,
             ApiError::Denied { .. } => ErrorCode::PermissionDenied,
             ApiError::Store(StoreError::TooMuchHistory { .. }) => ErrorCode::TooLarge,

@@ -3,6 +3,7 @@
 //! (`http`) are thin edges over `TwinApi`: they decode, call one method, encode. A check
 //! made here (a limit, a path, who asks) holds for both; nothing below is reached past it.
 
+mod admin;
 pub mod convert;
 pub mod error;
 pub mod names;
@@ -109,11 +110,14 @@ pub struct TwinApi {
     auth: Arc<Authenticator>,
     streams: Arc<StreamSlots>,
     listeners: Arc<crate::security::conn::Listeners>,
+    /// Live plant changes (none for a runtime that takes none, as `check`'s).
+    applier: Option<Arc<crate::apply::Applier>>,
 }
 
 impl TwinApi {
     pub(crate) fn new(ctx: Arc<TwinCtx>, connections: Arc<Connections>) -> TwinApi {
         TwinApi {
+            applier: None,
             ctx,
             connections,
             sender: None,
@@ -123,6 +127,12 @@ impl TwinApi {
             streams: Arc::new(StreamSlots::default()),
             listeners: Arc::default(),
         }
+    }
+
+    /// Live plant changes through `applier`.
+    pub(crate) fn with_applier(mut self, applier: Arc<crate::apply::Applier>) -> TwinApi {
+        self.applier = Some(applier);
+        self
     }
 
     /// The listeners' connection admission, for the metrics.
@@ -269,7 +279,7 @@ impl TwinApi {
         action: &'static str,
     ) -> Result<(), ApiError> {
         match self.root() {
-            Some(r) if caller.can(role, r) => Ok(()),
+            Some(r) if caller.can(role, &r) => Ok(()),
             None if caller.subject.has_role(role) => Ok(()),
             _ => self.deny(caller, role, "the plant", action),
         }
@@ -449,7 +459,7 @@ impl TwinApi {
             Some(p) => p,
             None => self
                 .ctx
-                .plant
+                .plant()
                 .root
                 .as_ref()
                 .map(|r| r.path.clone())
@@ -1225,8 +1235,8 @@ impl TwinApi {
     }
 
     /// The plant's root (the enterprise), `None` for an empty plant.
-    pub(crate) fn root(&self) -> Option<&AssetPath> {
-        self.ctx.plant.root.as_ref().map(|r| &r.path)
+    pub(crate) fn root(&self) -> Option<AssetPath> {
+        self.ctx.plant().root.as_ref().map(|r| r.path.clone())
     }
 
     /// `site` (replicating to an enterprise), `enterprise` or `standalone`.

@@ -17,6 +17,8 @@ pub struct Metrics {
     pub push_backs: AtomicU64,
     /// Readings for an asset id the registry does not know (refused, never create twins).
     pub unknown_asset: AtomicU64,
+    /// Readings routed to a twin a live apply removed while they were on their way.
+    pub removed_asset: AtomicU64,
     pub rejected_not_finite: AtomicU64,
     pub rejected_wrong_type: AtomicU64,
     pub rejected_future: AtomicU64,
@@ -135,6 +137,7 @@ impl Metrics {
             ("future_timestamp", &self.rejected_future),
             ("unknown_property", &self.rejected_unknown_property),
             ("unknown_asset", &self.unknown_asset),
+            ("removed_asset", &self.removed_asset),
         ] {
             let _ = writeln!(
                 s,

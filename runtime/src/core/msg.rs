@@ -38,6 +38,12 @@ pub enum TwinMsg {
     },
     /// Write the history tail now (clean shutdown).
     FlushHistory(RpcReplyPort<()>),
+    /// Parents: a live apply added (or replaced) the child at `path`, whose entry is in the
+    /// registry: start its twin (and so its subtree) linked to this one.
+    Adopt {
+        path: AssetPath,
+        reply: RpcReplyPort<Result<(), String>>,
+    },
     /// Enterprise role: the state of this twin's original at its site (replication).
     /// Sensors and machines take it as their own; roll-ups follow as usual.
     Mirror(Arc<TwinSnapshot>),

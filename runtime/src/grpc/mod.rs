@@ -149,6 +149,26 @@ impl TwinService for TwinApi {
         ))
     }
 
+    async fn get_plant(
+        &self,
+        req: Request<pb::GetPlantRequest>,
+    ) -> Result<Response<pb::PlantVersion>, Status> {
+        Ok(Response::new(
+            self.plant(&caller_of(self, &req)?, req.into_inner())
+                .await?,
+        ))
+    }
+
+    async fn apply_plant(
+        &self,
+        req: Request<pb::ApplyPlantRequest>,
+    ) -> Result<Response<pb::ApplyPlantResponse>, Status> {
+        Ok(Response::new(
+            self.apply_plant(&caller_of(self, &req)?, req.into_inner())
+                .await?,
+        ))
+    }
+
     async fn write_property(
         &self,
         req: Request<pb::WritePropertyRequest>,

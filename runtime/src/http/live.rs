@@ -163,7 +163,6 @@ fn scope_of(api: &TwinApi, q: &LiveParams) -> Result<Scope, HttpError> {
         Some(p) => p,
         None => api
             .root()
-            .cloned()
             .ok_or_else(|| ApiError::Unavailable("the plant is empty".into()))?,
     };
     Ok(Scope::Children(root))

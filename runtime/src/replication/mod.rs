@@ -12,6 +12,8 @@ pub mod site;
 use serde::Deserialize;
 
 pub use crate::store::outbox::HistoryPolicy;
+use crate::store::outbox::HistorySettings;
+use ferrotwin_models::spec::{AssetKind, PlantSpec};
 
 /// Version of the replication protocol this build speaks (`SiteHello.protocol_version`).
 /// 2: the hello says what the site has, batches say which one they follow, the welcome
@@ -170,6 +172,97 @@ pub(crate) fn event_cursor_key(site: &str) -> Vec<u8> {
 
 pub(crate) fn u64_of(v: Option<Vec<u8>>) -> u64 {
     v.as_deref().and_then(crate::store::seq_of).unwrap_or(0)
+}
+
+impl SiteReplication {
+    /// Which history of each sensor this site sends, by the plant's machine types.
+    pub(crate) fn history_settings(&self, spec: &PlantSpec) -> Result<HistorySettings, String> {
+        let r = self;
+        for t in r.history_by_type.keys() {
+            if !spec.machine_types.contains_key(t) {
+                return Err(format!(
+                    "replication.history_by_type: {t:?} is not a machine type of the plant (types: {})",
+                    spec.machine_types
+                        .keys()
+                        .map(String::as_str)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+        }
+        let assets = spec.assets();
+        let type_of: std::collections::HashMap<_, _> = assets
+            .iter()
+            .filter_map(|a| match &a.kind {
+                AssetKind::Machine { type_name, .. } => {
+                    Some((a.path.clone(), type_name.to_string()))
+                }
+                _ => None,
+            })
+            .collect();
+        let mut by_sensor = std::collections::HashMap::new();
+        for a in &assets {
+            if !matches!(a.kind, AssetKind::Sensor { .. }) {
+                continue;
+            }
+            let policy = a
+                .path
+                .parent()
+                .and_then(|m| type_of.get(&m))
+                .and_then(|t| r.history_by_type.get(t))
+                .copied()
+                .unwrap_or(r.history);
+            if policy != r.history {
+                by_sensor.insert(a.path.id(), policy);
+            }
+        }
+        Ok(HistorySettings {
+            default: r.history,
+            by_sensor,
+            window_ms: r.aggregate_window_ms,
+        })
+    }
+
+    /// The site this runtime replicates as: the configured one, else the spec's only site.
+    pub(crate) fn site_of(&self, spec: &PlantSpec) -> Result<String, String> {
+        let r = self;
+        let sites: Vec<String> = spec
+            .assets()
+            .into_iter()
+            .filter(|a| matches!(a.kind, AssetKind::Site))
+            .map(|a| a.path.as_str().to_owned())
+            .collect();
+        match &r.site {
+            Some(s) if sites.contains(s) => Ok(s.clone()),
+            Some(s) => Err(format!(
+                "replication.site {s:?} is not a site of the plant spec (sites: {})",
+                sites.join(", ")
+            )),
+            None if sites.len() == 1 => Ok(sites[0].clone()),
+            None => Err(format!(
+                "the plant has {} sites: say which one this runtime is with replication.site",
+                sites.len()
+            )),
+        }
+    }
+
+    /// The outbox must have room for a few full snapshots of the plant (~200 B per stored
+    /// twin), or every round would compact the last one away.
+    pub(crate) fn check_outbox_size(&self, spec: &PlantSpec) -> Result<(), String> {
+        let stored = spec
+            .assets()
+            .iter()
+            .filter(|a| matches!(a.kind, AssetKind::Sensor { .. } | AssetKind::Machine { .. }))
+            .count() as u64;
+        let min = (stored * 200 * 4).max(1 << 20);
+        if self.max_outbox_bytes < min {
+            return Err(format!(
+                "replication.max_outbox_bytes {} is too small for {stored} twins: at least {min}",
+                self.max_outbox_bytes
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

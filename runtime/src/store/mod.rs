@@ -11,7 +11,7 @@
 //!   asset id (16) ‖ property (1) ‖ chunk first ts µs (8) ‖ uniquifier (4) → `HistoryChunk`. Retention drops
 //!   whole day trees: no per-chunk index, no per-chunk delete.
 //! - `events`: seq (8) → `EventRecord`
-//! - `meta`: "meta" → `Meta` (format version)
+//! - `meta`: "meta" → `Meta` (format version); "plant" → `PlantRecord` (the plant it runs)
 //! - `outbox` (when replication is on, see `outbox`): outbox seq (8) → `OutboxBatch`
 
 pub mod audit;
@@ -31,6 +31,9 @@ use tokio::sync::Semaphore;
 
 use crate::core::HistPoint;
 use crate::registry::{Registry, TwinEntry};
+
+/// `meta` key of the `PlantRecord`.
+const PLANT_KEY: &[u8] = b"plant";
 
 /// On-disk format version of this build. Bump on an incompatible change of keys or records.
 pub const STORE_FORMAT: u32 = 1;
@@ -497,6 +500,28 @@ impl Store {
         Ok(out)
     }
 
+    /// The stored snapshot of one twin (a live apply re-adding an asset resumes it).
+    pub fn snapshot_record(&self, id: &AssetId) -> Result<Option<rec::TwinRecord>, StoreError> {
+        let Some(v) = self
+            .snapshots
+            .get(id.as_bytes())
+            .map_err(|source| StoreError::Io {
+                dir: self.dir.clone(),
+                source,
+            })?
+        else {
+            return Ok(None);
+        };
+        rec::TwinRecord::decode(&*v)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt {
+                dir: self.dir.clone(),
+                tree: "snapshots",
+                key: hex(id.as_bytes()),
+                what: e.to_string(),
+            })
+    }
+
     async fn reserve(&self, bytes: usize) {
         let n = u32::try_from(bytes.min(self.cfg.max_queued_bytes)).unwrap_or(u32::MAX);
         // Closed only by `abort`: then nothing will be written anyway.
@@ -607,6 +632,33 @@ impl Store {
                 dir: self.dir.clone(),
                 source,
             })
+    }
+
+    /// The plant this data dir last ran (`None` before the first start that records it).
+    pub fn load_plant(&self) -> Result<Option<rec::PlantRecord>, StoreError> {
+        let Some(bytes) = self.meta_value(PLANT_KEY)? else {
+            return Ok(None);
+        };
+        rec::PlantRecord::decode(bytes.as_slice())
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt {
+                dir: self.dir.clone(),
+                tree: "meta",
+                key: "plant".into(),
+                what: e.to_string(),
+            })
+    }
+
+    /// Records the plant durably (flushed before it returns: a live apply writes it before
+    /// it changes any twin). Blocking: call it off the async threads.
+    pub fn save_plant(&self, r: &rec::PlantRecord) -> Result<(), StoreError> {
+        let io = |source| StoreError::Io {
+            dir: self.dir.clone(),
+            source,
+        };
+        self.meta.insert(PLANT_KEY, r.encode_to_vec()).map_err(io)?;
+        self.meta.flush().map_err(io)?;
+        Ok(())
     }
 
     /// Highest sequence number assigned so far (0 if none).

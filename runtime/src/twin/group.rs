@@ -76,13 +76,13 @@ impl Actor for GroupTwin {
                 return Ok(());
             };
             match msg {
-                TwinMsg::ChildChanged { id, rollup } => {
-                    let changed = state.children.set(id, rollup);
-                    if changed && !state.publish_scheduled {
-                        state.publish_scheduled = true;
-                        let debounce = Duration::from_millis(state.ctx.settings.rollup_debounce_ms);
-                        myself.send_after(debounce, || TwinMsg::PublishRollUp);
-                    }
+                TwinMsg::ChildChanged { id, rollup } if state.children.set(id, rollup) => {
+                    state.schedule(&myself);
+                }
+                TwinMsg::Adopt { path, reply } => {
+                    let r = state.children.adopt_path(&state.ctx, &myself, &path).await;
+                    state.schedule(&myself);
+                    let _ = reply.send(r);
                 }
                 TwinMsg::PublishRollUp => {
                     state.publish_scheduled = false;
@@ -116,16 +116,29 @@ impl Actor for GroupTwin {
         Box::pin(async move {
             let ctx = state.ctx.clone();
             let path = state.entry.path().clone();
-            state
+            if state
                 .children
                 .on_supervision(&ctx, &myself, &path, evt)
-                .await
+                .await?
+            {
+                state.schedule(&myself);
+            }
+            Ok(())
         })
         .await
     }
 }
 
 impl GroupState {
+    /// Publishes the roll-up a debounce from now (once for a burst of changes).
+    fn schedule(&mut self, myself: &ActorRef<TwinMsg>) {
+        if !self.publish_scheduled {
+            self.publish_scheduled = true;
+            let debounce = Duration::from_millis(self.ctx.settings.rollup_debounce_ms);
+            myself.send_after(debounce, || TwinMsg::PublishRollUp);
+        }
+    }
+
     fn publish(&mut self) {
         let rollup = self.children.rollup();
         let at = Timestamp::now();
@@ -146,7 +159,6 @@ impl GroupState {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
     use std::sync::atomic::AtomicUsize;
 
     use ferrotwin_models::AssetPath;
@@ -172,11 +184,11 @@ mod tests {
             registry,
             store: Arc::new(Store::open(dir, StoreConfig::default()).expect("store")),
             hub: Arc::new(WatchHub::new(64)),
-            plant: Arc::new(Plant::new(&assets)),
+            plant: std::sync::RwLock::new(Arc::new(Plant::new(&assets))),
             settings: TwinSettings::default(),
             metrics: Arc::new(Metrics::default()),
             credits: Credits(Arc::new(AtomicUsize::new(0))),
-            models: HashMap::new(),
+            models: std::sync::RwLock::default(),
         })
     }
 

@@ -149,8 +149,8 @@ impl Actor for MachineTwin {
                 values: Vec::new(),
                 model: None,
             };
-            if let Some(m) = state.ctx.models.get(state.entry.def.kind.type_name()) {
-                state.model = MachineModel::new(&state.spec, m.clone());
+            if let Some(m) = state.ctx.model(state.entry.def.kind.type_name()) {
+                state.model = MachineModel::new(&state.spec, m);
             }
             state.publish(Timestamp::now(), true);
             Ok(state)
@@ -190,6 +190,11 @@ impl Actor for MachineTwin {
                         state.schedule(&myself);
                     }
                 }
+                TwinMsg::Adopt { path, reply } => {
+                    let r = state.children.adopt_path(&state.ctx, &myself, &path).await;
+                    state.schedule(&myself);
+                    let _ = reply.send(r);
+                }
                 TwinMsg::PublishRollUp => {
                     state.publish_scheduled = false;
                     state.publish(Timestamp::now(), true);
@@ -227,10 +232,14 @@ impl Actor for MachineTwin {
         Box::pin(async move {
             let ctx = state.ctx.clone();
             let path = state.entry.path().clone();
-            state
+            if state
                 .children
                 .on_supervision(&ctx, &myself, &path, evt)
-                .await
+                .await?
+            {
+                state.schedule(&myself);
+            }
+            Ok(())
         })
         .await
     }

@@ -13,8 +13,8 @@ pub mod sensor;
 pub mod supervise;
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use ferrotwin_models::detect::AnomalyTransition;
@@ -58,16 +58,38 @@ pub struct TwinCtx {
     pub registry: Arc<Registry>,
     pub store: Arc<Store>,
     pub hub: Arc<WatchHub>,
-    pub plant: Arc<Plant>,
+    /// The shape of the tree: a live apply swaps it (read it with `plant()`).
+    pub plant: RwLock<Arc<Plant>>,
     pub settings: TwinSettings,
     pub metrics: Arc<Metrics>,
     /// The router's in-flight budget (readings sent to twins and not yet handled).
     pub credits: Credits,
-    /// Users' ONNX models by machine type (the types whose model loaded).
-    pub models: HashMap<String, Arc<OnnxModel>>,
+    /// Users' ONNX models by machine type (the types whose model loaded); a live apply
+    /// swaps them with the plant.
+    pub models: RwLock<Arc<HashMap<String, Arc<OnnxModel>>>>,
 }
 
 impl TwinCtx {
+    /// The plant's shape as it is now.
+    pub fn plant(&self) -> Arc<Plant> {
+        self.plant.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The model machines of `type_name` run, if it loaded.
+    pub fn model(&self, type_name: &str) -> Option<Arc<OnnxModel>> {
+        self.models
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(type_name)
+            .cloned()
+    }
+
+    /// A live apply's new shape and models: twins started from now on follow them.
+    pub fn set_plant(&self, plant: Arc<Plant>, models: HashMap<String, Arc<OnnxModel>>) {
+        *self.plant.write().unwrap_or_else(|p| p.into_inner()) = plant;
+        *self.models.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(models);
+    }
+
     /// A twin took `n` readings from its inbox: return them to the router's budget.
     pub fn handled(&self, n: usize) {
         self.credits.0.fetch_sub(n, Ordering::AcqRel);

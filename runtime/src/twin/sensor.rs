@@ -145,6 +145,12 @@ impl Actor for SensorTwin {
                     let _ = reply.send(());
                 }
                 TwinMsg::Crash => panic!("{}: crash requested (test hook)", state.entry.path()),
+                TwinMsg::Adopt { path, reply } => {
+                    let _ = reply.send(Err(format!(
+                        "{}: a sensor has no children (asked to adopt {path})",
+                        state.entry.path()
+                    )));
+                }
                 TwinMsg::ChildChanged { .. }
                 | TwinMsg::PublishRollUp
                 | TwinMsg::Evaluate(_) => {

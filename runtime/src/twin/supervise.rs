@@ -28,18 +28,49 @@ impl Children {
         path: &AssetPath,
     ) -> Result<Children, ActorProcessingErr> {
         let mut c = Children::default();
-        for def in ctx.plant.children(path) {
+        let plant = ctx.plant();
+        for def in plant.children(path) {
             let Some(entry) = ctx.registry.by_path(&def.path) else {
-                return Err(format!("{}: child {} is not in the registry", path, def.path).into());
+                // A live apply between the plant's swap and its registry change: the
+                // apply starts (or has stopped) this child itself.
+                tracing::warn!(parent = %path, child = %def.path, "child not in the registry; not started");
+                continue;
             };
-            let actor = spawn_twin(ctx.clone(), entry.clone(), Some(myself.get_cell()), None)
-                .await
-                .map_err(|e| format!("{}: cannot start child: {e}", def.path))?;
-            c.rollups
-                .insert(entry.id, entry.snapshot().rollup(&entry.def.kind));
-            c.by_actor.insert(actor.get_id(), entry);
+            c.adopt(ctx, myself, entry).await?;
         }
         Ok(c)
+    }
+
+    /// Starts `entry`'s twin as a child of `myself` (at start, and when a live apply adds or
+    /// changes a child).
+    pub async fn adopt(
+        &mut self,
+        ctx: &Arc<TwinCtx>,
+        myself: &ActorRef<TwinMsg>,
+        entry: Arc<TwinEntry>,
+    ) -> Result<(), ActorProcessingErr> {
+        let actor = spawn_twin(ctx.clone(), entry.clone(), Some(myself.get_cell()), None)
+            .await
+            .map_err(|e| format!("{}: cannot start child: {e}", entry.path()))?;
+        self.rollups
+            .insert(entry.id, entry.snapshot().rollup(&entry.def.kind));
+        self.by_actor.insert(actor.get_id(), entry);
+        Ok(())
+    }
+
+    /// `adopt` of the registry's entry at `path`.
+    pub async fn adopt_path(
+        &mut self,
+        ctx: &Arc<TwinCtx>,
+        myself: &ActorRef<TwinMsg>,
+        path: &AssetPath,
+    ) -> Result<(), String> {
+        let Some(entry) = ctx.registry.by_path(path) else {
+            return Err(format!("{path} is not in the registry"));
+        };
+        self.adopt(ctx, myself, entry)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     pub fn rollup(&self) -> RollUp {
@@ -61,20 +92,25 @@ impl Children {
 
     /// Handles a supervision event. A failed child is restarted from the snapshot in its
     /// registry entry; past the budget the error is returned, which fails this parent and
-    /// hands the problem to its own parent.
+    /// hands the problem to its own parent. True when the children's roll-up changed (a
+    /// child removed by a live apply): the caller publishes.
     pub async fn on_supervision(
         &mut self,
         ctx: &Arc<TwinCtx>,
         myself: &ActorRef<TwinMsg>,
         me: &AssetPath,
         evt: SupervisionEvent,
-    ) -> Result<(), ActorProcessingErr> {
+    ) -> Result<bool, ActorProcessingErr> {
         match evt {
             SupervisionEvent::ActorFailed(cell, err) => {
                 let Some(entry) = self.by_actor.remove(&cell.get_id()) else {
-                    return Ok(());
+                    return Ok(false);
                 };
                 entry.set_actor(None);
+                if entry.is_retired() {
+                    // A live apply is replacing or removing it: not restarted.
+                    return Ok(self.rollups.remove(&entry.id).is_some());
+                }
                 let s = &ctx.settings;
                 let window = Duration::from_millis(s.restart_window_ms);
                 let history = self.restarts.entry(entry.id).or_default();
@@ -119,14 +155,14 @@ impl Children {
             }
             SupervisionEvent::ActorTerminated(cell, _, reason) => {
                 if let Some(entry) = self.by_actor.remove(&cell.get_id()) {
-                    if reason.as_deref() == Some(STOP_REMOVED) {
-                        self.rollups.remove(&entry.id);
-                    }
                     entry.set_actor(None);
+                    if reason.as_deref() == Some(STOP_REMOVED) {
+                        return Ok(self.rollups.remove(&entry.id).is_some());
+                    }
                 }
             }
             _ => {}
         }
-        Ok(())
+        Ok(false)
     }
 }

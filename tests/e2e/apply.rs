@@ -1,0 +1,422 @@
+//! A changed plant applied to a running site over gRPC (`ApplyPlant`): under ingest load, with
+//! a stale base, removing a machine with an active alarm, a moved limit, a tag on a removed
+//! asset, and across restarts (the record wins over an unchanged file, an edited file is the
+//! next version).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use ferrotwin_adapters::ConnectionConfig;
+use ferrotwin_proto::v1 as pb;
+use ferrotwin_runtime::testing;
+
+use crate::common::*;
+
+const OVEN_TEMP: &str = "acme/berlin/assembly/line-1/oven-1/zone-temp";
+const OVEN: &str = "acme/berlin/assembly/line-1/oven-1";
+
+/// `PLANT` with a second line of one press, and a door sensor added to the oven type.
+fn grown() -> String {
+    PLANT
+        .replace(
+            "[[sites]]",
+            "[[machine_types.oven.sensors]]\nname = \"door\"\nvalue_type = \"bool\"\nperiod_ms = 100\n\n[[sites]]",
+        )
+        .replace(
+            r#"machines = [{ name = "press-1", type = "press" }, { name = "oven-1", type = "oven" }]"#,
+            r#"machines = [{ name = "press-1", type = "press" }, { name = "oven-1", type = "oven" }]
+[[sites.areas.lines]]
+name = "line-2"
+machines = [{ name = "press-2", type = "press" }]"#,
+        )
+}
+
+/// `PLANT` without press-1.
+fn without_press() -> String {
+    PLANT.replace(r#"{ name = "press-1", type = "press" }, "#, "")
+}
+
+async fn apply(
+    site: &Site,
+    plant: &str,
+    base: u64,
+    dry_run: bool,
+) -> Result<pb::ApplyPlantResponse, tonic::Status> {
+    site.client
+        .clone()
+        .apply_plant(pb::ApplyPlantRequest {
+            plant_toml: plant.to_owned(),
+            base_version: base,
+            dry_run,
+            by: "test".into(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn version(site: &Site) -> u64 {
+    site.client
+        .clone()
+        .get_plant(pb::GetPlantRequest { with_spec: false })
+        .await
+        .expect("get_plant")
+        .into_inner()
+        .version
+}
+
+fn count_of(t: &pb::Twin) -> u64 {
+    t.sensor
+        .as_ref()
+        .and_then(|s| s.stats.as_ref())
+        .map_or(0, |s| s.count)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apply_under_ingest_load_loses_no_reading_and_pauses_no_untouched_twin() {
+    let dir = tempfile::tempdir().expect("dir");
+    let site = Arc::new(start_in(dir.path(), options()).await);
+    let temp_actor = testing::actor_id(&site.rt, &path(TEMP)).expect("temp runs");
+    let press_actor = testing::actor_id(&site.rt, &path(PRESS)).expect("press runs");
+    // A steady load on an untouched sensor (TEMP) and on an unchanged sensor of the changed
+    // oven (zone-temp), 1, 2, 3…, while the apply runs.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let load = {
+        let (site, stop, sent) = (site.clone(), stop.clone(), sent.clone());
+        tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Acquire) {
+                i += 1;
+                push(
+                    &site,
+                    vec![float(TEMP, i as f64 % 50.0), float(OVEN_TEMP, i as f64)],
+                )
+                .await;
+                sent.store(i, Ordering::Release);
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+        })
+    };
+    wait_for(10, "the load runs", || async {
+        (sent.load(Ordering::Acquire) > 20).then_some(())
+    })
+    .await;
+    let plan = apply(&site, &grown(), 1, true).await.expect("dry run");
+    assert!(!plan.applied);
+    assert_eq!(plan.version, 1);
+    let lines: Vec<String> = plan
+        .changes
+        .iter()
+        .map(|c| format!("{} {} {}", c.op, c.path, c.detail))
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            "changed acme/berlin/assembly/line-1/oven-1 sensors +door (the machine detector learns again)",
+            "added acme/berlin/assembly/line-1/oven-1/door sensor",
+            "added acme/berlin/assembly/line-2 line, 1 machine, 3 sensors",
+        ]
+    );
+    site.client
+        .clone()
+        .get_twin(pb::GetTwinRequest {
+            key: Some(pb::get_twin_request::Key::Path(
+                "acme/berlin/assembly/line-2".into(),
+            )),
+        })
+        .await
+        .expect_err("a dry run changes nothing");
+    let done = apply(&site, &grown(), 1, false).await.expect("applied");
+    assert!(done.applied);
+    assert_eq!(done.version, 2);
+    assert_eq!(version(&site).await, 2);
+    // Let the load go on a little after the apply, then stop it and let everything settle.
+    let after = sent.load(Ordering::Acquire) + 20;
+    wait_for(10, "the load goes on", || async {
+        (sent.load(Ordering::Acquire) > after).then_some(())
+    })
+    .await;
+    stop.store(true, Ordering::Release);
+    load.await.expect("load task");
+    site.rt.settle().await;
+    let pushed = sent.load(Ordering::Acquire);
+    let mut c = site.client.clone();
+    assert_eq!(
+        count_of(&get(&mut c, TEMP).await),
+        pushed,
+        "every reading of temp applied"
+    );
+    assert_eq!(
+        count_of(&get(&mut c, OVEN_TEMP).await),
+        pushed,
+        "every reading of the oven's unchanged sensor applied across its machine's change"
+    );
+    assert_eq!(
+        testing::actor_id(&site.rt, &path(TEMP)),
+        Some(temp_actor),
+        "a twin outside the change never stopped"
+    );
+    assert_eq!(testing::actor_id(&site.rt, &path(PRESS)), Some(press_actor));
+    // The new twins run and take readings at once.
+    let door = "acme/berlin/assembly/line-1/oven-1/door";
+    let new_temp = "acme/berlin/assembly/line-2/press-2/temp";
+    push(&site, vec![float(new_temp, 42.0)]).await;
+    wait_float(&site.client, new_temp, 42.0, 10, "the new press's temp").await;
+    let d = get(&mut c, door).await;
+    assert_eq!(d.level, pb::Level::Sensor as i32);
+    let oven = get(&mut c, OVEN).await;
+    assert_eq!(oven.rollup.as_ref().map(|r| r.sensors), Some(2), "{oven:?}");
+    let metrics = site.rt.render_metrics();
+    for reason in ["unknown_asset", "removed_asset"] {
+        assert!(
+            metrics.contains(&format!(
+                "ferrotwin_readings_rejected_total{{reason=\"{reason}\"}} 0"
+            )),
+            "{reason}: {metrics}"
+        );
+    }
+    // One model event per plan line.
+    let model: Vec<pb::Event> = events(&mut c, "acme")
+        .await
+        .into_iter()
+        .filter(|e| e.kind == "model")
+        .collect();
+    assert_eq!(model.len(), 3, "{model:?}");
+    assert!(
+        model.iter().any(|e| e.path == "acme/berlin/assembly/line-2"
+            && e.message
+                .contains("plant v2 by test: added line, 1 machine")),
+        "{model:?}"
+    );
+    Arc::into_inner(site)
+        .expect("one owner")
+        .rt
+        .shutdown()
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apply_made_against_another_version_is_refused() {
+    let dir = tempfile::tempdir().expect("dir");
+    let site = start_in(dir.path(), options()).await;
+    let err = apply(&site, &grown(), 0, false).await.expect_err("no base");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    assert!(err.message().contains("base_version"), "{err}");
+    apply(&site, &grown(), 1, false).await.expect("first apply");
+    let err = apply(&site, &without_press(), 1, false)
+        .await
+        .expect_err("stale");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+    assert!(
+        err.message().contains("at version 2") && err.message().contains("against version 1"),
+        "{err}"
+    );
+    let mut c = site.client.clone();
+    get(&mut c, TEMP).await;
+    // On the audit log: the apply, and the refusal.
+    let audit = c
+        .list_audit(pb::ListAuditRequest {
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .expect("audit")
+        .into_inner()
+        .records;
+    let applies: Vec<String> = audit
+        .iter()
+        .filter(|r| r.action == "apply")
+        .map(|r| format!("{} {}", r.value, r.result))
+        .collect();
+    assert!(
+        applies
+            .iter()
+            .any(|a| a.starts_with("v1 → v2: +6 −0 ~1 ok")),
+        "{applies:?}"
+    );
+    assert!(
+        applies
+            .iter()
+            .any(|a| a.contains("failed: the plant is at version 2")),
+        "{applies:?}"
+    );
+    site.rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_machine_with_an_active_alarm_stops_it_and_a_re_add_resumes_it() {
+    let dir = tempfile::tempdir().expect("dir");
+    let site = start_in(dir.path(), options()).await;
+    push(&site, vec![float(TEMP, 95.0)]).await;
+    let mut c = site.client.clone();
+    wait_for(10, "the alarm raised", || {
+        let mut c = c.clone();
+        async move {
+            (alarm_state(&get(&mut c, TEMP).await, "high") == pb::AlarmState::ActiveUnacked)
+                .then_some(())
+        }
+    })
+    .await;
+    let line = "acme/berlin/assembly/line-1";
+    wait_for(10, "the line counts it", || {
+        let mut c = c.clone();
+        async move { (get(&mut c, line).await.rollup?.active_alarms == 1).then_some(()) }
+    })
+    .await;
+    let done = apply(&site, &without_press(), 1, false)
+        .await
+        .expect("applied");
+    assert_eq!(
+        done.changes
+            .iter()
+            .map(|c| format!("{} {} {}", c.op, c.path, c.detail))
+            .collect::<Vec<_>>(),
+        ["removed acme/berlin/assembly/line-1/press-1 machine of type press, 3 sensors"]
+    );
+    let err = c
+        .get_twin(pb::GetTwinRequest {
+            key: Some(pb::get_twin_request::Key::Path(TEMP.into())),
+        })
+        .await
+        .expect_err("gone");
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
+    wait_for(10, "the line drops the removed machine", || {
+        let mut c = c.clone();
+        async move {
+            let r = get(&mut c, line).await.rollup?;
+            (r.active_alarms == 0 && r.machines == 1 && r.sensors == 1).then_some(())
+        }
+    })
+    .await;
+    // Its events stay, under its line.
+    let ev = events(&mut c, line)
+        .await
+        .into_iter()
+        .find(|e| e.kind == "model" && e.path == PRESS)
+        .expect("a model event");
+    assert!(
+        ev.message
+            .contains("active alarms that went with it: temp: high active_unacked"),
+        "{}",
+        ev.message
+    );
+    assert_eq!(ev.severity, pb::Severity::Medium as i32);
+    // A reading for it now is refused as for any unknown asset, and counted.
+    push(&site, vec![float(TEMP, 1.0)]).await;
+    assert!(
+        site.rt
+            .render_metrics()
+            .contains("ferrotwin_readings_rejected_total{reason=\"unknown_asset\"} 1")
+    );
+    // Put back: it resumes where it was (value, alarm), as a restart would.
+    apply(&site, PLANT, 2, false).await.expect("re-added");
+    let t = get(&mut c, TEMP).await;
+    assert_eq!(float_of(&t), Some(95.0));
+    assert_eq!(alarm_state(&t, "high"), pb::AlarmState::ActiveUnacked);
+    push(&site, vec![float(TEMP, 96.0)]).await;
+    wait_float(&site.client, TEMP, 96.0, 10, "the re-added twin runs").await;
+    site.rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_limit_applies_to_the_next_reading_and_survives_a_restart() {
+    let dir = tempfile::tempdir().expect("dir");
+    let site = start_in(dir.path(), options()).await;
+    push(&site, vec![float(TEMP, 80.0)]).await;
+    wait_float(&site.client, TEMP, 80.0, 10, "80 applied").await;
+    let mut c = site.client.clone();
+    assert_eq!(
+        alarm_state(&get(&mut c, TEMP).await, "high"),
+        pb::AlarmState::Normal
+    );
+    let lowered = PLANT.replace("limit = 90.0", "limit = 70.0");
+    let done = apply(&site, &lowered, 1, false).await.expect("applied");
+    assert_eq!(
+        done.changes
+            .iter()
+            .map(|c| format!("{} {}", c.path, c.detail))
+            .collect::<Vec<_>>(),
+        [format!("{TEMP} alarm high: limit 90 → 70")]
+    );
+    push(&site, vec![float(TEMP, 80.5)]).await;
+    wait_for(10, "the alarm raised at the new limit", || {
+        let mut c = c.clone();
+        async move {
+            (alarm_state(&get(&mut c, TEMP).await, "high") == pb::AlarmState::ActiveUnacked)
+                .then_some(())
+        }
+    })
+    .await;
+    let alarm = get(&mut c, TEMP)
+        .await
+        .sensor
+        .expect("sensor")
+        .alarms
+        .into_iter()
+        .find(|a| a.name == "high")
+        .expect("high");
+    assert_eq!(alarm.limit, 70.0);
+    site.rt.shutdown().await;
+
+    // A restart with the file unchanged since it was taken runs the applied version.
+    let site = start_in(dir.path(), options()).await;
+    assert_eq!(version(&site).await, 2);
+    let mut c = site.client.clone();
+    let limit = |t: pb::Twin| {
+        t.sensor
+            .expect("sensor")
+            .alarms
+            .into_iter()
+            .find(|a| a.name == "high")
+            .expect("high")
+            .limit
+    };
+    assert_eq!(limit(get(&mut c, TEMP).await), 70.0);
+    site.rt.shutdown().await;
+
+    // A restart with an edited file takes the file, as the next version.
+    let edited = ferrotwin_models::spec::PlantSpec::from_toml(
+        &PLANT.replace("limit = 90.0", "limit = 60.0"),
+        "edited",
+    )
+    .expect("valid");
+    let site = start_plant_in(&edited, dir.path(), options()).await;
+    assert_eq!(version(&site).await, 3);
+    let mut c = site.client.clone();
+    assert_eq!(limit(get(&mut c, TEMP).await), 60.0);
+    site.rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apply_that_removes_an_asset_a_tag_maps_is_refused_whole() {
+    let text = format!(
+        r#"protocol = "modbus"
+name = "press-plc"
+endpoint = "127.0.0.1:1"
+[[tags]]
+asset = "{TEMP}"
+property = "value"
+register = "holding"
+address = 1
+data_type = "u16"
+"#
+    );
+    let mut opts = options();
+    opts.connections = vec![toml::from_str::<ConnectionConfig>(&text).expect("a config")];
+    let dir = tempfile::tempdir().expect("dir");
+    let site = start_in(dir.path(), opts).await;
+    let err = apply(&site, &without_press(), 1, false)
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    assert!(
+        err.message().contains("press-plc")
+            && err.message().contains(TEMP)
+            && err.message().contains("no such asset"),
+        "{err}"
+    );
+    assert_eq!(version(&site).await, 1);
+    let mut c = site.client.clone();
+    get(&mut c, TEMP).await;
+    site.rt.shutdown().await;
+}
