@@ -209,6 +209,30 @@ pub enum Cmd {
         #[command(flatten)]
         remote: Remote,
     },
+    /// The plant the runtime runs: version, when and by whom applied (`--show`: its TOML).
+    Plant {
+        #[arg(long)]
+        show: bool,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Apply a changed plant spec to a running runtime, without a restart: prints the
+    /// changes (a dry run), then applies them against the version that dry run saw.
+    Apply {
+        /// The whole new plant spec (TOML).
+        plant: PathBuf,
+        /// Only print the changes.
+        #[arg(long)]
+        dry_run: bool,
+        /// Apply only if the runtime still runs this version (as an earlier dry run showed).
+        #[arg(long)]
+        expect_version: Option<u64>,
+        /// Who applies, on a runtime without security (with security: who you signed in as).
+        #[arg(long, default_value = "")]
+        by: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
     /// List the site's PLC connections with their state and counters.
     Connections {
         #[command(flatten)]

@@ -663,6 +663,99 @@ pub async fn write(
     })
 }
 
+/// `plant version 3 (applied 2026-12-04T… by user:alice), 1,234 assets`, and the TOML.
+pub async fn plant(client: &mut Client, show: bool) -> Result<String> {
+    let p = client
+        .get_plant(pb::GetPlantRequest { with_spec: show })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let mut out = format!(
+        "plant version {} (applied {} by {}), {} assets\n",
+        p.version,
+        Timestamp(p.applied_us),
+        p.applied_by,
+        p.assets
+    );
+    if show {
+        out.push('\n');
+        out.push_str(&p.plant_toml);
+    }
+    Ok(out)
+}
+
+/// A dry run against the running version (or `expect_version`), its changes printed; then,
+/// unless `dry_run`, the apply against that same version.
+pub async fn apply(
+    client: &mut Client,
+    plant_toml: &str,
+    dry_run: bool,
+    expect_version: Option<u64>,
+    by: &str,
+) -> Result<String> {
+    let base = match expect_version {
+        Some(v) => v,
+        None => {
+            client
+                .get_plant(pb::GetPlantRequest { with_spec: false })
+                .await
+                .map_err(status)?
+                .into_inner()
+                .version
+        }
+    };
+    let request = |dry_run: bool| pb::ApplyPlantRequest {
+        plant_toml: plant_toml.to_owned(),
+        base_version: base,
+        dry_run,
+        by: by.to_owned(),
+    };
+    let plan = client
+        .apply_plant(request(true))
+        .await
+        .map_err(status)?
+        .into_inner();
+    let mut out = String::new();
+    if plan.changes_total == 0 {
+        let _ = writeln!(out, "plant version {base}: nothing to change");
+        return Ok(out);
+    }
+    let _ = writeln!(
+        out,
+        "against plant version {base}: {} assets ({} lines)",
+        plan.summary, plan.changes_total
+    );
+    for c in &plan.changes {
+        let mark = match c.op.as_str() {
+            "added" => '+',
+            "removed" => '-',
+            _ => '~',
+        };
+        let _ = writeln!(out, "{mark} {}  {}", c.path, c.detail);
+    }
+    if plan.changes_total > plan.changes.len() as u64 {
+        let _ = writeln!(
+            out,
+            "… and {} more",
+            plan.changes_total - plan.changes.len() as u64
+        );
+    }
+    for w in &plan.warnings {
+        let _ = writeln!(out, "warning: {w}");
+    }
+    if dry_run {
+        out.push_str("dry run: nothing applied\n");
+        return Ok(out);
+    }
+    let done = client
+        .apply_plant(request(false))
+        .await
+        .map_err(status)?
+        .into_inner();
+    let _ = writeln!(out, "applied: plant version {} → {}", base, done.version);
+    Ok(out)
+}
+
 pub async fn replication(client: &mut Client) -> Result<String> {
     let s = client
         .get_replication_status(pb::GetReplicationStatusRequest {})

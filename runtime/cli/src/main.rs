@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Parser;
 use ferrotwin_cli::logging::{self, LogFormat};
 use ferrotwin_cli::{bench, client as cli, demo, run};
@@ -150,6 +150,29 @@ async fn main() -> Result<()> {
             init_tracing("warn", log_format);
             let mut c = cli::connect(&remote.connect()).await?;
             print!("{}", cli::ack(&mut c, &path, &alarm, &by, &comment).await?);
+            Ok(())
+        }
+        Cmd::Plant { show, remote } => {
+            init_tracing("warn", log_format);
+            let mut c = cli::connect(&remote.connect()).await?;
+            print!("{}", cli::plant(&mut c, show).await?);
+            Ok(())
+        }
+        Cmd::Apply {
+            plant,
+            dry_run,
+            expect_version,
+            by,
+            remote,
+        } => {
+            init_tracing("warn", log_format);
+            let text = std::fs::read_to_string(&plant)
+                .with_context(|| format!("reading {}", plant.display()))?;
+            let mut c = cli::connect(&remote.connect()).await?;
+            print!(
+                "{}",
+                cli::apply(&mut c, &text, dry_run, expect_version, &by).await?
+            );
             Ok(())
         }
         Cmd::Write {

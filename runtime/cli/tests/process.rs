@@ -378,6 +378,69 @@ async fn sigterm_stops_cleanly_and_the_restart_has_every_reading_it_had() {
     demo.kill();
 }
 
+/// `ferrotwin apply` against a running site as an operator runs it: a dry run prints the
+/// change and applies nothing, the apply moves the version on, `ferrotwin plant` shows who
+/// applied it, and the new line's twins run at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_applies_a_changed_plant_to_a_running_site() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (demo, addrs) = start_demo(dir.path());
+    let site = &addrs.sites[0];
+    assert!(
+        cli(&["plant"], site).starts_with("plant version 1 (applied "),
+        "a fresh data dir runs its plant file as version 1"
+    );
+    let mut c = TwinServiceClient::connect(format!("http://{site}"))
+        .await
+        .expect("connect");
+    let toml = c
+        .get_plant(pb::GetPlantRequest { with_spec: true })
+        .await
+        .expect("get_plant")
+        .into_inner()
+        .plant_toml;
+    let machine_type = toml
+        .lines()
+        .find_map(|l| l.strip_prefix("[machine_types."))
+        .and_then(|rest| rest.split([']', '.']).next())
+        .expect("a machine type")
+        .to_owned();
+    // A new line in the spec's last area.
+    let changed = format!(
+        "{toml}\n[[sites.areas.lines]]\nname = \"line-new\"\n\n[[sites.areas.lines.machines]]\nname = \"m-new\"\ntype = \"{machine_type}\"\n"
+    );
+    let file = dir.path().join("changed.toml");
+    std::fs::write(&file, changed).expect("write");
+    let file = file.to_str().expect("utf-8 path");
+    let dry = cli(&["apply", file, "--dry-run", "--by", "ops"], site);
+    assert!(
+        dry.lines()
+            .any(|l| l.starts_with("+ ") && l.contains("/line-new  line, 1 machine")),
+        "{dry}"
+    );
+    assert!(dry.contains("dry run: nothing applied"), "{dry}");
+    assert!(cli(&["plant"], site).starts_with("plant version 1 "));
+    let done = cli(&["apply", file, "--by", "ops"], site);
+    assert!(done.contains("applied: plant version 1 → 2"), "{done}");
+    let shown = cli(&["plant"], site);
+    assert!(
+        shown.starts_with("plant version 2 (applied ") && shown.contains(" by ops)"),
+        "{shown}"
+    );
+    let new_line = dry
+        .lines()
+        .find(|l| l.contains("/line-new"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .expect("the new line's path")
+        .to_owned();
+    let tree = cli(&["tree", &new_line, "--depth", "2"], site);
+    assert!(tree.contains("m-new"), "{tree}");
+    // Applying the same file again changes nothing.
+    let again = cli(&["apply", file, "--by", "ops"], site);
+    assert!(again.contains("nothing to change"), "{again}");
+    demo.kill();
+}
+
 /// `ferrotwin check` as a plant-config CI job runs it: a good config exits 0 with a summary,
 /// a connection tag naming an asset the plant lacks exits 1 naming it; nothing is served and
 /// no PLC is contacted (the endpoint is unreachable on purpose).
