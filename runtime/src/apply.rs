@@ -11,17 +11,20 @@
 //!    is retired: `TwinEntry::retire`), added ones enter it; the router sends a reading on
 //!    its way to a retired entry to its successor, or counts it `removed_asset`;
 //! 2. the tree's shape (`TwinCtx::set_plant`);
-//! 3. the twins of each top-most removed or changed subtree stop, leaves first: a retired
-//!    twin first applies what its inbox holds and writes its history tail; an unchanged
-//!    sensor of a changed machine keeps its entry (inbox, tail, snapshot) for its new actor;
-//! 4. the new entries of changed twins take the final state of the old ones, fitted to the
-//!    new kind by the rule a cold start uses (`codec::decode_snapshot`: alarms by name, the
-//!    machine detector kept only for the same sensors);
-//! 5. the parent of each top-most added or changed subtree starts it (`TwinMsg::Adopt`).
+//! 3. the twins of each top-most removed subtree and each changed sensor stop, leaves first,
+//!    each first applying what its inbox holds and writing its history tail;
+//! 4. the new entries of changed sensors take the final state of the old ones, fitted to the
+//!    new kind by the rule a cold start uses (`codec::decode_snapshot`: alarms by name);
+//! 5. changed machines, lines and areas are rebound (`TwinMsg::Rebind`): the running actor
+//!    applies its old inbox, fits its own state (the machine detector kept only for the same
+//!    sensors), takes the new entry; its children keep running and its sensors find the new
+//!    sample board at their next reading;
+//! 6. the parent of each top-most added subtree and each changed sensor starts it
+//!    (`TwinMsg::Adopt`).
 //!
-//! Twins outside those subtrees never stop; the sensors of a changed machine restart with it
-//! (a pause of milliseconds, their readings wait in their inboxes). One `model` event per
-//! changed line of the plan records it.
+//! Twins outside the change never stop, nor do the unchanged sensors of a changed machine.
+//! A changed sensor restarts (a pause of milliseconds; its readings wait in its new inbox).
+//! One `model` event per line of the plan records it.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -358,19 +361,33 @@ impl Applier {
         let learn = !self.rules.enterprise;
         let mut live = Live::default();
         let now_us = Timestamp::now().0;
-        let changed: HashSet<&AssetPath> = diff.changed.iter().map(|a| &a.path).collect();
+        // Changed sensors restart on a new entry; changed machines, lines and above are
+        // rebound: the same actor takes the new entry, its children keep running.
+        let restarted: HashSet<&AssetPath> = diff
+            .changed
+            .iter()
+            .filter(|a| matches!(a.kind, AssetKind::Sensor { .. }))
+            .map(|a| &a.path)
+            .collect();
+        let mut rebound: Vec<&AssetPath> = diff
+            .changed
+            .iter()
+            .filter(|a| !matches!(a.kind, AssetKind::Sensor { .. }))
+            .map(|a| &a.path)
+            .collect();
+        rebound.sort_by_key(|p| p.depth());
         let removed: HashSet<&AssetPath> = diff.removed.iter().collect();
         let added: HashSet<&AssetPath> = diff.added.iter().map(|a| &a.path).collect();
         let stop_roots = top_most(
             old.iter()
                 .map(|a| &a.path)
-                .filter(|p| changed.contains(p) || removed.contains(p)),
+                .filter(|p| restarted.contains(p) || removed.contains(p)),
         );
         let start_roots = top_most(
             next.assets
                 .iter()
                 .map(|a| &a.path)
-                .filter(|p| changed.contains(p) || added.contains(p)),
+                .filter(|p| restarted.contains(p) || added.contains(p)),
         );
         // Every running entry of the subtrees that stop, deepest first.
         let mut stopping: Vec<Arc<TwinEntry>> = Vec::new();
@@ -461,8 +478,12 @@ impl Applier {
             }
             at = end;
         }
-        // 4. Leftovers and the final state.
+        // 4. Leftovers and the final state of the restarted ones; the rebound ones fit
+        //    their own state (they still run).
         for (old_entry, new_entry) in &replaced {
+            if !matches!(new_entry.def.kind, AssetKind::Sensor { .. }) {
+                continue;
+            }
             let left = old_entry.take_inbox();
             if !left.is_empty() {
                 let _ = new_entry.deliver(&left);
@@ -483,7 +504,25 @@ impl Applier {
                     .fetch_add(left.len() as u64, std::sync::atomic::Ordering::Relaxed);
             }
         }
-        // 5. Start, parents first.
+        // 5. Rebind, parents first. One without an actor (restarting) is restarted by its
+        //    parent from the new entry.
+        for path in rebound {
+            let Some(actor) = replaced
+                .iter()
+                .find(|(o, _)| o.path() == path)
+                .and_then(|(o, _)| o.actor())
+            else {
+                continue;
+            };
+            match ask(&actor, TwinMsg::Rebind, TWIN_WAIT).await {
+                Some(Ok(())) => {}
+                Some(Err(e)) => live.problems.push(e),
+                None => live
+                    .problems
+                    .push(format!("{path}: did not take its new settings in time")),
+            }
+        }
+        // 6. Start, parents first.
         let mut roots = start_roots;
         roots.sort_by_key(AssetPath::depth);
         for root in roots {

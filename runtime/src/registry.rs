@@ -588,6 +588,11 @@ impl Registry {
         }
     }
 
+    /// An enterprise's registry: its twins are mirrors (detectors do not learn).
+    pub fn is_mirrors_only(&self) -> bool {
+        self.mirrors_only.load(Ordering::Relaxed)
+    }
+
     /// Enterprise role: published snapshots are not queued for the store (see `mirrors_only`).
     pub fn set_mirrors_only(&self) {
         self.mirrors_only.store(true, Ordering::Relaxed);

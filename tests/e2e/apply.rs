@@ -77,6 +77,8 @@ async fn an_apply_under_ingest_load_loses_no_reading_and_pauses_no_untouched_twi
     let site = Arc::new(start_in(dir.path(), options()).await);
     let temp_actor = testing::actor_id(&site.rt, &path(TEMP)).expect("temp runs");
     let press_actor = testing::actor_id(&site.rt, &path(PRESS)).expect("press runs");
+    let oven_actor = testing::actor_id(&site.rt, &path(OVEN)).expect("oven runs");
+    let zone_actor = testing::actor_id(&site.rt, &path(OVEN_TEMP)).expect("zone-temp runs");
     // A steady load on an untouched sensor (TEMP) and on an unchanged sensor of the changed
     // oven (zone-temp), 1, 2, 3…, while the apply runs.
     let stop = Arc::new(AtomicBool::new(false));
@@ -157,6 +159,16 @@ async fn an_apply_under_ingest_load_loses_no_reading_and_pauses_no_untouched_twi
         "a twin outside the change never stopped"
     );
     assert_eq!(testing::actor_id(&site.rt, &path(PRESS)), Some(press_actor));
+    assert_eq!(
+        testing::actor_id(&site.rt, &path(OVEN)),
+        Some(oven_actor),
+        "the changed oven took its new settings in the same actor"
+    );
+    assert_eq!(
+        testing::actor_id(&site.rt, &path(OVEN_TEMP)),
+        Some(zone_actor),
+        "the changed oven's unchanged sensor never stopped"
+    );
     // The new twins run and take readings at once.
     let door = "acme/berlin/assembly/line-1/oven-1/door";
     let new_temp = "acme/berlin/assembly/line-2/press-2/temp";
@@ -418,5 +430,61 @@ data_type = "u16"
     assert_eq!(version(&site).await, 1);
     let mut c = site.client.clone();
     get(&mut c, TEMP).await;
+    site.rt.shutdown().await;
+}
+
+/// A machine whose type changes keeps its actor, its state and counters, and its sensors
+/// keep running; the next readings count on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_machine_type_keeps_each_machines_state_counters_and_sensors() {
+    use ferrotwin_models::{Property, Reading, Timestamp, Value};
+    let dir = tempfile::tempdir().expect("dir");
+    let site = start_in(dir.path(), options()).await;
+    let at = |secs_ago: i64| Timestamp(now().0 - secs_ago * 1_000_000);
+    let int = |property: Property, v: i64, ts: Timestamp| {
+        Reading::good(path(PRESS).id(), property, Value::Int(v), ts)
+    };
+    push(
+        &site,
+        vec![
+            int(Property::State, 1, at(10)),
+            int(Property::GoodCount, 0, at(10)),
+            int(Property::GoodCount, 5, at(5)),
+        ],
+    )
+    .await;
+    let mut c = site.client.clone();
+    let good = |t: pb::Twin| t.machine.map(|m| (m.state, m.good_count));
+    wait_for(10, "five good parts", || {
+        let mut c = c.clone();
+        async move { (good(get(&mut c, PRESS).await) == Some(("running".into(), 5))).then_some(()) }
+    })
+    .await;
+    let press = testing::actor_id(&site.rt, &path(PRESS)).expect("runs");
+    let force = testing::actor_id(&site.rt, &path(FORCE)).expect("runs");
+    let faster = PLANT.replacen("ideal_cycle_ms = 1000", "ideal_cycle_ms = 800", 1);
+    let done = apply(&site, &faster, 1, false).await.expect("applied");
+    assert_eq!(
+        done.changes
+            .iter()
+            .map(|c| format!("{} {}", c.path, c.detail))
+            .collect::<Vec<_>>(),
+        [format!("{PRESS} ideal cycle 1000 ms → 800 ms")]
+    );
+    let m = get(&mut c, PRESS).await.machine.expect("machine");
+    assert_eq!(
+        (m.state.as_str(), m.good_count, m.ideal_cycle_ms),
+        ("running", 5, 800.0)
+    );
+    assert_eq!(testing::actor_id(&site.rt, &path(PRESS)), Some(press));
+    assert_eq!(testing::actor_id(&site.rt, &path(FORCE)), Some(force));
+    push(&site, vec![int(Property::GoodCount, 7, at(1))]).await;
+    wait_for(10, "the rebound machine counts on", || {
+        let mut c = c.clone();
+        async move { (good(get(&mut c, PRESS).await) == Some(("running".into(), 7))).then_some(()) }
+    })
+    .await;
+    push(&site, vec![float(FORCE, 3.5)]).await;
+    wait_float(&site.client, FORCE, 3.5, 10, "its sensor runs").await;
     site.rt.shutdown().await;
 }

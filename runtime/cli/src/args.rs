@@ -345,6 +345,22 @@ pub enum BenchCmd {
         #[arg(long, value_enum, default_value = "on")]
         detectors: OnOff,
     },
+    /// A changed plant applied live to a running plant under a paced load: time until the
+    /// new twins are live, the largest gap in an untouched sensor's readings.
+    Apply {
+        #[arg(long, default_value_t = 100_000)]
+        sensors: u64,
+        /// Sensors to add (as whole lines of the generated plant).
+        #[arg(long, default_value_t = 10_000)]
+        add: u64,
+        /// Each sensor gets one reading per period.
+        #[arg(long, default_value_t = 1_000)]
+        period_ms: u64,
+        /// Add a sensor to every machine type instead of lines (`--add` is then ignored):
+        /// every machine changes.
+        #[arg(long)]
+        per_type: bool,
+    },
     /// A site replicating to an enterprise over loopback gRPC: rate, bytes per reading,
     /// lag, catch-up after an outage.
     Replication {

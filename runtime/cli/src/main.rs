@@ -338,6 +338,26 @@ async fn main() -> Result<()> {
         }
         Cmd::Bench {
             what:
+                BenchCmd::Apply {
+                    sensors,
+                    add,
+                    period_ms,
+                    per_type,
+                },
+        } => {
+            init_tracing(&logging::default_filter("warn"), log_format);
+            let report = bench::apply::apply(bench::apply::ApplyBench {
+                sensors,
+                add,
+                period_ms,
+                per_type,
+            })
+            .await?;
+            print!("{report}");
+            Ok(())
+        }
+        Cmd::Bench {
+            what:
                 BenchCmd::Ingest {
                     sensors,
                     seconds,

@@ -38,6 +38,10 @@ pub enum TwinMsg {
     },
     /// Write the history tail now (clean shutdown).
     FlushHistory(RpcReplyPort<()>),
+    /// Machines, lines and above: a live apply gave this twin a new registry entry (new
+    /// settings): apply what the old entry's inbox holds, take the new entry and its
+    /// settings, keep running (children untouched).
+    Rebind(RpcReplyPort<Result<(), String>>),
     /// Parents: a live apply added (or replaced) the child at `path`, whose entry is in the
     /// registry: start its twin (and so its subtree) linked to this one.
     Adopt {

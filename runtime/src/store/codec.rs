@@ -163,7 +163,9 @@ fn restore_detector<D>(
     match decode(bytes) {
         Ok(d) if fits(&d) => Some(Box::new(d)),
         Ok(_) => {
-            tracing::warn!(
+            // Expected after a change of the machine's sensors (the plan says so): one line
+            // per machine would flood the log of a plant-wide change.
+            tracing::debug!(
                 asset = path,
                 "detector state does not fit the spec's sensors; learning again"
             );

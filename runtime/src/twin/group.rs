@@ -79,6 +79,19 @@ impl Actor for GroupTwin {
                 TwinMsg::ChildChanged { id, rollup } if state.children.set(id, rollup) => {
                     state.schedule(&myself);
                 }
+                TwinMsg::Rebind(reply) => {
+                    let r = match state.ctx.registry.by_path(state.entry.path()) {
+                        Some(next) => {
+                            state.entry.set_actor(None);
+                            state.entry = next;
+                            state.entry.set_actor(Some(myself.clone()));
+                            state.publish();
+                            Ok(())
+                        }
+                        None => Err(format!("{}: removed, not rebound", state.entry.path())),
+                    };
+                    let _ = reply.send(r);
+                }
                 TwinMsg::Adopt { path, reply } => {
                     let r = state.children.adopt_path(&state.ctx, &myself, &path).await;
                     state.schedule(&myself);

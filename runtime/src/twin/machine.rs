@@ -190,6 +190,10 @@ impl Actor for MachineTwin {
                         state.schedule(&myself);
                     }
                 }
+                TwinMsg::Rebind(reply) => {
+                    let r = state.rebind(&myself).await;
+                    let _ = reply.send(r);
+                }
                 TwinMsg::Adopt { path, reply } => {
                     let r = state.children.adopt_path(&state.ctx, &myself, &path).await;
                     state.schedule(&myself);
@@ -420,6 +424,56 @@ impl MachineTwinState {
                 }
             }
         }
+    }
+
+    /// A live apply replaced this machine's entry: apply what the old inbox holds, fit the
+    /// state to the new settings (as a restart would: counters and OEE kept, the detector
+    /// only for the same sensors), take the new entry, its settings and model. The sensors
+    /// keep running; each finds the new sample board at its next reading.
+    async fn rebind(&mut self, myself: &ActorRef<TwinMsg>) -> Result<(), String> {
+        let Some(next) = self.ctx.registry.by_path(self.entry.path()) else {
+            return Err(format!("{}: removed, not rebound", self.entry.path()));
+        };
+        if Arc::ptr_eq(&next, &self.entry) {
+            return Ok(());
+        }
+        let AssetKind::Machine { spec, .. } = &next.def.kind else {
+            return Err(format!("{}: no longer a machine", next.path()));
+        };
+        let readings = self.entry.take_inbox();
+        self.ctx.handled(readings.len());
+        for r in &readings {
+            self.apply(r).await;
+        }
+        self.publish(Timestamp::now(), false);
+        let learn = !self.ctx.registry.is_mirrors_only();
+        if let Some(record) = crate::store::codec::snapshot_record(&self.entry, true)
+            && let TwinState::Machine(m) =
+                crate::store::codec::decode_snapshot(&next.def.kind, &record, learn).state
+        {
+            self.snap = m;
+        }
+        self.spec = spec.clone();
+        self.model = self
+            .ctx
+            .model(next.def.kind.type_name())
+            .and_then(|m| MachineModel::new(&self.spec, m));
+        self.values.clear();
+        if let (Some(board), Some(_)) = (&next.board, self.snap.tracker.last_ts) {
+            let clock = crate::core::ClockRules::of(&self.ctx.settings);
+            board.note_state(
+                self.snap.tracker.state.code(),
+                self.snap.tracker.state_since,
+                Timestamp::now(),
+                clock,
+            );
+        }
+        self.entry.set_actor(None);
+        self.entry = next;
+        self.entry.set_actor(Some(myself.clone()));
+        self.publish(Timestamp::now(), true);
+        self.entry.kick(myself);
+        Ok(())
     }
 
     fn schedule(&mut self, myself: &ActorRef<TwinMsg>) {

@@ -145,6 +145,12 @@ impl Actor for SensorTwin {
                     let _ = reply.send(());
                 }
                 TwinMsg::Crash => panic!("{}: crash requested (test hook)", state.entry.path()),
+                TwinMsg::Rebind(reply) => {
+                    let _ = reply.send(Err(format!(
+                        "{}: a changed sensor restarts, it is not rebound",
+                        state.entry.path()
+                    )));
+                }
                 TwinMsg::Adopt { path, reply } => {
                     let _ = reply.send(Err(format!(
                         "{}: a sensor has no children (asked to adopt {path})",
@@ -232,7 +238,7 @@ impl SensorState {
             } else {
                 v
             };
-            self.to_board(usable, r.source_ts);
+            self.put_on_board(usable, r.source_ts);
             self.set_quality(quality, r.source_ts).await;
             self.snap.value = Some(r.value);
             self.snap.source_ts = r.source_ts;
@@ -268,6 +274,7 @@ impl SensorState {
     /// Runs the sensor's detectors on a current, usable value (never NaN/inf: `check` refused
     /// those) in its machine's regime; an episode's start or end becomes an event.
     async fn detect(&mut self, v: f64, at: Timestamp) {
+        self.follow_machine();
         let Some(det) = self.snap.detector.as_mut() else {
             return;
         };
@@ -362,7 +369,7 @@ impl SensorState {
             return;
         }
         self.entry.stale.store(true, Ordering::Relaxed);
-        self.to_board(f64::NAN, self.snap.source_ts);
+        self.put_on_board(f64::NAN, self.snap.source_ts);
         self.set_quality(Quality::uncertain(QualityReason::Stale), at)
             .await;
         self.flush_tail().await;
@@ -371,7 +378,8 @@ impl SensorState {
 
     /// Puts the sensor's latest value (NaN = unusable) on its machine's sample board, and
     /// asks the machine to evaluate when this reading is the first past its due time.
-    fn to_board(&self, value: f64, ts: Timestamp) {
+    fn put_on_board(&mut self, value: f64, ts: Timestamp) {
+        self.follow_machine();
         let Some((machine, index)) = &self.machine else {
             return;
         };
@@ -381,6 +389,14 @@ impl SensorState {
         let interval_us = self.ctx.settings.inference_interval_ms.saturating_mul(1000);
         if board.write(*index, value, ts, interval_us) {
             machine.send(TwinMsg::Evaluate(ts));
+        }
+    }
+
+    /// A live apply gave the machine a new entry (a new sample board, maybe another place
+    /// on it): find it again. One atomic load when nothing changed.
+    fn follow_machine(&mut self) {
+        if self.machine.as_ref().is_some_and(|(m, _)| m.is_retired()) {
+            self.machine = machine_board(&self.ctx, &self.entry);
         }
     }
 

@@ -107,10 +107,16 @@ impl Children {
                     return Ok(false);
                 };
                 entry.set_actor(None);
-                if entry.is_retired() {
-                    // A live apply is replacing or removing it: not restarted.
-                    return Ok(self.rollups.remove(&entry.id).is_some());
-                }
+                // A live apply gave it a new entry (restarted from that one) or removed it
+                // (not restarted).
+                let entry = if entry.is_retired() {
+                    match ctx.registry.by_path(entry.path()) {
+                        Some(next) if !next.is_retired() => next,
+                        _ => return Ok(self.rollups.remove(&entry.id).is_some()),
+                    }
+                } else {
+                    entry
+                };
                 let s = &ctx.settings;
                 let window = Duration::from_millis(s.restart_window_ms);
                 let history = self.restarts.entry(entry.id).or_default();
