@@ -199,6 +199,8 @@ impl SampleBoard {
 #[derive(Default)]
 struct RegimeLog {
     changes: std::collections::VecDeque<(u8, Timestamp)>,
+    /// Older changes were let go (the log was full).
+    forgot: bool,
 }
 
 const REGIME_LOG: usize = 8;
@@ -210,22 +212,26 @@ impl RegimeLog {
 
     fn clear(&mut self) {
         self.changes.clear();
+        self.forgot = false;
     }
 
     fn push(&mut self, code: u8, since: Timestamp) {
         if self.changes.len() == REGIME_LOG {
             self.changes.pop_front();
+            self.forgot = true;
         }
         self.changes.push_back((code, since));
     }
 
     fn at(&self, ts: Timestamp) -> u8 {
-        self.changes
-            .iter()
-            .rev()
-            .find(|(_, since)| *since <= ts)
-            // Before the oldest change kept: unknown (detectors keep that regime apart).
-            .map_or(u8::MAX, |(code, _)| *code)
+        match self.changes.iter().rev().find(|(_, since)| *since <= ts) {
+            Some((code, _)) => *code,
+            // Before the first state noted: unknown (detectors keep that regime apart).
+            None if !self.forgot => u8::MAX,
+            // Before the oldest change kept, and older ones were let go: the state then is
+            // no longer known (`Regime::LATE`: not judged).
+            None => 254,
+        }
     }
 }
 
@@ -835,6 +841,23 @@ mod tests {
     }
 
     #[test]
+    fn a_reading_older_than_the_states_still_remembered_is_late_not_unknown() {
+        let board = SampleBoard::new(1);
+        for i in 0..=REGIME_LOG as i64 {
+            note(
+                &board,
+                if i % 2 == 0 { RUNNING } else { DOWN },
+                1_000 * (i + 1),
+            );
+        }
+        assert_eq!(board.regime_at(at_ms(1_500)), 254, "its state was let go");
+        assert_eq!(
+            board.regime_at(at_ms(1_000 * (REGIME_LOG as i64 + 1))),
+            RUNNING as u8
+        );
+    }
+
+    #[test]
     fn a_state_from_further_ahead_than_the_skew_allows_is_ignored() {
         let board = SampleBoard::new(1);
         let now = at_ms(100_000);
@@ -890,9 +913,10 @@ mod tests {
             note(&board, 7, k * 1_000 + 600);
         }
         assert_eq!(REGIME_LOG, 8);
-        // The first two changes (0 s, 1 s) fell out: before the oldest kept, unknown.
-        assert_eq!(board.regime_at(at_ms(0)), UNKNOWN);
-        assert_eq!(board.regime_at(at_ms(1_999)), UNKNOWN);
+        // The first two changes (0 s, 1 s) fell out: before the oldest kept, no longer
+        // known (late).
+        assert_eq!(board.regime_at(at_ms(0)), 254);
+        assert_eq!(board.regime_at(at_ms(1_999)), 254);
         assert_eq!(board.regime_at(at_ms(2_000)), RUNNING as u8);
         assert_eq!(board.regime_at(at_ms(3_000)), DOWN as u8);
         assert_eq!(board.regime_at(at_ms(9_999)), DOWN as u8);
@@ -996,6 +1020,9 @@ mod tests {
                     _ => log.push((code, t)),
                 }
             }
+            // Changes let go of (the reference log restarts at a far step back, as the
+            // board's does).
+            let forgot = log.len() > REGIME_LOG;
             let kept = &log[log.len().saturating_sub(REGIME_LOG)..];
             // Around the times noted: at them, a millisecond either side, and further off.
             for (i, offset) in queries {
@@ -1004,7 +1031,7 @@ mod tests {
                     .iter()
                     .rev()
                     .find(|(_, since)| *since <= q)
-                    .map_or(UNKNOWN, |(code, _)| *code as u8);
+                    .map_or(if forgot { 254 } else { UNKNOWN }, |(code, _)| *code as u8);
                 prop_assert_eq!(board.regime_at(at_ms(q)), expected, "at {} of {:?}", q, kept);
             }
         }

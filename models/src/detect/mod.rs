@@ -102,6 +102,11 @@ impl Regime {
     pub const SETUP: Regime = Regime(2);
     pub const DOWN: Regime = Regime(3);
     pub const UNKNOWN: Regime = Regime(255);
+    /// The machine's state at the reading's time is no longer known: the reading is older
+    /// than the state changes its machine still remembers (its twin lags far behind). Not
+    /// judged: a run of an idle machine's constant values judged in another regime would be
+    /// a false stuck alarm.
+    pub const LATE: Regime = Regime(254);
     /// Regimes a detector keeps apart: the four machine states, and everything else.
     pub const SLOTS: usize = 5;
 

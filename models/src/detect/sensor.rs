@@ -305,7 +305,7 @@ impl SensorDetector {
         v: f64,
         regime: Regime,
     ) -> SensorVerdict {
-        if v.is_nan() || v.abs() > MAX_MAGNITUDE {
+        if v.is_nan() || v.abs() > MAX_MAGNITUDE || regime == Regime::LATE {
             return SensorVerdict {
                 score: self.score,
                 transition: None,
@@ -755,6 +755,18 @@ mod tests {
             )),
             "{tr:?}"
         );
+    }
+
+    #[test]
+    fn a_reading_whose_regime_is_no_longer_known_is_not_judged() {
+        let cfg = SensorDetectorConfig::default();
+        let mut det = SensorDetector::new(&cfg);
+        run(&mut det, &cfg, 0..3600, noisy);
+        let frozen = noisy(3599).0;
+        let before = det.clone();
+        let tr = run(&mut det, &cfg, 3600..3900, |_| (frozen, Regime::LATE));
+        assert!(tr.is_empty(), "{tr:?}");
+        assert_eq!(det, before, "nothing learned from it either");
     }
 
     #[test]
