@@ -9,7 +9,7 @@ pub const MAX_NAME_LEN: usize = 64;
 
 /// One connection to a PLC or broker. `protocol` picks the variant; each protocol's struct
 /// rejects unknown keys.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(tag = "protocol", rename_all = "lowercase")]
 pub enum ConnectionConfig {
     Modbus(crate::modbus::ModbusConfig),

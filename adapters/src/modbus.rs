@@ -218,7 +218,7 @@ impl ModbusTag {
 }
 
 /// `protocol = "modbus"`: one Modbus TCP unit.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModbusConfig {
     pub name: String,

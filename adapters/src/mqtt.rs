@@ -113,7 +113,7 @@ mod defaults {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttConfig {
     pub name: String,
@@ -157,7 +157,7 @@ pub struct MqttConfig {
 }
 
 /// A secret from a config file: its `Debug` never shows it.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, PartialEq, Deserialize)]
 #[serde(transparent)]
 pub struct Secret(pub String);
 
@@ -169,7 +169,7 @@ impl std::fmt::Debug for Secret {
 
 /// `tls = { ca = ..., cert = ..., key = ... }` of an MQTT connection (the broker's name is
 /// the host of `broker`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttTls {
     /// PEM CA certificate(s) the broker's certificate must chain to.
@@ -227,14 +227,14 @@ impl MqttTls {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum PayloadFormat {
     Json(JsonFormat),
     Sparkplug(SparkplugFormat),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JsonFormat {
     #[serde(default)]
@@ -249,7 +249,7 @@ pub struct JsonFormat {
 /// Where a JSON payload keeps its value, source time and quality: each a field name
 /// (`"v"`) or a JSON pointer (`"/data/value"`). The defaults are `{"value", "ts_us",
 /// "quality", "reason"}`, what the simulator publishes.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JsonPayload {
     #[serde(default = "JsonPayload::default_value")]
@@ -352,7 +352,7 @@ fn field<'a>(json: &'a serde_json::Value, at: &str) -> Option<&'a serde_json::Va
     .filter(|v| !v.is_null())
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JsonTag {
     /// Reading properties (`value`, `state`, …): the topic the value arrives on (default:
@@ -393,7 +393,7 @@ impl JsonTag {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SparkplugFormat {
     pub group_id: String,
@@ -419,7 +419,7 @@ pub struct SparkplugFormat {
 /// property = "value"           # default; or state, good_count, scrap_count
 /// # writable = true            # a setpoint: property is its name (speed_setpoint_pct)
 /// ```
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SparkplugMetric {
     pub node: String,
@@ -447,7 +447,7 @@ impl SparkplugMetric {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SparkplugNode {
     pub node: String,

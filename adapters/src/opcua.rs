@@ -152,7 +152,7 @@ mod defaults {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OpcUaConfig {
     pub name: String,
@@ -193,7 +193,7 @@ pub struct OpcUaConfig {
 }
 
 /// `user = { name, password_file | password }` or `user = { cert, key }`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OpcUaUser {
     #[serde(default)]
@@ -248,7 +248,7 @@ impl OpcUaUser {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OpcUaTag {
     /// `ns=2;s=...`, `ns=3;i=1001`, ...

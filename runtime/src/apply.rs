@@ -37,7 +37,7 @@ use ferrotwin_models::{AssetPath, Event, EventKind, Severity, Timestamp};
 use ferrotwin_proto::store::v1 as rec;
 use sha2::{Digest, Sha256};
 
-use crate::connections::Connections;
+use crate::connections::{ConnectionChanges, Connections, parse_connections};
 use crate::core::{TwinMsg, TwinSnapshot, TwinState, ask};
 use crate::inference::ModelCache;
 use crate::registry::TwinEntry;
@@ -61,6 +61,8 @@ pub struct ApplyRules {
     pub replication: Option<SiteReplication>,
     /// Where machine types' model files are (the plant file's directory).
     pub plant_dir: Option<PathBuf>,
+    /// Where relative paths of connections applied live are taken from.
+    pub config_dir: Option<PathBuf>,
 }
 
 /// The plant a runtime runs.
@@ -73,6 +75,10 @@ pub struct PlantVersion {
     pub file_digest: Vec<u8>,
     pub applied: Timestamp,
     pub applied_by: String,
+    /// The connections that run, as canonical TOML (empty: as the runtime was given them).
+    pub connections_toml: String,
+    /// sha256 of the site file's connections as the last start read them.
+    pub connections_file_digest: Vec<u8>,
 }
 
 impl PlantVersion {
@@ -83,13 +89,20 @@ impl PlantVersion {
             file_digest: self.file_digest.clone(),
             applied_us: self.applied.0,
             applied_by: self.applied_by.clone(),
+            connections_toml: self.connections_toml.clone(),
+            connections_file_digest: self.connections_file_digest.clone(),
         }
     }
 }
 
 /// sha256 of a plant's canonical TOML: a file edited in its comments only is not changed.
 pub fn digest(spec: &PlantSpec) -> Vec<u8> {
-    Sha256::digest(spec.to_toml().as_bytes()).to_vec()
+    text_digest(&spec.to_toml())
+}
+
+/// sha256 of a canonical text.
+pub fn text_digest(text: &str) -> Vec<u8> {
+    Sha256::digest(text.as_bytes()).to_vec()
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -115,6 +128,8 @@ pub struct ApplyRequest {
     pub dry_run: bool,
     /// Who applies it (for the record and the events).
     pub by: String,
+    /// A site config whose `[[connections]]` run from now on (`None`: the running ones stay).
+    pub site_toml: Option<String>,
 }
 
 #[derive(Debug)]
@@ -130,6 +145,8 @@ pub struct ApplyOutcome {
     pub summary: String,
     /// Models that did not load (their machines run without them), and the like.
     pub warnings: Vec<String>,
+    /// Connections added, changed or removed (with `site_toml`).
+    pub connections: ConnectionChanges,
 }
 
 /// Applies changed plants to a running runtime, one at a time.
@@ -186,6 +203,13 @@ impl Applier {
         }
         let spec = PlantSpec::from_toml(&req.plant_toml, "plant")
             .map_err(|e| ApplyError::Invalid(e.to_string()))?;
+        let connections = match &req.site_toml {
+            Some(text) => Some(
+                parse_connections(text, self.rules.config_dir.as_deref())
+                    .map_err(ApplyError::Invalid)?,
+            ),
+            None => None,
+        };
         let old = running.assets.clone();
         let rules = self.rules.clone();
         let (spec, new, changes, models, mut warnings) = tokio::task::spawn_blocking(move || {
@@ -201,7 +225,7 @@ impl Applier {
         })
         .await
         .map_err(|e| ApplyError::Failed(format!("planning: {e}")))?;
-        self.check(&running, &spec, &new)?;
+        let conn_changes = self.check(&running, &spec, &new, connections.as_ref().map(|c| &c.0))?;
         let mut outcome = ApplyOutcome {
             version: running.version,
             applied: false,
@@ -214,8 +238,9 @@ impl Applier {
                 .collect(),
             summary: changes.summary(),
             warnings: Vec::new(),
+            connections: conn_changes.clone(),
         };
-        if req.dry_run || changes.is_empty() {
+        if req.dry_run || (changes.is_empty() && conn_changes.is_empty()) {
             outcome.warnings = warnings;
             return Ok(outcome);
         }
@@ -227,6 +252,11 @@ impl Applier {
             file_digest: running.file_digest.clone(),
             applied: Timestamp::now(),
             applied_by: req.by.clone(),
+            connections_toml: match &connections {
+                Some((_, text)) => text.clone(),
+                None => running.connections_toml.clone(),
+            },
+            connections_file_digest: running.connections_file_digest.clone(),
         };
         let store = self.ctx.store.clone();
         let record = next.record();
@@ -246,9 +276,44 @@ impl Applier {
             ferrotwin.changes = %changes.summary(),
         );
         let _enter = span.enter();
-        let live = self
-            .carry_out(&running.assets, &next, &changes.diff, models)
-            .await;
+        let mut live = if changes.is_empty() {
+            Live::default()
+        } else {
+            self.carry_out(&running.assets, &next, &changes.diff, models)
+                .await
+        };
+        // The connections once the twins they map exist.
+        if let Some((configs, _)) = connections {
+            let kinds: HashMap<&AssetPath, &AssetKind> =
+                next.assets.iter().map(|a| (&a.path, &a.kind)).collect();
+            if let Err(e) = self
+                .connections
+                .reload(configs, &|p: &AssetPath| kinds.get(p).map(|k| (*k).clone()))
+                .await
+            {
+                live.problems.push(e.to_string());
+            }
+            for (names, op) in [
+                (&conn_changes.added, "added"),
+                (&conn_changes.changed, "changed (restarted)"),
+                (&conn_changes.removed, "removed"),
+            ] {
+                for n in names {
+                    let Some(root) = next.assets.first() else {
+                        continue;
+                    };
+                    self.ctx
+                        .emit(Event::new(
+                            root.path.clone(),
+                            Timestamp::now(),
+                            EventKind::Model,
+                            Severity::Info,
+                            format!("plant v{} by {}: connection {n} {op}", next.version, req.by),
+                        ))
+                        .await;
+                }
+            }
+        }
         drop(_enter);
         let at = Timestamp::now();
         let mut events = changes.lines.iter();
@@ -305,7 +370,8 @@ impl Applier {
         running: &PlantVersion,
         spec: &PlantSpec,
         new: &[AssetDef],
-    ) -> Result<(), ApplyError> {
+        connections: Option<&Vec<ferrotwin_adapters::ConnectionConfig>>,
+    ) -> Result<ConnectionChanges, ApplyError> {
         let mut problems = Vec::new();
         if spec.enterprise != running.spec.enterprise {
             problems.push(format!(
@@ -330,16 +396,23 @@ impl Applier {
         }
         let kinds: HashMap<&AssetPath, &AssetKind> =
             new.iter().map(|a| (&a.path, &a.kind)).collect();
-        if let Err(e) = self
-            .connections
-            .recheck(&|p: &AssetPath| kinds.get(p).map(|k| (*k).clone()))
-        {
-            problems.push(format!(
-                "{e} (in the new plant); change the connection's tags first"
-            ));
+        let kind_of = |p: &AssetPath| kinds.get(p).map(|k| (*k).clone());
+        let mut conn_changes = ConnectionChanges::default();
+        match connections {
+            Some(configs) => match self.connections.plan_reload(configs, &kind_of) {
+                Ok(c) => conn_changes = c,
+                Err(e) => problems.push(format!("{e} (in the new site config)")),
+            },
+            None => {
+                if let Err(e) = self.connections.recheck(&kind_of) {
+                    problems.push(format!(
+                        "{e} (in the new plant); change the connection's tags in the same apply (a site config)"
+                    ));
+                }
+            }
         }
         if problems.is_empty() {
-            Ok(())
+            Ok(conn_changes)
         } else {
             Err(ApplyError::Invalid(format!(
                 "the change is refused, nothing was applied: {}",

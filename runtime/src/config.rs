@@ -74,6 +74,12 @@ pub struct SiteConfig {
     /// OpenTelemetry export (`crate::telemetry`); the `OTEL_*` variables override it.
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    /// `connections` as the file wrote them (canonical TOML).
+    #[serde(skip)]
+    pub connections_toml: Option<String>,
+    /// The folder of the config file.
+    #[serde(skip)]
+    pub config_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +153,10 @@ impl SiteConfig {
             c.data_dir = PathBuf::from(v);
         }
         let base = file.parent().unwrap_or(Path::new("."));
+        c.config_dir = Some(base.to_path_buf());
+        c.connections_toml = crate::connections::parse_connections(&text, None)
+            .ok()
+            .map(|(_, t)| t);
         if c.plant.is_relative() {
             c.plant = base.join(&c.plant);
         }
@@ -220,6 +230,8 @@ impl SiteConfig {
             security: self.security.clone(),
             plant_dir: self.plant.parent().map(std::path::Path::to_path_buf),
             check_only: false,
+            connections_toml: self.connections_toml.clone(),
+            config_dir: self.config_dir.clone(),
         }
     }
 }

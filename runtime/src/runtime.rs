@@ -56,6 +56,13 @@ pub struct RuntimeOptions {
     /// Only check (`ferrotwin check`): PLC connections and the replication sender are
     /// checked against the plant but not started.
     pub check_only: bool,
+    /// `connections` as the site file wrote them (canonical TOML, `parse_connections`): a
+    /// start runs the connections a live apply recorded while the file's are unchanged
+    /// since they were taken. `None`: `connections` always run as given.
+    pub connections_toml: Option<String>,
+    /// The config file's folder: relative paths of connections applied live are taken from
+    /// it (`None`: the working directory).
+    pub config_dir: Option<PathBuf>,
 }
 
 /// The `[ingest]` section.
@@ -165,7 +172,8 @@ impl Runtime {
             ));
         }
         let store = Arc::new(Store::open(data_dir, opts.store.clone())?);
-        let running = running_plant(spec, &store, opts.check_only)?;
+        let mut opts = opts;
+        let running = running_plant(spec, &mut opts, &store)?;
         let spec = running.spec.as_ref();
         let replicate_as = match &opts.replication {
             Some(r) => Some(open_outbox(spec, &store, r)?),
@@ -220,6 +228,7 @@ impl Runtime {
             enterprise: opts.enterprise.is_some(),
             replication: opts.replication.clone(),
             plant_dir: opts.plant_dir.clone(),
+            config_dir: opts.config_dir.clone(),
         };
         // Adapters start last: every twin is restored before the first reading arrives.
         let replicate_as = replicate_as.filter(|_| !opts.check_only);
@@ -559,15 +568,18 @@ impl Runtime {
 
 /// The plant a start runs: the plant file, unless the data dir records a plant taken from
 /// this same file since (a live apply changed it: a restart never undoes an apply). A file
-/// edited since it was last taken is the next version. The record is written before any twin
-/// starts (not for `check`, whose data dir is thrown away).
+/// edited since it was last taken is the next version. The connections follow the same
+/// rule (`opts.connections` are replaced by the recorded ones while the site file's are
+/// unchanged). The record is written before any twin starts (not for `check`, whose data dir
+/// is thrown away).
 fn running_plant(
     file: &PlantSpec,
+    opts: &mut RuntimeOptions,
     store: &Store,
-    check_only: bool,
 ) -> Result<crate::apply::PlantVersion, RuntimeError> {
-    use crate::apply::{PlantVersion, digest};
+    use crate::apply::{PlantVersion, digest, text_digest};
     let file_digest = digest(file);
+    let conns_digest = opts.connections_toml.as_deref().map(text_digest);
     let from_file = |version: u64| PlantVersion {
         version,
         spec: Arc::new(file.clone()),
@@ -575,34 +587,34 @@ fn running_plant(
         file_digest: file_digest.clone(),
         applied: Timestamp::now(),
         applied_by: "plant file".into(),
+        connections_toml: opts.connections_toml.clone().unwrap_or_default(),
+        connections_file_digest: conns_digest.clone().unwrap_or_default(),
     };
-    let running = match store.load_plant()? {
+    let corrupt = |what: String| StoreError::Corrupt {
+        dir: PathBuf::new(),
+        tree: "meta",
+        key: "plant".into(),
+        what,
+    };
+    let mut running = match store.load_plant()? {
         None => from_file(1),
         Some(r) => {
-            let recorded =
-                PlantSpec::from_toml(&r.plant_toml, "the recorded plant").map_err(|e| {
-                    StoreError::Corrupt {
-                        dir: PathBuf::new(),
-                        tree: "meta",
-                        key: "plant".into(),
-                        what: e.to_string(),
-                    }
-                })?;
-            if r.file_digest == file_digest {
+            let recorded = PlantSpec::from_toml(&r.plant_toml, "the recorded plant")
+                .map_err(|e| corrupt(e.to_string()))?;
+            let mut v = if r.file_digest == file_digest {
                 // The file is as the last start took it: the record (maybe applied since).
-                return Ok(PlantVersion {
+                PlantVersion {
                     version: r.version,
                     assets: Arc::new(recorded.assets()),
                     spec: Arc::new(recorded),
-                    file_digest,
                     applied: Timestamp(r.applied_us),
-                    applied_by: r.applied_by,
-                });
-            }
-            if recorded == *file {
+                    applied_by: r.applied_by.clone(),
+                    ..from_file(r.version)
+                }
+            } else if recorded == *file {
                 PlantVersion {
                     applied: Timestamp(r.applied_us),
-                    applied_by: r.applied_by,
+                    applied_by: r.applied_by.clone(),
                     ..from_file(r.version)
                 }
             } else {
@@ -611,11 +623,27 @@ fn running_plant(
                     "the plant file was edited since the last start: taking it as the next version"
                 );
                 from_file(r.version + 1)
+            };
+            // The connections: the record's while the site file's are as last taken.
+            if let Some(d) = &conns_digest
+                && *d == r.connections_file_digest
+                && !r.connections_toml.is_empty()
+            {
+                let (configs, text) = crate::connections::parse_connections(
+                    &r.connections_toml,
+                    opts.config_dir.as_deref(),
+                )
+                .map_err(corrupt)?;
+                opts.connections = configs;
+                v.connections_toml = text;
             }
+            v
         }
     };
-    if !check_only {
+    if !opts.check_only {
         store.save_plant(&running.record())?;
+    } else {
+        running.version = running.version.max(1);
     }
     Ok(running)
 }

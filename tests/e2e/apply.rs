@@ -49,6 +49,7 @@ async fn apply(
             base_version: base,
             dry_run,
             by: "test".into(),
+            site_toml: String::new(),
         })
         .await
         .map(tonic::Response::into_inner)
@@ -243,7 +244,7 @@ async fn an_apply_made_against_another_version_is_refused() {
     assert!(
         applies
             .iter()
-            .any(|a| a.starts_with("v1 → v2: +6 −0 ~1 ok")),
+            .any(|a| a.starts_with("v1 → v2: +6 −0 ~1;") && a.ends_with(" ok")),
         "{applies:?}"
     );
     assert!(

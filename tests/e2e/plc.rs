@@ -1129,3 +1129,120 @@ quality_map = {{ "OK" = "good" }}
     assert!(log.contains("cmd 200") && log.contains("cmd 300"), "{log}");
     site.rt.shutdown().await;
 }
+
+/// The site's `[[connections]]` of `lines` (the simulator's Modbus map in `map`, one
+/// connection per line at its endpoint), as a site config's text, line 2 polled every
+/// `line2_poll_ms`.
+fn modbus_site_toml(
+    map: &std::path::Path,
+    mapping: &Mapping,
+    configs: &[ConnectionConfig],
+    line2_poll_ms: u64,
+) -> String {
+    let mut text = String::from("version = 1\n");
+    for (i, (l, c)) in mapping.lines.iter().zip(configs).enumerate() {
+        let ConnectionConfig::Modbus(m) = c else {
+            panic!("modbus configs")
+        };
+        let poll = if i == 1 { line2_poll_ms } else { 50 };
+        text.push_str(&format!(
+            "\n[[connections]]\nprotocol = \"modbus\"\nname = \"{}\"\nendpoint = \"{}\"\npoll_interval_ms = {poll}\ntimeout_ms = 500\nmapping_file = \"{}\"\nline = \"{}\"\n",
+            m.name,
+            m.endpoint,
+            map.display(),
+            l.line
+        ));
+    }
+    text
+}
+
+/// A live apply with a site config: the connection whose settings changed restarts, the
+/// other keeps running untouched (its counters go on), and values flow on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_changed_live_restarts_only_it() {
+    let map_dir = tempfile::tempdir().expect("dir");
+    let map = map_dir.path().join("mapping.toml");
+    let text = std::sync::Mutex::new(String::new());
+    let r = rig_with(
+        Feed::Modbus,
+        |_| {},
+        |spec, configs| {
+            let mapping = Mapping::of(spec).expect("fits");
+            std::fs::write(&map, mapping.to_toml()).expect("map");
+            let t = modbus_site_toml(&map, &mapping, configs, 50);
+            let mut table: toml::Table = toml::from_str(&t).expect("site toml");
+            *configs = table
+                .remove("connections")
+                .expect("connections")
+                .try_into()
+                .expect("configs");
+            *text.lock().expect("lock") = modbus_site_toml(&map, &mapping, configs, 80);
+        },
+    )
+    .await;
+    let changed_toml = text.into_inner().expect("lock");
+    let list = |c: Client| async move {
+        let mut c = c;
+        c.list_connections(pb::ListConnectionsRequest {})
+            .await
+            .expect("connections")
+            .into_inner()
+            .connections
+    };
+    wait_for(20, "both lines polled", || {
+        let c = r.site.client.clone();
+        async move {
+            let l = list(c).await;
+            (l.len() == 2 && l.iter().all(|c| c.link == "connected" && c.received > 20))
+                .then_some(())
+        }
+    })
+    .await;
+    let before = list(r.site.client.clone()).await;
+    let done = r
+        .site
+        .client
+        .clone()
+        .apply_plant(pb::ApplyPlantRequest {
+            plant_toml: r.spec.to_toml(),
+            base_version: 1,
+            dry_run: false,
+            by: "test".into(),
+            site_toml: changed_toml,
+        })
+        .await
+        .expect("applied")
+        .into_inner();
+    assert!(done.applied && done.changes.is_empty(), "{done:?}");
+    assert_eq!(
+        done.connections
+            .iter()
+            .map(|c| format!("{} {}", c.op, c.name))
+            .collect::<Vec<_>>(),
+        [format!("changed {}", before[1].name)]
+    );
+    let after = list(r.site.client.clone()).await;
+    assert_eq!(after[0].name, before[0].name);
+    assert!(
+        after[0].received >= before[0].received && after[0].connects == before[0].connects,
+        "the unchanged connection went on: {:?} then {:?}",
+        before[0],
+        after[0]
+    );
+    assert!(
+        after[1].received < before[1].received,
+        "the changed connection restarted (its counters anew): {:?} then {:?}",
+        before[1],
+        after[1]
+    );
+    wait_for(20, "the restarted line polls again", || {
+        let c = r.site.client.clone();
+        async move {
+            let l = list(c).await;
+            (l[1].link == "connected" && l[1].received > 20).then_some(())
+        }
+    })
+    .await;
+    r.stepper.abort();
+    r.site.rt.shutdown().await;
+}

@@ -221,6 +221,10 @@ pub enum Cmd {
     Apply {
         /// The whole new plant spec (TOML).
         plant: PathBuf,
+        /// A site config whose `[[connections]]` run from now on (unchanged ones keep
+        /// running, changed ones restart); without it the running connections stay.
+        #[arg(long)]
+        site: Option<PathBuf>,
         /// Only print the changes.
         #[arg(long)]
         dry_run: bool,

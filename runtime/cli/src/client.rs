@@ -689,6 +689,7 @@ pub async fn plant(client: &mut Client, show: bool) -> Result<String> {
 pub async fn apply(
     client: &mut Client,
     plant_toml: &str,
+    site_toml: Option<&str>,
     dry_run: bool,
     expect_version: Option<u64>,
     by: &str,
@@ -709,6 +710,7 @@ pub async fn apply(
         base_version: base,
         dry_run,
         by: by.to_owned(),
+        site_toml: site_toml.unwrap_or_default().to_owned(),
     };
     let plan = client
         .apply_plant(request(true))
@@ -716,7 +718,7 @@ pub async fn apply(
         .map_err(status)?
         .into_inner();
     let mut out = String::new();
-    if plan.changes_total == 0 {
+    if plan.changes_total == 0 && plan.connections.is_empty() {
         let _ = writeln!(out, "plant version {base}: nothing to change");
         return Ok(out);
     }
@@ -739,6 +741,9 @@ pub async fn apply(
             "… and {} more",
             plan.changes_total - plan.changes.len() as u64
         );
+    }
+    for c in &plan.connections {
+        let _ = writeln!(out, "connection {} {}", c.name, c.op);
     }
     for w in &plan.warnings {
         let _ = writeln!(out, "warning: {w}");

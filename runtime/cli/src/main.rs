@@ -160,6 +160,7 @@ async fn main() -> Result<()> {
         }
         Cmd::Apply {
             plant,
+            site,
             dry_run,
             expect_version,
             by,
@@ -168,10 +169,17 @@ async fn main() -> Result<()> {
             init_tracing("warn", log_format);
             let text = std::fs::read_to_string(&plant)
                 .with_context(|| format!("reading {}", plant.display()))?;
+            let site = match &site {
+                Some(f) => Some(
+                    std::fs::read_to_string(f)
+                        .with_context(|| format!("reading {}", f.display()))?,
+                ),
+                None => None,
+            };
             let mut c = cli::connect(&remote.connect()).await?;
             print!(
                 "{}",
-                cli::apply(&mut c, &text, dry_run, expect_version, &by).await?
+                cli::apply(&mut c, &text, site.as_deref(), dry_run, expect_version, &by).await?
             );
             Ok(())
         }

@@ -47,10 +47,10 @@ impl TwinApi {
             Role::Admin
         };
         self.allow_root(caller, role, "apply a plant")?;
-        if req.plant_toml.len() > MAX_PLANT_BYTES {
+        if req.plant_toml.len() + req.site_toml.len() > MAX_PLANT_BYTES {
             return Err(ApiError::BadArgument(format!(
-                "plant_toml: {} bytes, at most {MAX_PLANT_BYTES}",
-                req.plant_toml.len()
+                "plant_toml and site_toml: {} bytes, at most {MAX_PLANT_BYTES}",
+                req.plant_toml.len() + req.site_toml.len()
             )));
         }
         let by = Self::actor_name(caller, req.by, "applies")?;
@@ -83,12 +83,20 @@ impl TwinApi {
                 base_version: req.base_version,
                 dry_run: req.dry_run,
                 by,
+                site_toml: (!req.site_toml.is_empty()).then_some(req.site_toml),
             })
             .await
             .map_err(ApiError::from);
         if audited {
             let value = match &outcome {
-                Ok(o) if o.applied => format!("v{base} → v{}: {}", o.version, o.summary),
+                Ok(o) if o.applied => format!(
+                    "v{base} → v{}: {}; connections +{} ~{} −{}",
+                    o.version,
+                    o.summary,
+                    o.connections.added.len(),
+                    o.connections.changed.len(),
+                    o.connections.removed.len()
+                ),
                 Ok(_) => format!("v{base}: nothing changed"),
                 Err(_) => format!("against v{base}"),
             };
@@ -110,6 +118,19 @@ impl TwinApi {
             changes_total: o.changes_total as u64,
             summary: o.summary,
             warnings: o.warnings,
+            connections: [
+                (o.connections.added, "added"),
+                (o.connections.changed, "changed"),
+                (o.connections.removed, "removed"),
+            ]
+            .into_iter()
+            .flat_map(|(names, op)| {
+                names.into_iter().map(move |name| pb::ConnectionChange {
+                    name,
+                    op: op.to_owned(),
+                })
+            })
+            .collect(),
         })
     }
 

@@ -255,6 +255,7 @@ pub async fn apply(b: ApplyBench) -> Result<String> {
                 base_version: version,
                 dry_run: false,
                 by: "bench".into(),
+                site_toml: String::new(),
             },
         )
         .await?;
