@@ -815,6 +815,66 @@ mod tests {
 
     use super::*;
 
+    /// The plant and connections a start runs: the file's at first; the record's after an
+    /// apply while the files are unchanged; an edited file's as the next version.
+    #[test]
+    fn a_start_runs_the_recorded_plant_and_connections_until_a_file_is_edited() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = Store::open(dir.path(), StoreConfig::default()).expect("store");
+        let plant = |limit: u32| {
+            PlantSpec::from_toml(
+                &format!(
+                    "version = 1\nenterprise = \"e\"\n[machine_types.m]\nideal_cycle_ms = {limit}\n[[machine_types.m.sensors]]\nname = \"t\"\n[[sites]]\nname = \"s\"\n[[sites.areas]]\nname = \"a\"\n[[sites.areas.lines]]\nname = \"l\"\nmachines = [{{ name = \"m1\", type = \"m\" }}]\n"
+                ),
+                "p",
+            )
+            .expect("plant")
+        };
+        let conns = |endpoint: &str| {
+            let text = format!(
+                "[[connections]]\nprotocol = \"modbus\"\nname = \"plc\"\nendpoint = \"{endpoint}\"\n[[connections.tags]]\nasset = \"e/s/a/l/m1/t\"\nproperty = \"value\"\nregister = \"holding\"\naddress = 1\ndata_type = \"u16\"\n"
+            );
+            crate::connections::parse_connections(&text, None).expect("connections")
+        };
+        let endpoint = |o: &RuntimeOptions| match &o.connections[0] {
+            ConnectionConfig::Modbus(m) => m.endpoint.clone(),
+            _ => unreachable!("modbus"),
+        };
+        let opts = |text: &str| {
+            let (connections, text) = conns(text);
+            RuntimeOptions {
+                connections,
+                connections_toml: Some(text),
+                ..RuntimeOptions::default()
+            }
+        };
+        // First start: the files, version 1.
+        let mut o = opts("10.0.0.1:502");
+        let v = running_plant(&plant(1000), &mut o, &store).expect("runs");
+        assert_eq!((v.version, endpoint(&o).as_str()), (1, "10.0.0.1:502"));
+        // A live apply: plant and connections recorded as version 2.
+        let mut applied = v.clone();
+        applied.version = 2;
+        applied.spec = Arc::new(plant(800));
+        applied.connections_toml = conns("10.0.0.2:502").1;
+        store.save_plant(&applied.record()).expect("saved");
+        // Unchanged files: the record runs.
+        let mut o = opts("10.0.0.1:502");
+        let v = running_plant(&plant(1000), &mut o, &store).expect("runs");
+        assert_eq!(v.version, 2);
+        assert_eq!(v.spec.machine_types["m"].ideal_cycle_ms, 800.0);
+        assert_eq!(endpoint(&o), "10.0.0.2:502");
+        // An edited site file: its connections run; the plant stays the record's.
+        let mut o = opts("10.0.0.3:502");
+        let v = running_plant(&plant(1000), &mut o, &store).expect("runs");
+        assert_eq!((v.version, endpoint(&o).as_str()), (2, "10.0.0.3:502"));
+        // An edited plant file: the next version.
+        let mut o = opts("10.0.0.3:502");
+        let v = running_plant(&plant(600), &mut o, &store).expect("runs");
+        assert_eq!(v.version, 3);
+        assert_eq!(v.spec.machine_types["m"].ideal_cycle_ms, 600.0);
+    }
+
     /// Stands in for a sensor twin: passes on the `CheckStale` it is sent.
     struct Probe;
 
