@@ -327,6 +327,13 @@ impl Applier {
                     at,
                 ))
                 .await;
+            // Watchers (gRPC Watch, the web pages) re-browse what changed.
+            self.ctx.hub.model(Arc::new(crate::watch::ModelChange {
+                version: next.version,
+                path: c.path.clone(),
+                op: c.op.as_str(),
+                detail: c.detail.clone(),
+            }));
         }
         let rest = events.count();
         if rest > 0

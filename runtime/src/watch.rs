@@ -20,6 +20,18 @@ use crate::registry::TwinEntry;
 pub enum Change {
     Twin(Arc<TwinEntry>, Arc<TwinSnapshot>),
     Event(Arc<Event>),
+    /// A live apply changed the plant at this path: clients re-browse it.
+    Model(Arc<ModelChange>),
+}
+
+/// One line of an applied plant change, as watchers are told of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelChange {
+    pub version: u64,
+    pub path: AssetPath,
+    /// "added", "removed" or "changed".
+    pub op: &'static str,
+    pub detail: String,
 }
 
 /// Default queue per watcher.
@@ -192,6 +204,25 @@ impl WatchHub {
         });
     }
 
+    /// Offers a plant change to every watcher whose subtree holds its path or lies under it
+    /// (a watcher inside a removed subtree hears of it), events or not, at any depth. Rare:
+    /// a plain scan.
+    pub fn model(&self, change: Arc<ModelChange>) {
+        if self.count.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let subs = self.subs.read().expect("watch lock is never poisoned");
+        for s in &subs.list {
+            let touches = s
+                .prefix
+                .as_ref()
+                .is_none_or(|p| change.path.starts_with(p) || p.starts_with(&change.path));
+            if touches && s.tx.try_send(Change::Model(change.clone())).is_err() {
+                s.missed.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+    }
+
     pub fn event(&self, event: Arc<Event>) {
         self.offer(&event.asset, true, || Change::Event(event.clone()));
     }
@@ -250,6 +281,18 @@ mod tests {
         hub.event(event("acme/b/area/line-1/m-1/temp"));
         for (p, w) in &mut ws {
             let got = w.rx.try_recv().is_ok();
+            let want = !matches!(p, Some("acme/bc" | "acme/b/area/line-10" | "acme/x"));
+            assert_eq!(got, want, "watcher of {p:?}");
+        }
+        // A plant change: to the watchers above it and inside it, not beside it.
+        hub.model(Arc::new(ModelChange {
+            version: 2,
+            path: AssetPath::parse("acme/b/area/line-1").expect("path"),
+            op: "removed",
+            detail: "line".into(),
+        }));
+        for (p, w) in &mut ws {
+            let got = matches!(w.rx.try_recv(), Ok(Change::Model(_)));
             let want = !matches!(p, Some("acme/bc" | "acme/b/area/line-10" | "acme/x"));
             assert_eq!(got, want, "watcher of {p:?}");
         }

@@ -273,6 +273,7 @@
     es.addEventListener("twin", parse(onTwin));
     es.addEventListener("event", parse((e) => eventListeners.forEach((fn) => fn(e))));
     es.addEventListener("resync", () => resync());
+    es.addEventListener("model", parse(onModel));
     es.addEventListener("error", () => {
       // Our own reconnect with backoff: a fresh stream starts with a snapshot (the resync).
       es.close();
@@ -281,6 +282,23 @@
       live.timer = setTimeout(() => { live.key = ""; connectLive(); resync(); }, live.backoff);
       live.backoff = Math.min(live.backoff * 2, 30000);
     });
+  }
+  // A live apply changed the plant at m.path: a removed subtree leaves the tree, and the
+  // nearest loaded ancestor re-reads its children (added and changed ones show at once).
+  function onModel(m) {
+    if (m.op === "removed") {
+      for (const p of Array.from(nodes.keys())) {
+        if (p === m.path || p.startsWith(m.path + "/")) { nodes.get(p).li.remove(); nodes.delete(p); twins.delete(p); }
+      }
+    }
+    let p = m.op === "changed" ? m.path : parentOf(m.path);
+    while (p && !(nodes.get(p) && nodes.get(p).loaded)) p = parentOf(p);
+    const n = p && nodes.get(p);
+    if (n && n.expanded) loadChildren(n).then(rescope).catch((e) => toast(e.message));
+    const here = view && view.path;
+    if (here && (here === m.path || here.startsWith(m.path + "/")) && m.op === "removed") {
+      toast("plant version " + m.version + ": " + m.path + " was removed");
+    }
   }
   // After a gap (lag or reconnect): the views re-read what they list (alarms, events).
   function resync() { if (view && view.resync) view.resync(); refreshAlarmsSoon(); }

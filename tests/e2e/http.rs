@@ -578,3 +578,65 @@ async fn two_http_listeners_of_one_runtime_share_their_counters() {
     );
     site.rt.shutdown().await;
 }
+
+/// A live apply tells the watchers it touches which subtree changed: a page's stream gets
+/// `event: model` for the machine removed below it, and a gRPC Watch of that machine gets
+/// `model_changed` (it watched inside the removed subtree).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_and_live_pages_are_told_which_subtree_changed() {
+    use ferrotwin_proto::v1 as pb;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let site = start_in(dir.path(), options()).await;
+    let base = http(&site).await;
+    let line = "acme/berlin/assembly/line-1";
+    let mut live = Sse::open(&format!("{base}/api/v1/live?path={line}")).await;
+    let (name, _) = live.next().await;
+    assert_eq!(name, "snapshot");
+    let mut watch = site
+        .client
+        .clone()
+        .watch(pb::WatchRequest {
+            path: PRESS.into(),
+            events: false,
+            skip_snapshot: true,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let without = PLANT.replace(r#"{ name = "press-1", type = "press" }, "#, "");
+    site.client
+        .clone()
+        .apply_plant(pb::ApplyPlantRequest {
+            plant_toml: without,
+            base_version: 1,
+            dry_run: false,
+            by: "test".into(),
+            site_toml: String::new(),
+        })
+        .await
+        .expect("applied");
+    let model = loop {
+        let (name, data) = live.next().await;
+        if name == "model" {
+            break data;
+        }
+    };
+    assert_eq!(model["path"], PRESS);
+    assert_eq!(model["op"], "removed");
+    assert_eq!(model["version"], 2);
+    let item = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let m = watch.message().await.expect("stream").expect("a message");
+            if let Some(pb::watch_response::Item::ModelChanged(c)) = m.item {
+                break c;
+            }
+        }
+    })
+    .await
+    .expect("model_changed within 30 s");
+    assert_eq!(
+        (item.path.as_str(), item.op.as_str(), item.version),
+        (PRESS, "removed", 2)
+    );
+    site.rt.shutdown().await;
+}

@@ -312,6 +312,13 @@ async fn forward_changes(
                 last_event_seq = ev.seq;
                 Item::Event(convert::event(&ev))
             }
+            Change::Model(m) if !caller.can_read(&m.path) => continue,
+            Change::Model(m) => Item::ModelChanged(pb::ModelChanged {
+                version: m.version,
+                path: m.path.to_string(),
+                op: m.op.to_owned(),
+                detail: m.detail.clone(),
+            }),
         };
         if !send(item).await {
             return;

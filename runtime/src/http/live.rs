@@ -78,6 +78,16 @@ pub struct ResyncMsg {
     pub events_after_seq: u64,
 }
 
+/// `model` message: a live apply changed the plant at `path` (re-fetch it).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelMsg {
+    pub version: u64,
+    pub path: String,
+    /// "added", "removed" or "changed".
+    pub op: &'static str,
+    pub detail: String,
+}
+
 /// What one stream shows.
 enum Scope {
     /// A node and its children.
@@ -319,6 +329,20 @@ async fn forward(s: HttpState, caller: Caller, scope: Scope, mut sub: Watcher, t
                         continue;
                     }
                     if !send(&tx, "event", &dto::event(&convert::event(&ev))).await {
+                        return;
+                    }
+                }
+                Some(Change::Model(m)) => {
+                    if !caller.can_read(&m.path) {
+                        continue;
+                    }
+                    let msg = ModelMsg {
+                        version: m.version,
+                        path: m.path.to_string(),
+                        op: m.op,
+                        detail: m.detail.clone(),
+                    };
+                    if !send(&tx, "model", &msg).await {
                         return;
                     }
                 }
