@@ -40,7 +40,7 @@ use sha2::{Digest, Sha256};
 use crate::connections::{ConnectionChanges, Connections, parse_connections};
 use crate::core::{TwinMsg, TwinSnapshot, TwinState, ask};
 use crate::inference::ModelCache;
-use crate::registry::TwinEntry;
+use crate::registry::{Delivery, TwinEntry};
 use crate::replication::SiteReplication;
 use crate::store::codec;
 use crate::twin::{Plant, STOP_REMOVED, TwinCtx};
@@ -63,6 +63,8 @@ pub struct ApplyRules {
     pub plant_dir: Option<PathBuf>,
     /// Where relative paths of connections applied live are taken from.
     pub config_dir: Option<PathBuf>,
+    /// An enterprise's accepted sites: each must stay a site of its plant.
+    pub accept: Vec<String>,
 }
 
 /// The plant a runtime runs.
@@ -386,6 +388,16 @@ impl Applier {
                 running.spec.enterprise, spec.enterprise
             ));
         }
+        for site in &self.rules.accept {
+            let kept = new
+                .iter()
+                .any(|a| matches!(a.kind, AssetKind::Site) && a.path.as_str() == site);
+            if !kept {
+                problems.push(format!(
+                    "enterprise.accept names {site}, which the new plant no longer has: change the accepted sites and restart first"
+                ));
+            }
+        }
         if let Some(r) = &self.rules.replication {
             match (r.site_of(&running.spec), r.site_of(spec)) {
                 (Ok(was), Ok(now)) if was != now => problems.push(format!(
@@ -564,9 +576,13 @@ impl Applier {
             if !matches!(new_entry.def.kind, AssetKind::Sensor { .. }) {
                 continue;
             }
+            write_tail(ctx, old_entry).await;
             let left = old_entry.take_inbox();
-            if !left.is_empty() {
-                let _ = new_entry.deliver(&left);
+            if !left.is_empty()
+                && new_entry.deliver(&left) == Delivery::Tell
+                && !new_entry.send(TwinMsg::Drain)
+            {
+                new_entry.unschedule();
             }
             if let Some(r) = codec::snapshot_record(old_entry, true) {
                 let snap = codec::decode_snapshot(&new_entry.def.kind, &r, learn);
@@ -574,6 +590,7 @@ impl Applier {
             }
         }
         for e in &gone {
+            write_tail(ctx, e).await;
             let left = e.take_inbox();
             if !left.is_empty() {
                 ctx.credits
@@ -584,23 +601,39 @@ impl Applier {
                     .fetch_add(left.len() as u64, std::sync::atomic::Ordering::Relaxed);
             }
         }
-        // 5. Rebind, parents first. One without an actor (restarting) is restarted by its
-        //    parent from the new entry.
-        for path in rebound {
-            let Some(actor) = replaced
+        // 5. Rebind, parents first, a depth at a time, many at once. One without an actor
+        //    (restarting) is restarted by its parent from the new entry.
+        let mut at = 0;
+        while at < rebound.len() {
+            let depth = rebound[at].depth();
+            let end = rebound[at..]
                 .iter()
-                .find(|(o, _)| o.path() == path)
-                .and_then(|(o, _)| o.actor())
-            else {
-                continue;
-            };
-            match ask(&actor, TwinMsg::Rebind, TWIN_WAIT).await {
-                Some(Ok(())) => {}
-                Some(Err(e)) => live.problems.push(e),
-                None => live
-                    .problems
-                    .push(format!("{path}: did not take its new settings in time")),
+                .position(|p| p.depth() != depth)
+                .map_or(rebound.len(), |n| at + n);
+            let mut set = tokio::task::JoinSet::new();
+            for path in &rebound[at..end] {
+                let Some(actor) = replaced
+                    .iter()
+                    .find(|(o, _)| o.path() == *path)
+                    .and_then(|(o, _)| o.actor())
+                else {
+                    continue;
+                };
+                let path = (*path).clone();
+                set.spawn(async move {
+                    match ask(&actor, TwinMsg::Rebind, TWIN_WAIT).await {
+                        Some(Ok(())) => None,
+                        Some(Err(e)) => Some(e),
+                        None => Some(format!("{path}: did not take its new settings in time")),
+                    }
+                });
             }
+            while let Some(r) = set.join_next().await {
+                if let Ok(Some(problem)) = r {
+                    live.problems.push(problem);
+                }
+            }
+            at = end;
         }
         // 6. Start, parents first.
         let mut roots = start_roots;
@@ -611,7 +644,14 @@ impl Applier {
                     .push(format!("{root}: its parent is not running; not started"));
                 continue;
             };
-            let Some(actor) = parent.actor() else {
+            // A parent whose rebind failed still runs on its old entry.
+            let actor = parent.actor().or_else(|| {
+                replaced
+                    .iter()
+                    .find(|(o, _)| o.path() == parent.path())
+                    .and_then(|(o, _)| o.actor())
+            });
+            let Some(actor) = actor else {
                 live.problems.push(format!(
                     "{root}: its parent {} is restarting; it starts the child itself",
                     parent.path()
@@ -679,6 +719,7 @@ async fn stop_twin(e: &TwinEntry) -> Result<(), String> {
     let Some(actor) = e.actor() else {
         return Ok(());
     };
+    let mut problem = None;
     if e.is_retired()
         && matches!(
             e.def.kind,
@@ -690,16 +731,38 @@ async fn stop_twin(e: &TwinEntry) -> Result<(), String> {
             .await
             .is_none()
         {
-            return Err(format!(
+            problem = Some(format!(
                 "{}: did not drain and write its history in time",
                 e.path()
             ));
         }
     }
-    actor
+    if let Err(err) = actor
         .stop_and_wait(Some(STOP_REMOVED.into()), Some(TWIN_WAIT))
         .await
-        .map_err(|err| format!("{}: did not stop in time: {err}", e.path()))
+    {
+        // Never left running on a retired entry (it would publish an old state over its
+        // successor's).
+        actor.kill();
+        problem = Some(format!(
+            "{}: did not stop in time ({err}); killed",
+            e.path()
+        ));
+    }
+    problem.map_or(Ok(()), Err)
+}
+
+/// Writes what `e`'s history tail still holds (a twin that died before its last drain).
+async fn write_tail(ctx: &TwinCtx, e: &TwinEntry) {
+    if !matches!(e.def.kind, AssetKind::Sensor { .. }) {
+        return;
+    }
+    let points = std::mem::take(&mut e.tail.lock().unwrap_or_else(|p| p.into_inner()).points);
+    if !points.is_empty() {
+        ctx.store
+            .append_history(e.id, ferrotwin_models::Property::Value, &points)
+            .await;
+    }
 }
 
 /// The `model` event of one plan line.

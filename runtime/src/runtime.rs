@@ -229,6 +229,11 @@ impl Runtime {
             replication: opts.replication.clone(),
             plant_dir: opts.plant_dir.clone(),
             config_dir: opts.config_dir.clone(),
+            accept: opts
+                .enterprise
+                .as_ref()
+                .map(|e| e.accept.clone())
+                .unwrap_or_default(),
         };
         // Adapters start last: every twin is restored before the first reading arrives.
         let replicate_as = replicate_as.filter(|_| !opts.check_only);

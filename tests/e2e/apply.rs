@@ -15,9 +15,11 @@ use crate::common::*;
 const OVEN_TEMP: &str = "acme/berlin/assembly/line-1/oven-1/zone-temp";
 const OVEN: &str = "acme/berlin/assembly/line-1/oven-1";
 
-/// `PLANT` with a second line of one press, and a door sensor added to the oven type.
+/// `PLANT` with a second line of one press, a door sensor added to the oven type and the
+/// press temperature's alarm limit moved.
 fn grown() -> String {
     PLANT
+        .replace("limit = 90.0", "limit = 91.0")
         .replace(
             "[[sites]]",
             "[[machine_types.oven.sensors]]\nname = \"door\"\nvalue_type = \"bool\"\nperiod_ms = 100\n\n[[sites]]",
@@ -77,11 +79,13 @@ async fn an_apply_under_ingest_load_loses_no_reading_and_pauses_no_untouched_twi
     let dir = tempfile::tempdir().expect("dir");
     let site = Arc::new(start_in(dir.path(), options()).await);
     let temp_actor = testing::actor_id(&site.rt, &path(TEMP)).expect("temp runs");
+    let force_actor = testing::actor_id(&site.rt, &path(FORCE)).expect("force runs");
     let press_actor = testing::actor_id(&site.rt, &path(PRESS)).expect("press runs");
     let oven_actor = testing::actor_id(&site.rt, &path(OVEN)).expect("oven runs");
     let zone_actor = testing::actor_id(&site.rt, &path(OVEN_TEMP)).expect("zone-temp runs");
-    // A steady load on an untouched sensor (TEMP) and on an unchanged sensor of the changed
-    // oven (zone-temp), 1, 2, 3…, while the apply runs.
+    // A steady load while the apply runs: on a changed sensor (TEMP: restarted on a new
+    // entry, its readings in flight redirected) and on unchanged sensors of changed machines
+    // (FORCE under the press, zone-temp under the oven: never stopped).
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));
     let load = {
@@ -92,7 +96,11 @@ async fn an_apply_under_ingest_load_loses_no_reading_and_pauses_no_untouched_twi
                 i += 1;
                 push(
                     &site,
-                    vec![float(TEMP, i as f64 % 50.0), float(OVEN_TEMP, i as f64)],
+                    vec![
+                        float(TEMP, i as f64 % 50.0),
+                        float(FORCE, i as f64),
+                        float(OVEN_TEMP, i as f64),
+                    ],
                 )
                 .await;
                 sent.store(i, Ordering::Release);
@@ -117,6 +125,7 @@ async fn an_apply_under_ingest_load_loses_no_reading_and_pauses_no_untouched_twi
         [
             "changed acme/berlin/assembly/line-1/oven-1 sensors +door (the machine detector learns again)",
             "added acme/berlin/assembly/line-1/oven-1/door sensor",
+            "changed acme/berlin/assembly/line-1/press-1/temp alarm high: limit 90 → 91",
             "added acme/berlin/assembly/line-2 line, 1 machine, 3 sensors",
         ]
     );
@@ -141,23 +150,32 @@ async fn an_apply_under_ingest_load_loses_no_reading_and_pauses_no_untouched_twi
     .await;
     stop.store(true, Ordering::Release);
     load.await.expect("load task");
-    site.rt.settle().await;
+    tokio::time::timeout(std::time::Duration::from_secs(60), site.rt.settle())
+        .await
+        .expect("every reading handled (no credit left behind)");
+    assert_eq!(site.rt.readings_in_flight(), 0, "no credit leaked");
     let pushed = sent.load(Ordering::Acquire);
     let mut c = site.client.clone();
     assert_eq!(
         count_of(&get(&mut c, TEMP).await),
         pushed,
-        "every reading of temp applied"
+        "every reading of the changed temp applied, across its restart"
     );
+    assert_eq!(count_of(&get(&mut c, FORCE).await), pushed);
     assert_eq!(
         count_of(&get(&mut c, OVEN_TEMP).await),
         pushed,
         "every reading of the oven's unchanged sensor applied across its machine's change"
     );
-    assert_eq!(
+    assert_ne!(
         testing::actor_id(&site.rt, &path(TEMP)),
         Some(temp_actor),
-        "a twin outside the change never stopped"
+        "the changed sensor restarted"
+    );
+    assert_eq!(
+        testing::actor_id(&site.rt, &path(FORCE)),
+        Some(force_actor),
+        "an unchanged sensor of a changed machine never stopped"
     );
     assert_eq!(testing::actor_id(&site.rt, &path(PRESS)), Some(press_actor));
     assert_eq!(
@@ -194,7 +212,7 @@ async fn an_apply_under_ingest_load_loses_no_reading_and_pauses_no_untouched_twi
         .into_iter()
         .filter(|e| e.kind == "model")
         .collect();
-    assert_eq!(model.len(), 3, "{model:?}");
+    assert_eq!(model.len(), 4, "{model:?}");
     assert!(
         model.iter().any(|e| e.path == "acme/berlin/assembly/line-2"
             && e.message
@@ -244,7 +262,7 @@ async fn an_apply_made_against_another_version_is_refused() {
     assert!(
         applies
             .iter()
-            .any(|a| a.starts_with("v1 → v2: +6 −0 ~1;") && a.ends_with(" ok")),
+            .any(|a| a.starts_with("v1 → v2: +6 −0 ~3;") && a.ends_with(" ok")),
         "{applies:?}"
     );
     assert!(
@@ -488,4 +506,30 @@ async fn a_changed_machine_type_keeps_each_machines_state_counters_and_sensors()
     push(&site, vec![float(FORCE, 3.5)]).await;
     wait_float(&site.client, FORCE, 3.5, 10, "its sensor runs").await;
     site.rt.shutdown().await;
+}
+
+/// An enterprise's plant must keep every site it accepts: a change that drops one is
+/// refused whole (its batches would be acked and thrown away).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enterprise_refuses_a_plant_without_a_site_it_accepts() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut opts = options();
+    opts.enterprise = Some(ferrotwin_runtime::EnterpriseRole {
+        accept: vec!["acme/berlin".into()],
+    });
+    let ent = start_in(dir.path(), opts).await;
+    let moved = PLANT.replace(r#"name = "berlin""#, r#"name = "munich""#);
+    let err = apply(&ent, &moved, 1, false).await.expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    assert!(
+        err.message()
+            .contains("enterprise.accept names acme/berlin"),
+        "{err}"
+    );
+    // A change that keeps it applies to the mirrors as to any twins.
+    let grown = apply(&ent, &grown(), 1, false).await.expect("applied");
+    assert_eq!(grown.version, 2);
+    let mut c = ent.client.clone();
+    get(&mut c, "acme/berlin/assembly/line-2/press-2/temp").await;
+    ent.rt.shutdown().await;
 }

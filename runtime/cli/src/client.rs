@@ -718,7 +718,7 @@ pub async fn apply(
         .map_err(status)?
         .into_inner();
     let mut out = String::new();
-    if plan.changes_total == 0 && plan.connections.is_empty() {
+    if plan.summary == "+0 −0 ~0" && plan.connections.is_empty() {
         let _ = writeln!(out, "plant version {base}: nothing to change");
         return Ok(out);
     }
@@ -752,6 +752,10 @@ pub async fn apply(
         out.push_str("dry run: nothing applied\n");
         return Ok(out);
     }
+    // The plan is on the screen before the change is made.
+    print!("{out}");
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    out.clear();
     let done = client
         .apply_plant(request(false))
         .await

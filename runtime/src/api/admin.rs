@@ -54,7 +54,7 @@ impl TwinApi {
             )));
         }
         let by = Self::actor_name(caller, req.by, "applies")?;
-        let applier = self.applier()?;
+        self.applier()?;
         let audited = !req.dry_run;
         if audited {
             // On record before anything changes, or it does not happen.
@@ -77,31 +77,37 @@ impl TwinApi {
                 })?;
         }
         let base = req.base_version;
-        let outcome = applier
-            .apply(ApplyRequest {
-                plant_toml: req.plant_toml,
-                base_version: req.base_version,
-                dry_run: req.dry_run,
-                by,
-                site_toml: (!req.site_toml.is_empty()).then_some(req.site_toml),
-            })
-            .await
-            .map_err(ApiError::from);
-        if audited {
-            let value = match &outcome {
-                Ok(o) if o.applied => format!(
-                    "v{base} → v{}: {}; connections +{} ~{} −{}",
-                    o.version,
-                    o.summary,
-                    o.connections.added.len(),
-                    o.connections.changed.len(),
-                    o.connections.removed.len()
-                ),
-                Ok(_) => format!("v{base}: nothing changed"),
-                Err(_) => format!("against v{base}"),
-            };
-            self.audit_result(caller, "apply", "plant".into(), value, &outcome);
-        }
+        let request = ApplyRequest {
+            plant_toml: req.plant_toml,
+            base_version: req.base_version,
+            dry_run: req.dry_run,
+            by,
+            site_toml: (!req.site_toml.is_empty()).then_some(req.site_toml),
+        };
+        // In a task of its own: a client that goes away (Ctrl-C, a deadline) must not cut an
+        // apply short between its record and its last twin, nor lose its audit result.
+        let (api, caller) = (self.clone(), caller.clone());
+        let outcome = tokio::spawn(async move {
+            let outcome = api.applier()?.apply(request).await.map_err(ApiError::from);
+            if audited {
+                let value = match &outcome {
+                    Ok(o) if o.applied => format!(
+                        "v{base} → v{}: {}; connections +{} ~{} −{}",
+                        o.version,
+                        o.summary,
+                        o.connections.added.len(),
+                        o.connections.changed.len(),
+                        o.connections.removed.len()
+                    ),
+                    Ok(_) => format!("v{base}: nothing changed"),
+                    Err(_) => format!("against v{base}"),
+                };
+                api.audit_result(&caller, "apply", "plant".into(), value, &outcome);
+            }
+            outcome
+        })
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("apply: {e}")))?;
         let o = outcome?;
         Ok(pb::ApplyPlantResponse {
             version: o.version,

@@ -85,6 +85,7 @@ impl Actor for GroupTwin {
                             state.entry.set_actor(None);
                             state.entry = next;
                             state.entry.set_actor(Some(myself.clone()));
+                            state.children.refresh(&state.ctx);
                             state.publish();
                             Ok(())
                         }

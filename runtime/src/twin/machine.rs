@@ -453,11 +453,19 @@ impl MachineTwinState {
         {
             self.snap = m;
         }
+        let names = |t: &MachineType| t.sensors.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
+        let same_model = self.spec.model == spec.model
+            && names(&self.spec) == names(spec)
+            && self.entry.def.kind.type_name() == next.def.kind.type_name();
         self.spec = spec.clone();
-        self.model = self
-            .ctx
-            .model(next.def.kind.type_name())
-            .and_then(|m| MachineModel::new(&self.spec, m));
+        if !same_model {
+            // A new model, or its inputs moved: a fresh window (an episode in progress
+            // ends with the old model).
+            self.model = self
+                .ctx
+                .model(next.def.kind.type_name())
+                .and_then(|m| MachineModel::new(&self.spec, m));
+        }
         self.values.clear();
         if let (Some(board), Some(_)) = (&next.board, self.snap.tracker.last_ts) {
             let clock = crate::core::ClockRules::of(&self.ctx.settings);
@@ -471,6 +479,7 @@ impl MachineTwinState {
         self.entry.set_actor(None);
         self.entry = next;
         self.entry.set_actor(Some(myself.clone()));
+        self.children.refresh(&self.ctx);
         self.publish(Timestamp::now(), true);
         self.entry.kick(myself);
         Ok(())

@@ -49,6 +49,10 @@ impl Children {
         myself: &ActorRef<TwinMsg>,
         entry: Arc<TwinEntry>,
     ) -> Result<(), ActorProcessingErr> {
+        if entry.actor().is_some() {
+            // Already running (a crash during a live apply restarted it from this entry).
+            return Ok(());
+        }
         let actor = spawn_twin(ctx.clone(), entry.clone(), Some(myself.get_cell()), None)
             .await
             .map_err(|e| format!("{}: cannot start child: {e}", entry.path()))?;
@@ -71,6 +75,19 @@ impl Children {
         self.adopt(ctx, myself, entry)
             .await
             .map_err(|e| e.to_string())
+    }
+
+    /// Reads every child's roll-up again from its current registry entry (after a live
+    /// apply rebound this parent: changes its children reported meanwhile went nowhere).
+    pub fn refresh(&mut self, ctx: &TwinCtx) {
+        for entry in self.by_actor.values() {
+            if let Some(now) = ctx.registry.by_path(entry.path())
+                && self.rollups.contains_key(&now.id)
+            {
+                self.rollups
+                    .insert(now.id, now.snapshot().rollup(&now.def.kind));
+            }
+        }
     }
 
     pub fn rollup(&self) -> RollUp {
