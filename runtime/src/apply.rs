@@ -214,10 +214,12 @@ impl Applier {
         };
         let old = running.assets.clone();
         let rules = self.rules.clone();
+        // A dry run reads no model file (an engineer's plan must not probe the host's files).
+        let dry_run = req.dry_run;
         let (spec, new, changes, models, mut warnings) = tokio::task::spawn_blocking(move || {
             let new = spec.assets();
             let changes = plan(&old, &new);
-            let (models, errors) = if rules.enterprise {
+            let (models, errors) = if rules.enterprise || dry_run {
                 (HashMap::new(), Vec::new())
             } else {
                 ModelCache::load_for_spec(&spec, &rules.plant_dir.clone().unwrap_or_default())
@@ -529,6 +531,24 @@ impl Applier {
             };
             let snap = fit(&old_entry, &def.kind, learn);
             let new_entry = ctx.registry.insert(def.clone(), snap, now_us);
+            if let (Some(old_board), Some(new_board)) = (&old_entry.board, &new_entry.board)
+                && let (AssetKind::Machine { spec: o, .. }, AssetKind::Machine { spec: n, .. }) =
+                    (&old_entry.def.kind, &def.kind)
+            {
+                // Values by sensor name, the state log and the evaluation schedule.
+                let map: Vec<(usize, usize)> = o
+                    .sensors
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, s)| {
+                        n.sensors
+                            .iter()
+                            .position(|t| t.name == s.name)
+                            .map(|j| (i, j))
+                    })
+                    .collect();
+                new_board.take_over(old_board, &map);
+            }
             old_entry.retire();
             replaced.push((old_entry, new_entry));
         }
@@ -546,10 +566,12 @@ impl Applier {
         }
         // 2. The shape.
         let assets = next.assets.clone();
-        let plant = tokio::task::spawn_blocking(move || Plant::new(&assets))
-            .await
-            .unwrap_or_default();
-        ctx.set_plant(Arc::new(plant), models);
+        match tokio::task::spawn_blocking(move || Plant::new(&assets)).await {
+            Ok(plant) => ctx.set_plant(Arc::new(plant), models),
+            Err(e) => live
+                .problems
+                .push(format!("the tree's new shape was not built: {e}")),
+        }
         // 3. Stop, leaves first, one depth at a time, many twins at once.
         let mut at = 0;
         while at < stopping.len() {
@@ -584,7 +606,11 @@ impl Applier {
             {
                 new_entry.unschedule();
             }
-            if let Some(r) = codec::snapshot_record(old_entry, true) {
+            // Not over a fresher state (an enterprise's receiver publishes mirrors straight
+            // into the new entry).
+            if let Some(r) = codec::snapshot_record(old_entry, true)
+                && new_entry.snapshot().updated <= old_entry.snapshot().updated
+            {
                 let snap = codec::decode_snapshot(&new_entry.def.kind, &r, learn);
                 ctx.registry.publish(new_entry, Arc::new(snap));
             }

@@ -95,6 +95,23 @@ impl SampleBoard {
         }
     }
 
+    /// Takes over what `old` (the board of the same machine before a live apply changed its
+    /// type) holds: each sensor's latest value by `map` (old index → new index), the machine's
+    /// recent states and the next evaluation's time, so detectors and models go on.
+    pub fn take_over(&self, old: &SampleBoard, map: &[(usize, usize)]) {
+        for &(from, to) in map {
+            if let (Some(v), Some(slot)) = (old.values.get(from), self.values.get(to)) {
+                slot.store(v.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
+        }
+        let log = old.regime.lock().expect("regime lock is never poisoned");
+        let mut mine = self.regime.lock().expect("regime lock is never poisoned");
+        mine.changes = log.changes.clone();
+        mine.forgot = log.forgot;
+        self.next_eval_us
+            .store(old.next_eval_us.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
     /// Records sensor `index`'s value (NaN = unusable). Returns true when the caller should
     /// send the machine an `Evaluate` for `ts`: once the due instant has passed and every
     /// sensor wrote since the last evaluation (so the machine sees one instant, not a mix of

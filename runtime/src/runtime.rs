@@ -11,7 +11,7 @@ use std::time::Duration;
 use ferrotwin_adapters::ConnectionConfig;
 use ferrotwin_models::spec::{AssetDef, PlantSpec};
 use ferrotwin_models::{
-    AssetPath, Event, IngestSink, Level, QualityCode, QualityReason, Timestamp,
+    AssetPath, Event, EventKind, IngestSink, Level, QualityCode, QualityReason, Severity, Timestamp,
 };
 use ractor::ActorRef;
 use tokio::net::TcpListener;
@@ -173,7 +173,7 @@ impl Runtime {
         }
         let store = Arc::new(Store::open(data_dir, opts.store.clone())?);
         let mut opts = opts;
-        let running = running_plant(spec, &mut opts, &store)?;
+        let (running, edited) = running_plant(spec, &mut opts, &store)?;
         let spec = running.spec.as_ref();
         let replicate_as = match &opts.replication {
             Some(r) => Some(open_outbox(spec, &store, r)?),
@@ -269,6 +269,32 @@ impl Runtime {
         };
         tracing::info!(twins = registry.len(), data_dir = %data_dir.display(),
             plant_version = running.version, "runtime started");
+        // The plant this start runs is on record only now that it started.
+        if !opts.check_only {
+            let store = store.clone();
+            let record = running.record();
+            match tokio::task::spawn_blocking(move || store.save_plant(&record)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "the running plant is not on record"),
+                Err(e) => tracing::error!(error = %e, "the running plant is not on record"),
+            }
+        }
+        // An edited plant file replaced a recorded plant: said as an apply says it.
+        for line in &edited {
+            ctx.emit(Event::new(
+                line.path.clone(),
+                Timestamp::now(),
+                EventKind::Model,
+                Severity::Info,
+                format!(
+                    "plant v{} taken from the edited plant file at start: {} {}",
+                    running.version,
+                    line.op.as_str(),
+                    line.detail
+                ),
+            ))
+            .await;
+        }
         let connections = Arc::new(connections);
         let applier = Arc::new(crate::apply::Applier::new(
             ctx.clone(),
@@ -581,7 +607,13 @@ fn running_plant(
     file: &PlantSpec,
     opts: &mut RuntimeOptions,
     store: &Store,
-) -> Result<crate::apply::PlantVersion, RuntimeError> {
+) -> Result<
+    (
+        crate::apply::PlantVersion,
+        Vec<ferrotwin_models::change::Change>,
+    ),
+    RuntimeError,
+> {
     use crate::apply::{PlantVersion, digest, text_digest};
     let file_digest = digest(file);
     let conns_digest = opts.connections_toml.as_deref().map(text_digest);
@@ -601,56 +633,60 @@ fn running_plant(
         key: "plant".into(),
         what,
     };
-    let mut running = match store.load_plant()? {
-        None => from_file(1),
-        Some(r) => {
-            let recorded = PlantSpec::from_toml(&r.plant_toml, "the recorded plant")
-                .map_err(|e| corrupt(e.to_string()))?;
-            let mut v = if r.file_digest == file_digest {
-                // The file is as the last start took it: the record (maybe applied since).
-                PlantVersion {
-                    version: r.version,
-                    assets: Arc::new(recorded.assets()),
-                    spec: Arc::new(recorded),
-                    applied: Timestamp(r.applied_us),
-                    applied_by: r.applied_by.clone(),
-                    ..from_file(r.version)
-                }
-            } else if recorded == *file {
-                PlantVersion {
-                    applied: Timestamp(r.applied_us),
-                    applied_by: r.applied_by.clone(),
-                    ..from_file(r.version)
-                }
-            } else {
-                tracing::info!(
+    let Some(r) = store.load_plant()? else {
+        return Ok((from_file(1), Vec::new()));
+    };
+    let recorded = PlantSpec::from_toml(&r.plant_toml, "the recorded plant");
+    let mut edited = Vec::new();
+    let mut running = match recorded {
+        // The file is as the last start took it: the record (maybe applied since).
+        Ok(recorded) if r.file_digest == file_digest => PlantVersion {
+            version: r.version,
+            assets: Arc::new(recorded.assets()),
+            spec: Arc::new(recorded),
+            applied: Timestamp(r.applied_us),
+            applied_by: r.applied_by.clone(),
+            ..from_file(r.version)
+        },
+        Err(e) if r.file_digest == file_digest => return Err(corrupt(e.to_string()).into()),
+        Ok(recorded) if recorded == *file => PlantVersion {
+            applied: Timestamp(r.applied_us),
+            applied_by: r.applied_by.clone(),
+            ..from_file(r.version)
+        },
+        recorded => {
+            // The file was edited since it was taken: it runs, as the next version. What it
+            // changes against the record is logged and evented (it may undo live applies).
+            if let Ok(recorded) = &recorded {
+                let plan = ferrotwin_models::change::plan(&recorded.assets(), &file.assets());
+                tracing::warn!(
                     version = r.version + 1,
+                    changes = %plan.summary(),
+                    recorded_by = %r.applied_by,
                     "the plant file was edited since the last start: taking it as the next version"
                 );
-                from_file(r.version + 1)
-            };
-            // The connections: the record's while the site file's are as last taken.
-            if let Some(d) = &conns_digest
-                && *d == r.connections_file_digest
-                && !r.connections_toml.is_empty()
-            {
-                let (configs, text) = crate::connections::parse_connections(
-                    &r.connections_toml,
-                    opts.config_dir.as_deref(),
-                )
-                .map_err(corrupt)?;
-                opts.connections = configs;
-                v.connections_toml = text;
+                edited = plan.lines;
+            } else {
+                tracing::warn!(
+                    version = r.version + 1,
+                    "the recorded plant does not read; taking the plant file as the next version"
+                );
             }
-            v
+            from_file(r.version + 1)
         }
     };
-    if !opts.check_only {
-        store.save_plant(&running.record())?;
-    } else {
-        running.version = running.version.max(1);
+    // The connections: the record's while the site file's are as last taken.
+    if let Some(d) = &conns_digest
+        && *d == r.connections_file_digest
+        && !r.connections_toml.is_empty()
+    {
+        let (configs, text) =
+            crate::connections::parse_connections(&r.connections_toml, opts.config_dir.as_deref())
+                .map_err(corrupt)?;
+        opts.connections = configs;
+        running.connections_toml = text;
     }
-    Ok(running)
+    Ok((running, edited))
 }
 
 /// A site's outbox, sized for the plant: the site it replicates as and its settings.
@@ -854,8 +890,13 @@ mod tests {
             }
         };
         // First start: the files, version 1.
+        let run = |file: &PlantSpec, o: &mut RuntimeOptions| {
+            let (v, _) = running_plant(file, o, &store).expect("runs");
+            store.save_plant(&v.record()).expect("saved");
+            v
+        };
         let mut o = opts("10.0.0.1:502");
-        let v = running_plant(&plant(1000), &mut o, &store).expect("runs");
+        let v = run(&plant(1000), &mut o);
         assert_eq!((v.version, endpoint(&o).as_str()), (1, "10.0.0.1:502"));
         // A live apply: plant and connections recorded as version 2.
         let mut applied = v.clone();
@@ -865,18 +906,23 @@ mod tests {
         store.save_plant(&applied.record()).expect("saved");
         // Unchanged files: the record runs.
         let mut o = opts("10.0.0.1:502");
-        let v = running_plant(&plant(1000), &mut o, &store).expect("runs");
+        let v = run(&plant(1000), &mut o);
         assert_eq!(v.version, 2);
         assert_eq!(v.spec.machine_types["m"].ideal_cycle_ms, 800.0);
         assert_eq!(endpoint(&o), "10.0.0.2:502");
         // An edited site file: its connections run; the plant stays the record's.
         let mut o = opts("10.0.0.3:502");
-        let v = running_plant(&plant(1000), &mut o, &store).expect("runs");
+        let v = run(&plant(1000), &mut o);
         assert_eq!((v.version, endpoint(&o).as_str()), (2, "10.0.0.3:502"));
         // An edited plant file: the next version.
         let mut o = opts("10.0.0.3:502");
-        let v = running_plant(&plant(600), &mut o, &store).expect("runs");
+        let (v, edited) = running_plant(&plant(600), &mut o, &store).expect("runs");
         assert_eq!(v.version, 3);
+        assert_eq!(
+            edited.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["~ e/s/a/l/m1  ideal cycle 800 ms → 600 ms"],
+            "what the edited file changes against the record is said"
+        );
         assert_eq!(v.spec.machine_types["m"].ideal_cycle_ms, 600.0);
     }
 

@@ -82,6 +82,14 @@ impl Actor for GroupTwin {
                 TwinMsg::Rebind(reply) => {
                     let r = match state.ctx.registry.by_path(state.entry.path()) {
                         Some(next) => {
+                            // Nothing is measured on a line or above (as `Drain` counts it).
+                            let left = state.entry.take_inbox();
+                            state
+                                .ctx
+                                .metrics
+                                .rejected_unknown_property
+                                .fetch_add(left.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                            state.ctx.handled(left.len());
                             state.entry.set_actor(None);
                             state.entry = next;
                             state.entry.set_actor(Some(myself.clone()));

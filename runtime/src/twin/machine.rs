@@ -466,16 +466,8 @@ impl MachineTwinState {
                 .model(next.def.kind.type_name())
                 .and_then(|m| MachineModel::new(&self.spec, m));
         }
+        // The new board took over the old one's values and state log (`apply`).
         self.values.clear();
-        if let (Some(board), Some(_)) = (&next.board, self.snap.tracker.last_ts) {
-            let clock = crate::core::ClockRules::of(&self.ctx.settings);
-            board.note_state(
-                self.snap.tracker.state.code(),
-                self.snap.tracker.state_since,
-                Timestamp::now(),
-                clock,
-            );
-        }
         self.entry.set_actor(None);
         self.entry = next;
         self.entry.set_actor(Some(myself.clone()));

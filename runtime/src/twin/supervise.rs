@@ -49,10 +49,6 @@ impl Children {
         myself: &ActorRef<TwinMsg>,
         entry: Arc<TwinEntry>,
     ) -> Result<(), ActorProcessingErr> {
-        if entry.actor().is_some() {
-            // Already running (a crash during a live apply restarted it from this entry).
-            return Ok(());
-        }
         let actor = spawn_twin(ctx.clone(), entry.clone(), Some(myself.get_cell()), None)
             .await
             .map_err(|e| format!("{}: cannot start child: {e}", entry.path()))?;
@@ -72,6 +68,18 @@ impl Children {
         let Some(entry) = ctx.registry.by_path(path) else {
             return Err(format!("{path} is not in the registry"));
         };
+        let running = entry.actor().is_some_and(|a| {
+            matches!(
+                a.get_status(),
+                ractor::ActorStatus::Starting
+                    | ractor::ActorStatus::Running
+                    | ractor::ActorStatus::Upgrading
+            )
+        });
+        if running {
+            // Already runs (a crash during the apply restarted it from this entry).
+            return Ok(());
+        }
         self.adopt(ctx, myself, entry)
             .await
             .map_err(|e| e.to_string())
