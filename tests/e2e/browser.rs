@@ -130,6 +130,22 @@ async fn shot(c: &Client, dir: &Path, name: &str) {
     std::fs::write(&file, png).unwrap_or_else(|e| panic!("cannot write {}: {e}", file.display()));
 }
 
+/// True (with a message) when there is no chromedriver here: the test is skipped, except on
+/// CI, where it fails (`.ci/run` installs the packages).
+fn no_browser() -> bool {
+    if Path::new(CHROMEDRIVER).exists() {
+        return false;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{CHROMEDRIVER} is missing on CI: .ci/run must install chromium chromium-driver"
+    );
+    eprintln!(
+        "skipped: install chromium chromium-driver (apt-get install -y chromium chromium-driver)"
+    );
+    true
+}
+
 fn row(path: &str) -> String {
     format!("#tree li[data-path=\"{path}\"]")
 }
@@ -176,14 +192,7 @@ async fn text_of(c: &Client, css: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn web_page_shows_live_tree_trend_and_acknowledges_alarms_in_headless_chromium() {
-    if !Path::new(CHROMEDRIVER).exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{CHROMEDRIVER} is missing on CI: .ci/run must install chromium chromium-driver"
-        );
-        eprintln!(
-            "skipped: install chromium chromium-driver (apt-get install -y chromium chromium-driver)"
-        );
+    if no_browser() {
         return;
     }
     let shots = screenshot_dir();
@@ -439,12 +448,7 @@ async fn web_page_shows_live_tree_trend_and_acknowledges_alarms_in_headless_chro
 /// Content-Security-Policy (no inline script or style) with the live tree.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signing_in_with_a_token_opens_the_page_in_headless_chromium() {
-    if !Path::new(CHROMEDRIVER).exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{CHROMEDRIVER} is missing on CI: .ci/run must install chromium chromium-driver"
-        );
-        eprintln!("skipped: install chromium chromium-driver");
+    if no_browser() {
         return;
     }
     let shots = screenshot_dir();
@@ -528,12 +532,7 @@ async fn signing_in_with_a_token_opens_the_page_in_headless_chromium() {
 /// the added line appears under its area.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tree_follows_a_live_plant_change_without_a_reload_in_headless_chromium() {
-    if !Path::new(CHROMEDRIVER).exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{CHROMEDRIVER} is missing on CI: .ci/run must install chromium chromium-driver"
-        );
-        eprintln!("skipped: install chromium chromium-driver");
+    if no_browser() {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");

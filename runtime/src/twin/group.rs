@@ -82,14 +82,7 @@ impl Actor for GroupTwin {
                 TwinMsg::Rebind(reply) => {
                     let r = match state.ctx.registry.by_path(state.entry.path()) {
                         Some(next) => {
-                            // Nothing is measured on a line or above (as `Drain` counts it).
-                            let left = state.entry.take_inbox();
-                            state
-                                .ctx
-                                .metrics
-                                .rejected_unknown_property
-                                .fetch_add(left.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                            state.ctx.handled(left.len());
+                            state.refuse_inbox();
                             state.entry.set_actor(None);
                             state.entry = next;
                             state.entry.set_actor(Some(myself.clone()));
@@ -110,16 +103,7 @@ impl Actor for GroupTwin {
                     state.publish_scheduled = false;
                     state.publish();
                 }
-                TwinMsg::Drain => {
-                    // Nothing is measured on a line or above: count as rejected.
-                    let readings = state.entry.take_inbox();
-                    state
-                        .ctx
-                        .metrics
-                        .rejected_unknown_property
-                        .fetch_add(readings.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                    state.ctx.handled(readings.len());
-                }
+                TwinMsg::Drain => state.refuse_inbox(),
                 _ => {}
             }
             Ok(())
@@ -152,6 +136,16 @@ impl Actor for GroupTwin {
 }
 
 impl GroupState {
+    /// Nothing is measured on a line or above: readings routed here count as rejected.
+    fn refuse_inbox(&self) {
+        let readings = self.entry.take_inbox();
+        self.ctx
+            .metrics
+            .rejected_unknown_property
+            .fetch_add(readings.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        self.ctx.handled(readings.len());
+    }
+
     /// Publishes the roll-up a debounce from now (once for a burst of changes).
     fn schedule(&mut self, myself: &ActorRef<TwinMsg>) {
         if !self.publish_scheduled {
