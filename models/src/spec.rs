@@ -1102,6 +1102,73 @@ fn check_name(problems: &mut Vec<String>, at: &str, name: &str, seen: &mut HashS
     }
 }
 
+impl PlantSpec {
+    /// The machine types `site` uses (by name).
+    fn types_of(site: &SiteSpec) -> std::collections::BTreeSet<&str> {
+        site.areas
+            .iter()
+            .flat_map(|a| &a.lines)
+            .flat_map(|l| &l.machines)
+            .map(|m| m.machine_type.as_str())
+            .collect()
+    }
+
+    /// This plant cut to one site (by name) and the machine types it uses: what a site sends
+    /// its enterprise. `None` when the plant has no such site.
+    pub fn site_subset(&self, site: &str) -> Option<PlantSpec> {
+        let s = self.sites.iter().find(|x| x.name == site)?;
+        let used = Self::types_of(s);
+        Some(PlantSpec {
+            version: self.version,
+            enterprise: self.enterprise.clone(),
+            machine_types: self
+                .machine_types
+                .iter()
+                .filter(|(n, _)| used.contains(n.as_str()))
+                .map(|(n, t)| (n.clone(), t.clone()))
+                .collect(),
+            sites: vec![s.clone()],
+        })
+    }
+
+    /// This plant with `site`'s one site put in (replacing its former self) and its machine
+    /// types added. Refused: another enterprise, not exactly one site, or a machine type of
+    /// the same name that another site uses with another definition.
+    pub fn with_site(&self, site: &PlantSpec) -> Result<PlantSpec, String> {
+        if site.enterprise != self.enterprise {
+            return Err(format!(
+                "the site's plant is of enterprise {:?}, this one {:?}",
+                site.enterprise, self.enterprise
+            ));
+        }
+        let [one] = site.sites.as_slice() else {
+            return Err(format!(
+                "a site's plant holds its own site only ({} sites sent)",
+                site.sites.len()
+            ));
+        };
+        let mut merged = self.clone();
+        merged.sites.retain(|s| s.name != one.name);
+        for (name, t) in &site.machine_types {
+            if let Some(existing) = merged.machine_types.get(name)
+                && existing != t
+                && let Some(other) = merged
+                    .sites
+                    .iter()
+                    .find(|s| Self::types_of(s).contains(name.as_str()))
+            {
+                return Err(format!(
+                    "machine type {name:?} of site {} differs from the one site {} uses: give one of them another name",
+                    one.name, other.name
+                ));
+            }
+            merged.machine_types.insert(name.clone(), t.clone());
+        }
+        merged.sites.push(one.clone());
+        Ok(merged)
+    }
+}
+
 /// Difference between two expansions of a plant: what to start, stop and re-type. Cold start
 /// is the diff of the spec against an empty plant.
 #[derive(Debug, Default, PartialEq)]
@@ -1130,6 +1197,75 @@ pub fn diff(old: &[AssetDef], new: &[AssetDef]) -> PlantDiff {
         }
     }
     d
+}
+
+#[cfg(test)]
+mod site_tests {
+    use super::*;
+
+    const TWO: &str = r#"
+version = 1
+enterprise = "acme"
+[machine_types.press]
+ideal_cycle_ms = 1000
+[[machine_types.press.sensors]]
+name = "temp"
+[machine_types.oven]
+ideal_cycle_ms = 60000
+[[machine_types.oven.sensors]]
+name = "zone"
+[[sites]]
+name = "berlin"
+[[sites.areas]]
+name = "a"
+[[sites.areas.lines]]
+name = "l"
+machines = [{ name = "p", type = "press" }]
+[[sites]]
+name = "lyon"
+[[sites.areas]]
+name = "a"
+[[sites.areas.lines]]
+name = "l"
+machines = [{ name = "o", type = "oven" }]
+"#;
+
+    #[test]
+    fn a_site_subset_holds_its_site_and_the_types_it_uses_and_merges_back() {
+        let plant = PlantSpec::from_toml(TWO, "t").expect("valid");
+        let lyon = plant.site_subset("lyon").expect("lyon");
+        assert_eq!(lyon.sites.len(), 1);
+        assert_eq!(lyon.machine_types.keys().collect::<Vec<_>>(), ["oven"]);
+        lyon.validate("lyon").expect("a valid plant of its own");
+        assert!(plant.site_subset("paris").is_none());
+        // An enterprise with no site yet takes it whole; the same again changes nothing.
+        let empty =
+            PlantSpec::from_toml("version = 1\nenterprise = \"acme\"\n", "e").expect("valid");
+        let merged = empty.with_site(&lyon).expect("merged");
+        assert_eq!(merged.with_site(&lyon).expect("again"), merged);
+        let both = merged
+            .with_site(&plant.site_subset("berlin").expect("berlin"))
+            .expect("both");
+        assert_eq!(both.sites.len(), 2);
+        // A type of the same name that another site uses differently is refused.
+        let mut odd = plant.site_subset("berlin").expect("berlin");
+        odd.machine_types
+            .insert("oven".into(), odd.machine_types["press"].clone());
+        odd.sites[0].areas[0].lines[0].machines[0].machine_type = "oven".into();
+        let err = both.with_site(&odd).expect_err("conflict");
+        assert!(
+            err.contains(
+                "machine type \"oven\" of site berlin differs from the one site lyon uses"
+            ),
+            "{err}"
+        );
+        let other = PlantSpec::from_toml(&TWO.replace("acme", "umbrella"), "t").expect("valid");
+        assert!(
+            empty
+                .with_site(&other.site_subset("lyon").expect("lyon"))
+                .is_err()
+        );
+    }
 }
 
 #[cfg(test)]

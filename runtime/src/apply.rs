@@ -63,8 +63,10 @@ pub struct ApplyRules {
     pub plant_dir: Option<PathBuf>,
     /// Where relative paths of connections applied live are taken from.
     pub config_dir: Option<PathBuf>,
-    /// An enterprise's accepted sites: each must stay a site of its plant.
+    /// An enterprise's accepted sites: one its plant has may not be dropped.
     pub accept: Vec<String>,
+    /// A replicating site's sender: after an apply it sends the site's new plant.
+    pub sender: Option<Arc<crate::replication::site::SenderStatus>>,
 }
 
 /// The plant a runtime runs.
@@ -357,6 +359,13 @@ impl Applier {
             );
             self.ctx.emit(ev).await;
         }
+        // A replicating site sends its new plant to its enterprise (a new hello).
+        if let Some(sender) = &self.rules.sender
+            && let Some(name) = sender.site.rsplit('/').next()
+            && let Some(subset) = next.spec.site_subset(name)
+        {
+            sender.set_plant(next.version, subset.to_toml());
+        }
         warnings.extend(live.problems.iter().cloned());
         tracing::info!(version = next.version, by = %req.by, changes = %changes.summary(),
             problems = live.problems.len(), "plant applied");
@@ -375,6 +384,53 @@ impl Applier {
         Ok(outcome)
     }
 
+    /// A site's plant, as its hello brings it (an enterprise): the enterprise's plant with
+    /// the site's put in, applied as any change (`by` names the site). Answers what changed.
+    pub async fn apply_site(
+        &self,
+        site: AssetPath,
+        site_version: u64,
+        toml: String,
+    ) -> Result<String, String> {
+        let sent = PlantSpec::from_toml(&toml, &format!("the plant of {site}"))
+            .map_err(|e| e.to_string())?;
+        if sent.sites.first().map(|s| s.name.as_str()) != Some(site.name())
+            || sent.enterprise != site.parent().map(|p| p.to_string()).unwrap_or_default()
+        {
+            return Err(format!("{site} may send only its own site's plant"));
+        }
+        // Twice at most: an apply made meanwhile moves the version on.
+        for _ in 0..2 {
+            let current = self.current();
+            let merged = current.spec.with_site(&sent)?;
+            if merged == *current.spec {
+                return Ok(format!(
+                    "{site}'s plant v{site_version} is the enterprise's already"
+                ));
+            }
+            match self
+                .apply(ApplyRequest {
+                    plant_toml: merged.to_toml(),
+                    base_version: current.version,
+                    dry_run: false,
+                    by: format!("site {site} (its plant v{site_version})"),
+                    site_toml: None,
+                })
+                .await
+            {
+                Ok(o) => {
+                    return Ok(format!(
+                        "{site}'s plant v{site_version} applied: enterprise plant v{}, {}",
+                        o.version, o.summary
+                    ));
+                }
+                Err(ApplyError::Stale { .. }) => continue,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Err("the enterprise's plant kept changing; the site's next hello tries again".into())
+    }
+
     /// Everything that would refuse the change, whole, before anything changes.
     fn check(
         &self,
@@ -391,10 +447,9 @@ impl Applier {
             ));
         }
         for site in &self.rules.accept {
-            let kept = new
-                .iter()
-                .any(|a| matches!(a.kind, AssetKind::Site) && a.path.as_str() == site);
-            if !kept {
+            let is_site =
+                |a: &AssetDef| matches!(a.kind, AssetKind::Site) && a.path.as_str() == site;
+            if running.assets.iter().any(is_site) && !new.iter().any(is_site) {
                 problems.push(format!(
                     "enterprise.accept names {site}, which the new plant no longer has: change the accepted sites and restart first"
                 ));

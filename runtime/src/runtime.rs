@@ -234,24 +234,27 @@ impl Runtime {
                 .as_ref()
                 .map(|e| e.accept.clone())
                 .unwrap_or_default(),
+            sender: None,
         };
         // Adapters start last: every twin is restored before the first reading arrives.
         let replicate_as = replicate_as.filter(|_| !opts.check_only);
-        let started = start_roles(&opts, &ctx, replicate_as, &token, &tracker).and_then(|roles| {
-            if opts.check_only {
-                Connections::check(&opts.connections, &registry)?;
-                return Ok((roles, Connections::default()));
-            }
-            let connections = Connections::start(
-                opts.connections,
-                &registry,
-                router.clone(),
-                ctx.clone(),
-                &tracker,
-                &token,
-            )?;
-            Ok((roles, connections))
-        });
+        let site_plant = Some((running.version, running.spec.as_ref()));
+        let started = start_roles(&opts, &ctx, replicate_as, site_plant, &token, &tracker)
+            .and_then(|roles| {
+                if opts.check_only {
+                    Connections::check(&opts.connections, &registry)?;
+                    return Ok((roles, Connections::default()));
+                }
+                let connections = Connections::start(
+                    opts.connections,
+                    &registry,
+                    router.clone(),
+                    ctx.clone(),
+                    &tracker,
+                    &token,
+                )?;
+                Ok((roles, connections))
+            });
         let (roles, connections) = match started {
             Ok(started) => started,
             Err(e) => {
@@ -296,12 +299,22 @@ impl Runtime {
             .await;
         }
         let connections = Arc::new(connections);
+        let mut apply_rules = apply_rules;
+        apply_rules.sender = roles.sender.clone();
         let applier = Arc::new(crate::apply::Applier::new(
             ctx.clone(),
             connections.clone(),
             apply_rules,
             running,
         ));
+        // An enterprise's mirrors follow the plants its sites send.
+        if let Some(receiver) = &roles.enterprise {
+            let applier = applier.clone();
+            receiver.set_plant_hook(Arc::new(move |site, version, toml| {
+                let applier = applier.clone();
+                Box::pin(async move { applier.apply_site(site, version, toml).await })
+            }));
+        }
         let rt = Runtime {
             model_errors,
             router,
@@ -769,6 +782,7 @@ fn start_roles(
     opts: &RuntimeOptions,
     ctx: &Arc<TwinCtx>,
     replicate_as: Option<(String, SiteReplication)>,
+    site_plant: Option<(u64, &PlantSpec)>,
     token: &CancellationToken,
     tracker: &TaskTracker,
 ) -> Result<Roles, RuntimeError> {
@@ -793,6 +807,12 @@ fn start_roles(
     }
     let sender = replicate_as.map(|(site, cfg)| {
         let status = Arc::new(SenderStatus::new(&site, &cfg.enterprise));
+        // Its own plant goes with every hello, the first included.
+        if let Some((version, spec)) = site_plant
+            && let Some(subset) = site.rsplit('/').next().and_then(|n| spec.site_subset(n))
+        {
+            status.init_plant(version, subset.to_toml());
+        }
         tracker.spawn(run_sender(
             ctx.clone(),
             site,

@@ -533,3 +533,78 @@ async fn an_enterprise_refuses_a_plant_without_a_site_it_accepts() {
     get(&mut c, "acme/berlin/assembly/line-2/press-2/temp").await;
     ent.rt.shutdown().await;
 }
+
+/// The enterprise's plant lists no site: its mirrors come from the plant the site sends with
+/// its hello, and follow the site's live changes (a new line shows at the enterprise with
+/// its values, a removed machine goes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enterprise_mirrors_what_its_site_sends_and_follows_its_live_changes() {
+    let (ed, sd) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let bare = ferrotwin_models::spec::PlantSpec::from_toml(
+        "version = 1\nenterprise = \"acme\"\n",
+        "enterprise plant",
+    )
+    .expect("valid");
+    let mut eo = options();
+    eo.enterprise = Some(ferrotwin_runtime::EnterpriseRole {
+        accept: vec!["acme/berlin".into()],
+    });
+    let ent = start_plant_in(&bare, ed.path(), eo).await;
+    let mut so = options();
+    let mut r = ferrotwin_runtime::SiteReplication::new(format!("http://{}", ent.addr));
+    r.reconnect_min_ms = 20;
+    r.reconnect_max_ms = 200;
+    so.replication = Some(r);
+    let site = start_in(sd.path(), so).await;
+    let value_at = |p: &'static str| {
+        let c = ent.client.clone();
+        async move {
+            let mut c = c;
+            let t = c
+                .get_twin(pb::GetTwinRequest {
+                    key: Some(pb::get_twin_request::Key::Path(p.into())),
+                })
+                .await
+                .ok()?
+                .into_inner();
+            float_of(&t)
+        }
+    };
+    push(&site, vec![float(TEMP, 42.0)]).await;
+    wait_for(30, "the site's twin mirrored at the enterprise", || async {
+        (value_at(TEMP).await == Some(42.0)).then_some(())
+    })
+    .await;
+    // A live change at the site: a new line, press-1 gone.
+    let changed = grown().replace(r#"{ name = "press-1", type = "press" }, "#, "");
+    apply(&site, &changed, 1, false)
+        .await
+        .expect("applied at the site");
+    const NEW_TEMP: &str = "acme/berlin/assembly/line-2/press-2/temp";
+    push(&site, vec![float(NEW_TEMP, 7.5)]).await;
+    wait_for(30, "the new line mirrored with its value", || async {
+        (value_at(NEW_TEMP).await == Some(7.5)).then_some(())
+    })
+    .await;
+    wait_for(30, "press-1 gone at the enterprise", || async {
+        value_at(TEMP).await.is_none().then_some(())
+    })
+    .await;
+    let v = ent
+        .client
+        .clone()
+        .get_plant(pb::GetPlantRequest { with_spec: false })
+        .await
+        .expect("plant")
+        .into_inner();
+    assert_eq!(
+        v.version, 3,
+        "the site's first plant, then its change: {v:?}"
+    );
+    assert!(v.applied_by.starts_with("site acme/berlin"), "{v:?}");
+    site.rt.shutdown().await;
+    ent.rt.shutdown().await;
+}

@@ -890,6 +890,7 @@ fn random_replication_batches_are_acked_or_refused_never_a_fault() {
                     // Says it has a few batches: a seq far past them is refused.
                     last_seq: 16,
                     event_hwm: u64::MAX,
+                    ..Default::default()
                 }),
                 pb::replicate_request::Msg::Batch(pb::SiteBatch {
                     seq,

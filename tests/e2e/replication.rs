@@ -329,6 +329,7 @@ async fn raw_stream_once(
             agent: "test".into(),
             last_seq,
             event_hwm: u64::MAX,
+            ..Default::default()
         })),
     }];
     let expected_acks = batches.len();
@@ -856,6 +857,7 @@ async fn a_silent_stream_does_not_hold_the_real_site_off() {
             agent: "silent".into(),
             last_seq: u64::MAX,
             event_hwm: u64::MAX,
+            ..Default::default()
         })),
     })
     .await

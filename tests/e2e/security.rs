@@ -580,6 +580,7 @@ async fn replicate_once(
             // Claims every batch and event: never rewinds the enterprise.
             last_seq: u64::MAX,
             event_hwm: u64::MAX,
+            ..Default::default()
         })),
     })
     .await

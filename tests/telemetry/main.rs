@@ -389,6 +389,7 @@ async fn refused_stream(ent: std::net::SocketAddr, trace: TraceId) -> Result<(),
                 agent: "test".into(),
                 last_seq: 10,
                 event_hwm: u64::MAX,
+                ..Default::default()
             })),
         },
         raw_batch(u64::MAX, 0, 0, &[]),

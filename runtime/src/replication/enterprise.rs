@@ -119,19 +119,36 @@ pub struct SiteMirror {
     current: std::sync::Mutex<Option<CancellationToken>>,
     /// When the current stream was last heard from (µs since the epoch).
     heard_us: AtomicI64,
+    /// The site's plant as last applied here (its version and text): an unchanged plant in
+    /// a hello is not applied again.
+    plant: std::sync::Mutex<Option<(u64, String)>>,
 }
+
+/// What makes a site's plant the enterprise's (given by the runtime: a live apply of the
+/// enterprise's plant with the site's put in). Answers what changed, or why it was not
+/// applied.
+pub type PlantHook = Arc<
+    dyn Fn(AssetPath, u64, String) -> Pin<Box<dyn Future<Output = Result<String, String>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// Most bytes of a site's plant in a hello.
+pub const MAX_SITE_PLANT_BYTES: usize = 4 << 20;
 
 pub struct EnterpriseReceiver {
     ctx: Arc<TwinCtx>,
     sites: HashMap<String, Arc<SiteMirror>>,
+    /// Set once the runtime's live apply exists; without it sites' plants are not followed.
+    plant_hook: std::sync::OnceLock<PlantHook>,
     /// Streams end when the runtime stops, and its shutdown waits for them.
     token: CancellationToken,
     tracker: TaskTracker,
 }
 
 impl EnterpriseReceiver {
-    /// Accepts the sites of `accept` (each must be a site of the plant), with their cursors
-    /// from the store.
+    /// Accepts the sites of `accept` (each a site of the plant's enterprise: its own plant
+    /// arrives with its first hello), with their cursors from the store.
     pub fn new(
         ctx: Arc<TwinCtx>,
         accept: &[String],
@@ -141,13 +158,14 @@ impl EnterpriseReceiver {
         let mut sites = HashMap::new();
         for s in accept {
             let path = AssetPath::parse(s).map_err(|e| format!("enterprise.accept: {s:?}: {e}"))?;
-            if ctx
-                .registry
-                .by_path(&path)
-                .is_none_or(|e| !matches!(e.def.kind, AssetKind::Site))
-            {
+            let root = ctx.plant().root.as_ref().map(|r| r.path.clone());
+            let is_site = match ctx.registry.by_path(&path) {
+                Some(e) => matches!(e.def.kind, AssetKind::Site),
+                None => path.depth() == 2 && path.parent() == root,
+            };
+            if !is_site {
                 return Err(format!(
-                    "enterprise.accept: {s:?} is not a site of the plant spec"
+                    "enterprise.accept: {s:?} is not a site of this enterprise"
                 ));
             }
             let m = SiteMirror::default();
@@ -164,9 +182,75 @@ impl EnterpriseReceiver {
         Ok(EnterpriseReceiver {
             ctx,
             sites,
+            plant_hook: std::sync::OnceLock::new(),
             token,
             tracker,
         })
+    }
+
+    /// How sites' plants become the enterprise's (once, at start).
+    pub fn set_plant_hook(&self, hook: PlantHook) {
+        let _ = self.plant_hook.set(hook);
+    }
+
+    /// A site's plant from its hello: applied to the enterprise's plant unless it is the one
+    /// applied last; a refusal is an event at the site (or the enterprise, before the site is
+    /// known here) and replication goes on (deltas of twins the enterprise lacks are
+    /// counted as unknown).
+    async fn follow_plant(
+        &self,
+        site: &AssetPath,
+        mirror: &SiteMirror,
+        version: u64,
+        toml: String,
+    ) {
+        let Some(hook) = self.plant_hook.get() else {
+            return;
+        };
+        let same = mirror
+            .plant
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|(v, t)| *v == version && *t == toml);
+        if same {
+            return;
+        }
+        let outcome = if toml.len() > MAX_SITE_PLANT_BYTES {
+            Err(format!(
+                "{} bytes, at most {MAX_SITE_PLANT_BYTES}",
+                toml.len()
+            ))
+        } else {
+            hook(site.clone(), version, toml.clone()).await
+        };
+        match outcome {
+            Ok(done) => {
+                tracing::info!(site = %site, site_plant_version = version, "{done}");
+                *mirror.plant.lock().unwrap_or_else(|p| p.into_inner()) = Some((version, toml));
+            }
+            Err(why) => {
+                tracing::warn!(site = %site, site_plant_version = version, error = %why, "site plant not applied");
+                let at = if self.ctx.registry.by_path(site).is_some() {
+                    site.clone()
+                } else {
+                    self.ctx
+                        .plant()
+                        .root
+                        .as_ref()
+                        .map_or_else(|| site.clone(), |r| r.path.clone())
+                };
+                self.ctx
+                    .emit(Event::new(
+                        at,
+                        Timestamp::now(),
+                        EventKind::Model,
+                        Severity::High,
+                        format!("the plant {site} sent (its v{version}) was not applied: {why}"),
+                    ))
+                    .await;
+            }
+        }
     }
 
     /// The accepted site `path` lies in, with its mirror state.
@@ -654,6 +738,8 @@ struct SiteStream {
     /// The last batch seq the site's hello said it has.
     site_last: u64,
     responses: ResponseSender,
+    /// The site's plant from its hello (version, TOML), applied before its first batch.
+    plant: Option<(u64, String)>,
 }
 
 impl SiteStream {
@@ -742,6 +828,8 @@ impl SiteStream {
             token,
             site_last: hello.last_seq,
             responses,
+            plant: (!hello.plant_toml.is_empty())
+                .then_some((hello.plant_version, hello.plant_toml)),
         };
         Ok((stream, one_stream, rx))
     }
@@ -750,10 +838,16 @@ impl SiteStream {
     /// when the receive loop does and the acker has sent what it can; only then does the
     /// site's next stream start (`_one_stream`), and the response stream end.
     async fn run(
-        self,
+        mut self,
         mut incoming: Streaming<pb::ReplicateRequest>,
         _one_stream: OwnedMutexGuard<()>,
     ) {
+        // The site's plant first: its batches then find the mirrors it adds.
+        if let Some((version, toml)) = self.plant.take() {
+            self.receiver
+                .follow_plant(&self.site, &self.mirror, version, toml)
+                .await;
+        }
         // (seq, the store flush that makes it durable), in the order the batches came.
         let (acks, pending) = mpsc::channel::<(u64, u64)>(PENDING_ACKS);
         let acker = self

@@ -47,6 +47,10 @@ pub struct SenderStatus {
     pub bytes_sent: AtomicU64,
     pub acked_seq: AtomicU64,
     pub last_error: Mutex<Option<String>>,
+    /// This site's plant (version, TOML of its subset) as the next hello sends it.
+    plant: Mutex<Option<(u64, String)>>,
+    /// The plant changed: the stream ends and the next hello sends it.
+    plant_changed: tokio::sync::Notify,
 }
 
 impl SenderStatus {
@@ -60,6 +64,25 @@ impl SenderStatus {
 
     pub fn last_error(&self) -> Option<String> {
         self.last_error
+            .lock()
+            .expect("status lock is never poisoned")
+            .clone()
+    }
+
+    /// The plant to send (at start, and after each live apply): the open stream ends and
+    /// the next hello carries it.
+    pub fn set_plant(&self, version: u64, toml: String) {
+        *self.plant.lock().expect("status lock is never poisoned") = Some((version, toml));
+        self.plant_changed.notify_one();
+    }
+
+    /// The plant the first hello sends (at start: no stream to end yet).
+    pub fn init_plant(&self, version: u64, toml: String) {
+        *self.plant.lock().expect("status lock is never poisoned") = Some((version, toml));
+    }
+
+    fn plant(&self) -> Option<(u64, String)> {
+        self.plant
             .lock()
             .expect("status lock is never poisoned")
             .clone()
@@ -99,6 +122,8 @@ enum SendError {
         "the enterprise claims batch {claimed} of this site, whose last batch is {last}; not trimming on its word"
     )]
     ClaimsMore { claimed: u64, last: u64 },
+    #[error("the site's plant changed: a new hello sends it")]
+    PlantChanged,
 }
 
 /// Runs until `token` is cancelled: connect, stream, on any failure back off and reconnect.
@@ -122,6 +147,12 @@ pub async fn run_sender(
         };
         match result {
             Ok(()) => return,
+            // At once, without backing off: the next hello carries the new plant.
+            Err(SendError::PlantChanged) => {
+                status.connected.store(false, Ordering::Relaxed);
+                tracing::info!(site, "the site's plant changed: saying hello again with it");
+                continue;
+            }
             Err(e) => {
                 // Only a stream that got something acked resets the back-off: one refused
                 // right after its welcome backs off like one that never connected.
@@ -194,6 +225,7 @@ async fn stream_once(
         .max_decoding_message_size(64 << 20);
     let window = cfg.max_unacked_batches.max(1);
     let (tx, rx) = mpsc::channel::<pb::ReplicateRequest>(window);
+    let (plant_version, plant_toml) = status.plant().unwrap_or_default();
     let hello = pb::ReplicateRequest {
         msg: Some(pb::replicate_request::Msg::Hello(pb::SiteHello {
             protocol_version: PROTOCOL_VERSION,
@@ -201,6 +233,8 @@ async fn stream_once(
             agent: format!("ferrotwin {}", env!("CARGO_PKG_VERSION")),
             last_seq: outbox.committed(),
             event_hwm: outbox.event_hwm(),
+            plant_toml,
+            plant_version,
         })),
     };
     tx.send(hello).await.map_err(|_| SendError::Closed)?;
@@ -317,6 +351,7 @@ async fn stream_once(
         // Nothing to send (or the window is full): wait for an ack or a new batch.
         tokio::select! {
             () = token.cancelled() => return Ok(()),
+            () = status.plant_changed.notified() => return Err(SendError::PlantChanged),
             () = outbox.wait_after(sent), if room > 0 => {}
             _ = heartbeat.tick() => {
                 // Batches in the queue say the same: a full queue skips it.
