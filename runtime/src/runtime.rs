@@ -307,12 +307,41 @@ impl Runtime {
             apply_rules,
             running,
         ));
+        // A site applies the fleet templates its enterprise keeps for it.
+        // (Weak: the applier holds the sender's status, which holds the hook.)
+        if let Some(sender) = &roles.sender {
+            let applier = Arc::downgrade(&applier);
+            sender.set_template_hook(Arc::new(move |t| {
+                let applier = applier.upgrade();
+                Box::pin(async move {
+                    let Some(applier) = applier else {
+                        return Err("the runtime is stopping".to_owned());
+                    };
+                    applier
+                        .apply(crate::apply::ApplyRequest {
+                            plant_toml: t.plant_toml,
+                            base_version: applier.current().version,
+                            dry_run: false,
+                            by: format!("fleet template v{}", t.version),
+                            site_toml: (!t.site_toml.is_empty()).then_some(t.site_toml),
+                        })
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                })
+            }));
+        }
         // An enterprise's mirrors follow the plants its sites send.
         if let Some(receiver) = &roles.enterprise {
-            let applier = applier.clone();
+            let applier = Arc::downgrade(&applier);
             receiver.set_plant_hook(Arc::new(move |site, version, toml| {
-                let applier = applier.clone();
-                Box::pin(async move { applier.apply_site(site, version, toml).await })
+                let applier = applier.upgrade();
+                Box::pin(async move {
+                    match applier {
+                        Some(a) => a.apply_site(site, version, toml).await,
+                        None => Err("the runtime is stopping".to_owned()),
+                    }
+                })
             }));
         }
         let rt = Runtime {
@@ -807,6 +836,7 @@ fn start_roles(
     }
     let sender = replicate_as.map(|(site, cfg)| {
         let status = Arc::new(SenderStatus::new(&site, &cfg.enterprise));
+        status.load_template_state(&ctx.store);
         // Its own plant goes with every hello, the first included.
         if let Some((version, spec)) = site_plant
             && let Some(subset) = site.rsplit('/').next().and_then(|n| spec.site_subset(n))

@@ -608,3 +608,128 @@ async fn an_enterprise_mirrors_what_its_site_sends_and_follows_its_live_changes(
     site.rt.shutdown().await;
     ent.rt.shutdown().await;
 }
+
+/// Fleet templates: the enterprise keeps a template per site; a connected site applies it at
+/// once, an offline one on its first connection; a template the site refuses leaves it on its
+/// version with its error shown at the enterprise; a rollback brings the earlier one back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_templates_reach_their_sites_online_or_later_and_roll_back() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().expect("dir")).collect();
+    let bare = ferrotwin_models::spec::PlantSpec::from_toml(
+        "version = 1\nenterprise = \"acme\"\n",
+        "enterprise plant",
+    )
+    .expect("valid");
+    let mut eo = options();
+    eo.enterprise = Some(ferrotwin_runtime::EnterpriseRole {
+        accept: vec!["acme/berlin".into(), "acme/lyon".into()],
+    });
+    let ent = start_plant_in(&bare, dirs[0].path(), eo).await;
+    let site_opts = || {
+        let mut so = options();
+        let mut r = ferrotwin_runtime::SiteReplication::new(format!("http://{}", ent.addr));
+        r.reconnect_min_ms = 20;
+        r.reconnect_max_ms = 200;
+        so.replication = Some(r);
+        so
+    };
+    let berlin = start_in(dirs[1].path(), site_opts()).await;
+    let push_template = |site: &'static str, plant: String, site_toml: String| {
+        let c = ent.client.clone();
+        async move {
+            let mut c = c;
+            c.push_template(pb::PushTemplateRequest {
+                site: site.into(),
+                plant_toml: plant,
+                site_toml,
+                by: "ops".into(),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+        }
+    };
+    let status = |site: &'static str| {
+        let c = ent.client.clone();
+        async move {
+            let mut c = c;
+            c.fleet_status(pb::FleetStatusRequest {})
+                .await
+                .expect("fleet status")
+                .into_inner()
+                .sites
+                .into_iter()
+                .find(|s| s.site == site)
+                .expect("an accepted site")
+        }
+    };
+    // Online: applied at once.
+    let v = push_template("acme/berlin", grown(), String::new())
+        .await
+        .expect("pushed");
+    assert_eq!((v.version, v.new_version), (1, true));
+    wait_for(30, "berlin applies template 1", || async {
+        let s = status("acme/berlin").await;
+        (s.desired == 1 && s.applied == 1 && s.error.is_empty()).then_some(())
+    })
+    .await;
+    let mut bc = berlin.client.clone();
+    get(&mut bc, "acme/berlin/assembly/line-2/press-2/temp").await;
+    // Offline: pending until the site connects.
+    let lyon_plant = PLANT.replace(r#"name = "berlin""#, r#"name = "lyon""#);
+    push_template(
+        "acme/lyon",
+        grown().replace(r#"name = "berlin""#, r#"name = "lyon""#),
+        String::new(),
+    )
+    .await
+    .expect("pushed");
+    let s = status("acme/lyon").await;
+    assert_eq!((s.desired, s.applied, s.connected), (1, 0, false), "{s:?}");
+    let lyon_spec =
+        ferrotwin_models::spec::PlantSpec::from_toml(&lyon_plant, "lyon").expect("valid");
+    let lyon = start_plant_in(&lyon_spec, dirs[2].path(), site_opts()).await;
+    wait_for(30, "lyon applies its template on connecting", || async {
+        (status("acme/lyon").await.applied == 1).then_some(())
+    })
+    .await;
+    let mut lc = lyon.client.clone();
+    get(&mut lc, "acme/lyon/assembly/line-2/press-2/temp").await;
+    // Refused by the site: a connection tagging an asset its plant lacks.
+    let bad_site = format!(
+        "version = 1\n[[connections]]\nprotocol = \"modbus\"\nname = \"ghost-plc\"\nendpoint = \"127.0.0.1:1\"\n[[connections.tags]]\nasset = \"acme/berlin/assembly/line-9/m/t\"\nproperty = \"value\"\nregister = \"holding\"\naddress = 1\ndata_type = \"u16\"\n"
+    );
+    push_template("acme/berlin", grown(), bad_site)
+        .await
+        .expect("kept");
+    let refused = wait_for(30, "berlin refuses template 2", || async {
+        let s = status("acme/berlin").await;
+        (s.desired == 2 && !s.error.is_empty()).then_some(s)
+    })
+    .await;
+    assert_eq!(refused.applied, 1, "it stays on template 1: {refused:?}");
+    assert!(
+        refused.error.contains("ghost-plc") && refused.error.contains("line-9"),
+        "{refused:?}"
+    );
+    // Rolled back to 1 (a new version 3 with 1's content): applied, the error gone.
+    let back = ent
+        .client
+        .clone()
+        .rollback_template(pb::RollbackTemplateRequest {
+            site: "acme/berlin".into(),
+            to_version: 1,
+            by: "ops".into(),
+        })
+        .await
+        .expect("rolled back")
+        .into_inner();
+    assert_eq!(back.version, 3);
+    wait_for(30, "berlin applies template 3", || async {
+        let s = status("acme/berlin").await;
+        (s.applied == 3 && s.error.is_empty()).then_some(())
+    })
+    .await;
+    lyon.rt.shutdown().await;
+    berlin.rt.shutdown().await;
+    ent.rt.shutdown().await;
+}

@@ -169,6 +169,36 @@ impl TwinService for TwinApi {
         ))
     }
 
+    async fn push_template(
+        &self,
+        req: Request<pb::PushTemplateRequest>,
+    ) -> Result<Response<pb::PushTemplateResponse>, Status> {
+        Ok(Response::new(
+            self.push_template(&caller_of(self, &req)?, req.into_inner())
+                .await?,
+        ))
+    }
+
+    async fn fleet_status(
+        &self,
+        req: Request<pb::FleetStatusRequest>,
+    ) -> Result<Response<pb::FleetStatusResponse>, Status> {
+        Ok(Response::new(
+            self.fleet_status(&caller_of(self, &req)?, req.into_inner())
+                .await?,
+        ))
+    }
+
+    async fn rollback_template(
+        &self,
+        req: Request<pb::RollbackTemplateRequest>,
+    ) -> Result<Response<pb::PushTemplateResponse>, Status> {
+        Ok(Response::new(
+            self.rollback_template(&caller_of(self, &req)?, req.into_inner())
+                .await?,
+        ))
+    }
+
     async fn write_property(
         &self,
         req: Request<pb::WritePropertyRequest>,

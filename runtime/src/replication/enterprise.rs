@@ -122,7 +122,12 @@ pub struct SiteMirror {
     /// The site's plant as last applied here (its version and text): an unchanged plant in
     /// a hello is not applied again.
     plant: std::sync::Mutex<Option<(u64, String)>>,
+    /// What its last hello said of its fleet template: the version applied, the last error.
+    pub fleet: std::sync::Mutex<(u64, String)>,
 }
+
+/// Fleet template versions an enterprise keeps per site.
+pub const KEEP_TEMPLATES: usize = 20;
 
 /// What makes a site's plant the enterprise's (given by the runtime: a live apply of the
 /// enterprise's plant with the site's put in). Answers what changed, or why it was not
@@ -186,6 +191,47 @@ impl EnterpriseReceiver {
             token,
             tracker,
         })
+    }
+
+    /// Each accepted site: desired template version, applied version, its error, whether
+    /// its stream is live.
+    pub fn fleet_status(&self) -> Vec<(String, u64, u64, String, bool)> {
+        let mut out: Vec<_> = self
+            .sites
+            .iter()
+            .map(|(site, m)| {
+                let desired = self
+                    .ctx
+                    .store
+                    .templates(site)
+                    .ok()
+                    .and_then(|t| t.last().map(|t| t.version))
+                    .unwrap_or(0);
+                let (applied, error) = m.fleet.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let live = Timestamp::now().0 - m.heard_us.load(Ordering::Acquire) < LIVE_WINDOW_US
+                    && m.current
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .is_some();
+                (site.clone(), desired, applied, error, live)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Whether this enterprise accepts `site`.
+    pub fn accepts(&self, site: &str) -> bool {
+        self.sites.contains_key(site)
+    }
+
+    /// Ends `site`'s stream: its next hello gets its new template.
+    pub fn kick(&self, site: &str) {
+        if let Some(m) = self.sites.get(site)
+            && let Some(t) = m.current.lock().unwrap_or_else(|p| p.into_inner()).as_ref()
+        {
+            t.cancel();
+        }
     }
 
     /// How sites' plants become the enterprise's (once, at start).
@@ -807,12 +853,28 @@ impl SiteStream {
             .reconcile(&site, &mirror, hello.last_seq, hello.event_hwm)
             .await;
         let (responses, rx) = mpsc::channel(16);
+        *mirror.fleet.lock().unwrap_or_else(|p| p.into_inner()) =
+            (hello.template_applied, hello.template_error.clone());
+        // The site's fleet template, when it has not applied the newest.
+        let template = receiver
+            .ctx
+            .store
+            .templates(site.as_str())
+            .ok()
+            .and_then(|mut t| t.pop())
+            .filter(|t| t.version != hello.template_applied)
+            .map(|t| pb::FleetTemplate {
+                version: t.version,
+                plant_toml: t.plant_toml,
+                site_toml: t.site_toml,
+            });
         let welcome = pb::ReplicateResponse {
             msg: Some(pb::replicate_response::Msg::Welcome(
                 pb::EnterpriseWelcome {
                     protocol_version: PROTOCOL_VERSION,
                     last_applied_seq: mirror.durable_seq.load(Ordering::Acquire),
                     rewound,
+                    template,
                 },
             )),
         };

@@ -51,7 +51,43 @@ pub struct SenderStatus {
     plant: Mutex<Option<(u64, String)>>,
     /// The plant changed: the stream ends and the next hello sends it.
     plant_changed: tokio::sync::Notify,
+    /// The fleet template version last applied here and the last one's error (empty: none).
+    template: Mutex<(u64, String)>,
+    /// Applies a fleet template (the runtime's live apply), once set.
+    template_hook: HookSlot,
 }
+
+/// The template hook's place (set once; shows as whether it is set).
+#[derive(Default)]
+struct HookSlot(std::sync::OnceLock<TemplateHook>);
+
+impl std::fmt::Debug for HookSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}",
+            if self.0.get().is_some() {
+                "set"
+            } else {
+                "unset"
+            }
+        )
+    }
+}
+
+/// What applies a fleet template at the site: Ok, or why not (every problem named).
+pub type TemplateHook = Arc<
+    dyn Fn(
+            pb::FleetTemplate,
+        )
+            -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// `meta` keys of the fleet template state.
+const TEMPLATE_APPLIED_KEY: &[u8] = b"fleet/applied";
+const TEMPLATE_ERROR_KEY: &[u8] = b"fleet/error";
 
 impl SenderStatus {
     pub fn new(site: &str, enterprise: &str) -> SenderStatus {
@@ -74,6 +110,28 @@ impl SenderStatus {
     pub fn set_plant(&self, version: u64, toml: String) {
         *self.plant.lock().expect("status lock is never poisoned") = Some((version, toml));
         self.plant_changed.notify_one();
+    }
+
+    /// How fleet templates are applied (once, at start).
+    pub fn set_template_hook(&self, hook: TemplateHook) {
+        let _ = self.template_hook.0.set(hook);
+    }
+
+    /// The fleet template state the data dir records (at start).
+    pub fn load_template_state(&self, store: &crate::store::Store) {
+        let applied = store
+            .meta_value(TEMPLATE_APPLIED_KEY)
+            .ok()
+            .flatten()
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map_or(0, u64::from_be_bytes);
+        let error = store
+            .meta_value(TEMPLATE_ERROR_KEY)
+            .ok()
+            .flatten()
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+            .unwrap_or_default();
+        *self.template.lock().expect("status lock is never poisoned") = (applied, error);
     }
 
     /// The plant the first hello sends (at start: no stream to end yet).
@@ -226,6 +284,11 @@ async fn stream_once(
     let window = cfg.max_unacked_batches.max(1);
     let (tx, rx) = mpsc::channel::<pb::ReplicateRequest>(window);
     let (plant_version, plant_toml) = status.plant().unwrap_or_default();
+    let (template_applied, template_error) = status
+        .template
+        .lock()
+        .expect("status lock is never poisoned")
+        .clone();
     let hello = pb::ReplicateRequest {
         msg: Some(pb::replicate_request::Msg::Hello(pb::SiteHello {
             protocol_version: PROTOCOL_VERSION,
@@ -235,6 +298,8 @@ async fn stream_once(
             event_hwm: outbox.event_hwm(),
             plant_toml,
             plant_version,
+            template_applied,
+            template_error,
         })),
     };
     tx.send(hello).await.map_err(|_| SendError::Closed)?;
@@ -253,6 +318,51 @@ async fn stream_once(
     };
     if w.protocol_version != PROTOCOL_VERSION {
         return Err(SendError::Version(w.protocol_version));
+    }
+    // A fleet template this site has not applied: applied live now (or refused, with its
+    // error), then a new hello reports it.
+    // (The hook is set a moment after the sender starts: a first welcome may come before.)
+    let mut waited = 0;
+    while w.template.is_some() && status.template_hook.0.get().is_none() && waited < 250 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        waited += 1;
+    }
+    if let Some(t) = w.template
+        && let Some(hook) = status.template_hook.0.get()
+    {
+        let version = t.version;
+        tracing::info!(site, version, "fleet template received; applying it");
+        let (applied, error) = match hook(t).await {
+            Ok(()) => (version, String::new()),
+            Err(e) => {
+                // At most 1 KiB in a hello (cut at a char boundary).
+                let mut e = e;
+                let mut end = e.len().min(1024);
+                while !e.is_char_boundary(end) {
+                    end -= 1;
+                }
+                e.truncate(end);
+                tracing::warn!(site, version, error = %e, "fleet template refused");
+                let applied = status
+                    .template
+                    .lock()
+                    .expect("status lock is never poisoned")
+                    .0;
+                (applied, format!("v{version}: {e}"))
+            }
+        };
+        let store = ctx.store.clone();
+        let (a, e) = (applied, error.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            store.put_meta(TEMPLATE_APPLIED_KEY, &a.to_be_bytes())?;
+            store.put_meta(TEMPLATE_ERROR_KEY, e.as_bytes())
+        })
+        .await;
+        *status
+            .template
+            .lock()
+            .expect("status lock is never poisoned") = (applied, error);
+        return Err(SendError::PlantChanged);
     }
     let last = outbox.committed();
     if w.last_applied_seq > last {

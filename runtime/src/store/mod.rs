@@ -623,6 +623,66 @@ impl Store {
         let _ = rx.wait_for(|g| *g >= generation).await;
     }
 
+    /// Writes a `meta` value durably (flushed before it returns). Blocking.
+    pub fn put_meta(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        let io = |source| StoreError::Io {
+            dir: self.dir.clone(),
+            source,
+        };
+        self.meta.insert(key, value).map_err(io)?;
+        self.meta.flush().map_err(io)?;
+        Ok(())
+    }
+
+    /// A site's fleet templates, oldest first (an enterprise).
+    pub fn templates(&self, site: &str) -> Result<Vec<rec::SiteTemplateRecord>, StoreError> {
+        let prefix = format!("fleet/{site}/");
+        let mut out = Vec::new();
+        for kv in self.meta.scan_prefix(prefix.as_bytes()) {
+            let (k, v) = kv.map_err(|source| StoreError::Io {
+                dir: self.dir.clone(),
+                source,
+            })?;
+            out.push(
+                rec::SiteTemplateRecord::decode(&*v).map_err(|e| StoreError::Corrupt {
+                    dir: self.dir.clone(),
+                    tree: "meta",
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    what: e.to_string(),
+                })?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Keeps a new template version of `site`, and at most `keep` versions in all (the
+    /// oldest go). Blocking.
+    pub fn put_template(
+        &self,
+        site: &str,
+        t: &rec::SiteTemplateRecord,
+        keep: usize,
+    ) -> Result<(), StoreError> {
+        let key = |v: u64| {
+            let mut k = format!("fleet/{site}/").into_bytes();
+            k.extend_from_slice(&v.to_be_bytes());
+            k
+        };
+        let io = |source| StoreError::Io {
+            dir: self.dir.clone(),
+            source,
+        };
+        self.meta
+            .insert(key(t.version), t.encode_to_vec())
+            .map_err(io)?;
+        let all = self.templates(site)?;
+        for old in all.iter().take(all.len().saturating_sub(keep)) {
+            self.meta.remove(key(old.version)).map_err(io)?;
+        }
+        self.meta.flush().map_err(io)?;
+        Ok(())
+    }
+
     /// A `meta` value (replication cursors); `None` if absent.
     pub fn meta_value(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         self.meta
