@@ -695,8 +695,8 @@ async fn fleet_templates_reach_their_sites_online_or_later_and_roll_back() {
     let mut lc = lyon.client.clone();
     get(&mut lc, "acme/lyon/assembly/line-2/press-2/temp").await;
     // Refused by the site: a connection tagging an asset its plant lacks.
-    let bad_site = format!(
-        "version = 1\n[[connections]]\nprotocol = \"modbus\"\nname = \"ghost-plc\"\nendpoint = \"127.0.0.1:1\"\n[[connections.tags]]\nasset = \"acme/berlin/assembly/line-9/m/t\"\nproperty = \"value\"\nregister = \"holding\"\naddress = 1\ndata_type = \"u16\"\n"
+    let bad_site = String::from(
+        "version = 1\n[[connections]]\nprotocol = \"modbus\"\nname = \"ghost-plc\"\nendpoint = \"127.0.0.1:1\"\n[[connections.tags]]\nasset = \"acme/berlin/assembly/line-9/m/t\"\nproperty = \"value\"\nregister = \"holding\"\naddress = 1\ndata_type = \"u16\"\n",
     );
     push_template("acme/berlin", grown(), bad_site)
         .await
