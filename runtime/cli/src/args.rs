@@ -237,6 +237,12 @@ pub enum Cmd {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Fleet templates at an enterprise: push a site's template, show every site's, roll
+    /// one back.
+    Fleet {
+        #[command(subcommand)]
+        what: FleetCmd,
+    },
     /// List the site's PLC connections with their state and counters.
     Connections {
         #[command(flatten)]
@@ -298,6 +304,39 @@ pub enum Cmd {
         /// Simulated hours.
         #[arg(long, default_value_t = 48.0)]
         hours: f64,
+    },
+}
+
+#[derive(clap::Subcommand)]
+pub enum FleetCmd {
+    /// Keep `DIR/plant.toml` (the site's own plant) and `DIR/site.toml` (its
+    /// `[[connections]]`, optional) as the site's next template; the site applies it live
+    /// now, or on its next connection.
+    Push {
+        /// The site, e.g. `acme/lyon`.
+        #[arg(long)]
+        site: String,
+        dir: PathBuf,
+        #[arg(long, default_value = "")]
+        by: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Every accepted site: template desired, applied, its error, connected.
+    Status {
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// A site's template back to an earlier version (default: the one before the newest).
+    Rollback {
+        #[arg(long)]
+        site: String,
+        #[arg(long, default_value_t = 0)]
+        to: u64,
+        #[arg(long, default_value = "")]
+        by: String,
+        #[command(flatten)]
+        remote: Remote,
     },
 }
 

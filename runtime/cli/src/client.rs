@@ -765,6 +765,81 @@ pub async fn apply(
     Ok(out)
 }
 
+pub async fn fleet_push(
+    client: &mut Client,
+    site: &str,
+    plant_toml: String,
+    site_toml: String,
+    by: &str,
+) -> Result<String> {
+    let r = client
+        .push_template(pb::PushTemplateRequest {
+            site: site.to_owned(),
+            plant_toml,
+            site_toml,
+            by: by.to_owned(),
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    Ok(if r.new_version {
+        format!(
+            "{site}: template v{} kept; the site applies it now, or on its next connection\n",
+            r.version
+        )
+    } else {
+        format!("{site}: the same as template v{}; nothing new\n", r.version)
+    })
+}
+
+pub async fn fleet_status(client: &mut Client) -> Result<String> {
+    let r = client
+        .fleet_status(pb::FleetStatusRequest {})
+        .await
+        .map_err(status)?
+        .into_inner();
+    let mut out = String::new();
+    for s in r.sites {
+        let state = match (s.desired, s.applied) {
+            (0, _) => "no template".to_owned(),
+            (d, a) if d == a => "up to date".to_owned(),
+            (d, 0) => format!("pending (v{d} not applied yet)"),
+            (d, _) => format!("behind (v{d} not applied yet)"),
+        };
+        let _ = writeln!(
+            out,
+            "{}  desired v{}  applied v{}  {}{}{}",
+            s.site,
+            s.desired,
+            s.applied,
+            state,
+            if s.connected { "" } else { "  (not connected)" },
+            if s.error.is_empty() {
+                String::new()
+            } else {
+                format!("\n    error: {}", s.error)
+            }
+        );
+    }
+    Ok(out)
+}
+
+pub async fn fleet_rollback(client: &mut Client, site: &str, to: u64, by: &str) -> Result<String> {
+    let r = client
+        .rollback_template(pb::RollbackTemplateRequest {
+            site: site.to_owned(),
+            to_version: to,
+            by: by.to_owned(),
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    Ok(format!(
+        "{site}: rolled back as template v{}; the site applies it now, or on its next connection\n",
+        r.version
+    ))
+}
+
 pub async fn replication(client: &mut Client) -> Result<String> {
     let s = client
         .get_replication_status(pb::GetReplicationStatusRequest {})

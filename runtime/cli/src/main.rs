@@ -10,7 +10,7 @@ use ferrotwin_runtime::telemetry::{Telemetry, TelemetryConfig};
 
 mod args;
 
-use args::{Args, BenchCmd, Cmd, OnOff};
+use args::{Args, BenchCmd, Cmd, FleetCmd, OnOff};
 
 fn init_tracing(default: &str, format: LogFormat) {
     logging::init(default, format, &Telemetry::off());
@@ -150,6 +150,49 @@ async fn main() -> Result<()> {
             init_tracing("warn", log_format);
             let mut c = cli::connect(&remote.connect()).await?;
             print!("{}", cli::ack(&mut c, &path, &alarm, &by, &comment).await?);
+            Ok(())
+        }
+        Cmd::Fleet { what } => {
+            init_tracing("warn", log_format);
+            match what {
+                FleetCmd::Push {
+                    site,
+                    dir,
+                    by,
+                    remote,
+                } => {
+                    let plant = std::fs::read_to_string(dir.join("plant.toml"))
+                        .with_context(|| format!("reading {}", dir.join("plant.toml").display()))?;
+                    let site_toml = match std::fs::read_to_string(dir.join("site.toml")) {
+                        Ok(t) => t,
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+                        Err(e) => {
+                            return Err(anyhow::anyhow!(
+                                "reading {}: {e}",
+                                dir.join("site.toml").display()
+                            ));
+                        }
+                    };
+                    let mut c = cli::connect(&remote.connect()).await?;
+                    print!(
+                        "{}",
+                        cli::fleet_push(&mut c, &site, plant, site_toml, &by).await?
+                    );
+                }
+                FleetCmd::Status { remote } => {
+                    let mut c = cli::connect(&remote.connect()).await?;
+                    print!("{}", cli::fleet_status(&mut c).await?);
+                }
+                FleetCmd::Rollback {
+                    site,
+                    to,
+                    by,
+                    remote,
+                } => {
+                    let mut c = cli::connect(&remote.connect()).await?;
+                    print!("{}", cli::fleet_rollback(&mut c, &site, to, &by).await?);
+                }
+            }
             Ok(())
         }
         Cmd::Plant { show, remote } => {

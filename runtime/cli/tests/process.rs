@@ -441,6 +441,62 @@ async fn the_cli_applies_a_changed_plant_to_a_running_site() {
     demo.kill();
 }
 
+/// `ferrotwin fleet` against a demo's enterprise: a template pushed for a site (its own plant
+/// with a line more) is applied by that site live, and `fleet status` says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_pushes_a_fleet_template_that_its_site_applies() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (demo, addrs) = start_demo(dir.path());
+    let site_addr = &addrs.sites[0];
+    let site = link(site_addr).await.site;
+    let before = cli(&["fleet", "status"], &addrs.enterprise);
+    assert!(
+        before.contains(&format!("{site}  desired v0  applied v0  no template")),
+        "{before}"
+    );
+    let mut c = TwinServiceClient::connect(format!("http://{site_addr}"))
+        .await
+        .expect("connect");
+    let toml = c
+        .get_plant(pb::GetPlantRequest { with_spec: true })
+        .await
+        .expect("get_plant")
+        .into_inner()
+        .plant_toml;
+    let plant = ferrotwin_models::spec::PlantSpec::from_toml(&toml, "site plant").expect("valid");
+    let name = site.rsplit('/').next().expect("a site name");
+    let mut own = plant.site_subset(name).expect("its own site");
+    let mut line = own.sites[0].areas[0].lines[0].clone();
+    line.name = "line-fleet".into();
+    own.sites[0].areas[0].lines.push(line);
+    let tdir = dir.path().join("template");
+    std::fs::create_dir_all(&tdir).expect("dir");
+    std::fs::write(tdir.join("plant.toml"), own.to_toml()).expect("write");
+    let pushed = cli(
+        &[
+            "fleet",
+            "push",
+            "--site",
+            &site,
+            tdir.to_str().expect("utf-8"),
+            "--by",
+            "ops",
+        ],
+        &addrs.enterprise,
+    );
+    assert!(pushed.contains("template v1 kept"), "{pushed}");
+    wait_for(60, "the site applies its template", || async {
+        cli(&["fleet", "status"], &addrs.enterprise)
+            .contains(&format!("{site}  desired v1  applied v1  up to date"))
+            .then_some(())
+    })
+    .await;
+    let area = format!("{site}/{}", own.sites[0].areas[0].name);
+    let tree = cli(&["tree", &area, "--depth", "1"], site_addr);
+    assert!(tree.contains("line-fleet"), "{tree}");
+    demo.kill();
+}
+
 /// `ferrotwin check` as a plant-config CI job runs it: a good config exits 0 with a summary,
 /// a connection tag naming an asset the plant lacks exits 1 naming it; nothing is served and
 /// no PLC is contacted (the endpoint is unreachable on purpose).
