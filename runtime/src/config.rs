@@ -45,7 +45,11 @@ pub fn default_http_addr() -> SocketAddr {
 #[serde(deny_unknown_fields)]
 pub struct SiteConfig {
     pub version: u32,
-    pub plant: PathBuf,
+    /// The plant spec file. Left out by a site that takes its plant from its enterprise's
+    /// fleet template: it needs `[replication]` with `site`, and starts with that site alone
+    /// (or with the plant its data dir recorded).
+    #[serde(default)]
+    pub plant: Option<PathBuf>,
     pub data_dir: PathBuf,
     #[serde(default = "default_grpc_addr")]
     pub grpc_addr: SocketAddr,
@@ -157,8 +161,22 @@ impl SiteConfig {
         c.connections_toml = crate::connections::parse_connections(&text, None)
             .ok()
             .map(|(_, t)| t);
-        if c.plant.is_relative() {
-            c.plant = base.join(&c.plant);
+        if let Some(p) = &mut c.plant
+            && p.is_relative()
+        {
+            *p = base.join(&*p);
+        }
+        if c.plant.is_none()
+            && c.replication
+                .as_ref()
+                .and_then(|r| r.site.as_ref())
+                .is_none()
+        {
+            return Err(ConfigError::Invalid {
+                file: file.to_path_buf(),
+                field: "plant",
+                message: "name the plant spec file, or (a site that takes its plant from its enterprise) [replication] with site = \"ENTERPRISE/SITE\"".into(),
+            });
         }
         if c.data_dir.is_relative() {
             c.data_dir = base.join(&c.data_dir);
@@ -209,14 +227,23 @@ impl SiteConfig {
     }
 
     pub fn load_plant(&self) -> Result<PlantSpec, ConfigError> {
-        let text = std::fs::read_to_string(&self.plant).map_err(|source| ConfigError::Read {
-            file: self.plant.clone(),
+        let Some(plant) = &self.plant else {
+            // A site that takes its plant from its enterprise: its site alone until then.
+            let site = self
+                .replication
+                .as_ref()
+                .and_then(|r| r.site.clone())
+                .unwrap_or_default();
+            let (enterprise, name) = site.split_once('/').unwrap_or(("", &site));
+            let text =
+                format!("version = 1\nenterprise = {enterprise:?}\n[[sites]]\nname = {name:?}\n");
+            return Ok(PlantSpec::from_toml(&text, "replication.site")?);
+        };
+        let text = std::fs::read_to_string(plant).map_err(|source| ConfigError::Read {
+            file: plant.clone(),
             source,
         })?;
-        Ok(PlantSpec::from_toml(
-            &text,
-            &self.plant.display().to_string(),
-        )?)
+        Ok(PlantSpec::from_toml(&text, &plant.display().to_string())?)
     }
 
     pub fn options(&self) -> RuntimeOptions {
@@ -228,7 +255,12 @@ impl SiteConfig {
             replication: self.replication.clone(),
             enterprise: self.enterprise.clone(),
             security: self.security.clone(),
-            plant_dir: self.plant.parent().map(std::path::Path::to_path_buf),
+            plant_dir: self
+                .plant
+                .as_ref()
+                .and_then(|p| p.parent())
+                .map(std::path::Path::to_path_buf)
+                .or_else(|| self.config_dir.clone()),
             check_only: false,
             connections_toml: self.connections_toml.clone(),
             config_dir: self.config_dir.clone(),
@@ -341,7 +373,7 @@ mod tests {
         let f = dir.path().join("site.toml");
         std::fs::write(&f, "version = 1\nplant = \"p.toml\"\ndata_dir = \"d\"\n").expect("write");
         let c = SiteConfig::load(&f).expect("valid");
-        assert_eq!(c.plant, dir.path().join("p.toml"));
+        assert_eq!(c.plant, Some(dir.path().join("p.toml")));
         assert_eq!(c.grpc_addr, default_grpc_addr());
         // The connections' files too: certificates, keys, PKI folder, password files.
         std::fs::write(
@@ -402,6 +434,30 @@ topic_prefixes = ["acme"]
         assert_eq!(
             mq.tls.as_ref().map(|t| t.ca.clone()),
             Some(d.join("ca.pem"))
+        );
+    }
+
+    /// A site that takes its plant from its enterprise names no plant file: it starts with
+    /// its site alone; a config with neither is refused naming both ways.
+    #[test]
+    fn a_site_without_a_plant_file_starts_with_its_site_alone() {
+        let dir = tempfile::tempdir().expect("dir");
+        let f = dir.path().join("site.toml");
+        std::fs::write(
+            &f,
+            "version = 1\ndata_dir = \"d\"\n[replication]\nenterprise = \"http://127.0.0.1:1\"\nsite = \"acme/lyon\"\n",
+        )
+        .expect("write");
+        let c = SiteConfig::load(&f).expect("loads");
+        let p = c.load_plant().expect("a bare plant");
+        assert_eq!((p.enterprise.as_str(), p.sites.len()), ("acme", 1));
+        assert_eq!(p.sites[0].name, "lyon");
+        assert!(p.sites[0].areas.is_empty());
+        std::fs::write(&f, "version = 1\ndata_dir = \"d\"\n").expect("write");
+        let err = SiteConfig::load(&f).expect_err("no plant").to_string();
+        assert!(
+            err.contains("plant") && err.contains("replication"),
+            "{err}"
         );
     }
 }

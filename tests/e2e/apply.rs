@@ -675,7 +675,6 @@ async fn fleet_templates_reach_their_sites_online_or_later_and_roll_back() {
     let mut bc = berlin.client.clone();
     get(&mut bc, "acme/berlin/assembly/line-2/press-2/temp").await;
     // Offline: pending until the site connects.
-    let lyon_plant = PLANT.replace(r#"name = "berlin""#, r#"name = "lyon""#);
     push_template(
         "acme/lyon",
         grown().replace(r#"name = "berlin""#, r#"name = "lyon""#),
@@ -685,15 +684,39 @@ async fn fleet_templates_reach_their_sites_online_or_later_and_roll_back() {
     .expect("pushed");
     let s = status("acme/lyon").await;
     assert_eq!((s.desired, s.applied, s.connected), (1, 0, false), "{s:?}");
-    let lyon_spec =
-        ferrotwin_models::spec::PlantSpec::from_toml(&lyon_plant, "lyon").expect("valid");
-    let lyon = start_plant_in(&lyon_spec, dirs[2].path(), site_opts()).await;
+    // Lyon starts from nothing but its site (what a config without a plant file runs).
+    let bare_lyon = ferrotwin_models::spec::PlantSpec::from_toml(
+        "version = 1\nenterprise = \"acme\"\n[[sites]]\nname = \"lyon\"\n",
+        "lyon, bare",
+    )
+    .expect("valid");
+    let mut lo = site_opts();
+    if let Some(r) = lo.replication.as_mut() {
+        r.site = Some("acme/lyon".into());
+    }
+    let lyon = start_plant_in(&bare_lyon, dirs[2].path(), lo).await;
     wait_for(30, "lyon applies its template on connecting", || async {
         (status("acme/lyon").await.applied == 1).then_some(())
     })
     .await;
     let mut lc = lyon.client.clone();
     get(&mut lc, "acme/lyon/assembly/line-2/press-2/temp").await;
+    // Its new twins are mirrored at the enterprise too (its next hello carried its plant).
+    let ec = ent.client.clone();
+    wait_for(30, "lyon's twins mirrored", || {
+        let mut ec = ec.clone();
+        async move {
+            ec.get_twin(pb::GetTwinRequest {
+                key: Some(pb::get_twin_request::Key::Path(
+                    "acme/lyon/assembly/line-2/press-2/temp".into(),
+                )),
+            })
+            .await
+            .ok()
+            .map(|_| ())
+        }
+    })
+    .await;
     // Refused by the site: a connection tagging an asset its plant lacks.
     let bad_site = String::from(
         "version = 1\n[[connections]]\nprotocol = \"modbus\"\nname = \"ghost-plc\"\nendpoint = \"127.0.0.1:1\"\n[[connections.tags]]\nasset = \"acme/berlin/assembly/line-9/m/t\"\nproperty = \"value\"\nregister = \"holding\"\naddress = 1\ndata_type = \"u16\"\n",
