@@ -192,6 +192,15 @@ impl Applier {
     /// nothing, applies it.
     pub async fn apply(&self, req: ApplyRequest) -> Result<ApplyOutcome, ApplyError> {
         let mut running = self.running.lock().await;
+        self.apply_locked(&mut running, req).await
+    }
+
+    /// `apply`, with the running plant's lock held by the caller.
+    async fn apply_locked(
+        &self,
+        running: &mut PlantVersion,
+        req: ApplyRequest,
+    ) -> Result<ApplyOutcome, ApplyError> {
         if req.base_version == 0 {
             return Err(ApplyError::Invalid(
                 "base_version: say which plant version the change was made against \
@@ -231,7 +240,7 @@ impl Applier {
         })
         .await
         .map_err(|e| ApplyError::Failed(format!("planning: {e}")))?;
-        let conn_changes = self.check(&running, &spec, &new, connections.as_ref().map(|c| &c.0))?;
+        let conn_changes = self.check(running, &spec, &new, connections.as_ref().map(|c| &c.0))?;
         let mut outcome = ApplyOutcome {
             version: running.version,
             applied: false,
@@ -274,6 +283,14 @@ impl Applier {
             && let Ok(h) = r.history_settings(&next.spec)
         {
             outbox.set_history(h);
+        }
+        // A replicating site sends its new plant to its enterprise before any batch that holds
+        // what the change makes (the sender says hello again before its next batch).
+        if let Some(sender) = &self.rules.sender
+            && let Some(name) = sender.site.rsplit('/').next()
+            && let Some(subset) = next.spec.site_subset(name)
+        {
+            sender.set_plant(next.version, subset.to_toml());
         }
         let span = tracing::info_span!(
             parent: None,
@@ -359,13 +376,6 @@ impl Applier {
             );
             self.ctx.emit(ev).await;
         }
-        // A replicating site sends its new plant to its enterprise (a new hello).
-        if let Some(sender) = &self.rules.sender
-            && let Some(name) = sender.site.rsplit('/').next()
-            && let Some(subset) = next.spec.site_subset(name)
-        {
-            sender.set_plant(next.version, subset.to_toml());
-        }
         warnings.extend(live.problems.iter().cloned());
         tracing::info!(version = next.version, by = %req.by, changes = %changes.summary(),
             problems = live.problems.len(), "plant applied");
@@ -399,36 +409,34 @@ impl Applier {
         {
             return Err(format!("{site} may send only its own site's plant"));
         }
-        // Twice at most: an apply made meanwhile moves the version on.
-        for _ in 0..2 {
-            let current = self.current();
-            let merged = current.spec.with_site(&sent)?;
-            if merged == *current.spec {
-                return Ok(format!(
-                    "{site}'s plant v{site_version} is the enterprise's already"
-                ));
-            }
-            match self
-                .apply(ApplyRequest {
+        // Merged under the lock: sites connecting at once apply one after the other.
+        let mut running = self.running.lock().await;
+        let merged = running.spec.with_site(&sent)?;
+        if merged == *running.spec {
+            return Ok(format!(
+                "{site}'s plant v{site_version} is the enterprise's already"
+            ));
+        }
+        let base_version = running.version;
+        match self
+            .apply_locked(
+                &mut running,
+                ApplyRequest {
                     plant_toml: merged.to_toml(),
-                    base_version: current.version,
+                    base_version,
                     dry_run: false,
                     by: format!("site {site} (its plant v{site_version})"),
                     site_toml: None,
-                })
-                .await
-            {
-                Ok(o) => {
-                    return Ok(format!(
-                        "{site}'s plant v{site_version} applied: enterprise plant v{}, {}",
-                        o.version, o.summary
-                    ));
-                }
-                Err(ApplyError::Stale { .. }) => continue,
-                Err(e) => return Err(e.to_string()),
-            }
+                },
+            )
+            .await
+        {
+            Ok(o) => Ok(format!(
+                "{site}'s plant v{site_version} applied: enterprise plant v{}, {}",
+                o.version, o.summary
+            )),
+            Err(e) => Err(e.to_string()),
         }
-        Err("the enterprise's plant kept changing; the site's next hello tries again".into())
     }
 
     /// Everything that would refuse the change, whole, before anything changes.

@@ -264,6 +264,7 @@ impl SiteConfig {
             check_only: false,
             connections_toml: self.connections_toml.clone(),
             config_dir: self.config_dir.clone(),
+            plant_from_enterprise: self.plant.is_none(),
         }
     }
 }

@@ -63,6 +63,9 @@ pub struct RuntimeOptions {
     /// The config file's folder: relative paths of connections applied live are taken from
     /// it (`None`: the working directory).
     pub config_dir: Option<PathBuf>,
+    /// The plant given is only the site itself (a config without a plant file): a plant the
+    /// data dir recorded (from a fleet template) always wins over it.
+    pub plant_from_enterprise: bool,
 }
 
 /// The `[ingest]` section.
@@ -680,9 +683,11 @@ fn running_plant(
     };
     let recorded = PlantSpec::from_toml(&r.plant_toml, "the recorded plant");
     let mut edited = Vec::new();
+    // A bare site (no plant file) never replaces what it recorded.
+    let file_unchanged = r.file_digest == file_digest || opts.plant_from_enterprise;
     let mut running = match recorded {
         // The file is as the last start took it: the record (maybe applied since).
-        Ok(recorded) if r.file_digest == file_digest => PlantVersion {
+        Ok(recorded) if file_unchanged => PlantVersion {
             version: r.version,
             assets: Arc::new(recorded.assets()),
             spec: Arc::new(recorded),
@@ -690,7 +695,7 @@ fn running_plant(
             applied_by: r.applied_by.clone(),
             ..from_file(r.version)
         },
-        Err(e) if r.file_digest == file_digest => return Err(corrupt(e.to_string()).into()),
+        Err(e) if file_unchanged => return Err(corrupt(e.to_string()).into()),
         Ok(recorded) if recorded == *file => PlantVersion {
             applied: Timestamp(r.applied_us),
             applied_by: r.applied_by.clone(),
@@ -964,6 +969,17 @@ mod tests {
         let mut o = opts("10.0.0.3:502");
         let v = run(&plant(1000), &mut o);
         assert_eq!((v.version, endpoint(&o).as_str()), (2, "10.0.0.3:502"));
+        // A bare site (no plant file) never replaces its record, whatever it is given.
+        let bare = PlantSpec::from_toml(
+            "version = 1\nenterprise = \"e\"\n[[sites]]\nname = \"s\"\n",
+            "bare",
+        )
+        .expect("bare");
+        let mut o = opts("10.0.0.3:502");
+        o.plant_from_enterprise = true;
+        let (v, _) = running_plant(&bare, &mut o, &store).expect("runs");
+        assert_eq!(v.version, 2);
+        assert_eq!(v.spec.machine_types["m"].ideal_cycle_ms, 800.0);
         // An edited plant file: the next version.
         let mut o = opts("10.0.0.3:502");
         let (v, edited) = running_plant(&plant(600), &mut o, &store).expect("runs");

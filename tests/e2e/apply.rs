@@ -734,6 +734,22 @@ async fn fleet_templates_reach_their_sites_online_or_later_and_roll_back() {
         refused.error.contains("ghost-plc") && refused.error.contains("line-9"),
         "{refused:?}"
     );
+    // Refused once, not sent again: the site replicates on (no reconnect storm).
+    let sender = testing::sender(&berlin.rt).expect("a sender");
+    let connects = sender.connects.load(Ordering::Relaxed);
+    push(&berlin, vec![float(FORCE, 31.0)]).await;
+    let ec = ent.client.clone();
+    wait_for(30, "berlin replicates after the refusal", || {
+        let mut ec = ec.clone();
+        async move { (float_of(&get(&mut ec, FORCE).await) == Some(31.0)).then_some(()) }
+    })
+    .await;
+    assert!(
+        sender.connects.load(Ordering::Relaxed) <= connects + 2,
+        "reconnects after the refusal: {} then {}",
+        connects,
+        sender.connects.load(Ordering::Relaxed)
+    );
     // Rolled back to 1 (a new version 3 with 1's content): applied, the error gone.
     let back = ent
         .client
@@ -752,6 +768,86 @@ async fn fleet_templates_reach_their_sites_online_or_later_and_roll_back() {
         (s.applied == 3 && s.error.is_empty()).then_some(())
     })
     .await;
+    lyon.rt.shutdown().await;
+    berlin.rt.shutdown().await;
+    ent.rt.shutdown().await;
+}
+
+/// A site's plant the enterprise cannot take (a machine type another site defines
+/// otherwise): its stream ends with the reason, one event says it, and nothing of the site is
+/// acked and dropped for want of its twins (its outbox keeps it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_plant_the_enterprise_cannot_take_stops_its_stream_and_loses_nothing() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().expect("dir")).collect();
+    let bare = ferrotwin_models::spec::PlantSpec::from_toml(
+        "version = 1\nenterprise = \"acme\"\n",
+        "enterprise plant",
+    )
+    .expect("valid");
+    let mut eo = options();
+    eo.enterprise = Some(ferrotwin_runtime::EnterpriseRole {
+        accept: vec!["acme/berlin".into(), "acme/lyon".into()],
+    });
+    let ent = start_plant_in(&bare, dirs[0].path(), eo).await;
+    let site_opts = || {
+        let mut so = options();
+        let mut r = ferrotwin_runtime::SiteReplication::new(format!("http://{}", ent.addr));
+        r.reconnect_min_ms = 20;
+        r.reconnect_max_ms = 200;
+        so.replication = Some(r);
+        so
+    };
+    let berlin = start_in(dirs[1].path(), site_opts()).await;
+    push(&berlin, vec![float(TEMP, 12.0)]).await;
+    let ec0 = ent.client.clone();
+    wait_for(30, "berlin mirrored", || {
+        let mut c = ec0.clone();
+        async move {
+            let t = c
+                .get_twin(pb::GetTwinRequest {
+                    key: Some(pb::get_twin_request::Key::Path(TEMP.into())),
+                })
+                .await
+                .ok()?
+                .into_inner();
+            (float_of(&t) == Some(12.0)).then_some(())
+        }
+    })
+    .await;
+    let lyon_plant = ferrotwin_models::spec::PlantSpec::from_toml(
+        &PLANT
+            .replace(r#"name = "berlin""#, r#"name = "lyon""#)
+            .replacen("ideal_cycle_ms = 1000", "ideal_cycle_ms = 999", 1),
+        "lyon",
+    )
+    .expect("valid");
+    let lyon = start_plant_in(&lyon_plant, dirs[2].path(), site_opts()).await;
+    const LYON_TEMP: &str = "acme/lyon/assembly/line-1/press-1/temp";
+    push(&lyon, vec![float(LYON_TEMP, 5.0)]).await;
+    let sender = testing::sender(&lyon.rt).expect("a sender");
+    wait_for(30, "lyon told why", || async {
+        sender
+            .last_error()
+            .filter(|e| e.contains("did not take this site's plant") && e.contains("machine type"))
+            .map(|_| ())
+    })
+    .await;
+    assert_eq!(
+        sender.acked_seq.load(Ordering::Relaxed),
+        0,
+        "nothing of lyon acked (and so dropped)"
+    );
+    let mut ec = ent.client.clone();
+    let refusals: Vec<pb::Event> = events(&mut ec, "acme")
+        .await
+        .into_iter()
+        .filter(|e| e.kind == "model" && e.message.contains("acme/lyon sent"))
+        .collect();
+    assert_eq!(
+        refusals.len(),
+        1,
+        "one event, not one per retry: {refusals:?}"
+    );
     lyon.rt.shutdown().await;
     berlin.rt.shutdown().await;
     ent.rt.shutdown().await;

@@ -250,6 +250,9 @@ impl TwinApi {
         by: String,
         what: &'static str,
     ) -> Result<pb::PushTemplateResponse, ApiError> {
+        // One push at a time: each takes the next version number.
+        let receiver = self.fleet_receiver()?;
+        let _one = receiver.fleet_lock.lock().await;
         let store = self.ctx.store.clone();
         let newest = store.templates(site.as_str())?.pop();
         if let Some(n) = &newest

@@ -124,6 +124,9 @@ pub struct SiteMirror {
     plant: std::sync::Mutex<Option<(u64, String)>>,
     /// What its last hello said of its fleet template: the version applied, the last error.
     pub fleet: std::sync::Mutex<(u64, String)>,
+    /// Why its plant was last not taken (an event is raised when it changes, not at every
+    /// hello).
+    plant_error: std::sync::Mutex<String>,
 }
 
 /// Fleet template versions an enterprise keeps per site.
@@ -146,6 +149,8 @@ pub struct EnterpriseReceiver {
     sites: HashMap<String, Arc<SiteMirror>>,
     /// Set once the runtime's live apply exists; without it sites' plants are not followed.
     plant_hook: std::sync::OnceLock<PlantHook>,
+    /// Template pushes one at a time (each takes the next version number).
+    pub fleet_lock: tokio::sync::Mutex<()>,
     /// Streams end when the runtime stops, and its shutdown waits for them.
     token: CancellationToken,
     tracker: TaskTracker,
@@ -188,6 +193,7 @@ impl EnterpriseReceiver {
             ctx,
             sites,
             plant_hook: std::sync::OnceLock::new(),
+            fleet_lock: tokio::sync::Mutex::new(()),
             token,
             tracker,
         })
@@ -249,9 +255,9 @@ impl EnterpriseReceiver {
         mirror: &SiteMirror,
         version: u64,
         toml: String,
-    ) {
+    ) -> Result<(), String> {
         let Some(hook) = self.plant_hook.get() else {
-            return;
+            return Ok(());
         };
         let same = mirror
             .plant
@@ -260,7 +266,7 @@ impl EnterpriseReceiver {
             .as_ref()
             .is_some_and(|(v, t)| *v == version && *t == toml);
         if same {
-            return;
+            return Ok(());
         }
         let outcome = if toml.len() > MAX_SITE_PLANT_BYTES {
             Err(format!(
@@ -274,8 +280,23 @@ impl EnterpriseReceiver {
             Ok(done) => {
                 tracing::info!(site = %site, site_plant_version = version, "{done}");
                 *mirror.plant.lock().unwrap_or_else(|p| p.into_inner()) = Some((version, toml));
+                mirror
+                    .plant_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clear();
+                Ok(())
             }
             Err(why) => {
+                let repeated = {
+                    let mut last = mirror.plant_error.lock().unwrap_or_else(|p| p.into_inner());
+                    let same = *last == why;
+                    last.clone_from(&why);
+                    same
+                };
+                if repeated {
+                    return Err(why);
+                }
                 tracing::warn!(site = %site, site_plant_version = version, error = %why, "site plant not applied");
                 let at = if self.ctx.registry.by_path(site).is_some() {
                     site.clone()
@@ -295,6 +316,7 @@ impl EnterpriseReceiver {
                         format!("the plant {site} sent (its v{version}) was not applied: {why}"),
                     ))
                     .await;
+                Err(why)
             }
         }
     }
@@ -853,8 +875,13 @@ impl SiteStream {
             .reconcile(&site, &mirror, hello.last_seq, hello.event_hwm)
             .await;
         let (responses, rx) = mpsc::channel(16);
-        *mirror.fleet.lock().unwrap_or_else(|p| p.into_inner()) =
-            (hello.template_applied, hello.template_error.clone());
+        let mut error = hello.template_error.clone();
+        let mut end = error.len().min(1024);
+        while !error.is_char_boundary(end) {
+            end -= 1;
+        }
+        error.truncate(end);
+        *mirror.fleet.lock().unwrap_or_else(|p| p.into_inner()) = (hello.template_applied, error);
         // The site's fleet template, when it has not applied the newest.
         let template = receiver
             .ctx
@@ -862,12 +889,13 @@ impl SiteStream {
             .templates(site.as_str())
             .ok()
             .and_then(|mut t| t.pop())
-            .filter(|t| t.version != hello.template_applied)
+            .filter(|t| t.version != hello.template_applied && t.version != hello.template_refused)
             .map(|t| pb::FleetTemplate {
                 version: t.version,
                 plant_toml: t.plant_toml,
                 site_toml: t.site_toml,
             });
+        let sent_template = template.is_some();
         let welcome = pb::ReplicateResponse {
             msg: Some(pb::replicate_response::Msg::Welcome(
                 pb::EnterpriseWelcome {
@@ -890,7 +918,9 @@ impl SiteStream {
             token,
             site_last: hello.last_seq,
             responses,
-            plant: (!hello.plant_toml.is_empty())
+            // With a template to apply, the site says hello again with its new plant: this
+            // one is not taken meanwhile.
+            plant: (!hello.plant_toml.is_empty() && !sent_template)
                 .then_some((hello.plant_version, hello.plant_toml)),
         };
         Ok((stream, one_stream, rx))
@@ -904,11 +934,23 @@ impl SiteStream {
         mut incoming: Streaming<pb::ReplicateRequest>,
         _one_stream: OwnedMutexGuard<()>,
     ) {
-        // The site's plant first: its batches then find the mirrors it adds.
-        if let Some((version, toml)) = self.plant.take() {
-            self.receiver
+        // The site's plant first: its batches then find the mirrors it adds. Not taken, the
+        // stream ends with the reason (nothing of the site is acked and dropped for want of
+        // its twins; the site keeps its outbox and tries again later).
+        if let Some((version, toml)) = self.plant.take()
+            && let Err(why) = self
+                .receiver
                 .follow_plant(&self.site, &self.mirror, version, toml)
+                .await
+        {
+            let _ = self
+                .responses
+                .send(Err(Status::failed_precondition(format!(
+                    "the enterprise did not take this site's plant: {}",
+                    why.chars().take(900).collect::<String>()
+                ))))
                 .await;
+            return;
         }
         // (seq, the store flush that makes it durable), in the order the batches came.
         let (acks, pending) = mpsc::channel::<(u64, u64)>(PENDING_ACKS);

@@ -51,8 +51,12 @@ pub struct SenderStatus {
     plant: Mutex<Option<(u64, String)>>,
     /// The plant changed: the stream ends and the next hello sends it.
     plant_changed: tokio::sync::Notify,
-    /// The fleet template version last applied here and the last one's error (empty: none).
-    template: Mutex<(u64, String)>,
+    /// Counts plant changes: a stream whose hello sent an older one ends before its next
+    /// batch (the batches that hold what a change makes go after the hello that tells it).
+    plant_gen: AtomicU64,
+    /// The fleet template version last applied here, the last one's error (empty: none),
+    /// and the version last refused (0: none).
+    template: Mutex<(u64, String, u64)>,
     /// Applies a fleet template (the runtime's live apply), once set.
     template_hook: HookSlot,
 }
@@ -88,6 +92,7 @@ pub type TemplateHook = Arc<
 /// `meta` keys of the fleet template state.
 const TEMPLATE_APPLIED_KEY: &[u8] = b"fleet/applied";
 const TEMPLATE_ERROR_KEY: &[u8] = b"fleet/error";
+const TEMPLATE_REFUSED_KEY: &[u8] = b"fleet/refused";
 
 impl SenderStatus {
     pub fn new(site: &str, enterprise: &str) -> SenderStatus {
@@ -109,7 +114,9 @@ impl SenderStatus {
     /// the next hello carries it.
     pub fn set_plant(&self, version: u64, toml: String) {
         *self.plant.lock().expect("status lock is never poisoned") = Some((version, toml));
-        self.plant_changed.notify_one();
+        self.plant_gen.fetch_add(1, Ordering::AcqRel);
+        // Wakes an idle stream; a busy one sees the generation before its next batch.
+        self.plant_changed.notify_waiters();
     }
 
     /// How fleet templates are applied (once, at start).
@@ -119,19 +126,23 @@ impl SenderStatus {
 
     /// The fleet template state the data dir records (at start).
     pub fn load_template_state(&self, store: &crate::store::Store) {
-        let applied = store
-            .meta_value(TEMPLATE_APPLIED_KEY)
-            .ok()
-            .flatten()
-            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
-            .map_or(0, u64::from_be_bytes);
+        let number = |key: &[u8]| {
+            store
+                .meta_value(key)
+                .ok()
+                .flatten()
+                .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+                .map_or(0, u64::from_be_bytes)
+        };
+        let applied = number(TEMPLATE_APPLIED_KEY);
+        let refused = number(TEMPLATE_REFUSED_KEY);
         let error = store
             .meta_value(TEMPLATE_ERROR_KEY)
             .ok()
             .flatten()
             .map(|v| String::from_utf8_lossy(&v).into_owned())
             .unwrap_or_default();
-        *self.template.lock().expect("status lock is never poisoned") = (applied, error);
+        *self.template.lock().expect("status lock is never poisoned") = (applied, error, refused);
     }
 
     /// The plant the first hello sends (at start: no stream to end yet).
@@ -283,8 +294,9 @@ async fn stream_once(
         .max_decoding_message_size(64 << 20);
     let window = cfg.max_unacked_batches.max(1);
     let (tx, rx) = mpsc::channel::<pb::ReplicateRequest>(window);
+    let plant_gen = status.plant_gen.load(Ordering::Acquire);
     let (plant_version, plant_toml) = status.plant().unwrap_or_default();
-    let (template_applied, template_error) = status
+    let (template_applied, template_error, template_refused) = status
         .template
         .lock()
         .expect("status lock is never poisoned")
@@ -300,6 +312,7 @@ async fn stream_once(
             plant_version,
             template_applied,
             template_error,
+            template_refused,
         })),
     };
     tx.send(hello).await.map_err(|_| SendError::Closed)?;
@@ -332,8 +345,8 @@ async fn stream_once(
     {
         let version = t.version;
         tracing::info!(site, version, "fleet template received; applying it");
-        let (applied, error) = match hook(t).await {
-            Ok(()) => (version, String::new()),
+        let (applied, error, refused) = match hook(t).await {
+            Ok(()) => (version, String::new(), 0),
             Err(e) => {
                 // At most 1 KiB in a hello (cut at a char boundary).
                 let mut e = e;
@@ -348,20 +361,21 @@ async fn stream_once(
                     .lock()
                     .expect("status lock is never poisoned")
                     .0;
-                (applied, format!("v{version}: {e}"))
+                (applied, format!("v{version}: {e}"), version)
             }
         };
         let store = ctx.store.clone();
-        let (a, e) = (applied, error.clone());
+        let (a, e, r) = (applied, error.clone(), refused);
         let _ = tokio::task::spawn_blocking(move || {
             store.put_meta(TEMPLATE_APPLIED_KEY, &a.to_be_bytes())?;
-            store.put_meta(TEMPLATE_ERROR_KEY, e.as_bytes())
+            store.put_meta(TEMPLATE_ERROR_KEY, e.as_bytes())?;
+            store.put_meta(TEMPLATE_REFUSED_KEY, &r.to_be_bytes())
         })
         .await;
         *status
             .template
             .lock()
-            .expect("status lock is never poisoned") = (applied, error);
+            .expect("status lock is never poisoned") = (applied, error, refused);
         return Err(SendError::PlantChanged);
     }
     let last = outbox.committed();
@@ -425,6 +439,9 @@ async fn stream_once(
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
+        if status.plant_gen.load(Ordering::Acquire) != plant_gen {
+            return Err(SendError::PlantChanged);
+        }
         let room = window.saturating_sub(in_flight.len());
         if room > 0 {
             let batches = outbox
