@@ -579,54 +579,34 @@ impl Applier {
                 }
             }
         }
-        // 1. The registry.
-        let mut replaced: Vec<(Arc<TwinEntry>, Arc<TwinEntry>)> = Vec::new();
-        let mut gone: Vec<Arc<TwinEntry>> = Vec::new();
-        for path in &diff.removed {
-            if let Some(e) = ctx.registry.remove(path) {
-                e.retire();
-                gone.push(e);
-            }
-        }
-        for def in &diff.changed {
-            let Some(old_entry) = ctx.registry.by_path(&def.path) else {
-                continue;
-            };
-            let snap = fit(&old_entry, &def.kind, learn);
-            let new_entry = ctx.registry.insert(def.clone(), snap, now_us);
-            if let (Some(old_board), Some(new_board)) = (&old_entry.board, &new_entry.board)
-                && let (AssetKind::Machine { spec: o, .. }, AssetKind::Machine { spec: n, .. }) =
-                    (&old_entry.def.kind, &def.kind)
-            {
-                // Values by sensor name, the state log and the evaluation schedule.
-                let map: Vec<(usize, usize)> = o
-                    .sensors
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, s)| {
-                        n.sensors
-                            .iter()
-                            .position(|t| t.name == s.name)
-                            .map(|j| (i, j))
-                    })
-                    .collect();
-                new_board.take_over(old_board, &map);
-            }
-            old_entry.retire();
-            replaced.push((old_entry, new_entry));
-        }
-        for def in &diff.added {
-            let snap = match ctx.store.snapshot_record(&def.path.id()) {
-                Ok(Some(r)) => codec::decode_snapshot(&def.kind, &r, learn),
-                Ok(None) => TwinSnapshot::initial(&def.kind),
-                Err(e) => {
-                    live.problems
-                        .push(format!("{}: stored snapshot: {e}", def.path));
-                    TwinSnapshot::initial(&def.kind)
-                }
-            };
-            ctx.registry.insert(def.clone(), snap, now_us);
-        }
+        // 1. The registry (per-asset work, off the async workers).
+        let (replaced, gone, problems) = {
+            let ctx = self.ctx.clone();
+            let (removed_paths, changed_defs, added_defs) = (
+                diff.removed.clone(),
+                diff.changed.clone(),
+                diff.added.clone(),
+            );
+            tokio::task::spawn_blocking(move || {
+                registry_step(
+                    &ctx,
+                    &removed_paths,
+                    &changed_defs,
+                    &added_defs,
+                    learn,
+                    now_us,
+                )
+            })
+            .await
+            .unwrap_or_else(|e| {
+                (
+                    Vec::new(),
+                    Vec::new(),
+                    vec![format!("the registry step failed: {e}")],
+                )
+            })
+        };
+        live.problems.extend(problems);
         // 2. The shape.
         let assets = next.assets.clone();
         match tokio::task::spawn_blocking(move || Plant::new(&assets)).await {
@@ -764,6 +744,73 @@ impl Applier {
         }
         live
     }
+}
+
+/// Replaced entries (old, new), removed entries and problems of the live phase's first step:
+/// removed assets leave the registry (retired), changed ones get a new entry with the old
+/// state fitted (a machine's board taken over by sensor name), added ones enter it with
+/// their stored snapshot if they had one.
+#[allow(clippy::type_complexity)]
+fn registry_step(
+    ctx: &TwinCtx,
+    removed: &[AssetPath],
+    changed: &[AssetDef],
+    added: &[AssetDef],
+    learn: bool,
+    now_us: i64,
+) -> (
+    Vec<(Arc<TwinEntry>, Arc<TwinEntry>)>,
+    Vec<Arc<TwinEntry>>,
+    Vec<String>,
+) {
+    let mut replaced = Vec::new();
+    let mut gone = Vec::new();
+    let mut problems = Vec::new();
+    for path in removed {
+        if let Some(e) = ctx.registry.remove(path) {
+            e.retire();
+            gone.push(e);
+        }
+    }
+    for def in changed {
+        let Some(old_entry) = ctx.registry.by_path(&def.path) else {
+            continue;
+        };
+        let snap = fit(&old_entry, &def.kind, learn);
+        let new_entry = ctx.registry.insert(def.clone(), snap, now_us);
+        if let (Some(old_board), Some(new_board)) = (&old_entry.board, &new_entry.board)
+            && let (AssetKind::Machine { spec: o, .. }, AssetKind::Machine { spec: n, .. }) =
+                (&old_entry.def.kind, &def.kind)
+        {
+            // Values by sensor name, the state log and the evaluation schedule.
+            let map: Vec<(usize, usize)> = o
+                .sensors
+                .iter()
+                .enumerate()
+                .filter_map(|(i, s)| {
+                    n.sensors
+                        .iter()
+                        .position(|t| t.name == s.name)
+                        .map(|j| (i, j))
+                })
+                .collect();
+            new_board.take_over(old_board, &map);
+        }
+        old_entry.retire();
+        replaced.push((old_entry, new_entry));
+    }
+    for def in added {
+        let snap = match ctx.store.snapshot_record(&def.path.id()) {
+            Ok(Some(r)) => codec::decode_snapshot(&def.kind, &r, learn),
+            Ok(None) => TwinSnapshot::initial(&def.kind),
+            Err(e) => {
+                problems.push(format!("{}: stored snapshot: {e}", def.path));
+                TwinSnapshot::initial(&def.kind)
+            }
+        };
+        ctx.registry.insert(def.clone(), snap, now_us);
+    }
+    (replaced, gone, problems)
 }
 
 /// What the live phase met.
