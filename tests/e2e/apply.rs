@@ -543,22 +543,8 @@ async fn an_enterprise_mirrors_what_its_site_sends_and_follows_its_live_changes(
         tempfile::tempdir().expect("dir"),
         tempfile::tempdir().expect("dir"),
     );
-    let bare = ferrotwin_models::spec::PlantSpec::from_toml(
-        "version = 1\nenterprise = \"acme\"\n",
-        "enterprise plant",
-    )
-    .expect("valid");
-    let mut eo = options();
-    eo.enterprise = Some(ferrotwin_runtime::EnterpriseRole {
-        accept: vec!["acme/berlin".into()],
-    });
-    let ent = start_plant_in(&bare, ed.path(), eo).await;
-    let mut so = options();
-    let mut r = ferrotwin_runtime::SiteReplication::new(format!("http://{}", ent.addr));
-    r.reconnect_min_ms = 20;
-    r.reconnect_max_ms = 200;
-    so.replication = Some(r);
-    let site = start_in(sd.path(), so).await;
+    let ent = bare_enterprise(ed.path(), &["acme/berlin"]).await;
+    let site = start_in(sd.path(), replicating_to(ent.addr)).await;
     let value_at = |p: &'static str| {
         let c = ent.client.clone();
         async move {
@@ -615,24 +601,8 @@ async fn an_enterprise_mirrors_what_its_site_sends_and_follows_its_live_changes(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_templates_reach_their_sites_online_or_later_and_roll_back() {
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().expect("dir")).collect();
-    let bare = ferrotwin_models::spec::PlantSpec::from_toml(
-        "version = 1\nenterprise = \"acme\"\n",
-        "enterprise plant",
-    )
-    .expect("valid");
-    let mut eo = options();
-    eo.enterprise = Some(ferrotwin_runtime::EnterpriseRole {
-        accept: vec!["acme/berlin".into(), "acme/lyon".into()],
-    });
-    let ent = start_plant_in(&bare, dirs[0].path(), eo).await;
-    let site_opts = || {
-        let mut so = options();
-        let mut r = ferrotwin_runtime::SiteReplication::new(format!("http://{}", ent.addr));
-        r.reconnect_min_ms = 20;
-        r.reconnect_max_ms = 200;
-        so.replication = Some(r);
-        so
-    };
+    let ent = bare_enterprise(dirs[0].path(), &["acme/berlin", "acme/lyon"]).await;
+    let site_opts = || replicating_to(ent.addr);
     let berlin = start_in(dirs[1].path(), site_opts()).await;
     let push_template = |site: &'static str, plant: String, site_toml: String| {
         let c = ent.client.clone();
@@ -779,24 +749,8 @@ async fn fleet_templates_reach_their_sites_online_or_later_and_roll_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_site_plant_the_enterprise_cannot_take_stops_its_stream_and_loses_nothing() {
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().expect("dir")).collect();
-    let bare = ferrotwin_models::spec::PlantSpec::from_toml(
-        "version = 1\nenterprise = \"acme\"\n",
-        "enterprise plant",
-    )
-    .expect("valid");
-    let mut eo = options();
-    eo.enterprise = Some(ferrotwin_runtime::EnterpriseRole {
-        accept: vec!["acme/berlin".into(), "acme/lyon".into()],
-    });
-    let ent = start_plant_in(&bare, dirs[0].path(), eo).await;
-    let site_opts = || {
-        let mut so = options();
-        let mut r = ferrotwin_runtime::SiteReplication::new(format!("http://{}", ent.addr));
-        r.reconnect_min_ms = 20;
-        r.reconnect_max_ms = 200;
-        so.replication = Some(r);
-        so
-    };
+    let ent = bare_enterprise(dirs[0].path(), &["acme/berlin", "acme/lyon"]).await;
+    let site_opts = || replicating_to(ent.addr);
     let berlin = start_in(dirs[1].path(), site_opts()).await;
     push(&berlin, vec![float(TEMP, 12.0)]).await;
     let ec0 = ent.client.clone();
@@ -851,4 +805,28 @@ async fn a_site_plant_the_enterprise_cannot_take_stops_its_stream_and_loses_noth
     lyon.rt.shutdown().await;
     berlin.rt.shutdown().await;
     ent.rt.shutdown().await;
+}
+
+/// An enterprise whose plant lists no site, accepting `accept`.
+async fn bare_enterprise(dir: &std::path::Path, accept: &[&str]) -> Site {
+    let bare = ferrotwin_models::spec::PlantSpec::from_toml(
+        "version = 1\nenterprise = \"acme\"\n",
+        "enterprise plant",
+    )
+    .expect("valid");
+    let mut eo = options();
+    eo.enterprise = Some(ferrotwin_runtime::EnterpriseRole {
+        accept: accept.iter().map(|s| (*s).to_owned()).collect(),
+    });
+    start_plant_in(&bare, dir, eo).await
+}
+
+/// Options of a site replicating to `enterprise`, reconnecting fast.
+fn replicating_to(enterprise: std::net::SocketAddr) -> ferrotwin_runtime::RuntimeOptions {
+    let mut so = options();
+    let mut r = ferrotwin_runtime::SiteReplication::new(format!("http://{enterprise}"));
+    r.reconnect_min_ms = 20;
+    r.reconnect_max_ms = 200;
+    so.replication = Some(r);
+    so
 }
