@@ -369,6 +369,10 @@ async fn a_moved_limit_applies_to_the_next_reading_and_survives_a_restart() {
             .collect::<Vec<_>>(),
         [format!("{TEMP} alarm high: limit 90 → 70")]
     );
+    // The restarted sensor kept its value and statistics (fitted as a restart fits them).
+    let t = get(&mut c, TEMP).await;
+    assert_eq!(float_of(&t), Some(80.0));
+    assert_eq!(count_of(&t), 1, "{t:?}");
     push(&site, vec![float(TEMP, 80.5)]).await;
     wait_for(10, "the alarm raised at the new limit", || {
         let mut c = c.clone();
