@@ -254,7 +254,7 @@ impl TwinApi {
         let receiver = self.fleet_receiver()?;
         let _one = receiver.fleet_lock.lock().await;
         let store = self.ctx.store.clone();
-        let newest = store.templates(site.as_str())?.pop();
+        let newest = store.newest_template(site.as_str())?;
         if let Some(n) = &newest
             && n.plant_toml == plant_toml
             && n.site_toml == site_toml

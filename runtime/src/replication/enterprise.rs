@@ -209,10 +209,10 @@ impl EnterpriseReceiver {
                 let desired = self
                     .ctx
                     .store
-                    .templates(site)
+                    .newest_template(site)
                     .ok()
-                    .and_then(|t| t.last().map(|t| t.version))
-                    .unwrap_or(0);
+                    .flatten()
+                    .map_or(0, |t| t.version);
                 let (applied, error) = m.fleet.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 let live = Timestamp::now().0 - m.heard_us.load(Ordering::Acquire) < LIVE_WINDOW_US
                     && m.current
@@ -886,9 +886,9 @@ impl SiteStream {
         let template = receiver
             .ctx
             .store
-            .templates(site.as_str())
+            .newest_template(site.as_str())
             .ok()
-            .and_then(|mut t| t.pop())
+            .flatten()
             .filter(|t| t.version != hello.template_applied && t.version != hello.template_refused)
             .map(|t| pb::FleetTemplate {
                 version: t.version,

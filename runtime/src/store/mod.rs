@@ -35,6 +35,12 @@ use crate::registry::{Registry, TwinEntry};
 /// `meta` key of the `PlantRecord`.
 const PLANT_KEY: &[u8] = b"plant";
 
+/// `meta` keys of a site's fleet templates: this prefix, then the version (8 bytes,
+/// big-endian: sled's order is version order).
+fn template_prefix(site: &str) -> Vec<u8> {
+    format!("fleet/{site}/").into_bytes()
+}
+
 /// On-disk format version of this build. Bump on an incompatible change of keys or records.
 pub const STORE_FORMAT: u32 = 1;
 
@@ -636,23 +642,39 @@ impl Store {
 
     /// A site's fleet templates, oldest first (an enterprise).
     pub fn templates(&self, site: &str) -> Result<Vec<rec::SiteTemplateRecord>, StoreError> {
-        let prefix = format!("fleet/{site}/");
-        let mut out = Vec::new();
-        for kv in self.meta.scan_prefix(prefix.as_bytes()) {
-            let (k, v) = kv.map_err(|source| StoreError::Io {
-                dir: self.dir.clone(),
-                source,
-            })?;
-            out.push(
-                rec::SiteTemplateRecord::decode(&*v).map_err(|e| StoreError::Corrupt {
-                    dir: self.dir.clone(),
-                    tree: "meta",
-                    key: String::from_utf8_lossy(&k).into_owned(),
-                    what: e.to_string(),
-                })?,
-            );
-        }
-        Ok(out)
+        self.meta
+            .scan_prefix(template_prefix(site))
+            .map(|kv| self.template_of(kv))
+            .collect()
+    }
+
+    /// A site's newest fleet template (`None` before the first push): one record read, not
+    /// every version kept (a hello asks this).
+    pub fn newest_template(
+        &self,
+        site: &str,
+    ) -> Result<Option<rec::SiteTemplateRecord>, StoreError> {
+        self.meta
+            .scan_prefix(template_prefix(site))
+            .next_back()
+            .map(|kv| self.template_of(kv))
+            .transpose()
+    }
+
+    fn template_of(
+        &self,
+        kv: sled::Result<(sled::IVec, sled::IVec)>,
+    ) -> Result<rec::SiteTemplateRecord, StoreError> {
+        let (k, v) = kv.map_err(|source| StoreError::Io {
+            dir: self.dir.clone(),
+            source,
+        })?;
+        rec::SiteTemplateRecord::decode(&*v).map_err(|e| StoreError::Corrupt {
+            dir: self.dir.clone(),
+            tree: "meta",
+            key: String::from_utf8_lossy(&k).into_owned(),
+            what: e.to_string(),
+        })
     }
 
     /// Keeps a new template version of `site`, and at most `keep` versions in all (the
@@ -663,21 +685,21 @@ impl Store {
         t: &rec::SiteTemplateRecord,
         keep: usize,
     ) -> Result<(), StoreError> {
-        let key = |v: u64| {
-            let mut k = format!("fleet/{site}/").into_bytes();
-            k.extend_from_slice(&v.to_be_bytes());
-            k
-        };
         let io = |source| StoreError::Io {
             dir: self.dir.clone(),
             source,
         };
-        self.meta
-            .insert(key(t.version), t.encode_to_vec())
+        let mut key = template_prefix(site);
+        key.extend_from_slice(&t.version.to_be_bytes());
+        self.meta.insert(key, t.encode_to_vec()).map_err(io)?;
+        let keys: Vec<sled::IVec> = self
+            .meta
+            .scan_prefix(template_prefix(site))
+            .keys()
+            .collect::<Result<_, _>>()
             .map_err(io)?;
-        let all = self.templates(site)?;
-        for old in all.iter().take(all.len().saturating_sub(keep)) {
-            self.meta.remove(key(old.version)).map_err(io)?;
+        for old in keys.iter().take(keys.len().saturating_sub(keep)) {
+            self.meta.remove(old).map_err(io)?;
         }
         self.meta.flush().map_err(io)?;
         Ok(())
@@ -1560,5 +1582,38 @@ mod tests {
             .map(|e| e.seq)
             .collect();
         assert_eq!(staged_seqs, [older, newer]);
+    }
+
+    /// Templates keep their version order, the newest is read alone, past `keep` the
+    /// oldest go, and a site's prefix does not reach a site whose name begins the same.
+    #[test]
+    fn fleet_templates_keep_the_newest_versions_per_site() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), StoreConfig::default()).expect("open");
+        let t = |version: u64| rec::SiteTemplateRecord {
+            version,
+            plant_toml: format!("v{version}"),
+            ..Default::default()
+        };
+        assert_eq!(store.newest_template("acme/ly").expect("read"), None);
+        for v in 1..=300 {
+            store.put_template("acme/ly", &t(v), 3).expect("kept");
+        }
+        store.put_template("acme/lyon", &t(1), 3).expect("kept");
+        let kept: Vec<u64> = store
+            .templates("acme/ly")
+            .expect("read")
+            .iter()
+            .map(|t| t.version)
+            .collect();
+        assert_eq!(kept, [298, 299, 300], "in order (256 sorts after 255)");
+        assert_eq!(
+            store
+                .newest_template("acme/ly")
+                .expect("read")
+                .map(|t| t.version),
+            Some(300)
+        );
+        assert_eq!(store.templates("acme/lyon").expect("read").len(), 1);
     }
 }
