@@ -280,7 +280,7 @@ impl Applier {
             .map_err(|e| ApplyError::Failed(format!("recording the plant: {e}")))?
             .map_err(|e| ApplyError::Failed(format!("recording the plant: {e}")))?;
         if let (Some(r), Some(outbox)) = (&self.rules.replication, self.ctx.store.outbox())
-            && let Ok(h) = r.history_settings(&next.spec)
+            && let Ok(h) = r.history_settings(&next.spec, &next.assets)
         {
             outbox.set_history(h);
         }
@@ -471,10 +471,10 @@ impl Applier {
                 (_, Err(e)) => problems.push(e),
                 _ => {}
             }
-            if let Err(e) = r.check_outbox_size(spec) {
+            if let Err(e) = r.check_outbox_size(new) {
                 problems.push(e);
             }
-            if let Err(e) = r.history_settings(spec) {
+            if let Err(e) = r.history_settings(spec, new) {
                 problems.push(e);
             }
         }

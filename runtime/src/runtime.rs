@@ -178,11 +178,11 @@ impl Runtime {
         let mut opts = opts;
         let (running, edited) = running_plant(spec, &mut opts, &store)?;
         let spec = running.spec.as_ref();
+        let assets = running.assets.clone();
         let replicate_as = match &opts.replication {
-            Some(r) => Some(open_outbox(spec, &store, r)?),
+            Some(r) => Some(open_outbox(spec, &assets, &store, r)?),
             None => None,
         };
-        let assets = spec.assets();
         let registry = restore_registry(&assets, &store, &opts)?;
         let plant = Arc::new(Plant::new(&assets));
         let root_def = plant.root.clone().ok_or(RuntimeError::EmptyPlant)?;
@@ -662,16 +662,18 @@ fn running_plant(
     use crate::apply::{PlantVersion, digest, text_digest};
     let file_digest = digest(file);
     let conns_digest = opts.connections_toml.as_deref().map(text_digest);
-    let from_file = |version: u64| PlantVersion {
-        version,
-        spec: Arc::new(file.clone()),
-        assets: Arc::new(file.assets()),
-        file_digest: file_digest.clone(),
-        applied: Timestamp::now(),
-        applied_by: "plant file".into(),
-        connections_toml: opts.connections_toml.clone().unwrap_or_default(),
-        connections_file_digest: conns_digest.clone().unwrap_or_default(),
-    };
+    // One expansion of the plant that runs (`assets`, when the caller has it already).
+    let running =
+        |spec: PlantSpec, assets: Option<Vec<AssetDef>>, version: u64, applied, by| PlantVersion {
+            version,
+            assets: Arc::new(assets.unwrap_or_else(|| spec.assets())),
+            spec: Arc::new(spec),
+            file_digest: file_digest.clone(),
+            applied,
+            applied_by: by,
+            connections_toml: opts.connections_toml.clone().unwrap_or_default(),
+            connections_file_digest: conns_digest.clone().unwrap_or_default(),
+        };
     let corrupt = |what: String| StoreError::Corrupt {
         dir: PathBuf::new(),
         tree: "meta",
@@ -679,33 +681,31 @@ fn running_plant(
         what,
     };
     let Some(r) = store.load_plant()? else {
-        return Ok((from_file(1), Vec::new()));
+        return Ok((
+            running(file.clone(), None, 1, Timestamp::now(), "plant file".into()),
+            Vec::new(),
+        ));
     };
     let recorded = PlantSpec::from_toml(&r.plant_toml, "the recorded plant");
     let mut edited = Vec::new();
     // A bare site (no plant file) never replaces what it recorded.
     let file_unchanged = r.file_digest == file_digest || opts.plant_from_enterprise;
+    let applied = Timestamp(r.applied_us);
     let mut running = match recorded {
         // The file is as the last start took it: the record (maybe applied since).
-        Ok(recorded) if file_unchanged => PlantVersion {
-            version: r.version,
-            assets: Arc::new(recorded.assets()),
-            spec: Arc::new(recorded),
-            applied: Timestamp(r.applied_us),
-            applied_by: r.applied_by.clone(),
-            ..from_file(r.version)
-        },
+        Ok(recorded) if file_unchanged => {
+            running(recorded, None, r.version, applied, r.applied_by.clone())
+        }
         Err(e) if file_unchanged => return Err(corrupt(e.to_string()).into()),
-        Ok(recorded) if recorded == *file => PlantVersion {
-            applied: Timestamp(r.applied_us),
-            applied_by: r.applied_by.clone(),
-            ..from_file(r.version)
-        },
+        Ok(recorded) if recorded == *file => {
+            running(file.clone(), None, r.version, applied, r.applied_by.clone())
+        }
         recorded => {
             // The file was edited since it was taken: it runs, as the next version. What it
             // changes against the record is logged and evented (it may undo live applies).
+            let file_assets = file.assets();
             if let Ok(recorded) = &recorded {
-                let plan = ferrotwin_models::change::plan(&recorded.assets(), &file.assets());
+                let plan = ferrotwin_models::change::plan(&recorded.assets(), &file_assets);
                 tracing::warn!(
                     version = r.version + 1,
                     changes = %plan.summary(),
@@ -719,7 +719,13 @@ fn running_plant(
                     "the recorded plant does not read; taking the plant file as the next version"
                 );
             }
-            from_file(r.version + 1)
+            running(
+                file.clone(),
+                Some(file_assets),
+                r.version + 1,
+                Timestamp::now(),
+                "plant file".into(),
+            )
         }
     };
     // The connections: the record's while the site file's are as last taken.
@@ -739,15 +745,16 @@ fn running_plant(
 /// A site's outbox, sized for the plant: the site it replicates as and its settings.
 fn open_outbox(
     spec: &PlantSpec,
+    assets: &[AssetDef],
     store: &Store,
     r: &SiteReplication,
 ) -> Result<(String, SiteReplication), RuntimeError> {
     let site = r.site_of(spec).map_err(RuntimeError::Replication)?;
-    r.check_outbox_size(spec)
+    r.check_outbox_size(assets)
         .map_err(RuntimeError::Replication)?;
     let outbox = store.enable_outbox(r.max_outbox_bytes, AssetPath::parse(&site).ok())?;
     outbox.set_history(
-        r.history_settings(spec)
+        r.history_settings(spec, assets)
             .map_err(RuntimeError::Replication)?,
     );
     Ok((site, r.clone()))

@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 pub use crate::store::outbox::HistoryPolicy;
 use crate::store::outbox::HistorySettings;
-use ferrotwin_models::spec::{AssetKind, PlantSpec};
+use ferrotwin_models::spec::{AssetDef, AssetKind, PlantSpec};
 
 /// Version of the replication protocol this build speaks (`SiteHello.protocol_version`).
 /// 2: the hello says what the site has, batches say which one they follow, the welcome
@@ -175,8 +175,13 @@ pub(crate) fn u64_of(v: Option<Vec<u8>>) -> u64 {
 }
 
 impl SiteReplication {
-    /// Which history of each sensor this site sends, by the plant's machine types.
-    pub(crate) fn history_settings(&self, spec: &PlantSpec) -> Result<HistorySettings, String> {
+    /// Which history of each sensor this site sends, by the plant's machine types
+    /// (`assets`: the plant's expansion).
+    pub(crate) fn history_settings(
+        &self,
+        spec: &PlantSpec,
+        assets: &[AssetDef],
+    ) -> Result<HistorySettings, String> {
         let r = self;
         for t in r.history_by_type.keys() {
             if !spec.machine_types.contains_key(t) {
@@ -190,7 +195,6 @@ impl SiteReplication {
                 ));
             }
         }
-        let assets = spec.assets();
         let type_of: std::collections::HashMap<_, _> = assets
             .iter()
             .filter_map(|a| match &a.kind {
@@ -201,7 +205,7 @@ impl SiteReplication {
             })
             .collect();
         let mut by_sensor = std::collections::HashMap::new();
-        for a in &assets {
+        for a in assets {
             if !matches!(a.kind, AssetKind::Sensor { .. }) {
                 continue;
             }
@@ -226,11 +230,11 @@ impl SiteReplication {
     /// The site this runtime replicates as: the configured one, else the spec's only site.
     pub(crate) fn site_of(&self, spec: &PlantSpec) -> Result<String, String> {
         let r = self;
+        // A site's path is the enterprise's and its name (no expansion of the plant).
         let sites: Vec<String> = spec
-            .assets()
-            .into_iter()
-            .filter(|a| matches!(a.kind, AssetKind::Site))
-            .map(|a| a.path.as_str().to_owned())
+            .sites
+            .iter()
+            .map(|s| format!("{}/{}", spec.enterprise, s.name))
             .collect();
         match &r.site {
             Some(s) if sites.contains(s) => Ok(s.clone()),
@@ -248,9 +252,8 @@ impl SiteReplication {
 
     /// The outbox must have room for a few full snapshots of the plant (~200 B per stored
     /// twin), or every round would compact the last one away.
-    pub(crate) fn check_outbox_size(&self, spec: &PlantSpec) -> Result<(), String> {
-        let stored = spec
-            .assets()
+    pub(crate) fn check_outbox_size(&self, assets: &[AssetDef]) -> Result<(), String> {
+        let stored = assets
             .iter()
             .filter(|a| matches!(a.kind, AssetKind::Sensor { .. } | AssetKind::Machine { .. }))
             .count() as u64;
