@@ -66,15 +66,7 @@ impl TwinApi {
                 value: format!("against v{}", req.base_version),
                 result: "requested".into(),
             };
-            let store = self.ctx.store.clone();
-            tokio::task::spawn_blocking(move || store.audit().append(intent, true))
-                .await
-                .map_err(|e| ApiError::Unavailable(format!("audit: {e}")))?
-                .map_err(|e| {
-                    ApiError::Unavailable(format!(
-                        "apply refused: its audit record cannot be written ({e})"
-                    ))
-                })?;
+            self.audit_intent(intent).await?;
         }
         let base = req.base_version;
         let request = ApplyRequest {

@@ -826,19 +826,7 @@ impl TwinApi {
         // What goes to the PLC is what was checked: a whole float for an int property as
         // the int, 0 or 1 for a bool as the bool.
         let value = spec_value(kind, &req.property, value);
-        let store = self.ctx.store.clone();
-        tokio::task::spawn_blocking(move || store.audit().append(intent, true))
-            .instrument(tracing::info_span!(
-                "audit.append",
-                ferrotwin.action = "write"
-            ))
-            .await
-            .map_err(|e| ApiError::Unavailable(format!("audit: {e}")))?
-            .map_err(|e| {
-                ApiError::Unavailable(format!(
-                    "write refused: its audit record cannot be written ({e})"
-                ))
-            })?;
+        self.audit_intent(intent).await?;
         // Every attempt is an event with its result: the adapters record what a PLC answered
         // (or did not in time); a refusal before any PLC is recorded here.
         let refusal_event = |why: String| {
@@ -1106,6 +1094,26 @@ impl TwinApi {
     }
 
     /// Records what came of an action.
+    /// Puts an action's intent on the audit log durably, before the action: no record, no
+    /// action (UNAVAILABLE naming why).
+    async fn audit_intent(&self, intent: AuditEntry) -> Result<(), ApiError> {
+        let action = intent.action;
+        let store = self.ctx.store.clone();
+        tokio::task::spawn_blocking(move || store.audit().append(intent, true))
+            .instrument(tracing::info_span!(
+                "audit.append",
+                ferrotwin.action = action
+            ))
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("audit: {e}")))?
+            .map_err(|e| {
+                ApiError::Unavailable(format!(
+                    "{action} refused: its audit record cannot be written ({e})"
+                ))
+            })?;
+        Ok(())
+    }
+
     fn audit_result<T>(
         &self,
         caller: &Caller,
