@@ -105,10 +105,7 @@ pub fn bounded(message: String) -> String {
     if message.len() <= MAX_ERROR_BYTES {
         return message;
     }
-    let mut end = MAX_ERROR_BYTES;
-    while !message.is_char_boundary(end) {
-        end -= 1;
-    }
+    let end = crate::core::char_floor(&message, MAX_ERROR_BYTES);
     format!(
         "{}… (message of {} bytes cut)",
         &message[..end],

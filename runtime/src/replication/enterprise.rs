@@ -876,11 +876,10 @@ impl SiteStream {
             .await;
         let (responses, rx) = mpsc::channel(16);
         let mut error = hello.template_error.clone();
-        let mut end = error.len().min(1024);
-        while !error.is_char_boundary(end) {
-            end -= 1;
-        }
-        error.truncate(end);
+        error.truncate(crate::core::char_floor(
+            &error,
+            super::MAX_TEMPLATE_ERROR_BYTES,
+        ));
         *mirror.fleet.lock().unwrap_or_else(|p| p.into_inner()) = (hello.template_applied, error);
         // The site's fleet template, when it has not applied the newest.
         let template = receiver

@@ -161,6 +161,10 @@ impl SiteReplication {
     }
 }
 
+/// Most bytes of a template's error a hello carries (a site cuts it, an enterprise keeps no
+/// more).
+pub const MAX_TEMPLATE_ERROR_BYTES: usize = 1024;
+
 /// `meta` keys of the enterprise's per-site cursors.
 pub(crate) fn cursor_key(site: &str) -> Vec<u8> {
     format!("repl/{site}/seq").into_bytes()

@@ -23,7 +23,7 @@ use tracing::Instrument as _;
 
 use ferrotwin_models::{AssetPath, Event, EventKind, Severity, Timestamp};
 
-use super::{PROTOCOL_VERSION, SiteReplication};
+use super::{MAX_TEMPLATE_ERROR_BYTES, PROTOCOL_VERSION, SiteReplication};
 use crate::store::outbox::Outbox;
 use crate::telemetry;
 use crate::twin::TwinCtx;
@@ -348,13 +348,8 @@ async fn stream_once(
         let (applied, error, refused) = match hook(t).await {
             Ok(()) => (version, String::new(), 0),
             Err(e) => {
-                // At most 1 KiB in a hello (cut at a char boundary).
                 let mut e = e;
-                let mut end = e.len().min(1024);
-                while !e.is_char_boundary(end) {
-                    end -= 1;
-                }
-                e.truncate(end);
+                e.truncate(crate::core::char_floor(&e, MAX_TEMPLATE_ERROR_BYTES));
                 tracing::warn!(site, version, error = %e, "fleet template refused");
                 let applied = status
                     .template

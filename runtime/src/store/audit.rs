@@ -87,10 +87,7 @@ fn cut(s: String) -> String {
     if s.len() <= MAX_FIELD {
         return s;
     }
-    let mut end = MAX_FIELD;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
+    let end = crate::core::char_floor(&s, MAX_FIELD);
     format!("{}…({} bytes)", &s[..end], s.len())
 }
 
