@@ -286,11 +286,8 @@ impl Applier {
         }
         // A replicating site sends its new plant to its enterprise before any batch that holds
         // what the change makes (the sender says hello again before its next batch).
-        if let Some(sender) = &self.rules.sender
-            && let Some(name) = sender.site.rsplit('/').next()
-            && let Some(subset) = next.spec.site_subset(name)
-        {
-            sender.set_plant(next.version, subset.to_toml());
+        if let Some(sender) = &self.rules.sender {
+            sender.set_plant(next.version, &next.spec);
         }
         let span = tracing::info_span!(
             parent: None,

@@ -850,10 +850,8 @@ fn start_roles(
         let status = Arc::new(SenderStatus::new(&site, &cfg.enterprise));
         status.load_template_state(&ctx.store);
         // Its own plant goes with every hello, the first included.
-        if let Some((version, spec)) = site_plant
-            && let Some(subset) = site.rsplit('/').next().and_then(|n| spec.site_subset(n))
-        {
-            status.init_plant(version, subset.to_toml());
+        if let Some((version, spec)) = site_plant {
+            let _ = status.init_plant(version, spec);
         }
         tracker.spawn(run_sender(
             ctx.clone(),

@@ -21,6 +21,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
+use ferrotwin_models::spec::PlantSpec;
 use ferrotwin_models::{AssetPath, Event, EventKind, Severity, Timestamp};
 
 use super::{MAX_TEMPLATE_ERROR_BYTES, PROTOCOL_VERSION, SiteReplication};
@@ -110,10 +111,12 @@ impl SenderStatus {
             .clone()
     }
 
-    /// The plant to send (at start, and after each live apply): the open stream ends and
-    /// the next hello carries it.
-    pub fn set_plant(&self, version: u64, toml: String) {
-        *self.plant.lock().expect("status lock is never poisoned") = Some((version, toml));
+    /// After a live apply: this site's part of `spec` goes with the next hello, and the open
+    /// stream ends before its next batch.
+    pub fn set_plant(&self, version: u64, spec: &PlantSpec) {
+        if !self.init_plant(version, spec) {
+            return;
+        }
         self.plant_gen.fetch_add(1, Ordering::AcqRel);
         // Wakes an idle stream; a busy one sees the generation before its next batch.
         self.plant_changed.notify_waiters();
@@ -145,9 +148,16 @@ impl SenderStatus {
         *self.template.lock().expect("status lock is never poisoned") = (applied, error, refused);
     }
 
-    /// The plant the first hello sends (at start: no stream to end yet).
-    pub fn init_plant(&self, version: u64, toml: String) {
-        *self.plant.lock().expect("status lock is never poisoned") = Some((version, toml));
+    /// This site's part of `spec` (its site and the machine types it uses), as the first
+    /// hello sends it (at start: no stream to end yet).
+    /// False when `spec` lacks this site (nothing to send).
+    pub fn init_plant(&self, version: u64, spec: &PlantSpec) -> bool {
+        let name = self.site.rsplit('/').next().unwrap_or_default();
+        let Some(own) = spec.site_subset(name) else {
+            return false;
+        };
+        *self.plant.lock().expect("status lock is never poisoned") = Some((version, own.to_toml()));
+        true
     }
 
     fn plant(&self) -> Option<(u64, String)> {
