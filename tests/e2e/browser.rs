@@ -146,6 +146,26 @@ fn no_browser() -> bool {
     true
 }
 
+/// Serves the site's HTTP (the web pages) on a free loopback port.
+async fn serve_http(site: &Site) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind http");
+    let http = listener.local_addr().expect("http addr");
+    site.rt.serve_http(listener).expect("serve");
+    http
+}
+
+/// chromedriver and a headless Chromium session on a profile of its own (kept until the
+/// test ends: dropping the driver kills chromedriver).
+async fn open_browser() -> (Driver, tempfile::TempDir, Client) {
+    let driver = Driver::start();
+    driver.wait_ready().await;
+    let profile = tempfile::tempdir().expect("profile dir");
+    let c = browser(&driver, profile.path()).await;
+    (driver, profile, c)
+}
+
 fn row(path: &str) -> String {
     format!("#tree li[data-path=\"{path}\"]")
 }
@@ -201,11 +221,7 @@ async fn web_page_shows_live_tree_trend_and_acknowledges_alarms_in_headless_chro
     // A runtime like the demo's: the simulator drives the plant in real time.
     let dir = tempfile::tempdir().expect("tempdir");
     let site = start_plant_in(&plant(), dir.path(), options()).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind http");
-    let http = listener.local_addr().expect("http addr");
-    site.rt.serve_http(listener).expect("serve");
+    let http = serve_http(&site).await;
     let stop = Arc::new(AtomicBool::new(false));
     let sim = {
         let (stop, router, spec) = (stop.clone(), site.rt.ingest(), plant());
@@ -215,10 +231,7 @@ async fn web_page_shows_live_tree_trend_and_acknowledges_alarms_in_headless_chro
         })
     };
 
-    let driver = Driver::start();
-    driver.wait_ready().await;
-    let profile = tempfile::tempdir().expect("profile dir");
-    let c = browser(&driver, profile.path()).await;
+    let (driver, _profile, c) = open_browser().await;
     let base = format!("http://{http}");
 
     // 1. The tree, expanded by clicks down to a machine's sensors.
@@ -464,15 +477,8 @@ async fn signing_in_with_a_token_opens_the_page_in_headless_chromium() {
     );
     let dir = tempfile::tempdir().expect("tempdir");
     let site = start_plant_in(&plant(), dir.path(), o).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind http");
-    let http = listener.local_addr().expect("http addr");
-    site.rt.serve_http(listener).expect("serve");
-    let driver = Driver::start();
-    driver.wait_ready().await;
-    let profile = tempfile::tempdir().expect("profile dir");
-    let c = browser(&driver, profile.path()).await;
+    let http = serve_http(&site).await;
+    let (_driver, _profile, c) = open_browser().await;
     let base = format!("http://{http}");
     c.goto(&format!("{base}/alarms"))
         .await
@@ -537,15 +543,8 @@ async fn the_tree_follows_a_live_plant_change_without_a_reload_in_headless_chrom
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let site = start_plant_in(&spec(), dir.path(), options()).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind http");
-    let http = listener.local_addr().expect("http addr");
-    site.rt.serve_http(listener).expect("serve");
-    let driver = Driver::start();
-    driver.wait_ready().await;
-    let profile = tempfile::tempdir().expect("profile dir");
-    let c = browser(&driver, profile.path()).await;
+    let http = serve_http(&site).await;
+    let (_driver, _profile, c) = open_browser().await;
     c.goto(&format!("http://{http}/"))
         .await
         .expect("open the start page");
