@@ -149,6 +149,18 @@ async fn link(addr: &str) -> pb::SiteLink {
         .expect("a site replicates")
 }
 
+/// The plant the runtime at `addr` runs, as TOML.
+async fn plant_toml(addr: &str) -> String {
+    let mut c = TwinServiceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    c.get_plant(pb::GetPlantRequest { with_spec: true })
+        .await
+        .expect("get_plant")
+        .into_inner()
+        .plant_toml
+}
+
 async fn events(addr: &str) -> Vec<pb::Event> {
     let mut c = TwinServiceClient::connect(format!("http://{addr}"))
         .await
@@ -390,15 +402,7 @@ async fn the_cli_applies_a_changed_plant_to_a_running_site() {
         cli(&["plant"], site).starts_with("plant version 1 (applied "),
         "a fresh data dir runs its plant file as version 1"
     );
-    let mut c = TwinServiceClient::connect(format!("http://{site}"))
-        .await
-        .expect("connect");
-    let toml = c
-        .get_plant(pb::GetPlantRequest { with_spec: true })
-        .await
-        .expect("get_plant")
-        .into_inner()
-        .plant_toml;
+    let toml = plant_toml(site).await;
     let machine_type = toml
         .lines()
         .find_map(|l| l.strip_prefix("[machine_types."))
@@ -454,15 +458,7 @@ async fn the_cli_pushes_a_fleet_template_that_its_site_applies() {
         before.contains(&format!("{site}  desired v0  applied v0  no template")),
         "{before}"
     );
-    let mut c = TwinServiceClient::connect(format!("http://{site_addr}"))
-        .await
-        .expect("connect");
-    let toml = c
-        .get_plant(pb::GetPlantRequest { with_spec: true })
-        .await
-        .expect("get_plant")
-        .into_inner()
-        .plant_toml;
+    let toml = plant_toml(site_addr).await;
     let plant = ferrotwin_models::spec::PlantSpec::from_toml(&toml, "site plant").expect("valid");
     let name = site.rsplit('/').next().expect("a site name");
     let mut own = plant.site_subset(name).expect("its own site");
