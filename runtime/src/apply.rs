@@ -192,14 +192,16 @@ impl Applier {
     /// nothing, applies it.
     pub async fn apply(&self, req: ApplyRequest) -> Result<ApplyOutcome, ApplyError> {
         let mut running = self.running.lock().await;
-        self.apply_locked(&mut running, req).await
+        self.apply_locked(&mut running, req, None).await
     }
 
-    /// `apply`, with the running plant's lock held by the caller.
+    /// `apply`, with the running plant's lock held by the caller; `given`: the plant itself
+    /// (then `req.plant_toml` is not read), checked as its text would be.
     async fn apply_locked(
         &self,
         running: &mut PlantVersion,
         req: ApplyRequest,
+        given: Option<PlantSpec>,
     ) -> Result<ApplyOutcome, ApplyError> {
         if req.base_version == 0 {
             return Err(ApplyError::Invalid(
@@ -214,8 +216,11 @@ impl Applier {
                 base: req.base_version,
             });
         }
-        let spec = PlantSpec::from_toml(&req.plant_toml, "plant")
-            .map_err(|e| ApplyError::Invalid(e.to_string()))?;
+        let spec = match given {
+            Some(spec) => spec.validate("plant").map(|()| spec),
+            None => PlantSpec::from_toml(&req.plant_toml, "plant"),
+        }
+        .map_err(|e| ApplyError::Invalid(e.to_string()))?;
         let connections = match &req.site_toml {
             Some(text) => Some(
                 parse_connections(text, self.rules.config_dir.as_deref())
@@ -419,12 +424,13 @@ impl Applier {
             .apply_locked(
                 &mut running,
                 ApplyRequest {
-                    plant_toml: merged.to_toml(),
+                    plant_toml: String::new(),
                     base_version,
                     dry_run: false,
                     by: format!("site {site} (its plant v{site_version})"),
                     site_toml: None,
                 },
+                Some(merged),
             )
             .await
         {
