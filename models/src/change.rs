@@ -7,6 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::fmt::{self, Write as _};
 
 use crate::alarm::AlarmLimit;
+use crate::rule::RuleSpec;
 use crate::spec::{AssetDef, AssetKind, MachineType, PlantDiff, SensorSpec, SetpointSpec, diff};
 use crate::{AssetPath, Level};
 
@@ -216,9 +217,28 @@ pub fn describe(old: &AssetKind, new: &AssetKind) -> String {
             }
             machine(o, n, &mut parts);
         }
-        (AssetKind::Line { setpoints: o }, AssetKind::Line { setpoints: n })
-        | (AssetKind::Area { setpoints: o }, AssetKind::Area { setpoints: n }) => {
+        (
+            AssetKind::Line {
+                setpoints: o,
+                rules: or,
+            },
+            AssetKind::Line {
+                setpoints: n,
+                rules: nr,
+            },
+        )
+        | (
+            AssetKind::Area {
+                setpoints: o,
+                rules: or,
+            },
+            AssetKind::Area {
+                setpoints: n,
+                rules: nr,
+            },
+        ) => {
             setpoints(o, n, &mut parts);
+            rules(or, nr, &mut parts);
         }
         (o, n) if o != n => parts.push(format!("{} → {}", o.level().as_str(), n.level().as_str())),
         _ => {}
@@ -316,7 +336,22 @@ fn alarms(o: &[AlarmLimit], n: &[AlarmLimit], parts: &mut Vec<String>) {
     }
 }
 
+/// Rules added, removed and changed, by name.
+fn rules(o: &[RuleSpec], n: &[RuleSpec], parts: &mut Vec<String>) {
+    for r in n {
+        match o.iter().find(|x| x.name == r.name) {
+            None => parts.push(format!("rule {} added", r.name)),
+            Some(x) if x != r => parts.push(format!("rule {} changed", r.name)),
+            Some(_) => {}
+        }
+    }
+    for r in o.iter().filter(|x| !n.iter().any(|r| r.name == x.name)) {
+        parts.push(format!("rule {} removed", r.name));
+    }
+}
+
 fn machine(o: &MachineType, n: &MachineType, parts: &mut Vec<String>) {
+    rules(&o.rules, &n.rules, parts);
     if o.ideal_cycle_ms != n.ideal_cycle_ms {
         parts.push(format!(
             "ideal cycle {} ms → {} ms",

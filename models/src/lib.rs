@@ -12,6 +12,7 @@ pub mod oee;
 pub mod query;
 pub mod reading;
 pub mod rollup;
+pub mod rule;
 pub mod spec;
 pub mod stats;
 pub mod value;

@@ -56,6 +56,7 @@ use crate::asset::{AssetPath, Level, is_slug};
 use crate::detect::machine::MachineDetectorConfig;
 use crate::detect::sensor::SensorDetectorConfig;
 use crate::oee::MachineState;
+use crate::rule::RuleSpec;
 use crate::value::{Value, ValueType};
 
 /// The spec format version this code reads.
@@ -260,6 +261,9 @@ pub struct MachineType {
     /// codes 0..=3 (idle, running, setup, down), and a bool (true running, false idle).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub state_map: BTreeMap<String, MachineState>,
+    /// Local action rules every machine of the type runs (`crate::rule`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<RuleSpec>,
 }
 
 impl MachineType {
@@ -571,6 +575,9 @@ pub struct LineSpec {
     /// machines), checked as a machine type's setpoints are.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub setpoints: Vec<SetpointSpec>,
+    /// Local action rules every machine of the line runs, besides its type's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<RuleSpec>,
     #[serde(default)]
     pub machines: Vec<MachineInstance>,
 }
@@ -582,6 +589,9 @@ pub struct AreaSpec {
     /// What a write may set on the area itself, as a line's.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub setpoints: Vec<SetpointSpec>,
+    /// Local action rules every machine of the area runs, besides its type's and line's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<RuleSpec>,
     #[serde(default)]
     pub lines: Vec<LineSpec>,
 }
@@ -652,9 +662,12 @@ pub enum AssetKind {
     /// An area, with the setpoints a write may set on it (shared by nobody: areas are few).
     Area {
         setpoints: Arc<[SetpointSpec]>,
+        /// Rules the machines below run.
+        rules: Arc<[RuleSpec]>,
     },
     Line {
         setpoints: Arc<[SetpointSpec]>,
+        rules: Arc<[RuleSpec]>,
     },
     Machine {
         type_name: Arc<str>,
@@ -683,7 +696,7 @@ impl AssetKind {
     pub fn setpoints(&self) -> &[SetpointSpec] {
         match self {
             AssetKind::Machine { spec, .. } => &spec.setpoints,
-            AssetKind::Line { setpoints } | AssetKind::Area { setpoints } => setpoints,
+            AssetKind::Line { setpoints, .. } | AssetKind::Area { setpoints, .. } => setpoints,
             _ => &[],
         }
     }
@@ -786,11 +799,13 @@ impl PlantSpec {
                 let ap = format!("{sp}/{}", area.name);
                 check_name(&mut problems, &ap, &area.name, &mut areas);
                 check_setpoints(&ap, &area.setpoints, &[], &mut problems);
+                crate::rule::check_names(&ap, &area.rules, &mut problems);
                 let mut lines = HashSet::new();
                 for line in &area.lines {
                     let lp = format!("{ap}/{}", line.name);
                     check_name(&mut problems, &lp, &line.name, &mut lines);
                     check_setpoints(&lp, &line.setpoints, &[], &mut problems);
+                    crate::rule::check_names(&lp, &line.rules, &mut problems);
                     let mut machines = HashSet::new();
                     for m in &line.machines {
                         let mp = format!("{lp}/{}", m.name);
@@ -801,6 +816,18 @@ impl PlantSpec {
                                 if known.is_empty() { "none" } else { &known }
                             )),
                             Some(mt) => {
+                                // The line's and area's rules, against this machine's type.
+                                for r in line.rules.iter().chain(&area.rules) {
+                                    r.check(&mp, Some(mt), &mut problems);
+                                }
+                                let inherited = line.rules.len() + area.rules.len();
+                                if mt.rules.len() + inherited > crate::rule::MAX_RULES_PER_MACHINE {
+                                    problems.push(format!(
+                                        "{mp}: {} rules (its type's, line's and area's), more than {}",
+                                        mt.rules.len() + inherited,
+                                        crate::rule::MAX_RULES_PER_MACHINE
+                                    ));
+                                }
                                 let mut sensors = mt.sensors.len();
                                 if m.overrides() {
                                     // The machines the overrides shape, as they are named.
@@ -899,6 +926,7 @@ impl PlantSpec {
                     path: ap.clone(),
                     kind: AssetKind::Area {
                         setpoints: area.setpoints.clone().into(),
+                        rules: area.rules.clone().into(),
                     },
                 });
                 for line in &area.lines {
@@ -907,6 +935,7 @@ impl PlantSpec {
                         path: lp.clone(),
                         kind: AssetKind::Line {
                             setpoints: line.setpoints.clone().into(),
+                            rules: line.rules.clone().into(),
                         },
                     });
                     for m in &line.machines {
@@ -1041,6 +1070,10 @@ fn check_type(at: &str, mt: &MachineType, problems: &mut Vec<String>) {
     }
     let sensors: Vec<&str> = mt.sensors.iter().map(|s| s.name.as_str()).collect();
     check_setpoints(at, &mt.setpoints, &sensors, problems);
+    crate::rule::check_names(at, &mt.rules, problems);
+    for r in &mt.rules {
+        r.check(at, Some(mt), problems);
+    }
     let mut seen = HashSet::new();
     for s in &mt.sensors {
         let at = format!("{at}: sensor {:?}", s.name);

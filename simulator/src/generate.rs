@@ -223,6 +223,7 @@ fn machine_type(name: &str) -> MachineType {
             },
         ],
         state_map: Default::default(),
+        rules: Vec::new(),
     }
 }
 
@@ -288,12 +289,14 @@ pub fn generate(size: PlantSize, seed: u64) -> PlantSpec {
                 lines.push(LineSpec {
                     name: format!("line-{}", l + 1),
                     setpoints: Vec::new(),
+                    rules: Vec::new(),
                     machines,
                 });
             }
             areas.push(AreaSpec {
                 name: name_at(AREA_NAMES, "area", a),
                 setpoints: Vec::new(),
+                rules: Vec::new(),
                 lines,
             });
         }

@@ -164,6 +164,7 @@ impl Plant {
                 model: None,
                 setpoints: Vec::new(),
                 state_map: BTreeMap::new(),
+                rules: Vec::new(),
             };
             let mut sensor_names = HashSet::new();
             let mut fed: HashSet<&'static str> = HashSet::new();
@@ -234,11 +235,13 @@ impl Plant {
                     .map(|(area, lines)| AreaSpec {
                         name: area,
                         setpoints: Vec::new(),
+                        rules: Vec::new(),
                         lines: lines
                             .into_iter()
                             .map(|(line, machines)| LineSpec {
                                 name: line,
                                 setpoints: Vec::new(),
+                                rules: Vec::new(),
                                 machines: machines
                                     .into_iter()
                                     .map(|(name, machine_type)| {
