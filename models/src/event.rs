@@ -85,10 +85,13 @@ pub enum EventKind {
     Anomaly,
     /// The plant model changed at this asset (a live apply added, removed or changed it).
     Model,
+    /// A local action rule fired (`alarm` names the rule): what it wrote or would have
+    /// written, the PLC's answer, the latency from the triggering reading.
+    Action,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 9] = [
+    pub const ALL: [EventKind; 10] = [
         EventKind::Alarm,
         EventKind::Quality,
         EventKind::State,
@@ -98,6 +101,7 @@ impl EventKind {
         EventKind::Write,
         EventKind::Anomaly,
         EventKind::Model,
+        EventKind::Action,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -111,6 +115,7 @@ impl EventKind {
             EventKind::Write => "write",
             EventKind::Anomaly => "anomaly",
             EventKind::Model => "model",
+            EventKind::Action => "action",
         }
     }
 

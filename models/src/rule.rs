@@ -812,23 +812,31 @@ mod tests {
             anomaly: Some("spike".into()),
             ..When::default()
         };
-        assert!(r.condition().unwrap_err().contains("no machine detector"));
+        assert!(
+            r.condition()
+                .expect_err("refused")
+                .contains("no machine detector")
+        );
         r.when = When {
             health_below: Some(40.0),
             query: Some("x > 1".into()),
             ..When::default()
         };
-        assert!(r.condition().unwrap_err().contains("exactly one"));
+        assert!(r.condition().expect_err("refused").contains("exactly one"));
         r.when = When {
             query: Some("temp >".into()),
             ..When::default()
         };
-        assert!(r.condition().unwrap_err().starts_with("when.query"));
+        assert!(
+            r.condition()
+                .expect_err("refused")
+                .starts_with("when.query")
+        );
         r.when = When {
             alarm: Some("high".into()),
             ..When::default()
         };
-        assert!(r.condition().unwrap_err().contains("sensor.alarm"));
+        assert!(r.condition().expect_err("refused").contains("sensor.alarm"));
     }
 
     #[test]

@@ -321,6 +321,13 @@ impl Connections {
         }
     }
 
+    /// Whether a running connection writes `property` of `asset`.
+    pub fn writes(&self, asset: &AssetPath, property: &str) -> bool {
+        let set = self.set.read().unwrap_or_else(|p| p.into_inner());
+        set.writers
+            .contains_key(&(asset.clone(), property.to_owned()))
+    }
+
     /// Sends a write to the PLC through the connection that maps it; the connection's name
     /// on success.
     pub async fn write(&self, req: WriteRequest) -> Result<(String, WriteAck), WriteError> {

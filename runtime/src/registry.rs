@@ -76,6 +76,9 @@ pub struct SampleBoard {
     fresh: AtomicU64,
     /// `fresh` when every sensor wrote.
     all: u64,
+    /// The machine runs rules that watch its sensors' alarms: the sensor twins tell it of
+    /// every alarm change (`TwinMsg::SensorAlarm`). Set by the machine's twin.
+    pub(crate) watches_alarms: AtomicBool,
 }
 
 impl SampleBoard {
@@ -87,6 +90,7 @@ impl SampleBoard {
             regime: Mutex::new(RegimeLog::default()),
             next_eval_us: AtomicI64::new(i64::MIN),
             fresh: AtomicU64::new(0),
+            watches_alarms: AtomicBool::new(false),
             all: if sensors >= 64 {
                 u64::MAX
             } else {

@@ -105,6 +105,9 @@ pub enum RuntimeError {
     /// A security setting or file that does not load, or a listener it forbids.
     #[error("security: {0}")]
     Security(String),
+    /// Local action rules that cannot run as written (each problem names machine and rule).
+    #[error("rules:\n  {}", .0.join("\n  "))]
+    Rules(Vec<String>),
 }
 
 pub struct Runtime {
@@ -202,6 +205,14 @@ impl Runtime {
             )
             .with_clock_rules(ClockRules::of(&opts.twins)),
         );
+        // A site's rules act through the executor started below; an enterprise's mirrors and
+        // a check never act.
+        let (actions_tx, actions_rx) = if opts.enterprise.is_none() && !opts.check_only {
+            let (tx, rx) = tokio::sync::mpsc::channel(crate::twin::rules::ACTION_QUEUE);
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
         let ctx = Arc::new(TwinCtx {
             registry: registry.clone(),
             store: store.clone(),
@@ -211,6 +222,7 @@ impl Runtime {
             metrics,
             credits,
             models: std::sync::RwLock::new(Arc::new(models)),
+            actions: actions_tx,
         });
         let writer = store.start_writer(registry.clone());
         let root_entry = registry
@@ -245,7 +257,11 @@ impl Runtime {
         let started = start_roles(&opts, &ctx, replicate_as, site_plant, &token, &tracker)
             .and_then(|roles| {
                 if opts.check_only {
-                    Connections::check(&opts.connections, &registry)?;
+                    let (_, writers) = Connections::check(&opts.connections, &registry)?;
+                    crate::twin::rules::check_all(&registry, &|a, p| {
+                        writers.contains_key(&(a.clone(), p.to_owned()))
+                    })
+                    .map_err(RuntimeError::Rules)?;
                     return Ok((roles, Connections::default()));
                 }
                 let connections = Connections::start(
@@ -256,6 +272,8 @@ impl Runtime {
                     &tracker,
                     &token,
                 )?;
+                crate::twin::rules::check_all(&registry, &|a, p| connections.writes(a, p))
+                    .map_err(RuntimeError::Rules)?;
                 Ok((roles, connections))
             });
         let (roles, connections) = match started {
@@ -367,6 +385,10 @@ impl Runtime {
             http_metrics: Arc::default(),
             http_metrics_exported: std::sync::atomic::AtomicBool::new(false),
         };
+        if let Some(rx) = actions_rx {
+            rt.tracker
+                .spawn(crate::api::actions::run(rt.api(), rx, rt.token.clone()));
+        }
         if crate::telemetry::metrics_on() && !rt.token.is_cancelled() {
             // Everything `/metrics` shows but the HTTP server's families, over OTLP; nothing
             // once this runtime stops.

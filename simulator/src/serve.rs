@@ -186,6 +186,27 @@ impl ServedPlant {
         start: Timestamp,
         order: WordOrder,
     ) -> Result<ServedPlant, ServeError> {
+        let sim = PlantSim::new(spec, seed, start);
+        ServedPlant::start_sim(spec, sim, start, order).await
+    }
+
+    /// As `start`, the faults of `scenario` happening at their times after `start`.
+    pub async fn start_with_scenario(
+        spec: &PlantSpec,
+        seed: u64,
+        start: Timestamp,
+        scenario: &crate::scenario::Scenario,
+    ) -> Result<ServedPlant, ServeError> {
+        let sim = PlantSim::with_scenario(spec, seed, start, scenario);
+        ServedPlant::start_sim(spec, sim, start, WordOrder::BigEndian).await
+    }
+
+    async fn start_sim(
+        spec: &PlantSpec,
+        sim: PlantSim,
+        start: Timestamp,
+        order: WordOrder,
+    ) -> Result<ServedPlant, ServeError> {
         let mut mapping = Mapping::of(spec)?;
         mapping.set_word_order(order);
         let mut lines = Vec::new();
@@ -233,7 +254,7 @@ impl ServedPlant {
             commands: Arc::default(),
             machines,
             mqtt_endpoint: None,
-            sim: PlantSim::new(spec, seed, start),
+            sim,
             per_line: (0..lines.len()).map(|_| Vec::new()).collect(),
             lines,
             line_of,

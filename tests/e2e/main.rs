@@ -1,6 +1,7 @@
 //! End-to-end tests: a real runtime (actors, sled store, gRPC over loopback) driven from
 //! outside. One test binary with modules.
 
+mod actions;
 mod alarms;
 mod api;
 mod apply;

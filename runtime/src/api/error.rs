@@ -75,6 +75,9 @@ pub enum ApiError {
     Twin(#[from] TwinError),
     #[error("{0}")]
     Unavailable(String),
+    /// The call cannot be done in the state things are in (a rule enabled with no writer).
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// A limit of the runtime is reached (open watch streams).
     #[error("{0}")]
     Limit(String),
@@ -120,12 +123,14 @@ impl ApiError {
             ApiError::BadPath { .. } | ApiError::BadArgument(_) | ApiError::BadQuery(_) => {
                 ErrorCode::InvalidArgument
             }
-            ApiError::NotFound { .. } | ApiError::Twin(TwinError::UnknownAlarm { .. }) => {
+            ApiError::NotFound { .. }
+            | ApiError::Twin(TwinError::UnknownAlarm { .. } | TwinError::UnknownRule { .. }) => {
                 ErrorCode::NotFound
             }
             ApiError::Twin(TwinError::Ack { .. }) => ErrorCode::FailedPrecondition,
             ApiError::Twin(TwinError::NoAlarms { .. }) => ErrorCode::InvalidArgument,
             ApiError::Unavailable(_) => ErrorCode::Unavailable,
+            ApiError::FailedPrecondition(_) => ErrorCode::FailedPrecondition,
             ApiError::Limit(_) => ErrorCode::Busy,
             ApiError::Apply(a) => match a {
                 crate::apply::ApplyError::Invalid(_) => ErrorCode::InvalidArgument,

@@ -3,12 +3,12 @@
 //! (`http`) are thin edges over `TwinApi`: they decode, call one method, encode. A check
 //! made here (a limit, a path, who asks) holds for both; nothing below is reached past it.
 
+pub mod actions;
 mod admin;
 pub mod convert;
 pub mod error;
 pub mod names;
 pub mod prometheus;
-pub mod select;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,8 +34,8 @@ use crate::security::{Authenticator, Caller, Credentials, Role};
 use crate::store::EventFilter;
 use crate::store::audit::{AuditEntry, AuditFilter};
 use crate::twin::TwinCtx;
+use crate::twin::select::{self, TwinSchema, TwinSubject};
 use crate::watch::Watcher;
-use select::{TwinSchema, TwinSubject};
 
 const DEFAULT_PAGE: usize = 1000;
 const MAX_PAGE: usize = 10_000;

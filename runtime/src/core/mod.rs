@@ -10,7 +10,7 @@ pub mod settings;
 pub mod snapshot;
 
 pub use metrics::{Credits, Metrics};
-pub use msg::{TwinError, TwinMsg, ask};
+pub use msg::{ActionDone, SensorAlarm, TwinError, TwinMsg, ask};
 pub use settings::{ClockRules, TwinSettings};
 pub use snapshot::{
     HistPoint, MachineInference, MachineSnap, SensorSnap, TwinSnapshot, TwinState,

@@ -4,9 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferrotwin_models::alarm::AlarmStatus;
+use ferrotwin_models::alarm::{AlarmState, AlarmStatus};
 use ferrotwin_models::rollup::RollUp;
-use ferrotwin_models::{AssetId, AssetPath, Timestamp};
+use ferrotwin_models::rule::RuleMode;
+use ferrotwin_models::{AssetId, AssetPath, Severity, Timestamp};
 use ractor::{ActorRef, RpcReplyPort};
 
 use super::snapshot::TwinSnapshot;
@@ -48,6 +49,19 @@ pub enum TwinMsg {
         path: AssetPath,
         reply: RpcReplyPort<Result<(), String>>,
     },
+    /// Machines: an alarm of one of its sensors changed state (sent only to machines with
+    /// alarm rules).
+    SensorAlarm(Box<SensorAlarm>),
+    /// Machines: a rule's timer (a `for_ms`, a cooldown, a window) is due: look again.
+    RuleTick,
+    /// Machines: a rule's action came back from the executor.
+    ActionDone(Box<ActionDone>),
+    /// Machines: switch a rule's mode; answers the mode it had.
+    SetRuleMode {
+        rule: String,
+        mode: RuleMode,
+        reply: RpcReplyPort<Result<RuleMode, TwinError>>,
+    },
     /// Enterprise role: the state of this twin's original at its site (replication).
     /// Sensors and machines take it as their own; roll-ups follow as usual.
     Mirror(Arc<TwinSnapshot>),
@@ -72,11 +86,41 @@ pub enum TwinError {
         alarm: String,
         source: ferrotwin_models::alarm::AckError,
     },
+    #[error("{asset}: no rule named {rule:?} (its rules: {known})")]
+    UnknownRule {
+        asset: AssetPath,
+        rule: String,
+        known: String,
+    },
     #[error("{asset}: a {level} has no alarms")]
     NoAlarms {
         asset: AssetPath,
         level: &'static str,
     },
+}
+
+/// An alarm of a machine's sensor changed: what a rule's alarm condition watches.
+#[derive(Debug, Clone)]
+pub struct SensorAlarm {
+    pub sensor: String,
+    pub alarm: String,
+    pub state: AlarmState,
+    pub severity: Severity,
+    /// The seq of the event of this change (the rule's trigger).
+    pub seq: u64,
+    /// Source time of the reading that made it (its acknowledgment's time for an ack).
+    pub at: Timestamp,
+    /// An operator's acknowledgment (a rule re-armed by acknowledgments re-arms).
+    pub acknowledged: bool,
+}
+
+/// What became of a rule's action.
+#[derive(Debug, Clone)]
+pub struct ActionDone {
+    pub rule: String,
+    pub ok: bool,
+    /// What was written (or would have been) and the PLC's answer, or why it failed.
+    pub result: String,
 }
 
 /// Asks a twin and waits at most `timeout` for the answer.

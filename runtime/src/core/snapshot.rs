@@ -1,11 +1,14 @@
 //! What a twin is now, as readers, the store and replication see it: the snapshot each twin
 //! publishes, and a point of a sensor's history. Plain data: no actor, no I/O.
 
+use std::sync::Arc;
+
 use ferrotwin_models::alarm::{AlarmStatus, LimitKind};
 use ferrotwin_models::detect::machine::MachineDetector;
 use ferrotwin_models::detect::sensor::SensorDetector;
 use ferrotwin_models::oee::OeeTracker;
 use ferrotwin_models::rollup::RollUp;
+use ferrotwin_models::rule::RuleRun;
 use ferrotwin_models::spec::{AssetKind, MachineType, SensorSpec};
 use ferrotwin_models::stats::RunningStats;
 use ferrotwin_models::{Quality, QualityCode, Timestamp, Value};
@@ -53,6 +56,8 @@ pub struct MachineSnap {
     pub inference: MachineInference,
     /// Learned state of the machine's detectors (`None` when they are off).
     pub detector: Option<Box<MachineDetector>>,
+    /// Each local action rule's state, in the machine's rule order (empty: no rules).
+    pub rules: Vec<(Arc<str>, RuleRun)>,
 }
 
 /// What the machine's detectors and model publish (each `None` while off or learning).

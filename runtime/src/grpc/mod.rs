@@ -149,6 +149,26 @@ impl TwinService for TwinApi {
         ))
     }
 
+    async fn list_rules(
+        &self,
+        req: Request<pb::ListRulesRequest>,
+    ) -> Result<Response<pb::ListRulesResponse>, Status> {
+        Ok(Response::new(
+            self.list_rules(&caller_of(self, &req)?, req.into_inner())
+                .await?,
+        ))
+    }
+
+    async fn set_rule_mode(
+        &self,
+        req: Request<pb::SetRuleModeRequest>,
+    ) -> Result<Response<pb::SetRuleModeResponse>, Status> {
+        Ok(Response::new(
+            self.set_rule_mode(&caller_of(self, &req)?, req.into_inner())
+                .await?,
+        ))
+    }
+
     async fn get_plant(
         &self,
         req: Request<pb::GetPlantRequest>,

@@ -128,6 +128,8 @@ pub enum Method {
     Jwt,
     ServiceToken,
     Certificate,
+    /// A local action rule of this runtime acting on its machine (never a network caller).
+    Rule,
 }
 
 impl Method {
@@ -137,6 +139,7 @@ impl Method {
             Method::Jwt => "jwt",
             Method::ServiceToken => "service-token",
             Method::Certificate => "certificate",
+            Method::Rule => "rule",
         }
     }
 }
@@ -207,6 +210,24 @@ impl Caller {
 
     pub fn can_read(&self, path: &AssetPath) -> bool {
         self.subject.can(Role::Viewer, path)
+    }
+
+    /// A local action rule `rule` acting on its machine `machine`: engineer there, nowhere
+    /// else. Made in process by the action executor; no credential turns into it.
+    pub fn rule(rule: &str, machine: &AssetPath) -> Caller {
+        let glob = PathGlob::parse(machine.as_str()).expect("an asset path is a glob of itself");
+        Caller {
+            subject: Arc::new(Subject {
+                name: format!("rule:{rule}"),
+                method: Method::Rule,
+                grants: vec![Grant {
+                    role: Role::Engineer,
+                    paths: vec![glob],
+                    patterns: vec![machine.to_string()],
+                }],
+            }),
+            addr: None,
+        }
     }
 
     /// The source address for the audit log (`-` when unknown).

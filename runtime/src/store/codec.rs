@@ -267,6 +267,7 @@ pub fn decode_snapshot(kind: &AssetKind, r: &rec::TwinRecord, learn: bool) -> Tw
                     last_good_counter: mr.has_last_good.then_some(mr.last_good_counter),
                     last_scrap_counter: mr.has_last_scrap.then_some(mr.last_scrap_counter),
                 },
+                rules: Vec::new(),
                 rollup: Default::default(),
                 inference: MachineInference {
                     anomaly_score: mr.anomaly_score.filter(|v| v.is_finite()),
@@ -550,6 +551,7 @@ machines = [{ name = "m1", type = "press" }]
             restarts: 1,
             updated: ts(600_000),
             state: TwinState::Machine(MachineSnap {
+                rules: Vec::new(),
                 tracker: OeeTracker {
                     state: MachineState::Down,
                     state_since: ts(550_000),

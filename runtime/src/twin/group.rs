@@ -205,6 +205,7 @@ mod tests {
             metrics: Arc::new(Metrics::default()),
             credits: Credits(Arc::new(AtomicUsize::new(0))),
             models: std::sync::RwLock::default(),
+            actions: None,
         })
     }
 

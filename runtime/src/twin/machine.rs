@@ -16,12 +16,18 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use super::supervise::Children;
 use ferrotwin_models::detect::{DetectorKind, EpisodeTracker, Hysteresis, Regime};
 
+use super::rules::{ActionRequest, MachineRules, Trigger, rules_of};
 use super::{RejectThrottle, TwinArgs, TwinCtx, anomaly_event};
-use crate::core::{MachineSnap, TwinMsg, TwinSnapshot, TwinState};
+use crate::core::{ActionDone, MachineSnap, TwinError, TwinMsg, TwinSnapshot, TwinState};
 use crate::inference::{ModelWindow, OnnxModel};
 use crate::registry::TwinEntry;
+use ferrotwin_models::detect::AnomalyTransition;
+use ferrotwin_models::rule::{RuleMode, Step};
 
 pub struct MachineTwin;
+
+/// The alarm a failed rule raises on its machine: `rule:NAME`.
+pub const RULE_ALARM: &str = "rule:";
 
 pub struct MachineTwinState {
     ctx: Arc<TwinCtx>,
@@ -37,6 +43,8 @@ pub struct MachineTwinState {
     values: Vec<f64>,
     /// The machine type's ONNX model, when it has one that loaded.
     model: Option<MachineModel>,
+    /// Its local action rules (`None`: it has none, or it is a mirror: mirrors never act).
+    rules: Option<Box<MachineRules>>,
 }
 
 /// A machine twin's user model: the shared plan, this twin's window of its inputs, and the
@@ -148,11 +156,14 @@ impl Actor for MachineTwin {
                 rejects: RejectThrottle::default(),
                 values: Vec::new(),
                 model: None,
+                rules: None,
             };
             if let Some(m) = state.ctx.model(state.entry.def.kind.type_name()) {
                 state.model = MachineModel::new(&state.spec, m);
             }
+            state.load_rules();
             state.publish(Timestamp::now(), true);
+            state.run_rules(&myself).await;
             Ok(state)
         })
         .await
@@ -167,6 +178,17 @@ impl Actor for MachineTwin {
         // Boxed: an actor's task holds its largest handler future inline for its
         // whole life; boxing keeps an idle twin small, for one allocation per call.
         Box::pin(async move {
+            // A failed rule's alarm (`rule:NAME`) is the machine's own.
+            let msg = match msg {
+                TwinMsg::Acknowledge {
+                    alarm, by, reply, ..
+                } if alarm.starts_with(RULE_ALARM) => {
+                    let r = state.acknowledge_rule(&alarm, &by).await;
+                    let _ = reply.send(r);
+                    return Ok(());
+                }
+                other => other,
+            };
             let Some(msg) = super::answer_as_parent(
                 &state.entry,
                 msg,
@@ -183,6 +205,35 @@ impl Actor for MachineTwin {
                     }
                     state.publish(Timestamp::now(), false);
                     state.schedule(&myself);
+                    state.run_rules(&myself).await;
+                }
+                TwinMsg::SensorAlarm(a) => {
+                    if let Some(rules) = state.rules.as_mut() {
+                        if a.acknowledged {
+                            rules.acknowledged(&a.sensor, &a.alarm, &mut state.snap.rules);
+                        }
+                        rules.note_alarm(&a);
+                        state.run_rules(&myself).await;
+                        state.publish(Timestamp::now(), false);
+                    }
+                }
+                TwinMsg::RuleTick => {
+                    if let Some(rules) = state.rules.as_mut() {
+                        rules.wake = None;
+                        state.run_rules(&myself).await;
+                        state.publish(Timestamp::now(), false);
+                    }
+                }
+                TwinMsg::ActionDone(done) => {
+                    state.action_done(&myself, *done).await;
+                    state.run_rules(&myself).await;
+                    state.publish(Timestamp::now(), true);
+                }
+                TwinMsg::SetRuleMode { rule, mode, reply } => {
+                    let r = state.set_rule_mode(&rule, mode);
+                    let _ = reply.send(r);
+                    state.run_rules(&myself).await;
+                    state.publish(Timestamp::now(), true);
                 }
                 TwinMsg::ChildChanged { id, rollup } => {
                     let changed = state.children.set(id, rollup);
@@ -202,11 +253,20 @@ impl Actor for MachineTwin {
                 TwinMsg::PublishRollUp => {
                     state.publish_scheduled = false;
                     state.publish(Timestamp::now(), true);
+                    if state.rules.as_ref().is_some_and(|r| r.has_query()) {
+                        state.run_rules(&myself).await;
+                    }
                 }
                 TwinMsg::Evaluate(at) => {
                     state.evaluate(at).await;
                     state.publish(Timestamp::now(), false);
                     state.schedule(&myself);
+                    if let Some(rules) = state.rules.as_mut() {
+                        if rules.trigger.at < at {
+                            rules.trigger = Trigger { seq: 0, at };
+                        }
+                        state.run_rules(&myself).await;
+                    }
                 }
                 TwinMsg::Mirror(snap) => {
                     // The site's machine as it published it (an enterprise's mirror): state,
@@ -311,7 +371,8 @@ impl MachineTwinState {
                     } else {
                         Severity::Info
                     };
-                    self.ctx
+                    let seq = self
+                        .ctx
                         .emit(Event::new(
                             self.entry.path().clone(),
                             r.source_ts,
@@ -320,6 +381,12 @@ impl MachineTwinState {
                             format!("machine {} -> {}", old.as_str(), new.as_str()),
                         ))
                         .await;
+                    if let Some(rules) = self.rules.as_mut() {
+                        rules.trigger = Trigger {
+                            seq,
+                            at: r.source_ts,
+                        };
+                    }
                 }
             }
             Property::GoodCount | Property::ScrapCount => {
@@ -385,7 +452,19 @@ impl MachineTwinState {
             .collect::<Vec<_>>()
             .join(", ");
         let ev = anomaly_event(self.entry.path(), transition, at, &contributors);
-        self.ctx.emit(ev).await;
+        let seq = self.ctx.emit(ev).await;
+        self.note_anomaly(transition, seq, at);
+    }
+
+    /// An anomaly episode of the machine's own opened or closed: what anomaly rules watch.
+    fn note_anomaly(&mut self, t: AnomalyTransition, seq: u64, at: Timestamp) {
+        if let Some(rules) = self.rules.as_mut() {
+            let (detector, open) = match t {
+                AnomalyTransition::Started { detector, .. } => (detector, true),
+                AnomalyTransition::Ended { detector, .. } => (detector, false),
+            };
+            rules.note_anomaly(detector, open, Trigger { seq, at });
+        }
     }
 
     /// Feeds the user model this evaluation's inputs (NaN for a missing one empties its
@@ -412,7 +491,8 @@ impl MachineTwinState {
                     .update(&m.hysteresis, at, score, DetectorKind::Model)
                 {
                     let ev = anomaly_event(self.entry.path(), t, at, "");
-                    self.ctx.emit(ev).await;
+                    let seq = self.ctx.emit(ev).await;
+                    self.note_anomaly(t, seq, at);
                 }
             }
             Err(e) => {
@@ -451,7 +531,10 @@ impl MachineTwinState {
             && let TwinState::Machine(m) =
                 crate::store::codec::decode_snapshot(&next.def.kind, &record, learn).state
         {
+            // The rules' states are not in the record: kept by name (`load_rules`).
+            let rules = std::mem::take(&mut self.snap.rules);
             self.snap = m;
+            self.snap.rules = rules;
         }
         let names = |t: &MachineType| t.sensors.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
         let same_model = self.spec.model == spec.model
@@ -472,7 +555,9 @@ impl MachineTwinState {
         self.entry = next;
         self.entry.set_actor(Some(myself.clone()));
         self.children.refresh(&self.ctx);
+        self.load_rules();
         self.publish(Timestamp::now(), true);
+        self.run_rules(myself).await;
         self.entry.kick(myself);
         Ok(())
     }
@@ -496,6 +581,10 @@ impl MachineTwinState {
             anomalies: u32::from(self.snap.inference.anomalous),
             ..RollUp::default()
         };
+        // A rule whose action failed is an alarm of the machine's own until acknowledged.
+        let failed = self.snap.rules.iter().filter(|(_, r)| r.failed).count() as u32;
+        own.alarms_by_severity[Severity::High.index()] += failed;
+        own.unacked_alarms += failed;
         let accounted_ms: u64 = t.time_in_state_ms.iter().sum();
         if accounted_ms > 0 {
             own.throughput_per_h = t.good_parts as f64 / (accounted_ms as f64 / 3_600_000.0);
@@ -524,4 +613,238 @@ impl MachineTwinState {
             self.ctx.notify_parent(&self.entry, self.snap.rollup);
         }
     }
+}
+
+/// The rules.
+impl MachineTwinState {
+    /// Takes the machine's rules (its type's, line's, area's) anew, keeping each one's state
+    /// by name. Mirrors run none: an enterprise never acts on a site's line.
+    fn load_rules(&mut self) {
+        let specs = rules_of(&self.ctx.registry, self.entry.path(), &self.spec.rules);
+        let mirror = self.ctx.registry.is_mirrors_only() || self.ctx.actions.is_none();
+        let rules = (!specs.is_empty() && !mirror)
+            .then(|| MachineRules::new(specs, &self.entry, &self.ctx.registry));
+        self.snap.rules = rules
+            .as_ref()
+            .map_or_else(Vec::new, |r| r.runs(&self.snap.rules));
+        if let Some(board) = &self.entry.board {
+            board.watches_alarms.store(
+                rules.as_ref().is_some_and(|r| r.watches_alarms),
+                Ordering::Relaxed,
+            );
+        }
+        self.rules = rules.map(Box::new);
+    }
+
+    /// Steps every rule on the machine as it is now; fires the ones due, sets the next
+    /// timer.
+    async fn run_rules(&mut self, myself: &ActorRef<TwinMsg>) {
+        let Some(rules) = self.rules.as_deref() else {
+            return;
+        };
+        let now = Timestamp::now();
+        let state = self.snap.tracker.state;
+        let entry = self.entry.clone();
+        let published = || entry.snapshot();
+        let mut wake: Option<Timestamp> = None;
+        let mut fire = Vec::new();
+        let mut limited = Vec::new();
+        for i in 0..rules.specs.len() {
+            let spec = &rules.specs[i];
+            let holds = rules.holds(i, &self.snap, &entry, &published, &self.ctx.registry);
+            let allowed = spec.only_in_states.is_empty() || spec.only_in_states.contains(&state);
+            let run = &mut self.snap.rules[i].1;
+            match run.step(spec, holds, allowed, now) {
+                Step::Nothing => {}
+                Step::WakeAt(t) => wake = Some(wake.map_or(t, |w| w.min(t))),
+                Step::Limited { until } => {
+                    wake = Some(wake.map_or(until, |w| w.min(until)));
+                    limited.push(i);
+                }
+                Step::Fire => fire.push(i),
+            }
+        }
+        for i in limited {
+            let spec = &rules.specs[i];
+            let m = spec.max_firings.expect("limited only with max_firings");
+            let ev = Event::new(
+                self.entry.path().clone(),
+                now,
+                EventKind::Action,
+                Severity::Medium,
+                format!(
+                    "rule {} held back: it fired {} times in {} ms (max_firings); {} not done",
+                    spec.name,
+                    m.count,
+                    m.window_ms,
+                    spec.describe_action()
+                ),
+            );
+            self.ctx.emit(rule_event(ev, &spec.name)).await;
+        }
+        for i in fire {
+            self.fire(i, now).await;
+        }
+        let rules = self.rules.as_deref_mut().expect("checked above");
+        if let Some(t) = wake
+            && rules.wake.is_none_or(|w| t < w || w <= now)
+        {
+            rules.wake = Some(t);
+            let ms = t.millis_since(now).max(1) as u64;
+            myself.send_after(Duration::from_millis(ms), || TwinMsg::RuleTick);
+        }
+    }
+
+    /// Hands rule `i`'s firing to the executor; a full queue (or none) fails it at once.
+    async fn fire(&mut self, i: usize, now: Timestamp) {
+        let Some(rules) = self.rules.as_deref() else {
+            return;
+        };
+        let spec = &rules.specs[i];
+        let run = &self.snap.rules[i].1;
+        let req = ActionRequest {
+            machine: self.entry.path().clone(),
+            rule: self.snap.rules[i].0.clone(),
+            write: spec.then.write.clone(),
+            event: spec.then.event.clone(),
+            dry_run: run.mode == RuleMode::DryRun,
+            trigger_seq: rules.trigger.seq,
+            trigger: rules.describe(i),
+            reading_ts: if rules.trigger.at == Timestamp::ZERO {
+                now
+            } else {
+                rules.trigger.at
+            },
+            fired: std::time::Instant::now(),
+        };
+        let refused = match &self.ctx.actions {
+            Some(q) => match q.try_send(req) {
+                Ok(()) => return,
+                Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => format!(
+                    "not carried out: the action queue is full ({} waiting)",
+                    super::rules::ACTION_QUEUE
+                ),
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
+                    "not carried out: the runtime is stopping".to_string()
+                }
+            },
+            None => "not carried out: nothing here acts".to_string(),
+        };
+        let name = spec.name.clone();
+        let ev = Event::new(
+            self.entry.path().clone(),
+            now,
+            EventKind::Action,
+            Severity::High,
+            format!("rule {name} fired ({}): {refused}", rules.describe(i)),
+        );
+        self.ctx.emit(rule_event(ev, &name)).await;
+        let done = ActionDone {
+            rule: name,
+            ok: false,
+            result: refused,
+        };
+        self.record_done(done, now).await;
+    }
+
+    /// The executor's answer: the rule latches or cools down; a failed action raises the
+    /// rule's alarm on the machine.
+    async fn action_done(&mut self, myself: &ActorRef<TwinMsg>, done: ActionDone) {
+        let now = Timestamp::now();
+        if let Some(t) = self.record_done(done, now).await
+            && let Some(rules) = self.rules.as_deref_mut()
+            && rules.wake.is_none_or(|w| t < w || w <= now)
+        {
+            rules.wake = Some(t);
+            let ms = t.millis_since(now).max(1) as u64;
+            myself.send_after(Duration::from_millis(ms), || TwinMsg::RuleTick);
+        }
+    }
+
+    /// Records an action's end on its rule; the time to look again, if any.
+    async fn record_done(&mut self, done: ActionDone, now: Timestamp) -> Option<Timestamp> {
+        let rules = self.rules.as_deref()?;
+        let i = rules.specs.iter().position(|s| s.name == done.rule)?;
+        let was_failed = self.snap.rules[i].1.failed;
+        let step = self.snap.rules[i]
+            .1
+            .done(&rules.specs[i], done.ok, done.result.clone(), now);
+        if !done.ok && !was_failed {
+            let ev = Event::new(
+                self.entry.path().clone(),
+                now,
+                EventKind::Alarm,
+                Severity::High,
+                format!(
+                    "alarm \"{RULE_ALARM}{}\" raised: the rule's action failed: {}",
+                    done.rule, done.result
+                ),
+            );
+            let mut ev = ev;
+            ev.alarm = format!("{RULE_ALARM}{}", done.rule);
+            self.ctx.emit(ev).await;
+        }
+        match step {
+            Step::WakeAt(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    fn set_rule_mode(&mut self, rule: &str, mode: RuleMode) -> Result<RuleMode, TwinError> {
+        let Some((_, run)) = self.snap.rules.iter_mut().find(|(n, _)| **n == *rule) else {
+            return Err(TwinError::UnknownRule {
+                asset: self.entry.path().clone(),
+                rule: rule.to_string(),
+                known: super::rules::names(&self.snap.rules),
+            });
+        };
+        let old = run.mode;
+        run.set_mode(mode);
+        Ok(old)
+    }
+
+    /// An operator acknowledged a failed rule's alarm: it clears.
+    async fn acknowledge_rule(
+        &mut self,
+        alarm: &str,
+        by: &str,
+    ) -> Result<ferrotwin_models::alarm::AlarmStatus, TwinError> {
+        let name = &alarm[RULE_ALARM.len()..];
+        let Some((_, run)) = self.snap.rules.iter_mut().find(|(n, _)| **n == *name) else {
+            return Err(TwinError::UnknownAlarm {
+                asset: self.entry.path().clone(),
+                alarm: alarm.to_string(),
+                known: self
+                    .snap
+                    .rules
+                    .iter()
+                    .filter(|(_, r)| r.failed)
+                    .map(|(n, _)| format!("{RULE_ALARM}{n}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        };
+        let was = run.failed;
+        run.failed = false;
+        let at = Timestamp::now();
+        if was {
+            let mut ev = Event::new(
+                self.entry.path().clone(),
+                at,
+                EventKind::Alarm,
+                Severity::Info,
+                format!("alarm {alarm:?} acknowledged by {by}"),
+            );
+            ev.alarm = alarm.to_string();
+            self.ctx.emit(ev).await;
+            self.publish(at, true);
+        }
+        Ok(ferrotwin_models::alarm::AlarmStatus::default())
+    }
+}
+
+/// An event about rule `name` (its `alarm` field names the rule).
+fn rule_event(mut ev: Event, name: &str) -> Event {
+    ev.alarm = name.to_string();
+    ev
 }

@@ -9,6 +9,8 @@
 pub mod group;
 pub mod machine;
 pub mod plant;
+pub mod rules;
+pub mod select;
 pub mod sensor;
 pub mod supervise;
 
@@ -67,6 +69,9 @@ pub struct TwinCtx {
     /// Users' ONNX models by machine type (the types whose model loaded); a live apply
     /// swaps them with the plant.
     pub models: RwLock<Arc<HashMap<String, Arc<OnnxModel>>>>,
+    /// Where machines' rule firings go (`None`: nothing here acts, e.g. an enterprise's
+    /// mirrors).
+    pub actions: Option<tokio::sync::mpsc::Sender<rules::ActionRequest>>,
 }
 
 impl TwinCtx {
@@ -98,12 +103,14 @@ impl TwinCtx {
             .fetch_add(n as u64, Ordering::Relaxed);
     }
 
-    /// Persists an event (assigning its seq) and streams it to watchers. Never drops it:
-    /// waits for room in the store's queue instead.
-    pub async fn emit(&self, mut event: Event) {
+    /// Persists an event (assigning its seq) and streams it to watchers; returns its seq.
+    /// Never drops it: waits for room in the store's queue instead.
+    pub async fn emit(&self, mut event: Event) -> u64 {
         self.store.put_event(&mut event).await;
         self.metrics.count_event(event.kind);
+        let seq = event.seq;
         self.hub.event(Arc::new(event));
+        seq
     }
 
     /// Publishes a new snapshot: registry (readers, store writer) and watchers.

@@ -17,7 +17,7 @@ use ferrotwin_models::detect::Regime;
 
 use super::{RejectThrottle, TwinArgs, TwinCtx, anomaly_event};
 use crate::core::HistPoint;
-use crate::core::{SensorSnap, TwinError, TwinMsg, TwinSnapshot, TwinState};
+use crate::core::{SensorAlarm, SensorSnap, TwinError, TwinMsg, TwinSnapshot, TwinState};
 use crate::registry::TwinEntry;
 
 pub struct SensorTwin;
@@ -157,9 +157,19 @@ impl Actor for SensorTwin {
                         state.entry.path()
                     )));
                 }
+                TwinMsg::SetRuleMode { rule, reply, .. } => {
+                    let _ = reply.send(Err(TwinError::UnknownRule {
+                        asset: state.entry.path().clone(),
+                        rule,
+                        known: "none: rules run on machines".into(),
+                    }));
+                }
                 TwinMsg::ChildChanged { .. }
                 | TwinMsg::PublishRollUp
-                | TwinMsg::Evaluate(_) => {
+                | TwinMsg::Evaluate(_)
+                | TwinMsg::SensorAlarm(_)
+                | TwinMsg::RuleTick
+                | TwinMsg::ActionDone(_) => {
                     tracing::warn!(asset = %state.entry.path(), "sensor twin got a parent-only message");
                 }
             }
@@ -327,9 +337,35 @@ impl SensorState {
             if let Some(t) = self.snap.alarms[i].evaluate(limit, v, at) {
                 let msg = describe(limit, t, Some(v), &self.spec.unit);
                 let ev = alarm_event(self.entry.path(), limit, t, at, msg);
-                self.ctx.emit(ev).await;
+                let seq = self.ctx.emit(ev).await;
+                self.tell_machine(i, seq, at, false);
             }
         }
+    }
+
+    /// Tells the machine of an alarm's change when its rules watch alarms.
+    fn tell_machine(&mut self, i: usize, seq: u64, at: Timestamp, acknowledged: bool) {
+        self.follow_machine();
+        let Some((machine, _)) = &self.machine else {
+            return;
+        };
+        let watches = machine
+            .board
+            .as_ref()
+            .is_some_and(|b| b.watches_alarms.load(Ordering::Relaxed));
+        if !watches {
+            return;
+        }
+        let limit = &self.spec.alarms[i];
+        machine.send(TwinMsg::SensorAlarm(Box::new(SensorAlarm {
+            sensor: self.spec.name.clone(),
+            alarm: limit.name.clone(),
+            state: self.snap.alarms[i].state,
+            severity: limit.severity,
+            seq,
+            at,
+            acknowledged,
+        })));
     }
 
     async fn reject(&mut self, reason: RejectReason, now: Timestamp) {
@@ -439,7 +475,8 @@ impl SensorState {
             msg.push_str(&format!(": {comment}"));
         }
         let ev = alarm_event(self.entry.path(), limit, t, at, msg);
-        self.ctx.emit(ev).await;
+        let seq = self.ctx.emit(ev).await;
+        self.tell_machine(i, seq, at, true);
         self.publish(at);
         Ok(self.snap.alarms[i])
     }
@@ -463,7 +500,8 @@ impl SensorState {
                 None => format!("alarm {:?} unshelved by {by}", limit.name),
             };
             let ev = alarm_event(self.entry.path(), limit, t, at, msg);
-            self.ctx.emit(ev).await;
+            let seq = self.ctx.emit(ev).await;
+            self.tell_machine(i, seq, at, false);
             self.publish(at);
         }
         Ok(self.snap.alarms[i])
