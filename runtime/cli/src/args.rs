@@ -216,6 +216,21 @@ pub enum Cmd {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Local action rules of the machines at and below PATH (default: the whole plant):
+    /// mode, state (armed, pending, firing, latched, cooling-down, limited), firings and the
+    /// last one's result. `--set RULE=MODE` switches a machine's rule to enabled, dry-run or
+    /// disabled.
+    Rules {
+        path: Option<String>,
+        /// `RULE=MODE` on the machine at PATH, e.g. `overheat-stop=dry-run`.
+        #[arg(long)]
+        set: Option<String>,
+        /// Who switches it, on a runtime without security.
+        #[arg(long, default_value = "")]
+        by: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
     /// Apply a changed plant spec to a running runtime, without a restart: prints the
     /// changes (a dry run), then applies them against the version that dry run saw.
     Apply {

@@ -664,6 +664,77 @@ pub async fn write(
 }
 
 /// `plant version 3 (applied 2026-12-04T… by user:alice), 1,234 assets`, and the TOML.
+/// The rules of the machines at and below `path`, one line each, with their last firing.
+pub async fn rules(client: &mut Client, path: &str) -> Result<String> {
+    let r = client
+        .list_rules(pb::ListRulesRequest {
+            path: path.to_owned(),
+            limit: 10_000,
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    if r.rules.is_empty() {
+        return Ok(format!(
+            "no rules at {}\n",
+            if path.is_empty() { "the plant" } else { path }
+        ));
+    }
+    let mut out = String::new();
+    for rule in &r.rules {
+        out.push_str(&rule_line(rule));
+    }
+    if r.truncated {
+        out.push_str("… more rules: name a smaller subtree\n");
+    }
+    Ok(out)
+}
+
+fn rule_line(r: &pb::Rule) -> String {
+    let mut out = format!(
+        "{} {}: {} {}{}, fired {}",
+        r.path,
+        r.name,
+        r.mode,
+        r.phase,
+        if r.failed { " FAILED" } else { "" },
+        r.firings
+    );
+    if r.limited > 0 {
+        out.push_str(&format!(" (held back {})", r.limited));
+    }
+    out.push_str(&format!(
+        "\n    when {} then {}; re-arm {}\n",
+        r.when, r.then, r.rearm
+    ));
+    if let Some(t) = r.last_fired_us {
+        out.push_str(&format!("    last {}: {}\n", Timestamp(t), r.last_result));
+    }
+    out
+}
+
+/// Switches `RULE=MODE` of the machine at `path`.
+pub async fn set_rule_mode(client: &mut Client, path: &str, set: &str, by: &str) -> Result<String> {
+    let Some((rule, mode)) = set.split_once('=') else {
+        anyhow::bail!("--set: write RULE=MODE, e.g. overheat-stop=dry-run");
+    };
+    let r = client
+        .set_rule_mode(pb::SetRuleModeRequest {
+            path: path.to_owned(),
+            rule: rule.to_owned(),
+            mode: mode.to_owned(),
+            by: by.to_owned(),
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let mut out = format!("{path} {rule}: {} → {mode}\n", r.previous);
+    if let Some(rule) = &r.rule {
+        out.push_str(&rule_line(rule));
+    }
+    Ok(out)
+}
+
 pub async fn plant(client: &mut Client, show: bool) -> Result<String> {
     let p = client
         .get_plant(pb::GetPlantRequest { with_spec: show })

@@ -156,7 +156,8 @@ async fn serve_http_on(rt: &Runtime, addr: SocketAddr) -> Result<SocketAddr> {
 }
 
 pub async fn run(opts: DemoOptions) -> Result<()> {
-    let spec = generate(PlantSize::DEMO, opts.seed);
+    let mut spec = generate(PlantSize::DEMO, opts.seed);
+    add_oven_rule(&mut spec, opts.via);
     let (dir, _temp) = match &opts.data_dir {
         Some(d) => {
             std::fs::create_dir_all(d)
@@ -397,6 +398,45 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
     };
     crate::signals::clean_stop(signal, stop, crate::signals::CLEAN_STOP_LIMIT).await;
     Ok(())
+}
+
+/// The demo's local action: a critical zone temperature stops that oven (its run enable
+/// coil). Over Modbus (`--via modbus`) the rule writes the coil; with the other feeds, whose
+/// PLCs take no run enable here, it runs dry and records what it would have done.
+fn add_oven_rule(spec: &mut PlantSpec, via: Via) {
+    use ferrotwin_models::rule::{
+        EventAction, RuleMode, RuleSpec, RuleValue, Then, When, WriteAction,
+    };
+    let Some(oven) = spec.machine_types.get_mut("oven") else {
+        return;
+    };
+    oven.rules.push(RuleSpec {
+        name: "overheat-stop".into(),
+        mode: if via == Via::Modbus {
+            RuleMode::Enabled
+        } else {
+            RuleMode::DryRun
+        },
+        when: When {
+            alarm: Some("*.high".into()),
+            severity: Some(ferrotwin_models::Severity::Critical),
+            ..When::default()
+        },
+        for_ms: 0,
+        only_in_states: Vec::new(),
+        then: Then {
+            write: Some(WriteAction {
+                property: "run_enable".into(),
+                value: RuleValue::Bool(false),
+            }),
+            event: Some(EventAction {
+                severity: ferrotwin_models::Severity::High,
+                message: "oven stopped: a zone is critically hot".into(),
+            }),
+        },
+        rearm: Default::default(),
+        max_firings: None,
+    });
 }
 
 fn drive_in_process(rt: &Runtime, spec: PlantSpec, seed: u64, speed: f64) -> Result<Feed> {

@@ -195,6 +195,22 @@ async fn main() -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Rules {
+            path,
+            set,
+            by,
+            remote,
+        } => {
+            init_tracing("warn", log_format);
+            let mut c = cli::connect(&remote.connect()).await?;
+            let path = path.unwrap_or_default();
+            let out = match set {
+                Some(set) => cli::set_rule_mode(&mut c, &path, &set, &by).await?,
+                None => cli::rules(&mut c, &path).await?,
+            };
+            print!("{out}");
+            Ok(())
+        }
         Cmd::Plant { show, remote } => {
             init_tracing("warn", log_format);
             let mut c = cli::connect(&remote.connect()).await?;

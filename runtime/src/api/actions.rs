@@ -263,12 +263,12 @@ impl TwinApi {
                     .join(", "),
             }));
         };
-        if mode != RuleMode::Disabled
+        if mode == RuleMode::Enabled
             && let Some(w) = &rule.then.write
             && !self.connections.writes(&path, &w.property)
         {
             return Err(ApiError::FailedPrecondition(format!(
-                "{path} rule {:?} writes {:?}, which no connection writes: it can only be disabled",
+                "{path} rule {:?} writes {:?}, which no connection writes: it can only be disabled or run dry",
                 rule.name, w.property
             )));
         }

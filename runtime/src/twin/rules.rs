@@ -241,7 +241,7 @@ pub fn names(runs: &[(Arc<str>, RuleRun)]) -> String {
 }
 
 /// Checks every machine's rules against what runs: a query must name fields a machine has,
-/// and a rule that writes (enabled or dry-run) needs a connection that writes its property
+/// and an enabled rule that writes needs a connection that writes its property
 /// (`writes`). Every problem names machine, rule and property.
 pub fn check_all(
     registry: &Registry,
@@ -279,7 +279,9 @@ pub fn check_all(
                     r.name
                 ));
             }
-            if r.mode == RuleMode::Disabled {
+            // Dry-run and disabled rules write nothing: they start without a writer (and
+            // are enabled only where one exists).
+            if r.mode != RuleMode::Enabled {
                 continue;
             }
             if let Some(w) = &r.then.write
