@@ -403,6 +403,14 @@ pub enum BenchCmd {
         #[arg(long, value_enum, default_value = "on")]
         detectors: OnOff,
     },
+    /// Local actions under ingest load: from the reading that completes an alarm to the
+    /// simulated Modbus PLC's acknowledgment of the rule's write.
+    Actions {
+        #[arg(long, default_value_t = 100_000)]
+        sensors: u64,
+        #[arg(long, default_value_t = 50)]
+        firings: u64,
+    },
     /// A changed plant applied live to a running plant under a paced load: time until the
     /// new twins are live, the largest gap in an untouched sensor's readings.
     Apply {

@@ -404,6 +404,15 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Bench {
+            what: BenchCmd::Actions { sensors, firings },
+        } => {
+            init_tracing(&logging::default_filter("warn"), log_format);
+            let report =
+                bench::actions::actions(bench::actions::ActionsBench { sensors, firings }).await?;
+            print!("{report}");
+            Ok(())
+        }
+        Cmd::Bench {
             what:
                 BenchCmd::Apply {
                     sensors,

@@ -72,7 +72,7 @@ fn reading(id: AssetId, vt: ValueType, v: f64) -> Reading {
 
 /// One reading per sensor of `ids` per `period`, spread evenly over the period, and from
 /// `late_from` on one per sensor of `late` too (refused as unknown until the apply adds them).
-fn paced_load(
+pub(super) fn paced_load(
     sink: &dyn IngestSink,
     ids: &[(AssetId, ValueType)],
     late: &[(AssetId, ValueType)],

@@ -2,6 +2,7 @@
 //! history chunks → store writer → watch hub) and prints figures next to a bare tokio
 //! channel doing the same hops. A benchmark, not a test: it prints, it never fails on speed.
 
+pub mod actions;
 pub mod apply;
 pub mod http;
 pub mod plc;
