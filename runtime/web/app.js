@@ -540,9 +540,12 @@
     view.live = () => live;
     if (t.level === "sensor") sensorPage(t);
     else await containerPage(t, live, my);
+    if (my !== renderSeq) return;
+    const rc = t.level === "sensor" ? null : rulesCard(t.path, t.level);
+    if (rc) viewEl.appendChild(rc.el);
     const evCard = eventsCard(t.path);
     viewEl.appendChild(evCard.el);
-    view.resync = () => { evCard.reload(); if (view.reloadAlarms) view.reloadAlarms(); };
+    view.resync = () => { evCard.reload(); if (rc) rc.reload(); if (view.reloadAlarms) view.reloadAlarms(); };
   }
 
   function sensorPage(t) {
@@ -693,6 +696,74 @@
     view.reloadAlarms = al.reload;
     await al.reload();
     eventListeners.add((e) => { if (e.kind === "alarm") al.reloadSoon(); });
+  }
+
+  // Local action rules of the machines at and below `path`, and their recent firings (the
+  // `action` events). Hidden above a machine when nothing below has a rule.
+  function rulesCard(path, level) {
+    const body = h("tbody");
+    const actions = h("tbody");
+    const el = card("Rules", h("table", { "data-testid": "rules" },
+      h("thead", null, h("tr", null, (level === "machine" ? [] : ["machine"]).concat(["rule", "mode", "state", "when → then", "firings", "last firing"]).map((x) => h("th", null, x)))), body),
+      h("h2", { style: "margin-top:12px" }, "Recent actions"),
+      h("table", { "data-testid": "actions" }, actions));
+    el.hidden = level !== "machine";
+    const actionRow = (e) => h("tr", { "data-seq": e.seq },
+      h("td", null, fmtTime(e.ts_us)),
+      h("td", null, e.severity && e.severity !== "unspecified" ? h("span", { class: "sev sev-" + e.severity }, SEV_SHORT[e.severity] || e.severity) : ""),
+      h("td", null, e.path === path ? "" : h("a", { href: assetHref(e.path) }, e.path.slice(path.length + 1))),
+      h("td", { class: "msg" }, e.message));
+    let seen = 0;
+    let timer = null;
+    const reload = async () => {
+      try {
+        const r = await api("/rules", { path, limit: 1000 });
+        clear(body);
+        el.hidden = level !== "machine" && !r.rules.length;
+        if (!r.rules.length) body.appendChild(h("tr", null, h("td", { class: "empty", colspan: 7 }, "no rules on this machine")));
+        for (const x of r.rules) {
+          const cells = level === "machine" ? [] : [h("td", null, h("a", { href: assetHref(x.path) }, x.path.slice(path.length + 1)))];
+          body.appendChild(h("tr", { "data-testid": "rule-row", "data-rule": x.name, "data-mode": x.mode, "data-phase": x.phase },
+            ...cells,
+            h("td", null, h("b", null, x.name)),
+            h("td", { "data-testid": "rule-mode" }, x.mode),
+            h("td", { "data-testid": "rule-phase" }, x.failed ? h("span", { class: "sev sev-high" }, "FAILED") : null, " ", x.phase),
+            h("td", { class: "msg" }, x.when + " → " + x.then, h("div", { class: "muted" }, "re-arm: " + x.rearm)),
+            h("td", { class: "num" }, String(x.firings) + (x.limited ? " (" + x.limited + " held back)" : "")),
+            h("td", { class: "msg" }, x.last_fired_us ? [fmtTime(x.last_fired_us), h("div", { class: "muted" }, x.last_result)] : h("span", { class: "muted" }, "never"))));
+        }
+        if (r.truncated) body.appendChild(h("tr", null, h("td", { class: "muted", colspan: 7 }, "more rules than shown")));
+        if (el.hidden) return;
+        let after = 0, evs = [];
+        for (let i = 0; i < 20; i++) {
+          const page = await api("/events", { path, kind: "action", after_seq: after || null, limit: 10000 });
+          evs = evs.concat(page.events).slice(-20);
+          after = page.next_after_seq;
+          if (!after) break;
+        }
+        evs.reverse();
+        clear(actions);
+        evs.forEach((e) => actions.appendChild(actionRow(e)));
+        seen = evs.length ? evs[0].seq : 0;
+        if (!evs.length) actions.appendChild(h("tr", null, h("td", { class: "empty" }, "no actions yet")));
+      } catch (e) { clear(body).appendChild(h("tr", null, h("td", { class: "err" }, e.message))); }
+    };
+    eventListeners.add((e) => {
+      if (!(e.path === path || e.path.startsWith(path + "/"))) return;
+      // A firing or a mode switch changes a rule's state; so does its alarm.
+      if (e.kind === "action" || (e.kind === "alarm" && e.alarm && e.alarm.startsWith("rule:"))) {
+        if (e.kind === "action" && e.seq > seen && !el.hidden) {
+          seen = e.seq;
+          const empty = actions.querySelector(".empty"); if (empty) empty.parentNode.remove();
+          actions.insertBefore(actionRow(e), actions.firstChild);
+          while (actions.childNodes.length > 20) actions.lastChild.remove();
+        }
+        clearTimeout(timer);
+        timer = setTimeout(reload, 300);
+      }
+    });
+    reload();
+    return { el, reload };
   }
 
   function eventsCard(path) {

@@ -394,6 +394,38 @@ async fn a_dry_run_rule_records_what_it_would_do_and_writes_nothing_until_enable
         .map(|a| a.value.as_str())
         .collect();
     assert_eq!(modes, ["disabled", "enabled"]);
+    // The web page's JSON: the rule with its mode and last firing, the actions by kind.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    rig.site.rt.serve_http(listener).expect("serve http");
+    let get = |url: String| async move {
+        let r = reqwest::get(&url).await.expect("request");
+        assert_eq!(r.status().as_u16(), 200, "{url}");
+        r.json::<serde_json::Value>().await.expect("json")
+    };
+    let line = hot.rsplit_once('/').expect("a machine under a line").0;
+    let page = get(format!("{base}/api/v1/rules?path={line}")).await;
+    let row = page["rules"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .find(|r| r["path"] == hot.as_str())
+        .expect("the hot oven's rule, listed from its line")
+        .clone();
+    assert_eq!(row["name"], "overheat-stop", "{row}");
+    assert_eq!(row["mode"], "enabled", "{row}");
+    assert!(row["firings"].as_u64().expect("firings") >= 1, "{row}");
+    assert!(
+        row["last_result"]
+            .as_str()
+            .is_some_and(|t| t.contains("wrote run_enable = false")),
+        "{row}"
+    );
+    let evs = get(format!("{base}/api/v1/events?path={hot}&kind=action")).await;
+    let evs = evs["events"].as_array().expect("events");
+    assert!(!evs.is_empty() && evs.iter().all(|e| e["kind"] == "action"));
     rig.stop().await;
 }
 

@@ -31,10 +31,15 @@ const WAIT_S: u64 = 30;
 const SCRIPT_UNIT: &str = "<script>alert(1)</script>";
 const DOOR: &str = "acme/berlin/assembly/line-1/oven-1/door";
 
-/// The common test plant plus an oven sensor whose unit is markup.
+/// The common test plant plus an oven sensor whose unit is markup, and a dry-run rule on the
+/// ovens (the machine page lists it).
 fn plant() -> PlantSpec {
     let extra = format!(
-        "[[machine_types.oven.sensors]]\nname = \"door\"\nunit = \"{SCRIPT_UNIT}\"\nperiod_ms = 100\n\n[[sites]]"
+        "[[machine_types.oven.sensors]]\nname = \"door\"\nunit = \"{SCRIPT_UNIT}\"\nperiod_ms = 100\n\
+         alarms = [{{ name = \"open\", kind = \"high\", limit = 1e9, severity = \"critical\" }}]\n\n\
+         [[machine_types.oven.rules]]\nname = \"overheat-stop\"\nmode = \"dry-run\"\n\
+         when = {{ alarm = \"door.open\" }}\n\
+         then = {{ write = {{ property = \"run_enable\", value = false }} }}\n\n[[sites]]"
     );
     let text = PLANT.replacen("[[sites]]", &extra, 1);
     PlantSpec::from_toml(&text, "browser test plant").expect("browser test plant is valid")
@@ -447,6 +452,26 @@ async fn web_page_shows_live_tree_trend_and_acknowledges_alarms_in_headless_chro
     )
     .await;
     shot(&c, &shots, "08-overview").await;
+
+    // 9. A machine's page lists its rules (mode, state, condition → action) and its actions.
+    c.goto(&format!("{base}/asset/acme/berlin/assembly/line-1/oven-1"))
+        .await
+        .expect("the oven's page");
+    let rule = wait_js(
+        &c,
+        "const r = document.querySelector('[data-testid=rule-row][data-rule=overheat-stop]'); \
+         return r && document.querySelector('[data-testid=actions] tr') ? [r.dataset.mode, r.dataset.phase, r.textContent] : null;",
+        "the oven's rule in its page",
+    )
+    .await;
+    assert_eq!(rule[0], "dry-run", "{rule}");
+    assert!(
+        rule[2]
+            .as_str()
+            .is_some_and(|t| t.contains("write run_enable = false")),
+        "{rule}"
+    );
+    shot(&c, &shots, "09-rules").await;
 
     c.close().await.expect("close the browser");
     drop(driver);

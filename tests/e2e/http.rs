@@ -540,6 +540,7 @@ async fn openapi_description_lists_every_route() {
         "/api/v1/alarms",
         "/api/v1/alarms/ack",
         "/api/v1/search",
+        "/api/v1/rules",
         "/api/v1/live",
         "/healthz",
         "/metrics",

@@ -113,6 +113,7 @@ pub fn routes() -> Router<HttpState> {
         .route("/api/v1/alarms", get(alarms))
         .route("/api/v1/alarms/ack", post(ack))
         .route("/api/v1/search", get(search))
+        .route("/api/v1/rules", get(rules))
         .route("/api/v1/live", get(super::live::live))
         .route("/api/v1/openapi.json", get(openapi))
         .route("/healthz", get(healthz))
@@ -299,7 +300,8 @@ async fn history(
 pub struct EventParams {
     /// Subtree; empty = everything.
     path: Option<String>,
-    /// alarm, quality, state, rejected, lifecycle, connection or write; empty = any.
+    /// alarm, quality, state, rejected, lifecycle, connection, write, anomaly, model or
+    /// action; empty = any.
     kind: Option<String>,
     /// Only events after this seq (paging: the previous `next_after_seq`).
     after_seq: Option<String>,
@@ -307,6 +309,41 @@ pub struct EventParams {
     limit: Option<String>,
     /// info, low, medium, high or critical; empty = any.
     min_severity: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct RulesParams {
+    /// A machine, or any asset above machines (empty: the plant's root).
+    path: Option<String>,
+    /// Most rules in the answer (default 1000, at most 10000).
+    limit: Option<String>,
+}
+
+/// The local action rules of the machines at and below `path`: mode, phase, last firing.
+#[utoipa::path(get, path = "/api/v1/rules", params(RulesParams),
+    responses((status = 200, body = dto::RulePage), (status = 400, body = ErrorDto), (status = 404, body = ErrorDto)))]
+async fn rules(
+    State(s): State<HttpState>,
+    Extension(caller): Extension<Caller>,
+    q: Result<Query<RulesParams>, QueryRejection>,
+) -> Answer<dto::RulePage> {
+    let Query(q) = q?;
+    let r = s
+        .api
+        .list_rules(
+            &caller,
+            pb::ListRulesRequest {
+                path: q.path.unwrap_or_default(),
+                limit: num("limit", &q.limit)?.unwrap_or(0),
+            },
+        )
+        .await?;
+    Ok(Json(dto::RulePage {
+        rules: r.rules.iter().map(dto::rule).collect(),
+        truncated: r.truncated,
+    }))
 }
 
 /// Recorded events of a subtree, oldest first.
@@ -629,6 +666,7 @@ async fn metrics(State(s): State<HttpState>, Extension(caller): Extension<Caller
         alarms,
         ack,
         search,
+        rules,
         super::live::live,
         healthz,
         readyz,
@@ -643,6 +681,8 @@ async fn metrics(State(s): State<HttpState>, Extension(caller): Extension<Caller
         dto::AlarmDto,
         dto::AckRequest,
         dto::SearchResult,
+        dto::RulePage,
+        dto::RuleDto,
         dto::ErrorDto,
         dto::Health,
         super::live::SnapshotMsg,

@@ -292,6 +292,54 @@ pub struct EventPage {
     pub next_after_seq: u64,
 }
 
+/// A machine's local action rule: what it watches, what it does, where it is in its life.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RuleDto {
+    /// The machine it runs on.
+    pub path: String,
+    pub name: String,
+    /// `enabled`, `dry-run` or `disabled`.
+    pub mode: String,
+    /// `armed`, `pending`, `firing`, `latched`, `cooling-down` or `limited`.
+    pub phase: String,
+    /// The condition, the action and the re-arm, in words.
+    pub when: String,
+    pub then: String,
+    pub rearm: String,
+    /// Firings since the twin started (dry-run ones too), and those `max_firings` held back.
+    pub firings: u64,
+    pub limited: u64,
+    pub last_fired_us: Option<i64>,
+    /// What the last firing did (or would have), with the PLC's answer.
+    pub last_result: String,
+    /// The last firing's action failed: the machine's alarm `rule:NAME` is up.
+    pub failed: bool,
+}
+
+pub fn rule(r: &pb::Rule) -> RuleDto {
+    RuleDto {
+        path: r.path.clone(),
+        name: r.name.clone(),
+        mode: r.mode.clone(),
+        phase: r.phase.clone(),
+        when: r.when.clone(),
+        then: r.then.clone(),
+        rearm: r.rearm.clone(),
+        firings: r.firings,
+        limited: r.limited,
+        last_fired_us: r.last_fired_us,
+        last_result: r.last_result.clone(),
+        failed: r.failed,
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RulePage {
+    pub rules: Vec<RuleDto>,
+    /// More rules matched than `limit`.
+    pub truncated: bool,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct HistoryPointDto {
     pub ts_us: i64,
