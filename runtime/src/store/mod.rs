@@ -377,7 +377,7 @@ impl Store {
             .unwrap_or(0);
         let next_seq = after_events.max(reserved);
         let room = Semaphore::new(cfg.max_queued_bytes);
-        let audit = audit::AuditLog::open(&db, meta.clone()).map_err(io)?;
+        let audit = audit::AuditLog::open(&db, meta.clone(), &dir).map_err(io)?;
         Ok(Store {
             dir,
             db,
