@@ -95,13 +95,16 @@ struct Applied {
     failed: Option<String>,
 }
 
+/// A record on its way from the journal to the tree: seq and stored value.
+type Journaled = (u64, Vec<u8>);
+
 pub struct AuditLog {
     tree: sled::Tree,
     meta: sled::Tree,
     dir: PathBuf,
     head: Mutex<Head>,
     applied: Arc<(Mutex<Applied>, Condvar)>,
-    to_tree: Mutex<Option<SyncSender<(u64, Vec<u8>)>>>,
+    to_tree: Mutex<Option<SyncSender<Journaled>>>,
     inserter: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -467,7 +470,7 @@ fn frame_at(b: &[u8], at: usize) -> Option<(u64, &[u8], usize)> {
 /// tree holding them is on disk.
 fn insert_loop(
     tree: &sled::Tree,
-    rx: &Receiver<(u64, Vec<u8>)>,
+    rx: &Receiver<Journaled>,
     applied: &(Mutex<Applied>, Condvar),
     dir: &Path,
 ) {
