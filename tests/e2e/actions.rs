@@ -55,6 +55,14 @@ impl Rig {
         self.site.rt.shutdown().await;
     }
 
+    /// Stops the site and starts it again on its data dir with `spec` (the PLCs go on).
+    async fn restart(mut self, spec: &PlantSpec) -> Rig {
+        self.site.rt.shutdown().await;
+        let opts = site_options(spec, &*self.plant.lock().await);
+        self.site = start_plant_in(spec, self._dir.path(), opts).await;
+        self
+    }
+
     async fn run_enabled(&self, machine: &str) -> bool {
         let id = AssetPath::parse(machine).expect("valid").id();
         self.plant
@@ -91,6 +99,23 @@ impl Rig {
     }
 }
 
+/// A site polling `plant` over Modbus TCP every 50 ms and replicating to an enterprise that
+/// is not there.
+fn site_options(spec: &PlantSpec, plant: &ServedPlant) -> ferrotwin_runtime::RuntimeOptions {
+    let mut opts = options();
+    opts.connections = feeds::modbus_connections(spec, plant, 50, |_| true).expect("configs");
+    // Replication to a port nobody listens on: every action happens with the link down.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let mut r = SiteReplication::new(format!("http://{dead}"));
+    r.reconnect_min_ms = 20;
+    r.reconnect_max_ms = 200;
+    opts.replication = Some(r);
+    opts
+}
+
 /// The plant served over Modbus TCP (polled every 50 ms), `overheat` scheduling an
 /// overheating of that oven from the start; the site replicates to an enterprise that is
 /// not there (the link is down the whole test).
@@ -111,17 +136,7 @@ async fn rig(spec: PlantSpec, overheat: Option<&str>) -> Rig {
     let plant = ServedPlant::start_with_scenario(&spec, 5, Timestamp::now(), &scenario)
         .await
         .expect("PLCs start");
-    let mut opts = options();
-    opts.connections = feeds::modbus_connections(&spec, &plant, 50, |_| true).expect("configs");
-    // Replication to a port nobody listens on: every action happens with the link down.
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr")
-    };
-    let mut r = SiteReplication::new(format!("http://{dead}"));
-    r.reconnect_min_ms = 20;
-    r.reconnect_max_ms = 200;
-    opts.replication = Some(r);
+    let opts = site_options(&spec, &plant);
     let plant = Arc::new(tokio::sync::Mutex::new(plant));
     let stepper = {
         let plant = plant.clone();
@@ -426,6 +441,53 @@ async fn a_dry_run_rule_records_what_it_would_do_and_writes_nothing_until_enable
     let evs = get(format!("{base}/api/v1/events?path={hot}&kind=action")).await;
     let evs = evs["events"].as_array().expect("events");
     assert!(!evs.is_empty() && evs.iter().all(|e| e["kind"] == "action"));
+    rig.stop().await;
+}
+
+/// An engineer's switch outlives a restart: the rule comes back in the mode it was switched
+/// to, not the spec's, until a spec that changes the rule's mode says otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_switched_at_run_time_keeps_its_mode_across_restarts_until_the_spec_changes_it() {
+    let spec = oven_plant(&OVERHEAT_STOP.replace("MODE", "enabled"));
+    let m = oven(&spec, 1);
+    let rig = rig(spec.clone(), None).await;
+    let mode = |rules: Vec<pb::Rule>| {
+        rules
+            .into_iter()
+            .find(|r| r.name == "overheat-stop")
+            .map(|r| r.mode)
+            .expect("the rule")
+    };
+    assert_eq!(mode(rig.rules(&m).await), "enabled");
+    rig.site
+        .client
+        .clone()
+        .set_rule_mode(pb::SetRuleModeRequest {
+            path: m.clone(),
+            rule: "overheat-stop".into(),
+            mode: "disabled".into(),
+            by: "ann".into(),
+        })
+        .await
+        .expect("switched");
+    let rig = rig.restart(&spec).await;
+    assert_eq!(
+        mode(rig.rules(&m).await),
+        "disabled",
+        "kept across a restart"
+    );
+    // The other oven was never switched.
+    assert_eq!(mode(rig.rules(&oven(&spec, 2)).await), "enabled");
+    // The spec now says dry-run: the newer word wins over the switch.
+    let dry = oven_plant(&OVERHEAT_STOP.replace("MODE", "dry-run"));
+    let rig = rig.restart(&dry).await;
+    assert_eq!(mode(rig.rules(&m).await), "dry-run");
+    let rig = rig.restart(&spec).await;
+    assert_eq!(
+        mode(rig.rules(&m).await),
+        "enabled",
+        "the old switch is gone"
+    );
     rig.stop().await;
 }
 

@@ -306,6 +306,23 @@ impl TwinApi {
             &answer,
         );
         let previous = answer?;
+        // Kept across restarts (until the spec changes the rule's mode).
+        let (store, machine, name, spec_mode) = (
+            self.ctx.store.clone(),
+            path.clone(),
+            rule.name.clone(),
+            rule.mode,
+        );
+        let kept = tokio::task::spawn_blocking(move || {
+            store.put_rule_mode(&machine, &name, spec_mode, mode)
+        })
+        .await;
+        if let Err(e) = kept
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()))
+        {
+            tracing::warn!(path = %path, rule = %rule.name, error = %e, "a rule's mode switch is not kept across restarts");
+        }
         if previous != mode {
             let ev = Event::new(
                 path.clone(),

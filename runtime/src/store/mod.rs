@@ -283,6 +283,11 @@ const MAX_RECOVERY_EVENTS: usize = 100_000;
 /// and a runtime stopped a moment ago may still be dropping it on another thread.
 const LOCK_WAIT: Duration = Duration::from_secs(10);
 
+/// `meta` key of a rule's run-time mode: `rule-mode\0MACHINE\0RULE`.
+fn rule_mode_key(machine: &AssetPath, rule: &str) -> Vec<u8> {
+    format!("rule-mode\0{machine}\0{rule}").into_bytes()
+}
+
 fn open_db(dir: &Path) -> sled::Result<sled::Db> {
     let deadline = std::time::Instant::now() + LOCK_WAIT;
     loop {
@@ -700,6 +705,55 @@ impl Store {
             .map_err(io)?;
         for old in keys.iter().take(keys.len().saturating_sub(keep)) {
             self.meta.remove(old).map_err(io)?;
+        }
+        self.meta.flush().map_err(io)?;
+        Ok(())
+    }
+
+    /// A rule's mode as switched at run time (`SetRuleMode`), if it still applies: it was
+    /// switched away from `spec_mode`, the mode the plant spec gives the rule now. A spec that
+    /// changed the rule's mode since is the newer word: it wins, and the switch is forgotten.
+    pub fn rule_mode(
+        &self,
+        machine: &AssetPath,
+        rule: &str,
+        spec_mode: ferrotwin_models::rule::RuleMode,
+    ) -> Option<ferrotwin_models::rule::RuleMode> {
+        let key = rule_mode_key(machine, rule);
+        let v = self.meta.get(&key).ok()??;
+        let kept = std::str::from_utf8(&v)
+            .ok()
+            .and_then(|v| v.split_once('>'))
+            .filter(|(from, _)| *from == spec_mode.as_str())
+            .and_then(|(_, to)| ferrotwin_models::rule::RuleMode::parse(to));
+        if kept.is_none() {
+            // Overruled by the spec (or unreadable): forgotten, so that a spec going back to
+            // the old mode does not bring the old switch back.
+            let _ = self.meta.remove(&key);
+        }
+        kept
+    }
+
+    /// Keeps a run-time switch of a rule's mode across restarts (durably; blocking); switched
+    /// back to the spec's mode, the record goes.
+    pub fn put_rule_mode(
+        &self,
+        machine: &AssetPath,
+        rule: &str,
+        spec_mode: ferrotwin_models::rule::RuleMode,
+        mode: ferrotwin_models::rule::RuleMode,
+    ) -> Result<(), StoreError> {
+        let io = |source| StoreError::Io {
+            dir: self.dir.clone(),
+            source,
+        };
+        let key = rule_mode_key(machine, rule);
+        if mode == spec_mode {
+            self.meta.remove(key).map_err(io)?;
+        } else {
+            self.meta
+                .insert(key, format!("{spec_mode}>{mode}").as_bytes())
+                .map_err(io)?;
         }
         self.meta.flush().map_err(io)?;
         Ok(())

@@ -624,9 +624,10 @@ impl MachineTwinState {
         let mirror = self.ctx.registry.is_mirrors_only() || self.ctx.actions.is_none();
         let rules = (!specs.is_empty() && !mirror)
             .then(|| MachineRules::new(specs, &self.entry, &self.ctx.registry));
-        self.snap.rules = rules
-            .as_ref()
-            .map_or_else(Vec::new, |r| r.runs(&self.snap.rules));
+        let (store, path) = (&self.ctx.store, self.entry.path());
+        self.snap.rules = rules.as_ref().map_or_else(Vec::new, |r| {
+            r.runs(&self.snap.rules, |s| store.rule_mode(path, &s.name, s.mode))
+        });
         if let Some(board) = &self.entry.board {
             board.watches_alarms.store(
                 rules.as_ref().is_some_and(|r| r.watches_alarms),

@@ -135,14 +135,23 @@ impl MachineRules {
 
     /// Each rule's state, carried over by name from `old` (a restart's snapshot, a rebind),
     /// new ones in their spec's mode.
-    pub fn runs(&self, old: &[(Arc<str>, RuleRun)]) -> Vec<(Arc<str>, RuleRun)> {
+    /// Each rule's run: the one it had (`old`, by name), or a new one in the mode `stored`
+    /// says it was switched to at run time, else in the spec's mode.
+    pub fn runs(
+        &self,
+        old: &[(Arc<str>, RuleRun)],
+        stored: impl Fn(&RuleSpec) -> Option<RuleMode>,
+    ) -> Vec<(Arc<str>, RuleRun)> {
         self.specs
             .iter()
             .map(|s| {
                 old.iter()
                     .find(|(n, _)| **n == *s.name)
                     .cloned()
-                    .unwrap_or_else(|| (Arc::from(s.name.as_str()), RuleRun::new(s.mode)))
+                    .unwrap_or_else(|| {
+                        let mode = stored(s).unwrap_or(s.mode);
+                        (Arc::from(s.name.as_str()), RuleRun::new(mode))
+                    })
             })
             .collect()
     }
