@@ -27,6 +27,9 @@ use crate::twin::rules::{ActionRequest, rules_of};
 /// Actions carried out at once (each waits on its PLC's answer, bounded by the connection's
 /// write timeout).
 pub const MAX_IN_FLIGHT: usize = 64;
+/// Mode switches run one at a time (they are rare and human).
+static SWITCHES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Most rules one `ListRules` answers with.
 pub const MAX_LIST_RULES: usize = 10_000;
 
@@ -273,6 +276,9 @@ impl TwinApi {
             )));
         }
         let target = format!("{path} rule {}", rule.name);
+        // One switch at a time, the twin's and the kept record's together: two engineers'
+        // switches are kept in the order the twin took them.
+        let _one = SWITCHES.lock().await;
         self.audit_intent(AuditEntry {
             subject: caller.name().to_owned(),
             source: caller.source(),
@@ -317,12 +323,9 @@ impl TwinApi {
             store.put_rule_mode(&machine, &name, spec_mode, mode)
         })
         .await;
-        if let Err(e) = kept
+        let kept = kept
             .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()))
-        {
-            tracing::warn!(path = %path, rule = %rule.name, error = %e, "a rule's mode switch is not kept across restarts");
-        }
+            .and_then(|r| r.map_err(|e| e.to_string()));
         if previous != mode {
             let ev = Event::new(
                 path.clone(),
@@ -334,6 +337,12 @@ impl TwinApi {
             let mut ev = ev;
             ev.alarm = rule.name.clone();
             self.ctx.emit(ev).await;
+        }
+        if let Err(e) = kept {
+            return Err(ApiError::Unavailable(format!(
+                "{path} rule {} is now {mode}, but a restart would bring back its earlier mode: the switch could not be stored ({e})",
+                rule.name
+            )));
         }
         let rule = self
             .rules_of_machine(&e)

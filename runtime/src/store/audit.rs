@@ -83,6 +83,9 @@ struct Head {
     wal: File,
     wal_no: u64,
     wal_bytes: u64,
+    /// The journal failed in a way that may have lost a frame (an fsync failed, a torn
+    /// frame could not be cut off): every append is refused from then on.
+    broken: Option<String>,
 }
 
 /// What the inserter has put in the tree: the last seq, and the sealed journal segments
@@ -138,6 +141,8 @@ impl AuditLog {
         // torn last frame of a crash ends the replay).
         let segments = wal_segments(dir)?;
         let mut replayed = 0u64;
+        // Frames past where the replay stopped (other than a torn last frame): kept aside.
+        let mut left = 0u64;
         for (_, path) in &segments {
             let bytes = std::fs::read(path)?;
             let mut at = 0usize;
@@ -148,7 +153,8 @@ impl AuditLog {
                 }
                 let json = &value[32..];
                 if seq != next_seq || chain_hash(&last_hash, json) != value[..32] {
-                    break;
+                    left += 1;
+                    continue;
                 }
                 tree.insert(seq.to_be_bytes(), value)?;
                 last_hash.copy_from_slice(&value[..32]);
@@ -164,7 +170,13 @@ impl AuditLog {
         }
         tree.flush()?;
         for (_, path) in &segments {
-            std::fs::remove_file(path)?;
+            if left > 0 {
+                let aside = path.with_extension(format!("unreplayed-{}", Timestamp::now().0));
+                tracing::error!(frames = left, kept = %aside.display(), "audit journal frames that do not continue the chain were left out; kept aside");
+                std::fs::rename(path, aside)?;
+            } else {
+                std::fs::remove_file(path)?;
+            }
         }
         let wal_no = segments.last().map_or(0, |(n, _)| n + 1);
         let wal = open_segment(dir, wal_no)?;
@@ -192,6 +204,7 @@ impl AuditLog {
                 wal,
                 wal_no,
                 wal_bytes: 0,
+                broken: None,
             }),
             applied,
             to_tree: Mutex::new(Some(tx)),
@@ -209,6 +222,17 @@ impl AuditLog {
     /// must not wait for that.
     pub fn append(&self, e: AuditEntry, durable: bool) -> sled::Result<u64> {
         let mut head = self.head.lock().expect("audit head is never poisoned");
+        let refused = |why: String| {
+            sled::Error::Io(std::io::Error::other(format!(
+                "the audit journal takes no more records: {why}"
+            )))
+        };
+        if let Some(why) = &head.broken {
+            return Err(refused(why.clone()));
+        }
+        if let Some(why) = &self.applied.0.lock().expect("never poisoned").failed {
+            return Err(refused(why.clone()));
+        }
         let rec = AuditRecord {
             seq: head.next_seq,
             ts_us: Timestamp::now().0,
@@ -226,8 +250,11 @@ impl AuditLog {
         value.extend_from_slice(&hash);
         value.extend_from_slice(&json);
         if head.wal_bytes >= WAL_SEGMENT_BYTES {
-            // Sealed: the inserter deletes it once the tree holding its records is flushed.
+            // Sealed on disk (its last frames may not have been fsynced; a gap before the
+            // next segment would end a replay there): the inserter deletes it once the tree
+            // holding its records is flushed.
             let sealed = (head.wal_no, head.next_seq - 1);
+            head.wal.sync_data()?;
             head.wal = open_segment(&self.dir, head.wal_no + 1)?;
             head.wal_no += 1;
             head.wal_bytes = 0;
@@ -242,9 +269,23 @@ impl AuditLog {
         frame.extend_from_slice(&rec.seq.to_be_bytes());
         frame.extend_from_slice(&(value.len() as u32).to_be_bytes());
         frame.extend_from_slice(&value);
-        head.wal.write_all(&frame)?;
-        if durable {
-            head.wal.sync_data()?;
+        let written = head.wal.write_all(&frame);
+        if let Err(e) = written {
+            // Cut back to the last whole frame, so the next one follows it; the caller is
+            // refused (a write does not go to its PLC).
+            if let Err(cut) = head.wal.set_len(head.wal_bytes) {
+                head.broken = Some(format!(
+                    "a torn frame could not be cut off ({cut}) after: {e}"
+                ));
+            }
+            return Err(e.into());
+        }
+        if durable && let Err(e) = head.wal.sync_data() {
+            // After a failed fsync the kernel may have dropped what it held: nothing written
+            // since can be trusted to be on disk.
+            let _ = head.wal.set_len(head.wal_bytes);
+            head.broken = Some(format!("an fsync failed: {e}"));
+            return Err(e.into());
         }
         head.wal_bytes += frame.len() as u64;
         head.next_seq += 1;
@@ -391,7 +432,11 @@ impl AuditLog {
                 .and_then(|h| h.try_into().ok())
                 .unwrap_or([0; 32]);
             anchor_hash = Some(hash);
-            self.meta.insert(ANCHOR_KEY, &hash)?;
+            // The anchor keeps the removed record's seq too: a log trimmed empty goes on
+            // after it, never from 1 again.
+            let mut anchor_value = hash.to_vec();
+            anchor_value.extend_from_slice(&k);
+            self.meta.insert(ANCHOR_KEY, anchor_value)?;
             self.tree.remove(k)?;
             removed += 1;
         }
@@ -450,11 +495,14 @@ fn segment_path(dir: &Path, no: u64) -> PathBuf {
     dir.join(format!("{WAL_PREFIX}{no:010}.log"))
 }
 
+/// Creates (or opens) segment `no`; the directory is fsynced so the file itself survives.
 fn open_segment(dir: &Path, no: u64) -> std::io::Result<File> {
-    std::fs::OpenOptions::new()
+    let f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(segment_path(dir, no))
+        .open(segment_path(dir, no))?;
+    File::open(dir)?.sync_all()?;
+    Ok(f)
 }
 
 /// The frame at `at`: seq (8 bytes), length (4), the stored value (hash ‖ json); `None` at
@@ -474,6 +522,18 @@ fn insert_loop(
     applied: &(Mutex<Applied>, Condvar),
     dir: &Path,
 ) {
+    /// A panic ends the inserter: reads and appends are told, not left waiting.
+    struct Guard<'a>(&'a (Mutex<Applied>, Condvar));
+    impl Drop for Guard<'_> {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                let mut a = self.0.0.lock().unwrap_or_else(|p| p.into_inner());
+                a.failed = Some("the audit inserter thread panicked".into());
+                self.0.1.notify_all();
+            }
+        }
+    }
+    let _guard = Guard(applied);
     let (lock, cv) = applied;
     while let Ok(first) = rx.recv() {
         let mut last = 0;
@@ -523,14 +583,23 @@ fn head_of(tree: &sled::Tree, meta: &sled::Tree) -> sled::Result<(u64, [u8; 32])
                 .and_then(|h| h.try_into().ok())
                 .unwrap_or(anchor),
         ),
-        None => (1, anchor),
+        // Trimmed empty: after the last record removed (anchors before the seq was kept: 1).
+        None => (anchor_seq(meta)? + 1, anchor),
     })
+}
+
+/// The seq of the last record retention removed (0: none, or an anchor that predates it).
+fn anchor_seq(meta: &sled::Tree) -> sled::Result<u64> {
+    Ok(meta
+        .get(ANCHOR_KEY)?
+        .and_then(|v| v.get(32..40).and_then(seq_of))
+        .unwrap_or(0))
 }
 
 fn anchor(meta: &sled::Tree) -> sled::Result<[u8; 32]> {
     Ok(meta
         .get(ANCHOR_KEY)?
-        .and_then(|v| <[u8; 32]>::try_from(&*v).ok())
+        .and_then(|v| v.get(..32).and_then(|h| <[u8; 32]>::try_from(h).ok()))
         .unwrap_or([0; 32]))
 }
 
@@ -670,6 +739,28 @@ mod tests {
             a.append(entry(1), false).expect("append");
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
+    }
+
+    /// Trimmed to nothing, the log goes on after its last seq (never from 1 again: a reader
+    /// paging with `after_seq` would miss records, and a replay would stop at the first).
+    #[test]
+    fn a_log_trimmed_empty_goes_on_after_its_last_seq_across_a_reopen() {
+        let dir = tempfile::tempdir().expect("tmp");
+        {
+            let a = log(dir.path());
+            for i in 0..3 {
+                a.append(entry(i), true).expect("append");
+            }
+            assert_eq!(a.apply_retention(Timestamp::now(), 0, 0).expect("trim"), 3);
+            assert_eq!(a.verify().expect("verify"), (0, None));
+        }
+        let a = log(dir.path());
+        assert_eq!(a.append(entry(4), true).expect("append"), 4);
+        assert_eq!(a.verify().expect("verify"), (1, None));
+        drop(a);
+        let a = log(dir.path());
+        assert_eq!(a.verify().expect("verify"), (1, None));
+        assert_eq!(a.append(entry(5), true).expect("append"), 5);
     }
 
     #[test]
