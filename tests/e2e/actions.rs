@@ -99,6 +99,20 @@ impl Rig {
     }
 }
 
+/// The site's audit records, oldest first (the first 100).
+async fn audit(
+    c: &mut pb::twin_service_client::TwinServiceClient<tonic::transport::Channel>,
+) -> Vec<pb::AuditRecord> {
+    c.list_audit(pb::ListAuditRequest {
+        limit: 100,
+        ..Default::default()
+    })
+    .await
+    .expect("audit")
+    .into_inner()
+    .records
+}
+
 /// A site polling `plant` over Modbus TCP every 50 ms and replicating to an enterprise that
 /// is not there.
 fn site_options(spec: &PlantSpec, plant: &ServedPlant) -> ferrotwin_runtime::RuntimeOptions {
@@ -273,15 +287,7 @@ async fn an_overheating_oven_is_stopped_by_its_rule_over_modbus_with_the_enterpr
     let link = status.link.expect("a site link");
     assert!(!link.connected && link.outbox_batches > 0, "{link:?}");
     // The write is on the audit log as the rule's, as a manual write would be.
-    let audit = c
-        .list_audit(pb::ListAuditRequest {
-            limit: 100,
-            ..Default::default()
-        })
-        .await
-        .expect("audit")
-        .into_inner()
-        .records;
+    let audit = audit(&mut c).await;
     let writes: Vec<_> = audit
         .iter()
         .filter(|a| a.action == "write" && a.subject == "rule:overheat-stop")
@@ -394,15 +400,7 @@ async fn a_dry_run_rule_records_what_it_would_do_and_writes_nothing_until_enable
             "rule overheat-stop switched disabled → enabled by ann"
         ]
     );
-    let audit = c
-        .list_audit(pb::ListAuditRequest {
-            limit: 100,
-            ..Default::default()
-        })
-        .await
-        .expect("audit")
-        .into_inner()
-        .records;
+    let audit = audit(&mut c).await;
     let modes: Vec<_> = audit
         .iter()
         .filter(|a| a.action == "rule-mode" && a.result == "ok")

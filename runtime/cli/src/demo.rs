@@ -404,21 +404,30 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
 /// coil). Over Modbus (`--via modbus`) the rule writes the coil; with the other feeds, whose
 /// PLCs take no run enable here, it runs dry and records what it would have done.
 fn add_oven_rule(spec: &mut PlantSpec, via: Via) {
-    use ferrotwin_models::rule::{
-        EventAction, RuleMode, RuleSpec, RuleValue, Then, When, WriteAction,
-    };
+    use ferrotwin_models::rule::RuleMode;
     let Some(oven) = spec.machine_types.get_mut("oven") else {
         return;
     };
-    oven.rules.push(RuleSpec {
+    let mode = if via == Via::Modbus {
+        RuleMode::Enabled
+    } else {
+        RuleMode::DryRun
+    };
+    oven.rules.push(overheat_stop("*.high", mode));
+}
+
+/// `overheat-stop`: a critical `alarm` (a glob) writes `run_enable = false`, with a high event;
+/// re-armed when the alarm clears. The demo's ovens and `bench actions` use it.
+pub(crate) fn overheat_stop(
+    alarm: &str,
+    mode: ferrotwin_models::rule::RuleMode,
+) -> ferrotwin_models::rule::RuleSpec {
+    use ferrotwin_models::rule::{EventAction, RuleSpec, RuleValue, Then, When, WriteAction};
+    RuleSpec {
         name: "overheat-stop".into(),
-        mode: if via == Via::Modbus {
-            RuleMode::Enabled
-        } else {
-            RuleMode::DryRun
-        },
+        mode,
         when: When {
-            alarm: Some("*.high".into()),
+            alarm: Some(alarm.into()),
             severity: Some(ferrotwin_models::Severity::Critical),
             ..When::default()
         },
@@ -436,7 +445,7 @@ fn add_oven_rule(spec: &mut PlantSpec, via: Via) {
         },
         rearm: Default::default(),
         max_firings: None,
-    });
+    }
 }
 
 fn drive_in_process(rt: &Runtime, spec: PlantSpec, seed: u64, speed: f64) -> Result<Feed> {

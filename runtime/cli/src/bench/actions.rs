@@ -17,13 +17,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use ferrotwin_adapters::ConnectionConfig;
-use ferrotwin_models::rule::{
-    Rearm, RearmOn, RuleMode, RuleSpec, RuleValue, Then, When, WriteAction,
-};
+use ferrotwin_models::rule::RuleMode;
 use ferrotwin_models::spec::{LineSpec, MachineInstance};
-use ferrotwin_models::{
-    AssetId, AssetPath, EventKind, Property, Reading, Severity, Timestamp, Value,
-};
+use ferrotwin_models::{AssetId, AssetPath, EventKind, Property, Reading, Timestamp, Value};
 use ferrotwin_runtime::{Change, Runtime, RuntimeOptions};
 use ferrotwin_sim::generate::generate;
 use ferrotwin_sim::serve::ServedPlant;
@@ -49,26 +45,10 @@ pub async fn actions(b: ActionsBench) -> Result<String> {
             a.on_delay_ms = ON_DELAY_MS;
         }
     }
-    oven.rules.push(RuleSpec {
-        name: "overheat-stop".into(),
-        mode: RuleMode::Enabled,
-        when: When {
-            alarm: Some("zone-1-temp.high".into()),
-            severity: Some(Severity::Critical),
-            ..When::default()
-        },
-        for_ms: 0,
-        only_in_states: Vec::new(),
-        then: Then {
-            write: Some(WriteAction {
-                property: "run_enable".into(),
-                value: RuleValue::Bool(false),
-            }),
-            event: None,
-        },
-        rearm: Rearm::On(RearmOn::Cleared),
-        max_firings: None,
-    });
+    oven.rules.push(crate::demo::overheat_stop(
+        "zone-1-temp.high",
+        RuleMode::Enabled,
+    ));
     spec.machine_types.insert("bench-oven".into(), oven);
     let bench_line = LineSpec {
         name: "bench-ovens".into(),
