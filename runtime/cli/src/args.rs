@@ -403,6 +403,19 @@ pub enum BenchCmd {
         #[arg(long, value_enum, default_value = "on")]
         detectors: OnOff,
     },
+    /// Start and stop: a generated plant's start on an empty data dir, its clean stop, its
+    /// start from that data dir (restore), and the RSS after each start; each phase in a
+    /// process of its own.
+    Start {
+        #[arg(long, default_value_t = 100_000)]
+        sensors: u64,
+        /// Rounds of (empty start, stop, restore, stop); medians and every round are printed.
+        #[arg(long, default_value_t = 1)]
+        runs: u32,
+        /// Run one phase in this process on this data dir (what the rounds call).
+        #[arg(long, hide = true)]
+        phase_dir: Option<std::path::PathBuf>,
+    },
     /// Local actions under ingest load: from the reading that completes an alarm to the
     /// simulated Modbus PLC's acknowledgment of the rule's write.
     Actions {

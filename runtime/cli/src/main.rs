@@ -404,6 +404,25 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Bench {
+            what:
+                BenchCmd::Start {
+                    sensors,
+                    runs,
+                    phase_dir,
+                },
+        } => {
+            init_tracing(&logging::default_filter("warn"), log_format);
+            let report = match phase_dir {
+                Some(dir) => bench::start::phase(sensors, &dir).await?,
+                None => {
+                    tokio::task::spawn_blocking(move || bench::start::start(sensors, runs))
+                        .await??
+                }
+            };
+            print!("{report}");
+            Ok(())
+        }
+        Cmd::Bench {
             what: BenchCmd::Actions { sensors, firings },
         } => {
             init_tracing(&logging::default_filter("warn"), log_format);

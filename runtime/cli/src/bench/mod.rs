@@ -8,6 +8,7 @@ pub mod http;
 pub mod plc;
 pub mod replication;
 pub mod security;
+pub mod start;
 pub mod telemetry;
 
 use std::collections::HashMap;
