@@ -698,6 +698,26 @@
     eventListeners.add((e) => { if (e.kind === "alarm") al.reloadSoon(); });
   }
 
+  // The newest `keep` events matching `params`, newest first. Events come oldest first:
+  // page through to the newest (a bounded number of pages).
+  async function newestEvents(params, keep) {
+    let after = 0, evs = [];
+    for (let i = 0; i < 20; i++) {
+      const page = await api("/events", Object.assign({}, params, { after_seq: after || null, limit: 10000 }));
+      evs = evs.concat(page.events).slice(-keep);
+      after = page.next_after_seq;
+      if (!after) break;
+    }
+    return evs.reverse();
+  }
+
+  // A live row on top of a table of at most `keep` rows (its "empty" row goes).
+  function prependRow(body, tr, keep) {
+    const empty = body.querySelector(".empty"); if (empty) empty.parentNode.remove();
+    body.insertBefore(tr, body.firstChild);
+    while (body.childNodes.length > keep) body.lastChild.remove();
+  }
+
   // Local action rules of the machines at and below `path`, and their recent firings (the
   // `action` events). Hidden above a machine when nothing below has a rule.
   function rulesCard(path, level) {
@@ -734,14 +754,7 @@
         }
         if (r.truncated) body.appendChild(h("tr", null, h("td", { class: "muted", colspan: 7 }, "more rules than shown")));
         if (el.hidden) return;
-        let after = 0, evs = [];
-        for (let i = 0; i < 20; i++) {
-          const page = await api("/events", { path, kind: "action", after_seq: after || null, limit: 10000 });
-          evs = evs.concat(page.events).slice(-20);
-          after = page.next_after_seq;
-          if (!after) break;
-        }
-        evs.reverse();
+        const evs = await newestEvents({ path, kind: "action" }, 20);
         clear(actions);
         evs.forEach((e) => actions.appendChild(actionRow(e)));
         seen = evs.length ? evs[0].seq : 0;
@@ -754,9 +767,7 @@
       if (e.kind === "action" || (e.kind === "alarm" && e.alarm && e.alarm.startsWith("rule:"))) {
         if (e.kind === "action" && e.seq > seen && !el.hidden) {
           seen = e.seq;
-          const empty = actions.querySelector(".empty"); if (empty) empty.parentNode.remove();
-          actions.insertBefore(actionRow(e), actions.firstChild);
-          while (actions.childNodes.length > 20) actions.lastChild.remove();
+          prependRow(actions, actionRow(e), 20);
         }
         clearTimeout(timer);
         timer = setTimeout(reload, 300);
@@ -778,15 +789,7 @@
       h("td", { class: "msg" }, (e.alarm ? e.alarm + ": " : "") + e.message));
     const reload = async () => {
       try {
-        // Events come oldest first: page through to the newest (a bounded number of pages).
-        let after = 0, evs = [];
-        for (let i = 0; i < 20; i++) {
-          const page = await api("/events", { path, after_seq: after || null, limit: 10000 });
-          evs = evs.concat(page.events).slice(-50);
-          after = page.next_after_seq;
-          if (!after) break;
-        }
-        evs.reverse();
+        const evs = await newestEvents({ path }, 50);
         clear(body);
         evs.forEach((e) => body.appendChild(row(e)));
         lastSeq = evs.length ? evs[0].seq : 0;
@@ -796,9 +799,7 @@
     eventListeners.add((e) => {
       if (!(e.path === path || e.path.startsWith(path + "/")) || e.seq <= lastSeq) return;
       lastSeq = e.seq;
-      const empty = body.querySelector(".empty"); if (empty) empty.parentNode.remove();
-      body.insertBefore(row(e), body.firstChild);
-      while (body.childNodes.length > 50) body.lastChild.remove();
+      prependRow(body, row(e), 50);
     });
     reload();
     return { el, reload };

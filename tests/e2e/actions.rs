@@ -222,16 +222,8 @@ async fn an_overheating_oven_is_stopped_by_its_rule_over_modbus_with_the_enterpr
         .and_then(|s| s.parse().ok())
         .expect("the trigger's seq");
     let mut c = rig.site.client.clone();
-    let trigger = c
-        .list_events(pb::ListEventsRequest {
-            path: hot.clone(),
-            limit: 10_000,
-            ..Default::default()
-        })
+    let trigger = events(&mut c, &hot)
         .await
-        .expect("events")
-        .into_inner()
-        .events
         .into_iter()
         .find(|e| e.seq == seq)
         .expect("the trigger event");

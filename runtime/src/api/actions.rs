@@ -322,10 +322,9 @@ impl TwinApi {
         let kept = tokio::task::spawn_blocking(move || {
             store.put_rule_mode(&machine, &name, spec_mode, mode)
         })
-        .await;
-        let kept = kept
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()));
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
         if previous != mode {
             let ev = Event::new(
                 path.clone(),

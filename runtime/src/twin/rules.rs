@@ -133,10 +133,8 @@ impl MachineRules {
         }
     }
 
-    /// Each rule's state, carried over by name from `old` (a restart's snapshot, a rebind),
-    /// new ones in their spec's mode.
-    /// Each rule's run: the one it had (`old`, by name), or a new one in the mode `stored`
-    /// says it was switched to at run time, else in the spec's mode.
+    /// Each rule's state, carried over by name from `old` (a restart's snapshot, a rebind);
+    /// new ones in the mode `stored` says it was switched to at run time, else in the spec's.
     pub fn runs(
         &self,
         old: &[(Arc<str>, RuleRun)],

@@ -197,29 +197,33 @@ pub async fn actions(b: ActionsBench) -> Result<String> {
     );
     let _ = writeln!(
         out,
-        "reading that completed the alarm → PLC's acknowledgment of the rule's write: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-        percentile(&mut lat_ms, 0.50),
-        percentile(&mut lat_ms, 0.99),
-        lat_ms.iter().copied().fold(0.0, f64::max)
+        "reading that completed the alarm → PLC's acknowledgment of the rule's write: {}",
+        spread_ms(&mut lat_ms)
     );
     if !answer_ms.is_empty() {
         let _ = writeln!(
             out,
-            "  of which firing → PLC's answer (the executor's write over Modbus): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-            percentile(&mut answer_ms, 0.50),
-            percentile(&mut answer_ms, 0.99),
-            answer_ms.iter().copied().fold(0.0, f64::max)
+            "  of which firing → PLC's answer (the executor's write over Modbus): {}",
+            spread_ms(&mut answer_ms)
         );
     }
     if !late_ms.is_empty() {
         let _ = writeln!(
             out,
-            "async threads' lag (a 5 ms timer's lateness): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-            percentile(&mut late_ms, 0.50),
-            percentile(&mut late_ms, 0.99),
-            late_ms.iter().copied().fold(0.0, f64::max)
+            "async threads' lag (a 5 ms timer's lateness): {}",
+            spread_ms(&mut late_ms)
         );
     }
     rt.shutdown().await;
     Ok(out)
+}
+
+/// `p50 … ms, p99 … ms, max … ms` of `v`.
+fn spread_ms(v: &mut [f64]) -> String {
+    format!(
+        "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        percentile(v, 0.50),
+        percentile(v, 0.99),
+        v.iter().copied().fold(0.0, f64::max)
+    )
 }

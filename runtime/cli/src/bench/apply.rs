@@ -56,7 +56,7 @@ fn with_more_lines(spec: &PlantSpec, lines: usize) -> PlantSpec {
     next
 }
 
-fn reading(id: AssetId, vt: ValueType, v: f64) -> Reading {
+pub(super) fn reading(id: AssetId, vt: ValueType, v: f64) -> Reading {
     let value = match vt {
         ValueType::Float => Value::Float(20.0 + v % 10.0),
         ValueType::Int => Value::Int((v % 10.0) as i64),

@@ -8,16 +8,16 @@
 
 use std::fmt::Write as _;
 use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use ferrotwin_models::{
-    AssetId, IngestSink, Property, PushBackReason, Reading, Timestamp, Value, ValueType,
-};
+use ferrotwin_models::{AssetId, IngestSink, ValueType};
 use ferrotwin_runtime::{Runtime, RuntimeOptions};
+use ferrotwin_sim::driver::{DriverStats, push_all};
 use ferrotwin_sim::generate::generate;
 
+use super::apply::reading;
 use super::{percentile, plant_size, rss_bytes, sensor_ids};
 
 /// What one phase measured (a child prints it as one line: start s, RSS bytes, stop s,
@@ -68,30 +68,15 @@ pub async fn phase(sensors: u64, dir: &Path) -> Result<String> {
 
 /// One reading per sensor, in batches, waiting while the runtime pushes back.
 fn one_round(sink: &dyn IngestSink, ids: &[(AssetId, ValueType)]) -> Result<()> {
-    for chunk in ids.chunks(4096) {
-        let mut batch: Vec<Reading> = chunk
-            .iter()
-            .map(|&(id, vt)| {
-                let value = match vt {
-                    ValueType::Float => Value::Float(21.5),
-                    ValueType::Int => Value::Int(3),
-                    ValueType::Bool => Value::Bool(true),
-                };
-                Reading::good(id, Property::Value, value, Timestamp::now())
-            })
-            .collect();
-        loop {
-            match sink.try_push(batch) {
-                Ok(()) => break,
-                Err(pb) if pb.why == PushBackReason::Busy => {
-                    batch = pb.batch;
-                    std::thread::sleep(Duration::from_micros(200));
-                }
-                Err(_) => bail!("the runtime closed its ingest"),
-            }
-        }
-    }
-    Ok(())
+    let mut readings: Vec<_> = ids.iter().map(|&(id, vt)| reading(id, vt, 1.0)).collect();
+    push_all(
+        sink,
+        &mut readings,
+        4096,
+        &AtomicBool::new(false),
+        &mut DriverStats::default(),
+    )
+    .map_err(|_| anyhow::anyhow!("the runtime closed its ingest"))
 }
 
 fn run_phase(sensors: u64, dir: &Path) -> Result<Phase> {
